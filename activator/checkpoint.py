@@ -1,0 +1,369 @@
+"""The checkpoint store: one pre-warmed, dumped template per service.
+
+Layout of state_dir/checkpoints/SERVICE/:
+    meta.json      what it was made from (image ID, CRIU/runc versions, kernel, service fingerprint) and what it
+                   holds (process spec, listening ports, sizes); a mismatch on any "made from" field is stale
+    criu/          CRIU's image files, as runc checkpoint wrote them
+    diff/          the template's filesystem changes, used read-only as an overlay layer by every instance
+    template.log   the template app's output up to the dump
+
+Building: start a template with runc on the image's root filesystem, wait until the app listens on its port
+(no probe connection is left open), dump it, keep its upper directory as diff/, read the dump back with pycriu
+to confirm the port is really among its listening sockets, then swap the directory into place atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import readiness
+from .config import ServiceConfig
+from .errors import CheckpointError, StartError
+from .images import DockerImageSource, ImageInfo, resolve_user
+from .runc import Runc
+from .sandbox import Sandbox, new_name
+from .spec import ProcessSpec, merge_env, process_args
+
+log = logging.getLogger("activator.checkpoint")
+
+FORMAT = 1
+CRIU_BIN = "criu"
+
+
+def criu_version(binary: str = CRIU_BIN) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"Version:\s*(\S+)", out)
+    return m.group(1) if m else out.strip()
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a checkpoint was made from; any difference means it must be rebuilt."""
+
+    format: int
+    service_fingerprint: str
+    image_id: str
+    criu: str
+    runc: str
+    kernel: str
+
+    def differences(self, other: Origin) -> list[str]:
+        return [k for k, v in asdict(self).items() if asdict(other)[k] != v]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    service: str
+    dir: Path
+    origin: Origin
+    process: ProcessSpec
+    image_rootfs: Path
+    listening_ports: tuple[int, ...]
+    created: float
+    build_seconds: float
+    pages_bytes: int
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "criu"
+
+    @property
+    def diff(self) -> Path:
+        return self.dir / "diff"
+
+    @property
+    def layers(self) -> list[Path]:
+        """Overlay lower dirs for an instance, topmost first."""
+        return [self.diff, self.image_rootfs]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dir"] = str(self.dir)
+        d["image_rootfs"] = str(self.image_rootfs)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], directory: Path) -> Checkpoint:
+        p = d["process"]
+        return cls(
+            service=d["service"],
+            dir=directory,
+            origin=Origin(**d["origin"]),
+            process=ProcessSpec(
+                args=tuple(p["args"]), env=tuple(p["env"]), cwd=p["cwd"], uid=p["uid"], gid=p["gid"],
+                additional_gids=tuple(p["additional_gids"]),
+            ),
+            image_rootfs=Path(d["image_rootfs"]),
+            listening_ports=tuple(d["listening_ports"]),
+            created=d["created"],
+            build_seconds=d["build_seconds"],
+            pages_bytes=d["pages_bytes"],
+        )
+
+
+# --- reading a dump with pycriu ------------------------------------------------------------------------------
+
+
+def _load_img(path: Path) -> dict[str, Any]:
+    import pycriu
+
+    with open(path, "rb") as f:
+        result: dict[str, Any] = pycriu.images.load(f)
+    return result
+
+
+def listening_ports(images: Path) -> tuple[int, ...]:
+    """TCP ports the dumped processes listen on, read from CRIU's image files."""
+    ports: set[int] = set()
+    entries: list[dict[str, Any]] = []
+    for name in ("files.img", "inetsk.img"):  # newer CRIU keeps sockets in files.img, older in inetsk.img
+        if (images / name).exists():
+            entries += _load_img(images / name)["entries"]
+    for e in entries:
+        isk = e.get("isk", e if "src_port" in e else None)
+        if not isk:
+            continue
+        if isk.get("proto") in ("TCP", 6) and isk.get("state") in ("LISTEN", 10):
+            src = isk.get("src_port", [])
+            ports.update(int(p) for p in (src if isinstance(src, list) else [src]))
+    return tuple(sorted(ports))
+
+
+def process_tree(images: Path) -> list[dict[str, Any]]:
+    return [
+        {"pid": e["pid"], "ppid": e["ppid"], "threads": len(e.get("threads", []))}
+        for e in _load_img(images / "pstree.img")["entries"]
+    ]
+
+
+def pages_bytes(images: Path) -> int:
+    return sum(p.stat().st_size for p in images.glob("pages-*.img"))
+
+
+# --- the store ---------------------------------------------------------------------------------------------
+
+
+class CheckpointStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "checkpoints"
+        self.images_root = state_dir / "images"
+        self.logs = state_dir / "logs"
+
+    def dir(self, service: str) -> Path:
+        return self.root / service
+
+    def load(self, service: str) -> Checkpoint | None:
+        meta = self.dir(service) / "meta.json"
+        try:
+            return Checkpoint.from_json(json.loads(meta.read_text()), self.dir(service))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def image_rootfs(self, image: ImageInfo) -> Path:
+        return self.images_root / image.short_id / "rootfs"
+
+    def install(self, tmp: Path, checkpoint: Checkpoint) -> Checkpoint:
+        """Swap a freshly built checkpoint into place; the old one (if any) goes only after the new is there."""
+        final = self.dir(checkpoint.service)
+        (tmp / "meta.json").write_text(json.dumps(checkpoint.to_json() | {"dir": str(final)}, indent=2))
+        old = None
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.monotonic_ns()}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        loaded = self.load(checkpoint.service)
+        assert loaded is not None
+        return loaded
+
+
+class CheckpointBuilder:
+    """Makes checkpoints. Owns nothing long-lived: every template it starts is released before it returns."""
+
+    def __init__(
+        self, store: CheckpointStore, images: DockerImageSource, runc: Runc, instances_dir: Path,
+        criu: str, runc_version: str,
+    ) -> None:
+        self.store = store
+        self.images = images
+        self.runc = runc
+        self.instances_dir = instances_dir
+        self.criu = criu
+        self.runc_version = runc_version
+
+    def origin(self, svc: ServiceConfig, image: ImageInfo) -> Origin:
+        return Origin(
+            format=FORMAT,
+            service_fingerprint=svc.checkpoint_fingerprint(),
+            image_id=image.id,
+            criu=self.criu,
+            runc=self.runc_version,
+            kernel=os.uname().release,
+        )
+
+    async def ensure(self, svc: ServiceConfig, *, rebuild: bool = False) -> tuple[Checkpoint, bool]:
+        """The service's current checkpoint, building it when missing or stale. Returns (checkpoint, built)."""
+        image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
+        wanted = self.origin(svc, image)
+        current = self.store.load(svc.name)
+        if current is not None and not rebuild:
+            stale = current.origin.differences(wanted)
+            if not stale and current.images.is_dir() and current.image_rootfs.is_dir():
+                return current, False
+            log.info("service=%s checkpoint is stale (%s changed); rebuilding", svc.name,
+                     ", ".join(stale) or "files missing")
+        return await self.build(svc, image, wanted), True
+
+    async def build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin) -> Checkpoint:
+        started = time.monotonic()
+        rootfs = self.store.image_rootfs(image)
+        await asyncio.to_thread(self.images.export_rootfs, image, rootfs)
+        process = self._process(svc, image, rootfs)
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{svc.name}-", dir=self.store.root))
+        sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc)
+        try:
+            await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.name)
+            _write_hosts(sandbox.layout.rootfs, svc.name)
+            await self._start_and_wait(svc, sandbox, tmp / "template.log")
+            (tmp / "criu").mkdir()
+            await sandbox.checkpoint(tmp / "criu")
+            await sandbox.release(keep_dir=True)
+            os.rename(sandbox.layout.upper, tmp / "diff")
+            ports = await asyncio.to_thread(listening_ports, tmp / "criu")
+            if svc.port not in ports:
+                raise CheckpointError(
+                    f"service '{svc.name}': the checkpoint listens on {list(ports) or 'no TCP port'}, not on "
+                    f"port {svc.port}; set 'port' to the port the app listens on"
+                )
+            checkpoint = Checkpoint(
+                service=svc.name, dir=tmp, origin=origin, process=process, image_rootfs=rootfs,
+                listening_ports=ports, created=time.time(), build_seconds=time.monotonic() - started,
+                pages_bytes=pages_bytes(tmp / "criu"),
+            )
+            return self.store.install(tmp, checkpoint)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._keep_failure_logs(svc, sandbox, tmp)
+            await sandbox.release()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(sandbox.layout.dir, ignore_errors=True)
+
+    def _keep_failure_logs(self, svc: ServiceConfig, sandbox: Sandbox, tmp: Path) -> None:
+        self.store.logs.mkdir(parents=True, exist_ok=True)
+        for src, name in ((tmp / "template.log", "template.log"), (sandbox.layout.criu_work / "dump.log", "dump.log"),
+                          (tmp / "criu" / "dump.log", "dump.log"), (sandbox.layout.runc_log, "runc.log")):
+            if src.exists():
+                shutil.copyfile(src, self.store.logs / f"{svc.name}-{name}")
+
+    def _process(self, svc: ServiceConfig, image: ImageInfo, rootfs: Path) -> ProcessSpec:
+        args = process_args(image.entrypoint, image.cmd, svc.entrypoint, svc.command)
+        if not args:
+            raise CheckpointError(
+                f"service '{svc.name}': image '{svc.image}' has no Cmd or Entrypoint; set 'command'"
+            )
+        uid, gid, groups = resolve_user(rootfs, svc.user if svc.user is not None else image.user, svc.name)
+        return ProcessSpec(
+            args=args,
+            env=merge_env(image.env, svc.environment, svc.name),
+            cwd=svc.working_dir or image.working_dir or "/",
+            uid=uid, gid=gid, additional_gids=groups,
+        )
+
+    async def _start_and_wait(self, svc: ServiceConfig, sandbox: Sandbox, output: Path) -> None:
+        # The template's stdio must be a pipe: CRIU cannot dump a descriptor on a host file outside the
+        # container, and runc hands pipes over to the restored instance's own stdio on restore.
+        r, w = os.pipe()
+        copier = asyncio.ensure_future(_copy_pipe(r, output))
+        try:
+            await sandbox.start(stdout=w, stderr=w)
+        finally:
+            os.close(w)
+        try:
+            pid = await sandbox.pid()
+            if pid is None:
+                raise StartError(f"service '{svc.name}': the app exited at once; see {self._log_hint(svc)}")
+            budget = svc.readiness.timeout
+            deadline = time.monotonic() + budget
+            ready = await readiness.wait_until(
+                lambda: readiness.is_listening(pid, svc.port), timeout=budget, alive=sandbox.alive,
+            )
+            if not ready:
+                if not await sandbox.alive():
+                    raise StartError(
+                        f"service '{svc.name}': the app exited before listening on port {svc.port}; "
+                        f"see {self._log_hint(svc)}"
+                    )
+                raise StartError(
+                    f"service '{svc.name}': the app did not listen on port {svc.port} within {budget:g}s; "
+                    f"check 'port' or raise 'readiness.timeout' (app output: {self._log_hint(svc)})"
+                )
+            if svc.readiness.http_path:
+                await self._wait_http(svc, sandbox, deadline)
+            # A dump must not capture a connection, whoever made it (see HOST-NOTES).
+            await readiness.wait_until(lambda: readiness.open_connections(pid, svc.port) == 0, timeout=5)
+        finally:
+            copier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await copier
+
+    async def _wait_http(self, svc: ServiceConfig, sandbox: Sandbox, deadline: float) -> None:
+        path = svc.readiness.http_path
+        assert path is not None
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            sock = sandbox.netns.socket()
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", svc.port))
+            except BaseException:
+                sock.close()
+                raise
+            return await asyncio.open_connection(sock=sock)
+
+        while time.monotonic() < deadline:
+            if await readiness.http_ok(connect, svc.port, path):
+                return
+            await asyncio.sleep(0.1)
+        raise StartError(
+            f"service '{svc.name}': GET {path} on port {svc.port} did not answer 2xx/3xx within "
+            f"{svc.readiness.timeout:g}s; fix 'readiness.http_path' or raise 'readiness.timeout'"
+        )
+
+    def _log_hint(self, svc: ServiceConfig) -> Path:
+        return self.store.logs / f"{svc.name}-template.log"
+
+
+async def _copy_pipe(fd: int, dest: Path) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        with open(dest, "ab") as out:
+            while chunk := await reader.read(65536):
+                out.write(chunk)
+                out.flush()
+    finally:
+        transport.close()
+
+
+def _write_hosts(root: Path, hostname: str) -> None:
+    """Apps (the JVM among them) resolve their own hostname at start; make it resolve without DNS."""
+    etc = root / "etc"
+    if etc.is_dir():
+        (etc / "hosts").write_text(f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n")

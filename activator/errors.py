@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+Anything a user can cause or fix (bad YAML, a missing image, a port in use, an old CRIU) is raised as an
+ActivatorError whose message is one line naming the file or service and what to do. The CLI prints it without
+a traceback; everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ActivatorError(Exception):
+    """An error with a one-line message meant for the operator."""
+
+
+class ConfigError(ActivatorError):
+    """The configuration file is malformed or invalid."""
+
+
+class PreflightError(ActivatorError):
+    """The host lacks something activator needs (root, runc, CRIU, dockerd)."""
+
+
+class ImageError(ActivatorError):
+    """The service's image cannot be found or read."""
+
+
+class CheckpointError(ActivatorError):
+    """A checkpoint could not be built or is unusable."""
+
+
+class RestoreError(ActivatorError):
+    """An instance could not be restored from its checkpoint."""
+
+
+class StartError(ActivatorError):
+    """An instance could not be started (cold start) or never became ready."""

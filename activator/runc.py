@@ -1,0 +1,104 @@
+"""The runc CLI, driven directly (Docker's checkpoint path is slower than a cold boot and cannot restore into
+new containers; see HOST-NOTES).
+
+All our containers live under a private runc root (state_dir/runc), so `runc list` there is exactly the set of
+containers activator owns, which is what crash recovery and leak checks rely on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .errors import RestoreError
+
+RUNC_BIN = "runc"
+
+
+class RuncError(RestoreError):
+    def __init__(self, message: str, log: Path | None = None) -> None:
+        super().__init__(message)
+        self.log = log
+
+
+class Runc:
+    def __init__(self, root: Path, binary: str = RUNC_BIN) -> None:
+        self.root = root
+        self.binary = binary
+
+    async def _exec(
+        self, *args: str, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE, log: Path | None = None,
+    ) -> tuple[int, str]:
+        cmd = [self.binary, "--root", str(self.root)]
+        if log is not None:
+            cmd += ["--log", str(log), "--log-format", "text"]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, *args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        )
+        out, err = await proc.communicate()
+        text = (out or b"").decode(errors="replace") + (err or b"").decode(errors="replace")
+        return proc.returncode or 0, text
+
+    @staticmethod
+    def _explain(what: str, text: str, log: Path | None) -> str:
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        if log is not None and log.exists():
+            lines += [ln for ln in log.read_text(errors="replace").splitlines() if "level=error" in ln]
+        msg = lines[-1] if lines else "no output"
+        m = re.search(r'msg="(.*)"', msg)
+        return f"runc {what} failed: {m.group(1) if m else msg}"
+
+    async def run(self, name: str, bundle: Path, *, stdout: int, stderr: int, log: Path) -> None:
+        rc, text = await self._exec(
+            "run", "--detach", "--bundle", str(bundle), name, stdout=stdout, stderr=stderr, log=log,
+        )
+        if rc != 0:
+            raise RuncError(self._explain("run", text, log), log)
+
+    async def checkpoint(self, name: str, image_path: Path, work_path: Path, *, log: Path) -> None:
+        rc, text = await self._exec(
+            "checkpoint", "--image-path", str(image_path), "--work-path", str(work_path), "--file-locks",
+            name, log=log,
+        )
+        if rc != 0:
+            raise RuncError(self._explain("checkpoint", text, log), work_path / "dump.log")
+
+    async def restore(
+        self, name: str, bundle: Path, image_path: Path, work_path: Path, *, stdout: int, stderr: int, log: Path,
+    ) -> None:
+        rc, text = await self._exec(
+            "restore", "--detach", "--bundle", str(bundle), "--image-path", str(image_path),
+            "--work-path", str(work_path), "--file-locks", name,
+            stdout=stdout, stderr=stderr, log=log,
+        )
+        if rc != 0:
+            raise RuncError(self._explain("restore", text, log), work_path / "restore.log")
+
+    async def delete(self, name: str) -> None:
+        """Kill (SIGKILL) and delete; a container that does not exist is fine."""
+        rc, text = await self._exec("delete", "--force", name)
+        if rc != 0 and "does not exist" not in text:
+            raise RuncError(self._explain("delete", text, None))
+
+    async def state(self, name: str) -> dict[str, Any] | None:
+        rc, text = await self._exec("state", name)
+        if rc != 0:
+            return None
+        result: dict[str, Any] = json.loads(text)
+        return result
+
+    async def list(self) -> list[str]:
+        rc, text = await self._exec("list", "--format", "json")
+        if rc != 0 or not text.strip() or text.strip() == "null":
+            return []
+        return [c["id"] for c in json.loads(text)]
+
+
+def version(binary: str = RUNC_BIN) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"runc version (\S+)", out)
+    return m.group(1) if m else out.split("\n", 1)[0]

@@ -1,0 +1,189 @@
+"""One instance's resources, made and released together.
+
+A sandbox is: a directory (state_dir/instances/NAME), a network namespace (activator-NAME, lo up), an overlay
+root filesystem, an OCI bundle and a runc container of the same NAME, with cgroup /activator/NAME. The
+container is then either started fresh (`runc run`: the template, or a cold-start fallback) or restored from a
+checkpoint (`runc restore`). release() undoes all of it in reverse order and keeps going past errors, so an
+instance never leaks half its resources because one step failed.
+
+The names are what crash recovery looks for: anything called activator-* / instances/* / cgroup activator/*
+that no live sandbox owns is a leftover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import rootfs
+from .config import Resources
+from .netns import PREFIX as NETNS_PREFIX
+from .netns import NetNamespace
+from .runc import Runc
+from .spec import ProcessSpec, runtime_spec
+
+log = logging.getLogger("activator.sandbox")
+
+CGROUP_PARENT = "activator"
+
+
+def new_name(service: str) -> str:
+    return f"{service}-{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    dir: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs"
+
+    @property
+    def upper(self) -> Path:
+        return self.dir / "upper"
+
+    @property
+    def overlay_work(self) -> Path:
+        return self.dir / "ovl-work"
+
+    @property
+    def bundle(self) -> Path:
+        return self.dir / "bundle"
+
+    @property
+    def criu_work(self) -> Path:
+        return self.dir / "criu-work"
+
+    @property
+    def runc_log(self) -> Path:
+        return self.dir / "runc.log"
+
+    @property
+    def output(self) -> Path:
+        return self.dir / "output.log"
+
+
+class Sandbox:
+    def __init__(self, name: str, instances_dir: Path, runc: Runc) -> None:
+        self.name = name
+        self.layout = Layout(instances_dir / name)
+        self.runc = runc
+        self.netns = NetNamespace(NETNS_PREFIX + name)
+        self.created = time.monotonic()
+        self._mounted = False
+        self._container = False
+
+    async def prepare(self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str) -> None:
+        """Namespace, mount and bundle: everything runc needs. On failure, what was made is released."""
+        try:
+            await asyncio.to_thread(self._prepare_blocking, lower, process, resources, hostname)
+        except BaseException:
+            await self.release()
+            raise
+
+    def _prepare_blocking(
+        self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
+    ) -> None:
+        lay = self.layout
+        lay.dir.mkdir(parents=True)
+        lay.bundle.mkdir()
+        lay.criu_work.mkdir()
+        self.netns = NetNamespace.create(self.netns.name)
+        rootfs.mount_overlay(lower, lay.upper, lay.overlay_work, lay.rootfs)
+        self._mounted = True
+        spec = runtime_spec(
+            process,
+            rootfs=str(lay.rootfs),
+            netns_path=str(self.netns.path),
+            cgroups_path=f"/{CGROUP_PARENT}/{self.name}",
+            hostname=hostname,
+            resources=resources,
+        )
+        (lay.bundle / "config.json").write_text(json.dumps(spec))
+
+    async def start(self, stdout: int, stderr: int) -> None:
+        self._container = True
+        await self.runc.run(self.name, self.layout.bundle, stdout=stdout, stderr=stderr, log=self.layout.runc_log)
+
+    async def restore(self, image_path: Path) -> None:
+        self._container = True
+        fd = os.open(self.layout.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        try:
+            await self.runc.restore(
+                self.name, self.layout.bundle, image_path, self.layout.criu_work,
+                stdout=fd, stderr=fd, log=self.layout.runc_log,
+            )
+        finally:
+            os.close(fd)
+
+    async def checkpoint(self, image_path: Path) -> None:
+        await self.runc.checkpoint(self.name, image_path, self.layout.criu_work, log=self.layout.runc_log)
+
+    async def pid(self) -> int | None:
+        st = await self.runc.state(self.name)
+        if not st or st.get("status") not in ("running", "created"):
+            return None
+        pid = st.get("pid")
+        return int(pid) if pid else None
+
+    async def alive(self) -> bool:
+        return await self.pid() is not None
+
+    def keep_log(self, dest: Path, *sources: Path) -> Path | None:
+        """Copy a failure's logs out of the sandbox dir before release() deletes it."""
+        dest.mkdir(parents=True, exist_ok=True)
+        kept = None
+        for src in sources:
+            if src.exists():
+                target = dest / f"{self.name}-{src.name}"
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(src, target)
+                    kept = kept or target
+        return kept
+
+    async def release(self, *, keep_dir: bool = False) -> None:
+        errors: list[str] = []
+        if self._container:
+            try:
+                await self.runc.delete(self.name)
+                self._container = False
+            except Exception as e:
+                errors.append(f"runc delete: {e}")
+        await asyncio.to_thread(self._release_blocking, errors, keep_dir)
+        if errors:
+            log.warning("sandbox %s: cleanup incomplete: %s", self.name, "; ".join(errors))
+
+    def _release_blocking(self, errors: list[str], keep_dir: bool) -> None:
+        if self._mounted or self.layout.rootfs.exists():
+            try:
+                rootfs.unmount(self.layout.rootfs)
+                self._mounted = False
+            except OSError as e:
+                errors.append(str(e))
+        try:
+            self.netns.remove()
+        except OSError as e:
+            errors.append(f"netns: {e}")
+        if not keep_dir and not self._mounted:
+            shutil.rmtree(self.layout.dir, ignore_errors=True)
+
+
+def cgroup_leftovers() -> list[Path]:
+    """Per-instance cgroup directories under any v1 controller or the v2 tree."""
+    found: list[Path] = []
+    base = Path("/sys/fs/cgroup")
+    candidates = [base / CGROUP_PARENT] + [p / CGROUP_PARENT for p in base.iterdir() if p.is_dir()] \
+        if base.is_dir() else []
+    for parent in candidates:
+        if parent.is_dir():
+            found.extend(p for p in parent.iterdir() if p.is_dir())
+    return found

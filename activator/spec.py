@@ -1,0 +1,120 @@
+"""The OCI runtime spec for one instance (pure: paths in, a dict out).
+
+The template that gets checkpointed and every instance restored from it use the same spec except for the
+root filesystem, the network namespace path and the cgroup path. Giving runc a network namespace *path* has a
+useful side effect: runc marks that namespace external when it dumps, and on restore it joins whatever path the
+new spec names. Each instance therefore lands in a namespace we made (with lo already up), and no veth or
+address is needed: the proxy opens its backend sockets inside that namespace and dials 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Resources
+
+# Docker's default capability set: apps written for Docker expect exactly these.
+DEFAULT_CAPS = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]
+
+MASKED_PATHS = [
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+    "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+]
+READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """What to execute, after the image config and the service's overrides are merged."""
+
+    args: tuple[str, ...]
+    env: tuple[str, ...]
+    cwd: str
+    uid: int
+    gid: int
+    additional_gids: tuple[int, ...] = ()
+
+
+def merge_env(image_env: tuple[str, ...], overrides: tuple[tuple[str, str], ...], hostname: str) -> tuple[str, ...]:
+    env: dict[str, str] = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    for item in image_env:
+        k, _, v = item.partition("=")
+        env[k] = v
+    env["HOSTNAME"] = hostname
+    env.update(dict(overrides))
+    return tuple(f"{k}={v}" for k, v in env.items())
+
+
+def process_args(
+    image_entrypoint: tuple[str, ...], image_cmd: tuple[str, ...],
+    entrypoint: tuple[str, ...] | None, command: tuple[str, ...] | None,
+) -> tuple[str, ...]:
+    """Docker's rules: an overridden entrypoint drops the image's Cmd unless a command is given too."""
+    ep = image_entrypoint if entrypoint is None else entrypoint
+    if command is not None:
+        cmd = command
+    elif entrypoint is not None:
+        cmd = ()
+    else:
+        cmd = image_cmd
+    return tuple(ep) + tuple(cmd)
+
+
+def _resources(res: Resources) -> dict[str, Any]:
+    out: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if res.memory is not None:
+        out["memory"] = {"limit": res.memory, "swap": res.memory}
+    if res.cpus is not None:
+        out["cpu"] = {"quota": int(res.cpus * CPU_PERIOD_US), "period": CPU_PERIOD_US}
+    if res.pids is not None:
+        out["pids"] = {"limit": res.pids}
+    return out
+
+
+def runtime_spec(
+    process: ProcessSpec, *, rootfs: str, netns_path: str, cgroups_path: str, hostname: str, resources: Resources,
+) -> dict[str, Any]:
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": process.uid, "gid": process.gid, "additionalGids": list(process.additional_gids)},
+            "args": list(process.args),
+            "env": list(process.env),
+            "cwd": process.cwd,
+            "capabilities": {k: DEFAULT_CAPS for k in ("bounding", "effective", "permitted")},
+            "noNewPrivileges": True,
+        },
+        "root": {"path": rootfs, "readonly": False},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "network", "path": netns_path},
+            ],
+            "cgroupsPath": cgroups_path,
+            "resources": _resources(resources),
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+        },
+    }

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Builds the demo and test images locally (no registry is needed): a busybox image for the small app and the
+# tests, and a Debian minbase image with Tomcat 10 on OpenJDK 17 for the slow-starting demo.
+#   scripts/build-images.sh [busybox] [tomcat]      (default: both)
+# An image that already exists is kept; FORCE=1 rebuilds.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+BUSYBOX_IMAGE=activator-demo/busybox:latest
+TOMCAT_IMAGE=activator-demo/tomcat:latest
+SUITE=${SUITE:-bookworm}
+
+have() { [ "${FORCE:-0}" != 1 ] && docker image inspect "$1" >/dev/null 2>&1; }
+
+build_busybox() {
+    have "$BUSYBOX_IMAGE" && return 0
+    local r; r=$(mktemp -d)
+    mkdir -p "$r"/{bin,etc,www,tmp,proc,sys,dev,root}
+    cp /bin/busybox "$r/bin/busybox"
+    chroot "$r" /bin/busybox --install -s /bin
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$r/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' >"$r/etc/group"
+    echo 'hello from a restored busybox httpd' >"$r/www/index.html"
+    tar -C "$r" -c . | docker import \
+        --change 'CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]' \
+        --change 'WORKDIR /' --change 'ENV PATH=/bin' - "$BUSYBOX_IMAGE" >/dev/null
+    rm -rf "$r"
+    log "built $BUSYBOX_IMAGE"
+}
+
+build_tomcat() {
+    have "$TOMCAT_IMAGE" && return 0
+    local r mirror; r=$(mktemp -d); mirror=$(debian_mirror)
+    log "debootstrap $SUITE from $mirror (about a minute)"
+    debootstrap --variant=minbase --include=openjdk-17-jre-headless "$SUITE" "$r" "$mirror" >"$r.log" 2>&1 ||
+        die "debootstrap failed; see $r.log"
+    # Debian's tomcat10 postinst expects a running policy layer; keep daemons from starting in the chroot.
+    printf '#!/bin/sh\nexit 101\n' >"$r/usr/sbin/policy-rc.d"; chmod +x "$r/usr/sbin/policy-rc.d"
+    mount -t proc proc "$r/proc"
+    trap 'umount "$r/proc" 2>/dev/null || true' RETURN
+    chroot "$r" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tomcat10 \
+        >>"$r.log" 2>&1 || die "installing tomcat10 failed; see $r.log"
+    umount "$r/proc"
+    chroot "$r" apt-get clean
+    rm -rf "$r"/var/lib/apt/lists/* "$r/usr/sbin/policy-rc.d"
+    tar -C "$r" -c . | docker import \
+        --change 'ENV CATALINA_HOME=/usr/share/tomcat10' --change 'ENV CATALINA_BASE=/var/lib/tomcat10' \
+        --change 'ENV CATALINA_TMPDIR=/tmp' --change 'ENV JAVA_HOME=/usr/lib/jvm/java-17-openjdk-amd64' \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'CMD ["/usr/share/tomcat10/bin/catalina.sh", "run"]' \
+        - "$TOMCAT_IMAGE" >/dev/null
+    rm -rf "$r" "$r.log"
+    log "built $TOMCAT_IMAGE"
+}
+
+[ "$(id -u)" = 0 ] || die "must run as root (debootstrap and docker import)"
+docker info >/dev/null 2>&1 || die "dockerd is not running; run 'make setup' first"
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(busybox tomcat)
+for t in "${targets[@]}"; do
+    case "$t" in
+        busybox) build_busybox ;;
+        tomcat) build_tomcat ;;
+        *) die "unknown image '$t' (busybox, tomcat)" ;;
+    esac
+done

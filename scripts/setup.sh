@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Idempotent host setup for activator (root, Debian 12 or newer).
+#
+# Installs the Docker engine and runc from the distribution, a CRIU that can really checkpoint TCP listeners
+# on this kernel (building 4.2.x from Debian's own source package when the installed one cannot), pycriu from
+# that same CRIU tree, and a venv with the project. Starts dockerd when nothing else has.
+#
+# Package mirrors always come from the system's apt configuration: nothing here names a host.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${ACTIVATOR_VENV:-$ROOT/.venv}
+CRIU_VERSION=${CRIU_VERSION:-4.2.1}
+CRIU_SRC=${CRIU_SRC:-/usr/local/src/activator-criu}
+STAMP_DIR=${ACTIVATOR_STATE:-/var/lib/activator}/setup
+PY=${PYTHON:-python3}
+
+log() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts dockerd); try: sudo make setup"
+command -v apt-get >/dev/null || die "needs a Debian-family host with apt-get"
+mkdir -p "$STAMP_DIR"
+
+export DEBIAN_FRONTEND=noninteractive
+APT_PKGS=(docker.io containerd runc iproute2 debootstrap busybox-static make gcc pkgconf git xz-utils
+          ca-certificates python3-venv python3-dev procps util-linux socat)
+CRIU_BUILD_DEPS=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
+                 libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf
+                 uuid-dev)
+
+apt_install() {
+    local missing=()
+    for p in "$@"; do
+        case "$p" in *-) continue ;; esac
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "apt-get install ${missing[*]}"
+    if [ ! -e "$STAMP_DIR/apt-updated" ] || [ -n "$(find "$STAMP_DIR/apt-updated" -mmin +720)" ]; then
+        apt-get update -qq && touch "$STAMP_DIR/apt-updated"
+    fi
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# --- Docker engine and runc -------------------------------------------------------------------------------
+apt_install "${APT_PKGS[@]}"
+
+start_dockerd() {
+    if docker info >/dev/null 2>&1; then return 0; fi
+    log "starting dockerd"
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+        systemctl start docker || true
+    fi
+    if ! docker info >/dev/null 2>&1; then
+        mkdir -p /var/log/activator
+        nohup dockerd >/var/log/activator/dockerd.log 2>&1 &
+    fi
+    for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && return 0; sleep 0.5; done
+    die "dockerd did not come up; see /var/log/activator/dockerd.log"
+}
+start_dockerd
+
+# --- CRIU -----------------------------------------------------------------------------------------------
+# A CRIU is good enough when `criu check` passes and it can dump a process holding a TCP listener
+# (SO_PASSCRED on TCP is refused since kernel 6.16, which breaks CRIU < 4.2 exactly there).
+criu_works() {
+    local bin=$1 d pid ok=1
+    [ -x "$bin" ] || return 1
+    "$bin" check >/dev/null 2>&1 || return 1
+    d=$(mktemp -d)
+    setsid "$PY" -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); time.sleep(60)' \
+        </dev/null >/dev/null 2>&1 &
+    pid=$!
+    sleep 0.3
+    if "$bin" dump -t "$pid" -D "$d" --tcp-established --shell-job -o dump.log >/dev/null 2>&1; then ok=0; fi
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    rm -rf "$d"
+    return $ok
+}
+
+find_good_criu() {
+    local c
+    for c in /usr/local/sbin/criu "$(command -v criu 2>/dev/null || true)"; do
+        [ -n "$c" ] && criu_works "$c" && { echo "$c"; return 0; }
+    done
+    return 1
+}
+
+fetch_criu_source() {
+    # Debian's unstable suite ships the upstream tarball as its source package. Ask apt for it through the
+    # system's own mirror, using a private apt state so the host's sources are left untouched.
+    local mirror work
+    mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    [ -n "$mirror" ] || mirror=$(awk '$1=="deb" && $0 !~ /security/ {for(i=2;i<=NF;i++) if ($i ~ /:\/\//) {print $i; exit}}' \
+                                     /etc/apt/sources.list 2>/dev/null | head -1)
+    [ -n "$mirror" ] || die "cannot find a Debian mirror in the apt configuration to fetch CRIU's source from"
+    work=$(mktemp -d)
+    mkdir -p "$work/lists/partial" "$work/archives/partial"
+    echo "deb-src [trusted=yes] $mirror unstable main" >"$work/sources.list"
+    local opts=(-o Dir::Etc::SourceList="$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                -o Dir::State::Lists="$work/lists" -o Dir::Cache::Archives="$work/archives"
+                -o APT::Sandbox::User=root)
+    apt-get "${opts[@]}" update -qq >/dev/null
+    (cd "$work" && apt-get "${opts[@]}" source --download-only "criu=${CRIU_VERSION}*" >/dev/null 2>&1 ||
+         apt-get "${opts[@]}" source --download-only criu >/dev/null 2>&1 || true)
+    local tarball
+    tarball=$(ls "$work"/criu_*.orig.tar.* 2>/dev/null | sort -V | tail -1)
+    [ -n "$tarball" ] || die "could not download CRIU's source package from $mirror (unstable)"
+    echo "$tarball"
+}
+
+build_criu() {
+    apt_install "${CRIU_BUILD_DEPS[@]}"
+    if [ ! -x "$CRIU_SRC/criu/criu" ]; then
+        local tarball
+        tarball=$(fetch_criu_source)
+        log "building CRIU from $(basename "$tarball")"
+        rm -rf "$CRIU_SRC" && mkdir -p "$CRIU_SRC"
+        tar -xf "$tarball" -C "$CRIU_SRC" --strip-components=1
+        make -C "$CRIU_SRC" -j"$(nproc)" criu >"$CRIU_SRC/build.log" 2>&1 || die "CRIU build failed; see $CRIU_SRC/build.log"
+    fi
+    make -C "$CRIU_SRC" lib >>"$CRIU_SRC/build.log" 2>&1 || die "CRIU lib build failed; see $CRIU_SRC/build.log"
+    install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu
+}
+
+if CRIU_BIN=$(find_good_criu); then
+    log "CRIU ok: $CRIU_BIN ($("$CRIU_BIN" --version | head -1))"
+else
+    log "no working CRIU found; building $CRIU_VERSION"
+    build_criu
+    CRIU_BIN=/usr/local/sbin/criu
+    criu_works "$CRIU_BIN" || die "built CRIU at $CRIU_BIN still fails 'criu check' or a TCP dump on this kernel"
+fi
+
+# --- Python venv with the project and pycriu ----------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating venv $VENV"
+    "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --upgrade pip >/dev/null
+if ! "$VENV/bin/python" -c 'import pycriu' 2>/dev/null; then
+    if [ ! -d "$CRIU_SRC/lib/pycriu" ]; then
+        # pycriu must match a CRIU we can build; a host CRIU without its tree still needs the source.
+        apt_install "${CRIU_BUILD_DEPS[@]}"
+        [ -d "$CRIU_SRC/lib" ] || { tarball=$(fetch_criu_source); mkdir -p "$CRIU_SRC";
+                                   tar -xf "$tarball" -C "$CRIU_SRC" --strip-components=1; }
+        make -C "$CRIU_SRC" lib >>"$CRIU_SRC/build.log" 2>&1 || die "building pycriu failed; see $CRIU_SRC/build.log"
+    fi
+    log "installing pycriu from $CRIU_SRC/lib"
+    "$VENV/bin/pip" install -q "$CRIU_SRC/lib"
+fi
+"$VENV/bin/pip" install -q -e "$ROOT[dev]"
+log "ready: venv $VENV, criu $CRIU_BIN, runc $(runc --version | head -1 | awk '{print $3}'), docker $(docker version -f '{{.Server.Version}}')"
