@@ -39,6 +39,7 @@ from .spec import ProcessSpec, merge_env, process_args
 log = logging.getLogger("activator.checkpoint")
 
 FORMAT = 1
+PROBE_CLOSE_TIMEOUT = 10.0
 CRIU_BIN = "criu"
 
 
@@ -237,7 +238,7 @@ class CheckpointBuilder:
         sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc)
         try:
             await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.name)
-            _write_hosts(sandbox.layout.rootfs, svc.name)
+            sandbox.write_hosts(svc.name)
             await self._start_and_wait(svc, sandbox, tmp / "template.log")
             (tmp / "criu").mkdir()
             await sandbox.checkpoint(tmp / "criu")
@@ -314,9 +315,17 @@ class CheckpointBuilder:
                     f"check 'port' or raise 'readiness.timeout' (app output: {self._log_hint(svc)})"
                 )
             if svc.readiness.http_path:
+                before = readiness.held_sockets(pid)
                 await self._wait_http(svc, sandbox, deadline)
-            # A dump must not capture a connection, whoever made it (see HOST-NOTES).
-            await readiness.wait_until(lambda: readiness.open_connections(pid, svc.port) == 0, timeout=5)
+                # The dump must not capture the probe's connection (CRIU cannot restore it); the app may
+                # close its end lazily, so wait for the descriptor itself to go.
+                if not await readiness.wait_until(
+                    lambda: not readiness.stray_connections(pid, before), timeout=PROBE_CLOSE_TIMEOUT,
+                ):
+                    raise StartError(
+                        f"service '{svc.name}': the app kept the readiness probe's connection open for "
+                        f"{PROBE_CLOSE_TIMEOUT:g}s after 'Connection: close'; drop 'readiness.http_path'"
+                    )
         finally:
             copier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -360,10 +369,3 @@ async def _copy_pipe(fd: int, dest: Path) -> None:
                 out.flush()
     finally:
         transport.close()
-
-
-def _write_hosts(root: Path, hostname: str) -> None:
-    """Apps (the JVM among them) resolve their own hostname at start; make it resolve without DNS."""
-    etc = root / "etc"
-    if etc.is_dir():
-        (etc / "hosts").write_text(f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n")

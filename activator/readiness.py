@@ -9,6 +9,8 @@ does connect, and is followed by a wait until no connection to the port is left 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,13 +35,54 @@ def socket_table(pid: int) -> list[tuple[int, int]]:
     return rows
 
 
+def listening_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and int(fields[3], 16) == TCP_LISTEN:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def _pid_ns(pid: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def held_sockets(init_pid: int) -> set[int]:
+    """Socket inodes held open by any process in init_pid's pid namespace (the whole container)."""
+    ns = _pid_ns(init_pid)
+    held: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or _pid_ns(entry.name) != ns:
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd.path)
+                    if target.startswith("socket:["):
+                        held.add(int(target[8:-1]))
+    return held
+
+
+def stray_connections(init_pid: int, before: set[int]) -> set[int]:
+    """Sockets the container opened since `before` that are not listeners: what a probe may have left.
+
+    A socket the app has not close()d yet can already be in TCP state CLOSE, which /proc/net/tcp no longer
+    lists, so this looks at the descriptors themselves.
+    """
+    return held_sockets(init_pid) - before - listening_inodes(init_pid)
+
+
 def is_listening(pid: int, port: int) -> bool:
     return any(p == port and st == TCP_LISTEN for p, st in socket_table(pid))
-
-
-def open_connections(pid: int, port: int) -> int:
-    """Connections on the app's port that a dump would capture (TIME_WAIT belongs to no process)."""
-    return sum(1 for p, st in socket_table(pid) if p == port and st not in (TCP_LISTEN, TCP_TIME_WAIT))
 
 
 async def wait_until(

@@ -110,6 +110,12 @@ class Sandbox:
         )
         (lay.bundle / "config.json").write_text(json.dumps(spec))
 
+    def write_hosts(self, hostname: str) -> None:
+        """Apps (the JVM among them) resolve their own hostname at start; make it resolve without DNS."""
+        etc = self.layout.rootfs / "etc"
+        if etc.is_dir():
+            (etc / "hosts").write_text(f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n")
+
     async def start(self, stdout: int, stderr: int) -> None:
         self._container = True
         await self.runc.run(self.name, self.layout.bundle, stdout=stdout, stderr=stderr, log=self.layout.runc_log)

@@ -1,0 +1,55 @@
+"""Prometheus metrics. One Metrics object per activator, with its own registry (tests run several at once)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .config import ListenAddress
+
+# Restores sit between ~50 ms (tiny apps) and a few seconds (fallback cold starts of JVMs).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+BUILD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.restores = Counter("activator_restores", "Instances restored from a checkpoint", ["service"],
+                                registry=r)
+        self.restore_failures = Counter("activator_restore_failures", "Restores that failed", ["service"],
+                                        registry=r)
+        self.cold_starts = Counter("activator_cold_starts",
+                                   "Instances cold-started from the image after a failed restore", ["service"],
+                                   registry=r)
+        self.restore_duration = Histogram("activator_restore_duration_seconds",
+                                          "Time to restore an instance until it accepts connections",
+                                          ["service"], buckets=LATENCY_BUCKETS, registry=r)
+        self.first_connection_wait = Histogram(
+            "activator_first_connection_wait_seconds",
+            "Time a connection waited for an instance to be restored or started", ["service"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.instances = Gauge("activator_instances", "Live instances", ["service"], registry=r)
+        self.open_connections = Gauge("activator_open_connections", "Open client connections", ["service"],
+                                      registry=r)
+        self.connections = Counter("activator_connections", "Client connections accepted", ["service"],
+                                   registry=r)
+        self.connection_errors = Counter("activator_connection_errors",
+                                         "Client connections closed because no instance could serve them",
+                                         ["service"], registry=r)
+        self.proxied_bytes = Counter("activator_proxied_bytes", "Bytes proxied",
+                                     ["service", "direction"], registry=r)
+        self.idle_reaps = Counter("activator_idle_reaps", "Instances killed after their idle timeout",
+                                  ["service"], registry=r)
+        self.checkpoint_builds = Counter("activator_checkpoint_builds", "Checkpoints built", ["service"],
+                                         registry=r)
+        self.checkpoint_build_duration = Histogram("activator_checkpoint_build_duration_seconds",
+                                                   "Time to build a checkpoint", ["service"],
+                                                   buckets=BUILD_BUCKETS, registry=r)
+
+    def serve(self, addr: ListenAddress) -> Any:
+        """Start the scrape endpoint (a daemon thread). Returns the server so it can be shut down."""
+        server, _thread = start_http_server(addr.port, addr=addr.host, registry=self.registry)
+        return server

@@ -1,0 +1,188 @@
+"""The activation path: accept, hold, get an instance, connect, splice.
+
+Splicing uses asyncio Protocols rather than streams: each side writes straight into the other side's transport,
+and flow control is the transports' own (a side whose peer's write buffer is full stops reading until it
+drains). That keeps the hot path to one callback per chunk.
+
+Half-close is passed on: EOF from one side becomes write_eof() on the other, and the connection is closed only
+once both directions have ended (or either side is lost).
+
+The client's reading is paused from the moment it is accepted until the backend is connected, so nothing is
+read before there is somewhere to put it; the kernel's socket buffer holds it meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from typing import Any, cast
+
+from .service import Instance, Service
+from .tasks import spawn
+
+log = logging.getLogger("activator.proxy")
+
+CONNECT_RETRY = 0.005
+
+
+class _End(asyncio.Protocol):
+    """One side of a spliced connection."""
+
+    def __init__(self, conn: Connection, counter: Any, *, is_client: bool) -> None:
+        self.conn = conn
+        self.counter = counter
+        self.is_client = is_client
+        self.transport: asyncio.Transport | None = None
+        self.peer: _End | None = None
+        self.eof = False
+        # uvloop may deliver the first chunk even though reading was paused in connection_made; keep it.
+        self.early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
+        self.transport = cast(asyncio.Transport, transport)
+        if self.is_client:
+            self.transport.pause_reading()
+            self.conn.start()
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            self.early.append(data)
+            return
+        peer.transport.write(data)
+        self.counter.inc(len(data))
+
+    def flush_early(self) -> None:
+        early, self.early = self.early, []
+        for data in early:
+            self.data_received(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.peer is None:  # EOF before the backend exists: pass it on once connected
+            return True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            if peer.eof:
+                self.conn.close()
+                return False
+            peer.transport.write_eof()
+        return True  # keep our write side open: the other direction may still be talking
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.close()
+
+    # Flow control: our transport's write buffer is full, so stop reading from the peer that fills it.
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+
+class Connection:
+    """A client connection and, once activated, its backend. Releases its instance exactly once."""
+
+    def __init__(self, service: Service, registry: set[Connection]) -> None:
+        self.service = service
+        self.registry = registry
+        m = service.metrics
+        self.client = _End(self, m.proxied_bytes.labels(service.name, "in"), is_client=True)
+        self.backend = _End(self, m.proxied_bytes.labels(service.name, "out"), is_client=False)
+        self.instance: Instance | None = None
+        self.closed = False
+        self.accepted = time.monotonic()
+        self._activation: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.registry.add(self)
+        self.service.metrics.connections.labels(self.service.name).inc()
+        self.service.metrics.open_connections.labels(self.service.name).inc()
+        self._activation = spawn(self._activate(), name=f"activate:{self.service.name}")
+
+    async def _activate(self) -> None:
+        svc = self.service
+        try:
+            inst, waited = await svc.acquire()
+            self.instance = inst
+            if self.closed:  # the client left while we waited
+                self._release()
+                return
+            deadline = self.accepted + svc.config.restore_timeout
+            sock = await connect_in_instance(inst, svc.config.port, deadline)
+            # Peers first: the backend may send (a banner) before create_connection returns to us.
+            self.client.peer, self.backend.peer = self.backend, self.client
+            loop = asyncio.get_running_loop()
+            await loop.create_connection(lambda: self.backend, sock=sock)
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        except Exception as e:
+            svc.metrics.connection_errors.labels(svc.name).inc()
+            log.warning("service=%s connection could not be served: %s", svc.name, e)
+            self.close()
+            return
+        if self.closed:
+            self.close()
+            return
+        if waited:
+            svc.metrics.first_connection_wait.labels(svc.name).observe(time.monotonic() - self.accepted)
+        assert self.client.transport is not None
+        self.client.flush_early()
+        if self.client.eof:
+            self.backend.transport.write_eof()  # type: ignore[union-attr]
+        else:
+            self.client.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for end in (self.client, self.backend):
+            if end.transport is not None:
+                end.transport.close()
+        if self._activation is not None and not self._activation.done() and self.instance is None:
+            self._activation.cancel()
+        self._release()
+        self.registry.discard(self)
+        self.service.metrics.open_connections.labels(self.service.name).dec()
+
+    def _release(self) -> None:
+        if self.instance is not None:
+            inst, self.instance = self.instance, None
+            self.service.release(inst)
+
+    def abort(self) -> None:
+        for end in (self.client, self.backend):
+            if end.transport is not None:
+                end.transport.abort()
+        self.close()
+
+
+def client_protocol_factory(service: Service, registry: set[Connection]) -> Any:
+    """The protocol factory for a service's listening socket: one Connection per accepted client."""
+    return lambda: Connection(service, registry).client
+
+
+async def connect_in_instance(inst: Instance, port: int, deadline: float) -> socket.socket:
+    """Dial the app on 127.0.0.1 inside the instance's namespace, retrying while it does not accept yet."""
+    loop = asyncio.get_running_loop()
+    while True:
+        sock = inst.sandbox.netns.socket()
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            return sock
+        except OSError as e:
+            sock.close()
+            if e.errno not in (errno.ECONNREFUSED, errno.ECONNRESET) or time.monotonic() >= deadline:
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        await asyncio.sleep(CONNECT_RETRY)

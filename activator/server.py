@@ -1,0 +1,228 @@
+"""The one lifecycle owner.
+
+serve() = startup() -> wait for a stop request -> shutdown(), and shutdown runs whatever startup got to.
+
+startup:  check the host, lock the state dir, clean what a crashed run left, bind every listen address (a port
+          in use fails here, before anything else starts), start accepting (early connections simply wait),
+          start the metrics endpoint, then make sure every service has a current checkpoint.
+shutdown: stop accepting, let open connections finish up to drain_timeout, abort the rest, kill and release
+          every instance, stop the metrics endpoint, unlock.
+
+Signal handlers only set the stop event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import preflight, rootfs
+from .checkpoint import CheckpointBuilder, CheckpointStore
+from .config import Config, ListenAddress, ServiceConfig
+from .errors import ActivatorError
+from .images import DockerImageSource
+from .metrics import Metrics
+from .netns import NetNamespace
+from .netns import PREFIX as NETNS_PREFIX
+from .proxy import Connection, client_protocol_factory
+from .runc import Runc
+from .sandbox import CGROUP_PARENT
+from .service import Service
+
+log = logging.getLogger("activator")
+
+
+class StateDir:
+    """state_dir and the lock that keeps two activators off it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.instances = root / "instances"
+        self.logs = root / "logs"
+        self.runc_root = root / "runc"
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        for d in (self.root, self.instances, self.logs, self.runc_root):
+            d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ActivatorError(
+                f"another activator is already using state_dir {self.root}; stop it or set settings.state_dir"
+            ) from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def tools(self) -> tuple[Runc, CheckpointStore]:
+        return Runc(self.runc_root), CheckpointStore(self.root)
+
+
+async def clean_leftovers(state: StateDir, runc: Runc) -> list[str]:
+    """Remove every container, mount, namespace and directory a previous run of this state dir left behind."""
+    cleaned: list[str] = []
+    for name in await runc.list():
+        await runc.delete(name)
+        cleaned.append(f"container {name}")
+    for point in rootfs.mounts_under(state.instances):
+        rootfs.unmount(point)
+        cleaned.append(f"mount {point}")
+    if state.instances.is_dir():
+        for d in state.instances.iterdir():
+            ns = NetNamespace(NETNS_PREFIX + d.name)
+            if ns.path.exists():
+                ns.remove()
+                cleaned.append(f"netns {ns.name}")
+            for cg in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PARENT}/{d.name}"):
+                with contextlib.suppress(OSError):
+                    cg.rmdir()
+            shutil.rmtree(d, ignore_errors=True)
+            cleaned.append(f"dir {d}")
+    return cleaned
+
+
+def bind_listener(addr: ListenAddress, svc: ServiceConfig, config_path: Path) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        why = {
+            errno.EADDRINUSE: "is already in use by another process; stop it or pick another port",
+            errno.EADDRNOTAVAIL: "is not an address of this host; fix the host part",
+            errno.EACCES: "needs more privileges",
+        }.get(e.errno or 0, e.strerror or str(e))
+        raise ActivatorError(f"{config_path}: services.{svc.name}.listen: {addr} {why}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class Activator:
+    def __init__(self, config: Config, *, on_ready: Callable[[Activator], None] | None = None) -> None:
+        self.config = config
+        self.state = StateDir(config.settings.state_dir)
+        self.metrics = Metrics()
+        self.services: dict[str, Service] = {}
+        self.connections: set[Connection] = set()
+        self.listeners: list[tuple[ServiceConfig, socket.socket]] = []
+        self._servers: list[asyncio.Server] = []
+        self._metrics_server: Any = None
+        self._stop = asyncio.Event()
+        self._on_ready = on_ready
+        self.ready = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.startup()
+            if not self._stop.is_set():
+                self.ready.set()
+                if self._on_ready:
+                    self._on_ready(self)
+                log.info("ready: %s", ", ".join(
+                    f"{svc.name} on {' '.join(str(a) for a in svc.listen)}" for svc in self.config.services))
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def startup(self) -> None:
+        preflight.check_root()
+        runc_version = preflight.check_runc()
+        criu_version = preflight.check_criu()
+        self.state.lock()
+        runc, store = self.state.tools()
+        cleaned = await clean_leftovers(self.state, runc)
+        if cleaned:
+            log.warning("cleaned up after a previous run: %s", ", ".join(cleaned))
+
+        for svc in self.config.services:
+            for addr in svc.listen:
+                self.listeners.append((svc, bind_listener(addr, svc, self.config.path)))
+
+        for svc in self.config.services:
+            self.services[svc.name] = Service(
+                svc, runc=runc, instances_dir=self.state.instances, logs_dir=self.state.logs, metrics=self.metrics,
+            )
+        loop = asyncio.get_running_loop()
+        for svc, sock in self.listeners:
+            factory = client_protocol_factory(self.services[svc.name], self.connections)
+            self._servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
+
+        if self.config.settings.metrics is not None:
+            try:
+                self._metrics_server = self.metrics.serve(self.config.settings.metrics)
+            except OSError as e:
+                raise ActivatorError(
+                    f"{self.config.path}: settings.metrics: cannot listen on {self.config.settings.metrics}: "
+                    f"{e.strerror}; pick another address or set it to null"
+                ) from None
+
+        builder = CheckpointBuilder(store, DockerImageSource(), runc, self.state.instances, criu_version,
+                                    runc_version)
+        results = await asyncio.gather(
+            *(self._ensure_checkpoint(builder, s) for s in self.config.services), return_exceptions=True,
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _ensure_checkpoint(self, builder: CheckpointBuilder, svc: ServiceConfig) -> None:
+        t0 = time.monotonic()
+        try:
+            checkpoint, built = await builder.ensure(svc)
+        except BaseException as e:
+            self.services[svc.name].fail_checkpoint(e)
+            raise
+        if built:
+            self.metrics.checkpoint_builds.labels(svc.name).inc()
+            self.metrics.checkpoint_build_duration.labels(svc.name).observe(time.monotonic() - t0)
+            log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
+                     checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
+        self.services[svc.name].set_checkpoint(checkpoint)
+
+    async def shutdown(self) -> None:
+        for server in self._servers:
+            server.close()
+        for _svc, sock in self.listeners:
+            sock.close()
+        if self.connections:
+            log.info("draining %d connection(s) for up to %gs", len(self.connections),
+                     self.config.settings.drain_timeout)
+            deadline = time.monotonic() + self.config.settings.drain_timeout
+            while self.connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            for conn in list(self.connections):
+                conn.abort()
+        await asyncio.gather(*(s.close() for s in self.services.values()), return_exceptions=True)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.state.unlock()
+        log.info("stopped")
