@@ -342,8 +342,10 @@ def parse_config(text: str, path: Path) -> Config:
     except ValueError as e:
         raise ConfigError(f"{where}: settings: {e}") from None
     st.finish()
-    services_raw = top.require("services")
+    services_raw = top.take("services")
     top.finish()
+    if services_raw is None:
+        raise ConfigError(f"{where}: services: is required (a mapping of service names to definitions)")
     if not isinstance(services_raw, Mapping) or not services_raw:
         raise ConfigError(f"{where}: services: expected a mapping of service names to definitions")
     services = tuple(_service(name, body, where) for name, body in services_raw.items())

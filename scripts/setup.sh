@@ -15,12 +15,15 @@ CRIU_SRC=${CRIU_SRC:-/usr/local/src/activator-criu}
 STAMP_DIR=${ACTIVATOR_STATE:-/var/lib/activator}/setup
 PY=${PYTHON:-python3}
 
-log() { printf 'setup: %s\n' "$*"; }
-die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+. "$ROOT/scripts/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts dockerd); try: sudo make setup"
 command -v apt-get >/dev/null || die "needs a Debian-family host with apt-get"
 mkdir -p "$STAMP_DIR"
+
+# --services-only: everything is installed already (make's stamp says so); just make sure dockerd runs.
+SERVICES_ONLY=0
+[ "${1:-}" = "--services-only" ] && SERVICES_ONLY=1
 
 export DEBIAN_FRONTEND=noninteractive
 APT_PKGS=(docker.io containerd runc iproute2 debootstrap busybox-static make gcc pkgconf git xz-utils
@@ -44,7 +47,7 @@ apt_install() {
 }
 
 # --- Docker engine and runc -------------------------------------------------------------------------------
-apt_install "${APT_PKGS[@]}"
+[ "$SERVICES_ONLY" = 1 ] || apt_install "${APT_PKGS[@]}"
 
 start_dockerd() {
     if docker info >/dev/null 2>&1; then return 0; fi
@@ -60,6 +63,7 @@ start_dockerd() {
     die "dockerd did not come up; see /var/log/activator/dockerd.log"
 }
 start_dockerd
+[ "$SERVICES_ONLY" = 1 ] && exit 0
 
 # --- CRIU -----------------------------------------------------------------------------------------------
 # A CRIU is good enough when `criu check` passes and it can dump a process holding a TCP listener
@@ -72,6 +76,7 @@ criu_works() {
     setsid "$PY" -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); time.sleep(60)' \
         </dev/null >/dev/null 2>&1 &
     pid=$!
+    disown "$pid" 2>/dev/null || true
     sleep 0.3
     if "$bin" dump -t "$pid" -D "$d" --tcp-established --shell-job -o dump.log >/dev/null 2>&1; then ok=0; fi
     kill -9 "$pid" 2>/dev/null || true
@@ -92,10 +97,7 @@ fetch_criu_source() {
     # Debian's unstable suite ships the upstream tarball as its source package. Ask apt for it through the
     # system's own mirror, using a private apt state so the host's sources are left untouched.
     local mirror work
-    mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-    [ -n "$mirror" ] || mirror=$(awk '$1=="deb" && $0 !~ /security/ {for(i=2;i<=NF;i++) if ($i ~ /:\/\//) {print $i; exit}}' \
-                                     /etc/apt/sources.list 2>/dev/null | head -1)
-    [ -n "$mirror" ] || die "cannot find a Debian mirror in the apt configuration to fetch CRIU's source from"
+    mirror=$(debian_mirror)
     work=$(mktemp -d)
     mkdir -p "$work/lists/partial" "$work/archives/partial"
     echo "deb-src [trusted=yes] $mirror unstable main" >"$work/sources.list"
@@ -149,7 +151,9 @@ if ! "$VENV/bin/python" -c 'import pycriu' 2>/dev/null; then
         make -C "$CRIU_SRC" lib >>"$CRIU_SRC/build.log" 2>&1 || die "building pycriu failed; see $CRIU_SRC/build.log"
     fi
     log "installing pycriu from $CRIU_SRC/lib"
-    "$VENV/bin/pip" install -q "$CRIU_SRC/lib"
+    "$VENV/bin/pip" install -q "$CRIU_SRC/lib" >"$STAMP_DIR/pycriu-install.log" 2>&1 ||
+        die "installing pycriu failed; see $STAMP_DIR/pycriu-install.log"
 fi
-"$VENV/bin/pip" install -q -e "$ROOT[dev]"
+"$VENV/bin/pip" install -q -e "$ROOT[dev]" >"$STAMP_DIR/pip-install.log" 2>&1 ||
+    die "installing the project into $VENV failed; see $STAMP_DIR/pip-install.log"
 log "ready: venv $VENV, criu $CRIU_BIN, runc $(runc --version | head -1 | awk '{print $3}'), docker $(docker version -f '{{.Server.Version}}')"

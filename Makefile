@@ -1,0 +1,35 @@
+# Two commands on a fresh Debian 12 host (as root): `make demo` and `make test`. Each runs setup first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test lint images bench clean
+
+$(SETUP_STAMP): scripts/setup.sh pyproject.toml
+	bash scripts/setup.sh
+	touch $@
+
+setup: $(SETUP_STAMP)
+	@bash scripts/setup.sh --services-only
+
+images: setup
+	bash scripts/build-images.sh
+
+demo: setup
+	bash scripts/build-images.sh busybox tomcat
+	$(VENV)/bin/activator run -c config/demo.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check activator tests bench
+	$(VENV)/bin/mypy
+
+test: setup lint
+	bash scripts/build-images.sh busybox
+	$(VENV)/bin/pytest
+
+bench: setup
+	bash scripts/build-images.sh busybox tomcat
+	$(PY) bench/coldstart.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,108 @@
+"""Config parsing and validation: pure logic, no engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from activator.config import ListenAddress, parse_config, parse_duration, parse_size
+from activator.errors import ConfigError
+
+P = Path("/etc/activator/services.yaml")
+
+MINIMAL = """
+services:
+  web:
+    image: demo:latest
+    listen: 127.0.0.1:8080
+    port: 80
+"""
+
+
+def test_minimal_service_gets_defaults() -> None:
+    cfg = parse_config(MINIMAL, P)
+    (web,) = cfg.services
+    assert web.name == "web" and web.port == 80
+    assert web.listen == (ListenAddress("127.0.0.1", 8080),)
+    assert web.idle_timeout == 300 and web.restore_timeout == 10
+    assert web.readiness.http_path is None
+    assert cfg.settings.metrics == ListenAddress("127.0.0.1", 9464)
+
+
+def test_full_service() -> None:
+    cfg = parse_config(
+        """
+settings: {state_dir: /srv/act, metrics: null, drain_timeout: 500ms}
+services:
+  api:
+    image: api:1
+    listen: ["127.0.0.1:1", "[::1]:2", ":3"]
+    port: 8080
+    command: [serve, --fast]
+    entrypoint: /bin/sh
+    environment: [A=1, B=x=y]
+    working_dir: /app
+    user: "1000:1000"
+    readiness: {http_path: /health, timeout: 2m}
+    idle_timeout: 90s
+    restore_timeout: 1.5
+    resources: {memory: 256m, cpus: 0.5, pids: 64}
+""",
+        P,
+    )
+    (api,) = cfg.services
+    assert [str(a) for a in api.listen] == ["127.0.0.1:1", "[::1]:2", "0.0.0.0:3"]
+    assert api.command == ("serve", "--fast") and api.entrypoint == ("/bin/sh",)
+    assert api.environment == (("A", "1"), ("B", "x=y"))
+    assert api.readiness.timeout == 120 and api.readiness.http_path == "/health"
+    assert api.resources.memory == 256 * 2**20 and api.resources.cpus == 0.5 and api.resources.pids == 64
+    assert cfg.settings.metrics is None and cfg.settings.drain_timeout == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("services: {web: {image: x, listen: 1, port: 80, colour: red}}", "services.web.colour: unknown key"),
+        ("services: {web: {image: x, listen: 1}}", "services.web.port: is required"),
+        ("services: {web: {image: x, listen: 'h:99999', port: 80}}", "out of range"),
+        ("services: {web: {image: x, listen: 1, port: 80, idle_timeout: soon}}", "'soon' is not a duration"),
+        ("services: {web: {image: x, listen: 1, port: 80, resources: {memory: lots}}}", "not a size"),
+        ("services: {web: {image: x, listen: 1, port: 80, resources: {gpu: 1}}}", "resources.gpu: unknown key"),
+        ("services: {web: {image: x, listen: 1, port: 80, readiness: {http_path: health}}}", "must start with '/'"),
+        ("services: {Web!: {image: x, listen: 1, port: 80}}", "service names"),
+        ("services: {a: {image: x, listen: 1, port: 80}, b: {image: y, listen: 1, port: 81}}",
+         "already used by service 'a'"),
+        ("settings: {verbose: true}\nservices: {a: {image: x, listen: 1, port: 80}}", "settings.verbose: unknown key"),
+        ("servics: {}", "servics: unknown key"),
+        ("services: []", "expected a mapping"),
+        ("services: {web: {image: x, listen: 1, port: 80, environment: [NOEQUALS]}}", "not KEY=VALUE"),
+    ],
+)
+def test_invalid_configs_name_file_and_key(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, P)
+    msg = str(e.value)
+    assert msg.startswith(str(P)), msg
+    assert fragment in msg, msg
+    assert "\n" not in msg
+
+
+def test_malformed_yaml_points_at_the_line() -> None:
+    with pytest.raises(ConfigError, match=r"malformed YAML at line \d+, column \d+"):
+        parse_config("services:\n  web:\n    image: [unclosed\n", P)
+
+
+def test_units() -> None:
+    assert parse_duration("250ms") == 0.25 and parse_duration("2m") == 120 and parse_duration(3) == 3
+    assert parse_size("1g") == 2**30 and parse_size("64k") == 65536 and parse_size(100) == 100
+    with pytest.raises(ValueError):
+        parse_duration(True)
+
+
+def test_fingerprint_ignores_listen_and_timeouts_but_not_the_process() -> None:
+    base = parse_config(MINIMAL, P).services[0]
+    moved = parse_config(MINIMAL.replace("127.0.0.1:8080", "127.0.0.1:9999") + "    idle_timeout: 1s\n", P)
+    assert moved.services[0].checkpoint_fingerprint() == base.checkpoint_fingerprint()
+    changed = parse_config(MINIMAL + "    command: [other]\n", P)
+    assert changed.services[0].checkpoint_fingerprint() != base.checkpoint_fingerprint()
