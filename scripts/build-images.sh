@@ -17,6 +17,8 @@ build_busybox() {
     local r; r=$(mktemp -d)
     mkdir -p "$r"/{bin,etc,www,tmp,proc,sys,dev,root}
     cp /bin/busybox "$r/bin/busybox"
+    gcc -O2 -static -o "$r/bin/echo-server" "$(dirname "${BASH_SOURCE[0]}")/images/echo-server.c" ||
+        die "compiling the echo server failed (needs gcc and libc6-dev)"
     chroot "$r" /bin/busybox --install -s /bin
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$r/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$r/etc/group"

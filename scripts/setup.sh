@@ -26,7 +26,7 @@ SERVICES_ONLY=0
 [ "${1:-}" = "--services-only" ] && SERVICES_ONLY=1
 
 export DEBIAN_FRONTEND=noninteractive
-APT_PKGS=(docker.io containerd runc iproute2 debootstrap busybox-static make gcc pkgconf git xz-utils
+APT_PKGS=(docker.io containerd runc iproute2 debootstrap busybox-static make gcc libc6-dev pkgconf git xz-utils
           ca-certificates python3-venv python3-dev procps util-linux socat)
 CRIU_BUILD_DEPS=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
                  libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf

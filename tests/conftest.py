@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import uvloop
 import yaml
 
@@ -23,7 +24,7 @@ from activator.config import Config, load_config
 from activator.server import Activator
 
 BUSYBOX = "activator-demo/busybox:latest"
-ECHO = {"image": BUSYBOX, "command": ["nc", "-ll", "-p", "9000", "-e", "cat"], "port": 9000}
+ECHO = {"image": BUSYBOX, "command": ["echo-server", "9000"], "port": 9000}
 HTTPD = {"image": BUSYBOX, "command": ["httpd", "-f", "-p", "8080", "-h", "/www"], "port": 8080}
 
 
@@ -87,7 +88,7 @@ class Running:
         return value or 0.0
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     started: list[Activator] = []
 
