@@ -1,0 +1,166 @@
+"""The command line as a user meets it: one-line errors, exit codes, nothing left behind, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ECHO, HTTPD, host_resources, write_config
+
+ACTIVATOR = [sys.executable, "-m", "activator"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ACTIVATOR, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or dict(os.environ))
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("activator: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_validate_ok_and_malformed(tmp_path: Path) -> None:
+    good = write_config(tmp_path, {"web": HTTPD})
+    proc = run_cli("validate", str(good))
+    assert proc.returncode == 0 and "ok (1 service(s): web)" in proc.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("services:\n  web: {image: [x\n")
+    proc = run_cli("validate", str(bad))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, str(bad), "malformed YAML at line")
+
+
+def test_unknown_key_names_file_service_and_key(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"web": HTTPD | {"restart": "always"}})
+    proc = run_cli("run", "-c", str(cfg))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, str(cfg), "services.web.restart: unknown key", "valid keys are")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    assert_one_line_error(run_cli("run", "-c", str(tmp_path / "nope.yaml")), "no such file")
+
+
+
+
+@pytest.mark.engine
+def test_missing_image_fails_cleanly(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"ghost": HTTPD | {"image": "activator-test/does-not-exist:1"}})
+    proc = run_cli("run", "-c", str(cfg))
+    assert_one_line_error(proc, "service 'ghost'", "activator-test/does-not-exist:1", "docker pull")
+    res = host_resources(tmp_path / "state")
+    assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
+
+
+@pytest.mark.engine
+def test_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        cfg = write_config(tmp_path, {"web": HTTPD | {"listen": f"127.0.0.1:{port}"}})
+        proc = run_cli("run", "-c", str(cfg))
+    assert_one_line_error(proc, str(cfg), "services.web.listen", f"127.0.0.1:{port}", "already in use")
+
+
+@pytest.mark.engine
+def test_app_that_never_listens(tmp_path: Path) -> None:
+    svc = HTTPD | {"command": ["sleep", "600"], "readiness": {"timeout": "1s"}}
+    cfg = write_config(tmp_path, {"mute": svc})
+    proc = run_cli("run", "-c", str(cfg))
+    assert_one_line_error(proc, "service 'mute'", "did not listen on port 8080 within 1s", "readiness.timeout")
+    res = host_resources(tmp_path / "state")
+    assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
+    assert not [n for n in res["netns"] if n.startswith("activator-mute-")]
+    assert not list((tmp_path / "state" / "checkpoints").glob(".build-*"))
+
+
+@pytest.mark.engine
+def test_old_or_missing_criu_is_refused(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("runc", "docker"):
+        os.symlink(shutil.which(tool) or tool, bindir / tool)
+    cfg = write_config(tmp_path, {"web": HTTPD})
+    env = dict(os.environ, PATH=str(bindir))
+    assert_one_line_error(run_cli("run", "-c", str(cfg), env=env), "CRIU not found", "make setup")
+    fake = bindir / "criu"
+    fake.write_text("#!/bin/sh\necho 'Version: 3.17.1'\n")
+    fake.chmod(0o755)
+    assert_one_line_error(run_cli("run", "-c", str(cfg), env=env), "CRIU 3.17.1 is too old", "make setup")
+
+
+@pytest.mark.engine
+def test_not_root_is_refused(tmp_path: Path) -> None:
+    cfg = Path(tempfile.mkdtemp(prefix="activator-nonroot-")) / "services.yaml"
+    shutil.copyfile(write_config(tmp_path, {"web": HTTPD}), cfg)
+    cfg.parent.chmod(0o755)
+    cfg.chmod(0o644)
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *ACTIVATOR, "run", "-c", str(cfg)],
+        capture_output=True, text=True, timeout=60, cwd="/",
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+    )
+    shutil.rmtree(cfg.parent)
+    assert_one_line_error(proc, "must run as root")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.engine
+def test_sigterm_drains_open_transfers_then_exits_0(tmp_path: Path) -> None:
+    port, metrics_port = _free_port(), _free_port()
+    cfg = write_config(tmp_path, {"echo": ECHO | {"listen": f"127.0.0.1:{port}"}},
+                       metrics=f"127.0.0.1:{metrics_port}", drain_timeout="10s")
+    with subprocess.Popen([*ACTIVATOR, "run", "-c", str(cfg)], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True) as proc:
+        _drain_while_running(proc, port, metrics_port)
+    res = host_resources(tmp_path / "state")
+    assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
+
+
+def _drain_while_running(proc: subprocess.Popen[str], port: int, metrics_port: int) -> None:
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while "metrics on" not in (line := proc.stdout.readline()):
+            assert line and time.monotonic() < deadline, "activator did not become ready"
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"before")
+        assert client.recv(6) == b"before"
+        scrape = subprocess.run(["python3", "-c", f"import urllib.request as u; print(u.urlopen("
+                                 f"'http://127.0.0.1:{metrics_port}/metrics').read().decode())"],
+                                capture_output=True, text=True, timeout=10).stdout
+        assert 'activator_restores_total{service="echo"} 1.0' in scrape
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # the drain is under way: the open transfer must still work
+        client.sendall(b"during-drain")
+        client.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := client.recv(65536):
+            got += chunk
+        assert got == b"during-drain"
+        client.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
