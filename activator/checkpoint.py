@@ -35,6 +35,7 @@ from .images import DockerImageSource, ImageInfo, resolve_user
 from .runc import Runc
 from .sandbox import Sandbox, new_name
 from .spec import ProcessSpec, merge_env, process_args
+from .tasks import spawn
 
 log = logging.getLogger("activator.checkpoint")
 
@@ -290,7 +291,7 @@ class CheckpointBuilder:
         # The template's stdio must be a pipe: CRIU cannot dump a descriptor on a host file outside the
         # container, and runc hands pipes over to the restored instance's own stdio on restore.
         r, w = os.pipe()
-        copier = asyncio.ensure_future(_copy_pipe(r, output))
+        copier = spawn(_copy_pipe(r, output), name=f"template-output:{svc.name}", awaited=True)
         try:
             await sandbox.start(stdout=w, stderr=w)
         finally:
@@ -363,7 +364,7 @@ async def _copy_pipe(fd: int, dest: Path) -> None:
     pipe = os.fdopen(fd, "rb", buffering=0)
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
     try:
-        with open(dest, "ab") as out:
+        with open(dest, "ab") as out:  # noqa: ASYNC230 - a local log file, written in small chunks
             while chunk := await reader.read(65536):
                 out.write(chunk)
                 out.flush()

@@ -125,7 +125,5 @@ async def http_ok(
         return False
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(OSError):
             await writer.wait_closed()
-        except OSError:
-            pass

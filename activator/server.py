@@ -33,8 +33,8 @@ from .config import Config, ListenAddress, ServiceConfig
 from .errors import ActivatorError
 from .images import DockerImageSource
 from .metrics import Metrics
-from .netns import NetNamespace
 from .netns import PREFIX as NETNS_PREFIX
+from .netns import NetNamespace
 from .proxy import Connection, client_protocol_factory
 from .runc import Runc
 from .sandbox import CGROUP_PARENT
