@@ -1,0 +1,192 @@
+"""Cold path: time from connect to the first response byte, for the demo apps, three ways side by side.
+
+  activator   a connection to `activator run` while nothing of the service runs (restore from checkpoint)
+  docker run  `docker run -d -p ...` of the same image, then the first request that gets an answer
+  runc run    `runc run -d` of the same root filesystem and spec (what the activator cold-starts with), then
+              the first answer
+
+Every measurement starts from nothing running. Traffic goes to loopback or to namespaces this script made.
+Run as root after `make setup images`:  .venv/bin/python bench/coldstart.py [--runs N]
+Prints a table (median, min, max in ms) and writes docs/coldstart.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = Path("/var/lib/activator/bench")
+APPS: dict[str, dict[str, Any]] = {
+    "tomcat": {"image": "activator-demo/tomcat:latest", "port": 8080,
+               "environment": {"JAVA_OPTS": "-Xms64m -Xmx256m -XX:-UsePerfData -XX:TieredStopAtLevel=1"},
+               "readiness": {"http_path": "/", "timeout": "120s"}},
+    "hello": {"image": "activator-demo/busybox:latest", "port": 8080,
+              "command": ["httpd", "-f", "-p", "8080", "-h", "/www"]},
+}
+REQUEST = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
+DEADLINE = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def first_byte(port: int, t0: float, connect: object = None) -> float:
+    """Retry connect+GET until a byte comes back; seconds since t0."""
+    while time.monotonic() - t0 < DEADLINE:
+        try:
+            s = connect() if callable(connect) else socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.setblocking(True)
+            s.settimeout(30)
+            with s:
+                if callable(connect):
+                    s.connect(("127.0.0.1", port))
+                s.sendall(REQUEST)
+                if s.recv(1):
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise TimeoutError("no answer")
+
+
+def scrape(metrics_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def bench_activator(runs: int) -> dict[str, list[float]]:
+    ports = {name: free_port() for name in APPS}
+    metrics_port = free_port()
+    cfg = {
+        "settings": {"state_dir": str(STATE), "metrics": f"127.0.0.1:{metrics_port}"},
+        "services": {name: app | {"listen": f"127.0.0.1:{ports[name]}", "idle_timeout": "300ms"}
+                     for name, app in APPS.items()},
+    }
+    path = Path(tempfile.mkdtemp()) / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out: dict[str, list[float]] = {name: [] for name in APPS}
+    with subprocess.Popen([sys.executable, "-m", "activator", "run", "-c", str(path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        assert proc.stdout is not None
+        while "metrics on" not in proc.stdout.readline():
+            if proc.poll() is not None:
+                raise SystemExit("activator did not start")
+        try:
+            for name in APPS:
+                for _ in range(runs):
+                    t0 = time.monotonic()
+                    out[name].append(first_byte(ports[name], t0))
+                    deadline = time.monotonic() + 30
+                    while f'activator_instances{{service="{name}"}} 0.0' not in scrape(metrics_port):
+                        assert time.monotonic() < deadline, "instance was not reaped"
+                        time.sleep(0.05)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return out
+
+
+def bench_docker(runs: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {name: [] for name in APPS}
+    for name, app in APPS.items():
+        for _ in range(runs):
+            port = free_port()
+            cmd = ["docker", "run", "-d", "--rm", "-p", f"127.0.0.1:{port}:{app['port']}"]
+            for k, v in app.get("environment", {}).items():
+                cmd += ["-e", f"{k}={v}"]
+            cmd += [str(app["image"]), *app.get("command", [])]
+            t0 = time.monotonic()
+            cid = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+            try:
+                out[name].append(first_byte(port, t0))
+            finally:
+                subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+    return out
+
+
+def bench_runc(runs: int) -> dict[str, list[float]]:
+    """runc run of the checkpoint's own process spec and image root, in a namespace made for it."""
+    sys.path.insert(0, str(ROOT))
+    from activator.checkpoint import CheckpointStore
+    from activator.config import Resources
+    from activator.runc import Runc
+    from activator.sandbox import Sandbox, new_name
+
+    store = CheckpointStore(STATE)
+    runc = Runc(STATE / "runc-bench")
+    out: dict[str, list[float]] = {name: [] for name in APPS}
+
+    async def one(name: str) -> float:
+        ck = store.load(name)
+        assert ck is not None, "run the activator bench first: it builds the checkpoints"
+        sb = Sandbox(new_name(name + "-bench"), STATE / "instances-bench", runc)
+        t0 = time.monotonic()
+        try:
+            await sb.prepare([ck.image_rootfs], ck.process, Resources(), name)
+            sb.write_hosts(name)
+            with open("/dev/null", "wb") as null:  # noqa: ASYNC230 - /dev/null never blocks
+                await sb.start(stdout=null.fileno(), stderr=null.fileno())
+            port = int(APPS[name]["port"])
+            return await asyncio.to_thread(first_byte, port, t0, sb.netns.socket)
+        finally:
+            await sb.release()
+
+    for name in APPS:
+        for _ in range(runs):
+            out[name].append(asyncio.run(one(name)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--chart", default=str(ROOT / "docs" / "coldstart.png"))
+    args = ap.parse_args()
+    results = {"activator (restore)": bench_activator(args.runs), "docker run": bench_docker(args.runs),
+               "runc run": bench_runc(args.runs)}
+    print(f"\nTime to first byte, ms ({args.runs} runs each)\n")
+    print(f"{'app':8} {'path':22} {'median':>8} {'min':>8} {'max':>8}")
+    for way, per_app in results.items():
+        for app, xs in per_app.items():
+            ms = [x * 1000 for x in xs]
+            print(f"{app:8} {way:22} {statistics.median(ms):8.0f} {min(ms):8.0f} {max(ms):8.0f}")
+    (Path(args.chart).with_suffix(".json")).write_text(json.dumps(results, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(APPS), figsize=(10, 4))
+    for ax, app in zip(axes, APPS, strict=True):
+        ways = list(results)
+        med = [statistics.median(results[w][app]) * 1000 for w in ways]
+        ax.bar(ways, med, color=["#2a7", "#48c", "#888"])
+        ax.set_title(f"{app}: time to first byte (median)")
+        ax.set_ylabel("ms")
+        for i, v in enumerate(med):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.tight_layout()
+    Path(args.chart).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.chart, dpi=100)
+    print(f"\nchart: {args.chart}")
+
+
+if __name__ == "__main__":
+    main()
