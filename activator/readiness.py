@@ -20,33 +20,25 @@ TCP_TIME_WAIT = 0x06
 POLL_INTERVAL = 0.01
 
 
-def socket_table(pid: int) -> list[tuple[int, int]]:
-    """(local port, state) of every TCP socket in pid's network namespace."""
-    rows: list[tuple[int, int]] = []
+def _tcp_rows(pid: int) -> list[list[str]]:
+    """Rows of /proc/PID/net/tcp and tcp6: the TCP sockets of pid's network namespace."""
+    rows: list[list[str]] = []
     for name in ("tcp", "tcp6"):
         try:
             lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
         except OSError:
             continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 3:
-                rows.append((int(fields[1].rsplit(":", 1)[1], 16), int(fields[3], 16)))
+        rows += [fields for line in lines if len(fields := line.split()) > 9]
     return rows
 
 
+def socket_table(pid: int) -> list[tuple[int, int]]:
+    """(local port, state) of every TCP socket in pid's network namespace."""
+    return [(int(f[1].rsplit(":", 1)[1], 16), int(f[3], 16)) for f in _tcp_rows(pid)]
+
+
 def listening_inodes(pid: int) -> set[int]:
-    inodes: set[int] = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and int(fields[3], 16) == TCP_LISTEN:
-                inodes.add(int(fields[9]))
-    return inodes
+    return {int(f[9]) for f in _tcp_rows(pid) if int(f[3], 16) == TCP_LISTEN}
 
 
 def _pid_ns(pid: int | str) -> str | None:
