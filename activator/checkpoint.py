@@ -19,9 +19,7 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -41,13 +39,6 @@ log = logging.getLogger("activator.checkpoint")
 
 FORMAT = 1
 PROBE_CLOSE_TIMEOUT = 10.0
-CRIU_BIN = "criu"
-
-
-def criu_version(binary: str = CRIU_BIN) -> str:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"Version:\s*(\S+)", out)
-    return m.group(1) if m else out.strip()
 
 
 @dataclass(frozen=True)
@@ -141,13 +132,6 @@ def listening_ports(images: Path) -> tuple[int, ...]:
             src = isk.get("src_port", [])
             ports.update(int(p) for p in (src if isinstance(src, list) else [src]))
     return tuple(sorted(ports))
-
-
-def process_tree(images: Path) -> list[dict[str, Any]]:
-    return [
-        {"pid": e["pid"], "ppid": e["ppid"], "threads": len(e.get("threads", []))}
-        for e in _load_img(images / "pstree.img")["entries"]
-    ]
 
 
 def pages_bytes(images: Path) -> int:

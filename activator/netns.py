@@ -82,10 +82,3 @@ class NetNamespace:
         if self.path.exists():
             with contextlib.suppress(OSError):
                 netns.remove(self.name)
-
-
-def leftover_namespaces() -> list[str]:
-    """Namespaces of ours that a previous run left behind (crash, kill -9)."""
-    if not NETNS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(PREFIX))

@@ -97,9 +97,3 @@ class Runc:
         if rc != 0 or not text.strip() or text.strip() == "null":
             return []
         return [c["id"] for c in json.loads(text)]
-
-
-def version(binary: str = RUNC_BIN) -> str:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"runc version (\S+)", out)
-    return m.group(1) if m else out.split("\n", 1)[0]

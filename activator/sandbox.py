@@ -181,15 +181,3 @@ class Sandbox:
             errors.append(f"netns: {e}")
         if not keep_dir and not self._mounted:
             shutil.rmtree(self.layout.dir, ignore_errors=True)
-
-
-def cgroup_leftovers() -> list[Path]:
-    """Per-instance cgroup directories under any v1 controller or the v2 tree."""
-    found: list[Path] = []
-    base = Path("/sys/fs/cgroup")
-    candidates = [base / CGROUP_PARENT] + [p / CGROUP_PARENT for p in base.iterdir() if p.is_dir()] \
-        if base.is_dir() else []
-    for parent in candidates:
-        if parent.is_dir():
-            found.extend(p for p in parent.iterdir() if p.is_dir())
-    return found
