@@ -57,22 +57,14 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointBuilder
-    from .images import DockerImageSource
-    from .server import StateDir
+    from .server import StateDir, open_host
 
     svc = cfg.service(args.service)
 
     async def main() -> int:
-        preflight.check_root()
-        runc_version = preflight.check_runc()
-        criu_version = preflight.check_criu()
         state = StateDir(cfg.settings.state_dir)
-        state.lock()
         try:
-            runc, store = state.tools()
-            builder = CheckpointBuilder(store, DockerImageSource(), runc, state.instances, criu_version,
-                                        runc_version)
+            _runc, builder = open_host(state)
             ck, built = await builder.ensure(svc, rebuild=args.rebuild)
         finally:
             state.unlock()

@@ -75,6 +75,16 @@ class StateDir:
         return Runc(self.runc_root), CheckpointStore(self.root)
 
 
+def open_host(state: StateDir) -> tuple[Runc, CheckpointBuilder]:
+    """Check the host, lock the state dir, and make the tools `run` and `checkpoint` share."""
+    preflight.check_root()
+    runc_version = preflight.check_runc()
+    criu_version = preflight.check_criu()
+    state.lock()
+    runc, store = state.tools()
+    return runc, CheckpointBuilder(store, DockerImageSource(), runc, state.instances, criu_version, runc_version)
+
+
 async def clean_leftovers(state: StateDir, runc: Runc) -> list[str]:
     """Remove every container, mount, namespace and directory a previous run of this state dir left behind."""
     cleaned: list[str] = []
@@ -153,11 +163,7 @@ class Activator:
                 loop.remove_signal_handler(sig)
 
     async def startup(self) -> None:
-        preflight.check_root()
-        runc_version = preflight.check_runc()
-        criu_version = preflight.check_criu()
-        self.state.lock()
-        runc, store = self.state.tools()
+        runc, builder = open_host(self.state)
         cleaned = await clean_leftovers(self.state, runc)
         if cleaned:
             log.warning("cleaned up after a previous run: %s", ", ".join(cleaned))
@@ -184,8 +190,6 @@ class Activator:
                     f"{e.strerror}; pick another address or set it to null"
                 ) from None
 
-        builder = CheckpointBuilder(store, DockerImageSource(), runc, self.state.instances, criu_version,
-                                    runc_version)
         results = await asyncio.gather(
             *(self._ensure_checkpoint(builder, s) for s in self.config.services), return_exceptions=True,
         )
