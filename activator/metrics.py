@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -11,6 +12,26 @@ from .config import ListenAddress
 # Restores sit between ~50 ms (tiny apps) and a few seconds (fallback cold starts of JVMs).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 BUILD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+@dataclass(frozen=True)
+class ServiceMetrics:
+    """One service's label children, bound once: the connection path does no label lookups."""
+
+    restores: Any
+    restore_failures: Any
+    cold_starts: Any
+    restore_duration: Any
+    first_connection_wait: Any
+    instances: Any
+    open_connections: Any
+    connections: Any
+    connection_errors: Any
+    bytes_in: Any
+    bytes_out: Any
+    idle_reaps: Any
+    checkpoint_builds: Any
+    checkpoint_build_duration: Any
 
 
 class Metrics:
@@ -48,6 +69,24 @@ class Metrics:
         self.checkpoint_build_duration = Histogram("activator_checkpoint_build_duration_seconds",
                                                    "Time to build a checkpoint", ["service"],
                                                    buckets=BUILD_BUCKETS, registry=r)
+
+    def for_service(self, name: str) -> ServiceMetrics:
+        return ServiceMetrics(
+            restores=self.restores.labels(name),
+            restore_failures=self.restore_failures.labels(name),
+            cold_starts=self.cold_starts.labels(name),
+            restore_duration=self.restore_duration.labels(name),
+            first_connection_wait=self.first_connection_wait.labels(name),
+            instances=self.instances.labels(name),
+            open_connections=self.open_connections.labels(name),
+            connections=self.connections.labels(name),
+            connection_errors=self.connection_errors.labels(name),
+            bytes_in=self.proxied_bytes.labels(name, "in"),
+            bytes_out=self.proxied_bytes.labels(name, "out"),
+            idle_reaps=self.idle_reaps.labels(name),
+            checkpoint_builds=self.checkpoint_builds.labels(name),
+            checkpoint_build_duration=self.checkpoint_build_duration.labels(name),
+        )
 
     def serve(self, addr: ListenAddress) -> Any:
         """Start the scrape endpoint (a daemon thread). Returns the server so it can be shut down."""

@@ -92,9 +92,8 @@ class Connection:
     def __init__(self, service: Service, registry: set[Connection]) -> None:
         self.service = service
         self.registry = registry
-        m = service.metrics
-        self.client = _End(self, m.proxied_bytes.labels(service.name, "in"), is_client=True)
-        self.backend = _End(self, m.proxied_bytes.labels(service.name, "out"), is_client=False)
+        self.client = _End(self, service.m.bytes_in, is_client=True)
+        self.backend = _End(self, service.m.bytes_out, is_client=False)
         self.instance: Instance | None = None
         self.closed = False
         self.accepted = time.monotonic()
@@ -102,8 +101,8 @@ class Connection:
 
     def start(self) -> None:
         self.registry.add(self)
-        self.service.metrics.connections.labels(self.service.name).inc()
-        self.service.metrics.open_connections.labels(self.service.name).inc()
+        self.service.m.connections.inc()
+        self.service.m.open_connections.inc()
         self._activation = spawn(self._activate(), name=f"activate:{self.service.name}")
 
     async def _activate(self) -> None:
@@ -124,7 +123,7 @@ class Connection:
             self.close()
             raise
         except Exception as e:
-            svc.metrics.connection_errors.labels(svc.name).inc()
+            svc.m.connection_errors.inc()
             log.warning("service=%s connection could not be served: %s", svc.name, e)
             self.close()
             return
@@ -132,7 +131,7 @@ class Connection:
             self.close()
             return
         if waited:
-            svc.metrics.first_connection_wait.labels(svc.name).observe(time.monotonic() - self.accepted)
+            svc.m.first_connection_wait.observe(time.monotonic() - self.accepted)
         assert self.client.transport is not None
         self.client.flush_early()
         if self.client.eof:
@@ -151,7 +150,7 @@ class Connection:
             self._activation.cancel()
         self._release()
         self.registry.discard(self)
-        self.service.metrics.open_connections.labels(self.service.name).dec()
+        self.service.m.open_connections.dec()
 
     def _release(self) -> None:
         if self.instance is not None:

@@ -205,8 +205,9 @@ class Activator:
             self.services[svc.name].fail_checkpoint(e)
             raise
         if built:
-            self.metrics.checkpoint_builds.labels(svc.name).inc()
-            self.metrics.checkpoint_build_duration.labels(svc.name).observe(time.monotonic() - t0)
+            m = self.services[svc.name].m
+            m.checkpoint_builds.inc()
+            m.checkpoint_build_duration.observe(time.monotonic() - t0)
             log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
                      checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
         self.services[svc.name].set_checkpoint(checkpoint)

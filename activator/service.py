@@ -62,14 +62,13 @@ class Service:
         self.runc = runc
         self.instances_dir = instances_dir
         self.logs_dir = logs_dir
-        self.metrics = metrics
+        self.m = metrics.for_service(self.name)
         self.instances: list[Instance] = []
         self._checkpoint: asyncio.Future[Checkpoint] = asyncio.get_running_loop().create_future()
         self._starting: asyncio.Task[Instance] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._m_instances = metrics.instances.labels(self.name)
-        self._m_instances.set(0)
+        self.m.instances.set(0)
 
     # --- checkpoint ---------------------------------------------------------------------------------------
 
@@ -129,7 +128,7 @@ class Service:
             self._stop(inst)
             return
         self.instances.append(inst)
-        self._m_instances.set(len(self.instances))
+        self.m.instances.set(len(self.instances))
         # Nobody may claim it (every waiter gave up): it must still go away when idle.
         self._arm_idle(inst, self.config.idle_timeout)
 
@@ -149,7 +148,7 @@ class Service:
             self._arm_idle(inst, remaining)
             return
         log.info("service=%s instance=%s idle for %.0fs, reaping", self.name, inst.name, self.config.idle_timeout)
-        self.metrics.idle_reaps.labels(self.name).inc()
+        self.m.idle_reaps.inc()
         self._stop(inst)
 
     def _stop(self, inst: Instance) -> None:
@@ -159,7 +158,7 @@ class Service:
             inst.idle_timer = None
         if inst in self.instances:
             self.instances.remove(inst)
-        self._m_instances.set(len(self.instances))
+        self.m.instances.set(len(self.instances))
         task = spawn(inst.sandbox.release(), name=f"release:{inst.name}")
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
@@ -173,12 +172,12 @@ class Service:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self.metrics.restore_failures.labels(self.name).inc()
+            self.m.restore_failures.inc()
             crit = getattr(e, "kept_log", None)
             log.error("service=%s restore failed: %s (CRIU log: %s); falling back to a cold start",
                       self.name, e, crit or "not kept")
         inst = await self._cold_start(checkpoint)
-        self.metrics.cold_starts.labels(self.name).inc()
+        self.m.cold_starts.inc()
         return inst
 
     async def _restore(self, checkpoint: Checkpoint) -> Instance:
@@ -196,8 +195,8 @@ class Service:
                     raise StartError(f"restore took longer than {self.config.restore_timeout:g}s") from e
             raise
         dt = time.monotonic() - t0
-        self.metrics.restores.labels(self.name).inc()
-        self.metrics.restore_duration.labels(self.name).observe(dt)
+        self.m.restores.inc()
+        self.m.restore_duration.observe(dt)
         log.info("service=%s instance=%s restored in %.0f ms", self.name, sb.name, dt * 1000)
         return Instance(sb, "restore", dt)
 
