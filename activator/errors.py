@@ -7,6 +7,8 @@ a traceback; everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class ActivatorError(Exception):
     """An error with a one-line message meant for the operator."""
@@ -29,7 +31,11 @@ class CheckpointError(ActivatorError):
 
 
 class RestoreError(ActivatorError):
-    """An instance could not be restored from its checkpoint."""
+    """An instance could not be restored from its checkpoint; log is where CRIU's account of it was kept."""
+
+    def __init__(self, message: str, log: Path | None = None) -> None:
+        super().__init__(message)
+        self.log = log
 
 
 class StartError(ActivatorError):

@@ -20,9 +20,7 @@ RUNC_BIN = "runc"
 
 
 class RuncError(RestoreError):
-    def __init__(self, message: str, log: Path | None = None) -> None:
-        super().__init__(message)
-        self.log = log
+    """A runc command failed; log points at the runc or CRIU log that says why."""
 
 
 class Runc:

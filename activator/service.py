@@ -24,7 +24,7 @@ from pathlib import Path
 from . import readiness
 from .checkpoint import Checkpoint
 from .config import ServiceConfig
-from .errors import ActivatorError, StartError
+from .errors import ActivatorError, RestoreError, StartError
 from .metrics import Metrics
 from .runc import Runc
 from .sandbox import Sandbox, new_name
@@ -169,13 +169,10 @@ class Service:
         checkpoint = await self._checkpoint
         try:
             return await self._restore(checkpoint)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
+        except RestoreError as e:
             self.m.restore_failures.inc()
-            crit = getattr(e, "kept_log", None)
             log.error("service=%s restore failed: %s (CRIU log: %s); falling back to a cold start",
-                      self.name, e, crit or "not kept")
+                      self.name, e, e.log or "not kept")
         inst = await self._cold_start(checkpoint)
         self.m.cold_starts.inc()
         return inst
@@ -186,13 +183,13 @@ class Service:
         try:
             await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.name)
             await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
-        except BaseException as e:
+        except Exception as e:
             kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log)
             await sb.release()
-            if isinstance(e, Exception):
-                e.kept_log = kept  # type: ignore[attr-defined]
-                if isinstance(e, TimeoutError):
-                    raise StartError(f"restore took longer than {self.config.restore_timeout:g}s") from e
+            why = f"took longer than {self.config.restore_timeout:g}s" if isinstance(e, TimeoutError) else str(e)
+            raise RestoreError(why, kept) from e
+        except BaseException:
+            await sb.release()
             raise
         dt = time.monotonic() - t0
         self.m.restores.inc()
