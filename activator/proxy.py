@@ -63,10 +63,10 @@ class _End(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.peer is None:  # EOF before the backend exists: pass it on once connected
-            return True
         peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+        if peer is None:  # EOF before the backend exists: pass it on once connected
+            return True
+        if peer.transport is not None and not peer.transport.is_closing():
             if peer.eof:
                 self.conn.close()
                 return False
@@ -127,8 +127,9 @@ class Connection:
             log.warning("service=%s connection could not be served: %s", svc.name, e)
             self.close()
             return
-        if self.closed:
-            self.close()
+        if self.closed:  # the client left during the connect: the backend must not outlive it
+            assert self.backend.transport is not None
+            self.backend.transport.close()
             return
         if waited:
             svc.m.first_connection_wait.observe(time.monotonic() - self.accepted)
@@ -146,7 +147,7 @@ class Connection:
         for end in (self.client, self.backend):
             if end.transport is not None:
                 end.transport.close()
-        if self._activation is not None and not self._activation.done() and self.instance is None:
+        if self._activation is not None and not self._activation.done():
             self._activation.cancel()
         self._release()
         self.registry.discard(self)

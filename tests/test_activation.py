@@ -168,3 +168,14 @@ async def test_connection_waits_for_a_slow_first_checkpoint(start) -> None:  # t
     run = await start({"slow": slow})
     assert time.monotonic() - t0 >= 1.0
     assert await echo(run.port("slow"), b"late but fine") == b"late but fine"
+
+
+async def test_client_that_leaves_during_restore_leaves_nothing(start) -> None:  # type: ignore[no-untyped-def]
+    run = await start({"echo": ECHO | {"idle_timeout": "300ms"}})
+    _, writer = await asyncio.open_connection("127.0.0.1", run.port("echo"))
+    writer.close()  # gone before the restore finishes
+    await eventually(lambda: run.metric("activator_restores_total", "echo") == 1, what="the restore")
+    await eventually(lambda: run.metric("activator_open_connections", "echo") == 0, what="connection closed")
+    # The restored instance was never claimed; it must still be reaped.
+    await eventually(lambda: not run.act.services["echo"].instances, what="reap of the unclaimed instance")
+    assert not run.act.connections
