@@ -19,8 +19,10 @@ NETNS_DIR = Path("/run/netns")
 PREFIX = "activator-"
 
 
-def _self_ns() -> int:
-    return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+# The namespace activator itself runs in; every thread returns to it after a setns. Opened at import, on the
+# main thread, before anything has switched namespaces (opened lazily, a worker thread could catch the main
+# thread inside an instance's namespace during a socket() call).
+_HOME_NS = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 
 class NetNamespace:
@@ -47,15 +49,13 @@ class NetNamespace:
     def _set_lo_up(self) -> None:
         # Runs in a worker thread: setns only moves this thread, and pyroute2's sync IPRoute needs a thread
         # without a running event loop anyway.
-        back = _self_ns()
         netns.setns(self.fd)
         try:
             with IPRoute() as ipr:
                 (idx,) = ipr.link_lookup(ifname="lo")
                 ipr.link("set", index=idx, state="up")
         finally:
-            netns.setns(back)
-            os.close(back)
+            netns.setns(_HOME_NS)
 
     @property
     def fd(self) -> int:
@@ -65,13 +65,11 @@ class NetNamespace:
 
     def socket(self, family: int = socket.AF_INET) -> socket.socket:
         """A non-blocking TCP socket that lives in this namespace. Cheap (two setns calls, no awaits)."""
-        back = _self_ns()
         netns.setns(self.fd)
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         finally:
-            netns.setns(back)
-            os.close(back)
+            netns.setns(_HOME_NS)
         sock.setblocking(False)
         return sock
 
