@@ -138,6 +138,24 @@ def pages_bytes(images: Path) -> int:
     return sum(p.stat().st_size for p in images.glob("pages-*.img"))
 
 
+def contents(images: Path) -> dict[str, Any]:
+    """What a dump holds, read back with pycriu: the process tree, listening ports, memory."""
+    procs = []
+    for e in _load_img(images / "pstree.img")["entries"]:
+        core = images / f"core-{e['pid']}.img"
+        comm = _load_img(core)["entries"][0]["tc"].get("comm", "?") if core.exists() else "?"
+        mm = images / f"mm-{e['pid']}.img"
+        vmas = len(_load_img(mm)["entries"][0].get("vmas", [])) if mm.exists() else 0
+        procs.append({"pid": e["pid"], "ppid": e["ppid"], "comm": comm, "threads": len(e.get("threads", [])),
+                      "vmas": vmas})
+    return {
+        "processes": procs,
+        "listening_ports": list(listening_ports(images)),
+        "pages_bytes": pages_bytes(images),
+        "image_files": len(list(images.glob("*.img"))),
+    }
+
+
 # --- the store ---------------------------------------------------------------------------------------------
 
 

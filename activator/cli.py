@@ -1,4 +1,4 @@
-"""Command line: `activator run|validate|checkpoint|cleanup`.
+"""Command line: `activator run|validate|status|inspect|checkpoint|cleanup`.
 
 Errors a user can cause come out as one line, `activator: error: ...`, and a non-zero exit; never a traceback.
 """
@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -62,7 +64,7 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
     svc = cfg.service(args.service)
 
     async def main() -> int:
-        state = StateDir(cfg.settings.state_dir)
+        state = StateDir(cfg.settings)
         try:
             _runc, builder = open_host(state)
             ck, built = await builder.ensure(svc, rebuild=args.rebuild)
@@ -81,7 +83,7 @@ def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
 
     async def main() -> int:
         preflight.check_root()
-        state = StateDir(cfg.settings.state_dir)
+        state = StateDir(cfg.settings)
         state.lock()
         try:
             runc, _ = state.tools()
@@ -92,6 +94,92 @@ def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
         return 0
 
     return _run(main)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    from . import control
+
+    st = control.request(cfg.settings.control_socket, "status")
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"activator pid {st['pid']}, up {_age(st['uptime_seconds'])}, {cfg.path}"
+          f"{'' if st['ready'] else ' (starting: checkpoints not all ready)'}")
+    for svc in st["services"]:
+        ck = svc["checkpoint"]
+        ck_text = f"checkpoint {_age(ck['age_seconds'])} old, {_size(ck['pages_bytes'])} of pages" if ck else \
+            "no checkpoint yet"
+        extra = []
+        if svc["waiting"]:
+            extra.append(f"{svc['waiting']} waiting")
+        if svc["starting"]:
+            extra.append(f"{svc['starting']} starting")
+        if svc["backoff_seconds"]:
+            extra.append(f"backing off {svc['backoff_seconds']:.1f}s")
+        if svc["restore_backoff_seconds"]:
+            extra.append(f"restores backing off {svc['restore_backoff_seconds']:.1f}s")
+        print(f"\n{svc['name']}  on {' '.join(svc['listen'])}  {len(svc['instances'])}/{svc['max_instances']} "
+              f"instance(s), {svc['open_connections']} open connection(s); {ck_text}"
+              + (f"; {', '.join(extra)}" if extra else ""))
+        if svc["instances"]:
+            print(f"  {'INSTANCE':<22} {'HOW':<10} {'AGE':>6} {'CONNS':>6} {'SERVED':>7} {'START':>9}")
+        for i in svc["instances"]:
+            print(f"  {i['name']:<22} {i['how']:<10} {_age(i['age_seconds']):>6} {i['connections']:>6} "
+                  f"{i['served']:>7} {i['start_ms']:>7.0f}ms")
+    return 0
+
+
+def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointStore, contents
+
+    svc = cfg.service(args.service)
+    ck = CheckpointStore(cfg.settings.state_dir).load(svc.name)
+    if ck is None:
+        raise ActivatorError(
+            f"service '{svc.name}' has no checkpoint in {cfg.settings.state_dir}; "
+            f"build one with `activator checkpoint {svc.name}` (or start `activator run`)"
+        )
+    try:
+        held = contents(ck.images)
+    except (OSError, KeyError, IndexError) as e:
+        raise ActivatorError(f"service '{svc.name}': cannot read checkpoint {ck.images}: {e}; "
+                             f"rebuild it with `activator checkpoint {svc.name} --rebuild`") from None
+    current = ck.origin.service_fingerprint == svc.checkpoint_fingerprint()
+    info = {
+        "service": svc.name, "dir": str(ck.dir), "created": ck.created, "build_seconds": ck.build_seconds,
+        "matches_config": current, "origin": vars(ck.origin), "process": {"args": list(ck.process.args),
+                                                                          "cwd": ck.process.cwd,
+                                                                          "uid": ck.process.uid},
+        **held,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    o = ck.origin
+    print(f"{svc.name}: checkpoint {ck.dir}")
+    print(f"  built      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ck.created))} "
+          f"in {ck.build_seconds:.1f}s; {'matches' if current else 'does NOT match'} the service definition")
+    print(f"  from       image {o.image_id}, CRIU {o.criu}, runc {o.runc}, kernel {o.kernel}")
+    print(f"  command    {' '.join(ck.process.args)} (cwd {ck.process.cwd}, uid {ck.process.uid})")
+    print(f"  listening  {', '.join(map(str, held['listening_ports'])) or 'nothing'}")
+    print(f"  memory     {_size(held['pages_bytes'])} of pages in {held['image_files']} image files")
+    print("  processes  PID  PPID  THREADS  VMAS  COMM")
+    for p in held["processes"]:
+        print(f"             {p['pid']:>3} {p['ppid']:>5} {p['threads']:>8} {p['vmas']:>5}  {p['comm']}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "listen on every service's addresses and restore instances on demand")
     v = add("validate", cmd_validate, "check a services file without starting anything")
     v.add_argument("file", nargs="?", help="services YAML file (same as -c)")
+    status = add("status", cmd_status, "show the running daemon's services, instances and checkpoints")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    ins = add("inspect", cmd_inspect, "show what a service's checkpoint holds and what it was built from")
+    ins.add_argument("service")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
     ck = add("checkpoint", cmd_checkpoint, "build a service's checkpoint if missing or stale")
     ck.add_argument("service")
     ck.add_argument("--rebuild", action="store_true", help="rebuild even if current")

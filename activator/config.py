@@ -18,8 +18,19 @@ A file looks like this (compose-like, so Docker users read it at a glance)::
         user: "0:0"
         readiness: {http_path: /, timeout: 60s}
         idle_timeout: 5m
-        restore_timeout: 10s
         resources: {memory: 512m, cpus: 1.5, pids: 512}
+        # capacity: instances restored from the one checkpoint
+        min_instances: 0              # kept warm even when idle
+        max_instances: 4
+        target_connections: 50        # open connections per instance before another one is restored
+        # admission control
+        max_connections: 1000         # open connections for the whole service; past it, closed at once
+        max_waiting: 500              # connections waiting for an instance; past it, closed at once
+        restore_timeout: 10s          # runc restore
+        connect_timeout: 5s           # from restored to accepting connections
+        backoff: {initial: 1s, max: 1m}   # after failed starts, no new attempt before this
+        fallback: cold-start          # or none: after a failed restore, boot from the image instead
+        proxy_protocol: v2            # or v1, or null: PROXY header toward the app
 
 Invalid, each with a one-line error naming the file, the service and the key::
 
@@ -108,6 +119,26 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """How long a service waits after failed starts before trying again: initial, doubling up to max."""
+
+    initial: float = 1.0
+    max: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.initial <= 0 or self.max < self.initial:
+            raise ValueError("backoff needs 0 < initial <= max")
+
+    def delay(self, failures: int) -> float:
+        """The wait after `failures` consecutive failures (1 = the first)."""
+        return float(min(self.max, self.initial * 2 ** max(0, failures - 1)))
+
+
+FALLBACKS = ("cold-start", "none")
+PROXY_PROTOCOLS = ("v1", "v2")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     name: str
     image: str
@@ -122,6 +153,15 @@ class ServiceConfig:
     idle_timeout: float = 300.0
     restore_timeout: float = 10.0
     resources: Resources = field(default_factory=Resources)
+    min_instances: int = 0
+    max_instances: int = 1
+    target_connections: int = 100
+    max_connections: int | None = None
+    max_waiting: int = 1000
+    connect_timeout: float = 5.0
+    backoff: Backoff = field(default_factory=Backoff)
+    fallback: str = "cold-start"
+    proxy_protocol: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -132,18 +172,29 @@ class ServiceConfig:
             raise ValueError("listen needs at least one address")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port {self.port} is out of range 1-65535")
-        if self.idle_timeout <= 0 or self.restore_timeout <= 0:
+        if self.idle_timeout <= 0 or self.restore_timeout <= 0 or self.connect_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if self.max_instances < 1:
+            raise ValueError("max_instances must be at least 1")
+        if not 0 <= self.min_instances <= self.max_instances:
+            raise ValueError(f"min_instances must be between 0 and max_instances ({self.max_instances})")
+        if self.target_connections < 1:
+            raise ValueError("target_connections must be at least 1")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1 (or null for no limit)")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must not be negative")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback '{self.fallback}' is not one of: {', '.join(FALLBACKS)}")
+        if self.proxy_protocol is not None and self.proxy_protocol not in PROXY_PROTOCOLS:
+            raise ValueError(f"proxy_protocol '{self.proxy_protocol}' is not one of: v1, v2, null")
         if self.working_dir is not None and not self.working_dir.startswith("/"):
             raise ValueError(f"working_dir '{self.working_dir}' must be absolute")
 
     def checkpoint_fingerprint(self) -> str:
-        """Hash of everything that shapes the checkpointed process; listen addresses and timeouts do not."""
-        shaping = {
-            k: v
-            for k, v in asdict(self).items()
-            if k not in ("listen", "idle_timeout", "restore_timeout", "name")
-        }
+        """Hash of everything that shapes the checkpointed process; addresses, limits and timeouts do not."""
+        d = asdict(self)
+        shaping = {k: d[k] for k in ("image", "port", "command", "entrypoint", "environment", "working_dir", "user")}
         shaping["readiness"] = {"http_path": self.readiness.http_path}
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -153,6 +204,13 @@ class Settings:
     state_dir: Path = Path("/var/lib/activator")
     metrics: ListenAddress | None = ListenAddress("127.0.0.1", 9464)
     drain_timeout: float = 10.0
+    #: the runc binary (a name on PATH or a path); it must be built with CRIU support
+    runc: str = "runc"
+
+    @property
+    def control_socket(self) -> Path:
+        """Where `activator status` finds the running daemon (root only: it lives in state_dir, mode 0600)."""
+        return self.state_dir / "control.sock"
 
     def __post_init__(self) -> None:
         if self.drain_timeout < 0:
@@ -281,7 +339,9 @@ def _float(value: Any) -> float:
 
 _SERVICE_KEYS = (
     "image", "listen", "port", "command", "entrypoint", "environment", "working_dir", "user",
-    "readiness", "idle_timeout", "restore_timeout", "resources",
+    "readiness", "idle_timeout", "restore_timeout", "resources", "min_instances", "max_instances",
+    "target_connections", "max_connections", "max_waiting", "connect_timeout", "backoff", "fallback",
+    "proxy_protocol",
 )
 
 
@@ -290,6 +350,7 @@ def _service(name: Any, data: Any, where: str) -> ServiceConfig:
     sec = _Section(data, where, loc, _SERVICE_KEYS)
     ready = _Section(sec.take("readiness"), where, f"{loc}.readiness", ("timeout", "http_path"))
     res = _Section(sec.take("resources"), where, f"{loc}.resources", ("memory", "cpus", "pids"))
+    bo = _Section(sec.take("backoff"), where, f"{loc}.backoff", ("initial", "max"))
     try:
         readiness = Readiness(
             timeout=ready.take("timeout", parse_duration, 60.0), http_path=ready.take("http_path", str)
@@ -299,6 +360,8 @@ def _service(name: Any, data: Any, where: str) -> ServiceConfig:
             memory=res.take("memory", parse_size), cpus=res.take("cpus", _float), pids=res.take("pids", _int)
         )
         res.finish()
+        backoff = Backoff(initial=bo.take("initial", parse_duration, 1.0), max=bo.take("max", parse_duration, 60.0))
+        bo.finish()
         svc = ServiceConfig(
             name=str(name),
             image=sec.require("image", str),
@@ -313,6 +376,15 @@ def _service(name: Any, data: Any, where: str) -> ServiceConfig:
             idle_timeout=sec.take("idle_timeout", parse_duration, 300.0),
             restore_timeout=sec.take("restore_timeout", parse_duration, 10.0),
             resources=resources,
+            min_instances=sec.take("min_instances", _int, 0),
+            max_instances=sec.take("max_instances", _int, 1),
+            target_connections=sec.take("target_connections", _int, 100),
+            max_connections=sec.take("max_connections", _int),
+            max_waiting=sec.take("max_waiting", _int, 1000),
+            connect_timeout=sec.take("connect_timeout", parse_duration, 5.0),
+            backoff=backoff,
+            fallback=sec.take("fallback", str, "cold-start"),
+            proxy_protocol=sec.take("proxy_protocol", str),
         )
     except ValueError as e:
         raise ConfigError(f"{where}: {loc}: {e}") from None
@@ -330,13 +402,14 @@ def parse_config(text: str, path: Path) -> Config:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{where}: malformed YAML{at}: {problem}") from None
     top = _Section(raw, where, "", ("settings", "services"))
-    st = _Section(top.take("settings"), where, "settings", ("state_dir", "metrics", "drain_timeout"))
+    st = _Section(top.take("settings"), where, "settings", ("state_dir", "metrics", "drain_timeout", "runc"))
     try:
         metrics_raw = st.data.get("metrics", "127.0.0.1:9464")
         settings = Settings(
             state_dir=Path(st.take("state_dir", str, "/var/lib/activator")),
             metrics=None if metrics_raw in (None, False, "off") else ListenAddress.parse(metrics_raw),
             drain_timeout=st.take("drain_timeout", parse_duration, 10.0),
+            runc=st.take("runc", str, "runc"),
         )
         st.data.pop("metrics", None)
     except ValueError as e:

@@ -40,3 +40,11 @@ class RestoreError(ActivatorError):
 
 class StartError(ActivatorError):
     """An instance could not be started (cold start) or never became ready."""
+
+
+class Rejected(ActivatorError):
+    """A connection was turned away by admission control; reason is the metric label (queue-full, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

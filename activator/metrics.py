@@ -12,6 +12,8 @@ from .config import ListenAddress
 # Restores sit between ~50 ms (tiny apps) and a few seconds (fallback cold starts of JVMs).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 BUILD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+#: why admission control closed a connection (the `reason` label; see service.py and proxy.py)
+REJECT_REASONS = ("max-connections", "queue-full", "backoff", "shutting-down")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,12 @@ class ServiceMetrics:
     idle_reaps: Any
     checkpoint_builds: Any
     checkpoint_build_duration: Any
+    waiting: Any
+    starting: Any
+    backoff: Any
+    restore_backoff: Any
+    start_failures: Any
+    rejected: dict[str, Any]
 
 
 class Metrics:
@@ -70,6 +78,21 @@ class Metrics:
                                                    "Time to build a checkpoint", ["service"],
                                                    buckets=BUILD_BUCKETS, registry=r)
 
+        self.waiting = Gauge("activator_waiting_connections", "Connections waiting for an instance to be ready",
+                             ["service"], registry=r)
+        self.starting = Gauge("activator_starting_instances", "Instances being restored or started", ["service"],
+                              registry=r)
+        self.backoff = Gauge("activator_backoff_seconds",
+                             "Seconds until a new instance may be attempted after failed starts (0: not backing off)",
+                             ["service"], registry=r)
+        self.restore_backoff = Gauge("activator_restore_backoff_seconds",
+                                     "Seconds until restores are tried again after a failed one (0: not backing off)",
+                                     ["service"], registry=r)
+        self.start_failures = Counter("activator_start_failures",
+                                      "Attempts to bring up an instance that ended with none", ["service"], registry=r)
+        self.rejected = Counter("activator_rejected_connections",
+                                "Connections closed at once by admission control", ["service", "reason"], registry=r)
+
     def for_service(self, name: str) -> ServiceMetrics:
         return ServiceMetrics(
             restores=self.restores.labels(name),
@@ -86,6 +109,12 @@ class Metrics:
             idle_reaps=self.idle_reaps.labels(name),
             checkpoint_builds=self.checkpoint_builds.labels(name),
             checkpoint_build_duration=self.checkpoint_build_duration.labels(name),
+            waiting=self.waiting.labels(name),
+            starting=self.starting.labels(name),
+            backoff=self.backoff.labels(name),
+            restore_backoff=self.restore_backoff.labels(name),
+            start_failures=self.start_failures.labels(name),
+            rejected={reason: self.rejected.labels(name, reason) for reason in REJECT_REASONS},
         )
 
     def serve(self, addr: ListenAddress) -> Any:

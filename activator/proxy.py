@@ -9,6 +9,11 @@ once both directions have ended (or either side is lost).
 
 The client's reading is paused from the moment it is accepted until the backend is connected, so nothing is
 read before there is somewhere to put it; the kernel's socket buffer holds it meanwhile.
+
+Admission: past the service's max_connections a client is closed as soon as it is accepted; the service may
+also turn it away while it waits (queue full, backing off). Both are counted by reason, never silent.
+The first connect to an instance retries while the app refuses, until connect_timeout after the instance
+became ready; past that the instance is reported broken and removed.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import socket
 import time
 from typing import Any, cast
 
+from . import proxy_protocol
+from .errors import Rejected
 from .service import Instance, Service
 from .tasks import spawn
 
 log = logging.getLogger("activator.proxy")
 
-CONNECT_RETRY = 0.005
+CONNECT_RETRY_FIRST = 0.005
+CONNECT_RETRY_MAX = 0.1
 
 
 class _End(asyncio.Protocol):
@@ -100,10 +108,23 @@ class Connection:
         self._activation: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        svc = self.service
+        svc.m.connections.inc()
+        limit = svc.config.max_connections
+        if limit is not None and svc.open_connections >= limit:
+            self._reject(Rejected("max-connections", f"service '{svc.name}' has {limit} open connections"))
+            return
         self.registry.add(self)
-        self.service.m.connections.inc()
-        self.service.m.open_connections.inc()
-        self._activation = spawn(self._activate(), name=f"activate:{self.service.name}")
+        svc.open_connections += 1
+        svc.m.open_connections.inc()
+        self._activation = spawn(self._activate(), name=f"activate:{svc.name}")
+
+    def _reject(self, why: Rejected) -> None:
+        self.service.m.rejected[why.reason].inc()
+        log.debug("service=%s connection rejected: %s", self.service.name, why)
+        self.closed = True
+        if self.client.transport is not None:
+            self.client.transport.close()
 
     async def _activate(self) -> None:
         svc = self.service
@@ -113,8 +134,13 @@ class Connection:
             if self.closed:  # the client left while we waited
                 self._release()
                 return
-            deadline = self.accepted + svc.config.restore_timeout
-            sock = await connect_in_instance(inst, svc.config.port, deadline)
+            deadline = inst.ready_at + svc.config.connect_timeout
+            try:
+                sock = await connect_in_instance(inst, svc.config.port, deadline)
+            except OSError as e:
+                svc.instance_failed(inst, f"app refused connections for {svc.config.connect_timeout:g}s "
+                                          f"(connect_timeout): {e.strerror}")
+                raise
             # Peers first: the backend may send (a banner) before create_connection returns to us.
             self.client.peer, self.backend.peer = self.backend, self.client
             loop = asyncio.get_running_loop()
@@ -122,6 +148,11 @@ class Connection:
         except asyncio.CancelledError:
             self.close()
             raise
+        except Rejected as e:
+            svc.m.rejected[e.reason].inc()
+            log.debug("service=%s connection rejected: %s", svc.name, e)
+            self.close()
+            return
         except Exception as e:
             svc.m.connection_errors.inc()
             log.warning("service=%s connection could not be served: %s", svc.name, e)
@@ -133,10 +164,16 @@ class Connection:
             return
         if waited:
             svc.m.first_connection_wait.observe(time.monotonic() - self.accepted)
-        assert self.client.transport is not None
+        assert self.client.transport is not None and self.backend.transport is not None
+        if svc.config.proxy_protocol is not None:
+            self.backend.transport.write(proxy_protocol.header(
+                svc.config.proxy_protocol,
+                self.client.transport.get_extra_info("peername")[:2],
+                self.client.transport.get_extra_info("sockname")[:2],
+            ))
         self.client.flush_early()
         if self.client.eof:
-            self.backend.transport.write_eof()  # type: ignore[union-attr]
+            self.backend.transport.write_eof()
         else:
             self.client.transport.resume_reading()
 
@@ -151,6 +188,7 @@ class Connection:
             self._activation.cancel()
         self._release()
         self.registry.discard(self)
+        self.service.open_connections -= 1
         self.service.m.open_connections.dec()
 
     def _release(self) -> None:
@@ -173,6 +211,7 @@ def client_protocol_factory(service: Service, registry: set[Connection]) -> Any:
 async def connect_in_instance(inst: Instance, port: int, deadline: float) -> socket.socket:
     """Dial the app on 127.0.0.1 inside the instance's namespace, retrying while it does not accept yet."""
     loop = asyncio.get_running_loop()
+    pause = CONNECT_RETRY_FIRST
     while True:
         sock = inst.sandbox.netns.socket()
         try:
@@ -185,4 +224,5 @@ async def connect_in_instance(inst: Instance, port: int, deadline: float) -> soc
         except BaseException:
             sock.close()
             raise
-        await asyncio.sleep(CONNECT_RETRY)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, CONNECT_RETRY_MAX)

@@ -2,11 +2,14 @@
 
 serve() = startup() -> wait for a stop request -> shutdown(), and shutdown runs whatever startup got to.
 
-startup:  check the host, lock the state dir, clean what a crashed run left, bind every listen address (a port
-          in use fails here, before anything else starts), start accepting (early connections simply wait),
-          start the metrics endpoint, then make sure every service has a current checkpoint.
-shutdown: stop accepting, let open connections finish up to drain_timeout, abort the rest, kill and release
-          every instance, stop the metrics endpoint, unlock.
+startup:  check the host, lock the state dir, clean what a crashed run left, take the listening sockets
+          systemd passed in (LISTEN_FDS, matched by address) and bind the rest (a port in use fails here, before
+          anything else starts), start accepting (early connections simply wait), start the control socket
+          and the metrics endpoint, then make sure every service has a current checkpoint. Only then is
+          systemd told READY=1; from then on a watchdog ping is sent from the event loop itself, so a
+          stuck loop is noticed.
+shutdown: stop accepting, let open connections finish up to drain_timeout (systemd is told to extend its stop
+          timeout accordingly), abort the rest, kill and release every instance, stop the endpoints, unlock.
 
 Signal handlers only set the stop event.
 """
@@ -27,9 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import preflight, rootfs
+from . import preflight, rootfs, systemd
 from .checkpoint import CheckpointBuilder, CheckpointStore
-from .config import Config, ListenAddress, ServiceConfig
+from .config import Config, ListenAddress, ServiceConfig, Settings
+from .control import ControlServer
 from .errors import ActivatorError
 from .images import DockerImageSource
 from .metrics import Metrics
@@ -39,6 +43,7 @@ from .proxy import Connection, client_protocol_factory
 from .runc import Runc
 from .sandbox import CGROUP_PARENT
 from .service import Service
+from .tasks import spawn
 
 log = logging.getLogger("activator")
 
@@ -46,8 +51,11 @@ log = logging.getLogger("activator")
 class StateDir:
     """state_dir and the lock that keeps two activators off it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, settings: Settings) -> None:
+        root = settings.state_dir
         self.root = root
+        self.runc_binary = settings.runc
+        self.control_socket = settings.control_socket
         self.instances = root / "instances"
         self.logs = root / "logs"
         self.runc_root = root / "runc"
@@ -72,13 +80,13 @@ class StateDir:
             self._lock_fd = None
 
     def tools(self) -> tuple[Runc, CheckpointStore]:
-        return Runc(self.runc_root), CheckpointStore(self.root)
+        return Runc(self.runc_root, self.runc_binary), CheckpointStore(self.root)
 
 
 def open_host(state: StateDir) -> tuple[Runc, CheckpointBuilder]:
     """Check the host, lock the state dir, and make the tools `run` and `checkpoint` share."""
     preflight.check_root()
-    runc_version = preflight.check_runc()
+    runc_version = preflight.check_runc(state.runc_binary)
     criu_version = preflight.check_criu()
     state.lock()
     runc, store = state.tools()
@@ -130,13 +138,16 @@ def bind_listener(addr: ListenAddress, svc: ServiceConfig, config_path: Path) ->
 class Activator:
     def __init__(self, config: Config, *, on_ready: Callable[[Activator], None] | None = None) -> None:
         self.config = config
-        self.state = StateDir(config.settings.state_dir)
+        self.state = StateDir(config.settings)
         self.metrics = Metrics()
         self.services: dict[str, Service] = {}
         self.connections: set[Connection] = set()
         self.listeners: list[tuple[ServiceConfig, socket.socket]] = []
         self._servers: list[asyncio.Server] = []
         self._metrics_server: Any = None
+        self._control: ControlServer | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.started = time.time()
         self._stop = asyncio.Event()
         self._on_ready = on_ready
         self.ready = asyncio.Event()
@@ -154,8 +165,13 @@ class Activator:
                 self.ready.set()
                 if self._on_ready:
                     self._on_ready(self)
-                log.info("ready: %s", ", ".join(
-                    f"{svc.name} on {' '.join(str(a) for a in svc.listen)}" for svc in self.config.services))
+                summary = ", ".join(
+                    f"{svc.name} on {' '.join(str(a) for a in svc.listen)}" for svc in self.config.services)
+                log.info("ready: %s", summary)
+                systemd.notify("READY=1", f"STATUS=serving {len(self.services)} service(s)")
+                interval = systemd.watchdog_interval()
+                if interval:
+                    self._watchdog = spawn(self._ping_watchdog(interval), name="watchdog")
             await self._stop.wait()
         finally:
             await self.shutdown()
@@ -168,9 +184,7 @@ class Activator:
         if cleaned:
             log.warning("cleaned up after a previous run: %s", ", ".join(cleaned))
 
-        for svc in self.config.services:
-            for addr in svc.listen:
-                self.listeners.append((svc, bind_listener(addr, svc, self.config.path)))
+        self._bind_all(systemd.listen_fds())
 
         for svc in self.config.services:
             self.services[svc.name] = Service(
@@ -181,6 +195,9 @@ class Activator:
             factory = client_protocol_factory(self.services[svc.name], self.connections)
             self._servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
 
+        self._control = ControlServer(self.state.control_socket, {"status": self.status})
+        await self._control.start()
+
         if self.config.settings.metrics is not None:
             try:
                 self._metrics_server = self.metrics.serve(self.config.settings.metrics)
@@ -190,12 +207,47 @@ class Activator:
                     f"{e.strerror}; pick another address or set it to null"
                 ) from None
 
+        systemd.notify("STATUS=making sure every service has a current checkpoint")
         results = await asyncio.gather(
             *(self._ensure_checkpoint(builder, s) for s in self.config.services), return_exceptions=True,
         )
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+
+    def _bind_all(self, inherited: list[socket.socket]) -> None:
+        """Every listen address gets a socket: the one systemd passed for it if any, else one bound here."""
+        for svc in self.config.services:
+            for addr in svc.listen:
+                match = next((s for s in inherited if systemd.same_address(s, addr)), None)
+                if match is not None:
+                    inherited.remove(match)
+                    match.setblocking(False)
+                    log.info("service=%s using the socket passed in for %s", svc.name, addr)
+                    self.listeners.append((svc, match))
+                else:
+                    self.listeners.append((svc, bind_listener(addr, svc, self.config.path)))
+        for sock in inherited:
+            where = sock.getsockname()
+            sock.close()
+            raise ActivatorError(
+                f"{self.config.path}: a socket passed in by systemd ({where}) matches no service's listen address; "
+                "add it to a service or remove it from the socket unit"
+            )
+
+    async def _ping_watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval / 3)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "config": str(self.config.path),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "ready": self.ready.is_set(),
+            "services": [s.status() for s in self.services.values()],
+        }
 
     async def _ensure_checkpoint(self, builder: CheckpointBuilder, svc: ServiceConfig) -> None:
         t0 = time.monotonic()
@@ -213,19 +265,26 @@ class Activator:
         self.services[svc.name].set_checkpoint(checkpoint)
 
     async def shutdown(self) -> None:
+        drain = self.config.settings.drain_timeout
+        # Never let systemd's stop timeout cut the drain short: ask for the drain plus room to release.
+        systemd.notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int((drain + 30) * 1e6)}",
+                       f"STATUS=draining {len(self.connections)} connection(s)")
         for server in self._servers:
             server.close()
         for _svc, sock in self.listeners:
             sock.close()
         if self.connections:
-            log.info("draining %d connection(s) for up to %gs", len(self.connections),
-                     self.config.settings.drain_timeout)
+            log.info("draining %d connection(s) for up to %gs", len(self.connections), drain)
             deadline = time.monotonic() + self.config.settings.drain_timeout
             while self.connections and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             for conn in list(self.connections):
                 conn.abort()
         await asyncio.gather(*(s.close() for s in self.services.values()), return_exceptions=True)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._control is not None:
+            await self._control.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

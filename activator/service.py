@@ -1,30 +1,39 @@
-"""One service's instances: single-flight restore, connection accounting, idle reap.
+"""One service's instances: restore on demand, scale out from the one checkpoint, admission control, reap.
 
-acquire() hands a connection a live instance, restoring one when there is none. However many connections arrive
-while a restore is under way, they all wait on that same restore (one task, shielded so that a client that
-gives up does not cancel it for the others). A failed restore falls back to a cold start from the image, so
-clients are still served; the failure is logged with the CRIU log's path and counted.
+acquire() hands a connection a ready instance (see capacity.py for which one, and when more are started).
+Connections that need an instance that is not ready yet wait for it; at most `max_waiting` of them, the rest
+are turned away at once (Rejected, counted). Each start is its own task, shielded from the connections
+waiting on it, so a client that gives up cancels nothing for the others.
 
-An instance is reaped when it has had no open connection for idle_timeout. The timer re-checks the instance
-when it fires instead of trusting the moment it was armed, and the instance is marked as stopping before any
-await, so a connection can never be handed an instance that is being killed (single-threaded event loop).
+A start is: `runc restore` (bounded by restore_timeout), then wait until the app is listening on its port
+(read from /proc, so no probe connection; bounded by connect_timeout). A failed restore falls back to a cold
+start from the image unless `fallback: none`, and further restores back off (new instances are cold-started
+meanwhile). A start that yields no instance at all backs the whole service off: until it expires,
+connections that would need a new instance are closed at once instead of piling up behind another attempt.
+Both states are logged, counted and exported as gauges.
+
+An instance is reaped when it has had no open connection for idle_timeout, unless that would leave fewer
+than min_instances. The timer re-checks the instance when it fires instead of trusting the moment it was
+armed, and an instance is taken out of the pool before any await, so a connection can never be handed an
+instance that is being killed (single-threaded event loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import readiness
+from . import capacity, readiness
+from .capacity import FailureBackoff
 from .checkpoint import Checkpoint
 from .config import ServiceConfig
-from .errors import ActivatorError, RestoreError, StartError
+from .errors import ActivatorError, Rejected, RestoreError, StartError
 from .metrics import Metrics
 from .runc import Runc
 from .sandbox import Sandbox, new_name
@@ -33,20 +42,17 @@ from .tasks import spawn
 log = logging.getLogger("activator.service")
 
 
-class State(enum.Enum):
-    READY = "ready"
-    STOPPING = "stopping"
-
-
 @dataclass(eq=False)
 class Instance:
     sandbox: Sandbox
     how: str  # "restore" or "cold-start"
     start_seconds: float
-    state: State = State.READY
+    ready_at: float = field(default_factory=time.monotonic)
     connections: int = 0
+    served: int = 0
     idle_since: float = field(default_factory=time.monotonic)
     idle_timer: asyncio.TimerHandle | None = None
+    stopping: bool = False
 
     @property
     def name(self) -> str:
@@ -63,12 +69,21 @@ class Service:
         self.instances_dir = instances_dir
         self.logs_dir = logs_dir
         self.m = metrics.for_service(self.name)
-        self.instances: list[Instance] = []
+        self.instances: list[Instance] = []  # ready to take connections
+        self.waiting = 0  # connections waiting in acquire() for an instance
+        self.open_connections = 0  # maintained by the proxy
+        self.restore_backoff = FailureBackoff(config.backoff)
+        self.start_backoff = FailureBackoff(config.backoff)
         self._checkpoint: asyncio.Future[Checkpoint] = asyncio.get_running_loop().create_future()
-        self._starting: asyncio.Task[Instance] | None = None
+        self._starts: set[asyncio.Task[Instance]] = set()
         self._stopping: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+        self._replenish_timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self.m.instances.set(0)
+        # Remaining backoff shrinks with time: computed at scrape time, not when it was last touched.
+        self.m.backoff.set_function(lambda: self.start_backoff.remaining(time.monotonic()))
+        self.m.restore_backoff.set_function(lambda: self.restore_backoff.remaining(time.monotonic()))
+        self._publish()
 
     # --- checkpoint ---------------------------------------------------------------------------------------
 
@@ -76,6 +91,7 @@ class Service:
         if self._checkpoint.done():
             self._checkpoint = asyncio.get_running_loop().create_future()
         self._checkpoint.set_result(checkpoint)
+        self._replenish()
 
     def fail_checkpoint(self, exc: BaseException) -> None:
         if not self._checkpoint.done():
@@ -91,46 +107,130 @@ class Service:
     # --- connections ---------------------------------------------------------------------------------------
 
     async def acquire(self) -> tuple[Instance, bool]:
-        """A ready instance with one more connection counted on it; waited=True if a start was awaited."""
-        waited = False
-        while True:
-            if self._closed:
-                raise ActivatorError(f"service '{self.name}' is shutting down")
-            inst = self._pick()
-            if inst is not None:
-                inst.connections += 1
-                if inst.idle_timer is not None:
-                    inst.idle_timer.cancel()
-                    inst.idle_timer = None
-                return inst, waited
-            waited = True
-            if self._starting is None:
-                self._starting = spawn(self._start(), name=f"start:{self.name}", awaited=True)
-                self._starting.add_done_callback(self._started)
-            await asyncio.shield(self._starting)
+        """A ready instance with one more connection counted on it; waited=True if a start was awaited.
+
+        Raises Rejected when the connection must be closed instead (queue full, backing off, shutting down).
+        """
+        target = self.config.target_connections
+        waited = queued = False
+        try:
+            while True:
+                if self._closed:
+                    raise Rejected("shutting-down", f"service '{self.name}' is shutting down")
+                best = capacity.least_loaded(self.instances)
+                if best is not None and best.connections < target:
+                    break
+                self._scale(extra=0 if queued else 1)
+                if best is not None and not self._starts:
+                    break  # nothing more will come (max_instances or backoff): go above target
+                if best is None and not self._starts:
+                    wait = self.start_backoff.remaining(time.monotonic())
+                    raise Rejected("backoff", f"service '{self.name}' has no instance and is backing off "
+                                              f"for {wait:.1f}s after failed starts")
+                if not queued:
+                    if self.waiting >= self.config.max_waiting:
+                        raise Rejected("queue-full", f"service '{self.name}' already has {self.waiting} "
+                                                     "connections waiting (max_waiting)")
+                    queued = True
+                    self.waiting += 1
+                    self.m.waiting.set(self.waiting)
+                waited = True
+                await self._changed.wait()
+        finally:
+            if queued:
+                self.waiting -= 1
+                self.m.waiting.set(self.waiting)
+        best.connections += 1
+        best.served += 1
+        if best.idle_timer is not None:
+            best.idle_timer.cancel()
+            best.idle_timer = None
+        return best, waited
 
     def release(self, inst: Instance) -> None:
         inst.connections -= 1
-        if inst.connections == 0 and inst.state is State.READY:
+        if inst.stopping:
+            return
+        if inst.connections == 0:
             inst.idle_since = time.monotonic()
             self._arm_idle(inst, self.config.idle_timeout)
+        if inst.connections == self.config.target_connections - 1:
+            self._notify()  # room below target again: a waiter may take it instead of waiting for a start
 
-    def _pick(self) -> Instance | None:
-        ready = [i for i in self.instances if i.state is State.READY]
-        return min(ready, key=lambda i: i.connections) if ready else None
+    def instance_failed(self, inst: Instance, why: str) -> None:
+        """A connection found the instance not accepting past its connect deadline: take it out, back off."""
+        if inst.stopping:
+            return
+        delay = self.start_backoff.failed(time.monotonic())
+        self.m.start_failures.inc()
+        log.error("service=%s instance=%s removed: %s; new instances back off %.1fs", self.name, inst.name, why, delay)
+        self._stop(inst)
+        self._schedule_replenish(delay)
+
+    def _notify(self) -> None:
+        """Wake every waiter to re-evaluate (one Event per generation, so none misses a wake-up)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _scale(self, extra: int) -> None:
+        now = time.monotonic()
+        if self._closed or self.start_backoff.active(now):
+            return
+        demand = sum(i.connections for i in self.instances) + self.waiting + extra
+        n = capacity.starts_needed(demand=demand, ready=len(self.instances), starting=len(self._starts),
+                                   target=self.config.target_connections, max_instances=self.config.max_instances)
+        for _ in range(n):
+            self._spawn_start()
+
+    def _replenish(self) -> None:
+        """Keep min_instances warm (after the checkpoint is set, after failures once backoff allows)."""
+        self._replenish_timer = None
+        if self._closed or self.checkpoint is None:
+            return
+        if self.start_backoff.active(time.monotonic()):
+            self._schedule_replenish(self.start_backoff.remaining(time.monotonic()))
+            return
+        for _ in range(self.config.min_instances - len(self.instances) - len(self._starts)):
+            self._spawn_start()
+
+    def _schedule_replenish(self, delay: float) -> None:
+        if self.config.min_instances and self._replenish_timer is None and not self._closed:
+            self._replenish_timer = asyncio.get_running_loop().call_later(delay, self._replenish)
+
+    def _spawn_start(self) -> None:
+        task = spawn(self._start(), name=f"start:{self.name}", awaited=True)
+        self._starts.add(task)
+        task.add_done_callback(self._started)
+        self._publish()
 
     def _started(self, task: asyncio.Task[Instance]) -> None:
-        self._starting = None
-        if task.cancelled() or task.exception() is not None:
-            return
-        inst = task.result()
-        if self._closed:
-            self._stop(inst)
-            return
-        self.instances.append(inst)
+        self._starts.discard(task)
+        try:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                delay = self.start_backoff.failed(time.monotonic())
+                self.m.start_failures.inc()
+                log.error("service=%s start failed: %s; no new attempt for %.1fs (failure %d in a row)",
+                          self.name, exc, delay, self.start_backoff.failures)
+                self._schedule_replenish(delay)
+                return
+            inst = task.result()
+            self.start_backoff.succeeded()
+            if self._closed:
+                self._stop(inst)
+                return
+            self.instances.append(inst)
+            # Nobody may claim it (every waiter gave up): it must still go away when idle.
+            self._arm_idle(inst, self.config.idle_timeout)
+        finally:
+            self._publish()
+            self._notify()
+
+    def _publish(self) -> None:
         self.m.instances.set(len(self.instances))
-        # Nobody may claim it (every waiter gave up): it must still go away when idle.
-        self._arm_idle(inst, self.config.idle_timeout)
+        self.m.starting.set(len(self._starts))
 
     # --- idle reaping --------------------------------------------------------------------------------------
 
@@ -141,24 +241,26 @@ class Service:
 
     def _idle_check(self, inst: Instance) -> None:
         inst.idle_timer = None
-        if inst.state is not State.READY or inst.connections > 0:
+        if inst.stopping or inst.connections > 0:
             return
         remaining = inst.idle_since + self.config.idle_timeout - time.monotonic()
         if remaining > 0.001:
             self._arm_idle(inst, remaining)
             return
-        log.info("service=%s instance=%s idle for %.0fs, reaping", self.name, inst.name, self.config.idle_timeout)
+        if len(self.instances) <= self.config.min_instances:
+            return  # kept warm; re-armed when its next connection ends
+        log.info("service=%s instance=%s idle for %gs, reaping", self.name, inst.name, self.config.idle_timeout)
         self.m.idle_reaps.inc()
         self._stop(inst)
 
     def _stop(self, inst: Instance) -> None:
-        inst.state = State.STOPPING
+        inst.stopping = True
         if inst.idle_timer is not None:
             inst.idle_timer.cancel()
             inst.idle_timer = None
         if inst in self.instances:
             self.instances.remove(inst)
-        self.m.instances.set(len(self.instances))
+        self._publish()
         task = spawn(inst.sandbox.release(), name=f"release:{inst.name}")
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
@@ -167,12 +269,23 @@ class Service:
 
     async def _start(self) -> Instance:
         checkpoint = await self._checkpoint
-        try:
-            return await self._restore(checkpoint)
-        except RestoreError as e:
-            self.m.restore_failures.inc()
-            log.error("service=%s restore failed: %s (CRIU log: %s); falling back to a cold start",
-                      self.name, e, e.log or "not kept")
+        if self.restore_backoff.active(time.monotonic()):
+            if self.config.fallback == "none":
+                wait = self.restore_backoff.remaining(time.monotonic())
+                raise StartError(f"restores are backing off for {wait:.1f}s")
+        else:
+            try:
+                inst = await self._restore(checkpoint)
+                self.restore_backoff.succeeded()
+                return inst
+            except RestoreError as e:
+                self.m.restore_failures.inc()
+                delay = self.restore_backoff.failed(time.monotonic())
+                then = "falling back to a cold start" if self.config.fallback == "cold-start" else "no fallback"
+                log.error("service=%s restore failed: %s (CRIU log: %s); restores back off %.1fs; %s",
+                          self.name, e, e.log or "not kept", delay, then)
+                if self.config.fallback == "none":
+                    raise
         inst = await self._cold_start(checkpoint)
         self.m.cold_starts.inc()
         return inst
@@ -183,10 +296,13 @@ class Service:
         try:
             await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.name)
             await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
+            await self._wait_listening(sb, self.config.connect_timeout, "connect_timeout")
         except Exception as e:
-            kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log)
+            kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log,
+                               sb.layout.output)
             await sb.release()
-            why = f"took longer than {self.config.restore_timeout:g}s" if isinstance(e, TimeoutError) else str(e)
+            why = f"took longer than restore_timeout ({self.config.restore_timeout:g}s)" \
+                if isinstance(e, TimeoutError) else str(e)
             raise RestoreError(why, kept) from e
         except BaseException:
             await sb.release()
@@ -196,6 +312,15 @@ class Service:
         self.m.restore_duration.observe(dt)
         log.info("service=%s instance=%s restored in %.0f ms", self.name, sb.name, dt * 1000)
         return Instance(sb, "restore", dt)
+
+    async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
+        pid = await sb.pid()
+        port = self.config.port
+        if pid is None or not await readiness.wait_until(
+            lambda: readiness.is_listening(pid, port), timeout=timeout, alive=sb.alive,
+        ):
+            state = "exited" if not await sb.alive() else f"was not listening on port {port} within {timeout:g}s"
+            raise StartError(f"service '{self.name}': the app {state} ({knob})")
 
     async def _cold_start(self, checkpoint: Checkpoint) -> Instance:
         t0 = time.monotonic()
@@ -208,15 +333,11 @@ class Service:
                 await sb.start(stdout=out, stderr=out)
             finally:
                 os.close(out)
-            pid = await sb.pid()
-            port = self.config.port
-            if pid is None or not await readiness.wait_until(
-                lambda: readiness.is_listening(pid, port), timeout=self.config.readiness.timeout, alive=sb.alive,
-            ):
+            try:
+                await self._wait_listening(sb, self.config.readiness.timeout, "readiness.timeout")
+            except StartError as e:
                 kept = sb.keep_log(self.logs_dir, sb.layout.output)
-                raise StartError(
-                    f"service '{self.name}': cold start did not listen on port {port}; app output: {kept}"
-                )
+                raise StartError(f"{e} after a cold start; app output: {kept}") from None
         except BaseException:
             await sb.release()
             raise
@@ -224,16 +345,47 @@ class Service:
         log.info("service=%s instance=%s cold-started in %.0f ms", self.name, sb.name, dt * 1000)
         return Instance(sb, "cold-start", dt)
 
+    # --- status --------------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now, wall = time.monotonic(), time.time()
+        ck = self.checkpoint
+        return {
+            "name": self.name,
+            "listen": [str(a) for a in self.config.listen],
+            "open_connections": self.open_connections,
+            "waiting": self.waiting,
+            "starting": len(self._starts),
+            "backoff_seconds": round(self.start_backoff.remaining(now), 3),
+            "restore_backoff_seconds": round(self.restore_backoff.remaining(now), 3),
+            "min_instances": self.config.min_instances,
+            "max_instances": self.config.max_instances,
+            "checkpoint": None if ck is None else {
+                "dir": str(ck.dir), "age_seconds": round(wall - ck.created, 1), "pages_bytes": ck.pages_bytes,
+                "image_id": ck.origin.image_id,
+            },
+            "instances": [
+                {"name": i.name, "how": i.how, "age_seconds": round(now - i.ready_at, 1),
+                 "connections": i.connections, "served": i.served, "start_ms": round(i.start_seconds * 1000, 1)}
+                for i in self.instances
+            ],
+        }
+
     # --- shutdown ------------------------------------------------------------------------------------------
 
     async def close(self) -> None:
         """Kill every instance and release everything. Idempotent."""
         self._closed = True
+        if self._replenish_timer is not None:
+            self._replenish_timer.cancel()
         self.fail_checkpoint(ActivatorError(f"service '{self.name}' is shutting down"))
-        if self._starting is not None:
-            self._starting.cancel()
+        self._notify()
+        starts = list(self._starts)
+        for task in starts:
+            task.cancel()
+        for task in starts:
             with contextlib.suppress(BaseException):
-                await self._starting
+                await task
         for inst in list(self.instances):
             self._stop(inst)
         if self._stopping:

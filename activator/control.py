@@ -1,0 +1,91 @@
+"""The control socket: how `activator status` reads the running daemon's own view, not files on disk.
+
+A Unix stream socket at state_dir/control.sock, mode 0600 in a root-owned directory, and every peer's
+credentials are checked (SO_PEERCRED) to be root besides. One request line in, one JSON document out, then
+the connection closes. Requests: `status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import ActivatorError
+
+log = logging.getLogger("activator.control")
+
+MAX_REQUEST = 1024
+
+
+class ControlServer:
+    def __init__(self, path: Path, handlers: dict[str, Callable[[], Any]]) -> None:
+        self.path = path
+        self.handlers = handlers
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        # We hold the state dir's lock, so a socket file here is a dead run's: safe to replace.
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != 0:
+                reply: Any = {"error": "the control socket is root only"}
+            else:
+                line = (await asyncio.wait_for(reader.readline(), 5))[:MAX_REQUEST].decode(errors="replace").strip()
+                handler = self.handlers.get(line)
+                reply = handler() if handler else {"error": f"unknown request '{line}'; known: "
+                                                            f"{', '.join(self.handlers)}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (OSError, TimeoutError) as e:
+            log.debug("control connection: %s", e)
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def request(path: Path, what: str, timeout: float = 10.0) -> Any:
+    """Ask the daemon listening at path; a one-line ActivatorError if there is none."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ActivatorError(
+                f"no activator is running with this state_dir ({path} does not answer); start it with `activator run`"
+            ) from None
+        except PermissionError:
+            raise ActivatorError(f"{path}: permission denied; the control socket is root only (try sudo)") from None
+        s.sendall(what.encode() + b"\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    reply = json.loads(data or b"{}")
+    if isinstance(reply, dict) and "error" in reply:
+        raise ActivatorError(f"{path}: {reply['error']}")
+    return reply
