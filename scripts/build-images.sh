@@ -10,21 +10,27 @@ BUSYBOX_IMAGE=activator-demo/busybox:latest
 TOMCAT_IMAGE=activator-demo/tomcat:latest
 SUITE=${SUITE:-bookworm}
 
-have() { [ "${FORCE:-0}" != 1 ] && docker image inspect "$1" >/dev/null 2>&1; }
+# An image is current when it exists and, if a source tag is given, its activator.source label matches it.
+have() {
+    [ "${FORCE:-0}" != 1 ] && docker image inspect "$1" >/dev/null 2>&1 || return 1
+    [ -z "${2:-}" ] || [ "$(docker image inspect -f '{{index .Config.Labels "activator.source"}}' "$1")" = "$2" ]
+}
+ECHO_SRC="$(dirname "${BASH_SOURCE[0]}")/images/echo-server.c"
 
 build_busybox() {
-    have "$BUSYBOX_IMAGE" && return 0
+    local source; source="echo-server-$(sha256sum "$ECHO_SRC" | cut -c1-12)"
+    have "$BUSYBOX_IMAGE" "$source" && return 0
     local r; r=$(mktemp -d)
     mkdir -p "$r"/{bin,etc,www,tmp,proc,sys,dev,root}
     cp /bin/busybox "$r/bin/busybox"
-    gcc -O2 -static -o "$r/bin/echo-server" "$(dirname "${BASH_SOURCE[0]}")/images/echo-server.c" ||
+    gcc -O2 -static -o "$r/bin/echo-server" "$ECHO_SRC" ||
         die "compiling the echo server failed (needs gcc and libc6-dev)"
     chroot "$r" /bin/busybox --install -s /bin
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$r/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$r/etc/group"
     echo 'hello from a restored busybox httpd' >"$r/www/index.html"
     tar -C "$r" -c . | docker import \
-        --change 'CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]' \
+        --change 'CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]' --change "LABEL activator.source=$source" \
         --change 'WORKDIR /' --change 'ENV PATH=/bin' - "$BUSYBOX_IMAGE" >/dev/null
     rm -rf "$r"
     log "built $BUSYBOX_IMAGE"

@@ -152,3 +152,45 @@ def host_resources(state_dir: Path) -> dict[str, list[str]]:
     dirs = sorted(p.name for p in inst.iterdir()) if inst.is_dir() else []
     cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/activator/*") if p.is_dir())
     return {"runc": runc, "mounts": mounts, "netns": netns, "dirs": dirs, "cgroups": cgroups}
+
+
+def faulty_runc(tmp_path: Path, *, restore_delay: float = 0, restore_fails: bool = False) -> tuple[str, Path]:
+    """A runc that is real but slow or failing on `restore`: the fault is injected at the edge, not mocked.
+
+    Every restore attempt appends a line to the returned file, so tests can count attempts.
+    """
+    real = shutil.which("runc")
+    attempts = tmp_path / "restore-attempts"
+    script = tmp_path / "runc-faulty"
+    fail = 'echo "injected restore failure" >&2; exit 1' if restore_fails else ":"
+    script.write_text(f"""#!/bin/sh
+for a in "$@"; do
+    if [ "$a" = restore ]; then
+        echo x >> {attempts}
+        sleep {restore_delay}
+        {fail}
+        break
+    fi
+done
+exec {real} "$@"
+""")
+    script.chmod(0o755)
+    return str(script), attempts
+
+
+async def open_echo(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A long-lived connection, proven to go through to the app with one round trip."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"hi")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readexactly(2), 30) == b"hi"
+    return reader, writer
+
+
+async def closed_without_data(port: int, payload: bytes = b"hello") -> bool:
+    """Connect and send; True if the activator closed us (EOF or reset) without a byte of answer."""
+    try:
+        got = await echo(port, payload)
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    return got == b""
