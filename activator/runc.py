@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -17,6 +18,13 @@ from typing import Any
 from .errors import RestoreError
 
 RUNC_BIN = "runc"
+# Under systemd these are ours, not the containers': runc would try to relay sd_notify for the container
+# through NOTIFY_SOCKET (and fail on a long state_dir path), and nothing below us may see LISTEN_FDS.
+_SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def _child_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS}
 
 
 class RuncError(RestoreError):
@@ -35,7 +43,7 @@ class Runc:
         if log is not None:
             cmd += ["--log", str(log), "--log-format", "text"]
         proc = await asyncio.create_subprocess_exec(
-            *cmd, *args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            *cmd, *args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=_child_env(),
         )
         out, err = await proc.communicate()
         text = (out or b"").decode(errors="replace") + (err or b"").decode(errors="replace")
