@@ -179,19 +179,27 @@ class CheckpointStore:
         return self.images_root / image.short_id / "rootfs"
 
     def install(self, tmp: Path, checkpoint: Checkpoint) -> Checkpoint:
-        """Swap a freshly built checkpoint into place; the old one (if any) goes only after the new is there."""
+        """Swap a freshly built checkpoint into place.
+
+        The old one is renamed aside, not deleted: running instances may still have its diff/ mounted as a lower
+        layer (a rename does not disturb a mount; deleting would). sweep_retired() removes it once unused.
+        """
         final = self.dir(checkpoint.service)
         (tmp / "meta.json").write_text(json.dumps(checkpoint.to_json() | {"dir": str(final)}, indent=2))
-        old = None
         if final.exists():
-            old = final.with_name(f".old-{final.name}-{os.getpid()}-{time.monotonic_ns()}")
-            os.rename(final, old)
+            os.rename(final, final.with_name(f".retired-{final.name}-{time.time_ns()}"))
         os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         loaded = self.load(checkpoint.service)
         assert loaded is not None
         return loaded
+
+    def sweep_retired(self, service: str | None = None) -> list[Path]:
+        """Delete replaced checkpoints (of one service, or all); call only when no instance uses them."""
+        pattern = f".retired-{service}-*" if service else ".retired-*"
+        gone = sorted(self.root.glob(pattern)) if self.root.is_dir() else []
+        for d in gone:
+            shutil.rmtree(d, ignore_errors=True)
+        return gone
 
 
 class CheckpointBuilder:

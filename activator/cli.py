@@ -59,15 +59,31 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
+    from . import control
     from .server import StateDir, open_host
 
     svc = cfg.service(args.service)
+    if cfg.settings.control_socket.exists():
+        # A daemon runs on this state dir: it does the rebuild itself, so its instances are not disturbed.
+        try:
+            if not args.rebuild:
+                print(f"{svc.name}: checkpoint is in use by the running activator (use --rebuild to replace it)")
+                return 0
+            r = control.request(cfg.settings.control_socket, f"rebuild {svc.name}", timeout=600)
+            print(f"{svc.name}: checkpoint rebuilt by the running activator in {r['build_seconds']:.1f}s: {r['dir']} "
+                  f"(listens on {', '.join(map(str, r['listening_ports']))}; {r['pages_bytes'] / 2**20:.1f} MiB of "
+                  "pages); new instances use it, running ones finish on the old one")
+            return 0
+        except ActivatorError as e:
+            if "no activator is running" not in str(e):
+                raise
 
     async def main() -> int:
         state = StateDir(cfg.settings)
         try:
             _runc, builder = open_host(state)
             ck, built = await builder.ensure(svc, rebuild=args.rebuild)
+            builder.store.sweep_retired(svc.name)  # no daemon holds the lock, so no instance uses the old one
         finally:
             state.unlock()
         verb = f"built in {ck.build_seconds:.1f}s" if built else "is current"

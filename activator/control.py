@@ -2,13 +2,14 @@
 
 A Unix stream socket at state_dir/control.sock, mode 0600 in a root-owned directory, and every peer's
 credentials are checked (SO_PEERCRED) to be root besides. One request line in, one JSON document out, then
-the connection closes. Requests: `status`.
+the connection closes. Requests: `status`, `rebuild SERVICE`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ MAX_REQUEST = 1024
 
 
 class ControlServer:
-    def __init__(self, path: Path, handlers: dict[str, Callable[[], Any]]) -> None:
+    def __init__(self, path: Path, handlers: dict[str, Callable[..., Any]]) -> None:
         self.path = path
         self.handlers = handlers
         self._server: asyncio.AbstractServer | None = None
@@ -50,14 +51,22 @@ class ControlServer:
             if uid != 0:
                 reply: Any = {"error": "the control socket is root only"}
             else:
-                line = (await asyncio.wait_for(reader.readline(), 5))[:MAX_REQUEST].decode(errors="replace").strip()
-                handler = self.handlers.get(line)
-                reply = handler() if handler else {"error": f"unknown request '{line}'; known: "
-                                                            f"{', '.join(self.handlers)}"}
+                line = (await asyncio.wait_for(reader.readline(), 5))[:MAX_REQUEST].decode(errors="replace")
+                verb, *args = line.split() or [""]
+                handler = self.handlers.get(verb)
+                if handler is None:
+                    reply = {"error": f"unknown request '{verb}'; known: {', '.join(self.handlers)}"}
+                else:
+                    reply = handler(*args)
+                    if inspect.isawaitable(reply):
+                        reply = await reply
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (OSError, TimeoutError) as e:
             log.debug("control connection: %s", e)
+        except ActivatorError as e:
+            writer.write(json.dumps({"error": str(e)}).encode() + b"\n")
+            await writer.drain()
         finally:
             writer.close()
 

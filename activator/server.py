@@ -113,6 +113,8 @@ async def clean_leftovers(state: StateDir, runc: Runc) -> list[str]:
                     cg.rmdir()
             shutil.rmtree(d, ignore_errors=True)
             cleaned.append(f"dir {d}")
+    # Replaced checkpoints were kept only for instances that had them mounted; none survive a restart.
+    cleaned += [f"replaced checkpoint {d}" for d in CheckpointStore(state.root).sweep_retired()]
     return cleaned
 
 
@@ -146,6 +148,7 @@ class Activator:
         self._servers: list[asyncio.Server] = []
         self._metrics_server: Any = None
         self._control: ControlServer | None = None
+        self._builder: CheckpointBuilder | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -188,14 +191,16 @@ class Activator:
 
         for svc in self.config.services:
             self.services[svc.name] = Service(
-                svc, runc=runc, instances_dir=self.state.instances, logs_dir=self.state.logs, metrics=self.metrics,
+                svc, runc=runc, store=builder.store, instances_dir=self.state.instances, logs_dir=self.state.logs,
+                metrics=self.metrics,
             )
         loop = asyncio.get_running_loop()
         for svc, sock in self.listeners:
             factory = client_protocol_factory(self.services[svc.name], self.connections)
             self._servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
 
-        self._control = ControlServer(self.state.control_socket, {"status": self.status})
+        self._builder = builder
+        self._control = ControlServer(self.state.control_socket, {"status": self.status, "rebuild": self.rebuild})
         await self._control.start()
 
         if self.config.settings.metrics is not None:
@@ -248,6 +253,16 @@ class Activator:
             "ready": self.ready.is_set(),
             "services": [s.status() for s in self.services.values()],
         }
+
+    async def rebuild(self, name: str = "") -> dict[str, Any]:
+        """Build a fresh checkpoint for one service and switch new instances to it; running ones carry on."""
+        svc = self.config.service(name)
+        assert self._builder is not None
+        ck, _ = await self._builder.ensure(svc, rebuild=True)
+        self.services[svc.name].set_checkpoint(ck)
+        log.info("service=%s checkpoint rebuilt in %.1fs on request", svc.name, ck.build_seconds)
+        return {"service": svc.name, "dir": str(ck.dir), "build_seconds": ck.build_seconds,
+                "listening_ports": list(ck.listening_ports), "pages_bytes": ck.pages_bytes}
 
     async def _ensure_checkpoint(self, builder: CheckpointBuilder, svc: ServiceConfig) -> None:
         t0 = time.monotonic()

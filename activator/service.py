@@ -31,7 +31,7 @@ from typing import Any
 
 from . import capacity, readiness
 from .capacity import FailureBackoff
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, CheckpointStore
 from .config import ServiceConfig
 from .errors import ActivatorError, Rejected, RestoreError, StartError
 from .metrics import Metrics
@@ -47,6 +47,7 @@ class Instance:
     sandbox: Sandbox
     how: str  # "restore" or "cold-start"
     start_seconds: float
+    checkpoint: Checkpoint | None  # the one it was restored from: its diff/ is mounted until release
     ready_at: float = field(default_factory=time.monotonic)
     connections: int = 0
     served: int = 0
@@ -61,11 +62,13 @@ class Instance:
 
 class Service:
     def __init__(
-        self, config: ServiceConfig, *, runc: Runc, instances_dir: Path, logs_dir: Path, metrics: Metrics,
+        self, config: ServiceConfig, *, runc: Runc, store: CheckpointStore, instances_dir: Path, logs_dir: Path,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.name = config.name
         self.runc = runc
+        self.store = store
         self.instances_dir = instances_dir
         self.logs_dir = logs_dir
         self.m = metrics.for_service(self.name)
@@ -77,6 +80,7 @@ class Service:
         self._checkpoint: asyncio.Future[Checkpoint] = asyncio.get_running_loop().create_future()
         self._starts: set[asyncio.Task[Instance]] = set()
         self._stopping: set[asyncio.Task[None]] = set()
+        self._releasing: set[Instance] = set()
         self._changed = asyncio.Event()
         self._replenish_timer: asyncio.TimerHandle | None = None
         self._closed = False
@@ -88,10 +92,18 @@ class Service:
     # --- checkpoint ---------------------------------------------------------------------------------------
 
     def set_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Use this checkpoint for new instances (a rebuild: running ones keep theirs until they go)."""
         if self._checkpoint.done():
             self._checkpoint = asyncio.get_running_loop().create_future()
         self._checkpoint.set_result(checkpoint)
+        self._sweep_if_unused()
         self._replenish()
+
+    def _sweep_if_unused(self) -> None:
+        current = self.checkpoint
+        if all(i.checkpoint in (None, current) for i in (*self.instances, *self._releasing)):
+            for d in self.store.sweep_retired(self.name):
+                log.info("service=%s removed replaced checkpoint %s", self.name, d.name)
 
     def fail_checkpoint(self, exc: BaseException) -> None:
         if not self._checkpoint.done():
@@ -261,9 +273,17 @@ class Service:
         if inst in self.instances:
             self.instances.remove(inst)
         self._publish()
-        task = spawn(inst.sandbox.release(), name=f"release:{inst.name}")
+        self._releasing.add(inst)
+        task = spawn(self._release(inst), name=f"release:{inst.name}")
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
+
+    async def _release(self, inst: Instance) -> None:
+        try:
+            await inst.sandbox.release()
+        finally:
+            self._releasing.discard(inst)
+            self._sweep_if_unused()
 
     # --- starting instances ------------------------------------------------------------------------------
 
@@ -311,7 +331,7 @@ class Service:
         self.m.restores.inc()
         self.m.restore_duration.observe(dt)
         log.info("service=%s instance=%s restored in %.0f ms", self.name, sb.name, dt * 1000)
-        return Instance(sb, "restore", dt)
+        return Instance(sb, "restore", dt, checkpoint)
 
     async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
         pid = await sb.pid()
@@ -343,7 +363,7 @@ class Service:
             raise
         dt = time.monotonic() - t0
         log.info("service=%s instance=%s cold-started in %.0f ms", self.name, sb.name, dt * 1000)
-        return Instance(sb, "cold-start", dt)
+        return Instance(sb, "cold-start", dt, None)
 
     # --- status --------------------------------------------------------------------------------------------
 

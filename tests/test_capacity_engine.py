@@ -159,3 +159,23 @@ async def test_proxy_protocol_header_reaches_the_app(start, version: str) -> Non
     writer.close()
     # The echo server sends back exactly what it received: the header, then our bytes.
     assert got == proxy_protocol.header(version, ("127.0.0.1", client_port), ("127.0.0.1", port)) + b"payload"
+
+
+async def test_rebuild_while_running_keeps_old_instances_until_they_go(start) -> None:  # type: ignore[no-untyped-def]
+    run = await start({"echo": ECHO | {"idle_timeout": "300ms"}})
+    svc = run.act.services["echo"]
+    old = svc.checkpoint
+    reader, writer = await open_echo(run.port("echo"))
+    (inst,) = svc.instances
+    reply = await run.act.rebuild("echo")
+    new = svc.checkpoint
+    assert new is not None and old is not None and new.created > old.created and reply["dir"] == str(new.dir)
+    retired = list(new.dir.parent.glob(".retired-echo-*"))
+    assert len(retired) == 1  # still mounted under the running instance: kept
+    writer.write(b"still here")
+    assert await asyncio.wait_for(reader.readexactly(10), 10) == b"still here"
+    writer.close()
+    await eventually(lambda: not svc.instances, what="the old instance reaped")
+    await eventually(lambda: not retired[0].exists(), what="the replaced checkpoint removed once unused")
+    assert await echo(run.port("echo"), b"from the new one") == b"from the new one"
+    assert svc.instances[0].checkpoint is new and svc.instances[0] is not inst

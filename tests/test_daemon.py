@@ -77,8 +77,10 @@ def daemon(cmd: list[str], log: Path, *, env: dict[str, str] | None = None, fds:
             seen += " ready on " in line
         yield proc
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the test failed mid-way: do not leave its instances behind
             proc.kill()
+            proc.wait()
+            subprocess.run([*ACTIVATOR, "cleanup", "-c", cmd[cmd.index("-c") + 1]], capture_output=True, timeout=60)
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
@@ -227,6 +229,10 @@ def test_status_and_inspect(tmp_path: Path) -> None:
         assert ins.returncode == 0, ins.stderr
         assert "listening  9000" in ins.stdout and "echo-server" in ins.stdout
         assert "matches the service definition" in ins.stdout and "CRIU 4." in ins.stdout
+        rebuilt = subprocess.run([*ACTIVATOR, "checkpoint", "echo", "--rebuild", "-c", str(cfg)], capture_output=True,
+                                 text=True, timeout=120)
+        assert rebuilt.returncode == 0 and "rebuilt by the running activator" in rebuilt.stdout, rebuilt.stderr
+        assert echo_once(port, b"after the rebuild") == b"after the rebuild"
         # Only root may ask the daemon (the config itself is readable to all here; the socket is not).
         public = Path(tempfile.mkdtemp(prefix="activator-status-"))
         public.chmod(0o755)
