@@ -22,6 +22,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check activator tests bench
 	$(VENV)/bin/mypy
+	bash scripts/verify-units.sh
 
 test: setup lint
 	bash scripts/build-images.sh busybox
@@ -30,6 +31,8 @@ test: setup lint
 bench: setup
 	bash scripts/build-images.sh busybox tomcat
 	$(PY) bench/coldstart.py
+	$(PY) bench/warmpath.py
+	$(PY) bench/scaleout.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

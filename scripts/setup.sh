@@ -27,7 +27,8 @@ SERVICES_ONLY=0
 
 export DEBIAN_FRONTEND=noninteractive
 APT_PKGS=(docker.io containerd runc iproute2 debootstrap busybox-static make gcc libc6-dev pkgconf git xz-utils
-          ca-certificates python3-venv python3-dev procps util-linux socat)
+          ca-certificates python3-venv python3-dev procps util-linux socat systemd)
+# systemd: systemd-socket-activate and systemd-analyze for the tests, systemd-socket-proxyd for the benchmarks.
 CRIU_BUILD_DEPS=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
                  libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf
                  uuid-dev)
