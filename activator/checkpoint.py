@@ -215,6 +215,8 @@ class CheckpointBuilder:
         self.instances_dir = instances_dir
         self.criu = criu
         self.runc_version = runc_version
+        # Services sharing an image build at once at startup: unpack it once, not once per service.
+        self._unpacking: dict[str, asyncio.Lock] = {}
 
     def origin(self, svc: ServiceConfig, image: ImageInfo) -> Origin:
         return Origin(
@@ -242,7 +244,8 @@ class CheckpointBuilder:
     async def build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin) -> Checkpoint:
         started = time.monotonic()
         rootfs = self.store.image_rootfs(image)
-        await asyncio.to_thread(self.images.export_rootfs, image, rootfs)
+        async with self._unpacking.setdefault(image.id, asyncio.Lock()):
+            await asyncio.to_thread(self.images.export_rootfs, image, rootfs)
         process = self._process(svc, image, rootfs)
         self.store.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{svc.name}-", dir=self.store.root))

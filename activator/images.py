@@ -102,7 +102,12 @@ class DockerImageSource:
                 err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
                 if tar.wait() != 0:
                     raise ImageError(f"unpacking image '{image.ref}' failed: {err.strip()[:200]}")
-            os.rename(tmp, dest)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not dest.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another build unpacked the same image first: use that
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

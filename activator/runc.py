@@ -98,6 +98,20 @@ class Runc:
         result: dict[str, Any] = json.loads(text)
         return result
 
+    def pid(self, name: str) -> int | None:
+        """The container's init PID if it is alive, read from runc's own state file (no runc process: this is
+        on the restore path). Not a zombie, and still the same process (start time matches)."""
+        try:
+            st = json.loads((self.root / name / "state.json").read_text())
+            pid, started = int(st["init_process_pid"]), int(st["init_process_start"])
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] in ("Z", "X") or int(fields[19]) != started:
+            return None
+        return pid
+
     async def list(self) -> list[str]:
         rc, text = await self._exec("list", "--format", "json")
         if rc != 0 or not text.strip() or text.strip() == "null":

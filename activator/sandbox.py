@@ -135,11 +135,7 @@ class Sandbox:
         await self.runc.checkpoint(self.name, image_path, self.layout.criu_work, log=self.layout.runc_log)
 
     async def pid(self) -> int | None:
-        st = await self.runc.state(self.name)
-        if not st or st.get("status") not in ("running", "created"):
-            return None
-        pid = st.get("pid")
-        return int(pid) if pid else None
+        return self.runc.pid(self.name)
 
     async def alive(self) -> bool:
         return await self.pid() is not None

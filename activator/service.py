@@ -315,7 +315,9 @@ class Service:
         sb = Sandbox(new_name(self.name), self.instances_dir, self.runc)
         try:
             await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.name)
+            t1 = time.monotonic()
             await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
+            t2 = time.monotonic()
             await self._wait_listening(sb, self.config.connect_timeout, "connect_timeout")
         except Exception as e:
             kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log,
@@ -330,7 +332,8 @@ class Service:
         dt = time.monotonic() - t0
         self.m.restores.inc()
         self.m.restore_duration.observe(dt)
-        log.info("service=%s instance=%s restored in %.0f ms", self.name, sb.name, dt * 1000)
+        log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, runc restore %.0f, listening %.0f)",
+                 self.name, sb.name, dt * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000, (t0 + dt - t2) * 1000)
         return Instance(sb, "restore", dt, checkpoint)
 
     async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:

@@ -1,0 +1,214 @@
+"""Restore many at once, two ways (the activator runs in-process on uvloop, as `activator run` would):
+
+  tomcat x10   one Tomcat checkpoint, 10 instances restored in parallel: max_instances 10, target 1 connection,
+               and 10 clients at once, each keeping its keep-alive connection open so each needs its own
+               instance. Reports the time until all 10 have their HTTP 200, and the host memory the 10 use
+               (MemAvailable before/after, and the sum of the instances' memory cgroups).
+  20 services  20 different small services (busybox httpd, one checkpoint each), nothing running, one client
+               each at the same moment; the instances are reaped and it is repeated. Reports time to first
+               byte p50/p95/p99/max over all of them.
+
+Loopback only; every loop is bounded. Run as root after `make setup images`:
+    .venv/bin/python bench/scaleout.py [--rounds 5] [--skip-tomcat]
+Prints tables and writes docs/scaleout.json and docs/scaleout.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from activator.config import load_config  # noqa: E402
+from activator.server import Activator  # noqa: E402
+
+STATE = Path("/var/lib/activator/bench-scaleout")
+TOMCAT = {"image": "activator-demo/tomcat:latest", "port": 8080,
+          "environment": {"JAVA_OPTS": "-Xms64m -Xmx256m -XX:-UsePerfData -XX:TieredStopAtLevel=1"},
+          "readiness": {"http_path": "/", "timeout": "120s"}}
+HELLO = {"image": "activator-demo/busybox:latest", "port": 8080, "command": ["httpd", "-f", "-p", "8080", "-h", "/www"]}
+TIMEOUT = 120.0
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable")
+
+
+def cgroup_memory(name: str) -> int:
+    for f in ("/sys/fs/cgroup/memory/activator/{}/memory.usage_in_bytes", "/sys/fs/cgroup/activator/{}/memory.current"):
+        p = Path(f.format(name))
+        if p.exists():
+            return int(p.read_text())
+    return 0
+
+
+async def started(services: dict[str, Any], **settings: Any) -> Activator:
+    tmp = Path(tempfile.mkdtemp())
+    cfg = {"settings": {"state_dir": str(STATE), "metrics": None} | settings,
+           "services": {name: {"listen": "127.0.0.1:0"} | s for name, s in services.items()}}
+    (tmp / "bench.yaml").write_text(yaml.safe_dump(cfg))
+    act = Activator(load_config(tmp / "bench.yaml"))
+    await act.startup()
+    shutil.rmtree(tmp)
+    return act
+
+
+def port_of(act: Activator, name: str) -> int:
+    return next(int(s.getsockname()[1]) for svc, s in act.listeners if svc.name == name)
+
+
+async def http_keepalive(port: int) -> tuple[float, asyncio.StreamWriter]:
+    """One HTTP/1.1 request on a connection kept open; seconds until the whole response is in."""
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 200"), head[:40]
+    length = next(int(ln.split(b":")[1]) for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length"))
+    await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+    return time.monotonic() - t0, writer
+
+
+async def first_byte(port: int) -> float:
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+    got = await asyncio.wait_for(reader.read(1), TIMEOUT)
+    dt = time.monotonic() - t0
+    assert got, "no answer"
+    writer.close()
+    return dt
+
+
+async def wait_for(check: Any, what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.05)
+
+
+async def bench_tomcat(n: int) -> dict[str, Any]:
+    act = await started({"tomcat": TOMCAT | {"max_instances": n, "target_connections": 1, "idle_timeout": "10m"}})
+    try:
+        svc = act.services["tomcat"]
+        ck = svc.checkpoint
+        assert ck is not None
+        await asyncio.sleep(1)  # let the page cache settle after the checkpoint build
+        before = mem_available()
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(http_keepalive(port_of(act, "tomcat")) for _ in range(n)))
+        all_served = time.monotonic() - t0
+        await asyncio.sleep(1)
+        used_host = before - mem_available()
+        cgroups = [cgroup_memory(i.name) for i in svc.instances]
+        out = {
+            "instances": len(svc.instances), "all_served_s": all_served,
+            "per_client_s": sorted(r[0] for r in results),
+            "restore_s": sorted(i.start_seconds for i in svc.instances),
+            "host_memory_bytes": used_host, "cgroup_memory_bytes": sum(cgroups),
+            "checkpoint_pages_bytes": ck.pages_bytes,
+        }
+        for _, w in results:
+            w.close()
+        return out
+    finally:
+        await act.shutdown()
+
+
+async def bench_many(n: int, rounds: int) -> dict[str, Any]:
+    names = [f"hello{i:02d}" for i in range(n)]
+    act = await started({name: HELLO | {"idle_timeout": "300ms"} for name in names})
+    try:
+        samples: list[float] = []
+        for _ in range(rounds):
+            await wait_for(lambda: not any(s.instances or s._starts for s in act.services.values()), "reap")
+            samples += await asyncio.gather(*(first_byte(port_of(act, name)) for name in names))
+        return {"services": n, "rounds": rounds, "ttfb_s": sorted(samples)}
+    finally:
+        await act.shutdown()
+
+
+def pct(xs: list[float], p: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--instances", type=int, default=10)
+    ap.add_argument("--services", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--skip-tomcat", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "scaleout.json"))
+    args = ap.parse_args()
+    import uvloop
+
+    results: dict[str, Any] = {}
+    if not args.skip_tomcat:
+        t = results["tomcat"] = uvloop.run(bench_tomcat(args.instances))
+        ms = [x * 1000 for x in t["restore_s"]]
+        print(f"\nTomcat: {t['instances']} instances from one checkpoint, restored in parallel on {_cpus()} CPUs")
+        print(f"  all {args.instances} served (HTTP 200) after   {t['all_served_s'] * 1000:8.0f} ms")
+        print(f"  per-instance restore, median / max     {statistics.median(ms):8.0f} / {max(ms):.0f} ms")
+        print(f"  host memory used (MemAvailable drop)   {t['host_memory_bytes'] / 2**20:8.0f} MiB "
+              f"({t['host_memory_bytes'] / t['instances'] / 2**20:.0f} MiB per instance)")
+        print(f"  instances' memory cgroups, sum         {t['cgroup_memory_bytes'] / 2**20:8.0f} MiB")
+        print(f"  checkpoint pages (read by each)        {t['checkpoint_pages_bytes'] / 2**20:8.0f} MiB")
+    m = results["many"] = uvloop.run(bench_many(args.services, args.rounds))
+    ms = [x * 1000 for x in m["ttfb_s"]]
+    print(f"\n{m['services']} different small services restored at once, {m['rounds']} rounds "
+          f"({len(ms)} first connections), time to first byte in ms")
+    print(f"  {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
+    print(f"  {pct(ms, 50):8.0f} {pct(ms, 95):8.0f} {pct(ms, 99):8.0f} {max(ms):8.0f}")
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    _chart(results, Path(args.out).with_suffix(".png"))
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def _chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("tomcat", "many") if k in results]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, key in zip(axes[0], panels, strict=True):
+        if key == "tomcat":
+            xs = [x * 1000 for x in results["tomcat"]["per_client_s"]]
+            ax.bar(range(1, len(xs) + 1), xs, color="#2a7")
+            ax.set_title(f"Tomcat x{len(xs)} from one checkpoint:\ntime until each client had its 200")
+            ax.set_xlabel("client (sorted)")
+        else:
+            xs = [x * 1000 for x in results["many"]["ttfb_s"]]
+            ax.hist(xs, bins=20, color="#48c")
+            ax.set_title(f"{results['many']['services']} services at once: time to first byte")
+            ax.set_xlabel("ms")
+        ax.set_ylabel("ms" if key == "tomcat" else "connections")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"\nchart: {path}")
+
+
+if __name__ == "__main__":
+    main()
