@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -21,11 +22,29 @@ from .errors import ActivatorError, ConfigError
 log = logging.getLogger("activator")
 
 
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _JournalPriority(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        return True
+
+
 def _setup_logging(level: str) -> None:
-    # One line per event; journald adds its own timestamps, a terminal wants them.
-    fmt = "%(levelname)s %(name)s: %(message)s" if not sys.stderr.isatty() else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr)
+    """One line per event. Under journald (JOURNAL_STREAM is set) each line starts with its syslog priority,
+    `<3>` and so on, which journald turns into the entry's level and strips; it adds its own timestamps. A
+    terminal gets timestamps; a pipe gets neither."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.addFilter(_JournalPriority())
+        fmt = "<%(priority)d>%(name)s: %(message)s"
+    elif sys.stderr.isatty():
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    else:
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:

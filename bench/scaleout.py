@@ -136,10 +136,13 @@ async def bench_many(n: int, rounds: int) -> dict[str, Any]:
     act = await started({name: HELLO | {"idle_timeout": "300ms"} for name in names})
     try:
         samples: list[float] = []
+        cpu = 0.0
         for _ in range(rounds):
             await wait_for(lambda: not any(s.instances or s._starts for s in act.services.values()), "reap")
+            before = _cpu_seconds()
             samples += await asyncio.gather(*(first_byte(port_of(act, name)) for name in names))
-        return {"services": n, "rounds": rounds, "ttfb_s": sorted(samples)}
+            cpu += _cpu_seconds() - before
+        return {"services": n, "rounds": rounds, "ttfb_s": sorted(samples), "cpu_per_restore_s": cpu / n / rounds}
     finally:
         await act.shutdown()
 
@@ -175,8 +178,19 @@ def main() -> None:
           f"({len(ms)} first connections), time to first byte in ms")
     print(f"  {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
     print(f"  {pct(ms, 50):8.0f} {pct(ms, 95):8.0f} {pct(ms, 99):8.0f} {max(ms):8.0f}")
+    print(f"  CPU per restore (activator + runc + CRIU): {m['cpu_per_restore_s'] * 1000:.0f} ms "
+          f"on {_cpus()} CPUs: {m['services']} at once cannot finish before "
+          f"~{m['cpu_per_restore_s'] * m['services'] / _cpus() * 1000:.0f} ms")
     Path(args.out).write_text(json.dumps(results, indent=1))
     _chart(results, Path(args.out).with_suffix(".png"))
+
+
+def _cpu_seconds() -> float:
+    """CPU used by this process and its finished children (runc, CRIU)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _cpus() -> int:

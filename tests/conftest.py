@@ -154,16 +154,20 @@ def host_resources(state_dir: Path) -> dict[str, list[str]]:
     return {"runc": runc, "mounts": mounts, "netns": netns, "dirs": dirs, "cgroups": cgroups}
 
 
-def faulty_runc(tmp_path: Path, *, restore_delay: float = 0, restore_fails: bool = False) -> tuple[str, Path]:
+def faulty_runc(tmp_path: Path, *, restore_delay: float = 0, restore_fails: bool = False,
+                only: str = "") -> tuple[str, Path]:
     """A runc that is real but slow or failing on `restore`: the fault is injected at the edge, not mocked.
 
-    Every restore attempt appends a line to the returned file, so tests can count attempts.
+    Every restore attempt (of containers whose name starts with `only`, if given) appends a line to the
+    returned file, so tests can count attempts.
     """
     real = shutil.which("runc")
     attempts = tmp_path / "restore-attempts"
     script = tmp_path / "runc-faulty"
     fail = 'echo "injected restore failure" >&2; exit 1' if restore_fails else ":"
     script.write_text(f"""#!/bin/sh
+last=""; for a in "$@"; do last=$a; done
+case "$last" in {only}*) ;; *) exec {real} "$@" ;; esac
 for a in "$@"; do
     if [ "$a" = restore ]; then
         echo x >> {attempts}

@@ -179,3 +179,13 @@ async def test_rebuild_while_running_keeps_old_instances_until_they_go(start) ->
     await eventually(lambda: not retired[0].exists(), what="the replaced checkpoint removed once unused")
     assert await echo(run.port("echo"), b"from the new one") == b"from the new one"
     assert svc.instances[0].checkpoint is new and svc.instances[0] is not inst
+
+
+async def test_a_slow_restore_of_one_service_never_delays_another(start, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    runc, attempts = faulty_runc(tmp_path, restore_delay=3, only="slow-")
+    run = await start({"slow": ECHO, "fast": ECHO}, runc=runc)
+    slow = asyncio.ensure_future(echo(run.port("slow"), b"eventually"))
+    await eventually(lambda: attempts.exists(), what="the slow restore to begin")
+    assert await echo(run.port("fast"), b"right away") == b"right away"
+    assert run.metric("activator_restores_total", "slow") == 0  # still restoring while fast was served
+    assert await slow == b"eventually"
