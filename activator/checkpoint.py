@@ -30,7 +30,7 @@ from . import readiness
 from .config import ServiceConfig
 from .errors import CheckpointError, StartError
 from .images import DockerImageSource, ImageInfo, resolve_user
-from .runc import Runc
+from .runc import Runc, RuncError
 from .sandbox import Sandbox, new_name
 from .spec import ProcessSpec, merge_env, process_args
 from .tasks import spawn
@@ -270,11 +270,14 @@ class CheckpointBuilder:
                 pages_bytes=pages_bytes(tmp / "criu"),
             )
             return self.store.install(tmp, checkpoint)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(Exception):
                 self._keep_failure_logs(svc, sandbox, tmp)
             await sandbox.release()
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, RuncError):  # runc does not know which service it was working for; say it
+                raise CheckpointError(f"service '{svc.name}': building its checkpoint failed: {e}; logs in "
+                                      f"{self.store.logs}/{svc.name}-*") from e
             raise
         finally:
             shutil.rmtree(sandbox.layout.dir, ignore_errors=True)

@@ -56,7 +56,7 @@ class Runc:
             lines += [ln for ln in log.read_text(errors="replace").splitlines() if "level=error" in ln]
         msg = lines[-1] if lines else "no output"
         m = re.search(r'msg="(.*)"', msg)
-        detail = (m.group(1) if m else msg).split("\\n", 1)[0]
+        detail = (m.group(1) if m else msg).split("\\n", 1)[0].removeprefix(f"runc {what} failed: ")
         return f"runc {what} failed: {detail}"
 
     async def run(self, name: str, bundle: Path, *, stdout: int, stderr: int, log: Path) -> None:

@@ -164,3 +164,25 @@ def _drain_while_running(proc: subprocess.Popen[str], port: int, metrics_port: i
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.engine
+def test_runc_failure_while_building_names_the_service(tmp_path: Path) -> None:
+    broken = tmp_path / "runc-broken"
+    # Like runc, it reports to its --log file, where its own message already starts with "runc run failed".
+    broken.write_text(f"""#!/bin/sh
+log=; prev=
+for a in "$@"; do
+    [ "$prev" = --log ] && log=$a
+    [ "$a" = run ] && {{ echo 'level=error msg="runc run failed: no luck"' >> "$log"; exit 1; }}
+    prev=$a
+done
+exec {shutil.which("runc")} "$@"
+""")
+    broken.chmod(0o755)
+    cfg = write_config(tmp_path, {"web": HTTPD}, runc=str(broken))
+    proc = run_cli("run", "-c", str(cfg))
+    assert_one_line_error(proc, "service 'web'", "building its checkpoint failed", "runc run failed: no luck")
+    assert "runc run failed: runc run failed" not in proc.stderr  # runc's own prefix is not repeated
+    res = host_resources(tmp_path / "state")
+    assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
