@@ -39,6 +39,7 @@ class ServiceMetrics:
     backoff: Any
     restore_backoff: Any
     start_failures: Any
+    instance_failures: Any
     rejected: dict[str, Any]
 
 
@@ -90,6 +91,9 @@ class Metrics:
                                      ["service"], registry=r)
         self.start_failures = Counter("activator_start_failures",
                                       "Attempts to bring up an instance that ended with none", ["service"], registry=r)
+        self.instance_failures = Counter("activator_instance_failures",
+                                         "Instances removed because their app stopped accepting connections",
+                                         ["service"], registry=r)
         self.rejected = Counter("activator_rejected_connections",
                                 "Connections closed at once by admission control", ["service", "reason"], registry=r)
 
@@ -114,6 +118,7 @@ class Metrics:
             backoff=self.backoff.labels(name),
             restore_backoff=self.restore_backoff.labels(name),
             start_failures=self.start_failures.labels(name),
+            instance_failures=self.instance_failures.labels(name),
             rejected={reason: self.rejected.labels(name, reason) for reason in REJECT_REASONS},
         )
 

@@ -129,18 +129,23 @@ class Connection:
     async def _activate(self) -> None:
         svc = self.service
         try:
-            inst, waited = await svc.acquire()
-            self.instance = inst
-            if self.closed:  # the client left while we waited
-                self._release()
-                return
-            deadline = inst.ready_at + svc.config.connect_timeout
-            try:
-                sock = await connect_in_instance(inst, svc.config.port, deadline)
-            except OSError as e:
-                svc.instance_failed(inst, f"app refused connections for {svc.config.connect_timeout:g}s "
-                                          f"(connect_timeout): {e.strerror}")
-                raise
+            while True:
+                inst, waited = await svc.acquire()
+                self.instance = inst
+                if self.closed:  # the client left while we waited
+                    self._release()
+                    return
+                deadline = inst.ready_at + svc.config.connect_timeout
+                try:
+                    sock = await connect_in_instance(inst, svc.config.port, deadline)
+                    inst.established += 1
+                    break
+                except OSError as e:
+                    svc.instance_failed(inst, f"app refused connections past connect_timeout: {e.strerror}")
+                    self._release()
+                    if not inst.established:
+                        raise  # a start that never worked: this client is closed, the service backs off
+                    # An instance that had worked and died: this client goes to another one.
             # Peers first: the backend may send (a banner) before create_connection returns to us.
             self.client.peer, self.backend.peer = self.backend, self.client
             loop = asyncio.get_running_loop()

@@ -50,7 +50,8 @@ class Instance:
     checkpoint: Checkpoint | None  # the one it was restored from: its diff/ is mounted until release
     ready_at: float = field(default_factory=time.monotonic)
     connections: int = 0
-    served: int = 0
+    served: int = 0  # connections handed to it
+    established: int = 0  # connections its app accepted
     idle_since: float = field(default_factory=time.monotonic)
     idle_timer: asyncio.TimerHandle | None = None
     stopping: bool = False
@@ -170,8 +171,19 @@ class Service:
             self._notify()  # room below target again: a waiter may take it instead of waiting for a start
 
     def instance_failed(self, inst: Instance, why: str) -> None:
-        """A connection found the instance not accepting past its connect deadline: take it out, back off."""
+        """A connection found the instance's app refusing past its connect deadline: take the instance out.
+
+        One that never accepted a connection is a failed start, and the service backs off. One that did and
+        then stopped (the app crashed or was killed) is just gone: the next connection gets a new one.
+        """
         if inst.stopping:
+            return
+        self.m.instance_failures.inc()
+        if inst.established:
+            log.error("service=%s instance=%s removed: %s (after %d connections)", self.name, inst.name, why,
+                      inst.established)
+            self._stop(inst)
+            self._replenish()
             return
         delay = self.start_backoff.failed(time.monotonic())
         self.m.start_failures.inc()

@@ -189,3 +189,23 @@ async def test_a_slow_restore_of_one_service_never_delays_another(start, tmp_pat
     assert await echo(run.port("fast"), b"right away") == b"right away"
     assert run.metric("activator_restores_total", "slow") == 0  # still restoring while fast was served
     assert await slow == b"eventually"
+
+
+async def test_an_instance_whose_app_died_is_replaced_without_losing_the_client(start) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    run = await start({"echo": ECHO})
+    port = run.port("echo")
+    svc = run.act.services["echo"]
+    assert await echo(port, b"before") == b"before"
+    (dead,) = svc.instances
+    pid = await dead.sandbox.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # the app crashes while its instance is idle
+    await eventually(lambda: dead.sandbox.runc.pid(dead.name) is None, what="the app to be gone")
+    assert await echo(port, b"after") == b"after"  # served by a fresh instance, not closed
+    assert svc.instances[0] is not dead
+    assert run.metric("activator_instance_failures_total", "echo") == 1
+    assert run.metric("activator_start_failures_total", "echo") == 0
+    assert run.metric("activator_connection_errors_total", "echo") == 0
+    assert run.metric("activator_restores_total", "echo") == 2
