@@ -12,6 +12,7 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic):
     checkpoint  the checkpoint store: build, fingerprint, inspect with pycriu
     readiness   "is the app listening?" without opening probe connections
     capacity    pure: which instance takes a connection, how many more to start, failure backoff
+    instance    one instance, and bringing it up: restore (or cold start) until its app listens
     service     per-service lifecycle: restores and scale-out, admission control, backoff, idle reap
     proxy       splice between a client and an instance, with half-close; max_connections; PROXY header
     proxy_protocol  pure: PROXY protocol v1/v2 headers

@@ -27,7 +27,8 @@ from typing import Any, cast
 
 from . import proxy_protocol
 from .errors import Rejected
-from .service import Instance, Service
+from .instance import Instance
+from .service import Service
 from .tasks import spawn
 
 log = logging.getLogger("activator.proxy")

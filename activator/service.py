@@ -5,8 +5,8 @@ Connections that need an instance that is not ready yet wait for it; at most `ma
 are turned away at once (Rejected, counted). Each start is its own task, shielded from the connections
 waiting on it, so a client that gives up cancels nothing for the others.
 
-A start is: `runc restore` (bounded by restore_timeout), then wait until the app is listening on its port
-(read from /proc, so no probe connection; bounded by connect_timeout). A failed restore falls back to a cold
+A start (instance.py) is `runc restore` (bounded by restore_timeout), then waiting until the app listens on
+its port (read from /proc, no probe connection; bounded by connect_timeout). A failed restore falls back to a cold
 start from the image unless `fallback: none`, and further restores back off (new instances are cold-started
 meanwhile). A start that yields no instance at all backs the whole service off: until it expires,
 connections that would need a new instance are closed at once instead of piling up behind another attempt.
@@ -23,42 +23,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import capacity, readiness
+from . import capacity
 from .capacity import FailureBackoff
 from .checkpoint import Checkpoint, CheckpointStore
 from .config import ServiceConfig
 from .errors import ActivatorError, Rejected, RestoreError, StartError
+from .instance import Instance, Launcher
 from .metrics import Metrics
 from .runc import Runc
-from .sandbox import Sandbox, new_name
 from .tasks import spawn
 
 log = logging.getLogger("activator.service")
-
-
-@dataclass(eq=False)
-class Instance:
-    sandbox: Sandbox
-    how: str  # "restore" or "cold-start"
-    start_seconds: float
-    checkpoint: Checkpoint | None  # the one it was restored from: its diff/ is mounted until release
-    ready_at: float = field(default_factory=time.monotonic)
-    connections: int = 0
-    served: int = 0  # connections handed to it
-    established: int = 0  # connections its app accepted
-    idle_since: float = field(default_factory=time.monotonic)
-    idle_timer: asyncio.TimerHandle | None = None
-    stopping: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.sandbox.name
 
 
 class Service:
@@ -73,6 +52,7 @@ class Service:
         self.instances_dir = instances_dir
         self.logs_dir = logs_dir
         self.m = metrics.for_service(self.name)
+        self.launcher = Launcher(config, runc, instances_dir, logs_dir, self.m)
         self.instances: list[Instance] = []  # ready to take connections
         self.waiting = 0  # connections waiting in acquire() for an instance
         self.open_connections = 0  # maintained by the proxy
@@ -307,7 +287,7 @@ class Service:
                 raise StartError(f"restores are backing off for {wait:.1f}s")
         else:
             try:
-                inst = await self._restore(checkpoint)
+                inst = await self.launcher.restore(checkpoint)
                 self.restore_backoff.succeeded()
                 return inst
             except RestoreError as e:
@@ -318,67 +298,9 @@ class Service:
                           self.name, e, e.log or "not kept", delay, then)
                 if self.config.fallback == "none":
                     raise
-        inst = await self._cold_start(checkpoint)
+        inst = await self.launcher.cold_start(checkpoint)
         self.m.cold_starts.inc()
         return inst
-
-    async def _restore(self, checkpoint: Checkpoint) -> Instance:
-        t0 = time.monotonic()
-        sb = Sandbox(new_name(self.name), self.instances_dir, self.runc)
-        try:
-            await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.name)
-            t1 = time.monotonic()
-            await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
-            t2 = time.monotonic()
-            await self._wait_listening(sb, self.config.connect_timeout, "connect_timeout")
-        except Exception as e:
-            kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log,
-                               sb.layout.output)
-            await sb.release()
-            why = f"took longer than restore_timeout ({self.config.restore_timeout:g}s)" \
-                if isinstance(e, TimeoutError) else str(e)
-            raise RestoreError(why, kept) from e
-        except BaseException:
-            await sb.release()
-            raise
-        dt = time.monotonic() - t0
-        self.m.restores.inc()
-        self.m.restore_duration.observe(dt)
-        log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, runc restore %.0f, listening %.0f)",
-                 self.name, sb.name, dt * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000, (t0 + dt - t2) * 1000)
-        return Instance(sb, "restore", dt, checkpoint)
-
-    async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
-        pid = await sb.pid()
-        port = self.config.port
-        if pid is None or not await readiness.wait_until(
-            lambda: readiness.is_listening(pid, port), timeout=timeout, alive=sb.alive,
-        ):
-            state = "exited" if not await sb.alive() else f"was not listening on port {port} within {timeout:g}s"
-            raise StartError(f"service '{self.name}': the app {state} ({knob})")
-
-    async def _cold_start(self, checkpoint: Checkpoint) -> Instance:
-        t0 = time.monotonic()
-        sb = Sandbox(new_name(self.name), self.instances_dir, self.runc)
-        try:
-            await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, self.name)
-            sb.write_hosts(self.name)
-            out = os.open(sb.layout.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-            try:
-                await sb.start(stdout=out, stderr=out)
-            finally:
-                os.close(out)
-            try:
-                await self._wait_listening(sb, self.config.readiness.timeout, "readiness.timeout")
-            except StartError as e:
-                kept = sb.keep_log(self.logs_dir, sb.layout.output)
-                raise StartError(f"{e} after a cold start; app output: {kept}") from None
-        except BaseException:
-            await sb.release()
-            raise
-        dt = time.monotonic() - t0
-        log.info("service=%s instance=%s cold-started in %.0f ms", self.name, sb.name, dt * 1000)
-        return Instance(sb, "cold-start", dt, None)
 
     # --- status --------------------------------------------------------------------------------------------
 

@@ -1,0 +1,114 @@
+"""One instance: what it is, and how it is brought up (restored from a checkpoint, or cold-started).
+
+Both ways end the same: the app inside is listening on its port (read from /proc, no probe connection), or
+everything made for it is released and an error says why, with the logs kept under state_dir/logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import readiness
+from .checkpoint import Checkpoint
+from .config import ServiceConfig
+from .errors import RestoreError, StartError
+from .metrics import ServiceMetrics
+from .runc import Runc
+from .sandbox import Sandbox, new_name
+
+log = logging.getLogger("activator.service")
+
+
+@dataclass(eq=False)
+class Instance:
+    sandbox: Sandbox
+    how: str  # "restore" or "cold-start"
+    start_seconds: float
+    checkpoint: Checkpoint | None  # the one it was restored from: its diff/ is mounted until release
+    ready_at: float = field(default_factory=time.monotonic)
+    connections: int = 0
+    served: int = 0  # connections handed to it
+    established: int = 0  # connections its app accepted
+    idle_since: float = field(default_factory=time.monotonic)
+    idle_timer: asyncio.TimerHandle | None = None
+    stopping: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.sandbox.name
+
+
+class Launcher:
+    """Brings up instances of one service."""
+
+    def __init__(self, config: ServiceConfig, runc: Runc, instances_dir: Path, logs_dir: Path,
+                 metrics: ServiceMetrics) -> None:
+        self.config = config
+        self.runc = runc
+        self.instances_dir = instances_dir
+        self.logs_dir = logs_dir
+        self.m = metrics
+
+    async def restore(self, checkpoint: Checkpoint) -> Instance:
+        t0 = time.monotonic()
+        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc)
+        try:
+            await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name)
+            t1 = time.monotonic()
+            await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
+            t2 = time.monotonic()
+            await self._wait_listening(sb, self.config.connect_timeout, "connect_timeout")
+        except Exception as e:
+            kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log,
+                               sb.layout.output)
+            await sb.release()
+            why = f"took longer than restore_timeout ({self.config.restore_timeout:g}s)" \
+                if isinstance(e, TimeoutError) else str(e)
+            raise RestoreError(why, kept) from e
+        except BaseException:
+            await sb.release()
+            raise
+        dt = time.monotonic() - t0
+        self.m.restores.inc()
+        self.m.restore_duration.observe(dt)
+        log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, runc restore %.0f, listening %.0f)",
+                 self.config.name, sb.name, dt * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000, (t0 + dt - t2) * 1000)
+        return Instance(sb, "restore", dt, checkpoint)
+
+    async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
+        pid = await sb.pid()
+        port = self.config.port
+        if pid is None or not await readiness.wait_until(
+            lambda: readiness.is_listening(pid, port), timeout=timeout, alive=sb.alive,
+        ):
+            state = "exited" if not await sb.alive() else f"was not listening on port {port} within {timeout:g}s"
+            raise StartError(f"service '{self.config.name}': the app {state} ({knob})")
+
+    async def cold_start(self, checkpoint: Checkpoint) -> Instance:
+        t0 = time.monotonic()
+        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc)
+        try:
+            await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, self.config.name)
+            sb.write_hosts(self.config.name)
+            out = os.open(sb.layout.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            try:
+                await sb.start(stdout=out, stderr=out)
+            finally:
+                os.close(out)
+            try:
+                await self._wait_listening(sb, self.config.readiness.timeout, "readiness.timeout")
+            except StartError as e:
+                kept = sb.keep_log(self.logs_dir, sb.layout.output)
+                raise StartError(f"{e} after a cold start; app output: {kept}") from None
+        except BaseException:
+            await sb.release()
+            raise
+        dt = time.monotonic() - t0
+        log.info("service=%s instance=%s cold-started in %.0f ms", self.config.name, sb.name, dt * 1000)
+        return Instance(sb, "cold-start", dt, None)
+
