@@ -121,8 +121,7 @@ class Connection:
         self._activation = spawn(self._activate(), name=f"activate:{svc.name}")
 
     def _reject(self, why: Rejected) -> None:
-        self.service.m.rejected[why.reason].inc()
-        log.debug("service=%s connection rejected: %s", self.service.name, why)
+        self.service.reject(why)
         self.closed = True
         if self.client.transport is not None:
             self.client.transport.close()
@@ -155,8 +154,7 @@ class Connection:
             self.close()
             raise
         except Rejected as e:
-            svc.m.rejected[e.reason].inc()
-            log.debug("service=%s connection rejected: %s", svc.name, e)
+            svc.reject(e)
             self.close()
             return
         except Exception as e:

@@ -39,6 +39,9 @@ from .tasks import spawn
 
 log = logging.getLogger("activator.service")
 
+#: rejected connections are logged as a count at most this often per service (each is counted in metrics)
+REJECT_LOG_INTERVAL = 10.0
+
 
 class Service:
     def __init__(
@@ -65,6 +68,8 @@ class Service:
         self._changed = asyncio.Event()
         self._replenish_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._rejections: dict[str, int] = {}
+        self._rejections_logged = -REJECT_LOG_INTERVAL
         # Remaining backoff shrinks with time: computed at scrape time, not when it was last touched.
         self.m.backoff.set_function(lambda: self.start_backoff.remaining(time.monotonic()))
         self.m.restore_backoff.set_function(lambda: self.restore_backoff.remaining(time.monotonic()))
@@ -149,6 +154,17 @@ class Service:
             self._arm_idle(inst, self.config.idle_timeout)
         if inst.connections == self.config.target_connections - 1:
             self._notify()  # room below target again: a waiter may take it instead of waiting for a start
+
+    def reject(self, why: Rejected) -> None:
+        """Count a connection closed by admission control; log the tally, but not once per connection."""
+        self.m.rejected[why.reason].inc()
+        self._rejections[why.reason] = self._rejections.get(why.reason, 0) + 1
+        now = time.monotonic()
+        if now - self._rejections_logged >= REJECT_LOG_INTERVAL:
+            tally = ", ".join(f"{n} {reason}" for reason, n in sorted(self._rejections.items()))
+            log.warning("service=%s connections closed by admission control: %s (latest: %s)", self.name, tally, why)
+            self._rejections.clear()
+            self._rejections_logged = now
 
     def instance_failed(self, inst: Instance, why: str) -> None:
         """A connection found the instance's app refusing past its connect deadline: take the instance out.

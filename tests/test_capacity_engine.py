@@ -28,7 +28,7 @@ async def test_200_first_connections_during_a_slow_restore(start, tmp_path) -> N
     assert run.metric("activator_rejected_connections_total", "echo", reason="queue-full") == 0
 
 
-async def test_bounded_queue_rejects_the_rest_at_once(start, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_bounded_queue_rejects_the_rest_at_once(start, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     runc, _ = faulty_runc(tmp_path, restore_delay=2)
     run = await start({"echo": ECHO | {"max_waiting": 5}}, runc=runc)
     port = run.port("echo")
@@ -39,6 +39,9 @@ async def test_bounded_queue_rejects_the_rest_at_once(start, tmp_path) -> None: 
     assert all(rejected)
     assert run.metric("activator_restores_total", "echo") == 0
     assert run.metric("activator_rejected_connections_total", "echo", reason="queue-full") == 10
+    # Logged, but as a tally: the first one at once, not ten lines.
+    lines = [r.getMessage() for r in caplog.records if "admission control" in r.getMessage()]
+    assert lines == [lines[0]] and "service=echo" in lines[0] and "1 queue-full" in lines[0]
     assert await asyncio.gather(*first) == [b"queued %d" % i for i in range(5)]
 
 
