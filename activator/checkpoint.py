@@ -217,6 +217,9 @@ class CheckpointBuilder:
         self.runc_version = runc_version
         # Services sharing an image build at once at startup: unpack it once, not once per service.
         self._unpacking: dict[str, asyncio.Lock] = {}
+        # Templates boot for real (a JVM each): more at once than CPUs only makes every one of them slower,
+        # and can push a slow one past its readiness timeout.
+        self._building = asyncio.Semaphore(os.cpu_count() or 1)
 
     def origin(self, svc: ServiceConfig, image: ImageInfo) -> Origin:
         return Origin(
@@ -242,6 +245,10 @@ class CheckpointBuilder:
         return await self.build(svc, image, wanted), True
 
     async def build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin) -> Checkpoint:
+        async with self._building:
+            return await self._build(svc, image, origin)
+
+    async def _build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin) -> Checkpoint:
         started = time.monotonic()
         rootfs = self.store.image_rootfs(image)
         async with self._unpacking.setdefault(image.id, asyncio.Lock()):

@@ -186,3 +186,10 @@ exec {shutil.which("runc")} "$@"
     assert "runc run failed: runc run failed" not in proc.stderr  # runc's own prefix is not repeated
     res = host_resources(tmp_path / "state")
     assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
+
+
+def test_inspect_without_a_checkpoint_says_how_to_make_one(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"web": HTTPD})
+    proc = run_cli("inspect", "web", "-c", str(cfg))
+    assert_one_line_error(proc, "service 'web' has no checkpoint", "activator checkpoint web")
+    assert_one_line_error(run_cli("inspect", "nope", "-c", str(cfg)), "no service named 'nope'", "known: web")
