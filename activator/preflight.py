@@ -30,7 +30,8 @@ def check_root() -> None:
 
 def check_runc(binary: str = "runc") -> str:
     if shutil.which(binary) is None:
-        raise PreflightError(f"runc not found on PATH; {FIX}")
+        where = "on PATH" if binary == "runc" else f"at '{binary}' (settings.runc)"
+        raise PreflightError(f"runc not found {where}; {FIX}")
     out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"runc version (\S+)", out)
     if not m or _version_tuple(m.group(1))[:2] < (1, 1):
