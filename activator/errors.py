@@ -33,9 +33,10 @@ class CheckpointError(ActivatorError):
 class RestoreError(ActivatorError):
     """An instance could not be restored from its checkpoint; log is where CRIU's account of it was kept."""
 
-    def __init__(self, message: str, log: Path | None = None) -> None:
+    def __init__(self, message: str, log: Path | None = None, instance: str | None = None) -> None:
         super().__init__(message)
         self.log = log
+        self.instance = instance
 
 
 class StartError(ActivatorError):

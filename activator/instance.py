@@ -69,7 +69,7 @@ class Launcher:
             await sb.release()
             why = f"took longer than restore_timeout ({self.config.restore_timeout:g}s)" \
                 if isinstance(e, TimeoutError) else str(e)
-            raise RestoreError(why, kept) from e
+            raise RestoreError(why, kept, sb.name) from e
         except BaseException:
             await sb.release()
             raise

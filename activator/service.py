@@ -310,8 +310,8 @@ class Service:
                 self.m.restore_failures.inc()
                 delay = self.restore_backoff.failed(time.monotonic())
                 then = "falling back to a cold start" if self.config.fallback == "cold-start" else "no fallback"
-                log.error("service=%s restore failed: %s (CRIU log: %s); restores back off %.1fs; %s",
-                          self.name, e, e.log or "not kept", delay, then)
+                log.error("service=%s instance=%s restore failed: %s (CRIU log: %s); restores back off %.1fs; %s",
+                          self.name, e.instance, e, e.log or "not kept", delay, then)
                 if self.config.fallback == "none":
                     raise
         inst = await self.launcher.cold_start(checkpoint)
