@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -98,29 +98,16 @@ class Metrics:
                                 "Connections closed at once by admission control", ["service", "reason"], registry=r)
 
     def for_service(self, name: str) -> ServiceMetrics:
-        return ServiceMetrics(
-            restores=self.restores.labels(name),
-            restore_failures=self.restore_failures.labels(name),
-            cold_starts=self.cold_starts.labels(name),
-            restore_duration=self.restore_duration.labels(name),
-            first_connection_wait=self.first_connection_wait.labels(name),
-            instances=self.instances.labels(name),
-            open_connections=self.open_connections.labels(name),
-            connections=self.connections.labels(name),
-            connection_errors=self.connection_errors.labels(name),
-            bytes_in=self.proxied_bytes.labels(name, "in"),
-            bytes_out=self.proxied_bytes.labels(name, "out"),
-            idle_reaps=self.idle_reaps.labels(name),
-            checkpoint_builds=self.checkpoint_builds.labels(name),
-            checkpoint_build_duration=self.checkpoint_build_duration.labels(name),
-            waiting=self.waiting.labels(name),
-            starting=self.starting.labels(name),
-            backoff=self.backoff.labels(name),
-            restore_backoff=self.restore_backoff.labels(name),
-            start_failures=self.start_failures.labels(name),
-            instance_failures=self.instance_failures.labels(name),
-            rejected={reason: self.rejected.labels(name, reason) for reason in REJECT_REASONS},
-        )
+        # Every other field of ServiceMetrics is the child of the family of the same name here.
+        special: dict[str, Any] = {
+            "bytes_in": self.proxied_bytes.labels(name, "in"),
+            "bytes_out": self.proxied_bytes.labels(name, "out"),
+            "rejected": {reason: self.rejected.labels(name, reason) for reason in REJECT_REASONS},
+        }
+        return ServiceMetrics(**{
+            f.name: special[f.name] if f.name in special else getattr(self, f.name).labels(name)
+            for f in fields(ServiceMetrics)
+        })
 
     def serve(self, addr: ListenAddress) -> Any:
         """Start the scrape endpoint (a daemon thread). Returns the server so it can be shut down."""
