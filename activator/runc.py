@@ -31,10 +31,28 @@ class RuncError(RestoreError):
     """A runc command failed; log points at the runc or CRIU log that says why."""
 
 
+# runc hands this file to CRIU for our containers only (the spec's org.criu.config annotation), instead of
+# the host-wide /etc/criu/runc.conf. Our checkpoints never hold an established TCP connection, and an instance's
+# network namespace is new and unreachable while it is restored, so CRIU's network lock (an iptables run on
+# dump and on restore) protects nothing here; skipping it took a small app's restore from ~155 to ~90 ms.
+CRIU_CONFIG = """\
+# Written by activator for its own containers; see activator/runc.py.
+network-lock skip
+"""
+
+
 class Runc:
     def __init__(self, root: Path, binary: str = RUNC_BIN) -> None:
         self.root = root
         self.binary = binary
+        self.criu_config = root / "criu.conf"
+
+    def write_criu_config(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.criu_config.exists() or self.criu_config.read_text() != CRIU_CONFIG:
+            tmp = self.criu_config.with_suffix(".tmp")
+            tmp.write_text(CRIU_CONFIG)
+            tmp.rename(self.criu_config)
 
     async def _exec(
         self, *args: str, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE, log: Path | None = None,

@@ -107,6 +107,7 @@ class Sandbox:
             cgroups_path=f"/{CGROUP_PARENT}/{self.name}",
             hostname=hostname,
             resources=resources,
+            criu_config=str(self.runc.criu_config),
         )
         (lay.bundle / "config.json").write_text(json.dumps(spec))
 

@@ -80,7 +80,9 @@ class StateDir:
             self._lock_fd = None
 
     def tools(self) -> tuple[Runc, CheckpointStore]:
-        return Runc(self.runc_root, self.runc_binary), CheckpointStore(self.root)
+        runc = Runc(self.runc_root, self.runc_binary)
+        runc.write_criu_config()
+        return runc, CheckpointStore(self.root)
 
 
 def open_host(state: StateDir) -> tuple[Runc, CheckpointBuilder]:

@@ -80,9 +80,12 @@ def _resources(res: Resources) -> dict[str, Any]:
 
 def runtime_spec(
     process: ProcessSpec, *, rootfs: str, netns_path: str, cgroups_path: str, hostname: str, resources: Resources,
+    criu_config: str | None = None,
 ) -> dict[str, Any]:
     return {
         "ociVersion": "1.0.2",
+        # runc passes this file to CRIU on checkpoint and restore (instead of /etc/criu/runc.conf).
+        "annotations": {"org.criu.config": criu_config} if criu_config else {},
         "process": {
             "terminal": False,
             "user": {"uid": process.uid, "gid": process.gid, "additionalGids": list(process.additional_gids)},

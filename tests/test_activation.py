@@ -28,6 +28,10 @@ async def test_concurrent_first_connections_share_one_restore(start) -> None:  #
     assert run.metric("activator_restores_total", "echo") == 1
     assert len(run.act.services["echo"].instances) == 1
     assert run.metric("activator_first_connection_wait_seconds_count", "echo") >= 1
+    # CRIU ran with our own config (no network lock), not the host's /etc/criu/runc.conf.
+    (inst,) = run.act.services["echo"].instances
+    restore_log = (inst.sandbox.layout.criu_work / "restore.log").read_text()
+    assert f"Parsing config file {inst.sandbox.runc.criu_config}" in restore_log
 
 
 async def test_bytes_flow_both_ways_unchanged_with_half_close(start) -> None:  # type: ignore[no-untyped-def]

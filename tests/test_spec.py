@@ -23,9 +23,10 @@ def test_spec_joins_the_given_netns_and_applies_limits() -> None:
     spec = runtime_spec(
         ProcessSpec(args=("app",), env=("A=1",), cwd="/", uid=1, gid=2),
         rootfs="/r", netns_path="/run/netns/x", cgroups_path="/activator/x", hostname="h",
-        resources=Resources(memory=64 * 2**20, cpus=0.5, pids=10),
+        resources=Resources(memory=64 * 2**20, cpus=0.5, pids=10), criu_config="/s/criu.conf",
     )
     assert {"type": "network", "path": "/run/netns/x"} in spec["linux"]["namespaces"]
+    assert spec["annotations"] == {"org.criu.config": "/s/criu.conf"}
     res = spec["linux"]["resources"]
     assert res["memory"]["limit"] == 64 * 2**20
     assert res["cpu"] == {"quota": 50_000, "period": 100_000}
