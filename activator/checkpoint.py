@@ -37,7 +37,9 @@ from .tasks import spawn
 
 log = logging.getLogger("activator.checkpoint")
 
-FORMAT = 1
+# 2: dumped with network-lock skip (runc.CRIU_CONFIG); a dump made with the lock also pays for it on every
+# restore (~60 ms), so older checkpoints are rebuilt.
+FORMAT = 2
 PROBE_CLOSE_TIMEOUT = 10.0
 
 

@@ -96,6 +96,7 @@ def bench_activator(runs: int) -> dict[str, list[float]]:
                     while f'activator_instances{{service="{name}"}} 0.0' not in scrape(metrics_port):
                         assert time.monotonic() < deadline, "instance was not reaped"
                         time.sleep(0.05)
+                    time.sleep(1)  # the reaped instance's teardown (runc delete, unmount) runs on after the gauge
         finally:
             proc.terminate()
             proc.wait(60)
