@@ -249,15 +249,18 @@ def test_status_and_inspect(tmp_path: Path) -> None:
     assert gone.returncode == 1 and "no activator is running" in gone.stderr
 
 
-def test_the_units_capability_bounding_set_lets_runc_and_criu_work(tmp_path: Path) -> None:
+def test_the_units_hardening_lets_runc_and_criu_work(tmp_path: Path) -> None:
     unit = (Path(__file__).resolve().parents[1] / "systemd" / "activator.service").read_text()
     (line,) = [ln for ln in unit.splitlines() if ln.startswith("CapabilityBoundingSet=~")]
     dropped = ",".join("-" + c.removeprefix("CAP_").lower() for c in line.split("~", 1)[1].split())
+    nnp = ["--no-new-privs"] if "\nNoNewPrivileges=yes\n" in unit else []
     port = free_port()
     cfg = write_config(tmp_path, {"echo": ECHO | {"listen": f"127.0.0.1:{port}"}})
     # Checkpoint and restore both happen under the reduced set, as they would under systemd.
-    with daemon(["setpriv", f"--bounding-set={dropped}", "--", *ACTIVATOR, "run", "-c", str(cfg)],
+    with daemon(["setpriv", *nnp, f"--bounding-set={dropped}", "--", *ACTIVATOR, "run", "-c", str(cfg)],
                 tmp_path / "activator.log") as proc:
+        status = Path(f"/proc/{proc.pid}/status").read_text()  # setpriv exec'd the daemon: same PID
+        assert ("NoNewPrivs:\t1" in status) == bool(nnp)
         assert echo_once(port, b"restored with fewer capabilities") == b"restored with fewer capabilities"
         assert stop(proc) == 0
     assert "restore failed" not in (tmp_path / "activator.log").read_text()
