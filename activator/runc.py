@@ -8,13 +8,16 @@ containers activator owns, which is what crash recovery and leak checks rely on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from . import rootfs
 from .errors import RestoreError
 
 RUNC_BIN = "runc"
@@ -56,16 +59,24 @@ class Runc:
 
     async def _exec(
         self, *args: str, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE, log: Path | None = None,
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str, str]:
         cmd = [self.binary, "--root", str(self.root)]
         if log is not None:
             cmd += ["--log", str(log), "--log-format", "text"]
         proc = await asyncio.create_subprocess_exec(
             *cmd, *args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=_child_env(),
         )
-        out, err = await proc.communicate()
-        text = (out or b"").decode(errors="replace") + (err or b"").decode(errors="replace")
-        return proc.returncode or 0, text
+        try:
+            out, err = await proc.communicate()
+        except BaseException:
+            # Cancelled (a restore_timeout, a shutdown): runc must not finish the job after we gave up on it,
+            # or a container would appear that nothing owns.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            raise
+        # stdout and stderr apart: `list` and `state` print JSON on stdout and may still warn on stderr.
+        return proc.returncode or 0, (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")
 
     @staticmethod
     def _explain(what: str, text: str, log: Path | None) -> str:
@@ -78,43 +89,56 @@ class Runc:
         return f"runc {what} failed: {detail}"
 
     async def run(self, name: str, bundle: Path, *, stdout: int, stderr: int, log: Path) -> None:
-        rc, text = await self._exec(
+        rc, out, err = await self._exec(
             "run", "--detach", "--bundle", str(bundle), name, stdout=stdout, stderr=stderr, log=log,
         )
         if rc != 0:
-            raise RuncError(self._explain("run", text, log), log)
+            raise RuncError(self._explain("run", out + err, log), log)
 
     async def checkpoint(self, name: str, image_path: Path, work_path: Path, *, log: Path) -> None:
-        rc, text = await self._exec(
+        rc, out, err = await self._exec(
             "checkpoint", "--image-path", str(image_path), "--work-path", str(work_path), "--file-locks",
             name, log=log,
         )
         if rc != 0:
-            raise RuncError(self._explain("checkpoint", text, log), work_path / "dump.log")
+            raise RuncError(self._explain("checkpoint", out + err, log), work_path / "dump.log")
 
     async def restore(
         self, name: str, bundle: Path, image_path: Path, work_path: Path, *, stdout: int, stderr: int, log: Path,
     ) -> None:
-        rc, text = await self._exec(
+        rc, out, err = await self._exec(
             "restore", "--detach", "--bundle", str(bundle), "--image-path", str(image_path),
             "--work-path", str(work_path), "--file-locks", name,
             stdout=stdout, stderr=stderr, log=log,
         )
         if rc != 0:
-            raise RuncError(self._explain("restore", text, log), work_path / "restore.log")
+            raise RuncError(self._explain("restore", out + err, log), work_path / "restore.log")
 
     async def delete(self, name: str) -> None:
         """Kill (SIGKILL) and delete; a container that does not exist is fine."""
-        rc, text = await self._exec("delete", "--force", name)
-        if rc != 0 and "does not exist" not in text:
-            raise RuncError(self._explain("delete", text, None))
+        rc, out, err = await self._exec("delete", "--force", name)
+        if rc != 0 and "does not exist" not in out + err:
+            raise RuncError(self._explain("delete", out + err, None))
 
     async def state(self, name: str) -> dict[str, Any] | None:
-        rc, text = await self._exec("state", name)
+        rc, out, _ = await self._exec("state", name)
         if rc != 0:
             return None
-        result: dict[str, Any] = json.loads(text)
+        result: dict[str, Any] = json.loads(out)
         return result
+
+    def forget(self, name: str) -> list[Path]:
+        """Blocking. Undo what a runc killed mid-restore leaves in its root: the rootfs it bind-mounts for
+        CRIU (NAME/criu-root) and a state directory for a container it never recorded. Returns the unmounted."""
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        points = rootfs.mounts_under(d)
+        for point in points:
+            rootfs.unmount(point)
+        if not (d / "state.json").exists():
+            shutil.rmtree(d, ignore_errors=True)
+        return points
 
     def pid(self, name: str) -> int | None:
         """The container's init PID if it is alive, read from runc's own state file (no runc process: this is
@@ -131,7 +155,7 @@ class Runc:
         return pid
 
     async def list(self) -> list[str]:
-        rc, text = await self._exec("list", "--format", "json")
-        if rc != 0 or not text.strip() or text.strip() == "null":
+        rc, out, _ = await self._exec("list", "--format", "json")
+        if rc != 0 or not out.strip() or out.strip() == "null":
             return []
-        return [c["id"] for c in json.loads(text)]
+        return [c["id"] for c in json.loads(out)]

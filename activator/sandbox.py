@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import rootfs
+from . import cgroups, rootfs
 from .config import Resources
 from .netns import PREFIX as NETNS_PREFIX
 from .netns import NetNamespace
@@ -32,7 +32,7 @@ from .spec import ProcessSpec, runtime_spec
 
 log = logging.getLogger("activator.sandbox")
 
-CGROUP_PARENT = "activator"
+CGROUP_PARENT = cgroups.PARENT
 
 
 def new_name(service: str) -> str:
@@ -166,6 +166,14 @@ class Sandbox:
             log.warning("sandbox %s: cleanup incomplete: %s", self.name, "; ".join(errors))
 
     def _release_blocking(self, errors: list[str], keep_dir: bool) -> None:
+        # Normally all gone with `runc delete`; not when runc was killed before it recorded the container.
+        stuck = cgroups.remove(self.name)
+        if stuck:
+            errors.append(f"cgroups not removed: {', '.join(map(str, stuck))}")
+        try:
+            self.runc.forget(self.name)
+        except OSError as e:
+            errors.append(f"runc leftovers: {e}")
         if self._mounted or self.layout.rootfs.exists():
             try:
                 rootfs.unmount(self.layout.rootfs)

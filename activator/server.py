@@ -17,7 +17,6 @@ Signal handlers only set the stop event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import logging
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import preflight, rootfs, systemd
+from . import cgroups, preflight, rootfs, systemd
 from .checkpoint import CheckpointBuilder, CheckpointStore
 from .config import Config, ListenAddress, ServiceConfig, Settings
 from .control import ControlServer
@@ -98,9 +97,16 @@ def open_host(state: StateDir) -> tuple[Runc, CheckpointBuilder]:
 async def clean_leftovers(state: StateDir, runc: Runc) -> list[str]:
     """Remove every container, mount, namespace and directory a previous run of this state dir left behind."""
     cleaned: list[str] = []
-    for name in await runc.list():
+    containers = await runc.list()
+    for name in containers:
         await runc.delete(name)
         cleaned.append(f"container {name}")
+    for d in state.runc_root.iterdir() if state.runc_root.is_dir() else ():
+        if d.is_dir() and d.name not in containers:  # a restore runc never finished
+            cleaned += [f"mount {p}" for p in runc.forget(d.name)] + [f"runc state {d.name}"]
+            if cgroups.paths(d.name):
+                cgroups.remove(d.name)
+                cleaned.append(f"cgroup {CGROUP_PARENT}/{d.name}")
     for point in rootfs.mounts_under(state.instances):
         rootfs.unmount(point)
         cleaned.append(f"mount {point}")
@@ -110,9 +116,9 @@ async def clean_leftovers(state: StateDir, runc: Runc) -> list[str]:
             if ns.path.exists():
                 ns.remove()
                 cleaned.append(f"netns {ns.name}")
-            for cg in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PARENT}/{d.name}"):
-                with contextlib.suppress(OSError):
-                    cg.rmdir()
+            if cgroups.paths(d.name):
+                cgroups.remove(d.name)
+                cleaned.append(f"cgroup {CGROUP_PARENT}/{d.name}")
             shutil.rmtree(d, ignore_errors=True)
             cleaned.append(f"dir {d}")
     # Replaced checkpoints were kept only for instances that had them mounted; none survive a restart.

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from activator import rootfs
+
 from .conftest import ECHO, closed_without_data, echo, eventually, faulty_runc, host_resources, open_echo
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
@@ -212,3 +214,24 @@ async def test_an_instance_whose_app_died_is_replaced_without_losing_the_client(
     assert run.metric("activator_start_failures_total", "echo") == 0
     assert run.metric("activator_connection_errors_total", "echo") == 0
     assert run.metric("activator_restores_total", "echo") == 2
+
+
+async def test_restore_past_restore_timeout_leaves_nothing_behind(start) -> None:  # type: ignore[no-untyped-def]
+    # A restore takes ~80 ms here: a 30 ms budget kills runc in the middle of CRIU's work, for real.
+    run = await start({"echo": ECHO | {"restore_timeout": "30ms", "fallback": "none", "backoff": {"initial": "1s"}}})
+    state = run.config.settings.state_dir
+    assert await closed_without_data(run.port("echo"))
+    assert run.metric("activator_restore_failures_total", "echo") == 1
+    kept = sorted((state / "logs").glob("echo-*-r*.log"))
+    assert kept  # whatever runc and CRIU had written is kept for the operator
+    name = kept[0].name.rsplit("-", 1)[0]  # echo-<id>
+
+    def clean() -> bool:
+        res = host_resources(state)
+        return (not res["runc"] and not res["dirs"] and not rootfs.mounts_under(state / "runc")
+                and not [c for c in res["cgroups"] if c.endswith(f"/activator/{name}")]
+                and [p.name for p in (state / "runc").iterdir()] == ["criu.conf"])
+
+    await eventually(clean, what="no container, mount, cgroup or runc state left")
+    await asyncio.sleep(0.5)  # and nothing turns up later from a runc that finished after all
+    assert clean()
