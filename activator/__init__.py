@@ -7,7 +7,8 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic):
     spec        pure: OCI runtime spec for one instance
     netns       network namespaces (unshare + bind mount, lo up with pyroute2) and sockets opened inside them
     rootfs      overlay mounts: image layer + checkpoint diff + a fresh upper per instance
-    runc        the runc CLI (run, checkpoint, restore, delete)
+    runc        the runc CLI (run, checkpoint, restore, delete) and what a killed runc leaves in its root
+    cgroups     an instance's cgroups, emptied and removed even when runc cannot
     sandbox     one instance's resources (netns, mount, bundle, runc container) made and released together
     checkpoint  the checkpoint store: build, fingerprint, inspect with pycriu
     readiness   "is the app listening?" without opening probe connections
@@ -23,4 +24,4 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic):
     cli         `activator run|validate|status|inspect|checkpoint|cleanup`
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
