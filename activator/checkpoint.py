@@ -322,24 +322,23 @@ class CheckpointBuilder:
         finally:
             os.close(w)
         try:
-            pid = await sandbox.pid()
-            if pid is None:
-                raise StartError(f"service '{svc.name}': the app exited at once; see {self._log_hint(svc)}")
             budget = svc.readiness.timeout
             deadline = time.monotonic() + budget
-            ready = await readiness.wait_until(
-                lambda: readiness.is_listening(pid, svc.port), timeout=budget, alive=sandbox.alive,
-            )
-            if not ready:
-                if not await sandbox.alive():
-                    raise StartError(
-                        f"service '{svc.name}': the app exited before listening on port {svc.port}; "
-                        f"see {self._log_hint(svc)}"
-                    )
+            problem = await sandbox.wait_listening(svc.port, budget)
+            if problem == "exited":
+                raise StartError(
+                    f"service '{svc.name}': the app exited before listening on port {svc.port}; "
+                    f"see {self._log_hint(svc)}"
+                )
+            if problem is not None:
                 raise StartError(
                     f"service '{svc.name}': the app did not listen on port {svc.port} within {budget:g}s; "
                     f"check 'port' or raise 'readiness.timeout' (app output: {self._log_hint(svc)})"
                 )
+            pid = await sandbox.pid()
+            if pid is None:
+                raise StartError(f"service '{svc.name}': the app exited right after it started listening; "
+                                 f"see {self._log_hint(svc)}")
             if svc.readiness.http_path:
                 before = readiness.held_sockets(pid)
                 await self._wait_http(svc, sandbox, deadline)

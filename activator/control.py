@@ -23,6 +23,10 @@ from .errors import ActivatorError
 
 log = logging.getLogger("activator.control")
 
+
+class NotRunning(ActivatorError):
+    """Nothing answers on the control socket."""
+
 MAX_REQUEST = 1024
 
 
@@ -85,7 +89,7 @@ def request(path: Path, what: str, timeout: float = 10.0) -> Any:
         try:
             s.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
-            raise ActivatorError(
+            raise NotRunning(
                 f"no activator is running with this state_dir ({path} does not answer); start it with `activator run`"
             ) from None
         except PermissionError:

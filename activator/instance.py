@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import readiness
 from .checkpoint import Checkpoint
 from .config import ServiceConfig
 from .errors import RestoreError, StartError
@@ -81,12 +80,10 @@ class Launcher:
         return Instance(sb, "restore", dt, checkpoint)
 
     async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
-        pid = await sb.pid()
         port = self.config.port
-        if pid is None or not await readiness.wait_until(
-            lambda: readiness.is_listening(pid, port), timeout=timeout, alive=sb.alive,
-        ):
-            state = "exited" if not await sb.alive() else f"was not listening on port {port} within {timeout:g}s"
+        problem = await sb.wait_listening(port, timeout)
+        if problem is not None:
+            state = "exited" if problem == "exited" else f"was not listening on port {port} within {timeout:g}s"
             raise StartError(f"service '{self.config.name}': the app {state} ({knob})")
 
     async def cold_start(self, checkpoint: Checkpoint) -> Instance:

@@ -52,16 +52,23 @@ def held_sockets(init_pid: int) -> set[int]:
     """Socket inodes held open by any process in init_pid's pid namespace (the whole container)."""
     ns = _pid_ns(init_pid)
     held: set[int] = set()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or _pid_ns(entry.name) != ns:
-            continue
-        with contextlib.suppress(OSError):
-            for fd in os.scandir(f"/proc/{entry.name}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd.path)
-                    if target.startswith("socket:["):
-                        held.add(int(target[8:-1]))
+    with os.scandir("/proc") as procs:
+        for entry in procs:
+            if entry.name.isdigit() and _pid_ns(entry.name) == ns:
+                held |= _socket_fds(entry.name)
     return held
+
+
+def _socket_fds(pid: str) -> set[int]:
+    found: set[int] = set()
+    # The process may exit while we look: the scandir is closed however the walk ends.
+    with contextlib.suppress(OSError), os.scandir(f"/proc/{pid}/fd") as fds:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd.path)
+                if target.startswith("socket:["):
+                    found.add(int(target[8:-1]))
+    return found
 
 
 def stray_connections(init_pid: int, before: set[int]) -> set[int]:

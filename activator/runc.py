@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from . import rootfs
 from .errors import RestoreError
@@ -119,13 +118,6 @@ class Runc:
         rc, out, err = await self._exec("delete", "--force", name)
         if rc != 0 and "does not exist" not in out + err:
             raise RuncError(self._explain("delete", out + err, None))
-
-    async def state(self, name: str) -> dict[str, Any] | None:
-        rc, out, _ = await self._exec("state", name)
-        if rc != 0:
-            return None
-        result: dict[str, Any] = json.loads(out)
-        return result
 
     def forget(self, name: str) -> list[Path]:
         """Blocking. Undo what a runc killed mid-restore leaves in its root: the rootfs it bind-mounts for

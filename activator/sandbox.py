@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cgroups, rootfs
+from . import cgroups, readiness, rootfs
 from .config import Resources
 from .netns import PREFIX as NETNS_PREFIX
 from .netns import NetNamespace
@@ -31,8 +31,6 @@ from .runc import Runc
 from .spec import ProcessSpec, runtime_spec
 
 log = logging.getLogger("activator.sandbox")
-
-CGROUP_PARENT = cgroups.PARENT
 
 
 def new_name(service: str) -> str:
@@ -104,7 +102,7 @@ class Sandbox:
             process,
             rootfs=str(lay.rootfs),
             netns_path=str(self.netns.path),
-            cgroups_path=f"/{CGROUP_PARENT}/{self.name}",
+            cgroups_path=f"/{cgroups.PARENT}/{self.name}",
             hostname=hostname,
             resources=resources,
             criu_config=str(self.runc.criu_config),
@@ -140,6 +138,16 @@ class Sandbox:
 
     async def alive(self) -> bool:
         return await self.pid() is not None
+
+    async def wait_listening(self, port: int, timeout: float) -> str | None:
+        """None once the app listens on port (read from /proc: no connection is made); else "exited" or
+        "timeout"."""
+        pid = await self.pid()
+        if pid is not None and await readiness.wait_until(
+            lambda: readiness.is_listening(pid, port), timeout=timeout, alive=self.alive,
+        ):
+            return None
+        return "timeout" if await self.alive() else "exited"
 
     def keep_log(self, dest: Path, *sources: Path) -> Path | None:
         """Copy a failure's logs out of the sandbox dir before release() deletes it."""

@@ -21,7 +21,6 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
@@ -29,18 +28,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, preflight, rootfs, systemd
+from . import preflight, systemd
 from .checkpoint import CheckpointBuilder, CheckpointStore
 from .config import Config, ListenAddress, ServiceConfig, Settings
 from .control import ControlServer
 from .errors import ActivatorError
 from .images import DockerImageSource
 from .metrics import Metrics
-from .netns import PREFIX as NETNS_PREFIX
-from .netns import NetNamespace
 from .proxy import Connection, client_protocol_factory
 from .runc import Runc
-from .sandbox import CGROUP_PARENT
+from .sandbox import Sandbox
 from .service import Service
 from .tasks import spawn
 
@@ -95,35 +92,22 @@ def open_host(state: StateDir) -> tuple[Runc, CheckpointBuilder]:
 
 
 async def clean_leftovers(state: StateDir, runc: Runc) -> list[str]:
-    """Remove every container, mount, namespace and directory a previous run of this state dir left behind."""
-    cleaned: list[str] = []
+    """Remove every container, mount, namespace, cgroup and directory a previous run of this state dir left.
+
+    Every instance a dead run knew of has a directory under instances/ or runc/ (one whose restore runc never
+    finished has only the latter); each is released the way a live instance is (Sandbox.release).
+    """
     containers = await runc.list()
     for name in containers:
         await runc.delete(name)
-        cleaned.append(f"container {name}")
-    for d in state.runc_root.iterdir() if state.runc_root.is_dir() else ():
-        if d.is_dir() and d.name not in containers:  # a restore runc never finished
-            cleaned += [f"mount {p}" for p in runc.forget(d.name)] + [f"runc state {d.name}"]
-            if cgroups.paths(d.name):
-                cgroups.remove(d.name)
-                cleaned.append(f"cgroup {CGROUP_PARENT}/{d.name}")
-    for point in rootfs.mounts_under(state.instances):
-        rootfs.unmount(point)
-        cleaned.append(f"mount {point}")
-    if state.instances.is_dir():
-        for d in state.instances.iterdir():
-            ns = NetNamespace(NETNS_PREFIX + d.name)
-            if ns.path.exists():
-                ns.remove()
-                cleaned.append(f"netns {ns.name}")
-            if cgroups.paths(d.name):
-                cgroups.remove(d.name)
-                cleaned.append(f"cgroup {CGROUP_PARENT}/{d.name}")
-            shutil.rmtree(d, ignore_errors=True)
-            cleaned.append(f"dir {d}")
+    names = {d.name for root in (state.instances, state.runc_root) if root.is_dir() for d in root.iterdir()
+             if d.is_dir()}
+    for name in sorted(names):
+        await Sandbox(name, state.instances, runc).release()
     # Replaced checkpoints were kept only for instances that had them mounted; none survive a restart.
-    cleaned += [f"replaced checkpoint {d}" for d in CheckpointStore(state.root).sweep_retired()]
-    return cleaned
+    retired = CheckpointStore(state.root).sweep_retired()
+    return [f"container {n}" for n in containers] + [f"instance {n}" for n in sorted(names - set(containers))] \
+        + [f"replaced checkpoint {d}" for d in retired]
 
 
 def bind_listener(addr: ListenAddress, svc: ServiceConfig, config_path: Path) -> socket.socket:

@@ -32,7 +32,8 @@ def _engine_missing() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root")
-    for tool in ("runc", "criu", "docker"):
+    # runc, CRIU and dockerd for every real test; the daemon tests also use systemd-socket-activate and setpriv.
+    for tool in ("runc", "criu", "docker", "systemd-socket-activate", "setpriv"):
         if shutil.which(tool) is None:
             missing.append(tool)
     if shutil.which("docker") and subprocess.run(["docker", "image", "inspect", BUSYBOX],
