@@ -62,3 +62,32 @@ class FailureBackoff:
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.until - now)
+
+
+@dataclass
+class Budget:
+    """The daemon's own connection budget, shared by every service: what its file-descriptor limit allows.
+
+    A spliced connection costs two descriptors (client and backend). Running out is the activator's problem, not
+    an app's: past the budget a connection is turned away (reason `resources`) instead of failing somewhere
+    deeper, where it could be mistaken for an instance that refuses connections.
+    """
+
+    limit: int
+    used: int = 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give(self) -> None:
+        self.used -= 1
+
+
+def connection_budget(nofile: int, open_fds: int, services: int) -> int:
+    """Connections the descriptor limit leaves room for, after what the daemon itself needs: its open files,
+    and per service some for restores in flight (runc's pipes, logs, namespaces)."""
+    reserve = open_fds + 64 + 16 * services
+    return max(0, (nofile - reserve) // 2)

@@ -1,6 +1,8 @@
-"""Command line: `activator run|validate|status|inspect|checkpoint|cleanup`.
+"""Command line: `activator run|validate|status|inspect|checkpoint|cleanup|schema`.
 
-Errors a user can cause come out as one line, `activator: error: ...`, and a non-zero exit; never a traceback.
+Errors a user can cause come out as one line, `activator: error: ...`, and a non-zero exit (2 for a bad config,
+1 otherwise); never a traceback. Anything else is a bug: it is reported in one line too, with exit code 70, and
+its traceback is shown with --log-level debug.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
     from . import control
-    from .server import StateDir, open_host
+    from .host import open_host
+    from .statedir import StateDir
 
     svc = cfg.service(args.service)
     if cfg.settings.control_socket.exists():
@@ -98,7 +101,7 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
             pass  # a socket file a dead run left: build here
 
     async def main() -> int:
-        state = StateDir(cfg.settings)
+        state = StateDir.of(cfg)
         try:
             _runc, builder = open_host(state)
             ck, built = await builder.ensure(svc, rebuild=args.rebuild)
@@ -114,15 +117,16 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
-    from .server import StateDir, clean_leftovers
+    from .host import clean_leftovers, tools
+    from .images import DockerImageSource
+    from .statedir import StateDir
 
     async def main() -> int:
         preflight.check_root()
-        state = StateDir(cfg.settings)
+        state = StateDir.of(cfg)
         state.lock()
         try:
-            runc, _ = state.tools()
-            cleaned = await clean_leftovers(state, runc)
+            cleaned = await clean_leftovers(state, tools(state), DockerImageSource(state.root))
         finally:
             state.unlock()
         print("\n".join(cleaned) if cleaned else "nothing to clean")
@@ -166,6 +170,9 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             extra.append(f"backing off {svc['backoff_seconds']:.1f}s")
         if svc["restore_backoff_seconds"]:
             extra.append(f"restores backing off {svc['restore_backoff_seconds']:.1f}s")
+        if svc.get("checkpoint_problem"):
+            extra.append(f"NO CHECKPOINT, connections refused, next build in {svc['checkpoint_retry_seconds']:.0f}s: "
+                         f"{svc['checkpoint_problem']}")
         print(f"\n{svc['name']}  on {' '.join(svc['listen'])}  {len(svc['instances'])}/{svc['max_instances']} "
               f"instance(s), {svc['open_connections']} open connection(s); {ck_text}"
               + (f"; {', '.join(extra)}" if extra else ""))
@@ -179,9 +186,10 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointStore, contents
+    from .statedir import StateDir
 
     svc = cfg.service(args.service)
-    ck = CheckpointStore(cfg.settings.state_dir).load(svc.name)
+    ck = CheckpointStore(StateDir.of(cfg)).load(svc.name)
     if ck is None:
         raise ActivatorError(
             f"service '{svc.name}' has no checkpoint in {cfg.settings.state_dir}; "
@@ -189,6 +197,9 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
         )
     try:
         held = contents(ck.images)
+    except ImportError:
+        raise ActivatorError("reading a checkpoint needs pycriu, which is not installed in this Python; "
+                             "run 'make setup' (as root) to install it") from None
     except (OSError, KeyError, IndexError) as e:
         raise ActivatorError(f"service '{svc.name}': cannot read checkpoint {ck.images}: {e}; "
                              f"rebuild it with `activator checkpoint {svc.name} --rebuild`") from None
@@ -217,6 +228,13 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="activator", description=__doc__)
     p.add_argument("--version", action="version", version=f"activator {__version__}")
@@ -241,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("service")
     ck.add_argument("--rebuild", action="store_true", help="rebuild even if current")
     add("cleanup", cmd_cleanup, "remove instances, mounts and namespaces left by a crashed run")
+    schema = sub.add_parser("schema", help="print the JSON Schema of the services file (for editors)")
+    schema.set_defaults(fn=None)
     return p
 
 
@@ -248,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
+        if args.fn is None:
+            return cmd_schema(args)
         cfg = load_config(getattr(args, "file", None) or args.config)
         return int(args.fn(cfg, args))
     except ConfigError as e:
@@ -258,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        log.debug("internal error", exc_info=e)
+        detail = " ".join(str(e).split())[:200]
+        print(f"activator: internal error (a bug): {type(e).__name__}: {detail}; run with --log-level debug "
+              "for the traceback", file=sys.stderr)
+        return 70
 
 
 if __name__ == "__main__":

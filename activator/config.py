@@ -11,56 +11,284 @@ A file looks like this (compose-like, so Docker users read it at a glance)::
         image: activator-demo/tomcat:latest
         listen: 127.0.0.1:8080        # or a list of addresses
         port: 8080                    # where the app listens inside its container
-        command: [catalina.sh, run]   # optional, like compose: overrides the image's Cmd
-        entrypoint: null              # optional, overrides the image's Entrypoint
         environment: {JAVA_OPTS: -Xmx256m}
-        working_dir: /
-        user: "0:0"
         readiness: {http_path: /, timeout: 60s}
         idle_timeout: 5m
-        resources: {memory: 512m, cpus: 1.5, pids: 512}
-        # capacity: instances restored from the one checkpoint
-        min_instances: 0              # kept warm even when idle
         max_instances: 4
-        target_connections: 50        # open connections per instance before another one is restored
-        # admission control
-        max_connections: 1000         # open connections for the whole service; past it, closed at once
-        max_waiting: 500              # connections waiting for an instance; past it, closed at once
-        restore_timeout: 10s          # runc restore
-        connect_timeout: 5s           # from restored to accepting connections
-        backoff: {initial: 1s, max: 1m}   # after failed starts, no new attempt before this
-        fallback: cold-start          # or none: after a failed restore, boot from the image instead
-        proxy_protocol: v2            # or v1, or null: PROXY header toward the app
 
-Invalid, each with a one-line error naming the file, the service and the key::
+Every key, its default, its bounds and what it means are declared once, on the dataclass fields below
+(`key(...)`); the parser, the unknown-key check, the error messages and the JSON Schema
+(config/activator.schema.json, `activator schema`) are all derived from those declarations.
 
-    services: {web: {image: x, listen: 8080, port: 80, colour: red}}   # unknown key 'colour'
-    services: {web: {image: x, listen: "localhost:99999", port: 80}}  # port out of range
-    services: {web: {image: x, listen: ":80", port: 80, idle_timeout: soon}}  # not a duration
+Invalid, each refused with one line naming the file, the service and the key, and what would be valid::
 
-Durations are seconds (number) or strings with a unit: 250ms, 5s, 2m, 1h. Sizes are bytes or strings with
+    services: {web: {image: x, listen: 8080, port: 80, colour: red}}      # unknown key 'colour'
+    services: {web: {image: x, listen: "127.0.0.1:99999", port: 80}}     # port out of range
+    services: {web: {image: x, listen: 18:00, port: 80}}                 # '18' is not an IP address
+    services: {web: {image: x, listen: 8080, port: 80, idle_timeout: .nan}}   # not a finite duration
+
+Durations are seconds (a number) or strings with a unit: 250ms, 5s, 2m, 1h, 1d. Sizes are bytes or strings with
 k/m/g (binary). Nothing here touches the network, Docker or the filesystem beyond reading the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import yamlload
 from .errors import ConfigError
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$"
+_DURATION_RE = re.compile(_DURATION_PATTERN)
+_SIZE_PATTERN = r"^\s*(\d+)\s*([kmgKMG]?)[bB]?\s*$"
+_SIZE_RE = re.compile(_SIZE_PATTERN)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+MiB = 2**20
+
+
+def _human_duration(seconds: float) -> str:
+    for unit, size in (("d", DAY), ("h", HOUR), ("m", MINUTE), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+# --- value kinds: each parses one YAML value and describes itself in JSON Schema ------------------------------
+
+
+class Kind:
+    def parse(self, raw: Any) -> Any:
+        raise NotImplementedError
+
+    def schema(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Duration(Kind):
+    min: float
+    max: float
+
+    def parse(self, raw: Any) -> float:
+        value = parse_duration(raw)
+        if not self.min <= value <= self.max:
+            raise ValueError(f"{_human_duration(value) if value else 0} is out of range: "
+                             f"use {_human_duration(self.min) if self.min else 0} to {_human_duration(self.max)}")
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "number", "minimum": self.min, "maximum": self.max},
+                          {"type": "string", "pattern": _DURATION_PATTERN}],
+                "description": f"a duration, {_human_duration(self.min) if self.min else 0} to "
+                               f"{_human_duration(self.max)} (seconds, or 250ms, 5s, 2m, 1h, 1d)"}
+
+
+@dataclass(frozen=True)
+class Size(Kind):
+    min: int
+    max: int
+
+    def parse(self, raw: Any) -> int:
+        value = parse_size(raw)
+        if not self.min <= value <= self.max:
+            raise ValueError(f"{value} bytes is out of range: use {self.min // MiB}m to {self.max // 2**30}g")
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "integer", "minimum": self.min, "maximum": self.max},
+                          {"type": "string", "pattern": _SIZE_PATTERN}]}
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    min: int
+    max: int
+
+    def parse(self, raw: Any) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"expected a whole number, got {_show(raw)}")
+        if not self.min <= raw <= self.max:
+            raise ValueError(f"{raw} is out of range: use {self.min} to {self.max}")
+        return raw
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "integer", "minimum": self.min, "maximum": self.max}
+
+
+@dataclass(frozen=True)
+class Number(Kind):
+    min: float  # exclusive
+    max: float
+
+    def parse(self, raw: Any) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError(f"expected a number, got {_show(raw)}")
+        if not (math.isfinite(raw) and self.min < raw <= self.max):
+            raise ValueError(f"{raw} is out of range: use more than {self.min:g}, up to {self.max:g}")
+        return float(raw)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "number", "exclusiveMinimum": self.min, "maximum": self.max}
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    choices: tuple[str, ...] = ()
+    pattern: str | None = None
+    hint: str = ""
+
+    def parse(self, raw: Any) -> str:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a string, got {_show(raw)}" + (f" ({self.hint})" if self.hint else ""))
+        if self.choices and raw not in self.choices:
+            raise ValueError(f"'{raw}' is not one of: {', '.join(self.choices)}")
+        if self.pattern and not re.fullmatch(self.pattern, raw):
+            raise ValueError(f"'{raw}' is not valid" + (f" ({self.hint})" if self.hint else ""))
+        if not raw:
+            raise ValueError("must not be empty")
+        return raw
+
+    def schema(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"type": "string", "minLength": 1}
+        if self.choices:
+            s["enum"] = list(self.choices)
+        if self.pattern:
+            s["pattern"] = self.pattern
+        return s
+
+
+@dataclass(frozen=True)
+class AbsPath(Kind):
+    def parse(self, raw: Any) -> Path:
+        if not isinstance(raw, str) or not raw.startswith("/"):
+            raise ValueError(f"expected an absolute path, got {_show(raw)}")
+        return Path(raw)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": "^/"}
+
+
+@dataclass(frozen=True)
+class Args(Kind):
+    """A command: a string (one argument) or a list of strings and numbers."""
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        if isinstance(raw, str):
+            return (raw,)
+        if not isinstance(raw, list) or not all(isinstance(v, str | int | float) and not isinstance(v, bool)
+                                                for v in raw):
+            raise ValueError("expected a string or a list of strings")
+        if len(raw) > 4096:
+            raise ValueError("more than 4096 arguments")
+        return tuple(str(v) for v in raw)
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": ["string", "number"]}}]}
+
+
+_ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+@dataclass(frozen=True)
+class Environment(Kind):
+    def parse(self, raw: Any) -> tuple[tuple[str, str], ...]:
+        pairs: list[tuple[str, str]] = []
+        if isinstance(raw, Mapping):
+            for k, v in raw.items():
+                if isinstance(v, Mapping | list):
+                    raise ValueError(f"'{k}': expected a plain value, got {_show(v)}")
+                pairs.append((str(k), "" if v is None else str(v)))
+        elif isinstance(raw, list):
+            for item in raw:
+                if not isinstance(item, str):
+                    raise ValueError(f"expected KEY=VALUE strings, got {_show(item)}")
+                key, sep, val = item.partition("=")
+                if not sep:
+                    raise ValueError(f"'{item}' is not KEY=VALUE")
+                pairs.append((key, val))
+        else:
+            raise ValueError("expected a mapping or a list of KEY=VALUE")
+        for key, value in pairs:
+            if not re.fullmatch(_ENV_NAME, key):
+                raise ValueError(f"'{key}' is not a valid environment variable name")
+            if "\0" in value:
+                raise ValueError(f"'{key}': a value cannot contain a NUL byte")
+        return tuple(pairs)
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "object", "propertyNames": {"pattern": f"^{_ENV_NAME}$"}},
+                          {"type": "array", "items": {"type": "string", "pattern": f"^{_ENV_NAME}="}}]}
+
+
+@dataclass(frozen=True)
+class Listen(Kind):
+    def parse(self, raw: Any) -> tuple[ListenAddress, ...]:
+        items = raw if isinstance(raw, list) else [raw]
+        if not items:
+            raise ValueError("needs at least one address")
+        if len(items) > 64:
+            raise ValueError("more than 64 addresses")
+        return tuple(ListenAddress.parse(v) for v in items)
+
+    def schema(self) -> dict[str, Any]:
+        one = {"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 1, "maximum": 65535}]}
+        return {"oneOf": [one, {"type": "array", "items": one, "minItems": 1}]}
+
+
+@dataclass(frozen=True)
+class Address(Kind):
+    """One HOST:PORT, or null/off to disable."""
+
+    def parse(self, raw: Any) -> ListenAddress | None:
+        if raw is False or raw == "off":
+            return None
+        return ListenAddress.parse(raw)
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}, {"const": False}]}
+
+
+@dataclass(frozen=True)
+class Section(Kind):
+    """A nested mapping, parsed into its own dataclass."""
+
+    cls: type
+
+    def schema(self) -> dict[str, Any]:
+        return object_schema(self.cls)
+
+
+def _show(raw: Any) -> str:
+    text = repr(raw)
+    return f"{type(raw).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def key(kind: Kind, default: Any = MISSING, *, doc: str, nullable: bool = False, shapes: bool = False,
+        factory: Any = MISSING) -> Any:
+    """Declare a config key: how it is parsed, its default, what it means, and whether it shapes the
+    checkpointed process (changing such a key rebuilds the checkpoint)."""
+    meta = {"kind": kind, "doc": doc, "nullable": nullable, "shapes": shapes}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    if default is MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- the model ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -69,20 +297,30 @@ class ListenAddress:
     port: int
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is out of range 0-65535")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is out of range 1-65535 (port 0 would pick a random port no "
+                             "client could know)")
 
     @classmethod
-    def parse(cls, text: str | int) -> ListenAddress:
-        """'host:port', '[v6]:port', ':port' or a bare port (binds 0.0.0.0)."""
+    def parse(cls, text: Any) -> ListenAddress:
+        """'host:port', '[v6]:port', ':port' or a bare port (binds every address); host is an IP address."""
+        if isinstance(text, bool) or not isinstance(text, str | int):
+            raise ValueError(f"expected HOST:PORT, got {_show(text)}")
         s = str(text).strip()
         if s.isdigit():
             return cls("0.0.0.0", int(s))
-        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", s)
+        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]*):(\d{1,5})", s)
         if not m:
             raise ValueError(f"'{s}' is not HOST:PORT (e.g. 127.0.0.1:8080, [::1]:8080, :8080)")
         host = m.group(1) or m.group(3) or "0.0.0.0"
-        return cls(host, int(m.group(2) or m.group(4)))
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"'{host}' in '{s}' is not an IP address (e.g. 127.0.0.1:8080; quote times like "
+                             "\"18:00\": unquoted, YAML 1.1 tools read them as numbers)") from None
+        if m.group(1) and ip.version != 6:
+            raise ValueError(f"'{s}': brackets are for IPv6 addresses")
+        return cls(str(ip), int(m.group(2) or m.group(4)))
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -92,131 +330,135 @@ class ListenAddress:
 class Readiness:
     """When a freshly started template counts as ready to be checkpointed."""
 
-    timeout: float = 60.0
-    #: None: ready as soon as the app listens on its port (no connection is made).
-    http_path: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if self.http_path is not None and not self.http_path.startswith("/"):
-            raise ValueError(f"http_path '{self.http_path}' must start with '/'")
+    timeout: float = key(Duration(0.1, HOUR), 60.0, doc="how long the template may take to listen on its port")
+    http_path: str | None = key(
+        Text(pattern=r"/[\x21-\x7e]*", hint="an absolute URL path like /health"), None, nullable=True, shapes=True,
+        doc="also wait for GET on this path to answer 2xx/3xx before the dump (null: listening is enough)")
 
 
 @dataclass(frozen=True)
 class Resources:
-    memory: int | None = None  # bytes
-    cpus: float | None = None
-    pids: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.memory is not None and self.memory < 4 * 1024**2:
-            raise ValueError("memory must be at least 4m")
-        if self.cpus is not None and self.cpus <= 0:
-            raise ValueError("cpus must be positive")
-        if self.pids is not None and self.pids < 1:
-            raise ValueError("pids must be at least 1")
+    memory: int | None = key(Size(4 * MiB, 2**40), None, nullable=True, doc="memory limit per instance")
+    cpus: float | None = key(Number(0, 1024), None, nullable=True, doc="CPU limit per instance")
+    pids: int | None = key(Int(8, 4_194_304), None, nullable=True,
+                           doc="process/thread limit per instance (at least 8: runc and the app need a few)")
 
 
 @dataclass(frozen=True)
 class Backoff:
     """How long a service waits after failed starts before trying again: initial, doubling up to max."""
 
-    initial: float = 1.0
-    max: float = 60.0
+    initial: float = key(Duration(0.01, DAY), 1.0, doc="wait after the first failure")
+    max: float = key(Duration(0.01, DAY), 60.0, doc="longest wait, however many failures in a row")
 
     def __post_init__(self) -> None:
-        if self.initial <= 0 or self.max < self.initial:
-            raise ValueError("backoff needs 0 < initial <= max")
+        if self.max < self.initial:
+            raise ValueError(f"backoff.max ({_human_duration(self.max)}) must be at least backoff.initial "
+                             f"({_human_duration(self.initial)})")
 
     def delay(self, failures: int) -> float:
         """The wait after `failures` consecutive failures (1 = the first)."""
-        return float(min(self.max, self.initial * 2 ** max(0, failures - 1)))
+        return float(min(self.max, self.initial * 2 ** min(64, max(0, failures - 1))))
 
 
 FALLBACKS = ("cold-start", "none")
 PROXY_PROTOCOLS = ("v1", "v2")
+WAKE_ON = ("data", "connect")
+#: `seccomp:` values that are not paths
+SECCOMP_DEFAULT, SECCOMP_UNCONFINED = "default", "unconfined"
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    name: str
-    image: str
-    listen: tuple[ListenAddress, ...]
-    port: int
-    command: tuple[str, ...] | None = None
-    entrypoint: tuple[str, ...] | None = None
-    environment: tuple[tuple[str, str], ...] = ()
-    working_dir: str | None = None
-    user: str | None = None
-    readiness: Readiness = field(default_factory=Readiness)
-    idle_timeout: float = 300.0
-    restore_timeout: float = 10.0
-    resources: Resources = field(default_factory=Resources)
-    min_instances: int = 0
-    max_instances: int = 1
-    target_connections: int = 100
-    max_connections: int | None = None
-    max_waiting: int = 1000
-    connect_timeout: float = 5.0
-    backoff: Backoff = field(default_factory=Backoff)
-    fallback: str = "cold-start"
-    proxy_protocol: str | None = None
+    name: str  # the key under `services:`, not a key of its own
+    image: str = key(Text(hint="an image reference like app:1.2"), shapes=True,
+                     doc="a local Docker image (the image source; nothing runs under Docker)")
+    listen: tuple[ListenAddress, ...] = key(Listen(), doc="HOST:PORT to accept clients on, or a list of them")
+    port: int = key(Int(1, 65535), shapes=True, doc="the port the app listens on inside its container")
+    command: tuple[str, ...] | None = key(Args(), None, nullable=True, shapes=True,
+                                          doc="overrides the image's Cmd (like compose)")
+    entrypoint: tuple[str, ...] | None = key(Args(), None, nullable=True, shapes=True,
+                                             doc="overrides the image's Entrypoint (like compose)")
+    environment: tuple[tuple[str, str], ...] = key(Environment(), (), shapes=True,
+                                                    doc="variables added to the image's environment")
+    working_dir: str | None = key(Text(pattern=r"/.*", hint="an absolute path"), None, nullable=True, shapes=True,
+                                  doc="overrides the image's WorkingDir")
+    user: str | None = key(Text(pattern=r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?", hint="USER or USER:GROUP"), None,
+                           nullable=True, shapes=True, doc="overrides the image's User")
+    seccomp: str = key(
+        Text(pattern=r"default|unconfined|/.+", hint="default, unconfined or an absolute path to a profile"),
+        SECCOMP_DEFAULT, shapes=True,
+        doc="syscall filter: default (Docker's default profile), unconfined, or a Docker-format profile file")
+    readiness: Readiness = key(Section(Readiness), factory=Readiness, doc="when the template is ready to dump")
+    idle_timeout: float = key(Duration(0.01, 30 * DAY), 300.0,
+                              doc="an instance with no open connection for this long is killed")
+    restore_timeout: float = key(Duration(0.01, HOUR), 10.0, doc="longest a restore may take (runc restore)")
+    connect_timeout: float = key(Duration(0.01, HOUR), 5.0,
+                                 doc="from restored to accepting connections; past it the instance is removed")
+    resources: Resources = key(Section(Resources), factory=Resources, doc="limits per instance")
+    min_instances: int = key(Int(0, 256), 0, doc="instances kept running even when idle")
+    max_instances: int = key(Int(1, 256), 1, doc="most instances restored from the one checkpoint at once")
+    target_connections: int = key(Int(1, 1_000_000), 100,
+                                  doc="open connections per instance before another one is restored")
+    max_connections: int | None = key(
+        Int(1, 10_000_000), None, nullable=True,
+        doc="open connections for the whole service; past it, closed at once (null: as many as the daemon's "
+            "file descriptor limit allows)")
+    max_waiting: int = key(Int(0, 1_000_000), 1000,
+                           doc="connections waiting for an instance; past it, closed at once")
+    backoff: Backoff = key(Section(Backoff), factory=Backoff, doc="after failed starts, no new attempt before this")
+    fallback: str = key(Text(choices=FALLBACKS), "cold-start",
+                        doc="after a failed restore: cold-start (boot from the image) or none")
+    proxy_protocol: str | None = key(Text(choices=PROXY_PROTOCOLS), None, nullable=True,
+                                     doc="send a PROXY protocol header (v1 or v2) to the app before client bytes")
+    wake_on: str = key(Text(choices=WAKE_ON), "data",
+                       doc="what wakes a service with no instance: a connection's first byte, or after wake_grace "
+                           "of silence (data), or the connection itself (connect)")
+    wake_grace: float | None = key(
+        Duration(0, HOUR), 0.5, nullable=True,
+        doc="with wake_on: data, a connection silent this long wakes the service anyway (server-speaks-first "
+            "protocols); null: only data wakes it")
+    client_idle_timeout: float | None = key(
+        Duration(0.1, 30 * DAY), None, nullable=True,
+        doc="a connection with no bytes either way for this long is closed (null: never)")
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
             raise ValueError("service names are 1-40 of a-z, 0-9, '_' and '-', starting with a letter or digit")
-        if not self.image:
-            raise ValueError("image must not be empty")
-        if not self.listen:
-            raise ValueError("listen needs at least one address")
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is out of range 1-65535")
-        if self.idle_timeout <= 0 or self.restore_timeout <= 0 or self.connect_timeout <= 0:
-            raise ValueError("timeouts must be positive")
-        if self.max_instances < 1:
-            raise ValueError("max_instances must be at least 1")
-        if not 0 <= self.min_instances <= self.max_instances:
-            raise ValueError(f"min_instances must be between 0 and max_instances ({self.max_instances})")
-        if self.target_connections < 1:
-            raise ValueError("target_connections must be at least 1")
-        if self.max_connections is not None and self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1 (or null for no limit)")
-        if self.max_waiting < 0:
-            raise ValueError("max_waiting must not be negative")
-        if self.fallback not in FALLBACKS:
-            raise ValueError(f"fallback '{self.fallback}' is not one of: {', '.join(FALLBACKS)}")
-        if self.proxy_protocol is not None and self.proxy_protocol not in PROXY_PROTOCOLS:
-            raise ValueError(f"proxy_protocol '{self.proxy_protocol}' is not one of: v1, v2, null")
-        if self.working_dir is not None and not self.working_dir.startswith("/"):
-            raise ValueError(f"working_dir '{self.working_dir}' must be absolute")
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
+                             f"({self.max_instances})")
 
     def checkpoint_fingerprint(self) -> str:
-        """Hash of everything that shapes the checkpointed process; addresses, limits and timeouts do not."""
-        d = asdict(self)
-        shaping = {k: d[k] for k in ("image", "port", "command", "entrypoint", "environment", "working_dir", "user")}
-        shaping["readiness"] = {"http_path": self.readiness.http_path}
-        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of everything that shapes the checkpointed process (keys declared with shapes=True)."""
+        return hashlib.sha256(json.dumps(_shaping(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shaping(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("shapes"):
+            out[f.name] = asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
+        elif is_dataclass(value) and (inner := _shaping(value)):
+            out[f.name] = inner
+    return out
 
 
 @dataclass(frozen=True)
 class Settings:
-    state_dir: Path = Path("/var/lib/activator")
-    metrics: ListenAddress | None = ListenAddress("127.0.0.1", 9464)
-    drain_timeout: float = 10.0
-    #: the runc binary (a name on PATH or a path); it must be built with CRIU support
-    runc: str = "runc"
+    state_dir: Path = key(AbsPath(), Path("/var/lib/activator"),
+                          doc="checkpoints, unpacked images, instances and logs (root only)")
+    metrics: ListenAddress | None = key(Address(), ListenAddress("127.0.0.1", 9464), nullable=True,
+                                        doc="Prometheus scrape endpoint HOST:PORT (null: off)")
+    drain_timeout: float = key(Duration(0, HOUR), 10.0,
+                               doc="on SIGTERM, how long open connections may finish before they are cut")
+    runc: str = key(Text(), "runc", doc="the runc binary (a name on PATH or a path), built with CRIU support")
 
     @property
     def control_socket(self) -> Path:
-        """Where `activator status` finds the running daemon (root only: it lives in state_dir, mode 0600)."""
+        """Where `activator status` finds the running daemon (statedir.py owns the layout)."""
         return self.state_dir / "control.sock"
-
-    def __post_init__(self) -> None:
-        if self.drain_timeout < 0:
-            raise ValueError("drain_timeout must not be negative")
-        if not self.state_dir.is_absolute():
-            raise ValueError(f"state_dir '{self.state_dir}' must be absolute")
 
 
 @dataclass(frozen=True)
@@ -237,213 +479,167 @@ class Config:
 
 
 def parse_duration(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 500ms, 5s, 2m")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a duration like 500ms, 5s, 2m, got {_show(value)}")
     if isinstance(value, int | float):
-        return float(value)
-    m = _DURATION_RE.match(str(value))
-    if not m:
-        raise ValueError(f"'{value}' is not a duration (e.g. 500ms, 5s, 2m, 1h)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"'{value[:40]}' is not a duration (e.g. 500ms, 5s, 2m, 1h)")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value} is not a finite, non-negative duration")
+    return seconds
 
 
 def parse_size(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a size like 512m")
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected a size like 512m, got {_show(value)}")
     if isinstance(value, int):
         return value
-    m = _SIZE_RE.match(str(value))
+    m = _SIZE_RE.match(value)
     if not m:
-        raise ValueError(f"'{value}' is not a size (e.g. 256m, 1g, 1048576)")
+        raise ValueError(f"'{value[:40]}' is not a size (e.g. 256m, 1g, 1048576)")
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
-class _Section:
-    """Reads keys out of one mapping; whatever is left over at the end is an unknown key."""
+def build(cls: type, raw: Any, where: str, loc: str, **fixed: Any) -> Any:
+    """One mapping -> one dataclass, every key parsed by the kind its field declares."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: {loc or 'top level'}: expected a mapping, got {_show(raw)}")
+    data = dict(raw)
+    kwargs: dict[str, Any] = dict(fixed)
+    declared = [f for f in fields(cls) if "kind" in f.metadata]
 
-    def __init__(self, data: Any, where: str, loc: str, allowed: tuple[str, ...]) -> None:
-        self.where, self.loc, self.allowed = where, loc, allowed
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{where}: {loc or 'top level'}: expected a mapping, got {type(data).__name__}")
-        self.data = dict(data)
+    def error(k: str, problem: str) -> ConfigError:
+        return ConfigError(f"{where}: {loc + '.' if loc else ''}{k}: {problem}")
 
-    def error(self, key: str, problem: str) -> ConfigError:
-        dotted = f"{self.loc}.{key}" if self.loc else key
-        return ConfigError(f"{self.where}: {dotted}: {problem}")
-
-    def take(self, key: str, convert: Any = None, default: Any = None) -> Any:
-        if key not in self.data:
-            return default
-        raw = self.data.pop(key)
-        if convert is None or raw is None:
-            return raw
-        try:
-            return convert(raw)
-        except (ValueError, TypeError) as e:
-            raise self.error(key, str(e)) from None
-
-    def require(self, key: str, convert: Any = None) -> Any:
-        if key not in self.data or self.data[key] is None:
-            raise self.error(key, "is required")
-        return self.take(key, convert)
-
-    def finish(self) -> None:
-        for key in self.data:
-            raise self.error(str(key), f"unknown key; valid keys are: {', '.join(self.allowed)}")
-
-
-def _str_list(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, list) or not all(isinstance(v, str | int | float) for v in value):
-        raise ValueError("expected a string or a list of strings")
-    return tuple(str(v) for v in value)
-
-
-def _environment(value: Any) -> tuple[tuple[str, str], ...]:
-    pairs: list[tuple[str, str]] = []
-    if isinstance(value, Mapping):
-        pairs = [(str(k), "" if v is None else str(v)) for k, v in value.items()]
-    elif isinstance(value, list):
-        for item in value:
-            key, sep, val = str(item).partition("=")
-            if not sep:
-                raise ValueError(f"'{item}' is not KEY=VALUE")
-            pairs.append((key, val))
-    else:
-        raise ValueError("expected a mapping or a list of KEY=VALUE")
-    for key, _ in pairs:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ValueError(f"'{key}' is not a valid environment variable name")
-    return tuple(pairs)
-
-
-def _listen(value: Any) -> tuple[ListenAddress, ...]:
-    items = value if isinstance(value, list) else [value]
-    return tuple(ListenAddress.parse(v) for v in items)
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected an integer, got {value!r}")
-    return value
-
-
-def _float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"expected a number, got {value!r}")
-    return float(value)
-
-
-_SERVICE_KEYS = (
-    "image", "listen", "port", "command", "entrypoint", "environment", "working_dir", "user",
-    "readiness", "idle_timeout", "restore_timeout", "resources", "min_instances", "max_instances",
-    "target_connections", "max_connections", "max_waiting", "connect_timeout", "backoff", "fallback",
-    "proxy_protocol",
-)
-
-
-def _service(name: Any, data: Any, where: str) -> ServiceConfig:
-    loc = f"services.{name}"
-    sec = _Section(data, where, loc, _SERVICE_KEYS)
-    ready = _Section(sec.take("readiness"), where, f"{loc}.readiness", ("timeout", "http_path"))
-    res = _Section(sec.take("resources"), where, f"{loc}.resources", ("memory", "cpus", "pids"))
-    bo = _Section(sec.take("backoff"), where, f"{loc}.backoff", ("initial", "max"))
+    for f in declared:
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise error(f.name, "is required")
+            continue
+        value = data.pop(f.name)
+        kind: Kind = f.metadata["kind"]
+        if value is None and f.metadata["nullable"]:
+            kwargs[f.name] = None
+        elif value is None and f.default is MISSING and f.default_factory is MISSING:
+            raise error(f.name, "is required")
+        elif isinstance(kind, Section):
+            kwargs[f.name] = build(kind.cls, value, where, f"{loc}.{f.name}" if loc else f.name)
+        else:
+            try:
+                kwargs[f.name] = kind.parse(value)
+            except (ValueError, TypeError, OverflowError) as e:
+                raise error(f.name, str(e)) from None
+    for k in data:
+        raise error(str(k)[:60], f"unknown key; valid keys are: {', '.join(f.name for f in declared)}")
     try:
-        readiness = Readiness(
-            timeout=ready.take("timeout", parse_duration, 60.0), http_path=ready.take("http_path", str)
-        )
-        ready.finish()
-        resources = Resources(
-            memory=res.take("memory", parse_size), cpus=res.take("cpus", _float), pids=res.take("pids", _int)
-        )
-        res.finish()
-        backoff = Backoff(initial=bo.take("initial", parse_duration, 1.0), max=bo.take("max", parse_duration, 60.0))
-        bo.finish()
-        svc = ServiceConfig(
-            name=str(name),
-            image=sec.require("image", str),
-            listen=sec.require("listen", _listen),
-            port=sec.require("port", _int),
-            command=sec.take("command", _str_list),
-            entrypoint=sec.take("entrypoint", _str_list),
-            environment=sec.take("environment", _environment, ()),
-            working_dir=sec.take("working_dir", str),
-            user=sec.take("user", str),
-            readiness=readiness,
-            idle_timeout=sec.take("idle_timeout", parse_duration, 300.0),
-            restore_timeout=sec.take("restore_timeout", parse_duration, 10.0),
-            resources=resources,
-            min_instances=sec.take("min_instances", _int, 0),
-            max_instances=sec.take("max_instances", _int, 1),
-            target_connections=sec.take("target_connections", _int, 100),
-            max_connections=sec.take("max_connections", _int),
-            max_waiting=sec.take("max_waiting", _int, 1000),
-            connect_timeout=sec.take("connect_timeout", parse_duration, 5.0),
-            backoff=backoff,
-            fallback=sec.take("fallback", str, "cold-start"),
-            proxy_protocol=sec.take("proxy_protocol", str),
-        )
+        return cls(**kwargs)
     except ValueError as e:
-        raise ConfigError(f"{where}: {loc}: {e}") from None
-    sec.finish()
-    return svc
+        raise ConfigError(f"{where}: {loc or 'top level'}: {e}") from None
 
 
 def parse_config(text: str, path: Path) -> Config:
     where = str(path)
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: malformed YAML{at}: {problem}") from None
-    top = _Section(raw, where, "", ("settings", "services"))
-    st = _Section(top.take("settings"), where, "settings", ("state_dir", "metrics", "drain_timeout", "runc"))
-    try:
-        metrics_raw = st.data.get("metrics", "127.0.0.1:9464")
-        settings = Settings(
-            state_dir=Path(st.take("state_dir", str, "/var/lib/activator")),
-            metrics=None if metrics_raw in (None, False, "off") else ListenAddress.parse(metrics_raw),
-            drain_timeout=st.take("drain_timeout", parse_duration, 10.0),
-            runc=st.take("runc", str, "runc"),
-        )
-        st.data.pop("metrics", None)
-    except ValueError as e:
-        raise ConfigError(f"{where}: settings: {e}") from None
-    st.finish()
-    services_raw = top.take("services")
-    top.finish()
+        raw = yamlload.load(text)
+    except yamlload.LoadError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: top level: expected a mapping with 'services:', got {_show(raw)}")
+    for k in raw:
+        if k not in ("settings", "services"):
+            raise ConfigError(f"{where}: {str(k)[:60]}: unknown key; valid keys are: settings, services")
+    settings = build(Settings, raw.get("settings"), where, "settings")
+    services_raw = raw.get("services")
     if services_raw is None:
         raise ConfigError(f"{where}: services: is required (a mapping of service names to definitions)")
     if not isinstance(services_raw, Mapping) or not services_raw:
         raise ConfigError(f"{where}: services: expected a mapping of service names to definitions")
-    services = tuple(_service(name, body, where) for name, body in services_raw.items())
+    services = []
+    for name, body in services_raw.items():
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(f"{where}: services.{str(name)[:60]}: service names are 1-40 of a-z, 0-9, '_' and "
+                              "'-', starting with a letter or digit")
+        services.append(build(ServiceConfig, body, where, f"services.{name}", name=name))
     _check_unique_listeners(services, where)
-    return Config(path=path, settings=settings, services=services)
+    return Config(path=path, settings=settings, services=tuple(services))
 
 
-def _check_unique_listeners(services: tuple[ServiceConfig, ...], where: str) -> None:
+def _check_unique_listeners(services: list[ServiceConfig], where: str) -> None:
     seen: dict[tuple[str, int], str] = {}
     for svc in services:
         for addr in svc.listen:
-            key = (addr.host, addr.port)
-            if key in seen and addr.port != 0:
+            k = (addr.host, addr.port)
+            if k in seen:
                 raise ConfigError(
-                    f"{where}: services.{svc.name}.listen: {addr} is already used by service '{seen[key]}'"
+                    f"{where}: services.{svc.name}.listen: {addr} is already used by service '{seen[k]}'"
                 )
-            seen[key] = svc.name
+            seen[k] = svc.name
 
 
 def load_config(path: str | Path) -> Config:
     p = Path(path)
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:
+            data = f.read(yamlload.MAX_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file; pass the services file with -c FILE") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory; pass the services file with -c FILE") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     return parse_config(text, p.resolve())
+
+
+# --- JSON Schema, derived from the same declarations --------------------------------------------------------
+
+
+def object_schema(cls: type) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    required = []
+    for f in fields(cls):
+        if "kind" not in f.metadata:
+            continue
+        s = dict(f.metadata["kind"].schema())
+        if f.metadata["nullable"]:
+            s = {"oneOf": [s, {"type": "null"}]}
+        s["description"] = f.metadata["doc"]
+        if f.default is not MISSING and f.default is not None:
+            d = f.default
+            s["default"] = str(d) if isinstance(d, Path | ListenAddress) else list(d) if isinstance(d, tuple) else d
+        if f.default is MISSING and f.default_factory is MISSING:
+            required.append(f.name)
+        props[f.name] = s
+    out: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
+    if required:
+        out["required"] = required
+    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+        out["description"] = cls.__doc__.strip().splitlines()[0]
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://github.com/activator/activator/config/activator.schema.json",
+        "title": "activator services file",
+        "type": "object",
+        "properties": {
+            "settings": object_schema(Settings),
+            "services": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": NAME_PATTERN},
+                         "additionalProperties": object_schema(ServiceConfig)},
+        },
+        "required": ["services"],
+        "additionalProperties": False,
+    }

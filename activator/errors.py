@@ -39,12 +39,22 @@ class RestoreError(ActivatorError):
         self.instance = instance
 
 
+class RuncError(ActivatorError):
+    """A runc command failed; log points at the runc or CRIU log that says why."""
+
+    def __init__(self, message: str, log: Path | None = None) -> None:
+        super().__init__(message)
+        self.log = log
+
+
 class StartError(ActivatorError):
     """An instance could not be started (cold start) or never became ready."""
 
 
 class Rejected(ActivatorError):
-    """A connection was turned away by admission control; reason is the metric label (queue-full, ...)."""
+    """A connection was turned away by admission control; reason is the metric label (queue-full, ...).
+
+    `resources` means the activator itself ran short (file descriptors, memory): never the app's fault."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

@@ -4,12 +4,17 @@ Docker resolves a reference to an image ID and hands over the image config and a
 runs under Docker. Root filesystems are unpacked once per image ID into the state directory and then shared,
 read-only, as the lowest overlay layer of the template and of every instance.
 
+Unpacking goes through a container that is created (never started) and exported. It carries a label naming the
+state_dir it unpacks for, so a run killed in the middle leaves nothing the next start cannot find and remove
+(remove_leftovers); it is removed with its anonymous volumes (an image's VOLUMEs get one each on create).
+
 Blocking calls (the SDK is synchronous): callers run them in a thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -19,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ImageError, PreflightError
+
+#: label on the short-lived containers used to export images; its value is the state_dir they unpack for
+UNPACK_LABEL = "org.activator.unpack-for"
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,8 @@ def _client() -> Any:
 
 
 class DockerImageSource:
-    def __init__(self) -> None:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
         self._docker: Any = None
 
     @property
@@ -87,21 +96,30 @@ class DockerImageSource:
         """Unpack the image's filesystem into dest (created atomically: a crash leaves no half tree)."""
         if dest.is_dir():
             return
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest.parent))
-        container = self.docker.containers.create(image.id, command=["/"], entrypoint=[""])
+        container = self.docker.containers.create(image.id, command=["/"], entrypoint=[""],
+                                                  labels={UNPACK_LABEL: str(self.state_dir)})
         try:
-            with subprocess.Popen(
-                ["tar", "-x", "--numeric-owner", "-C", str(tmp)],
-                stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+            # tar's complaints go to a file, not a pipe: on a full disk it writes one per file, and a full stderr
+            # pipe would block it while we block writing its stdin.
+            with tempfile.TemporaryFile() as errors, subprocess.Popen(
+                ["tar", "-x", "--numeric-owner", "-C", str(tmp)], stdin=subprocess.PIPE, stderr=errors,
             ) as tar:
                 assert tar.stdin is not None
-                for chunk in container.export():
-                    tar.stdin.write(chunk)
-                tar.stdin.close()
-                err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
+                with contextlib.suppress(BrokenPipeError):  # tar gave up: its exit status and stderr say why
+                    for chunk in container.export():
+                        tar.stdin.write(chunk)
+                    tar.stdin.close()
                 if tar.wait() != 0:
-                    raise ImageError(f"unpacking image '{image.ref}' failed: {err.strip()[:200]}")
+                    errors.seek(0)
+                    err = errors.read(65536).decode(errors="replace").strip()
+                    first = err.splitlines()[0][:200] if err else f"tar exited with {tar.returncode}"
+                    if "No space left on device" in err:
+                        raise OSError(errno.ENOSPC, first)
+                    raise ImageError(f"unpacking image '{image.ref}' failed: {first}")
+            # A container's / is 0755 under Docker; mkdtemp made it 0700 (the state dir above is private).
+            os.chmod(tmp, 0o755)
             try:
                 os.rename(tmp, dest)
             except OSError:
@@ -113,7 +131,21 @@ class DockerImageSource:
             raise
         finally:
             with contextlib.suppress(Exception):
-                container.remove(force=True)
+                container.remove(force=True, v=True)
+
+    def remove_leftovers(self) -> list[str]:
+        """Export containers a killed run of this state_dir left (and their volumes). Best effort: an engine
+        that is down has nothing to say, and the next start tries again."""
+        try:
+            found = self.docker.containers.list(all=True, filters={"label": f"{UNPACK_LABEL}={self.state_dir}"})
+        except Exception:
+            return []
+        removed = []
+        for c in found:
+            with contextlib.suppress(Exception):
+                c.remove(force=True, v=True)
+                removed.append(c.short_id)
+        return removed
 
 
 def _lookup(path: Path, name: str) -> list[str] | None:

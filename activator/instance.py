@@ -19,6 +19,7 @@ from .errors import RestoreError, StartError
 from .metrics import ServiceMetrics
 from .runc import Runc
 from .sandbox import Sandbox, new_name
+from .statedir import open_private
 
 log = logging.getLogger("activator.service")
 
@@ -57,7 +58,8 @@ class Launcher:
         t0 = time.monotonic()
         sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc)
         try:
-            await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name)
+            await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
+                             checkpoint.seccomp)
             t1 = time.monotonic()
             await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
             t2 = time.monotonic()
@@ -90,9 +92,10 @@ class Launcher:
         t0 = time.monotonic()
         sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc)
         try:
-            await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, self.config.name)
+            await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, self.config.name,
+                             checkpoint.seccomp)
             sb.write_hosts(self.config.name)
-            out = os.open(sb.layout.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            out = open_private(sb.layout.output)
             try:
                 await sb.start(stdout=out, stderr=out)
             finally:

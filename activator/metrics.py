@@ -13,7 +13,7 @@ from .config import ListenAddress
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 BUILD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 #: why admission control closed a connection (the `reason` label; see service.py and proxy.py)
-REJECT_REASONS = ("max-connections", "queue-full", "backoff", "shutting-down")
+REJECT_REASONS = ("max-connections", "queue-full", "backoff", "shutting-down", "resources")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class ServiceMetrics:
     restore_backoff: Any
     start_failures: Any
     instance_failures: Any
+    ignored: Any
+    idle_closes: Any
+    checkpoint_build_failures: Any
     rejected: dict[str, Any]
 
 
@@ -94,6 +97,15 @@ class Metrics:
         self.instance_failures = Counter("activator_instance_failures",
                                          "Instances removed because their app stopped accepting connections",
                                          ["service"], registry=r)
+        self.ignored = Counter("activator_ignored_connections",
+                               "Connections that closed before sending a byte or waiting out wake_grace: they "
+                               "woke nothing (port scans, health probes that only connect)", ["service"], registry=r)
+        self.idle_closes = Counter("activator_client_idle_closes",
+                                   "Connections closed after client_idle_timeout without a byte either way",
+                                   ["service"], registry=r)
+        self.checkpoint_build_failures = Counter("activator_checkpoint_build_failures",
+                                                 "Checkpoint builds that failed (the service waits and retries)",
+                                                 ["service"], registry=r)
         self.rejected = Counter("activator_rejected_connections",
                                 "Connections closed at once by admission control", ["service", "reason"], registry=r)
 

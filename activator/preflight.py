@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 
@@ -56,3 +57,23 @@ def check_criu(binary: str = "criu") -> str:
     except ImportError:
         raise PreflightError(f"pycriu is not installed in this Python; {FIX}") from None
     return found
+
+
+def raise_nofile() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (what systemd's LimitNOFILE= sets); returns it.
+
+    Every proxied connection costs two descriptors. The default soft limit (1024 on many hosts) would run out at
+    a few hundred connections, and a daemon that cannot open a socket must not mistake that for a broken app.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

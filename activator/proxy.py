@@ -1,19 +1,31 @@
-"""The activation path: accept, hold, get an instance, connect, splice.
+"""The activation path: accept, hold, wake, connect, splice.
+
+A client connection goes through three phases, and bytes cross to the app only in the last:
+
+  held     Accepted and admitted (service.admit: max_connections, the descriptor budget). Nothing is forwarded.
+           If the service needs waking (no instance could take the connection now) and `wake_on: data`, the
+           client must first show it is real: its first byte wakes the service, or `wake_grace` of silence does
+           (server-speaks-first protocols: MySQL, SMTP). A client that closes or resets before either (a port
+           scan) wakes nothing and is counted as ignored. Otherwise the connection wakes at once.
+  waking   The lease acquires an instance (waiting for a restore if need be) and the app is dialled inside the
+           instance's network namespace, retrying while it does not accept yet.
+  spliced  In one synchronous step, with no await in between: the PROXY header (if configured), then every held
+           client byte in order, then a held EOF, are written to the backend; only then does the client side
+           pass bytes straight through. So the header is always the first thing the app reads, and nothing a
+           client sends early can overtake it or the bytes before it.
+
+While not spliced, the client side keeps whatever arrives and pauses reading (uvloop starts reading after
+connection_made even when it was paused there, so the first chunk can come anyway; it is kept, not lost).
+Reading stays enabled while held for waking, so a close or a reset is noticed.
 
 Splicing uses asyncio Protocols rather than streams: each side writes straight into the other side's transport,
 and flow control is the transports' own (a side whose peer's write buffer is full stops reading until it
-drains). That keeps the hot path to one callback per chunk.
+drains). Half-close is passed on: EOF from one side becomes write_eof() on the other, and the connection is
+closed once both directions have ended (or either side is lost).
 
-Half-close is passed on: EOF from one side becomes write_eof() on the other, and the connection is closed only
-once both directions have ended (or either side is lost).
-
-The client's reading is paused from the moment it is accepted until the backend is connected, so nothing is
-read before there is somewhere to put it; the kernel's socket buffer holds it meanwhile.
-
-Admission: past the service's max_connections a client is closed as soon as it is accepted; the service may
-also turn it away while it waits (queue full, backing off). Both are counted by reason, never silent.
-The first connect to an instance retries while the app refuses, until connect_timeout after the instance
-became ready; past that the instance is reported broken and removed.
+Optional `client_idle_timeout`: no byte either way for that long closes the connection (counted), so silent
+connections cannot pin instances forever. Resource exhaustion on our side (EMFILE and friends on the backend
+socket) turns the client away with reason `resources`; it never counts against the instance.
 """
 
 from __future__ import annotations
@@ -23,133 +35,263 @@ import errno
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from . import proxy_protocol
 from .errors import Rejected
 from .instance import Instance
-from .service import Service
+from .service import Lease, Service
 from .tasks import spawn
 
 log = logging.getLogger("activator.proxy")
 
 CONNECT_RETRY_FIRST = 0.005
 CONNECT_RETRY_MAX = 0.1
+#: errors that mean the activator itself is out of something, not that the app refused
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ConnectionSet:
+    """Every open client connection of the daemon; shutdown waits on it draining instead of polling."""
+
+    def __init__(self) -> None:
+        self._conns: set[Connection] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def add(self, conn: Connection) -> None:
+        self._conns.add(conn)
+        self._empty.clear()
+
+    def discard(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+        if not self._conns:
+            self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._conns))
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
 
 
 class _End(asyncio.Protocol):
-    """One side of a spliced connection."""
+    """One side of a connection. Its bytes go straight to the peer once `through`; until then they are held."""
 
-    def __init__(self, conn: Connection, counter: Any, *, is_client: bool) -> None:
+    def __init__(self, conn: Connection, counter: Any) -> None:
         self.conn = conn
         self.counter = counter
-        self.is_client = is_client
         self.transport: asyncio.Transport | None = None
         self.peer: _End | None = None
-        self.eof = False
-        # uvloop may deliver the first chunk even though reading was paused in connection_made; keep it.
-        self.early: list[bytes] = []
+        self.through = False
+        self.held = bytearray()
+        self.eof = False  # this side sent EOF
+        self.eof_passed = False  # ... and the peer has been told (write_eof)
+        self.blocked = False  # the peer's write buffer is full: do not read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
         self.transport = cast(asyncio.Transport, transport)
-        if self.is_client:
-            self.transport.pause_reading()
-            self.conn.start()
+        self.conn.made(self)
 
     def data_received(self, data: bytes) -> None:
-        peer = self.peer
-        if peer is None or peer.transport is None:
-            self.early.append(data)
+        if self.conn.idle_timeout is not None:
+            self.conn.last_activity = time.monotonic()
+        if self.through:
+            assert self.peer is not None and self.peer.transport is not None
+            self.peer.transport.write(data)
+            self.counter.inc(len(data))
             return
-        peer.transport.write(data)
-        self.counter.inc(len(data))
-
-    def flush_early(self) -> None:
-        early, self.early = self.early, []
-        for data in early:
-            self.data_received(data)
+        self.held += data
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.conn.spoke()
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.through:
+            return self._pass_eof()
+        return self.conn.closed_early()
+
+    def _pass_eof(self) -> bool:
+        """Tell the peer this direction is done; close when both are. False: the transport may close."""
         peer = self.peer
-        if peer is None:  # EOF before the backend exists: pass it on once connected
-            return True
-        if peer.transport is not None and not peer.transport.is_closing():
-            if peer.eof:
-                self.conn.close()
-                return False
+        assert peer is not None and peer.transport is not None
+        self.eof_passed = True
+        if peer.eof_passed:
+            self.conn.close()
+            return False
+        if not peer.transport.is_closing():
             peer.transport.write_eof()
         return True  # keep our write side open: the other direction may still be talking
 
+    def open(self) -> None:
+        """Let bytes through: what was held first, in order, then a held EOF."""
+        assert self.peer is not None and self.peer.transport is not None
+        self.through = True
+        if self.held:
+            self.peer.transport.write(bytes(self.held))
+            self.counter.inc(len(self.held))
+            self.held.clear()
+        if self.eof and not self._pass_eof():
+            return
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or self.eof:
+            return
+        if self.through and not self.blocked:
+            t.resume_reading()
+        else:
+            t.pause_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self is self.conn.client and not self.through and not self.conn.closed:
+            self.conn.closed_early()  # a reset (or a close we had not read yet) before the splice
         self.conn.close()
 
     # Flow control: our transport's write buffer is full, so stop reading from the peer that fills it.
     def pause_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.pause_reading()
+        if self.peer is not None:
+            self.peer.blocked = True
+            self.peer._update_reading()
 
     def resume_writing(self) -> None:
-        if self.peer is not None and self.peer.transport is not None and not self.peer.transport.is_closing():
-            self.peer.transport.resume_reading()
+        if self.peer is not None:
+            self.peer.blocked = False
+            self.peer._update_reading()
 
 
 class Connection:
-    """A client connection and, once activated, its backend. Releases its instance exactly once."""
+    """A client connection and, once spliced, its backend. Releases what it holds exactly once."""
 
-    def __init__(self, service: Service, registry: set[Connection]) -> None:
+    def __init__(self, service: Service, registry: ConnectionSet) -> None:
         self.service = service
         self.registry = registry
-        self.client = _End(self, service.m.bytes_in, is_client=True)
-        self.backend = _End(self, service.m.bytes_out, is_client=False)
-        self.instance: Instance | None = None
+        self.client = _End(self, service.m.bytes_in)
+        self.backend = _End(self, service.m.bytes_out)
+        self.client.peer, self.backend.peer = self.backend, self.client
+        self.backend.through = True  # the app may speak first (a banner); the client's transport exists
+        self.lease: Lease | None = None
+        self.phase = "held"
         self.closed = False
         self.accepted = time.monotonic()
+        cfg = service.config
+        self.idle_timeout = cfg.client_idle_timeout
+        self.last_activity = self.accepted
+        self._timer: asyncio.TimerHandle | None = None
         self._activation: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    # --- held ---------------------------------------------------------------------------------------------
+
+    def made(self, end: _End) -> None:
+        if end is self.backend:
+            return
         svc = self.service
         svc.m.connections.inc()
-        limit = svc.config.max_connections
-        if limit is not None and svc.open_connections >= limit:
-            self._reject(Rejected("max-connections", f"service '{svc.name}' has {limit} open connections"))
+        try:
+            self.lease = svc.admit()
+        except Rejected as e:
+            svc.reject(e)
+            self.closed = True
+            assert self.client.transport is not None
+            self.client.transport.close()
             return
         self.registry.add(self)
-        svc.open_connections += 1
-        svc.m.open_connections.inc()
-        self._activation = spawn(self._activate(), name=f"activate:{svc.name}")
+        cfg = svc.config
+        if cfg.wake_on == "connect" or not svc.needs_wake():
+            self.wake()
+            return
+        # Held for waking: keep reading, so the first byte, a close or a reset is seen.
+        assert self.client.transport is not None
+        self.client.transport.resume_reading()
+        if cfg.wake_grace is not None:
+            self._arm(cfg.wake_grace)
+        elif self.idle_timeout is not None:
+            self._arm(self.idle_timeout)
 
-    def _reject(self, why: Rejected) -> None:
-        self.service.reject(why)
-        self.closed = True
-        if self.client.transport is not None:
-            self.client.transport.close()
+    def spoke(self) -> None:
+        if self.phase == "held":
+            self.wake()
+
+    def closed_early(self) -> bool:
+        """The client sent EOF (or vanished) while not spliced. Before waking: ignored. Returns what
+        eof_received should: keep the transport half-open when the EOF is to be passed on later."""
+        if self.phase == "held" and not self.client.held:
+            self.service.m.ignored.inc()
+            self.close()
+            return False
+        return True
+
+    def wake(self) -> None:
+        self.phase = "waking"
+        self._disarm()
+        assert self.client.transport is not None
+        self.client.transport.pause_reading()
+        self._activation = spawn(self._activate(), name=f"activate:{self.service.name}")
+
+    def _arm(self, delay: float) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._timer_fired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        if self.phase == "held" and self.service.config.wake_grace is not None:
+            self.wake()  # silent for wake_grace: a server-speaks-first client
+            return
+        idle = self.idle_timeout
+        if idle is None or self.phase == "waking":
+            return
+        remaining = self.last_activity + idle - time.monotonic()
+        if remaining > 0.001:
+            self._arm(remaining)
+            return
+        self.service.m.idle_closes.inc()
+        log.debug("service=%s connection closed after %gs without a byte either way", self.service.name, idle)
+        self.close()
+
+    # --- waking -------------------------------------------------------------------------------------------
 
     async def _activate(self) -> None:
         svc = self.service
+        lease = self.lease
+        assert lease is not None
         try:
             while True:
-                inst, waited = await svc.acquire()
-                self.instance = inst
-                if self.closed:  # the client left while we waited
-                    self._release()
-                    return
+                inst, waited = await lease.acquire()
                 deadline = inst.ready_at + svc.config.connect_timeout
                 try:
                     sock = await connect_in_instance(inst, svc.config.port, deadline)
-                    inst.established += 1
-                    break
                 except OSError as e:
-                    svc.instance_failed(inst, f"app refused connections past connect_timeout: {e.strerror}")
-                    self._release()
-                    if not inst.established:
-                        raise  # a start that never worked: this client is closed, the service backs off
-                    # An instance that had worked and died: this client goes to another one.
-            # Peers first: the backend may send (a banner) before create_connection returns to us.
-            self.client.peer, self.backend.peer = self.backend, self.client
+                    if e.errno in RESOURCE_ERRNOS:
+                        lease.drop()
+                        raise Rejected("resources", f"service '{svc.name}': no backend socket: {e.strerror}"
+                                       ) from None
+                    if lease.broken(f"app refused connections past connect_timeout: {e.strerror}"):
+                        continue  # an instance that had worked and died: this client goes to another one
+                    raise  # a start that never worked: this client is closed, the service backs off
+                lease.connected()
+                break
             loop = asyncio.get_running_loop()
-            await loop.create_connection(lambda: self.backend, sock=sock)
+            try:
+                await loop.create_connection(lambda: self.backend, sock=sock)
+            except OSError as e:
+                sock.close()
+                if e.errno in RESOURCE_ERRNOS:
+                    raise Rejected("resources", f"service '{svc.name}': {e.strerror}") from None
+                raise
         except asyncio.CancelledError:
             self.close()
             raise
@@ -168,37 +310,38 @@ class Connection:
             return
         if waited:
             svc.m.first_connection_wait.observe(time.monotonic() - self.accepted)
-        assert self.client.transport is not None and self.backend.transport is not None
-        if svc.config.proxy_protocol is not None:
-            self.backend.transport.write(proxy_protocol.header(
-                svc.config.proxy_protocol,
-                self.client.transport.get_extra_info("peername")[:2],
-                self.client.transport.get_extra_info("sockname")[:2],
-            ))
-        self.client.flush_early()
-        if self.client.eof:
-            self.backend.transport.write_eof()
-        else:
-            self.client.transport.resume_reading()
+        self._splice()
+
+    # --- spliced ------------------------------------------------------------------------------------------
+
+    def _splice(self) -> None:
+        """Header, held bytes, held EOF, then straight through: one synchronous step, nothing can interleave."""
+        self.phase = "spliced"
+        client, backend = self.client.transport, self.backend.transport
+        assert client is not None and backend is not None
+        version = self.service.config.proxy_protocol
+        if version is not None:
+            backend.write(proxy_protocol.header(version, client.get_extra_info("peername")[:2],
+                                                client.get_extra_info("sockname")[:2]))
+        self.client.open()
+        if self.idle_timeout is not None and not self.closed:
+            self.last_activity = time.monotonic()
+            self._arm(self.idle_timeout)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.phase = "closed"
+        self._disarm()
         for end in (self.client, self.backend):
             if end.transport is not None:
                 end.transport.close()
         if self._activation is not None and not self._activation.done():
             self._activation.cancel()
-        self._release()
+        if self.lease is not None:
+            self.lease.release()
         self.registry.discard(self)
-        self.service.open_connections -= 1
-        self.service.m.open_connections.dec()
-
-    def _release(self) -> None:
-        if self.instance is not None:
-            inst, self.instance = self.instance, None
-            self.service.release(inst)
 
     def abort(self) -> None:
         for end in (self.client, self.backend):
@@ -207,7 +350,7 @@ class Connection:
         self.close()
 
 
-def client_protocol_factory(service: Service, registry: set[Connection]) -> Any:
+def client_protocol_factory(service: Service, registry: ConnectionSet) -> Callable[[], asyncio.Protocol]:
     """The protocol factory for a service's listening socket: one Connection per accepted client."""
     return lambda: Connection(service, registry).client
 

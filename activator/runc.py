@@ -1,5 +1,5 @@
 """The runc CLI, driven directly (Docker's checkpoint path is slower than a cold boot and cannot restore into
-new containers; see HOST-NOTES).
+new containers; see docs/host-notes.md).
 
 All our containers live under a private runc root (state_dir/runc), so `runc list` there is exactly the set of
 containers activator owns, which is what crash recovery and leak checks rely on.
@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 from . import rootfs
-from .errors import RestoreError
+from .errors import RuncError
 
 RUNC_BIN = "runc"
 # Under systemd these are ours, not the containers': runc would try to relay sd_notify for the container
@@ -27,10 +27,6 @@ _SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID",
 
 def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARS}
-
-
-class RuncError(RestoreError):
-    """A runc command failed; log points at the runc or CRIU log that says why."""
 
 
 # runc hands this file to CRIU for our containers only (the spec's org.criu.config annotation), instead of

@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import cgroups, readiness, rootfs
 from .config import Resources
@@ -29,6 +30,7 @@ from .netns import PREFIX as NETNS_PREFIX
 from .netns import NetNamespace
 from .runc import Runc
 from .spec import ProcessSpec, runtime_spec
+from .statedir import copy_private, open_private, write_private
 
 log = logging.getLogger("activator.sandbox")
 
@@ -80,22 +82,29 @@ class Sandbox:
         self._mounted = False
         self._container = False
 
-    async def prepare(self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str) -> None:
+    async def prepare(self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
+                      seccomp: dict[str, Any] | None) -> None:
         """Namespace, mount and bundle: everything runc needs. On failure, what was made is released."""
         try:
-            await asyncio.to_thread(self._prepare_blocking, lower, process, resources, hostname)
+            await asyncio.to_thread(self._prepare_blocking, lower, process, resources, hostname, seccomp)
         except BaseException:
             await self.release()
             raise
 
     def _prepare_blocking(
         self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
+        seccomp: dict[str, Any] | None,
     ) -> None:
         lay = self.layout
-        lay.dir.mkdir(parents=True)
-        lay.bundle.mkdir()
-        lay.criu_work.mkdir()
+        # Private: the bundle holds the environment (secrets), the upper dir the app's writes, criu-work its logs.
+        lay.dir.mkdir(mode=0o700, parents=True)
+        lay.bundle.mkdir(mode=0o700)
+        lay.criu_work.mkdir(mode=0o700)
         self.netns = NetNamespace.create(self.netns.name)
+        # The merged root takes the upper dir's mode: it must be the image root's, not our private 0700, or a
+        # non-root app could not even look up its own files.
+        lay.upper.mkdir(mode=0o700)
+        os.chmod(lay.upper, os.stat(lower[-1]).st_mode & 0o7777)
         rootfs.mount_overlay(lower, lay.upper, lay.overlay_work, lay.rootfs)
         self._mounted = True
         spec = runtime_spec(
@@ -106,8 +115,9 @@ class Sandbox:
             hostname=hostname,
             resources=resources,
             criu_config=str(self.runc.criu_config),
+            seccomp=seccomp,
         )
-        (lay.bundle / "config.json").write_text(json.dumps(spec))
+        write_private(lay.bundle / "config.json", json.dumps(spec))
 
     def write_hosts(self, hostname: str) -> None:
         """Apps (the JVM among them) resolve their own hostname at start; make it resolve without DNS."""
@@ -121,7 +131,7 @@ class Sandbox:
 
     async def restore(self, image_path: Path) -> None:
         self._container = True
-        fd = os.open(self.layout.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        fd = open_private(self.layout.output)
         try:
             await self.runc.restore(
                 self.name, self.layout.bundle, image_path, self.layout.criu_work,
@@ -151,13 +161,13 @@ class Sandbox:
 
     def keep_log(self, dest: Path, *sources: Path) -> Path | None:
         """Copy a failure's logs out of the sandbox dir before release() deletes it."""
-        dest.mkdir(parents=True, exist_ok=True)
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
         kept = None
         for src in sources:
             if src.exists():
                 target = dest / f"{self.name}-{src.name}"
                 with contextlib.suppress(OSError):
-                    shutil.copyfile(src, target)
+                    copy_private(src, target)
                     kept = kept or target
         return kept
 

@@ -1,197 +1,159 @@
 """The one lifecycle owner.
 
-serve() = startup() -> wait for a stop request -> shutdown(), and shutdown runs whatever startup got to.
+serve() = startup() raced against the stop trigger -> wait for a stop request -> shutdown(); shutdown releases
+whatever startup got to, so a SIGTERM during a long first checkpoint build stops promptly and leaves nothing.
 
-startup:  check the host, lock the state dir, clean what a crashed run left, take the listening sockets
-          systemd passed in (LISTEN_FDS, matched by address) and bind the rest (a port in use fails here, before
-          anything else starts), start accepting (early connections simply wait), start the control socket
-          and the metrics endpoint, then make sure every service has a current checkpoint. Only then is
-          systemd told READY=1; from then on a watchdog ping is sent from the event loop itself, so a
-          stuck loop is noticed.
+startup:  check the host, lock the state dir, raise the descriptor limit and size the connection budget from it,
+          clean what a crashed run left, take the listening sockets handed in (LISTEN_FDS, or a caller's) and
+          bind the rest (a port in use fails here, before anything else starts), start accepting (early
+          connections simply wait), start the control socket and the metrics endpoint, then make sure every
+          service has a current checkpoint. A service whose checkpoint cannot be built does not stop the others:
+          it refuses its connections (counted) and its build is retried with backoff; the log and `status` say
+          why. Then systemd is told READY=1, and a watchdog ping is sent from the event loop itself.
 shutdown: stop accepting, let open connections finish up to drain_timeout (systemd is told to extend its stop
-          timeout accordingly), abort the rest, kill and release every instance, stop the endpoints, unlock.
+          timeout accordingly; a second SIGTERM/SIGINT cuts the drain short), abort the rest, kill and release
+          every instance, stop the endpoints, unlock.
 
-Signal handlers only set the stop event.
+Signal handlers only set events. SIGHUP is logged and ignored (a terminal hang-up must not kill the daemon and
+leave its containers behind; reloading is not supported yet).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
+import contextlib
 import logging
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from . import preflight, systemd
-from .checkpoint import CheckpointBuilder, CheckpointStore
-from .config import Config, ListenAddress, ServiceConfig, Settings
+from . import capacity, preflight, systemd
+from .builder import CheckpointBuilder
+from .config import Config, ServiceConfig
 from .control import ControlServer
 from .errors import ActivatorError
-from .images import DockerImageSource
+from .host import clean_leftovers, open_host
+from .instance import Launcher
+from .listeners import BACKLOG, take_all
 from .metrics import Metrics
-from .proxy import Connection, client_protocol_factory
-from .runc import Runc
-from .sandbox import Sandbox
+from .proxy import ConnectionSet, client_protocol_factory
 from .service import Service
+from .statedir import StateDir
 from .tasks import spawn
 
 log = logging.getLogger("activator")
 
 
-class StateDir:
-    """state_dir and the lock that keeps two activators off it."""
-
-    def __init__(self, settings: Settings) -> None:
-        root = settings.state_dir
-        self.root = root
-        self.runc_binary = settings.runc
-        self.control_socket = settings.control_socket
-        self.instances = root / "instances"
-        self.logs = root / "logs"
-        self.runc_root = root / "runc"
-        self._lock_fd: int | None = None
-
-    def lock(self) -> None:
-        for d in (self.root, self.instances, self.logs, self.runc_root):
-            d.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ActivatorError(
-                f"another activator is already using state_dir {self.root}; stop it or set settings.state_dir"
-            ) from None
-        self._lock_fd = fd
-
-    def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    def tools(self) -> tuple[Runc, CheckpointStore]:
-        runc = Runc(self.runc_root, self.runc_binary)
-        runc.write_criu_config()
-        return runc, CheckpointStore(self.root)
-
-
-def open_host(state: StateDir) -> tuple[Runc, CheckpointBuilder]:
-    """Check the host, lock the state dir, and make the tools `run` and `checkpoint` share."""
-    preflight.check_root()
-    runc_version = preflight.check_runc(state.runc_binary)
-    criu_version = preflight.check_criu()
-    state.lock()
-    runc, store = state.tools()
-    return runc, CheckpointBuilder(store, DockerImageSource(), runc, state.instances, criu_version, runc_version)
-
-
-async def clean_leftovers(state: StateDir, runc: Runc) -> list[str]:
-    """Remove every container, mount, namespace, cgroup and directory a previous run of this state dir left.
-
-    Every instance a dead run knew of has a directory under instances/ or runc/ (one whose restore runc never
-    finished has only the latter); each is released the way a live instance is (Sandbox.release).
-    """
-    containers = await runc.list()
-    for name in containers:
-        await runc.delete(name)
-    names = {d.name for root in (state.instances, state.runc_root) if root.is_dir() for d in root.iterdir()
-             if d.is_dir()}
-    for name in sorted(names):
-        await Sandbox(name, state.instances, runc).release()
-    # Replaced checkpoints were kept only for instances that had them mounted; none survive a restart.
-    retired = CheckpointStore(state.root).sweep_retired()
-    return [f"container {n}" for n in containers] + [f"instance {n}" for n in sorted(names - set(containers))] \
-        + [f"replaced checkpoint {d}" for d in retired]
-
-
-def bind_listener(addr: ListenAddress, svc: ServiceConfig, config_path: Path) -> socket.socket:
-    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((addr.host, addr.port))
-        sock.listen(1024)
-    except OSError as e:
-        sock.close()
-        why = {
-            errno.EADDRINUSE: "is already in use by another process; stop it or pick another port",
-            errno.EADDRNOTAVAIL: "is not an address of this host; fix the host part",
-            errno.EACCES: "needs more privileges",
-        }.get(e.errno or 0, e.strerror or str(e))
-        raise ActivatorError(f"{config_path}: services.{svc.name}.listen: {addr} {why}") from None
-    sock.setblocking(False)
-    return sock
-
-
 class Activator:
-    def __init__(self, config: Config, *, on_ready: Callable[[Activator], None] | None = None) -> None:
+    def __init__(self, config: Config, *, sockets: list[socket.socket] | None = None,
+                 on_ready: Callable[[Activator], None] | None = None) -> None:
         self.config = config
-        self.state = StateDir(config.settings)
+        self.state = StateDir.of(config)
         self.metrics = Metrics()
         self.services: dict[str, Service] = {}
-        self.connections: set[Connection] = set()
+        self.connections = ConnectionSet()
         self.listeners: list[tuple[ServiceConfig, socket.socket]] = []
+        self.budget = capacity.Budget(0)
+        self._handed_in = list(sockets or [])
         self._servers: list[asyncio.Server] = []
         self._metrics_server: Any = None
         self._control: ControlServer | None = None
         self._builder: CheckpointBuilder | None = None
-        self._watchdog: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self.started = time.time()
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()
         self._on_ready = on_ready
         self.ready = asyncio.Event()
+        self._locked = False
 
     def request_stop(self) -> None:
+        if self._stop.is_set():
+            if not self._force.is_set():
+                log.warning("second stop request: cutting the drain short")
+            self._force.set()
         self._stop.set()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
         try:
-            await self.startup()
-            if not self._stop.is_set():
-                self.ready.set()
-                if self._on_ready:
-                    self._on_ready(self)
-                summary = ", ".join(
-                    f"{svc.name} on {' '.join(str(a) for a in svc.listen)}" for svc in self.config.services)
-                log.info("ready: %s", summary)
-                systemd.notify("READY=1", f"STATUS=serving {len(self.services)} service(s)")
-                interval = systemd.watchdog_interval()
-                if interval:
-                    self._watchdog = spawn(self._ping_watchdog(interval), name="watchdog")
-            await self._stop.wait()
+            starting = spawn(self.startup(), name="startup", awaited=True)
+            stopping = spawn(self._stop.wait(), name="stop-trigger", awaited=True)
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not starting.done():
+                log.info("stop requested during startup")
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+            else:
+                starting.result()  # a startup error (port in use, no CRIU, ...) ends serve() here
+                self._announce()
+                await self._stop.wait()
         finally:
             await self.shutdown()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    def _hangup(self) -> None:
+        log.warning("SIGHUP ignored: reloading the configuration is not supported yet; restart to apply changes")
+
+    def _announce(self) -> None:
+        self.ready.set()
+        if self._on_ready:
+            self._on_ready(self)
+        summary = ", ".join(f"{svc.name} on {' '.join(str(a) for a in svc.listen)}" for svc in self.config.services)
+        log.info("ready: %s", summary)
+        broken = [s.name for s in self.services.values() if s.checkpoint_problem]
+        status = f"serving {len(self.services) - len(broken)} service(s)"
+        if broken:
+            status += f"; without a checkpoint (retrying): {', '.join(broken)}"
+        systemd.notify("READY=1", f"STATUS={status}")
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._keep(spawn(self._ping_watchdog(interval), name="watchdog"))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def startup(self) -> None:
         runc, builder = open_host(self.state)
-        cleaned = await clean_leftovers(self.state, runc)
+        self._locked = True
+        self._builder = builder
+        nofile = preflight.raise_nofile()
+        self.budget.limit = capacity.connection_budget(nofile, preflight.open_fds(), len(self.config.services))
+        if self.budget.limit < 16:
+            raise ActivatorError(f"the open file limit ({nofile}) leaves room for {self.budget.limit} connections; "
+                                 "raise it (ulimit -n, or LimitNOFILE= in the unit)")
+        for svc in self.config.services:
+            if svc.max_connections is not None and svc.max_connections > self.budget.limit:
+                log.warning("service=%s max_connections %d is more than the open file limit (%d) allows: past "
+                            "%d connections in all, clients are refused with reason=resources", svc.name,
+                            svc.max_connections, nofile, self.budget.limit)
+        cleaned = await clean_leftovers(self.state, runc, builder.images)
         if cleaned:
             log.warning("cleaned up after a previous run: %s", ", ".join(cleaned))
 
-        self._bind_all(systemd.listen_fds())
+        self.listeners = take_all(self.config, systemd.listen_fds() + self._handed_in)
+        self._handed_in = []
 
         for svc in self.config.services:
-            self.services[svc.name] = Service(
-                svc, runc=runc, store=builder.store, instances_dir=self.state.instances, logs_dir=self.state.logs,
-                metrics=self.metrics,
-            )
+            m = self.metrics.for_service(svc.name)
+            launcher = Launcher(svc, runc, self.state.instances, self.state.logs, m)
+            self.services[svc.name] = Service(svc, launcher=launcher, metrics=m, budget=self.budget,
+                                              store=builder.store)
         loop = asyncio.get_running_loop()
         for svc, sock in self.listeners:
             factory = client_protocol_factory(self.services[svc.name], self.connections)
-            self._servers.append(await loop.create_server(factory, sock=sock, backlog=1024))
+            self._servers.append(await loop.create_server(factory, sock=sock, backlog=BACKLOG))
 
-        self._builder = builder
         self._control = ControlServer(self.state.control_socket, {"status": self.status, "rebuild": self.rebuild})
         await self._control.start()
 
@@ -205,32 +167,7 @@ class Activator:
                 ) from None
 
         systemd.notify("STATUS=making sure every service has a current checkpoint")
-        results = await asyncio.gather(
-            *(self._ensure_checkpoint(builder, s) for s in self.config.services), return_exceptions=True,
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-
-    def _bind_all(self, inherited: list[socket.socket]) -> None:
-        """Every listen address gets a socket: the one systemd passed for it if any, else one bound here."""
-        for svc in self.config.services:
-            for addr in svc.listen:
-                match = next((s for s in inherited if systemd.same_address(s, addr)), None)
-                if match is not None:
-                    inherited.remove(match)
-                    match.setblocking(False)
-                    log.info("service=%s using the socket passed in for %s", svc.name, addr)
-                    self.listeners.append((svc, match))
-                else:
-                    self.listeners.append((svc, bind_listener(addr, svc, self.config.path)))
-        for sock in inherited:
-            where = sock.getsockname()
-            sock.close()
-            raise ActivatorError(
-                f"{self.config.path}: a socket passed in by systemd ({where}) matches no service's listen address; "
-                "add it to a service or remove it from the socket unit"
-            )
+        await asyncio.gather(*(self._first_checkpoint(s) for s in self.config.services))
 
     async def _ping_watchdog(self, interval: float) -> None:
         while True:
@@ -243,6 +180,7 @@ class Activator:
             "config": str(self.config.path),
             "uptime_seconds": round(time.time() - self.started, 1),
             "ready": self.ready.is_set(),
+            "connection_budget": self.budget.limit,
             "services": [s.status() for s in self.services.values()],
         }
 
@@ -256,20 +194,46 @@ class Activator:
         return {"service": svc.name, "dir": str(ck.dir), "build_seconds": ck.build_seconds,
                 "listening_ports": list(ck.listening_ports), "pages_bytes": ck.pages_bytes}
 
-    async def _ensure_checkpoint(self, builder: CheckpointBuilder, svc: ServiceConfig) -> None:
+    async def _first_checkpoint(self, svc: ServiceConfig) -> None:
+        if not await self._build(svc):
+            self._keep(spawn(self._retry_checkpoint(svc), name=f"checkpoint-retry:{svc.name}"))
+
+    async def _build(self, svc: ServiceConfig, failures: int = 0) -> bool:
+        """One attempt at the service's checkpoint. False (logged, counted, service refusing) if it failed."""
+        assert self._builder is not None
+        service = self.services[svc.name]
         t0 = time.monotonic()
         try:
-            checkpoint, built = await builder.ensure(svc)
-        except BaseException as e:
-            self.services[svc.name].fail_checkpoint(e)
-            raise
-        if built:
-            m = self.services[svc.name].m
-            m.checkpoint_builds.inc()
-            m.checkpoint_build_duration.observe(time.monotonic() - t0)
-            log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
-                     checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
-        self.services[svc.name].set_checkpoint(checkpoint)
+            checkpoint, built = await self._builder.ensure(svc)
+        except ActivatorError as e:
+            why = str(e)
+        except Exception as e:  # a bug must not take the other services down with it
+            log.exception("service=%s checkpoint build crashed", svc.name)
+            why = f"{type(e).__name__}: {e}"
+        else:
+            if built:
+                service.m.checkpoint_builds.inc()
+                service.m.checkpoint_build_duration.observe(time.monotonic() - t0)
+                log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
+                         checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
+            service.set_checkpoint(checkpoint)
+            return True
+        delay = svc.backoff.delay(failures + 1)
+        service.m.checkpoint_build_failures.inc()
+        service.checkpoint_failed(why, delay)
+        log.error("service=%s has no checkpoint, its connections are refused: %s; next attempt in %gs",
+                  svc.name, why, delay)
+        return False
+
+    async def _retry_checkpoint(self, svc: ServiceConfig) -> None:
+        failures = 1
+        while self.services[svc.name].checkpoint is None:
+            await asyncio.sleep(svc.backoff.delay(failures))
+            if self.services[svc.name].checkpoint is not None:
+                return  # an operator's `activator checkpoint --rebuild` got there first
+            if await self._build(svc, failures):
+                return
+            failures += 1
 
     async def shutdown(self) -> None:
         drain = self.config.settings.drain_timeout
@@ -280,20 +244,28 @@ class Activator:
             server.close()
         for _svc, sock in self.listeners:
             sock.close()
+        for task in list(self._background):
+            task.cancel()
         if self.connections:
             log.info("draining %d connection(s) for up to %gs", len(self.connections), drain)
-            deadline = time.monotonic() + self.config.settings.drain_timeout
-            while self.connections and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            for conn in list(self.connections):
+            drained = spawn(self.connections.wait_empty(), name="drain", awaited=True)
+            forced = spawn(self._force.wait(), name="force-stop", awaited=True)
+            await asyncio.wait({drained, forced}, timeout=drain, return_when=asyncio.FIRST_COMPLETED)
+            drained.cancel()
+            forced.cancel()
+            for conn in self.connections:
                 conn.abort()
         await asyncio.gather(*(s.close() for s in self.services.values()), return_exceptions=True)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1)
         if self._control is not None:
             await self._control.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        self.state.unlock()
+        if self._locked:
+            self.state.unlock()
         log.info("stopped")

@@ -1,16 +1,19 @@
 """One service's instances: restore on demand, scale out from the one checkpoint, admission control, reap.
 
-acquire() hands a connection a ready instance (see capacity.py for which one, and when more are started).
-Connections that need an instance that is not ready yet wait for it; at most `max_waiting` of them, the rest
-are turned away at once (Rejected, counted). Each start is its own task, shielded from the connections
-waiting on it, so a client that gives up cancels nothing for the others.
+Admission is owned here, whole. admit() turns a new client connection into a Lease or refuses it (Rejected,
+counted by reason): the service is shutting down, max_connections is reached, or the daemon's own descriptor
+budget is spent (`resources`). The lease then acquires a ready instance (see capacity.py for which one, and
+when more are started); connections that need an instance that is not ready yet wait for it, at most
+`max_waiting` of them, the rest are turned away at once. The lease releases what it counted exactly once.
+Each start is its own task, shielded from the connections waiting on it, so a client that gives up cancels
+nothing for the others.
 
-A start (instance.py) is `runc restore` (bounded by restore_timeout), then waiting until the app listens on
-its port (read from /proc, no probe connection; bounded by connect_timeout). A failed restore falls back to a cold
+A start (instance.py, through the launcher passed in) is `runc restore` (bounded by restore_timeout), then
+waiting until the app listens on its port (bounded by connect_timeout). A failed restore falls back to a cold
 start from the image unless `fallback: none`, and further restores back off (new instances are cold-started
-meanwhile). A start that yields no instance at all backs the whole service off: until it expires,
-connections that would need a new instance are closed at once instead of piling up behind another attempt.
-Both states are logged, counted and exported as gauges.
+meanwhile). A start that yields no instance at all backs the whole service off: until it expires, connections
+that would need a new instance are closed at once instead of piling up behind another attempt. A service whose
+checkpoint could not be built is in the same state until a build succeeds (the lifecycle owner retries).
 
 An instance is reaped when it has had no open connection for idle_timeout, unless that would leave fewer
 than min_instances. The timer re-checks the instance when it fires instead of trusting the moment it was
@@ -24,17 +27,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import capacity
-from .capacity import FailureBackoff
+from .capacity import Budget, FailureBackoff
 from .checkpoint import Checkpoint, CheckpointStore
 from .config import ServiceConfig
 from .errors import ActivatorError, Rejected, RestoreError, StartError
-from .instance import Instance, Launcher
-from .metrics import Metrics
-from .runc import Runc
+from .instance import Instance
+from .metrics import ServiceMetrics
 from .tasks import spawn
 
 log = logging.getLogger("activator.service")
@@ -43,24 +44,83 @@ log = logging.getLogger("activator.service")
 REJECT_LOG_INTERVAL = 10.0
 
 
+class Launcher(Protocol):
+    """Brings up instances (instance.Launcher; tests pass a fake to drive the state machine without an engine)."""
+
+    async def restore(self, checkpoint: Checkpoint) -> Instance: ...
+
+    async def cold_start(self, checkpoint: Checkpoint) -> Instance: ...
+
+
+class Lease:
+    """One client connection's claim on its service, from admission until release(), which counts it out
+    exactly once (and the instance it was given, if any)."""
+
+    __slots__ = ("instance", "released", "service")
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.instance: Instance | None = None
+        self.released = False
+
+    async def acquire(self) -> tuple[Instance, bool]:
+        """A ready instance for this connection; waited=True if a start was awaited. Raises Rejected."""
+        self.drop()
+        inst, waited = await self.service._acquire()
+        if self.released:  # the client left while we waited
+            self.service._release_instance(inst)
+            raise asyncio.CancelledError
+        self.instance = inst
+        return inst, waited
+
+    def connected(self) -> None:
+        """The app accepted this connection."""
+        assert self.instance is not None
+        self.instance.established += 1
+
+    def broken(self, why: str) -> bool:
+        """The instance refused this connection past its deadline: it is removed. True if the connection
+        should try another instance (this one had worked before: its app died), False if the start itself
+        never worked (the service backs off)."""
+        inst = self.instance
+        assert inst is not None
+        self.drop()
+        self.service.instance_failed(inst, why)
+        return inst.established > 0
+
+    def drop(self) -> None:
+        """Give the instance back without blaming it (the connection failed on our side)."""
+        if self.instance is not None:
+            inst, self.instance = self.instance, None
+            self.service._release_instance(inst)
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.drop()
+        self.service._connection_closed()
+
+
 class Service:
     def __init__(
-        self, config: ServiceConfig, *, runc: Runc, store: CheckpointStore, instances_dir: Path, logs_dir: Path,
-        metrics: Metrics,
+        self, config: ServiceConfig, *, launcher: Launcher, metrics: ServiceMetrics, budget: Budget,
+        store: CheckpointStore | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
-        self.runc = runc
         self.store = store
-        self.instances_dir = instances_dir
-        self.logs_dir = logs_dir
-        self.m = metrics.for_service(self.name)
-        self.launcher = Launcher(config, runc, instances_dir, logs_dir, self.m)
+        self.m = metrics
+        self.launcher = launcher
+        self.budget = budget
         self.instances: list[Instance] = []  # ready to take connections
         self.waiting = 0  # connections waiting in acquire() for an instance
-        self.open_connections = 0  # maintained by the proxy
+        self.open_connections = 0  # admitted and not yet released
         self.restore_backoff = FailureBackoff(config.backoff)
         self.start_backoff = FailureBackoff(config.backoff)
+        #: why the service has no checkpoint (its build failed; retried with backoff), None otherwise
+        self.checkpoint_problem: str | None = None
+        self.checkpoint_retry_at = 0.0
         self._checkpoint: asyncio.Future[Checkpoint] = asyncio.get_running_loop().create_future()
         self._starts: set[asyncio.Task[Instance]] = set()
         self._stopping: set[asyncio.Task[None]] = set()
@@ -82,33 +142,73 @@ class Service:
         if self._checkpoint.done():
             self._checkpoint = asyncio.get_running_loop().create_future()
         self._checkpoint.set_result(checkpoint)
+        if self.checkpoint_problem is not None:
+            log.info("service=%s has a checkpoint now; serving", self.name)
+        self.checkpoint_problem = None
         self._sweep_if_unused()
         self._replenish()
+        self._notify()
+
+    def checkpoint_failed(self, why: str, retry_in: float) -> None:
+        """The build failed and the service has no checkpoint: refuse connections until a retry succeeds."""
+        if self.checkpoint is not None:
+            return  # a failed rebuild: the current checkpoint keeps serving
+        self.checkpoint_problem = why
+        self.checkpoint_retry_at = time.monotonic() + retry_in
+        self._notify()
 
     def _sweep_if_unused(self) -> None:
         current = self.checkpoint
-        if all(i.checkpoint in (None, current) for i in (*self.instances, *self._releasing)):
-            for d in self.store.sweep_retired(self.name):
+        if self.store is None or not all(i.checkpoint in (None, current)
+                                         for i in (*self.instances, *self._releasing)):
+            return
+        store = self.store
+
+        async def sweep() -> None:
+            for d in await asyncio.to_thread(store.sweep_retired, self.name):
                 log.info("service=%s removed replaced checkpoint %s", self.name, d.name)
 
-    def fail_checkpoint(self, exc: BaseException) -> None:
-        if not self._checkpoint.done():
-            self._checkpoint.set_exception(exc)
-            self._checkpoint.exception()  # retrieved here: waiters may not exist
+        task = spawn(sweep(), name=f"sweep:{self.name}")
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     @property
     def checkpoint(self) -> Checkpoint | None:
-        if self._checkpoint.done() and not self._checkpoint.exception():
+        if self._checkpoint.done() and not self._checkpoint.cancelled() and not self._checkpoint.exception():
             return self._checkpoint.result()
         return None
 
     # --- connections ---------------------------------------------------------------------------------------
 
-    async def acquire(self) -> tuple[Instance, bool]:
-        """A ready instance with one more connection counted on it; waited=True if a start was awaited.
+    def admit(self) -> Lease:
+        """Count a new client connection in, or raise Rejected (counted by the caller through reject())."""
+        if self._closed:
+            raise Rejected("shutting-down", f"service '{self.name}' is shutting down")
+        limit = self.config.max_connections
+        if limit is not None and self.open_connections >= limit:
+            raise Rejected("max-connections", f"service '{self.name}' has {limit} open connections")
+        if not self.budget.take():
+            raise Rejected("resources", f"the activator's file descriptor budget ({self.budget.limit} "
+                                        "connections) is spent; raise LimitNOFILE")
+        self.open_connections += 1
+        self.m.open_connections.inc()
+        return Lease(self)
 
-        Raises Rejected when the connection must be closed instead (queue full, backing off, shutting down).
-        """
+    def _connection_closed(self) -> None:
+        self.open_connections -= 1
+        self.m.open_connections.dec()
+        self.budget.give()
+
+    def needs_wake(self) -> bool:
+        """Would a connection arriving now make the service start an instance (or wait for one)?"""
+        best = capacity.least_loaded(self.instances)
+        if best is None:
+            return True
+        if best.connections < self.config.target_connections:
+            return False
+        return len(self.instances) + len(self._starts) < self.config.max_instances
+
+    async def _acquire(self) -> tuple[Instance, bool]:
         target = self.config.target_connections
         waited = queued = False
         try:
@@ -122,9 +222,7 @@ class Service:
                 if best is not None and not self._starts:
                     break  # nothing more will come (max_instances or backoff): go above target
                 if best is None and not self._starts:
-                    wait = self.start_backoff.remaining(time.monotonic())
-                    raise Rejected("backoff", f"service '{self.name}' has no instance and is backing off "
-                                              f"for {wait:.1f}s after failed starts")
+                    raise self._why_no_instance()
                 if not queued:
                     if self.waiting >= self.config.max_waiting:
                         raise Rejected("queue-full", f"service '{self.name}' already has {self.waiting} "
@@ -145,7 +243,16 @@ class Service:
             best.idle_timer = None
         return best, waited
 
-    def release(self, inst: Instance) -> None:
+    def _why_no_instance(self) -> Rejected:
+        now = time.monotonic()
+        if self.checkpoint is None and self.checkpoint_problem is not None:
+            return Rejected("backoff", f"service '{self.name}' has no checkpoint ({self.checkpoint_problem}); "
+                                       f"next build attempt in {max(0.0, self.checkpoint_retry_at - now):.1f}s")
+        wait = self.start_backoff.remaining(now)
+        return Rejected("backoff", f"service '{self.name}' has no instance and is backing off for {wait:.1f}s "
+                                   "after failed starts")
+
+    def _release_instance(self, inst: Instance) -> None:
         inst.connections -= 1
         if inst.stopping:
             return
@@ -194,7 +301,7 @@ class Service:
 
     def _scale(self, extra: int) -> None:
         now = time.monotonic()
-        if self._closed or self.start_backoff.active(now):
+        if self._closed or self.start_backoff.active(now) or self.checkpoint_problem is not None:
             return
         demand = sum(i.connections for i in self.instances) + self.waiting + extra
         n = capacity.starts_needed(demand=demand, ready=len(self.instances), starting=len(self._starts),
@@ -282,11 +389,11 @@ class Service:
             self.instances.remove(inst)
         self._publish()
         self._releasing.add(inst)
-        task = spawn(self._release(inst), name=f"release:{inst.name}")
+        task = spawn(self._teardown(inst), name=f"teardown:{inst.name}")
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    async def _release(self, inst: Instance) -> None:
+    async def _teardown(self, inst: Instance) -> None:
         try:
             await inst.sandbox.release()
         finally:
@@ -327,12 +434,16 @@ class Service:
             "name": self.name,
             "listen": [str(a) for a in self.config.listen],
             "open_connections": self.open_connections,
+            "max_connections": self.config.max_connections or self.budget.limit,
             "waiting": self.waiting,
             "starting": len(self._starts),
             "backoff_seconds": round(self.start_backoff.remaining(now), 3),
             "restore_backoff_seconds": round(self.restore_backoff.remaining(now), 3),
             "min_instances": self.config.min_instances,
             "max_instances": self.config.max_instances,
+            "checkpoint_problem": self.checkpoint_problem,
+            "checkpoint_retry_seconds": round(max(0.0, self.checkpoint_retry_at - now), 1)
+            if self.checkpoint_problem else 0.0,
             "checkpoint": None if ck is None else {
                 "dir": str(ck.dir), "age_seconds": round(wall - ck.created, 1), "pages_bytes": ck.pages_bytes,
                 "image_id": ck.origin.image_id,
@@ -351,7 +462,9 @@ class Service:
         self._closed = True
         if self._replenish_timer is not None:
             self._replenish_timer.cancel()
-        self.fail_checkpoint(ActivatorError(f"service '{self.name}' is shutting down"))
+        if not self._checkpoint.done():
+            self._checkpoint.set_exception(ActivatorError(f"service '{self.name}' is shutting down"))
+            self._checkpoint.exception()  # retrieved here: no start may be waiting for it
         self._notify()
         starts = list(self._starts)
         for task in starts:
@@ -361,5 +474,5 @@ class Service:
                 await task
         for inst in list(self.instances):
             self._stop(inst)
-        if self._stopping:
-            await asyncio.gather(*self._stopping, return_exceptions=True)
+        while self._stopping:
+            await asyncio.gather(*list(self._stopping), return_exceptions=True)

@@ -1,5 +1,10 @@
 """The OCI runtime spec for one instance (pure: paths in, a dict out).
 
+The sandbox is Docker's default one (moby oci/defaults.go, 20.10): its capability set, masked and read-only
+paths, mount options, device allowlist (runc adds the same default devices), PID/IPC/UTS/mount/network
+namespaces, and Docker's default seccomp profile (seccomp.py), plus no_new_privs, which `docker run` does not
+set. There is no user namespace: uid 0 in a container is uid 0 on the host, as with `docker run`.
+
 The template that gets checkpointed and every instance restored from it use the same spec except for the
 root filesystem, the network namespace path and the cgroup path. Giving runc a network namespace *path* has a
 useful side effect: runc marks that namespace external when it dumps, and on restore it joins whatever path the
@@ -80,8 +85,20 @@ def _resources(res: Resources) -> dict[str, Any]:
 
 def runtime_spec(
     process: ProcessSpec, *, rootfs: str, netns_path: str, cgroups_path: str, hostname: str, resources: Resources,
-    criu_config: str | None = None,
+    criu_config: str | None = None, seccomp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    linux: dict[str, Any] = {
+        "namespaces": [
+            {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+            {"type": "network", "path": netns_path},
+        ],
+        "cgroupsPath": cgroups_path,
+        "resources": _resources(resources),
+        "maskedPaths": MASKED_PATHS,
+        "readonlyPaths": READONLY_PATHS,
+    }
+    if seccomp is not None:
+        linux["seccomp"] = seccomp
     return {
         "ociVersion": "1.0.2",
         # runc passes this file to CRIU on checkpoint and restore (instead of /etc/criu/runc.conf).
@@ -98,11 +115,11 @@ def runtime_spec(
         "root": {"path": rootfs, "readonly": False},
         "hostname": hostname,
         "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
             {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
             {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
@@ -110,14 +127,5 @@ def runtime_spec(
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
              "options": ["nosuid", "noexec", "nodev", "ro"]},
         ],
-        "linux": {
-            "namespaces": [
-                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                {"type": "network", "path": netns_path},
-            ],
-            "cgroupsPath": cgroups_path,
-            "resources": _resources(resources),
-            "maskedPaths": MASKED_PATHS,
-            "readonlyPaths": READONLY_PATHS,
-        },
+        "linux": linux,
     }

@@ -128,8 +128,9 @@ def bench_runc(runs: int) -> dict[str, list[float]]:
     from activator.config import Resources
     from activator.runc import Runc
     from activator.sandbox import Sandbox, new_name
+    from activator.statedir import StateDir
 
-    store = CheckpointStore(STATE)
+    store = CheckpointStore(StateDir(STATE))
     runc = Runc(STATE / "runc-bench")
     out: dict[str, list[float]] = {name: [] for name in APPS}
 
@@ -139,7 +140,7 @@ def bench_runc(runs: int) -> dict[str, list[float]]:
         sb = Sandbox(new_name(name + "-bench"), STATE / "instances-bench", runc)
         t0 = time.monotonic()
         try:
-            await sb.prepare([ck.image_rootfs], ck.process, Resources(), name)
+            await sb.prepare([ck.image_rootfs], ck.process, Resources(), name, ck.seccomp)
             sb.write_hosts(name)
             with open("/dev/null", "wb") as null:  # noqa: ASYNC230 - /dev/null never blocks
                 await sb.start(stdout=null.fileno(), stderr=null.fileno())

@@ -1,7 +1,9 @@
 """Fixtures for the real-engine tests: an Activator started in-process on uvloop against dockerd, runc and CRIU.
 
-Every test gets its own state_dir (so its own runc root, checkpoints and instances) and listens on port 0; the
-real port is read back from the bound socket. Waiting is done on conditions with deadlines, never bare sleeps.
+Every test gets its own state_dir (so its own runc root, checkpoints and instances). The fixture binds each
+service's listening socket itself on port 0 and hands it to the Activator (as systemd would), so the config
+names the real port and no two tests race for one. Waiting is done on conditions with deadlines, never bare
+sleeps.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,10 +63,16 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def write_config(tmp_path: Path, services: dict[str, Any], **settings: Any) -> Path:
     body = {
         "settings": {"state_dir": str(tmp_path / "state"), "metrics": None, "drain_timeout": "2s"} | settings,
-        "services": {name: {"listen": "127.0.0.1:0"} | svc for name, svc in services.items()},
+        "services": {name: {"listen": f"127.0.0.1:{free_port()}"} | svc for name, svc in services.items()},
     }
     path = tmp_path / "services.yaml"
     path.write_text(yaml.safe_dump(body))
@@ -94,7 +103,18 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Running
     started: list[Activator] = []
 
     async def _start(services: dict[str, Any], **settings: Any) -> Running:
-        act = Activator(load_config(write_config(tmp_path, services, **settings)))
+        socks = []
+        with_ports = {}
+        for name, svc in services.items():
+            if "listen" not in svc:
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", 0))
+                sock.listen(1024)
+                socks.append(sock)
+                svc = {"listen": f"127.0.0.1:{sock.getsockname()[1]}"} | svc
+            with_ports[name] = svc
+        act = Activator(load_config(write_config(tmp_path, with_ports, **settings)), sockets=socks)
         started.append(act)
         await act.startup()
         return Running(act)

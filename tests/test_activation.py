@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from activator.checkpoint import CheckpointBuilder, listening_ports
+from activator.builder import CheckpointBuilder
+from activator.checkpoint import CheckpointStore, listening_ports
+from activator.host import tools
 from activator.images import DockerImageSource
 from activator.sandbox import Sandbox, new_name
 
@@ -92,11 +94,11 @@ async def test_two_instances_of_one_checkpoint_run_at_once(start) -> None:  # ty
     svc = run.act.services["web"]
     checkpoint = svc.checkpoint
     assert checkpoint is not None and 8080 in listening_ports(checkpoint.images)
-    runc = svc.runc
+    runc = tools(run.act.state)
     sandboxes = [Sandbox(new_name("web"), run.config.settings.state_dir / "instances", runc) for _ in range(2)]
     try:
         for sb in sandboxes:
-            await sb.prepare(checkpoint.layers, checkpoint.process, svc.config.resources, "web")
+            await sb.prepare(checkpoint.layers, checkpoint.process, svc.config.resources, "web", checkpoint.seccomp)
         await asyncio.gather(*(sb.restore(checkpoint.images) for sb in sandboxes))
         for sb in sandboxes:
             sock = sb.netns.socket()
@@ -118,10 +120,11 @@ async def test_stale_checkpoint_is_rebuilt(start, tmp_path: Path) -> None:  # ty
     svc = run.act.services["web"]
     first = svc.checkpoint
     assert first is not None
-    runc, store = run.act.state.tools()
+    state = run.act.state
+    runc, store = tools(state), CheckpointStore(state)
     origin = first.origin
     make = lambda criu: CheckpointBuilder(  # noqa: E731
-        store, DockerImageSource(), runc, run.config.settings.state_dir / "instances", criu, origin.runc)
+        store, DockerImageSource(state.root), runc, state.instances, criu, origin.runc)
     same, built = await make(origin.criu).ensure(svc.config)
     assert not built and same.created == first.created
     # A different CRIU makes the old dump unusable: rebuilt, and the record says what it was made with.
@@ -177,6 +180,9 @@ async def test_connection_waits_for_a_slow_first_checkpoint(start) -> None:  # t
 async def test_client_that_leaves_during_restore_leaves_nothing(start) -> None:  # type: ignore[no-untyped-def]
     run = await start({"echo": ECHO | {"idle_timeout": "300ms"}})
     _, writer = await asyncio.open_connection("127.0.0.1", run.port("echo"))
+    writer.write(b"x")  # a real client: its first byte wakes the service
+    await writer.drain()
+    await eventually(lambda: run.act.services["echo"]._starts, what="the restore to begin")
     writer.close()  # gone before the restore finishes
     await eventually(lambda: run.metric("activator_restores_total", "echo") == 1, what="the restore")
     await eventually(lambda: run.metric("activator_open_connections", "echo") == 0, what="connection closed")

@@ -95,12 +95,12 @@ def test_capacity_keys_parse_with_defaults() -> None:
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
-        ("    min_instances: 3\n    max_instances: 2\n", "min_instances must be between 0 and max_instances (2)"),
-        ("    max_instances: 0\n", "max_instances must be at least 1"),
-        ("    target_connections: 0\n", "target_connections must be at least 1"),
-        ("    proxy_protocol: v3\n", "proxy_protocol 'v3' is not one of: v1, v2, null"),
-        ("    fallback: retry\n", "fallback 'retry' is not one of: cold-start, none"),
-        ("    backoff: {initial: 5s, max: 1s}\n", "backoff needs 0 < initial <= max"),
+        ("    min_instances: 3\n    max_instances: 2\n", "min_instances (3) must not exceed max_instances (2)"),
+        ("    max_instances: 0\n", "max_instances: 0 is out of range: use 1 to 256"),
+        ("    target_connections: 0\n", "target_connections: 0 is out of range: use 1 to"),
+        ("    proxy_protocol: v3\n", "proxy_protocol: 'v3' is not one of: v1, v2"),
+        ("    fallback: retry\n", "fallback: 'retry' is not one of: cold-start, none"),
+        ("    backoff: {initial: 5s, max: 1s}\n", "backoff.max (1s) must be at least backoff.initial (5s)"),
         ("    backoff: {jitter: 1}\n", "services.web.backoff.jitter: unknown key"),
         ("    connect_timeout: soon\n", "not a duration"),
     ],

@@ -41,7 +41,7 @@ def test_validate_ok_and_malformed(tmp_path: Path) -> None:
     bad.write_text("services:\n  web: {image: [x\n")
     proc = run_cli("validate", str(bad))
     assert proc.returncode == 2
-    assert_one_line_error(proc, str(bad), "malformed YAML at line")
+    assert_one_line_error(proc, str(bad), "malformed YAML", "at line")
 
 
 def test_unknown_key_names_file_service_and_key(tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 @pytest.mark.engine
 def test_missing_image_fails_cleanly(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, {"ghost": HTTPD | {"image": "activator-test/does-not-exist:1"}})
-    proc = run_cli("run", "-c", str(cfg))
+    proc = run_cli("checkpoint", "ghost", "-c", str(cfg))
     assert_one_line_error(proc, "service 'ghost'", "activator-test/does-not-exist:1", "docker pull")
     res = host_resources(tmp_path / "state")
     assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
@@ -81,7 +81,7 @@ def test_port_in_use(tmp_path: Path) -> None:
 def test_app_that_never_listens(tmp_path: Path) -> None:
     svc = HTTPD | {"command": ["sleep", "600"], "readiness": {"timeout": "1s"}}
     cfg = write_config(tmp_path, {"mute": svc})
-    proc = run_cli("run", "-c", str(cfg))
+    proc = run_cli("checkpoint", "mute", "-c", str(cfg))
     assert_one_line_error(proc, "service 'mute'", "did not listen on port 8080 within 1s", "readiness.timeout")
     res = host_resources(tmp_path / "state")
     assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
@@ -181,7 +181,7 @@ exec {shutil.which("runc")} "$@"
 """)
     broken.chmod(0o755)
     cfg = write_config(tmp_path, {"web": HTTPD}, runc=str(broken))
-    proc = run_cli("run", "-c", str(cfg))
+    proc = run_cli("checkpoint", "web", "-c", str(cfg))
     assert_one_line_error(proc, "service 'web'", "building its checkpoint failed", "runc run failed: no luck")
     assert "runc run failed: runc run failed" not in proc.stderr  # runc's own prefix is not repeated
     res = host_resources(tmp_path / "state")

@@ -1,0 +1,273 @@
+"""Building checkpoints: start a template, wait until its app is ready, dump it, keep what it wrote.
+
+Start a template with runc on the image's root filesystem (under the service's seccomp filter), wait until the
+app listens on its port (no probe connection is left open), dump it, keep its upper directory as diff/, read the
+dump back with pycriu to confirm the port is really among its listening sockets, then swap the directory into
+place atomically (checkpoint.py's store). A build that fails for any reason leaves nothing: no container,
+mount, namespace or half-written directory; the failure's logs are kept under state_dir/logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import readiness, seccomp
+from .checkpoint import FORMAT, Checkpoint, CheckpointStore, Origin, listening_ports, pages_bytes
+from .config import ServiceConfig
+from .errors import CheckpointError, RuncError, StartError
+from .images import DockerImageSource, ImageInfo, resolve_user
+from .runc import Runc
+from .sandbox import Sandbox, new_name
+from .spec import DEFAULT_CAPS, ProcessSpec, merge_env, process_args
+from .statedir import copy_private, open_private
+from .tasks import spawn
+
+log = logging.getLogger("activator.builder")
+
+PROBE_CLOSE_TIMEOUT = 10.0
+
+
+class CheckpointBuilder:
+    """Makes checkpoints. Owns nothing long-lived: every template it starts is released before it returns."""
+
+    def __init__(
+        self, store: CheckpointStore, images: DockerImageSource, runc: Runc, instances_dir: Path,
+        criu: str, runc_version: str,
+    ) -> None:
+        self.store = store
+        self.images = images
+        self.runc = runc
+        self.instances_dir = instances_dir
+        self.criu = criu
+        self.runc_version = runc_version
+        # Services sharing an image build at once at startup: unpack it once, not once per service.
+        self._unpacking: dict[str, asyncio.Lock] = {}
+        # Templates boot for real (a JVM each): more at once than CPUs only makes every one of them slower,
+        # and can push a slow one past its readiness timeout.
+        self._building = asyncio.Semaphore(os.cpu_count() or 1)
+
+    def origin(self, svc: ServiceConfig, image: ImageInfo, seccomp_digest: str) -> Origin:
+        return Origin(
+            format=FORMAT,
+            service_fingerprint=svc.checkpoint_fingerprint(),
+            image_id=image.id,
+            criu=self.criu,
+            runc=self.runc_version,
+            kernel=os.uname().release,
+            seccomp=seccomp_digest,
+        )
+
+    async def ensure(self, svc: ServiceConfig, *, rebuild: bool = False) -> tuple[Checkpoint, bool]:
+        """The service's current checkpoint, building it when missing or stale. Returns (checkpoint, built)."""
+        image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
+        try:
+            filt, digest = await asyncio.to_thread(seccomp.load, svc.seccomp, DEFAULT_CAPS)
+        except seccomp.ProfileError as e:
+            raise CheckpointError(f"service '{svc.name}': seccomp: {e}; fix the profile or set 'seccomp: default'"
+                                  ) from None
+        wanted = self.origin(svc, image, digest)
+        current = self.store.load(svc.name)
+        if current is not None and not rebuild:
+            stale = current.origin.differences(wanted)
+            if not stale and current.images.is_dir() and current.image_rootfs.is_dir():
+                return current, False
+            log.info("service=%s checkpoint is stale (%s changed); rebuilding", svc.name,
+                     ", ".join(stale) or "files missing")
+        return await self.build(svc, image, wanted, filt), True
+
+    async def build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin,
+                    filt: dict[str, Any] | None) -> Checkpoint:
+        async with self._building:
+            log.info("service=%s building a checkpoint from image %s", svc.name, image.ref)
+            return await self._build(svc, image, origin, filt)
+
+    async def _build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin,
+                     filt: dict[str, Any] | None) -> Checkpoint:
+        started = time.monotonic()
+        rootfs = self.store.image_rootfs(image.short_id)
+        try:
+            async with self._unpacking.setdefault(image.id, asyncio.Lock()):
+                await asyncio.to_thread(self.images.export_rootfs, image, rootfs)
+        except OSError as e:
+            raise CheckpointError(f"service '{svc.name}': unpacking image '{image.ref}' failed: "
+                                  f"{_disk_problem(e, self.store.root) or e}") from None
+        process = self._process(svc, image, rootfs)
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{svc.name}-", dir=self.store.root))
+        sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc)
+        try:
+            await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.name, seccomp=filt)
+            sandbox.write_hosts(svc.name)
+            await self._start_and_wait(svc, sandbox, tmp / "template.log")
+            (tmp / "criu").mkdir(mode=0o700)
+            await sandbox.checkpoint(tmp / "criu")
+            await sandbox.release(keep_dir=True)
+            os.rename(sandbox.layout.upper, tmp / "diff")
+            ports = await asyncio.to_thread(listening_ports, tmp / "criu")
+            if svc.port not in ports:
+                raise CheckpointError(
+                    f"service '{svc.name}': the checkpoint listens on {list(ports) or 'no TCP port'}, not on "
+                    f"port {svc.port}; set 'port' to the port the app listens on"
+                )
+            checkpoint = Checkpoint(
+                service=svc.name, dir=tmp, origin=origin, process=process, image_rootfs=rootfs,
+                listening_ports=ports, created=time.time(), build_seconds=time.monotonic() - started,
+                pages_bytes=pages_bytes(tmp / "criu"), seccomp=filt,
+            )
+            return self.store.install(tmp, checkpoint)
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                self._keep_failure_logs(svc, sandbox, tmp)
+            await sandbox.release()
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+            disk = _disk_problem(e, self.store.root, sandbox.layout.criu_work / "dump.log",
+                                 tmp / "criu" / "dump.log", self.store.logs / f"{svc.name}-dump.log")
+            if disk is not None:
+                raise CheckpointError(f"service '{svc.name}': building its checkpoint failed: {disk}") from e
+            if isinstance(e, RuncError):  # runc does not know which service it was working for; say it
+                raise CheckpointError(f"service '{svc.name}': building its checkpoint failed: {e}; logs in "
+                                      f"{self.store.logs}/{svc.name}-*") from e
+            if isinstance(e, OSError):
+                raise CheckpointError(f"service '{svc.name}': building its checkpoint failed: {e}") from e
+            raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, sandbox.layout.dir, True)
+
+    def _keep_failure_logs(self, svc: ServiceConfig, sandbox: Sandbox, tmp: Path) -> None:
+        self.store.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for src, name in ((tmp / "template.log", "template.log"), (sandbox.layout.criu_work / "dump.log", "dump.log"),
+                          (tmp / "criu" / "dump.log", "dump.log"), (sandbox.layout.runc_log, "runc.log")):
+            if src.exists():
+                copy_private(src, self.store.logs / f"{svc.name}-{name}")
+
+    def _process(self, svc: ServiceConfig, image: ImageInfo, rootfs: Path) -> ProcessSpec:
+        args = process_args(image.entrypoint, image.cmd, svc.entrypoint, svc.command)
+        if not args:
+            raise CheckpointError(
+                f"service '{svc.name}': image '{svc.image}' has no Cmd or Entrypoint; set 'command'"
+            )
+        uid, gid, groups = resolve_user(rootfs, svc.user if svc.user is not None else image.user, svc.name)
+        return ProcessSpec(
+            args=args,
+            env=merge_env(image.env, svc.environment, svc.name),
+            cwd=svc.working_dir or image.working_dir or "/",
+            uid=uid, gid=gid, additional_gids=groups,
+        )
+
+    async def _start_and_wait(self, svc: ServiceConfig, sandbox: Sandbox, output: Path) -> None:
+        # The template's stdio must be a pipe: CRIU cannot dump a descriptor on a host file outside the
+        # container, and runc hands pipes over to the restored instance's own stdio on restore.
+        r, w = os.pipe()
+        copier = spawn(_copy_pipe(r, output), name=f"template-output:{svc.name}", awaited=True)
+        try:
+            await sandbox.start(stdout=w, stderr=w)
+        finally:
+            os.close(w)
+        try:
+            budget = svc.readiness.timeout
+            deadline = time.monotonic() + budget
+            log.info("service=%s template started; waiting up to %gs for it to listen on port %d", svc.name,
+                     budget, svc.port)
+            problem = await sandbox.wait_listening(svc.port, budget)
+            if problem == "exited":
+                raise StartError(
+                    f"service '{svc.name}': the app exited before listening on port {svc.port}; "
+                    f"see {self._log_hint(svc)}"
+                )
+            if problem is not None:
+                raise StartError(
+                    f"service '{svc.name}': the app did not listen on port {svc.port} within {budget:g}s; "
+                    f"check 'port' or raise 'readiness.timeout' (app output: {self._log_hint(svc)})"
+                )
+            pid = await sandbox.pid()
+            if pid is None:
+                raise StartError(f"service '{svc.name}': the app exited right after it started listening; "
+                                 f"see {self._log_hint(svc)}")
+            if svc.readiness.http_path:
+                before = readiness.held_sockets(pid)
+                await self._wait_http(svc, sandbox, deadline)
+                # The dump must not capture the probe's connection (CRIU cannot restore it); the app may
+                # close its end lazily, so wait for the descriptor itself to go.
+                if not await readiness.wait_until(
+                    lambda: not readiness.stray_connections(pid, before), timeout=PROBE_CLOSE_TIMEOUT,
+                ):
+                    raise StartError(
+                        f"service '{svc.name}': the app kept the readiness probe's connection open for "
+                        f"{PROBE_CLOSE_TIMEOUT:g}s after 'Connection: close'; drop 'readiness.http_path'"
+                    )
+        finally:
+            copier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await copier
+
+    async def _wait_http(self, svc: ServiceConfig, sandbox: Sandbox, deadline: float) -> None:
+        path = svc.readiness.http_path
+        assert path is not None
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            sock = sandbox.netns.socket()
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", svc.port))
+            except BaseException:
+                sock.close()
+                raise
+            return await asyncio.open_connection(sock=sock)
+
+        while time.monotonic() < deadline:
+            if await readiness.http_ok(connect, svc.port, path):
+                return
+            await asyncio.sleep(0.1)
+        raise StartError(
+            f"service '{svc.name}': GET {path} on port {svc.port} did not answer 2xx/3xx within "
+            f"{svc.readiness.timeout:g}s; fix 'readiness.http_path' or raise 'readiness.timeout'"
+        )
+
+    def _log_hint(self, svc: ServiceConfig) -> Path:
+        return self.store.logs / f"{svc.name}-template.log"
+
+
+def _disk_problem(e: BaseException, state_dir: Path, *logs: Path) -> str | None:
+    """A full disk shows up as ENOSPC from our own writes, or only in CRIU's log (runc just says 'criu failed')."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    for log_path in logs:
+        with contextlib.suppress(OSError):
+            if b"No space left on device" in log_path.read_bytes()[-65536:]:
+                full = True
+    if not full:
+        return None
+    with contextlib.suppress(OSError):
+        st = os.statvfs(state_dir)
+        free = st.f_bavail * st.f_frsize
+        return (f"no space left on the device of state_dir ({free // 2**20} MiB free under {state_dir}); "
+                "free some space and try again")
+    return f"no space left on the device of state_dir ({state_dir}); free some space and try again"
+
+
+async def _copy_pipe(fd: int, dest: Path) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        with os.fdopen(open_private(dest), "ab") as out:
+            writable = True
+            # Keep draining the pipe even when the log cannot be written (a full disk): an app blocked on a
+            # full stdout pipe would never become ready.
+            while chunk := await reader.read(65536):
+                if writable:
+                    try:
+                        out.write(chunk)
+                        out.flush()
+                    except OSError as e:
+                        writable = False
+                        log.warning("template output to %s stopped: %s", dest, e.strerror)
+    finally:
+        transport.close()

@@ -1,0 +1,60 @@
+"""The host as `run`, `checkpoint` and `cleanup` all need it: checked, its state dir locked, leftovers removed.
+
+None of this is the daemon's lifecycle (server.py); the CLI's one-shot commands use it without importing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+from . import preflight
+from .builder import CheckpointBuilder
+from .checkpoint import CheckpointStore
+from .images import DockerImageSource
+from .runc import Runc
+from .sandbox import Sandbox
+from .statedir import StateDir
+
+
+def open_host(state: StateDir) -> tuple[Runc, CheckpointBuilder]:
+    """Check the host, lock the state dir, and make the tools `run` and `checkpoint` share."""
+    preflight.check_root()
+    runc_version = preflight.check_runc(state.runc_binary)
+    criu_version = preflight.check_criu()
+    state.lock()
+    runc = tools(state)
+    return runc, CheckpointBuilder(CheckpointStore(state), DockerImageSource(state.root), runc, state.instances,
+                                   criu_version, runc_version)
+
+
+def tools(state: StateDir) -> Runc:
+    runc = Runc(state.runc_root, state.runc_binary)
+    runc.write_criu_config()
+    return runc
+
+
+async def clean_leftovers(state: StateDir, runc: Runc, images: DockerImageSource | None = None) -> list[str]:
+    """Remove everything a previous run of this state dir left: containers, mounts, namespaces, cgroups,
+    instance directories, half-built checkpoints, half-unpacked images and the Docker containers used to
+    unpack them. Call with the state dir locked (nothing else can be making any of these).
+
+    Every instance a dead run knew of has a directory under instances/ or runc/ (one whose restore runc never
+    finished has only the latter); each is released the way a live instance is (Sandbox.release).
+    """
+    containers = await runc.list()
+    for name in containers:
+        await runc.delete(name)
+    names = {d.name for root in (state.instances, state.runc_root) if root.is_dir() for d in root.iterdir()
+             if d.is_dir()}
+    for name in sorted(names):
+        await Sandbox(name, state.instances, runc).release()
+    # Replaced checkpoints were kept only for instances that had them mounted; none survive a restart.
+    retired = await asyncio.to_thread(CheckpointStore(state).sweep_retired)
+    partial = state.leftover_builds()
+    for d in partial:
+        await asyncio.to_thread(shutil.rmtree, d, True)
+    exporters = await asyncio.to_thread(images.remove_leftovers) if images is not None else []
+    return ([f"container {n}" for n in containers] + [f"instance {n}" for n in sorted(names - set(containers))]
+            + [f"replaced checkpoint {d}" for d in retired] + [f"partial {d.parent.name}/{d.name}" for d in partial]
+            + [f"image export container {c}" for c in exporters])
