@@ -109,6 +109,7 @@ class CheckpointBuilder:
             await self._start_and_wait(svc, sandbox, tmp / "template.log")
             (tmp / "criu").mkdir(mode=0o700)
             await sandbox.checkpoint(tmp / "criu")
+            await asyncio.to_thread(_make_private, tmp / "criu")  # CRIU writes 0644; the pages are app memory
             await sandbox.release(keep_dir=True)
             os.rename(sandbox.layout.upper, tmp / "diff")
             ports = await asyncio.to_thread(listening_ports, tmp / "criu")
@@ -232,6 +233,12 @@ class CheckpointBuilder:
 
     def _log_hint(self, svc: ServiceConfig) -> Path:
         return self.store.logs / f"{svc.name}-template.log"
+
+
+def _make_private(directory: Path) -> None:
+    for f in directory.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o600)
 
 
 def _disk_problem(e: BaseException, state_dir: Path, *logs: Path) -> str | None:

@@ -85,14 +85,15 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
     from .statedir import StateDir
 
     svc = cfg.service(args.service)
-    if cfg.settings.control_socket.exists():
+    sock = StateDir.of(cfg).control_socket
+    if sock.exists():
         # A daemon runs on this state dir: it does the rebuild itself, so its instances are not disturbed.
         try:
             if not args.rebuild:
-                control.request(cfg.settings.control_socket, "status")  # only if it really answers
+                control.request(sock, "status")  # only if it really answers
                 print(f"{svc.name}: checkpoint is in use by the running activator (use --rebuild to replace it)")
                 return 0
-            r = control.request(cfg.settings.control_socket, f"rebuild {svc.name}", timeout=600)
+            r = control.request(sock, f"rebuild {svc.name}", timeout=600)
             print(f"{svc.name}: checkpoint rebuilt by the running activator in {r['build_seconds']:.1f}s: {r['dir']} "
                   f"(listens on {', '.join(map(str, r['listening_ports']))}; {r['pages_bytes'] / 2**20:.1f} MiB of "
                   "pages); new instances use it, running ones finish on the old one")
@@ -150,8 +151,9 @@ def _age(seconds: float) -> str:
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from . import control
+    from .statedir import StateDir
 
-    st = control.request(cfg.settings.control_socket, "status")
+    st = control.request(StateDir.of(cfg).control_socket, "status")
     if args.json:
         print(json.dumps(st, indent=2))
         return 0

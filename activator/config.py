@@ -455,11 +455,6 @@ class Settings:
                                doc="on SIGTERM, how long open connections may finish before they are cut")
     runc: str = key(Text(), "runc", doc="the runc binary (a name on PATH or a path), built with CRIU support")
 
-    @property
-    def control_socket(self) -> Path:
-        """Where `activator status` finds the running daemon (statedir.py owns the layout)."""
-        return self.state_dir / "control.sock"
-
 
 @dataclass(frozen=True)
 class Config:
@@ -632,7 +627,6 @@ def object_schema(cls: type) -> dict[str, Any]:
 def json_schema() -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://github.com/activator/activator/config/activator.schema.json",
         "title": "activator services file",
         "type": "object",
         "properties": {

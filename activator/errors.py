@@ -10,8 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def one_line(text: str) -> str:
+    """Escape what would break a line or a terminal: control characters and Unicode line separators (they can
+    come from the config file or the network, inside names and values quoted in a message)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 class ActivatorError(Exception):
-    """An error with a one-line message meant for the operator."""
+    """An error with a one-line message meant for the operator (escaped here, whatever it quotes)."""
+
+    def __init__(self, message: str, *args: object) -> None:
+        super().__init__(one_line(message), *args)
 
 
 class ConfigError(ActivatorError):

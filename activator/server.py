@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import capacity, preflight, systemd
@@ -77,11 +77,14 @@ class Activator:
             self._force.set()
         self._stop.set()
 
-    async def serve(self) -> None:
+    async def serve(self, shutdown_trigger: Awaitable[object] | None = None) -> None:
+        """Run until SIGTERM/SIGINT, or until shutdown_trigger completes (a caller's own stop condition)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
+        if shutdown_trigger is not None:
+            self._keep(spawn(self._stop_when(shutdown_trigger), name="shutdown-trigger"))
         try:
             starting = spawn(self.startup(), name="startup", awaited=True)
             stopping = spawn(self._stop.wait(), name="stop-trigger", awaited=True)
@@ -100,6 +103,10 @@ class Activator:
             await self.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    async def _stop_when(self, trigger: Awaitable[object]) -> None:
+        await trigger
+        self.request_stop()
 
     def _hangup(self) -> None:
         log.warning("SIGHUP ignored: reloading the configuration is not supported yet; restart to apply changes")

@@ -16,12 +16,13 @@ have() {
     [ -z "${2:-}" ] || [ "$(docker image inspect -f '{{index .Config.Labels "activator.source"}}' "$1")" = "$2" ]
 }
 ECHO_SRC="$(dirname "${BASH_SOURCE[0]}")/images/echo-server.c"
+PROBE_SRC="$(dirname "${BASH_SOURCE[0]}")/images/sandbox-probe.sh"
 
 build_busybox() {
-    local source; source="echo-server-$(sha256sum "$ECHO_SRC" | cut -c1-12)"
+    local source; source="test-apps-$(cat "$ECHO_SRC" "$PROBE_SRC" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
     have "$BUSYBOX_IMAGE" "$source" && return 0
     local r; r=$(mktemp -d)
-    mkdir -p "$r"/{bin,etc,www,tmp,proc,sys,dev,root}
+    mkdir -p "$r"/{bin,etc,www/cgi-bin,tmp,proc,sys,dev,root}
     cp /bin/busybox "$r/bin/busybox"
     gcc -O2 -static -o "$r/bin/echo-server" "$ECHO_SRC" ||
         die "compiling the echo server failed (needs gcc and libc6-dev)"
@@ -29,6 +30,7 @@ build_busybox() {
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$r/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$r/etc/group"
     echo 'hello from a restored busybox httpd' >"$r/www/index.html"
+    install -m 0755 "$PROBE_SRC" "$r/www/cgi-bin/sandbox"
     tar -C "$r" -c . | docker import \
         --change 'CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]' --change "LABEL activator.source=$source" \
         --change 'WORKDIR /' --change 'ENV PATH=/bin' - "$BUSYBOX_IMAGE" >/dev/null

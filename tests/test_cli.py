@@ -130,14 +130,15 @@ def test_sigterm_drains_open_transfers_then_exits_0(tmp_path: Path) -> None:
     port, metrics_port = _free_port(), _free_port()
     cfg = write_config(tmp_path, {"echo": ECHO | {"listen": f"127.0.0.1:{port}"}},
                        metrics=f"127.0.0.1:{metrics_port}", drain_timeout="10s")
-    with subprocess.Popen([*ACTIVATOR, "run", "-c", str(cfg)], stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True) as proc:
-        _drain_while_running(proc, port, metrics_port)
+    log = tmp_path / "activator.log"
+    with open(log, "w") as err, subprocess.Popen([*ACTIVATOR, "run", "-c", str(cfg)], stdout=subprocess.PIPE,
+                                                stderr=err, text=True) as proc:
+        _drain_while_running(proc, port, metrics_port, log)
     res = host_resources(tmp_path / "state")
     assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
 
 
-def _drain_while_running(proc: subprocess.Popen[str], port: int, metrics_port: int) -> None:
+def _drain_while_running(proc: subprocess.Popen[str], port: int, metrics_port: int, log: Path) -> None:
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
@@ -151,8 +152,10 @@ def _drain_while_running(proc: subprocess.Popen[str], port: int, metrics_port: i
                                 capture_output=True, text=True, timeout=10).stdout
         assert 'activator_restores_total{service="echo"} 1.0' in scrape
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # the drain is under way: the open transfer must still work
-        client.sendall(b"during-drain")
+        while "draining 1 connection(s)" not in log.read_text():  # the drain is under way...
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.01)
+        client.sendall(b"during-drain")  # ... and the open transfer still works
         client.shutdown(socket.SHUT_WR)
         got = b""
         while chunk := client.recv(65536):

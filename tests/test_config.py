@@ -107,3 +107,83 @@ def test_fingerprint_ignores_listen_and_timeouts_but_not_the_process() -> None:
     assert moved.services[0].checkpoint_fingerprint() == base.checkpoint_fingerprint()
     changed = parse_config(MINIMAL + "    command: [other]\n", P)
     assert changed.services[0].checkpoint_fingerprint() != base.checkpoint_fingerprint()
+
+
+HOSTILE = [
+    # (YAML, fragment of the one-line error)
+    ("settings: {drain_timeout: .nan}\nservices: {web: {image: x, listen: 1, port: 80}}",
+     "settings.drain_timeout: nan is not a finite"),
+    ("services: {web: {image: x, listen: 1, port: 80, idle_timeout: .nan}}", "services.web.idle_timeout: nan is not"),
+    ("services: {web: {image: x, listen: 1, port: 80, idle_timeout: .inf}}", "idle_timeout: inf is not a finite"),
+    ("services: {web: {image: x, listen: 1, port: 80, restore_timeout: 100000000000000000000h}}",
+     "restore_timeout: 4.16667e+18d is out of range: use 10ms to 1h"),
+    ("services: {web: {image: x, listen: 1, port: 80, idle_timeout: -5}}", "idle_timeout: -5 is not a finite"),
+    ("services: {web: {image: x, listen: '127.0.0.1:0', port: 80}}", "services.web.listen: port 0 is out of range"),
+    ("services: {web: {image: x, listen: 18:00, port: 80}}", "services.web.listen: '18' in '18:00' is not an IP"),
+    ("services:\n  web: {image: x, listen: 1, port: 80}\n  web: {image: y, listen: 2, port: 80}\n",
+     "duplicate key 'web' (first at line 2) at line 3"),
+    ("services: {web: {image: 5, listen: 1, port: 80}}", "services.web.image: expected a string, got int 5"),
+    ("services: {web: {image: x, listen: 1, port: 80, min_instances: 5}}",
+     "min_instances (5) must not exceed max_instances (1)"),
+    ("services: {web: {image: x, listen: 1, port: 80, max_instances: 100000000}}", "max_instances: 100000000 is out"),
+    ("services: {web: {image: x, listen: 1, port: 80, restore_timeout: 1ns}}", "restore_timeout: '1ns' is not a"),
+    ("services: {web: {image: x, listen: 1, port: 80, restore_timeout: 1ms}}", "out of range: use 10ms to 1h"),
+    ("services: {web: {image: x, listen: 1, port: 80, resources: {pids: 1}}}",
+     "resources.pids: 1 is out of range: use 8 to"),
+    ("services: {web: {image: x, listen: 1, port: 80, resources: {cpus: .nan}}}", "resources.cpus: nan is out"),
+    ("services: {web: {image: x, listen: 1, port: 80, command: [[nested]]}}", "command: expected a string or a list"),
+    ("services: {web: {image: x, listen: 1, port: 80, environment: {A: [1]}}}", "'A': expected a plain value"),
+    ("services: {web: {image: !!binary aGk=, listen: 1, port: 80}}", "image: expected a string, got bytes"),
+    ("services: {web: {image: x, listen: 1, port: true}}", "port: expected a whole number, got bool True"),
+    ("services: {web: {image: x, listen: [], port: 80}}", "listen: needs at least one address"),
+    ("services: {web: {image: x, listen: '[1.2.3.4]:80', port: 80}}", "brackets are for IPv6"),
+    ("services: {web: {image: x, listen: 1, port: 80, seccomp: permissive}}", "seccomp: 'permissive' is not valid"),
+    ("services: {web: {image: x, listen: 1, port: 80, wake_on: syn}}", "wake_on: 'syn' is not one of: data, connect"),
+    ("services: {1: {image: x, listen: 1, port: 80}}", "services.1: service names are"),
+    ("- a\n- b\n", "top level: expected a mapping"),
+    ("services: {web: {image: x, listen: 1, port: 80}}\nsettings: {state_dir: relative/path}",
+     "settings.state_dir: expected an absolute path"),
+    ("""a: &a ["x","x","x","x","x","x","x","x","x","x"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h,*h]
+services: {web: {image: x, listen: 1, port: 80, command: *i}}
+""", "alias bomb"),
+    ("[" * 20000 + "]" * 20000, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("text", "fragment"), HOSTILE)
+def test_hostile_configs_are_refused_in_one_line(text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, P)
+    msg = str(e.value)
+    assert msg.startswith(str(P)) and "\n" not in msg, msg
+    assert fragment in msg, msg
+
+
+def test_yaml_merge_keys_are_not_duplicates() -> None:
+    cfg = parse_config("services:\n  a: &base {image: x, port: 80, listen: 1}\n  b: {<<: *base, listen: 2, image: y}\n",
+                       P)
+    _, b = cfg.services
+    assert (b.image, b.port, b.listen[0].port) == ("y", 80, 2)
+
+
+def test_non_utf8_and_huge_files(tmp_path: Path) -> None:
+    from activator.config import load_config
+
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"services: {w\xe9b: {image: x, listen: 1, port: 80}}\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte 12\); save the file as UTF-8"):
+        load_config(bad)
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"#" * (5 * 2**20))
+    with pytest.raises(ConfigError, match="larger than 4 MiB"):
+        load_config(huge)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)

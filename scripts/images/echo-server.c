@@ -6,12 +6,15 @@
  * With AFTER_RESTORE_MS the server notices when it has been restored into a new network namespace (its
  * listener's SO_NETNS_COOKIE changes; namespace inode numbers are reused, cookies never are), closes its
  * listener, and listens again AFTER_RESTORE_MS later (never if -1): an app that listens late, or never, after
- * a restore. */
+ * a restore.
+ * With BANNER set in the environment it writes that line first on every connection (a server-speaks-first
+ * protocol, like MySQL or SMTP). */
 #include <arpa/inet.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -38,6 +41,8 @@ static unsigned long long netns(int s) {
 
 static void serve(int s, int c) {
     close(s);
+    const char *banner = getenv("BANNER");
+    if (banner && (write(c, banner, strlen(banner)) < 0 || write(c, "\n", 1) < 0)) _exit(1);
     char buf[65536];
     ssize_t n;
     while ((n = read(c, buf, sizeof buf)) > 0)

@@ -1,0 +1,65 @@
+"""What an operator asks the running daemon: `status` over the root-only control socket, `inspect` of a
+checkpoint, `checkpoint --rebuild` through the daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import ECHO, write_config
+from .daemonproc import ACTIVATOR, daemon, echo_once, free_port, stop
+
+pytestmark = pytest.mark.engine
+
+
+
+def test_status_and_inspect(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(tmp_path, {"echo": ECHO | {"listen": f"127.0.0.1:{port}"}})
+    with daemon([*ACTIVATOR, "run", "-c", str(cfg)], tmp_path / "activator.log") as proc:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
+            held.sendall(b"x")
+            assert held.recv(1) == b"x"
+            out = subprocess.run([*ACTIVATOR, "status", "-c", str(cfg), "--json"], capture_output=True,
+                                 text=True, timeout=30)
+            assert out.returncode == 0, out.stderr
+            st = json.loads(out.stdout)
+            assert st["pid"] == proc.pid and st["ready"]
+            (svc,) = st["services"]
+            (inst,) = svc["instances"]
+            assert svc["name"] == "echo" and svc["open_connections"] == 1 and inst["connections"] == 1
+            assert inst["how"] == "restore" and inst["start_ms"] > 0 and svc["checkpoint"]["pages_bytes"] > 0
+            text = subprocess.run([*ACTIVATOR, "status", "-c", str(cfg)], capture_output=True, text=True,
+                                  timeout=30).stdout
+            assert "echo  on 127.0.0.1:" in text and inst["name"] in text and "restore" in text
+        ins = subprocess.run([*ACTIVATOR, "inspect", "echo", "-c", str(cfg)], capture_output=True, text=True,
+                             timeout=30)
+        assert ins.returncode == 0, ins.stderr
+        assert "listening  9000" in ins.stdout and "echo-server" in ins.stdout
+        assert "matches the service definition" in ins.stdout and "CRIU 4." in ins.stdout
+        rebuilt = subprocess.run([*ACTIVATOR, "checkpoint", "echo", "--rebuild", "-c", str(cfg)], capture_output=True,
+                                 text=True, timeout=120)
+        assert rebuilt.returncode == 0 and "rebuilt by the running activator" in rebuilt.stdout, rebuilt.stderr
+        assert echo_once(port, b"after the rebuild") == b"after the rebuild"
+        # Only root may ask the daemon (the config itself is readable to all here; the socket is not).
+        public = Path(tempfile.mkdtemp(prefix="activator-status-"))
+        public.chmod(0o755)
+        shutil.copyfile(cfg, public / "services.yaml")
+        (public / "services.yaml").chmod(0o644)
+        nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *ACTIVATOR,
+                                 "status", "-c", str(public / "services.yaml")], capture_output=True, text=True,
+                                timeout=30, cwd="/",
+                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        shutil.rmtree(public)
+        assert nobody.returncode == 1 and "root only" in nobody.stderr and "Traceback" not in nobody.stderr
+        assert stop(proc) == 0
+    gone = subprocess.run([*ACTIVATOR, "status", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert gone.returncode == 1 and "no activator is running" in gone.stderr
+
