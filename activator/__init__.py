@@ -1,27 +1,36 @@
 """activator: on-demand socket activation of containers restored from CRIU checkpoints.
 
-How the pieces fit (I/O lives at the edges, the middle is plain logic):
+How the pieces fit (I/O lives at the edges, the middle is plain logic). Reading order, runtime path first:
 
-    config      YAML -> frozen, validated ServiceConfig objects (no I/O beyond reading the file)
-    images      the Docker engine as an image source: image config and an unpacked root filesystem
-    spec        pure: OCI runtime spec for one instance
+    config      YAML -> frozen, validated ServiceConfig objects; every key declared once (parser, errors, JSON Schema)
+    yamlload    the strict YAML loader config uses (no duplicate keys, no alias bombs, no base-60 numbers)
+    server      the one lifecycle owner: startup, main loop, drain, shutdown; a service without checkpoint retries
+    listeners   listening sockets: handed in (LISTEN_FDS, a caller's) matched by address, the rest bound
+    proxy       a client connection: held until it is real, then waking, then spliced (header, held bytes, EOF)
+    service     one service: admission (Lease), scale-out, waiting, backoff, idle reap
+    capacity    pure: which instance takes a connection, how many more to start, backoff, the descriptor budget
+    proxy_protocol  pure: PROXY protocol v1/v2 headers
+    instance    one instance, and bringing it up: restore (or cold start) until its app listens
+    checkpoint  the checkpoint store: the record (what it was made from, what it holds) and pycriu readers
+    sandbox     one instance's resources (netns, mount, bundle, runc container) made and released together
+    spec        pure: the OCI runtime spec (Docker's default sandbox)
+    seccomp     Docker's default seccomp profile (vendored in profiles/) -> the spec's filter
     netns       network namespaces (unshare + bind mount, lo up with pyroute2) and sockets opened inside them
     rootfs      overlay mounts: image layer + checkpoint diff + a fresh upper per instance
     runc        the runc CLI (run, checkpoint, restore, delete) and what a killed runc leaves in its root
     cgroups     an instance's cgroups, emptied and removed even when runc cannot
-    sandbox     one instance's resources (netns, mount, bundle, runc container) made and released together
-    checkpoint  the checkpoint store: build, fingerprint, inspect with pycriu
     readiness   "is the app listening?" without opening probe connections
-    capacity    pure: which instance takes a connection, how many more to start, failure backoff
-    instance    one instance, and bringing it up: restore (or cold start) until its app listens
-    service     per-service lifecycle: restores and scale-out, admission control, backoff, idle reap
-    proxy       splice between a client and an instance, with half-close; max_connections; PROXY header
-    proxy_protocol  pure: PROXY protocol v1/v2 headers
+    builder     making checkpoints: template, readiness, dump (only `run`'s startup and `checkpoint` need it)
+    images      the Docker engine as an image source: image config and an unpacked root filesystem
+    statedir    state_dir's whole layout, its lock, and who may read it (root only)
+    host        preflight + lock + crash leftovers, shared by `run`, `checkpoint` and `cleanup`
+    preflight   host checks (root, runc, CRIU, pycriu) and the descriptor limit
     metrics     Prometheus metrics
     systemd     sd_notify (READY, WATCHDOG, STOPPING), LISTEN_FDS socket handoff
     control     the root-only control socket `activator status` talks to
-    server      the one lifecycle owner: startup, main loop, drain, shutdown
-    cli         `activator run|validate|status|inspect|checkpoint|cleanup`
+    tasks       owned, named tasks (spawn)
+    errors      one-line operator errors
+    cli         `activator run|validate|status|inspect|checkpoint|cleanup|schema`
 """
 
 __version__ = "0.2.0"

@@ -1,4 +1,5 @@
-"""Network namespaces: one per instance, made with pyroute2, lo brought up before the app arrives.
+"""Network namespaces: one per instance, made with unshare(2) and a bind mount (as `ip netns add` does), lo brought
+up with pyroute2 before the app arrives.
 
 Sockets toward an instance are opened *inside* its namespace: the calling thread switches to the namespace,
 creates the socket and switches back. A socket keeps the namespace it was created in, so after that it is an

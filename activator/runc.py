@@ -32,7 +32,7 @@ def _child_env() -> dict[str, str]:
 # runc hands this file to CRIU for our containers only (the spec's org.criu.config annotation), instead of
 # the host-wide /etc/criu/runc.conf. Our checkpoints never hold an established TCP connection, and an instance's
 # network namespace is new and unreachable while it is restored, so CRIU's network lock (an iptables run on
-# dump and on restore) protects nothing here; skipping it took a small app's restore from ~155 to ~90 ms.
+# dump and on restore) protects nothing here; skipping it took a small app's restore from ~155 to ~85 ms.
 CRIU_CONFIG = """\
 # Written by activator for its own containers; see activator/runc.py.
 network-lock skip
