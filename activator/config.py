@@ -60,6 +60,8 @@ MiB = 2**20
 
 
 def _human_duration(seconds: float) -> str:
+    if seconds == 0:
+        return "0"
     for unit, size in (("d", DAY), ("h", HOUR), ("m", MINUTE), ("s", 1.0)):
         if seconds >= size and (seconds / size).is_integer():
             return f"{seconds / size:g}{unit}"
@@ -85,15 +87,15 @@ class Duration(Kind):
     def parse(self, raw: Any) -> float:
         value = parse_duration(raw)
         if not self.min <= value <= self.max:
-            raise ValueError(f"{_human_duration(value) if value else 0} is out of range: "
-                             f"use {_human_duration(self.min) if self.min else 0} to {_human_duration(self.max)}")
+            raise ValueError(f"{_human_duration(value)} is out of range: "
+                             f"use {_human_duration(self.min)} to {_human_duration(self.max)}")
         return value
 
     def schema(self) -> dict[str, Any]:
         return {"oneOf": [{"type": "number", "minimum": self.min, "maximum": self.max},
                           {"type": "string", "pattern": _DURATION_PATTERN}],
-                "description": f"a duration, {_human_duration(self.min) if self.min else 0} to "
-                               f"{_human_duration(self.max)} (seconds, or 250ms, 5s, 2m, 1h, 1d)"}
+                "description": f"a duration, {_human_duration(self.min)} to {_human_duration(self.max)} "
+                               "(seconds, or 250ms, 5s, 2m, 1h, 1d)"}
 
 
 @dataclass(frozen=True)
