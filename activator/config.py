@@ -264,6 +264,68 @@ class Address(Kind):
 
 
 @dataclass(frozen=True)
+class Flag(Kind):
+    def parse(self, raw: Any) -> bool:
+        if not isinstance(raw, bool):
+            raise ValueError(f"expected true or false, got {_show(raw)}")
+        return raw
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "boolean"}
+
+
+@dataclass(frozen=True)
+class Subnet(Kind):
+    """An IPv4 network for instances, big enough for a gateway and a few instances, small enough to scan."""
+
+    def parse(self, raw: Any) -> ipaddress.IPv4Network:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected an IPv4 network like 10.89.0.0/24, got {_show(raw)}")
+        try:
+            net = ipaddress.IPv4Network(raw, strict=True)
+        except ValueError as e:
+            raise ValueError(f"'{raw}' is not an IPv4 network like 10.89.0.0/24 ({e})") from None
+        if not 16 <= net.prefixlen <= 29:
+            raise ValueError(f"'{raw}': use a prefix between /16 and /29")
+        if net.is_loopback or net.is_multicast or net.is_link_local or not net.is_private:
+            raise ValueError(f"'{raw}' is not a private network (use e.g. 10.89.0.0/24 or 192.168.250.0/24)")
+        return net
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": r"^\d+\.\d+\.\d+\.\d+/\d+$"}
+
+
+@dataclass(frozen=True)
+class Hosts(Kind):
+    """Extra /etc/hosts entries: {name: IP address}."""
+
+    def parse(self, raw: Any) -> tuple[tuple[str, str], ...]:
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"expected a mapping of host names to addresses, got {_show(raw)}")
+        out = []
+        for name, addr in raw.items():
+            if not isinstance(name, str) or not _is_hostname(name):
+                raise ValueError(f"'{str(name)[:60]}' is not a host name")
+            try:
+                out.append((name, str(ipaddress.ip_address(str(addr)))))
+            except ValueError:
+                raise ValueError(f"'{name}': '{addr}' is not an IP address") from None
+        return tuple(out)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "object", "propertyNames": {"pattern": r"^[A-Za-z0-9.-]{1,253}$"},
+                "additionalProperties": {"type": "string"}}
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _is_hostname(name: str) -> bool:
+    # Label by label: one regex over the whole name with nested repetition backtracks exponentially.
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+@dataclass(frozen=True)
 class Section(Kind):
     """A nested mapping, parsed into its own dataclass."""
 
@@ -363,7 +425,20 @@ class Backoff:
         return float(min(self.max, self.initial * 2 ** min(64, max(0, failures - 1))))
 
 
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The host side of instance networking: one bridge and one subnet, owned by this activator."""
+
+    bridge: str = key(Text(pattern=r"[a-zA-Z][a-zA-Z0-9_-]{0,14}", hint="an interface name, at most 15 characters"),
+                      "activator0", doc="the bridge instances are attached to (created and owned by activator)")
+    subnet: ipaddress.IPv4Network = key(
+        Subnet(), ipaddress.IPv4Network("10.89.0.0/24"),
+        doc="instance addresses; the first one is the bridge's (the instances' gateway). Must not overlap any "
+            "address or route of the host (Docker's default bridge is 172.17.0.0/16)")
+
+
 FALLBACKS = ("cold-start", "none")
+NETWORKS = ("bridge", "none")
 PROXY_PROTOCOLS = ("v1", "v2")
 WAKE_ON = ("data", "connect")
 #: `seccomp:` values that are not paths
@@ -391,6 +466,12 @@ class ServiceConfig:
         Text(pattern=r"default|unconfined|/.+", hint="default, unconfined or an absolute path to a profile"),
         SECCOMP_DEFAULT, shapes=True,
         doc="syscall filter: default (Docker's default profile), unconfined, or a Docker-format profile file")
+    network: str = key(Text(choices=NETWORKS), "bridge", shapes=True,
+                       doc="bridge: an address on activator's bridge, outbound access, and connections steered to "
+                           "instances in the kernel; none: loopback only, every byte through the activator")
+    egress: bool = key(Flag(), True, doc="with network: bridge, whether the app may open connections out")
+    extra_hosts: tuple[tuple[str, str], ...] = key(Hosts(), (), shapes=True,
+                                                    doc="extra /etc/hosts entries for the app, {name: address}")
     readiness: Readiness = key(Section(Readiness), factory=Readiness, doc="when the template is ready to dump")
     idle_timeout: float = key(Duration(0.01, 30 * DAY), 300.0,
                               doc="an instance with no open connection for this long is killed")
@@ -456,6 +537,8 @@ class Settings:
     drain_timeout: float = key(Duration(0, HOUR), 10.0,
                                doc="on SIGTERM, how long open connections may finish before they are cut")
     runc: str = key(Text(), "runc", doc="the runc binary (a name on PATH or a path), built with CRIU support")
+    network: NetworkSettings = key(Section(NetworkSettings), factory=NetworkSettings,
+                                   doc="the bridge and subnet instances with network: bridge live on")
 
 
 @dataclass(frozen=True)
@@ -614,7 +697,8 @@ def object_schema(cls: type) -> dict[str, Any]:
         s["description"] = f.metadata["doc"]
         if f.default is not MISSING and f.default is not None:
             d = f.default
-            s["default"] = str(d) if isinstance(d, Path | ListenAddress) else list(d) if isinstance(d, tuple) else d
+            s["default"] = (str(d) if isinstance(d, Path | ListenAddress | ipaddress.IPv4Network)
+                            else list(d) if isinstance(d, tuple) else d)
         if f.default is MISSING and f.default_factory is MISSING:
             required.append(f.name)
         props[f.name] = s
