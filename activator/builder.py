@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from . import readiness, seccomp
-from .checkpoint import FORMAT, Checkpoint, CheckpointStore, Origin, listening_ports, pages_bytes
+from .checkpoint import FORMAT, Checkpoint, CheckpointStore, Origin, listening_addresses, listening_ports, pages_bytes
 from .config import ServiceConfig
 from .errors import CheckpointError, RuncError, StartError
 from .images import DockerImageSource, ImageInfo, resolve_user
+from .network import HostNetwork, kernel_path_possible
 from .runc import Runc
 from .sandbox import Sandbox, new_name
 from .spec import DEFAULT_CAPS, ProcessSpec, merge_env, process_args
@@ -41,9 +42,10 @@ class CheckpointBuilder:
 
     def __init__(
         self, store: CheckpointStore, images: DockerImageSource, runc: Runc, instances_dir: Path,
-        criu: str, runc_version: str,
+        criu: str, runc_version: str, network: HostNetwork | None = None,
     ) -> None:
         self.store = store
+        self.network = network
         self.images = images
         self.runc = runc
         self.instances_dir = instances_dir
@@ -102,10 +104,12 @@ class CheckpointBuilder:
                                   f"{_disk_problem(e, self.store.root) or e}") from None
         process = self._process(svc, image, rootfs)
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{svc.name}-", dir=self.store.root))
-        sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc)
+        # The template runs on the same kind of network as its instances: the app saw a real interface.
+        network = self.network if svc.network == "bridge" else None
+        sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc, network, svc.egress)
         try:
             await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.name, seccomp=filt)
-            sandbox.write_hosts(svc.name)
+            sandbox.write_etc(svc.name, svc.extra_hosts)
             await self._start_and_wait(svc, sandbox, tmp / "template.log")
             (tmp / "criu").mkdir(mode=0o700)
             await sandbox.checkpoint(tmp / "criu")
@@ -118,10 +122,11 @@ class CheckpointBuilder:
                     f"service '{svc.name}': the checkpoint listens on {list(ports) or 'no TCP port'}, not on "
                     f"port {svc.port}; set 'port' to the port the app listens on"
                 )
+            kernel_path = self._kernel_path(svc, await asyncio.to_thread(listening_addresses, tmp / "criu", svc.port))
             checkpoint = Checkpoint(
                 service=svc.name, dir=tmp, origin=origin, process=process, image_rootfs=rootfs,
                 listening_ports=ports, created=time.time(), build_seconds=time.monotonic() - started,
-                pages_bytes=pages_bytes(tmp / "criu"), seccomp=filt,
+                pages_bytes=pages_bytes(tmp / "criu"), seccomp=filt, kernel_path=kernel_path,
             )
             return self.store.install(tmp, checkpoint)
         except BaseException as e:
@@ -141,6 +146,21 @@ class CheckpointBuilder:
             raise
         finally:
             await asyncio.to_thread(shutil.rmtree, sandbox.layout.dir, True)
+
+    def _kernel_path(self, svc: ServiceConfig, addresses: list[str]) -> bool:
+        """Can instances be reached on their own address? Refuses an app that listens only on the template's."""
+        wildcard = {"0.0.0.0", "::"}
+        if any(a in wildcard for a in addresses):
+            return kernel_path_possible(svc)
+        specific = [a for a in addresses if not a.startswith(("127.", "::1"))]
+        if specific:
+            raise CheckpointError(
+                f"service '{svc.name}': the app listens on {specific[0].removesuffix('/v6only')}:{svc.port} only, "
+                "an address its instances will not have; make it listen on every address (0.0.0.0) or on 127.0.0.1")
+        if kernel_path_possible(svc):
+            log.warning("service=%s the app listens on %s only: its connections go through the activator "
+                        "(no kernel path); make it listen on 0.0.0.0 for that", svc.name, ", ".join(addresses))
+        return False
 
     def _keep_failure_logs(self, svc: ServiceConfig, sandbox: Sandbox, tmp: Path) -> None:
         self.store.logs.mkdir(mode=0o700, parents=True, exist_ok=True)

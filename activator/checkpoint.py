@@ -13,6 +13,7 @@ This is all the runtime path (instances, services) needs: the record and where i
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -28,7 +29,9 @@ from .statedir import StateDir, write_private
 #    restore (~70 ms of the ~155), so older checkpoints are rebuilt.
 # 3: the template runs under a seccomp filter (Docker's default profile unless the service says otherwise), which
 #    CRIU dumps with the process; older dumps would restore instances without one.
-FORMAT = 3
+# 4: dumped with tcp-close (established connections restored closed), the template on the instance network
+#    (network: bridge), and what the app listens on recorded (kernel_path).
+FORMAT = 4
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Checkpoint:
     build_seconds: float
     pages_bytes: int
     seccomp: dict[str, Any] | None  # linux.seccomp of the template's spec; instances get the same
+    kernel_path: bool  # the app listens on every address, so the kernel can steer clients to an instance's eth0
 
 
     @property
@@ -97,6 +101,7 @@ class Checkpoint:
             build_seconds=d["build_seconds"],
             pages_bytes=d["pages_bytes"],
             seccomp=d["seccomp"],
+            kernel_path=d["kernel_path"],
         )
 
 
@@ -114,18 +119,40 @@ def _load_img(path: Path) -> dict[str, Any]:
 def listening_ports(images: Path) -> tuple[int, ...]:
     """TCP ports the dumped processes listen on, read from CRIU's image files."""
     ports: set[int] = set()
-    entries: list[dict[str, Any]] = []
-    for name in ("files.img", "inetsk.img"):  # newer CRIU keeps sockets in files.img, older in inetsk.img
-        if (images / name).exists():
-            entries += _load_img(images / name)["entries"]
-    for e in entries:
-        isk = e.get("isk", e if "src_port" in e else None)
-        if not isk:
-            continue
+    for isk in _socket_entries(images):
         if isk.get("proto") in ("TCP", 6) and isk.get("state") in ("LISTEN", 10):
             src = isk.get("src_port", [])
             ports.update(int(p) for p in (src if isinstance(src, list) else [src]))
     return tuple(sorted(ports))
+
+
+def listening_addresses(images: Path, port: int) -> list[str]:
+    """The addresses the dumped app listens on for port ("0.0.0.0", "127.0.0.1", ...; "::" only for a
+    dual-stack socket, "::/v6only" for one that takes IPv6 alone)."""
+    found = []
+    for e in _socket_entries(images):
+        if e.get("proto") not in ("TCP", 6) or e.get("state") not in ("LISTEN", 10):
+            continue
+        src = e.get("src_port", [])
+        if port not in (src if isinstance(src, list) else [src]):
+            continue
+        raw = e.get("src_addr", [])
+        words = raw if isinstance(raw, list) else [raw]
+        if words and isinstance(words[0], str):  # some pycriu versions decode addresses already
+            found.append(words[0])
+            continue
+        packed = b"".join(int(w).to_bytes(4, "little") for w in words)
+        addr = str(ipaddress.ip_address(packed)) if len(packed) in (4, 16) else "?"
+        found.append(addr + "/v6only" if e.get("v6only") else addr)
+    return found
+
+
+def _socket_entries(images: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    for name in ("files.img", "inetsk.img"):  # newer CRIU keeps sockets in files.img, older in inetsk.img
+        if (images / name).exists():
+            entries += _load_img(images / name)["entries"]
+    return [e.get("isk", e) for e in entries if "isk" in e or "src_port" in e]
 
 
 def pages_bytes(images: Path) -> int:

@@ -103,11 +103,16 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
 
     async def main() -> int:
         state = StateDir.of(cfg)
+        builder = None
         try:
-            _runc, builder = open_host(state)
+            _runc, builder = open_host(state, cfg)
+            if builder.network is not None and svc.network == "bridge":
+                await asyncio.to_thread(builder.network.open)  # the template runs on the instance network
             ck, built = await builder.ensure(svc, rebuild=args.rebuild)
             builder.store.sweep_retired(svc.name)  # no daemon holds the lock, so no instance uses the old one
         finally:
+            if builder is not None and builder.network is not None:
+                await asyncio.to_thread(builder.network.close)
             state.unlock()
         verb = f"built in {ck.build_seconds:.1f}s" if built else "is current"
         print(f"{svc.name}: checkpoint {verb}: {ck.dir} (listens on {', '.join(map(str, ck.listening_ports))}; "
@@ -118,7 +123,7 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
-    from .host import clean_leftovers, tools
+    from .host import clean_leftovers, host_network, tools
     from .images import DockerImageSource
     from .statedir import StateDir
 
@@ -127,7 +132,10 @@ def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
         state = StateDir.of(cfg)
         state.lock()
         try:
-            cleaned = await clean_leftovers(state, tools(state), DockerImageSource(state.root))
+            network = host_network(cfg)
+            cleaned = await clean_leftovers(state, tools(state), DockerImageSource(state.root), network)
+            if network is not None:
+                await asyncio.to_thread(network.close)  # the bridge and firewall rules go too: nothing runs
         finally:
             state.unlock()
         print("\n".join(cleaned) if cleaned else "nothing to clean")

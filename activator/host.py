@@ -11,21 +11,31 @@ import shutil
 from . import preflight
 from .builder import CheckpointBuilder
 from .checkpoint import CheckpointStore
+from .config import Config
 from .images import DockerImageSource
+from .network import HostNetwork
 from .runc import Runc
 from .sandbox import Sandbox
 from .statedir import StateDir
 
 
-def open_host(state: StateDir) -> tuple[Runc, CheckpointBuilder]:
-    """Check the host, lock the state dir, and make the tools `run` and `checkpoint` share."""
+def host_network(config: Config) -> HostNetwork | None:
+    """The instance network, if any service is on it (it is made by open(), not here)."""
+    if not any(s.network == "bridge" for s in config.services):
+        return None
+    return HostNetwork(config.settings.network, owner=config.settings.state_dir, config_path=config.path)
+
+
+def open_host(state: StateDir, config: Config) -> tuple[Runc, CheckpointBuilder]:
+    """Check the host, lock the state dir, and make the tools `run` and `checkpoint` share. The builder's
+    network (if any) still has to be opened: after crash leftovers are gone."""
     preflight.check_root()
     runc_version = preflight.check_runc(state.runc_binary)
     criu_version = preflight.check_criu()
     state.lock()
     runc = tools(state)
     return runc, CheckpointBuilder(CheckpointStore(state), DockerImageSource(state.root), runc, state.instances,
-                                   criu_version, runc_version)
+                                   criu_version, runc_version, host_network(config))
 
 
 def tools(state: StateDir) -> Runc:
@@ -34,7 +44,8 @@ def tools(state: StateDir) -> Runc:
     return runc
 
 
-async def clean_leftovers(state: StateDir, runc: Runc, images: DockerImageSource | None = None) -> list[str]:
+async def clean_leftovers(state: StateDir, runc: Runc, images: DockerImageSource | None = None,
+                          network: HostNetwork | None = None) -> list[str]:
     """Remove everything a previous run of this state dir left: containers, mounts, namespaces, cgroups,
     instance directories, half-built checkpoints, half-unpacked images and the Docker containers used to
     unpack them. Call with the state dir locked (nothing else can be making any of these).
@@ -42,6 +53,8 @@ async def clean_leftovers(state: StateDir, runc: Runc, images: DockerImageSource
     Every instance a dead run knew of has a directory under instances/ or runc/ (one whose restore runc never
     finished has only the latter); each is released the way a live instance is (Sandbox.release).
     """
+    # The steering table first: a dead run's rules still send clients to the instances about to be removed.
+    net = await asyncio.to_thread(network.remove_leftovers) if network is not None else []
     containers = await runc.list()
     for name in containers:
         await runc.delete(name)
@@ -55,6 +68,6 @@ async def clean_leftovers(state: StateDir, runc: Runc, images: DockerImageSource
     for d in partial:
         await asyncio.to_thread(shutil.rmtree, d, True)
     exporters = await asyncio.to_thread(images.remove_leftovers) if images is not None else []
-    return ([f"container {n}" for n in containers] + [f"instance {n}" for n in sorted(names - set(containers))]
+    return (net + [f"container {n}" for n in containers] + [f"instance {n}" for n in sorted(names - set(containers))]
             + [f"replaced checkpoint {d}" for d in retired] + [f"partial {d.parent.name}/{d.name}" for d in partial]
             + [f"image export container {c}" for c in exporters])

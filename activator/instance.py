@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint
 from .config import ServiceConfig
 from .errors import RestoreError, StartError
 from .metrics import ServiceMetrics
+from .network import HostNetwork
 from .runc import Runc
 from .sandbox import Sandbox, new_name
 from .statedir import open_private
@@ -31,32 +32,46 @@ class Instance:
     start_seconds: float
     checkpoint: Checkpoint | None  # the one it was restored from: its diff/ is mounted until release
     ready_at: float = field(default_factory=time.monotonic)
-    connections: int = 0
-    served: int = 0  # connections handed to it
-    established: int = 0  # connections its app accepted
+    spliced: int = 0  # connections through the activator (held, then spliced in userspace)
+    kernel: int = 0  # open connections steered to it by the kernel, as of the last sample (conntrack)
+    served: int = 0  # connections handed to it through the activator
+    established: int = 0  # connections its app accepted (either path)
     idle_since: float = field(default_factory=time.monotonic)
     idle_timer: asyncio.TimerHandle | None = None
     stopping: bool = False
+    withdrawn: bool = False  # out of the kernel's steering rule (being checked before a reap)
+    kernel_packets: int = 0  # the last sample's counters, to tell activity and count bytes
+    kernel_bytes_in: int = 0
+    kernel_bytes_out: int = 0
+    pidfd: int | None = None  # the app's pidfd while it is watched (service.py)
 
     @property
     def name(self) -> str:
         return self.sandbox.name
+
+    @property
+    def connections(self) -> int:
+        return self.spliced + self.kernel
 
 
 class Launcher:
     """Brings up instances of one service."""
 
     def __init__(self, config: ServiceConfig, runc: Runc, instances_dir: Path, logs_dir: Path,
-                 metrics: ServiceMetrics) -> None:
+                 metrics: ServiceMetrics, network: HostNetwork | None = None) -> None:
         self.config = config
         self.runc = runc
         self.instances_dir = instances_dir
         self.logs_dir = logs_dir
         self.m = metrics
+        self.network = network if config.network == "bridge" else None
+
+    def _sandbox(self) -> Sandbox:
+        return Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
 
     async def restore(self, checkpoint: Checkpoint) -> Instance:
         t0 = time.monotonic()
-        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc)
+        sb = self._sandbox()
         try:
             await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
                              checkpoint.seccomp)
@@ -90,11 +105,11 @@ class Launcher:
 
     async def cold_start(self, checkpoint: Checkpoint) -> Instance:
         t0 = time.monotonic()
-        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc)
+        sb = self._sandbox()
         try:
             await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, self.config.name,
                              checkpoint.seccomp)
-            sb.write_hosts(self.config.name)
+            sb.write_etc(self.config.name, self.config.extra_hosts)
             out = open_private(sb.layout.output)
             try:
                 await sb.start(stdout=out, stderr=out)

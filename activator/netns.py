@@ -29,7 +29,7 @@ PREFIX = "activator-"
 # The namespace activator itself runs in; every thread returns to it after a setns. Opened at import, on the
 # main thread, before anything has switched namespaces (opened lazily, a worker thread could catch the main
 # thread inside an instance's namespace during a socket() call).
-_HOME_NS = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+HOME_NS = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
 
 class NetNamespace:
@@ -63,7 +63,7 @@ class NetNamespace:
                     (idx,) = ipr.link_lookup(ifname="lo")
                     ipr.link("set", index=idx, state="up")
             finally:
-                netns.setns(_HOME_NS)
+                netns.setns(HOME_NS)
             ns._fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             ns.remove()
@@ -82,7 +82,7 @@ class NetNamespace:
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         finally:
-            netns.setns(_HOME_NS)
+            netns.setns(HOME_NS)
         sock.setblocking(False)
         return sock
 

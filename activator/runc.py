@@ -30,12 +30,17 @@ def _child_env() -> dict[str, str]:
 
 
 # runc hands this file to CRIU for our containers only (the spec's org.criu.config annotation), instead of
-# the host-wide /etc/criu/runc.conf. Our checkpoints never hold an established TCP connection, and an instance's
-# network namespace is new and unreachable while it is restored, so CRIU's network lock (an iptables run on
-# dump and on restore) protects nothing here; skipping it took a small app's restore from ~155 to ~85 ms.
+# the host-wide /etc/criu/runc.conf.
+# - network-lock skip: an instance's network namespace is new and unreachable while it is restored, and no
+#   connection is restored alive (below), so CRIU's network lock (an iptables run on dump and on restore)
+#   protects nothing here; skipping it took a small app's restore from ~155 to ~85 ms.
+# - tcp-close: a template may hold established connections when it is dumped (a database pool opened at start);
+#   they are dumped without their state and restored closed, so the app sees them fail and reconnects, as pools
+#   do. Without it CRIU refuses to dump such an app at all.
 CRIU_CONFIG = """\
 # Written by activator for its own containers; see activator/runc.py.
 network-lock skip
+tcp-close
 """
 
 

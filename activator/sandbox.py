@@ -1,7 +1,8 @@
 """One instance's resources, made and released together.
 
-A sandbox is: a directory (state_dir/instances/NAME), a network namespace (activator-NAME, lo up), an overlay
-root filesystem, an OCI bundle and a runc container of the same NAME, with cgroup /activator/NAME. The
+A sandbox is: a directory (state_dir/instances/NAME), a network namespace (activator-NAME, lo up, and with
+`network: bridge` an eth0 on activator's bridge: network.py), an overlay root filesystem, an OCI bundle and a
+runc container of the same NAME, with cgroup /activator/NAME. The
 container is then either started fresh (`runc run`: the template, or a cold-start fallback) or restored from a
 checkpoint (`runc restore`). release() undoes all of it in reverse order and keeps going past errors, so an
 instance never leaks half its resources because one step failed.
@@ -28,6 +29,7 @@ from . import cgroups, readiness, rootfs
 from .config import Resources
 from .netns import PREFIX as NETNS_PREFIX
 from .netns import NetNamespace
+from .network import Attachment, HostNetwork
 from .runc import Runc
 from .spec import ProcessSpec, runtime_spec
 from .statedir import copy_private, open_private, write_private
@@ -73,11 +75,15 @@ class Layout:
 
 
 class Sandbox:
-    def __init__(self, name: str, instances_dir: Path, runc: Runc) -> None:
+    def __init__(self, name: str, instances_dir: Path, runc: Runc, network: HostNetwork | None = None,
+                 egress: bool = True) -> None:
         self.name = name
         self.layout = Layout(instances_dir / name)
         self.runc = runc
         self.netns = NetNamespace(NETNS_PREFIX + name)
+        self.network = network
+        self.egress = egress
+        self.attachment: Attachment | None = None
         self.created = time.monotonic()
         self._mounted = False
         self._container = False
@@ -101,6 +107,9 @@ class Sandbox:
         lay.bundle.mkdir(mode=0o700)
         lay.criu_work.mkdir(mode=0o700)
         self.netns = NetNamespace.create(self.netns.name)
+        if self.network is not None:
+            self.attachment = self.network.allocate(self.name, self.egress)
+            self.network.plug(self.attachment, self.netns)
         # The merged root takes the upper dir's mode: it must be the image root's, not our private 0700, or a
         # non-root app could not even look up its own files.
         lay.upper.mkdir(mode=0o700)
@@ -119,11 +128,22 @@ class Sandbox:
         )
         write_private(lay.bundle / "config.json", json.dumps(spec))
 
-    def write_hosts(self, hostname: str) -> None:
-        """Apps (the JVM among them) resolve their own hostname at start; make it resolve without DNS."""
+    def write_etc(self, hostname: str, extra_hosts: tuple[tuple[str, str], ...] = ()) -> None:
+        """/etc/hosts (and, on the bridge, /etc/resolv.conf) for the app, written before it starts.
+
+        The hostname resolves to 127.0.0.1, not to the instance's address: the template's address is not an
+        instance's, and a JVM caches what its hostname resolved to when it started, before the dump."""
         etc = self.layout.rootfs / "etc"
-        if etc.is_dir():
-            (etc / "hosts").write_text(f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n")
+        if not etc.is_dir():
+            return
+        lines = [f"127.0.0.1\tlocalhost {hostname}", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        if self.network is not None:
+            lines.append(f"{self.network.gateway}\thost.activator.internal")
+            (etc / "resolv.conf").unlink(missing_ok=True)  # it may be a symlink into the image
+            (etc / "resolv.conf").write_text(resolv_conf())
+        lines += [f"{addr}\t{name}" for name, addr in extra_hosts]
+        (etc / "hosts").unlink(missing_ok=True)
+        (etc / "hosts").write_text("\n".join(lines) + "\n")
 
     async def start(self, stdout: int, stderr: int) -> None:
         self._container = True
@@ -198,9 +218,43 @@ class Sandbox:
                 self._mounted = False
             except OSError as e:
                 errors.append(str(e))
+        if self.attachment is not None and self.network is not None:
+            try:
+                self.network.unplug(self.attachment)
+                self.attachment = None
+            except Exception as e:
+                errors.append(f"network: {e}")
         try:
             self.netns.remove()
         except OSError as e:
             errors.append(f"netns: {e}")
         if not keep_dir and not self._mounted:
             shutil.rmtree(self.layout.dir, ignore_errors=True)
+
+
+def resolv_conf() -> str:
+    """The host's name servers an instance can reach (as Docker does it): loopback ones are dropped, since they
+    are the instance's own loopback in its namespace; systemd-resolved's upstream list is used when the host's
+    file only names its stub resolver; with nothing left, Docker's fallback (public resolvers)."""
+    servers, other = _read_resolv(Path("/etc/resolv.conf"))
+    if not servers:
+        servers, _ = _read_resolv(Path("/run/systemd/resolve/resolv.conf"))
+    if not servers:
+        servers = ["8.8.8.8", "8.8.4.4"]
+    return "".join(f"nameserver {s}\n" for s in servers) + "".join(f"{line}\n" for line in other)
+
+
+def _read_resolv(path: Path) -> tuple[list[str], list[str]]:
+    servers: list[str] = []
+    other: list[str] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if not words or words[0].startswith(("#", ";")):
+                continue
+            if words[0] == "nameserver" and len(words) > 1:
+                if not (words[1].startswith("127.") or words[1] == "::1"):
+                    servers.append(words[1])
+            elif words[0] in ("search", "options"):
+                other.append(line.strip())
+    return servers, other

@@ -32,6 +32,7 @@ from typing import Any
 
 from . import capacity, preflight, systemd
 from .builder import CheckpointBuilder
+from .checkpoint import Checkpoint
 from .config import Config, ServiceConfig
 from .control import ControlServer
 from .errors import ActivatorError
@@ -39,12 +40,16 @@ from .host import clean_leftovers, open_host
 from .instance import Launcher
 from .listeners import BACKLOG, take_all
 from .metrics import Metrics
+from .network import HostNetwork, ServiceSteering, ident, kernel_path_possible
 from .proxy import ConnectionSet, client_protocol_factory
 from .service import Service
 from .statedir import StateDir
 from .tasks import spawn
 
 log = logging.getLogger("activator")
+
+#: how often kernel-path connections are sampled (conntrack and counters: a few ms of a worker thread each)
+METER_INTERVAL = 0.25
 
 
 class Activator:
@@ -62,6 +67,8 @@ class Activator:
         self._metrics_server: Any = None
         self._control: ControlServer | None = None
         self._builder: CheckpointBuilder | None = None
+        self.network: HostNetwork | None = None
+        self._network_open = False
         self._background: set[asyncio.Task[Any]] = set()
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -131,9 +138,10 @@ class Activator:
         task.add_done_callback(self._background.discard)
 
     async def startup(self) -> None:
-        runc, builder = open_host(self.state)
+        runc, builder = open_host(self.state, self.config)
         self._locked = True
         self._builder = builder
+        self.network = builder.network
         nofile = preflight.raise_nofile()
         self.budget.limit = capacity.connection_budget(nofile, preflight.open_fds(), len(self.config.services))
         if self.budget.limit < 16:
@@ -144,16 +152,22 @@ class Activator:
                 log.warning("service=%s max_connections %d is more than the open file limit (%d) allows: past "
                             "%d connections in all, clients are refused with reason=resources", svc.name,
                             svc.max_connections, nofile, self.budget.limit)
-        cleaned = await clean_leftovers(self.state, runc, builder.images)
+        cleaned = await clean_leftovers(self.state, runc, builder.images, self.network)
         if cleaned:
             log.warning("cleaned up after a previous run: %s", ", ".join(cleaned))
+        if self.network is not None:
+            self._network_open = True  # from here on shutdown undoes whatever open() got to
+            await asyncio.to_thread(self.network.open)
+            for svc in self.config.services:
+                if kernel_path_possible(svc):
+                    self.network.limit(svc.name, svc.listen, svc.max_connections)
 
         self.listeners = take_all(self.config, systemd.listen_fds() + self._handed_in)
         self._handed_in = []
 
         for svc in self.config.services:
             m = self.metrics.for_service(svc.name)
-            launcher = Launcher(svc, runc, self.state.instances, self.state.logs, m)
+            launcher = Launcher(svc, runc, self.state.instances, self.state.logs, m, self.network)
             self.services[svc.name] = Service(svc, launcher=launcher, metrics=m, budget=self.budget,
                                               store=builder.store)
         loop = asyncio.get_running_loop()
@@ -173,8 +187,39 @@ class Activator:
                     f"{e.strerror}; pick another address or set it to null"
                 ) from None
 
+        if self.network is not None:
+            self._keep(spawn(self._meter(), name="kernel-meter"))
         systemd.notify("STATUS=making sure every service has a current checkpoint")
         await asyncio.gather(*(self._first_checkpoint(s) for s in self.config.services))
+
+    def _use(self, svc: ServiceConfig, checkpoint: Checkpoint) -> None:
+        """Hand a service its checkpoint, and its kernel path if the app can be reached on its own address."""
+        service = self.services[svc.name]
+        if self.network is not None and kernel_path_possible(svc) and checkpoint.kernel_path:
+            if service.steering is None:
+                service.steering = ServiceSteering(self.network, svc)
+        elif service.steering is not None:
+            service.withdraw_all()
+            service.steering = None
+        service.set_checkpoint(checkpoint)
+
+    async def _meter(self) -> None:
+        """Kernel-path connections send no events: sample them (conntrack, counters) a few times a second."""
+        assert self.network is not None
+        while True:
+            try:
+                samples = await asyncio.to_thread(self.network.sample)
+            except Exception as e:  # a netlink hiccup must not end the sampling for good
+                log.warning("sampling the kernel path failed: %s", e)
+                await asyncio.sleep(1)
+                continue
+            now = time.monotonic()
+            for svc in self.services.values():
+                if svc.steering is None:
+                    continue
+                key = ident(svc.name)
+                svc.kernel_sample(samples.by_mark, samples.rejected.get(key, 0), samples.steered.get(key, 0), now)
+            await asyncio.sleep(METER_INTERVAL)
 
     async def _ping_watchdog(self, interval: float) -> None:
         while True:
@@ -196,7 +241,7 @@ class Activator:
         svc = self.config.service(name)
         assert self._builder is not None
         ck, _ = await self._builder.ensure(svc, rebuild=True)
-        self.services[svc.name].set_checkpoint(ck)
+        self._use(svc, ck)
         log.info("service=%s checkpoint rebuilt in %.1fs on request", svc.name, ck.build_seconds)
         return {"service": svc.name, "dir": str(ck.dir), "build_seconds": ck.build_seconds,
                 "listening_ports": list(ck.listening_ports), "pages_bytes": ck.pages_bytes}
@@ -223,7 +268,7 @@ class Activator:
                 service.m.checkpoint_build_duration.observe(time.monotonic() - t0)
                 log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
                          checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
-            service.set_checkpoint(checkpoint)
+            self._use(svc, checkpoint)
             return True
         delay = svc.backoff.delay(failures + 1)
         service.m.checkpoint_build_failures.inc()
@@ -251,11 +296,14 @@ class Activator:
             server.close()
         for _svc, sock in self.listeners:
             sock.close()
+        for svc in self.services.values():
+            svc.withdraw_all()  # the kernel sends nobody new to any instance; open connections drain
         for task in list(self._background):
             task.cancel()
-        if self.connections:
-            log.info("draining %d connection(s) for up to %gs", len(self.connections), drain)
-            drained = spawn(self.connections.wait_empty(), name="drain", awaited=True)
+        kernel = await self._kernel_open()
+        if self.connections or kernel:
+            log.info("draining %d connection(s) for up to %gs", len(self.connections) + kernel, drain)
+            drained = spawn(self._drained(), name="drain", awaited=True)
             forced = spawn(self._force.wait(), name="force-stop", awaited=True)
             await asyncio.wait({drained, forced}, timeout=drain, return_when=asyncio.FIRST_COMPLETED)
             drained.cancel()
@@ -273,6 +321,28 @@ class Activator:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        if self.network is not None and self._network_open:
+            try:
+                await asyncio.to_thread(self.network.close)
+            except Exception as e:
+                log.warning("removing the instance network failed: %s", e)
         if self._locked:
             self.state.unlock()
         log.info("stopped")
+
+    async def _kernel_open(self) -> int:
+        if self.network is None or not self._network_open:
+            return 0
+        try:
+            samples = await asyncio.to_thread(self.network.sample)
+        except Exception:
+            return 0
+        return sum(s.open for s in samples.by_mark.values())
+
+    async def _drained(self) -> None:
+        """Until no connection is open on either path."""
+        while True:
+            await self.connections.wait_empty()
+            if not await self._kernel_open():
+                return
+            await asyncio.sleep(0.1)

@@ -15,10 +15,17 @@ meanwhile). A start that yields no instance at all backs the whole service off: 
 that would need a new instance are closed at once instead of piling up behind another attempt. A service whose
 checkpoint could not be built is in the same state until a build succeeds (the lifecycle owner retries).
 
-An instance is reaped when it has had no open connection for idle_timeout, unless that would leave fewer
-than min_instances. The timer re-checks the instance when it fires instead of trusting the moment it was
-armed, and an instance is taken out of the pool before any await, so a connection can never be handed an
-instance that is being killed (single-threaded event loop).
+With a kernel path (network.py: instances on the bridge, no PROXY header), ready instances are also in the
+service's steering rule, and most connections never reach the activator: the kernel sends them straight to an
+instance. Their count comes from conntrack samples (kernel_sample(), a few times a second); it counts toward
+target_connections (scale-out), toward max_connections, and as activity for the idle timer. A failed instance is
+withdrawn from the rule at once.
+
+An instance is reaped when it has had no open connection on either path for idle_timeout, unless that would
+leave fewer than min_instances. The timer re-checks the instance when it fires instead of trusting the moment it
+was armed. A steered instance is first withdrawn from the rule, then its kernel connections are counted afresh:
+one that slipped in before the rule changed puts it back. An instance is taken out of the pool before any
+await, so a connection can never be handed an instance that is being killed (single-threaded event loop).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import Any, Protocol
 
@@ -42,6 +50,14 @@ log = logging.getLogger("activator.service")
 
 #: rejected connections are logged as a count at most this often per service (each is counted in metrics)
 REJECT_LOG_INTERVAL = 10.0
+
+
+class Steering(Protocol):
+    """A service's kernel path (network.ServiceSteering): which instances the kernel sends new connections to."""
+
+    def set(self, instances: list[Instance]) -> None: ...
+
+    def open_count(self, inst: Instance) -> int: ...  # blocking: a fresh conntrack count
 
 
 class Launcher(Protocol):
@@ -113,6 +129,7 @@ class Service:
         self.m = metrics
         self.launcher = launcher
         self.budget = budget
+        self.steering: Steering | None = None  # set by the lifecycle owner when the service has a kernel path
         self.instances: list[Instance] = []  # ready to take connections
         self.waiting = 0  # connections waiting in acquire() for an instance
         self.open_connections = 0  # admitted and not yet released
@@ -129,8 +146,11 @@ class Service:
         self._replenish_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._rejections: dict[str, int] = {}
+        self._kernel_rejected = self._kernel_steered = 0
         self._rejections_logged = -REJECT_LOG_INTERVAL
-        # Remaining backoff shrinks with time: computed at scrape time, not when it was last touched.
+        # Remaining backoff shrinks with time, and kernel-path connections change without us: both are computed
+        # at scrape time, not when last touched.
+        self.m.open_connections.set_function(lambda: self.open_connections + self.kernel_connections)
         self.m.backoff.set_function(lambda: self.start_backoff.remaining(time.monotonic()))
         self.m.restore_backoff.set_function(lambda: self.restore_backoff.remaining(time.monotonic()))
         self._publish()
@@ -185,19 +205,21 @@ class Service:
         if self._closed:
             raise Rejected("shutting-down", f"service '{self.name}' is shutting down")
         limit = self.config.max_connections
-        if limit is not None and self.open_connections >= limit:
+        if limit is not None and self.open_connections + self.kernel_connections >= limit:
             raise Rejected("max-connections", f"service '{self.name}' has {limit} open connections")
         if not self.budget.take():
             raise Rejected("resources", f"the activator's file descriptor budget ({self.budget.limit} "
                                         "connections) is spent; raise LimitNOFILE")
         self.open_connections += 1
-        self.m.open_connections.inc()
         return Lease(self)
 
     def _connection_closed(self) -> None:
         self.open_connections -= 1
-        self.m.open_connections.dec()
         self.budget.give()
+
+    @property
+    def kernel_connections(self) -> int:
+        return sum(i.kernel for i in self.instances)
 
     def needs_wake(self) -> bool:
         """Would a connection arriving now make the service start an instance (or wait for one)?"""
@@ -236,7 +258,7 @@ class Service:
             if queued:
                 self.waiting -= 1
                 self.m.waiting.set(self.waiting)
-        best.connections += 1
+        best.spliced += 1
         best.served += 1
         if best.idle_timer is not None:
             best.idle_timer.cancel()
@@ -253,10 +275,10 @@ class Service:
                                    "after failed starts")
 
     def _release_instance(self, inst: Instance) -> None:
-        inst.connections -= 1
+        inst.spliced -= 1
         if inst.stopping:
             return
-        if inst.connections == 0:
+        if inst.spliced == 0:
             inst.idle_since = time.monotonic()
             self._arm_idle(inst, self.config.idle_timeout)
         if inst.connections == self.config.target_connections - 1:
@@ -272,6 +294,59 @@ class Service:
             log.warning("service=%s connections closed by admission control: %s (latest: %s)", self.name, tally, why)
             self._rejections.clear()
             self._rejections_logged = now
+
+    # --- the kernel path ------------------------------------------------------------------------------------
+
+    def _resteer(self) -> None:
+        if self.steering is not None:
+            self.steering.set([i for i in self.instances if not i.withdrawn and not i.stopping])
+
+    def kernel_sample(self, samples: dict[int, Any], rejected: int, steered: int, now: float) -> None:
+        """Fold a sample of the kernel path (network.HostNetwork.sample(), by mark) into the instances, and the
+        service's counters (connections steered, refused for max_connections) into its metrics."""
+        if rejected > self._kernel_rejected:
+            self.m.rejected["max-connections"].inc(rejected - self._kernel_rejected)
+        if steered > self._kernel_steered:
+            self.m.connections.inc(steered - self._kernel_steered)
+        self._kernel_rejected, self._kernel_steered = rejected, steered
+        for inst in list(self.instances):
+            att = inst.sandbox.attachment
+            s = samples.get(att.mark) if att is not None else None
+            if s is None:
+                continue
+            if s.packets != inst.kernel_packets:  # traffic since the last look: the instance is in use
+                inst.idle_since = now
+                if s.open or s.packets > inst.kernel_packets:
+                    inst.established = max(inst.established, 1)
+            self.m.bytes_in.inc(max(0, s.bytes_in - inst.kernel_bytes_in))
+            self.m.bytes_out.inc(max(0, s.bytes_out - inst.kernel_bytes_out))
+            inst.kernel, inst.kernel_packets = s.open, s.packets
+            inst.kernel_bytes_in, inst.kernel_bytes_out = s.bytes_in, s.bytes_out
+        self._scale(extra=0)
+
+    def _watch(self, inst: Instance) -> None:
+        """Know the moment the app dies (a pidfd becomes readable), so a steered instance leaves the rule at
+        once instead of when a client finds its app gone."""
+        pid = inst.sandbox.runc.pid(inst.name)
+        if pid is None:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        inst.pidfd = fd
+        asyncio.get_running_loop().add_reader(fd, self._died, inst)
+
+    def _unwatch(self, inst: Instance) -> None:
+        if inst.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(inst.pidfd)
+            os.close(inst.pidfd)
+            inst.pidfd = None
+
+    def _died(self, inst: Instance) -> None:
+        self._unwatch(inst)
+        if not inst.stopping:
+            self.instance_failed(inst, "its app exited")
 
     def instance_failed(self, inst: Instance, why: str) -> None:
         """A connection found the instance's app refusing past its connect deadline: take the instance out.
@@ -349,6 +424,8 @@ class Service:
                 self._stop(inst)
                 return
             self.instances.append(inst)
+            self._watch(inst)
+            self._resteer()
             # Nobody may claim it (every waiter gave up): it must still go away when idle.
             self._arm_idle(inst, self.config.idle_timeout)
         finally:
@@ -368,25 +445,58 @@ class Service:
 
     def _idle_check(self, inst: Instance) -> None:
         inst.idle_timer = None
-        if inst.stopping or inst.connections > 0:
-            return
-        remaining = inst.idle_since + self.config.idle_timeout - time.monotonic()
+        if inst.stopping or inst.spliced > 0 or inst.withdrawn:
+            return  # re-armed when its last spliced connection ends, or by _retire
+        now = time.monotonic()
+        if inst.kernel > 0:
+            inst.idle_since = now  # open kernel-path connections: busy, and no event will say when they end
+        remaining = inst.idle_since + self.config.idle_timeout - now
         if remaining > 0.001:
             self._arm_idle(inst, remaining)
             return
         if len(self.instances) <= self.config.min_instances:
-            return  # kept warm; re-armed when its next connection ends
+            if self.steering is not None:
+                self._arm_idle(inst, self.config.idle_timeout)  # kept warm; kernel connections send no events
+            return
+        if self.steering is None or inst.sandbox.attachment is None:
+            self._reap(inst)
+            return
+        inst.withdrawn = True
+        self._resteer()
+        task = spawn(self._retire(inst), name=f"retire:{inst.name}")
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def _retire(self, inst: Instance) -> None:
+        """The instance is out of the rule: reap it unless a connection got in before the rule changed."""
+        assert self.steering is not None
+        steering = self.steering
+        still_open = await asyncio.to_thread(steering.open_count, inst)
+        if inst.stopping:
+            return
+        if still_open or inst.spliced:
+            inst.withdrawn = False
+            inst.kernel = max(inst.kernel, still_open)
+            inst.idle_since = time.monotonic()
+            self._resteer()
+            self._arm_idle(inst, self.config.idle_timeout)
+            return
+        self._reap(inst)
+
+    def _reap(self, inst: Instance) -> None:
         log.info("service=%s instance=%s idle for %gs, reaping", self.name, inst.name, self.config.idle_timeout)
         self.m.idle_reaps.inc()
         self._stop(inst)
 
     def _stop(self, inst: Instance) -> None:
         inst.stopping = True
+        self._unwatch(inst)
         if inst.idle_timer is not None:
             inst.idle_timer.cancel()
             inst.idle_timer = None
         if inst in self.instances:
             self.instances.remove(inst)
+        self._resteer()  # before anything is released: no connection is ever steered to a dead instance
         self._publish()
         self._releasing.add(inst)
         task = spawn(self._teardown(inst), name=f"teardown:{inst.name}")
@@ -433,7 +543,8 @@ class Service:
         return {
             "name": self.name,
             "listen": [str(a) for a in self.config.listen],
-            "open_connections": self.open_connections,
+            "open_connections": self.open_connections + self.kernel_connections,
+            "kernel_path": self.steering is not None,
             "max_connections": self.config.max_connections or self.budget.limit,
             "waiting": self.waiting,
             "starting": len(self._starts),
@@ -450,16 +561,25 @@ class Service:
             },
             "instances": [
                 {"name": i.name, "how": i.how, "age_seconds": round(now - i.ready_at, 1),
-                 "connections": i.connections, "served": i.served, "start_ms": round(i.start_seconds * 1000, 1)}
+                 "connections": i.connections, "kernel_connections": i.kernel, "served": i.served,
+                 "address": str(i.sandbox.attachment.ip) if i.sandbox.attachment else None,
+                 "start_ms": round(i.start_seconds * 1000, 1)}
                 for i in self.instances
             ],
         }
 
     # --- shutdown ------------------------------------------------------------------------------------------
 
+    def withdraw_all(self) -> None:
+        """Stop steering new connections to any instance (shutdown: they drain, then go)."""
+        for inst in self.instances:
+            inst.withdrawn = True
+        self._resteer()
+
     async def close(self) -> None:
         """Kill every instance and release everything. Idempotent."""
         self._closed = True
+        self.withdraw_all()
         if self._replenish_timer is not None:
             self._replenish_timer.cancel()
         if not self._checkpoint.done():

@@ -141,7 +141,7 @@ def bench_runc(runs: int) -> dict[str, list[float]]:
         t0 = time.monotonic()
         try:
             await sb.prepare([ck.image_rootfs], ck.process, Resources(), name, ck.seccomp)
-            sb.write_hosts(name)
+            sb.write_etc(name)
             with open("/dev/null", "wb") as null:  # noqa: ASYNC230 - /dev/null never blocks
                 await sb.start(stdout=null.fileno(), stderr=null.fileno())
             port = int(APPS[name]["port"])

@@ -17,15 +17,20 @@ have() {
 }
 ECHO_SRC="$(dirname "${BASH_SOURCE[0]}")/images/echo-server.c"
 PROBE_SRC="$(dirname "${BASH_SOURCE[0]}")/images/sandbox-probe.sh"
+NETPROBE_SRC="$(dirname "${BASH_SOURCE[0]}")/images/netprobe.c"
 
 build_busybox() {
-    local source; source="test-apps-$(cat "$ECHO_SRC" "$PROBE_SRC" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
+    local source; source="test-apps-$(cat "$ECHO_SRC" "$PROBE_SRC" "$NETPROBE_SRC" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
     have "$BUSYBOX_IMAGE" "$source" && return 0
     local r; r=$(mktemp -d)
     mkdir -p "$r"/{bin,etc,www/cgi-bin,tmp,proc,sys,dev,root}
     cp /bin/busybox "$r/bin/busybox"
     gcc -O2 -static -o "$r/bin/echo-server" "$ECHO_SRC" ||
         die "compiling the echo server failed (needs gcc and libc6-dev)"
+    # getaddrinfo in a static binary: glibc >= 2.34 has /etc/hosts lookups built in; the link-time warning
+    # about shared NSS libraries does not apply to that.
+    gcc -O2 -static -pthread -o "$r/bin/netprobe" "$NETPROBE_SRC" 2>/dev/null ||
+        die "compiling netprobe failed (needs gcc and libc6-dev)"
     chroot "$r" /bin/busybox --install -s /bin
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$r/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$r/etc/group"

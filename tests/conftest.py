@@ -216,6 +216,6 @@ async def closed_without_data(port: int, payload: bytes = b"hello") -> bool:
     """Connect and send; True if the activator closed us (EOF or reset) without a byte of answer."""
     try:
         got = await echo(port, payload)
-    except (ConnectionResetError, BrokenPipeError):
-        return True
+    except (ConnectionResetError, BrokenPipeError, ConnectionRefusedError):
+        return True  # refused: turned away in the kernel (max_connections on the kernel path)
     return got == b""

@@ -92,7 +92,8 @@ async def test_max_connections_closes_the_excess_at_once(start) -> None:  # type
     port = run.port("echo")
     held = await asyncio.gather(*(open_echo(port) for _ in range(3)))
     assert await closed_without_data(port)
-    assert run.metric("activator_rejected_connections_total", "echo", reason="max-connections") == 1
+    await eventually(lambda: run.metric("activator_rejected_connections_total", "echo", reason="max-connections") == 1,
+                     what="the rejection counted")
     held[0][1].close()
     await eventually(lambda: run.act.services["echo"].open_connections == 2, what="a slot to free up")
     assert await echo(port, b"room again") == b"room again"
@@ -110,13 +111,19 @@ async def test_restore_past_restore_timeout_leaves_nothing_behind(start) -> None
     assert kept  # whatever runc and CRIU had written is kept for the operator
     name = kept[0].name.rsplit("-", 1)[0]  # echo-<id>
 
-    def clean() -> bool:
+    def left() -> dict[str, object]:
         res = host_resources(state)
-        return (not res["runc"] and not res["dirs"] and not rootfs.mounts_under(state / "runc")
-                and not [c for c in res["cgroups"] if c.endswith(f"/activator/{name}")]
-                and [p.name for p in (state / "runc").iterdir()] == ["criu.conf"])
+        return {"runc": res["runc"], "dirs": res["dirs"], "mounts": rootfs.mounts_under(state / "runc"),
+                "cgroups": [c for c in res["cgroups"] if c.endswith(f"/activator/{name}")],
+                "runc root": sorted(p.name for p in (state / "runc").iterdir() if p.name != "criu.conf")}
 
-    await eventually(clean, what="no container, mount, cgroup or runc state left")
+    def clean() -> bool:
+        return not any(left().values())
+
+    try:
+        await eventually(clean, what="no container, mount, cgroup or runc state left")
+    except AssertionError:
+        raise AssertionError(f"left behind: {left()}") from None
     await asyncio.sleep(0.5)  # and nothing turns up later from a runc that finished after all
     assert clean()
 

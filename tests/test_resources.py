@@ -1,5 +1,8 @@
 """The activator's own limits are its own: running short of file descriptors turns clients away (counted,
-reason=resources) and never counts against a healthy instance or backs the service off."""
+reason=resources) and never counts against a healthy instance or backs the service off.
+
+These pin the userspace path (network: none): connections steered by the kernel cost the daemon no descriptor
+at all, so on the kernel path there is nothing to run short of."""
 
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ pytestmark = pytest.mark.engine
 
 def test_a_low_descriptor_limit_rejects_with_reason_resources(tmp_path: Path) -> None:
     port = free_port()
-    cfg = write_config(tmp_path, {"echo": ECHO | {"listen": f"127.0.0.1:{port}", "max_instances": 1}})
+    cfg = write_config(tmp_path, {"echo": ECHO | {"listen": f"127.0.0.1:{port}", "max_instances": 1,
+                                                  "network": "none"}})
 
     def limit() -> None:  # the daemon's hard limit: it cannot raise itself past this
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
@@ -90,7 +94,7 @@ for _ in range(n):
 
 @pytest.mark.asyncio
 async def test_emfile_on_the_backend_socket_is_ours_not_the_apps(start) -> None:  # type: ignore[no-untyped-def]
-    run = await start({"echo": ECHO | {"wake_on": "connect"}})
+    run = await start({"echo": ECHO | {"wake_on": "connect", "network": "none"}})
     port = run.port("echo")
     assert await echo(port, b"warm") == b"warm"
     (inst,) = run.act.services["echo"].instances
