@@ -24,7 +24,9 @@ nftables table that gives instances outbound access and steers clients to them i
   are dropped in forward and input), but answer the ones steered to them.
 
 Everything here is blocking (netlink, libnftables, iptables): callers run it in worker threads, except the
-sub-millisecond steering updates.
+sub-millisecond steering updates (libnftables only). pyroute2 in particular must never be called on the event
+loop's thread: its synchronous API then tries to open its netlink socket on the running (uvloop) loop, fails,
+and leaves a handle behind that keeps the loop from closing.
 """
 
 from __future__ import annotations
@@ -210,8 +212,16 @@ class HostNetwork:
         return f"activator {self.owner}"
 
     def _owned(self, ipr: IPRoute, idx: int) -> bool:
+        """Ours, or a dead activator's (adopted then: its leftovers are ours to remove)."""
         (link,) = ipr.get_links(idx)
-        return bool(link.get_attr("IFLA_IFALIAS") == self._alias())
+        alias = link.get_attr("IFLA_IFALIAS")
+        if alias == self._alias():
+            return True
+        if alias and alias.startswith("activator /") and not _state_dir_in_use(Path(alias.split(" ", 1)[1])):
+            log.warning("adopting bridge %s from a dead activator (%s)", self.bridge, alias.split(" ", 1)[1])
+            ipr.link("set", index=idx, ifalias=self._alias())
+            return True
+        return False
 
     def _ensure_bridge(self, ipr: IPRoute) -> int:
         found = ipr.link_lookup(ifname=self.bridge)
@@ -220,7 +230,7 @@ class HostNetwork:
             info = link.get_attr("IFLA_LINKINFO")
             kind = info.get_attr("IFLA_INFO_KIND") if info else None
             alias = link.get_attr("IFLA_IFALIAS")
-            if kind != "bridge" or alias != self._alias():
+            if kind != "bridge" or not self._owned(ipr, found[0]):
                 what = f"a {kind or 'network'} interface" + (f" ({alias})" if alias else "")
                 raise ActivatorError(f"{self.where}.bridge: '{self.bridge}' is already {what} that this activator "
                                      "did not make; set settings.network.bridge to a free name")
@@ -485,6 +495,23 @@ def flush_conntrack(marks: Iterable[int], mask: int = 0xFFFFFFFF) -> None:
         for mark in marks:
             with contextlib.suppress(Exception):
                 ct.flush(mark=mark, mark_mask=mask)
+
+
+def _state_dir_in_use(state_dir: Path) -> bool:
+    """Is an activator running on that state dir (holding its lock)?"""
+    import fcntl
+
+    try:
+        fd = os.open(state_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _sysctl(path: str, value: str | None) -> str | None:

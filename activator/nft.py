@@ -22,9 +22,9 @@ class NftError(ActivatorError):
 
 
 class Nft:
-    def __init__(self) -> None:
+    def __init__(self, library: str = "libnftables.so.1") -> None:
         try:
-            lib = ctypes.CDLL("libnftables.so.1", use_errno=True)
+            lib = ctypes.CDLL(library, use_errno=True)
         except OSError:
             raise PreflightError("libnftables (Debian package libnftables1, with nftables) is not installed; it is "
                                  "needed for instance networking; run 'make setup' or set network: none") from None

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -63,16 +64,19 @@ class Runc:
         cmd = [self.binary, "--root", str(self.root)]
         if log is not None:
             cmd += ["--log", str(log), "--log-format", "text"]
+        # Its own process group: CRIU runs as runc's child, and must die with it when we give up.
         proc = await asyncio.create_subprocess_exec(
             *cmd, *args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=_child_env(),
+            start_new_session=True,
         )
         try:
             out, err = await proc.communicate()
         except BaseException:
             # Cancelled (a restore_timeout, a shutdown): runc must not finish the job after we gave up on it,
-            # or a container would appear that nothing owns.
+            # or a container would appear that nothing owns; nor may its CRIU go on writing into the instance's
+            # directory while it is being removed.
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
             await asyncio.shield(proc.wait())
             raise
         # stdout and stderr apart: `list` and `state` print JSON on stdout and may still warn on stderr.

@@ -229,7 +229,13 @@ class Sandbox:
         except OSError as e:
             errors.append(f"netns: {e}")
         if not keep_dir and not self._mounted:
-            shutil.rmtree(self.layout.dir, ignore_errors=True)
+            for _ in range(20):  # a process that was just killed may still be closing files in it
+                shutil.rmtree(self.layout.dir, ignore_errors=True)
+                if not self.layout.dir.exists():
+                    break
+                time.sleep(0.05)
+            else:
+                errors.append(f"{self.layout.dir} could not be removed")
 
 
 def resolv_conf() -> str:
