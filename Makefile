@@ -29,9 +29,10 @@ test: setup lint
 	$(VENV)/bin/pytest
 
 bench: setup
-	bash scripts/build-images.sh busybox tomcat
+	bash scripts/build-images.sh busybox tomcat redis
 	$(PY) bench/coldstart.py
 	$(PY) bench/warmpath.py
+	$(PY) bench/network_cost.py
 	$(PY) bench/scaleout.py
 
 clean:

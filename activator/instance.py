@@ -44,6 +44,7 @@ class Instance:
     kernel_bytes_in: int = 0
     kernel_bytes_out: int = 0
     pidfd: int | None = None  # the app's pidfd while it is watched (service.py)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: prepare, restore, listening
 
     @property
     def name(self) -> str:
@@ -94,7 +95,8 @@ class Launcher:
         self.m.restore_duration.observe(dt)
         log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, runc restore %.0f, listening %.0f)",
                  self.config.name, sb.name, dt * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000, (t0 + dt - t2) * 1000)
-        return Instance(sb, "restore", dt, checkpoint)
+        return Instance(sb, "restore", dt, checkpoint,
+                        phases={"prepare": t1 - t0, "restore": t2 - t1, "listening": t0 + dt - t2})
 
     async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
         port = self.config.port

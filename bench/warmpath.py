@@ -1,30 +1,41 @@
-"""Warm path: bulk throughput and request latency once an instance is up, three ways side by side.
+"""Warm path: real clients at real concurrency against the same server, four ways side by side, in one run.
 
-  direct                 the echo server (scripts/images/echo-server.c) on host loopback, no proxy
-  systemd-socket-proxyd  the same server behind systemd-socket-proxyd (socket-activated, as systemd would)
-  activator              the same binary restored in a container, behind `activator run`
+  direct                 redis-server / iperf3 from the demo image's own root filesystem (chroot), on host
+                         loopback: no proxy, no container network
+  activator (kernel)     the image restored by `activator run` (network: bridge): connections steered to the
+                         instance by nftables DNAT over a veth, bytes never cross the daemon
+  activator (userspace)  the same with network: none: every byte spliced through the daemon (asyncio on uvloop)
+  systemd-socket-proxyd  in front of the direct server (socket-activated, as systemd would run it)
 
-Bulk: one connection sends --mib MiB and reads them back (MiB/s each way). Latency: --rounds ping-pongs of 64
-bytes on one connection (p50/p99 in µs). Loopback only; every loop is bounded.
-Run as root after `make setup images`:  .venv/bin/python bench/warmpath.py
+Loads: redis-benchmark GET at -c 1 and -c 32 (requests/s, p50 and p99 latency) and iperf3 bulk (one stream,
+Gbit/s). Loopback and the project's own bridge only; every load is bounded by count or time.
+Run as root after `make setup` and `scripts/build-images.sh redis`:
+    .venv/bin/python bench/warmpath.py [--requests N] [--seconds S] [--runs R]
+Prints a table (the median of R runs per cell), writes docs/warmpath.json and docs/warmpath.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+IMAGE = "activator-demo/redis:latest"
+STATE = Path("/var/lib/activator/bench-warm")
 
 
 def free_port() -> int:
@@ -33,98 +44,156 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, deadline: float = 60) -> None:
+def wait_listening(port: int, deadline: float = 120) -> None:
+    """Until something listens on port; read from ss, not probed (iperf3's server dies of a bare connection)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        if subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout.strip():
             return
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     raise TimeoutError(port)
 
 
-def bulk(port: int, mib: int) -> float:
-    payload = os.urandom(1 << 20)
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        def send() -> None:
-            for _ in range(mib):
-                s.sendall(payload)
-        t0 = time.monotonic()
-        th = threading.Thread(target=send)
-        th.start()
-        got = 0
-        # No half-close here: systemd-socket-proxyd drops the return direction on the client's FIN.
-        while got < mib << 20 and (chunk := s.recv(1 << 20)):
-            got += len(chunk)
-        th.join()
-        dt = time.monotonic() - t0
-    assert got == mib << 20, got
-    return mib / dt
+def redis(port: int, clients: int, requests: int) -> dict[str, float]:
+    out = subprocess.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-t", "get", "-n", str(requests),
+                          "-c", str(clients), "--csv", "--precision", "3"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    row = next(r for r in csv.DictReader(io.StringIO(out)) if r["test"].startswith("GET"))
+    return {"rps": float(row["rps"]), "p50_ms": float(row["p50_latency_ms"]), "p99_ms": float(row["p99_latency_ms"])}
 
 
-def latency(port: int, rounds: int) -> list[float]:
-    msg = b"x" * 64
-    out = []
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            s.sendall(msg)
-            got = 0
-            while got < len(msg):
-                got += len(s.recv(64))
-            out.append(time.perf_counter() - t0)
-    return out
+def iperf(port: int, seconds: int) -> float:
+    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+                         capture_output=True, text=True, timeout=seconds + 60, check=True).stdout
+    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def measure(port: int, args: argparse.Namespace) -> tuple[float, list[float]]:
-    bulk(port, 8)  # warm-up (and, for the activator, the restore)
-    return statistics.median(bulk(port, args.mib) for _ in range(3)), latency(port, args.rounds)
+def unpack_image(work: Path) -> Path:
+    root = work / "rootfs"
+    root.mkdir()
+    cid = subprocess.run(["docker", "create", IMAGE], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        subprocess.run(f"docker export {cid} | tar -x -C {root}", shell=True, check=True)
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+    return root
+
+
+def start_activator(work: Path, redis_port: int, iperf_port: int, network: str) -> subprocess.Popen[bytes]:
+    cfg = {"settings": {"state_dir": str(STATE), "metrics": None, "network": {"bridge": "actbench0",
+                                                                              "subnet": "10.89.250.0/24"}},
+           "services": {
+               "redis": {"image": IMAGE, "port": 6379, "listen": f"127.0.0.1:{redis_port}", "idle_timeout": "1h",
+                         "network": network, "max_instances": 1},
+               "iperf": {"image": IMAGE, "command": ["iperf3", "-s", "-p", "5201"], "port": 5201,
+                         "listen": f"127.0.0.1:{iperf_port}", "idle_timeout": "1h", "network": network},
+           }}
+    path = work / f"warm-{network}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "activator", "run", "-c", str(path)],
+                            stderr=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    while b"metrics" not in (line := proc.stdout.readline()) and b"ready on" not in line:
+        if proc.poll() is not None or not line:
+            raise SystemExit("activator did not start")
+    return proc
+
+
+def measure(name: str, redis_port: int, iperf_port: int, args: argparse.Namespace) -> dict[str, Any]:
+    wait_listening(redis_port)
+    wait_listening(iperf_port)
+    redis(redis_port, 1, 200)  # wakes the service (a restore) and warms up
+    iperf(iperf_port, 1)
+    r: dict[str, Any] = {"path": name}
+    for c in (1, 32):
+        runs = [redis(redis_port, c, args.requests) for _ in range(args.runs)]
+        r[f"c{c}"] = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+    r["bulk_gbit"] = statistics.median(iperf(iperf_port, args.seconds) for _ in range(args.runs))
+    print(f"  {name}: done", flush=True)
+    return r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mib", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5000)
+    ap.add_argument("--requests", type=int, default=100_000)
+    ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    for tool in ("redis-benchmark", "iperf3", "/lib/systemd/systemd-socket-proxyd"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"needs {tool} (make setup installs it)")
     work = Path(tempfile.mkdtemp(prefix="activator-warm-"))
-    server = work / "echo-server"
-    subprocess.run(["gcc", "-O2", "-o", str(server), str(ROOT / "scripts/images/echo-server.c")], check=True)
-    results: dict[str, tuple[float, list[float]]] = {}
+    root = unpack_image(work)
+    results = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        direct = free_port()
-        procs.append(subprocess.Popen([str(server), str(direct)]))
-        wait_port(direct)
-        results["direct"] = measure(direct, args)
+        rp, ip = free_port(), free_port()
+        procs.append(subprocess.Popen(["chroot", str(root), "redis-server", "--port", str(rp), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(["chroot", str(root), "iperf3", "-s", "-p", str(ip)],
+                                      stdout=subprocess.DEVNULL))
+        results.append(measure("direct", rp, ip, args))
 
-        proxyd = free_port()
-        procs.append(subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{proxyd}",
-                                       "/lib/systemd/systemd-socket-proxyd", f"127.0.0.1:{direct}"],
-                                      stderr=subprocess.DEVNULL))
-        wait_port(proxyd)
-        results["systemd-socket-proxyd"] = measure(proxyd, args)
+        prp, pip = free_port(), free_port()
+        for listen, target in ((prp, rp), (pip, ip)):
+            procs.append(subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{listen}",
+                                           "/lib/systemd/systemd-socket-proxyd", f"127.0.0.1:{target}"],
+                                          stderr=subprocess.DEVNULL))
+        results.append(measure("systemd-socket-proxyd", prp, pip, args))
 
-        act = free_port()
-        cfg = {"settings": {"state_dir": "/var/lib/activator/bench-warm", "metrics": None},
-               "services": {"echo": {"image": "activator-demo/busybox:latest", "command": ["echo-server", "9000"],
-                                     "port": 9000, "listen": f"127.0.0.1:{act}", "idle_timeout": "5m"}}}
-        (work / "warm.yaml").write_text(yaml.safe_dump(cfg))
-        procs.append(subprocess.Popen([sys.executable, "-m", "activator", "run", "-c", str(work / "warm.yaml")],
-                                      stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
-        wait_port(act)
-        results["activator"] = measure(act, args)
+        for network, name in (("bridge", "activator (kernel)"), ("none", "activator (userspace)")):
+            arp, aip = free_port(), free_port()
+            act = start_activator(work, arp, aip, network)
+            try:
+                results.append(measure(name, arp, aip, args))
+            finally:
+                act.terminate()
+                act.wait(120)
     finally:
         for p in reversed(procs):
             p.terminate()
             p.wait(60)
-    print(f"\nWarm path: {args.mib} MiB echoed (median of 3), {args.rounds} x 64-byte round trips\n")
-    print(f"{'path':24} {'MiB/s':>8} {'p50 µs':>8} {'p99 µs':>8}")
-    for name, (mibs, lat) in results.items():
-        q = statistics.quantiles([x * 1e6 for x in lat], n=100)
-        print(f"{name:24} {mibs:8.0f} {q[49]:8.0f} {q[98]:8.0f}")
+        shutil.rmtree(work, ignore_errors=True)
+    report(results, args)
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    direct = results[0]
+    print(f"\nWarm path, redis-benchmark GET x {args.requests} and iperf3 {args.seconds}s; median of {args.runs}\n")
+    print(f"{'path':24} {'c=1 req/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'c=32 req/s':>11} {'x direct':>8} "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'bulk Gbit/s':>11}")
+    for r in results:
+        c1, c32 = r["c1"], r["c32"]
+        print(f"{r['path']:24} {c1['rps']:10.0f} {c1['p50_ms']:7.3f} {c1['p99_ms']:7.3f} {c32['rps']:11.0f} "
+              f"{c32['rps'] / direct['c32']['rps']:8.2f} {c32['p50_ms']:7.3f} {c32['p99_ms']:7.3f} "
+              f"{r['bulk_gbit']:11.1f}")
+    docs = ROOT / "docs"
+    (docs / "warmpath.json").write_text(json.dumps(results, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = [r["path"] for r in results]
+    colors = ["#555555", "#999999", "#2a7ab9", "#e07b39"][: len(names)]
+    for ax, (title, values, unit) in zip(axes, (
+            ("redis GET, 1 client", [r["c1"]["rps"] / 1000 for r in results], "k req/s"),
+            ("redis GET, 32 clients", [r["c32"]["rps"] / 1000 for r in results], "k req/s"),
+            ("iperf3 bulk, 1 stream", [r["bulk_gbit"] for r in results], "Gbit/s")), strict=True):
+        ax.bar(range(len(names)), values, color=colors)
+        labels = [n.replace(" (", "\n(").replace("socket-proxyd", "socket-\nproxyd") for n in names]
+        ax.set_xticks(range(len(names)), labels, fontsize=8)
+        ax.set_title(title)
+        ax.set_ylabel(unit)
+    fig.suptitle("activator warm path vs direct and systemd-socket-proxyd (loopback, 2-core VM)")
+    fig.tight_layout()
+    fig.savefig(docs / "warmpath.png", dpi=110)
+    print(f"\nchart: {docs / 'warmpath.png'}")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

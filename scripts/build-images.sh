@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds the demo and test images locally (no registry is needed): a busybox image for the small app and the
-# tests, and a Debian minbase image with Tomcat 10 on OpenJDK 17 for the slow-starting demo.
-#   scripts/build-images.sh [busybox] [tomcat]      (default: both)
+# tests, a Debian minbase image with Tomcat 10 on OpenJDK 17 for the slow-starting demo, and one with Redis and
+# iperf3 for the warm-path benchmark (real servers for real clients: redis-benchmark, iperf3).
+#   scripts/build-images.sh [busybox] [tomcat] [redis]      (default: busybox and tomcat)
 # An image that already exists is kept; FORCE=1 rebuilds.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BUSYBOX_IMAGE=activator-demo/busybox:latest
 TOMCAT_IMAGE=activator-demo/tomcat:latest
+REDIS_IMAGE=activator-demo/redis:latest
 SUITE=${SUITE:-bookworm}
 
 # An image is current when it exists and, if a source tag is given, its activator.source label matches it.
@@ -68,6 +70,22 @@ build_tomcat() {
     log "built $TOMCAT_IMAGE"
 }
 
+build_redis() {
+    have "$REDIS_IMAGE" && return 0
+    local r mirror; r=$(mktemp -d); mirror=$(debian_mirror)
+    log "debootstrap $SUITE with redis-server and iperf3 from $mirror"
+    debootstrap --variant=minbase --include=redis-server,iperf3 "$SUITE" "$r" "$mirror" >"$r.log" 2>&1 ||
+        die "debootstrap failed; see $r.log"
+    chroot "$r" apt-get clean
+    rm -rf "$r"/var/lib/apt/lists/*
+    tar -C "$r" -c . | docker import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'CMD ["redis-server", "--port", "6379", "--protected-mode", "no", "--save", "", "--appendonly", "no"]' \
+        - "$REDIS_IMAGE" >/dev/null
+    rm -rf "$r" "$r.log"
+    log "built $REDIS_IMAGE"
+}
+
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap and docker import)"
 docker info >/dev/null 2>&1 || die "dockerd is not running; run 'make setup' first"
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(busybox tomcat)
@@ -75,6 +93,7 @@ for t in "${targets[@]}"; do
     case "$t" in
         busybox) build_busybox ;;
         tomcat) build_tomcat ;;
-        *) die "unknown image '$t' (busybox, tomcat)" ;;
+        redis) build_redis ;;
+        *) die "unknown image '$t' (busybox, tomcat, redis)" ;;
     esac
 done

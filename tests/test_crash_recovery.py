@@ -116,6 +116,7 @@ def test_kill_9_then_restart_cleans_every_orphan(tmp_path: Path) -> None:
     state, log = tmp_path / "state", tmp_path / "activator.log"
     with daemon([*ACTIVATOR, "run", "-c", str(cfg)], log) as proc:
         assert echo_once(port, b"first life") == b"first life"
+        assert echo_once(port, b"steered") == b"steered"  # the instance is in the kernel's rule now
         proc.kill()  # SIGKILL: no chance to clean up
         proc.wait()
     orphans = host_resources(state)
@@ -123,14 +124,34 @@ def test_kill_9_then_restart_cleans_every_orphan(tmp_path: Path) -> None:
     (name,) = orphans["runc"]
     assert f"activator-{name}" in orphans["netns"]
     assert any(c.endswith(f"/activator/{name}") for c in orphans["cgroups"])
+    net = network_state()
+    assert net["veths"] and "dnat ip to" in net["table"] and net["firewall"]  # what the dead one made
+    old_veths = net["veths"]
     with daemon([*ACTIVATOR, "run", "-c", str(cfg)], log) as proc:
-        assert "cleaned up after a previous run" in log.read_text()
+        text = log.read_text()
+        assert "cleaned up after a previous run" in text and "nftables table ip activator_activator0" in text
         left = host_resources(state)
         assert name not in left["runc"] and f"activator-{name}" not in left["netns"] and not left["dirs"]
         assert not [c for c in left["cgroups"] if c.endswith(f"/activator/{name}")]
+        fresh = network_state()
+        assert not set(old_veths) & set(fresh["veths"]) and "dnat ip to" not in fresh["table"]
+        assert len(fresh["firewall"]) == 2  # the hole again, once
         assert echo_once(port, b"second life") == b"second life"
         assert stop(proc) == 0
     res = host_resources(state)
     assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
     assert set(res["netns"]) <= HOME_NETNS
+    gone = network_state()
+    assert gone == {"veths": [], "table": "", "firewall": [], "bridge": False}
+
+
+def network_state() -> dict[str, object]:
+    """What activator made on the host's network (bridge activator0): veths, its nft table, iptables rules."""
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    veths = [ln.split(":")[1].strip().split("@")[0] for ln in links.splitlines() if "master activator0" in ln]
+    table = subprocess.run(["nft", "list", "table", "ip", "activator_activator0"], capture_output=True,
+                           text=True).stdout
+    rules = subprocess.run(["iptables", "-S", "DOCKER-USER"], capture_output=True, text=True).stdout
+    return {"veths": veths, "table": table, "firewall": [r for r in rules.splitlines() if "activator activator0" in r],
+            "bridge": ": activator0:" in links}
 
