@@ -178,3 +178,29 @@ def test_bad_network_settings_are_one_line_errors(tmp_path: Path) -> None:
         Nft("/nonexistent/libnftables.so.1")
     assert "libnftables" in str(e.value) and "make setup" in str(e.value) and "network: none" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.asyncio
+async def test_an_app_listening_on_loopback_only_is_served_through_the_activator(start) -> None:  # type: ignore[no-untyped-def]
+    httpd = {"image": BUSYBOX, "command": ["httpd", "-f", "-p", "127.0.0.1:8080", "-h", "/www"], "port": 8080}
+    run = await start({"web": httpd})
+    port = run.port("web")
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.0\r\n\r\n")
+        assert b"200 OK" in await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    svc = run.act.services["web"]
+    assert svc.checkpoint is not None and not svc.checkpoint.kernel_path and svc.steering is None
+    assert svc.instances[0].served == 3  # every one through the activator: the kernel could not reach 127.0.0.1
+
+
+def test_an_app_listening_on_the_templates_own_address_is_refused(tmp_path: Path) -> None:
+    # The template is the only thing on the bridge, so it gets the subnet's first free address.
+    addr = "$(ip -4 -o addr show eth0 | sed 's/.*inet \\([0-9.]*\\).*/\\1/')"
+    httpd = {"image": BUSYBOX, "command": ["sh", "-c", f"exec httpd -f -p {addr}:8080 -h /www"], "port": 8080}
+    cfg = write_config(tmp_path, {"web": httpd})
+    proc = run_cli("checkpoint", "web", "-c", str(cfg))
+    assert_one_line_error(proc, "service 'web'", "the app listens on 10.89.0.2:8080 only",
+                          "make it listen on every address (0.0.0.0) or on 127.0.0.1")
+    assert not list((tmp_path / "state" / "checkpoints").glob("web*"))
