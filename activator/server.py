@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import capacity, preflight, systemd
+from . import capacity, criucache, preflight, systemd
 from .builder import CheckpointBuilder
 from .checkpoint import Checkpoint
 from .config import Config, ServiceConfig
@@ -142,6 +142,7 @@ class Activator:
         self._locked = True
         self._builder = builder
         self.network = builder.network
+        await asyncio.to_thread(criucache.refresh)  # ~30 ms off every CRIU run that follows
         nofile = preflight.raise_nofile()
         self.budget.limit = capacity.connection_budget(nofile, preflight.open_fds(), len(self.config.services))
         if self.budget.limit < 16:

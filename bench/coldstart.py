@@ -8,6 +8,13 @@
 Every measurement starts from nothing running. Traffic goes to loopback or to namespaces this script made.
 Run as root after `make setup images`:  .venv/bin/python bench/coldstart.py [--runs N]
 Prints a table (median, min, max in ms) and writes docs/coldstart.png.
+
+    .venv/bin/python bench/coldstart.py --breakdown [--runs N] [--apps hello,tomcat]
+
+instead restores each app N times in-process and prints where a restore's time goes: activator's own preparation
+(namespace, network, overlay, bundle), the `runc restore` call and within it CRIU's own figures from its
+stats-restore image (restore and forking time, pages restored), then waiting for the app to listen; and the
+connect-to-first-byte time seen by a client.
 """
 
 from __future__ import annotations
@@ -155,11 +162,79 @@ def bench_runc(runs: int) -> dict[str, list[float]]:
     return out
 
 
+def breakdown(runs: int, apps: list[str]) -> None:
+    """In-process restores, phase by phase (medians over the runs after the first two)."""
+    import socket as socketmod
+
+    import uvloop
+
+    sys.path.insert(0, str(ROOT))
+    from activator.checkpoint import _load_img
+    from activator.config import load_config
+    from activator.server import Activator
+
+    async def run() -> dict[str, list[dict[str, float]]]:
+        work = Path(tempfile.mkdtemp(prefix="activator-breakdown-"))
+        socks, services = {}, {}
+        for name in apps:
+            s = socketmod.socket()
+            s.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", 0))
+            s.listen(64)
+            socks[name] = s
+            services[name] = APPS[name] | {"listen": f"127.0.0.1:{s.getsockname()[1]}", "idle_timeout": "200ms"}
+        (work / "b.yaml").write_text(yaml.safe_dump({"settings": {"state_dir": str(STATE), "metrics": None},
+                                                     "services": services}))
+        act = Activator(load_config(work / "b.yaml"), sockets=list(socks.values()))
+        await act.startup()
+        rows: dict[str, list[dict[str, float]]] = {name: [] for name in apps}
+        try:
+            for name in apps:
+                svc = act.services[name]
+                for _ in range(runs):
+                    t0 = time.monotonic()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", socks[name].getsockname()[1])
+                    writer.write(REQUEST)
+                    await reader.read(1)
+                    ttfb = time.monotonic() - t0
+                    writer.close()
+                    inst = svc.instances[0]
+                    row = {k: v * 1000 for k, v in inst.phases.items()} | {"ttfb": ttfb * 1000}
+                    stats = inst.sandbox.layout.criu_work / "stats-restore"
+                    if stats.exists():
+                        st = _load_img(stats)["entries"][0]["restore"]
+                        row |= {"criu restore": st.get("restore_time", 0) / 1000,
+                                "criu forking": st.get("forking_time", 0) / 1000,
+                                "pages": st.get("pages_restored", 0) + st.get("pages_compared", 0)}
+                    rows[name].append(row)
+                    while svc.instances or svc._stopping:
+                        await asyncio.sleep(0.02)
+        finally:
+            await act.shutdown()
+        return rows
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        results = r.run(run())
+    cols = ["prepare", "restore", "criu restore", "criu forking", "listening", "ttfb", "pages"]
+    print(f"\nWhere a restore's time goes, ms (median of {max(1, runs - 2)}; 'restore' is the whole runc restore,\n"
+          "'criu restore'/'criu forking' are CRIU's own figures inside it; ttfb is what the client saw)\n")
+    print(f"{'app':8} " + " ".join(f"{c:>13}" for c in cols))
+    for name, rows in results.items():
+        rows = rows[2:] or rows
+        med = {c: statistics.median(r.get(c, 0) for r in rows) for c in cols}
+        print(f"{name:8} " + " ".join(f"{med[c]:13.1f}" if c != "pages" else f"{med[c]:13.0f}" for c in cols))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--chart", default=str(ROOT / "docs" / "coldstart.png"))
+    ap.add_argument("--breakdown", action="store_true", help="phase by phase, in-process (see above)")
+    ap.add_argument("--apps", default=",".join(APPS))
     args = ap.parse_args()
+    if args.breakdown:
+        breakdown(max(3, args.runs), args.apps.split(","))
+        return
     results = {"activator (restore)": bench_activator(args.runs), "docker run": bench_docker(args.runs),
                "runc run": bench_runc(args.runs)}
     print(f"\nTime to first byte, ms ({args.runs} runs each)\n")
