@@ -212,22 +212,54 @@ class CheckpointBuilder:
             if pid is None:
                 raise StartError(f"service '{svc.name}': the app exited right after it started listening; "
                                  f"see {self._log_hint(svc)}")
-            if svc.readiness.http_path:
+            warm = svc.warmup.http_paths or svc.warmup.payload is not None
+            if svc.readiness.http_path or warm:
                 before = readiness.held_sockets(pid)
-                await self._wait_http(svc, sandbox, deadline)
-                # The dump must not capture the probe's connection (CRIU cannot restore it); the app may
-                # close its end lazily, so wait for the descriptor itself to go.
+                if svc.readiness.http_path:
+                    await self._wait_http(svc, sandbox, deadline)
+                if warm:
+                    await self._warm_up(svc, sandbox)
+                # The dump should not capture these connections (they would come back closed, and they are
+                # not the app's own); the app may close its end lazily, so wait for the descriptors to go.
                 if not await readiness.wait_until(
                     lambda: not readiness.stray_connections(pid, before), timeout=PROBE_CLOSE_TIMEOUT,
                 ):
                     raise StartError(
-                        f"service '{svc.name}': the app kept the readiness probe's connection open for "
-                        f"{PROBE_CLOSE_TIMEOUT:g}s after 'Connection: close'; drop 'readiness.http_path'"
+                        f"service '{svc.name}': the app kept the readiness or warm-up connections open for "
+                        f"{PROBE_CLOSE_TIMEOUT:g}s after 'Connection: close'; drop 'readiness.http_path'/'warmup'"
                     )
         finally:
             copier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await copier
+
+    async def _warm_up(self, svc: ServiceConfig, sandbox: Sandbox) -> None:
+        """svc.warmup against the template, one request at a time; failures are counted, not fatal (a warm-up is
+        an optimisation), unless every single one failed (then the paths are wrong: say so)."""
+        w = svc.warmup
+        t0, ok, total = time.monotonic(), 0, 0
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            sock = sandbox.netns.socket()
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", svc.port))
+            except BaseException:
+                sock.close()
+                raise
+            return await asyncio.open_connection(sock=sock)
+
+        for _ in range(w.count):
+            for path in w.http_paths:
+                total += 1
+                ok += await readiness.http_ok(connect, svc.port, path)
+            if w.payload is not None:
+                total += 1
+                ok += await readiness.exchange(connect, w.payload.encode())
+        log.info("service=%s warmed up: %d of %d requests answered in %.1fs", svc.name, ok, total,
+                 time.monotonic() - t0)
+        if total and not ok:
+            raise StartError(f"service '{svc.name}': none of the {total} warm-up requests was answered; fix "
+                             "'warmup' (paths, payload) or remove it")
 
     async def _wait_http(self, svc: ServiceConfig, sandbox: Sandbox, deadline: float) -> None:
         path = svc.readiness.http_path

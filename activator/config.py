@@ -275,6 +275,19 @@ class Flag(Kind):
 
 
 @dataclass(frozen=True)
+class AutoFlag(Kind):
+    """true, false, or auto (decided from the rest of the file)."""
+
+    def parse(self, raw: Any) -> bool | str:
+        if isinstance(raw, bool) or raw == "auto":
+            return raw  # type: ignore[no-any-return]
+        raise ValueError(f"expected true, false or auto, got {_show(raw)}")
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "boolean"}, {"const": "auto"}]}
+
+
+@dataclass(frozen=True)
 class Subnet(Kind):
     """An IPv4 network for instances, big enough for a gateway and a few instances, small enough to scan."""
 
@@ -401,6 +414,23 @@ class Readiness:
 
 
 @dataclass(frozen=True)
+class Warmup:
+    """Requests sent to the template before it is dumped, so instances start with the app's caches filled and
+    its hot code compiled (a JVM's JIT): what the first requests after a restore would otherwise pay for."""
+
+    http_paths: tuple[str, ...] = key(Args(), (), shapes=True,
+                                      doc="GET each of these paths (HTTP/1.1, Connection: close)")
+    payload: str | None = key(Text(), None, nullable=True, shapes=True,
+                              doc="or send this (raw TCP) on a connection and read the first reply")
+    count: int = key(Int(1, 100_000), 100, shapes=True, doc="how many times, per path")
+
+    def __post_init__(self) -> None:
+        for p in self.http_paths:
+            if not p.startswith("/"):
+                raise ValueError(f"warmup.http_paths: '{p}' must start with '/'")
+
+
+@dataclass(frozen=True)
 class Resources:
     memory: int | None = key(Size(4 * MiB, 2**40), None, nullable=True, doc="memory limit per instance")
     cpus: float | None = key(Number(0, 1024), None, nullable=True, doc="CPU limit per instance")
@@ -472,7 +502,13 @@ class ServiceConfig:
     egress: bool = key(Flag(), True, doc="with network: bridge, whether the app may open connections out")
     extra_hosts: tuple[tuple[str, str], ...] = key(Hosts(), (), shapes=True,
                                                     doc="extra /etc/hosts entries for the app, {name: address}")
+    share_memory: bool | str = key(
+        AutoFlag(), "auto",
+        doc="let the kernel merge identical pages of this service's instances (KSM): much less memory per extra "
+            "instance, at some CPU; a side channel between everything merged, so auto means: only when this is "
+            "the file's only service")
     readiness: Readiness = key(Section(Readiness), factory=Readiness, doc="when the template is ready to dump")
+    warmup: Warmup = key(Section(Warmup), factory=Warmup, doc="requests run against the template before the dump")
     idle_timeout: float = key(Duration(0.01, 30 * DAY), 300.0,
                               doc="an instance with no open connection for this long is killed")
     restore_timeout: float = key(Duration(0.01, HOUR), 10.0, doc="longest a restore may take (runc restore)")
@@ -546,6 +582,10 @@ class Config:
     path: Path
     settings: Settings
     services: tuple[ServiceConfig, ...]
+
+    def shares_memory(self, svc: ServiceConfig) -> bool:
+        """share_memory, with auto resolved: on only when the file has this one service."""
+        return svc.share_memory is True or (svc.share_memory == "auto" and len(self.services) == 1)
 
     def service(self, name: str) -> ServiceConfig:
         for s in self.services:

@@ -16,6 +16,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .config import ServiceConfig
 from .errors import RestoreError, StartError
+from .ksm import Ksm
 from .metrics import ServiceMetrics
 from .network import HostNetwork
 from .runc import Runc
@@ -59,16 +60,25 @@ class Launcher:
     """Brings up instances of one service."""
 
     def __init__(self, config: ServiceConfig, runc: Runc, instances_dir: Path, logs_dir: Path,
-                 metrics: ServiceMetrics, network: HostNetwork | None = None) -> None:
+                 metrics: ServiceMetrics, network: HostNetwork | None = None, ksm: Ksm | None = None,
+                 restores: asyncio.Semaphore | None = None) -> None:
         self.config = config
         self.runc = runc
         self.instances_dir = instances_dir
         self.logs_dir = logs_dir
         self.m = metrics
         self.network = network if config.network == "bridge" else None
+        self.ksm = ksm  # set when this service's instances share memory
+        # Shared by every service: restores are CPU-bound (runc + CRIU), and on a few cores twenty at once all
+        # finish late; a few at a time, most finish early and the last no later.
+        self.restores = restores or asyncio.Semaphore(1000)
 
     def _sandbox(self) -> Sandbox:
-        return Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
+        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
+        if self.ksm is not None:
+            sb.mergeable = True
+            self.ksm.started_instance()
+        return sb
 
     async def restore(self, checkpoint: Checkpoint) -> Instance:
         t0 = time.monotonic()
@@ -77,7 +87,9 @@ class Launcher:
             await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
                              checkpoint.seccomp)
             t1 = time.monotonic()
-            await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
+            async with self.restores:
+                t1 = time.monotonic()  # the queue is not the restore's time (restore_timeout starts here too)
+                await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
             t2 = time.monotonic()
             await self._wait_listening(sb, self.config.connect_timeout, "connect_timeout")
         except Exception as e:

@@ -126,3 +126,23 @@ async def http_ok(
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+async def exchange(
+    connect: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]], payload: bytes,
+) -> bool:
+    """Send payload, wait for the first bytes of an answer, close. True if something came back."""
+    try:
+        reader, writer = await connect()
+    except OSError:
+        return False
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return bool(await asyncio.wait_for(reader.read(65536), 5))
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()

@@ -17,7 +17,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from . import rootfs
+from . import ksm, rootfs
 from .errors import RuncError
 
 RUNC_BIN = "runc"
@@ -60,6 +60,7 @@ class Runc:
 
     async def _exec(
         self, *args: str, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE, log: Path | None = None,
+        mergeable: bool = False,
     ) -> tuple[int, str, str]:
         cmd = [self.binary, "--root", str(self.root)]
         if log is not None:
@@ -68,6 +69,8 @@ class Runc:
         proc = await asyncio.create_subprocess_exec(
             *cmd, *args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=_child_env(),
             start_new_session=True,
+            # Inherited by CRIU and the restored (or started) app: its memory may be merged with its siblings'.
+            preexec_fn=ksm.mark_mergeable if mergeable else None,
         )
         try:
             out, err = await proc.communicate()
@@ -92,9 +95,11 @@ class Runc:
         detail = (m.group(1) if m else msg).split("\\n", 1)[0].removeprefix(f"runc {what} failed: ")
         return f"runc {what} failed: {detail}"
 
-    async def run(self, name: str, bundle: Path, *, stdout: int, stderr: int, log: Path) -> None:
+    async def run(self, name: str, bundle: Path, *, stdout: int, stderr: int, log: Path,
+                  mergeable: bool = False) -> None:
         rc, out, err = await self._exec(
             "run", "--detach", "--bundle", str(bundle), name, stdout=stdout, stderr=stderr, log=log,
+            mergeable=mergeable,
         )
         if rc != 0:
             raise RuncError(self._explain("run", out + err, log), log)
@@ -109,11 +114,12 @@ class Runc:
 
     async def restore(
         self, name: str, bundle: Path, image_path: Path, work_path: Path, *, stdout: int, stderr: int, log: Path,
+        mergeable: bool = False,
     ) -> None:
         rc, out, err = await self._exec(
             "restore", "--detach", "--bundle", str(bundle), "--image-path", str(image_path),
             "--work-path", str(work_path), "--file-locks", name,
-            stdout=stdout, stderr=stderr, log=log,
+            stdout=stdout, stderr=stderr, log=log, mergeable=mergeable,
         )
         if rc != 0:
             raise RuncError(self._explain("restore", out + err, log), work_path / "restore.log")

@@ -84,6 +84,7 @@ class Sandbox:
         self.network = network
         self.egress = egress
         self.attachment: Attachment | None = None
+        self.mergeable = False  # KSM may merge the app's memory with its siblings' (ksm.py)
         self.created = time.monotonic()
         self._mounted = False
         self._container = False
@@ -147,7 +148,8 @@ class Sandbox:
 
     async def start(self, stdout: int, stderr: int) -> None:
         self._container = True
-        await self.runc.run(self.name, self.layout.bundle, stdout=stdout, stderr=stderr, log=self.layout.runc_log)
+        await self.runc.run(self.name, self.layout.bundle, stdout=stdout, stderr=stderr, log=self.layout.runc_log,
+                            mergeable=self.mergeable)
 
     async def restore(self, image_path: Path) -> None:
         self._container = True
@@ -155,7 +157,7 @@ class Sandbox:
         try:
             await self.runc.restore(
                 self.name, self.layout.bundle, image_path, self.layout.criu_work,
-                stdout=fd, stderr=fd, log=self.layout.runc_log,
+                stdout=fd, stderr=fd, log=self.layout.runc_log, mergeable=self.mergeable,
             )
         finally:
             os.close(fd)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import capacity, criucache, preflight, systemd
+from . import capacity, criucache, ksm, preflight, systemd
 from .builder import CheckpointBuilder
 from .checkpoint import Checkpoint
 from .config import Config, ServiceConfig
@@ -38,6 +38,7 @@ from .control import ControlServer
 from .errors import ActivatorError
 from .host import clean_leftovers, open_host
 from .instance import Launcher
+from .ksm import Ksm
 from .listeners import BACKLOG, take_all
 from .metrics import Metrics
 from .network import HostNetwork, ServiceSteering, ident, kernel_path_possible
@@ -48,6 +49,8 @@ from .tasks import spawn
 
 log = logging.getLogger("activator")
 
+#: restores running at once, per CPU (the rest queue): see bench/scaleout.py
+RESTORES_PER_CPU = 1
 #: how often kernel-path connections are sampled (conntrack and counters: a few ms of a worker thread each)
 METER_INTERVAL = 0.25
 
@@ -69,6 +72,7 @@ class Activator:
         self._builder: CheckpointBuilder | None = None
         self.network: HostNetwork | None = None
         self._network_open = False
+        self.ksm: Ksm | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -166,9 +170,18 @@ class Activator:
         self.listeners = take_all(self.config, systemd.listen_fds() + self._handed_in)
         self._handed_in = []
 
+        if any(self.config.shares_memory(s) for s in self.config.services):
+            if ksm.available():
+                self.ksm = Ksm()
+                await asyncio.to_thread(self.ksm.start)
+                self._keep(spawn(self._pace_ksm(self.ksm), name="ksm-pacer"))
+            else:
+                log.warning("share_memory is on but this kernel has no KSM (/sys/kernel/mm/ksm): nothing is shared")
+        restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
         for svc in self.config.services:
             m = self.metrics.for_service(svc.name)
-            launcher = Launcher(svc, runc, self.state.instances, self.state.logs, m, self.network)
+            launcher = Launcher(svc, runc, self.state.instances, self.state.logs, m, self.network,
+                                self.ksm if self.config.shares_memory(svc) else None, restores)
             self.services[svc.name] = Service(svc, launcher=launcher, metrics=m, budget=self.budget,
                                               store=builder.store)
         loop = asyncio.get_running_loop()
@@ -221,6 +234,11 @@ class Activator:
                 key = ident(svc.name)
                 svc.kernel_sample(samples.by_mark, samples.rejected.get(key, 0), samples.steered.get(key, 0), now)
             await asyncio.sleep(METER_INTERVAL)
+
+    async def _pace_ksm(self, k: Ksm) -> None:
+        while True:
+            await asyncio.sleep(5)
+            k.tick()
 
     async def _ping_watchdog(self, interval: float) -> None:
         while True:
@@ -327,6 +345,8 @@ class Activator:
                 await asyncio.to_thread(self.network.close)
             except Exception as e:
                 log.warning("removing the instance network failed: %s", e)
+        if self.ksm is not None:
+            await asyncio.to_thread(self.ksm.stop)
         if self._locked:
             self.state.unlock()
         log.info("stopped")

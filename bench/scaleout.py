@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -59,10 +61,17 @@ def cgroup_memory(name: str) -> int:
 
 async def started(services: dict[str, Any], **settings: Any) -> Activator:
     tmp = Path(tempfile.mkdtemp())
-    cfg = {"settings": {"state_dir": str(STATE), "metrics": None} | settings,
-           "services": {name: {"listen": "127.0.0.1:0"} | s for name, s in services.items()}}
+    socks = []
+    for s in services.values():
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1024)
+        socks.append(sock)
+        s["listen"] = f"127.0.0.1:{sock.getsockname()[1]}"
+    cfg = {"settings": {"state_dir": str(STATE), "metrics": None} | settings, "services": services}
     (tmp / "bench.yaml").write_text(yaml.safe_dump(cfg))
-    act = Activator(load_config(tmp / "bench.yaml"))
+    act = Activator(load_config(tmp / "bench.yaml"), sockets=socks)
     await act.startup()
     shutil.rmtree(tmp)
     return act
@@ -103,27 +112,78 @@ async def wait_for(check: Any, what: str, timeout: float = TIMEOUT) -> None:
         await asyncio.sleep(0.05)
 
 
-async def bench_tomcat(n: int) -> dict[str, Any]:
-    act = await started({"tomcat": TOMCAT | {"max_instances": n, "target_connections": 1, "idle_timeout": "10m"}})
+def ksmd_cpu() -> float:
+    """CPU seconds ksmd has used."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(ksmd)" in text:
+            f = text.rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+async def settled_memory(limit: float = 60.0) -> int:
+    """MemAvailable once it has stopped moving (within 8 MiB over 2 s)."""
+    t0, last = time.monotonic(), mem_available()
+    while time.monotonic() - t0 < limit:
+        await asyncio.sleep(2)
+        now = mem_available()
+        if abs(now - last) < 8 * 2**20:
+            return now
+        last = now
+    return last
+
+
+async def settle_ksm(limit: float = 90.0) -> float:
+    """Until ksmd stops finding new pages to merge (or limit); seconds waited."""
+    from activator import ksm
+
+    t0, last, still = time.monotonic(), -1, 0
+    while time.monotonic() - t0 < limit and still < 4:
+        await asyncio.sleep(1)
+        now = ksm.stats().get("pages_sharing", 0)
+        still = still + 1 if now == last else 0
+        last = now
+    return time.monotonic() - t0
+
+
+async def bench_tomcat(n: int, share: bool) -> dict[str, Any]:
+    act = await started({"tomcat": TOMCAT | {"max_instances": n, "target_connections": 1, "idle_timeout": "10m",
+                                             "share_memory": share}})
     try:
         svc = act.services["tomcat"]
         ck = svc.checkpoint
         assert ck is not None
-        await asyncio.sleep(1)  # let the page cache settle after the checkpoint build
-        before = mem_available()
+        before = await settled_memory()  # the previous run's instances may still be being freed
         t0 = time.monotonic()
         results = await asyncio.gather(*(http_keepalive(port_of(act, "tomcat")) for _ in range(n)))
         all_served = time.monotonic() - t0
-        await asyncio.sleep(1)
+        cpu0 = ksmd_cpu()
+        if share:
+            waited = await settle_ksm()
+        else:
+            await asyncio.sleep(1)
+            waited = 1.0
         used_host = before - mem_available()
         cgroups = [cgroup_memory(i.name) for i in svc.instances]
+        from activator import ksm
+
         out = {
-            "instances": len(svc.instances), "all_served_s": all_served,
+            "instances": len(svc.instances), "all_served_s": all_served, "share_memory": share,
             "per_client_s": sorted(r[0] for r in results),
             "restore_s": sorted(i.start_seconds for i in svc.instances),
             "host_memory_bytes": used_host, "cgroup_memory_bytes": sum(cgroups),
-            "checkpoint_pages_bytes": ck.pages_bytes,
+            "checkpoint_pages_bytes": ck.pages_bytes, "settle_s": waited,
+            "ksmd_cpu_s": ksmd_cpu() - cpu0, "ksm": ksm.stats(),
         }
+        if share:  # and once merged, what does ksmd cost per second at its slow pace?
+            await asyncio.sleep(35)  # past the fast phase
+            c1 = ksmd_cpu()
+            await asyncio.sleep(10)
+            out["ksmd_idle_cpu_share"] = (ksmd_cpu() - c1) / 10
         for _, w in results:
             w.close()
         return out
@@ -157,21 +217,32 @@ def main() -> None:
     ap.add_argument("--services", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-tomcat", action="store_true")
+    ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "scaleout.json"))
     args = ap.parse_args()
     import uvloop
 
     results: dict[str, Any] = {}
     if not args.skip_tomcat:
-        t = results["tomcat"] = uvloop.run(bench_tomcat(args.instances))
-        ms = [x * 1000 for x in t["restore_s"]]
-        print(f"\nTomcat: {t['instances']} instances from one checkpoint, restored in parallel on {_cpus()} CPUs")
-        print(f"  all {args.instances} served (HTTP 200) after   {t['all_served_s'] * 1000:8.0f} ms")
-        print(f"  per-instance restore, median / max     {statistics.median(ms):8.0f} / {max(ms):.0f} ms")
-        print(f"  host memory used (MemAvailable drop)   {t['host_memory_bytes'] / 2**20:8.0f} MiB "
-              f"({t['host_memory_bytes'] / t['instances'] / 2**20:.0f} MiB per instance)")
-        print(f"  instances' memory cgroups, sum         {t['cgroup_memory_bytes'] / 2**20:8.0f} MiB")
-        print(f"  checkpoint pages (read by each)        {t['checkpoint_pages_bytes'] / 2**20:8.0f} MiB")
+        for share in (True, False):
+            t = results["tomcat-shared" if share else "tomcat"] = uvloop.run(bench_tomcat(args.instances, share))
+            ms = [x * 1000 for x in t["restore_s"]]
+            print(f"\nTomcat: {t['instances']} instances from one checkpoint, restored in parallel on {_cpus()} CPUs, "
+                  f"share_memory {'on' if share else 'off'}")
+            print(f"  all {args.instances} served (HTTP 200) after   {t['all_served_s'] * 1000:8.0f} ms")
+            print(f"  per-instance restore, median / max     {statistics.median(ms):8.0f} / {max(ms):.0f} ms")
+            pages = t["checkpoint_pages_bytes"]
+            per = t["host_memory_bytes"] / t["instances"]
+            print(f"  host memory used (MemAvailable drop)   {t['host_memory_bytes'] / 2**20:8.0f} MiB "
+                  f"({per / 2**20:.0f} MiB per instance, {per / pages:.0%} of the checkpoint's pages)")
+            print(f"  instances' memory cgroups, sum         {t['cgroup_memory_bytes'] / 2**20:8.0f} MiB")
+            print(f"  checkpoint pages (read by each)        {pages / 2**20:8.0f} MiB")
+            if share:
+                print(f"  ksmd: merged within {t['settle_s']:.0f} s using {t['ksmd_cpu_s']:.1f} s of CPU; "
+                      f"then {t.get('ksmd_idle_cpu_share', 0):.1%} of a CPU at the slow pace")
+    if args.skip_many:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        return
     m = results["many"] = uvloop.run(bench_many(args.services, args.rounds))
     ms = [x * 1000 for x in m["ttfb_s"]]
     print(f"\n{m['services']} different small services restored at once, {m['rounds']} rounds "
