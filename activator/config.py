@@ -516,6 +516,9 @@ class ServiceConfig:
                                  doc="from restored to accepting connections; past it the instance is removed")
     resources: Resources = key(Section(Resources), factory=Resources, doc="limits per instance")
     min_instances: int = key(Int(0, 256), 0, doc="instances kept running even when idle")
+    prepared_slots: int = key(Int(0, 16), 1,
+                              doc="instances prepared ahead but for their process (namespace, network, mounts): a "
+                                  "restore then starts at CRIU. They cost no process and almost no memory")
     max_instances: int = key(Int(1, 256), 1, doc="most instances restored from the one checkpoint at once")
     target_connections: int = key(Int(1, 1_000_000), 100,
                                   doc="open connections per instance before another one is restored")

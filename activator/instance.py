@@ -7,6 +7,7 @@ everything made for it is released and an error says why, with the logs kept und
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from .network import HostNetwork
 from .runc import Runc
 from .sandbox import Sandbox, new_name
 from .statedir import open_private
+from .tasks import spawn
 
 log = logging.getLogger("activator.service")
 
@@ -72,27 +74,85 @@ class Launcher:
         # Shared by every service: restores are CPU-bound (runc + CRIU), and on a few cores twenty at once all
         # finish late; a few at a time, most finish early and the last no later.
         self.restores = restores or asyncio.Semaphore(1000)
+        # Prepared slots: everything but the process (namespace, network, overlay, bundle), made ahead for the
+        # current checkpoint so a restore starts at runc. Refilled in the background after each use.
+        self.slots: list[tuple[Checkpoint, Sandbox]] = []
+        self._filling: asyncio.Task[None] | None = None
+        self._closed = False
 
     def _sandbox(self) -> Sandbox:
-        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
-        if self.ksm is not None:
-            sb.mergeable = True
-            self.ksm.started_instance()
+        return Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
+
+    async def _prepared(self, checkpoint: Checkpoint) -> Sandbox:
+        """A slot made ahead for this checkpoint, or one made now."""
+        for i, (ck, sb) in enumerate(self.slots):
+            if ck is checkpoint:
+                del self.slots[i]
+                sb.unmark_slot()
+                self.refill(checkpoint)
+                return sb
+        sb = self._sandbox()
+        await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
+                         checkpoint.seccomp)
+        self.refill(checkpoint)
         return sb
+
+    def refill(self, checkpoint: Checkpoint) -> None:
+        """Keep config.prepared_slots slots ready for this checkpoint."""
+        if self._closed or (self._filling is not None and not self._filling.done()):
+            return
+        self._filling = spawn(self._fill(checkpoint), name=f"prepare-slots:{self.config.name}")
+
+    async def drop_slots_except(self, checkpoint: Checkpoint) -> None:
+        """Release slots made for another (replaced) checkpoint: their overlays use its diff/."""
+        stale = [sb for ck, sb in self.slots if ck is not checkpoint]
+        self.slots = [(ck, sb) for ck, sb in self.slots if ck is checkpoint]
+        for sb in stale:
+            await sb.release()
+
+    async def _fill(self, checkpoint: Checkpoint) -> None:
+        while not self._closed and len(self.slots) < self.config.prepared_slots:
+            sb = self._sandbox()
+            sb.slot = True
+            try:
+                await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
+                                 checkpoint.seccomp)
+            except Exception as e:  # a slot is an optimisation: the next restore prepares its own
+                log.warning("service=%s could not prepare a slot: %s", self.config.name, e)
+                return
+            if self._closed:
+                await sb.release()
+                return
+            self.slots.append((checkpoint, sb))
+
+    async def close(self) -> None:
+        """Release every prepared slot (shutdown)."""
+        self._closed = True
+        if self._filling is not None and not self._filling.done():
+            self._filling.cancel()
+            with contextlib.suppress(BaseException):
+                await self._filling
+        slots, self.slots = self.slots, []
+        for _, sb in slots:
+            await sb.release()
 
     async def restore(self, checkpoint: Checkpoint) -> Instance:
         t0 = time.monotonic()
-        sb = self._sandbox()
+        sb: Sandbox | None = None
         try:
-            await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
-                             checkpoint.seccomp)
+            sb = await self._prepared(checkpoint)
+            if self.ksm is not None:
+                sb.mergeable = True
+                self.ksm.started_instance()
             t1 = time.monotonic()
             async with self.restores:
-                t1 = time.monotonic()  # the queue is not the restore's time (restore_timeout starts here too)
+                tq = time.monotonic()  # the queue is not the restore's (restore_timeout starts here too)
                 await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
             t2 = time.monotonic()
             await self._wait_listening(sb, self.config.connect_timeout, "connect_timeout")
         except Exception as e:
+            if sb is None:
+                raise RestoreError(f"preparing the instance failed: {e}", None, self.config.name) from e
             kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log,
                                sb.layout.output)
             await sb.release()
@@ -100,15 +160,17 @@ class Launcher:
                 if isinstance(e, TimeoutError) else str(e)
             raise RestoreError(why, kept, sb.name) from e
         except BaseException:
-            await sb.release()
+            if sb is not None:
+                await sb.release()
             raise
         dt = time.monotonic() - t0
         self.m.restores.inc()
         self.m.restore_duration.observe(dt)
-        log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, runc restore %.0f, listening %.0f)",
-                 self.config.name, sb.name, dt * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000, (t0 + dt - t2) * 1000)
+        log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, queue %.0f, runc restore %.0f, "
+                 "listening %.0f)", self.config.name, sb.name, dt * 1000, (t1 - t0) * 1000, (tq - t1) * 1000,
+                 (t2 - tq) * 1000, (t0 + dt - t2) * 1000)
         return Instance(sb, "restore", dt, checkpoint,
-                        phases={"prepare": t1 - t0, "restore": t2 - t1, "listening": t0 + dt - t2})
+                        phases={"prepare": t1 - t0, "queue": tq - t1, "restore": t2 - tq, "listening": t0 + dt - t2})
 
     async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
         port = self.config.port
@@ -120,6 +182,9 @@ class Launcher:
     async def cold_start(self, checkpoint: Checkpoint) -> Instance:
         t0 = time.monotonic()
         sb = self._sandbox()
+        if self.ksm is not None:
+            sb.mergeable = True
+            self.ksm.started_instance()
         try:
             await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, self.config.name,
                              checkpoint.seccomp)

@@ -85,6 +85,9 @@ class Sandbox:
         self.egress = egress
         self.attachment: Attachment | None = None
         self.mergeable = False  # KSM may merge the app's memory with its siblings' (ksm.py)
+        # Prepared ahead, waiting for a restore: marked by a `slot` file from the moment its directory exists,
+        # so the tests' leak checks (and an operator) tell slots from leftovers.
+        self.slot = False
         self.created = time.monotonic()
         self._mounted = False
         self._container = False
@@ -107,6 +110,8 @@ class Sandbox:
         lay.dir.mkdir(mode=0o700, parents=True)
         lay.bundle.mkdir(mode=0o700)
         lay.criu_work.mkdir(mode=0o700)
+        if self.slot:
+            (lay.dir / "slot").touch()
         self.netns = NetNamespace.create(self.netns.name)
         if self.network is not None:
             self.attachment = self.network.allocate(self.name, self.egress)
@@ -128,6 +133,11 @@ class Sandbox:
             seccomp=seccomp,
         )
         write_private(lay.bundle / "config.json", json.dumps(spec))
+
+    def unmark_slot(self) -> None:
+        """No longer a prepared slot: it is being restored into."""
+        self.slot = False
+        (self.layout.dir / "slot").unlink(missing_ok=True)
 
     def write_etc(self, hostname: str, extra_hosts: tuple[tuple[str, str], ...] = ()) -> None:
         """/etc/hosts (and, on the bridge, /etc/resolv.conf) for the app, written before it starts.
@@ -218,6 +228,13 @@ class Sandbox:
             try:
                 rootfs.unmount(self.layout.rootfs)
                 self._mounted = False
+            except OSError as e:
+                errors.append(str(e))
+        # Whatever else is mounted in the instance's directory: a CRIU killed in the middle of a restore leaves
+        # its "cgroup yard" (a tmpfs with every cgroup hierarchy mounted inside) in criu-work/.
+        for point in rootfs.mounts_under(self.layout.dir):
+            try:
+                rootfs.unmount(point)
             except OSError as e:
                 errors.append(str(e))
         if self.attachment is not None and self.network is not None:

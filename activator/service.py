@@ -67,6 +67,12 @@ class Launcher(Protocol):
 
     async def cold_start(self, checkpoint: Checkpoint) -> Instance: ...
 
+    def refill(self, checkpoint: Checkpoint) -> None: ...  # prepare slots for it
+
+    async def drop_slots_except(self, checkpoint: Checkpoint) -> None: ...
+
+    async def close(self) -> None: ...
+
 
 class Lease:
     """One client connection's claim on its service, from admission until release(), which counts it out
@@ -165,9 +171,18 @@ class Service:
         if self.checkpoint_problem is not None:
             log.info("service=%s has a checkpoint now; serving", self.name)
         self.checkpoint_problem = None
-        self._sweep_if_unused()
+        task = spawn(self._adopt(checkpoint), name=f"adopt-checkpoint:{self.name}")
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
         self._replenish()
         self._notify()
+
+    async def _adopt(self, checkpoint: Checkpoint) -> None:
+        """Slots for a replaced checkpoint go first (they mount its diff/), then it may be swept; then new slots."""
+        await self.launcher.drop_slots_except(checkpoint)
+        self._sweep_if_unused()
+        if not self._closed:
+            self.launcher.refill(checkpoint)
 
     def checkpoint_failed(self, why: str, retry_in: float) -> None:
         """The build failed and the service has no checkpoint: refuse connections until a retry succeeds."""
@@ -594,5 +609,6 @@ class Service:
                 await task
         for inst in list(self.instances):
             self._stop(inst)
+        await self.launcher.close()
         while self._stopping:
             await asyncio.gather(*list(self._stopping), return_exceptions=True)

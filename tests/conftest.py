@@ -162,17 +162,22 @@ async def http_get(port: int, path: str = "/") -> bytes:
 
 
 def host_resources(state_dir: Path) -> dict[str, list[str]]:
-    """What activator owns on the host right now, for one state dir: the leak checker."""
+    """What activator owns on the host right now, for one state dir: the leak checker. Prepared slots (made
+    ahead on purpose, marked with a `slot` file) are listed apart, with their mounts and namespaces."""
     runc = subprocess.run(["runc", "--root", str(state_dir / "runc"), "list", "-q"],
                           capture_output=True, text=True).stdout.split()
-    prefix = str(state_dir) + "/"
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
-    netns = sorted(p.name for p in Path("/run/netns").glob("activator-*")) if Path("/run/netns").is_dir() else []
     inst = state_dir / "instances"
-    dirs = sorted(p.name for p in inst.iterdir()) if inst.is_dir() else []
+    slots = sorted(p.parent.name for p in inst.glob("*/slot")) if inst.is_dir() else []
+    prefix = str(state_dir) + "/"
+    slot_prefixes = tuple(f"{inst}/{s}/" for s in slots)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f
+                  if line.split()[4].startswith(prefix) and not line.split()[4].startswith(slot_prefixes)]
+    netns = sorted(p.name for p in Path("/run/netns").glob("activator-*")
+                   if p.name.removeprefix("activator-") not in slots) if Path("/run/netns").is_dir() else []
+    dirs = sorted(p.name for p in inst.iterdir() if p.name not in slots) if inst.is_dir() else []
     cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/activator/*") if p.is_dir())
-    return {"runc": runc, "mounts": mounts, "netns": netns, "dirs": dirs, "cgroups": cgroups}
+    return {"runc": runc, "mounts": mounts, "netns": netns, "dirs": dirs, "cgroups": cgroups, "slots": slots}
 
 
 def faulty_runc(tmp_path: Path, *, restore_delay: float = 0, restore_fails: bool = False,

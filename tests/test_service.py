@@ -64,6 +64,15 @@ class FakeLauncher:
         self.cold_starts += 1
         return await self._make("cold-start", checkpoint)
 
+    def refill(self, checkpoint: Any) -> None:
+        pass
+
+    async def drop_slots_except(self, checkpoint: Any) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
 
 def service(launcher: FakeLauncher, budget: int = 10_000, **keys: Any) -> Service:
     cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80, **keys)
