@@ -149,7 +149,10 @@ class Launcher:
                 tq = time.monotonic()  # the queue is not the restore's (restore_timeout starts here too)
                 await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
             t2 = time.monotonic()
-            await self._wait_listening(sb, self.config.connect_timeout, "connect_timeout")
+            # No listening check here: CRIU restores the app's listening socket itself (the dump was checked for
+            # it at build time), and reading /proc/PID/net/tcp costs milliseconds (the kernel walks every socket
+            # of the host to print it). The first connection's connect, retried until connect_timeout, is the
+            # check: an app that does not accept in time is removed and the service backs off (service.py).
         except Exception as e:
             if sb is None:
                 raise RestoreError(f"preparing the instance failed: {e}", None, self.config.name) from e

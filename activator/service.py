@@ -98,6 +98,8 @@ class Lease:
     def connected(self) -> None:
         """The app accepted this connection."""
         assert self.instance is not None
+        if not self.instance.established:
+            self.service._proved(self.instance)
         self.instance.established += 1
 
     def broken(self, why: str) -> bool:
@@ -289,6 +291,10 @@ class Service:
         return Rejected("backoff", f"service '{self.name}' has no instance and is backing off for {wait:.1f}s "
                                    "after failed starts")
 
+    def _proved(self, inst: Instance) -> None:
+        """The instance's app accepted its first connection: the start really worked."""
+        self.start_backoff.succeeded()
+
     def _release_instance(self, inst: Instance) -> None:
         inst.spliced -= 1
         if inst.stopping:
@@ -331,8 +337,9 @@ class Service:
                 continue
             if s.packets != inst.kernel_packets:  # traffic since the last look: the instance is in use
                 inst.idle_since = now
-                if s.open or s.packets > inst.kernel_packets:
-                    inst.established = max(inst.established, 1)
+                if s.packets > inst.kernel_packets and not inst.established:
+                    inst.established = 1
+                    self._proved(inst)
             self.m.bytes_in.inc(max(0, s.bytes_in - inst.kernel_bytes_in))
             self.m.bytes_out.inc(max(0, s.bytes_out - inst.kernel_bytes_out))
             inst.kernel, inst.kernel_packets = s.open, s.packets
@@ -434,7 +441,8 @@ class Service:
                 self._schedule_replenish(delay)
                 return
             inst = task.result()
-            self.start_backoff.succeeded()
+            # Not yet a success: a restored app is not checked for listening (it listens by construction); its
+            # first accepted connection proves it (_proved), and a deaf one backs the service off as it should.
             if self._closed:
                 self._stop(inst)
                 return

@@ -147,8 +147,12 @@ async def test_a_failed_restore_with_no_fallback_backs_the_service_off() -> None
         await svc.admit().acquire()
     assert fake.restores == 1
     await asyncio.sleep(0.25)
-    inst, _ = await svc.admit().acquire()
-    assert inst.how == "restore" and fake.restores == 2 and svc.start_backoff.failures == 0
+    lease = svc.admit()
+    inst, _ = await lease.acquire()
+    assert inst.how == "restore" and fake.restores == 2
+    assert svc.start_backoff.failures == 1  # a start is proved by the app, not by CRIU returning:
+    lease.connected()  # its first accepted connection
+    assert svc.start_backoff.failures == 0
 
 
 async def test_a_failed_restore_falls_back_to_a_cold_start_and_restores_back_off() -> None:
