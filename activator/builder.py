@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import readiness, seccomp
+from . import extmounts, readiness, seccomp
 from .checkpoint import FORMAT, Checkpoint, CheckpointStore, Origin, listening_addresses, listening_ports, pages_bytes
 from .config import ServiceConfig
 from .errors import CheckpointError, RuncError, StartError
@@ -108,9 +108,11 @@ class CheckpointBuilder:
         network = self.network if svc.network == "bridge" else None
         sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc, network, svc.egress)
         try:
-            await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.name, seccomp=filt)
+            await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.name, seccomp=filt, template=True)
             sandbox.write_etc(svc.name, svc.extra_hosts)
             await self._start_and_wait(svc, sandbox, tmp / "template.log")
+            pid = await sandbox.pid()
+            dev = await asyncio.to_thread(extmounts.snapshot_dev, pid) if pid else ()
             (tmp / "criu").mkdir(mode=0o700)
             await sandbox.checkpoint(tmp / "criu")
             await asyncio.to_thread(_make_private, tmp / "criu")  # CRIU writes 0644; the pages are app memory
@@ -127,6 +129,7 @@ class CheckpointBuilder:
                 service=svc.name, dir=tmp, origin=origin, process=process, image_rootfs=rootfs,
                 listening_ports=ports, created=time.time(), build_seconds=time.monotonic() - started,
                 pages_bytes=pages_bytes(tmp / "criu"), seccomp=filt, kernel_path=kernel_path,
+                external=extmounts.mounts(), dev=tuple(dev),
             )
             return self.store.install(tmp, checkpoint)
         except BaseException as e:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .extmounts import DevEntry, dev_from_json
 from .spec import ProcessSpec
 from .statedir import StateDir, write_private
 
@@ -31,7 +32,8 @@ from .statedir import StateDir, write_private
 #    CRIU dumps with the process; older dumps would restore instances without one.
 # 4: dumped with tcp-close (established connections restored closed), the template on the instance network
 #    (network: bridge), and what the app listens on recorded (kernel_path).
-FORMAT = 4
+# 5: /dev, /dev/shm and the masked directories dumped as external mounts (extmounts.py), /dev snapshotted.
+FORMAT = 5
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class Checkpoint:
     pages_bytes: int
     seccomp: dict[str, Any] | None  # linux.seccomp of the template's spec; instances get the same
     kernel_path: bool  # the app listens on every address, so the kernel can steer clients to an instance's eth0
+    external: dict[str, str]  # key -> mountpoint of the mounts dumped as external (extmounts.py)
+    dev: tuple[DevEntry, ...]  # the template's /dev, rebuilt for every instance
 
 
     @property
@@ -102,6 +106,8 @@ class Checkpoint:
             pages_bytes=d["pages_bytes"],
             seccomp=d["seccomp"],
             kernel_path=d["kernel_path"],
+            external=dict(d["external"]),
+            dev=dev_from_json(d["dev"]),
         )
 
 

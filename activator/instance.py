@@ -93,7 +93,7 @@ class Launcher:
                 return sb
         sb = self._sandbox()
         await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
-                         checkpoint.seccomp)
+                         checkpoint.seccomp, restore=checkpoint)
         self.refill(checkpoint)
         return sb
 
@@ -116,7 +116,7 @@ class Launcher:
             sb.slot = True
             try:
                 await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
-                                 checkpoint.seccomp)
+                                 checkpoint.seccomp, restore=checkpoint)
             except Exception as e:  # a slot is an optimisation: the next restore prepares its own
                 log.warning("service=%s could not prepare a slot: %s", self.config.name, e)
                 return

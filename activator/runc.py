@@ -45,18 +45,32 @@ tcp-close
 """
 
 
+def dump_config(external: dict[str, str]) -> str:
+    """For templates: the tmpfs mounts activator makes itself (extmounts.py) are dumped as external."""
+    return CRIU_CONFIG + "".join(f"external mnt[{point}]:{key}\n" for key, point in sorted(external.items()))
+
+
+def restore_config(paths: dict[str, Path]) -> str:
+    """For one instance: where its external mounts are on the host."""
+    return CRIU_CONFIG + "".join(f"external mnt[{key}]:{path}\n" for key, path in sorted(paths.items()))
+
+
 class Runc:
     def __init__(self, root: Path, binary: str = RUNC_BIN) -> None:
         self.root = root
         self.binary = binary
         self.criu_config = root / "criu.conf"
+        self.criu_dump_config = root / "criu-dump.conf"
 
     def write_criu_config(self) -> None:
+        from . import extmounts
+
         self.root.mkdir(parents=True, exist_ok=True)
-        if not self.criu_config.exists() or self.criu_config.read_text() != CRIU_CONFIG:
-            tmp = self.criu_config.with_suffix(".tmp")
-            tmp.write_text(CRIU_CONFIG)
-            tmp.rename(self.criu_config)
+        for path, text in ((self.criu_config, CRIU_CONFIG), (self.criu_dump_config, dump_config(extmounts.mounts()))):
+            if not path.exists() or path.read_text() != text:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(text)
+                tmp.rename(path)
 
     async def _exec(
         self, *args: str, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE, log: Path | None = None,

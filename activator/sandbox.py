@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, readiness, rootfs
+from . import cgroups, extmounts, readiness, rootfs
+from .checkpoint import Checkpoint
 from .config import Resources
 from .netns import PREFIX as NETNS_PREFIX
 from .netns import NetNamespace
 from .network import Attachment, HostNetwork
-from .runc import Runc
+from .runc import Runc, restore_config
 from .spec import ProcessSpec, runtime_spec
 from .statedir import copy_private, open_private, write_private
 
@@ -93,17 +94,21 @@ class Sandbox:
         self._container = False
 
     async def prepare(self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
-                      seccomp: dict[str, Any] | None) -> None:
-        """Namespace, mount and bundle: everything runc needs. On failure, what was made is released."""
+                      seccomp: dict[str, Any] | None, *, template: bool = False,
+                      restore: Checkpoint | None = None) -> None:
+        """Namespace, mount and bundle: everything runc needs; a template is dumped with its own tmpfs mounts
+        external, and an instance to be restored gets them made here (extmounts.py). On failure, what was made
+        is released."""
         try:
-            await asyncio.to_thread(self._prepare_blocking, lower, process, resources, hostname, seccomp)
+            await asyncio.to_thread(self._prepare_blocking, lower, process, resources, hostname, seccomp, template,
+                                    restore)
         except BaseException:
             await self.release()
             raise
 
     def _prepare_blocking(
         self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
-        seccomp: dict[str, Any] | None,
+        seccomp: dict[str, Any] | None, template: bool, restore: Checkpoint | None,
     ) -> None:
         lay = self.layout
         # Private: the bundle holds the environment (secrets), the upper dir the app's writes, criu-work its logs.
@@ -122,6 +127,13 @@ class Sandbox:
         os.chmod(lay.upper, os.stat(lower[-1]).st_mode & 0o7777)
         rootfs.mount_overlay(lower, lay.upper, lay.overlay_work, lay.rootfs)
         self._mounted = True
+        criu_config = self.runc.criu_config
+        if template:
+            criu_config = self.runc.criu_dump_config
+        elif restore is not None and restore.external:
+            paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external)
+            criu_config = lay.dir / "criu.conf"
+            write_private(criu_config, restore_config(paths))
         spec = runtime_spec(
             process,
             rootfs=str(lay.rootfs),
@@ -129,7 +141,7 @@ class Sandbox:
             cgroups_path=f"/{cgroups.PARENT}/{self.name}",
             hostname=hostname,
             resources=resources,
-            criu_config=str(self.runc.criu_config),
+            criu_config=str(criu_config),
             seccomp=seccomp,
         )
         write_private(lay.bundle / "config.json", json.dumps(spec))

@@ -30,10 +30,13 @@ async def test_concurrent_first_connections_share_one_restore(start) -> None:  #
     assert run.metric("activator_restores_total", "echo") == 1
     assert len(run.act.services["echo"].instances) == 1
     assert run.metric("activator_first_connection_wait_seconds_count", "echo") >= 1
-    # CRIU ran with our own config (no network lock), not the host's /etc/criu/runc.conf.
+    # CRIU ran with our own config (no network lock, external mounts made by the slot), not the host's
+    # /etc/criu/runc.conf; and restored no tmpfs from a tarball.
     (inst,) = run.act.services["echo"].instances
     restore_log = (inst.sandbox.layout.criu_work / "restore.log").read_text()
-    assert f"Parsing config file {inst.sandbox.runc.criu_config}" in restore_log
+    assert f"Parsing config file {inst.sandbox.layout.dir}/criu.conf" in restore_log
+    assert "network-lock skip" in (inst.sandbox.layout.dir / "criu.conf").read_text()
+    assert not list(inst.checkpoint.images.glob("tmpfs-*.img"))  # type: ignore[union-attr]
 
 
 async def test_bytes_flow_both_ways_unchanged_with_half_close(start) -> None:  # type: ignore[no-untyped-def]
@@ -98,7 +101,8 @@ async def test_two_instances_of_one_checkpoint_run_at_once(start) -> None:  # ty
     sandboxes = [Sandbox(new_name("web"), run.config.settings.state_dir / "instances", runc) for _ in range(2)]
     try:
         for sb in sandboxes:
-            await sb.prepare(checkpoint.layers, checkpoint.process, svc.config.resources, "web", checkpoint.seccomp)
+            await sb.prepare(checkpoint.layers, checkpoint.process, svc.config.resources, "web", checkpoint.seccomp,
+                             restore=checkpoint)
         await asyncio.gather(*(sb.restore(checkpoint.images) for sb in sandboxes))
         for sb in sandboxes:
             sock = sb.netns.socket()
