@@ -145,6 +145,7 @@ class CheckpointBuilder:
                 raise CheckpointError(f"service '{svc.name}': building its checkpoint failed: {e}; logs in "
                                       f"{self.store.logs}/{svc.name}-*") from e
             if isinstance(e, OSError):
+                log.debug("service=%s checkpoint build failed", svc.name, exc_info=True)
                 raise CheckpointError(f"service '{svc.name}': building its checkpoint failed: {e}") from e
             raise
         finally:

@@ -1,4 +1,5 @@
-"""An instance's cgroups (/activator/NAME in every hierarchy, v1 or v2), removed even when runc cannot.
+"""An instance's cgroups (/activator/NAME in every hierarchy, v1 or v2): made by runc for containers it runs, or
+here (create()) for instances restored through CRIU directly; removed here even when runc cannot.
 
 `runc delete` removes them when runc knows the container. When it does not (runc was killed during a restore
 that ran past restore_timeout, or a crash came between runc creating the cgroups and recording the container),
@@ -16,6 +17,59 @@ from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "activator"
+#: runc's device rules for a container (its default devices; everything else may be created but not opened),
+#: read back from a runc-made cgroup's devices.list. The spec's own rule denies everything first.
+DEVICE_RULES = ("b *:* m", "c *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
+                "c 5:0 rwm", "c 5:2 rwm", "c 10:200 rwm", "c 136:* rwm")
+CPU_PERIOD_US = 100_000
+
+
+def v1_devices() -> bool:
+    """Cgroup v1 (or hybrid) with a devices controller: device rules are files to write. On a pure v2 host they
+    are an eBPF program, which runc makes; instances are then restored through runc."""
+    return (ROOT / "devices" / "devices.allow").exists()
+
+
+def create(name: str, memory: int | None, cpus: float | None, pids: int | None) -> list[Path]:
+    """Blocking. /activator/NAME in every hierarchy, as runc would make it for a container with these limits;
+    returns the cgroup.procs files to put a process into. v1 (or hybrid) hosts only (see v1_devices)."""
+    made: list[Path] = []
+    try:
+        for hierarchy in sorted(p for p in ROOT.iterdir() if p.is_dir() and not p.is_symlink()):
+            parent = hierarchy / PARENT
+            parent.mkdir(exist_ok=True)
+            cg = parent / name
+            cg.mkdir(exist_ok=True)  # co-mounted controllers (cpu,cpuacct) show one directory twice
+            made.append(cg)
+            kind = hierarchy.name
+            if kind == "cpuset":  # a v1 cpuset takes no task until it has cpus and mems of its own
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if not (parent / f).read_text().strip():
+                        (parent / f).write_text((hierarchy / f).read_text())
+                    (cg / f).write_text((parent / f).read_text())
+            elif kind == "devices":
+                (cg / "devices.deny").write_text("a")
+                for rule in DEVICE_RULES:
+                    (cg / "devices.allow").write_text(rule)
+            elif kind == "memory" and memory is not None:
+                (cg / "memory.limit_in_bytes").write_text(str(memory))
+                if (cg / "memory.memsw.limit_in_bytes").exists():
+                    (cg / "memory.memsw.limit_in_bytes").write_text(str(memory))
+            elif kind in ("cpu", "cpu,cpuacct") and cpus is not None:
+                (cg / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                (cg / "cpu.cfs_quota_us").write_text(str(int(cpus * CPU_PERIOD_US)))
+            elif kind == "pids" and pids is not None:
+                (cg / "pids.max").write_text(str(pids))
+    except OSError:
+        remove(name)
+        raise
+    return [cg / "cgroup.procs" for cg in made]
+
+
+def join(procs: list[Path], pid: int) -> None:
+    """Blocking. Move pid into these cgroups (everything it forks from then on starts in them)."""
+    for p in procs:
+        p.write_text(str(pid))
 
 
 def paths(name: str) -> list[Path]:

@@ -576,6 +576,7 @@ class Settings:
     drain_timeout: float = key(Duration(0, HOUR), 10.0,
                                doc="on SIGTERM, how long open connections may finish before they are cut")
     runc: str = key(Text(), "runc", doc="the runc binary (a name on PATH or a path), built with CRIU support")
+    criu: str = key(Text(), "criu", doc="the CRIU binary (a name on PATH or a path) runc and activator run")
     network: NetworkSettings = key(Section(NetworkSettings), factory=NetworkSettings,
                                    doc="the bridge and subnet instances with network: bridge live on")
 

@@ -31,7 +31,7 @@ def open_host(state: StateDir, config: Config) -> tuple[Runc, CheckpointBuilder]
     network (if any) still has to be opened: after crash leftovers are gone."""
     preflight.check_root()
     runc_version = preflight.check_runc(state.runc_binary)
-    criu_version = preflight.check_criu()
+    criu_version = preflight.check_criu(state.criu_binary)
     state.lock()
     runc = tools(state)
     return runc, CheckpointBuilder(CheckpointStore(state), DockerImageSource(state.root), runc, state.instances,
@@ -39,7 +39,7 @@ def open_host(state: StateDir, config: Config) -> tuple[Runc, CheckpointBuilder]
 
 
 def tools(state: StateDir) -> Runc:
-    runc = Runc(state.runc_root, state.runc_binary)
+    runc = Runc(state.runc_root, state.runc_binary, state.criu_binary)
     runc.write_criu_config()
     return runc
 

@@ -78,10 +78,13 @@ class Launcher:
         # current checkpoint so a restore starts at runc. Refilled in the background after each use.
         self.slots: list[tuple[Checkpoint, Sandbox]] = []
         self._filling: asyncio.Task[None] | None = None
+        self._filling_for: Checkpoint | None = None
         self._closed = False
 
     def _sandbox(self) -> Sandbox:
-        return Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
+        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
+        sb.mergeable = self.ksm is not None  # before prepare: a direct restore's CRIU is started then
+        return sb
 
     async def _prepared(self, checkpoint: Checkpoint) -> Sandbox:
         """A slot made ahead for this checkpoint, or one made now."""
@@ -89,22 +92,25 @@ class Launcher:
             if ck is checkpoint:
                 del self.slots[i]
                 sb.unmark_slot()
-                self.refill(checkpoint)
                 return sb
         sb = self._sandbox()
         await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
                          checkpoint.seccomp, restore=checkpoint)
-        self.refill(checkpoint)
         return sb
 
     def refill(self, checkpoint: Checkpoint) -> None:
         """Keep config.prepared_slots slots ready for this checkpoint."""
         if self._closed or (self._filling is not None and not self._filling.done()):
             return
+        self._filling_for = checkpoint
         self._filling = spawn(self._fill(checkpoint), name=f"prepare-slots:{self.config.name}")
 
     async def drop_slots_except(self, checkpoint: Checkpoint) -> None:
-        """Release slots made for another (replaced) checkpoint: their overlays use its diff/."""
+        """Release slots made for another (replaced) checkpoint: their overlays use its diff/. One still being
+        made for it is stopped first, or it would be added after this."""
+        if self._filling is not None and not self._filling.done() and self._filling_for is not checkpoint:
+            self._filling.cancel()
+            await asyncio.wait([self._filling])
         stale = [sb for ck, sb in self.slots if ck is not checkpoint]
         self.slots = [(ck, sb) for ck, sb in self.slots if ck is checkpoint]
         for sb in stale:
@@ -142,7 +148,6 @@ class Launcher:
         try:
             sb = await self._prepared(checkpoint)
             if self.ksm is not None:
-                sb.mergeable = True
                 self.ksm.started_instance()
             t1 = time.monotonic()
             async with self.restores:
@@ -154,6 +159,7 @@ class Launcher:
             # of the host to print it). The first connection's connect, retried until connect_timeout, is the
             # check: an app that does not accept in time is removed and the service backs off (service.py).
         except Exception as e:
+            self.refill(checkpoint)
             if sb is None:
                 raise RestoreError(f"preparing the instance failed: {e}", None, self.config.name) from e
             kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log,
@@ -167,6 +173,8 @@ class Launcher:
                 await sb.release()
             raise
         dt = time.monotonic() - t0
+        # Only now: preparing the next slot (Python work under the GIL) would slow this restore down.
+        self.refill(checkpoint)
         self.m.restores.inc()
         self.m.restore_duration.observe(dt)
         log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, queue %.0f, runc restore %.0f, "
@@ -186,7 +194,6 @@ class Launcher:
         t0 = time.monotonic()
         sb = self._sandbox()
         if self.ksm is not None:
-            sb.mergeable = True
             self.ksm.started_instance()
         try:
             await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, self.config.name,

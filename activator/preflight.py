@@ -42,7 +42,8 @@ def check_runc(binary: str = "runc") -> str:
 
 def check_criu(binary: str = "criu") -> str:
     if shutil.which(binary) is None:
-        raise PreflightError(f"CRIU not found on PATH; {FIX}")
+        where = "on PATH" if binary == "criu" else f"at '{binary}' (settings.criu)"
+        raise PreflightError(f"CRIU not found {where}; {FIX}")
     out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
     m = re.search(r"Version:\s*(\S+)", out)
     found = m.group(1) if m else "unknown"

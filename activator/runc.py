@@ -7,18 +7,16 @@ containers activator owns, which is what crash recovery and leak checks rely on.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 from . import ksm, rootfs
 from .errors import RuncError
+from .procs import Helper
 
 RUNC_BIN = "runc"
 # Under systemd these are ours, not the containers': runc would try to relay sd_notify for the container
@@ -56,9 +54,10 @@ def restore_config(paths: dict[str, Path]) -> str:
 
 
 class Runc:
-    def __init__(self, root: Path, binary: str = RUNC_BIN) -> None:
+    def __init__(self, root: Path, binary: str = RUNC_BIN, criu: str = "criu") -> None:
         self.root = root
         self.binary = binary
+        self.criu = criu
         self.criu_config = root / "criu.conf"
         self.criu_dump_config = root / "criu-dump.conf"
 
@@ -77,27 +76,21 @@ class Runc:
         mergeable: bool = False,
     ) -> tuple[int, str, str]:
         cmd = [self.binary, "--root", str(self.root)]
+        if self.criu != "criu":  # only when set: runc releases after 1.1 deprecate the option
+            cmd += ["--criu", self.criu]
         if log is not None:
             cmd += ["--log", str(log), "--log-format", "text"]
-        # Its own process group: CRIU runs as runc's child, and must die with it when we give up.
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, *args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=_child_env(),
-            start_new_session=True,
+        # Its own session (procs.Helper): when we give up on it (a restore_timeout, a shutdown), runc is killed
+        # with its CRIU, so no container appears that nothing owns and nothing goes on writing into the
+        # instance's directory while it is removed.
+        helper = await Helper.start(
+            [*cmd, *args], stdout=stdout, stderr=stderr, env=_child_env(),
             # Inherited by CRIU and the restored (or started) app: its memory may be merged with its siblings'.
             preexec_fn=ksm.mark_mergeable if mergeable else None,
         )
-        try:
-            out, err = await proc.communicate()
-        except BaseException:
-            # Cancelled (a restore_timeout, a shutdown): runc must not finish the job after we gave up on it,
-            # or a container would appear that nothing owns; nor may its CRIU go on writing into the instance's
-            # directory while it is being removed.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.shield(proc.wait())
-            raise
+        rc, out, err = await helper.communicate()
         # stdout and stderr apart: `list` and `state` print JSON on stdout and may still warn on stderr.
-        return proc.returncode or 0, (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")
+        return rc, out.decode(errors="replace"), err.decode(errors="replace")
 
     @staticmethod
     def _explain(what: str, text: str, log: Path | None) -> str:

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, extmounts, readiness, rootfs
+from . import cgroups, criurestore, extmounts, readiness, rootfs
 from .checkpoint import Checkpoint
 from .config import Resources
+from .errors import RuncError
 from .netns import PREFIX as NETNS_PREFIX
 from .netns import NetNamespace
 from .network import Attachment, HostNetwork
@@ -91,7 +92,10 @@ class Sandbox:
         self.slot = False
         self.created = time.monotonic()
         self._mounted = False
-        self._container = False
+        self._container = False  # a runc container of this name may exist (delete it on release)
+        # Restored through CRIU directly (criurestore.py): our own cgroups, and the app's pid and start time.
+        self._restorer: criurestore.Restorer | None = None
+        self._pid: tuple[int, int] | None = None
 
     async def prepare(self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
                       seccomp: dict[str, Any] | None, *, template: bool = False,
@@ -99,10 +103,14 @@ class Sandbox:
         """Namespace, mount and bundle: everything runc needs; a template is dumped with its own tmpfs mounts
         external, and an instance to be restored gets them made here (extmounts.py). On failure, what was made
         is released."""
+        work = asyncio.ensure_future(asyncio.to_thread(
+            self._prepare_blocking, lower, process, resources, hostname, seccomp, template, restore))
         try:
-            await asyncio.to_thread(self._prepare_blocking, lower, process, resources, hostname, seccomp, template,
-                                    restore)
+            await asyncio.shield(work)
         except BaseException:
+            # Cancelled (a shutdown, a replaced checkpoint): the thread goes on regardless, and releasing while
+            # it still mounts or spawns would leave what it makes after that behind.
+            await asyncio.wait([work])
             await self.release()
             raise
 
@@ -134,6 +142,11 @@ class Sandbox:
             paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external)
             criu_config = lay.dir / "criu.conf"
             write_private(criu_config, restore_config(paths))
+            if cgroups.v1_devices():  # restored through CRIU directly: its cgroups are ours to make
+                procs = cgroups.create(self.name, resources.memory, resources.cpus, resources.pids)
+                self._restorer = criurestore.Restorer.spawn(
+                    criu=self.runc.criu, images=restore.images, work=lay.criu_work, netns=self.netns.path,
+                    output=lay.output, procs=procs, mergeable=self.mergeable)
         spec = runtime_spec(
             process,
             rootfs=str(lay.rootfs),
@@ -174,6 +187,15 @@ class Sandbox:
                             mergeable=self.mergeable)
 
     async def restore(self, image_path: Path) -> None:
+        if self._restorer is not None:  # through CRIU directly (criurestore.py)
+            restorer, self._restorer = self._restorer, None
+            pid = await restorer.restore(root=self.layout.rootfs, config=self.layout.dir / "criu.conf",
+                                         descriptors=image_path / "descriptors.json")
+            started = _start_time(pid)
+            if started is None:
+                raise RuncError(f"the restored app (pid {pid}) exited at once; see {self.layout.output}")
+            self._pid = (pid, started)
+            return
         self._container = True
         fd = open_private(self.layout.output)
         try:
@@ -188,6 +210,13 @@ class Sandbox:
         await self.runc.checkpoint(self.name, image_path, self.layout.criu_work, log=self.layout.runc_log)
 
     async def pid(self) -> int | None:
+        return self.pid_now()
+
+    def pid_now(self) -> int | None:
+        """The app's pid while it is alive (not a zombie, and the same process: its start time matches)."""
+        if self._pid is not None:
+            pid, started = self._pid
+            return pid if _start_time(pid) == started else None
         return self.runc.pid(self.name)
 
     async def alive(self) -> bool:
@@ -228,6 +257,9 @@ class Sandbox:
             log.warning("sandbox %s: cleanup incomplete: %s", self.name, "; ".join(errors))
 
     def _release_blocking(self, errors: list[str], keep_dir: bool) -> None:
+        if self._restorer is not None:  # prepared and never used
+            self._restorer.discard()
+            self._restorer = None
         # Normally all gone with `runc delete`; not when runc was killed before it recorded the container.
         stuck = cgroups.remove(self.name)
         if stuck:
@@ -267,6 +299,16 @@ class Sandbox:
                 time.sleep(0.05)
             else:
                 errors.append(f"{self.layout.dir} could not be removed")
+
+
+def _start_time(pid: int) -> int | None:
+    """A live (non-zombie) process's start time, from /proc/PID/stat; None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def resolv_conf() -> str:

@@ -349,7 +349,7 @@ class Service:
     def _watch(self, inst: Instance) -> None:
         """Know the moment the app dies (a pidfd becomes readable), so a steered instance leaves the rule at
         once instead of when a client finds its app gone."""
-        pid = inst.sandbox.runc.pid(inst.name)
+        pid = inst.sandbox.pid_now()
         if pid is None:
             return
         try:

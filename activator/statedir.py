@@ -63,10 +63,12 @@ def copy_private(src: Path, dest: Path) -> None:
 class StateDir:
     """state_dir's layout and the lock that keeps two activators off it."""
 
-    def __init__(self, root: Path, *, runc: str = "runc", config_path: Path | None = None) -> None:
+    def __init__(self, root: Path, *, runc: str = "runc", criu: str = "criu", config_path: Path | None = None
+                 ) -> None:
         self.config_path = config_path
         self.root = root
         self.runc_binary = runc
+        self.criu_binary = criu
         self.control_socket = root / "control.sock"
         self.checkpoints = self.root / "checkpoints"
         self.images = self.root / "images"
@@ -77,7 +79,8 @@ class StateDir:
 
     @classmethod
     def of(cls, config: Config) -> StateDir:
-        return cls(config.settings.state_dir, runc=config.settings.runc, config_path=config.path)
+        return cls(config.settings.state_dir, runc=config.settings.runc, criu=config.settings.criu,
+                   config_path=config.path)
 
     def lock(self) -> None:
         """Create the layout (private), take the lock. One line naming settings.state_dir on any failure."""

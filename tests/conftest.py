@@ -9,6 +9,7 @@ sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -176,36 +177,48 @@ def host_resources(state_dir: Path) -> dict[str, list[str]]:
     netns = sorted(p.name for p in Path("/run/netns").glob("activator-*")
                    if p.name.removeprefix("activator-") not in slots) if Path("/run/netns").is_dir() else []
     dirs = sorted(p.name for p in inst.iterdir() if p.name not in slots) if inst.is_dir() else []
-    cgroups = sorted(str(p) for p in Path("/sys/fs/cgroup").glob("*/activator/*") if p.is_dir())
-    return {"runc": runc, "mounts": mounts, "netns": netns, "dirs": dirs, "cgroups": cgroups, "slots": slots}
+    root = Path("/sys/fs/cgroup")  # v1 hierarchies, and v2's unified one
+    groups = [p for p in [*root.glob("*/activator/*"), *root.glob("activator/*")] if p.is_dir() and p.name not in slots]
+    cgroups = sorted(str(p) for p in groups)
+    procs: set[str] = set()  # what runs in them: the apps (and CRIU while it restores)
+    for cg in groups:
+        with contextlib.suppress(OSError):
+            procs.update((cg / "cgroup.procs").read_text().split())
+    return {"runc": runc, "mounts": mounts, "netns": netns, "dirs": dirs, "cgroups": cgroups, "procs": sorted(procs),
+            "slots": slots}
 
 
-def faulty_runc(tmp_path: Path, *, restore_delay: float = 0, restore_fails: bool = False,
-                only: str = "") -> tuple[str, Path]:
-    """A runc that is real but slow or failing on `restore`: the fault is injected at the edge, not mocked.
+def faulty_restore(tmp_path: Path, *, restore_delay: float = 0, restore_fails: bool = False,
+                   only: str = "", phase: str = "pre-restore") -> tuple[dict[str, str], Path]:
+    """Settings for a runc and a CRIU that are real but slow or failing to restore: the fault is injected at the
+    edge (a CRIU action script run at pre-restore, through a config file both wrappers hand to CRIU), not mocked,
+    and whichever way an instance is restored (CRIU directly, or runc on a cgroup v2 host).
 
-    Every restore attempt (of containers whose name starts with `only`, if given) appends a line to the
-    returned file, so tests can count attempts.
+    The fault strikes at CRIU's `phase`: pre-restore is before anything is restored, post-restore when the app's
+    processes exist but have not been resumed. Every restore attempt (of services whose name starts with `only`,
+    if given) appends a line to the returned file, so tests can count attempts.
     """
-    real = shutil.which("runc")
     attempts = tmp_path / "restore-attempts"
-    script = tmp_path / "runc-faulty"
+    action = tmp_path / "restore-fault"
     fail = 'echo "injected restore failure" >&2; exit 1' if restore_fails else ":"
-    script.write_text(f"""#!/bin/sh
-last=""; for a in "$@"; do last=$a; done
-case "$last" in {only}*) ;; *) exec {real} "$@" ;; esac
-for a in "$@"; do
-    if [ "$a" = restore ]; then
-        echo x >> {attempts}
-        sleep {restore_delay}
-        {fail}
-        break
-    fi
-done
-exec {real} "$@"
+    action.write_text(f"""#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = {phase} ] || exit 0
+case "$(readlink "$CRTOOLS_IMAGE_DIR")" in */checkpoints/{only}*) ;; *) exit 0 ;; esac
+echo x >> {attempts}
+sleep {restore_delay}
+{fail}
+exit 0
 """)
-    script.chmod(0o755)
-    return str(script), attempts
+    conf = tmp_path / "criu-fault.conf"
+    conf.write_text(f"action-script {action}\n")
+    wrappers = {}
+    for tool in ("runc", "criu"):
+        wrapper = tmp_path / f"{tool}-faulty"
+        wrapper.write_text(f"#!/bin/sh\nCRIU_CONFIG_FILE={conf} exec {shutil.which(tool)} \"$@\"\n")
+        wrapper.chmod(0o755)
+        wrappers[tool] = str(wrapper)
+    action.chmod(0o755)
+    return wrappers, attempts
 
 
 async def open_echo(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

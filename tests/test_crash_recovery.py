@@ -120,10 +120,11 @@ def test_kill_9_then_restart_cleans_every_orphan(tmp_path: Path) -> None:
         proc.kill()  # SIGKILL: no chance to clean up
         proc.wait()
     orphans = host_resources(state)
-    assert len(orphans["runc"]) == 1 and orphans["mounts"] and len(orphans["dirs"]) == 1
-    (name,) = orphans["runc"]
+    assert orphans["mounts"] and len(orphans["dirs"]) == 1 and orphans["procs"]  # the app, still running
+    (name,) = orphans["dirs"]
     assert f"activator-{name}" in orphans["netns"]
     assert any(c.endswith(f"/activator/{name}") for c in orphans["cgroups"])
+    assert orphans["slots"]  # and the slot prepared for the next restore, with its idle CRIU
     net = network_state()
     assert net["veths"] and "dnat ip to" in net["table"] and net["firewall"]  # what the dead one made
     old_veths = net["veths"]
@@ -133,14 +134,15 @@ def test_kill_9_then_restart_cleans_every_orphan(tmp_path: Path) -> None:
         left = host_resources(state)
         assert name not in left["runc"] and f"activator-{name}" not in left["netns"] and not left["dirs"]
         assert not [c for c in left["cgroups"] if c.endswith(f"/activator/{name}")]
+        assert not set(orphans["procs"]) & set(left["procs"]) and not set(orphans["slots"]) & set(left["slots"])
         fresh = network_state()
         assert not set(old_veths) & set(fresh["veths"]) and "dnat ip to" not in fresh["table"]
         assert len(fresh["firewall"]) == 2  # the hole again, once
         assert echo_once(port, b"second life") == b"second life"
         assert stop(proc) == 0
     res = host_resources(state)
-    assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
-    assert set(res["netns"]) <= HOME_NETNS
+    assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == [] and res["procs"] == []
+    assert res["slots"] == [] and set(res["netns"]) <= HOME_NETNS
     gone = network_state()
     assert gone == {"veths": [], "table": "", "firewall": [], "bridge": False}
 

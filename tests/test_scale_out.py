@@ -11,15 +11,15 @@ import time
 
 import pytest
 
-from .conftest import ECHO, echo, eventually, faulty_runc, host_resources, open_echo
+from .conftest import ECHO, echo, eventually, faulty_restore, host_resources, open_echo
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
 
 
 
 async def test_200_first_connections_during_a_slow_restore(start, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    runc, attempts = faulty_runc(tmp_path, restore_delay=2)
-    run = await start({"echo": ECHO}, runc=runc)
+    tools, attempts = faulty_restore(tmp_path, restore_delay=2)
+    run = await start({"echo": ECHO}, **tools)
     port = run.port("echo")
     payloads = [os.urandom(100 + i) for i in range(200)]
     t0 = time.monotonic()
@@ -70,8 +70,8 @@ async def test_connections_at_the_idle_deadline_are_never_reset(start) -> None: 
 
 
 async def test_a_slow_restore_of_one_service_never_delays_another(start, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    runc, attempts = faulty_runc(tmp_path, restore_delay=3, only="slow-")
-    run = await start({"slow": ECHO, "fast": ECHO}, runc=runc)
+    tools, attempts = faulty_restore(tmp_path, restore_delay=3, only="slow")
+    run = await start({"slow": ECHO, "fast": ECHO}, **tools)
     slow = asyncio.ensure_future(echo(run.port("slow"), b"eventually"))
     await eventually(lambda: attempts.exists(), what="the slow restore to begin")
     assert await echo(run.port("fast"), b"right away") == b"right away"
