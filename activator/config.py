@@ -511,14 +511,14 @@ class ServiceConfig:
     warmup: Warmup = key(Section(Warmup), factory=Warmup, doc="requests run against the template before the dump")
     idle_timeout: float = key(Duration(0.01, 30 * DAY), 300.0,
                               doc="an instance with no open connection for this long is killed")
-    restore_timeout: float = key(Duration(0.01, HOUR), 10.0, doc="longest a restore may take (runc restore)")
+    restore_timeout: float = key(Duration(0.01, HOUR), 10.0, doc="longest a restore may take (CRIU's restore)")
     connect_timeout: float = key(Duration(0.01, HOUR), 5.0,
                                  doc="from restored to accepting connections; past it the instance is removed")
     resources: Resources = key(Section(Resources), factory=Resources, doc="limits per instance")
     min_instances: int = key(Int(0, 256), 0, doc="instances kept running even when idle")
     prepared_slots: int = key(Int(0, 16), 1,
                               doc="instances prepared ahead but for their process (namespace, network, mounts): a "
-                                  "restore then starts at CRIU. They cost no process and almost no memory")
+                                  "restore then is one request to a CRIU already waiting in it (~1 MB each)")
     max_instances: int = key(Int(1, 256), 1, doc="most instances restored from the one checkpoint at once")
     target_connections: int = key(Int(1, 1_000_000), 100,
                                   doc="open connections per instance before another one is restored")

@@ -31,6 +31,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# the demo's JVM flags (chosen for few dirty pages, see config/demo.yaml)
+DEMO_TOMCAT_ENV = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["services"]["tomcat"]["environment"]
 sys.path.insert(0, str(ROOT))
 
 from activator.config import load_config  # noqa: E402
@@ -38,7 +40,7 @@ from activator.server import Activator  # noqa: E402
 
 STATE = Path("/var/lib/activator/bench-scaleout")
 TOMCAT = {"image": "activator-demo/tomcat:latest", "port": 8080,
-          "environment": {"JAVA_OPTS": "-Xms64m -Xmx256m -XX:-UsePerfData -XX:TieredStopAtLevel=1"},
+          "environment": DEMO_TOMCAT_ENV,
           "readiness": {"http_path": "/", "timeout": "120s"}}
 HELLO = {"image": "activator-demo/busybox:latest", "port": 8080, "command": ["httpd", "-f", "-p", "8080", "-h", "/www"]}
 TIMEOUT = 120.0

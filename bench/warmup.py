@@ -26,9 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from activator.config import load_config
 from activator.server import Activator
 
+ROOT = Path(__file__).resolve().parents[1]
+# the demo's JVM flags (chosen for few dirty pages, see config/demo.yaml)
+DEMO_TOMCAT_ENV = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["services"]["tomcat"]["environment"]
+
 STATE = Path("/var/lib/activator/bench-warmup")
 TOMCAT = {"image": "activator-demo/tomcat:latest", "port": 8080, "idle_timeout": "300ms",
-          "environment": {"JAVA_OPTS": "-Xms64m -Xmx256m -XX:-UsePerfData -XX:TieredStopAtLevel=1"},
+          "environment": DEMO_TOMCAT_ENV,
           "readiness": {"http_path": "/", "timeout": "120s"}}
 
 
