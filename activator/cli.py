@@ -1,4 +1,4 @@
-"""Command line: `activator run|validate|status|inspect|checkpoint|cleanup|schema`.
+"""Command line: `activator run|validate|reload|status|inspect|checkpoint|cleanup|schema`.
 
 Errors a user can cause come out as one line, `activator: error: ...`, and a non-zero exit (2 for a bad config,
 1 otherwise); never a traceback. Anything else is a bug: it is reported in one line too, with exit code 70, and
@@ -57,8 +57,42 @@ def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
+    from . import control
+    from .statedir import StateDir
+
     names = ", ".join(s.name for s in cfg.services)
     print(f"{cfg.path}: ok ({len(cfg.services)} service(s): {names})")
+    sock = StateDir.of(cfg).control_socket
+    if not sock.exists() or os.geteuid() != 0:
+        return 0
+    # A daemon runs on this state dir: say what reloading this file would do to it.
+    try:
+        plan = control.request(sock, f"plan {cfg.path}", timeout=30)
+    except control.NotRunning:
+        return 0
+    except ActivatorError as e:
+        raise ActivatorError(f"a reload of it would be refused: {_daemon_said(e, sock)}") from None
+    print(f"a reload of the running activator would: {'; '.join(plan['changes'])}")
+    return 0
+
+
+def _daemon_said(e: ActivatorError, sock: object) -> str:
+    return str(e).removeprefix(f"{sock}: ")
+
+
+def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
+    """What `systemctl reload` runs: the daemon re-reads its own file and says what it changed, or why not."""
+    from . import control
+    from .statedir import StateDir
+
+    sock = StateDir.of(cfg).control_socket
+    try:
+        r = control.request(sock, "reload", timeout=120)
+    except control.NotRunning:
+        raise  # its own message says how to start one
+    except ActivatorError as e:
+        raise ActivatorError(f"reload refused, the running configuration stays: {_daemon_said(e, sock)}") from None
+    print(f"reloaded {r['config']}: {'; '.join(r['changes'])}")
     return 0
 
 
@@ -260,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "listen on every service's addresses and restore instances on demand")
     v = add("validate", cmd_validate, "check a services file without starting anything")
     v.add_argument("file", nargs="?", help="services YAML file (same as -c)")
+    add("reload", cmd_reload, "make the running daemon re-read its services file (what SIGHUP does), and say "
+        "what changed")
     status = add("status", cmd_status, "show the running daemon's services, instances and checkpoints")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     ins = add("inspect", cmd_inspect, "show what a service's checkpoint holds and what it was built from")

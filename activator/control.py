@@ -2,7 +2,7 @@
 
 A Unix stream socket at state_dir/control.sock, mode 0600 in a root-owned directory, and every peer's
 credentials are checked (SO_PEERCRED) to be root besides. One request line in, one JSON document out, then
-the connection closes. Requests: `status`, `rebuild SERVICE`.
+the connection closes. Requests: `status`, `rebuild SERVICE`, `reload`, `plan [FILE]`.
 """
 
 from __future__ import annotations

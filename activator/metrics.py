@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import contextlib
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
@@ -44,6 +45,19 @@ class ServiceMetrics:
     idle_closes: Any
     checkpoint_build_failures: Any
     rejected: dict[str, Any]
+
+
+#: ServiceMetrics fields that are not a family of the same name labelled by service alone
+SPECIAL = ("bytes_in", "bytes_out", "rejected")
+#: the gauges a Service sets with its own state (the counters are totals per service name and stay shared)
+STATE_GAUGES = ("instances", "open_connections", "waiting", "starting", "backoff", "restore_backoff")
+
+
+def detached(m: ServiceMetrics) -> ServiceMetrics:
+    """The same counters, but gauges nobody scrapes: for the old definition of a changed service while it
+    drains, so its state does not overwrite the new one's (they share the service's label)."""
+    gauges: dict[str, Any] = {g: Gauge(f"retired_{g}", "", registry=None) for g in STATE_GAUGES}
+    return replace(m, **gauges)
 
 
 # `*_created` series double every counter's series count and carry nothing a dashboard uses.
@@ -110,12 +124,14 @@ class Metrics:
         self.checkpoint_build_failures = Counter("activator_checkpoint_build_failures",
                                                  "Checkpoint builds that failed (the service waits and retries)",
                                                  ["service"], registry=r)
+        self.reloads = Counter("activator_reloads", "Configuration reloads, by result (applied, refused)",
+                               ["result"], registry=r)
         self.rejected = Counter("activator_rejected_connections",
                                 "Connections closed at once by admission control", ["service", "reason"], registry=r)
 
     def for_service(self, name: str) -> ServiceMetrics:
         # Every other field of ServiceMetrics is the child of the family of the same name here.
-        special: dict[str, Any] = {
+        special: dict[str, Any] = {  # SPECIAL
             "bytes_in": self.proxied_bytes.labels(name, "in"),
             "bytes_out": self.proxied_bytes.labels(name, "out"),
             "rejected": {reason: self.rejected.labels(name, reason) for reason in REJECT_REASONS},
@@ -124,6 +140,19 @@ class Metrics:
             f.name: special[f.name] if f.name in special else getattr(self, f.name).labels(name)
             for f in fields(ServiceMetrics)
         })
+
+    def forget_service(self, name: str) -> None:
+        """A service removed by a reload leaves no series behind."""
+        for f in fields(ServiceMetrics):
+            if f.name not in SPECIAL:  # the families labelled by service alone
+                with contextlib.suppress(KeyError):
+                    getattr(self, f.name).remove(name)
+        for direction in ("in", "out"):
+            with contextlib.suppress(KeyError):
+                self.proxied_bytes.remove(name, direction)
+        for reason in REJECT_REASONS:
+            with contextlib.suppress(KeyError):
+                self.rejected.remove(name, reason)
 
     def serve(self, addr: ListenAddress) -> Any:
         """Start the scrape endpoint (a daemon thread). Returns the server so it can be shut down."""

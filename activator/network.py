@@ -125,6 +125,7 @@ class HostNetwork:
         self._lock = threading.Lock()
         self._used: dict[int, str] = {}
         self._steered: dict[str, list[str]] = {}  # service -> its chain's jump rules, installed once
+        self._limits: dict[str, tuple[tuple[ListenAddress, ...], int | None]] = {}  # service -> listen, limit
         self._nft: Nft | None = None
         self._plugged: dict[str, Attachment] = {}
 
@@ -382,14 +383,40 @@ table ip {t} {{
         """The service's kernel-side counters, and its max_connections enforced before DNAT on the listen
         address: one count for both paths, the kernel's and the activator's own listener. Installed at start,
         before any connection is accepted, so every one is counted."""
-        t, name = self.table, _ident(service)
-        cmds = [f"add counter ip {t} rejected_{name}", f"add counter ip {t} steered_{name}"]
-        if max_connections is not None:
-            reject = (f"ct state new ct count over {max_connections} counter name rejected_{name} "
+        name = _ident(service)
+        self._limits[service] = (tuple(listen), max_connections)
+        self.nft.run("\n".join([f"add counter ip {self.table} rejected_{name}",
+                                f"add counter ip {self.table} steered_{name}", *self._limit_rules()]))
+
+    def _limit_rules(self) -> list[str]:
+        """Both limit chains, rebuilt whole (a reload changes one service's limit without touching others)."""
+        t = self.table
+        cmds = [f"flush chain ip {t} limit_in", f"flush chain ip {t} limit_out"]
+        for service, (listen, max_connections) in self._limits.items():
+            if max_connections is None:
+                continue
+            reject = (f"ct state new ct count over {max_connections} counter name rejected_{_ident(service)} "
                       "reject with tcp reset")
             for rule in self._jumps(listen, "-"):
                 match = rule.rsplit(" jump ", 1)[0]
                 cmds += [f"add rule ip {t} limit_in {match} {reject}", f"add rule ip {t} limit_out {match} {reject}"]
+        return cmds
+
+    def forget(self, service: str, *, counters: bool) -> None:
+        """Take a service out of the kernel path entirely (a reload removed or redefined it): its jumps, its
+        chain and its limit; its counters too when it is gone for good. Connections already DNATed keep going
+        (conntrack holds their translation). Blocking."""
+        t, name = self.table, _ident(service)
+        self._limits.pop(service, None)
+        had_chain = self._steered.pop(service, None) is not None
+        cmds = [f"flush chain ip {t} prerouting", f"flush chain ip {t} output"]
+        for jumps in self._steered.values():
+            cmds += [f"add rule ip {t} {hook} {j}" for hook in ("prerouting", "output") for j in jumps]
+        cmds += self._limit_rules()
+        if had_chain:
+            cmds += [f"flush chain ip {t} svc_{name}", f"delete chain ip {t} svc_{name}"]
+        if counters:
+            cmds += [f"delete counter ip {t} rejected_{name}", f"delete counter ip {t} steered_{name}"]
         self.nft.run("\n".join(cmds))
 
     def steer(self, service: str, listen: Iterable[ListenAddress], backends: list[Backend]) -> None:

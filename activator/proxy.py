@@ -350,9 +350,10 @@ class Connection:
         self.close()
 
 
-def client_protocol_factory(service: Service, registry: ConnectionSet) -> Callable[[], asyncio.Protocol]:
-    """The protocol factory for a service's listening socket: one Connection per accepted client."""
-    return lambda: Connection(service, registry).client
+def client_protocol_factory(service: Callable[[], Service], registry: ConnectionSet) -> Callable[[], asyncio.Protocol]:
+    """The protocol factory for a service's listening socket: one Connection per accepted client, for the
+    service as defined at the time (a reload may replace it)."""
+    return lambda: Connection(service(), registry).client
 
 
 async def connect_in_instance(inst: Instance, port: int, deadline: float) -> socket.socket:

@@ -14,14 +14,21 @@ shutdown: stop accepting, let open connections finish up to drain_timeout (syste
           timeout accordingly; a second SIGTERM/SIGINT cuts the drain short), abort the rest, kill and release
           every instance, stop the endpoints, unlock.
 
-Signal handlers only set events. SIGHUP is logged and ignored (a terminal hang-up must not kill the daemon and
-leave its containers behind; reloading is not supported yet).
+reload:   (SIGHUP, `systemctl reload`, `activator reload`) re-read the file and carry out plan_reload(): new
+          listeners are bound first (a port in use refuses the whole reload, nothing changed), removed services
+          stop accepting and drain, added ones start as at startup, changed ones get their new checkpoint while
+          the old definition keeps serving, then take over the listeners; the old instances finish their
+          connections and go. Unchanged services are not touched. A file that does not parse, or changes
+          settings only a restart can change, is refused in one line and the running configuration stays.
+
+Signal handlers only set events or spawn tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -30,19 +37,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import capacity, criucache, ksm, preflight, systemd
+from . import capacity, criucache, ksm, metrics, preflight, systemd
 from .builder import CheckpointBuilder
 from .checkpoint import Checkpoint
-from .config import Config, ServiceConfig
+from .config import Config, ServiceConfig, load_config
 from .control import ControlServer
 from .errors import ActivatorError
 from .host import clean_leftovers, open_host
 from .instance import Launcher
 from .ksm import Ksm
-from .listeners import BACKLOG, take_all
+from .listeners import BACKLOG, bind_listener, take_all
 from .metrics import Metrics
 from .network import HostNetwork, ServiceSteering, ident, kernel_path_possible
 from .proxy import ConnectionSet, client_protocol_factory
+from .reload import Change, Plan, plan_reload
 from .service import Service
 from .statedir import StateDir
 from .tasks import spawn
@@ -63,10 +71,15 @@ class Activator:
         self.metrics = Metrics()
         self.services: dict[str, Service] = {}
         self.connections = ConnectionSet()
-        self.listeners: list[tuple[ServiceConfig, socket.socket]] = []
+        self.listeners: dict[str, list[socket.socket]] = {}  # service -> its listening sockets
         self.budget = capacity.Budget(0)
         self._handed_in = list(sockets or [])
-        self._servers: list[asyncio.Server] = []
+        self._servers: dict[str, list[tuple[socket.socket, asyncio.Server]]] = {}
+        #: old definitions of changed services, and removed services, while their connections drain
+        self._retiring: set[Service] = set()
+        self._reloading = asyncio.Lock()
+        self._restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
+        self._runc: Any = None
         self._metrics_server: Any = None
         self._control: ControlServer | None = None
         self._builder: CheckpointBuilder | None = None
@@ -120,7 +133,14 @@ class Activator:
         self.request_stop()
 
     def _hangup(self) -> None:
-        log.warning("SIGHUP ignored: reloading the configuration is not supported yet; restart to apply changes")
+        if not self.ready.is_set():
+            log.warning("SIGHUP during startup ignored: reload once the daemon is ready")
+            return
+        self._keep(spawn(self._reload_logged(), name="reload"))
+
+    async def _reload_logged(self) -> None:
+        with contextlib.suppress(ActivatorError):  # already logged, and the old configuration serves on
+            await self.reload()
 
     def _announce(self) -> None:
         self.ready.set()
@@ -128,14 +148,19 @@ class Activator:
             self._on_ready(self)
         summary = ", ".join(f"{svc.name} on {' '.join(str(a) for a in svc.listen)}" for svc in self.config.services)
         log.info("ready: %s", summary)
+        systemd.notify("READY=1", f"STATUS={self._status_line()}")
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._keep(spawn(self._ping_watchdog(interval), name="watchdog"))
+
+    def _status_line(self) -> str:
         broken = [s.name for s in self.services.values() if s.checkpoint_problem]
         status = f"serving {len(self.services) - len(broken)} service(s)"
         if broken:
             status += f"; without a checkpoint (retrying): {', '.join(broken)}"
-        systemd.notify("READY=1", f"STATUS={status}")
-        interval = systemd.watchdog_interval()
-        if interval:
-            self._keep(spawn(self._ping_watchdog(interval), name="watchdog"))
+        if self._retiring:
+            status += f"; draining {len(self._retiring)} old definition(s)"
+        return status
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
         self._background.add(task)
@@ -143,6 +168,7 @@ class Activator:
 
     async def startup(self) -> None:
         runc, builder = open_host(self.state, self.config)
+        self._runc = runc
         self._locked = True
         self._builder = builder
         self.network = builder.network
@@ -163,33 +189,19 @@ class Activator:
         if self.network is not None:
             self._network_open = True  # from here on shutdown undoes whatever open() got to
             await asyncio.to_thread(self.network.open)
-            for svc in self.config.services:
-                if kernel_path_possible(svc):
-                    self.network.limit(svc.name, svc.listen, svc.max_connections)
 
-        self.listeners = take_all(self.config, systemd.listen_fds() + self._handed_in)
+        for svc, sock in take_all(self.config, systemd.listen_fds() + self._handed_in):
+            self.listeners.setdefault(svc.name, []).append(sock)
         self._handed_in = []
 
-        if any(self.config.shares_memory(s) for s in self.config.services):
-            if ksm.available():
-                self.ksm = Ksm()
-                await asyncio.to_thread(self.ksm.start)
-                self._keep(spawn(self._pace_ksm(self.ksm), name="ksm-pacer"))
-            else:
-                log.warning("share_memory is on but this kernel has no KSM (/sys/kernel/mm/ksm): nothing is shared")
-        restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
         for svc in self.config.services:
-            m = self.metrics.for_service(svc.name)
-            launcher = Launcher(svc, runc, self.state.instances, self.state.logs, m, self.network,
-                                self.ksm if self.config.shares_memory(svc) else None, restores)
-            self.services[svc.name] = Service(svc, launcher=launcher, metrics=m, budget=self.budget,
-                                              store=builder.store)
-        loop = asyncio.get_running_loop()
-        for svc, sock in self.listeners:
-            factory = client_protocol_factory(self.services[svc.name], self.connections)
-            self._servers.append(await loop.create_server(factory, sock=sock, backlog=BACKLOG))
+            self.services[svc.name] = await self._make_service(svc, self.config)
+            self._limit(svc)
+        for svc in self.config.services:
+            await self._serve(svc.name, self.listeners.get(svc.name, []))
 
-        self._control = ControlServer(self.state.control_socket, {"status": self.status, "rebuild": self.rebuild})
+        self._control = ControlServer(self.state.control_socket, {
+            "status": self.status, "rebuild": self.rebuild, "reload": self.reload, "plan": self.plan})
         await self._control.start()
 
         if self.config.settings.metrics is not None:
@@ -205,6 +217,57 @@ class Activator:
             self._keep(spawn(self._meter(), name="kernel-meter"))
         systemd.notify("STATUS=making sure every service has a current checkpoint")
         await asyncio.gather(*(self._first_checkpoint(s) for s in self.config.services))
+
+    async def _make_service(self, svc: ServiceConfig, config: Config, *, sweeps: bool = True) -> Service:
+        """A Service with its Launcher (not yet serving: no listener, no checkpoint)."""
+        assert self._builder is not None
+        shares = config.shares_memory(svc)
+        if shares and self.ksm is None:
+            if ksm.available():
+                self.ksm = Ksm()
+                await asyncio.to_thread(self.ksm.start)
+                self._keep(spawn(self._pace_ksm(self.ksm), name="ksm-pacer"))
+            else:
+                log.warning("share_memory is on but this kernel has no KSM (/sys/kernel/mm/ksm): nothing is shared")
+        m = self.metrics.for_service(svc.name)
+        launcher = Launcher(svc, self._runc, self.state.instances, self.state.logs, m, self.network,
+                            self.ksm if shares else None, self._restores)
+        return Service(svc, launcher=launcher, metrics=m, budget=self.budget,
+                       store=self._builder.store if sweeps else None)
+
+    def _limit(self, svc: ServiceConfig) -> None:
+        """The service's kernel-side counters and max_connections, before its first connection is accepted."""
+        if self.network is not None and kernel_path_possible(svc):
+            self.network.limit(svc.name, svc.listen, svc.max_connections)
+
+    async def _serve(self, name: str, socks: list[socket.socket]) -> None:
+        """Accept on these sockets for whichever Service holds the name at the time (a reload swaps it)."""
+        loop = asyncio.get_running_loop()
+
+        def current() -> Service:
+            return self.services[name]
+
+        factory = client_protocol_factory(current, self.connections)
+        for sock in socks:
+            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            self._servers.setdefault(name, []).append((sock, server))
+
+    def _unlisten(self, name: str, keep: tuple[socket.socket, ...] = ()) -> None:
+        """Stop accepting on the service's sockets, except those kept (a changed service's unchanged addresses)."""
+        serving = []
+        for sock, server in self._servers.get(name, []):
+            if sock in keep:
+                serving.append((sock, server))
+            else:
+                server.close()
+        self._servers[name] = serving
+        for sock in self.listeners.get(name, []):
+            if sock not in keep:
+                sock.close()  # closing the server detached it already (uvloop): this is for a socket never served
+        self.listeners[name] = [sock for sock in self.listeners.get(name, []) if sock in keep]
+        if not self.listeners[name]:
+            del self.listeners[name]
+            self._servers.pop(name, None)
 
     def _use(self, svc: ServiceConfig, checkpoint: Checkpoint) -> None:
         """Hand a service its checkpoint, and its kernel path if the app can be reached on its own address."""
@@ -233,6 +296,8 @@ class Activator:
                     continue
                 key = ident(svc.name)
                 svc.kernel_sample(samples.by_mark, samples.rejected.get(key, 0), samples.steered.get(key, 0), now)
+            for svc in list(self._retiring):  # the service's counters are the current definition's to fold in
+                svc.kernel_sample(samples.by_mark, *svc.kernel_counters, now)
             await asyncio.sleep(METER_INTERVAL)
 
     async def _pace_ksm(self, k: Ksm) -> None:
@@ -253,7 +318,132 @@ class Activator:
             "ready": self.ready.is_set(),
             "connection_budget": self.budget.limit,
             "services": [s.status() for s in self.services.values()],
+            # old definitions (a reload removed or changed them) still finishing their connections
+            "retiring": sorted(s.name for s in self._retiring),
         }
+
+    # --- reload ---------------------------------------------------------------------------------------------
+
+    async def plan(self, path: str = "") -> dict[str, Any]:
+        """What reloading `path` (default: the running file) would change; raises ConfigError if refused."""
+        new = await asyncio.to_thread(load_config, path or self.config.path)
+        return {"config": str(new.path), "changes": plan_reload(self.config, new).describe()}
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the running file and apply it (module docstring). One at a time."""
+        async with self._reloading:
+            systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+                           "STATUS=reloading the configuration")
+            try:
+                return await self._reload()
+            finally:
+                systemd.notify("READY=1", f"STATUS={self._status_line()}")
+
+    async def _reload(self) -> dict[str, Any]:
+        try:
+            new = await asyncio.to_thread(load_config, self.config.path)
+            p = plan_reload(self.config, new)
+            fresh = await asyncio.to_thread(self._bind_new, p, new)
+        except ActivatorError as e:
+            self.metrics.reloads.labels("refused").inc()
+            log.error("reload refused, the running configuration stays: %s", e)
+            raise
+        self.config = new
+        for svc in p.removed:
+            old = self.services.pop(svc.name)
+            self._unlisten(svc.name)
+            self._withdraw(old, removed=True)
+            self._keep(spawn(self._drain_and_close(old, removed=True), name=f"retire:{svc.name}"))
+        for svc in p.added:
+            self.services[svc.name] = await self._make_service(svc, new)
+            self._limit(svc)
+            self.listeners[svc.name] = fresh.get(svc.name, [])
+            await self._serve(svc.name, self.listeners[svc.name])
+            self._keep(spawn(self._first_checkpoint(svc), name=f"checkpoint:{svc.name}"))
+        for change in p.changed:
+            self._keep(spawn(self._replace(change, fresh.get(change.new.name, [])), name=f"replace:{change.new.name}"))
+        self.metrics.reloads.labels("applied").inc()
+        lines = p.describe()
+        log.info("reloaded %s: %s", new.path, "; ".join(lines))
+        return {"config": str(new.path), "changes": lines}
+
+    def _bind_new(self, p: Plan, new: Config) -> dict[str, list[socket.socket]]:
+        """Sockets for every listen address the new file has and the running one does not. All or none."""
+        bound: dict[str, list[socket.socket]] = {}
+        try:
+            for svc in (*p.added, *(c.new for c in p.changed)):
+                have = self.listeners.get(svc.name, [])
+                for addr in svc.listen:
+                    if not any(systemd.same_address(sock, addr) for sock in have):
+                        bound.setdefault(svc.name, []).append(bind_listener(addr, svc, new))
+        except BaseException:
+            for socks in bound.values():
+                for sock in socks:
+                    sock.close()
+            raise
+        return bound
+
+    async def _replace(self, change: Change, fresh: list[socket.socket]) -> None:
+        """A changed service: its new definition gets its checkpoint while the old one serves, then takes over the
+        listeners; the old instances drain. If the new checkpoint cannot be made, the old definition stays."""
+        assert self._builder is not None
+        name, svc = change.new.name, change.new
+        old = self.services[name]
+        try:
+            checkpoint, built = await self._builder.ensure(svc)
+        except ActivatorError as e:
+            for sock in fresh:
+                sock.close()
+            self.config = dataclasses.replace(
+                self.config, services=tuple(change.old if s.name == name else s for s in self.config.services))
+            old.m.checkpoint_build_failures.inc()
+            log.error("service=%s keeps its previous definition: the new one's checkpoint failed: %s", name, e)
+            return
+        if built:
+            log.info("service=%s new checkpoint built in %.1fs for its new definition", name,
+                     checkpoint.build_seconds)
+        # The old instances still mount the replaced checkpoint: nothing may sweep it until they are gone.
+        new = await self._make_service(svc, self.config, sweeps=False)
+        new.take_counters_from(old)
+        self.services[name] = new  # from here the listeners hand new connections to it
+        self._withdraw(old, removed=False)
+        self._limit(svc)
+        self._use(svc, checkpoint)
+        keep = tuple(sock for sock in self.listeners.get(name, [])
+                     if any(systemd.same_address(sock, a) for a in svc.listen))
+        self._unlisten(name, keep)
+        self.listeners.setdefault(name, []).extend(fresh)
+        await self._serve(name, fresh)
+        await self._drain_and_close(old, removed=False, then=new)
+
+    def _withdraw(self, old: Service, *, removed: bool) -> None:
+        """An old definition leaves the kernel path and its gauges; it keeps serving the connections it has."""
+        old.m = metrics.detached(old.m)
+        old.store = None  # it must not sweep the checkpoint a new definition may be using
+        old.withdraw_all()
+        old.steering = None
+        if self.network is not None:
+            self.network.forget(old.name, counters=removed)
+        self._retiring.add(old)
+
+    async def _drain_and_close(self, old: Service, *, removed: bool, then: Service | None = None) -> None:
+        """Let an old definition's connections finish (up to drain_timeout), then close it."""
+        try:
+            deadline = time.monotonic() + self.config.settings.drain_timeout
+            while old.open_connections + old.kernel_connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if old.open_connections + old.kernel_connections:
+                log.warning("service=%s: %d connection(s) of its old definition cut after drain_timeout",
+                            old.name, old.open_connections + old.kernel_connections)
+            await old.close()
+        finally:
+            self._retiring.discard(old)
+        if removed and old.name not in self.services:
+            self.metrics.forget_service(old.name)
+        if then is not None and then is self.services.get(old.name) and self._builder is not None:
+            then.store = self._builder.store
+            then.sweep_if_unused()
+        log.info("service=%s %s", old.name, "removed" if removed else "old definition drained and closed")
 
     async def rebuild(self, name: str = "") -> dict[str, Any]:
         """Build a fresh checkpoint for one service and switch new instances to it; running ones carry on."""
@@ -311,11 +501,9 @@ class Activator:
         # Never let systemd's stop timeout cut the drain short: ask for the drain plus room to release.
         systemd.notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int((drain + 30) * 1e6)}",
                        f"STATUS=draining {len(self.connections)} connection(s)")
-        for server in self._servers:
-            server.close()
-        for _svc, sock in self.listeners:
-            sock.close()
-        for svc in self.services.values():
+        for name in list(self.listeners):
+            self._unlisten(name)
+        for svc in (*self.services.values(), *self._retiring):
             svc.withdraw_all()  # the kernel sends nobody new to any instance; open connections drain
         for task in list(self._background):
             task.cancel()
@@ -329,12 +517,10 @@ class Activator:
             forced.cancel()
             for conn in self.connections:
                 conn.abort()
-        await asyncio.gather(*(s.close() for s in self.services.values()), return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in (*self.services.values(), *self._retiring)),
+                             return_exceptions=True)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1)
         if self._control is not None:
             await self._control.close()
         if self._metrics_server is not None:

@@ -182,7 +182,7 @@ class Service:
     async def _adopt(self, checkpoint: Checkpoint) -> None:
         """Slots for a replaced checkpoint go first (they mount its diff/), then it may be swept; then new slots."""
         await self.launcher.drop_slots_except(checkpoint)
-        self._sweep_if_unused()
+        self.sweep_if_unused()
         if not self._closed:
             self.launcher.refill(checkpoint)
 
@@ -194,7 +194,7 @@ class Service:
         self.checkpoint_retry_at = time.monotonic() + retry_in
         self._notify()
 
-    def _sweep_if_unused(self) -> None:
+    def sweep_if_unused(self) -> None:
         current = self.checkpoint
         if self.store is None or not all(i.checkpoint in (None, current)
                                          for i in (*self.instances, *self._releasing)):
@@ -233,6 +233,15 @@ class Service:
     def _connection_closed(self) -> None:
         self.open_connections -= 1
         self.budget.give()
+
+    @property
+    def kernel_counters(self) -> tuple[int, int]:
+        """The kernel's rejected and steered counts last folded into the metrics."""
+        return self._kernel_rejected, self._kernel_steered
+
+    def take_counters_from(self, old: Service) -> None:
+        """A new definition of the same service (a reload): the kernel counters carry on, not start over."""
+        self._kernel_rejected, self._kernel_steered = old.kernel_counters
 
     @property
     def kernel_connections(self) -> int:
@@ -531,7 +540,7 @@ class Service:
             await inst.sandbox.release()
         finally:
             self._releasing.discard(inst)
-            self._sweep_if_unused()
+            self.sweep_if_unused()
 
     # --- starting instances ------------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ async def started(services: dict[str, Any], **settings: Any) -> Activator:
 
 
 def port_of(act: Activator, name: str) -> int:
-    return next(int(s.getsockname()[1]) for svc, s in act.listeners if svc.name == name)
+    return int(act.listeners[name][0].getsockname()[1])
 
 
 async def http_keepalive(port: int) -> tuple[float, asyncio.StreamWriter]:

@@ -89,10 +89,7 @@ class Running:
         return self.act.config
 
     def port(self, service: str) -> int:
-        for svc, sock in self.act.listeners:
-            if svc.name == service:
-                return int(sock.getsockname()[1])
-        raise KeyError(service)
+        return int(self.act.listeners[service][0].getsockname()[1])
 
     def metric(self, name: str, service: str, **labels: str) -> float:
         value = self.act.metrics.registry.get_sample_value(name, {"service": service, **labels})
@@ -195,8 +192,9 @@ def faulty_restore(tmp_path: Path, *, restore_delay: float = 0, restore_fails: b
     and whichever way an instance is restored (CRIU directly, or runc on a cgroup v2 host).
 
     The fault strikes at CRIU's `phase`: pre-restore is before anything is restored, post-restore when the app's
-    processes exist but have not been resumed. Every restore attempt (of services whose name starts with `only`,
-    if given) appends a line to the returned file, so tests can count attempts.
+    processes exist but have not been resumed, post-resume once they run (before CRIU answers). Every restore
+    attempt (of services whose name starts with `only`, if given) appends a line to the returned file, so tests
+    can count attempts.
     """
     attempts = tmp_path / "restore-attempts"
     action = tmp_path / "restore-fault"
