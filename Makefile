@@ -23,6 +23,8 @@ lint: setup
 	$(VENV)/bin/ruff check activator tests bench
 	$(VENV)/bin/mypy
 	bash scripts/verify-units.sh
+	$(VENV)/bin/promtool check rules config/prometheus/activator-alerts.yml
+	cd config/prometheus && $(abspath $(VENV))/bin/promtool test rules activator-alerts.test.yml
 
 test: setup lint
 	bash scripts/build-images.sh busybox

@@ -6,7 +6,16 @@ import contextlib
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from .config import ListenAddress
 
@@ -44,6 +53,9 @@ class ServiceMetrics:
     ignored: Any
     idle_closes: Any
     checkpoint_build_failures: Any
+    checkpoint_pages_bytes: Any
+    checkpoint_created: Any
+    checkpoint_outdated: Any
     rejected: dict[str, Any]
 
 
@@ -124,6 +136,21 @@ class Metrics:
         self.checkpoint_build_failures = Counter("activator_checkpoint_build_failures",
                                                  "Checkpoint builds that failed (the service waits and retries)",
                                                  ["service"], registry=r)
+        self.checkpoint_pages_bytes = Gauge("activator_checkpoint_pages_bytes",
+                                            "Memory pages in the service's current checkpoint (what a restore copies)",
+                                            ["service"], registry=r)
+        self.checkpoint_created = Gauge("activator_checkpoint_created_timestamp_seconds",
+                                        "When the service's current checkpoint was built (Unix time)", ["service"],
+                                        registry=r)
+        self.checkpoint_outdated = Gauge(
+            "activator_checkpoint_outdated",
+            "1 when the service's image reference now names another image than its checkpoint was built from "
+            "(checked every minute; the next start or `activator checkpoint --rebuild` rebuilds it)",
+            ["service"], registry=r)
+        self.build_info = Gauge("activator_build_info", "Always 1; the versions activator runs with",
+                                ["version", "python", "criu", "runc", "kernel"], registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds, ...
+        PlatformCollector(registry=r)
         self.reloads = Counter("activator_reloads", "Configuration reloads, by result (applied, refused)",
                                ["result"], registry=r)
         self.rejected = Counter("activator_rejected_connections",

@@ -31,13 +31,14 @@ import contextlib
 import dataclasses
 import logging
 import os
+import platform
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import capacity, criucache, ksm, metrics, preflight, systemd
+from . import __version__, capacity, criucache, ksm, metrics, preflight, systemd
 from .builder import CheckpointBuilder
 from .checkpoint import Checkpoint
 from .config import Config, ServiceConfig, load_config
@@ -59,6 +60,8 @@ log = logging.getLogger("activator")
 
 #: restores running at once, per CPU (the rest queue): see bench/scaleout.py
 RESTORES_PER_CPU = 1
+#: how often services' image references are compared with what their checkpoints hold, seconds
+IMAGE_CHECK_INTERVAL = 60.0
 #: how often kernel-path connections are sampled (conntrack and counters: a few ms of a worker thread each)
 METER_INTERVAL = 0.25
 
@@ -170,6 +173,8 @@ class Activator:
         runc, builder = open_host(self.state, self.config)
         self._runc = runc
         self._locked = True
+        self.metrics.build_info.labels(__version__, platform.python_version(), builder.criu, builder.runc_version,
+                                       platform.release()).set(1)
         self._builder = builder
         self.network = builder.network
         await asyncio.to_thread(criucache.refresh, runc.criu)  # ~30 ms off every CRIU run that follows
@@ -215,6 +220,7 @@ class Activator:
 
         if self.network is not None:
             self._keep(spawn(self._meter(), name="kernel-meter"))
+        self._keep(spawn(self._watch_images(), name="image-watch"))
         systemd.notify("STATUS=making sure every service has a current checkpoint")
         await asyncio.gather(*(self._first_checkpoint(s) for s in self.config.services))
 
@@ -299,6 +305,32 @@ class Activator:
             for svc in list(self._retiring):  # the service's counters are the current definition's to fold in
                 svc.kernel_sample(samples.by_mark, *svc.kernel_counters, now)
             await asyncio.sleep(METER_INTERVAL)
+
+    async def _watch_images(self) -> None:
+        """Tell (activator_checkpoint_outdated, a log line) when a service's image reference has moved on to
+        another image than its checkpoint holds, e.g. after a `docker pull`. Not rebuilt on its own: a rebuild
+        runs the new image's app, which is an operator's call (`activator checkpoint --rebuild`, a restart)."""
+        assert self._builder is not None
+        images = self._builder.images
+        told: set[tuple[str, str]] = set()
+        while True:
+            await asyncio.sleep(IMAGE_CHECK_INTERVAL)
+            for service in list(self.services.values()):
+                ck = service.checkpoint
+                if ck is None:
+                    continue
+                try:
+                    image = await asyncio.to_thread(images.resolve, service.config.image, service.name)
+                except Exception as e:  # the engine away, the image removed: not a reason to stop watching
+                    log.debug("service=%s image check failed: %s", service.name, e)
+                    continue
+                outdated = image.id != ck.origin.image_id
+                service.m.checkpoint_outdated.set(int(outdated))
+                if outdated and (service.name, image.id) not in told:
+                    told.add((service.name, image.id))
+                    log.warning("service=%s image %s is now %s, its checkpoint holds %s; rebuild it with "
+                                "`activator checkpoint --rebuild %s` when ready", service.name, service.config.image,
+                                image.short_id, ck.origin.image_id[:19], service.name)
 
     async def _pace_ksm(self, k: Ksm) -> None:
         while True:

@@ -170,6 +170,9 @@ class Service:
         if self._checkpoint.done():
             self._checkpoint = asyncio.get_running_loop().create_future()
         self._checkpoint.set_result(checkpoint)
+        self.m.checkpoint_pages_bytes.set(checkpoint.pages_bytes)
+        self.m.checkpoint_created.set(checkpoint.created)
+        self.m.checkpoint_outdated.set(0)
         if self.checkpoint_problem is not None:
             log.info("service=%s has a checkpoint now; serving", self.name)
         self.checkpoint_problem = None

@@ -160,4 +160,16 @@ if ! "$VENV/bin/python" -c 'import pycriu' 2>/dev/null; then
 fi
 "$VENV/bin/pip" install -q -e "$ROOT[dev]" >"$STAMP_DIR/pip-install.log" 2>&1 ||
     die "installing the project into $VENV failed; see $STAMP_DIR/pip-install.log"
+# promtool checks and unit-tests the alert rules. It comes in Debian's prometheus package, whose installation
+# would also enable and start a Prometheus server on a systemd host: only the binary is taken from it.
+if [ ! -x "$VENV/bin/promtool" ]; then
+    log "promtool from Debian's prometheus package (the binary only)"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) ||
+        { apt-get update -qq && (cd "$tmp" && apt-get download -qq prometheus >/dev/null); } ||
+        die "downloading Debian's prometheus package (for promtool) failed"
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"
+    install -m 0755 "$tmp/x/usr/bin/promtool" "$VENV/bin/promtool"
+    rm -rf "$tmp"
+fi
 log "ready: venv $VENV, criu $CRIU_BIN, runc $(runc --version | head -1 | awk '{print $3}'), docker $(docker version -f '{{.Server.Version}}')"
