@@ -115,8 +115,9 @@ class Checkpoint:
 
 
 def _load_img(path: Path) -> dict[str, Any]:
-    import pycriu
+    from .preflight import require_pycriu
 
+    pycriu = require_pycriu()
     with open(path, "rb") as f:
         result: dict[str, Any] = pycriu.images.load(f)
     return result

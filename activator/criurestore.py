@@ -93,7 +93,9 @@ class Restorer:
     async def restore(self, *, root: Path, config: Path, descriptors: Path) -> int:
         """The restored app's pid. Raises RuncError (what a failed `runc restore` raises) naming CRIU's log.
         Cancelled: CRIU is killed; releasing the sandbox (cgroups.remove) takes care of what it had restored."""
-        from pycriu import rpc_pb2 as rpc
+        from .preflight import require_pycriu
+
+        rpc = require_pycriu().rpc_pb2
 
         try:
             req = rpc.criu_req(type=rpc.RESTORE)

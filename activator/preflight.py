@@ -7,6 +7,8 @@ import re
 import resource
 import shutil
 import subprocess
+import sys
+from typing import Any
 
 from .errors import PreflightError
 
@@ -53,11 +55,17 @@ def check_criu(binary: str = "criu") -> str:
             f"CRIU {found} is too old for kernel {os.uname().release} (needs {need[0]}.{need[1]} or newer); "
             f"{FIX}"
         )
-    try:
-        import pycriu  # noqa: F401
-    except ImportError:
-        raise PreflightError(f"pycriu is not installed in this Python; {FIX}") from None
+    require_pycriu()
     return found
+
+
+def require_pycriu() -> Any:
+    """The pycriu module, or a one-line error saying how to get it (it is not on PyPI)."""
+    try:
+        import pycriu
+    except ImportError:
+        raise PreflightError(f"pycriu is not installed in this Python ({sys.executable}); {FIX}") from None
+    return pycriu
 
 
 def raise_nofile() -> int:

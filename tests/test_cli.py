@@ -196,3 +196,17 @@ def test_inspect_without_a_checkpoint_says_how_to_make_one(tmp_path: Path) -> No
     proc = run_cli("inspect", "web", "-c", str(cfg))
     assert_one_line_error(proc, "service 'web' has no checkpoint", "activator checkpoint web")
     assert_one_line_error(run_cli("inspect", "nope", "-c", str(cfg)), "no service named 'nope'", "known: web")
+
+
+def test_without_pycriu_reading_a_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    """pycriu is not on PyPI: a venv made by hand lacks it, and `inspect` must say so, not print a traceback."""
+    img = tmp_path / "pstree.img"
+    img.write_bytes(b"")
+    code = ("import sys; sys.modules['pycriu'] = None\n"
+            "from activator.checkpoint import _load_img\n"
+            "from activator.errors import ActivatorError\n"
+            f"try:\n    _load_img(__import__('pathlib').Path({str(img)!r}))\n"
+            "except ActivatorError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.count("\n") == 1 and "pycriu is not installed" in out.stdout and "make setup" in out.stdout
