@@ -33,6 +33,24 @@ from .statedir import copy_private, open_private
 from .tasks import spawn
 
 log = logging.getLogger("activator.builder")
+#: how often a long wait during a build says it is still waiting (a JVM can take a minute to listen)
+PROGRESS_EVERY = 10.0
+
+
+@contextlib.asynccontextmanager
+async def _still_waiting(service: str, what: str, budget: float) -> Any:
+    """Log every PROGRESS_EVERY seconds while the body runs, so a long build is never silent."""
+    async def tick() -> None:
+        t0 = time.monotonic()
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY)
+            log.info("service=%s still waiting %s (%.0fs of %gs)", service, what, time.monotonic() - t0, budget)
+
+    ticker = spawn(tick(), name=f"progress:{service}")
+    try:
+        yield
+    finally:
+        ticker.cancel()
 
 PROBE_CLOSE_TIMEOUT = 10.0
 
@@ -201,7 +219,8 @@ class CheckpointBuilder:
             deadline = time.monotonic() + budget
             log.info("service=%s template started; waiting up to %gs for it to listen on port %d", svc.name,
                      budget, svc.port)
-            problem = await sandbox.wait_listening(svc.port, budget)
+            async with _still_waiting(svc.name, f"for the app to listen on port {svc.port}", budget):
+                problem = await sandbox.wait_listening(svc.port, budget)
             if problem == "exited":
                 raise StartError(
                     f"service '{svc.name}': the app exited before listening on port {svc.port}; "

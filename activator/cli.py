@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -33,11 +34,36 @@ class _JournalPriority(logging.Filter):
         return True
 
 
-def _setup_logging(level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line for log shippers: time, level, logger, message, and the message's own
+    `key=value` fields (service=, instance=) as fields of their own."""
+
+    FIELDS = re.compile(r"\b(service|instance)=([^\s,;:]+)")
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                    + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+        }
+        out |= {k: v for k, v in self.FIELDS.findall(message)}
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _setup_logging(level: str, fmt_name: str = "text") -> None:
     """One line per event. Under journald (JOURNAL_STREAM is set) each line starts with its syslog priority,
     `<3>` and so on, which journald turns into the entry's level and strips; it adds its own timestamps. A
-    terminal gets timestamps; a pipe gets neither."""
+    terminal gets timestamps; a pipe gets neither. `--log-format json`: one JSON object per line, anywhere."""
     handler = logging.StreamHandler(sys.stderr)
+    if fmt_name == "json":
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+        return
     if os.environ.get("JOURNAL_STREAM"):
         handler.addFilter(_JournalPriority())
         fmt = "<%(priority)d>%(name)s: %(message)s"
@@ -283,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="activator", description=__doc__)
     p.add_argument("--version", action="version", version=f"activator {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="json: one JSON object per line (time, level, logger, message, service, instance)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn: Callable[[Config, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -312,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         if args.fn is None:
             return cmd_schema(args)

@@ -81,6 +81,7 @@ class Activator:
         #: old definitions of changed services, and removed services, while their connections drain
         self._retiring: set[Service] = set()
         self._reloading = asyncio.Lock()
+        self._checking: set[str] = set()  # services whose checkpoint is being checked or built
         self._restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
         self._runc: Any = None
         self._metrics_server: Any = None
@@ -493,9 +494,18 @@ class Activator:
 
     async def _build(self, svc: ServiceConfig, failures: int = 0) -> bool:
         """One attempt at the service's checkpoint. False (logged, counted, service refusing) if it failed."""
+        try:
+            return await self._build_once(svc, failures)
+        finally:
+            self._checking.discard(svc.name)
+            self._tell_progress()
+
+    async def _build_once(self, svc: ServiceConfig, failures: int) -> bool:
         assert self._builder is not None
         service = self.services[svc.name]
         t0 = time.monotonic()
+        self._checking.add(svc.name)
+        self._tell_progress()
         try:
             checkpoint, built = await self._builder.ensure(svc)
         except ActivatorError as e:
@@ -517,6 +527,13 @@ class Activator:
         log.error("service=%s has no checkpoint, its connections are refused: %s; next attempt in %gs",
                   svc.name, why, delay)
         return False
+
+    def _tell_progress(self) -> None:
+        """systemd's STATUS= (what `systemctl status` shows) while checkpoints are being checked or built."""
+        if self._checking:
+            systemd.notify(f"STATUS=checkpoints: checking or building {', '.join(sorted(self._checking))}")
+        elif self.ready.is_set():
+            systemd.notify(f"STATUS={self._status_line()}")
 
     async def _retry_checkpoint(self, svc: ServiceConfig) -> None:
         failures = 1

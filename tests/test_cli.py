@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -210,3 +211,15 @@ def test_without_pycriu_reading_a_checkpoint_is_a_one_line_error(tmp_path: Path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert out.stdout.count("\n") == 1 and "pycriu is not installed" in out.stdout and "make setup" in out.stdout
+
+
+def test_json_logs_for_log_shippers(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"echo": ECHO})
+    out = subprocess.run([*ACTIVATOR, "--log-format", "json", "checkpoint", "echo", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in out.stderr.splitlines()]  # every line is one JSON object
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    building = [r for r in records if "building a checkpoint" in r["message"]]
+    assert building and building[0]["service"] == "echo" and building[0]["level"] == "info"
+    assert out.stdout.startswith("echo: checkpoint built in")

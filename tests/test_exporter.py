@@ -4,6 +4,7 @@ checkpoint size and age, and a checkpoint marked outdated when its image referen
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import time
 from collections.abc import Iterator
@@ -64,3 +65,16 @@ async def test_a_moved_image_reference_marks_the_checkpoint_outdated(start, movi
     assert any("checkpoint --rebuild echo" in r.getMessage() for r in caplog.records)
     # nothing else changes: it keeps serving from the checkpoint it has
     assert await echo(run.port("echo"), b"still") == b"still"
+
+
+async def test_a_slow_template_says_it_is_still_waiting(start, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    from activator import builder
+
+    monkeypatch.setattr(builder, "PROGRESS_EVERY", 0.3)
+    caplog.set_level(logging.INFO, logger="activator")
+    slow = ECHO | {"command": ["sh", "-c", "sleep 1.2; exec echo-server 9000"]}
+    run = await start({"slow": slow})
+    waits = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert waits and all(m.startswith("service=slow still waiting for the app to listen on port 9000 (")
+                         for m in waits)
+    assert await echo(run.port("slow"), b"late but there") == b"late but there"

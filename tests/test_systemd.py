@@ -46,6 +46,9 @@ def test_systemd_socket_activate_handoff_notify_and_watchdog(tmp_path: Path) -> 
     msgs = notify.messages
     assert "READY=1" in msgs and "STOPPING=1" in msgs
     assert msgs.index("READY=1") < msgs.index("STOPPING=1")
+    # what `systemctl status` shows while the first checkpoint is made, then what it serves
+    assert msgs.index("STATUS=checkpoints: checking or building echo") < msgs.index("READY=1")
+    assert msgs[msgs.index("READY=1") + 1] == "STATUS=serving 1 service(s)"
     assert msgs.count("WATCHDOG=1") >= 3
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in msgs)
 
