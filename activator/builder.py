@@ -147,7 +147,7 @@ class CheckpointBuilder:
                 service=svc.name, dir=tmp, origin=origin, process=process, image_rootfs=rootfs,
                 listening_ports=ports, created=time.time(), build_seconds=time.monotonic() - started,
                 pages_bytes=pages_bytes(tmp / "criu"), seccomp=filt, kernel_path=kernel_path,
-                external=extmounts.mounts(), dev=tuple(dev),
+                external=extmounts.mounts(), dev=tuple(dev), stop_signal=image.stop_signal or "SIGTERM",
             )
             return self.store.install(tmp, checkpoint)
         except BaseException as e:

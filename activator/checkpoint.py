@@ -67,6 +67,7 @@ class Checkpoint:
     kernel_path: bool  # the app listens on every address, so the kernel can steer clients to an instance's eth0
     external: dict[str, str]  # key -> mountpoint of the mounts dumped as external (extmounts.py)
     dev: tuple[DevEntry, ...]  # the template's /dev, rebuilt for every instance
+    stop_signal: str = "SIGTERM"  # the image's STOPSIGNAL (the service's stop_signal overrides it)
 
 
     @property
@@ -108,6 +109,7 @@ class Checkpoint:
             kernel_path=d["kernel_path"],
             external=dict(d["external"]),
             dev=dev_from_json(d["dev"]),
+            stop_signal=d.get("stop_signal", "SIGTERM"),  # absent from checkpoints made before it was kept
         )
 
 

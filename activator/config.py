@@ -33,11 +33,13 @@ k/m/g (binary). Nothing here touches the network, Docker or the filesystem beyon
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
 import math
 import re
+import signal
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -543,10 +545,19 @@ class ServiceConfig:
     client_idle_timeout: float | None = key(
         Duration(0.1, 30 * DAY), None, nullable=True,
         doc="a connection with no bytes either way for this long is closed (null: never)")
+    stop_signal: str | None = key(
+        Text(pattern=r"(SIG)?[A-Z0-9+-]+|[0-9]+", hint="a signal name like SIGTERM, or a number"), None,
+        nullable=True, doc="what an instance is asked to stop with when it is reaped or drained (null: the "
+                           "image's STOPSIGNAL, else SIGTERM)")
+    stop_grace: float = key(Duration(0, 5 * 60), 10.0,
+                            doc="how long a stopping instance's app may take to exit before it is killed; an app "
+                                "that does not handle the stop signal is killed at once")
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
             raise ValueError("service names are 1-40 of a-z, 0-9, '_' and '-', starting with a letter or digit")
+        if self.stop_signal is not None:
+            signal_number(self.stop_signal)  # raises ValueError naming the problem
         if self.min_instances > self.max_instances:
             raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
                              f"({self.max_instances})")
@@ -554,6 +565,18 @@ class ServiceConfig:
     def checkpoint_fingerprint(self) -> str:
         """Hash of everything that shapes the checkpointed process (keys declared with shapes=True)."""
         return hashlib.sha256(json.dumps(_shaping(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def signal_number(name: str) -> int:
+    """SIGTERM, TERM, 15 -> 15 (what Docker accepts for STOPSIGNAL)."""
+    if name.isdigit():
+        n = int(name)
+        if n in set(signal.Signals):
+            return n
+    else:
+        with contextlib.suppress(KeyError):
+            return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+    raise ValueError(f"'{name}' is not a signal (stop_signal: SIGTERM, SIGINT, SIGQUIT, ... or a number)")
 
 
 def _shaping(obj: Any) -> dict[str, Any]:

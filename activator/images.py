@@ -38,6 +38,7 @@ class ImageInfo:
     entrypoint: tuple[str, ...]
     working_dir: str
     user: str
+    stop_signal: str = ""  # the image's STOPSIGNAL, if it has one
 
     @property
     def short_id(self) -> str:
@@ -90,6 +91,7 @@ class DockerImageSource:
             entrypoint=tuple(cfg.get("Entrypoint") or ()),
             working_dir=cfg.get("WorkingDir") or "/",
             user=cfg.get("User") or "",
+            stop_signal=cfg.get("StopSignal") or "",
         )
 
     def export_rootfs(self, image: ImageInfo, dest: Path) -> None:

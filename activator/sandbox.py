@@ -219,6 +219,24 @@ class Sandbox:
             return pid if _start_time(pid) == started else None
         return self.runc.pid(self.name)
 
+    async def stop(self, sig: int, grace: float) -> bool:
+        """Ask the app to exit (what `docker stop` does) and wait up to grace; True if it did. The app is PID 1 of
+        its namespace, so the kernel drops a signal it has no handler for: then there is nothing to wait for, and
+        it is not sent (release() kills it)."""
+        pid = self.pid_now()
+        if pid is None:
+            return True
+        if not _catches(pid, sig):
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while self.pid_now() is not None:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def alive(self) -> bool:
         return await self.pid() is not None
 
@@ -337,3 +355,14 @@ def _read_resolv(path: Path) -> tuple[list[str], list[str]]:
             elif words[0] in ("search", "options"):
                 other.append(line.strip())
     return servers, other
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Has the process a handler for sig (SigCgt in /proc/PID/status)?"""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False

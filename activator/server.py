@@ -548,7 +548,8 @@ class Activator:
     async def shutdown(self) -> None:
         drain = self.config.settings.drain_timeout
         # Never let systemd's stop timeout cut the drain short: ask for the drain plus room to release.
-        systemd.notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int((drain + 30) * 1e6)}",
+        grace = max((s.config.stop_grace for s in self.services.values()), default=0.0)
+        systemd.notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int((drain + grace + 30) * 1e6)}",
                        f"STATUS=draining {len(self.connections)} connection(s)")
         for name in list(self.listeners):
             self._unlisten(name)

@@ -34,13 +34,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from typing import Any, Protocol
 
 from . import capacity
 from .capacity import Budget, FailureBackoff
 from .checkpoint import Checkpoint, CheckpointStore
-from .config import ServiceConfig
+from .config import ServiceConfig, signal_number
 from .errors import ActivatorError, Rejected, RestoreError, StartError
 from .instance import Instance
 from .metrics import ServiceMetrics
@@ -521,9 +522,10 @@ class Service:
     def _reap(self, inst: Instance) -> None:
         log.info("service=%s instance=%s idle for %gs, reaping", self.name, inst.name, self.config.idle_timeout)
         self.m.idle_reaps.inc()
-        self._stop(inst)
+        self._stop(inst, graceful=True)
 
-    def _stop(self, inst: Instance) -> None:
+    def _stop(self, inst: Instance, *, graceful: bool = False) -> None:
+        """Take the instance out and release it; graceful (a reap, a drain): its app is asked to exit first."""
         inst.stopping = True
         self._unwatch(inst)
         if inst.idle_timer is not None:
@@ -534,16 +536,31 @@ class Service:
         self._resteer()  # before anything is released: no connection is ever steered to a dead instance
         self._publish()
         self._releasing.add(inst)
-        task = spawn(self._teardown(inst), name=f"teardown:{inst.name}")
+        task = spawn(self._teardown(inst, graceful), name=f"teardown:{inst.name}")
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
-    async def _teardown(self, inst: Instance) -> None:
+    async def _teardown(self, inst: Instance, graceful: bool) -> None:
         try:
+            if graceful:
+                await self._ask_to_exit(inst)
             await inst.sandbox.release()
         finally:
             self._releasing.discard(inst)
             self.sweep_if_unused()
+
+    async def _ask_to_exit(self, inst: Instance) -> None:
+        name = self.config.stop_signal or (inst.checkpoint.stop_signal if inst.checkpoint else "SIGTERM")
+        try:
+            sig = signal_number(name)
+        except ValueError:  # an image's STOPSIGNAL we cannot name (SIGRTMIN+3): what Docker falls back to
+            sig = signal.SIGTERM
+        try:
+            if not await inst.sandbox.stop(sig, self.config.stop_grace):
+                log.info("service=%s instance=%s did not exit on %s within %gs (or does not handle it): killed",
+                         self.name, inst.name, signal.Signals(sig).name, self.config.stop_grace)
+        except Exception as e:  # whatever happens, release() kills it
+            log.warning("service=%s instance=%s could not be asked to stop: %s", self.name, inst.name, e)
 
     # --- starting instances ------------------------------------------------------------------------------
 
@@ -628,7 +645,7 @@ class Service:
             with contextlib.suppress(BaseException):
                 await task
         for inst in list(self.instances):
-            self._stop(inst)
+            self._stop(inst, graceful=True)
         await self.launcher.close()
         while self._stopping:
             await asyncio.gather(*list(self._stopping), return_exceptions=True)
