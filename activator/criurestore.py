@@ -35,7 +35,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from . import cgroups, ksm
+from . import cgroups, criulog, ksm
 from .errors import RuncError
 
 CLONE_NEWNET = 0x40000000
@@ -124,7 +124,7 @@ class Restorer:
             resp = rpc.criu_resp()
             resp.ParseFromString(data)
             if not resp.success:
-                why = _first_error(self.work / LOG) if (self.work / LOG).exists() else \
+                why = criulog.first_errors(self.work / LOG) or \
                     f"{os.strerror(resp.cr_errno) if resp.cr_errno else 'no log'} ({resp.cr_errmsg or 'no message'})"
                 raise RuncError(f"CRIU restore failed: {why}", self.work / LOG)
             return int(resp.restore.pid)
@@ -152,10 +152,3 @@ class Restorer:
             if fd is not None:
                 os.close(fd)
 
-
-def _first_error(log: Path) -> str:
-    with contextlib.suppress(OSError):
-        for line in log.read_text(errors="replace").splitlines():
-            if "Error" in line:
-                return line.split(":", 1)[-1].strip()[:200]
-    return f"see {log}"

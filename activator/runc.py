@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import ksm, rootfs
+from . import criulog, ksm, rootfs
 from .errors import RuncError
 from .procs import Helper
 
@@ -117,7 +117,10 @@ class Runc:
             name, log=log,
         )
         if rc != 0:
-            raise RuncError(self._explain("checkpoint", out + err, log), work_path / "dump.log")
+            why = self._explain("checkpoint", out + err, log)
+            if (criu := criulog.first_errors(work_path / "dump.log")) is not None:
+                why += f"; CRIU: {criu}"
+            raise RuncError(why, work_path / "dump.log")
 
     async def restore(
         self, name: str, bundle: Path, image_path: Path, work_path: Path, *, stdout: int, stderr: int, log: Path,
@@ -129,7 +132,10 @@ class Runc:
             stdout=stdout, stderr=stderr, log=log, mergeable=mergeable,
         )
         if rc != 0:
-            raise RuncError(self._explain("restore", out + err, log), work_path / "restore.log")
+            why = self._explain("restore", out + err, log)
+            if (criu := criulog.first_errors(work_path / "restore.log")) is not None:
+                why += f"; CRIU: {criu}"
+            raise RuncError(why, work_path / "restore.log")
 
     async def delete(self, name: str) -> None:
         """Kill (SIGKILL) and delete; a container that does not exist is fine."""

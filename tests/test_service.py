@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +29,23 @@ _ids = itertools.count()
 class FakeSandbox:
     name: str
     released: bool = False
+    asked_to_stop: int = 0  # the signal a graceful stop sent
+
+    async def stop(self, sig: int, grace: float) -> bool:
+        self.asked_to_stop = sig
+        return True
 
     async def release(self) -> None:
         self.released = True
+
+
+@dataclass(frozen=True)
+class FakeCheckpoint:
+    """What Service reads of a checkpoint."""
+
+    pages_bytes: int = 4096
+    created: float = 0.0
+    stop_signal: str = "SIGTERM"
 
 
 @dataclass
@@ -77,7 +92,7 @@ class FakeLauncher:
 def service(launcher: FakeLauncher, budget: int = 10_000, **keys: Any) -> Service:
     cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80, **keys)
     svc = Service(cfg, launcher=launcher, metrics=Metrics().for_service("svc"), budget=Budget(budget))
-    svc.set_checkpoint(object())  # type: ignore[arg-type]
+    svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
     return svc
 
 
@@ -195,7 +210,7 @@ async def test_no_checkpoint_refuses_at_once_and_says_why_then_recovers() -> Non
     with pytest.raises(Rejected) as e:
         await svc.admit().acquire()
     assert e.value.reason == "backoff" and "image 'x' is missing" in str(e.value) and fake.restores == 0
-    svc.set_checkpoint(object())  # type: ignore[arg-type]
+    svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
     inst, _ = await svc.admit().acquire()
     assert inst.how == "restore" and svc.checkpoint_problem is None
 
@@ -207,6 +222,7 @@ async def test_close_releases_every_instance_and_refuses_newcomers() -> None:
     await asyncio.gather(*(lease.acquire() for lease in leases))
     await svc.close()
     assert all(sb.released for sb in fake.made) and svc.instances == []
+    assert [sb.asked_to_stop for sb in fake.made] == [signal.SIGTERM] * 2  # a drain asks before it kills
     with pytest.raises(Rejected) as e:
         svc.admit()
     assert e.value.reason == "shutting-down"

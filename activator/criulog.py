@@ -1,0 +1,31 @@
+"""What a CRIU log says went wrong, in a form that fits the one-line error a user gets.
+
+CRIU logs every run at level 4; a failure's cause is in its `Error (file:line): ...` lines, often not in what runc
+or the RPC answer reports ("criu failed: type NOTIFY"). One line is noise on every run on hosts whose root lacks
+CAP_SYS_RESOURCE and is skipped (docs/host-notes.md).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+HARMLESS = ("rlimit: Can't setup RLIMIT_NOFILE for self",)
+_ERROR = re.compile(r"^\([0-9. ]+\)\s+(?:\d+: )?Error \([^)]*\): (.*)$")
+
+
+def first_errors(log: Path, limit: int = 2) -> str | None:
+    """The first `limit` meaningful Error lines, joined with ' / ', or None if there are none (or no log)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return None
+    found: list[str] = []
+    for line in text.splitlines():
+        m = _ERROR.match(line.strip())
+        if m is None or any(h in m.group(1) for h in HARMLESS):
+            continue
+        found.append(" ".join(m.group(1).split())[:160])
+        if len(found) == limit:
+            break
+    return " / ".join(found) or None
