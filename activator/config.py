@@ -45,7 +45,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from . import yamlload
+from . import compose, yamlload
 from .errors import ConfigError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,39}$"
@@ -700,6 +700,8 @@ def parse_config(text: str, path: Path) -> Config:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: top level: expected a mapping with 'services:', got {_show(raw)}")
+    if compose.is_compose(raw):
+        raw = compose.translate(raw, path)
     for k in raw:
         if k not in ("settings", "services"):
             raise ConfigError(f"{where}: {str(k)[:60]}: unknown key; valid keys are: settings, services")
