@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import extmounts, readiness, seccomp
+from . import extmounts, readiness, seccomp, volumes
 from .checkpoint import FORMAT, Checkpoint, CheckpointStore, Origin, listening_addresses, listening_ports, pages_bytes
 from .config import ServiceConfig
 from .errors import CheckpointError, RuncError, StartError
@@ -126,7 +126,10 @@ class CheckpointBuilder:
         network = self.network if svc.network == "bridge" else None
         sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc, network, svc.egress)
         try:
-            await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.name, seccomp=filt, template=True)
+            binds = await asyncio.to_thread(volumes.ensure, svc.volumes, self.instances_dir.parent, rootfs, svc.name)
+            self._warn_unkept_volumes(svc, image)
+            await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.name, seccomp=filt, template=True,
+                                  binds=binds)
             sandbox.write_etc(svc.name, svc.extra_hosts)
             await self._start_and_wait(svc, sandbox, tmp / "template.log")
             pid = await sandbox.pid()
@@ -183,6 +186,17 @@ class CheckpointBuilder:
             log.warning("service=%s the app listens on %s only: its connections go through the activator "
                         "(no kernel path); make it listen on 0.0.0.0 for that", svc.name, ", ".join(addresses))
         return False
+
+    def _warn_unkept_volumes(self, svc: ServiceConfig, image: ImageInfo) -> None:
+        """An image's VOLUME holds data its author meant to keep; without a volume there, it dies with the
+        instance. Said once per build, with the fix."""
+        kept = {v.target for v in svc.volumes}
+        for path in image.volumes:
+            if path.rstrip("/") not in kept:
+                name = path.strip("/").replace("/", "-") or "data"
+                log.warning("service=%s image %s declares VOLUME %s, which is not a volume here: what the app "
+                            "writes there is lost when an instance goes; add `volumes: [%s-%s:%s]` to keep it",
+                            svc.name, image.ref, path, svc.name, name, path)
 
     def _keep_failure_logs(self, svc: ServiceConfig, sandbox: Sandbox, tmp: Path) -> None:
         self.store.logs.mkdir(mode=0o700, parents=True, exist_ok=True)

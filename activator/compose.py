@@ -4,14 +4,16 @@ A Compose file is recognised by its `x-activator` blocks. Each Compose service t
 served by activator; the others (a database that runs under `docker compose` as usual) are left alone. A
 top-level `x-activator: {settings: ...}` holds activator's settings.
 
-From a Compose service: image, command, entrypoint, environment, env_file, user, working_dir, and ports (one
+From a Compose service: image, command, entrypoint, environment, env_file, user, working_dir, volumes, and ports (one
 published TCP port: `[HOST_IP:]PUBLISHED:TARGET` or the long form) -> listen/port. Keys in the service's
 `x-activator` block are activator's own (idle_timeout, max_instances, ...) and win over what is derived.
 `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?error}`, `${VAR?error}`, `$VAR` and `$$` are
 interpolated as Compose does, from the environment and the `.env` file next to the Compose file.
 
-Compose keys that would silently change what the app gets if ignored (volumes, privileged, cap_add, devices,
-network_mode, a build without an image) are refused in one line; the rest (restart, depends_on, networks,
+volumes: a host path (relative to the Compose file's directory) or a named volume (kept in state_dir/volumes;
+Compose's own named volumes are not shared with it). Compose keys that would silently change what the app gets
+if ignored (privileged, cap_add, devices, network_mode, a build without an image, anonymous volumes) are refused
+in one line; the rest (restart, depends_on, networks,
 healthcheck, labels, ...) concern `docker compose` and are ignored.
 
 Pure, apart from reading the .env and env_file files next to the Compose file.
@@ -30,7 +32,6 @@ from .errors import ConfigError
 
 MARK = "x-activator"
 REFUSED = {
-    "volumes": "volumes are not supported yet: the data would be lost with every reaped instance",
     "privileged": "activator runs instances with Docker's default sandbox only",
     "cap_add": "activator runs instances with Docker's default capabilities only",
     "devices": "activator gives instances Docker's default devices only",
@@ -94,6 +95,8 @@ def _service(name: str, body: Mapping[str, Any], path: Path, where: str) -> dict
     for key in ("user", "working_dir"):
         if body.get(key) is not None:
             out[key] = str(body[key])
+    if body.get("volumes"):
+        out["volumes"] = _volumes(body["volumes"], path.parent, at)
     environment = _env_files(body.get("env_file"), path.parent, at)
     environment.update(_environment(body.get("environment"), at))
     if environment:
@@ -101,6 +104,34 @@ def _service(name: str, body: Mapping[str, Any], path: Path, where: str) -> dict
     if "listen" not in own or "port" not in own:
         out.update(_ports(body.get("ports"), own.get("port"), at))
     out.update(own)
+    return out
+
+
+def _volumes(raw: Any, base: Path, at: str) -> list[Any]:
+    """Compose volumes -> activator's: relative and ~ host paths resolved against the Compose file's directory,
+    named volumes kept by name (in state_dir/volumes), tmpfs refused."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{at}.volumes: expected a list")
+    out: list[Any] = []
+    for v in raw:
+        if isinstance(v, Mapping):
+            if v.get("type", "volume") not in ("volume", "bind"):
+                raise ConfigError(f"{at}.volumes: type {v.get('type')} is not supported (bind or volume)")
+            source, target, ro = v.get("source"), v.get("target"), bool(v.get("read_only", False))
+            if not isinstance(source, str) or not isinstance(target, str):
+                raise ConfigError(f"{at}.volumes: a volume needs source and target (anonymous volumes would "
+                                  "be lost with their instance)")
+        else:
+            parts = str(v).split(":")
+            if len(parts) < 2:
+                raise ConfigError(f"{at}.volumes: '{v}' has no source: an anonymous volume would be lost with "
+                                  "its instance; name it (NAME:{v})")
+            source, target = parts[0], parts[1]
+            ro = len(parts) > 2 and "ro" in parts[2].split(",")
+        if source.startswith((".", "~")):
+            source = str((base / Path(source).expanduser()).resolve()) if source.startswith(".") \
+                else str(Path(source).expanduser())
+        out.append({"source": source, "target": target, "read_only": ro})
     return out
 
 

@@ -38,6 +38,7 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import re
 import signal
 from collections.abc import Mapping
@@ -332,6 +333,68 @@ class Hosts(Kind):
                 "additionalProperties": {"type": "string"}}
 
 
+@dataclass(frozen=True)
+class Volume:
+    """source: an absolute host path (bound as is) or a volume name (state_dir/volumes/NAME)."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+    @property
+    def named(self) -> bool:
+        return not self.source.startswith("/")
+
+
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: where a volume may not go: what the container's own mounts are made of
+_NOT_A_TARGET = ("/proc", "/sys", "/dev")
+
+
+@dataclass(frozen=True)
+class Volumes(Kind):
+    """`SOURCE:TARGET[:ro|rw]` strings (as docker run -v and Compose), or {source, target, read_only}."""
+
+    def parse(self, raw: Any) -> tuple[Volume, ...]:
+        if not isinstance(raw, list):
+            raise ValueError(f"expected a list of SOURCE:TARGET[:ro], got {_show(raw)}")
+        out: list[Volume] = []
+        for item in raw:
+            if isinstance(item, str):
+                parts = item.split(":")
+                if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                    raise ValueError(f"'{item[:80]}' is not SOURCE:TARGET[:ro|rw]")
+                v = Volume(parts[0], parts[1], len(parts) == 3 and parts[2] == "ro")
+            elif isinstance(item, Mapping) and set(item) <= {"source", "target", "read_only"}:
+                if not isinstance(item.get("source"), str) or not isinstance(item.get("target"), str) \
+                        or not isinstance(item.get("read_only", False), bool):
+                    raise ValueError("a volume needs source and target strings (and read_only: true/false)")
+                v = Volume(item["source"], item["target"], item.get("read_only", False))
+            else:
+                raise ValueError(f"expected SOURCE:TARGET[:ro] or {{source, target, read_only}}, got {_show(item)}")
+            target = os.path.normpath(v.target)
+            if not v.target.startswith("/") or target == "/" or any(
+                    target == p or target.startswith(p + "/") for p in _NOT_A_TARGET):
+                raise ValueError(f"'{v.target[:80]}': the target must be an absolute path other than /, /proc, "
+                                 "/sys and /dev")
+            if v.named and not _VOLUME_NAME.fullmatch(v.source):
+                raise ValueError(f"'{v.source[:80]}' is neither an absolute host path nor a volume name "
+                                 "(letters, digits, '_', '.', '-')")
+            if not v.named and ("\0" in v.source or os.path.normpath(v.source) == "/"):
+                raise ValueError(f"'{v.source[:80]}': not a host path to bind")
+            if any(o.target == target for o in out):
+                raise ValueError(f"two volumes on {target}")
+            out.append(Volume(v.source if v.named else os.path.normpath(v.source), target, v.read_only))
+        return tuple(out)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "array", "items": {"oneOf": [
+            {"type": "string", "pattern": r"^[^:]+:/[^:]*(:(ro|rw))?$"},
+            {"type": "object", "required": ["source", "target"], "additionalProperties": False,
+             "properties": {"source": {"type": "string"}, "target": {"type": "string"},
+                            "read_only": {"type": "boolean"}}}]}}
+
+
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -504,6 +567,10 @@ class ServiceConfig:
     egress: bool = key(Flag(), True, doc="with network: bridge, whether the app may open connections out")
     extra_hosts: tuple[tuple[str, str], ...] = key(Hosts(), (), shapes=True,
                                                     doc="extra /etc/hosts entries for the app, {name: address}")
+    volumes: tuple[Volume, ...] = key(
+        Volumes(), (), shapes=True,
+        doc="SOURCE:TARGET[:ro]: a host path, or a volume name kept in state_dir/volumes (filled from the image "
+            "on first use, like Docker's), bound into the template and every instance; its data outlives them")
     share_memory: bool | str = key(
         AutoFlag(), "auto",
         doc="let the kernel merge identical pages of this service's instances (KSM): much less memory per extra "
@@ -579,12 +646,27 @@ def signal_number(name: str) -> int:
     raise ValueError(f"'{name}' is not a signal (stop_signal: SIGTERM, SIGINT, SIGQUIT, ... or a number)")
 
 
+#: process-shaping keys added after checkpoints were made without them
+ADDED_LATER = frozenset({"volumes"})
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able: dataclasses as dicts, tuples of them as lists."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _shaping(obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         if f.metadata.get("shapes"):
-            out[f.name] = asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
+            if f.name in ADDED_LATER and value == f.default:
+                continue  # absent from fingerprints made before the key existed: those stay current
+            out[f.name] = _plain(value)
         elif is_dataclass(value) and (inner := _shaping(value)):
             out[f.name] = inner
     return out

@@ -39,6 +39,7 @@ class ImageInfo:
     working_dir: str
     user: str
     stop_signal: str = ""  # the image's STOPSIGNAL, if it has one
+    volumes: tuple[str, ...] = ()  # the image's VOLUME paths
 
     @property
     def short_id(self) -> str:
@@ -92,6 +93,7 @@ class DockerImageSource:
             working_dir=cfg.get("WorkingDir") or "/",
             user=cfg.get("User") or "",
             stop_signal=cfg.get("StopSignal") or "",
+            volumes=tuple(sorted(cfg.get("Volumes") or {})),
         )
 
     def export_rootfs(self, image: ImageInfo, dest: Path) -> None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import volumes
 from .checkpoint import Checkpoint
 from .config import ServiceConfig
 from .errors import RestoreError, StartError
@@ -24,6 +25,7 @@ from .runc import Runc
 from .sandbox import Sandbox, new_name
 from .statedir import open_private
 from .tasks import spawn
+from .volumes import Bind
 
 log = logging.getLogger("activator.service")
 
@@ -81,6 +83,12 @@ class Launcher:
         self._filling_for: Checkpoint | None = None
         self._closed = False
 
+    async def _binds(self, checkpoint: Checkpoint) -> tuple[Bind, ...]:
+        if not self.config.volumes:
+            return ()
+        return await asyncio.to_thread(volumes.ensure, self.config.volumes, self.instances_dir.parent,
+                                       checkpoint.image_rootfs, self.config.name)
+
     def _sandbox(self) -> Sandbox:
         sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
         sb.mergeable = self.ksm is not None  # before prepare: a direct restore's CRIU is started then
@@ -95,7 +103,7 @@ class Launcher:
                 return sb
         sb = self._sandbox()
         await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
-                         checkpoint.seccomp, restore=checkpoint)
+                         checkpoint.seccomp, restore=checkpoint, binds=await self._binds(checkpoint))
         return sb
 
     def refill(self, checkpoint: Checkpoint) -> None:
@@ -122,7 +130,7 @@ class Launcher:
             sb.slot = True
             try:
                 await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
-                                 checkpoint.seccomp, restore=checkpoint)
+                                 checkpoint.seccomp, restore=checkpoint, binds=await self._binds(checkpoint))
             except Exception as e:  # a slot is an optimisation: the next restore prepares its own
                 log.warning("service=%s could not prepare a slot: %s", self.config.name, e)
                 return
@@ -197,7 +205,7 @@ class Launcher:
             self.ksm.started_instance()
         try:
             await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, self.config.name,
-                             checkpoint.seccomp)
+                             checkpoint.seccomp, binds=await self._binds(checkpoint))
             sb.write_etc(self.config.name, self.config.extra_hosts)
             out = open_private(sb.layout.output)
             try:

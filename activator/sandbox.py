@@ -35,6 +35,7 @@ from .network import Attachment, HostNetwork
 from .runc import Runc, restore_config
 from .spec import ProcessSpec, runtime_spec
 from .statedir import copy_private, open_private, write_private
+from .volumes import Bind
 
 log = logging.getLogger("activator.sandbox")
 
@@ -99,12 +100,12 @@ class Sandbox:
 
     async def prepare(self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
                       seccomp: dict[str, Any] | None, *, template: bool = False,
-                      restore: Checkpoint | None = None) -> None:
+                      restore: Checkpoint | None = None, binds: tuple[Bind, ...] = ()) -> None:
         """Namespace, mount and bundle: everything runc needs; a template is dumped with its own tmpfs mounts
         external, and an instance to be restored gets them made here (extmounts.py). On failure, what was made
         is released."""
         work = asyncio.ensure_future(asyncio.to_thread(
-            self._prepare_blocking, lower, process, resources, hostname, seccomp, template, restore))
+            self._prepare_blocking, lower, process, resources, hostname, seccomp, template, restore, binds))
         try:
             await asyncio.shield(work)
         except BaseException:
@@ -116,7 +117,7 @@ class Sandbox:
 
     def _prepare_blocking(
         self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
-        seccomp: dict[str, Any] | None, template: bool, restore: Checkpoint | None,
+        seccomp: dict[str, Any] | None, template: bool, restore: Checkpoint | None, binds: tuple[Bind, ...],
     ) -> None:
         lay = self.layout
         # Private: the bundle holds the environment (secrets), the upper dir the app's writes, criu-work its logs.
@@ -140,9 +141,12 @@ class Sandbox:
             criu_config = self.runc.criu_dump_config
         elif restore is not None and restore.external:
             paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external)
+            direct = cgroups.v1_devices()
+            if direct:  # volumes too: runc would map them itself, CRIU alone is told (dumped keyed by target)
+                paths |= {b.target: b.host for b in binds}
             criu_config = lay.dir / "criu.conf"
             write_private(criu_config, restore_config(paths))
-            if cgroups.v1_devices():  # restored through CRIU directly: its cgroups are ours to make
+            if direct:  # restored through CRIU directly: its cgroups are ours to make
                 procs = cgroups.create(self.name, resources.memory, resources.cpus, resources.pids)
                 self._restorer = criurestore.Restorer.spawn(
                     criu=self.runc.criu, images=restore.images, work=lay.criu_work, netns=self.netns.path,
@@ -156,6 +160,7 @@ class Sandbox:
             resources=resources,
             criu_config=str(criu_config),
             seccomp=seccomp,
+            binds=binds,
         )
         write_private(lay.bundle / "config.json", json.dumps(spec))
 

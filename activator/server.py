@@ -97,6 +97,7 @@ class Activator:
         self._on_ready = on_ready
         self.ready = asyncio.Event()
         self._locked = False
+        self._shut_down = False
 
     def request_stop(self) -> None:
         if self._stop.is_set():
@@ -546,6 +547,10 @@ class Activator:
             failures += 1
 
     async def shutdown(self) -> None:
+        """Idempotent: a caller that stops the daemon itself may be followed by its owner's own shutdown."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         drain = self.config.settings.drain_timeout
         # Never let systemd's stop timeout cut the drain short: ask for the drain plus room to release.
         grace = max((s.config.stop_grace for s in self.services.values()), default=0.0)

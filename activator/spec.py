@@ -15,7 +15,10 @@ address is needed: the proxy opens its backend sockets inside that namespace and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .volumes import Bind
 
 from .config import Resources
 
@@ -85,7 +88,7 @@ def _resources(res: Resources) -> dict[str, Any]:
 
 def runtime_spec(
     process: ProcessSpec, *, rootfs: str, netns_path: str, cgroups_path: str, hostname: str, resources: Resources,
-    criu_config: str | None = None, seccomp: dict[str, Any] | None = None,
+    criu_config: str | None = None, seccomp: dict[str, Any] | None = None, binds: tuple[Bind, ...] = (),
 ) -> dict[str, Any]:
     linux: dict[str, Any] = {
         "namespaces": [
@@ -126,6 +129,9 @@ def runtime_spec(
              "options": ["nosuid", "noexec", "nodev"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
              "options": ["nosuid", "noexec", "nodev", "ro"]},
+            # volumes: runc marks bind mounts external in a dump (keyed by destination), and maps them back
+            *({"destination": b.target, "type": "bind", "source": str(b.host),
+               "options": ["rbind", "ro" if b.read_only else "rw"]} for b in binds),
         ],
         "linux": linux,
     }

@@ -25,6 +25,7 @@ services:
     env_file: [web.env]
     user: "1000:1000"
     working_dir: /srv
+    volumes: ["webdata:/data", "./static:/srv/static:ro", {type: bind, source: /etc/web, target: /etc/web}]
     ports: ["127.0.0.1:8080:80"]
     restart: always
     depends_on: [db]
@@ -61,12 +62,16 @@ def test_a_compose_file_is_a_services_file(tmp_path: Path, monkeypatch: pytest.M
     assert dict(web.environment) == {"GREETING": "hello world", "PRICE": "$5", "MODE": "prod", "LEVEL": "3"}
     assert (web.user, web.working_dir, web.idle_timeout) == ("1000:1000", "/srv", 120.0)
     assert [str(a) for a in web.listen] == ["127.0.0.1:8080"] and web.port == 80
+    assert [(v.source, v.target, v.read_only) for v in web.volumes] == [
+        ("webdata", "/data", False), (str(tmp_path / "static"), "/srv/static", True), ("/etc/web", "/etc/web", False)]
     assert [str(a) for a in api.listen] == ["0.0.0.0:9001"] and api.port == 9000
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("services:\n  w:\n    image: x\n    ports: ['1:2']\n    volumes: [d:/data]\n    x-activator: {}\n",
-     "services.w.volumes: volumes are not supported yet"),
+    ("services:\n  w:\n    image: x\n    ports: ['1:2']\n    volumes: [/data]\n    x-activator: {}\n",
+     "services.w.volumes: '/data' has no source: an anonymous volume would be lost"),
+    ("services:\n  w:\n    image: x\n    ports: ['1:2']\n    privileged: true\n    x-activator: {}\n",
+     "services.w.privileged: activator runs instances with Docker's default sandbox only"),
     ("services:\n  w:\n    build: .\n    ports: ['1:2']\n    x-activator: {}\n", "services.w: no image"),
     ("services:\n  w:\n    image: x\n    x-activator: {}\n", "services.w.ports: activator serves one port"),
     ("services:\n  w:\n    image: x\n    ports: ['1:2', '3:4']\n    x-activator: {}\n", "has 2 published ports"),
