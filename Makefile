@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test lint images bench clean
+.PHONY: setup demo test lint images bench clean install uninstall
 
 $(SETUP_STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -36,6 +36,13 @@ bench: setup
 	$(PY) bench/warmpath.py
 	$(PY) bench/network_cost.py
 	$(PY) bench/scaleout.py
+
+# A system install (not a checkout): PREFIX=/opt/activator SYSCONFDIR=/etc/activator UNITDIR=/etc/systemd/system
+install: setup
+	bash scripts/install.sh install
+
+uninstall:
+	bash scripts/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, fn: Callable[[Config, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
-        sp.add_argument("-c", "--config", default="/etc/activator/services.yaml", help="services YAML file")
+        sp.add_argument("-c", "--config", default="/etc/activator/config.yaml", help="services YAML file")
         sp.set_defaults(fn=fn)
         return sp
 
