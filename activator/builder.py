@@ -71,6 +71,9 @@ class CheckpointBuilder:
         self.runc_version = runc_version
         # Services sharing an image build at once at startup: unpack it once, not once per service.
         self._unpacking: dict[str, asyncio.Lock] = {}
+        self._builds = 0
+        self._not_pruning = asyncio.Event()
+        self._not_pruning.set()
         # Templates boot for real (a JVM each): more at once than CPUs only makes every one of them slower,
         # and can push a slow one past its readiness timeout.
         self._building = asyncio.Semaphore(os.cpu_count() or 1)
@@ -106,9 +109,28 @@ class CheckpointBuilder:
 
     async def build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin,
                     filt: dict[str, Any] | None) -> Checkpoint:
-        async with self._building:
-            log.info("service=%s building a checkpoint from image %s", svc.name, image.ref)
-            return await self._build(svc, image, origin, filt)
+        await self._not_pruning.wait()
+        self._builds += 1  # no await since the wait: a prune cannot start in between
+        try:
+            async with self._building:
+                log.info("service=%s building a checkpoint from image %s", svc.name, image.ref)
+                return await self._build(svc, image, origin, filt)
+        finally:
+            self._builds -= 1
+
+    async def prune_images(self) -> list[Path]:
+        """Delete unpacked images no checkpoint uses (a service removed, an image updated). Only while no build
+        runs (a build's image has no checkpoint yet); builds that start meanwhile wait for it."""
+        if self._builds:
+            return []
+        self._not_pruning.clear()
+        try:
+            gone = await asyncio.to_thread(self.store.prune_images)
+        finally:
+            self._not_pruning.set()
+        for d in gone:
+            log.info("removed unpacked image %s: no checkpoint uses it", d.name)
+        return gone
 
     async def _build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin,
                      filt: dict[str, Any] | None) -> Checkpoint:

@@ -13,6 +13,7 @@ This is all the runtime path (instances, services) needs: the record and where i
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -207,6 +208,22 @@ class CheckpointStore:
 
     def image_rootfs(self, image_short_id: str) -> Path:
         return self.images_root / image_short_id / "rootfs"
+
+    def prune_images(self) -> list[Path]:
+        """Blocking. Delete unpacked images no checkpoint here refers to (current or replaced-but-kept ones, of
+        any service, configured or not: a checkpoint kept on disk keeps its image). Half-unpacked `.unpack-*`
+        directories are crash leftovers and are cleaned elsewhere; an unpack under way holds its service's
+        build, during which this is not called."""
+        used = set()
+        for meta in self.root.glob("*/meta.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                used.add(Path(json.loads(meta.read_text())["image_rootfs"]).parent)
+        gone = []
+        for d in sorted(self.images_root.iterdir()) if self.images_root.is_dir() else []:
+            if d.is_dir() and not d.name.startswith(".") and d not in used:
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d)
+        return gone
 
     def install(self, tmp: Path, checkpoint: Checkpoint) -> Checkpoint:
         """Swap a freshly built checkpoint into place.

@@ -225,6 +225,7 @@ class Activator:
         self._keep(spawn(self._watch_images(), name="image-watch"))
         systemd.notify("STATUS=making sure every service has a current checkpoint")
         await asyncio.gather(*(self._first_checkpoint(s) for s in self.config.services))
+        await builder.prune_images()
 
     async def _make_service(self, svc: ServiceConfig, config: Config, *, sweeps: bool = True) -> Service:
         """A Service with its Launcher (not yet serving: no listener, no checkpoint)."""
@@ -516,6 +517,7 @@ class Activator:
             why = f"{type(e).__name__}: {e}"
         else:
             if built:
+                self._keep(spawn(self._builder.prune_images(), name="prune-images"))
                 service.m.checkpoint_builds.inc()
                 service.m.checkpoint_build_duration.observe(time.monotonic() - t0)
                 log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,

@@ -78,3 +78,21 @@ async def test_a_slow_template_says_it_is_still_waiting(start, monkeypatch, capl
     assert waits and all(m.startswith("service=slow still waiting for the app to listen on port 9000 (")
                          for m in waits)
     assert await echo(run.port("slow"), b"late but there") == b"late but there"
+
+
+
+async def test_an_image_no_checkpoint_uses_any_more_is_pruned(start, moving_image) -> None:  # type: ignore[no-untyped-def]
+    run = await start({"echo": ECHO | {"image": moving_image}})
+    state = run.config.settings.state_dir
+    images = state / "images"
+    (old,) = [d for d in images.iterdir() if not d.name.startswith(".")]
+    build = await asyncio.to_thread(subprocess.run, ["docker", "build", "-q", "-t", moving_image, "-"],
+                                    input=f"FROM {BUSYBOX}\nLABEL v=3\n", capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    await run.act.rebuild("echo")  # `docker pull` then `activator checkpoint --rebuild`: the new image unpacked
+    await eventually(lambda: not list((state / "checkpoints").glob(".retired-*")), what="the old checkpoint swept")
+    new = run.act.services["echo"].checkpoint.image_rootfs.parent
+    assert new != old and old.is_dir()
+    assert await run.act._builder.prune_images() == [old]
+    assert not old.exists() and new.is_dir()
+    assert await echo(run.port("echo"), b"still served") == b"still served"
