@@ -126,7 +126,7 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from .server import Activator
 
     def announce(act: Activator) -> None:
-        for svc in cfg.services:
+        for svc in act.config.services:  # with the addresses of `listen: systemd` sockets filled in
             for addr in svc.listen:
                 print(f"activator: {svc.name} ready on {addr}", flush=True)
         if cfg.settings.metrics:

@@ -240,7 +240,12 @@ class Environment(Kind):
 
 @dataclass(frozen=True)
 class Listen(Kind):
+    """HOST:PORT, a list of them, or `systemd`: the sockets systemd passes with FileDescriptorName= the service's
+    name (an empty tuple here; the lifecycle owner fills in their addresses)."""
+
     def parse(self, raw: Any) -> tuple[ListenAddress, ...]:
+        if raw == "systemd":
+            return ()
         items = raw if isinstance(raw, list) else [raw]
         if not items:
             raise ValueError("needs at least one address")
@@ -250,7 +255,7 @@ class Listen(Kind):
 
     def schema(self) -> dict[str, Any]:
         one = {"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 1, "maximum": 65535}]}
-        return {"oneOf": [one, {"type": "array", "items": one, "minItems": 1}]}
+        return {"oneOf": [one, {"type": "array", "items": one, "minItems": 1}, {"const": "systemd"}]}
 
 
 @dataclass(frozen=True)

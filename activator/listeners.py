@@ -35,13 +35,30 @@ def bind_listener(addr: ListenAddress, svc: ServiceConfig, config: Config) -> so
     return sock
 
 
-def take_all(config: Config, handed_in: list[socket.socket]) -> list[tuple[ServiceConfig, socket.socket]]:
-    """Every listen address gets a socket: the one handed in for it if any, else one bound here. A socket
-    handed in that matches no address is an error (it would silently accept connections nobody serves)."""
-    left = list(handed_in)
+def take_all(config: Config, handed_in: list[tuple[str, socket.socket]]
+             ) -> list[tuple[ServiceConfig, socket.socket]]:
+    """Every listen address gets a socket: the one handed in for it if any, else one bound here; a service with
+    `listen: systemd` gets the sockets named after it (FileDescriptorName=). A socket handed in that matches no
+    address is an error (it would silently accept connections nobody serves)."""
+    named = list(handed_in)
+    left = [sock for _name, sock in handed_in]
     out: list[tuple[ServiceConfig, socket.socket]] = []
     try:
         for svc in config.services:
+            if not svc.listen:
+                mine = [sock for name, sock in named if name == svc.name]
+                if not mine:
+                    raise ActivatorError(
+                        f"{config.path}: services.{svc.name}.listen is systemd, but no socket named '{svc.name}' "
+                        f"was passed in; give its socket unit FileDescriptorName={svc.name} (and "
+                        "Service=activator.service)")
+                for sock in mine:
+                    left.remove(sock)
+                    sock.setblocking(False)
+                    log.info("service=%s using the socket systemd passed in as '%s' (%s)", svc.name, svc.name,
+                             address_of(sock))
+                    out.append((svc, sock))
+                continue
             for addr in svc.listen:
                 match = next((s for s in left if systemd.same_address(s, addr)), None)
                 if match is not None:
@@ -64,3 +81,8 @@ def take_all(config: Config, handed_in: list[socket.socket]) -> list[tuple[Servi
             sock.close()
         raise
     return out
+
+
+def address_of(sock: socket.socket) -> ListenAddress:
+    host, port = sock.getsockname()[:2]
+    return ListenAddress(host, port)

@@ -41,13 +41,13 @@ from typing import Any
 from . import __version__, capacity, criucache, ksm, metrics, preflight, systemd
 from .builder import CheckpointBuilder
 from .checkpoint import Checkpoint
-from .config import Config, ServiceConfig, load_config
+from .config import Config, ListenAddress, ServiceConfig, load_config
 from .control import ControlServer
-from .errors import ActivatorError
+from .errors import ActivatorError, ConfigError
 from .host import clean_leftovers, open_host
 from .instance import Launcher
 from .ksm import Ksm
-from .listeners import BACKLOG, bind_listener, take_all
+from .listeners import BACKLOG, address_of, bind_listener, take_all
 from .metrics import Metrics
 from .network import HostNetwork, ServiceSteering, ident, kernel_path_possible
 from .proxy import ConnectionSet, client_protocol_factory
@@ -82,6 +82,7 @@ class Activator:
         self._retiring: set[Service] = set()
         self._reloading = asyncio.Lock()
         self._checking: set[str] = set()  # services whose checkpoint is being checked or built
+        self._from_systemd: dict[str, tuple[ListenAddress, ...]] = {}  # `listen: systemd` services' addresses
         self._restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
         self._runc: Any = None
         self._metrics_server: Any = None
@@ -197,9 +198,14 @@ class Activator:
             self._network_open = True  # from here on shutdown undoes whatever open() got to
             await asyncio.to_thread(self.network.open)
 
-        for svc, sock in take_all(self.config, systemd.listen_fds() + self._handed_in):
+        from_systemd: dict[str, list[ListenAddress]] = {}
+        for svc, sock in take_all(self.config, systemd.listen_fds() + [("", s) for s in self._handed_in]):
             self.listeners.setdefault(svc.name, []).append(sock)
+            if not svc.listen:
+                from_systemd.setdefault(svc.name, []).append(address_of(sock))
         self._handed_in = []
+        self._from_systemd = {name: tuple(addrs) for name, addrs in from_systemd.items()}
+        self.config = self._with_systemd_addresses(self.config)
 
         for svc in self.config.services:
             self.services[svc.name] = await self._make_service(svc, self.config)
@@ -243,6 +249,18 @@ class Activator:
                             self.ksm if shares else None, self._restores)
         return Service(svc, launcher=launcher, metrics=m, budget=self.budget,
                        store=self._builder.store if sweeps else None)
+
+    def _with_systemd_addresses(self, config: Config) -> Config:
+        """`listen: systemd` services, with the addresses of the sockets systemd passed for them at start."""
+        services = []
+        for svc in config.services:
+            if not svc.listen:
+                if svc.name not in self._from_systemd:
+                    raise ConfigError(f"{config.path}: services.{svc.name}.listen: systemd passes sockets only at "
+                                      "start; restart the service to take new ones")
+                svc = dataclasses.replace(svc, listen=self._from_systemd[svc.name])
+            services.append(svc)
+        return dataclasses.replace(config, services=tuple(services))
 
     def _limit(self, svc: ServiceConfig) -> None:
         """The service's kernel-side counters and max_connections, before its first connection is accepted."""
@@ -361,7 +379,7 @@ class Activator:
 
     async def plan(self, path: str = "") -> dict[str, Any]:
         """What reloading `path` (default: the running file) would change; raises ConfigError if refused."""
-        new = await asyncio.to_thread(load_config, path or self.config.path)
+        new = self._with_systemd_addresses(await asyncio.to_thread(load_config, path or self.config.path))
         return {"config": str(new.path), "changes": plan_reload(self.config, new).describe()}
 
     async def reload(self) -> dict[str, Any]:
@@ -376,7 +394,7 @@ class Activator:
 
     async def _reload(self) -> dict[str, Any]:
         try:
-            new = await asyncio.to_thread(load_config, self.config.path)
+            new = self._with_systemd_addresses(await asyncio.to_thread(load_config, self.config.path))
             p = plan_reload(self.config, new)
             fresh = await asyncio.to_thread(self._bind_new, p, new)
         except ActivatorError as e:

@@ -45,20 +45,22 @@ def watchdog_interval() -> float | None:
         return None
 
 
-def listen_fds() -> list[socket.socket]:
+def listen_fds() -> list[tuple[str, socket.socket]]:
+    """The sockets systemd passed, each with its FileDescriptorName (LISTEN_FDNAMES; "" if unnamed)."""
     try:
         n = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
         n = 0
     ours = os.environ.get("LISTEN_PID") == str(os.getpid())
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)
     if not ours or n <= 0:
         return []
     socks = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n):
+    for i, fd in enumerate(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n)):
         os.set_inheritable(fd, False)
-        socks.append(socket.socket(fileno=fd))
+        socks.append((names[i] if i < len(names) else "", socket.socket(fileno=fd)))
     return socks
 
 

@@ -107,3 +107,23 @@ def test_the_units_hardening_lets_runc_and_criu_work(tmp_path: Path) -> None:
         assert stop(proc) == 0
     assert "restore failed" not in (tmp_path / "activator.log").read_text()
 
+
+
+def test_listen_systemd_takes_the_socket_by_its_file_descriptor_name(tmp_path: Path) -> None:
+    """FileDescriptorName= matching: the config says `listen: systemd`, the address lives only in the socket unit
+    (played by systemd-socket-activate --fdname)."""
+    port = free_port()
+    cfg = write_config(tmp_path, {"echo": ECHO | {"listen": "systemd"}})
+    cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=echo", *ACTIVATOR, "run", "-c", str(cfg)]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = []
+        kick = lambda: futures.append(pool.submit(echo_once, port, b"by name", 120))  # noqa: E731
+        with daemon(cmd, tmp_path / "activator.log", kick=kick) as proc:
+            assert futures[0].result() == b"by name"
+            log = (tmp_path / "activator.log").read_text()
+            assert f"using the socket systemd passed in as 'echo' (127.0.0.1:{port})" in log
+            assert f"echo ready on 127.0.0.1:{port}" in log or "ready: echo on" in log
+            assert stop(proc) == 0
+    # without the named socket: one line saying what to add to the socket unit
+    out = subprocess.run([*ACTIVATOR, "run", "-c", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "FileDescriptorName=echo" in out.stderr.splitlines()[-1]
