@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,21 @@ from .tasks import spawn
 log = logging.getLogger("activator.builder")
 #: how often a long wait during a build says it is still waiting (a JVM can take a minute to listen)
 PROGRESS_EVERY = 10.0
+
+
+def _connector(sandbox: Sandbox, port: int) -> Callable[[], Awaitable[tuple[asyncio.StreamReader,
+                                                                           asyncio.StreamWriter]]]:
+    """Connections to the template's app on 127.0.0.1 inside its namespace (probes and warm-up requests)."""
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = sandbox.netns.socket()
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+
+    return connect
 
 
 @contextlib.asynccontextmanager
@@ -297,15 +313,7 @@ class CheckpointBuilder:
         an optimisation), unless every single one failed (then the paths are wrong: say so)."""
         w = svc.warmup
         t0, ok, total = time.monotonic(), 0, 0
-
-        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            sock = sandbox.netns.socket()
-            try:
-                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", svc.port))
-            except BaseException:
-                sock.close()
-                raise
-            return await asyncio.open_connection(sock=sock)
+        connect = _connector(sandbox, svc.port)
 
         for _ in range(w.count):
             for path in w.http_paths:
@@ -323,15 +331,7 @@ class CheckpointBuilder:
     async def _wait_http(self, svc: ServiceConfig, sandbox: Sandbox, deadline: float) -> None:
         path = svc.readiness.http_path
         assert path is not None
-
-        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-            sock = sandbox.netns.socket()
-            try:
-                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", svc.port))
-            except BaseException:
-                sock.close()
-                raise
-            return await asyncio.open_connection(sock=sock)
+        connect = _connector(sandbox, svc.port)
 
         while time.monotonic() < deadline:
             if await readiness.http_ok(connect, svc.port, path):
