@@ -4,15 +4,26 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic). Reading 
 
     config      YAML -> frozen, validated ServiceConfig objects; every key declared once (parser, errors, JSON Schema)
     yamlload    the strict YAML loader config uses (no duplicate keys, no alias bombs, no base-60 numbers)
-    server      the one lifecycle owner: startup, main loop, drain, shutdown; a service without checkpoint retries
-    listeners   listening sockets: handed in (LISTEN_FDS, a caller's) matched by address, the rest bound
+    compose     pure: a docker-compose.yml (x-activator blocks, ${VAR} interpolation) -> the services document
+    server      the one lifecycle owner: startup, main loop, reload, drain, shutdown; checkpoint retries
+    reload      pure: what a reload changes (added, removed, changed, unchanged; settings that need a restart)
+    listeners   listening sockets: handed in (LISTEN_FDS, a caller's) matched by address or name, the rest bound
     proxy       a client connection: held until it is real, then waking, then spliced (header, held bytes, EOF)
     service     one service: admission (Lease), scale-out, waiting, backoff, idle reap
     capacity    pure: which instance takes a connection, how many more to start, backoff, the descriptor budget
     proxy_protocol  pure: PROXY protocol v1/v2 headers
-    instance    one instance, and bringing it up: restore (or cold start) until its app listens
+    instance    one instance, and bringing it up (restore or cold start); the prepared slots of a service
     checkpoint  the checkpoint store: the record (what it was made from, what it holds) and pycriu readers
-    sandbox     one instance's resources (netns, mount, bundle, runc container) made and released together
+    sandbox     one instance's resources (netns, mount, bundle, cgroups, CRIU or runc) made and released together
+    criurestore a restore as one RPC to an idle `criu swrk` waiting in a prepared slot
+    criulog     CRIU's own Error lines, for one-line messages
+    extmounts   the container's tmpfs mounts, made by a slot instead of rebuilt by CRIU
+    volumes     volumes: host paths and named volumes bound into template and instances
+    criucache   CRIU's kernel-feature cache kept valid
+    procs       helpers (runc, CRIU) spawned by vfork from a thread pool, killed with their session
+    ksm         memory sharing between a service's instances (PR_SET_MEMORY_MERGE, ksmd pacing)
+    network     the instance network: bridge, veths, nftables steering (the kernel path), limits, accounting
+    nft         libnftables in process
     spec        pure: the OCI runtime spec (Docker's default sandbox)
     seccomp     Docker's default seccomp profile (vendored in profiles/) -> the spec's filter
     netns       network namespaces (unshare + bind mount, lo up with pyroute2) and sockets opened inside them
@@ -30,7 +41,7 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic). Reading 
     control     the root-only control socket `activator status` talks to
     tasks       owned, named tasks (spawn)
     errors      one-line operator errors
-    cli         `activator run|validate|status|inspect|checkpoint|cleanup|schema`
+    cli         `activator run|validate|reload|status|inspect|checkpoint|cleanup|schema`
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
