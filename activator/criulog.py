@@ -11,6 +11,11 @@ import re
 from pathlib import Path
 
 HARMLESS = ("rlimit: Can't setup RLIMIT_NOFILE for self",)
+#: causes whose fix is not obvious from CRIU's words
+HINTS = {
+    "Can't get rlimit": "CRIU needs CAP_SYS_RESOURCE to dump an app that runs as another user than root, and this "
+                        "host's root lacks it (see CapBnd in /proc/self/status); run the app as root here",
+}
 _ERROR = re.compile(r"^\([0-9. ]+\)\s+(?:\d+: )?Error \([^)]*\): (.*)$")
 
 
@@ -28,4 +33,7 @@ def first_errors(log: Path, limit: int = 2) -> str | None:
         found.append(" ".join(m.group(1).split())[:160])
         if len(found) == limit:
             break
-    return " / ".join(found) or None
+    if not found:
+        return None
+    hints = [h for cause, h in HINTS.items() if any(cause in f for f in found)]
+    return " / ".join(found) + "".join(f" ({h})" for h in hints)

@@ -29,3 +29,24 @@ def test_a_failed_dump_names_criu_s_error(tmp_path: Path) -> None:
     assert f"logs in {tmp_path / 'state' / 'logs'}/echo-*" in line
     assert (tmp_path / "state" / "logs" / "echo-dump.log").exists()
     assert attempts.read_text().split() == ["x"]
+
+
+def has_cap_sys_resource() -> bool:
+    bounding = next(ln.split()[1] for ln in Path("/proc/self/status").read_text().splitlines()
+                    if ln.startswith("CapBnd:"))
+    return bool(int(bounding, 16) >> 24 & 1)  # CAP_SYS_RESOURCE is capability 24
+
+
+def test_an_app_running_as_another_user(tmp_path: Path) -> None:
+    """Where root has CAP_SYS_RESOURCE (a normal host) a non-root app is checkpointed; where it lacks it (the
+    machines this is built on), the one line says so and what to do, instead of runc's 'type NOTIFY'."""
+    cfg = write_config(tmp_path, {"echo": ECHO | {"user": "65534:65534"}})
+    out = subprocess.run([*ACTIVATOR, "checkpoint", "echo", "-c", str(cfg)], capture_output=True, text=True,
+                         timeout=300)
+    if has_cap_sys_resource():
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("echo: checkpoint built")
+    else:
+        assert out.returncode == 1
+        line = out.stderr.splitlines()[-1]
+        assert "Can't get rlimit" in line and "CAP_SYS_RESOURCE" in line and "run the app as root here" in line
