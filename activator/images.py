@@ -168,7 +168,7 @@ def resolve_user(rootfs: Path, user: str, service: str) -> tuple[int, int, tuple
     name, _, group = user.partition(":")
     if name.isdigit():
         uid = int(name)
-        pw = None
+        pw = _by_uid(rootfs / "etc/passwd", uid)  # for its primary group and name, as Docker does
     else:
         pw = _lookup(rootfs / "etc/passwd", name)
         if pw is None or len(pw) < 4:
@@ -183,5 +183,29 @@ def resolve_user(rootfs: Path, user: str, service: str) -> tuple[int, int, tuple
                 raise ImageError(f"service '{service}': group '{group}' is not in the image's /etc/group")
             gid = int(gr[2])
     else:
-        gid = int(pw[3]) if pw else 0
-    return uid, gid, ()
+        gid = int(pw[3]) if pw and len(pw) > 3 and pw[3].isdigit() else 0
+    return uid, gid, _supplementary(rootfs / "etc/group", pw[0] if pw else None, gid)
+
+
+def _by_uid(path: Path, uid: int) -> list[str] | None:
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            fields = line.split(":")
+            if len(fields) > 3 and fields[2] == str(uid):
+                return fields
+    return None
+
+
+def _supplementary(path: Path, user: str | None, primary: int) -> tuple[int, ...]:
+    """The groups of /etc/group that list the user as a member (what `docker run --user NAME` gives)."""
+    if user is None:
+        return ()
+    gids: list[int] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            fields = line.split(":")
+            if len(fields) > 3 and fields[2].isdigit() and user in fields[3].split(","):
+                gid = int(fields[2])
+                if gid != primary and gid not in gids:
+                    gids.append(gid)
+    return tuple(gids)
