@@ -35,7 +35,7 @@ import platform
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from . import __version__, capacity, criucache, ksm, metrics, preflight, systemd
@@ -82,6 +82,7 @@ class Activator:
         self._retiring: set[Service] = set()
         self._reloading = asyncio.Lock()
         self._checking: set[str] = set()  # services whose checkpoint is being checked or built
+        self._pending: dict[str, asyncio.Task[Any]] = {}  # a reload's unfinished work, per service
         self._from_systemd: dict[str, tuple[ListenAddress, ...]] = {}  # `listen: systemd` services' addresses
         self._restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
         self._runc: Any = None
@@ -401,6 +402,13 @@ class Activator:
             self.metrics.reloads.labels("refused").inc()
             log.error("reload refused, the running configuration stays: %s", e)
             raise
+        # A change still being prepared (its checkpoint building) for a service this plan removes or changes
+        # again is superseded: stop it first (what it had swapped in already drains on its own).
+        for name in {s.name for s in p.removed} | {c.new.name for c in p.changed}:
+            pending = self._pending.get(name)
+            if pending is not None and not pending.done():
+                pending.cancel()
+                await asyncio.wait([pending])
         self.config = new
         for svc in p.removed:
             old = self.services.pop(svc.name)
@@ -412,13 +420,20 @@ class Activator:
             self._limit(svc)
             self.listeners[svc.name] = fresh.get(svc.name, [])
             await self._serve(svc.name, self.listeners[svc.name])
-            self._keep(spawn(self._first_checkpoint(svc), name=f"checkpoint:{svc.name}"))
+            self._track(svc.name, self._first_checkpoint(svc), "checkpoint")
         for change in p.changed:
-            self._keep(spawn(self._replace(change, fresh.get(change.new.name, [])), name=f"replace:{change.new.name}"))
+            self._track(change.new.name, self._replace(change, fresh.get(change.new.name, [])), "replace")
         self.metrics.reloads.labels("applied").inc()
         lines = p.describe()
         log.info("reloaded %s: %s", new.path, "; ".join(lines))
         return {"config": str(new.path), "changes": lines}
+
+    def _track(self, name: str, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """A reload's work for one service, which a later reload may supersede (_reload cancels it)."""
+        task = spawn(coro, name=f"{what}:{name}")
+        self._keep(task)
+        self._pending[name] = task
+        task.add_done_callback(lambda t: self._pending.pop(name, None) if self._pending.get(name) is t else None)
 
     def _bind_new(self, p: Plan, new: Config) -> dict[str, list[socket.socket]]:
         """Sockets for every listen address the new file has and the running one does not. All or none."""
@@ -444,6 +459,10 @@ class Activator:
         old = self.services[name]
         try:
             checkpoint, built = await self._builder.ensure(svc)
+        except asyncio.CancelledError:  # superseded by a later reload: nothing was swapped in yet
+            for sock in fresh:
+                sock.close()
+            raise
         except ActivatorError as e:
             for sock in fresh:
                 sock.close()
@@ -467,7 +486,8 @@ class Activator:
         self._unlisten(name, keep)
         self.listeners.setdefault(name, []).extend(fresh)
         await self._serve(name, fresh)
-        await self._drain_and_close(old, removed=False, then=new)
+        # Not part of this task: a later reload may cancel a change being prepared, never a drain.
+        self._keep(spawn(self._drain_and_close(old, removed=False, then=new), name=f"retire:{name}"))
 
     def _withdraw(self, old: Service, *, removed: bool) -> None:
         """An old definition leaves the kernel path and its gauges; it keeps serving the connections it has."""
@@ -558,9 +578,12 @@ class Activator:
 
     async def _retry_checkpoint(self, svc: ServiceConfig) -> None:
         failures = 1
-        while self.services[svc.name].checkpoint is None:
+        service = self.services[svc.name]
+        while service.checkpoint is None:
             await asyncio.sleep(svc.backoff.delay(failures))
-            if self.services[svc.name].checkpoint is not None:
+            if self.services.get(svc.name) is not service:
+                return  # a reload removed or replaced it
+            if service.checkpoint is not None:
                 return  # an operator's `activator checkpoint --rebuild` got there first
             if await self._build(svc, failures):
                 return

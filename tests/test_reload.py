@@ -128,3 +128,31 @@ async def test_a_bad_file_is_refused_in_one_line_and_nothing_changes(start, tmp_
     assert act.metrics.registry.get_sample_value("activator_reloads_total", {"result": "refused"}) == 4
     assert await echo(run.port("echo"), b"b") == b"b"
 
+
+
+async def test_a_reload_that_supersedes_one_still_building(start, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Two edits in quick succession: the first one's checkpoint is still building when the second arrives. The
+    second wins, the first build is stopped and leaves nothing, and the running instance drains as usual."""
+    slow = ECHO | {"command": ["sh", "-c", "sleep 1.5; exec echo-server 9000"]}
+    run = await start({"svc": ECHO})
+    act, state = run.act, run.config.settings.state_dir
+    conn = await open_echo(run.port("svc"))
+    original = act.services["svc"]
+    listen = listen_of(run, "svc")
+    rewrite(run.config.path, {"svc": slow | {"listen": listen, "environment": {"V": "2"}}})
+    await act.reload()
+    await asyncio.sleep(0.5)  # the v2 template is starting (it sleeps before it listens)
+    assert act.services["svc"] is original
+    rewrite(run.config.path, {"svc": ECHO | {"listen": listen, "environment": {"V": "3"}}})
+    await act.reload()
+    await eventually(lambda: act.services["svc"] is not original, timeout=60, what="the v3 definition")
+    assert dict(act.services["svc"].config.environment) == {"V": "3"}
+    assert await echo(run.port("svc"), b"v3") == b"v3"
+    assert await roundtrip(conn, b"still v1") == b"still v1"
+    conn[1].close()
+    await eventually(lambda: not act.status()["retiring"], what="v1 drained")
+    await eventually(lambda: not list((state / "checkpoints").glob(".build-*")), what="the v2 build cleaned up")
+    names = sorted(i.sandbox.name for s in act.services.values() for i in s.instances)
+    await eventually(lambda: sorted(Path(d).name for d in host_resources(state)["dirs"]) == names,
+                     what="nothing but the live instance")
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
