@@ -1,5 +1,9 @@
-"""An instance's cgroups (/activator/NAME in every hierarchy, v1 or v2): made by runc for containers it runs, or
+"""An instance's cgroups (PARENT/NAME in every hierarchy, v1 or v2): made by runc for containers it runs, or
 here (create()) for instances restored through CRIU directly; removed here even when runc cannot.
+
+PARENT is /activator, or, when activator runs as a systemd service (Delegate=yes), `instances` below the unit's
+own cgroup (use_unit_cgroup()): then `systemctl status` counts the instances and stopping the unit can never leave
+one running (systemd kills what is left in its cgroup). Leftovers are looked for in both places.
 
 `runc delete` removes them when runc knows the container. When it does not (runc was killed during a restore
 that ran past restore_timeout, or a crash came between runc creating the cgroups and recording the container),
@@ -16,7 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
-PARENT = "activator"
+LEGACY = "activator"
+PARENT = LEGACY  # changed once at start by use_unit_cgroup()
 #: runc's device rules for a container (its default devices; everything else may be created but not opened),
 #: read back from a runc-made cgroup's devices.list. The spec's own rule denies everything first.
 DEVICE_RULES = ("b *:* m", "c *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
@@ -30,6 +35,33 @@ def v1_devices() -> bool:
     return (ROOT / "devices" / "devices.allow").exists()
 
 
+def use_unit_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup")) -> str | None:
+    """Put instance cgroups under the systemd service's own cgroup, if this process is one (INVOCATION_ID is set
+    and its cgroup is a .service). Cgroup v1 or hybrid only: on a pure v2 host the daemon would first have to
+    move into a leaf of its own ("no internal processes"), which is not done; there PARENT stays /activator.
+    Returns the parent now used, or None."""
+    global PARENT
+    if not os.environ.get("INVOCATION_ID") or not v1_devices():
+        return None
+    lines = dict(line.split(":", 2)[1:] for line in proc_cgroup.read_text().splitlines() if line.count(":") >= 2)
+    own = lines.get("name=systemd") or lines.get("")
+    if not own or not own.rstrip("/").endswith(".service"):
+        return None
+    PARENT = f"{own.strip('/')}/instances"
+    return PARENT
+
+
+def _fill_cpuset(hierarchy: Path, parent: Path) -> None:
+    """A v1 cpuset takes no task until it has cpus and mems: fill every level from the root down to parent."""
+    above = hierarchy
+    for part in parent.relative_to(hierarchy).parts:
+        here = above / part
+        for f in ("cpuset.cpus", "cpuset.mems"):
+            if not (here / f).read_text().strip():
+                (here / f).write_text((above / f).read_text())
+        above = here
+
+
 def create(name: str, memory: int | None, cpus: float | None, pids: int | None) -> list[Path]:
     """Blocking. /activator/NAME in every hierarchy, as runc would make it for a container with these limits;
     returns the cgroup.procs files to put a process into. v1 (or hybrid) hosts only (see v1_devices)."""
@@ -37,15 +69,14 @@ def create(name: str, memory: int | None, cpus: float | None, pids: int | None) 
     try:
         for hierarchy in sorted(p for p in ROOT.iterdir() if p.is_dir() and not p.is_symlink()):
             parent = hierarchy / PARENT
-            parent.mkdir(exist_ok=True)
+            parent.mkdir(parents=True, exist_ok=True)
             cg = parent / name
             cg.mkdir(exist_ok=True)  # co-mounted controllers (cpu,cpuacct) show one directory twice
             made.append(cg)
             kind = hierarchy.name
             if kind == "cpuset":  # a v1 cpuset takes no task until it has cpus and mems of its own
+                _fill_cpuset(hierarchy, parent)
                 for f in ("cpuset.cpus", "cpuset.mems"):
-                    if not (parent / f).read_text().strip():
-                        (parent / f).write_text((hierarchy / f).read_text())
                     (cg / f).write_text((parent / f).read_text())
             elif kind == "devices":
                 (cg / "devices.deny").write_text("a")
@@ -74,9 +105,12 @@ def join(procs: list[Path], pid: int) -> None:
 
 def paths(name: str) -> list[Path]:
     """Every existing cgroup directory of this instance (v1: one per hierarchy; v2: one)."""
-    found = [p for p in ROOT.glob(f"*/{PARENT}/{name}") if p.is_dir()]
-    unified = ROOT / PARENT / name
-    return found + ([unified] if unified.is_dir() else [])
+    found: list[Path] = []
+    for parent in dict.fromkeys((PARENT, LEGACY)):  # a run before an upgrade, or outside systemd, used /activator
+        found += [p for p in ROOT.glob(f"*/{parent}/{name}") if p.is_dir()]
+        unified = ROOT / parent / name
+        found += [unified] if unified.is_dir() else []
+    return found
 
 
 def remove(name: str, timeout: float = 2.0) -> list[Path]:

@@ -38,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from . import __version__, capacity, criucache, ksm, metrics, preflight, systemd
+from . import __version__, capacity, cgroups, criucache, ksm, metrics, preflight, systemd
 from .builder import CheckpointBuilder
 from .checkpoint import Checkpoint
 from .config import Config, ListenAddress, ServiceConfig, load_config
@@ -175,6 +175,8 @@ class Activator:
 
     async def startup(self) -> None:
         runc, builder = open_host(self.state, self.config)
+        if (parent := cgroups.use_unit_cgroup()) is not None:
+            log.info("instance cgroups under this unit's own: /%s", parent)
         self._runc = runc
         self._locked = True
         self.metrics.build_info.labels(__version__, platform.python_version(), builder.criu, builder.runc_version,

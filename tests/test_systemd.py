@@ -3,6 +3,7 @@ a held socket that loses no connection, and the unit's hardening under which che
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -127,3 +128,43 @@ def test_listen_systemd_takes_the_socket_by_its_file_descriptor_name(tmp_path: P
     # without the named socket: one line saying what to add to the socket unit
     out = subprocess.run([*ACTIVATOR, "run", "-c", str(cfg)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "FileDescriptorName=echo" in out.stderr.splitlines()[-1]
+
+
+def test_instances_live_in_the_units_cgroup(tmp_path: Path) -> None:
+    """As a systemd service (INVOCATION_ID, a .service cgroup, as Delegate=yes gives it in every hierarchy),
+    instance cgroups go below the unit's own: systemd counts them and stopping the unit kills what is left.
+    The unit's cgroup is made here by hand, with no systemd running."""
+    import sys
+
+    root = Path("/sys/fs/cgroup")
+    unit = f"test.slice/activator-test-{os.getpid()}.service"
+    hierarchies = [h for h in sorted(root.iterdir()) if h.is_dir() and not h.is_symlink()]
+    for h in hierarchies:
+        (h / unit).mkdir(parents=True, exist_ok=True)
+        if h.name == "cpuset":
+            for d in (h / "test.slice", h / unit):
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if not (d / f).read_text().strip():
+                        (d / f).write_text((d.parent / f).read_text())
+    procs = ",".join(str(h / unit / "cgroup.procs") for h in hierarchies)
+    enter = ("import os, sys\nfor f in sys.argv[1].split(','):\n    open(f, 'w').write(str(os.getpid()))\n"
+             "os.execv(sys.argv[2], sys.argv[2:])")
+    port = free_port()
+    cfg = write_config(tmp_path, {"echo": ECHO | {"listen": f"127.0.0.1:{port}"}})
+    env = dict(os.environ, INVOCATION_ID="0123456789abcdef")
+    try:
+        with daemon([sys.executable, "-c", enter, procs, *ACTIVATOR, "run", "-c", str(cfg)],
+                    tmp_path / "activator.log", env=env) as proc:
+            assert echo_once(port, b"in the unit") == b"in the unit"
+            log = (tmp_path / "activator.log").read_text()
+            assert f"instance cgroups under this unit's own: /{unit}/instances" in log
+            mine = [p for p in (root / "systemd" / unit / "instances").iterdir() if p.is_dir()]
+            assert mine and any((p / "cgroup.procs").read_text().split() for p in mine)  # the app runs in there
+            assert not [p for p in root.glob("*/activator/*") if p.name in {m.name for m in mine}]
+            assert stop(proc) == 0
+        assert not [p for h in hierarchies for p in (h / unit / "instances").glob("*") if p.is_dir()]
+    finally:
+        for h in hierarchies:
+            for d in (h / unit / "instances", h / unit, h / "test.slice"):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
