@@ -27,7 +27,7 @@ lint: setup
 	cd config/prometheus && $(abspath $(VENV))/bin/promtool test rules activator-alerts.test.yml
 
 test: setup lint
-	bash scripts/build-images.sh busybox
+	bash scripts/build-images.sh busybox systemd
 	$(VENV)/bin/pytest
 
 bench: setup

@@ -62,12 +62,18 @@ def _fill_cpuset(hierarchy: Path, parent: Path) -> None:
         above = here
 
 
+def hierarchies() -> list[Path]:
+    """The mounted hierarchies (a directory under /sys/fs/cgroup may be a bare one: systemd in a container makes
+    `cpu,cpuacct` next to separately mounted cpu and cpuacct)."""
+    return sorted(p for p in ROOT.iterdir() if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists())
+
+
 def create(name: str, memory: int | None, cpus: float | None, pids: int | None) -> list[Path]:
     """Blocking. /activator/NAME in every hierarchy, as runc would make it for a container with these limits;
     returns the cgroup.procs files to put a process into. v1 (or hybrid) hosts only (see v1_devices)."""
     made: list[Path] = []
     try:
-        for hierarchy in sorted(p for p in ROOT.iterdir() if p.is_dir() and not p.is_symlink()):
+        for hierarchy in hierarchies():
             parent = hierarchy / PARENT
             parent.mkdir(parents=True, exist_ok=True)
             cg = parent / name

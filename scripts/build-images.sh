@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the demo and test images locally (no registry is needed): a busybox image for the small app and the
 # tests, a Debian minbase image with Tomcat 10 on OpenJDK 17 for the slow-starting demo, and one with Redis and
-# iperf3 for the warm-path benchmark (real servers for real clients: redis-benchmark, iperf3).
-#   scripts/build-images.sh [busybox] [tomcat] [redis]      (default: busybox and tomcat)
+# iperf3 for the warm-path benchmark (real servers for real clients: redis-benchmark, iperf3), and a Debian with
+# systemd as PID 1 for the test of the installed unit under a real systemd.
+#   scripts/build-images.sh [busybox] [tomcat] [redis] [systemd]      (default: busybox and tomcat)
 # An image that already exists is kept; FORCE=1 rebuilds.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -10,6 +11,7 @@ set -euo pipefail
 BUSYBOX_IMAGE=activator-demo/busybox:latest
 TOMCAT_IMAGE=activator-demo/tomcat:latest
 REDIS_IMAGE=activator-demo/redis:latest
+SYSTEMD_IMAGE=activator-test/systemd:latest
 SUITE=${SUITE:-bookworm}
 
 # An image is current when it exists and, if a source tag is given, its activator.source label matches it.
@@ -86,6 +88,24 @@ build_redis() {
     log "built $REDIS_IMAGE"
 }
 
+# A Debian with systemd as PID 1, for the test that runs the installed unit under a real systemd
+# (tests/test_real_systemd.py): systemd, Python for the installed venv, and the libraries the host's CRIU and
+# runc link against (they are bound in from the host, as is the Docker socket).
+SYSTEMD_PACKAGES=systemd,systemd-sysv,dbus,python3,python3-venv,libprotobuf-c1,libnl-3-200,libnet1,libnftables1,libbsd0,libgnutls30,libuuid1,runc,iproute2,procps,iptables
+build_systemd() {
+    local source="systemd-$(echo "$SYSTEMD_PACKAGES $SUITE" | sha256sum | cut -c1-12)"
+    have "$SYSTEMD_IMAGE" "$source" && return 0
+    local r mirror; r=$(mktemp -d); mirror=$(debian_mirror)
+    log "debootstrap $SUITE with systemd from $mirror (about a minute)"
+    debootstrap --variant=minbase --include="$SYSTEMD_PACKAGES" "$SUITE" "$r" "$mirror" >"$r.log" 2>&1 ||
+        die "debootstrap failed; see $r.log"
+    rm -rf "$r"/var/lib/apt/lists/*
+    tar -C "$r" -c . | docker import --change "LABEL activator.source=$source" \
+        --change 'CMD ["/lib/systemd/systemd"]' - "$SYSTEMD_IMAGE" >/dev/null
+    rm -rf "$r" "$r.log"
+    log "built $SYSTEMD_IMAGE"
+}
+
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap and docker import)"
 docker info >/dev/null 2>&1 || die "dockerd is not running; run 'make setup' first"
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(busybox tomcat)
@@ -94,6 +114,7 @@ for t in "${targets[@]}"; do
         busybox) build_busybox ;;
         tomcat) build_tomcat ;;
         redis) build_redis ;;
-        *) die "unknown image '$t' (busybox, tomcat, redis)" ;;
+        systemd) build_systemd ;;
+        *) die "unknown image '$t' (busybox, tomcat, redis, systemd)" ;;
     esac
 done
