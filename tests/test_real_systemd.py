@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from activator import cgroups
+
 pytestmark = pytest.mark.engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +76,13 @@ def machine(tmp_path: Path) -> Iterator[tuple[Machine, Path]]:
     criu = shutil.which("criu") or "/usr/local/sbin/criu"
     name = f"activator-systemd-{uuid.uuid4().hex[:8]}"
     units = inst / "units"
+    # The host's hierarchies, each bound on a tmpfs of the container's own: systemd makes directories and links
+    # next to them (cpu,cpuacct, net_cls, ...), and must not make them in the host's /sys/fs/cgroup.
+    hierarchies = [a for h in cgroups.hierarchies() for a in ("-v", f"{h}:{h}:rw")]
     subprocess.run([
         "docker", "run", "-d", "--name", name, "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
         "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined", "--cgroupns=host",
-        "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "--tmpfs", "/run", "--tmpfs", "/run/lock", "-e", "container=docker",
+        "--tmpfs", "/sys/fs/cgroup", *hierarchies, "--tmpfs", "/run", "--tmpfs", "/run/lock", "-e", "container=docker",
         "-v", f"{inst}:{inst}", "-v", f"{state}:/var/lib/activator", "-v", "/var/run/docker.sock:/var/run/docker.sock",
         "-v", f"{criu}:/usr/local/sbin/criu:ro",
         "-v", f"{units}/activator.service:/etc/systemd/system/activator.service:ro",

@@ -136,9 +136,11 @@ def test_instances_live_in_the_units_cgroup(tmp_path: Path) -> None:
     The unit's cgroup is made here by hand, with no systemd running."""
     import sys
 
+    from activator import cgroups
+
     root = Path("/sys/fs/cgroup")
     unit = f"test.slice/activator-test-{os.getpid()}.service"
-    hierarchies = [h for h in sorted(root.iterdir()) if h.is_dir() and not h.is_symlink()]
+    hierarchies = cgroups.hierarchies()
     for h in hierarchies:
         (h / unit).mkdir(parents=True, exist_ok=True)
         if h.name == "cpuset":
