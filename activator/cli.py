@@ -227,6 +227,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     print(f"activator pid {st['pid']}, up {_age(st['uptime_seconds'])}, {cfg.path}"
           f"{'' if st['ready'] else ' (starting: checkpoints not all ready)'}")
+    if st.get("retiring"):
+        print(f"old definitions finishing their connections after a reload: {', '.join(st['retiring'])}")
     for svc in st["services"]:
         ck = svc["checkpoint"]
         ck_text = f"checkpoint {_age(ck['age_seconds'])} old, {_size(ck['pages_bytes'])} of pages" if ck else \

@@ -103,23 +103,18 @@ async def wait_until(
         await asyncio.sleep(POLL_INTERVAL)
 
 
-async def http_ok(
-    connect: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]], port: int, path: str,
-) -> bool:
-    """One GET with Connection: close; True for a 2xx/3xx status. The connection is fully closed on return."""
+Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+async def _conversation(connect: Connect, talk: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                         Awaitable[bool]]) -> bool:
+    """Connect, run talk, close fully; False if the connection or the talk failed."""
     try:
         reader, writer = await connect()
     except OSError:
         return False
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        status = await asyncio.wait_for(reader.readline(), 5)
-        parts = status.split()
-        ok = len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
-        # Read to EOF so the server closes its side first: its socket must be gone before a dump.
-        await asyncio.wait_for(reader.read(), 5)
-        return ok
+        return await talk(reader, writer)
     except (OSError, TimeoutError, asyncio.IncompleteReadError):
         return False
     finally:
@@ -128,21 +123,26 @@ async def http_ok(
             await writer.wait_closed()
 
 
-async def exchange(
-    connect: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]], payload: bytes,
-) -> bool:
+async def http_ok(connect: Connect, port: int, path: str) -> bool:
+    """One GET with Connection: close; True for a 2xx/3xx status. The connection is fully closed on return."""
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        parts = status.split()
+        ok = len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
+        # Read to EOF so the server closes its side first: its socket must be gone before a dump.
+        await asyncio.wait_for(reader.read(), 5)
+        return ok
+
+    return await _conversation(connect, talk)
+
+
+async def exchange(connect: Connect, payload: bytes) -> bool:
     """Send payload, wait for the first bytes of an answer, close. True if something came back."""
-    try:
-        reader, writer = await connect()
-    except OSError:
-        return False
-    try:
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         writer.write(payload)
         await writer.drain()
         return bool(await asyncio.wait_for(reader.read(65536), 5))
-    except (OSError, TimeoutError):
-        return False
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+
+    return await _conversation(connect, talk)
