@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from . import criulog, ksm, rootfs
+from .criurestore import NO_BREAKPOINTS
 from .errors import RuncError
 from .procs import Helper
 
@@ -73,7 +74,7 @@ class Runc:
 
     async def _exec(
         self, *args: str, stdout: int = subprocess.PIPE, stderr: int = subprocess.PIPE, log: Path | None = None,
-        mergeable: bool = False,
+        mergeable: bool = False, env: dict[str, str] | None = None,
     ) -> tuple[int, str, str]:
         cmd = [self.binary, "--root", str(self.root)]
         if self.criu != "criu":  # only when set: runc releases after 1.1 deprecate the option
@@ -84,7 +85,7 @@ class Runc:
         # with its CRIU, so no container appears that nothing owns and nothing goes on writing into the
         # instance's directory while it is removed.
         helper = await Helper.start(
-            [*cmd, *args], stdout=stdout, stderr=stderr, env=_child_env(),
+            [*cmd, *args], stdout=stdout, stderr=stderr, env=_child_env() | (env or {}),
             # Inherited by CRIU and the restored (or started) app: its memory may be merged with its siblings'.
             preexec_fn=ksm.mark_mergeable if mergeable else None,
         )
@@ -130,6 +131,7 @@ class Runc:
             "restore", "--detach", "--bundle", str(bundle), "--image-path", str(image_path),
             "--work-path", str(work_path), "--file-locks", name,
             stdout=stdout, stderr=stderr, log=log, mergeable=mergeable,
+            env=NO_BREAKPOINTS,  # runc's CRIU inherits runc's environment (see criurestore.NO_BREAKPOINTS)
         )
         if rc != 0:
             why = self._explain("restore", out + err, log)
