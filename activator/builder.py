@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,7 @@ log = logging.getLogger("activator.builder")
 PROGRESS_EVERY = 10.0
 
 
-def _connector(sandbox: Sandbox, port: int) -> Callable[[], Awaitable[tuple[asyncio.StreamReader,
-                                                                           asyncio.StreamWriter]]]:
+def _connector(sandbox: Sandbox, port: int) -> readiness.Connect:
     """Connections to the template's app on 127.0.0.1 inside its namespace (probes and warm-up requests)."""
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         sock = sandbox.netns.socket()

@@ -49,7 +49,7 @@ class Instance:
     kernel_bytes_in: int = 0
     kernel_bytes_out: int = 0
     pidfd: int | None = None  # the app's pidfd while it is watched (service.py)
-    phases: dict[str, float] = field(default_factory=dict)  # seconds: prepare, restore, listening
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: prepare, queue, restore
 
     @property
     def name(self) -> str:
@@ -76,8 +76,8 @@ class Launcher:
         # Shared by every service: restores are CPU-bound (runc + CRIU), and on a few cores twenty at once all
         # finish late; a few at a time, most finish early and the last no later.
         self.restores = restores or asyncio.Semaphore(1000)
-        # Prepared slots: everything but the process (namespace, network, overlay, bundle), made ahead for the
-        # current checkpoint so a restore starts at runc. Refilled in the background after each use.
+        # Prepared slots: everything but the process (namespace, network, overlay, bundle, cgroups, an idle CRIU),
+        # made ahead for the current checkpoint so a restore is one request to CRIU. Refilled after each use.
         self.slots: list[tuple[Checkpoint, Sandbox]] = []
         self._filling: asyncio.Task[None] | None = None
         self._filling_for: Checkpoint | None = None
@@ -94,6 +94,10 @@ class Launcher:
         sb.mergeable = self.ksm is not None  # before prepare: a direct restore's CRIU is started then
         return sb
 
+    async def _prepare_for(self, sb: Sandbox, checkpoint: Checkpoint) -> None:
+        await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
+                         checkpoint.seccomp, restore=checkpoint, binds=await self._binds(checkpoint))
+
     async def _prepared(self, checkpoint: Checkpoint) -> Sandbox:
         """A slot made ahead for this checkpoint, or one made now."""
         for i, (ck, sb) in enumerate(self.slots):
@@ -102,8 +106,7 @@ class Launcher:
                 sb.unmark_slot()
                 return sb
         sb = self._sandbox()
-        await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
-                         checkpoint.seccomp, restore=checkpoint, binds=await self._binds(checkpoint))
+        await self._prepare_for(sb, checkpoint)
         return sb
 
     def refill(self, checkpoint: Checkpoint) -> None:
@@ -129,8 +132,7 @@ class Launcher:
             sb = self._sandbox()
             sb.slot = True
             try:
-                await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
-                                 checkpoint.seccomp, restore=checkpoint, binds=await self._binds(checkpoint))
+                await self._prepare_for(sb, checkpoint)
             except Exception as e:  # a slot is an optimisation: the next restore prepares its own
                 log.warning("service=%s could not prepare a slot: %s", self.config.name, e)
                 return
@@ -161,7 +163,6 @@ class Launcher:
             async with self.restores:
                 tq = time.monotonic()  # the queue is not the restore's (restore_timeout starts here too)
                 await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
-            t2 = time.monotonic()
             # No listening check here: CRIU restores the app's listening socket itself (the dump was checked for
             # it at build time), and reading /proc/PID/net/tcp costs milliseconds (the kernel walks every socket
             # of the host to print it). The first connection's connect, retried until connect_timeout, is the
@@ -185,11 +186,10 @@ class Launcher:
         self.refill(checkpoint)
         self.m.restores.inc()
         self.m.restore_duration.observe(dt)
-        log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, queue %.0f, runc restore %.0f, "
-                 "listening %.0f)", self.config.name, sb.name, dt * 1000, (t1 - t0) * 1000, (tq - t1) * 1000,
-                 (t2 - tq) * 1000, (t0 + dt - t2) * 1000)
+        log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, queue %.0f, restore %.0f)",
+                 self.config.name, sb.name, dt * 1000, (t1 - t0) * 1000, (tq - t1) * 1000, (t0 + dt - tq) * 1000)
         return Instance(sb, "restore", dt, checkpoint,
-                        phases={"prepare": t1 - t0, "queue": tq - t1, "restore": t2 - tq, "listening": t0 + dt - t2})
+                        phases={"prepare": t1 - t0, "queue": tq - t1, "restore": t0 + dt - tq})
 
     async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
         port = self.config.port

@@ -52,6 +52,7 @@ from .config import ListenAddress, NetworkSettings, ServiceConfig
 from .errors import ActivatorError
 from .netns import HOME_NS, NetNamespace
 from .nft import Nft, NftError
+from .statedir import in_use as statedir_in_use
 
 if TYPE_CHECKING:
     from .instance import Instance
@@ -218,7 +219,7 @@ class HostNetwork:
         alias = link.get_attr("IFLA_IFALIAS")
         if alias == self._alias():
             return True
-        if alias and alias.startswith("activator /") and not _state_dir_in_use(Path(alias.split(" ", 1)[1])):
+        if alias and alias.startswith("activator /") and not statedir_in_use(Path(alias.split(" ", 1)[1])):
             log.warning("adopting bridge %s from a dead activator (%s)", self.bridge, alias.split(" ", 1)[1])
             ipr.link("set", index=idx, ifalias=self._alias())
             return True
@@ -522,23 +523,6 @@ def flush_conntrack(marks: Iterable[int], mask: int = 0xFFFFFFFF) -> None:
         for mark in marks:
             with contextlib.suppress(Exception):
                 ct.flush(mark=mark, mark_mask=mask)
-
-
-def _state_dir_in_use(state_dir: Path) -> bool:
-    """Is an activator running on that state dir (holding its lock)?"""
-    import fcntl
-
-    try:
-        fd = os.open(state_dir / "lock", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def _sysctl(path: str, value: str | None) -> str | None:

@@ -18,7 +18,20 @@ import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
+
+
+def start_time(pid: int) -> int | None:
+    """A live (non-zombie) process's start time (clock ticks since boot, /proc/PID/stat field 22); None if it is
+    gone. With the pid, it names one process: a pid alone may have been reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
 
 _pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="helper")
 

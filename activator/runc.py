@@ -17,7 +17,7 @@ from pathlib import Path
 from . import criulog, ksm, rootfs
 from .criurestore import NO_BREAKPOINTS
 from .errors import RuncError
-from .procs import Helper
+from .procs import Helper, start_time
 
 RUNC_BIN = "runc"
 # Under systemd these are ours, not the containers': runc would try to relay sd_notify for the container
@@ -164,13 +164,9 @@ class Runc:
         try:
             st = json.loads((self.root / name / "state.json").read_text())
             pid, started = int(st["init_process_pid"]), int(st["init_process_start"])
-            stat = Path(f"/proc/{pid}/stat").read_text()
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] in ("Z", "X") or int(fields[19]) != started:
-            return None
-        return pid
+        return pid if start_time(pid) == started else None
 
     async def list(self) -> list[str]:
         rc, out, _ = await self._exec("list", "--format", "json")

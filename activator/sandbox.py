@@ -32,6 +32,7 @@ from .errors import RuncError
 from .netns import PREFIX as NETNS_PREFIX
 from .netns import NetNamespace
 from .network import Attachment, HostNetwork
+from .procs import start_time
 from .runc import Runc, restore_config
 from .spec import ProcessSpec, runtime_spec
 from .statedir import copy_private, open_private, write_private
@@ -196,7 +197,7 @@ class Sandbox:
             restorer, self._restorer = self._restorer, None
             pid = await restorer.restore(root=self.layout.rootfs, config=self.layout.dir / "criu.conf",
                                          descriptors=image_path / "descriptors.json")
-            started = _start_time(pid)
+            started = start_time(pid)
             if started is None:
                 raise RuncError(f"the restored app (pid {pid}) exited at once; see {self.layout.output}")
             self._pid = (pid, started)
@@ -221,7 +222,7 @@ class Sandbox:
         """The app's pid while it is alive (not a zombie, and the same process: its start time matches)."""
         if self._pid is not None:
             pid, started = self._pid
-            return pid if _start_time(pid) == started else None
+            return pid if start_time(pid) == started else None
         return self.runc.pid(self.name)
 
     async def stop(self, sig: int, grace: float) -> bool:
@@ -322,16 +323,6 @@ class Sandbox:
                 time.sleep(0.05)
             else:
                 errors.append(f"{self.layout.dir} could not be removed")
-
-
-def _start_time(pid: int) -> int | None:
-    """A live (non-zombie) process's start time, from /proc/PID/stat; None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def resolv_conf() -> str:

@@ -36,6 +36,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from . import __version__, capacity, cgroups, criucache, ksm, metrics, preflight, systemd
@@ -339,12 +340,16 @@ class Activator:
         told: set[tuple[str, str]] = set()
         while True:
             await asyncio.sleep(IMAGE_CHECK_INTERVAL)
+            resolved: dict[str, Any] = {}  # one engine query per image reference per round
             for service in list(self.services.values()):
                 ck = service.checkpoint
                 if ck is None:
                     continue
+                ref = service.config.image
                 try:
-                    image = await asyncio.to_thread(images.resolve, service.config.image, service.name)
+                    if ref not in resolved:
+                        resolved[ref] = await asyncio.to_thread(images.resolve, ref, service.name)
+                    image = resolved[ref]
                 except Exception as e:  # the engine away, the image removed: not a reason to stop watching
                     log.debug("service=%s image check failed: %s", service.name, e)
                     continue
@@ -382,8 +387,11 @@ class Activator:
 
     async def plan(self, path: str = "") -> dict[str, Any]:
         """What reloading `path` (default: the running file) would change; raises ConfigError if refused."""
-        new = self._with_systemd_addresses(await asyncio.to_thread(load_config, path or self.config.path))
+        new = await self._read_config(path or self.config.path)
         return {"config": str(new.path), "changes": plan_reload(self.config, new).describe()}
+
+    async def _read_config(self, path: str | Path) -> Config:
+        return self._with_systemd_addresses(await asyncio.to_thread(load_config, path))
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the running file and apply it (module docstring). One at a time."""
@@ -397,7 +405,7 @@ class Activator:
 
     async def _reload(self) -> dict[str, Any]:
         try:
-            new = self._with_systemd_addresses(await asyncio.to_thread(load_config, self.config.path))
+            new = await self._read_config(self.config.path)
             p = plan_reload(self.config, new)
             fresh = await asyncio.to_thread(self._bind_new, p, new)
         except ActivatorError as e:
@@ -536,6 +544,8 @@ class Activator:
 
     async def _build(self, svc: ServiceConfig, failures: int = 0) -> bool:
         """One attempt at the service's checkpoint. False (logged, counted, service refusing) if it failed."""
+        self._checking.add(svc.name)
+        self._tell_progress()
         try:
             return await self._build_once(svc, failures)
         finally:
@@ -546,8 +556,6 @@ class Activator:
         assert self._builder is not None
         service = self.services[svc.name]
         t0 = time.monotonic()
-        self._checking.add(svc.name)
-        self._tell_progress()
         try:
             checkpoint, built = await self._builder.ensure(svc)
         except ActivatorError as e:

@@ -178,8 +178,7 @@ class Service:
             log.info("service=%s has a checkpoint now; serving", self.name)
         self.checkpoint_problem = None
         task = spawn(self._adopt(checkpoint), name=f"adopt-checkpoint:{self.name}")
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        self._own(task)
         self._replenish()
         self._notify()
 
@@ -198,6 +197,11 @@ class Service:
         self.checkpoint_retry_at = time.monotonic() + retry_in
         self._notify()
 
+    def _own(self, task: asyncio.Task[Any]) -> None:
+        """A task close() waits for (teardowns, sweeps, slot changes)."""
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
     def sweep_if_unused(self) -> None:
         current = self.checkpoint
         if self.store is None or not all(i.checkpoint in (None, current)
@@ -210,8 +214,7 @@ class Service:
                 log.info("service=%s removed replaced checkpoint %s", self.name, d.name)
 
         task = spawn(sweep(), name=f"sweep:{self.name}")
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        self._own(task)
 
     @property
     def checkpoint(self) -> Checkpoint | None:
@@ -500,8 +503,7 @@ class Service:
         inst.withdrawn = True
         self._resteer()
         task = spawn(self._retire(inst), name=f"retire:{inst.name}")
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        self._own(task)
 
     async def _retire(self, inst: Instance) -> None:
         """The instance is out of the rule: reap it unless a connection got in before the rule changed."""
@@ -537,8 +539,7 @@ class Service:
         self._publish()
         self._releasing.add(inst)
         task = spawn(self._teardown(inst, graceful), name=f"teardown:{inst.name}")
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
+        self._own(task)
 
     async def _teardown(self, inst: Instance, graceful: bool) -> None:
         try:

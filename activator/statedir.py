@@ -31,6 +31,24 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
+LOCK = "lock"
+
+
+def in_use(root: Path) -> bool:
+    """Is an activator running on the state dir at root (holding its lock)?"""
+    try:
+        fd = os.open(root / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def private_dir(path: Path) -> Path:
     """mkdir -p with 0700 for the last component (an existing one is tightened to 0700)."""
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
@@ -87,7 +105,7 @@ class StateDir:
         try:
             for d in (self.root, self.checkpoints, self.images, self.instances, self.logs, self.runc_root):
                 private_dir(d)
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as e:
             where = f"{self.config_path}: settings.state_dir" if self.config_path else "state_dir"
             raise ActivatorError(f"{where}: {self._why(e)}") from None
