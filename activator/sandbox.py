@@ -225,23 +225,23 @@ class Sandbox:
             return pid if start_time(pid) == started else None
         return self.runc.pid(self.name)
 
-    async def stop(self, sig: int, grace: float) -> bool:
-        """Ask the app to exit (what `docker stop` does) and wait up to grace; True if it did. The app is PID 1 of
-        its namespace, so the kernel drops a signal it has no handler for: then there is nothing to wait for, and
-        it is not sent (release() kills it)."""
+    async def stop(self, sig: int, grace: float) -> str:
+        """Ask the app to exit (what `docker stop` does) and wait up to grace: "exited", "timeout", or "deaf". The
+        app is PID 1 of its namespace, so the kernel drops a signal it has no handler for: then there is nothing
+        to wait for, and it is not sent ("deaf"; release() kills it)."""
         pid = self.pid_now()
         if pid is None:
-            return True
+            return "exited"
         if not _catches(pid, sig):
-            return False
+            return "deaf"
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
         deadline = time.monotonic() + grace
         while self.pid_now() is not None:
             if time.monotonic() > deadline:
-                return False
+                return "timeout"
             await asyncio.sleep(0.05)
-        return True
+        return "exited"
 
     async def alive(self) -> bool:
         return await self.pid() is not None

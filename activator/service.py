@@ -557,9 +557,13 @@ class Service:
         except ValueError:  # an image's STOPSIGNAL we cannot name (SIGRTMIN+3): what Docker falls back to
             sig = signal.SIGTERM
         try:
-            if not await inst.sandbox.stop(sig, self.config.stop_grace):
-                log.info("service=%s instance=%s did not exit on %s within %gs (or does not handle it): killed",
-                         self.name, inst.name, signal.Signals(sig).name, self.config.stop_grace)
+            outcome = await inst.sandbox.stop(sig, self.config.stop_grace)
+            if outcome == "deaf":
+                log.info("service=%s instance=%s did not exit: its app has no handler for %s; killed at once",
+                         self.name, inst.name, signal.Signals(sig).name)
+            elif outcome == "timeout":
+                log.info("service=%s instance=%s did not exit on %s within %gs: killed", self.name, inst.name,
+                         signal.Signals(sig).name, self.config.stop_grace)
         except Exception as e:  # whatever happens, release() kills it
             log.warning("service=%s instance=%s could not be asked to stop: %s", self.name, inst.name, e)
 

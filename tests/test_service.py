@@ -31,9 +31,9 @@ class FakeSandbox:
     released: bool = False
     asked_to_stop: int = 0  # the signal a graceful stop sent
 
-    async def stop(self, sig: int, grace: float) -> bool:
+    async def stop(self, sig: int, grace: float) -> str:
         self.asked_to_stop = sig
-        return True
+        return "exited"
 
     async def release(self) -> None:
         self.released = True
