@@ -28,7 +28,7 @@ from .images import DockerImageSource, ImageInfo, resolve_user
 from .network import HostNetwork, kernel_path_possible
 from .runc import Runc
 from .sandbox import Sandbox, new_name
-from .spec import DEFAULT_CAPS, ProcessSpec, merge_env, process_args
+from .spec import ProcessSpec, capability_set, merge_env, process_args
 from .statedir import copy_private, open_private
 from .tasks import spawn
 
@@ -107,7 +107,8 @@ class CheckpointBuilder:
         """The service's current checkpoint, building it when missing or stale. Returns (checkpoint, built)."""
         image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
         try:
-            filt, digest = await asyncio.to_thread(seccomp.load, svc.seccomp, DEFAULT_CAPS)
+            filt, digest = await asyncio.to_thread(seccomp.load, svc.seccomp,
+                                                  list(capability_set(svc.cap_add, svc.cap_drop)))
         except seccomp.ProfileError as e:
             raise CheckpointError(f"service '{svc.name}': seccomp: {e}; fix the profile or set 'seccomp: default'"
                                   ) from None
@@ -252,7 +253,7 @@ class CheckpointBuilder:
             args=args,
             env=merge_env(image.env, svc.environment, svc.name),
             cwd=svc.working_dir or image.working_dir or "/",
-            uid=uid, gid=gid, additional_gids=groups,
+            uid=uid, gid=gid, additional_gids=groups, capabilities=capability_set(svc.cap_add, svc.cap_drop),
         )
 
     async def _start_and_wait(self, svc: ServiceConfig, sandbox: Sandbox, output: Path) -> None:

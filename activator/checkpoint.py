@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +35,9 @@ from .statedir import StateDir, write_private
 # 4: dumped with tcp-close (established connections restored closed), the template on the instance network
 #    (network: bridge), and what the app listens on recorded (kernel_path).
 # 5: /dev, /dev/shm and the masked directories dumped as external mounts (extmounts.py), /dev snapshotted.
-FORMAT = 5
+# 6: no CAP_NET_RAW by default (cap_add/cap_drop), /sys/devices/virtual/powercap masked, eth0 without IPv6 and
+#    with a MAC derived from its address: a process dumped with the old set would keep it on restore.
+FORMAT = 6
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class Checkpoint:
             process=ProcessSpec(
                 args=tuple(p["args"]), env=tuple(p["env"]), cwd=p["cwd"], uid=p["uid"], gid=p["gid"],
                 additional_gids=tuple(p["additional_gids"]),
+                **({"capabilities": tuple(p["capabilities"])} if "capabilities" in p else {}),  # format < 6
             ),
             image_rootfs=Path(d["image_rootfs"]),
             listening_ports=tuple(d["listening_ports"]),
@@ -243,8 +247,9 @@ class CheckpointStore:
     def sweep_retired(self, service: str | None = None) -> list[Path]:
         """Blocking. Delete replaced checkpoints (of one service, or all); call only when no instance uses
         them."""
-        pattern = f".retired-{service}-*" if service else ".retired-*"
-        gone = sorted(self.root.glob(pattern)) if self.root.is_dir() else []
+        # Exactly .retired-SERVICE-NANOSECONDS: a glob on the prefix would take web-api's for web's.
+        name = re.compile(rf"\.retired-{re.escape(service) if service else '.+'}-\d+")
+        gone = sorted(d for d in self.root.iterdir() if name.fullmatch(d.name)) if self.root.is_dir() else []
         for d in gone:
             shutil.rmtree(d, ignore_errors=True)
         return gone

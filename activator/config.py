@@ -338,6 +338,42 @@ class Hosts(Kind):
                 "additionalProperties": {"type": "string"}}
 
 
+#: every capability Linux 6.x knows (capabilities(7)), as Docker spells them without the CAP_ prefix
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER",
+    "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF",
+    "CHECKPOINT_RESTORE",
+)
+
+
+@dataclass(frozen=True)
+class Capabilities(Kind):
+    """A list of capability names (NET_RAW or CAP_NET_RAW, any case); ALL where all_ok."""
+
+    all_ok: bool = False
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+            raise ValueError(f"expected a list of capability names like [NET_RAW], got {_show(raw)}")
+        out = []
+        for v in raw:
+            name = v.upper().removeprefix("CAP_")
+            if name == "ALL" and self.all_ok:
+                return ("ALL",)
+            if name not in CAPABILITIES:
+                raise ValueError(f"'{v[:40]}' is not a capability (e.g. NET_RAW, NET_ADMIN, SYS_PTRACE"
+                                 + (", or ALL" if self.all_ok else "") + ")")
+            out.append(name)
+        return tuple(sorted(set(out)))
+
+    def schema(self) -> dict[str, Any]:
+        names = [*CAPABILITIES, *(("ALL",) if self.all_ok else ())]
+        return {"type": "array", "items": {"type": "string", "enum": names + [f"CAP_{n}" for n in names]}}
+
+
 @dataclass(frozen=True)
 class Volume:
     """source: an absolute host path (bound as is) or a volume name (state_dir/volumes/NAME)."""
@@ -570,6 +606,11 @@ class ServiceConfig:
                        doc="bridge: an address on activator's bridge, outbound access, and connections steered to "
                            "instances in the kernel; none: loopback only, every byte through the activator")
     egress: bool = key(Flag(), True, doc="with network: bridge, whether the app may open connections out")
+    cap_add: tuple[str, ...] = key(Capabilities(), (), shapes=True,
+                                   doc="capabilities added to the default set (Docker's, less NET_RAW), e.g. "
+                                       "[NET_RAW] for an app that sends raw packets")
+    cap_drop: tuple[str, ...] = key(Capabilities(all_ok=True), (), shapes=True,
+                                    doc="capabilities taken from the default set, or [ALL]")
     extra_hosts: tuple[tuple[str, str], ...] = key(Hosts(), (), shapes=True,
                                                     doc="extra /etc/hosts entries for the app, {name: address}")
     volumes: tuple[Volume, ...] = key(
@@ -626,7 +667,7 @@ class ServiceConfig:
                                 "that does not handle the stop signal is killed at once")
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
+        if not _NAME_RE.fullmatch(self.name):
             raise ValueError("service names are 1-40 of a-z, 0-9, '_' and '-', starting with a letter or digit")
         if self.stop_signal is not None:
             signal_number(self.stop_signal)  # raises ValueError naming the problem
@@ -652,7 +693,7 @@ def signal_number(name: str) -> int:
 
 
 #: process-shaping keys added after checkpoints were made without them
-ADDED_LATER = frozenset({"volumes"})
+ADDED_LATER = frozenset({"volumes", "cap_add", "cap_drop"})
 
 
 def _plain(value: Any) -> Any:
@@ -800,7 +841,7 @@ def parse_config(text: str, path: Path) -> Config:
         raise ConfigError(f"{where}: services: expected a mapping of service names to definitions")
     services = []
     for name, body in services_raw.items():
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigError(f"{where}: services.{str(name)[:60]}: service names are 1-40 of a-z, 0-9, '_' and "
                               "'-', starting with a letter or digit")
         services.append(build(ServiceConfig, body, where, f"services.{name}", name=name))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 
-from . import preflight
+from . import ksm, preflight
 from .builder import CheckpointBuilder
 from .checkpoint import CheckpointStore
 from .config import Config
@@ -68,6 +68,8 @@ async def clean_leftovers(state: StateDir, runc: Runc, images: DockerImageSource
     for d in partial:
         await asyncio.to_thread(shutil.rmtree, d, True)
     exporters = await asyncio.to_thread(images.remove_leftovers) if images is not None else []
+    ksm_restored = await asyncio.to_thread(ksm.restore_saved, state.root / ksm.SAVED_NAME)
     return (net + [f"container {n}" for n in containers] + [f"instance {n}" for n in sorted(names - set(containers))]
             + [f"replaced checkpoint {d}" for d in retired] + [f"partial {d.parent.name}/{d.name}" for d in partial]
-            + [f"image export container {c}" for c in exporters])
+            + [f"image export container {c}" for c in exporters]
+            + (["the host's KSM settings (put back as they were)"] if ksm_restored else []))

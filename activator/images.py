@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import imagefs
 from .errors import ImageError, PreflightError
 
 #: label on the short-lived containers used to export images; its value is the state_dir they unpack for
@@ -152,12 +153,16 @@ class DockerImageSource:
         return removed
 
 
-def _lookup(path: Path, name: str) -> list[str] | None:
-    with contextlib.suppress(OSError):
-        for line in path.read_text(errors="replace").splitlines():
-            fields = line.split(":")
-            if fields and fields[0] == name:
-                return fields
+def _lines(rootfs: Path, path: str) -> list[str]:
+    """The image's file, resolved inside the image (imagefs): its symlinks can never reach the host's files."""
+    return (imagefs.read_text(rootfs, path) or "").splitlines()
+
+
+def _lookup(rootfs: Path, path: str, name: str) -> list[str] | None:
+    for line in _lines(rootfs, path):
+        fields = line.split(":")
+        if fields and fields[0] == name:
+            return fields
     return None
 
 
@@ -168,44 +173,42 @@ def resolve_user(rootfs: Path, user: str, service: str) -> tuple[int, int, tuple
     name, _, group = user.partition(":")
     if name.isdigit():
         uid = int(name)
-        pw = _by_uid(rootfs / "etc/passwd", uid)  # for its primary group and name, as Docker does
+        pw = _by_uid(rootfs, uid)  # for its primary group and name, as Docker does
     else:
-        pw = _lookup(rootfs / "etc/passwd", name)
-        if pw is None or len(pw) < 4:
+        pw = _lookup(rootfs, "/etc/passwd", name)
+        if pw is None or len(pw) < 4 or not pw[2].isdigit():
             raise ImageError(f"service '{service}': user '{name}' is not in the image's /etc/passwd")
         uid = int(pw[2])
     if group:
         if group.isdigit():
             gid = int(group)
         else:
-            gr = _lookup(rootfs / "etc/group", group)
-            if gr is None or len(gr) < 3:
+            gr = _lookup(rootfs, "/etc/group", group)
+            if gr is None or len(gr) < 3 or not gr[2].isdigit():
                 raise ImageError(f"service '{service}': group '{group}' is not in the image's /etc/group")
             gid = int(gr[2])
     else:
         gid = int(pw[3]) if pw and len(pw) > 3 and pw[3].isdigit() else 0
-    return uid, gid, _supplementary(rootfs / "etc/group", pw[0] if pw else None, gid)
+    return uid, gid, _supplementary(rootfs, pw[0] if pw else None, gid)
 
 
-def _by_uid(path: Path, uid: int) -> list[str] | None:
-    with contextlib.suppress(OSError):
-        for line in path.read_text(errors="replace").splitlines():
-            fields = line.split(":")
-            if len(fields) > 3 and fields[2] == str(uid):
-                return fields
+def _by_uid(rootfs: Path, uid: int) -> list[str] | None:
+    for line in _lines(rootfs, "/etc/passwd"):
+        fields = line.split(":")
+        if len(fields) > 3 and fields[2] == str(uid):
+            return fields
     return None
 
 
-def _supplementary(path: Path, user: str | None, primary: int) -> tuple[int, ...]:
+def _supplementary(rootfs: Path, user: str | None, primary: int) -> tuple[int, ...]:
     """The groups of /etc/group that list the user as a member (what `docker run --user NAME` gives)."""
     if user is None:
         return ()
     gids: list[int] = []
-    with contextlib.suppress(OSError):
-        for line in path.read_text(errors="replace").splitlines():
-            fields = line.split(":")
-            if len(fields) > 3 and fields[2].isdigit() and user in fields[3].split(","):
-                gid = int(fields[2])
-                if gid != primary and gid not in gids:
-                    gids.append(gid)
+    for line in _lines(rootfs, "/etc/group"):
+        fields = line.split(":")
+        if len(fields) > 3 and fields[2].isdigit() and user in fields[3].split(","):
+            gid = int(fields[2])
+            if gid != primary and gid not in gids:
+                gids.append(gid)
     return tuple(gids)

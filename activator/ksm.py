@@ -9,18 +9,26 @@ written since the dump.
 ksmd costs CPU while it scans. It is run fast for a while after each start of a sharing service (when there is
 something new to merge) and slowly otherwise; the settings activator found are put back when it stops.
 
-Merging is a side channel: a process can tell, by timing a write, whether a page it holds is shared with someone
-else's. So it is a per-service choice, and on by default only when the file has a single service (all merged
-pages are then that service's instances').
+What it exposes, exactly. ksmd is one host-wide daemon: while activator runs it is on (`run` = 1), and it merges
+every page any process on the host has marked mergeable (madvise(MADV_MERGEABLE), or PR_SET_MEMORY_MERGE), not
+only activator's: VMs under QEMU mark their guest memory so. activator marks only the processes of services with
+share_memory on. Merging is a side channel: a process can tell, by timing a write, whether a page it holds is
+shared with someone else's (another instance's, or any other mergeable process's). So it is a per-service
+choice, on by default only when the file has a single service (all merged pages of activator's are then that
+service's instances'), and the host's own settings are put back at stop; they are saved in the state dir first,
+so that a daemon killed with SIGKILL has them put back by the next start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import time
 from pathlib import Path
+
+from .statedir import write_private
 
 log = logging.getLogger("activator.ksm")
 
@@ -43,19 +51,45 @@ def mark_mergeable() -> None:
     _libc.prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)
 
 
+SETTINGS = ("run", "pages_to_scan", "sleep_millisecs")
+#: in the state dir: the host's settings while a run has changed them
+SAVED_NAME = "ksm-host-settings.json"
+
+
+def restore_saved(saved: Path) -> bool:
+    """Blocking. Put back the host's settings a killed run saved (and did not restore); True if there were any."""
+    try:
+        values = json.loads(saved.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        saved.unlink(missing_ok=True)
+        return False
+    for name in ("pages_to_scan", "sleep_millisecs", "run"):
+        value = values.get(name) if isinstance(values, dict) else None
+        if isinstance(value, str) and value.isdigit():
+            with contextlib.suppress(OSError):
+                (KSM / name).write_text(value)
+    saved.unlink(missing_ok=True)
+    return True
+
+
 class Ksm:
     """ksmd's settings while activator runs: on, fast after each sharing start, slow otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, saved: Path) -> None:
+        self._saved_file = saved  # the host's settings, for the next start if this run is killed
         self._saved: dict[str, str] = {}
         self._fast_until = 0.0
         self._mode: tuple[int, int] | None = None
 
     def start(self) -> None:
-        """Blocking. Turn ksmd on (remembering what it was)."""
-        for name in ("run", "pages_to_scan", "sleep_millisecs"):
+        """Blocking. Turn ksmd on (remembering what it was, on disk before anything changes)."""
+        restore_saved(self._saved_file)
+        for name in SETTINGS:
             with contextlib.suppress(OSError):
                 self._saved[name] = (KSM / name).read_text().strip()
+        write_private(self._saved_file, json.dumps(self._saved))
         self._set(SLOW)
         self._write("run", "1")
 
@@ -73,6 +107,7 @@ class Ksm:
         for name in ("pages_to_scan", "sleep_millisecs", "run"):
             if name in self._saved:
                 self._write(name, self._saved[name])
+        self._saved_file.unlink(missing_ok=True)
 
     def _set(self, mode: tuple[int, int]) -> None:
         if mode != self._mode:

@@ -14,10 +14,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
 )
 
 from .config import ListenAddress
+from .scrape import ScrapeServer
 
 # Restores sit between ~50 ms (tiny apps) and a few seconds (fallback cold starts of JVMs).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -181,7 +181,6 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 self.rejected.remove(name, reason)
 
-    def serve(self, addr: ListenAddress) -> Any:
-        """Start the scrape endpoint (a daemon thread). Returns the server so it can be shut down."""
-        server, _thread = start_http_server(addr.port, addr=addr.host, registry=self.registry)
-        return server
+    def serve(self, addr: ListenAddress) -> ScrapeServer:
+        """Start the scrape endpoint (its own thread, bounded: scrape.py). Returns it so it can be shut down."""
+        return ScrapeServer.listen(self.registry, addr.host, addr.port)

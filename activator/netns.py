@@ -76,11 +76,12 @@ class NetNamespace:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         return self._fd
 
-    def socket(self, family: int = socket.AF_INET) -> socket.socket:
-        """A non-blocking TCP socket that lives in this namespace. Cheap (two setns calls, no awaits)."""
+    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A non-blocking socket (TCP unless told) that lives in this namespace. Cheap (two setns calls, no
+        awaits)."""
         netns.setns(self.fd)
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, kind)
         finally:
             netns.setns(HOME_NS)
         sock.setblocking(False)

@@ -9,8 +9,8 @@ nftables table that gives instances outbound access and steers clients to them i
 - Addresses: the subnet's first address is the bridge's; instances get the lowest free one. Allocation is in
   memory: no instance outlives its daemon (a crashed run's are removed before anything is allocated), so no
   two live instances can share one.
-- Marks: every connection steered to an instance carries the conntrack mark MARK_BASE | host index, which is
-  how the activator counts an instance's kernel-path connections (a conntrack dump filtered by mark in the
+- Marks: every connection steered to an instance carries the conntrack mark (this daemon's base | host index),
+  which is how the activator counts an instance's kernel-path connections (a conntrack dump filtered by mark in the
   kernel) and removes their entries when it goes. Its own outbound connections carry EGRESS | host index
   instead: they do not keep it alive, and they are flushed with it too.
 - Loopback clients: DNAT of 127.0.0.1 to the bridge needs route_localnet, which is enabled on the bridge only,
@@ -22,6 +22,21 @@ nftables table that gives instances outbound access and steers clients to them i
 - Instances are reachable only through the steering rules: new connections into the bridge that were not
   DNATed are dropped. `egress: false` instances may not open connections (new connections from their address
   are dropped in forward and input), but answer the ones steered to them.
+- Tenants are strangers (docs/security.md). A `bridge` table lets no frame cross from one instance's port to
+  another's, whatever its protocol, except a connection DNATed to that instance through a service address
+  (br_netfilter bridges those; bridge port isolation would drop them, hence a table and not isolation), and
+  lets each port send only from its own MAC and IPv4 address (IPv4 and ARP; nothing else, IPv6 included), so
+  no instance can spoof another's address, escape `egress: false` or put a forged source on the uplink. IPv6 is
+  off on the bridge and on every instance's eth0 (no link-local path around the IPv4 rules). Packets from the
+  bridge to 127.0.0.0/8 are dropped before routing (route_localnet must stay on for DNAT from loopback clients:
+  the CVE-2020-8558 class), and instances may not reach Docker's own networks except through published ports.
+- One daemon's marks: the top twelve bits are a tag and this daemon's slot, chosen at open() so that two
+  daemons on two bridges never count, flush or steer each other's connections (the slot is written in the
+  table's comment, where the next daemon reads it).
+- Half-open connections (SYN_SENT, SYN_RECV) of the kernel path time out after SYN_TIMEOUT seconds and do not
+  count as open: a spoofed SYN flood can neither pin an instance nor scale a service out. A service's
+  client_idle_timeout is its connections' conntrack idle timeout on the kernel path; when it expires the
+  client's next segment is not steered (only a SYN is) and the host answers it with a reset.
 
 Everything here is blocking (netlink, libnftables, iptables): callers run it in worker threads, except the
 sub-millisecond steering updates (libnftables only). pyroute2 in particular must never be called on the event
@@ -35,6 +50,7 @@ import contextlib
 import hashlib
 import ipaddress
 import logging
+import math
 import os
 import re
 import shutil
@@ -59,14 +75,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("activator.network")
 
-MARK_BASE = 0xAC700000
-MARK_MASK = 0xFFF00000
+MARK_TAG = 0xA0000000  # every activator's marks: 0xA, then an 8-bit daemon slot, the egress bit, the host index
+TAG_MASK = 0xF0000000
+MARK_MASK = 0xFFF00000  # one daemon's marks
+SLOT_SHIFT = 20
 EGRESS = 0x00080000  # within the host-index bits: a /16 has fewer than 2^19 hosts
 INDEX_MASK = EGRESS - 1
 VETH_PREFIX = "av"
-#: conntrack TCP states that are a connection still in use (SYN_SENT .. LAST_ACK); TIME_WAIT/CLOSE are over
-OPEN_TCP_STATES = frozenset(range(1, 7)) | {9}
+#: conntrack TCP states of a connection in use (ESTABLISHED .. LAST_ACK); TIME_WAIT/CLOSE are over
+OPEN_TCP_STATES = frozenset({3, 4, 5, 6})
+#: a handshake not finished (SYN_SENT, SYN_RECV, SYN_SENT2): not yet a connection, maybe a spoofed SYN
+HALF_OPEN_TCP_STATES = frozenset({1, 2, 9})
+#: how long a half-open kernel-path connection is kept (Linux: 120 s and 60 s); a real handshake takes a round trip
+SYN_TIMEOUT = 10
 FIREWALL_TAG = "activator"
+#: a packet mark: "DNATed to an instance by a steering rule", set in the ip table's forward chain. With
+#: br_netfilter on (Docker turns it on), a connection from one instance to a service address whose backend is
+#: another instance is bridged port to port after the DNAT; the bridge table lets exactly those frames cross.
+HAIRPIN = 0x00200000
 
 
 @dataclass(frozen=True)
@@ -77,14 +103,27 @@ class Attachment:
     ip: ipaddress.IPv4Address
     index: int  # host index in the subnet
     egress: bool
+    base: int  # the daemon's mark base
+    bridge: str
 
     @property
     def mark(self) -> int:
-        return MARK_BASE | self.index
+        return self.base | self.index
 
     @property
     def veth(self) -> str:
-        return VETH_PREFIX + hashlib.sha1(self.name.encode()).hexdigest()[:10]
+        # the bridge in the hash: two daemons may both have an instance named web-1
+        return VETH_PREFIX + hashlib.sha1(f"{self.bridge}/{self.name}".encode()).hexdigest()[:10]
+
+    @property
+    def mac(self) -> str:
+        """Derived from the address, so the bridge table knows it before the link exists."""
+        return mac_of(self.ip)
+
+
+def mac_of(ip: ipaddress.IPv4Address) -> str:
+    """A locally administered MAC for an address of the subnet (the bridge's and each instance's)."""
+    return "02:ac:" + ":".join(f"{b:02x}" for b in ip.packed)
 
 
 @dataclass(frozen=True)
@@ -92,6 +131,24 @@ class Backend:
     ip: ipaddress.IPv4Address
     port: int
     mark: int
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What the kernel path enforces for one service, before any instance sees a connection."""
+
+    listen: tuple[ListenAddress, ...]
+    max_connections: int | None
+    client_idle_timeout: float | None
+
+    @property
+    def idle_seconds(self) -> int | None:
+        return None if self.client_idle_timeout is None else max(1, math.ceil(self.client_idle_timeout))
+
+    @property
+    def timeout_policy(self) -> str:
+        """One ct timeout object per distinct policy (named by it, so re-adding one is a no-op)."""
+        return f"timeouts_{self.idle_seconds or 'default'}"
 
 
 @dataclass
@@ -112,7 +169,12 @@ class Samples:
 
 
 def _ident(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+    """A name as an nftables identifier, one to one: web-a and web_a must never share a chain or a counter."""
+    # a prefix code: every '_' of the result starts a two-character escape
+    return re.sub(r"[^A-Za-z0-9]", lambda m: _ESCAPES.get(m.group(), f"_x{ord(m.group()):02x}"), name)
+
+
+_ESCAPES = {"-": "_d", "_": "_u", ".": "_p"}
 
 
 class HostNetwork:
@@ -123,12 +185,16 @@ class HostNetwork:
         self.owner = str(owner)
         self.table = f"activator_{_ident(self.bridge)}"
         self.where = f"{config_path}: settings.network" if config_path else "settings.network"
+        self.mark_base = MARK_TAG  # this daemon's slot is chosen by open()
         self._lock = threading.Lock()
         self._used: dict[int, str] = {}
         self._steered: dict[str, list[str]] = {}  # service -> its chain's jump rules, installed once
-        self._limits: dict[str, tuple[tuple[ListenAddress, ...], int | None]] = {}  # service -> listen, limit
+        self._limits: dict[str, ServiceLimits] = {}
         self._nft: Nft | None = None
         self._plugged: dict[str, Attachment] = {}
+        # What open() made, so close() undoes exactly that: a daemon refused at start must not touch what a
+        # running neighbour on the same bridge owns.
+        self._made: set[str] = set()
 
     @property
     def nft(self) -> Nft:
@@ -139,48 +205,70 @@ class HostNetwork:
     # --- lifecycle (blocking) -------------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Check the subnet and the bridge name, then make the bridge, the sysctls, the table, the firewall hole."""
+        """Check the subnet and the bridge name, then make the bridge, the sysctls, the tables, the firewall hole."""
         self.nft  # noqa: B018 - a missing libnftables is a one-line error before anything is made
         with IPRoute() as ipr:
             self._check_subnet(ipr)
             idx = self._ensure_bridge(ipr)
+            self._made.add("bridge")
             for addr in ipr.get_addr(index=idx, family=2):
                 if addr.get_attr("IFA_ADDRESS") != str(self.gateway):
                     ipr.addr("del", index=idx, address=addr.get_attr("IFA_ADDRESS"), prefixlen=addr["prefixlen"])
             with contextlib.suppress(Exception):  # already there from a previous run
                 ipr.addr("add", index=idx, address=str(self.gateway), prefixlen=self.subnet.prefixlen)
-            ipr.link("set", index=idx, state="up")
+            # No IPv6 on the bridge: the host is not reachable from instances over link-local addresses.
+            _sysctl(f"net/ipv6/conf/{self.bridge}/disable_ipv6", "1", missing_ok=True)
+            # A fixed MAC: a bridge left to itself takes its lowest port's, which changes as instances come and go
+            # (every instance's neighbour entry for the gateway would go stale).
+            ipr.link("set", index=idx, address=mac_of(self.gateway), state="up")
             self._bridge_index = idx
-        _sysctl(f"net/ipv4/conf/{self.bridge}/route_localnet", "1")  # on our bridge only (CVE-2020-8558)
+        # route_localnet on our bridge only (CVE-2020-8558): DNAT of loopback clients needs it; what arrives from
+        # the bridge for 127.0.0.0/8 is dropped by the table's guard.
+        _sysctl(f"net/ipv4/conf/{self.bridge}/route_localnet", "1")
         if _sysctl("net/ipv4/ip_forward", None) != "1":
-            log.warning("enabling net.ipv4.ip_forward: instances need it to reach anything beyond the host")
+            log.warning("enabling net.ipv4.ip_forward (host-wide, and left on at stop as Docker does): instances "
+                        "need it to reach anything beyond the host")
             _sysctl("net/ipv4/ip_forward", "1")
+        self.mark_base = self._choose_marks()
+        self._made.add("table")
         self._install_table()
-        flush_conntrack([MARK_BASE], mask=MARK_MASK)  # a dead run's entries would count against new instances
+        flush_conntrack([self.mark_base], mask=MARK_MASK)  # a dead run's entries would count against new instances
+        self._made.add("firewall")
         self._open_firewall()
 
     def close(self) -> None:
-        """Undo open(): the table, the firewall rules, the bridge."""
-        with contextlib.suppress(NftError):
-            self.nft.run(f"delete table ip {self.table}")
-        _close_firewall(self.bridge)
-        flush_conntrack([MARK_BASE], mask=MARK_MASK)
-        with IPRoute() as ipr, contextlib.suppress(Exception):
-            for idx in ipr.link_lookup(ifname=self.bridge):
-                if self._owned(ipr, idx):
-                    ipr.link("del", index=idx)
+        """Undo what open() did: the tables, the firewall rules, the bridge; nothing it did not make."""
+        if "table" in self._made:
+            for family in ("ip", "bridge"):
+                with contextlib.suppress(NftError):
+                    self.nft.run(f"delete table {family} {self.table}")
+            flush_conntrack([self.mark_base], mask=MARK_MASK)
+        if "firewall" in self._made:
+            _close_firewall(self.bridge)
+        if "bridge" in self._made:
+            with IPRoute() as ipr, contextlib.suppress(Exception):
+                for idx in ipr.link_lookup(ifname=self.bridge):
+                    if self._owned(ipr, idx):
+                        ipr.link("del", index=idx)
+        self._made.clear()
         if self._nft is not None:
             self._nft.close()
             self._nft = None
 
     def remove_leftovers(self) -> list[str]:
         """What a crashed run left that the next open() would not replace: our veths still on the bridge, the
-        steering table (a dead daemon's rules keep steering to instances that are about to be removed)."""
+        steering tables (a dead daemon's rules keep steering to instances that are about to be removed). A bridge
+        of a live activator is refused here, before anything is touched."""
         found: list[str] = []
-        with contextlib.suppress(NftError):
-            if any(t.get("table", {}).get("name") == self.table for t in self.nft.query("list tables ip")):
-                self.nft.run(f"delete table ip {self.table}")
-                found.append(f"nftables table ip {self.table}")
+        with IPRoute() as ipr:
+            bridges = ipr.link_lookup(ifname=self.bridge)
+            if bridges:
+                self._claim(ipr, bridges[0])  # raises if another live daemon (or anything else) has it
+        for family in ("ip", "bridge"):
+            with contextlib.suppress(NftError):
+                if any(t.get("table", {}).get("name") == self.table for t in self.nft.query(f"list tables {family}")):
+                    self.nft.run(f"delete table {family} {self.table}")
+                    found.append(f"nftables table {family} {self.table}")
         with IPRoute() as ipr:
             bridges = ipr.link_lookup(ifname=self.bridge)
             if bridges and self._owned(ipr, bridges[0]):
@@ -191,6 +279,22 @@ class HostNetwork:
                             ipr.link("del", index=link["index"])
                             found.append(f"veth {name}")
         return found
+
+    def _choose_marks(self) -> int:
+        """This daemon's mark base: a slot no other live activator's table names (their comments say theirs)."""
+        taken = set()
+        with contextlib.suppress(NftError):
+            for item in self.nft.query("list tables ip"):
+                t = item.get("table", {})
+                m = re.fullmatch(r"activator marks (0x[0-9a-f]+)", str(t.get("comment", "")))
+                if m and t.get("name") != self.table:
+                    taken.add(int(m.group(1), 16))
+        first = int(hashlib.sha1(self.bridge.encode()).hexdigest(), 16) % 255 + 1  # stable across restarts
+        for k in range(255):
+            base = MARK_TAG | (((first + k - 1) % 255 + 1) << SLOT_SHIFT)
+            if base not in taken:
+                return base
+        raise ActivatorError(f"{self.where}: 255 activator networks already run on this host")
 
     def _check_subnet(self, ipr: IPRoute) -> None:
         ours = set(ipr.link_lookup(ifname=self.bridge))
@@ -225,17 +329,21 @@ class HostNetwork:
             return True
         return False
 
+    def _claim(self, ipr: IPRoute, idx: int) -> None:
+        """The existing interface named like our bridge is ours (or a dead activator's), or a one-line error."""
+        (link,) = ipr.get_links(idx)
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        alias = link.get_attr("IFLA_IFALIAS")
+        if kind != "bridge" or not self._owned(ipr, idx):
+            what = f"a {kind or 'network'} interface" + (f" ({alias})" if alias else "")
+            raise ActivatorError(f"{self.where}.bridge: '{self.bridge}' is already {what} that this activator "
+                                 "did not make; set settings.network.bridge to a free name")
+
     def _ensure_bridge(self, ipr: IPRoute) -> int:
         found = ipr.link_lookup(ifname=self.bridge)
         if found:
-            (link,) = ipr.get_links(found[0])
-            info = link.get_attr("IFLA_LINKINFO")
-            kind = info.get_attr("IFLA_INFO_KIND") if info else None
-            alias = link.get_attr("IFLA_IFALIAS")
-            if kind != "bridge" or not self._owned(ipr, found[0]):
-                what = f"a {kind or 'network'} interface" + (f" ({alias})" if alias else "")
-                raise ActivatorError(f"{self.where}.bridge: '{self.bridge}' is already {what} that this activator "
-                                     "did not make; set settings.network.bridge to a free name")
+            self._claim(ipr, found[0])
             return int(found[0])
         try:
             ipr.link("add", ifname=self.bridge, kind="bridge")
@@ -247,12 +355,28 @@ class HostNetwork:
 
     def _install_table(self) -> None:
         br, net, t = self.bridge, self.subnet, self.table
-        with contextlib.suppress(NftError):
-            self.nft.run(f"delete table ip {t}")
+        for family in ("ip", "bridge"):
+            with contextlib.suppress(NftError):
+                self.nft.run(f"delete table {family} {t}")
+        docker = " ".join(f'iifname "{br}" oifname "{name}" ct status & dnat == 0 drop\n'
+                          for name in sorted({"docker0", "br-*", *docker_bridges()}))
         self.nft.run(f"""
 table ip {t} {{
+    comment "activator marks {self.mark_base:#x}"
     set noegress {{ type ipv4_addr; }}
     map egress_marks {{ type ipv4_addr : mark; }}
+    counter guarded {{ }}
+    chain guard {{
+        type filter hook prerouting priority raw; policy accept;
+        iifname "{br}" ip daddr 127.0.0.0/8 counter name guarded drop
+        iifname "{br}" ip saddr != {net} counter name guarded drop
+        tcp flags & (fin|syn|rst|ack) == syn jump timeouts
+    }}
+    chain guard_out {{
+        type filter hook output priority raw; policy accept;
+        tcp flags & (fin|syn|rst|ack) == syn jump timeouts
+    }}
+    chain timeouts {{ }}
     chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}
     chain output {{ type nat hook output priority -100; policy accept; }}
     chain limit_in {{ type filter hook prerouting priority mangle; policy accept; }}
@@ -269,6 +393,8 @@ table ip {t} {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
+        oifname "{br}" ct status dnat meta mark set meta mark | {HAIRPIN:#x}
+        {docker}
         iifname "{br}" ip saddr @noegress ct state new drop
         oifname "{br}" ct state new ct status dnat accept
         oifname "{br}" ct state new drop
@@ -281,6 +407,27 @@ table ip {t} {{
     }}
     chain acct_out {{ type filter hook output priority filter; policy accept; jump acct; }}
     chain acct {{ }}
+}}
+table bridge {t} {{
+    set ports {{ type ifname; }}
+    set sources {{ type ifname . ether_addr . ipv4_addr; }}
+    counter spoofed {{ }}
+    counter crossed {{ }}
+    chain isolate {{
+        type filter hook forward priority 100; policy accept;
+        iifname != @ports accept
+        oifname != @ports accept
+        meta mark & {HAIRPIN:#x} == {HAIRPIN:#x} accept
+        counter name crossed drop
+    }}
+    chain guard {{
+        type filter hook prerouting priority filter; policy accept;
+        iifname != @ports accept
+        ether type ip iifname . ether saddr . ip saddr @sources accept
+        ether type arp iifname . ether saddr . arp saddr ip @sources \
+            iifname . arp saddr ether . arp saddr ip @sources accept
+        counter name spoofed drop
+    }}
 }}""")
 
     def _open_firewall(self) -> None:
@@ -292,6 +439,8 @@ table ip {t} {{
             chain = "FORWARD"
         if chain is None:
             return
+        # The accept gets instance traffic past the DROP policy; what it must not reach (Docker's networks,
+        # other instances) is dropped in our own table, where a drop wins over this accept.
         tag = ["-m", "comment", "--comment", f"{FIREWALL_TAG} {self.bridge}"]
         for rule in (["-i", self.bridge, *tag, "-j", "ACCEPT"],
                      ["-o", self.bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED,DNAT", *tag,
@@ -310,19 +459,38 @@ table ip {t} {{
             for index in range(2, hosts + 1):
                 if index not in self._used:
                     self._used[index] = name
-                    return Attachment(name, self.subnet.network_address + index, index, egress)
+                    return Attachment(name, self.subnet.network_address + index, index, egress, self.mark_base,
+                                      self.bridge)
         raise ActivatorError(f"{self.where}.subnet: {self.subnet} has no free address left for '{name}'; use a "
                              "larger subnet")
 
     def plug(self, att: Attachment, ns: NetNamespace) -> None:
         """The instance's eth0, made directly inside its namespace (moving a veth between namespaces is slow
-        under the rtnl lock), on the bridge, addressed, with a default route; its rules in the table."""
+        under the rtnl lock), on the bridge, addressed, with a default route; its rules in the tables. Its port
+        and allowed sources are in the bridge table before the link exists."""
+        t, m = self.table, att.mark
+        cmds = [f"add counter ip {t} in_{m:x}", f"add counter ip {t} out_{m:x}",
+                f"add element ip {t} egress_marks {{ {att.ip} : {m | EGRESS:#x} }}",
+                f'add element bridge {t} ports {{ "{att.veth}" }}',
+                f'add element bridge {t} sources {{ "{att.veth}" . {att.mac} . {att.ip} }}']
+        if not att.egress:
+            cmds.append(f"add element ip {t} noegress {{ {att.ip} }}")
+        with self._lock:
+            self._plugged[att.name] = att
+            self.nft.run("\n".join(cmds) + "\n" + self._acct_rules())
         with IPRoute() as ipr:
-            ipr.link("add", ifname=att.veth, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns.fd})
+            ipr.link("add", ifname=att.veth, kind="veth",
+                     peer={"ifname": "eth0", "net_ns_fd": ns.fd, "address": att.mac})
             (idx,) = ipr.link_lookup(ifname=att.veth)
+            _sysctl(f"net/ipv6/conf/{att.veth}/disable_ipv6", "1", missing_ok=True)
             ipr.link("set", index=idx, master=self._bridge_index, state="up")
         pyroute2_netns.setns(ns.fd)
         try:
+            # This thread's /proc/sys/net is the instance's namespace now. No IPv6 on eth0 (no link-local
+            # address to reach the host or other instances around the IPv4 rules); lo keeps ::1. Ping without
+            # CAP_NET_RAW, through ICMP datagram sockets, as Docker allows it.
+            _sysctl("net/ipv6/conf/eth0/disable_ipv6", "1", missing_ok=True)
+            _sysctl("net/ipv4/ping_group_range", "0 2147483647")
             with IPRoute() as inner:
                 (eth0,) = inner.link_lookup(ifname="eth0")
                 inner.addr("add", index=eth0, address=str(att.ip), prefixlen=self.subnet.prefixlen)
@@ -330,14 +498,6 @@ table ip {t} {{
                 inner.route("add", dst="default", gateway=str(self.gateway))
         finally:
             pyroute2_netns.setns(HOME_NS)
-        t, m = self.table, att.mark
-        cmds = [f"add counter ip {t} in_{m:x}", f"add counter ip {t} out_{m:x}",
-                f"add element ip {t} egress_marks {{ {att.ip} : {m | EGRESS:#x} }}"]
-        if not att.egress:
-            cmds.append(f"add element ip {t} noegress {{ {att.ip} }}")
-        with self._lock:
-            self._plugged[att.name] = att
-            self.nft.run("\n".join(cmds) + "\n" + self._acct_rules())
 
     def unplug(self, att: Attachment) -> None:
         """Undo plug() and free the address; whatever is already gone is fine."""
@@ -351,7 +511,9 @@ table ip {t} {{
                 self.nft.run(self._acct_rules())
             for cmd in (f"delete counter ip {t} in_{m:x}", f"delete counter ip {t} out_{m:x}",
                         f"delete element ip {t} egress_marks {{ {att.ip} }}",
-                        f"delete element ip {t} noegress {{ {att.ip} }}"):
+                        f"delete element ip {t} noegress {{ {att.ip} }}",
+                        f'delete element bridge {t} sources {{ "{att.veth}" . {att.mac} . {att.ip} }}',
+                        f'delete element bridge {t} ports {{ "{att.veth}" }}'):
                 with contextlib.suppress(NftError):
                     self.nft.run(cmd)
         flush_conntrack([m, m | EGRESS])
@@ -380,26 +542,34 @@ table ip {t} {{
             jumps.append(f"{match} tcp dport {addr.port} jump {chain}")
         return jumps
 
-    def limit(self, service: str, listen: Iterable[ListenAddress], max_connections: int | None) -> None:
-        """The service's kernel-side counters, and its max_connections enforced before DNAT on the listen
-        address: one count for both paths, the kernel's and the activator's own listener. Installed at start,
-        before any connection is accepted, so every one is counted."""
+    def limit(self, service: str, listen: Iterable[ListenAddress], max_connections: int | None,
+              client_idle_timeout: float | None = None) -> None:
+        """The service's kernel-side counters, its max_connections enforced before DNAT on the listen address
+        (one count for both paths, the kernel's and the activator's own listener), and its connections'
+        conntrack timeouts (half-open: SYN_TIMEOUT; idle: client_idle_timeout). Installed at start, before any
+        connection is accepted, so every one is counted."""
         name = _ident(service)
-        self._limits[service] = (tuple(listen), max_connections)
+        self._limits[service] = ServiceLimits(tuple(listen), max_connections, client_idle_timeout)
         self.nft.run("\n".join([f"add counter ip {self.table} rejected_{name}",
                                 f"add counter ip {self.table} steered_{name}", *self._limit_rules()]))
 
     def _limit_rules(self) -> list[str]:
-        """Both limit chains, rebuilt whole (a reload changes one service's limit without touching others)."""
+        """Both limit chains and the timeouts chain, rebuilt whole (a reload changes one service's limit without
+        touching others)."""
         t = self.table
-        cmds = [f"flush chain ip {t} limit_in", f"flush chain ip {t} limit_out"]
-        for service, (listen, max_connections) in self._limits.items():
-            if max_connections is None:
+        cmds = [f"flush chain ip {t} limit_in", f"flush chain ip {t} limit_out", f"flush chain ip {t} timeouts"]
+        for service, lim in self._limits.items():
+            matches = [rule.rsplit(" jump ", 1)[0] for rule in self._jumps(lim.listen, "-")]
+            policy = lim.timeout_policy
+            cmds.append(f"add ct timeout ip {t} {policy} {{ protocol tcp; l3proto ip; policy = {{ "
+                        f"syn_sent: {SYN_TIMEOUT}, syn_recv: {SYN_TIMEOUT}"
+                        + (f", established: {lim.idle_seconds}" if lim.idle_seconds else "") + " }; }")
+            cmds += [f'add rule ip {t} timeouts {match} ct timeout set "{policy}"' for match in matches]
+            if lim.max_connections is None:
                 continue
-            reject = (f"ct state new ct count over {max_connections} counter name rejected_{_ident(service)} "
+            reject = (f"ct state new ct count over {lim.max_connections} counter name rejected_{_ident(service)} "
                       "reject with tcp reset")
-            for rule in self._jumps(listen, "-"):
-                match = rule.rsplit(" jump ", 1)[0]
+            for match in matches:
                 cmds += [f"add rule ip {t} limit_in {match} {reject}", f"add rule ip {t} limit_out {match} {reject}"]
         return cmds
 
@@ -435,9 +605,12 @@ table ip {t} {{
         if backends:
             marks = ", ".join(f"{i} : {b.mark:#x}" for i, b in enumerate(backends))
             targets = ", ".join(f"{b.mark:#x} : {b.ip} . {b.port}" for b in backends)
-            cmds.append(f"add rule ip {t} {chain} meta l4proto tcp ct mark set numgen inc mod {len(backends)} "
+            # A SYN only: a segment of a connection conntrack no longer knows (idle-timed out, flushed) is not
+            # picked up mid-stream by some instance; it reaches the host, which resets it.
+            syn = "tcp flags & (fin|syn|rst|ack) == syn"
+            cmds.append(f"add rule ip {t} {chain} {syn} ct mark set numgen inc mod {len(backends)} "
                         f"map {{ {marks} }}")
-            cmds.append(f"add rule ip {t} {chain} meta l4proto tcp counter name steered_{_ident(service)} "
+            cmds.append(f"add rule ip {t} {chain} {syn} counter name steered_{_ident(service)} "
                         f"dnat ip to ct mark map {{ {targets} }}")
         self.nft.run("\n".join(cmds))
 
@@ -470,13 +643,15 @@ table ip {t} {{
                     s.bytes_in = int(c["bytes"])
                 else:
                     s.bytes_out = int(c["bytes"])
-        for mark, n in open_connections().items():
+        for mark, (n, _half) in connections(self.mark_base).items():
             out.setdefault(mark, Sample()).open = n
         return Samples(out, rejected, steered)
 
 
 class ServiceSteering:
     """One service's kernel path: its rule lists exactly the instances Service says are steerable."""
+
+    half_open_timeout = float(SYN_TIMEOUT)
 
     def __init__(self, network: HostNetwork, config: ServiceConfig) -> None:
         self.network = network
@@ -487,9 +662,9 @@ class ServiceSteering:
                     if (att := i.sandbox.attachment) is not None]
         self.network.steer(self.config.name, self.config.listen, backends)
 
-    def open_count(self, inst: Instance) -> int:
+    def open_count(self, inst: Instance) -> tuple[int, int]:
         att = inst.sandbox.attachment
-        return 0 if att is None else open_connections().get(att.mark, 0)
+        return (0, 0) if att is None else connections(att.base).get(att.mark, (0, 0))
 
 
 def ident(name: str) -> str:
@@ -503,17 +678,41 @@ def kernel_path_possible(config: ServiceConfig) -> bool:
             and any(ipaddress.ip_address(a.host).version == 4 for a in config.listen))
 
 
-def open_connections() -> dict[int, int]:
-    """Open kernel-path connections per instance mark (egress ones are not counted)."""
+def connections(base: int) -> dict[int, tuple[int, int]]:
+    """One daemon's kernel-path connections per instance mark: (open, half-open); egress ones are not counted."""
     from pyroute2 import Conntrack
 
-    counts: dict[int, int] = {}
+    counts: dict[int, tuple[int, int]] = {}
     with Conntrack() as ct:
-        for e in ct.dump_entries(mark=MARK_BASE, mark_mask=MARK_MASK | EGRESS):
+        for e in ct.dump_entries(mark=base, mark_mask=MARK_MASK | EGRESS):
             state = e.protoinfo.state if e.protoinfo is not None else None
+            n, half = counts.get(e.mark, (0, 0))
             if state in OPEN_TCP_STATES:
-                counts[e.mark] = counts.get(e.mark, 0) + 1
+                counts[e.mark] = (n + 1, half)
+            elif state in HALF_OPEN_TCP_STATES:
+                counts[e.mark] = (n, half + 1)
     return counts
+
+
+def docker_bridges() -> list[str]:
+    """The bridges of the Docker engine's networks (names beyond docker0 and br-*: a network's own
+    com.docker.network.bridge.name); none when no engine answers."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        try:
+            nets = client.api.networks(filters={"driver": "bridge"})
+        finally:
+            client.close()
+    except Exception:  # no engine: no Docker networks to keep instances out of
+        return []
+    names = []
+    for n in nets:
+        name = (n.get("Options") or {}).get("com.docker.network.bridge.name")
+        if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,15}", name):
+            names.append(name)
+    return names
 
 
 def flush_conntrack(marks: Iterable[int], mask: int = 0xFFFFFFFF) -> None:
@@ -525,7 +724,7 @@ def flush_conntrack(marks: Iterable[int], mask: int = 0xFFFFFFFF) -> None:
                 ct.flush(mark=mark, mark_mask=mask)
 
 
-def _sysctl(path: str, value: str | None) -> str | None:
+def _sysctl(path: str, value: str | None, *, missing_ok: bool = False) -> str | None:
     p = f"/proc/sys/{path}"
     if value is None:
         try:
@@ -536,6 +735,10 @@ def _sysctl(path: str, value: str | None) -> str | None:
     try:
         with open(p, "w") as f:
             f.write(value)
+    except FileNotFoundError:
+        if missing_ok:  # e.g. IPv6 disabled on the kernel command line: nothing to turn off
+            return None
+        raise ActivatorError(f"cannot set {path.replace('/', '.')}={value}: no such setting") from None
     except OSError as e:
         raise ActivatorError(f"cannot set {path.replace('/', '.')}={value}: {e.strerror}") from None
     return value

@@ -18,6 +18,8 @@ from pathlib import Path
 TCP_LISTEN = 0x0A
 TCP_TIME_WAIT = 0x06
 POLL_INTERVAL = 0.01
+#: the most of a readiness answer read (and dropped) before the probe gives up on it
+MAX_BODY = 16 << 20
 
 
 def _tcp_rows(pid: int) -> list[list[str]]:
@@ -115,7 +117,7 @@ async def _conversation(connect: Connect, talk: Callable[[asyncio.StreamReader, 
         return False
     try:
         return await talk(reader, writer)
-    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):  # ValueError: a line or body too long
         return False
     finally:
         writer.close()
@@ -128,11 +130,19 @@ async def http_ok(connect: Connect, port: int, path: str) -> bool:
     async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
-        status = await asyncio.wait_for(reader.readline(), 5)
+        status = await asyncio.wait_for(reader.readline(), 5)  # at most the reader's limit (64 KiB)
         parts = status.split()
         ok = len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
-        # Read to EOF so the server closes its side first: its socket must be gone before a dump.
-        await asyncio.wait_for(reader.read(), 5)
+        # Read to EOF so the server closes its side first: its socket must be gone before a dump. What it sends
+        # is the image's, untrusted: read and dropped in chunks, so a body without end costs no memory, and
+        # given up after MAX_BODY bytes or 5 s.
+        async def drain() -> None:
+            left = MAX_BODY
+            while chunk := await reader.read(65536):
+                left -= len(chunk)
+                if left < 0:
+                    raise ValueError("answer too long")
+        await asyncio.wait_for(drain(), 5)
         return ok
 
     return await _conversation(connect, talk)

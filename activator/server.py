@@ -243,7 +243,7 @@ class Activator:
         shares = config.shares_memory(svc)
         if shares and self.ksm is None:
             if ksm.available():
-                self.ksm = Ksm()
+                self.ksm = Ksm(self.state.root / ksm.SAVED_NAME)
                 await asyncio.to_thread(self.ksm.start)
                 self._keep(spawn(self._pace_ksm(self.ksm), name="ksm-pacer"))
             else:
@@ -267,9 +267,10 @@ class Activator:
         return dataclasses.replace(config, services=tuple(services))
 
     def _limit(self, svc: ServiceConfig) -> None:
-        """The service's kernel-side counters and max_connections, before its first connection is accepted."""
+        """The service's kernel-side counters, max_connections and connection timeouts, before its first
+        connection is accepted."""
         if self.network is not None and kernel_path_possible(svc):
-            self.network.limit(svc.name, svc.listen, svc.max_connections)
+            self.network.limit(svc.name, svc.listen, svc.max_connections, svc.client_idle_timeout)
 
     async def _serve(self, name: str, socks: list[socket.socket]) -> None:
         """Accept on these sockets for whichever Service holds the name at the time (a reload swaps it)."""
@@ -632,8 +633,7 @@ class Activator:
         if self._control is not None:
             await self._control.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            await asyncio.to_thread(self._metrics_server.shutdown)
         if self.network is not None and self._network_open:
             try:
                 await asyncio.to_thread(self.network.close)

@@ -56,9 +56,12 @@ REJECT_LOG_INTERVAL = 10.0
 class Steering(Protocol):
     """A service's kernel path (network.ServiceSteering): which instances the kernel sends new connections to."""
 
+    #: how long a half-open kernel-path connection lives (a spoofed SYN's entry goes after this)
+    half_open_timeout: float
+
     def set(self, instances: list[Instance]) -> None: ...
 
-    def open_count(self, inst: Instance) -> int: ...  # blocking: a fresh conntrack count
+    def open_count(self, inst: Instance) -> tuple[int, int]: ...  # blocking: (open, half-open) from conntrack
 
 
 class Launcher(Protocol):
@@ -506,12 +509,21 @@ class Service:
         self._own(task)
 
     async def _retire(self, inst: Instance) -> None:
-        """The instance is out of the rule: reap it unless a connection got in before the rule changed."""
+        """The instance is out of the rule: reap it unless a connection got in before the rule changed.
+
+        A handshake under way when the rule changed (a SYN steered to it just before) must finish here, or the
+        client loses its connection; a spoofed SYN never finishes, and goes after half_open_timeout. Half-open
+        entries are therefore waited out, not counted: no new one can come, the instance is out of the rule."""
         assert self.steering is not None
         steering = self.steering
-        still_open = await asyncio.to_thread(steering.open_count, inst)
-        if inst.stopping:
-            return
+        deadline = time.monotonic() + steering.half_open_timeout + 1
+        while True:
+            still_open, half_open = await asyncio.to_thread(steering.open_count, inst)
+            if inst.stopping:
+                return
+            if still_open or not half_open or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         if still_open or inst.spliced:
             inst.withdrawn = False
             inst.kernel = max(inst.kernel, still_open)

@@ -1,9 +1,16 @@
 """The OCI runtime spec for one instance (pure: paths in, a dict out).
 
-The sandbox is Docker's default one (moby oci/defaults.go, 20.10): its capability set, masked and read-only
-paths, mount options, device allowlist (runc adds the same default devices), PID/IPC/UTS/mount/network
-namespaces, and Docker's default seccomp profile (seccomp.py), plus no_new_privs, which `docker run` does not
-set. There is no user namespace: uid 0 in a container is uid 0 on the host, as with `docker run`.
+The sandbox is Docker's default one (moby oci/defaults.go, 20.10) made tighter: its capability set less
+CAP_NET_RAW (as Podman's default set), its masked and read-only paths plus /sys/devices/virtual/powercap (masked
+by newer Docker: RAPL energy counters are a side channel), mount options, device allowlist (runc adds the same
+default devices), PID/IPC/UTS/mount/network namespaces, Docker's default seccomp profile (seccomp.py), and
+no_new_privs, which `docker run` does not set. There is no user namespace: uid 0 in a container is uid 0 on the
+host, as with `docker run`.
+
+Why no CAP_NET_RAW: on a host shared by strangers, raw sockets are how an instance forges frames (another
+instance's address, a packet to the host's 127.0.0.1). The network guards stop those frames anyway
+(network.py), so this is depth, and it costs little: ping works without it (ping_group_range is open in each
+instance's namespace, as Docker sets it), and a service that needs raw sockets says `cap_add: [NET_RAW]`.
 
 The template that gets checkpointed and every instance restored from it use the same spec except for the
 root filesystem, the network namespace path and the cgroup path. Giving runc a network namespace *path* has a
@@ -22,16 +29,16 @@ if TYPE_CHECKING:
 
 from .config import Resources
 
-# Docker's default capability set: apps written for Docker expect exactly these.
-DEFAULT_CAPS = [
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID",
+# Docker's default capability set less CAP_NET_RAW: apps written for Docker expect these.
+DEFAULT_CAPS = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_SETGID",
     "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL",
     "CAP_AUDIT_WRITE",
-]
+)
 
 MASKED_PATHS = [
     "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-    "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+    "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi", "/sys/devices/virtual/powercap",
 ]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 
@@ -48,6 +55,14 @@ class ProcessSpec:
     uid: int
     gid: int
     additional_gids: tuple[int, ...] = ()
+    capabilities: tuple[str, ...] = DEFAULT_CAPS
+
+
+def capability_set(add: tuple[str, ...], drop: tuple[str, ...]) -> tuple[str, ...]:
+    """The default set with a service's cap_add and cap_drop (names without CAP_; drop may be ALL), as Docker
+    applies them: drops first, then adds."""
+    caps = set() if "ALL" in drop else set(DEFAULT_CAPS) - {f"CAP_{c}" for c in drop}
+    return tuple(sorted(caps | {f"CAP_{c}" for c in add}))
 
 
 def merge_env(image_env: tuple[str, ...], overrides: tuple[tuple[str, str], ...], hostname: str) -> tuple[str, ...]:
@@ -112,7 +127,7 @@ def runtime_spec(
             "args": list(process.args),
             "env": list(process.env),
             "cwd": process.cwd,
-            "capabilities": {k: DEFAULT_CAPS for k in ("bounding", "effective", "permitted")},
+            "capabilities": {k: list(process.capabilities) for k in ("bounding", "effective", "permitted")},
             "noNewPrivileges": True,
         },
         "root": {"path": rootfs, "readonly": False},

@@ -20,6 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import imagefs
 from .config import Volume
 from .errors import ActivatorError
 
@@ -52,12 +53,19 @@ def ensure(volumes: tuple[Volume, ...], state_root: Path, image_root: Path, serv
             log.info("service=%s volume %s made (empty) for %s", service, b.host, v.target)
             continue
         b.host.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        seed = image_root / v.target.lstrip("/")
         tmp = b.host.with_name(f".new-{b.host.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        if seed.is_dir() and not seed.is_symlink():
-            # cp -a: owners, modes, links and special files exactly as the image has them
-            done = subprocess.run(["cp", "-a", "--", str(seed), str(tmp)], capture_output=True, text=True)
+        # The target as the container sees it: the image's symlinks resolved inside the image (imagefs), never
+        # to the host's directories.
+        seed = imagefs.open_dir(image_root, v.target)
+        if seed is not None:
+            try:
+                # cp -a: owners, modes, links and special files exactly as the image has them (cp copies
+                # symlinks inside the tree as symlinks; it follows none)
+                done = subprocess.run(["cp", "-a", "--", f"/proc/self/fd/{seed}/.", str(tmp)], capture_output=True,
+                                      text=True, pass_fds=(seed,))
+            finally:
+                os.close(seed)
             if done.returncode != 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise ActivatorError(f"service '{service}': filling volume '{v.source}' from the image's "
@@ -66,5 +74,5 @@ def ensure(volumes: tuple[Volume, ...], state_root: Path, image_root: Path, serv
             tmp.mkdir(mode=0o755)
         os.rename(tmp, b.host)  # a crash mid-copy leaves a .new- directory, never a half-filled volume
         log.info("service=%s volume '%s' made for %s%s", service, v.source, v.target,
-                 " (filled from the image)" if seed.is_dir() else "")
+                 " (filled from the image)" if seed is not None else "")
     return out

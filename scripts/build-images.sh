@@ -22,9 +22,10 @@ have() {
 ECHO_SRC="$(dirname "${BASH_SOURCE[0]}")/images/echo-server.c"
 PROBE_SRC="$(dirname "${BASH_SOURCE[0]}")/images/sandbox-probe.sh"
 NETPROBE_SRC="$(dirname "${BASH_SOURCE[0]}")/images/netprobe.c"
+ATTACKER_SRC="$(dirname "${BASH_SOURCE[0]}")/images/attacker.c"
 
 build_busybox() {
-    local source; source="test-apps-$(cat "$ECHO_SRC" "$PROBE_SRC" "$NETPROBE_SRC" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
+    local source; source="test-apps-$(cat "$ECHO_SRC" "$PROBE_SRC" "$NETPROBE_SRC" "$ATTACKER_SRC" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
     have "$BUSYBOX_IMAGE" "$source" && return 0
     local r; r=$(mktemp -d)
     mkdir -p "$r"/{bin,etc,www/cgi-bin,tmp,proc,sys,dev,root}
@@ -35,6 +36,8 @@ build_busybox() {
     # about shared NSS libraries does not apply to that.
     gcc -O2 -static -pthread -o "$r/bin/netprobe" "$NETPROBE_SRC" 2>/dev/null ||
         die "compiling netprobe failed (needs gcc and libc6-dev)"
+    gcc -O2 -static -pthread -o "$r/bin/attacker" "$ATTACKER_SRC" 2>/dev/null ||
+        die "compiling attacker failed (needs gcc and libc6-dev)"
     chroot "$r" /bin/busybox --install -s /bin
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$r/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$r/etc/group"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from activator.network import MARK_BASE, MARK_MASK, open_connections
+from activator.network import MARK_MASK, connections
 
 from .conftest import BUSYBOX, eventually, free_port, write_config
 from .netfixtures import RemoteHost, ask, ask_once, line_server, line_servers, remote_host  # noqa: F401
@@ -131,21 +131,22 @@ async def test_fifty_restore_and_reap_cycles_leak_no_link_rule_or_conntrack_entr
     assert set(_links("av")) == links_before | {slot.veth}
     table = run.act.network.table  # type: ignore[union-attr]
     # pyroute2's synchronous API (and subprocesses) must never run on the event loop's thread.
-    assert await asyncio.to_thread(_leftovers, table, f"{slot.mark:x}", str(slot.ip)) == {}
+    base = run.act.network.mark_base  # type: ignore[union-attr]
+    assert await asyncio.to_thread(_leftovers, table, base, f"{slot.mark:x}", str(slot.ip)) == {}
 
 
-def _leftovers(table: str, slot_mark: str, slot_ip: str) -> dict[str, object]:
+def _leftovers(table: str, base: int, slot_mark: str, slot_ip: str) -> dict[str, object]:
     """What 50 cycles may have left: instance addresses or marks in our table (the prepared slot's aside),
     conntrack entries with our marks, routes or addresses in the subnet beyond the bridge's own."""
     found: dict[str, object] = {}
     listing = _nft(table)
-    marks = {m for m in re.findall(r"(?:in_|out_|ct mark 0x)(ac7[0-9a-f]+)", listing)}
+    marks = {m for m in re.findall(r"(?:in_|out_|ct mark 0x)(a[0-9a-f]{7})", listing)}
     addrs = set(re.findall(r"10\.89\.0\.\d+", listing)) - {slot_ip, "10.89.0.0", "10.89.0.1"}
     if marks - {slot_mark} or addrs:
         found["nft"] = listing
-    if [m for m in open_connections() if m & MARK_MASK == MARK_BASE]:
-        found["open"] = open_connections()
-    ct = subprocess.run(["conntrack", "-L", "-m", f"{MARK_BASE:#x}/{MARK_MASK:#x}"], capture_output=True,
+    if connections(base):
+        found["open"] = connections(base)
+    ct = subprocess.run(["conntrack", "-L", "-m", f"{base:#x}/{MARK_MASK:#x}"], capture_output=True,
                         text=True).stdout
     if ct.strip():
         found["conntrack"] = ct
