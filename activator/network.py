@@ -370,11 +370,15 @@ table ip {t} {{
         type filter hook prerouting priority raw; policy accept;
         iifname "{br}" ip daddr 127.0.0.0/8 counter name guarded drop
         iifname "{br}" ip saddr != {net} counter name guarded drop
-        tcp flags & (fin|syn|rst|ack) == syn jump timeouts
     }}
-    chain guard_out {{
-        type filter hook output priority raw; policy accept;
-        tcp flags & (fin|syn|rst|ack) == syn jump timeouts
+    # After conntrack, before the entry is confirmed: `ct timeout set` attaches the policy to a new entry only
+    chain timeouts_in {{
+        type filter hook prerouting priority mangle; policy accept;
+        ct state new tcp flags & (fin|syn|rst|ack) == syn jump timeouts
+    }}
+    chain timeouts_out {{
+        type filter hook output priority mangle; policy accept;
+        ct state new tcp flags & (fin|syn|rst|ack) == syn jump timeouts
     }}
     chain timeouts {{ }}
     chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}
@@ -521,13 +525,17 @@ table bridge {t} {{
             self._used.pop(att.index, None)
 
     def _acct_rules(self) -> str:
-        """The accounting chain, rebuilt whole (one transaction with whatever else is changing)."""
+        """The accounting chain, rebuilt whole (one transaction with whatever else is changing). Only connections
+        whose handshake completed (assured) count: a spoofed SYN and the instance's answers to it are not traffic
+        that keeps the instance alive."""
         t = self.table
         rules = [f"flush chain ip {t} acct"]
         for att in self._plugged.values():
             m = att.mark
-            rules.append(f"add rule ip {t} acct ct mark {m:#x} ct direction original counter name in_{m:x}")
-            rules.append(f"add rule ip {t} acct ct mark {m:#x} ct direction reply counter name out_{m:x}")
+            rules.append(f"add rule ip {t} acct ct mark {m:#x} ct status assured ct direction original "
+                         f"counter name in_{m:x}")
+            rules.append(f"add rule ip {t} acct ct mark {m:#x} ct status assured ct direction reply "
+                         f"counter name out_{m:x}")
         return "\n".join(rules)
 
     # --- steering -------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import secrets
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,8 +23,15 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from pyroute2 import netns
 
-from .conftest import BUSYBOX, Running, free_port
+from activator.config import load_config
+from activator.errors import ActivatorError
+from activator.netns import HOME_NS
+from activator.network import MARK_MASK, SYN_TIMEOUT
+from activator.server import Activator
+
+from .conftest import BUSYBOX, Running, eventually, free_port, write_config
 from .netfixtures import RemoteHost, ask, ask_once, line_server, line_servers, remote_host  # noqa: F401
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
@@ -217,3 +225,130 @@ async def test_docker_containers_are_reached_only_through_published_ports(start,
         writer.close()
     # Positive control: a published port is reachable, as from any other host.
     assert (await evil(f"dial {GATEWAY} {docker_targets['published']} GET")).startswith("dial HTTP/1.")
+
+
+def _syn(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """A bare TCP SYN with its IPv4 header (the kernel fills the IP checksum and id of a raw IPPROTO_RAW send)."""
+    def csum(data: bytes) -> int:
+        data += b"\0" * (len(data) % 2)
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return ~total & 0xFFFF
+
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, secrets.randbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, socket.IPPROTO_TCP, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + tcp
+
+
+def _spoofed_syn_flood(remote: RemoteHost, dst: str, port: int, count: int) -> None:
+    """`count` SYNs from addresses of the remote host's subnet that nobody holds: their SYN-ACKs go nowhere."""
+    netns.setns(remote.ns.fd)
+    try:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    finally:
+        netns.setns(HOME_NS)
+    prefix = remote.ip.rsplit(".", 1)[0]
+    with raw:
+        for i in range(count):
+            src = f"{prefix}.{10 + i % 240}"
+            raw.sendto(_syn(src, dst, 1024 + i, port), (dst, 0))
+
+
+def _our_conntrack(run: Running) -> str:
+    base = run.act.network.mark_base  # type: ignore[union-attr]
+    return subprocess.run(["conntrack", "-L", "-m", f"{base:#x}/{MARK_MASK:#x}"], capture_output=True,
+                          text=True).stdout
+
+
+async def test_a_spoofed_syn_flood_neither_pins_nor_scales_a_service(start, remote_host: RemoteHost) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """Item 8: half-open connections are not open ones; the flooded instance is reaped once idle."""
+    port = free_port()
+    run = await start({"svc": ATTACKER | {"cap_add": [], "listen": f"{remote_host.host_ip}:{port}",
+                                          "idle_timeout": "1s", "max_instances": 3, "target_connections": 1}})
+    svc = run.act.services["svc"]
+    reader, writer = await remote_host.connect(remote_host.host_ip, port)
+    assert await ask(reader, writer, "wake") == "wake"
+    writer.close()
+    await eventually(lambda: svc.status()["kernel_path"], what="the kernel path")
+    await asyncio.to_thread(_spoofed_syn_flood, remote_host, remote_host.host_ip, port, 400)
+    ct = await asyncio.to_thread(_our_conntrack, run)
+    assert ct.count("SYN_RECV") + ct.count("SYN_SENT") > 50, ct[:2000]  # the flood reached the instance
+    assert ct.count(" 10 SYN_") + ct.count(" 9 SYN_") > 0  # with the short half-open timeout, not Linux's 60-120 s
+    await asyncio.sleep(0.5)
+    assert len(svc.instances) == 1 and svc.instances[0].kernel == 0  # neither counted nor scaled out
+    # Idle after 1 s; its half-open entries waited out (at most SYN_TIMEOUT); then reaped.
+    await eventually(lambda: not svc.instances, timeout=1 + SYN_TIMEOUT + 8, what="the flooded instance reaped")
+    # Positive control: a real client still wakes and is served.
+    reader, writer = await remote_host.connect(remote_host.host_ip, port)
+    assert await ask(reader, writer, "again") == "again"
+    writer.close()
+
+
+async def test_client_idle_timeout_holds_on_the_kernel_path(start) -> None:  # type: ignore[no-untyped-def]
+    """Item 8: one idle client no longer pins an instance for conntrack's five days."""
+    run = await start({"svc": ATTACKER | {"cap_add": [], "client_idle_timeout": "2s"}})
+    port = run.port("svc")
+    assert await ask_once("127.0.0.1", port, "wake") == "wake"  # spliced by the activator
+    await eventually(lambda: run.act.services["svc"].status()["kernel_path"], what="the kernel path")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert await ask(reader, writer, "one") == "one"  # the kernel path
+        ct = await asyncio.to_thread(_our_conntrack, run)
+        (line,) = [ln for ln in ct.splitlines() if "ESTABLISHED" in ln]
+        assert int(line.split()[2]) <= 2, line  # the idle timeout, not 432000
+        await asyncio.sleep(3)
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError, OSError)):
+            writer.write(b"two\n")
+            await writer.drain()
+            got = await asyncio.wait_for(reader.readline(), 5)
+            if not got:
+                raise ConnectionResetError("closed")
+    finally:
+        writer.close()
+    # Positive control: a new connection is served.
+    assert await ask_once("127.0.0.1", port, "three") == "three"
+
+
+async def test_a_refused_second_daemon_leaves_the_first_intact_and_two_networks_coexist(  # type: ignore[no-untyped-def]
+        start, tmp_path: Path, shells) -> None:
+    """Item 12: a daemon refused for a taken bridge changes nothing it did not make; two daemons on two
+    networks run side by side, each counting and flushing only its own connections."""
+    run = await start({"a": ATTACKER | {"cap_add": []}})
+    await shell(run, "a", shells)  # A's instance, kept busy on the kernel path below
+    table = run.act.network.table  # type: ignore[union-attr]
+
+    def daemon(name: str, **settings: Any) -> Activator:
+        d = tmp_path / name
+        d.mkdir()
+        return Activator(load_config(write_config(d, {name: ATTACKER | {"cap_add": []}}, **settings)))
+
+    refused = daemon("b")
+    with pytest.raises(ActivatorError, match="bridge: 'activator0' is already"):
+        await refused.startup()
+    await refused.shutdown()
+    listing = await asyncio.to_thread(lambda: subprocess.run(["nft", "list", "table", "ip", table],
+                                                             capture_output=True, text=True))
+    assert listing.returncode == 0 and "svc_a" in listing.stdout
+    for _ in range(3):  # A's kernel path is whole
+        assert await ask_once("127.0.0.1", run.port("a"), "still") == "still"
+
+    other = daemon("c", network={"bridge": "acttestc0", "subnet": "10.91.0.0/24"})
+    try:
+        await other.startup()
+        assert other.network is not None and other.network.mark_base != run.act.network.mark_base  # type: ignore[union-attr]
+        port_c = int(other.listeners["c"][0].getsockname()[1])
+        assert await ask_once("127.0.0.1", port_c, "wake") == "wake"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_c)  # C's kernel path, held open
+        assert await ask(reader, writer, "held") == "held"
+        svc_c = other.services["c"]
+        await eventually(lambda: svc_c.instances and svc_c.instances[0].kernel == 1, what="C counts its own")
+        await asyncio.sleep(0.5)
+        assert run.act.services["a"].instances[0].kernel == 0  # A does not count C's connection
+        writer.close()
+    finally:
+        await other.shutdown()
+    assert await ask_once("127.0.0.1", run.port("a"), "after") == "after"  # and C's exit left A alone
