@@ -4,15 +4,16 @@ A Compose file is recognised by its `x-activator` blocks. Each Compose service t
 served by activator; the others (a database that runs under `docker compose` as usual) are left alone. A
 top-level `x-activator: {settings: ...}` holds activator's settings.
 
-From a Compose service: image, command, entrypoint, environment, env_file, user, working_dir, volumes, and ports (one
-published TCP port: `[HOST_IP:]PUBLISHED:TARGET` or the long form) -> listen/port. Keys in the service's
-`x-activator` block are activator's own (idle_timeout, max_instances, ...) and win over what is derived.
+From a Compose service: image, command, entrypoint, environment, env_file, user, working_dir, cap_add, cap_drop,
+volumes, and ports (one published TCP port: `[HOST_IP:]PUBLISHED:TARGET` or the long form) -> listen/port. Keys
+in the service's `x-activator` block are activator's own (idle_timeout, max_instances, ...) and win over what is
+derived.
 `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?error}`, `${VAR?error}`, `$VAR` and `$$` are
 interpolated as Compose does, from the environment and the `.env` file next to the Compose file.
 
 volumes: a host path (relative to the Compose file's directory) or a named volume (kept in state_dir/volumes;
 Compose's own named volumes are not shared with it). Compose keys that would silently change what the app gets
-if ignored (privileged, cap_add, devices, network_mode, a build without an image, anonymous volumes) are refused
+if ignored (privileged, devices, network_mode, a build without an image, anonymous volumes) are refused
 in one line; the rest (restart, depends_on, networks,
 healthcheck, labels, ...) concern `docker compose` and are ignored.
 
@@ -33,7 +34,6 @@ from .errors import ConfigError
 MARK = "x-activator"
 REFUSED = {
     "privileged": "activator runs instances with Docker's default sandbox only",
-    "cap_add": "activator runs instances with Docker's default capabilities only",
     "devices": "activator gives instances Docker's default devices only",
     "network_mode": "instances get activator's own network (network: bridge or none in x-activator)",
 }
@@ -95,6 +95,9 @@ def _service(name: str, body: Mapping[str, Any], path: Path, where: str) -> dict
     for key in ("user", "working_dir"):
         if body.get(key) is not None:
             out[key] = str(body[key])
+    for key in ("cap_add", "cap_drop"):  # the same names and meaning as activator's keys
+        if body.get(key) is not None:
+            out[key] = body[key]
     if body.get("volumes"):
         out["volumes"] = _volumes(body["volumes"], path.parent, at)
     environment = _env_files(body.get("env_file"), path.parent, at)
