@@ -133,8 +133,9 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
             print(f"activator: metrics on http://{cfg.settings.metrics}/metrics", flush=True)
 
     async def main() -> int:
-        await Activator(cfg, on_ready=announce).serve()
-        return 0
+        act = Activator(cfg, on_ready=announce)
+        await act.serve()
+        return 1 if act.teardown_failures else 0  # each failed cleanup step was logged
 
     return _run(main)
 

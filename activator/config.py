@@ -536,12 +536,21 @@ class Warmup:
                 raise ValueError(f"warmup.http_paths: '{p}' must start with '/'")
 
 
+#: a CFS quota of 1 ms per 100 ms period (spec.CPU_PERIOD_US), the least the kernel accepts
+MIN_CPUS = 0.01
+
+
 @dataclass(frozen=True)
 class Resources:
     memory: int | None = key(Size(4 * MiB, 2**40), None, nullable=True, doc="memory limit per instance")
     cpus: float | None = key(Number(0, 1024), None, nullable=True, doc="CPU limit per instance")
     pids: int | None = key(Int(8, 4_194_304), None, nullable=True,
                            doc="process/thread limit per instance (at least 8: runc and the app need a few)")
+
+    def __post_init__(self) -> None:
+        # The kernel's smallest CFS quota is 1 ms (of a 100 ms period): less is EINVAL at every restore.
+        if self.cpus is not None and self.cpus < MIN_CPUS:
+            raise ValueError(f"cpus: {self.cpus:g} is below the kernel's smallest CPU quota; use at least {MIN_CPUS}")
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,20 @@ class Launcher:
         self._filling_for = checkpoint
         self._filling = spawn(self._fill(checkpoint), name=f"prepare-slots:{self.config.name}")
 
+    async def reshare(self, ksm: Ksm | None) -> None:
+        """Share memory (or not) from the next instance on; slots made ahead with the other choice are remade."""
+        if (ksm is None) == (self.ksm is None):
+            return
+        self.ksm = ksm
+        if self._filling is not None and not self._filling.done():
+            self._filling.cancel()
+            await asyncio.wait([self._filling])
+        stale, self.slots = self.slots, []
+        for _, sb in stale:
+            await sb.release()
+        if self._filling_for is not None:
+            self.refill(self._filling_for)
+
     async def drop_slots_except(self, checkpoint: Checkpoint) -> None:
         """Release slots made for another (replaced) checkpoint: their overlays use its diff/. One still being
         made for it is stopped first, or it would be added after this."""

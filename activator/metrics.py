@@ -151,6 +151,12 @@ class Metrics:
                                 ["version", "python", "criu", "runc", "kernel"], registry=r)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds, ...
         PlatformCollector(registry=r)
+        self.network_repairs = Counter("activator_network_repairs",
+                                       "Instance-network rules found missing (a firewall reload, a Docker restart) "
+                                       "and put back, by what (nftables, iptables)", ["what"], registry=r)
+        self.kernel_path_failures = Counter("activator_kernel_path_failures",
+                                            "Steering changes the kernel refused (the service is served through "
+                                            "the activator until the rules are repaired)", ["service"], registry=r)
         self.reloads = Counter("activator_reloads", "Configuration reloads, by result (applied, refused)",
                                ["result"], registry=r)
         self.rejected = Counter("activator_rejected_connections",

@@ -56,7 +56,7 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -189,6 +189,10 @@ class HostNetwork:
         self._lock = threading.Lock()
         self._used: dict[int, str] = {}
         self._steered: dict[str, list[str]] = {}  # service -> its chain's jump rules, installed once
+        self._backends: dict[str, list[Backend]] = {}  # service -> what its chain should steer to (for repair)
+        self._fw_chain: str | None = None  # where _open_firewall put its rules
+        #: set when a rule change failed (a firewall reload took the table?): the next check repairs
+        self.broken = False
         self._limits: dict[str, ServiceLimits] = {}
         self._nft: Nft | None = None
         self._plugged: dict[str, Attachment] = {}
@@ -237,23 +241,42 @@ class HostNetwork:
         self._open_firewall()
 
     def close(self) -> None:
-        """Undo what open() did: the tables, the firewall rules, the bridge; nothing it did not make."""
-        if "table" in self._made:
+        """Undo what open() did: the tables, the firewall rules, the bridge; nothing it did not make. Each step
+        runs whatever an earlier one raised; one ActivatorError at the end names every step that failed."""
+        errors: list[str] = []
+
+        def step(what: str, fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except Exception as e:
+                errors.append(f"{what}: {e}")
+
+        def delete_tables() -> None:
+            present = {(t["table"]["family"], t["table"]["name"]) for t in self.nft.query("list tables")
+                       if "table" in t}
             for family in ("ip", "bridge"):
-                with contextlib.suppress(NftError):
+                if (family, self.table) in present:  # a flushed ruleset took them already: nothing to do
                     self.nft.run(f"delete table {family} {self.table}")
-            flush_conntrack([self.mark_base], mask=MARK_MASK)
-        if "firewall" in self._made:
-            _close_firewall(self.bridge)
-        if "bridge" in self._made:
-            with IPRoute() as ipr, contextlib.suppress(Exception):
+
+        def delete_bridge() -> None:
+            with IPRoute() as ipr:
                 for idx in ipr.link_lookup(ifname=self.bridge):
                     if self._owned(ipr, idx):
                         ipr.link("del", index=idx)
+
+        if "table" in self._made:
+            step("nftables", delete_tables)
+            step("conntrack", lambda: flush_conntrack([self.mark_base], mask=MARK_MASK))
+        if "firewall" in self._made:
+            step("iptables", lambda: _close_firewall(self.bridge))
+        if "bridge" in self._made:
+            step("bridge", delete_bridge)
         self._made.clear()
         if self._nft is not None:
             self._nft.close()
             self._nft = None
+        if errors:
+            raise ActivatorError("; ".join(errors))
 
     def remove_leftovers(self) -> list[str]:
         """What a crashed run left that the next open() would not replace: our veths still on the bridge, the
@@ -445,15 +468,18 @@ table bridge {t} {{
             return
         # The accept gets instance traffic past the DROP policy; what it must not reach (Docker's networks,
         # other instances) is dropped in our own table, where a drop wins over this accept.
-        tag = ["-m", "comment", "--comment", f"{FIREWALL_TAG} {self.bridge}"]
-        for rule in (["-i", self.bridge, *tag, "-j", "ACCEPT"],
-                     ["-o", self.bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED,DNAT", *tag,
-                      "-j", "ACCEPT"]):
+        self._fw_chain = chain
+        for rule in self._firewall_rules():
             out = _iptables("-I", chain, *rule)
             if out.returncode != 0:
                 raise ActivatorError(f"cannot let instance traffic through the host firewall ({chain}): "
                                      f"{out.stderr.strip()[:200]}")
         log.info("instance traffic accepted in iptables %s (the FORWARD policy is DROP)", chain)
+
+    def _firewall_rules(self) -> list[list[str]]:
+        tag = ["-m", "comment", "--comment", f"{FIREWALL_TAG} {self.bridge}"]
+        return [["-i", self.bridge, *tag, "-j", "ACCEPT"],
+                ["-o", self.bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED,DNAT", *tag, "-j", "ACCEPT"]]
 
     # --- instances (blocking) -------------------------------------------------------------------------------
 
@@ -472,16 +498,9 @@ table bridge {t} {{
         """The instance's eth0, made directly inside its namespace (moving a veth between namespaces is slow
         under the rtnl lock), on the bridge, addressed, with a default route; its rules in the tables. Its port
         and allowed sources are in the bridge table before the link exists."""
-        t, m = self.table, att.mark
-        cmds = [f"add counter ip {t} in_{m:x}", f"add counter ip {t} out_{m:x}",
-                f"add element ip {t} egress_marks {{ {att.ip} : {m | EGRESS:#x} }}",
-                f'add element bridge {t} ports {{ "{att.veth}" }}',
-                f'add element bridge {t} sources {{ "{att.veth}" . {att.mac} . {att.ip} }}']
-        if not att.egress:
-            cmds.append(f"add element ip {t} noegress {{ {att.ip} }}")
         with self._lock:
             self._plugged[att.name] = att
-            self.nft.run("\n".join(cmds) + "\n" + self._acct_rules())
+            self.nft.run("\n".join(self._plug_rules(att)) + "\n" + self._acct_rules())
         with IPRoute() as ipr:
             ipr.link("add", ifname=att.veth, kind="veth",
                      peer={"ifname": "eth0", "net_ns_fd": ns.fd, "address": att.mac})
@@ -502,6 +521,16 @@ table bridge {t} {{
                 inner.route("add", dst="default", gateway=str(self.gateway))
         finally:
             pyroute2_netns.setns(HOME_NS)
+
+    def _plug_rules(self, att: Attachment) -> list[str]:
+        t, m = self.table, att.mark
+        cmds = [f"add counter ip {t} in_{m:x}", f"add counter ip {t} out_{m:x}",
+                f"add element ip {t} egress_marks {{ {att.ip} : {m | EGRESS:#x} }}",
+                f'add element bridge {t} ports {{ "{att.veth}" }}',
+                f'add element bridge {t} sources {{ "{att.veth}" . {att.mac} . {att.ip} }}']
+        if not att.egress:
+            cmds.append(f"add element ip {t} noegress {{ {att.ip} }}")
+        return cmds
 
     def unplug(self, att: Attachment) -> None:
         """Undo plug() and free the address; whatever is already gone is fine."""
@@ -599,17 +628,22 @@ table bridge {t} {{
         self.nft.run("\n".join(cmds))
 
     def steer(self, service: str, listen: Iterable[ListenAddress], backends: list[Backend]) -> None:
-        """Send new connections to the service's IPv4 listen addresses to these backends, round robin; with
-        none, to nobody in the kernel (the activator's listener takes them). One transaction."""
-        t, chain = self.table, f"svc_{_ident(service)}"
+        """Send new connections to the service's IPv4 listen addresses to these backends, round robin in this
+        order; with none, to nobody in the kernel (the activator's listener takes them). One transaction. What
+        is asked is remembered first, so a repair after a failure puts exactly this back."""
+        self._backends[service] = list(backends)
         cmds = []
         if service not in self._steered:
-            cmds.append(f"add chain ip {t} {chain}")
+            chain = f"svc_{_ident(service)}"
             jumps = self._jumps(listen, chain)
-            for hook in ("prerouting", "output"):
-                cmds += [f"add rule ip {t} {hook} {j}" for j in jumps]
+            cmds += [f"add chain ip {self.table} {chain}",
+                     *(f"add rule ip {self.table} {hook} {j}" for hook in ("prerouting", "output") for j in jumps)]
             self._steered[service] = jumps
-        cmds.append(f"flush chain ip {t} {chain}")
+        self.nft.run("\n".join(cmds + self._steer_rules(service)))
+
+    def _steer_rules(self, service: str) -> list[str]:
+        t, chain, backends = self.table, f"svc_{_ident(service)}", self._backends.get(service, [])
+        cmds = [f"flush chain ip {t} {chain}"]
         if backends:
             marks = ", ".join(f"{i} : {b.mark:#x}" for i, b in enumerate(backends))
             targets = ", ".join(f"{b.mark:#x} : {b.ip} . {b.port}" for b in backends)
@@ -620,7 +654,50 @@ table bridge {t} {{
                         f"map {{ {marks} }}")
             cmds.append(f"add rule ip {t} {chain} {syn} counter name steered_{_ident(service)} "
                         f"dnat ip to ct mark map {{ {targets} }}")
-        self.nft.run("\n".join(cmds))
+        return cmds
+
+    # --- surviving the host's firewall tools (blocking) ----------------------------------------------------
+
+    def intact(self) -> bool:
+        """Are both tables there? `nft flush ruleset` (a firewall reload, `systemctl reload nftables`,
+        firewalld) or a hand-deleted table removes them under a running daemon. A listing costs ~1 ms."""
+        try:
+            tables = {(t["table"]["family"], t["table"]["name"]) for t in self.nft.query("list tables")
+                      if "table" in t}
+        except NftError:
+            return False
+        return not self.broken and {("ip", self.table), ("bridge", self.table)} <= tables
+
+    def repair(self) -> None:
+        """Put the tables back as they should be now: every plugged instance, limit, timeout and steering rule.
+        Connections already steered keep going meanwhile (conntrack holds their translation and marks); the
+        counters start again from zero."""
+        with self._lock:
+            self._install_table()
+            cmds: list[str] = []
+            for att in self._plugged.values():
+                cmds += self._plug_rules(att)
+            cmds.append(self._acct_rules())
+            for service in self._limits:
+                cmds += [f"add counter ip {self.table} rejected_{_ident(service)}",
+                         f"add counter ip {self.table} steered_{_ident(service)}"]
+            cmds += self._limit_rules()
+            for service, jumps in self._steered.items():
+                chain = f"svc_{_ident(service)}"
+                cmds += [f"add chain ip {self.table} {chain}",
+                         *(f"add rule ip {self.table} {hook} {j}" for hook in ("prerouting", "output") for j in jumps)]
+                cmds += self._steer_rules(service)
+            self.nft.run("\n".join(cmds))
+            self.broken = False
+
+    def firewall_intact(self) -> bool:
+        """Are our two accepts still in iptables? A Docker restart or an `iptables -F` removes them."""
+        if self._fw_chain is None:
+            return True
+        return all(_iptables("-C", self._fw_chain, *rule).returncode == 0 for rule in self._firewall_rules())
+
+    def repair_firewall(self) -> None:
+        self._open_firewall()
 
     # --- measuring (blocking) -------------------------------------------------------------------------------
 
@@ -664,15 +741,40 @@ class ServiceSteering:
     def __init__(self, network: HostNetwork, config: ServiceConfig) -> None:
         self.network = network
         self.config = config
+        self.failed = False  # the last change did not reach the kernel (logged once until one does)
+        self.failures = 0
 
     def set(self, instances: list[Instance]) -> None:
-        backends = [Backend(att.ip, self.config.port, att.mark) for i in instances
+        """Least loaded first: the rule's round robin starts over at its first backend whenever it is rebuilt
+        (an instance came or went), so that one must be the one with the fewest connections, not whichever was
+        first before. A failure never reaches the caller (a service's state machine, a shutdown): the service
+        stays on the activator's own listener for whatever the kernel no longer steers, the network is marked
+        for repair, and the next check puts back what is asked here."""
+        ordered = sorted(instances, key=lambda i: i.connections)
+        backends = [Backend(att.ip, self.config.port, att.mark) for i in ordered
                     if (att := i.sandbox.attachment) is not None]
-        self.network.steer(self.config.name, self.config.listen, backends)
+        try:
+            self.network.steer(self.config.name, self.config.listen, backends)
+        except Exception as e:
+            self.failures += 1
+            self.network.broken = True
+            if not self.failed:
+                log.warning("service=%s kernel path: steering failed (%s); its clients reach the activator's own "
+                            "listener until the rules are repaired", self.config.name, e)
+            self.failed = True
+        else:
+            self.failed = False
 
     def open_count(self, inst: Instance) -> tuple[int, int]:
+        """(open, half-open); on a conntrack error, one open: an instance is never reaped on a count not made."""
         att = inst.sandbox.attachment
-        return (0, 0) if att is None else connections(att.base).get(att.mark, (0, 0))
+        if att is None:
+            return (0, 0)
+        try:
+            return connections(att.base).get(att.mark, (0, 0))
+        except Exception as e:
+            log.warning("instance=%s: counting its connections failed (%s); kept for now", inst.name, e)
+            return (1, 0)
 
 
 def ident(name: str) -> str:

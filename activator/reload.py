@@ -5,10 +5,13 @@ Pure: no I/O. The lifecycle owner (server.py) carries a Plan out; `activator val
 A service is
   added      its name is new: it gets listeners, a checkpoint and an instance slot, as at start;
   removed    its name is gone: its listeners close at once, its connections drain (drain_timeout), then it goes;
-  changed    anything in its definition differs (or whether it shares memory, which `auto` decides from the
-             whole file): it gets a new checkpoint if what shapes the process changed, and a new set of
-             instances; the running ones finish their connections on the old definition;
-  unchanged  left alone: no connection of it is touched.
+  changed    anything in its definition differs: it gets a new checkpoint if what shapes the process changed,
+             and a new set of instances; the running ones finish their connections on the old definition;
+  unchanged  left alone: no connection or instance of it is touched. If only whether it shares memory changed
+             (`share_memory: auto` decides from the whole file: adding a second service turns the first one's
+             sharing off), that applies to its next instances; the running ones keep theirs until they are
+             reaped (a process cannot be made unmergeable from outside), which is safe both ways: an instance
+             that no longer shares cannot merge with another service's.
 
 Settings are the daemon's own (state dir, network, metrics address, binaries): a change to them needs a restart,
 and a reload that changes them is refused as a whole, except drain_timeout, which applies at once.
@@ -39,6 +42,7 @@ class Plan:
     removed: tuple[ServiceConfig, ...]
     changed: tuple[Change, ...]
     unchanged: tuple[str, ...]
+    resharing: tuple[tuple[str, bool], ...] = ()  # unchanged services whose derived sharing flips: (name, shares)
 
     @property
     def empty(self) -> bool:
@@ -53,6 +57,9 @@ class Plan:
                          "definition)")
         if self.unchanged:
             lines.append(f"keep {', '.join(self.unchanged)} untouched")
+        for name, shares in self.resharing:
+            lines.append(f"{name}: memory sharing (share_memory: auto) turns {'on' if shares else 'off'} for its "
+                         "next instances; running ones keep theirs until reaped")
         return lines or ["nothing to change"]
 
 
@@ -70,18 +77,19 @@ def plan_reload(old: Config, new: Config) -> Plan:
     removed = tuple(s for s in old.services if s.name not in after)
     changed: list[Change] = []
     unchanged: list[str] = []
+    resharing: list[tuple[str, bool]] = []
     for s in new.services:
         o = before.get(s.name)
         if o is None:
             continue
         keys = _differing(o, s)
-        if old.shares_memory(o) != new.shares_memory(s) and "share_memory" not in keys:
-            keys.append("share_memory (auto)")
         if keys:
             changed.append(Change(o, s, tuple(keys), o.checkpoint_fingerprint() != s.checkpoint_fingerprint()))
         else:
             unchanged.append(s.name)
-    return Plan(added, removed, tuple(changed), tuple(unchanged))
+            if old.shares_memory(o) != new.shares_memory(s):
+                resharing.append((s.name, new.shares_memory(s)))
+    return Plan(added, removed, tuple(changed), tuple(unchanged), tuple(resharing))
 
 
 def _differing(a: ServiceConfig, b: ServiceConfig) -> list[str]:

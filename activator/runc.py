@@ -61,6 +61,9 @@ class Runc:
         self.criu = criu
         self.criu_config = root / "criu.conf"
         self.criu_dump_config = root / "criu-dump.conf"
+        #: cleanup steps the sandboxes of this runc root could not do (logged where they failed); the lifecycle
+        #: owner reads them at shutdown for its exit status
+        self.failures: list[str] = []
 
     def write_criu_config(self) -> None:
         from . import extmounts

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 from . import cgroups, criurestore, extmounts, readiness, rootfs
 from .checkpoint import Checkpoint
 from .config import Resources
-from .errors import RuncError
+from .errors import ActivatorError, RuncError
 from .netns import PREFIX as NETNS_PREFIX
 from .netns import NetNamespace
 from .network import Attachment, HostNetwork
@@ -148,7 +149,12 @@ class Sandbox:
             criu_config = lay.dir / "criu.conf"
             write_private(criu_config, restore_config(paths))
             if direct:  # restored through CRIU directly: its cgroups are ours to make
-                procs = cgroups.create(self.name, resources.memory, resources.cpus, resources.pids)
+                try:
+                    procs = cgroups.create(self.name, resources.memory, resources.cpus, resources.pids)
+                except OSError as e:
+                    raise ActivatorError(f"resources: the kernel refused this instance's limits ({e.strerror}: "
+                                         f"memory {resources.memory}, cpus {resources.cpus}, pids {resources.pids})"
+                                         ) from None
                 self._restorer = criurestore.Restorer.spawn(
                     criu=self.runc.criu, images=restore.images, work=lay.criu_work, netns=self.netns.path,
                     output=lay.output, procs=procs, mergeable=self.mergeable)
@@ -279,13 +285,30 @@ class Sandbox:
         await asyncio.to_thread(self._release_blocking, errors, keep_dir)
         if errors:
             log.warning("sandbox %s: cleanup incomplete: %s", self.name, "; ".join(errors))
+            self.runc.failures.append(f"{self.name}: {'; '.join(errors)}")
 
     def _release_blocking(self, errors: list[str], keep_dir: bool) -> None:
+        """Every step runs whatever an earlier one raised: what can be released is released."""
+        # The app first, on its own: it is PID 1 of its namespace, so SIGKILL takes every process in it, even if
+        # its cgroups cannot be walked or removed below.
+        try:
+            pid = self.pid_now()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, RuncError) as e:
+            if not isinstance(e, ProcessLookupError):
+                errors.append(f"kill: {e}")
         if self._restorer is not None:  # prepared and never used
-            self._restorer.discard()
+            try:
+                self._restorer.discard()
+            except Exception as e:
+                errors.append(f"criu swrk: {e}")
             self._restorer = None
         # Normally all gone with `runc delete`; not when runc was killed before it recorded the container.
-        stuck = cgroups.remove(self.name)
+        try:
+            stuck = cgroups.remove(self.name)
+        except Exception as e:
+            stuck = [Path(f"({e})")]
         if stuck:
             errors.append(f"cgroups not removed: {', '.join(map(str, stuck))}")
         try:
@@ -296,14 +319,14 @@ class Sandbox:
             try:
                 rootfs.unmount(self.layout.rootfs)
                 self._mounted = False
-            except OSError as e:
+            except Exception as e:
                 errors.append(str(e))
         # Whatever else is mounted in the instance's directory: a CRIU killed in the middle of a restore leaves
         # its "cgroup yard" (a tmpfs with every cgroup hierarchy mounted inside) in criu-work/.
         for point in rootfs.mounts_under(self.layout.dir):
             try:
                 rootfs.unmount(point)
-            except OSError as e:
+            except Exception as e:
                 errors.append(str(e))
         if self.attachment is not None and self.network is not None:
             try:
@@ -313,7 +336,7 @@ class Sandbox:
                 errors.append(f"network: {e}")
         try:
             self.netns.remove()
-        except OSError as e:
+        except Exception as e:
             errors.append(f"netns: {e}")
         if not keep_dir and not self._mounted:
             for _ in range(20):  # a process that was just killed may still be closing files in it

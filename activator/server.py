@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import platform
@@ -65,6 +66,8 @@ RESTORES_PER_CPU = 1
 IMAGE_CHECK_INTERVAL = 60.0
 #: how often kernel-path connections are sampled (conntrack and counters: a few ms of a worker thread each)
 METER_INTERVAL = 0.25
+#: every this many meter ticks (5 s), the iptables accepts are checked
+FIREWALL_CHECK_TICKS = 20
 
 
 class Activator:
@@ -88,6 +91,7 @@ class Activator:
         self._restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
         self._runc: Any = None
         self._metrics_server: Any = None
+        self.teardown_failures: list[str] = []  # what shutdown() could not undo (the exit status says so)
         self._control: ControlServer | None = None
         self._builder: CheckpointBuilder | None = None
         self.network: HostNetwork | None = None
@@ -240,7 +244,14 @@ class Activator:
     async def _make_service(self, svc: ServiceConfig, config: Config, *, sweeps: bool = True) -> Service:
         """A Service with its Launcher (not yet serving: no listener, no checkpoint)."""
         assert self._builder is not None
-        shares = config.shares_memory(svc)
+        m = self.metrics.for_service(svc.name)
+        launcher = Launcher(svc, self._runc, self.state.instances, self.state.logs, m, self.network,
+                            await self._ksm_for(config.shares_memory(svc)), self._restores)
+        return Service(svc, launcher=launcher, metrics=m, budget=self.budget,
+                       store=self._builder.store if sweeps else None)
+
+    async def _ksm_for(self, shares: bool) -> Ksm | None:
+        """The Ksm a sharing service's launcher marks its instances for (started on first use), or None."""
         if shares and self.ksm is None:
             if ksm.available():
                 self.ksm = Ksm(self.state.root / ksm.SAVED_NAME)
@@ -248,11 +259,7 @@ class Activator:
                 self._keep(spawn(self._pace_ksm(self.ksm), name="ksm-pacer"))
             else:
                 log.warning("share_memory is on but this kernel has no KSM (/sys/kernel/mm/ksm): nothing is shared")
-        m = self.metrics.for_service(svc.name)
-        launcher = Launcher(svc, self._runc, self.state.instances, self.state.logs, m, self.network,
-                            self.ksm if shares else None, self._restores)
-        return Service(svc, launcher=launcher, metrics=m, budget=self.budget,
-                       store=self._builder.store if sweeps else None)
+        return self.ksm if shares else None
 
     def _with_systemd_addresses(self, config: Config) -> Config:
         """`listen: systemd` services, with the addresses of the sockets systemd passed for them at start."""
@@ -312,10 +319,38 @@ class Activator:
             service.steering = None
         service.set_checkpoint(checkpoint)
 
+    async def _keep_network(self, tick: int) -> None:
+        """Put back what the host's firewall tools took: our tables (checked every tick, ~1 ms) and our iptables
+        accepts (every FIREWALL_CHECK_TICKS, two `iptables -C`). Counted, logged; a failed repair is retried."""
+        net = self.network
+        assert net is not None
+        for svc in (*self.services.values(), *self._retiring):
+            steering = svc.steering
+            if isinstance(steering, ServiceSteering) and steering.failures:
+                self.metrics.kernel_path_failures.labels(svc.name).inc(steering.failures)
+                steering.failures = 0
+        try:
+            if not await asyncio.to_thread(net.intact):
+                await asyncio.to_thread(net.repair)
+                self.metrics.network_repairs.labels("nftables").inc()
+                log.warning("the instance network's nftables tables were missing or out of date (a firewall reload?); "
+                            "put back with every instance and service rule")
+            if tick % FIREWALL_CHECK_TICKS == 0 and not await asyncio.to_thread(net.firewall_intact):
+                await asyncio.to_thread(net.repair_firewall)
+                self.metrics.network_repairs.labels("iptables").inc()
+                log.warning("activator's accepts in iptables were gone (a Docker restart or a firewall reload?); "
+                            "put back")
+        except Exception as e:  # retried next tick; the services keep their userspace path meanwhile
+            if tick % FIREWALL_CHECK_TICKS == 0:
+                log.warning("repairing the instance network failed: %s; retrying", e)
+
     async def _meter(self) -> None:
         """Kernel-path connections send no events: sample them (conntrack, counters) a few times a second."""
         assert self.network is not None
+        tick = 0
         while True:
+            tick += 1
+            await self._keep_network(tick)
             try:
                 samples = await asyncio.to_thread(self.network.sample)
             except Exception as e:  # a netlink hiccup must not end the sampling for good
@@ -434,6 +469,8 @@ class Activator:
             self._track(svc.name, self._first_checkpoint(svc), "checkpoint")
         for change in p.changed:
             self._track(change.new.name, self._replace(change, fresh.get(change.new.name, [])), "replace")
+        for name, shares in p.resharing:
+            await self.services[name].launcher.reshare(await self._ksm_for(shares))
         self.metrics.reloads.labels("applied").inc()
         lines = p.describe()
         log.info("reloaded %s: %s", new.path, "; ".join(lines))
@@ -601,7 +638,11 @@ class Activator:
             failures += 1
 
     async def shutdown(self) -> None:
-        """Idempotent: a caller that stops the daemon itself may be followed by its owner's own shutdown."""
+        """Idempotent: a caller that stops the daemon itself may be followed by its owner's own shutdown.
+
+        Every step runs whatever an earlier one raised (a flushed firewall, a busy cgroup, a mount that will not
+        go): each failure is logged and kept in teardown_failures, and the rest is still released. The exit
+        status says so (cmd_run returns 1)."""
         if self._shut_down:
             return
         self._shut_down = True
@@ -610,10 +651,12 @@ class Activator:
         grace = max((s.config.stop_grace for s in self.services.values()), default=0.0)
         systemd.notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int((drain + grace + 30) * 1e6)}",
                        f"STATUS=draining {len(self.connections)} connection(s)")
+        failures_before = len(self._runc.failures) if self._runc is not None else 0
         for name in list(self.listeners):
-            self._unlisten(name)
+            await self._step(f"closing the listeners of {name}", self._unlisten, name)
         for svc in (*self.services.values(), *self._retiring):
-            svc.withdraw_all()  # the kernel sends nobody new to any instance; open connections drain
+            # the kernel sends nobody new to any instance; open connections drain
+            await self._step(f"withdrawing {svc.name}'s instances", svc.withdraw_all)
         for task in list(self._background):
             task.cancel()
         kernel = await self._kernel_open()
@@ -626,24 +669,43 @@ class Activator:
             forced.cancel()
             for conn in self.connections:
                 conn.abort()
-        await asyncio.gather(*(s.close() for s in (*self.services.values(), *self._retiring)),
-                             return_exceptions=True)
+        closed = await asyncio.gather(*(s.close() for s in (*self.services.values(), *self._retiring)),
+                                      return_exceptions=True)
+        for svc, result in zip((*self.services.values(), *self._retiring), closed, strict=True):
+            if isinstance(result, BaseException):
+                self._failed(f"closing {svc.name}", result)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._control is not None:
-            await self._control.close()
+            await self._step("closing the control socket", self._control.close)
         if self._metrics_server is not None:
-            await asyncio.to_thread(self._metrics_server.shutdown)
+            await self._step("stopping the metrics endpoint", asyncio.to_thread, self._metrics_server.shutdown)
         if self.network is not None and self._network_open:
-            try:
-                await asyncio.to_thread(self.network.close)
-            except Exception as e:
-                log.warning("removing the instance network failed: %s", e)
+            await self._step("removing the instance network", asyncio.to_thread, self.network.close)
         if self.ksm is not None:
-            await asyncio.to_thread(self.ksm.stop)
+            await self._step("putting KSM's settings back", asyncio.to_thread, self.ksm.stop)
+        if self._runc is not None:  # what sandboxes could not release (each logged where it happened)
+            self.teardown_failures += self._runc.failures[failures_before:]
         if self._locked:
-            self.state.unlock()
-        log.info("stopped")
+            await self._step("unlocking the state dir", self.state.unlock)
+        if self.teardown_failures:
+            log.error("stopped, but %d cleanup step(s) failed: %s", len(self.teardown_failures),
+                      "; ".join(self.teardown_failures)[:2000])
+        else:
+            log.info("stopped")
+
+    async def _step(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """One teardown step: its failure is recorded, never raised (the next step must still run)."""
+        try:
+            result = fn(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as e:
+            self._failed(what, e)
+
+    def _failed(self, what: str, e: BaseException) -> None:
+        log.warning("stopping: %s failed: %s", what, e)
+        self.teardown_failures.append(f"{what}: {e}")
 
     async def _kernel_open(self) -> int:
         if self.network is None or not self._network_open:

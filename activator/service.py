@@ -51,6 +51,8 @@ log = logging.getLogger("activator.service")
 
 #: rejected connections are logged as a count at most this often per service (each is counted in metrics)
 REJECT_LOG_INTERVAL = 10.0
+#: after an instance leaves the rule, how long before its connections are counted (see _retire)
+WITHDRAW_SETTLE = 0.05
 
 
 class Steering(Protocol):
@@ -74,6 +76,8 @@ class Launcher(Protocol):
     def refill(self, checkpoint: Checkpoint) -> None: ...  # prepare slots for it
 
     async def drop_slots_except(self, checkpoint: Checkpoint) -> None: ...
+
+    async def reshare(self, ksm: Any) -> None: ...  # share memory (a ksm.Ksm) or not (None) from now on
 
     async def close(self) -> None: ...
 
@@ -158,6 +162,8 @@ class Service:
         self._replenish_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._rejections: dict[str, int] = {}
+        self._rejections_timer: asyncio.TimerHandle | None = None
+        self._latest_rejection = ""
         self._kernel_rejected = self._kernel_steered = 0
         self._rejections_logged = -REJECT_LOG_INTERVAL
         # Remaining backoff shrinks with time, and kernel-path connections change without us: both are computed
@@ -327,13 +333,31 @@ class Service:
     def reject(self, why: Rejected) -> None:
         """Count a connection closed by admission control; log the tally, but not once per connection."""
         self.m.rejected[why.reason].inc()
-        self._rejections[why.reason] = self._rejections.get(why.reason, 0) + 1
+        self._tally(why.reason, 1, str(why))
+
+    def _tally(self, reason: str, n: int, latest: str) -> None:
+        """At most one log line per REJECT_LOG_INTERVAL, and every rejection in one: what comes after a line is
+        logged when the interval ends, not lost if nothing else comes."""
+        self._rejections[reason] = self._rejections.get(reason, 0) + n
+        self._latest_rejection = latest
         now = time.monotonic()
         if now - self._rejections_logged >= REJECT_LOG_INTERVAL:
-            tally = ", ".join(f"{n} {reason}" for reason, n in sorted(self._rejections.items()))
-            log.warning("service=%s connections closed by admission control: %s (latest: %s)", self.name, tally, why)
-            self._rejections.clear()
-            self._rejections_logged = now
+            self._log_rejections()
+        elif self._rejections_timer is None:
+            self._rejections_timer = asyncio.get_running_loop().call_later(
+                self._rejections_logged + REJECT_LOG_INTERVAL - now, self._log_rejections)
+
+    def _log_rejections(self) -> None:
+        if self._rejections_timer is not None:
+            self._rejections_timer.cancel()
+            self._rejections_timer = None
+        if not self._rejections:
+            return
+        tally = ", ".join(f"{n} {reason}" for reason, n in sorted(self._rejections.items()))
+        log.warning("service=%s connections closed by admission control: %s (latest: %s)", self.name, tally,
+                    self._latest_rejection)
+        self._rejections.clear()
+        self._rejections_logged = time.monotonic()
 
     # --- the kernel path ------------------------------------------------------------------------------------
 
@@ -346,6 +370,9 @@ class Service:
         service's counters (connections steered, refused for max_connections) into its metrics."""
         if rejected > self._kernel_rejected:
             self.m.rejected["max-connections"].inc(rejected - self._kernel_rejected)
+            self._tally("max-connections", rejected - self._kernel_rejected,
+                        f"refused in the kernel: service '{self.name}' has {self.config.max_connections} open "
+                        "connections")
         if steered > self._kernel_steered:
             self.m.connections.inc(steered - self._kernel_steered)
         self._kernel_rejected, self._kernel_steered = rejected, steered
@@ -516,6 +543,10 @@ class Service:
         entries are therefore waited out, not counted: no new one can come, the instance is out of the rule."""
         assert self.steering is not None
         steering = self.steering
+        # A SYN DNATed just before the rule changed may not have its conntrack entry confirmed yet (a dump shows
+        # confirmed ones only): let it settle, or that client's SYN would meet a dead instance and be retried a
+        # second later.
+        await asyncio.sleep(WITHDRAW_SETTLE)
         deadline = time.monotonic() + steering.half_open_timeout + 1
         while True:
             still_open, half_open = await asyncio.to_thread(steering.open_count, inst)
@@ -648,6 +679,7 @@ class Service:
     async def close(self) -> None:
         """Kill every instance and release everything. Idempotent."""
         self._closed = True
+        self._log_rejections()  # the tally since the last line
         self.withdraw_all()
         if self._replenish_timer is not None:
             self._replenish_timer.cancel()

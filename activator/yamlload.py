@@ -2,7 +2,8 @@
 
 - Duplicate keys are an error (PyYAML keeps the last one silently: two `web:` services would merge).
 - Anchors and aliases are allowed, but a document whose aliases expand to more than MAX_NODES nodes is refused
-  before anything is constructed (a "billion laughs" document is a few lines that expand to 10^9 nodes).
+  before anything is constructed (a "billion laughs" document is a few lines that expand to 10^9 nodes), and so
+  is an alias inside the value it names (`x: &x [*x]`: a value without end, which would spin every reader).
 - No sexagesimal numbers: YAML 1.1 reads an unquoted `18:00` as the integer 1080, which turned
   `listen: 18:00` into port 1080 on every interface. Here it stays the string "18:00".
 - Only the safe tags (SafeLoader): nothing in the file can construct Python objects.
@@ -53,23 +54,32 @@ class _Loader(yaml.SafeLoader):
 
 
 def _check_expansion(root: Node) -> None:
-    """Count the nodes the document expands to, without expanding it (aliases share node objects)."""
+    """Count the nodes the document expands to, without expanding it (aliases share node objects), and refuse
+    an alias inside the value it names (`x: &x [*x]`): a value that contains itself never ends."""
     sizes: dict[int, int] = {}
+    # The nodes being expanded: in this post-order walk, exactly the ancestors of the node at hand, so meeting
+    # one again is a cycle.
+    open_: set[int] = set()
     # Iterative post-order walk: a deeply nested document must not hit Python's recursion limit here.
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
         node, done = stack.pop()
         if id(node) in sizes:
             continue
+        if not done and id(node) in open_:
+            raise LoadError("an alias refers to a value that contains it, so the value never ends; write the "
+                            "value out", node.start_mark)
         children: list[Node] = []
         if isinstance(node, SequenceNode):
             children = list(node.value)
         elif isinstance(node, MappingNode):
             children = [n for pair in node.value for n in pair]
         if not done:
+            open_.add(id(node))
             stack.append((node, True))
             stack.extend((c, False) for c in children if id(c) not in sizes)
             continue
+        open_.discard(id(node))
         total = 1 + sum(sizes.get(id(c), 1) for c in children)
         if total > MAX_NODES:
             raise LoadError(f"the document expands to more than {MAX_NODES} values through its aliases "

@@ -155,6 +155,13 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h,*h]
 services: {web: {image: x, listen: 1, port: 80, command: *i}}
 """, "alias bomb"),
     ("[" * 20000 + "]" * 20000, "nested too deeply"),
+    # values the kernel would refuse at every restore (issue 16 item 8)
+    ("services: {web: {image: x, listen: 1, port: 80, resources: {cpus: 0.000001}}}",
+     "services.web.resources: cpus: 1e-06 is below the kernel's smallest CPU quota; use at least 0.01"),
+    # values that contain themselves (issue 16 item 3): refused at once instead of spinning to a MemoryError
+    ("x: &x [*x]\nservices: {web: {image: x, listen: 1, port: 80}}", "an alias refers to a value that contains it"),
+    ("services: &s {web: {image: x, listen: 1, port: 80, environment: {A: *s}}}", "contains it"),
+    ("services: {web: &w {image: x, listen: 1, port: 80, command: [a, [b, *w]]}}", "contains it"),
 ]
 
 

@@ -38,8 +38,14 @@ def test_each_kind_of_change_is_told_apart(tmp_path: Path) -> None:
 def test_auto_memory_sharing_follows_the_number_of_services(tmp_path: Path) -> None:
     one = cfg(tmp_path, {"a": SVC}, "one.yaml")
     two = cfg(tmp_path, {"a": SVC, "b": SVC | {"listen": "127.0.0.1:8002"}}, "two.yaml")
-    (change,) = plan_reload(one, two).changed
-    assert change.keys == ("share_memory (auto)",) and not change.new_checkpoint
+    p = plan_reload(one, two)
+    # Issue 16 item 7: the first service's definition did not change, so it is not retired; only its next
+    # instances stop sharing (and the plan says so).
+    assert p.changed == () and p.unchanged == ("a",) and p.resharing == (("a", False),)
+    assert any("a: memory sharing (share_memory: auto) turns off for its next instances" in line
+               for line in p.describe())
+    back = plan_reload(two, one)
+    assert back.changed == () and back.resharing == (("a", True),)
 
 
 @pytest.mark.parametrize("setting", [{"metrics": "127.0.0.1:1"}, {"state_dir": "/elsewhere"},

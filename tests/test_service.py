@@ -58,6 +58,7 @@ class FakeLauncher:
     restores: int = 0
     cold_starts: int = 0
     made: list[FakeSandbox] = field(default_factory=list)
+    ksm: Any = None
 
     async def _make(self, how: str, checkpoint: Any) -> Instance:
         if self.gate is not None:
@@ -81,6 +82,9 @@ class FakeLauncher:
 
     def refill(self, checkpoint: Any) -> None:
         pass
+
+    async def reshare(self, ksm: Any) -> None:
+        self.ksm = ksm
 
     async def drop_slots_except(self, checkpoint: Any) -> None:
         pass

@@ -63,3 +63,30 @@ def test_status_and_inspect(tmp_path: Path) -> None:
     gone = subprocess.run([*ACTIVATOR, "status", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
     assert gone.returncode == 1 and "no activator is running" in gone.stderr
 
+
+
+def test_a_stopped_daemon_is_named_within_seconds_not_waited_for(tmp_path: Path) -> None:
+    """Issue 16 item 4: status and reload against a SIGSTOPped daemon answer in one line, exit 1."""
+    import signal
+    import time
+
+    from activator import control
+
+    cfg = write_config(tmp_path, {"echo": ECHO})
+    with daemon([*ACTIVATOR, "run", "-c", str(cfg)], tmp_path / "activator.log") as proc:
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            for verb in ("status", "reload"):
+                started = time.monotonic()
+                out = subprocess.run([*ACTIVATOR, verb, "-c", str(cfg)], capture_output=True, text=True, timeout=60)
+                took = time.monotonic() - started
+                assert out.returncode == 1, (verb, out.stderr)
+                line = out.stderr.strip()
+                assert "\n" not in line and f"the daemon at PID {proc.pid} did not answer within" in line, line
+                assert took < control.ANSWER_TIMEOUT + 25, (verb, took)  # not the reload timeout (120 s)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        # Positive control: the same commands answer once it runs again.
+        out = subprocess.run([*ACTIVATOR, "status", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        stop(proc)
