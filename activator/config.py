@@ -666,7 +666,13 @@ class ServiceConfig:
             "protocols); null: only data wakes it")
     client_idle_timeout: float | None = key(
         Duration(0.1, 30 * DAY), None, nullable=True,
-        doc="a connection with no bytes either way for this long is closed (null: never)")
+        doc="a connection with no bytes either way for this long is closed (null: never); on the kernel path, "
+            "its conntrack idle timeout")
+    client_silent_timeout: float | None = key(
+        Duration(0.1, 30 * DAY), 60.0, nullable=True,
+        doc="a connection whose client has not sent one byte this long after it was accepted is closed, so "
+            "connections that never speak cannot pin instances; quiet sessions that have exchanged data are not "
+            "affected (null: never; through the activator only: the kernel path does not see the bytes)")
     stop_signal: str | None = key(
         Text(pattern=r"(SIG)?[A-Z0-9+-]+|[0-9]+", hint="a signal name like SIGTERM, or a number"), None,
         nullable=True, doc="what an instance is asked to stop with when it is reaped or drained (null: the "

@@ -40,6 +40,7 @@ class Instance:
     spliced: int = 0  # connections through the activator (held, then spliced in userspace)
     kernel: int = 0  # open connections steered to it by the kernel, as of the last sample (conntrack)
     served: int = 0  # connections handed to it through the activator
+    kernel_served: int = 0  # connections the kernel steered to it that completed their handshake
     established: int = 0  # connections its app accepted (either path)
     idle_since: float = field(default_factory=time.monotonic)
     idle_timer: asyncio.TimerHandle | None = None
@@ -48,6 +49,7 @@ class Instance:
     kernel_packets: int = 0  # the last sample's counters, to tell activity and count bytes
     kernel_bytes_in: int = 0
     kernel_bytes_out: int = 0
+    kernel_served_seen: int = 0  # the last sample's per-instance connection counter
     pidfd: int | None = None  # the app's pidfd while it is watched (service.py)
     phases: dict[str, float] = field(default_factory=dict)  # seconds: prepare, queue, restore
 

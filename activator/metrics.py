@@ -131,7 +131,8 @@ class Metrics:
                                "Connections that closed before sending a byte or waiting out wake_grace: they "
                                "woke nothing (port scans, health probes that only connect)", ["service"], registry=r)
         self.idle_closes = Counter("activator_client_idle_closes",
-                                   "Connections closed after client_idle_timeout without a byte either way",
+                                   "Connections closed after client_idle_timeout without a byte either way, or "
+                                   "client_silent_timeout without a byte from the client",
                                    ["service"], registry=r)
         self.checkpoint_build_failures = Counter("activator_checkpoint_build_failures",
                                                  "Checkpoint builds that failed (the service waits and retries)",

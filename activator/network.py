@@ -80,7 +80,11 @@ TAG_MASK = 0xF0000000
 MARK_MASK = 0xFFF00000  # one daemon's marks
 SLOT_SHIFT = 20
 EGRESS = 0x00080000  # within the host-index bits: a /16 has fewer than 2^19 hosts
-INDEX_MASK = EGRESS - 1
+#: set on a steered connection once it is counted as one the instance served (the first packet after its
+#: handshake): a SYN that never completes is never counted
+COUNTED = 0x00040000
+INDEX_MASK = COUNTED - 1
+NOT_COUNTED = 0xFFFFFFFF & ~COUNTED
 VETH_PREFIX = "av"
 #: conntrack TCP states of a connection in use (ESTABLISHED .. LAST_ACK); TIME_WAIT/CLOSE are over
 OPEN_TCP_STATES = frozenset({3, 4, 5, 6})
@@ -159,6 +163,7 @@ class Sample:
     packets: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    served: int = 0  # connections it has served on the kernel path (handshake done), since its counters began
 
 
 @dataclass
@@ -524,7 +529,7 @@ table bridge {t} {{
 
     def _plug_rules(self, att: Attachment) -> list[str]:
         t, m = self.table, att.mark
-        cmds = [f"add counter ip {t} in_{m:x}", f"add counter ip {t} out_{m:x}",
+        cmds = [f"add counter ip {t} in_{m:x}", f"add counter ip {t} out_{m:x}", f"add counter ip {t} conns_{m:x}",
                 f"add element ip {t} egress_marks {{ {att.ip} : {m | EGRESS:#x} }}",
                 f'add element bridge {t} ports {{ "{att.veth}" }}',
                 f'add element bridge {t} sources {{ "{att.veth}" . {att.mac} . {att.ip} }}']
@@ -543,13 +548,14 @@ table bridge {t} {{
             with contextlib.suppress(NftError):
                 self.nft.run(self._acct_rules())
             for cmd in (f"delete counter ip {t} in_{m:x}", f"delete counter ip {t} out_{m:x}",
+                        f"delete counter ip {t} conns_{m:x}",
                         f"delete element ip {t} egress_marks {{ {att.ip} }}",
                         f"delete element ip {t} noegress {{ {att.ip} }}",
                         f'delete element bridge {t} sources {{ "{att.veth}" . {att.mac} . {att.ip} }}',
                         f'delete element bridge {t} ports {{ "{att.veth}" }}'):
                 with contextlib.suppress(NftError):
                     self.nft.run(cmd)
-        flush_conntrack([m, m | EGRESS])
+        flush_conntrack([m, m | EGRESS], mask=NOT_COUNTED)
         with self._lock:
             self._used.pop(att.index, None)
 
@@ -560,10 +566,12 @@ table bridge {t} {{
         t = self.table
         rules = [f"flush chain ip {t} acct"]
         for att in self._plugged.values():
-            m = att.mark
-            rules.append(f"add rule ip {t} acct ct mark {m:#x} ct status assured ct direction original "
+            m, mine = att.mark, f"ct mark & {NOT_COUNTED:#x} == {att.mark:#x}"
+            rules.append(f"add rule ip {t} acct ct mark {m:#x} ct status assured counter name conns_{m:x} "
+                         f"ct mark set ct mark | {COUNTED:#x}")
+            rules.append(f"add rule ip {t} acct {mine} ct status assured ct direction original "
                          f"counter name in_{m:x}")
-            rules.append(f"add rule ip {t} acct ct mark {m:#x} ct status assured ct direction reply "
+            rules.append(f"add rule ip {t} acct {mine} ct status assured ct direction reply "
                          f"counter name out_{m:x}")
         return "\n".join(rules)
 
@@ -720,9 +728,12 @@ table bridge {t} {{
                 rejected[name.removeprefix("rejected_")] = int(c["packets"])
             elif name.startswith("steered_"):
                 steered[name.removeprefix("steered_")] = int(c["packets"])
-            elif name.startswith(("in_", "out_")):
+            elif name.startswith(("in_", "out_", "conns_")):
                 mark = int(name.split("_", 1)[1], 16)
                 s = out.setdefault(mark, Sample())
+                if name.startswith("conns_"):
+                    s.served = int(c["packets"])
+                    continue
                 s.packets += int(c["packets"])
                 if name.startswith("in_"):
                     s.bytes_in = int(c["bytes"])
@@ -796,11 +807,12 @@ def connections(base: int) -> dict[int, tuple[int, int]]:
     with Conntrack() as ct:
         for e in ct.dump_entries(mark=base, mark_mask=MARK_MASK | EGRESS):
             state = e.protoinfo.state if e.protoinfo is not None else None
-            n, half = counts.get(e.mark, (0, 0))
+            mark = e.mark & NOT_COUNTED
+            n, half = counts.get(mark, (0, 0))
             if state in OPEN_TCP_STATES:
-                counts[e.mark] = (n + 1, half)
+                counts[mark] = (n + 1, half)
             elif state in HALF_OPEN_TCP_STATES:
-                counts[e.mark] = (n, half + 1)
+                counts[mark] = (n, half + 1)
     return counts
 
 

@@ -23,9 +23,12 @@ and flow control is the transports' own (a side whose peer's write buffer is ful
 drains). Half-close is passed on: EOF from one side becomes write_eof() on the other, and the connection is
 closed once both directions have ended (or either side is lost).
 
-Optional `client_idle_timeout`: no byte either way for that long closes the connection (counted), so silent
-connections cannot pin instances forever. Resource exhaustion on our side (EMFILE and friends on the backend
-socket) turns the client away with reason `resources`; it never counts against the instance.
+Optional `client_idle_timeout`: no byte either way for that long closes the connection (counted). And
+`client_silent_timeout` (60 s by default): a client that has not sent a single byte that long after it was
+accepted is closed (counted the same way), so connections that never speak (a scan, a flood, a stuck client)
+cannot pin instances forever, while quiet sessions that have exchanged data keep theirs. Resource exhaustion on
+our side (EMFILE and friends on the backend socket) turns the client away with reason `resources`; it never
+counts against the instance.
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ class _End(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.conn.idle_timeout is not None:
             self.conn.last_activity = time.monotonic()
+        if self.conn.silent_timer is not None and self is self.conn.client:
+            self.conn.silent_timer.cancel()  # the client has spoken: a quiet session from now on is a feature
+            self.conn.silent_timer = None
         if self.through:
             assert self.peer is not None and self.peer.transport is not None
             self.peer.transport.write(data)
@@ -185,6 +191,7 @@ class Connection:
         self.idle_timeout = cfg.client_idle_timeout
         self.last_activity = self.accepted
         self._timer: asyncio.TimerHandle | None = None
+        self.silent_timer: asyncio.TimerHandle | None = None  # until the client's first byte
         self._activation: asyncio.Task[None] | None = None
 
     # --- held ---------------------------------------------------------------------------------------------
@@ -204,6 +211,8 @@ class Connection:
             return
         self.registry.add(self)
         cfg = svc.config
+        if cfg.client_silent_timeout is not None:
+            self.silent_timer = asyncio.get_running_loop().call_later(cfg.client_silent_timeout, self._silent)
         if cfg.wake_on == "connect" or not svc.needs_wake():
             self.wake()
             return
@@ -260,6 +269,17 @@ class Connection:
             return
         self.service.m.idle_closes.inc()
         log.debug("service=%s connection closed after %gs without a byte either way", self.service.name, idle)
+        self.close()
+
+    def _silent(self) -> None:
+        """client_silent_timeout after it was accepted, the client has not sent a byte: not a quiet session (it
+        never began one), a connection holding an instance for nothing."""
+        self.silent_timer = None
+        if self.closed:
+            return
+        self.service.m.idle_closes.inc()
+        log.debug("service=%s connection closed: the client sent nothing in %gs", self.service.name,
+                  self.service.config.client_silent_timeout)
         self.close()
 
     # --- waking -------------------------------------------------------------------------------------------
@@ -334,6 +354,9 @@ class Connection:
         self.closed = True
         self.phase = "closed"
         self._disarm()
+        if self.silent_timer is not None:
+            self.silent_timer.cancel()
+            self.silent_timer = None
         for end in (self.client, self.backend):
             if end.transport is not None:
                 end.transport.close()

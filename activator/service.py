@@ -390,6 +390,10 @@ class Service:
             self.m.bytes_out.inc(max(0, s.bytes_out - inst.kernel_bytes_out))
             inst.kernel, inst.kernel_packets = s.open, s.packets
             inst.kernel_bytes_in, inst.kernel_bytes_out = s.bytes_in, s.bytes_out
+            # a counter below the last one was put back from zero (a repaired table): all of it is new
+            inst.kernel_served += s.served - inst.kernel_served_seen if s.served >= inst.kernel_served_seen \
+                else s.served
+            inst.kernel_served_seen = s.served
         self._scale(extra=0)
 
     def _watch(self, inst: Instance) -> None:
@@ -565,7 +569,9 @@ class Service:
         self._reap(inst)
 
     def _reap(self, inst: Instance) -> None:
-        log.info("service=%s instance=%s idle for %gs, reaping", self.name, inst.name, self.config.idle_timeout)
+        log.info("service=%s instance=%s idle for %gs, reaping (it served %d connection(s): %d through the "
+                 "activator, %d steered by the kernel)", self.name, inst.name, self.config.idle_timeout,
+                 inst.served + inst.kernel_served, inst.served, inst.kernel_served)
         self.m.idle_reaps.inc()
         self._stop(inst, graceful=True)
 
@@ -661,7 +667,8 @@ class Service:
             },
             "instances": [
                 {"name": i.name, "how": i.how, "age_seconds": round(now - i.ready_at, 1),
-                 "connections": i.connections, "kernel_connections": i.kernel, "served": i.served,
+                 "connections": i.connections, "kernel_connections": i.kernel,
+                 "served": i.served + i.kernel_served, "served_by_kernel": i.kernel_served,
                  "address": str(i.sandbox.attachment.ip) if i.sandbox.attachment else None,
                  "start_ms": round(i.start_seconds * 1000, 1)}
                 for i in self.instances

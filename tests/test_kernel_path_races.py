@@ -71,3 +71,27 @@ async def test_new_connections_spread_over_instances_across_rule_rebuilds(start)
     finally:
         for w in held:
             w.close()
+
+
+async def test_counts_agree_in_status_metrics_and_the_reap_line(start, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16 item 10: an instance that served one connection through the activator and three on the kernel
+    path says 4 everywhere."""
+    import logging
+
+    from .netfixtures import ask_once
+
+    caplog.set_level(logging.INFO, logger="activator")
+    run = await start({"probe": PROBE | {"idle_timeout": "1s"}})
+    port = run.port("probe")
+    svc = run.act.services["probe"]
+    assert (await ask_once("127.0.0.1", port, "peer")).startswith("peer 127.0.0.1 ")  # spliced (it woke it)
+    for _ in range(3):
+        assert (await ask_once("127.0.0.1", port, "peer")).startswith("peer 10.89.0.1 ")  # the kernel path
+    (inst,) = svc.instances
+    await eventually(lambda: inst.kernel_served == 3, what="the kernel path's connections counted")
+    (st,) = svc.status()["instances"]
+    assert (st["served"], st["served_by_kernel"]) == (4, 3)
+    assert run.metric("activator_connections_total", "probe") == 4
+    await eventually(lambda: not svc.instances, what="reaped")
+    (line,) = [r.getMessage() for r in caplog.records if "reaping" in r.getMessage()]
+    assert "served 4 connection(s): 1 through the activator, 3 steered by the kernel" in line, line

@@ -114,3 +114,24 @@ async def test_client_idle_timeout_spares_active_connections(start) -> None:  # 
         assert await asyncio.wait_for(reader.readexactly(1), 10) == b"%d" % i
     assert run.metric("activator_client_idle_closes_total", "echo") == 0
     writer.close()
+
+
+async def test_clients_that_never_speak_do_not_pin_an_instance(start) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16 item 9: silent connections wake a service after wake_grace (server-speaks-first protocols), but
+    are closed client_silent_timeout after they came; a quiet session that has spoken is kept."""
+    run = await start({"echo": ECHO | {"wake_grace": "200ms", "client_silent_timeout": "1s"}})
+    port = run.port("echo")
+    # All held by the activator (no instance yet): the first to pass wake_grace wakes the service.
+    silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+    talker_r, talker_w = await open_echo(port)  # spoke once, then stays quiet
+    for reader, _ in silent:  # each closed by the activator, without a byte
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    await eventually(lambda: run.metric("activator_client_idle_closes_total", "echo") == 20, what="20 counted")
+    assert run.act.services["echo"].open_connections == 1
+    await asyncio.sleep(1.2)  # longer than client_silent_timeout: the talker is not affected
+    talker_w.write(b"again")
+    await talker_w.drain()
+    assert await asyncio.wait_for(talker_r.readexactly(5), 10) == b"again"
+    for _, writer in silent:
+        writer.close()
+    talker_w.close()
