@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -71,6 +74,26 @@ def detached(m: ServiceMetrics) -> ServiceMetrics:
     gauges: dict[str, Any] = {g: Gauge(f"retired_{g}", "", registry=None) for g in STATE_GAUGES}
     return replace(m, **gauges)
 
+
+class CachedProcessCollector(ProcessCollector):
+    """The process_* metrics, read at most every PROCESS_TTL seconds: counting open fds lists /proc/self/fd, which
+    under a flood of thousands of connections cost a scrape tens of milliseconds (and the daemon's GIL)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._cached: tuple[float, list[Any]] | None = None
+        self._cache_lock = threading.Lock()
+        super().__init__(registry=registry)
+
+    def collect(self) -> Iterable[Any]:
+        with self._cache_lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] > PROCESS_TTL:
+                self._cached = (now, list(super().collect()))
+            return list(self._cached[1])
+
+
+#: how stale the process_* metrics may be (Prometheus scrapes every 15 s or so)
+PROCESS_TTL = 5.0
 
 # `*_created` series double every counter's series count and carry nothing a dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -150,7 +173,7 @@ class Metrics:
             ["service"], registry=r)
         self.build_info = Gauge("activator_build_info", "Always 1; the versions activator runs with",
                                 ["version", "python", "criu", "runc", "kernel"], registry=r)
-        ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds, ...
+        CachedProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds, ...
         PlatformCollector(registry=r)
         self.network_repairs = Counter("activator_network_repairs",
                                        "Instance-network rules found missing (a firewall reload, a Docker restart) "

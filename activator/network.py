@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
+from . import conntrack
 from .config import ListenAddress, NetworkSettings, ServiceConfig
 from .errors import ActivatorError
 from .netns import HOME_NS, NetNamespace
@@ -800,19 +801,16 @@ def kernel_path_possible(config: ServiceConfig) -> bool:
 
 
 def connections(base: int) -> dict[int, tuple[int, int]]:
-    """One daemon's kernel-path connections per instance mark: (open, half-open); egress ones are not counted."""
-    from pyroute2 import Conntrack
-
+    """One daemon's kernel-path connections per instance mark: (open, half-open); egress ones are not counted.
+    Read with conntrack.py (kernel-side mark filter, two attributes decoded): ~10 us an entry."""
     counts: dict[int, tuple[int, int]] = {}
-    with Conntrack() as ct:
-        for e in ct.dump_entries(mark=base, mark_mask=MARK_MASK | EGRESS):
-            state = e.protoinfo.state if e.protoinfo is not None else None
-            mark = e.mark & NOT_COUNTED
-            n, half = counts.get(mark, (0, 0))
-            if state in OPEN_TCP_STATES:
-                counts[mark] = (n + 1, half)
-            elif state in HALF_OPEN_TCP_STATES:
-                counts[mark] = (n, half + 1)
+    for raw_mark, state in conntrack.dump(base, MARK_MASK | EGRESS):
+        mark = raw_mark & NOT_COUNTED
+        n, half = counts.get(mark, (0, 0))
+        if state in OPEN_TCP_STATES:
+            counts[mark] = (n + 1, half)
+        elif state in HALF_OPEN_TCP_STATES:
+            counts[mark] = (n, half + 1)
     return counts
 
 

@@ -35,6 +35,7 @@ import os
 import platform
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -66,6 +67,8 @@ RESTORES_PER_CPU = 1
 IMAGE_CHECK_INTERVAL = 60.0
 #: how often kernel-path connections are sampled (conntrack and counters: a few ms of a worker thread each)
 METER_INTERVAL = 0.25
+#: sys.setswitchinterval for the daemon (see startup)
+SWITCH_INTERVAL = 0.001
 #: every this many meter ticks (5 s), the iptables accepts are checked
 FIREWALL_CHECK_TICKS = 20
 
@@ -179,6 +182,11 @@ class Activator:
         task.add_done_callback(self._background.discard)
 
     async def startup(self) -> None:
+        # A thread that waits for the GIL gets it after at most this long, instead of 5 ms: behind a serving loop
+        # that is busy with a flood, the metrics endpoint's thread and the blocking helpers (conntrack samples,
+        # nftables, netlink) wait a handoff per I/O call, so a scrape took tens of ms. Only matters under
+        # contention; the loop itself loses nothing measurable (bench/scrape_flood.py, docs/benchmarks.md).
+        sys.setswitchinterval(SWITCH_INTERVAL)
         runc, builder = open_host(self.state, self.config)
         if (parent := cgroups.use_unit_cgroup()) is not None:
             log.info("instance cgroups under this unit's own: /%s", parent)
@@ -351,6 +359,7 @@ class Activator:
         while True:
             tick += 1
             await self._keep_network(tick)
+            started = time.monotonic()
             try:
                 samples = await asyncio.to_thread(self.network.sample)
             except Exception as e:  # a netlink hiccup must not end the sampling for good
@@ -365,7 +374,9 @@ class Activator:
                 svc.kernel_sample(samples.by_mark, samples.rejected.get(key, 0), samples.steered.get(key, 0), now)
             for svc in list(self._retiring):  # the service's counters are the current definition's to fold in
                 svc.kernel_sample(samples.by_mark, *svc.kernel_counters, now)
-            await asyncio.sleep(METER_INTERVAL)
+            # A sample costs ~10 us per connection (a flood of thousands: tens of ms of the GIL): never more than
+            # a tenth of the daemon's time.
+            await asyncio.sleep(max(METER_INTERVAL, 9 * (now - started)))
 
     async def _watch_images(self) -> None:
         """Tell (activator_checkpoint_outdated, a log line) when a service's image reference has moved on to
