@@ -37,7 +37,8 @@ bench: setup
 	$(PY) bench/network_cost.py
 	$(PY) bench/scaleout.py
 
-# A system install (not a checkout): PREFIX=/opt/activator SYSCONFDIR=/etc/activator UNITDIR=/etc/systemd/system
+# A system install (not a checkout). Defaults: PREFIX=/opt/activator BINDIR=/usr/local/bin SYSCONFDIR=/etc/activator
+# UNITDIR=/etc/systemd/system; PREFIX=X alone keeps everything under X; DESTDIR stages (scripts/install.sh).
 install: setup
 	bash scripts/install.sh install
 

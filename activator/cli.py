@@ -87,7 +87,8 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
     from .statedir import StateDir
 
     names = ", ".join(s.name for s in cfg.services)
-    print(f"{cfg.path}: ok ({len(cfg.services)} service(s): {names})")
+    print(f"{cfg.path}: ok ({len(cfg.services)} service(s): {names})" if cfg.services else
+          f"{cfg.path}: ok (no service yet: add one under services: and reload)")
     sock = StateDir.of(cfg).control_socket
     if not sock.exists() or os.geteuid() != 0:
         return 0

@@ -852,8 +852,9 @@ def parse_config(text: str, path: Path) -> Config:
     services_raw = raw.get("services")
     if services_raw is None:
         raise ConfigError(f"{where}: services: is required (a mapping of service names to definitions)")
-    if not isinstance(services_raw, Mapping) or not services_raw:
+    if not isinstance(services_raw, Mapping):
         raise ConfigError(f"{where}: services: expected a mapping of service names to definitions")
+    # `services: {}` is valid: a daemon with nothing to serve yet (the installed starter file), filled by a reload.
     services = []
     for name, body in services_raw.items():
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
@@ -929,7 +930,7 @@ def json_schema() -> dict[str, Any]:
         "type": "object",
         "properties": {
             "settings": object_schema(Settings),
-            "services": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": NAME_PATTERN},
+            "services": {"type": "object", "propertyNames": {"pattern": NAME_PATTERN},
                          "additionalProperties": object_schema(ServiceConfig)},
         },
         "required": ["services"],

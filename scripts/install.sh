@@ -1,86 +1,158 @@
 #!/usr/bin/env bash
 # `make install` / `make uninstall`: activator as a system service, not a git checkout.
 #
-#   install    the package (no dev tools) and pycriu in their own venv, PREFIX/venv; the systemd units (paths
-#              rewritten to PREFIX and SYSCONFDIR) in UNITDIR; a starter SYSCONFDIR/config.yaml if there is none;
-#              the README, JSON Schema, Grafana dashboard and alert rules under PREFIX/share. Run again to upgrade.
-#   uninstall  stops and removes the units and PREFIX; keeps SYSCONFDIR and state_dir (your configuration,
-#              checkpoints and volumes), and says so.
+#   install    the package (no dev tools) and pycriu in their own venv, PREFIX/venv; `activator` on the PATH
+#              (a link in BINDIR); the systemd units (paths rewritten to PREFIX and SYSCONFDIR) in UNITDIR; a
+#              starter SYSCONFDIR/config.yaml if there is none (commented examples, no service: it needs no image);
+#              the README, JSON Schema, Grafana dashboard and alert rules under PREFIX/share. Every file and
+#              directory it makes is listed in PREFIX/share/install-manifest. Run again to upgrade.
+#   uninstall  stops the units and removes exactly what the manifest lists (directories only when empty, so
+#              nothing else that lives there goes); keeps SYSCONFDIR/config.yaml and state_dir (your
+#              configuration, checkpoints and volumes), and says so.
+#
+# Where it writes (each can be set):        default                  with PREFIX=X given
+#   PREFIX      venv, share, manifest        /opt/activator           X
+#   BINDIR      the `activator` link         /usr/local/bin           X/bin
+#   SYSCONFDIR  config.yaml                  /etc/activator           X/etc
+#   UNITDIR     activator.service/.socket    /etc/systemd/system      X/lib/systemd/system
+# So PREFIX alone never writes to /etc. DESTDIR (for packagers) is put in front of every path written, not of
+# the paths the units and the link name; with DESTDIR, systemctl is never called.
 #
 # The host needs what `make setup` installs first: the Docker engine, runc, and CRIU 4.2 built from the pinned,
 # checksum-verified source (scripts/setup.sh), whose tree also provides pycriu. Nothing here pulls a compiler.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PREFIX=${PREFIX:-/opt/activator}
-SYSCONFDIR=${SYSCONFDIR:-/etc/activator}
-UNITDIR=${UNITDIR:-/etc/systemd/system}
+if [ -n "${PREFIX:-}" ]; then
+    BINDIR=${BINDIR:-$PREFIX/bin}
+    SYSCONFDIR=${SYSCONFDIR:-$PREFIX/etc}
+    UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
+else
+    PREFIX=/opt/activator
+    BINDIR=${BINDIR:-/usr/local/bin}
+    SYSCONFDIR=${SYSCONFDIR:-/etc/activator}
+    UNITDIR=${UNITDIR:-/etc/systemd/system}
+fi
+DESTDIR=${DESTDIR:-}
 CRIU_SRC=${CRIU_SRC:-/usr/local/src/activator-criu}
 PY=${PYTHON:-python3}
 UNITS=(activator.service activator.socket)
+MANIFEST="$PREFIX/share/install-manifest"
 
-systemd_running() { [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
+systemd_running() { [ -z "$DESTDIR" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
+
+# Everything install makes goes through these two, so the manifest is complete.
+made=()
+make_dir() {  # a directory and the parents it had to make, each recorded (uninstall removes them if empty)
+    local d=$1 missing=()
+    while [ "$d" != / ] && [ ! -d "$DESTDIR$d" ]; do missing=("$d" "${missing[@]}"); d=$(dirname "$d"); done
+    for d in "${missing[@]}"; do mkdir -m "${2:-0755}" "$DESTDIR$d"; made+=("dir $d"); done
+}
+put() {  # put MODE SRC DEST: a file, replaced atomically, recorded
+    make_dir "$(dirname "$3")"
+    install -m "$1" "$2" "$DESTDIR$3.tmp" && mv "$DESTDIR$3.tmp" "$DESTDIR$3"
+    made+=("file $3")
+}
 
 install_all() {
-    [ "$(id -u)" = 0 ] || die "run as root (it installs to $PREFIX, $SYSCONFDIR and $UNITDIR)"
+    [ -n "$DESTDIR" ] || [ "$(id -u)" = 0 ] || die "run as root (it writes to $PREFIX, $BINDIR, $SYSCONFDIR and $UNITDIR)"
     [ -f "$CRIU_SRC/lib/setup.py" ] || [ -f "$CRIU_SRC/lib/pyproject.toml" ] ||
         die "no CRIU source tree at $CRIU_SRC (pycriu comes from it); run 'make setup' first"
-    log "venv $PREFIX/venv"
-    mkdir -p "$PREFIX"
-    [ -x "$PREFIX/venv/bin/python" ] || "$PY" -m venv "$PREFIX/venv"
-    "$PREFIX/venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-    "$PREFIX/venv/bin/pip" install -q --upgrade "$ROOT" >"$PREFIX/install.log" 2>&1 ||
-        die "installing activator into $PREFIX/venv failed; see $PREFIX/install.log"
-    "$PREFIX/venv/bin/pip" install -q "$CRIU_SRC/lib" >>"$PREFIX/install.log" 2>&1 ||
-        die "installing pycriu from $CRIU_SRC/lib failed; see $PREFIX/install.log"
-    "$PREFIX/venv/bin/activator" --version >/dev/null || die "the installed activator does not run"
+    [ -z "$DESTDIR" ] || mkdir -p "$DESTDIR"
+    log "installing: venv and share in $PREFIX, the command in $BINDIR, units in $UNITDIR, configuration in $SYSCONFDIR"
+    [ "$UNITDIR" = /etc/systemd/system ] || [ -n "$DESTDIR" ] ||
+        log "note: systemd does not look in $UNITDIR; 'systemctl link $UNITDIR/activator.service' (and .socket) to use them"
+    local old=()
+    [ -f "$DESTDIR$MANIFEST" ] && mapfile -t old <"$DESTDIR$MANIFEST"  # an upgrade keeps what the first install made
+    make_dir "$PREFIX"
+    if [ ! -x "$DESTDIR$PREFIX/venv/bin/python" ]; then
+        "$PY" -m venv "$DESTDIR$PREFIX/venv"
+    fi
+    made+=("tree $PREFIX/venv")
+    "$DESTDIR$PREFIX/venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+    make_dir "$PREFIX/share"
+    local logf="$DESTDIR$PREFIX/share/install.log"
+    "$DESTDIR$PREFIX/venv/bin/pip" install -q --upgrade "$ROOT" >"$logf" 2>&1 ||
+        die "installing activator into $PREFIX/venv failed; see $logf"
+    "$DESTDIR$PREFIX/venv/bin/pip" install -q "$CRIU_SRC/lib" >>"$logf" 2>&1 ||
+        die "installing pycriu from $CRIU_SRC/lib failed; see $logf"
+    made+=("file $PREFIX/share/install.log")
+    "$DESTDIR$PREFIX/venv/bin/activator" --version >/dev/null || die "the installed activator does not run"
+    if [ -n "$DESTDIR" ]; then  # a venv names its own path in its scripts: the final one, not the staging one
+        grep -rlF "$DESTDIR$PREFIX/venv" "$DESTDIR$PREFIX/venv/bin" | xargs -r sed -i "s|$DESTDIR$PREFIX/venv|$PREFIX/venv|g"
+    fi
 
-    mkdir -p "$PREFIX/share"
-    install -m 0644 "$ROOT/README.md" "$PREFIX/README.md"
-    install -m 0644 "$ROOT/config/activator.schema.json" "$PREFIX/share/activator.schema.json"
-    install -m 0644 "$ROOT/config/grafana/activator-dashboard.json" "$PREFIX/share/grafana-dashboard.json"
-    install -m 0644 "$ROOT/config/prometheus/activator-alerts.yml" "$PREFIX/share/prometheus-alerts.yml"
+    put 0644 "$ROOT/README.md" "$PREFIX/share/README.md"
+    put 0644 "$ROOT/config/activator.schema.json" "$PREFIX/share/activator.schema.json"
+    put 0644 "$ROOT/config/grafana/activator-dashboard.json" "$PREFIX/share/grafana-dashboard.json"
+    put 0644 "$ROOT/config/prometheus/activator-alerts.yml" "$PREFIX/share/prometheus-alerts.yml"
+    put 0644 "$ROOT/config/examples.yaml" "$PREFIX/share/examples.yaml"
 
-    mkdir -p "$UNITDIR"
+    make_dir "$BINDIR"
+    if [ -e "$DESTDIR$BINDIR/activator" ] && [ ! -L "$DESTDIR$BINDIR/activator" ]; then
+        die "$BINDIR/activator exists and is not our link; remove it or set BINDIR"
+    fi
+    ln -sfn "$PREFIX/venv/bin/activator" "$DESTDIR$BINDIR/activator"
+    made+=("file $BINDIR/activator")
+
+    local tmp; tmp=$(mktemp -d)
     for u in "${UNITS[@]}"; do
-        sed -e "s|/opt/activator|$PREFIX|g" -e "s|/etc/activator|$SYSCONFDIR|g" "$ROOT/systemd/$u" >"$UNITDIR/$u.tmp"
-        chmod 0644 "$UNITDIR/$u.tmp"
-        mv "$UNITDIR/$u.tmp" "$UNITDIR/$u"
+        # Paths as installed; systemd's ConfigurationDirectory= is /etc/activator only, so it goes when the
+        # configuration lives elsewhere (the directory is made here instead).
+        sed -e "s|/opt/activator|$PREFIX|g" -e "s|/etc/activator|$SYSCONFDIR|g" "$ROOT/systemd/$u" >"$tmp/$u"
+        [ "$SYSCONFDIR" = /etc/activator ] || sed -i '/^ConfigurationDirectory=/d' "$tmp/$u"
+        put 0644 "$tmp/$u" "$UNITDIR/$u"
     done
-    log "units in $UNITDIR: ${UNITS[*]}"
+    rm -rf "$tmp"
 
-    install -d -m 0755 "$SYSCONFDIR"
-    if [ ! -e "$SYSCONFDIR/config.yaml" ]; then
-        # The environment of a service may hold secrets: root only, like state_dir.
-        { echo "# Starter configuration (the demo's services; see $PREFIX/README.md). Check it with"
-          echo "# '$PREFIX/venv/bin/activator validate $SYSCONFDIR/config.yaml'; apply changes with systemctl reload."
-          cat "$ROOT/config/demo.yaml"; } >"$SYSCONFDIR/config.yaml"
-        chmod 0600 "$SYSCONFDIR/config.yaml"
-        log "starter configuration: $SYSCONFDIR/config.yaml"
+    make_dir "$SYSCONFDIR"
+    if [ ! -e "$DESTDIR$SYSCONFDIR/config.yaml" ]; then
+        # The environment of a service may hold secrets: root only, like state_dir. Not in the manifest: once
+        # written it is the operator's, and uninstall keeps it.
+        { echo "# activator's services (docs: $PREFIX/share/README.md, examples: $PREFIX/share/examples.yaml)."
+          echo "# Check a change with 'activator validate -c $SYSCONFDIR/config.yaml'; apply it with"
+          echo "# 'systemctl reload activator'."
+          echo "services: {}"; } >"$DESTDIR$SYSCONFDIR/config.yaml"
+        chmod 0600 "$DESTDIR$SYSCONFDIR/config.yaml"
+        log "starter configuration (no service yet): $SYSCONFDIR/config.yaml"
     else
         log "keeping $SYSCONFDIR/config.yaml"
     fi
+
+    # The manifest: what this install (and any earlier one) made, each once, in the order made.
+    printf '%s\n' "${old[@]}" "${made[@]}" "file $MANIFEST" | awk 'NF && !seen[$0]++' >"$DESTDIR$MANIFEST.tmp"
+    mv "$DESTDIR$MANIFEST.tmp" "$DESTDIR$MANIFEST"
     if systemd_running; then
         systemctl daemon-reload
         log "installed; start it with: systemctl enable --now activator.service"
     else
-        log "installed (no systemd running here: run '$PREFIX/venv/bin/activator run -c $SYSCONFDIR/config.yaml')"
+        log "installed (no systemd here: run 'activator run -c $SYSCONFDIR/config.yaml')"
     fi
 }
 
 uninstall_all() {
-    [ "$(id -u)" = 0 ] || die "run as root"
+    [ -n "$DESTDIR" ] || [ "$(id -u)" = 0 ] || die "run as root"
+    [ -f "$DESTDIR$MANIFEST" ] || die "no install manifest at $MANIFEST: nothing installed with this PREFIX (or it was installed before manifests); remove by hand"
     if systemd_running; then
         systemctl disable --now "${UNITS[@]}" >/dev/null 2>&1 || true
     fi
-    for u in "${UNITS[@]}"; do rm -f "$UNITDIR/$u"; done
-    rm -rf "$PREFIX"
+    local entries kind path
+    mapfile -t entries <"$DESTDIR$MANIFEST"
+    for ((i = ${#entries[@]} - 1; i >= 0; i--)); do  # files first, then the directories they were in
+        kind=${entries[i]%% *}; path=${entries[i]#* }
+        case "$path" in /*) ;; *) continue ;; esac  # a manifest line we did not write
+        case "$kind" in
+            file) rm -f "$DESTDIR$path" ;;
+            tree) [ "$path" = "$PREFIX/venv" ] && rm -rf "$DESTDIR$path" ;;  # only ever the venv we made
+            dir) rmdir "$DESTDIR$path" 2>/dev/null || true ;;  # still holds something not ours: kept
+        esac
+    done
     if systemd_running; then systemctl daemon-reload; fi
-    log "removed $PREFIX and the units; kept $SYSCONFDIR and state_dir (checkpoints, volumes): remove them by hand"
+    log "removed what the install made (per its manifest); kept $SYSCONFDIR/config.yaml and state_dir (checkpoints, volumes): remove them by hand"
 }
 
 case "${1:-}" in
     install) install_all ;;
     uninstall) uninstall_all ;;
-    *) die "usage: install.sh install|uninstall (PREFIX, SYSCONFDIR, UNITDIR, CRIU_SRC from the environment)" ;;
+    *) die "usage: install.sh install|uninstall (PREFIX, BINDIR, SYSCONFDIR, UNITDIR, DESTDIR, CRIU_SRC from the environment)" ;;
 esac
