@@ -103,6 +103,19 @@ class CheckpointBuilder:
             seccomp=seccomp_digest,
         )
 
+    async def current(self, svc: ServiceConfig) -> Checkpoint | None:
+        """The service's checkpoint if it is current (nothing is built, nothing of the host is touched)."""
+        image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
+        try:
+            _filt, digest = await asyncio.to_thread(seccomp.load, svc.seccomp,
+                                                   list(capability_set(svc.cap_add, svc.cap_drop)))
+        except seccomp.ProfileError:
+            return None
+        ck = self.store.load(svc.name)
+        if ck is None or ck.origin.differences(self.origin(svc, image, digest)):
+            return None
+        return ck if ck.images.is_dir() and ck.image_rootfs.is_dir() else None
+
     async def ensure(self, svc: ServiceConfig, *, rebuild: bool = False) -> tuple[Checkpoint, bool]:
         """The service's current checkpoint, building it when missing or stale. Returns (checkpoint, built)."""
         image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
@@ -272,6 +285,13 @@ class CheckpointBuilder:
                      budget, svc.port)
             async with _still_waiting(svc.name, f"for the app to listen on port {svc.port}", budget):
                 problem = await sandbox.wait_listening(svc.port, budget)
+            if problem is not None and problem.startswith("elsewhere:"):
+                ports = problem.split(":", 1)[1]
+                first = ports.split(",")[0]
+                raise StartError(
+                    f"service '{svc.name}': the app listens on port {ports.replace(',', ', ')}, not on port "
+                    f"{svc.port}; set 'port: {first}' (or make the app listen on {svc.port})"
+                )
             if problem == "exited":
                 raise StartError(
                     f"service '{svc.name}': the app exited before listening on port {svc.port}; "

@@ -57,8 +57,9 @@ class JsonFormatter(logging.Formatter):
 
 def _setup_logging(level: str, fmt_name: str = "text") -> None:
     """One line per event. Under journald (JOURNAL_STREAM is set) each line starts with its syslog priority,
-    `<3>` and so on, which journald turns into the entry's level and strips; it adds its own timestamps. A
-    terminal gets timestamps; a pipe gets neither. `--log-format json`: one JSON object per line, anywhere."""
+    `<3>` and so on, which journald turns into the entry's level and strips; it adds its own timestamps.
+    Anywhere else (a terminal, a pipe, a file) each line has its own timestamp. `--log-format json`: one JSON
+    object per line, anywhere."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt_name == "json":
         handler.setFormatter(JsonFormatter())
@@ -67,10 +68,8 @@ def _setup_logging(level: str, fmt_name: str = "text") -> None:
     if os.environ.get("JOURNAL_STREAM"):
         handler.addFilter(_JournalPriority())
         fmt = "<%(priority)d>%(name)s: %(message)s"
-    elif sys.stderr.isatty():
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     else:
-        fmt = "%(levelname)s %(name)s: %(message)s"
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
@@ -168,13 +167,16 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
         builder = None
         try:
             _runc, builder = open_host(state, cfg)
-            if builder.network is not None and svc.network == "bridge":
-                await asyncio.to_thread(builder.network.open)  # the template runs on the instance network
-            ck, built = await builder.ensure(svc, rebuild=args.rebuild)
+            ck = None if args.rebuild else await builder.current(svc)
+            built = ck is None
+            if ck is None:  # a build: the template runs on the instance network (a current one touches nothing)
+                if builder.network is not None and svc.network == "bridge":
+                    await asyncio.to_thread(builder.network.open)
+                ck, built = await builder.ensure(svc, rebuild=args.rebuild)
             builder.store.sweep_retired(svc.name)  # no daemon holds the lock, so no instance uses the old one
         finally:
             if builder is not None and builder.network is not None:
-                await asyncio.to_thread(builder.network.close)
+                await asyncio.to_thread(builder.network.close)  # undoes only what open() made, if it ran
             state.unlock()
         verb = f"built in {ck.build_seconds:.1f}s" if built else "is current"
         print(f"{svc.name}: checkpoint {verb}: {ck.dir} (listens on {', '.join(map(str, ck.listening_ports))}; "

@@ -32,6 +32,13 @@ from typing import Any
 from .errors import ConfigError
 
 MARK = "x-activator"
+#: in translate()'s document: which keys of each service came from its x-activator block (for error paths)
+ORIGINS = "x-activator keys"
+#: keys only a Compose service has: a services file with them and no x-activator is a Compose file
+COMPOSE_SERVICE_ONLY = frozenset({"ports", "build", "restart", "depends_on", "networks", "container_name",
+                                  "expose", "healthcheck", "deploy", "env_file", "labels"})
+#: top-level keys of the Compose specification: a file with them and no x-activator block is a Compose file
+COMPOSE_TOP_LEVEL = frozenset({"version", "name", "include", "networks", "volumes", "configs", "secrets"})
 REFUSED = {
     "privileged": "activator runs instances with Docker's default sandbox only",
     "devices": "activator gives instances Docker's default devices only",
@@ -47,7 +54,8 @@ def is_compose(raw: Mapping[str, Any]) -> bool:
 
 
 def translate(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The activator services document for a Compose document. Raises ConfigError (one line)."""
+    """The activator services document for a Compose document (and, under ORIGINS, which keys came from each
+    service's x-activator block). Raises ConfigError (one line)."""
     where = str(path)
     env = dict(_dotenv(path.parent / ".env", where))
     env.update(os.environ if environ is None else environ)
@@ -59,13 +67,16 @@ def translate(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] | N
     if not isinstance(raw.get("services"), Mapping):
         raise ConfigError(f"{where}: services: expected a mapping of Compose services")
     services: dict[str, Any] = {}
+    origins: dict[str, list[str]] = {}
     for name, body in raw["services"].items():
         if isinstance(body, Mapping) and MARK in body:
             services[name] = _service(str(name), body, path, where)
+            if isinstance(body[MARK], Mapping):
+                origins[str(name)] = [str(k) for k in body[MARK]]
     if not services:
         raise ConfigError(f"{where}: no Compose service has an '{MARK}' block; add `{MARK}: {{}}` to each service "
                           "activator should serve")
-    doc: dict[str, Any] = {"services": services}
+    doc: dict[str, Any] = {"services": services, ORIGINS: origins}
     if top.get("settings") is not None:
         doc["settings"] = top["settings"]
     return doc
@@ -128,7 +139,7 @@ def _volumes(raw: Any, base: Path, at: str) -> list[Any]:
             parts = str(v).split(":")
             if len(parts) < 2:
                 raise ConfigError(f"{at}.volumes: '{v}' has no source: an anonymous volume would be lost with "
-                                  "its instance; name it (NAME:{v})")
+                                  f"its instance; name it (NAME:{v})")
             source, target = parts[0], parts[1]
             ro = len(parts) > 2 and "ro" in parts[2].split(",")
         if source.startswith((".", "~")):

@@ -34,6 +34,7 @@ k/m/g (binary). Nothing here touches the network, Docker or the filesystem beyon
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import ipaddress
 import json
@@ -499,8 +500,11 @@ class ListenAddress:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            raise ValueError(f"'{host}' in '{s}' is not an IP address (e.g. 127.0.0.1:8080; quote times like "
-                             "\"18:00\": unquoted, YAML 1.1 tools read them as numbers)") from None
+            hint = ("; quote times like \"18:00\": unquoted, YAML 1.1 tools read them as numbers"
+                    if re.fullmatch(r"\d{1,2}:\d{2}", s) else "")
+            name = " (names are not resolved: give the address)" if re.fullmatch(r"[A-Za-z][A-Za-z0-9.-]*", host) \
+                else ""
+            raise ValueError(f"'{host}' in '{s}' is not an IP address{name} (e.g. 127.0.0.1:8080{hint})") from None
         if m.group(1) and ip.version != 6:
             raise ValueError(f"'{s}': brackets are for IPv6 addresses")
         return cls(str(ip), int(m.group(2) or m.group(4)))
@@ -826,11 +830,32 @@ def build(cls: type, raw: Any, where: str, loc: str, **fixed: Any) -> Any:
             except (ValueError, TypeError, OverflowError) as e:
                 raise error(f.name, str(e)) from None
     for k in data:
-        raise error(str(k)[:60], f"unknown key; valid keys are: {', '.join(f.name for f in declared)}")
+        raise error(str(k)[:60], unknown_key(str(k), [f.name for f in declared]))
     try:
         return cls(**kwargs)
     except ValueError as e:
         raise ConfigError(f"{where}: {loc or 'top level'}: {e}") from None
+
+
+def _refuse_unmarked_compose(raw: Mapping[str, Any], where: str) -> None:
+    """A Compose file whose services have no x-activator block: say so, not 'ports: unknown key'."""
+    services = raw.get("services")
+    if not isinstance(services, Mapping):
+        return
+    for name, body in services.items():
+        if not isinstance(body, Mapping) or "listen" in body or "port" in body:  # activator's own keys: not Compose
+            continue
+        if found := sorted(set(map(str, body)) & compose.COMPOSE_SERVICE_ONLY):
+            raise ConfigError(f"{where}: services.{str(name)[:60]}.{found[0]}: this looks like a Compose service, "
+                              f"but it has no '{compose.MARK}' block; add `{compose.MARK}: {{}}` to each service "
+                              "activator should serve")
+
+
+def unknown_key(key: str, valid: list[str]) -> str:
+    """'unknown key', the closest valid one if there is one, and the valid ones."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key; {guess}valid keys are: {', '.join(valid)}"
 
 
 def parse_config(text: str, path: Path) -> Config:
@@ -843,11 +868,19 @@ def parse_config(text: str, path: Path) -> Config:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: top level: expected a mapping with 'services:', got {_show(raw)}")
+    origins: dict[str, list[str]] = {}
     if compose.is_compose(raw):
-        raw = compose.translate(raw, path)
+        raw = dict(compose.translate(raw, path))
+        origins = raw.pop(compose.ORIGINS)
     for k in raw:
         if k not in ("settings", "services"):
-            raise ConfigError(f"{where}: {str(k)[:60]}: unknown key; valid keys are: settings, services")
+            if k in compose.COMPOSE_TOP_LEVEL:
+                raise ConfigError(f"{where}: {str(k)[:60]}: this looks like a Compose file, but no service has an "
+                                  f"'{compose.MARK}' block; add `{compose.MARK}: {{}}` to each service activator "
+                                  "should serve")
+            raise ConfigError(f"{where}: {str(k)[:60]}: {unknown_key(str(k), ['settings', 'services'])}")
+    if not origins:
+        _refuse_unmarked_compose(raw, where)
     settings = build(Settings, raw.get("settings"), where, "settings")
     services_raw = raw.get("services")
     if services_raw is None:
@@ -860,7 +893,15 @@ def parse_config(text: str, path: Path) -> Config:
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigError(f"{where}: services.{str(name)[:60]}: service names are 1-40 of a-z, 0-9, '_' and "
                               "'-', starting with a letter or digit")
-        services.append(build(ServiceConfig, body, where, f"services.{name}", name=name))
+        try:
+            services.append(build(ServiceConfig, body, where, f"services.{name}", name=name))
+        except ConfigError as e:  # a key from a Compose service's x-activator block: say where it really is
+            prefix = f"{where}: services.{name}."
+            msg = str(e)
+            key = msg.removeprefix(prefix).split(":", 1)[0].split(".", 1)[0]
+            if msg.startswith(prefix) and key in origins.get(name, ()):
+                raise ConfigError(prefix + f"{compose.MARK}." + msg.removeprefix(prefix)) from None
+            raise
     _check_unique_listeners(services, where)
     return Config(path=path, settings=settings, services=tuple(services))
 

@@ -253,13 +253,30 @@ class Sandbox:
         return await self.pid() is not None
 
     async def wait_listening(self, port: int, timeout: float) -> str | None:
-        """None once the app listens on port (read from /proc: no connection is made); else "exited" or
-        "timeout"."""
+        """None once the app listens on port (read from /proc: no connection is made); else "exited", "timeout",
+        or "elsewhere:P1,P2" when it has listened on other ports only, for ELSEWHERE_GRACE seconds (a wrong
+        `port` is said at once, not after the whole readiness timeout)."""
         pid = await self.pid()
-        if pid is not None and await readiness.wait_until(
-            lambda: readiness.is_listening(pid, port), timeout=timeout, alive=self.alive,
-        ):
-            return None
+        elsewhere: list[int] = []
+        since: float | None = None
+
+        def check() -> bool:
+            nonlocal since, elsewhere
+            assert pid is not None
+            ports = {p for p, st in readiness.socket_table(pid) if st == readiness.TCP_LISTEN}
+            if port in ports:
+                return True
+            if not ports:
+                since = None
+                return False
+            now = time.monotonic()
+            since = since or now
+            elsewhere = sorted(ports)
+            return now - since >= ELSEWHERE_GRACE
+
+        if pid is not None and await readiness.wait_until(check, timeout=timeout, alive=self.alive):
+            return None if not elsewhere or readiness.is_listening(pid, port) else \
+                "elsewhere:" + ",".join(map(str, elsewhere))
         return "timeout" if await self.alive() else "exited"
 
     def keep_log(self, dest: Path, *sources: Path) -> Path | None:
@@ -346,6 +363,11 @@ class Sandbox:
                 time.sleep(0.05)
             else:
                 errors.append(f"{self.layout.dir} could not be removed")
+
+
+#: how long an app may listen on other ports only before the template is given up on (it may open an admin port
+#: first and its service port a moment later)
+ELSEWHERE_GRACE = 5.0
 
 
 def resolv_conf() -> str:

@@ -162,7 +162,7 @@ class Activator:
         if self._on_ready:
             self._on_ready(self)
         summary = ", ".join(f"{svc.name} on {' '.join(str(a) for a in svc.listen)}" for svc in self.config.services)
-        log.info("ready: %s", summary)
+        log.info("ready: %s", summary or "no service yet (add one to the file and reload)")
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
         interval = systemd.watchdog_interval()
         if interval:

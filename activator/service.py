@@ -607,8 +607,8 @@ class Service:
             sig = signal.SIGTERM
         try:
             outcome = await inst.sandbox.stop(sig, self.config.stop_grace)
-            if outcome == "deaf":
-                log.info("service=%s instance=%s did not exit: its app has no handler for %s; killed at once",
+            if outcome == "deaf":  # every reap of such an app: not news
+                log.debug("service=%s instance=%s did not exit: its app has no handler for %s; killed at once",
                          self.name, inst.name, signal.Signals(sig).name)
             elif outcome == "timeout":
                 log.info("service=%s instance=%s did not exit on %s within %gs: killed", self.name, inst.name,

@@ -91,6 +91,22 @@ def test_app_that_never_listens(tmp_path: Path) -> None:
 
 
 @pytest.mark.engine
+def test_an_app_on_another_port_is_named_at_once(tmp_path: Path) -> None:
+    """Issue 17 item 6: `port: 9999` for an app on 8080 says where it listens, seconds after it does, not at
+    the end of a 60 s readiness timeout."""
+    import time
+
+    cfg = write_config(tmp_path, {"site": HTTPD | {"port": 9999, "readiness": {"timeout": "60s"}}})
+    started = time.monotonic()
+    proc = run_cli("checkpoint", "site", "-c", str(cfg))
+    assert_one_line_error(proc, "service 'site'", "the app listens on port 8080, not on port 9999",
+                          "set 'port: 8080'")
+    assert time.monotonic() - started < 40  # not the readiness timeout
+    res = host_resources(tmp_path / "state")
+    assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
+
+
+@pytest.mark.engine
 def test_old_or_missing_criu_is_refused(tmp_path: Path) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -190,6 +206,18 @@ exec {shutil.which("runc")} "$@"
     assert "runc run failed: runc run failed" not in proc.stderr  # runc's own prefix is not repeated
     res = host_resources(tmp_path / "state")
     assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == []
+
+
+@pytest.mark.engine
+def test_checkpoint_of_a_current_checkpoint_touches_nothing(tmp_path: Path) -> None:
+    """Issue 17 item 7: an offline `activator checkpoint` that finds its checkpoint current does not open the
+    instance network (before: iptables rules added and logged, then removed)."""
+    cfg = write_config(tmp_path, {"web": HTTPD})
+    first = run_cli("checkpoint", "web", "-c", str(cfg))
+    assert first.returncode == 0 and "checkpoint built" in first.stdout, first.stderr
+    again = run_cli("checkpoint", "web", "-c", str(cfg))
+    assert again.returncode == 0 and "checkpoint is current" in again.stdout, again.stderr
+    assert "iptables" not in again.stderr and "bridge" not in again.stderr, again.stderr
 
 
 def test_inspect_without_a_checkpoint_says_how_to_make_one(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def test_a_compose_file_is_a_services_file(tmp_path: Path, monkeypatch: pytest.M
     ("services:\n  w:\n    image: '${IMG:?set IMG to the image}'\n    ports: ['1:2']\n    x-activator: {}\n",
      "services.w.image: ${IMG} is required: set IMG to the image"),
     ("services:\n  w:\n    image: x\n    ports: ['1:2']\n    x-activator: {colour: red}\n",
-     "services.w.colour: unknown key"),
+     "services.w.x-activator.colour: unknown key"),
     ("services:\n  w:\n    image: x\n    ports: ['1:2']\n    env_file: missing.env\n    x-activator: {}\n",
      "missing.env does not exist"),
     ("x-activator: {}\nservices:\n  w: {image: x}\n", "no Compose service has an 'x-activator' block"),
@@ -132,3 +132,20 @@ services:
         assert await echo(port, b"composed") == b"composed"
     finally:
         await act.shutdown()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # issue 17 item 6: say where a key really is, what the file looks like, and what was meant
+    ("services:\n  site:\n    image: x\n    ports: ['1:2']\n    x-activator: {idle_timout: 5m}\n",
+     "services.site.x-activator.idle_timout: unknown key; did you mean 'idle_timeout'?"),
+    ("version: '3'\nservices:\n  site:\n    image: x\n    ports: ['1:2']\n",
+     "version: this looks like a Compose file, but no service has an 'x-activator' block; add `x-activator: {}`"),
+    ("services:\n  site:\n    image: x\n    ports: ['1:2']\n",
+     "services.site.ports: this looks like a Compose service, but it has no 'x-activator' block"),
+    ("services:\n  w:\n    image: x\n    ports: ['1:2']\n    volumes: [/data]\n    x-activator: {}\n",
+     "name it (NAME:/data)"),
+])
+def test_mistakes_are_named_where_they_are(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, text)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -155,6 +155,13 @@ i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h,*h]
 services: {web: {image: x, listen: 1, port: 80, command: *i}}
 """, "alias bomb"),
     ("[" * 20000 + "]" * 20000, "nested too deeply"),
+    # issue 17 item 6: a close key is suggested; a host name is not taken for a time
+    ("services: {web: {image: x, listen: 1, port: 80, idle_timout: 5m}}",
+     "services.web.idle_timout: unknown key; did you mean 'idle_timeout'?"),
+    ("services: {web: {image: x, listen: localhost:17620, port: 80}}",
+     "'localhost' in 'localhost:17620' is not an IP address (names are not resolved: give the address) "
+     "(e.g. 127.0.0.1:8080)"),
+    ("services: {web: {image: x, listen: '18:00', port: 80}}", 'quote times like "18:00"'),
     # values the kernel would refuse at every restore (issue 16 item 8)
     ("services: {web: {image: x, listen: 1, port: 80, resources: {cpus: 0.000001}}}",
      "services.web.resources: cpus: 1e-06 is below the kernel's smallest CPU quota; use at least 0.01"),
