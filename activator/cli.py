@@ -106,12 +106,10 @@ def _daemon_said(e: ActivatorError, sock: object) -> str:
     return str(e).removeprefix(f"{sock}: ")
 
 
-def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
+def cmd_reload(cfg: Config | None, args: argparse.Namespace) -> int:
     """What `systemctl reload` runs: the daemon re-reads its own file and says what it changed, or why not."""
     from . import control
-    from .statedir import StateDir
-
-    sock = StateDir.of(cfg).control_socket
+    sock = _control_socket(cfg, args.config)
     try:
         r = control.request(sock, "reload", timeout=120)
     except control.NotRunning:
@@ -120,6 +118,19 @@ def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
         raise ActivatorError(f"reload refused, the running configuration stays: {_daemon_said(e, sock)}") from None
     print(f"reloaded {r['config']}: {'; '.join(r['changes'])}")
     return 0
+
+
+def _reload_refused(args: argparse.Namespace) -> int:
+    """The file does not parse here: the running daemon is asked anyway, so its log and metrics say so too."""
+    from . import control
+
+    try:
+        cmd_reload(None, args)
+    except control.NotRunning:
+        pass
+    except ActivatorError as e:
+        print(f"activator: error: {e}", file=sys.stderr)
+    return 2
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -221,15 +232,45 @@ def _age(seconds: float) -> str:
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
 
 
-def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    from . import control
+def _control_socket(cfg: Config | None, path: str) -> Any:
+    """The running daemon's control socket: from the parsed file, or, when the file no longer parses (an edit
+    under way), from its settings.state_dir read leniently (or the default): only the daemon is asked."""
+    from pathlib import Path
+
+    from . import compose, yamlload
+    from .config import Settings
     from .statedir import StateDir
 
-    st = control.request(StateDir.of(cfg).control_socket, "status")
+    if cfg is not None:
+        return StateDir.of(cfg).control_socket
+    state = Settings().state_dir
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        text = ""
+    try:
+        raw = yamlload.load(text)
+    except yamlload.LoadError:  # not YAML at all any more: the line that names it, if there is one
+        raw = None
+        if m := re.search(r"^\s*state_dir:\s*['\"]?(/[^'\"\s#]+)", text, re.M):
+            state = Path(m.group(1))
+    if isinstance(raw, dict):
+        top = raw.get(compose.MARK) if isinstance(raw.get(compose.MARK), dict) else raw
+        settings = top.get("settings") if isinstance(top, dict) else None
+        if isinstance(settings, dict) and isinstance(settings.get("state_dir"), str) \
+                and settings["state_dir"].startswith("/"):
+            state = Path(settings["state_dir"])
+    return state / "control.sock"
+
+
+def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
+    from . import control
+
+    st = control.request(_control_socket(cfg, args.config), "status")
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"activator pid {st['pid']}, up {_age(st['uptime_seconds'])}, {cfg.path}"
+    print(f"activator pid {st['pid']}, up {_age(st['uptime_seconds'])}, {cfg.path if cfg else args.config}"
           f"{'' if st['ready'] else ' (starting: checkpoints not all ready)'}")
     if st.get("retiring"):
         print(f"old definitions finishing their connections after a reload: {', '.join(st['retiring'])}")
@@ -350,7 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.fn is None:
             return cmd_schema(args)
-        cfg = load_config(getattr(args, "file", None) or args.config)
+        try:
+            cfg = load_config(getattr(args, "file", None) or args.config)
+        except ConfigError as e:
+            if args.fn not in (cmd_status, cmd_reload):
+                raise
+            # status: the daemon is fine, the file is only needed to find it. reload: the daemon reads the file
+            # itself, refuses it, logs it and counts it (activator_reloads_total{result="refused"}).
+            print(f"activator: warning: {e}", file=sys.stderr)
+            return int(args.fn(None, args)) if args.fn is cmd_status else _reload_refused(args)
         return int(args.fn(cfg, args))
     except ConfigError as e:
         print(f"activator: error: {e}", file=sys.stderr)

@@ -140,7 +140,8 @@ class Metrics:
         self.starting = Gauge("activator_starting_instances", "Instances being restored or started", ["service"],
                               registry=r)
         self.backoff = Gauge("activator_backoff_seconds",
-                             "Seconds until a new instance may be attempted after failed starts (0: not backing off)",
+                             "Seconds until a new instance may be attempted: after failed starts, or until the next "
+                             "checkpoint build of a service without one (0: not backing off)",
                              ["service"], registry=r)
         self.restore_backoff = Gauge("activator_restore_backoff_seconds",
                                      "Seconds until restores are tried again after a failed one (0: not backing off)",

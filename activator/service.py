@@ -169,7 +169,7 @@ class Service:
         # Remaining backoff shrinks with time, and kernel-path connections change without us: both are computed
         # at scrape time, not when last touched.
         self.m.open_connections.set_function(lambda: self.open_connections + self.kernel_connections)
-        self.m.backoff.set_function(lambda: self.start_backoff.remaining(time.monotonic()))
+        self.m.backoff.set_function(self._backoff_seconds)
         self.m.restore_backoff.set_function(lambda: self.restore_backoff.remaining(time.monotonic()))
         self._publish()
 
@@ -329,6 +329,14 @@ class Service:
             self._arm_idle(inst, self.config.idle_timeout)
         if inst.connections == self.config.target_connections - 1:
             self._notify()  # room below target again: a waiter may take it instead of waiting for a start
+
+    def _backoff_seconds(self) -> float:
+        """Until an instance may be attempted: after failed starts, or (no checkpoint) until the next build."""
+        now = time.monotonic()
+        wait = self.start_backoff.remaining(now)
+        if self.checkpoint is None and self.checkpoint_problem is not None:
+            wait = max(wait, self.checkpoint_retry_at - now)
+        return max(0.0, wait)
 
     def reject(self, why: Rejected) -> None:
         """Count a connection closed by admission control; log the tally, but not once per connection."""

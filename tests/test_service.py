@@ -230,3 +230,15 @@ async def test_close_releases_every_instance_and_refuses_newcomers() -> None:
     with pytest.raises(Rejected) as e:
         svc.admit()
     assert e.value.reason == "shutting-down"
+
+
+async def test_the_backoff_gauge_counts_the_wait_for_the_next_checkpoint_build() -> None:
+    """Issue 17 item 4: status said "next build in 53 s" while activator_backoff_seconds read 0."""
+    m = Metrics()
+    cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80)
+    svc = Service(cfg, launcher=FakeLauncher(), metrics=m.for_service("svc"), budget=Budget(10))
+    svc.checkpoint_failed("image 'x' is not in the local Docker engine", retry_in=53)
+    gauge = m.registry.get_sample_value("activator_backoff_seconds", {"service": "svc"})
+    assert gauge is not None and 50 < gauge <= 53
+    svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
+    assert m.registry.get_sample_value("activator_backoff_seconds", {"service": "svc"}) == 0

@@ -90,3 +90,21 @@ def test_a_stopped_daemon_is_named_within_seconds_not_waited_for(tmp_path: Path)
         out = subprocess.run([*ACTIVATOR, "status", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         stop(proc)
+
+
+def test_status_and_reload_still_reach_the_daemon_when_the_file_breaks(tmp_path: Path) -> None:
+    """Issue 17 item 4: the file is only needed to find the daemon; a reload of a broken file is refused by the
+    daemon itself, so its log (and activator_reloads_total{result="refused"}) says so."""
+    cfg = write_config(tmp_path, {"echo": ECHO})
+    log = tmp_path / "activator.log"
+    with daemon([*ACTIVATOR, "run", "-c", str(cfg)], log) as proc:
+        good = cfg.read_text()
+        cfg.write_text(good + "\n  oops: [unclosed\n")
+        st = subprocess.run([*ACTIVATOR, "status", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert st.returncode == 0 and f"activator pid {proc.pid}" in st.stdout, st.stderr
+        assert "warning" in st.stderr and "malformed YAML" in st.stderr
+        rl = subprocess.run([*ACTIVATOR, "reload", "-c", str(cfg)], capture_output=True, text=True, timeout=60)
+        assert rl.returncode == 2 and "reload refused, the running configuration stays" in rl.stderr, rl.stderr
+        assert "reload refused" in log.read_text()  # the daemon heard of it
+        cfg.write_text(good)
+        stop(proc)
