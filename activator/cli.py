@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -85,10 +86,12 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
     from . import control
     from .statedir import StateDir
 
+    sock = StateDir.of(cfg).control_socket
+    if not args.file_only:
+        _check_host(cfg, sock)
     names = ", ".join(s.name for s in cfg.services)
     print(f"{cfg.path}: ok ({len(cfg.services)} service(s): {names})" if cfg.services else
           f"{cfg.path}: ok (no service yet: add one under services: and reload)")
-    sock = StateDir.of(cfg).control_socket
     if not sock.exists() or os.geteuid() != 0:
         return 0
     # A daemon runs on this state dir: say what reloading this file would do to it.
@@ -100,6 +103,36 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
         raise ActivatorError(f"a reload of it would be refused: {_daemon_said(e, sock)}") from None
     print(f"a reload of the running activator would: {'; '.join(plan['changes'])}")
     return 0
+
+
+def _check_host(cfg: Config, sock: Any) -> None:
+    """What can be checked without starting anything (--file-only skips it): each image is in the Docker engine,
+    each listen address is free or already the running daemon's for that service, a seccomp profile exists."""
+    from pathlib import Path
+
+    from . import control
+    from .images import DockerImageSource
+    from .listeners import bind_listener
+
+    held: set[tuple[str, str]] = set()
+    if sock.exists() and os.geteuid() == 0:
+        with contextlib.suppress(ActivatorError):  # no daemon, or one that does not answer: nothing is held
+            st = control.request(sock, "status")
+            held = {(svc["name"], addr) for svc in st["services"] for addr in svc["listen"]}
+    images = DockerImageSource(cfg.settings.state_dir)
+    for svc in cfg.services:
+        if svc.seccomp.startswith("/") and not Path(svc.seccomp).is_file():
+            raise ConfigError(f"{cfg.path}: services.{svc.name}.seccomp: {svc.seccomp} does not exist")
+        try:
+            images.resolve(svc.image, svc.name)
+        except ActivatorError as e:
+            raise ActivatorError(f"{cfg.path}: services.{svc.name}.image: {str(e).split(': ', 1)[-1]}") from None
+        except Exception as e:  # no engine to ask: said, not fatal (the daemon waits for it too)
+            print(f"{cfg.path}: services.{svc.name}.image: not checked, the Docker engine did not answer "
+                  f"({type(e).__name__})", file=sys.stderr)
+        for addr in svc.listen:
+            if (svc.name, str(addr)) not in held:
+                bind_listener(addr, svc, cfg).close()  # a one-line ActivatorError if it is taken
 
 
 def _daemon_said(e: ActivatorError, sock: object) -> str:
@@ -120,16 +153,19 @@ def cmd_reload(cfg: Config | None, args: argparse.Namespace) -> int:
     return 0
 
 
-def _reload_refused(args: argparse.Namespace) -> int:
-    """The file does not parse here: the running daemon is asked anyway, so its log and metrics say so too."""
+def _reload_refused(args: argparse.Namespace, local: ConfigError) -> int:
+    """The file does not parse here: the running daemon is asked anyway, so its log and metrics say so too. One
+    line: the daemon's refusal, or (no daemon) what is wrong with the file."""
     from . import control
 
+    said: ActivatorError = local
     try:
         cmd_reload(None, args)
     except control.NotRunning:
         pass
     except ActivatorError as e:
-        print(f"activator: error: {e}", file=sys.stderr)
+        said = e
+    print(f"activator: error: {said}", file=sys.stderr)
     return 2
 
 
@@ -367,8 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     add("run", cmd_run, "listen on every service's addresses and restore instances on demand")
-    v = add("validate", cmd_validate, "check a services file without starting anything")
+    v = add("validate", cmd_validate, "check a services file without starting anything: the file, and that each "
+            "image exists, each listen address is free (or the running daemon's), each profile exists")
     v.add_argument("file", nargs="?", help="services YAML file (same as -c)")
+    v.add_argument("--file-only", action="store_true",
+                   help="check the file alone (what the unit's ExecStartPre does: its sockets may be systemd's)")
     add("reload", cmd_reload, "make the running daemon re-read its services file (what SIGHUP does), and say "
         "what changed")
     status = add("status", cmd_status, "show the running daemon's services, instances and checkpoints")
@@ -398,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             # status: the daemon is fine, the file is only needed to find it. reload: the daemon reads the file
             # itself, refuses it, logs it and counts it (activator_reloads_total{result="refused"}).
+            if args.fn is cmd_reload:
+                return _reload_refused(args, e)
             print(f"activator: warning: {e}", file=sys.stderr)
-            return int(args.fn(None, args)) if args.fn is cmd_status else _reload_refused(args)
+            return int(args.fn(None, args))
         return int(args.fn(cfg, args))
     except ConfigError as e:
         print(f"activator: error: {e}", file=sys.stderr)

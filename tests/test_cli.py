@@ -251,3 +251,24 @@ def test_json_logs_for_log_shippers(tmp_path: Path) -> None:
     building = [r for r in records if "building a checkpoint" in r["message"]]
     assert building and building[0]["service"] == "echo" and building[0]["level"] == "info"
     assert out.stdout.startswith("echo: checkpoint built in")
+
+
+@pytest.mark.engine
+def test_validate_checks_what_can_be_checked_without_starting_anything(tmp_path: Path) -> None:
+    """Issue 17 item 5: a missing image and a port in use said by validate, not by the run; --file-only (the
+    unit's ExecStartPre) checks the file alone."""
+    missing = write_config(tmp_path, {"web": HTTPD | {"image": "activator-test/not-there:1"}})
+    proc = run_cli("validate", str(missing))
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "services.web.image", "activator-test/not-there:1", "docker pull")
+    assert run_cli("validate", "--file-only", str(missing)).returncode == 0
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        taken = write_config(tmp_path, {"web": HTTPD | {"listen": f"127.0.0.1:{port}"}})
+        proc = run_cli("validate", str(taken))
+        assert_one_line_error(proc, "services.web.listen", f"127.0.0.1:{port}", "already in use")
+    profile = write_config(tmp_path, {"web": HTTPD | {"seccomp": "/nonexistent/profile.json"}})
+    assert_one_line_error(run_cli("validate", str(profile)), "services.web.seccomp", "does not exist")
+    assert run_cli("validate", str(write_config(tmp_path, {"web": HTTPD}))).returncode == 0  # control

@@ -61,7 +61,7 @@ def validate(data: bytes) -> tuple[int, str, str]:
         path.write_bytes(data)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = cli.main(["validate", str(path)])
+            rc = cli.main(["validate", "--file-only", str(path)])
     return rc, out.getvalue(), err.getvalue()
 
 
