@@ -14,9 +14,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from . import __version__, preflight
@@ -337,6 +339,46 @@ def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
+    """An app's output: what its reaped instances wrote (kept, applog.py), then its live instances' own files;
+    with -f, what they write from then on (new instances included) until interrupted."""
+    from . import applog
+    from .statedir import StateDir
+
+    svc = cfg.service(args.service)  # a one-line error naming the known services
+    state = StateDir.of(cfg)
+    out = sys.stdout.buffer
+
+    def live() -> list[Path]:
+        if not state.instances.is_dir():
+            return []
+        return sorted((d / "output.log" for d in state.instances.iterdir()
+                       if applog.service_of(d.name) == svc.name and not (d / "slot").exists()
+                       and (d / "output.log").is_file()), key=lambda p: p.stat().st_mtime)
+
+    for path in applog.kept(state.logs, svc.name):
+        with open(path, "rb") as f:
+            shutil.copyfileobj(f, out)
+    offsets: dict[Path, int] = {}
+    while True:
+        for path in live():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offsets.get(path, 0))
+                    data = f.read(1 << 20)
+            except OSError:  # reaped meanwhile: its output is in the kept file now
+                continue
+            if data:
+                if path not in offsets:
+                    out.write(f"--- {path.parent.name} (running) ---\n".encode())
+                out.write(data)
+                out.flush()
+            offsets[path] = offsets.get(path, 0) + len(data)
+        if not args.follow:
+            return 0
+        time.sleep(0.5)
+
+
 def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointStore, contents
     from .statedir import StateDir
@@ -412,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
         "what changed")
     status = add("status", cmd_status, "show the running daemon's services, instances and checkpoints")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    logs = add("logs", cmd_logs, "show an app's output: its reaped instances' (kept in state_dir/logs) and its "
+               "running ones'")
+    logs.add_argument("service")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing what the instances write")
     ins = add("inspect", cmd_inspect, "show what a service's checkpoint holds and what it was built from")
     ins.add_argument("service")
     ins.add_argument("--json", action="store_true", help="machine-readable output")

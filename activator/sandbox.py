@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cgroups, criurestore, extmounts, readiness, rootfs
+from . import applog, cgroups, criurestore, extmounts, readiness, rootfs
 from .checkpoint import Checkpoint
 from .config import Resources
 from .errors import ActivatorError, RuncError
@@ -355,6 +355,11 @@ class Sandbox:
             self.netns.remove()
         except Exception as e:
             errors.append(f"netns: {e}")
+        if not keep_dir:  # the app's output outlives its instance (applog.py)
+            try:
+                applog.keep(self.layout.output, self.layout.dir.parent.parent / "logs", self.name)
+            except OSError as e:
+                errors.append(f"keeping its output: {e}")
         if not keep_dir and not self._mounted:
             for _ in range(20):  # a process that was just killed may still be closing files in it
                 shutil.rmtree(self.layout.dir, ignore_errors=True)

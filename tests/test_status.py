@@ -3,17 +3,19 @@ checkpoint, `checkpoint --rebuild` through the daemon."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import ECHO, write_config
+from .conftest import ECHO, HTTPD, http_get, write_config
 from .daemonproc import ACTIVATOR, daemon, echo_once, free_port, stop
 
 pytestmark = pytest.mark.engine
@@ -107,4 +109,27 @@ def test_status_and_reload_still_reach_the_daemon_when_the_file_breaks(tmp_path:
         assert rl.returncode == 2 and "reload refused, the running configuration stays" in rl.stderr, rl.stderr
         assert "reload refused" in log.read_text()  # the daemon heard of it
         cfg.write_text(good)
+        stop(proc)
+
+
+def test_an_apps_output_outlives_its_instance(tmp_path: Path) -> None:
+    """Issue 17 item 3: what the app wrote is kept when its instance is reaped, and `activator logs` shows it."""
+    port = free_port()
+    web = HTTPD | {"command": ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"], "listen": f"127.0.0.1:{port}",
+                   "idle_timeout": "300ms"}
+    cfg = write_config(tmp_path, {"web": web})
+    with daemon([*ACTIVATOR, "run", "-c", str(cfg)], tmp_path / "activator.log") as proc:
+        assert b"404 Not Found" in asyncio.run(http_get(port, "/kept-in-the-log"))  # served; and logged by -v
+        state = tmp_path / "state"
+        deadline = time.monotonic() + 30
+        while not (state / "logs" / "web.output").exists():  # reaped, its output kept
+            assert time.monotonic() < deadline, "the output was not kept at reap"
+            time.sleep(0.1)
+        out = subprocess.run([*ACTIVATOR, "logs", "web", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "--- web-" in out.stdout and "its output until" in out.stdout and "response:404" in out.stdout
+        assert (state / "logs" / "web.output").stat().st_mode & 0o077 == 0  # root only
+        none = subprocess.run([*ACTIVATOR, "logs", "nosuch", "-c", str(cfg)], capture_output=True, text=True,
+                              timeout=30)
+        assert none.returncode == 2 and "no service named 'nosuch'" in none.stderr
         stop(proc)
