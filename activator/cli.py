@@ -325,6 +325,8 @@ def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
             extra.append(f"backing off {svc['backoff_seconds']:.1f}s")
         if svc["restore_backoff_seconds"]:
             extra.append(f"restores backing off {svc['restore_backoff_seconds']:.1f}s")
+        if svc.get("stopped"):
+            extra.append(f"STOPPED (activator stop): connections refused until `activator start {svc['name']}`")
         if svc.get("checkpoint_problem"):
             extra.append(f"NO CHECKPOINT, connections refused, next build in {svc['checkpoint_retry_seconds']:.0f}s: "
                          f"{svc['checkpoint_problem']}")
@@ -377,6 +379,26 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
         if not args.follow:
             return 0
         time.sleep(0.5)
+
+
+def cmd_control(cfg: Config, args: argparse.Namespace) -> int:
+    """activator wake|scale|stop|start SERVICE: asks the running daemon (root only, over its control socket)."""
+    from . import control
+    from .statedir import StateDir
+
+    cfg.service(args.service)  # a one-line error naming the known services
+    request = f"{args.command} {args.service}" + (f" {args.instances}" if args.command == "scale" else "")
+    r = control.request(StateDir.of(cfg).control_socket, request, timeout=600)
+    if args.command == "wake":
+        said = f"{r['instances']} instance(s) up" + ("" if r["woken"] else " (it was awake)")
+    elif args.command == "scale":
+        said = f"{r['instances']} instance(s) up (max_instances {r['max_instances']})"
+    elif args.command == "stop":
+        said = "stopped: connections refused, no instance, until `activator start`"
+    else:
+        said = "serving again"
+    print(f"{args.service}: {said}")
+    return 0
 
 
 def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
@@ -454,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
         "what changed")
     status = add("status", cmd_status, "show the running daemon's services, instances and checkpoints")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    for verb, text in (("wake", "restore an instance of a service now, without a client"),
+                       ("stop", "stop serving a service (connections refused, instances drained and stopped) "
+                                "until `activator start`, without editing the file"),
+                       ("start", "serve a stopped service again")):
+        add(verb, cmd_control, text).add_argument("service")
+    sc = add("scale", cmd_control, "restore instances of a service now until N are up (at most max_instances)")
+    sc.add_argument("service")
+    sc.add_argument("instances", type=int)
     logs = add("logs", cmd_logs, "show an app's output: its reaped instances' (kept in state_dir/logs) and its "
                "running ones'")
     logs.add_argument("service")

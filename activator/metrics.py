@@ -26,7 +26,7 @@ from .scrape import ScrapeServer
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 BUILD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 #: why admission control closed a connection (the `reason` label; see service.py and proxy.py)
-REJECT_REASONS = ("max-connections", "queue-full", "backoff", "shutting-down", "resources")
+REJECT_REASONS = ("max-connections", "queue-full", "backoff", "shutting-down", "resources", "stopped")
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,9 @@ class Metrics:
         self.kernel_path_failures = Counter("activator_kernel_path_failures",
                                             "Steering changes the kernel refused (the service is served through "
                                             "the activator until the rules are repaired)", ["service"], registry=r)
+        self.control_actions = Counter("activator_control_actions",
+                                       "Runtime control by the operator (activator wake|scale|stop|start)",
+                                       ["service", "action"], registry=r)
         self.reloads = Counter("activator_reloads", "Configuration reloads, by result (applied, refused)",
                                ["result"], registry=r)
         self.rejected = Counter("activator_rejected_connections",

@@ -67,6 +67,8 @@ RESTORES_PER_CPU = 1
 IMAGE_CHECK_INTERVAL = 60.0
 #: how often kernel-path connections are sampled (conntrack and counters: a few ms of a worker thread each)
 METER_INTERVAL = 0.25
+#: how long `activator wake|scale` waits for the instances it starts
+CONTROL_START_TIMEOUT = 300.0
 #: sys.setswitchinterval for the daemon (see startup)
 SWITCH_INTERVAL = 0.001
 #: every this many meter ticks (5 s), the iptables accepts are checked
@@ -230,7 +232,8 @@ class Activator:
             await self._serve(svc.name, self.listeners.get(svc.name, []))
 
         self._control = ControlServer(self.state.control_socket, {
-            "status": self.status, "rebuild": self.rebuild, "reload": self.reload, "plan": self.plan})
+            "status": self.status, "rebuild": self.rebuild, "reload": self.reload, "plan": self.plan,
+            "wake": self.wake, "scale": self.scale, "stop": self.stop_service, "start": self.start_service})
         await self._control.start()
 
         if self.config.settings.metrics is not None:
@@ -576,6 +579,49 @@ class Activator:
             then.store = self._builder.store
             then.sweep_if_unused()
         log.info("service=%s %s", old.name, "removed" if removed else "old definition drained and closed")
+
+    # --- runtime control: activator wake|scale|stop|start SERVICE (root only, over the control socket) -------
+
+    def _service(self, name: str) -> Service:
+        svc = self.services.get(name)
+        if svc is None:
+            raise ActivatorError(f"no service named '{name}' (known: {', '.join(self.services) or 'none'})")
+        return svc
+
+    def _controlled(self, svc: Service, action: str, what: str) -> None:
+        self.metrics.control_actions.labels(svc.name, action).inc()
+        log.info("service=%s %s (activator %s)", svc.name, what, action)
+
+    async def wake(self, name: str = "") -> dict[str, Any]:
+        """Restore one instance now, without a client (if none runs)."""
+        svc = self._service(name)
+        had = len(svc.instances)
+        up = had or await svc.scale_to(1, timeout=CONTROL_START_TIMEOUT)
+        self._controlled(svc, "wake", "woken" if not had else f"already awake ({had} instance(s))")
+        return {"service": name, "instances": up, "woken": not had}
+
+    async def scale(self, name: str = "", n: str = "") -> dict[str, Any]:
+        """Restore instances now until n are up (at most max_instances)."""
+        svc = self._service(name)
+        if not n.isdigit() or not 1 <= int(n) <= 10_000:
+            raise ActivatorError(f"scale {name}: give a number of instances from 1 to {svc.config.max_instances}")
+        up = await svc.scale_to(int(n), timeout=CONTROL_START_TIMEOUT)
+        self._controlled(svc, "scale", f"scaled to {up} instance(s) (asked {n}, max_instances "
+                                       f"{svc.config.max_instances})")
+        return {"service": name, "instances": up, "max_instances": svc.config.max_instances}
+
+    async def stop_service(self, name: str = "") -> dict[str, Any]:
+        """Stop serving (connections refused, reason `stopped`), drain, stop every instance; until `start`."""
+        svc = self._service(name)
+        await svc.stop_serving(self.config.settings.drain_timeout)
+        self._controlled(svc, "stop", "stopped: connections refused until `activator start`")
+        return {"service": name, "stopped": True}
+
+    async def start_service(self, name: str = "") -> dict[str, Any]:
+        svc = self._service(name)
+        svc.start_serving()
+        self._controlled(svc, "start", "serving again")
+        return {"service": name, "stopped": False}
 
     async def rebuild(self, name: str = "") -> dict[str, Any]:
         """Build a fresh checkpoint for one service and switch new instances to it; running ones carry on."""

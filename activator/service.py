@@ -161,6 +161,7 @@ class Service:
         self._changed = asyncio.Event()
         self._replenish_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self.stopped = False  # `activator stop`: refuses connections and keeps no instance until `activator start`
         self._rejections: dict[str, int] = {}
         self._rejections_timer: asyncio.TimerHandle | None = None
         self._latest_rejection = ""
@@ -237,6 +238,9 @@ class Service:
         """Count a new client connection in, or raise Rejected (counted by the caller through reject())."""
         if self._closed:
             raise Rejected("shutting-down", f"service '{self.name}' is shutting down")
+        if self.stopped:
+            raise Rejected("stopped", f"service '{self.name}' is stopped (`activator start {self.name}` serves "
+                                      "it again)")
         limit = self.config.max_connections
         if limit is not None and self.open_connections + self.kernel_connections >= limit:
             raise Rejected("max-connections", f"service '{self.name}' has {limit} open connections")
@@ -456,7 +460,7 @@ class Service:
 
     def _scale(self, extra: int) -> None:
         now = time.monotonic()
-        if self._closed or self.start_backoff.active(now) or self.checkpoint_problem is not None:
+        if self._closed or self.stopped or self.start_backoff.active(now) or self.checkpoint_problem is not None:
             return
         demand = sum(i.connections for i in self.instances) + self.waiting + extra
         n = capacity.starts_needed(demand=demand, ready=len(self.instances), starting=len(self._starts),
@@ -467,7 +471,7 @@ class Service:
     def _replenish(self) -> None:
         """Keep min_instances warm (after the checkpoint is set, after failures once backoff allows)."""
         self._replenish_timer = None
-        if self._closed or self.checkpoint is None:
+        if self._closed or self.stopped or self.checkpoint is None:
             return
         if self.start_backoff.active(time.monotonic()):
             self._schedule_replenish(self.start_backoff.remaining(time.monotonic()))
@@ -666,6 +670,7 @@ class Service:
             "restore_backoff_seconds": round(self.restore_backoff.remaining(now), 3),
             "min_instances": self.config.min_instances,
             "max_instances": self.config.max_instances,
+            "stopped": self.stopped,
             "checkpoint_problem": self.checkpoint_problem,
             "checkpoint_retry_seconds": round(max(0.0, self.checkpoint_retry_at - now), 1)
             if self.checkpoint_problem else 0.0,
@@ -684,6 +689,47 @@ class Service:
         }
 
     # --- shutdown ------------------------------------------------------------------------------------------
+
+    # --- runtime control (activator wake|scale|stop|start, through the control socket) ----------------------
+
+    async def scale_to(self, n: int, timeout: float) -> int:
+        """Restore instances now, without a client, until n are up (at most max_instances); they go when idle as
+        any other (or stay, up to min_instances). Waits for them; returns how many are up."""
+        if self.stopped:
+            raise ActivatorError(f"service '{self.name}' is stopped; `activator start {self.name}` first")
+        if self.checkpoint is None:
+            raise ActivatorError(f"service '{self.name}' has no checkpoint yet"
+                                 + (f" ({self.checkpoint_problem})" if self.checkpoint_problem else ""))
+        n = min(max(n, 1), self.config.max_instances)
+        for _ in range(n - len(self.instances) - len(self._starts)):
+            self._spawn_start()
+        if self._starts:
+            await asyncio.wait(set(self._starts), timeout=timeout)
+        return len(self.instances)
+
+    async def stop_serving(self, drain_timeout: float) -> None:
+        """Refuse new connections (reason `stopped`), take every instance out of the kernel path, let open
+        connections finish (drain_timeout), then stop every instance. Listeners stay bound (systemd's too)."""
+        self.stopped = True
+        if self._replenish_timer is not None:
+            self._replenish_timer.cancel()
+            self._replenish_timer = None
+        self.withdraw_all()
+        deadline = time.monotonic() + drain_timeout
+        while self.open_connections + self.kernel_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for task in list(self._starts):
+            task.cancel()
+        for inst in list(self.instances):
+            self._stop(inst, graceful=True)
+        while self._stopping:
+            await asyncio.gather(*list(self._stopping), return_exceptions=True)
+
+    def start_serving(self) -> None:
+        """Serve again: connections are admitted, min_instances kept warm."""
+        self.stopped = False
+        self._resteer()
+        self._replenish()
 
     def withdraw_all(self) -> None:
         """Stop steering new connections to any instance (shutdown: they drain, then go)."""

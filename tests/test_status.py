@@ -4,6 +4,7 @@ checkpoint, `checkpoint --rebuild` through the daemon."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -132,4 +133,45 @@ def test_an_apps_output_outlives_its_instance(tmp_path: Path) -> None:
         none = subprocess.run([*ACTIVATOR, "logs", "nosuch", "-c", str(cfg)], capture_output=True, text=True,
                               timeout=30)
         assert none.returncode == 2 and "no service named 'nosuch'" in none.stderr
+        stop(proc)
+
+
+def test_runtime_control_wake_scale_stop_start(tmp_path: Path) -> None:
+    """Issue 17 item 9: through the control socket, without editing the file; each logged and counted."""
+    port = free_port()
+    cfg = write_config(tmp_path, {"echo": ECHO | {"listen": f"127.0.0.1:{port}", "max_instances": 3,
+                                                  "idle_timeout": "1h"}})
+    log = tmp_path / "activator.log"
+
+    def cli(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ACTIVATOR, *words, "-c", str(cfg)], capture_output=True, text=True, timeout=300)
+
+    def instances() -> int:
+        st = json.loads(cli("status", "--json").stdout)
+        return len(st["services"][0]["instances"])
+
+    with daemon([*ACTIVATOR, "run", "-c", str(cfg)], log) as proc:
+        assert instances() == 0
+        woke = cli("wake", "echo")
+        assert woke.returncode == 0 and woke.stdout.strip() == "echo: 1 instance(s) up", woke.stderr
+        assert instances() == 1  # restored without a client
+        scaled = cli("scale", "echo", "5")
+        assert scaled.returncode == 0 and "3 instance(s) up (max_instances 3)" in scaled.stdout, scaled.stderr
+        assert instances() == 3
+        stopped = cli("stop", "echo")
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+        assert instances() == 0 and "STOPPED" in cli("status").stdout
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:  # refused at once, not held
+            c.sendall(b"x")
+            c.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):  # a reset is refused all the same
+                assert c.recv(1) == b""
+        assert cli("wake", "echo").returncode == 1  # a stopped service is not woken behind the operator's back
+        started = cli("start", "echo")
+        assert started.returncode == 0 and "serving again" in started.stdout
+        assert echo_once(port, b"back") == b"back"
+        unknown = cli("wake", "nosuch")
+        assert unknown.returncode == 2 and "no service named 'nosuch'" in unknown.stderr
+        text = log.read_text()
+        assert "service=echo woken (activator wake)" in text and "(activator stop)" in text
         stop(proc)
