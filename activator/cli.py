@@ -110,8 +110,6 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 def _check_host(cfg: Config, sock: Any) -> None:
     """What can be checked without starting anything (--file-only skips it): each image is in the Docker engine,
     each listen address is free or already the running daemon's for that service, a seccomp profile exists."""
-    from pathlib import Path
-
     from . import control
     from .images import DockerImageSource
     from .listeners import bind_listener
@@ -273,8 +271,6 @@ def _age(seconds: float) -> str:
 def _control_socket(cfg: Config | None, path: str) -> Any:
     """The running daemon's control socket: from the parsed file, or, when the file no longer parses (an edit
     under way), from its settings.state_dir read leniently (or the default): only the daemon is asked."""
-    from pathlib import Path
-
     from . import compose, yamlload
     from .config import Settings
     from .statedir import StateDir
@@ -349,7 +345,7 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
 
     svc = cfg.service(args.service)  # a one-line error naming the known services
     state = StateDir.of(cfg)
-    out = sys.stdout.buffer
+    out = _TerminalSafe(sys.stdout.buffer) if sys.stdout.isatty() else sys.stdout.buffer
 
     def live() -> list[Path]:
         if not state.instances.is_dir():
@@ -399,6 +395,24 @@ def cmd_control(cfg: Config, args: argparse.Namespace) -> int:
         said = "serving again"
     print(f"{args.service}: {said}")
     return 0
+
+
+def terminal_safe(data: bytes) -> bytes:
+    """An app's bytes as a terminal may show them: its output is the image's, untrusted, and escape sequences
+    can retitle a window, rewrite what is on screen or, on some terminals, answer back as typed input.
+    Control characters other than newline and tab become \\xNN."""
+    return re.sub(rb"[\x00-\x08\x0b-\x1f\x7f]", lambda m: b"\\x%02x" % m.group()[0], data)
+
+
+class _TerminalSafe:
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def write(self, data: bytes) -> int:
+        return int(self.raw.write(terminal_safe(data)))
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:

@@ -187,3 +187,14 @@ def test_the_hosts_ksm_settings_come_back_after_a_killed_run(tmp_path: Path) -> 
     finally:
         for n in ("pages_to_scan", "sleep_millisecs", "run"):
             (ksm.KSM / n).write_text(before[n])
+
+
+def test_an_apps_output_cannot_drive_the_operators_terminal() -> None:
+    """`activator logs` on a terminal: what a hostile image's app printed (a window retitle, a screen clear, a
+    carriage return hiding a line) is shown escaped; newlines, tabs and text come through as they are."""
+    from activator.cli import terminal_safe
+
+    hostile = b"ok\tfine\n\x1b]0;owned\x07\x1b[2Jfake prompt\r# \x7f\n"
+    shown = terminal_safe(hostile)
+    assert not any(b in shown for b in (b"\x1b", b"\x07", b"\r", b"\x7f"))
+    assert shown == b"ok\tfine\n\\x1b]0;owned\\x07\\x1b[2Jfake prompt\\x0d# \\x7f\n"
