@@ -8,7 +8,6 @@ and reads only the two attributes it needs, CTA_MARK and the TCP state, straight
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import struct
@@ -79,10 +78,3 @@ def dump(mark: int, mask: int) -> list[tuple[int, int | None]]:
                 out.append(_entry(buf, pos + _HDR.size + 4, pos + length))  # past nfgenmsg
                 pos += (length + 3) & ~3
 
-
-def available() -> bool:
-    try:
-        dump(0, 0xFFFFFFFF)
-    except OSError as e:
-        return e.errno not in (errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT)
-    return True

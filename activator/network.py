@@ -77,7 +77,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("activator.network")
 
 MARK_TAG = 0xA0000000  # every activator's marks: 0xA, then an 8-bit daemon slot, the egress bit, the host index
-TAG_MASK = 0xF0000000
 MARK_MASK = 0xFFF00000  # one daemon's marks
 SLOT_SHIFT = 20
 EGRESS = 0x00080000  # within the host-index bits: a /16 has fewer than 2^19 hosts
