@@ -178,9 +178,9 @@ class CheckpointBuilder:
         try:
             binds = await asyncio.to_thread(volumes.ensure, svc.volumes, self.instances_dir.parent, rootfs, svc.name)
             self._warn_unkept_volumes(svc, image)
-            await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.name, seccomp=filt, template=True,
-                                  binds=binds)
-            sandbox.write_etc(svc.name, svc.extra_hosts)
+            await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.hostname or svc.name, seccomp=filt,
+                                  template=True, binds=binds)
+            sandbox.write_etc(svc.hostname or svc.name, svc.extra_hosts, svc.depends_on)
             await self._start_and_wait(svc, sandbox, tmp / "template.log")
             pid = await sandbox.pid()
             dev = await asyncio.to_thread(extmounts.snapshot_dev, pid) if pid else ()
@@ -264,9 +264,10 @@ class CheckpointBuilder:
         uid, gid, groups = resolve_user(rootfs, svc.user if svc.user is not None else image.user, svc.name)
         return ProcessSpec(
             args=args,
-            env=merge_env(image.env, svc.environment, svc.name),
+            env=merge_env(image.env, svc.environment, svc.hostname or svc.name),
             cwd=svc.working_dir or image.working_dir or "/",
             uid=uid, gid=gid, additional_gids=groups, capabilities=capability_set(svc.cap_add, svc.cap_drop),
+            rlimits=svc.ulimits, read_only=svc.read_only, tmpfs=tuple((t.target, t.options) for t in svc.tmpfs),
         )
 
     async def _start_and_wait(self, svc: ServiceConfig, sandbox: Sandbox, output: Path) -> None:
@@ -307,10 +308,12 @@ class CheckpointBuilder:
                 raise StartError(f"service '{svc.name}': the app exited right after it started listening; "
                                  f"see {self._log_hint(svc)}")
             warm = svc.warmup.http_paths or svc.warmup.payload is not None
-            if svc.readiness.http_path or warm:
+            if svc.readiness.http_path or svc.readiness.command or warm:
                 before = readiness.held_sockets(pid)
                 if svc.readiness.http_path:
                     await self._wait_http(svc, sandbox, deadline)
+                if svc.readiness.command:
+                    await self._wait_command(svc, sandbox, deadline, pid, output)
                 if warm:
                     await self._warm_up(svc, sandbox)
                 # The dump should not capture these connections (they would come back closed, and they are
@@ -360,6 +363,34 @@ class CheckpointBuilder:
             f"service '{svc.name}': GET {path} on port {svc.port} did not answer 2xx/3xx within "
             f"{svc.readiness.timeout:g}s; fix 'readiness.http_path' or raise 'readiness.timeout'"
         )
+
+    async def _wait_command(self, svc: ServiceConfig, sandbox: Sandbox, deadline: float, pid: int,
+                            output: Path) -> None:
+        """readiness.command in the template until it exits 0; what it printed goes to the template's log. Every
+        run must be gone, with whatever it started, before the next (the dump takes every process along)."""
+        command = svc.readiness.command
+        assert command is not None
+        args = ("/bin/sh", "-c", command[0]) if len(command) == 1 else command
+        before = readiness.processes(pid)
+        status: int | None = None
+        while time.monotonic() < deadline:
+            out = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                status = await sandbox.probe(args, timeout=min(svc.readiness.command_timeout,
+                                                               max(0.1, deadline - time.monotonic())), output=out)
+            finally:
+                os.close(out)
+            if not await readiness.wait_until(lambda: readiness.processes(pid) <= before, timeout=2):
+                raise StartError(f"service '{svc.name}': readiness.command left processes running in the template "
+                                 f"({', '.join(map(str, sorted(readiness.processes(pid) - before)))}); make it "
+                                 "wait for what it starts")
+            if status == 0:
+                return
+            await asyncio.sleep(0.25)
+        said = "it timed out" if status is None else f"its last exit status was {status}"
+        raise StartError(
+            f"service '{svc.name}': readiness.command did not succeed within {svc.readiness.timeout:g}s ({said}; "
+            f"its output is in {self._log_hint(svc)}); fix it or raise 'readiness.timeout'")
 
     def _log_hint(self, svc: ServiceConfig) -> Path:
         return self.store.logs / f"{svc.name}-template.log"

@@ -104,6 +104,10 @@ class Checkpoint:
                 args=tuple(p["args"]), env=tuple(p["env"]), cwd=p["cwd"], uid=p["uid"], gid=p["gid"],
                 additional_gids=tuple(p["additional_gids"]),
                 **({"capabilities": tuple(p["capabilities"])} if "capabilities" in p else {}),  # format < 6
+                # absent from checkpoints made before these keys existed (made without them)
+                rlimits=tuple((r[0], r[1], r[2]) for r in p.get("rlimits", ())),
+                read_only=p.get("read_only", False),
+                tmpfs=tuple((t, tuple(o)) for t, o in p.get("tmpfs", ())),
             ),
             image_rootfs=Path(d["image_rootfs"]),
             listening_ports=tuple(d["listening_ports"]),

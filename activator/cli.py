@@ -321,6 +321,10 @@ def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
             extra.append(f"backing off {svc['backoff_seconds']:.1f}s")
         if svc["restore_backoff_seconds"]:
             extra.append(f"restores backing off {svc['restore_backoff_seconds']:.1f}s")
+        if svc.get("depends_on"):
+            extra.append(f"depends on {', '.join(svc['depends_on'])}")
+        if svc.get("kept_for"):
+            extra.append(f"kept for {', '.join(svc['kept_for'])}")
         if svc.get("stopped"):
             extra.append(f"STOPPED (activator stop): connections refused until `activator start {svc['name']}`")
         if svc.get("checkpoint_problem"):

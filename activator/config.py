@@ -49,15 +49,11 @@ from typing import Any
 
 from . import compose, yamlload
 from .errors import ConfigError
+from .units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
+from .units import show as _show
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 _NAME_RE = re.compile(NAME_PATTERN)
-_DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$"
-_DURATION_RE = re.compile(_DURATION_PATTERN)
-_SIZE_PATTERN = r"^\s*(\d+)\s*([kmgKMG]?)[bB]?\s*$"
-_SIZE_RE = re.compile(_SIZE_PATTERN)
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 MiB = 2**20
@@ -97,7 +93,7 @@ class Duration(Kind):
 
     def schema(self) -> dict[str, Any]:
         return {"oneOf": [{"type": "number", "minimum": self.min, "maximum": self.max},
-                          {"type": "string", "pattern": _DURATION_PATTERN}],
+                          {"type": "string", "pattern": DURATION_PATTERN}],
                 "description": f"a duration, {_human_duration(self.min)} to {_human_duration(self.max)} "
                                "(seconds, or 250ms, 5s, 2m, 1h, 1d)"}
 
@@ -115,7 +111,7 @@ class Size(Kind):
 
     def schema(self) -> dict[str, Any]:
         return {"oneOf": [{"type": "integer", "minimum": self.min, "maximum": self.max},
-                          {"type": "string", "pattern": _SIZE_PATTERN}]}
+                          {"type": "string", "pattern": SIZE_PATTERN}]}
 
 
 @dataclass(frozen=True)
@@ -208,6 +204,14 @@ class Args(Kind):
 _ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
+def _env_value(v: Any) -> str:
+    """A YAML scalar as the app sees it: true/false as written in YAML 1.2 (Python would say True), null as ''.
+    (The loader reads unquoted yes/no/on/off as booleans too: quote them to keep the word.)"""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "" if v is None else str(v)
+
+
 @dataclass(frozen=True)
 class Environment(Kind):
     def parse(self, raw: Any) -> tuple[tuple[str, str], ...]:
@@ -216,7 +220,7 @@ class Environment(Kind):
             for k, v in raw.items():
                 if isinstance(v, Mapping | list):
                     raise ValueError(f"'{k}': expected a plain value, got {_show(v)}")
-                pairs.append((str(k), "" if v is None else str(v)))
+                pairs.append((str(k), _env_value(v)))
         elif isinstance(raw, list):
             for item in raw:
                 if not isinstance(item, str):
@@ -377,15 +381,17 @@ class Capabilities(Kind):
 
 @dataclass(frozen=True)
 class Volume:
-    """source: an absolute host path (bound as is) or a volume name (state_dir/volumes/NAME)."""
+    """source: an absolute host path (bound as is), a volume name (state_dir/volumes/NAME), or with external a
+    Docker volume's name (its data used as it is, as Compose's `external: true`)."""
 
     source: str
     target: str
     read_only: bool = False
+    external: bool = False
 
     @property
     def named(self) -> bool:
-        return not self.source.startswith("/")
+        return not self.source.startswith("/") and not self.external
 
 
 _VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -407,11 +413,13 @@ class Volumes(Kind):
                 if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
                     raise ValueError(f"'{item[:80]}' is not SOURCE:TARGET[:ro|rw]")
                 v = Volume(parts[0], parts[1], len(parts) == 3 and parts[2] == "ro")
-            elif isinstance(item, Mapping) and set(item) <= {"source", "target", "read_only"}:
+            elif isinstance(item, Mapping) and set(item) <= {"source", "target", "read_only", "external"}:
                 if not isinstance(item.get("source"), str) or not isinstance(item.get("target"), str) \
-                        or not isinstance(item.get("read_only", False), bool):
-                    raise ValueError("a volume needs source and target strings (and read_only: true/false)")
-                v = Volume(item["source"], item["target"], item.get("read_only", False))
+                        or not isinstance(item.get("read_only", False), bool) \
+                        or not isinstance(item.get("external", False), bool):
+                    raise ValueError("a volume needs source and target strings (and read_only, external: "
+                                     "true/false)")
+                v = Volume(item["source"], item["target"], item.get("read_only", False), item.get("external", False))
             else:
                 raise ValueError(f"expected SOURCE:TARGET[:ro] or {{source, target, read_only}}, got {_show(item)}")
             target = os.path.normpath(v.target)
@@ -422,11 +430,14 @@ class Volumes(Kind):
             if v.named and not _VOLUME_NAME.fullmatch(v.source):
                 raise ValueError(f"'{v.source[:80]}' is neither an absolute host path nor a volume name "
                                  "(letters, digits, '_', '.', '-')")
+            if v.external and not _VOLUME_NAME.fullmatch(v.source):
+                raise ValueError(f"'{v.source[:80]}' is not a Docker volume name (external: true)")
             if not v.named and ("\0" in v.source or os.path.normpath(v.source) == "/"):
                 raise ValueError(f"'{v.source[:80]}': not a host path to bind")
             if any(o.target == target for o in out):
                 raise ValueError(f"two volumes on {target}")
-            out.append(Volume(v.source if v.named else os.path.normpath(v.source), target, v.read_only))
+            out.append(Volume(v.source if v.named or v.external else os.path.normpath(v.source), target,
+                              v.read_only, v.external))
         return tuple(out)
 
     def schema(self) -> dict[str, Any]:
@@ -434,7 +445,100 @@ class Volumes(Kind):
             {"type": "string", "pattern": r"^[^:]+:/[^:]*(:(ro|rw))?$"},
             {"type": "object", "required": ["source", "target"], "additionalProperties": False,
              "properties": {"source": {"type": "string"}, "target": {"type": "string"},
-                            "read_only": {"type": "boolean"}}}]}}
+                            "read_only": {"type": "boolean"}, "external": {"type": "boolean"}}}]}}
+
+
+@dataclass(frozen=True)
+class TmpfsMount:
+    target: str
+    options: tuple[str, ...]  # mount options, Docker's defaults (rw,noexec,nosuid,nodev) included
+
+
+#: what `docker run --tmpfs` and Compose accept after the path, besides size= and mode=
+_TMPFS_FLAGS = frozenset({"ro", "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime",
+                          "relatime", "strictatime", "nodiratime"})
+
+
+@dataclass(frozen=True)
+class Tmpfs(Kind):
+    """`PATH[:OPTIONS]` (as docker run --tmpfs and Compose): an empty tmpfs on PATH, rw,noexec,nosuid,nodev unless
+    the options say otherwise; size=N[k|m|g], mode=OCTAL, uid=N, gid=N."""
+
+    def parse(self, raw: Any) -> tuple[TmpfsMount, ...]:
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"expected a list of PATH[:OPTIONS], got {_show(raw)}")
+        out: list[TmpfsMount] = []
+        for item in items:
+            target, _, opts = item.partition(":")
+            target = os.path.normpath(target) if target.startswith("/") else target
+            if not target.startswith("/") or target == "/" or any(
+                    target == p or target.startswith(p + "/") for p in _NOT_A_TARGET):
+                raise ValueError(f"'{item[:80]}': the path must be absolute, other than /, /proc, /sys and /dev")
+            options = ["rw", "noexec", "nosuid", "nodev"]
+            for o in filter(None, opts.split(",")):
+                name, eq, value = o.partition("=")
+                if (not eq and name not in _TMPFS_FLAGS) or (eq and name not in ("size", "mode", "uid", "gid")):
+                    raise ValueError(f"'{item[:80]}': unknown tmpfs option '{o[:40]}' (size=, mode=, uid=, gid=, "
+                                     "ro, exec, suid, dev, ...)")
+                if name == "size":
+                    value = str(parse_size(value.lower().removesuffix("b") if value[-1:] in "bB" else value))
+                elif name == "mode" and not re.fullmatch(r"[0-7]{3,4}", value):
+                    raise ValueError(f"'{item[:80]}': mode must be octal, like 1777")
+                elif name in ("uid", "gid") and not value.isdigit():
+                    raise ValueError(f"'{item[:80]}': {name} must be a number")
+                opposite = {"ro": "rw", "rw": "ro", "exec": "noexec", "noexec": "exec", "suid": "nosuid",
+                            "nosuid": "suid", "dev": "nodev", "nodev": "dev"}.get(name)
+                options = [x for x in options if x != opposite and x.partition("=")[0] != name]
+                options.append(f"{name}={value}" if eq else name)
+            if any(t.target == target for t in out):
+                raise ValueError(f"two tmpfs mounts on {target}")
+            out.append(TmpfsMount(target, tuple(options)))
+        return tuple(out)
+
+    def schema(self) -> dict[str, Any]:
+        one = {"type": "string", "pattern": "^/"}
+        return {"oneOf": [one, {"type": "array", "items": one}]}
+
+
+#: Docker's ulimit names -> the kernel's resource
+ULIMITS = {"as": "RLIMIT_AS", "core": "RLIMIT_CORE", "cpu": "RLIMIT_CPU", "data": "RLIMIT_DATA",
+           "fsize": "RLIMIT_FSIZE", "locks": "RLIMIT_LOCKS", "memlock": "RLIMIT_MEMLOCK",
+           "msgqueue": "RLIMIT_MSGQUEUE", "nice": "RLIMIT_NICE", "nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC",
+           "rss": "RLIMIT_RSS", "rtprio": "RLIMIT_RTPRIO", "rttime": "RLIMIT_RTTIME",
+           "sigpending": "RLIMIT_SIGPENDING", "stack": "RLIMIT_STACK"}
+
+
+@dataclass(frozen=True)
+class Ulimits(Kind):
+    """{name: N} or {name: {soft: N, hard: N}} (Docker's names: nofile, nproc, core, memlock, ...)."""
+
+    def parse(self, raw: Any) -> tuple[tuple[str, int, int], ...]:
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"expected a mapping like {{nofile: {{soft: 1024, hard: 4096}}}}, got {_show(raw)}")
+        out = []
+        for name, value in raw.items():
+            if name not in ULIMITS:
+                raise ValueError(f"'{str(name)[:40]}' is not a ulimit ({', '.join(ULIMITS)})")
+            if isinstance(value, Mapping) and set(value) == {"soft", "hard"}:
+                soft, hard = value["soft"], value["hard"]
+            else:
+                soft = hard = value
+            for v in (soft, hard):
+                if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v < 2**63:
+                    raise ValueError(f"{name}: expected a whole number (-1: unlimited) or {{soft, hard}}, got "
+                                     f"{_show(value)}")
+            soft, hard = (2**64 - 1 if v == -1 else v for v in (soft, hard))
+            if soft > hard:
+                raise ValueError(f"{name}: soft ({soft}) is above hard ({hard})")
+            out.append((str(name), soft, hard))
+        return tuple(sorted(out))
+
+    def schema(self) -> dict[str, Any]:
+        n = {"type": "integer", "minimum": -1}
+        return {"type": "object", "propertyNames": {"enum": list(ULIMITS)}, "additionalProperties": {"oneOf": [
+            n, {"type": "object", "required": ["soft", "hard"], "additionalProperties": False,
+                "properties": {"soft": n, "hard": n}}]}}
 
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -453,11 +557,6 @@ class Section(Kind):
 
     def schema(self) -> dict[str, Any]:
         return object_schema(self.cls)
-
-
-def _show(raw: Any) -> str:
-    text = repr(raw)
-    return f"{type(raw).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
 def key(kind: Kind, default: Any = MISSING, *, doc: str, nullable: bool = False, shapes: bool = False,
@@ -521,6 +620,11 @@ class Readiness:
     http_path: str | None = key(
         Text(pattern=r"/[\x21-\x7e]*", hint="an absolute URL path like /health"), None, nullable=True, shapes=True,
         doc="also wait for GET on this path to answer 2xx/3xx before the dump (null: listening is enough)")
+    command: tuple[str, ...] | None = key(
+        Args(), None, nullable=True, shapes=True,
+        doc="also run this in the template (as its app's user, in its sandbox) until it exits 0, like a Compose "
+            "healthcheck's CMD; a string runs as `/bin/sh -c STRING` (CMD-SHELL)")
+    command_timeout: float = key(Duration(0.1, HOUR), 30.0, doc="longest one run of command may take")
 
 
 @dataclass(frozen=True)
@@ -626,6 +730,20 @@ class ServiceConfig:
                                     doc="capabilities taken from the default set, or [ALL]")
     extra_hosts: tuple[tuple[str, str], ...] = key(Hosts(), (), shapes=True,
                                                     doc="extra /etc/hosts entries for the app, {name: address}")
+    hostname: str | None = key(Text(pattern=r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62})", hint="a host name"), None,
+                               nullable=True, shapes=True, doc="the app's host name (null: the service's name)")
+    read_only: bool = key(Flag(), False, shapes=True,
+                          doc="mount the image's root filesystem read-only (give the app tmpfs or volumes to write)")
+    tmpfs: tuple[TmpfsMount, ...] = key(
+        Tmpfs(), (), shapes=True,
+        doc="PATH[:OPTIONS]: an empty tmpfs per instance (rw,noexec,nosuid,nodev; size=, mode=, exec, ...); what "
+            "the app wrote there before the checkpoint is in every instance's")
+    ulimits: tuple[tuple[str, int, int], ...] = key(
+        Ulimits(), (), shapes=True, doc="resource limits of the app's processes, {nofile: {soft: N, hard: N}, ...}")
+    depends_on: tuple[str, ...] = key(
+        Args(), (), shapes=True,
+        doc="services of this file this one uses: woken with it, kept while an instance of this one lives, and "
+            "reachable from it by name (their listen port, through the gateway address)")
     volumes: tuple[Volume, ...] = key(
         Volumes(), (), shapes=True,
         doc="SOURCE:TARGET[:ro]: a host path, or a volume name kept in state_dir/volumes (filled from the image "
@@ -690,6 +808,9 @@ class ServiceConfig:
             raise ValueError("service names are 1-40 of a-z, 0-9, '_' and '-', starting with a letter or digit")
         if self.stop_signal is not None:
             signal_number(self.stop_signal)  # raises ValueError naming the problem
+        for dep in self.depends_on:
+            if dep == self.name:
+                raise ValueError(f"depends_on: '{dep}' is this service itself")
         if self.min_instances > self.max_instances:
             raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
                              f"({self.max_instances})")
@@ -712,7 +833,8 @@ def signal_number(name: str) -> int:
 
 
 #: process-shaping keys added after checkpoints were made without them
-ADDED_LATER = frozenset({"volumes", "cap_add", "cap_drop"})
+ADDED_LATER = frozenset({"volumes", "cap_add", "cap_drop", "hostname", "read_only", "tmpfs", "ulimits", "depends_on",
+                         "readiness.command"})
 
 
 def _plain(value: Any) -> Any:
@@ -724,15 +846,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _shaping(obj: Any) -> dict[str, Any]:
+def _shaping(obj: Any, at: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         if f.metadata.get("shapes"):
-            if f.name in ADDED_LATER and value == f.default:
+            if at + f.name in ADDED_LATER and value == f.default:
                 continue  # absent from fingerprints made before the key existed: those stay current
             out[f.name] = _plain(value)
-        elif is_dataclass(value) and (inner := _shaping(value)):
+        elif is_dataclass(value) and (inner := _shaping(value, f"{at}{f.name}.")):
             out[f.name] = inner
     return out
 
@@ -756,6 +878,7 @@ class Config:
     path: Path
     settings: Settings
     services: tuple[ServiceConfig, ...]
+    notes: tuple[str, ...] = ()  # what a Compose file said that activator ignores, and why (validate prints them)
 
     def shares_memory(self, svc: ServiceConfig) -> bool:
         """share_memory, with auto resolved: on only when the file has this one service."""
@@ -770,32 +893,6 @@ class Config:
 
 
 # --- parsing ------------------------------------------------------------------------------------------------
-
-
-def parse_duration(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"expected a duration like 500ms, 5s, 2m, got {_show(value)}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ValueError(f"'{value[:40]}' is not a duration (e.g. 500ms, 5s, 2m, 1h)")
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{value} is not a finite, non-negative duration")
-    return seconds
-
-
-def parse_size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"expected a size like 512m, got {_show(value)}")
-    if isinstance(value, int):
-        return value
-    m = _SIZE_RE.match(value)
-    if not m:
-        raise ValueError(f"'{value[:40]}' is not a size (e.g. 256m, 1g, 1048576)")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
 def build(cls: type, raw: Any, where: str, loc: str, **fixed: Any) -> Any:
@@ -869,9 +966,11 @@ def parse_config(text: str, path: Path) -> Config:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: top level: expected a mapping with 'services:', got {_show(raw)}")
     origins: dict[str, list[str]] = {}
+    notes: tuple[str, ...] = ()
     if compose.is_compose(raw):
         raw = dict(compose.translate(raw, path))
         origins = raw.pop(compose.ORIGINS)
+        notes = tuple(raw.pop(compose.NOTES))
     for k in raw:
         if k not in ("settings", "services"):
             if k in compose.COMPOSE_TOP_LEVEL:
@@ -903,7 +1002,8 @@ def parse_config(text: str, path: Path) -> Config:
                 raise ConfigError(prefix + f"{compose.MARK}." + msg.removeprefix(prefix)) from None
             raise
     _check_unique_listeners(services, where)
-    return Config(path=path, settings=settings, services=tuple(services))
+    _check_dependencies(services, str(next(settings.network.subnet.hosts())), where)
+    return Config(path=path, settings=settings, services=tuple(services), notes=notes)
 
 
 def _check_unique_listeners(services: list[ServiceConfig], where: str) -> None:
@@ -916,6 +1016,48 @@ def _check_unique_listeners(services: list[ServiceConfig], where: str) -> None:
                     f"{where}: services.{svc.name}.listen: {addr} is already used by service '{seen[k]}'"
                 )
             seen[k] = svc.name
+
+
+def _check_dependencies(services: list[ServiceConfig], gateway: str, where: str) -> None:
+    """Every dependency is a service of the file, reachable from its dependant, and no cycle."""
+    by_name = {s.name: s for s in services}
+    for svc in services:
+        at = f"{where}: services.{svc.name}.depends_on"
+        for dep in svc.depends_on:
+            other = by_name.get(dep)
+            if other is None:
+                raise ConfigError(f"{at}: no service named '{dep}' in this file (known: "
+                                  f"{', '.join(by_name) or 'none'})")
+            if svc.network != "bridge" or not svc.egress:
+                raise ConfigError(f"{at}: this service cannot open connections (network: {svc.network}, egress: "
+                                  f"{str(svc.egress).lower()}); give it network: bridge and egress: true")
+            if not dependency_address(other, gateway):
+                raise ConfigError(f"{at}: '{dep}' listens on {', '.join(map(str, other.listen)) or 'systemd'}, "
+                                  f"which instances cannot reach; add {gateway}:PORT (the bridge's address) or "
+                                  "0.0.0.0:PORT to its listen")
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+
+    def walk(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = [*path[path.index(name):], name]
+            raise ConfigError(f"{where}: services.{cycle[0]}.depends_on: a cycle ({' -> '.join(cycle)}); a "
+                              "dependency cannot depend on its dependant")
+        state[name] = 1
+        for dep in by_name[name].depends_on:
+            walk(dep, [*path, name])
+        state[name] = 2
+
+    for svc in services:
+        walk(svc.name, [])
+
+
+def dependency_address(svc: ServiceConfig, gateway: str) -> ListenAddress | None:
+    """The listen address a dependant's instances reach svc on: the gateway's (the bridge's address), or a
+    wildcard one (through the gateway too)."""
+    return next((a for a in svc.listen if a.host == gateway), None) or \
+        next((a for a in svc.listen if a.host == "0.0.0.0"), None)
 
 
 def load_config(path: str | Path) -> Config:

@@ -97,7 +97,8 @@ class Launcher:
         return sb
 
     async def _prepare_for(self, sb: Sandbox, checkpoint: Checkpoint) -> None:
-        await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources, self.config.name,
+        await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources,
+                         self.config.hostname or self.config.name,
                          checkpoint.seccomp, restore=checkpoint, binds=await self._binds(checkpoint))
 
     async def _prepared(self, checkpoint: Checkpoint) -> Sandbox:
@@ -220,9 +221,10 @@ class Launcher:
         if self.ksm is not None:
             self.ksm.started_instance()
         try:
-            await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, self.config.name,
+            hostname = self.config.hostname or self.config.name
+            await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, hostname,
                              checkpoint.seccomp, binds=await self._binds(checkpoint))
-            sb.write_etc(self.config.name, self.config.extra_hosts)
+            sb.write_etc(hostname, self.config.extra_hosts, self.config.depends_on)
             out = open_private(sb.layout.output)
             try:
                 await sb.start(stdout=out, stderr=out)

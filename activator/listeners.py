@@ -16,11 +16,17 @@ log = logging.getLogger("activator")
 BACKLOG = 1024
 
 
+IP_FREEBIND = 15  # linux/in.h; Python's socket module does not name it
+
+
 def bind_listener(addr: ListenAddress, svc: ServiceConfig, config: Config) -> socket.socket:
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if addr.host == str(next(config.settings.network.subnet.hosts())):
+            # the bridge's address (where dependants reach a dependency): the bridge may not be up yet (validate)
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         sock.bind((addr.host, addr.port))
         sock.listen(BACKLOG)
     except OSError as e:

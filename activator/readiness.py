@@ -50,6 +50,13 @@ def _pid_ns(pid: int | str) -> str | None:
         return None
 
 
+def processes(init_pid: int) -> set[int]:
+    """The pids (host view) of every process in init_pid's pid namespace."""
+    ns = _pid_ns(init_pid)
+    with os.scandir("/proc") as procs:
+        return {int(e.name) for e in procs if e.name.isdigit() and _pid_ns(e.name) == ns}
+
+
 def held_sockets(init_pid: int) -> set[int]:
     """Socket inodes held open by any process in init_pid's pid namespace (the whole container)."""
     ns = _pid_ns(init_pid)

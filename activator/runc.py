@@ -7,10 +7,13 @@ containers activator owns, which is what crash recovery and leak checks rely on.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -114,6 +117,25 @@ class Runc:
         )
         if rc != 0:
             raise RuncError(self._explain("run", out + err, log), log)
+
+    async def probe(self, name: str, args: tuple[str, ...], *, timeout: float, output: int, log: Path) -> int | None:
+        """Run args in the container (its process spec: user, capabilities, seccomp, limits) and wait; its exit
+        status, or None when it took longer than timeout (then it is killed, in the container too)."""
+        pid_file = log.with_name(f"probe-{os.getpid()}-{id(args)}.pid")
+        helper = await Helper.start(
+            [self.binary, "--root", str(self.root), "exec", "--pid-file", str(pid_file), name, *args],
+            stdout=output, stderr=output, env=_child_env())
+        try:
+            rc, _, _ = await asyncio.wait_for(helper.communicate(), timeout)
+            return rc
+        except TimeoutError:
+            # runc exec's own session is killed by communicate(); the process it made lives in the container's
+            # pid namespace and has to be killed there, or the dump would take it along.
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            return None
+        finally:
+            pid_file.unlink(missing_ok=True)
 
     async def checkpoint(self, name: str, image_path: Path, work_path: Path, *, log: Path) -> None:
         rc, out, err = await self._exec(

@@ -176,17 +176,21 @@ class Sandbox:
         self.slot = False
         (self.layout.dir / "slot").unlink(missing_ok=True)
 
-    def write_etc(self, hostname: str, extra_hosts: tuple[tuple[str, str], ...] = ()) -> None:
+    def write_etc(self, hostname: str, extra_hosts: tuple[tuple[str, str], ...] = (),
+                  dependencies: tuple[str, ...] = ()) -> None:
         """/etc/hosts (and, on the bridge, /etc/resolv.conf) for the app, written before it starts.
 
         The hostname resolves to 127.0.0.1, not to the instance's address: the template's address is not an
-        instance's, and a JVM caches what its hostname resolved to when it started, before the dump."""
+        instance's, and a JVM caches what its hostname resolved to when it started, before the dump. Each
+        dependency's name resolves to the gateway, where the dependency's listener (or its steering) is, as a
+        Compose service's name resolves to its container."""
         etc = self.layout.rootfs / "etc"
         if not etc.is_dir():
             return
         lines = [f"127.0.0.1\tlocalhost {hostname}", "::1\tlocalhost ip6-localhost ip6-loopback"]
         if self.network is not None:
             lines.append(f"{self.network.gateway}\thost.activator.internal")
+            lines += [f"{self.network.gateway}\t{name}" for name in dependencies]
             (etc / "resolv.conf").unlink(missing_ok=True)  # it may be a symlink into the image
             (etc / "resolv.conf").write_text(resolv_conf())
         lines += [f"{addr}\t{name}" for name, addr in extra_hosts]
@@ -217,6 +221,10 @@ class Sandbox:
             )
         finally:
             os.close(fd)
+
+    async def probe(self, args: tuple[str, ...], *, timeout: float, output: int) -> int | None:
+        """Run args in the running container; exit status, or None on timeout."""
+        return await self.runc.probe(self.name, args, timeout=timeout, output=output, log=self.layout.runc_log)
 
     async def checkpoint(self, image_path: Path) -> None:
         await self.runc.checkpoint(self.name, image_path, self.layout.criu_work, log=self.layout.runc_log)

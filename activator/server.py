@@ -228,6 +228,7 @@ class Activator:
         for svc in self.config.services:
             self.services[svc.name] = await self._make_service(svc, self.config)
             self._limit(svc)
+        self._link_dependencies()
         for svc in self.config.services:
             await self._serve(svc.name, self.listeners.get(svc.name, []))
 
@@ -485,10 +486,21 @@ class Activator:
             self._track(change.new.name, self._replace(change, fresh.get(change.new.name, [])), "replace")
         for name, shares in p.resharing:
             await self.services[name].launcher.reshare(await self._ksm_for(shares))
+        self._link_dependencies()
         self.metrics.reloads.labels("applied").inc()
         lines = p.describe()
         log.info("reloaded %s: %s", new.path, "; ".join(lines))
         return {"config": str(new.path), "changes": lines}
+
+    def _link_dependencies(self) -> None:
+        """depends_on as Service objects, after every change to the set of services (a start, a reload, a
+        changed service taking over)."""
+        for svc in self.services.values():
+            svc.dependants = []
+        for svc in self.services.values():
+            svc.dependencies = [self.services[d] for d in svc.config.depends_on if d in self.services]
+            for dep in svc.dependencies:
+                dep.dependants.append(svc)
 
     def _track(self, name: str, coro: Coroutine[Any, Any, None], what: str) -> None:
         """A reload's work for one service, which a later reload may supersede (_reload cancels it)."""
@@ -540,6 +552,7 @@ class Activator:
         new = await self._make_service(svc, self.config, sweeps=False)
         new.take_counters_from(old)
         self.services[name] = new  # from here the listeners hand new connections to it
+        self._link_dependencies()
         self._withdraw(old, removed=False)
         self._limit(svc)
         self._use(svc, checkpoint)

@@ -162,6 +162,10 @@ class Service:
         self._replenish_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self.stopped = False  # `activator stop`: refuses connections and keeps no instance until `activator start`
+        # depends_on, as services (the lifecycle owner links them): dependencies are woken when this one starts an
+        # instance, and keep their last instance while a dependant has one.
+        self.dependencies: list[Service] = []
+        self.dependants: list[Service] = []
         self._rejections: dict[str, int] = {}
         self._rejections_timer: asyncio.TimerHandle | None = None
         self._latest_rejection = ""
@@ -488,6 +492,28 @@ class Service:
         self._starts.add(task)
         task.add_done_callback(self._started)
         self._publish()
+        for dep in self.dependencies:  # together, not one after the other: the app asks for them when it needs them
+            dep.wanted_by(self)
+
+    # --- group activation (depends_on) ----------------------------------------------------------------------
+
+    def wanted_by(self, dependant: Service) -> None:
+        """A dependant is starting an instance: have one too (and so, in turn, our own dependencies)."""
+        if self.instances or self._starts:
+            return
+        log.info("service=%s woken with %s, which depends on it", self.name, dependant.name)
+        self._scale(1)
+
+    def held(self) -> list[str]:
+        """The dependants that have (or are starting) an instance: while any does, our last one stays."""
+        return [d.name for d in self.dependants if d.instances or d._starts]
+
+    def _dependant_idle(self) -> None:
+        """A dependant has no instance left: ours that were kept for it are looked at again now (idle long
+        enough: reaped with it)."""
+        for inst in list(self.instances):
+            if inst.idle_timer is not None:
+                self._arm_idle(inst, 0)
 
     def _started(self, task: asyncio.Task[Instance]) -> None:
         self._starts.discard(task)
@@ -501,6 +527,9 @@ class Service:
                 log.error("service=%s start failed: %s; no new attempt for %.1fs (failure %d in a row)",
                           self.name, exc, delay, self.start_backoff.failures)
                 self._schedule_replenish(delay)
+                if not self.instances and not self._starts:
+                    for dep in self.dependencies:
+                        dep._dependant_idle()
                 return
             inst = task.result()
             # Not yet a success: a restored app is not checked for listening (it listens by construction); its
@@ -538,6 +567,10 @@ class Service:
         remaining = inst.idle_since + self.config.idle_timeout - now
         if remaining > 0.001:
             self._arm_idle(inst, remaining)
+            return
+        if len(self.instances) == 1 and (holders := self.held()):
+            log.debug("service=%s instance=%s idle, kept for %s", self.name, inst.name, ", ".join(holders))
+            self._arm_idle(inst, self.config.idle_timeout)  # and looked at again when the last dependant goes
             return
         if len(self.instances) <= self.config.min_instances:
             if self.steering is not None:
@@ -598,6 +631,9 @@ class Service:
             self.instances.remove(inst)
         self._resteer()  # before anything is released: no connection is ever steered to a dead instance
         self._publish()
+        if not self.instances and not self._starts:
+            for dep in self.dependencies:
+                dep._dependant_idle()
         self._releasing.add(inst)
         task = spawn(self._teardown(inst, graceful), name=f"teardown:{inst.name}")
         self._own(task)
@@ -671,6 +707,8 @@ class Service:
             "min_instances": self.config.min_instances,
             "max_instances": self.config.max_instances,
             "stopped": self.stopped,
+            "depends_on": [d.name for d in self.dependencies],
+            "kept_for": self.held(),
             "checkpoint_problem": self.checkpoint_problem,
             "checkpoint_retry_seconds": round(max(0.0, self.checkpoint_retry_at - now), 1)
             if self.checkpoint_problem else 0.0,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .volumes import Bind
 
-from .config import Resources
+from .config import ULIMITS, Resources
 
 # Docker's default capability set less CAP_NET_RAW: apps written for Docker expect these.
 DEFAULT_CAPS = (
@@ -47,7 +47,8 @@ CPU_PERIOD_US = 100_000
 
 @dataclass(frozen=True)
 class ProcessSpec:
-    """What to execute, after the image config and the service's overrides are merged."""
+    """What to execute and the container it sees, after the image config and the service's overrides are merged:
+    the template's, kept in its checkpoint, so every instance (and a cold start) gets the same."""
 
     args: tuple[str, ...]
     env: tuple[str, ...]
@@ -56,6 +57,9 @@ class ProcessSpec:
     gid: int
     additional_gids: tuple[int, ...] = ()
     capabilities: tuple[str, ...] = DEFAULT_CAPS
+    rlimits: tuple[tuple[str, int, int], ...] = ()  # (Docker's name, soft, hard)
+    read_only: bool = False  # the root filesystem
+    tmpfs: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (target, mount options)
 
 
 def capability_set(add: tuple[str, ...], drop: tuple[str, ...]) -> tuple[str, ...]:
@@ -129,8 +133,9 @@ def runtime_spec(
             "cwd": process.cwd,
             "capabilities": {k: list(process.capabilities) for k in ("bounding", "effective", "permitted")},
             "noNewPrivileges": True,
+            "rlimits": [{"type": ULIMITS[name], "soft": soft, "hard": hard} for name, soft, hard in process.rlimits],
         },
-        "root": {"path": rootfs, "readonly": False},
+        "root": {"path": rootfs, "readonly": process.read_only},
         "hostname": hostname,
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
@@ -147,6 +152,9 @@ def runtime_spec(
             # volumes: runc marks bind mounts external in a dump (keyed by destination), and maps them back
             *({"destination": b.target, "type": "bind", "source": str(b.host),
                "options": ["rbind", "ro" if b.read_only else "rw"]} for b in binds),
+            # CRIU dumps these with their contents: what the app wrote there before the dump, every instance has
+            *({"destination": target, "type": "tmpfs", "source": "tmpfs", "options": list(options)}
+              for target, options in process.tmpfs),
         ],
         "linux": linux,
     }

@@ -35,19 +35,47 @@ class Bind:
 
 
 def binds(volumes: tuple[Volume, ...], state_root: Path) -> tuple[Bind, ...]:
-    return tuple(Bind(state_root / "volumes" / v.source if v.named else Path(v.source), v.target, v.read_only)
+    return tuple(Bind(docker_volume(v.source) if v.external else
+                      state_root / "volumes" / v.source if v.named else Path(v.source), v.target, v.read_only)
                  for v in volumes)
+
+
+def docker_volume(name: str) -> Path:
+    """Blocking. Where Docker keeps an existing local volume's data (Compose's `external: true`), asked of dockerd
+    each time (a removed and re-created volume moves)."""
+    import docker  # the image source's SDK: only services with such a volume need dockerd here
+
+    try:
+        attrs = docker.from_env(timeout=10).volumes.get(name).attrs
+    except docker.errors.NotFound:
+        raise ActivatorError(f"volumes: Docker volume '{name}' does not exist (external: true uses an existing "
+                             f"one); create it with `docker volume create {name}`") from None
+    except docker.errors.DockerException as e:
+        raise ActivatorError(f"volumes: cannot ask Docker for volume '{name}': {e}") from None
+    if attrs.get("Driver") != "local" or (attrs.get("Options") or {}).get("type") not in (None, "", "none"):
+        raise ActivatorError(f"volumes: Docker volume '{name}' uses driver {attrs.get('Driver')} with options "
+                             f"{attrs.get('Options')}: only local volumes on the host's disk can be bound")
+    path = Path(attrs["Mountpoint"])
+    if not path.is_dir():
+        raise ActivatorError(f"volumes: Docker volume '{name}' has no data directory at {path}")
+    return path
 
 
 def ensure(volumes: tuple[Volume, ...], state_root: Path, image_root: Path, service: str) -> tuple[Bind, ...]:
     """Blocking. Make what does not exist yet; the binds to mount."""
-    out = binds(volumes, state_root)
+    try:
+        out = binds(volumes, state_root)
+    except ActivatorError as e:
+        raise ActivatorError(f"service '{service}': {e}") from None
     for v, b in zip(volumes, out, strict=True):
         if b.host.is_dir():
             continue
         if b.host.exists():
             raise ActivatorError(f"service '{service}': volumes: {b.host} exists and is not a directory; "
                                  "remove it or bind another path")
+        if v.external:
+            raise ActivatorError(f"service '{service}': volumes: Docker volume '{v.source}' has no directory at "
+                                 f"{b.host}")
         if not v.named:
             b.host.mkdir(mode=0o755, parents=True)
             log.info("service=%s volume %s made (empty) for %s", service, b.host, v.target)

@@ -37,8 +37,10 @@ services:
     image: example/api
     ports:
       - {target: 9000, published: 9001, protocol: tcp}
-      - "9443:443"
+      - "127.0.0.1:9002:9000"
     x-activator: {port: 9000}
+volumes:
+  webdata: {}
 """
 
 
@@ -67,17 +69,18 @@ def test_a_compose_file_is_a_services_file(tmp_path: Path, monkeypatch: pytest.M
     assert [str(a) for a in web.listen] == ["127.0.0.1:8080"] and web.port == 80
     assert [(v.source, v.target, v.read_only) for v in web.volumes] == [
         ("webdata", "/data", False), (str(tmp_path / "static"), "/srv/static", True), ("/etc/web", "/etc/web", False)]
-    assert [str(a) for a in api.listen] == ["0.0.0.0:9001"] and api.port == 9000
+    assert [str(a) for a in api.listen] == ["0.0.0.0:9001", "127.0.0.1:9002"] and api.port == 9000
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ("services:\n  w:\n    image: x\n    ports: ['1:2']\n    volumes: [/data]\n    x-activator: {}\n",
      "services.w.volumes: '/data' has no source: an anonymous volume would be lost"),
     ("services:\n  w:\n    image: x\n    ports: ['1:2']\n    privileged: true\n    x-activator: {}\n",
-     "services.w.privileged: activator runs instances with Docker's default sandbox only"),
-    ("services:\n  w:\n    build: .\n    ports: ['1:2']\n    x-activator: {}\n", "services.w: no image"),
-    ("services:\n  w:\n    image: x\n    x-activator: {}\n", "services.w.ports: activator serves one port"),
-    ("services:\n  w:\n    image: x\n    ports: ['1:2', '3:4']\n    x-activator: {}\n", "has 2 published ports"),
+     "services.w.privileged: not supported (activator runs instances with Docker's default sandbox only)"),
+    ("services:\n  w:\n    build: .\n    ports: ['1:2']\n    x-activator: {}\n", "services.w.image: missing"),
+    ("services:\n  w:\n    image: x\n    x-activator: {}\n", "services.w.ports: no published port"),
+    ("services:\n  w:\n    image: x\n    ports: ['1:2', '3:4']\n    x-activator: {}\n",
+     "publish ports 2, 4 of the app, and activator serves one app port per service"),
     ("services:\n  w:\n    image: x\n    ports: ['53:53/udp']\n    x-activator: {}\n", "only TCP"),
     ("services:\n  w:\n    image: x\n    ports: ['8080']\n    x-activator: {}\n", "[HOST_IP:]PUBLISHED:TARGET"),
     ("services:\n  w:\n    image: '${IMG:?set IMG to the image}'\n    ports: ['1:2']\n    x-activator: {}\n",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from activator.config import ListenAddress, parse_config, parse_duration, parse_size
+from activator.config import ListenAddress, load_config, parse_config, parse_duration, parse_size
 from activator.errors import ConfigError
 
 P = Path("/etc/activator/services.yaml")
@@ -201,3 +201,22 @@ def test_non_utf8_and_huge_files(tmp_path: Path) -> None:
         load_config(huge)
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)
+
+
+def test_depends_on_is_checked(tmp_path: Path) -> None:
+    from .conftest import ECHO, write_config
+
+    cases = [
+        ({"a": ECHO | {"listen": 1001, "depends_on": ["b"]}}, "services.a.depends_on: no service named 'b'"),
+        ({"a": ECHO | {"listen": 1001, "depends_on": ["b"]}, "b": ECHO | {"listen": "127.0.0.1:1002"}},
+         "'b' listens on 127.0.0.1:1002, which instances cannot reach; add 10.89.0.1:PORT"),
+        ({"a": ECHO | {"listen": 1001, "depends_on": ["b"]}, "b": ECHO | {"listen": 1002, "depends_on": ["a"]}},
+         "a cycle (a -> b -> a)"),
+        ({"a": ECHO | {"listen": 1001, "depends_on": ["b"], "network": "none"}, "b": ECHO | {"listen": 1002}},
+         "services.a.depends_on: this service cannot open connections (network: none"),
+        ({"a": ECHO | {"listen": 1001, "depends_on": ["a"]}}, "'a' is this service itself"),
+    ]
+    for services, message in cases:
+        with pytest.raises(ConfigError) as e:
+            load_config(write_config(tmp_path, services))
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
