@@ -94,6 +94,8 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
     names = ", ".join(s.name for s in cfg.services)
     print(f"{cfg.path}: ok ({len(cfg.services)} service(s): {names})" if cfg.services else
           f"{cfg.path}: ok (no service yet: add one under services: and reload)")
+    for note in cfg.notes:  # Compose keys activator does not act on: said, never silently dropped
+        print(f"{cfg.path}: {note}")
     if not sock.exists() or os.geteuid() != 0:
         return 0
     # A daemon runs on this state dir: say what reloading this file would do to it.
@@ -110,7 +112,7 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 def _check_host(cfg: Config, sock: Any) -> None:
     """What can be checked without starting anything (--file-only skips it): each image is in the Docker engine,
     each listen address is free or already the running daemon's for that service, a seccomp profile exists."""
-    from . import control
+    from . import control, volumes
     from .images import DockerImageSource
     from .listeners import bind_listener
 
@@ -133,6 +135,13 @@ def _check_host(cfg: Config, sock: Any) -> None:
         for addr in svc.listen:
             if (svc.name, str(addr)) not in held:
                 bind_listener(addr, svc, cfg).close()  # a one-line ActivatorError if it is taken
+        for i, v in enumerate(svc.volumes):
+            if v.external:
+                try:
+                    volumes.docker_volume(v.source)
+                except ActivatorError as e:
+                    raise ActivatorError(f"{cfg.path}: services.{svc.name}.volumes[{i}]: "
+                                         f"{str(e).removeprefix('volumes: ')}") from None
 
 
 def _daemon_said(e: ActivatorError, sock: object) -> str:

@@ -189,6 +189,8 @@ class Activator:
         # nftables, netlink) wait a handoff per I/O call, so a scrape took tens of ms. Only matters under
         # contention; the loop itself loses nothing measurable (bench/scrape_flood.py, docs/benchmarks.md).
         sys.setswitchinterval(SWITCH_INTERVAL)
+        for note in self.config.notes:
+            log.info("%s: %s", self.config.path, note)
         runc, builder = open_host(self.state, self.config)
         if (parent := cgroups.use_unit_cgroup()) is not None:
             log.info("instance cgroups under this unit's own: /%s", parent)
@@ -487,6 +489,8 @@ class Activator:
         for name, shares in p.resharing:
             await self.services[name].launcher.reshare(await self._ksm_for(shares))
         self._link_dependencies()
+        for note in new.notes:
+            log.info("%s: %s", new.path, note)
         self.metrics.reloads.labels("applied").inc()
         lines = p.describe()
         log.info("reloaded %s: %s", new.path, "; ".join(lines))

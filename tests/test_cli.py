@@ -272,3 +272,28 @@ def test_validate_checks_what_can_be_checked_without_starting_anything(tmp_path:
     profile = write_config(tmp_path, {"web": HTTPD | {"seccomp": "/nonexistent/profile.json"}})
     assert_one_line_error(run_cli("validate", str(profile)), "services.web.seccomp", "does not exist")
     assert run_cli("validate", str(write_config(tmp_path, {"web": HTTPD}))).returncode == 0  # control
+
+
+@pytest.mark.engine
+def test_validate_names_what_a_compose_file_says_that_activator_ignores(tmp_path: Path) -> None:
+    """Issue 17 item 2: ignored Compose keys are listed with why; an external volume that does not exist is an
+    error before the run."""
+    import yaml
+
+    from .conftest import BUSYBOX, free_port
+
+    doc = {"x-activator": {"settings": {"state_dir": str(tmp_path / "state"), "metrics": None}},
+           "services": {"web": {"image": BUSYBOX, "command": "httpd -f -p 8080 -h /www",
+                                "ports": [f"127.0.0.1:{free_port()}:8080"], "restart": "always",
+                                "labels": {"a": "b"}, "x-activator": {}}}}
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = run_cli("validate", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{path}: services.web.restart: ignored: activator starts instances on demand" in proc.stdout
+    assert f"{path}: services.web.labels: ignored: container metadata for Docker" in proc.stdout
+    doc["services"]["web"]["volumes"] = ["ext:/data"]  # type: ignore[index]
+    doc["volumes"] = {"ext": {"external": True, "name": "activator-test-never-created"}}
+    path.write_text(yaml.safe_dump(doc))
+    assert_one_line_error(run_cli("validate", str(path)), "services.web.volumes[0]",
+                          "Docker volume 'activator-test-never-created' does not exist", "docker volume create")

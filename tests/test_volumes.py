@@ -79,3 +79,31 @@ async def test_an_image_volume_that_is_not_kept_is_warned_about(start, caplog) -
     warnings = [r.getMessage() for r in caplog.records if "declares VOLUME" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("service=app ")
     assert "add `volumes: [app-var-lib-app:/var/lib/app]` to keep it" in warnings[0]
+
+
+async def test_an_external_docker_volume_is_used_as_it_is(start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Compose's `external: true`: the operator's existing Docker volume, its data, not a fresh empty one."""
+    import asyncio
+    import json
+    import subprocess
+    import uuid
+
+    name = f"activator-test-{uuid.uuid4().hex[:8]}"
+    def docker(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["docker", "volume", *args], capture_output=True, text=True, timeout=60)
+
+    made = await asyncio.to_thread(docker, "create", name)
+    assert made.returncode == 0, made.stderr
+    try:
+        where = Path(json.loads((await asyncio.to_thread(docker, "inspect", name)).stdout)[0]["Mountpoint"])
+        (where / "log").write_text("the operator's data\n")
+        web = HTTPD | {"volumes": [{"source": name, "target": "/data", "external": True},
+                                   f"{cgi_dir(tmp_path)}:/www/cgi-bin:ro"]}
+        run = await start({"web": web})
+        assert body(await http_get(run.port("web"), "/cgi-bin/read")) == "the operator's data"
+        assert body(await http_get(run.port("web"), "/cgi-bin/write?more")) == "written"
+        assert (where / "log").read_text() == "the operator's data\nmore\n"  # written into Docker's volume
+        assert not (run.config.settings.state_dir / "volumes" / name).exists()
+        await run.act.shutdown()
+    finally:
+        await asyncio.to_thread(docker, "rm", "-f", name)
