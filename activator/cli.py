@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, preflight
-from .config import Config, load_config
+from .config import Config, ServiceConfig, load_config
 from .errors import ActivatorError, ConfigError
 
 log = logging.getLogger("activator")
@@ -182,14 +182,17 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from .server import Activator
 
     def announce(act: Activator) -> None:
-        for svc in act.config.services:  # with the addresses of `listen: systemd` sockets filled in
-            for addr in svc.listen:
-                print(f"activator: {svc.name} ready on {addr}", flush=True)
         if cfg.settings.metrics:
             print(f"activator: metrics on http://{cfg.settings.metrics}/metrics", flush=True)
 
+    def service(svc: ServiceConfig, problem: str | None) -> None:
+        # svc has the addresses of `listen: systemd` sockets filled in
+        for addr in svc.listen:
+            print(f"activator: {svc.name} ready on {addr}" if problem is None else
+                  f"activator: {svc.name} NOT serving on {addr}: no checkpoint ({problem})", flush=True)
+
     async def main() -> int:
-        act = Activator(cfg, on_ready=announce)
+        act = Activator(cfg, on_ready=announce, on_service=service)
         await act.serve()
         return 1 if act.teardown_failures else 0  # each failed cleanup step was logged
 

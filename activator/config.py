@@ -694,6 +694,7 @@ FALLBACKS = ("cold-start", "none")
 NETWORKS = ("bridge", "none")
 PROXY_PROTOCOLS = ("v1", "v2")
 WAKE_ON = ("data", "connect")
+REFUSALS = ("close", "http-503")
 #: `seccomp:` values that are not paths
 SECCOMP_DEFAULT, SECCOMP_UNCONFINED = "default", "unconfined"
 
@@ -777,6 +778,9 @@ class ServiceConfig:
     backoff: Backoff = key(Section(Backoff), factory=Backoff, doc="after failed starts, no new attempt before this")
     fallback: str = key(Text(choices=FALLBACKS), "cold-start",
                         doc="after a failed restore: cold-start (boot from the image) or none")
+    refuse_with: str = key(Text(choices=REFUSALS), "close",
+                           doc="how a refused client (no checkpoint, backing off, stopped, over a limit) is told: "
+                               "the connection closed, or http-503: an HTTP 503 answer with Retry-After first")
     proxy_protocol: str | None = key(Text(choices=PROXY_PROTOCOLS), None, nullable=True,
                                      doc="send a PROXY protocol header (v1 or v2) to the app before client bytes")
     wake_on: str = key(Text(choices=WAKE_ON), "data",

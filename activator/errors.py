@@ -67,6 +67,7 @@ class Rejected(ActivatorError):
 
     `resources` means the activator itself ran short (file descriptors, memory): never the app's fault."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.reason = reason
+        self.retry_after = retry_after  # when trying again may work (a 503's Retry-After), seconds

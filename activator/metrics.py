@@ -26,7 +26,8 @@ from .scrape import ScrapeServer
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 BUILD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 #: why admission control closed a connection (the `reason` label; see service.py and proxy.py)
-REJECT_REASONS = ("max-connections", "queue-full", "backoff", "shutting-down", "resources", "stopped")
+REJECT_REASONS = ("max-connections", "queue-full", "backoff", "no-checkpoint", "shutting-down", "resources",
+                  "stopped")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -207,7 +208,7 @@ class Connection:
             svc.reject(e)
             self.closed = True
             assert self.client.transport is not None
-            self.client.transport.close()
+            _refuse(self.client.transport, svc.config.refuse_with, e)
             return
         self.registry.add(self)
         cfg = svc.config
@@ -317,6 +318,8 @@ class Connection:
             raise
         except Rejected as e:
             svc.reject(e)
+            if self.client.transport is not None and not self.closed:
+                _refuse(self.client.transport, svc.config.refuse_with, e)
             self.close()
             return
         except Exception as e:
@@ -397,3 +400,15 @@ async def connect_in_instance(inst: Instance, port: int, deadline: float) -> soc
             raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, CONNECT_RETRY_MAX)
+
+
+def _refuse(transport: asyncio.BaseTransport, how: str, why: Rejected) -> None:
+    """A refused client is told so: closed (every protocol understands that), or for an HTTP service an answer
+    503 with Retry-After. The reason is the metric label only: the log's details (paths, an app's errors) are not
+    a client's business."""
+    if how == "http-503":  # (uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance)
+        body = f"service unavailable ({why.reason}); try again later\n".encode()
+        head = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                b"Retry-After: %d\r\nContent-Length: %d\r\n\r\n" % (max(1, math.ceil(why.retry_after)), len(body)))
+        cast(asyncio.WriteTransport, transport).write(head + body)
+    transport.close()

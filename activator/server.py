@@ -7,9 +7,12 @@ startup:  check the host, lock the state dir, raise the descriptor limit and siz
           clean what a crashed run left, take the listening sockets handed in (LISTEN_FDS, or a caller's) and
           bind the rest (a port in use fails here, before anything else starts), start accepting (early
           connections simply wait), start the control socket and the metrics endpoint, then make sure every
-          service has a current checkpoint. A service whose checkpoint cannot be built does not stop the others:
-          it refuses its connections (counted) and its build is retried with backoff; the log and `status` say
-          why. Then systemd is told READY=1, and a watchdog ping is sent from the event loop itself.
+          service has a current checkpoint. Services are independent: serve() tells systemd READY=1 once the
+          current checkpoints are loaded (a second at most), while checkpoints still being built go on in the
+          background; each service says when it serves ("service=X serving on ADDR") or why not ("not serving:
+          no checkpoint (why)"), and one whose build failed refuses its connections (counted; an HTTP 503 with
+          `refuse_with: http-503`) while its build is retried with backoff. A watchdog ping is sent from the event
+          loop itself. (startup() alone, as tests call it, waits for every first build.)
 shutdown: stop accepting, let open connections finish up to drain_timeout (systemd is told to extend its stop
           timeout accordingly; a second SIGTERM/SIGINT cuts the drain short), abort the rest, kill and release
           every instance, stop the endpoints, unlock.
@@ -71,13 +74,16 @@ METER_INTERVAL = 0.25
 CONTROL_START_TIMEOUT = 300.0
 #: sys.setswitchinterval for the daemon (see startup)
 SWITCH_INTERVAL = 0.001
+#: how long serve() waits for the services' current checkpoints before READY=1 (builds go on after it)
+SETTLE_SECONDS = 2.0
 #: every this many meter ticks (5 s), the iptables accepts are checked
 FIREWALL_CHECK_TICKS = 20
 
 
 class Activator:
     def __init__(self, config: Config, *, sockets: list[socket.socket] | None = None,
-                 on_ready: Callable[[Activator], None] | None = None) -> None:
+                 on_ready: Callable[[Activator], None] | None = None,
+                 on_service: Callable[[ServiceConfig, str | None], None] | None = None) -> None:
         self.config = config
         self.state = StateDir.of(config)
         self.metrics = Metrics()
@@ -107,6 +113,8 @@ class Activator:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._on_ready = on_ready
+        #: told when a service starts serving (None) or cannot (why): at READY for those settled, later for the rest
+        self._on_service = on_service
         self.ready = asyncio.Event()
         self._locked = False
         self._shut_down = False
@@ -127,7 +135,7 @@ class Activator:
         if shutdown_trigger is not None:
             self._keep(spawn(self._stop_when(shutdown_trigger), name="shutdown-trigger"))
         try:
-            starting = spawn(self.startup(), name="startup", awaited=True)
+            starting = spawn(self.startup(wait_for_builds=False), name="startup", awaited=True)
             stopping = spawn(self._stop.wait(), name="stop-trigger", awaited=True)
             await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
@@ -163,12 +171,26 @@ class Activator:
         self.ready.set()
         if self._on_ready:
             self._on_ready(self)
-        summary = ", ".join(f"{svc.name} on {' '.join(str(a) for a in svc.listen)}" for svc in self.config.services)
-        log.info("ready: %s", summary or "no service yet (add one to the file and reload)")
+        if self._on_service:
+            for svc in self.config.services:
+                service = self.services.get(svc.name)
+                if service is not None and (service.checkpoint is not None or service.checkpoint_problem):
+                    self._on_service(svc, None if service.checkpoint is not None else service.checkpoint_problem)
+        log.info("ready: %s", "; ".join(self._service_state(svc) for svc in self.config.services)
+                 or "no service yet (add one to the file and reload)")
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
         interval = systemd.watchdog_interval()
         if interval:
             self._keep(spawn(self._ping_watchdog(interval), name="watchdog"))
+
+    def _service_state(self, svc: ServiceConfig) -> str:
+        addrs = " ".join(str(a) for a in svc.listen)
+        service = self.services.get(svc.name)
+        if service is None or service.checkpoint is not None:
+            return f"{svc.name} serving on {addrs}"
+        if service.checkpoint_problem is not None:
+            return f"{svc.name} NOT serving on {addrs}: no checkpoint ({service.checkpoint_problem})"
+        return f"{svc.name} on {addrs}: checkpoint being built (its connections wait for it)"
 
     def _status_line(self) -> str:
         broken = [s.name for s in self.services.values() if s.checkpoint_problem]
@@ -183,7 +205,7 @@ class Activator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def startup(self) -> None:
+    async def startup(self, *, wait_for_builds: bool = True) -> None:
         # A thread that waits for the GIL gets it after at most this long, instead of 5 ms: behind a serving loop
         # that is busy with a flood, the metrics endpoint's thread and the blocking helpers (conntrack samples,
         # nftables, netlink) wait a handoff per I/O call, so a scrape took tens of ms. Only matters under
@@ -252,8 +274,25 @@ class Activator:
             self._keep(spawn(self._meter(), name="kernel-meter"))
         self._keep(spawn(self._watch_images(), name="image-watch"))
         systemd.notify("STATUS=making sure every service has a current checkpoint")
-        await asyncio.gather(*(self._first_checkpoint(s) for s in self.config.services))
-        await builder.prune_images()
+        first = [spawn(self._first_checkpoint(s), name=f"first-checkpoint:{s.name}", awaited=True)
+                 for s in self.config.services]
+        for task in first:
+            self._keep(task)
+        if wait_for_builds:
+            await asyncio.gather(*first)
+        elif first:
+            # A current checkpoint is loaded in milliseconds; a build (a template's app starting) is left to run:
+            # one service's slow or failing build must not hold up the others, or READY=1.
+            await asyncio.wait(first, timeout=SETTLE_SECONDS)
+            for task in first:
+                if task.done():
+                    task.result()  # a bug in a build is the daemon's failure, as it was before
+        self._keep(spawn(self._prune_after(first), name="prune-images"))
+
+    async def _prune_after(self, first: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*first, return_exceptions=True)
+        if self._builder is not None:
+            await self._builder.prune_images()
 
     async def _make_service(self, svc: ServiceConfig, config: Config, *, sweeps: bool = True) -> Service:
         """A Service with its Launcher (not yet serving: no listener, no checkpoint)."""
@@ -666,7 +705,9 @@ class Activator:
 
     async def _build_once(self, svc: ServiceConfig, failures: int) -> bool:
         assert self._builder is not None
-        service = self.services[svc.name]
+        service = self.services.get(svc.name)
+        if service is None or service.config is not svc:
+            return True  # a reload removed or replaced it before this attempt: its own build is under way
         t0 = time.monotonic()
         try:
             checkpoint, built = await self._builder.ensure(svc)
@@ -676,19 +717,30 @@ class Activator:
             log.exception("service=%s checkpoint build crashed", svc.name)
             why = f"{type(e).__name__}: {e}"
         else:
+            if self.services.get(svc.name) is not service:
+                return True  # a reload replaced it meanwhile: this checkpoint is for a definition gone
             if built:
                 self._keep(spawn(self._builder.prune_images(), name="prune-images"))
                 service.m.checkpoint_builds.inc()
                 service.m.checkpoint_build_duration.observe(time.monotonic() - t0)
                 log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
                          checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
+            had = service.checkpoint is not None
             self._use(svc, checkpoint)
+            if self.ready.is_set() and not had:
+                log.info("service=%s serving on %s", svc.name, " ".join(str(a) for a in svc.listen))
+                if self._on_service:
+                    self._on_service(svc, None)
+            return True
+        if self.services.get(svc.name) is not service:
             return True
         delay = svc.backoff.delay(failures + 1)
         service.m.checkpoint_build_failures.inc()
         service.checkpoint_failed(why, delay)
-        log.error("service=%s has no checkpoint, its connections are refused: %s; next attempt in %gs",
+        log.error("service=%s not serving: no checkpoint (%s); its connections are refused; next attempt in %gs",
                   svc.name, why, delay)
+        if self.ready.is_set() and self._on_service and failures == 0:
+            self._on_service(svc, why)
         return False
 
     def _tell_progress(self) -> None:

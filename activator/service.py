@@ -318,11 +318,12 @@ class Service:
     def _why_no_instance(self) -> Rejected:
         now = time.monotonic()
         if self.checkpoint is None and self.checkpoint_problem is not None:
-            return Rejected("backoff", f"service '{self.name}' has no checkpoint ({self.checkpoint_problem}); "
-                                       f"next build attempt in {max(0.0, self.checkpoint_retry_at - now):.1f}s")
+            wait = max(0.0, self.checkpoint_retry_at - now)
+            return Rejected("no-checkpoint", f"service '{self.name}' is not serving: no checkpoint "
+                                             f"({self.checkpoint_problem}); next build attempt in {wait:.1f}s", wait)
         wait = self.start_backoff.remaining(now)
         return Rejected("backoff", f"service '{self.name}' has no instance and is backing off for {wait:.1f}s "
-                                   "after failed starts")
+                                   "after failed starts", wait)
 
     def _proved(self, inst: Instance) -> None:
         """The instance's app accepted its first connection: the start really worked."""
