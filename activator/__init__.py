@@ -4,7 +4,9 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic). Reading 
 
     config      YAML -> frozen, validated ServiceConfig objects; every key declared once (parser, errors, JSON Schema)
     yamlload    the strict YAML loader config uses (no duplicate keys, no alias bombs, no base-60 numbers)
-    compose     pure: a docker-compose.yml (x-activator blocks, ${VAR} interpolation) -> the services document
+    compose     pure: a docker-compose.yml (x-activator blocks, ${VAR} interpolation) -> the services document;
+                every Compose service key applied, refused or ignored with a note
+    units       pure: durations and sizes as people write them (config and compose parse with it)
     server      the one lifecycle owner: startup, main loop, reload, drain, shutdown; checkpoint retries
     reload      pure: what a reload changes (added, removed, changed, unchanged; settings that need a restart)
     listeners   listening sockets: handed in (LISTEN_FDS, a caller's) matched by address or name, the rest bound

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import extmounts, readiness, seccomp, volumes
+from . import applog, extmounts, readiness, seccomp, volumes
 from .checkpoint import FORMAT, Checkpoint, CheckpointStore, Origin, listening_addresses, listening_ports, pages_bytes
 from .config import ServiceConfig
 from .errors import CheckpointError, RuncError, StartError
@@ -181,7 +181,10 @@ class CheckpointBuilder:
             await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.hostname or svc.name, seccomp=filt,
                                   template=True, binds=binds)
             sandbox.write_etc(svc.hostname or svc.name, svc.extra_hosts, svc.depends_on)
-            await self._start_and_wait(svc, sandbox, tmp / "template.log")
+            try:
+                await self._start_and_wait(svc, sandbox, tmp / "template.log")
+            finally:  # what the template wrote, success or not, is kept with the service's output (activator logs)
+                await asyncio.to_thread(applog.keep, tmp / "template.log", self.store.logs, sandbox.name)
             pid = await sandbox.pid()
             dev = await asyncio.to_thread(extmounts.snapshot_dev, pid) if pid else ()
             (tmp / "criu").mkdir(mode=0o700)
@@ -325,6 +328,12 @@ class CheckpointBuilder:
                         f"service '{svc.name}': the app kept the readiness or warm-up connections open for "
                         f"{PROBE_CLOSE_TIMEOUT:g}s after 'Connection: close'; drop 'readiness.http_path'/'warmup'"
                     )
+        except BaseException:
+            # An app that exited has its output (flushed at exit) in the pipe still: read it to the end before the
+            # log an error points to is kept; a live one is not waited for long.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(copier), 0.5)
+            raise
         finally:
             copier.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,6 +7,7 @@ reads what the restored instance got from inside it (a CGI of its own, bound in 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -233,7 +234,8 @@ async def test_every_applied_key_is_seen_inside_a_restored_instance(tmp_path: Pa
     monkeypatch.delenv("UNSET_VAR", raising=False)
     port, cache_port = free_port(), free_port()
     web = {
-        "image": BUSYBOX, "command": "httpd -f -p 8080 -h /www", "ports": [f"127.0.0.1:{port}:8080"],
+        "image": BUSYBOX, "command": "httpd -f -p 8080 -h /www",
+        "ports": [f"127.0.0.1:{port}:8080", f"127.0.0.2:{port}:8080"],
         "environment": ["FROM_SHELL", "UNSET_VAR"], "env_file": "web.env",
         "volumes": ["./cgi:/www/cgi-bin:ro"], "hostname": "probe-host", "read_only": True,
         "tmpfs": ["/scratch:size=1m,mode=1777"], "ulimits": {"nofile": {"soft": 200, "hard": 300}},
@@ -271,5 +273,10 @@ async def test_every_applied_key_is_seen_inside_a_restored_instance(tmp_path: Pa
         assert int(_cgroup_value(pid, "memory", "memory.limit_in_bytes", "memory.max")) == 48 << 20
         assert _cgroup_value(pid, "pids", "pids.max", "pids.max") == "40"
         assert _cgroup_value(pid, "cpu", "cpu.cfs_quota_us", "cpu.max").split()[0] == "50000"
+        # both published addresses of the one app port serve
+        reader, writer = await asyncio.open_connection("127.0.0.2", port)
+        writer.write(b"GET /cgi-bin/probe HTTP/1.0\r\n\r\n")
+        assert b"hostname: probe-host" in await asyncio.wait_for(reader.read(), 10)
+        writer.close()
     finally:
         await act.shutdown()

@@ -38,6 +38,9 @@ class FakeSandbox:
     async def release(self) -> None:
         self.released = True
 
+    def pid_now(self) -> int | None:
+        return None  # no process to watch: its death is not what these tests are about
+
 
 @dataclass(frozen=True)
 class FakeCheckpoint:
@@ -213,7 +216,8 @@ async def test_no_checkpoint_refuses_at_once_and_says_why_then_recovers() -> Non
     svc.checkpoint_failed("image 'x' is missing", retry_in=5)
     with pytest.raises(Rejected) as e:
         await svc.admit().acquire()
-    assert e.value.reason == "backoff" and "image 'x' is missing" in str(e.value) and fake.restores == 0
+    assert e.value.reason == "no-checkpoint" and "image 'x' is missing" in str(e.value) and fake.restores == 0
+    assert 4 < e.value.retry_after <= 5  # a 503's Retry-After: when the next build is due
     svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
     inst, _ = await svc.admit().acquire()
     assert inst.how == "restore" and svc.checkpoint_problem is None
@@ -242,3 +246,25 @@ async def test_the_backoff_gauge_counts_the_wait_for_the_next_checkpoint_build()
     assert gauge is not None and 50 < gauge <= 53
     svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
     assert m.registry.get_sample_value("activator_backoff_seconds", {"service": "svc"}) == 0
+
+
+async def test_group_activation_wakes_keeps_and_reaps_together() -> None:
+    """depends_on as plain service logic (issue 17 item 8; the engine version is tests/test_groups.py)."""
+    fake_web, fake_db = FakeLauncher(), FakeLauncher()
+    web = service(fake_web, idle_timeout=0.2)
+    db = service(fake_db, idle_timeout=0.05)
+    web.dependencies, db.dependants = [db], [web]
+    lease = web.admit()
+    await lease.acquire()
+    await asyncio.sleep(0.02)
+    assert fake_db.restores == 1 and len(db.instances) == 1  # woken with web, without a client of its own
+    lease.release()
+    await asyncio.sleep(0.12)  # db idle past its 50 ms, web within its 200 ms
+    assert len(db.instances) == 1 and db.held() == ["svc"]
+    await asyncio.sleep(0.25)  # web reaped: db goes with it
+    assert web.instances == [] and db.instances == [] and db.held() == []
+    again = web.admit()
+    await again.acquire()
+    await asyncio.sleep(0.02)
+    assert fake_db.restores == 2  # and woken together again
+    again.release()

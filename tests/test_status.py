@@ -116,9 +116,10 @@ def test_status_and_reload_still_reach_the_daemon_when_the_file_breaks(tmp_path:
 def test_an_apps_output_outlives_its_instance(tmp_path: Path) -> None:
     """Issue 17 item 3: what the app wrote is kept when its instance is reaped, and `activator logs` shows it."""
     port = free_port()
-    web = HTTPD | {"command": ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"], "listen": f"127.0.0.1:{port}",
-                   "idle_timeout": "300ms"}
-    cfg = write_config(tmp_path, {"web": web})
+    web = HTTPD | {"command": ["sh", "-c", "echo the template says hello; exec httpd -f -v -p 8080 -h /www"],
+                   "listen": f"127.0.0.1:{port}", "idle_timeout": "300ms"}
+    dies = ECHO | {"command": ["sh", "-c", "echo 'fatal: no config file' >&2; exit 3"], "listen": free_port()}
+    cfg = write_config(tmp_path, {"web": web, "dies": dies})
     with daemon([*ACTIVATOR, "run", "-c", str(cfg)], tmp_path / "activator.log") as proc:
         assert b"404 Not Found" in asyncio.run(http_get(port, "/kept-in-the-log"))  # served; and logged by -v
         state = tmp_path / "state"
@@ -129,6 +130,13 @@ def test_an_apps_output_outlives_its_instance(tmp_path: Path) -> None:
         out = subprocess.run([*ACTIVATOR, "logs", "web", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert "--- web-" in out.stdout and "its output until" in out.stdout and "response:404" in out.stdout
+        # the template's output during the build is kept the same way
+        assert "--- web-tpl-" in out.stdout and "the template says hello" in out.stdout
+        # and an app that dies before it listens: what it said is where the error points, and in `activator logs`
+        assert "fatal: no config file" in (state / "logs" / "dies-template.log").read_text()
+        died = subprocess.run([*ACTIVATOR, "logs", "dies", "-c", str(cfg)], capture_output=True, text=True,
+                              timeout=30)
+        assert "fatal: no config file" in died.stdout, died.stderr
         assert (state / "logs" / "web.output").stat().st_mode & 0o077 == 0  # root only
         none = subprocess.run([*ACTIVATOR, "logs", "nosuch", "-c", str(cfg)], capture_output=True, text=True,
                               timeout=30)
