@@ -220,3 +220,19 @@ def test_depends_on_is_checked(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as e:
             load_config(write_config(tmp_path, services))
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_installed_examples_are_valid(tmp_path: Path) -> None:
+    """config/examples.yaml (installed next to the starter file) is all comments: uncommented, it must parse."""
+    examples = Path(__file__).parent.parent / "config" / "examples.yaml"
+    lines = []
+    for line in examples.read_text().splitlines():
+        if line == "services: {}":
+            lines.append("services:")
+        elif line.startswith(("#   ", "# settings:")):
+            lines.append(line[2:].split(" #", 1)[0].rstrip())  # the YAML, not its trailing comment
+    text = "\n".join(ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#"))
+    (tmp_path / "examples.yaml").write_text(text)
+    cfg = load_config(tmp_path / "examples.yaml")
+    assert {"hello", "shop", "cache", "pinger", "app", "db"} <= {s.name for s in cfg.services}
+    assert cfg.service("app").depends_on == ("db",)
