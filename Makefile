@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test lint images bench clean install uninstall
+.PHONY: setup demo test unit lint images bench bench-smoke clean install uninstall
 
 $(SETUP_STAMP): scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
@@ -26,9 +26,19 @@ lint: setup
 	$(VENV)/bin/promtool check rules config/prometheus/activator-alerts.yml
 	cd config/prometheus && $(abspath $(VENV))/bin/promtool test rules activator-alerts.test.yml
 
+# tests/unit: no root, no engine, seconds; tests/engine: the real dockerd, runc and CRIU. `make test` runs both.
+unit:
+	$(VENV)/bin/pytest tests/unit
+
 test: setup lint
-	bash scripts/build-images.sh busybox systemd
-	$(VENV)/bin/pytest
+	bash scripts/build-images.sh busybox systemd tomcat redis
+	$(VENV)/bin/pytest tests/unit tests/engine
+	$(MAKE) bench-smoke
+
+# Every bench script once with tiny counts, so none can rot (no timing is asserted: benchmarks are not tests).
+bench-smoke: setup
+	bash scripts/build-images.sh busybox tomcat redis
+	$(PY) bench/smoke.py
 
 bench: setup
 	bash scripts/build-images.sh busybox tomcat redis

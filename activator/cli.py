@@ -21,9 +21,10 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from . import __version__, preflight
-from .config import Config, ServiceConfig, load_config
+from . import __version__
+from .config.model import Config, ServiceConfig, load_config
 from .errors import ActivatorError, ConfigError
+from .runtime import preflight
 
 log = logging.getLogger("activator")
 
@@ -85,7 +86,7 @@ def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
-    from . import control
+    from .daemon import control
     from .statedir import StateDir
 
     sock = StateDir.of(cfg).control_socket
@@ -112,9 +113,10 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 def _check_host(cfg: Config, sock: Any) -> None:
     """What can be checked without starting anything (--file-only skips it): each image is in the Docker engine,
     each listen address is free or already the running daemon's for that service, a seccomp profile exists."""
-    from . import control, volumes
-    from .images import DockerImageSource
-    from .listeners import bind_listener
+    from .checkpoints.images import DockerImageSource
+    from .daemon import control
+    from .daemon.listeners import bind_listener
+    from .runtime import volumes
 
     held: set[tuple[str, str]] = set()
     if sock.exists() and os.geteuid() == 0:
@@ -150,7 +152,7 @@ def _daemon_said(e: ActivatorError, sock: object) -> str:
 
 def cmd_reload(cfg: Config | None, args: argparse.Namespace) -> int:
     """What `systemctl reload` runs: the daemon re-reads its own file and says what it changed, or why not."""
-    from . import control
+    from .daemon import control
     sock = _control_socket(cfg, args.config)
     try:
         r = control.request(sock, "reload", timeout=120)
@@ -165,7 +167,7 @@ def cmd_reload(cfg: Config | None, args: argparse.Namespace) -> int:
 def _reload_refused(args: argparse.Namespace, local: ConfigError) -> int:
     """The file does not parse here: the running daemon is asked anyway, so its log and metrics say so too. One
     line: the daemon's refusal, or (no daemon) what is wrong with the file."""
-    from . import control
+    from .daemon import control
 
     said: ActivatorError = local
     try:
@@ -179,7 +181,7 @@ def _reload_refused(args: argparse.Namespace, local: ConfigError) -> int:
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
-    from .server import Activator
+    from .daemon.server import Activator
 
     def announce(act: Activator) -> None:
         if cfg.settings.metrics:
@@ -200,8 +202,8 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
-    from . import control
-    from .host import open_host
+    from .checkpoints.host import open_host
+    from .daemon import control
     from .statedir import StateDir
 
     svc = cfg.service(args.service)
@@ -246,8 +248,8 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
-    from .host import clean_leftovers, host_network, tools
-    from .images import DockerImageSource
+    from .checkpoints.host import clean_leftovers, host_network, runc_for
+    from .checkpoints.images import DockerImageSource
     from .statedir import StateDir
 
     async def main() -> int:
@@ -256,7 +258,7 @@ def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
         state.lock()
         try:
             network = host_network(cfg)
-            cleaned = await clean_leftovers(state, tools(state), DockerImageSource(state.root), network)
+            cleaned = await clean_leftovers(state, runc_for(state), DockerImageSource(state.root), network)
             if network is not None:
                 await asyncio.to_thread(network.close)  # the bridge and firewall rules go too: nothing runs
         finally:
@@ -283,8 +285,8 @@ def _age(seconds: float) -> str:
 def _control_socket(cfg: Config | None, path: str) -> Any:
     """The running daemon's control socket: from the parsed file, or, when the file no longer parses (an edit
     under way), from its settings.state_dir read leniently (or the default): only the daemon is asked."""
-    from . import compose, yamlload
-    from .config import Settings
+    from .config import compose, yamlload
+    from .config.model import Settings
     from .statedir import StateDir
 
     if cfg is not None:
@@ -310,7 +312,7 @@ def _control_socket(cfg: Config | None, path: str) -> Any:
 
 
 def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
-    from . import control
+    from .daemon import control
 
     st = control.request(_control_socket(cfg, args.config), "status")
     if args.json:
@@ -356,7 +358,7 @@ def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
 def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
     """An app's output: what its reaped instances wrote (kept, applog.py), then its live instances' own files;
     with -f, what they write from then on (new instances included) until interrupted."""
-    from . import applog
+    from .runtime import applog
     from .statedir import StateDir
 
     svc = cfg.service(args.service)  # a one-line error naming the known services
@@ -395,7 +397,7 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_control(cfg: Config, args: argparse.Namespace) -> int:
     """activator wake|scale|stop|start SERVICE: asks the running daemon (root only, over its control socket)."""
-    from . import control
+    from .daemon import control
     from .statedir import StateDir
 
     cfg.service(args.service)  # a one-line error naming the known services
@@ -432,7 +434,7 @@ class _TerminalSafe:
 
 
 def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointStore, contents
+    from .checkpoints.store import CheckpointStore, contents
     from .statedir import StateDir
 
     svc = cfg.service(args.service)
@@ -476,7 +478,7 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .config import json_schema
+    from .config.model import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0

@@ -24,8 +24,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import Config
-from .errors import ActivatorError
+from activator.config.model import Config
+from activator.errors import ActivatorError
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600

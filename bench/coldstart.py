@@ -134,10 +134,10 @@ def bench_docker(runs: int) -> dict[str, list[float]]:
 def bench_runc(runs: int) -> dict[str, list[float]]:
     """runc run of the checkpoint's own process spec and image root, in a namespace made for it."""
     sys.path.insert(0, str(ROOT))
-    from activator.checkpoint import CheckpointStore
-    from activator.config import Resources
-    from activator.runc import Runc
-    from activator.sandbox import Sandbox, new_name
+    from activator.checkpoints.store import CheckpointStore
+    from activator.config.model import Resources
+    from activator.runtime.runc import Runc
+    from activator.runtime.sandbox import Sandbox, new_name
     from activator.statedir import StateDir
 
     store = CheckpointStore(StateDir(STATE))
@@ -172,9 +172,9 @@ def breakdown(runs: int, apps: list[str]) -> None:
     import uvloop
 
     sys.path.insert(0, str(ROOT))
-    from activator.checkpoint import _load_img
-    from activator.config import load_config
-    from activator.server import Activator
+    from activator.checkpoints.store import _load_img
+    from activator.config.model import load_config
+    from activator.daemon.server import Activator
 
     async def run() -> dict[str, list[dict[str, float]]]:
         work = Path(tempfile.mkdtemp(prefix="activator-breakdown-"))
@@ -202,7 +202,7 @@ def breakdown(runs: int, apps: list[str]) -> None:
                     ttfb = time.monotonic() - t0
                     writer.close()
                     inst = svc.instances[0]
-                    row = {k: v * 1000 for k, v in inst.phases.items()} | {"ttfb": ttfb * 1000}
+                    row = {k: v * 1000 for k, v in inst.phases.as_dict().items()} | {"ttfb": ttfb * 1000}
                     stats = inst.sandbox.layout.criu_work / "stats-restore"
                     if stats.exists():
                         st = _load_img(stats)["entries"][0]["restore"]

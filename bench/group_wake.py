@@ -57,8 +57,8 @@ def config(work: Path, grouped: bool, web_port: int, db_port: int) -> Path:
 
 
 async def one_round(path: Path, web_port: int) -> float:
-    from activator.config import load_config
-    from activator.server import Activator
+    from activator.config.model import load_config
+    from activator.daemon.server import Activator
 
     act = Activator(load_config(path))
     await act.startup()

@@ -22,8 +22,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from activator.config import load_config
-from activator.server import Activator
+from activator.config.model import load_config
+from activator.daemon.server import Activator
 
 HTTPD = {"image": "activator-demo/busybox:latest", "command": ["httpd", "-f", "-p", "8080", "-h", "/www"],
          "port": 8080, "idle_timeout": "200ms"}
@@ -57,18 +57,18 @@ async def main(runs: int) -> None:
                 svc = act.services[name]
                 await get(sock.getsockname()[1])
                 inst = svc.instances[0]
-                phases[name].append(inst.phases | {"total": inst.start_seconds})
+                phases[name].append(inst.phases.as_dict() | {"total": inst.start_seconds})
                 while svc.instances or svc._stopping:
                     await asyncio.sleep(0.02)
         idle = {name: leftovers(name) for name in ("bridge", "none")}
     finally:
         await act.shutdown()
     print(f"\nRestore of busybox httpd, median of {runs - 2} (the first two dropped), ms\n")
-    print(f"{'network':8} {'prepare':>8} {'restore':>8} {'listening':>9} {'total':>7}")
+    print(f"{'network':8} {'prepare':>8} {'queue':>8} {'restore':>8} {'total':>7}")
     for name, rows in phases.items():
         rows = rows[2:]
         med = {k: statistics.median(r[k] for r in rows) * 1000 for k in rows[0]}
-        print(f"{name:8} {med['prepare']:8.1f} {med['restore']:8.1f} {med['listening']:9.1f} {med['total']:7.1f}")
+        print(f"{name:8} {med['prepare']:8.1f} {med['queue']:8.1f} {med['restore']:8.1f} {med['total']:7.1f}")
     print("\nAn idle service (nothing running), per service:")
     for name, left in idle.items():
         print(f"  {name:8} processes {left['processes']}, cgroups {left['cgroups']}, instance memory {left['rss']} B")

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_TOMCAT_ENV = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["services"]["tomcat"]["environment"]
 sys.path.insert(0, str(ROOT))
 
-from activator.config import load_config  # noqa: E402
-from activator.server import Activator  # noqa: E402
+from activator.config.model import load_config  # noqa: E402
+from activator.daemon.server import Activator  # noqa: E402
 
 STATE = Path("/var/lib/activator/bench-scaleout")
 TOMCAT = {"image": "activator-demo/tomcat:latest", "port": 8080,
@@ -141,7 +141,7 @@ async def settled_memory(limit: float = 60.0) -> int:
 
 async def settle_ksm(limit: float = 90.0) -> float:
     """Until ksmd stops finding new pages to merge (or limit); seconds waited."""
-    from activator import ksm
+    from activator.runtime import ksm
 
     t0, last, still = time.monotonic(), -1, 0
     while time.monotonic() - t0 < limit and still < 4:
@@ -171,7 +171,7 @@ async def bench_tomcat(n: int, share: bool) -> dict[str, Any]:
             waited = 1.0
         used_host = before - mem_available()
         cgroups = [cgroup_memory(i.name) for i in svc.instances]
-        from activator import ksm
+        from activator.runtime import ksm
 
         out = {
             "instances": len(svc.instances), "all_served_s": all_served, "share_memory": share,

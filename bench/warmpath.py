@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "docs"), help="where warmpath.json and warmpath.png go")
     args = ap.parse_args()
     for tool in ("redis-benchmark", "iperf3", "/lib/systemd/systemd-socket-proxyd"):
         if shutil.which(tool) is None:
@@ -167,7 +168,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         print(f"{r['path']:24} {c1['rps']:10.0f} {c1['p50_ms']:7.3f} {c1['p99_ms']:7.3f} {c32['rps']:11.0f} "
               f"{c32['rps'] / direct['c32']['rps']:8.2f} {c32['p50_ms']:7.3f} {c32['p99_ms']:7.3f} "
               f"{r['bulk_gbit']:11.1f}")
-    docs = ROOT / "docs"
+    docs = Path(args.out)
     (docs / "warmpath.json").write_text(json.dumps(results, indent=1))
     try:
         import matplotlib

@@ -23,8 +23,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from activator.config import load_config
-from activator.server import Activator
+from activator.config.model import load_config
+from activator.daemon.server import Activator
 
 ROOT = Path(__file__).resolve().parents[1]
 # the demo's JVM flags (chosen for few dirty pages, see config/demo.yaml)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Refreshes activator/profiles/docker-default.json: Docker's own default seccomp profile, taken byte for byte from
+# Refreshes activator/runtime/profiles/docker-default.json: Docker's own default seccomp profile, taken byte for byte from
 # the Debian package that ships moby's source (golang-github-docker-docker-dev), at the version of the docker.io
 # engine installed here (the same source version). apt verifies the package's signature; nothing is hand-edited.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-DEST=$ROOT/activator/profiles/docker-default.json
+DEST=$ROOT/activator/runtime/profiles/docker-default.json
 version=$(dpkg-query -W -f='${source:Version}' docker.io 2>/dev/null) || die "docker.io is not installed; run make setup"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 (cd "$work" && apt-get -o APT::Sandbox::User=root download -qq "golang-github-docker-docker-dev=$version" >/dev/null) ||

@@ -24,8 +24,8 @@ import pytest_asyncio
 import uvloop
 import yaml
 
-from activator.config import Config, load_config
-from activator.server import Activator
+from activator.config.model import Config, load_config
+from activator.daemon.server import Activator
 
 BUSYBOX = "activator-demo/busybox:latest"
 ECHO = {"image": BUSYBOX, "command": ["echo-server", "9000"], "port": 9000}
@@ -59,9 +59,36 @@ def _engine_required(request: pytest.FixtureRequest) -> None:
     pytest.skip(f"needs {', '.join(missing)}; run make setup")
 
 
+#: what reached the event loop's exception handler during the current test (a callback that raised, a task whose
+#: exception nobody retrieved): each fails the test that caused it, instead of being logged and forgotten
+_loop_errors: list[dict[str, Any]] = []
+
+
+def _record(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    _loop_errors.append(context)
+    loop.default_exception_handler(context)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    loop = uvloop.new_event_loop()
+    loop.set_exception_handler(_record)
+    return loop
+
+
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     # The product runs on uvloop; so do its tests.
-    return {"uvloop": uvloop.new_event_loop}
+    return {"uvloop": _new_loop}
+
+
+@pytest.fixture(autouse=True)
+def _no_loop_errors() -> Any:
+    """Autouse, so set up before (and torn down after) every other fixture: a shutdown's errors count too."""
+    _loop_errors.clear()
+    yield
+    if _loop_errors:
+        said = "; ".join(f"{c.get('message')}: {c.get('exception')!r}" for c in _loop_errors)
+        _loop_errors.clear()
+        pytest.fail(f"exception in an event-loop callback or task: {said}")
 
 
 def free_port() -> int:

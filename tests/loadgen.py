@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from activator import proxy_protocol
+from activator.core import proxy_protocol
 
 SPOOF = b"PROXY TCP4 6.6.6.6 6.6.6.6 1 2\r\n"
 

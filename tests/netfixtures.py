@@ -16,7 +16,7 @@ import pytest_asyncio
 from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
-from activator.netns import HOME_NS, NetNamespace
+from activator.net.netns import HOME_NS, NetNamespace
 
 #: an IPv6 address usable at once, without duplicate address detection (this link has two ends, both ours)
 IFA_F_NODAD = 0x02

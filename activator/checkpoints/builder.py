@@ -1,0 +1,451 @@
+"""Building checkpoints: start a template, wait until its app is ready, dump it, keep what it wrote.
+
+Start a template with runc on the image's root filesystem (under the service's seccomp filter), wait until the
+app listens on its port (no probe connection is left open), dump it, keep its upper directory as diff/, read the
+dump back with pycriu to confirm the port is really among its listening sockets, then swap the directory into
+place atomically (checkpoint.py's store). A build that fails for any reason leaves nothing: no container,
+mount, namespace or half-written directory; the failure's logs are kept under state_dir/logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from activator.config.model import ServiceConfig
+from activator.errors import CheckpointError, RuncError, StartError
+from activator.net.network import HostNetwork, kernel_path_possible
+from activator.runtime import applog, extmounts, readiness, seccomp, volumes
+from activator.runtime.runc import Runc
+from activator.runtime.sandbox import Sandbox, new_name
+from activator.runtime.spec import ProcessSpec, capability_set, merge_env, process_args
+from activator.statedir import copy_private, open_private
+from activator.tasks import spawn
+
+from .images import DockerImageSource, ImageInfo, resolve_user
+from .store import FORMAT, Checkpoint, CheckpointStore, Origin, listening_addresses, listening_ports, pages_bytes
+
+log = logging.getLogger("activator.builder")
+#: how often a long wait during a build says it is still waiting (a JVM can take a minute to listen)
+PROGRESS_EVERY = 10.0
+
+
+def _connector(sandbox: Sandbox, port: int) -> readiness.Connect:
+    """Connections to the template's app on 127.0.0.1 inside its namespace (probes and warm-up requests)."""
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = sandbox.netns.socket()
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+
+    return connect
+
+
+@contextlib.asynccontextmanager
+async def _still_waiting(service: str, what: str, budget: float) -> Any:
+    """Log every PROGRESS_EVERY seconds while the body runs, so a long build is never silent."""
+    async def tick() -> None:
+        t0 = time.monotonic()
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY)
+            log.info("service=%s still waiting %s (%.0fs of %gs)", service, what, time.monotonic() - t0, budget)
+
+    ticker = spawn(tick(), name=f"progress:{service}")
+    try:
+        yield
+    finally:
+        ticker.cancel()
+
+PROBE_CLOSE_TIMEOUT = 10.0
+
+
+class CheckpointBuilder:
+    """Makes checkpoints. Owns nothing long-lived: every template it starts is released before it returns."""
+
+    def __init__(
+        self, store: CheckpointStore, images: DockerImageSource, runc: Runc, instances_dir: Path,
+        criu: str, runc_version: str, network: HostNetwork | None = None,
+    ) -> None:
+        self.store = store
+        self.network = network
+        self.images = images
+        self.runc = runc
+        self.instances_dir = instances_dir
+        self.criu = criu
+        self.runc_version = runc_version
+        # Services sharing an image build at once at startup: unpack it once, not once per service.
+        self._unpacking: dict[str, asyncio.Lock] = {}
+        self._builds = 0
+        self._not_pruning = asyncio.Event()
+        self._not_pruning.set()
+        # Templates boot for real (a JVM each): more at once than CPUs only makes every one of them slower,
+        # and can push a slow one past its readiness timeout.
+        self._building = asyncio.Semaphore(os.cpu_count() or 1)
+
+    def origin(self, svc: ServiceConfig, image: ImageInfo, seccomp_digest: str) -> Origin:
+        return Origin(
+            format=FORMAT,
+            service_fingerprint=svc.checkpoint_fingerprint(),
+            image_id=image.id,
+            criu=self.criu,
+            runc=self.runc_version,
+            kernel=os.uname().release,
+            seccomp=seccomp_digest,
+        )
+
+    async def current(self, svc: ServiceConfig) -> Checkpoint | None:
+        """The service's checkpoint if it is current (nothing is built, nothing of the host is touched)."""
+        image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
+        try:
+            _filt, digest = await asyncio.to_thread(seccomp.load, svc.seccomp,
+                                                   list(capability_set(svc.cap_add, svc.cap_drop)))
+        except seccomp.ProfileError:
+            return None
+        ck = self.store.load(svc.name)
+        if ck is None or ck.origin.differences(self.origin(svc, image, digest)):
+            return None
+        return ck if ck.images.is_dir() and ck.image_rootfs.is_dir() else None
+
+    async def ensure(self, svc: ServiceConfig, *, rebuild: bool = False) -> tuple[Checkpoint, bool]:
+        """The service's current checkpoint, building it when missing or stale. Returns (checkpoint, built)."""
+        image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
+        try:
+            filt, digest = await asyncio.to_thread(seccomp.load, svc.seccomp,
+                                                  list(capability_set(svc.cap_add, svc.cap_drop)))
+        except seccomp.ProfileError as e:
+            raise CheckpointError(f"service '{svc.name}': seccomp: {e}; fix the profile or set 'seccomp: default'"
+                                  ) from None
+        wanted = self.origin(svc, image, digest)
+        current = self.store.load(svc.name)
+        if current is not None and not rebuild:
+            stale = current.origin.differences(wanted)
+            if not stale and current.images.is_dir() and current.image_rootfs.is_dir():
+                return current, False
+            log.info("service=%s checkpoint is stale (%s changed); rebuilding", svc.name,
+                     ", ".join(stale) or "files missing")
+        return await self.build(svc, image, wanted, filt), True
+
+    async def build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin,
+                    filt: dict[str, Any] | None) -> Checkpoint:
+        await self._not_pruning.wait()
+        self._builds += 1  # no await since the wait: a prune cannot start in between
+        try:
+            async with self._building:
+                log.info("service=%s building a checkpoint from image %s", svc.name, image.ref)
+                return await self._build(svc, image, origin, filt)
+        finally:
+            self._builds -= 1
+
+    async def prune_images(self) -> list[Path]:
+        """Delete unpacked images no checkpoint uses (a service removed, an image updated). Only while no build
+        runs (a build's image has no checkpoint yet); builds that start meanwhile wait for it."""
+        if self._builds:
+            return []
+        self._not_pruning.clear()
+        try:
+            gone = await asyncio.to_thread(self.store.prune_images)
+        finally:
+            self._not_pruning.set()
+        for d in gone:
+            log.info("removed unpacked image %s: no checkpoint uses it", d.name)
+        return gone
+
+    async def _build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin,
+                     filt: dict[str, Any] | None) -> Checkpoint:
+        started = time.monotonic()
+        rootfs = self.store.image_rootfs(image.short_id)
+        try:
+            async with self._unpacking.setdefault(image.id, asyncio.Lock()):
+                await asyncio.to_thread(self.images.export_rootfs, image, rootfs)
+        except OSError as e:
+            raise CheckpointError(f"service '{svc.name}': unpacking image '{image.ref}' failed: "
+                                  f"{_disk_problem(e, self.store.root) or e}") from None
+        process = self._process(svc, image, rootfs)
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{svc.name}-", dir=self.store.root))
+        # The template runs on the same kind of network as its instances: the app saw a real interface.
+        network = self.network if svc.network == "bridge" else None
+        sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc, network, svc.egress)
+        try:
+            binds = await asyncio.to_thread(volumes.ensure, svc.volumes, self.instances_dir.parent, rootfs, svc.name)
+            self._warn_unkept_volumes(svc, image)
+            await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.hostname or svc.name, seccomp=filt,
+                                  template=True, binds=binds)
+            sandbox.write_etc(svc.hostname or svc.name, svc.extra_hosts, svc.depends_on)
+            try:
+                await self._start_and_wait(svc, sandbox, tmp / "template.log")
+            finally:  # what the template wrote, success or not, is kept with the service's output (activator logs)
+                await asyncio.to_thread(applog.keep, tmp / "template.log", self.store.logs, sandbox.name)
+            pid = await sandbox.pid()
+            dev = await asyncio.to_thread(extmounts.snapshot_dev, pid) if pid else ()
+            (tmp / "criu").mkdir(mode=0o700)
+            await sandbox.checkpoint(tmp / "criu")
+            await asyncio.to_thread(_make_private, tmp / "criu")  # CRIU writes 0644; the pages are app memory
+            await sandbox.release(keep_dir=True)
+            os.rename(sandbox.layout.upper, tmp / "diff")
+            ports = await asyncio.to_thread(listening_ports, tmp / "criu")
+            if svc.port not in ports:
+                raise CheckpointError(
+                    f"service '{svc.name}': the checkpoint listens on {list(ports) or 'no TCP port'}, not on "
+                    f"port {svc.port}; set 'port' to the port the app listens on"
+                )
+            kernel_path = self._kernel_path(svc, await asyncio.to_thread(listening_addresses, tmp / "criu", svc.port))
+            checkpoint = Checkpoint(
+                service=svc.name, dir=tmp, origin=origin, process=process, image_rootfs=rootfs,
+                listening_ports=ports, created=time.time(), build_seconds=time.monotonic() - started,
+                pages_bytes=pages_bytes(tmp / "criu"), seccomp=filt, kernel_path=kernel_path,
+                external=extmounts.mounts(), dev=tuple(dev), stop_signal=image.stop_signal or "SIGTERM",
+            )
+            return self.store.install(tmp, checkpoint)
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                self._keep_failure_logs(svc, sandbox, tmp)
+            await sandbox.release()
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+            disk = _disk_problem(e, self.store.root, sandbox.layout.criu_work / "dump.log",
+                                 tmp / "criu" / "dump.log", self.store.logs / f"{svc.name}-dump.log")
+            if disk is not None:
+                raise CheckpointError(f"service '{svc.name}': building its checkpoint failed: {disk}") from e
+            if isinstance(e, RuncError):  # runc does not know which service it was working for; say it
+                raise CheckpointError(f"service '{svc.name}': building its checkpoint failed: {e}; logs in "
+                                      f"{self.store.logs}/{svc.name}-*") from e
+            if isinstance(e, OSError):
+                log.debug("service=%s checkpoint build failed", svc.name, exc_info=True)
+                raise CheckpointError(f"service '{svc.name}': building its checkpoint failed: {e}") from e
+            raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, sandbox.layout.dir, True)
+
+    def _kernel_path(self, svc: ServiceConfig, addresses: list[str]) -> bool:
+        """Can instances be reached on their own address? Refuses an app that listens only on the template's."""
+        wildcard = {"0.0.0.0", "::"}
+        if any(a in wildcard for a in addresses):
+            return kernel_path_possible(svc)
+        specific = [a for a in addresses if not a.startswith(("127.", "::1"))]
+        if specific:
+            raise CheckpointError(
+                f"service '{svc.name}': the app listens on {specific[0].removesuffix('/v6only')}:{svc.port} only, "
+                "an address its instances will not have; make it listen on every address (0.0.0.0) or on 127.0.0.1")
+        if kernel_path_possible(svc):
+            log.warning("service=%s the app listens on %s only: its connections go through the activator "
+                        "(no kernel path); make it listen on 0.0.0.0 for that", svc.name, ", ".join(addresses))
+        return False
+
+    def _warn_unkept_volumes(self, svc: ServiceConfig, image: ImageInfo) -> None:
+        """An image's VOLUME holds data its author meant to keep; without a volume there, it dies with the
+        instance. Said once per build, with the fix."""
+        kept = {v.target for v in svc.volumes}
+        for path in image.volumes:
+            if path.rstrip("/") not in kept:
+                name = path.strip("/").replace("/", "-") or "data"
+                log.warning("service=%s image %s declares VOLUME %s, which is not a volume here: what the app "
+                            "writes there is lost when an instance goes; add `volumes: [%s-%s:%s]` to keep it",
+                            svc.name, image.ref, path, svc.name, name, path)
+
+    def _keep_failure_logs(self, svc: ServiceConfig, sandbox: Sandbox, tmp: Path) -> None:
+        self.store.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for src, name in ((tmp / "template.log", "template.log"), (sandbox.layout.criu_work / "dump.log", "dump.log"),
+                          (tmp / "criu" / "dump.log", "dump.log"), (sandbox.layout.runc_log, "runc.log")):
+            if src.exists():
+                copy_private(src, self.store.logs / f"{svc.name}-{name}")
+
+    def _process(self, svc: ServiceConfig, image: ImageInfo, rootfs: Path) -> ProcessSpec:
+        args = process_args(image.entrypoint, image.cmd, svc.entrypoint, svc.command)
+        if not args:
+            raise CheckpointError(
+                f"service '{svc.name}': image '{svc.image}' has no Cmd or Entrypoint; set 'command'"
+            )
+        uid, gid, groups = resolve_user(rootfs, svc.user if svc.user is not None else image.user, svc.name)
+        return ProcessSpec(
+            args=args,
+            env=merge_env(image.env, svc.environment, svc.hostname or svc.name),
+            cwd=svc.working_dir or image.working_dir or "/",
+            uid=uid, gid=gid, additional_gids=groups, capabilities=capability_set(svc.cap_add, svc.cap_drop),
+            rlimits=svc.ulimits, read_only=svc.read_only, tmpfs=tuple((t.target, t.options) for t in svc.tmpfs),
+        )
+
+    async def _start_and_wait(self, svc: ServiceConfig, sandbox: Sandbox, output: Path) -> None:
+        # The template's stdio must be a pipe: CRIU cannot dump a descriptor on a host file outside the
+        # container, and runc hands pipes over to the restored instance's own stdio on restore.
+        r, w = os.pipe()
+        copier = spawn(_copy_pipe(r, output), name=f"template-output:{svc.name}", awaited=True)
+        try:
+            await sandbox.start(stdout=w, stderr=w)
+        finally:
+            os.close(w)
+        try:
+            budget = svc.readiness.timeout
+            deadline = time.monotonic() + budget
+            log.info("service=%s template started; waiting up to %gs for it to listen on port %d", svc.name,
+                     budget, svc.port)
+            async with _still_waiting(svc.name, f"for the app to listen on port {svc.port}", budget):
+                problem = await sandbox.wait_listening(svc.port, budget)
+            if problem is not None and problem.startswith("elsewhere:"):
+                ports = problem.split(":", 1)[1]
+                first = ports.split(",")[0]
+                raise StartError(
+                    f"service '{svc.name}': the app listens on port {ports.replace(',', ', ')}, not on port "
+                    f"{svc.port}; set 'port: {first}' (or make the app listen on {svc.port})"
+                )
+            if problem == "exited":
+                raise StartError(
+                    f"service '{svc.name}': the app exited before listening on port {svc.port}; "
+                    f"see {self._log_hint(svc)}"
+                )
+            if problem is not None:
+                raise StartError(
+                    f"service '{svc.name}': the app did not listen on port {svc.port} within {budget:g}s; "
+                    f"check 'port' or raise 'readiness.timeout' (app output: {self._log_hint(svc)})"
+                )
+            pid = await sandbox.pid()
+            if pid is None:
+                raise StartError(f"service '{svc.name}': the app exited right after it started listening; "
+                                 f"see {self._log_hint(svc)}")
+            warm = svc.warmup.http_paths or svc.warmup.payload is not None
+            if svc.readiness.http_path or svc.readiness.command or warm:
+                before = readiness.held_sockets(pid)
+                if svc.readiness.http_path:
+                    await self._wait_http(svc, sandbox, deadline)
+                if svc.readiness.command:
+                    await self._wait_command(svc, sandbox, deadline, pid, output)
+                if warm:
+                    await self._warm_up(svc, sandbox)
+                # The dump should not capture these connections (they would come back closed, and they are
+                # not the app's own); the app may close its end lazily, so wait for the descriptors to go.
+                if not await readiness.wait_until(
+                    lambda: not readiness.stray_connections(pid, before), timeout=PROBE_CLOSE_TIMEOUT,
+                ):
+                    raise StartError(
+                        f"service '{svc.name}': the app kept the readiness or warm-up connections open for "
+                        f"{PROBE_CLOSE_TIMEOUT:g}s after 'Connection: close'; drop 'readiness.http_path'/'warmup'"
+                    )
+        except BaseException:
+            # An app that exited has its output (flushed at exit) in the pipe still: read it to the end before the
+            # log an error points to is kept; a live one is not waited for long.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(copier), 0.5)
+            raise
+        finally:
+            copier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await copier
+
+    async def _warm_up(self, svc: ServiceConfig, sandbox: Sandbox) -> None:
+        """svc.warmup against the template, one request at a time; failures are counted, not fatal (a warm-up is
+        an optimisation), unless every single one failed (then the paths are wrong: say so)."""
+        w = svc.warmup
+        t0, ok, total = time.monotonic(), 0, 0
+        connect = _connector(sandbox, svc.port)
+
+        for _ in range(w.count):
+            for path in w.http_paths:
+                total += 1
+                ok += await readiness.http_ok(connect, svc.port, path)
+            if w.payload is not None:
+                total += 1
+                ok += await readiness.exchange(connect, w.payload.encode())
+        log.info("service=%s warmed up: %d of %d requests answered in %.1fs", svc.name, ok, total,
+                 time.monotonic() - t0)
+        if total and not ok:
+            raise StartError(f"service '{svc.name}': none of the {total} warm-up requests was answered; fix "
+                             "'warmup' (paths, payload) or remove it")
+
+    async def _wait_http(self, svc: ServiceConfig, sandbox: Sandbox, deadline: float) -> None:
+        path = svc.readiness.http_path
+        assert path is not None
+        connect = _connector(sandbox, svc.port)
+
+        while time.monotonic() < deadline:
+            if await readiness.http_ok(connect, svc.port, path):
+                return
+            await asyncio.sleep(0.1)
+        raise StartError(
+            f"service '{svc.name}': GET {path} on port {svc.port} did not answer 2xx/3xx within "
+            f"{svc.readiness.timeout:g}s; fix 'readiness.http_path' or raise 'readiness.timeout'"
+        )
+
+    async def _wait_command(self, svc: ServiceConfig, sandbox: Sandbox, deadline: float, pid: int,
+                            output: Path) -> None:
+        """readiness.command in the template until it exits 0; what it printed goes to the template's log. Every
+        run must be gone, with whatever it started, before the next (the dump takes every process along)."""
+        command = svc.readiness.command
+        assert command is not None
+        args = ("/bin/sh", "-c", command[0]) if len(command) == 1 else command
+        before = readiness.processes(pid)
+        status: int | None = None
+        while time.monotonic() < deadline:
+            out = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                status = await sandbox.probe(args, timeout=min(svc.readiness.command_timeout,
+                                                               max(0.1, deadline - time.monotonic())), output=out)
+            finally:
+                os.close(out)
+            if not await readiness.wait_until(lambda: readiness.processes(pid) <= before, timeout=2):
+                raise StartError(f"service '{svc.name}': readiness.command left processes running in the template "
+                                 f"({', '.join(map(str, sorted(readiness.processes(pid) - before)))}); make it "
+                                 "wait for what it starts")
+            if status == 0:
+                return
+            await asyncio.sleep(0.25)
+        said = "it timed out" if status is None else f"its last exit status was {status}"
+        raise StartError(
+            f"service '{svc.name}': readiness.command did not succeed within {svc.readiness.timeout:g}s ({said}; "
+            f"its output is in {self._log_hint(svc)}); fix it or raise 'readiness.timeout'")
+
+    def _log_hint(self, svc: ServiceConfig) -> Path:
+        return self.store.logs / f"{svc.name}-template.log"
+
+
+def _make_private(directory: Path) -> None:
+    for f in directory.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o600)
+
+
+def _disk_problem(e: BaseException, state_dir: Path, *logs: Path) -> str | None:
+    """A full disk shows up as ENOSPC from our own writes, or only in CRIU's log (runc just says 'criu failed')."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    for log_path in logs:
+        with contextlib.suppress(OSError):
+            if b"No space left on device" in log_path.read_bytes()[-65536:]:
+                full = True
+    if not full:
+        return None
+    with contextlib.suppress(OSError):
+        st = os.statvfs(state_dir)
+        free = st.f_bavail * st.f_frsize
+        return (f"no space left on the device of state_dir ({free // 2**20} MiB free under {state_dir}); "
+                "free some space and try again")
+    return f"no space left on the device of state_dir ({state_dir}); free some space and try again"
+
+
+async def _copy_pipe(fd: int, dest: Path) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        with os.fdopen(open_private(dest), "ab") as out:
+            writable = True
+            # Keep draining the pipe even when the log cannot be written (a full disk): an app blocked on a
+            # full stdout pipe would never become ready.
+            while chunk := await reader.read(65536):
+                if writable:
+                    try:
+                        out.write(chunk)
+                        out.flush()
+                    except OSError as e:
+                        writable = False
+                        log.warning("template output to %s stopped: %s", dest, e.strerror)
+    finally:
+        transport.close()

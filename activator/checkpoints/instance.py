@@ -1,0 +1,267 @@
+"""One instance: what it is, and how it is brought up (restored from a checkpoint, or cold-started).
+
+Both ways end the same: the app inside is listening on its port (read from /proc, no probe connection), or
+everything made for it is released and an error says why, with the logs kept under state_dir/logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from activator.config.model import ServiceConfig
+from activator.errors import RestoreError, StartError
+from activator.net.network import HostNetwork
+from activator.runtime import volumes
+from activator.runtime.ksm import Ksm
+from activator.runtime.runc import Runc
+from activator.runtime.sandbox import Sandbox, new_name
+from activator.runtime.volumes import Bind
+from activator.statedir import open_private
+from activator.tasks import spawn
+
+from .store import Checkpoint
+
+log = logging.getLogger("activator.instance")
+
+
+@dataclass(frozen=True)
+class StartPhases:
+    """Where a start's time went, in seconds (a restore's three steps; a cold start has only its total)."""
+
+    prepare: float = 0.0  # what was not prepared ahead (a slot used: nearly nothing)
+    queue: float = 0.0  # waiting for a restore slot (one per CPU)
+    restore: float = 0.0  # the restore call: CRIU (directly, or through runc)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"prepare": self.prepare, "queue": self.queue, "restore": self.restore}
+
+
+class RestoreMetrics(Protocol):
+    """What the launcher counts (activator.daemon.metrics.ServiceMetrics is one)."""
+
+    @property
+    def restores(self) -> Any: ...
+
+    @property
+    def restore_duration(self) -> Any: ...
+
+
+@dataclass(eq=False)
+class Instance:
+    sandbox: Sandbox
+    how: str  # "restore" or "cold-start"
+    start_seconds: float
+    checkpoint: Checkpoint | None  # the one it was restored from: its diff/ is mounted until release
+    ready_at: float = field(default_factory=time.monotonic)
+    spliced: int = 0  # connections through the activator (held, then spliced in userspace)
+    kernel: int = 0  # open connections steered to it by the kernel, as of the last sample (conntrack)
+    served: int = 0  # connections handed to it through the activator
+    kernel_served: int = 0  # connections the kernel steered to it that completed their handshake
+    established: int = 0  # connections its app accepted (either path)
+    idle_since: float = field(default_factory=time.monotonic)
+    idle_timer: asyncio.TimerHandle | None = None
+    stopping: bool = False
+    withdrawn: bool = False  # out of the kernel's steering rule (being checked before a reap)
+    kernel_packets: int = 0  # the last sample's counters, to tell activity and count bytes
+    kernel_bytes_in: int = 0
+    kernel_bytes_out: int = 0
+    kernel_served_seen: int = 0  # the last sample's per-instance connection counter
+    pidfd: int | None = None  # the app's pidfd while it is watched (service.py)
+    phases: StartPhases = field(default_factory=StartPhases)
+
+    @property
+    def name(self) -> str:
+        return self.sandbox.name
+
+    @property
+    def connections(self) -> int:
+        return self.spliced + self.kernel
+
+
+class InstanceLauncher:
+    """Brings up instances of one service."""
+
+    def __init__(self, config: ServiceConfig, runc: Runc, instances_dir: Path, logs_dir: Path,
+                 metrics: RestoreMetrics, network: HostNetwork | None = None, ksm: Ksm | None = None,
+                 restores: asyncio.Semaphore | None = None) -> None:
+        self.config = config
+        self.runc = runc
+        self.instances_dir = instances_dir
+        self.logs_dir = logs_dir
+        self.m = metrics
+        self.network = network if config.network == "bridge" else None
+        self.ksm = ksm  # set when this service's instances share memory
+        # Shared by every service: restores are CPU-bound (runc + CRIU), and on a few cores twenty at once all
+        # finish late; a few at a time, most finish early and the last no later.
+        self.restores = restores or asyncio.Semaphore(1000)
+        # Prepared slots: everything but the process (namespace, network, overlay, bundle, cgroups, an idle CRIU),
+        # made ahead for the current checkpoint so a restore is one request to CRIU. Refilled after each use.
+        self.slots: list[tuple[Checkpoint, Sandbox]] = []
+        self._filling: asyncio.Task[None] | None = None
+        self._filling_for: Checkpoint | None = None
+        self._closed = False
+
+    async def _binds(self, checkpoint: Checkpoint) -> tuple[Bind, ...]:
+        if not self.config.volumes:
+            return ()
+        return await asyncio.to_thread(volumes.ensure, self.config.volumes, self.instances_dir.parent,
+                                       checkpoint.image_rootfs, self.config.name)
+
+    def _sandbox(self) -> Sandbox:
+        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
+        sb.mergeable = self.ksm is not None  # before prepare: a direct restore's CRIU is started then
+        return sb
+
+    async def _prepare_for(self, sb: Sandbox, checkpoint: Checkpoint) -> None:
+        await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources,
+                         self.config.hostname or self.config.name,
+                         checkpoint.seccomp, restore=checkpoint, binds=await self._binds(checkpoint))
+
+    async def _prepared(self, checkpoint: Checkpoint) -> Sandbox:
+        """A slot made ahead for this checkpoint, or one made now."""
+        for i, (ck, sb) in enumerate(self.slots):
+            if ck is checkpoint:
+                del self.slots[i]
+                sb.unmark_slot()
+                return sb
+        sb = self._sandbox()
+        await self._prepare_for(sb, checkpoint)
+        return sb
+
+    def refill(self, checkpoint: Checkpoint) -> None:
+        """Keep config.prepared_slots slots ready for this checkpoint."""
+        if self._closed or (self._filling is not None and not self._filling.done()):
+            return
+        self._filling_for = checkpoint
+        self._filling = spawn(self._fill(checkpoint), name=f"prepare-slots:{self.config.name}")
+
+    async def reshare(self, ksm: Ksm | None) -> None:
+        """Share memory (or not) from the next instance on; slots made ahead with the other choice are remade."""
+        if (ksm is None) == (self.ksm is None):
+            return
+        self.ksm = ksm
+        if self._filling is not None and not self._filling.done():
+            self._filling.cancel()
+            await asyncio.wait([self._filling])
+        stale, self.slots = self.slots, []
+        for _, sb in stale:
+            await sb.release()
+        if self._filling_for is not None:
+            self.refill(self._filling_for)
+
+    async def drop_slots_except(self, checkpoint: Checkpoint) -> None:
+        """Release slots made for another (replaced) checkpoint: their overlays use its diff/. One still being
+        made for it is stopped first, or it would be added after this."""
+        if self._filling is not None and not self._filling.done() and self._filling_for is not checkpoint:
+            self._filling.cancel()
+            await asyncio.wait([self._filling])
+        stale = [sb for ck, sb in self.slots if ck is not checkpoint]
+        self.slots = [(ck, sb) for ck, sb in self.slots if ck is checkpoint]
+        for sb in stale:
+            await sb.release()
+
+    async def _fill(self, checkpoint: Checkpoint) -> None:
+        while not self._closed and len(self.slots) < self.config.prepared_slots:
+            sb = self._sandbox()
+            sb.slot = True
+            try:
+                await self._prepare_for(sb, checkpoint)
+            except Exception as e:  # a slot is an optimisation: the next restore prepares its own
+                log.warning("service=%s could not prepare a slot: %s", self.config.name, e)
+                return
+            if self._closed:
+                await sb.release()
+                return
+            self.slots.append((checkpoint, sb))
+
+    async def close(self) -> None:
+        """Release every prepared slot (shutdown)."""
+        self._closed = True
+        if self._filling is not None and not self._filling.done():
+            self._filling.cancel()
+            with contextlib.suppress(BaseException):
+                await self._filling
+        slots, self.slots = self.slots, []
+        for _, sb in slots:
+            await sb.release()
+
+    async def restore(self, checkpoint: Checkpoint) -> Instance:
+        t0 = time.monotonic()
+        sb: Sandbox | None = None
+        try:
+            sb = await self._prepared(checkpoint)
+            if self.ksm is not None:
+                self.ksm.started_instance()
+            t1 = time.monotonic()
+            async with self.restores:
+                tq = time.monotonic()  # the queue is not the restore's (restore_timeout starts here too)
+                await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
+            # No listening check here: CRIU restores the app's listening socket itself (the dump was checked for
+            # it at build time), and reading /proc/PID/net/tcp costs milliseconds (the kernel walks every socket
+            # of the host to print it). The first connection's connect, retried until connect_timeout, is the
+            # check: an app that does not accept in time is removed and the service backs off (service.py).
+        except Exception as e:
+            self.refill(checkpoint)
+            if sb is None:
+                raise RestoreError(f"preparing the instance failed: {e}", None, self.config.name) from e
+            kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log,
+                               sb.layout.output)
+            await sb.release()
+            why = f"took longer than restore_timeout ({self.config.restore_timeout:g}s)" \
+                if isinstance(e, TimeoutError) else str(e)
+            raise RestoreError(why, kept, sb.name) from e
+        except BaseException:
+            if sb is not None:
+                await sb.release()
+            raise
+        dt = time.monotonic() - t0
+        # Only now: preparing the next slot (Python work under the GIL) would slow this restore down.
+        self.refill(checkpoint)
+        self.m.restores.inc()
+        self.m.restore_duration.observe(dt)
+        log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, queue %.0f, restore %.0f)",
+                 self.config.name, sb.name, dt * 1000, (t1 - t0) * 1000, (tq - t1) * 1000, (t0 + dt - tq) * 1000)
+        return Instance(sb, "restore", dt, checkpoint,
+                        phases=StartPhases(prepare=t1 - t0, queue=tq - t1, restore=t0 + dt - tq))
+
+    async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
+        port = self.config.port
+        problem = await sb.wait_listening(port, timeout)
+        if problem is not None:
+            state = "exited" if problem == "exited" else f"was not listening on port {port} within {timeout:g}s"
+            raise StartError(f"service '{self.config.name}': the app {state} ({knob})")
+
+    async def cold_start(self, checkpoint: Checkpoint) -> Instance:
+        t0 = time.monotonic()
+        sb = self._sandbox()
+        if self.ksm is not None:
+            self.ksm.started_instance()
+        try:
+            hostname = self.config.hostname or self.config.name
+            await sb.prepare([checkpoint.image_rootfs], checkpoint.process, self.config.resources, hostname,
+                             checkpoint.seccomp, binds=await self._binds(checkpoint))
+            sb.write_etc(hostname, self.config.extra_hosts, self.config.depends_on)
+            out = open_private(sb.layout.output)
+            try:
+                await sb.start(stdout=out, stderr=out)
+            finally:
+                os.close(out)
+            try:
+                await self._wait_listening(sb, self.config.readiness.timeout, "readiness.timeout")
+            except StartError as e:
+                kept = sb.keep_log(self.logs_dir, sb.layout.output)
+                raise StartError(f"{e} after a cold start; app output: {kept}") from None
+        except BaseException:
+            await sb.release()
+            raise
+        dt = time.monotonic() - t0
+        log.info("service=%s instance=%s cold-started in %.0f ms", self.config.name, sb.name, dt * 1000)
+        return Instance(sb, "cold-start", dt, None)
+

@@ -1,0 +1,261 @@
+"""The checkpoint store: one pre-warmed, dumped template per service (builder.py makes them).
+
+Layout of state_dir/checkpoints/SERVICE/ (0700: the dump is the app's memory):
+    meta.json      what it was made from (image ID, CRIU/runc versions, kernel, seccomp profile, service
+                   fingerprint) and what it holds (process spec, seccomp filter, listening ports, sizes); a
+                   mismatch on any "made from" field is stale
+    criu/          CRIU's image files, as runc checkpoint wrote them
+    diff/          the template's filesystem changes, used read-only as an overlay layer by every instance
+    template.log   the template app's output up to the dump
+
+This is all the runtime path (instances, services) needs: the record and where its files are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from activator.runtime.extmounts import DevEntry, dev_from_json
+from activator.runtime.spec import ProcessSpec
+from activator.statedir import StateDir, write_private
+
+# 2: dumped with network-lock skip (runc.CRIU_CONFIG); a dump made with the lock also pays for it on every
+#    restore (~70 ms of the ~155), so older checkpoints are rebuilt.
+# 3: the template runs under a seccomp filter (Docker's default profile unless the service says otherwise), which
+#    CRIU dumps with the process; older dumps would restore instances without one.
+# 4: dumped with tcp-close (established connections restored closed), the template on the instance network
+#    (network: bridge), and what the app listens on recorded (kernel_path).
+# 5: /dev, /dev/shm and the masked directories dumped as external mounts (extmounts.py), /dev snapshotted.
+# 6: no CAP_NET_RAW by default (cap_add/cap_drop), /sys/devices/virtual/powercap masked, eth0 without IPv6 and
+#    with a MAC derived from its address: a process dumped with the old set would keep it on restore.
+FORMAT = 6
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a checkpoint was made from; any difference means it must be rebuilt."""
+
+    format: int
+    service_fingerprint: str
+    image_id: str
+    criu: str
+    runc: str
+    kernel: str
+    seccomp: str  # digest of the filter the template ran under, or "unconfined"
+
+    def differences(self, other: Origin) -> list[str]:
+        return [k for k, v in asdict(self).items() if asdict(other)[k] != v]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    service: str
+    dir: Path
+    origin: Origin
+    process: ProcessSpec
+    image_rootfs: Path
+    listening_ports: tuple[int, ...]
+    created: float
+    build_seconds: float
+    pages_bytes: int
+    seccomp: dict[str, Any] | None  # linux.seccomp of the template's spec; instances get the same
+    kernel_path: bool  # the app listens on every address, so the kernel can steer clients to an instance's eth0
+    external: dict[str, str]  # key -> mountpoint of the mounts dumped as external (extmounts.py)
+    dev: tuple[DevEntry, ...]  # the template's /dev, rebuilt for every instance
+    stop_signal: str = "SIGTERM"  # the image's STOPSIGNAL (the service's stop_signal overrides it)
+
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "criu"
+
+    @property
+    def diff(self) -> Path:
+        return self.dir / "diff"
+
+    @property
+    def layers(self) -> list[Path]:
+        """Overlay lower dirs for an instance, topmost first."""
+        return [self.diff, self.image_rootfs]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dir"] = str(self.dir)
+        d["image_rootfs"] = str(self.image_rootfs)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], directory: Path) -> Checkpoint:
+        p = d["process"]
+        return cls(
+            service=d["service"],
+            dir=directory,
+            origin=Origin(**d["origin"]),
+            process=ProcessSpec(
+                args=tuple(p["args"]), env=tuple(p["env"]), cwd=p["cwd"], uid=p["uid"], gid=p["gid"],
+                additional_gids=tuple(p["additional_gids"]),
+                **({"capabilities": tuple(p["capabilities"])} if "capabilities" in p else {}),  # format < 6
+                # absent from checkpoints made before these keys existed (made without them)
+                rlimits=tuple((r[0], r[1], r[2]) for r in p.get("rlimits", ())),
+                read_only=p.get("read_only", False),
+                tmpfs=tuple((t, tuple(o)) for t, o in p.get("tmpfs", ())),
+            ),
+            image_rootfs=Path(d["image_rootfs"]),
+            listening_ports=tuple(d["listening_ports"]),
+            created=d["created"],
+            build_seconds=d["build_seconds"],
+            pages_bytes=d["pages_bytes"],
+            seccomp=d["seccomp"],
+            kernel_path=d["kernel_path"],
+            external=dict(d["external"]),
+            dev=dev_from_json(d["dev"]),
+            stop_signal=d.get("stop_signal", "SIGTERM"),  # absent from checkpoints made before it was kept
+        )
+
+
+# --- reading a dump with pycriu ------------------------------------------------------------------------------
+
+
+def _load_img(path: Path) -> dict[str, Any]:
+    from activator.runtime.preflight import require_pycriu
+
+    pycriu = require_pycriu()
+    with open(path, "rb") as f:
+        result: dict[str, Any] = pycriu.images.load(f)
+    return result
+
+
+def listening_ports(images: Path) -> tuple[int, ...]:
+    """TCP ports the dumped processes listen on, read from CRIU's image files."""
+    ports: set[int] = set()
+    for isk in _socket_entries(images):
+        if isk.get("proto") in ("TCP", 6) and isk.get("state") in ("LISTEN", 10):
+            src = isk.get("src_port", [])
+            ports.update(int(p) for p in (src if isinstance(src, list) else [src]))
+    return tuple(sorted(ports))
+
+
+def listening_addresses(images: Path, port: int) -> list[str]:
+    """The addresses the dumped app listens on for port ("0.0.0.0", "127.0.0.1", ...; "::" only for a
+    dual-stack socket, "::/v6only" for one that takes IPv6 alone)."""
+    found = []
+    for e in _socket_entries(images):
+        if e.get("proto") not in ("TCP", 6) or e.get("state") not in ("LISTEN", 10):
+            continue
+        src = e.get("src_port", [])
+        if port not in (src if isinstance(src, list) else [src]):
+            continue
+        raw = e.get("src_addr", [])
+        words = raw if isinstance(raw, list) else [raw]
+        if words and isinstance(words[0], str):  # some pycriu versions decode addresses already
+            found.append(words[0])
+            continue
+        packed = b"".join(int(w).to_bytes(4, "little") for w in words)
+        addr = str(ipaddress.ip_address(packed)) if len(packed) in (4, 16) else "?"
+        found.append(addr + "/v6only" if e.get("v6only") else addr)
+    return found
+
+
+def _socket_entries(images: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    for name in ("files.img", "inetsk.img"):  # newer CRIU keeps sockets in files.img, older in inetsk.img
+        if (images / name).exists():
+            entries += _load_img(images / name)["entries"]
+    return [e.get("isk", e) for e in entries if "isk" in e or "src_port" in e]
+
+
+def pages_bytes(images: Path) -> int:
+    return sum(p.stat().st_size for p in images.glob("pages-*.img"))
+
+
+def contents(images: Path) -> dict[str, Any]:
+    """What a dump holds, read back with pycriu: the process tree, listening ports, memory."""
+    procs = []
+    for e in _load_img(images / "pstree.img")["entries"]:
+        core = images / f"core-{e['pid']}.img"
+        comm = _load_img(core)["entries"][0]["tc"].get("comm", "?") if core.exists() else "?"
+        mm = images / f"mm-{e['pid']}.img"
+        vmas = len(_load_img(mm)["entries"][0].get("vmas", [])) if mm.exists() else 0
+        procs.append({"pid": e["pid"], "ppid": e["ppid"], "comm": comm, "threads": len(e.get("threads", [])),
+                      "vmas": vmas})
+    return {
+        "processes": procs,
+        "listening_ports": list(listening_ports(images)),
+        "pages_bytes": pages_bytes(images),
+        "image_files": len(list(images.glob("*.img"))),
+    }
+
+
+# --- the store ---------------------------------------------------------------------------------------------
+
+
+class CheckpointStore:
+    def __init__(self, state: StateDir) -> None:
+        self.root = state.checkpoints
+        self.images_root = state.images
+        self.logs = state.logs
+
+    def dir(self, service: str) -> Path:
+        return self.root / service
+
+    def load(self, service: str) -> Checkpoint | None:
+        meta = self.dir(service) / "meta.json"
+        try:
+            return Checkpoint.from_json(json.loads(meta.read_text()), self.dir(service))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def image_rootfs(self, image_short_id: str) -> Path:
+        return self.images_root / image_short_id / "rootfs"
+
+    def prune_images(self) -> list[Path]:
+        """Blocking. Delete unpacked images no checkpoint here refers to (current or replaced-but-kept ones, of
+        any service, configured or not: a checkpoint kept on disk keeps its image). Half-unpacked `.unpack-*`
+        directories are crash leftovers and are cleaned elsewhere; an unpack under way holds its service's
+        build, during which this is not called."""
+        used = set()
+        for meta in self.root.glob("*/meta.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                used.add(Path(json.loads(meta.read_text())["image_rootfs"]).parent)
+        gone = []
+        for d in sorted(self.images_root.iterdir()) if self.images_root.is_dir() else []:
+            if d.is_dir() and not d.name.startswith(".") and d not in used:
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d)
+        return gone
+
+    def install(self, tmp: Path, checkpoint: Checkpoint) -> Checkpoint:
+        """Swap a freshly built checkpoint into place.
+
+        The old one is renamed aside, not deleted: running instances may still have its diff/ mounted as a lower
+        layer (a rename does not disturb a mount; deleting would). sweep_retired() removes it once unused.
+        """
+        final = self.dir(checkpoint.service)
+        write_private(tmp / "meta.json", json.dumps(checkpoint.to_json() | {"dir": str(final)}, indent=2))
+        if final.exists():
+            os.rename(final, final.with_name(f".retired-{final.name}-{time.time_ns()}"))
+        os.rename(tmp, final)
+        loaded = self.load(checkpoint.service)
+        assert loaded is not None
+        return loaded
+
+    def sweep_retired(self, service: str | None = None) -> list[Path]:
+        """Blocking. Delete replaced checkpoints (of one service, or all); call only when no instance uses
+        them."""
+        # Exactly .retired-SERVICE-NANOSECONDS: a glob on the prefix would take web-api's for web's.
+        name = re.compile(rf"\.retired-{re.escape(service) if service else '.+'}-\d+")
+        gone = sorted(d for d in self.root.iterdir() if name.fullmatch(d.name)) if self.root.is_dir() else []
+        for d in gone:
+            shutil.rmtree(d, ignore_errors=True)
+        return gone
+
+

@@ -1,0 +1,1126 @@
+"""Configuration: YAML in, frozen and validated objects out.
+
+A file looks like this (compose-like, so Docker users read it at a glance)::
+
+    settings:                         # optional
+      state_dir: /var/lib/activator
+      metrics: 127.0.0.1:9464         # or null to disable
+      drain_timeout: 10s
+    services:
+      tomcat:
+        image: activator-demo/tomcat:latest
+        listen: 127.0.0.1:8080        # or a list of addresses
+        port: 8080                    # where the app listens inside its container
+        environment: {JAVA_OPTS: -Xmx256m}
+        readiness: {http_path: /, timeout: 60s}
+        idle_timeout: 5m
+        max_instances: 4
+
+Every key, its default, its bounds and what it means are declared once, on the dataclass fields below
+(`key(...)`); the parser, the unknown-key check, the error messages and the JSON Schema
+(config/activator.schema.json, `activator schema`) are all derived from those declarations.
+
+Invalid, each refused with one line naming the file, the service and the key, and what would be valid::
+
+    services: {web: {image: x, listen: 8080, port: 80, colour: red}}      # unknown key 'colour'
+    services: {web: {image: x, listen: "127.0.0.1:99999", port: 80}}     # port out of range
+    services: {web: {image: x, listen: 18:00, port: 80}}                 # '18' is not an IP address
+    services: {web: {image: x, listen: 8080, port: 80, idle_timeout: .nan}}   # not a finite duration
+
+Durations are seconds (a number) or strings with a unit: 250ms, 5s, 2m, 1h, 1d. Sizes are bytes or strings with
+k/m/g (binary). Nothing here touches the network, Docker or the filesystem beyond reading the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import re
+import signal
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from activator.errors import ConfigError
+
+from . import compose, yamlload
+from .units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
+from .units import show as _show
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+MiB = 2**20
+
+
+def _human_duration(seconds: float) -> str:
+    if seconds == 0:
+        return "0"
+    for unit, size in (("d", DAY), ("h", HOUR), ("m", MINUTE), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+# --- value kinds: each parses one YAML value and describes itself in JSON Schema ------------------------------
+
+
+class Kind:
+    def parse(self, raw: Any) -> Any:
+        raise NotImplementedError
+
+    def schema(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Duration(Kind):
+    min: float
+    max: float
+
+    def parse(self, raw: Any) -> float:
+        value = parse_duration(raw)
+        if not self.min <= value <= self.max:
+            raise ValueError(f"{_human_duration(value)} is out of range: "
+                             f"use {_human_duration(self.min)} to {_human_duration(self.max)}")
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "number", "minimum": self.min, "maximum": self.max},
+                          {"type": "string", "pattern": DURATION_PATTERN}],
+                "description": f"a duration, {_human_duration(self.min)} to {_human_duration(self.max)} "
+                               "(seconds, or 250ms, 5s, 2m, 1h, 1d)"}
+
+
+@dataclass(frozen=True)
+class Size(Kind):
+    min: int
+    max: int
+
+    def parse(self, raw: Any) -> int:
+        value = parse_size(raw)
+        if not self.min <= value <= self.max:
+            raise ValueError(f"{value} bytes is out of range: use {self.min // MiB}m to {self.max // 2**30}g")
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "integer", "minimum": self.min, "maximum": self.max},
+                          {"type": "string", "pattern": SIZE_PATTERN}]}
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    min: int
+    max: int
+
+    def parse(self, raw: Any) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"expected a whole number, got {_show(raw)}")
+        if not self.min <= raw <= self.max:
+            raise ValueError(f"{raw} is out of range: use {self.min} to {self.max}")
+        return raw
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "integer", "minimum": self.min, "maximum": self.max}
+
+
+@dataclass(frozen=True)
+class Number(Kind):
+    min: float  # exclusive
+    max: float
+
+    def parse(self, raw: Any) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ValueError(f"expected a number, got {_show(raw)}")
+        if not (math.isfinite(raw) and self.min < raw <= self.max):
+            raise ValueError(f"{raw} is out of range: use more than {self.min:g}, up to {self.max:g}")
+        return float(raw)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "number", "exclusiveMinimum": self.min, "maximum": self.max}
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    choices: tuple[str, ...] = ()
+    pattern: str | None = None
+    hint: str = ""
+
+    def parse(self, raw: Any) -> str:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a string, got {_show(raw)}" + (f" ({self.hint})" if self.hint else ""))
+        if self.choices and raw not in self.choices:
+            raise ValueError(f"'{raw}' is not one of: {', '.join(self.choices)}")
+        if self.pattern and not re.fullmatch(self.pattern, raw):
+            raise ValueError(f"'{raw}' is not valid" + (f" ({self.hint})" if self.hint else ""))
+        if not raw:
+            raise ValueError("must not be empty")
+        return raw
+
+    def schema(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"type": "string", "minLength": 1}
+        if self.choices:
+            s["enum"] = list(self.choices)
+        if self.pattern:
+            s["pattern"] = self.pattern
+        return s
+
+
+@dataclass(frozen=True)
+class AbsPath(Kind):
+    def parse(self, raw: Any) -> Path:
+        if not isinstance(raw, str) or not raw.startswith("/"):
+            raise ValueError(f"expected an absolute path, got {_show(raw)}")
+        return Path(raw)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": "^/"}
+
+
+@dataclass(frozen=True)
+class Args(Kind):
+    """A command: a string (one argument) or a list of strings and numbers."""
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        if isinstance(raw, str):
+            return (raw,)
+        if not isinstance(raw, list) or not all(isinstance(v, str | int | float) and not isinstance(v, bool)
+                                                for v in raw):
+            raise ValueError("expected a string or a list of strings")
+        if len(raw) > 4096:
+            raise ValueError("more than 4096 arguments")
+        return tuple(str(v) for v in raw)
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": ["string", "number"]}}]}
+
+
+_ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+def _env_value(v: Any) -> str:
+    """A YAML scalar as the app sees it: true/false as written in YAML 1.2 (Python would say True), null as ''.
+    (The loader reads unquoted yes/no/on/off as booleans too: quote them to keep the word.)"""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "" if v is None else str(v)
+
+
+@dataclass(frozen=True)
+class Environment(Kind):
+    def parse(self, raw: Any) -> tuple[tuple[str, str], ...]:
+        pairs: list[tuple[str, str]] = []
+        if isinstance(raw, Mapping):
+            for k, v in raw.items():
+                if isinstance(v, Mapping | list):
+                    raise ValueError(f"'{k}': expected a plain value, got {_show(v)}")
+                pairs.append((str(k), _env_value(v)))
+        elif isinstance(raw, list):
+            for item in raw:
+                if not isinstance(item, str):
+                    raise ValueError(f"expected KEY=VALUE strings, got {_show(item)}")
+                key, sep, val = item.partition("=")
+                if not sep:
+                    raise ValueError(f"'{item}' is not KEY=VALUE")
+                pairs.append((key, val))
+        else:
+            raise ValueError("expected a mapping or a list of KEY=VALUE")
+        for key, value in pairs:
+            if not re.fullmatch(_ENV_NAME, key):
+                raise ValueError(f"'{key}' is not a valid environment variable name")
+            if "\0" in value:
+                raise ValueError(f"'{key}': a value cannot contain a NUL byte")
+        return tuple(pairs)
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "object", "propertyNames": {"pattern": f"^{_ENV_NAME}$"}},
+                          {"type": "array", "items": {"type": "string", "pattern": f"^{_ENV_NAME}="}}]}
+
+
+@dataclass(frozen=True)
+class Listen(Kind):
+    """HOST:PORT, a list of them, or `systemd`: the sockets systemd passes with FileDescriptorName= the service's
+    name (an empty tuple here; the lifecycle owner fills in their addresses)."""
+
+    def parse(self, raw: Any) -> tuple[ListenAddress, ...]:
+        if raw == "systemd":
+            return ()
+        items = raw if isinstance(raw, list) else [raw]
+        if not items:
+            raise ValueError("needs at least one address")
+        if len(items) > 64:
+            raise ValueError("more than 64 addresses")
+        return tuple(ListenAddress.parse(v) for v in items)
+
+    def schema(self) -> dict[str, Any]:
+        one = {"oneOf": [{"type": "string"}, {"type": "integer", "minimum": 1, "maximum": 65535}]}
+        return {"oneOf": [one, {"type": "array", "items": one, "minItems": 1}, {"const": "systemd"}]}
+
+
+@dataclass(frozen=True)
+class Address(Kind):
+    """One HOST:PORT, or null/off to disable."""
+
+    def parse(self, raw: Any) -> ListenAddress | None:
+        if raw is False or raw == "off":
+            return None
+        return ListenAddress.parse(raw)
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}, {"const": False}]}
+
+
+@dataclass(frozen=True)
+class Flag(Kind):
+    def parse(self, raw: Any) -> bool:
+        if not isinstance(raw, bool):
+            raise ValueError(f"expected true or false, got {_show(raw)}")
+        return raw
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "boolean"}
+
+
+@dataclass(frozen=True)
+class AutoFlag(Kind):
+    """true, false, or auto (decided from the rest of the file)."""
+
+    def parse(self, raw: Any) -> bool | str:
+        if isinstance(raw, bool) or raw == "auto":
+            return raw  # type: ignore[no-any-return]
+        raise ValueError(f"expected true, false or auto, got {_show(raw)}")
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "boolean"}, {"const": "auto"}]}
+
+
+@dataclass(frozen=True)
+class Subnet(Kind):
+    """An IPv4 network for instances, big enough for a gateway and a few instances, small enough to scan."""
+
+    def parse(self, raw: Any) -> ipaddress.IPv4Network:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected an IPv4 network like 10.89.0.0/24, got {_show(raw)}")
+        try:
+            net = ipaddress.IPv4Network(raw, strict=True)
+        except ValueError as e:
+            raise ValueError(f"'{raw}' is not an IPv4 network like 10.89.0.0/24 ({e})") from None
+        if not 16 <= net.prefixlen <= 29:
+            raise ValueError(f"'{raw}': use a prefix between /16 and /29")
+        if net.is_loopback or net.is_multicast or net.is_link_local or not net.is_private:
+            raise ValueError(f"'{raw}' is not a private network (use e.g. 10.89.0.0/24 or 192.168.250.0/24)")
+        return net
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": r"^\d+\.\d+\.\d+\.\d+/\d+$"}
+
+
+@dataclass(frozen=True)
+class Hosts(Kind):
+    """Extra /etc/hosts entries: {name: IP address}."""
+
+    def parse(self, raw: Any) -> tuple[tuple[str, str], ...]:
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"expected a mapping of host names to addresses, got {_show(raw)}")
+        out = []
+        for name, addr in raw.items():
+            if not isinstance(name, str) or not _is_hostname(name):
+                raise ValueError(f"'{str(name)[:60]}' is not a host name")
+            try:
+                out.append((name, str(ipaddress.ip_address(str(addr)))))
+            except ValueError:
+                raise ValueError(f"'{name}': '{addr}' is not an IP address") from None
+        return tuple(out)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "object", "propertyNames": {"pattern": r"^[A-Za-z0-9.-]{1,253}$"},
+                "additionalProperties": {"type": "string"}}
+
+
+#: every capability Linux 6.x knows (capabilities(7)), as Docker spells them without the CAP_ prefix
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER",
+    "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF",
+    "CHECKPOINT_RESTORE",
+)
+
+
+@dataclass(frozen=True)
+class Capabilities(Kind):
+    """A list of capability names (NET_RAW or CAP_NET_RAW, any case); ALL where all_ok."""
+
+    all_ok: bool = False
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+            raise ValueError(f"expected a list of capability names like [NET_RAW], got {_show(raw)}")
+        out = []
+        for v in raw:
+            name = v.upper().removeprefix("CAP_")
+            if name == "ALL" and self.all_ok:
+                return ("ALL",)
+            if name not in CAPABILITIES:
+                raise ValueError(f"'{v[:40]}' is not a capability (e.g. NET_RAW, NET_ADMIN, SYS_PTRACE"
+                                 + (", or ALL" if self.all_ok else "") + ")")
+            out.append(name)
+        return tuple(sorted(set(out)))
+
+    def schema(self) -> dict[str, Any]:
+        names = [*CAPABILITIES, *(("ALL",) if self.all_ok else ())]
+        return {"type": "array", "items": {"type": "string", "enum": names + [f"CAP_{n}" for n in names]}}
+
+
+@dataclass(frozen=True)
+class Volume:
+    """source: an absolute host path (bound as is), a volume name (state_dir/volumes/NAME), or with external a
+    Docker volume's name (its data used as it is, as Compose's `external: true`)."""
+
+    source: str
+    target: str
+    read_only: bool = False
+    external: bool = False
+
+    @property
+    def named(self) -> bool:
+        return not self.source.startswith("/") and not self.external
+
+
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: where a volume may not go: what the container's own mounts are made of
+_NOT_A_TARGET = ("/proc", "/sys", "/dev")
+
+
+@dataclass(frozen=True)
+class Volumes(Kind):
+    """`SOURCE:TARGET[:ro|rw]` strings (as docker run -v and Compose), or {source, target, read_only}."""
+
+    def parse(self, raw: Any) -> tuple[Volume, ...]:
+        if not isinstance(raw, list):
+            raise ValueError(f"expected a list of SOURCE:TARGET[:ro], got {_show(raw)}")
+        out: list[Volume] = []
+        for item in raw:
+            if isinstance(item, str):
+                parts = item.split(":")
+                if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+                    raise ValueError(f"'{item[:80]}' is not SOURCE:TARGET[:ro|rw]")
+                v = Volume(parts[0], parts[1], len(parts) == 3 and parts[2] == "ro")
+            elif isinstance(item, Mapping) and set(item) <= {"source", "target", "read_only", "external"}:
+                if not isinstance(item.get("source"), str) or not isinstance(item.get("target"), str) \
+                        or not isinstance(item.get("read_only", False), bool) \
+                        or not isinstance(item.get("external", False), bool):
+                    raise ValueError("a volume needs source and target strings (and read_only, external: "
+                                     "true/false)")
+                v = Volume(item["source"], item["target"], item.get("read_only", False), item.get("external", False))
+            else:
+                raise ValueError(f"expected SOURCE:TARGET[:ro] or {{source, target, read_only}}, got {_show(item)}")
+            target = os.path.normpath(v.target)
+            if not v.target.startswith("/") or target == "/" or any(
+                    target == p or target.startswith(p + "/") for p in _NOT_A_TARGET):
+                raise ValueError(f"'{v.target[:80]}': the target must be an absolute path other than /, /proc, "
+                                 "/sys and /dev")
+            if v.named and not _VOLUME_NAME.fullmatch(v.source):
+                raise ValueError(f"'{v.source[:80]}' is neither an absolute host path nor a volume name "
+                                 "(letters, digits, '_', '.', '-')")
+            if v.external and not _VOLUME_NAME.fullmatch(v.source):
+                raise ValueError(f"'{v.source[:80]}' is not a Docker volume name (external: true)")
+            if not v.named and ("\0" in v.source or os.path.normpath(v.source) == "/"):
+                raise ValueError(f"'{v.source[:80]}': not a host path to bind")
+            if any(o.target == target for o in out):
+                raise ValueError(f"two volumes on {target}")
+            out.append(Volume(v.source if v.named or v.external else os.path.normpath(v.source), target,
+                              v.read_only, v.external))
+        return tuple(out)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "array", "items": {"oneOf": [
+            {"type": "string", "pattern": r"^[^:]+:/[^:]*(:(ro|rw))?$"},
+            {"type": "object", "required": ["source", "target"], "additionalProperties": False,
+             "properties": {"source": {"type": "string"}, "target": {"type": "string"},
+                            "read_only": {"type": "boolean"}, "external": {"type": "boolean"}}}]}}
+
+
+@dataclass(frozen=True)
+class TmpfsMount:
+    target: str
+    options: tuple[str, ...]  # mount options, Docker's defaults (rw,noexec,nosuid,nodev) included
+
+
+#: what `docker run --tmpfs` and Compose accept after the path, besides size= and mode=
+_TMPFS_FLAGS = frozenset({"ro", "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime",
+                          "relatime", "strictatime", "nodiratime"})
+
+
+@dataclass(frozen=True)
+class Tmpfs(Kind):
+    """`PATH[:OPTIONS]` (as docker run --tmpfs and Compose): an empty tmpfs on PATH, rw,noexec,nosuid,nodev unless
+    the options say otherwise; size=N[k|m|g], mode=OCTAL, uid=N, gid=N."""
+
+    def parse(self, raw: Any) -> tuple[TmpfsMount, ...]:
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"expected a list of PATH[:OPTIONS], got {_show(raw)}")
+        out: list[TmpfsMount] = []
+        for item in items:
+            target, _, opts = item.partition(":")
+            target = os.path.normpath(target) if target.startswith("/") else target
+            if not target.startswith("/") or target == "/" or any(
+                    target == p or target.startswith(p + "/") for p in _NOT_A_TARGET):
+                raise ValueError(f"'{item[:80]}': the path must be absolute, other than /, /proc, /sys and /dev")
+            options = ["rw", "noexec", "nosuid", "nodev"]
+            for o in filter(None, opts.split(",")):
+                name, eq, value = o.partition("=")
+                if (not eq and name not in _TMPFS_FLAGS) or (eq and name not in ("size", "mode", "uid", "gid")):
+                    raise ValueError(f"'{item[:80]}': unknown tmpfs option '{o[:40]}' (size=, mode=, uid=, gid=, "
+                                     "ro, exec, suid, dev, ...)")
+                if name == "size":
+                    value = str(parse_size(value.lower().removesuffix("b") if value[-1:] in "bB" else value))
+                elif name == "mode" and not re.fullmatch(r"[0-7]{3,4}", value):
+                    raise ValueError(f"'{item[:80]}': mode must be octal, like 1777")
+                elif name in ("uid", "gid") and not value.isdigit():
+                    raise ValueError(f"'{item[:80]}': {name} must be a number")
+                opposite = {"ro": "rw", "rw": "ro", "exec": "noexec", "noexec": "exec", "suid": "nosuid",
+                            "nosuid": "suid", "dev": "nodev", "nodev": "dev"}.get(name)
+                options = [x for x in options if x != opposite and x.partition("=")[0] != name]
+                options.append(f"{name}={value}" if eq else name)
+            if any(t.target == target for t in out):
+                raise ValueError(f"two tmpfs mounts on {target}")
+            out.append(TmpfsMount(target, tuple(options)))
+        return tuple(out)
+
+    def schema(self) -> dict[str, Any]:
+        one = {"type": "string", "pattern": "^/"}
+        return {"oneOf": [one, {"type": "array", "items": one}]}
+
+
+#: Docker's ulimit names -> the kernel's resource
+ULIMITS = {"as": "RLIMIT_AS", "core": "RLIMIT_CORE", "cpu": "RLIMIT_CPU", "data": "RLIMIT_DATA",
+           "fsize": "RLIMIT_FSIZE", "locks": "RLIMIT_LOCKS", "memlock": "RLIMIT_MEMLOCK",
+           "msgqueue": "RLIMIT_MSGQUEUE", "nice": "RLIMIT_NICE", "nofile": "RLIMIT_NOFILE", "nproc": "RLIMIT_NPROC",
+           "rss": "RLIMIT_RSS", "rtprio": "RLIMIT_RTPRIO", "rttime": "RLIMIT_RTTIME",
+           "sigpending": "RLIMIT_SIGPENDING", "stack": "RLIMIT_STACK"}
+
+
+@dataclass(frozen=True)
+class Ulimits(Kind):
+    """{name: N} or {name: {soft: N, hard: N}} (Docker's names: nofile, nproc, core, memlock, ...)."""
+
+    def parse(self, raw: Any) -> tuple[tuple[str, int, int], ...]:
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"expected a mapping like {{nofile: {{soft: 1024, hard: 4096}}}}, got {_show(raw)}")
+        out = []
+        for name, value in raw.items():
+            if name not in ULIMITS:
+                raise ValueError(f"'{str(name)[:40]}' is not a ulimit ({', '.join(ULIMITS)})")
+            if isinstance(value, Mapping) and set(value) == {"soft", "hard"}:
+                soft, hard = value["soft"], value["hard"]
+            else:
+                soft = hard = value
+            for v in (soft, hard):
+                if isinstance(v, bool) or not isinstance(v, int) or not -1 <= v < 2**63:
+                    raise ValueError(f"{name}: expected a whole number (-1: unlimited) or {{soft, hard}}, got "
+                                     f"{_show(value)}")
+            soft, hard = (2**64 - 1 if v == -1 else v for v in (soft, hard))
+            if soft > hard:
+                raise ValueError(f"{name}: soft ({soft}) is above hard ({hard})")
+            out.append((str(name), soft, hard))
+        return tuple(sorted(out))
+
+    def schema(self) -> dict[str, Any]:
+        n = {"type": "integer", "minimum": -1}
+        return {"type": "object", "propertyNames": {"enum": list(ULIMITS)}, "additionalProperties": {"oneOf": [
+            n, {"type": "object", "required": ["soft", "hard"], "additionalProperties": False,
+                "properties": {"soft": n, "hard": n}}]}}
+
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _is_hostname(name: str) -> bool:
+    # Label by label: one regex over the whole name with nested repetition backtracks exponentially.
+    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+@dataclass(frozen=True)
+class Section(Kind):
+    """A nested mapping, parsed into its own dataclass."""
+
+    cls: type
+
+    def schema(self) -> dict[str, Any]:
+        return object_schema(self.cls)
+
+
+def key(kind: Kind, default: Any = MISSING, *, doc: str, nullable: bool = False, shapes: bool = False,
+        factory: Any = MISSING) -> Any:
+    """Declare a config key: how it is parsed, its default, what it means, and whether it shapes the
+    checkpointed process (changing such a key rebuilds the checkpoint)."""
+    meta = {"kind": kind, "doc": doc, "nullable": nullable, "shapes": shapes}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    if default is MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is out of range 1-65535 (port 0 would pick a random port no "
+                             "client could know)")
+
+    @classmethod
+    def parse(cls, text: Any) -> ListenAddress:
+        """'host:port', '[v6]:port', ':port' or a bare port (binds every address); host is an IP address."""
+        if isinstance(text, bool) or not isinstance(text, str | int):
+            raise ValueError(f"expected HOST:PORT, got {_show(text)}")
+        s = str(text).strip()
+        if s.isdigit():
+            return cls("0.0.0.0", int(s))
+        m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]*):(\d{1,5})", s)
+        if not m:
+            raise ValueError(f"'{s}' is not HOST:PORT (e.g. 127.0.0.1:8080, [::1]:8080, :8080)")
+        host = m.group(1) or m.group(3) or "0.0.0.0"
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            hint = ("; quote times like \"18:00\": unquoted, YAML 1.1 tools read them as numbers"
+                    if re.fullmatch(r"\d{1,2}:\d{2}", s) else "")
+            name = " (names are not resolved: give the address)" if re.fullmatch(r"[A-Za-z][A-Za-z0-9.-]*", host) \
+                else ""
+            raise ValueError(f"'{host}' in '{s}' is not an IP address{name} (e.g. 127.0.0.1:8080{hint})") from None
+        if m.group(1) and ip.version != 6:
+            raise ValueError(f"'{s}': brackets are for IPv6 addresses")
+        return cls(str(ip), int(m.group(2) or m.group(4)))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """When a freshly started template counts as ready to be checkpointed."""
+
+    timeout: float = key(Duration(0.1, HOUR), 60.0, doc="how long the template may take to listen on its port")
+    http_path: str | None = key(
+        Text(pattern=r"/[\x21-\x7e]*", hint="an absolute URL path like /health"), None, nullable=True, shapes=True,
+        doc="also wait for GET on this path to answer 2xx/3xx before the dump (null: listening is enough)")
+    command: tuple[str, ...] | None = key(
+        Args(), None, nullable=True, shapes=True,
+        doc="also run this in the template (as its app's user, in its sandbox) until it exits 0, like a Compose "
+            "healthcheck's CMD; a string runs as `/bin/sh -c STRING` (CMD-SHELL)")
+    command_timeout: float = key(Duration(0.1, HOUR), 30.0, doc="longest one run of command may take")
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Requests sent to the template before it is dumped, so instances start with the app's caches filled and
+    its hot code compiled (a JVM's JIT): what the first requests after a restore would otherwise pay for."""
+
+    http_paths: tuple[str, ...] = key(Args(), (), shapes=True,
+                                      doc="GET each of these paths (HTTP/1.1, Connection: close)")
+    payload: str | None = key(Text(), None, nullable=True, shapes=True,
+                              doc="or send this (raw TCP) on a connection and read the first reply")
+    count: int = key(Int(1, 100_000), 100, shapes=True, doc="how many times, per path")
+
+    def __post_init__(self) -> None:
+        for p in self.http_paths:
+            if not p.startswith("/"):
+                raise ValueError(f"warmup.http_paths: '{p}' must start with '/'")
+
+
+#: a CFS quota of 1 ms per 100 ms period (spec.CPU_PERIOD_US), the least the kernel accepts
+MIN_CPUS = 0.01
+
+
+@dataclass(frozen=True)
+class Resources:
+    memory: int | None = key(Size(4 * MiB, 2**40), None, nullable=True, doc="memory limit per instance")
+    cpus: float | None = key(Number(0, 1024), None, nullable=True, doc="CPU limit per instance")
+    pids: int | None = key(Int(8, 4_194_304), None, nullable=True,
+                           doc="process/thread limit per instance (at least 8: runc and the app need a few)")
+
+    def __post_init__(self) -> None:
+        # The kernel's smallest CFS quota is 1 ms (of a 100 ms period): less is EINVAL at every restore.
+        if self.cpus is not None and self.cpus < MIN_CPUS:
+            raise ValueError(f"cpus: {self.cpus:g} is below the kernel's smallest CPU quota; use at least {MIN_CPUS}")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How long a service waits after failed starts before trying again: initial, doubling up to max."""
+
+    initial: float = key(Duration(0.01, DAY), 1.0, doc="wait after the first failure")
+    max: float = key(Duration(0.01, DAY), 60.0, doc="longest wait, however many failures in a row")
+
+    def __post_init__(self) -> None:
+        if self.max < self.initial:
+            raise ValueError(f"backoff.max ({_human_duration(self.max)}) must be at least backoff.initial "
+                             f"({_human_duration(self.initial)})")
+
+    def delay(self, failures: int) -> float:
+        """The wait after `failures` consecutive failures (1 = the first)."""
+        return float(min(self.max, self.initial * 2 ** min(64, max(0, failures - 1))))
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The host side of instance networking: one bridge and one subnet, owned by this activator."""
+
+    bridge: str = key(Text(pattern=r"[a-zA-Z][a-zA-Z0-9_-]{0,14}", hint="an interface name, at most 15 characters"),
+                      "activator0", doc="the bridge instances are attached to (created and owned by activator)")
+    subnet: ipaddress.IPv4Network = key(
+        Subnet(), ipaddress.IPv4Network("10.89.0.0/24"),
+        doc="instance addresses; the first one is the bridge's (the instances' gateway). Must not overlap any "
+            "address or route of the host (Docker's default bridge is 172.17.0.0/16)")
+
+
+FALLBACKS = ("cold-start", "none")
+NETWORKS = ("bridge", "none")
+PROXY_PROTOCOLS = ("v1", "v2")
+WAKE_ON = ("data", "connect")
+REFUSALS = ("close", "http-503")
+#: `seccomp:` values that are not paths
+SECCOMP_DEFAULT, SECCOMP_UNCONFINED = "default", "unconfined"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str  # the key under `services:`, not a key of its own
+    image: str = key(Text(hint="an image reference like app:1.2"), shapes=True,
+                     doc="a local Docker image (the image source; nothing runs under Docker)")
+    listen: tuple[ListenAddress, ...] = key(Listen(), doc="HOST:PORT to accept clients on, or a list of them")
+    port: int = key(Int(1, 65535), shapes=True, doc="the port the app listens on inside its container")
+    command: tuple[str, ...] | None = key(Args(), None, nullable=True, shapes=True,
+                                          doc="overrides the image's Cmd (like compose)")
+    entrypoint: tuple[str, ...] | None = key(Args(), None, nullable=True, shapes=True,
+                                             doc="overrides the image's Entrypoint (like compose)")
+    environment: tuple[tuple[str, str], ...] = key(Environment(), (), shapes=True,
+                                                    doc="variables added to the image's environment")
+    working_dir: str | None = key(Text(pattern=r"/.*", hint="an absolute path"), None, nullable=True, shapes=True,
+                                  doc="overrides the image's WorkingDir")
+    user: str | None = key(Text(pattern=r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?", hint="USER or USER:GROUP"), None,
+                           nullable=True, shapes=True, doc="overrides the image's User")
+    seccomp: str = key(
+        Text(pattern=r"default|unconfined|/.+", hint="default, unconfined or an absolute path to a profile"),
+        SECCOMP_DEFAULT, shapes=True,
+        doc="syscall filter: default (Docker's default profile), unconfined, or a Docker-format profile file")
+    network: str = key(Text(choices=NETWORKS), "bridge", shapes=True,
+                       doc="bridge: an address on activator's bridge, outbound access, and connections steered to "
+                           "instances in the kernel; none: loopback only, every byte through the activator")
+    egress: bool = key(Flag(), True, doc="with network: bridge, whether the app may open connections out")
+    cap_add: tuple[str, ...] = key(Capabilities(), (), shapes=True,
+                                   doc="capabilities added to the default set (Docker's, less NET_RAW), e.g. "
+                                       "[NET_RAW] for an app that sends raw packets")
+    cap_drop: tuple[str, ...] = key(Capabilities(all_ok=True), (), shapes=True,
+                                    doc="capabilities taken from the default set, or [ALL]")
+    extra_hosts: tuple[tuple[str, str], ...] = key(Hosts(), (), shapes=True,
+                                                    doc="extra /etc/hosts entries for the app, {name: address}")
+    hostname: str | None = key(Text(pattern=r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62})", hint="a host name"), None,
+                               nullable=True, shapes=True, doc="the app's host name (null: the service's name)")
+    read_only: bool = key(Flag(), False, shapes=True,
+                          doc="mount the image's root filesystem read-only (give the app tmpfs or volumes to write)")
+    tmpfs: tuple[TmpfsMount, ...] = key(
+        Tmpfs(), (), shapes=True,
+        doc="PATH[:OPTIONS]: an empty tmpfs per instance (rw,noexec,nosuid,nodev; size=, mode=, exec, ...); what "
+            "the app wrote there before the checkpoint is in every instance's")
+    ulimits: tuple[tuple[str, int, int], ...] = key(
+        Ulimits(), (), shapes=True, doc="resource limits of the app's processes, {nofile: {soft: N, hard: N}, ...}")
+    depends_on: tuple[str, ...] = key(
+        Args(), (), shapes=True,
+        doc="services of this file this one uses: woken with it, kept while an instance of this one lives, and "
+            "reachable from it by name (their listen port, through the gateway address)")
+    volumes: tuple[Volume, ...] = key(
+        Volumes(), (), shapes=True,
+        doc="SOURCE:TARGET[:ro]: a host path, or a volume name kept in state_dir/volumes (filled from the image "
+            "on first use, like Docker's), bound into the template and every instance; its data outlives them")
+    share_memory: bool | str = key(
+        AutoFlag(), "auto",
+        doc="let the kernel merge identical pages of this service's instances (KSM): much less memory per extra "
+            "instance, at some CPU; a side channel between everything merged, so auto means: only when this is "
+            "the file's only service")
+    readiness: Readiness = key(Section(Readiness), factory=Readiness, doc="when the template is ready to dump")
+    warmup: Warmup = key(Section(Warmup), factory=Warmup, doc="requests run against the template before the dump")
+    idle_timeout: float = key(Duration(0.01, 30 * DAY), 300.0,
+                              doc="an instance with no open connection for this long is killed")
+    restore_timeout: float = key(Duration(0.01, HOUR), 10.0, doc="longest a restore may take (CRIU's restore)")
+    connect_timeout: float = key(Duration(0.01, HOUR), 5.0,
+                                 doc="from restored to accepting connections; past it the instance is removed")
+    resources: Resources = key(Section(Resources), factory=Resources, doc="limits per instance")
+    min_instances: int = key(Int(0, 256), 0, doc="instances kept running even when idle")
+    prepared_slots: int = key(Int(0, 16), 1,
+                              doc="instances prepared ahead but for their process (namespace, network, mounts): a "
+                                  "restore then is one request to a CRIU already waiting in it (~1 MB each)")
+    max_instances: int = key(Int(1, 256), 1, doc="most instances restored from the one checkpoint at once")
+    target_connections: int = key(Int(1, 1_000_000), 100,
+                                  doc="open connections per instance before another one is restored")
+    max_connections: int | None = key(
+        Int(1, 10_000_000), None, nullable=True,
+        doc="open connections for the whole service; past it, closed at once (null: as many as the daemon's "
+            "file descriptor limit allows)")
+    max_waiting: int = key(Int(0, 1_000_000), 1000,
+                           doc="connections waiting for an instance; past it, closed at once")
+    backoff: Backoff = key(Section(Backoff), factory=Backoff, doc="after failed starts, no new attempt before this")
+    fallback: str = key(Text(choices=FALLBACKS), "cold-start",
+                        doc="after a failed restore: cold-start (boot from the image) or none")
+    refuse_with: str = key(Text(choices=REFUSALS), "close",
+                           doc="how a refused client (no checkpoint, backing off, stopped, over a limit) is told: "
+                               "the connection closed, or http-503: an HTTP 503 answer with Retry-After first")
+    proxy_protocol: str | None = key(Text(choices=PROXY_PROTOCOLS), None, nullable=True,
+                                     doc="send a PROXY protocol header (v1 or v2) to the app before client bytes")
+    wake_on: str = key(Text(choices=WAKE_ON), "data",
+                       doc="what wakes a service with no instance: a connection's first byte, or after wake_grace "
+                           "of silence (data), or the connection itself (connect)")
+    wake_grace: float | None = key(
+        Duration(0, HOUR), 0.5, nullable=True,
+        doc="with wake_on: data, a connection silent this long wakes the service anyway (server-speaks-first "
+            "protocols); null: only data wakes it")
+    client_idle_timeout: float | None = key(
+        Duration(0.1, 30 * DAY), None, nullable=True,
+        doc="a connection with no bytes either way for this long is closed (null: never); on the kernel path, "
+            "its conntrack idle timeout")
+    client_silent_timeout: float | None = key(
+        Duration(0.1, 30 * DAY), 60.0, nullable=True,
+        doc="a connection whose client has not sent one byte this long after it was accepted is closed, so "
+            "connections that never speak cannot pin instances; quiet sessions that have exchanged data are not "
+            "affected (null: never; through the activator only: the kernel path does not see the bytes)")
+    stop_signal: str | None = key(
+        Text(pattern=r"(SIG)?[A-Z0-9+-]+|[0-9]+", hint="a signal name like SIGTERM, or a number"), None,
+        nullable=True, doc="what an instance is asked to stop with when it is reaped or drained (null: the "
+                           "image's STOPSIGNAL, else SIGTERM)")
+    stop_grace: float = key(Duration(0, 5 * 60), 10.0,
+                            doc="how long a stopping instance's app may take to exit before it is killed; an app "
+                                "that does not handle the stop signal is killed at once")
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.fullmatch(self.name):
+            raise ValueError("service names are 1-40 of a-z, 0-9, '_' and '-', starting with a letter or digit")
+        if self.stop_signal is not None:
+            signal_number(self.stop_signal)  # raises ValueError naming the problem
+        for dep in self.depends_on:
+            if dep == self.name:
+                raise ValueError(f"depends_on: '{dep}' is this service itself")
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
+                             f"({self.max_instances})")
+
+    def checkpoint_fingerprint(self) -> str:
+        """Hash of everything that shapes the checkpointed process (keys declared with shapes=True)."""
+        return hashlib.sha256(json.dumps(_shaping(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def signal_number(name: str) -> int:
+    """SIGTERM, TERM, 15 -> 15 (what Docker accepts for STOPSIGNAL)."""
+    if name.isdigit():
+        n = int(name)
+        if n in set(signal.Signals):
+            return n
+    else:
+        with contextlib.suppress(KeyError):
+            return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+    raise ValueError(f"'{name}' is not a signal (stop_signal: SIGTERM, SIGINT, SIGQUIT, ... or a number)")
+
+
+#: process-shaping keys added after checkpoints were made without them
+ADDED_LATER = frozenset({"volumes", "cap_add", "cap_drop", "hostname", "read_only", "tmpfs", "ulimits", "depends_on",
+                         "readiness.command"})
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able: dataclasses as dicts, tuples of them as lists."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _shaping(obj: Any, at: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("shapes"):
+            if at + f.name in ADDED_LATER and value == f.default:
+                continue  # absent from fingerprints made before the key existed: those stay current
+            out[f.name] = _plain(value)
+        elif is_dataclass(value) and (inner := _shaping(value, f"{at}{f.name}.")):
+            out[f.name] = inner
+    return out
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = key(AbsPath(), Path("/var/lib/activator"),
+                          doc="checkpoints, unpacked images, instances and logs (root only)")
+    metrics: ListenAddress | None = key(Address(), ListenAddress("127.0.0.1", 9464), nullable=True,
+                                        doc="Prometheus scrape endpoint HOST:PORT (null: off)")
+    drain_timeout: float = key(Duration(0, HOUR), 10.0,
+                               doc="on SIGTERM, how long open connections may finish before they are cut")
+    runc: str = key(Text(), "runc", doc="the runc binary (a name on PATH or a path), built with CRIU support")
+    criu: str = key(Text(), "criu", doc="the CRIU binary (a name on PATH or a path) runc and activator run")
+    network: NetworkSettings = key(Section(NetworkSettings), factory=NetworkSettings,
+                                   doc="the bridge and subnet instances with network: bridge live on")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    settings: Settings
+    services: tuple[ServiceConfig, ...]
+    notes: tuple[str, ...] = ()  # what a Compose file said that activator ignores, and why (validate prints them)
+
+    def shares_memory(self, svc: ServiceConfig) -> bool:
+        """share_memory, with auto resolved: on only when the file has this one service."""
+        return svc.share_memory is True or (svc.share_memory == "auto" and len(self.services) == 1)
+
+    def service(self, name: str) -> ServiceConfig:
+        for s in self.services:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.services)
+        raise ConfigError(f"{self.path}: no service named '{name}' (known: {known})")
+
+
+# --- parsing ------------------------------------------------------------------------------------------------
+
+
+def build(cls: type, raw: Any, where: str, loc: str, **fixed: Any) -> Any:
+    """One mapping -> one dataclass, every key parsed by the kind its field declares."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: {loc or 'top level'}: expected a mapping, got {_show(raw)}")
+    data = dict(raw)
+    kwargs: dict[str, Any] = dict(fixed)
+    declared = [f for f in fields(cls) if "kind" in f.metadata]
+
+    def error(k: str, problem: str) -> ConfigError:
+        return ConfigError(f"{where}: {loc + '.' if loc else ''}{k}: {problem}")
+
+    for f in declared:
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise error(f.name, "is required")
+            continue
+        value = data.pop(f.name)
+        kind: Kind = f.metadata["kind"]
+        if value is None and f.metadata["nullable"]:
+            kwargs[f.name] = None
+        elif value is None and f.default is MISSING and f.default_factory is MISSING:
+            raise error(f.name, "is required")
+        elif isinstance(kind, Section):
+            kwargs[f.name] = build(kind.cls, value, where, f"{loc}.{f.name}" if loc else f.name)
+        else:
+            try:
+                kwargs[f.name] = kind.parse(value)
+            except (ValueError, TypeError, OverflowError) as e:
+                raise error(f.name, str(e)) from None
+    for k in data:
+        raise error(str(k)[:60], unknown_key(str(k), [f.name for f in declared]))
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {loc or 'top level'}: {e}") from None
+
+
+def _refuse_unmarked_compose(raw: Mapping[str, Any], where: str) -> None:
+    """A Compose file whose services have no x-activator block: say so, not 'ports: unknown key'."""
+    services = raw.get("services")
+    if not isinstance(services, Mapping):
+        return
+    for name, body in services.items():
+        if not isinstance(body, Mapping) or "listen" in body or "port" in body:  # activator's own keys: not Compose
+            continue
+        if found := sorted(set(map(str, body)) & compose.COMPOSE_SERVICE_ONLY):
+            raise ConfigError(f"{where}: services.{str(name)[:60]}.{found[0]}: this looks like a Compose service, "
+                              f"but it has no '{compose.MARK}' block; add `{compose.MARK}: {{}}` to each service "
+                              "activator should serve")
+
+
+def unknown_key(key: str, valid: list[str]) -> str:
+    """'unknown key', the closest valid one if there is one, and the valid ones."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key; {guess}valid keys are: {', '.join(valid)}"
+
+
+def parse_config(text: str, path: Path) -> Config:
+    where = str(path)
+    try:
+        raw = yamlload.load(text)
+    except yamlload.LoadError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: top level: expected a mapping with 'services:', got {_show(raw)}")
+    origins: dict[str, list[str]] = {}
+    notes: tuple[str, ...] = ()
+    if compose.is_compose(raw):
+        raw = dict(compose.translate(raw, path))
+        origins = raw.pop(compose.ORIGINS)
+        notes = tuple(raw.pop(compose.NOTES))
+    for k in raw:
+        if k not in ("settings", "services"):
+            if k in compose.COMPOSE_TOP_LEVEL:
+                raise ConfigError(f"{where}: {str(k)[:60]}: this looks like a Compose file, but no service has an "
+                                  f"'{compose.MARK}' block; add `{compose.MARK}: {{}}` to each service activator "
+                                  "should serve")
+            raise ConfigError(f"{where}: {str(k)[:60]}: {unknown_key(str(k), ['settings', 'services'])}")
+    if not origins:
+        _refuse_unmarked_compose(raw, where)
+    settings = build(Settings, raw.get("settings"), where, "settings")
+    services_raw = raw.get("services")
+    if services_raw is None:
+        raise ConfigError(f"{where}: services: is required (a mapping of service names to definitions)")
+    if not isinstance(services_raw, Mapping):
+        raise ConfigError(f"{where}: services: expected a mapping of service names to definitions")
+    # `services: {}` is valid: a daemon with nothing to serve yet (the installed starter file), filled by a reload.
+    services = []
+    for name, body in services_raw.items():
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise ConfigError(f"{where}: services.{str(name)[:60]}: service names are 1-40 of a-z, 0-9, '_' and "
+                              "'-', starting with a letter or digit")
+        try:
+            services.append(build(ServiceConfig, body, where, f"services.{name}", name=name))
+        except ConfigError as e:  # a key from a Compose service's x-activator block: say where it really is
+            prefix = f"{where}: services.{name}."
+            msg = str(e)
+            key = msg.removeprefix(prefix).split(":", 1)[0].split(".", 1)[0]
+            if msg.startswith(prefix) and key in origins.get(name, ()):
+                raise ConfigError(prefix + f"{compose.MARK}." + msg.removeprefix(prefix)) from None
+            raise
+    _check_unique_listeners(services, where)
+    _check_dependencies(services, str(next(settings.network.subnet.hosts())), where)
+    return Config(path=path, settings=settings, services=tuple(services), notes=notes)
+
+
+def _check_unique_listeners(services: list[ServiceConfig], where: str) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    for svc in services:
+        for addr in svc.listen:
+            k = (addr.host, addr.port)
+            if k in seen:
+                raise ConfigError(
+                    f"{where}: services.{svc.name}.listen: {addr} is already used by service '{seen[k]}'"
+                )
+            seen[k] = svc.name
+
+
+def _check_dependencies(services: list[ServiceConfig], gateway: str, where: str) -> None:
+    """Every dependency is a service of the file, reachable from its dependant, and no cycle."""
+    by_name = {s.name: s for s in services}
+    for svc in services:
+        at = f"{where}: services.{svc.name}.depends_on"
+        for dep in svc.depends_on:
+            other = by_name.get(dep)
+            if other is None:
+                raise ConfigError(f"{at}: no service named '{dep}' in this file (known: "
+                                  f"{', '.join(by_name) or 'none'})")
+            if svc.network != "bridge" or not svc.egress:
+                raise ConfigError(f"{at}: this service cannot open connections (network: {svc.network}, egress: "
+                                  f"{str(svc.egress).lower()}); give it network: bridge and egress: true")
+            if not dependency_address(other, gateway):
+                raise ConfigError(f"{at}: '{dep}' listens on {', '.join(map(str, other.listen)) or 'systemd'}, "
+                                  f"which instances cannot reach; add {gateway}:PORT (the bridge's address) or "
+                                  "0.0.0.0:PORT to its listen")
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+
+    def walk(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = [*path[path.index(name):], name]
+            raise ConfigError(f"{where}: services.{cycle[0]}.depends_on: a cycle ({' -> '.join(cycle)}); a "
+                              "dependency cannot depend on its dependant")
+        state[name] = 1
+        for dep in by_name[name].depends_on:
+            walk(dep, [*path, name])
+        state[name] = 2
+
+    for svc in services:
+        walk(svc.name, [])
+
+
+def dependency_address(svc: ServiceConfig, gateway: str) -> ListenAddress | None:
+    """The listen address a dependant's instances reach svc on: the gateway's (the bridge's address), or a
+    wildcard one (through the gateway too)."""
+    return next((a for a in svc.listen if a.host == gateway), None) or \
+        next((a for a in svc.listen if a.host == "0.0.0.0"), None)
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = f.read(yamlload.MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file; pass the services file with -c FILE") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory; pass the services file with -c FILE") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    return parse_config(text, p.resolve())
+
+
+# --- JSON Schema, derived from the same declarations --------------------------------------------------------
+
+
+def object_schema(cls: type) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    required = []
+    for f in fields(cls):
+        if "kind" not in f.metadata:
+            continue
+        s = dict(f.metadata["kind"].schema())
+        if f.metadata["nullable"]:
+            s = {"oneOf": [s, {"type": "null"}]}
+        s["description"] = f.metadata["doc"]
+        if f.default is not MISSING and f.default is not None:
+            d = f.default
+            s["default"] = (str(d) if isinstance(d, Path | ListenAddress | ipaddress.IPv4Network)
+                            else list(d) if isinstance(d, tuple) else d)
+        if f.default is MISSING and f.default_factory is MISSING:
+            required.append(f.name)
+        props[f.name] = s
+    out: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": False}
+    if required:
+        out["required"] = required
+    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+        out["description"] = cls.__doc__.strip().splitlines()[0]
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "activator services file",
+        "type": "object",
+        "properties": {
+            "settings": object_schema(Settings),
+            "services": {"type": "object", "propertyNames": {"pattern": NAME_PATTERN},
+                         "additionalProperties": object_schema(ServiceConfig)},
+        },
+        "required": ["services"],
+        "additionalProperties": False,
+    }

@@ -1,0 +1,222 @@
+"""Prometheus metrics. One Metrics object per activator, with its own registry (tests run several at once)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+from activator.config.model import ListenAddress
+
+from .scrape import ScrapeServer
+
+# Restores sit between ~50 ms (tiny apps) and a few seconds (fallback cold starts of JVMs).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+BUILD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+#: why admission control closed a connection (the `reason` label; see service.py and proxy.py)
+REJECT_REASONS = ("max-connections", "queue-full", "backoff", "no-checkpoint", "shutting-down", "resources",
+                  "stopped")
+
+
+@dataclass(frozen=True)
+class ServiceMetrics:
+    """One service's label children, bound once: the connection path does no label lookups."""
+
+    restores: Any
+    restore_failures: Any
+    cold_starts: Any
+    restore_duration: Any
+    first_connection_wait: Any
+    instances: Any
+    open_connections: Any
+    connections: Any
+    connection_errors: Any
+    bytes_in: Any
+    bytes_out: Any
+    idle_reaps: Any
+    checkpoint_builds: Any
+    checkpoint_build_duration: Any
+    waiting: Any
+    starting: Any
+    backoff: Any
+    restore_backoff: Any
+    start_failures: Any
+    instance_failures: Any
+    ignored: Any
+    idle_closes: Any
+    checkpoint_build_failures: Any
+    checkpoint_pages_bytes: Any
+    checkpoint_created: Any
+    checkpoint_outdated: Any
+    rejected: dict[str, Any]
+
+
+#: ServiceMetrics fields that are not a family of the same name labelled by service alone
+SPECIAL = ("bytes_in", "bytes_out", "rejected")
+#: the gauges a Service sets with its own state (the counters are totals per service name and stay shared)
+STATE_GAUGES = ("instances", "open_connections", "waiting", "starting", "backoff", "restore_backoff")
+
+
+def detached(m: ServiceMetrics) -> ServiceMetrics:
+    """The same counters, but gauges nobody scrapes: for the old definition of a changed service while it
+    drains, so its state does not overwrite the new one's (they share the service's label)."""
+    gauges: dict[str, Any] = {g: Gauge(f"retired_{g}", "", registry=None) for g in STATE_GAUGES}
+    return replace(m, **gauges)
+
+
+class CachedProcessCollector(ProcessCollector):
+    """The process_* metrics, read at most every PROCESS_TTL seconds: counting open fds lists /proc/self/fd, which
+    under a flood of thousands of connections cost a scrape tens of milliseconds (and the daemon's GIL)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._cached: tuple[float, list[Any]] | None = None
+        self._cache_lock = threading.Lock()
+        super().__init__(registry=registry)
+
+    def collect(self) -> Iterable[Any]:
+        with self._cache_lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] > PROCESS_TTL:
+                self._cached = (now, list(super().collect()))
+            return list(self._cached[1])
+
+
+#: how stale the process_* metrics may be (Prometheus scrapes every 15 s or so)
+PROCESS_TTL = 5.0
+
+# `*_created` series double every counter's series count and carry nothing a dashboard uses.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.restores = Counter("activator_restores", "Instances restored from a checkpoint", ["service"],
+                                registry=r)
+        self.restore_failures = Counter("activator_restore_failures", "Restores that failed", ["service"],
+                                        registry=r)
+        self.cold_starts = Counter("activator_cold_starts",
+                                   "Instances cold-started from the image after a failed restore", ["service"],
+                                   registry=r)
+        self.restore_duration = Histogram("activator_restore_duration_seconds",
+                                          "Time to restore an instance until it accepts connections",
+                                          ["service"], buckets=LATENCY_BUCKETS, registry=r)
+        self.first_connection_wait = Histogram(
+            "activator_first_connection_wait_seconds",
+            "Time a connection waited for an instance to be restored or started", ["service"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.instances = Gauge("activator_instances", "Live instances", ["service"], registry=r)
+        self.open_connections = Gauge("activator_open_connections", "Open client connections", ["service"],
+                                      registry=r)
+        self.connections = Counter("activator_connections", "Client connections accepted", ["service"],
+                                   registry=r)
+        self.connection_errors = Counter("activator_connection_errors",
+                                         "Client connections closed because no instance could serve them",
+                                         ["service"], registry=r)
+        self.proxied_bytes = Counter("activator_proxied_bytes", "Bytes proxied",
+                                     ["service", "direction"], registry=r)
+        self.idle_reaps = Counter("activator_idle_reaps", "Instances killed after their idle timeout",
+                                  ["service"], registry=r)
+        self.checkpoint_builds = Counter("activator_checkpoint_builds", "Checkpoints built", ["service"],
+                                         registry=r)
+        self.checkpoint_build_duration = Histogram("activator_checkpoint_build_duration_seconds",
+                                                   "Time to build a checkpoint", ["service"],
+                                                   buckets=BUILD_BUCKETS, registry=r)
+
+        self.waiting = Gauge("activator_waiting_connections", "Connections waiting for an instance to be ready",
+                             ["service"], registry=r)
+        self.starting = Gauge("activator_starting_instances", "Instances being restored or started", ["service"],
+                              registry=r)
+        self.backoff = Gauge("activator_backoff_seconds",
+                             "Seconds until a new instance may be attempted: after failed starts, or until the next "
+                             "checkpoint build of a service without one (0: not backing off)",
+                             ["service"], registry=r)
+        self.restore_backoff = Gauge("activator_restore_backoff_seconds",
+                                     "Seconds until restores are tried again after a failed one (0: not backing off)",
+                                     ["service"], registry=r)
+        self.start_failures = Counter("activator_start_failures",
+                                      "Attempts to bring up an instance that ended with none", ["service"], registry=r)
+        self.instance_failures = Counter("activator_instance_failures",
+                                         "Instances removed because their app stopped accepting connections",
+                                         ["service"], registry=r)
+        self.ignored = Counter("activator_ignored_connections",
+                               "Connections that closed before sending a byte or waiting out wake_grace: they "
+                               "woke nothing (port scans, health probes that only connect)", ["service"], registry=r)
+        self.idle_closes = Counter("activator_client_idle_closes",
+                                   "Connections closed after client_idle_timeout without a byte either way, or "
+                                   "client_silent_timeout without a byte from the client",
+                                   ["service"], registry=r)
+        self.checkpoint_build_failures = Counter("activator_checkpoint_build_failures",
+                                                 "Checkpoint builds that failed (the service waits and retries)",
+                                                 ["service"], registry=r)
+        self.checkpoint_pages_bytes = Gauge("activator_checkpoint_pages_bytes",
+                                            "Memory pages in the service's current checkpoint (what a restore copies)",
+                                            ["service"], registry=r)
+        self.checkpoint_created = Gauge("activator_checkpoint_created_timestamp_seconds",
+                                        "When the service's current checkpoint was built (Unix time)", ["service"],
+                                        registry=r)
+        self.checkpoint_outdated = Gauge(
+            "activator_checkpoint_outdated",
+            "1 when the service's image reference now names another image than its checkpoint was built from "
+            "(checked every minute; the next start or `activator checkpoint --rebuild` rebuilds it)",
+            ["service"], registry=r)
+        self.build_info = Gauge("activator_build_info", "Always 1; the versions activator runs with",
+                                ["version", "python", "criu", "runc", "kernel"], registry=r)
+        CachedProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds, ...
+        PlatformCollector(registry=r)
+        self.network_repairs = Counter("activator_network_repairs",
+                                       "Instance-network rules found missing (a firewall reload, a Docker restart) "
+                                       "and put back, by what (nftables, iptables)", ["what"], registry=r)
+        self.kernel_path_failures = Counter("activator_kernel_path_failures",
+                                            "Steering changes the kernel refused (the service is served through "
+                                            "the activator until the rules are repaired)", ["service"], registry=r)
+        self.control_actions = Counter("activator_control_actions",
+                                       "Runtime control by the operator (activator wake|scale|stop|start)",
+                                       ["service", "action"], registry=r)
+        self.reloads = Counter("activator_reloads", "Configuration reloads, by result (applied, refused)",
+                               ["result"], registry=r)
+        self.rejected = Counter("activator_rejected_connections",
+                                "Connections closed at once by admission control", ["service", "reason"], registry=r)
+
+    def for_service(self, name: str) -> ServiceMetrics:
+        # Every other field of ServiceMetrics is the child of the family of the same name here.
+        special: dict[str, Any] = {  # SPECIAL
+            "bytes_in": self.proxied_bytes.labels(name, "in"),
+            "bytes_out": self.proxied_bytes.labels(name, "out"),
+            "rejected": {reason: self.rejected.labels(name, reason) for reason in REJECT_REASONS},
+        }
+        return ServiceMetrics(**{
+            f.name: special[f.name] if f.name in special else getattr(self, f.name).labels(name)
+            for f in fields(ServiceMetrics)
+        })
+
+    def forget_service(self, name: str) -> None:
+        """A service removed by a reload leaves no series behind."""
+        for f in fields(ServiceMetrics):
+            if f.name not in SPECIAL:  # the families labelled by service alone
+                with contextlib.suppress(KeyError):
+                    getattr(self, f.name).remove(name)
+        for direction in ("in", "out"):
+            with contextlib.suppress(KeyError):
+                self.proxied_bytes.remove(name, direction)
+        for reason in REJECT_REASONS:
+            with contextlib.suppress(KeyError):
+                self.rejected.remove(name, reason)
+
+    def serve(self, addr: ListenAddress) -> ScrapeServer:
+        """Start the scrape endpoint (its own thread, bounded: scrape.py). Returns it so it can be shut down."""
+        return ScrapeServer.listen(self.registry, addr.host, addr.port)

@@ -1,0 +1,415 @@
+"""The activation path: accept, hold, wake, connect, splice.
+
+A client connection goes through three phases, and bytes cross to the app only in the last:
+
+  held     Accepted and admitted (service.admit: max_connections, the descriptor budget). Nothing is forwarded.
+           If the service needs waking (no instance could take the connection now) and `wake_on: data`, the
+           client must first show it is real: its first byte wakes the service, or `wake_grace` of silence does
+           (server-speaks-first protocols: MySQL, SMTP). A client that closes or resets before either (a port
+           scan) wakes nothing and is counted as ignored. Otherwise the connection wakes at once.
+  waking   The lease acquires an instance (waiting for a restore if need be) and the app is dialled inside the
+           instance's network namespace, retrying while it does not accept yet.
+  spliced  In one synchronous step, with no await in between: the PROXY header (if configured), then every held
+           client byte in order, then a held EOF, are written to the backend; only then does the client side
+           pass bytes straight through. So the header is always the first thing the app reads, and nothing a
+           client sends early can overtake it or the bytes before it.
+
+While not spliced, the client side keeps whatever arrives and pauses reading (uvloop starts reading after
+connection_made even when it was paused there, so the first chunk can come anyway; it is kept, not lost).
+Reading stays enabled while held for waking, so a close or a reset is noticed.
+
+Splicing uses asyncio Protocols rather than streams: each side writes straight into the other side's transport,
+and flow control is the transports' own (a side whose peer's write buffer is full stops reading until it
+drains). Half-close is passed on: EOF from one side becomes write_eof() on the other, and the connection is
+closed once both directions have ended (or either side is lost).
+
+Optional `client_idle_timeout`: no byte either way for that long closes the connection (counted). And
+`client_silent_timeout` (60 s by default): a client that has not sent a single byte that long after it was
+accepted is closed (counted the same way), so connections that never speak (a scan, a flood, a stuck client)
+cannot pin instances forever, while quiet sessions that have exchanged data keep theirs. Resource exhaustion on
+our side (EMFILE and friends on the backend socket) turns the client away with reason `resources`; it never
+counts against the instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from activator.checkpoints.instance import Instance
+from activator.core import proxy_protocol
+from activator.errors import Rejected
+from activator.tasks import spawn
+
+from .service import Lease, Service
+
+log = logging.getLogger("activator.proxy")
+
+CONNECT_RETRY_FIRST = 0.005
+CONNECT_RETRY_MAX = 0.1
+#: errors that mean the activator itself is out of something, not that the app refused
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ConnectionSet:
+    """Every open client connection of the daemon; shutdown waits on it draining instead of polling."""
+
+    def __init__(self) -> None:
+        self._conns: set[Connection] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def add(self, conn: Connection) -> None:
+        self._conns.add(conn)
+        self._empty.clear()
+
+    def discard(self, conn: Connection) -> None:
+        self._conns.discard(conn)
+        if not self._conns:
+            self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._conns))
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+
+class _End(asyncio.Protocol):
+    """One side of a connection. Its bytes go straight to the peer once `through`; until then they are held."""
+
+    def __init__(self, conn: Connection, counter: Any) -> None:
+        self.conn = conn
+        self.counter = counter
+        self.transport: asyncio.Transport | None = None
+        self.peer: _End | None = None
+        self.through = False
+        self.held = bytearray()
+        self.eof = False  # this side sent EOF
+        self.eof_passed = False  # ... and the peer has been told (write_eof)
+        self.blocked = False  # the peer's write buffer is full: do not read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement its interface.
+        self.transport = cast(asyncio.Transport, transport)
+        self.conn.made(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.idle_timeout is not None:
+            self.conn.last_activity = time.monotonic()
+        if self.conn.silent_timer is not None and self is self.conn.client:
+            self.conn.silent_timer.cancel()  # the client has spoken: a quiet session from now on is a feature
+            self.conn.silent_timer = None
+        if self.through:
+            assert self.peer is not None and self.peer.transport is not None
+            self.peer.transport.write(data)
+            self.counter.inc(len(data))
+            return
+        self.held += data
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.conn.spoke()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.through:
+            return self._pass_eof()
+        return self.conn.closed_early()
+
+    def _pass_eof(self) -> bool:
+        """Tell the peer this direction is done; close when both are. False: the transport may close."""
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
+        self.eof_passed = True
+        if peer.eof_passed:
+            self.conn.close()
+            return False
+        if not peer.transport.is_closing():
+            peer.transport.write_eof()
+        return True  # keep our write side open: the other direction may still be talking
+
+    def open(self) -> None:
+        """Let bytes through: what was held first, in order, then a held EOF."""
+        assert self.peer is not None and self.peer.transport is not None
+        self.through = True
+        if self.held:
+            self.peer.transport.write(bytes(self.held))
+            self.counter.inc(len(self.held))
+            self.held.clear()
+        if self.eof and not self._pass_eof():
+            return
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or self.eof:
+            return
+        if self.through and not self.blocked:
+            t.resume_reading()
+        else:
+            t.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self is self.conn.client and not self.through and not self.conn.closed:
+            self.conn.closed_early()  # a reset (or a close we had not read yet) before the splice
+        self.conn.close()
+
+    # Flow control: our transport's write buffer is full, so stop reading from the peer that fills it.
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.blocked = True
+            self.peer._update_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.blocked = False
+            self.peer._update_reading()
+
+
+class Connection:
+    """A client connection and, once spliced, its backend. Releases what it holds exactly once."""
+
+    def __init__(self, service: Service, registry: ConnectionSet) -> None:
+        self.service = service
+        self.registry = registry
+        self.client = _End(self, service.m.bytes_in)
+        self.backend = _End(self, service.m.bytes_out)
+        self.client.peer, self.backend.peer = self.backend, self.client
+        self.backend.through = True  # the app may speak first (a banner); the client's transport exists
+        self.lease: Lease | None = None
+        self.phase = "held"
+        self.closed = False
+        self.accepted = time.monotonic()
+        cfg = service.config
+        self.idle_timeout = cfg.client_idle_timeout
+        self.last_activity = self.accepted
+        self._timer: asyncio.TimerHandle | None = None
+        self.silent_timer: asyncio.TimerHandle | None = None  # until the client's first byte
+        self._activation: asyncio.Task[None] | None = None
+
+    # --- held ---------------------------------------------------------------------------------------------
+
+    def made(self, end: _End) -> None:
+        if end is self.backend:
+            return
+        svc = self.service
+        svc.m.connections.inc()
+        try:
+            self.lease = svc.admit()
+        except Rejected as e:
+            svc.reject(e)
+            self.closed = True
+            assert self.client.transport is not None
+            _refuse(self.client.transport, svc.config.refuse_with, e)
+            return
+        self.registry.add(self)
+        cfg = svc.config
+        if cfg.client_silent_timeout is not None:
+            self.silent_timer = asyncio.get_running_loop().call_later(cfg.client_silent_timeout, self._silent)
+        if cfg.wake_on == "connect" or not svc.needs_wake():
+            self.wake()
+            return
+        # Held for waking: keep reading, so the first byte, a close or a reset is seen.
+        assert self.client.transport is not None
+        self.client.transport.resume_reading()
+        if cfg.wake_grace is not None:
+            self._arm(cfg.wake_grace)
+        elif self.idle_timeout is not None:
+            self._arm(self.idle_timeout)
+
+    def spoke(self) -> None:
+        if self.phase == "held":
+            self.wake()
+
+    def closed_early(self) -> bool:
+        """The client sent EOF (or vanished) while not spliced. Before waking: ignored. Returns what
+        eof_received should: keep the transport half-open when the EOF is to be passed on later."""
+        if self.phase == "held" and not self.client.held:
+            self.service.m.ignored.inc()
+            self.close()
+            return False
+        return True
+
+    def wake(self) -> None:
+        self.phase = "waking"
+        self._disarm()
+        assert self.client.transport is not None
+        self.client.transport.pause_reading()
+        self._activation = spawn(self._activate(), name=f"activate:{self.service.name}")
+
+    def _arm(self, delay: float) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._timer_fired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        if self.phase == "held" and self.service.config.wake_grace is not None:
+            self.wake()  # silent for wake_grace: a server-speaks-first client
+            return
+        idle = self.idle_timeout
+        if idle is None or self.phase == "waking":
+            return
+        remaining = self.last_activity + idle - time.monotonic()
+        if remaining > 0.001:
+            self._arm(remaining)
+            return
+        self.service.m.idle_closes.inc()
+        log.debug("service=%s connection closed after %gs without a byte either way", self.service.name, idle)
+        self.close()
+
+    def _silent(self) -> None:
+        """client_silent_timeout after it was accepted, the client has not sent a byte: not a quiet session (it
+        never began one), a connection holding an instance for nothing."""
+        self.silent_timer = None
+        if self.closed:
+            return
+        self.service.m.idle_closes.inc()
+        log.debug("service=%s connection closed: the client sent nothing in %gs", self.service.name,
+                  self.service.config.client_silent_timeout)
+        self.close()
+
+    # --- waking -------------------------------------------------------------------------------------------
+
+    async def _activate(self) -> None:
+        svc = self.service
+        lease = self.lease
+        assert lease is not None
+        try:
+            while True:
+                inst, waited = await lease.acquire()
+                deadline = inst.ready_at + svc.config.connect_timeout
+                try:
+                    sock = await connect_in_instance(inst, svc.config.port, deadline)
+                except OSError as e:
+                    if e.errno in RESOURCE_ERRNOS:
+                        lease.drop()
+                        raise Rejected("resources", f"service '{svc.name}': no backend socket: {e.strerror}"
+                                       ) from None
+                    if lease.broken(f"app refused connections past connect_timeout: {e.strerror}"):
+                        continue  # an instance that had worked and died: this client goes to another one
+                    raise  # a start that never worked: this client is closed, the service backs off
+                lease.connected()
+                break
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.create_connection(lambda: self.backend, sock=sock)
+            except OSError as e:
+                sock.close()
+                if e.errno in RESOURCE_ERRNOS:
+                    raise Rejected("resources", f"service '{svc.name}': {e.strerror}") from None
+                raise
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        except Rejected as e:
+            svc.reject(e)
+            if self.client.transport is not None and not self.closed:
+                _refuse(self.client.transport, svc.config.refuse_with, e)
+            self.close()
+            return
+        except Exception as e:
+            svc.m.connection_errors.inc()
+            log.warning("service=%s connection could not be served: %s", svc.name, e)
+            self.close()
+            return
+        if self.closed:  # the client left during the connect: the backend must not outlive it
+            assert self.backend.transport is not None
+            self.backend.transport.close()
+            return
+        if waited:
+            svc.m.first_connection_wait.observe(time.monotonic() - self.accepted)
+        self._splice()
+
+    # --- spliced ------------------------------------------------------------------------------------------
+
+    def _splice(self) -> None:
+        """Header, held bytes, held EOF, then straight through: one synchronous step, nothing can interleave."""
+        self.phase = "spliced"
+        client, backend = self.client.transport, self.backend.transport
+        assert client is not None and backend is not None
+        version = self.service.config.proxy_protocol
+        if version is not None:
+            backend.write(proxy_protocol.header(version, client.get_extra_info("peername")[:2],
+                                                client.get_extra_info("sockname")[:2]))
+        self.client.open()
+        if self.idle_timeout is not None and not self.closed:
+            self.last_activity = time.monotonic()
+            self._arm(self.idle_timeout)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.phase = "closed"
+        self._disarm()
+        if self.silent_timer is not None:
+            self.silent_timer.cancel()
+            self.silent_timer = None
+        for end in (self.client, self.backend):
+            if end.transport is not None:
+                end.transport.close()
+        if self._activation is not None and not self._activation.done():
+            self._activation.cancel()
+        if self.lease is not None:
+            self.lease.release()
+        self.registry.discard(self)
+
+    def abort(self) -> None:
+        for end in (self.client, self.backend):
+            if end.transport is not None:
+                end.transport.abort()
+        self.close()
+
+
+def client_protocol_factory(service: Callable[[], Service], registry: ConnectionSet) -> Callable[[], asyncio.Protocol]:
+    """The protocol factory for a service's listening socket: one Connection per accepted client, for the
+    service as defined at the time (a reload may replace it)."""
+    return lambda: Connection(service(), registry).client
+
+
+async def connect_in_instance(inst: Instance, port: int, deadline: float) -> socket.socket:
+    """Dial the app on 127.0.0.1 inside the instance's namespace, retrying while it does not accept yet."""
+    loop = asyncio.get_running_loop()
+    pause = CONNECT_RETRY_FIRST
+    while True:
+        sock = inst.sandbox.netns.socket()
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            return sock
+        except OSError as e:
+            sock.close()
+            if e.errno not in (errno.ECONNREFUSED, errno.ECONNRESET) or time.monotonic() >= deadline:
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, CONNECT_RETRY_MAX)
+
+
+def _refuse(transport: asyncio.BaseTransport, how: str, why: Rejected) -> None:
+    """A refused client is told so: closed (every protocol understands that), or for an HTTP service an answer
+    503 with Retry-After. The reason is the metric label only: the log's details (paths, an app's errors) are not
+    a client's business."""
+    if how == "http-503":  # (uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance)
+        body = f"service unavailable ({why.reason}); try again later\n".encode()
+        head = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                b"Retry-After: %d\r\nContent-Length: %d\r\n\r\n" % (max(1, math.ceil(why.retry_after)), len(body)))
+        cast(asyncio.WriteTransport, transport).write(head + body)
+    transport.close()

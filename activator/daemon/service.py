@@ -1,0 +1,820 @@
+"""One service's instances: restore on demand, scale out from the one checkpoint, admission control, reap.
+
+Admission is owned here, whole. admit() turns a new client connection into a Lease or refuses it (Rejected,
+counted by reason): the service is shutting down, max_connections is reached, or the daemon's own descriptor
+budget is spent (`resources`). The lease then acquires a ready instance (see capacity.py for which one, and
+when more are started); connections that need an instance that is not ready yet wait for it, at most
+`max_waiting` of them, the rest are turned away at once. The lease releases what it counted exactly once.
+Each start is its own task, shielded from the connections waiting on it, so a client that gives up cancels
+nothing for the others.
+
+A start (instance.py, through the launcher passed in) is `runc restore` (bounded by restore_timeout), then
+waiting until the app listens on its port (bounded by connect_timeout). A failed restore falls back to a cold
+start from the image unless `fallback: none`, and further restores back off (new instances are cold-started
+meanwhile). A start that yields no instance at all backs the whole service off: until it expires, connections
+that would need a new instance are closed at once instead of piling up behind another attempt. A service whose
+checkpoint could not be built is in the same state until a build succeeds (the lifecycle owner retries).
+
+With a kernel path (network.py: instances on the bridge, no PROXY header), ready instances are also in the
+service's steering rule, and most connections never reach the activator: the kernel sends them straight to an
+instance. Their count comes from conntrack samples (kernel_sample(), a few times a second); it counts toward
+target_connections (scale-out), toward max_connections, and as activity for the idle timer. A failed instance is
+withdrawn from the rule at once.
+
+An instance is reaped when it has had no open connection on either path for idle_timeout, unless that would
+leave fewer than min_instances. The timer re-checks the instance when it fires instead of trusting the moment it
+was armed. A steered instance is first withdrawn from the rule, then its kernel connections are counted afresh:
+one that slipped in before the rule changed puts it back. An instance is taken out of the pool before any
+await, so a connection can never be handed an instance that is being killed (single-threaded event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any, Protocol
+
+from activator.checkpoints.instance import Instance
+from activator.checkpoints.store import Checkpoint, CheckpointStore
+from activator.config.model import ServiceConfig, signal_number
+from activator.core import capacity
+from activator.core.capacity import Budget, FailureBackoff
+from activator.errors import ActivatorError, Rejected, RestoreError, StartError
+from activator.net.network import Attachment
+from activator.tasks import spawn
+
+from .metrics import ServiceMetrics
+
+log = logging.getLogger("activator.service")
+
+#: rejected connections are logged as a count at most this often per service (each is counted in metrics)
+REJECT_LOG_INTERVAL = 10.0
+#: after an instance leaves the rule, how long before its connections are counted (see _retire)
+WITHDRAW_SETTLE = 0.05
+
+
+class Steering(Protocol):
+    """A service's kernel path (network.ServiceSteering): which instances the kernel sends new connections to."""
+
+    #: how long a half-open kernel-path connection lives (a spoofed SYN's entry goes after this)
+    half_open_timeout: float
+
+    def set(self, instances: list[Instance]) -> None: ...
+
+    def open_count(self, inst: Instance) -> tuple[int, int]: ...  # blocking: (open, half-open) from conntrack
+
+
+class ServiceSandbox(Protocol):
+    """What a service (and its steering) uses of an instance's sandbox (runtime.sandbox.Sandbox is one; the unit
+    tests' fake is checked against this by mypy)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def attachment(self) -> Attachment | None: ...
+
+    def pid_now(self) -> int | None: ...
+
+    async def stop(self, sig: int, grace: float) -> str: ...
+
+    async def release(self) -> None: ...
+
+
+class Launcher(Protocol):
+    """What a service needs to bring up instances (checkpoints.instance.InstanceLauncher is one; unit tests pass
+    a fake that mypy checks against this)."""
+
+    async def restore(self, checkpoint: Checkpoint) -> Instance: ...
+
+    async def cold_start(self, checkpoint: Checkpoint) -> Instance: ...
+
+    def refill(self, checkpoint: Checkpoint) -> None: ...  # prepare slots for it
+
+    async def drop_slots_except(self, checkpoint: Checkpoint) -> None: ...
+
+    async def reshare(self, ksm: Any) -> None: ...  # share memory (a ksm.Ksm) or not (None) from now on
+
+    async def close(self) -> None: ...
+
+
+class Lease:
+    """One client connection's claim on its service, from admission until release(), which counts it out
+    exactly once (and the instance it was given, if any)."""
+
+    __slots__ = ("instance", "released", "service")
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.instance: Instance | None = None
+        self.released = False
+
+    async def acquire(self) -> tuple[Instance, bool]:
+        """A ready instance for this connection; waited=True if a start was awaited. Raises Rejected."""
+        self.drop()
+        inst, waited = await self.service._acquire()
+        if self.released:  # the client left while we waited
+            self.service._release_instance(inst)
+            raise asyncio.CancelledError
+        self.instance = inst
+        return inst, waited
+
+    def connected(self) -> None:
+        """The app accepted this connection."""
+        assert self.instance is not None
+        if not self.instance.established:
+            self.service._proved(self.instance)
+        self.instance.established += 1
+
+    def broken(self, why: str) -> bool:
+        """The instance refused this connection past its deadline: it is removed. True if the connection
+        should try another instance (this one had worked before: its app died), False if the start itself
+        never worked (the service backs off)."""
+        inst = self.instance
+        assert inst is not None
+        self.drop()
+        self.service.instance_failed(inst, why)
+        return inst.established > 0
+
+    def drop(self) -> None:
+        """Give the instance back without blaming it (the connection failed on our side)."""
+        if self.instance is not None:
+            inst, self.instance = self.instance, None
+            self.service._release_instance(inst)
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.drop()
+        self.service._connection_closed()
+
+
+class Service:
+    def __init__(
+        self, config: ServiceConfig, *, launcher: Launcher, metrics: ServiceMetrics, budget: Budget,
+        store: CheckpointStore | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.store = store
+        self.m = metrics
+        self.launcher = launcher
+        self.budget = budget
+        self.steering: Steering | None = None  # set by the lifecycle owner when the service has a kernel path
+        self.instances: list[Instance] = []  # ready to take connections
+        self.waiting = 0  # connections waiting in acquire() for an instance
+        self.open_connections = 0  # admitted and not yet released
+        self.restore_backoff = FailureBackoff(config.backoff)
+        self.start_backoff = FailureBackoff(config.backoff)
+        #: why the service has no checkpoint (its build failed; retried with backoff), None otherwise
+        self.checkpoint_problem: str | None = None
+        self.checkpoint_retry_at = 0.0
+        self._checkpoint: asyncio.Future[Checkpoint] = asyncio.get_running_loop().create_future()
+        self._starts: set[asyncio.Task[Instance]] = set()
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._releasing: set[Instance] = set()
+        self._changed = asyncio.Event()
+        self._replenish_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.stopped = False  # `activator stop`: refuses connections and keeps no instance until `activator start`
+        # depends_on, as services (the lifecycle owner links them): dependencies are woken when this one starts an
+        # instance, and keep their last instance while a dependant has one.
+        self.dependencies: list[Service] = []
+        self.dependants: list[Service] = []
+        self._rejections: dict[str, int] = {}
+        self._rejections_timer: asyncio.TimerHandle | None = None
+        self._latest_rejection = ""
+        self._kernel_rejected = self._kernel_steered = 0
+        self._rejections_logged = -REJECT_LOG_INTERVAL
+        # Remaining backoff shrinks with time, and kernel-path connections change without us: both are computed
+        # at scrape time, not when last touched.
+        self.m.open_connections.set_function(lambda: self.open_connections + self.kernel_connections)
+        self.m.backoff.set_function(self._backoff_seconds)
+        self.m.restore_backoff.set_function(lambda: self.restore_backoff.remaining(time.monotonic()))
+        self._publish()
+
+    # --- checkpoint ---------------------------------------------------------------------------------------
+
+    def set_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Use this checkpoint for new instances (a rebuild: running ones keep theirs until they go)."""
+        if self._checkpoint.done():
+            self._checkpoint = asyncio.get_running_loop().create_future()
+        self._checkpoint.set_result(checkpoint)
+        self.m.checkpoint_pages_bytes.set(checkpoint.pages_bytes)
+        self.m.checkpoint_created.set(checkpoint.created)
+        self.m.checkpoint_outdated.set(0)
+        if self.checkpoint_problem is not None:
+            log.info("service=%s has a checkpoint now; serving", self.name)
+        self.checkpoint_problem = None
+        task = spawn(self._adopt(checkpoint), name=f"adopt-checkpoint:{self.name}")
+        self._own(task)
+        self._replenish()
+        self._notify()
+
+    async def _adopt(self, checkpoint: Checkpoint) -> None:
+        """Slots for a replaced checkpoint go first (they mount its diff/), then it may be swept; then new slots."""
+        await self.launcher.drop_slots_except(checkpoint)
+        self.sweep_if_unused()
+        if not self._closed:
+            self.launcher.refill(checkpoint)
+
+    def checkpoint_failed(self, why: str, retry_in: float) -> None:
+        """The build failed and the service has no checkpoint: refuse connections until a retry succeeds."""
+        if self.checkpoint is not None:
+            return  # a failed rebuild: the current checkpoint keeps serving
+        self.checkpoint_problem = why
+        self.checkpoint_retry_at = time.monotonic() + retry_in
+        self._notify()
+
+    def _own(self, task: asyncio.Task[Any]) -> None:
+        """A task close() waits for (teardowns, sweeps, slot changes)."""
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    def sweep_if_unused(self) -> None:
+        current = self.checkpoint
+        if self.store is None or not all(i.checkpoint in (None, current)
+                                         for i in (*self.instances, *self._releasing)):
+            return
+        store = self.store
+
+        async def sweep() -> None:
+            for d in await asyncio.to_thread(store.sweep_retired, self.name):
+                log.info("service=%s removed replaced checkpoint %s", self.name, d.name)
+
+        task = spawn(sweep(), name=f"sweep:{self.name}")
+        self._own(task)
+
+    @property
+    def checkpoint(self) -> Checkpoint | None:
+        if self._checkpoint.done() and not self._checkpoint.cancelled() and not self._checkpoint.exception():
+            return self._checkpoint.result()
+        return None
+
+    # --- connections ---------------------------------------------------------------------------------------
+
+    def admit(self) -> Lease:
+        """Count a new client connection in, or raise Rejected (counted by the caller through reject())."""
+        if self._closed:
+            raise Rejected("shutting-down", f"service '{self.name}' is shutting down")
+        if self.stopped:
+            raise Rejected("stopped", f"service '{self.name}' is stopped (`activator start {self.name}` serves "
+                                      "it again)")
+        limit = self.config.max_connections
+        if limit is not None and self.open_connections + self.kernel_connections >= limit:
+            raise Rejected("max-connections", f"service '{self.name}' has {limit} open connections")
+        if not self.budget.take():
+            raise Rejected("resources", f"the activator's file descriptor budget ({self.budget.limit} "
+                                        "connections) is spent; raise LimitNOFILE")
+        self.open_connections += 1
+        return Lease(self)
+
+    def _connection_closed(self) -> None:
+        self.open_connections -= 1
+        self.budget.give()
+
+    @property
+    def kernel_counters(self) -> tuple[int, int]:
+        """The kernel's rejected and steered counts last folded into the metrics."""
+        return self._kernel_rejected, self._kernel_steered
+
+    def take_counters_from(self, old: Service) -> None:
+        """A new definition of the same service (a reload): the kernel counters carry on, not start over."""
+        self._kernel_rejected, self._kernel_steered = old.kernel_counters
+
+    @property
+    def kernel_connections(self) -> int:
+        return sum(i.kernel for i in self.instances)
+
+    def needs_wake(self) -> bool:
+        """Would a connection arriving now make the service start an instance (or wait for one)?"""
+        best = capacity.least_loaded(self.instances)
+        if best is None:
+            return True
+        if best.connections < self.config.target_connections:
+            return False
+        return len(self.instances) + len(self._starts) < self.config.max_instances
+
+    async def _acquire(self) -> tuple[Instance, bool]:
+        target = self.config.target_connections
+        waited = queued = False
+        try:
+            while True:
+                if self._closed:
+                    raise Rejected("shutting-down", f"service '{self.name}' is shutting down")
+                best = capacity.least_loaded(self.instances)
+                if best is not None and best.connections < target:
+                    break
+                self._scale(extra=0 if queued else 1)
+                if best is not None and not self._starts:
+                    break  # nothing more will come (max_instances or backoff): go above target
+                if best is None and not self._starts:
+                    raise self._why_no_instance()
+                if not queued:
+                    if self.waiting >= self.config.max_waiting:
+                        raise Rejected("queue-full", f"service '{self.name}' already has {self.waiting} "
+                                                     "connections waiting (max_waiting)")
+                    queued = True
+                    self.waiting += 1
+                    self.m.waiting.set(self.waiting)
+                waited = True
+                await self._changed.wait()
+        finally:
+            if queued:
+                self.waiting -= 1
+                self.m.waiting.set(self.waiting)
+        best.spliced += 1
+        best.served += 1
+        if best.idle_timer is not None:
+            best.idle_timer.cancel()
+            best.idle_timer = None
+        return best, waited
+
+    def _why_no_instance(self) -> Rejected:
+        now = time.monotonic()
+        if self.checkpoint is None and self.checkpoint_problem is not None:
+            wait = max(0.0, self.checkpoint_retry_at - now)
+            return Rejected("no-checkpoint", f"service '{self.name}' is not serving: no checkpoint "
+                                             f"({self.checkpoint_problem}); next build attempt in {wait:.1f}s", wait)
+        wait = self.start_backoff.remaining(now)
+        return Rejected("backoff", f"service '{self.name}' has no instance and is backing off for {wait:.1f}s "
+                                   "after failed starts", wait)
+
+    def _proved(self, inst: Instance) -> None:
+        """The instance's app accepted its first connection: the start really worked."""
+        self.start_backoff.succeeded()
+
+    def _release_instance(self, inst: Instance) -> None:
+        inst.spliced -= 1
+        if inst.stopping:
+            return
+        if inst.spliced == 0:
+            inst.idle_since = time.monotonic()
+            self._arm_idle(inst, self.config.idle_timeout)
+        if inst.connections == self.config.target_connections - 1:
+            self._notify()  # room below target again: a waiter may take it instead of waiting for a start
+
+    def _backoff_seconds(self) -> float:
+        """Until an instance may be attempted: after failed starts, or (no checkpoint) until the next build."""
+        now = time.monotonic()
+        wait = self.start_backoff.remaining(now)
+        if self.checkpoint is None and self.checkpoint_problem is not None:
+            wait = max(wait, self.checkpoint_retry_at - now)
+        return max(0.0, wait)
+
+    def reject(self, why: Rejected) -> None:
+        """Count a connection closed by admission control; log the tally, but not once per connection."""
+        self.m.rejected[why.reason].inc()
+        self._tally(why.reason, 1, str(why))
+
+    def _tally(self, reason: str, n: int, latest: str) -> None:
+        """At most one log line per REJECT_LOG_INTERVAL, and every rejection in one: what comes after a line is
+        logged when the interval ends, not lost if nothing else comes."""
+        self._rejections[reason] = self._rejections.get(reason, 0) + n
+        self._latest_rejection = latest
+        now = time.monotonic()
+        if now - self._rejections_logged >= REJECT_LOG_INTERVAL:
+            self._log_rejections()
+        elif self._rejections_timer is None:
+            self._rejections_timer = asyncio.get_running_loop().call_later(
+                self._rejections_logged + REJECT_LOG_INTERVAL - now, self._log_rejections)
+
+    def _log_rejections(self) -> None:
+        if self._rejections_timer is not None:
+            self._rejections_timer.cancel()
+            self._rejections_timer = None
+        if not self._rejections:
+            return
+        tally = ", ".join(f"{n} {reason}" for reason, n in sorted(self._rejections.items()))
+        log.warning("service=%s connections closed by admission control: %s (latest: %s)", self.name, tally,
+                    self._latest_rejection)
+        self._rejections.clear()
+        self._rejections_logged = time.monotonic()
+
+    # --- the kernel path ------------------------------------------------------------------------------------
+
+    def _resteer(self) -> None:
+        if self.steering is not None:
+            self.steering.set([i for i in self.instances if not i.withdrawn and not i.stopping])
+
+    def kernel_sample(self, samples: dict[int, Any], rejected: int, steered: int, now: float) -> None:
+        """Fold a sample of the kernel path (network.HostNetwork.sample(), by mark) into the instances, and the
+        service's counters (connections steered, refused for max_connections) into its metrics."""
+        if rejected > self._kernel_rejected:
+            self.m.rejected["max-connections"].inc(rejected - self._kernel_rejected)
+            self._tally("max-connections", rejected - self._kernel_rejected,
+                        f"refused in the kernel: service '{self.name}' has {self.config.max_connections} open "
+                        "connections")
+        if steered > self._kernel_steered:
+            self.m.connections.inc(steered - self._kernel_steered)
+        self._kernel_rejected, self._kernel_steered = rejected, steered
+        for inst in list(self.instances):
+            att = inst.sandbox.attachment
+            s = samples.get(att.mark) if att is not None else None
+            if s is None:
+                continue
+            if s.packets != inst.kernel_packets:  # traffic since the last look: the instance is in use
+                inst.idle_since = now
+                if s.packets > inst.kernel_packets and not inst.established:
+                    inst.established = 1
+                    self._proved(inst)
+            self.m.bytes_in.inc(max(0, s.bytes_in - inst.kernel_bytes_in))
+            self.m.bytes_out.inc(max(0, s.bytes_out - inst.kernel_bytes_out))
+            inst.kernel, inst.kernel_packets = s.open, s.packets
+            inst.kernel_bytes_in, inst.kernel_bytes_out = s.bytes_in, s.bytes_out
+            # a counter below the last one was put back from zero (a repaired table): all of it is new
+            inst.kernel_served += s.served - inst.kernel_served_seen if s.served >= inst.kernel_served_seen \
+                else s.served
+            inst.kernel_served_seen = s.served
+        self._scale(extra=0)
+
+    def _watch(self, inst: Instance) -> None:
+        """Know the moment the app dies (a pidfd becomes readable), so a steered instance leaves the rule at
+        once instead of when a client finds its app gone."""
+        pid = inst.sandbox.pid_now()
+        if pid is None:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        inst.pidfd = fd
+        asyncio.get_running_loop().add_reader(fd, self._died, inst)
+
+    def _unwatch(self, inst: Instance) -> None:
+        if inst.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(inst.pidfd)
+            os.close(inst.pidfd)
+            inst.pidfd = None
+
+    def _died(self, inst: Instance) -> None:
+        self._unwatch(inst)
+        if not inst.stopping:
+            self.instance_failed(inst, "its app exited")
+
+    def instance_failed(self, inst: Instance, why: str) -> None:
+        """A connection found the instance's app refusing past its connect deadline: take the instance out.
+
+        One that never accepted a connection is a failed start, and the service backs off. One that did and
+        then stopped (the app crashed or was killed) is just gone: the next connection gets a new one.
+        """
+        if inst.stopping:
+            return
+        self.m.instance_failures.inc()
+        if inst.established:
+            log.error("service=%s instance=%s removed: %s (after %d connections)", self.name, inst.name, why,
+                      inst.established)
+            self._stop(inst)
+            self._replenish()
+            return
+        delay = self.start_backoff.failed(time.monotonic())
+        self.m.start_failures.inc()
+        log.error("service=%s instance=%s removed: %s; new instances back off %.1fs", self.name, inst.name, why, delay)
+        self._stop(inst)
+        self._schedule_replenish(delay)
+
+    def _notify(self) -> None:
+        """Wake every waiter to re-evaluate (one Event per generation, so none misses a wake-up)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _scale(self, extra: int) -> None:
+        now = time.monotonic()
+        if self._closed or self.stopped or self.start_backoff.active(now) or self.checkpoint_problem is not None:
+            return
+        demand = sum(i.connections for i in self.instances) + self.waiting + extra
+        n = capacity.starts_needed(demand=demand, ready=len(self.instances), starting=len(self._starts),
+                                   target=self.config.target_connections, max_instances=self.config.max_instances)
+        for _ in range(n):
+            self._spawn_start()
+
+    def _replenish(self) -> None:
+        """Keep min_instances warm (after the checkpoint is set, after failures once backoff allows)."""
+        self._replenish_timer = None
+        if self._closed or self.stopped or self.checkpoint is None:
+            return
+        if self.start_backoff.active(time.monotonic()):
+            self._schedule_replenish(self.start_backoff.remaining(time.monotonic()))
+            return
+        for _ in range(self.config.min_instances - len(self.instances) - len(self._starts)):
+            self._spawn_start()
+
+    def _schedule_replenish(self, delay: float) -> None:
+        if self.config.min_instances and self._replenish_timer is None and not self._closed:
+            self._replenish_timer = asyncio.get_running_loop().call_later(delay, self._replenish)
+
+    def _spawn_start(self) -> None:
+        task = spawn(self._start(), name=f"start:{self.name}", awaited=True)
+        self._starts.add(task)
+        task.add_done_callback(self._started)
+        self._publish()
+        for dep in self.dependencies:  # together, not one after the other: the app asks for them when it needs them
+            dep.wanted_by(self)
+
+    # --- group activation (depends_on) ----------------------------------------------------------------------
+
+    def wanted_by(self, dependant: Service) -> None:
+        """A dependant is starting an instance: have one too (and so, in turn, our own dependencies)."""
+        if self.instances or self._starts:
+            return
+        log.info("service=%s woken with %s, which depends on it", self.name, dependant.name)
+        self._scale(1)
+
+    def held(self) -> list[str]:
+        """The dependants that have (or are starting) an instance: while any does, our last one stays."""
+        return [d.name for d in self.dependants if d.instances or d._starts]
+
+    def _dependant_idle(self) -> None:
+        """A dependant has no instance left: ours that were kept for it are looked at again now (idle long
+        enough: reaped with it)."""
+        for inst in list(self.instances):
+            if inst.idle_timer is not None:
+                self._arm_idle(inst, 0)
+
+    def _started(self, task: asyncio.Task[Instance]) -> None:
+        self._starts.discard(task)
+        try:
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                delay = self.start_backoff.failed(time.monotonic())
+                self.m.start_failures.inc()
+                log.error("service=%s start failed: %s; no new attempt for %.1fs (failure %d in a row)",
+                          self.name, exc, delay, self.start_backoff.failures)
+                self._schedule_replenish(delay)
+                if not self.instances and not self._starts:
+                    for dep in self.dependencies:
+                        dep._dependant_idle()
+                return
+            inst = task.result()
+            # Not yet a success: a restored app is not checked for listening (it listens by construction); its
+            # first accepted connection proves it (_proved), and a deaf one backs the service off as it should.
+            if self._closed:
+                self._stop(inst)
+                return
+            self.instances.append(inst)
+            self._watch(inst)
+            self._resteer()
+            # Nobody may claim it (every waiter gave up): it must still go away when idle.
+            self._arm_idle(inst, self.config.idle_timeout)
+        finally:
+            self._publish()
+            self._notify()
+
+    def _publish(self) -> None:
+        self.m.instances.set(len(self.instances))
+        self.m.starting.set(len(self._starts))
+
+    # --- idle reaping --------------------------------------------------------------------------------------
+
+    def _arm_idle(self, inst: Instance, delay: float) -> None:
+        if inst.idle_timer is not None:
+            inst.idle_timer.cancel()
+        inst.idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check, inst)
+
+    def _idle_check(self, inst: Instance) -> None:
+        inst.idle_timer = None
+        if inst.stopping or inst.spliced > 0 or inst.withdrawn:
+            return  # re-armed when its last spliced connection ends, or by _retire
+        now = time.monotonic()
+        if inst.kernel > 0:
+            inst.idle_since = now  # open kernel-path connections: busy, and no event will say when they end
+        remaining = inst.idle_since + self.config.idle_timeout - now
+        if remaining > 0.001:
+            self._arm_idle(inst, remaining)
+            return
+        if len(self.instances) == 1 and (holders := self.held()):
+            log.debug("service=%s instance=%s idle, kept for %s", self.name, inst.name, ", ".join(holders))
+            self._arm_idle(inst, self.config.idle_timeout)  # and looked at again when the last dependant goes
+            return
+        if len(self.instances) <= self.config.min_instances:
+            if self.steering is not None:
+                self._arm_idle(inst, self.config.idle_timeout)  # kept warm; kernel connections send no events
+            return
+        if self.steering is None or inst.sandbox.attachment is None:
+            self._reap(inst)
+            return
+        inst.withdrawn = True
+        self._resteer()
+        task = spawn(self._retire(inst), name=f"retire:{inst.name}")
+        self._own(task)
+
+    async def _retire(self, inst: Instance) -> None:
+        """The instance is out of the rule: reap it unless a connection got in before the rule changed.
+
+        A handshake under way when the rule changed (a SYN steered to it just before) must finish here, or the
+        client loses its connection; a spoofed SYN never finishes, and goes after half_open_timeout. Half-open
+        entries are therefore waited out, not counted: no new one can come, the instance is out of the rule."""
+        assert self.steering is not None
+        steering = self.steering
+        # A SYN DNATed just before the rule changed may not have its conntrack entry confirmed yet (a dump shows
+        # confirmed ones only): let it settle, or that client's SYN would meet a dead instance and be retried a
+        # second later.
+        await asyncio.sleep(WITHDRAW_SETTLE)
+        deadline = time.monotonic() + steering.half_open_timeout + 1
+        while True:
+            still_open, half_open = await asyncio.to_thread(steering.open_count, inst)
+            if inst.stopping:
+                return
+            if still_open or not half_open or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        if still_open or inst.spliced:
+            inst.withdrawn = False
+            inst.kernel = max(inst.kernel, still_open)
+            inst.idle_since = time.monotonic()
+            self._resteer()
+            self._arm_idle(inst, self.config.idle_timeout)
+            return
+        self._reap(inst)
+
+    def _reap(self, inst: Instance) -> None:
+        log.info("service=%s instance=%s idle for %gs, reaping (it served %d connection(s): %d through the "
+                 "activator, %d steered by the kernel)", self.name, inst.name, self.config.idle_timeout,
+                 inst.served + inst.kernel_served, inst.served, inst.kernel_served)
+        self.m.idle_reaps.inc()
+        self._stop(inst, graceful=True)
+
+    def _stop(self, inst: Instance, *, graceful: bool = False) -> None:
+        """Take the instance out and release it; graceful (a reap, a drain): its app is asked to exit first."""
+        inst.stopping = True
+        self._unwatch(inst)
+        if inst.idle_timer is not None:
+            inst.idle_timer.cancel()
+            inst.idle_timer = None
+        if inst in self.instances:
+            self.instances.remove(inst)
+        self._resteer()  # before anything is released: no connection is ever steered to a dead instance
+        self._publish()
+        if not self.instances and not self._starts:
+            for dep in self.dependencies:
+                dep._dependant_idle()
+        self._releasing.add(inst)
+        task = spawn(self._teardown(inst, graceful), name=f"teardown:{inst.name}")
+        self._own(task)
+
+    async def _teardown(self, inst: Instance, graceful: bool) -> None:
+        try:
+            if graceful:
+                await self._ask_to_exit(inst)
+            await inst.sandbox.release()
+        finally:
+            self._releasing.discard(inst)
+            self.sweep_if_unused()
+
+    async def _ask_to_exit(self, inst: Instance) -> None:
+        name = self.config.stop_signal or (inst.checkpoint.stop_signal if inst.checkpoint else "SIGTERM")
+        try:
+            sig = signal_number(name)
+        except ValueError:  # an image's STOPSIGNAL we cannot name (SIGRTMIN+3): what Docker falls back to
+            sig = signal.SIGTERM
+        try:
+            outcome = await inst.sandbox.stop(sig, self.config.stop_grace)
+            if outcome == "deaf":  # every reap of such an app: not news
+                log.debug("service=%s instance=%s did not exit: its app has no handler for %s; killed at once",
+                         self.name, inst.name, signal.Signals(sig).name)
+            elif outcome == "timeout":
+                log.info("service=%s instance=%s did not exit on %s within %gs: killed", self.name, inst.name,
+                         signal.Signals(sig).name, self.config.stop_grace)
+        except Exception as e:  # whatever happens, release() kills it
+            log.warning("service=%s instance=%s could not be asked to stop: %s", self.name, inst.name, e)
+
+    # --- starting instances ------------------------------------------------------------------------------
+
+    async def _start(self) -> Instance:
+        checkpoint = await self._checkpoint
+        if self.restore_backoff.active(time.monotonic()):
+            if self.config.fallback == "none":
+                wait = self.restore_backoff.remaining(time.monotonic())
+                raise StartError(f"restores are backing off for {wait:.1f}s")
+        else:
+            try:
+                inst = await self.launcher.restore(checkpoint)
+                self.restore_backoff.succeeded()
+                return inst
+            except RestoreError as e:
+                self.m.restore_failures.inc()
+                delay = self.restore_backoff.failed(time.monotonic())
+                then = "falling back to a cold start" if self.config.fallback == "cold-start" else "no fallback"
+                log.error("service=%s instance=%s restore failed: %s (CRIU log: %s); restores back off %.1fs; %s",
+                          self.name, e.instance, e, e.log or "not kept", delay, then)
+                if self.config.fallback == "none":
+                    raise
+        inst = await self.launcher.cold_start(checkpoint)
+        self.m.cold_starts.inc()
+        return inst
+
+    # --- status --------------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now, wall = time.monotonic(), time.time()
+        ck = self.checkpoint
+        return {
+            "name": self.name,
+            "listen": [str(a) for a in self.config.listen],
+            "open_connections": self.open_connections + self.kernel_connections,
+            "kernel_path": self.steering is not None,
+            "max_connections": self.config.max_connections or self.budget.limit,
+            "waiting": self.waiting,
+            "starting": len(self._starts),
+            "backoff_seconds": round(self.start_backoff.remaining(now), 3),
+            "restore_backoff_seconds": round(self.restore_backoff.remaining(now), 3),
+            "min_instances": self.config.min_instances,
+            "max_instances": self.config.max_instances,
+            "stopped": self.stopped,
+            "depends_on": [d.name for d in self.dependencies],
+            "kept_for": self.held(),
+            "checkpoint_problem": self.checkpoint_problem,
+            "checkpoint_retry_seconds": round(max(0.0, self.checkpoint_retry_at - now), 1)
+            if self.checkpoint_problem else 0.0,
+            "checkpoint": None if ck is None else {
+                "dir": str(ck.dir), "age_seconds": round(wall - ck.created, 1), "pages_bytes": ck.pages_bytes,
+                "image_id": ck.origin.image_id,
+            },
+            "instances": [
+                {"name": i.name, "how": i.how, "age_seconds": round(now - i.ready_at, 1),
+                 "connections": i.connections, "kernel_connections": i.kernel,
+                 "served": i.served + i.kernel_served, "served_by_kernel": i.kernel_served,
+                 "address": str(i.sandbox.attachment.ip) if i.sandbox.attachment else None,
+                 "start_ms": round(i.start_seconds * 1000, 1)}
+                for i in self.instances
+            ],
+        }
+
+    # --- shutdown ------------------------------------------------------------------------------------------
+
+    # --- runtime control (activator wake|scale|stop|start, through the control socket) ----------------------
+
+    async def scale_to(self, n: int, timeout: float) -> int:
+        """Restore instances now, without a client, until n are up (at most max_instances); they go when idle as
+        any other (or stay, up to min_instances). Waits for them; returns how many are up."""
+        if self.stopped:
+            raise ActivatorError(f"service '{self.name}' is stopped; `activator start {self.name}` first")
+        if self.checkpoint is None:
+            raise ActivatorError(f"service '{self.name}' has no checkpoint yet"
+                                 + (f" ({self.checkpoint_problem})" if self.checkpoint_problem else ""))
+        n = min(max(n, 1), self.config.max_instances)
+        for _ in range(n - len(self.instances) - len(self._starts)):
+            self._spawn_start()
+        if self._starts:
+            await asyncio.wait(set(self._starts), timeout=timeout)
+        return len(self.instances)
+
+    async def stop_serving(self, drain_timeout: float) -> None:
+        """Refuse new connections (reason `stopped`), take every instance out of the kernel path, let open
+        connections finish (drain_timeout), then stop every instance. Listeners stay bound (systemd's too)."""
+        self.stopped = True
+        if self._replenish_timer is not None:
+            self._replenish_timer.cancel()
+            self._replenish_timer = None
+        self.withdraw_all()
+        deadline = time.monotonic() + drain_timeout
+        while self.open_connections + self.kernel_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for task in list(self._starts):
+            task.cancel()
+        for inst in list(self.instances):
+            self._stop(inst, graceful=True)
+        while self._stopping:
+            await asyncio.gather(*list(self._stopping), return_exceptions=True)
+
+    def start_serving(self) -> None:
+        """Serve again: connections are admitted, min_instances kept warm."""
+        self.stopped = False
+        self._resteer()
+        self._replenish()
+
+    def withdraw_all(self) -> None:
+        """Stop steering new connections to any instance (shutdown: they drain, then go)."""
+        for inst in self.instances:
+            inst.withdrawn = True
+        self._resteer()
+
+    async def close(self) -> None:
+        """Kill every instance and release everything. Idempotent."""
+        self._closed = True
+        self._log_rejections()  # the tally since the last line
+        self.withdraw_all()
+        if self._replenish_timer is not None:
+            self._replenish_timer.cancel()
+        if not self._checkpoint.done():
+            self._checkpoint.set_exception(ActivatorError(f"service '{self.name}' is shutting down"))
+            self._checkpoint.exception()  # retrieved here: no start may be waiting for it
+        self._notify()
+        starts = list(self._starts)
+        for task in starts:
+            task.cancel()
+        for task in starts:
+            with contextlib.suppress(BaseException):
+                await task
+        for inst in list(self.instances):
+            self._stop(inst, graceful=True)
+        await self.launcher.close()
+        while self._stopping:
+            await asyncio.gather(*list(self._stopping), return_exceptions=True)

@@ -1,0 +1,161 @@
+"""Restoring an instance through CRIU's RPC directly, without runc.
+
+Measured on the busybox app (bench/coldstart.py --breakdown): `runc restore` took ~36 ms, of which CRIU's own
+restore was ~8 ms; the same restore through CRIU's RPC takes ~10 ms. runc's share is its work around CRIU
+(cgroups, mount preparation, state, a version check, notify round trips), none of which an instance of ours needs
+from runc: the namespace, root filesystem and external mounts are prepared by the sandbox, and what CRIU does
+not restore from the dump itself (the seccomp filter, capabilities, no_new_privs and rlimits all come from the
+image) is the cgroups, which cgroups.create() makes with runc's own device rules and the service's limits.
+
+The request carries what runc's would (read from runc's debug log): the images and work directories, the root
+filesystem, the external mounts (the host devices runc maps; extmounts.py's, through the instance's CRIU
+config), the network namespace to join (inherited as extRootNetNS), the app's output in place of the template's
+pipes (keys from the checkpoint's descriptors.json), file locks and evasive devices. No cgroup work is asked of
+CRIU (in runc's mode it mounts every hierarchy in a "cgroup yard" first).
+
+A Restorer is made while the sandbox is prepared, so off the critical path for prepared slots: `criu swrk` is
+started idle, with every descriptor it needs, and moved into the instance's cgroups (so whatever it restores
+starts in them). Both cost milliseconds in the daemon: moving a task between cgroup v1 hierarchies waits for an
+RCU grace period after a quiet spell. An idle swrk costs one sleeping process (~0.8 MB of its own memory). The
+restore itself is then one request and one answer.
+
+Only where device rules are files (cgroup v1 or hybrid, cgroups.v1_devices()); on a pure cgroup v2 host they are
+an eBPF program that runc makes, so instances are restored through runc there. Templates are still run and
+dumped with runc, and cold starts run through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from activator.errors import RuncError
+
+from . import cgroups, criulog, ksm
+
+CLONE_NEWNET = 0x40000000
+#: the host devices runc maps into a container as external bind mounts on restore
+HOST_DEVICES = ("/dev/null", "/dev/random", "/dev/full", "/dev/tty", "/dev/zero", "/dev/urandom")
+LOG = "restore.log"
+#: CRIU stops each restored task at rt_sigreturn with a hardware breakpoint by default. Setting one allocates a
+#: perf event, which waits for a full RCU grace period: 10-25 ms on a host that was idle, most of a small app's
+#: restore (seen with perf: ptrace_set_breakpoint_addr -> perf_event_alloc -> synchronize_rcu). Fault 130
+#: (FI_NO_BREAKPOINTS) makes CRIU step the task to rt_sigreturn with PTRACE_SYSCALL instead, its path on hosts
+#: without breakpoints: a handful of syscall stops, tens of microseconds.
+NO_BREAKPOINTS = {"CRIU_FAULT": "130"}
+
+
+class Restorer:
+    """An idle `criu swrk`, in the instance's cgroups, holding what the restore request will name."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, fds: dict[str, int],
+                 work: Path) -> None:
+        self.popen = popen
+        self.sock = sock
+        # images and work: ours, kept open (CRIU opens them as /proc/<client>/fd/N); net and output: swrk's own
+        # (inherited, same numbers; our copies are closed)
+        self.fds = fds
+        self.work = work
+
+    @classmethod
+    def spawn(cls, *, criu: str, images: Path, work: Path, netns: Path, output: Path, procs: list[Path],
+              mergeable: bool) -> Restorer:
+        """Blocking."""
+        from activator.statedir import open_private
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        fds: dict[str, int] = {}
+        try:
+            fds["images"] = os.open(images, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds["work"] = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds["net"] = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            fds["output"] = open_private(output)
+            popen = subprocess.Popen(
+                [criu, "swrk", str(theirs.fileno())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(), *fds.values()), start_new_session=True,
+                preexec_fn=ksm.mark_mergeable if mergeable else None, env=os.environ | NO_BREAKPOINTS)
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        for name in ("net", "output"):  # swrk has its own copies now
+            os.close(fds[name])
+        restorer = cls(popen, ours, fds, work)
+        try:
+            cgroups.join(procs, popen.pid)
+        except BaseException:
+            restorer.discard()
+            raise
+        return restorer
+
+    async def restore(self, *, root: Path, config: Path, descriptors: Path) -> int:
+        """The restored app's pid. Raises RuncError (what a failed `runc restore` raises) naming CRIU's log.
+        Cancelled: CRIU is killed; releasing the sandbox (cgroups.remove) takes care of what it had restored."""
+        from .preflight import require_pycriu
+
+        rpc = require_pycriu().rpc_pb2
+
+        try:
+            req = rpc.criu_req(type=rpc.RESTORE)
+            o = req.opts
+            o.images_dir_fd, o.work_dir_fd = self.fds["images"], self.fds["work"]
+            o.log_level, o.log_file = 4, LOG
+            o.root = str(root)
+            o.config_file = str(config)  # network-lock skip, tcp-close, where the external mounts are
+            o.file_locks = o.evasive_devices = True
+            o.empty_ns = CLONE_NEWNET
+            o.manage_cgroups = False
+            for dev in HOST_DEVICES:
+                m = o.ext_mnt.add()
+                m.key = m.val = dev
+            f = o.inherit_fd.add()
+            f.key, f.fd = "extRootNetNS", self.fds["net"]
+            for key in {d for d in json.loads(descriptors.read_text())[1:3] if d.startswith("pipe:")}:
+                f = o.inherit_fd.add()
+                f.key, f.fd = key, self.fds["output"]
+            loop = asyncio.get_running_loop()
+            self.sock.setblocking(False)
+            await loop.sock_sendall(self.sock, req.SerializeToString())
+            data = await loop.sock_recv(self.sock, 1 << 16)
+            if not data:
+                raise RuncError(f"CRIU ended without an answer; see {self.work / LOG}", self.work / LOG)
+            resp = rpc.criu_resp()
+            resp.ParseFromString(data)
+            if not resp.success:
+                why = criulog.first_errors(self.work / LOG) or \
+                    f"{os.strerror(resp.cr_errno) if resp.cr_errno else 'no log'} ({resp.cr_errmsg or 'no message'})"
+                raise RuncError(f"CRIU restore failed: {why}", self.work / LOG)
+            return int(resp.restore.pid)
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            self._close()
+            await asyncio.to_thread(self.popen.wait)  # it exits once it has answered
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+    def discard(self) -> None:
+        """Blocking. An unused one (the slot is released)."""
+        self.kill()
+        self._close()
+        self.popen.wait()
+
+    def _close(self) -> None:
+        self.sock.close()
+        for name in ("images", "work"):
+            fd = self.fds.pop(name, None)
+            if fd is not None:
+                os.close(fd)
+

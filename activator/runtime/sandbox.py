@@ -1,0 +1,436 @@
+"""One instance's resources, made and released together.
+
+A sandbox is: a directory (state_dir/instances/NAME), a network namespace (activator-NAME, lo up, and with
+`network: bridge` an eth0 on activator's bridge: network.py), an overlay root filesystem, an OCI bundle and a
+runc container of the same NAME, with cgroup /activator/NAME. The
+container is then either started fresh (`runc run`: the template, or a cold-start fallback) or restored from a
+checkpoint (`runc restore`). release() undoes all of it in reverse order and keeps going past errors, so an
+instance never leaks half its resources because one step failed.
+
+The names are what crash recovery looks for: anything called activator-* / instances/* / cgroup activator/*
+that no live sandbox owns is a leftover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from activator.config.model import Resources
+from activator.errors import ActivatorError, RuncError
+from activator.net.netns import PREFIX as NETNS_PREFIX
+from activator.net.netns import NetNamespace
+from activator.net.network import Attachment, HostNetwork
+from activator.statedir import copy_private, open_private, write_private
+
+from . import applog, cgroups, criurestore, extmounts, readiness, rootfs
+from .extmounts import DevEntry
+from .procs import start_time
+from .runc import Runc, restore_config
+from .spec import ProcessSpec, runtime_spec
+from .volumes import Bind
+
+log = logging.getLogger("activator.sandbox")
+
+
+class Dump(Protocol):
+    """What preparing a restore needs of a checkpoint (activator.checkpoints.store.Checkpoint is one)."""
+
+    @property
+    def images(self) -> Path: ...
+
+    @property
+    def external(self) -> dict[str, str]: ...
+
+    @property
+    def dev(self) -> tuple[DevEntry, ...]: ...
+
+
+def new_name(service: str) -> str:
+    return f"{service}-{secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    dir: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.dir / "rootfs"
+
+    @property
+    def upper(self) -> Path:
+        return self.dir / "upper"
+
+    @property
+    def overlay_work(self) -> Path:
+        return self.dir / "ovl-work"
+
+    @property
+    def bundle(self) -> Path:
+        return self.dir / "bundle"
+
+    @property
+    def criu_work(self) -> Path:
+        return self.dir / "criu-work"
+
+    @property
+    def runc_log(self) -> Path:
+        return self.dir / "runc.log"
+
+    @property
+    def output(self) -> Path:
+        return self.dir / "output.log"
+
+
+class Sandbox:
+    def __init__(self, name: str, instances_dir: Path, runc: Runc, network: HostNetwork | None = None,
+                 egress: bool = True) -> None:
+        self.name = name
+        self.layout = Layout(instances_dir / name)
+        self.runc = runc
+        self.netns = NetNamespace(NETNS_PREFIX + name)
+        self.network = network
+        self.egress = egress
+        self.attachment: Attachment | None = None
+        self.mergeable = False  # KSM may merge the app's memory with its siblings' (ksm.py)
+        # Prepared ahead, waiting for a restore: marked by a `slot` file from the moment its directory exists,
+        # so the tests' leak checks (and an operator) tell slots from leftovers.
+        self.slot = False
+        self.created = time.monotonic()
+        self._mounted = False
+        self._container = False  # a runc container of this name may exist (delete it on release)
+        # Restored through CRIU directly (criurestore.py): our own cgroups, and the app's pid and start time.
+        self._restorer: criurestore.Restorer | None = None
+        self._pid: tuple[int, int] | None = None
+
+    async def prepare(self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
+                      seccomp: dict[str, Any] | None, *, template: bool = False,
+                      restore: Dump | None = None, binds: tuple[Bind, ...] = ()) -> None:
+        """Namespace, mount and bundle: everything runc needs; a template is dumped with its own tmpfs mounts
+        external, and an instance to be restored gets them made here (extmounts.py). On failure, what was made
+        is released."""
+        work = asyncio.ensure_future(asyncio.to_thread(
+            self._prepare_blocking, lower, process, resources, hostname, seccomp, template, restore, binds))
+        try:
+            await asyncio.shield(work)
+        except BaseException:
+            # Cancelled (a shutdown, a replaced checkpoint): the thread goes on regardless, and releasing while
+            # it still mounts or spawns would leave what it makes after that behind.
+            await asyncio.wait([work])
+            await self.release()
+            raise
+
+    def _prepare_blocking(
+        self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
+        seccomp: dict[str, Any] | None, template: bool, restore: Dump | None, binds: tuple[Bind, ...],
+    ) -> None:
+        lay = self.layout
+        # Private: the bundle holds the environment (secrets), the upper dir the app's writes, criu-work its logs.
+        lay.dir.mkdir(mode=0o700, parents=True)
+        lay.bundle.mkdir(mode=0o700)
+        lay.criu_work.mkdir(mode=0o700)
+        if self.slot:
+            (lay.dir / "slot").touch()
+        self.netns = NetNamespace.create(self.netns.name)
+        if self.network is not None:
+            self.attachment = self.network.allocate(self.name, self.egress)
+            self.network.plug(self.attachment, self.netns)
+        # The merged root takes the upper dir's mode: it must be the image root's, not our private 0700, or a
+        # non-root app could not even look up its own files.
+        lay.upper.mkdir(mode=0o700)
+        os.chmod(lay.upper, os.stat(lower[-1]).st_mode & 0o7777)
+        rootfs.mount_overlay(lower, lay.upper, lay.overlay_work, lay.rootfs)
+        self._mounted = True
+        criu_config = self.runc.criu_config
+        if template:
+            criu_config = self.runc.criu_dump_config
+        elif restore is not None and restore.external:
+            paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external)
+            direct = cgroups.v1_devices()
+            if direct:  # volumes too: runc would map them itself, CRIU alone is told (dumped keyed by target)
+                paths |= {b.target: b.host for b in binds}
+            criu_config = lay.dir / "criu.conf"
+            write_private(criu_config, restore_config(paths))
+            if direct:  # restored through CRIU directly: its cgroups are ours to make
+                try:
+                    procs = cgroups.create(self.name, resources.memory, resources.cpus, resources.pids)
+                except OSError as e:
+                    raise ActivatorError(f"resources: the kernel refused this instance's limits ({e.strerror}: "
+                                         f"memory {resources.memory}, cpus {resources.cpus}, pids {resources.pids})"
+                                         ) from None
+                self._restorer = criurestore.Restorer.spawn(
+                    criu=self.runc.criu, images=restore.images, work=lay.criu_work, netns=self.netns.path,
+                    output=lay.output, procs=procs, mergeable=self.mergeable)
+        spec = runtime_spec(
+            process,
+            rootfs=str(lay.rootfs),
+            netns_path=str(self.netns.path),
+            cgroups_path=f"/{cgroups.PARENT}/{self.name}",
+            hostname=hostname,
+            resources=resources,
+            criu_config=str(criu_config),
+            seccomp=seccomp,
+            binds=binds,
+        )
+        write_private(lay.bundle / "config.json", json.dumps(spec))
+
+    def unmark_slot(self) -> None:
+        """No longer a prepared slot: it is being restored into."""
+        self.slot = False
+        (self.layout.dir / "slot").unlink(missing_ok=True)
+
+    def write_etc(self, hostname: str, extra_hosts: tuple[tuple[str, str], ...] = (),
+                  dependencies: tuple[str, ...] = ()) -> None:
+        """/etc/hosts (and, on the bridge, /etc/resolv.conf) for the app, written before it starts.
+
+        The hostname resolves to 127.0.0.1, not to the instance's address: the template's address is not an
+        instance's, and a JVM caches what its hostname resolved to when it started, before the dump. Each
+        dependency's name resolves to the gateway, where the dependency's listener (or its steering) is, as a
+        Compose service's name resolves to its container."""
+        etc = self.layout.rootfs / "etc"
+        if not etc.is_dir():
+            return
+        lines = [f"127.0.0.1\tlocalhost {hostname}", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        if self.network is not None:
+            lines.append(f"{self.network.gateway}\thost.activator.internal")
+            lines += [f"{self.network.gateway}\t{name}" for name in dependencies]
+            (etc / "resolv.conf").unlink(missing_ok=True)  # it may be a symlink into the image
+            (etc / "resolv.conf").write_text(resolv_conf())
+        lines += [f"{addr}\t{name}" for name, addr in extra_hosts]
+        (etc / "hosts").unlink(missing_ok=True)
+        (etc / "hosts").write_text("\n".join(lines) + "\n")
+
+    async def start(self, stdout: int, stderr: int) -> None:
+        self._container = True
+        await self.runc.run(self.name, self.layout.bundle, stdout=stdout, stderr=stderr, log=self.layout.runc_log,
+                            mergeable=self.mergeable)
+
+    async def restore(self, image_path: Path) -> None:
+        if self._restorer is not None:  # through CRIU directly (criurestore.py)
+            restorer, self._restorer = self._restorer, None
+            pid = await restorer.restore(root=self.layout.rootfs, config=self.layout.dir / "criu.conf",
+                                         descriptors=image_path / "descriptors.json")
+            started = start_time(pid)
+            if started is None:
+                raise RuncError(f"the restored app (pid {pid}) exited at once; see {self.layout.output}")
+            self._pid = (pid, started)
+            return
+        self._container = True
+        fd = open_private(self.layout.output)
+        try:
+            await self.runc.restore(
+                self.name, self.layout.bundle, image_path, self.layout.criu_work,
+                stdout=fd, stderr=fd, log=self.layout.runc_log, mergeable=self.mergeable,
+            )
+        finally:
+            os.close(fd)
+
+    async def probe(self, args: tuple[str, ...], *, timeout: float, output: int) -> int | None:
+        """Run args in the running container; exit status, or None on timeout."""
+        return await self.runc.probe(self.name, args, timeout=timeout, output=output, log=self.layout.runc_log)
+
+    async def checkpoint(self, image_path: Path) -> None:
+        await self.runc.checkpoint(self.name, image_path, self.layout.criu_work, log=self.layout.runc_log)
+
+    async def pid(self) -> int | None:
+        return self.pid_now()
+
+    def pid_now(self) -> int | None:
+        """The app's pid while it is alive (not a zombie, and the same process: its start time matches)."""
+        if self._pid is not None:
+            pid, started = self._pid
+            return pid if start_time(pid) == started else None
+        return self.runc.pid(self.name)
+
+    async def stop(self, sig: int, grace: float) -> str:
+        """Ask the app to exit (what `docker stop` does) and wait up to grace: "exited", "timeout", or "deaf". The
+        app is PID 1 of its namespace, so the kernel drops a signal it has no handler for: then there is nothing
+        to wait for, and it is not sent ("deaf"; release() kills it)."""
+        pid = self.pid_now()
+        if pid is None:
+            return "exited"
+        if not _catches(pid, sig):
+            return "deaf"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while self.pid_now() is not None:
+            if time.monotonic() > deadline:
+                return "timeout"
+            await asyncio.sleep(0.05)
+        return "exited"
+
+    async def alive(self) -> bool:
+        return await self.pid() is not None
+
+    async def wait_listening(self, port: int, timeout: float) -> str | None:
+        """None once the app listens on port (read from /proc: no connection is made); else "exited", "timeout",
+        or "elsewhere:P1,P2" when it has listened on other ports only, for ELSEWHERE_GRACE seconds (a wrong
+        `port` is said at once, not after the whole readiness timeout)."""
+        pid = await self.pid()
+        elsewhere: list[int] = []
+        since: float | None = None
+
+        def check() -> bool:
+            nonlocal since, elsewhere
+            assert pid is not None
+            ports = {p for p, st in readiness.socket_table(pid) if st == readiness.TCP_LISTEN}
+            if port in ports:
+                return True
+            if not ports:
+                since = None
+                return False
+            now = time.monotonic()
+            since = since or now
+            elsewhere = sorted(ports)
+            return now - since >= ELSEWHERE_GRACE
+
+        if pid is not None and await readiness.wait_until(check, timeout=timeout, alive=self.alive):
+            return None if not elsewhere or readiness.is_listening(pid, port) else \
+                "elsewhere:" + ",".join(map(str, elsewhere))
+        return "timeout" if await self.alive() else "exited"
+
+    def keep_log(self, dest: Path, *sources: Path) -> Path | None:
+        """Copy a failure's logs out of the sandbox dir before release() deletes it."""
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+        kept = None
+        for src in sources:
+            if src.exists():
+                target = dest / f"{self.name}-{src.name}"
+                with contextlib.suppress(OSError):
+                    copy_private(src, target)
+                    kept = kept or target
+        return kept
+
+    async def release(self, *, keep_dir: bool = False) -> None:
+        errors: list[str] = []
+        if self._container:
+            try:
+                await self.runc.delete(self.name)
+                self._container = False
+            except Exception as e:
+                errors.append(f"runc delete: {e}")
+        await asyncio.to_thread(self._release_blocking, errors, keep_dir)
+        if errors:
+            log.warning("sandbox %s: cleanup incomplete: %s", self.name, "; ".join(errors))
+            self.runc.failures.append(f"{self.name}: {'; '.join(errors)}")
+
+    def _release_blocking(self, errors: list[str], keep_dir: bool) -> None:
+        """Every step runs whatever an earlier one raised: what can be released is released."""
+        # The app first, on its own: it is PID 1 of its namespace, so SIGKILL takes every process in it, even if
+        # its cgroups cannot be walked or removed below.
+        try:
+            pid = self.pid_now()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, RuncError) as e:
+            if not isinstance(e, ProcessLookupError):
+                errors.append(f"kill: {e}")
+        if self._restorer is not None:  # prepared and never used
+            try:
+                self._restorer.discard()
+            except Exception as e:
+                errors.append(f"criu swrk: {e}")
+            self._restorer = None
+        # Normally all gone with `runc delete`; not when runc was killed before it recorded the container.
+        try:
+            stuck = cgroups.remove(self.name)
+        except Exception as e:
+            stuck = [Path(f"({e})")]
+        if stuck:
+            errors.append(f"cgroups not removed: {', '.join(map(str, stuck))}")
+        try:
+            self.runc.forget(self.name)
+        except OSError as e:
+            errors.append(f"runc leftovers: {e}")
+        if self._mounted or self.layout.rootfs.exists():
+            try:
+                rootfs.unmount(self.layout.rootfs)
+                self._mounted = False
+            except Exception as e:
+                errors.append(str(e))
+        # Whatever else is mounted in the instance's directory: a CRIU killed in the middle of a restore leaves
+        # its "cgroup yard" (a tmpfs with every cgroup hierarchy mounted inside) in criu-work/.
+        for point in rootfs.mounts_under(self.layout.dir):
+            try:
+                rootfs.unmount(point)
+            except Exception as e:
+                errors.append(str(e))
+        if self.attachment is not None and self.network is not None:
+            try:
+                self.network.unplug(self.attachment)
+                self.attachment = None
+            except Exception as e:
+                errors.append(f"network: {e}")
+        try:
+            self.netns.remove()
+        except Exception as e:
+            errors.append(f"netns: {e}")
+        if not keep_dir:  # the app's output outlives its instance (applog.py)
+            try:
+                applog.keep(self.layout.output, self.layout.dir.parent.parent / "logs", self.name)
+            except OSError as e:
+                errors.append(f"keeping its output: {e}")
+        if not keep_dir and not self._mounted:
+            for _ in range(20):  # a process that was just killed may still be closing files in it
+                shutil.rmtree(self.layout.dir, ignore_errors=True)
+                if not self.layout.dir.exists():
+                    break
+                time.sleep(0.05)
+            else:
+                errors.append(f"{self.layout.dir} could not be removed")
+
+
+#: how long an app may listen on other ports only before the template is given up on (it may open an admin port
+#: first and its service port a moment later)
+ELSEWHERE_GRACE = 5.0
+
+
+def resolv_conf() -> str:
+    """The host's name servers an instance can reach (as Docker does it): loopback ones are dropped, since they
+    are the instance's own loopback in its namespace; systemd-resolved's upstream list is used when the host's
+    file only names its stub resolver; with nothing left, Docker's fallback (public resolvers)."""
+    servers, other = _read_resolv(Path("/etc/resolv.conf"))
+    if not servers:
+        servers, _ = _read_resolv(Path("/run/systemd/resolve/resolv.conf"))
+    if not servers:
+        servers = ["8.8.8.8", "8.8.4.4"]
+    return "".join(f"nameserver {s}\n" for s in servers) + "".join(f"{line}\n" for line in other)
+
+
+def _read_resolv(path: Path) -> tuple[list[str], list[str]]:
+    servers: list[str] = []
+    other: list[str] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if not words or words[0].startswith(("#", ";")):
+                continue
+            if words[0] == "nameserver" and len(words) > 1:
+                if not (words[1].startswith("127.") or words[1] == "::1"):
+                    servers.append(words[1])
+            elif words[0] in ("search", "options"):
+                other.append(line.strip())
+    return servers, other
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Has the process a handler for sig (SigCgt in /proc/PID/status)?"""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False

@@ -1,0 +1,93 @@
+"""`make install` puts activator in its own venv, without dev tools, with units pointing at it, and the installed
+daemon really serves; `make uninstall` removes it and keeps the configuration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ECHO, write_config
+from tests.daemonproc import daemon, echo_once, free_port, stop
+
+pytestmark = pytest.mark.engine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script(verb: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), verb], env=os.environ | env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_install_serve_uninstall(tmp_path: Path) -> None:
+    where = {"PREFIX": str(tmp_path / "opt"), "SYSCONFDIR": str(tmp_path / "etc"), "UNITDIR": str(tmp_path / "units"),
+             "BINDIR": str(tmp_path / "bin")}
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "other-tool").write_text("#!/bin/sh\n")  # someone else's, in the same bin directory
+    done = _script("install", where)
+    assert done.returncode == 0, done.stderr
+    venv = tmp_path / "opt" / "venv"
+    installed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=freeze"], capture_output=True, text=True,
+                               timeout=120).stdout.lower()
+    assert "activator==" in installed and "pycriu==" in installed
+    assert not [tool for tool in ("pytest", "mypy", "ruff", "hypothesis") if f"\n{tool}==" in f"\n{installed}"]
+    unit = (tmp_path / "units" / "activator.service").read_text()
+    assert f"ExecStart={venv}/bin/activator run -c {tmp_path}/etc/config.yaml" in unit
+    assert "StateDirectory=activator" in unit and "ExecReload=" in unit
+    assert "ConfigurationDirectory=" not in unit  # systemd's would be /etc/activator, not this SYSCONFDIR
+    config = tmp_path / "etc" / "config.yaml"
+    assert config.stat().st_mode & 0o077 == 0  # it may hold secrets
+    on_path = tmp_path / "bin" / "activator"  # the command, on the PATH
+    ok = subprocess.run([str(on_path), "validate", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "no service yet" in ok.stdout, ok.stderr  # the starter needs no image
+    if subprocess.run(["which", "systemd-analyze"], capture_output=True).returncode == 0:
+        check = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, (tmp_path / "units").iterdir())],
+                               capture_output=True, text=True, env=os.environ | {"SYSTEMD_LOG_LEVEL": "warning"},
+                               timeout=60)
+        assert check.stdout.strip() == "" and check.stderr.strip() == "", check.stderr
+
+    port = free_port()  # the installed daemon, not this checkout's, restores and serves
+    cfg = write_config(tmp_path, {"echo": ECHO | {"listen": f"127.0.0.1:{port}"}})
+    with daemon([str(on_path), "run", "-c", str(cfg)], tmp_path / "activator.log") as proc:
+        assert echo_once(port, b"installed") == b"installed"
+        assert stop(proc) == 0
+
+    (tmp_path / "opt" / "share" / "mine.txt").write_text("an operator's note, not the install's")
+    done = _script("uninstall", where)
+    assert done.returncode == 0, done.stderr
+    assert not venv.exists() and not on_path.exists() and not (tmp_path / "units").exists()  # made by it: gone
+    assert (tmp_path / "bin" / "other-tool").exists()  # exactly what the install made, nothing else
+    assert (tmp_path / "opt" / "share" / "mine.txt").exists()
+    assert sorted(p.name for p in (tmp_path / "opt" / "share").iterdir()) == ["mine.txt"]
+    assert config.exists()  # the configuration is the operator's
+
+
+def test_prefix_alone_keeps_everything_under_it_and_destdir_stages(tmp_path: Path) -> None:
+    prefix = tmp_path / "p"
+    done = _script("install", {"PREFIX": str(prefix)})
+    assert done.returncode == 0, done.stderr
+    assert (prefix / "etc" / "config.yaml").exists() and (prefix / "lib" / "systemd" / "system" /
+                                                         "activator.service").exists()
+    assert (prefix / "bin" / "activator").resolve() == prefix / "venv" / "bin" / "activator"
+    assert "systemd does not look in" in done.stdout  # and it says where the units went instead
+    done = _script("uninstall", {"PREFIX": str(prefix)})
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in prefix.iterdir()) == ["etc"] and [p.name for p in (prefix / "etc").iterdir()] == \
+        ["config.yaml"]
+
+    stage = tmp_path / "stage"
+    final = "/opt/activator-staged-test"
+    done = _script("install", {"DESTDIR": str(stage), "PREFIX": final, "SYSCONFDIR": "/etc/activator-staged-test",
+                               "UNITDIR": "/lib/systemd/system", "BINDIR": "/usr/bin"})
+    assert done.returncode == 0, done.stderr
+    assert not Path(final).exists()  # only the stage was written
+    unit = (stage / "lib" / "systemd" / "system" / "activator.service").read_text()
+    assert f"ExecStart={final}/venv/bin/activator run" in unit
+    script = (stage / final.lstrip("/") / "venv" / "bin" / "activator").read_text().splitlines()[0]
+    assert script.startswith(f"#!{final}/venv/bin/python"), script  # its final path, not the stage's
+    assert os.readlink(stage / "usr" / "bin" / "activator") == f"{final}/venv/bin/activator"
+    manifest = (stage / final.lstrip("/") / "share" / "install-manifest").read_text()
+    assert str(stage) not in manifest and f"file {final}/share/README.md" in manifest

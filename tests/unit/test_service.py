@@ -1,0 +1,276 @@
+"""The Service state machine (admission, scale-out, queueing, backoff, idle reaping) driven with a fake launcher:
+no engine, milliseconds per test. The same behaviour is tested against real runc and CRIU in test_scale_out.py
+and test_admission.py; this is where its rules are pinned down quickly and exhaustively."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from activator.checkpoints.instance import Instance
+from activator.config.model import Backoff, ListenAddress, ServiceConfig
+from activator.core.capacity import Budget
+from activator.daemon.metrics import Metrics
+from activator.daemon.service import Service, ServiceSandbox
+from activator.net.network import Attachment
+from activator.errors import Rejected, RestoreError
+
+pytestmark = pytest.mark.asyncio
+
+_ids = itertools.count()
+
+
+@dataclass
+class FakeSandbox:
+    name: str
+    released: bool = False
+    asked_to_stop: int = 0  # the signal a graceful stop sent
+
+    async def stop(self, sig: int, grace: float) -> str:
+        self.asked_to_stop = sig
+        return "exited"
+
+    attachment: Attachment | None = None  # no network: the userspace path
+
+    async def release(self) -> None:
+        self.released = True
+
+    def pid_now(self) -> int | None:
+        return None  # no process to watch: its death is not what these tests are about
+
+
+_checked: type[ServiceSandbox] = FakeSandbox  # mypy: the fake has what a service uses of a sandbox
+
+
+@dataclass(frozen=True)
+class FakeCheckpoint:
+    """What Service reads of a checkpoint."""
+
+    pages_bytes: int = 4096
+    created: float = 0.0
+    stop_signal: str = "SIGTERM"
+
+
+@dataclass
+class FakeLauncher:
+    """Restores take `delay` seconds (or until `gate` is set); the first `failures` restores fail."""
+
+    delay: float = 0.0
+    failures: int = 0
+    gate: asyncio.Event | None = None
+    restores: int = 0
+    cold_starts: int = 0
+    made: list[FakeSandbox] = field(default_factory=list)
+    ksm: Any = None
+
+    async def _make(self, how: str, checkpoint: Any) -> Instance:
+        if self.gate is not None:
+            await self.gate.wait()
+        await asyncio.sleep(self.delay)
+        sb = FakeSandbox(f"svc-{next(_ids)}")
+        self.made.append(sb)
+        return Instance(sb, how, self.delay, checkpoint)  # type: ignore[arg-type]
+
+    async def restore(self, checkpoint: Any) -> Instance:
+        self.restores += 1
+        if self.failures:
+            self.failures -= 1
+            await asyncio.sleep(self.delay)
+            raise RestoreError("injected", None, "svc-x")
+        return await self._make("restore", checkpoint)
+
+    async def cold_start(self, checkpoint: Any) -> Instance:
+        self.cold_starts += 1
+        return await self._make("cold-start", checkpoint)
+
+    def refill(self, checkpoint: Any) -> None:
+        pass
+
+    async def reshare(self, ksm: Any) -> None:
+        self.ksm = ksm
+
+    async def drop_slots_except(self, checkpoint: Any) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def service(launcher: FakeLauncher, budget: int = 10_000, **keys: Any) -> Service:
+    cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80, **keys)
+    svc = Service(cfg, launcher=launcher, metrics=Metrics().for_service("svc"), budget=Budget(budget))
+    svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
+    return svc
+
+
+async def test_a_burst_on_a_single_instance_service_shares_one_restore() -> None:
+    fake = FakeLauncher(delay=0.05)
+    svc = service(fake)
+    leases = [svc.admit() for _ in range(200)]
+    got = await asyncio.gather(*(lease.acquire() for lease in leases))
+    assert fake.restores == 1 and len({id(inst) for inst, _ in got}) == 1
+    assert all(waited for _, waited in got) and svc.instances[0].connections == 200
+    for lease in leases:
+        lease.release()
+    assert svc.instances[0].connections == 0 and svc.open_connections == 0
+
+
+async def test_scale_out_starts_in_parallel_then_goes_above_target_at_max() -> None:
+    fake = FakeLauncher(delay=0.05)
+    svc = service(fake, max_instances=3, target_connections=2)
+    leases = [svc.admit() for _ in range(6)]
+    await asyncio.gather(*(lease.acquire() for lease in leases))
+    assert fake.restores == 3 and sorted(i.connections for i in svc.instances) == [2, 2, 2]
+    extra = svc.admit()
+    inst, waited = await extra.acquire()
+    assert not waited and inst.connections == 3 and fake.restores == 3
+
+
+async def test_the_queue_is_bounded() -> None:
+    gate = asyncio.Event()
+    svc = service(FakeLauncher(gate=gate), max_waiting=5)
+    waiting = [asyncio.ensure_future(svc.admit().acquire()) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert svc.waiting == 5
+    with pytest.raises(Rejected) as e:
+        await svc.admit().acquire()
+    assert e.value.reason == "queue-full"
+    gate.set()
+    await asyncio.gather(*waiting)
+    assert svc.waiting == 0
+
+
+async def test_max_connections_and_the_descriptor_budget() -> None:
+    svc = service(FakeLauncher(), budget=3, max_connections=2)
+    a, b = svc.admit(), svc.admit()
+    with pytest.raises(Rejected) as e:
+        svc.admit()
+    assert e.value.reason == "max-connections"
+    a.release()
+    a.release()  # exactly once, however often it is called
+    assert svc.open_connections == 1 and svc.budget.used == 1
+    c = svc.admit()
+    other = service(FakeLauncher(), budget=1)
+    other.admit()
+    with pytest.raises(Rejected) as e:
+        other.admit()
+    assert e.value.reason == "resources"
+    b.release()
+    c.release()
+
+
+async def test_a_failed_restore_with_no_fallback_backs_the_service_off() -> None:
+    fake = FakeLauncher(failures=1)
+    svc = service(fake, fallback="none", backoff=Backoff(initial=0.2, max=1))
+    with pytest.raises(Rejected) as e:
+        await svc.admit().acquire()
+    assert e.value.reason == "backoff" and svc.start_backoff.failures == 1
+    with pytest.raises(Rejected):  # still backing off: no new attempt
+        await svc.admit().acquire()
+    assert fake.restores == 1
+    await asyncio.sleep(0.25)
+    lease = svc.admit()
+    inst, _ = await lease.acquire()
+    assert inst.how == "restore" and fake.restores == 2
+    assert svc.start_backoff.failures == 1  # a start is proved by the app, not by CRIU returning:
+    lease.connected()  # its first accepted connection
+    assert svc.start_backoff.failures == 0
+
+
+async def test_a_failed_restore_falls_back_to_a_cold_start_and_restores_back_off() -> None:
+    fake = FakeLauncher(failures=1)
+    svc = service(fake, backoff=Backoff(initial=10, max=10))
+    inst, _ = await svc.admit().acquire()
+    assert inst.how == "cold-start" and svc.restore_backoff.active(time.monotonic())
+
+
+async def test_idle_instances_are_reaped_but_a_connection_at_the_deadline_keeps_one() -> None:
+    fake = FakeLauncher()
+    svc = service(fake, idle_timeout=0.1)
+    lease = svc.admit()
+    inst, _ = await lease.acquire()
+    lease.release()
+    await asyncio.sleep(0.09)
+    again = svc.admit()
+    assert (await again.acquire())[0] is inst  # just before the deadline: the same instance, kept
+    await asyncio.sleep(0.15)
+    assert svc.instances == [inst]  # held by an open connection: never reaped
+    again.release()
+    await asyncio.sleep(0.15)
+    assert svc.instances == [] and fake.made[0].released
+
+
+async def test_min_instances_are_kept_warm() -> None:
+    fake = FakeLauncher()
+    svc = service(fake, min_instances=2, max_instances=3, idle_timeout=0.05)
+    await asyncio.sleep(0.05)
+    assert len(svc.instances) == 2
+    await asyncio.sleep(0.1)
+    assert len(svc.instances) == 2  # idle, but min_instances
+
+
+async def test_no_checkpoint_refuses_at_once_and_says_why_then_recovers() -> None:
+    fake = FakeLauncher()
+    cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80)
+    svc = Service(cfg, launcher=fake, metrics=Metrics().for_service("svc"), budget=Budget(10))
+    svc.checkpoint_failed("image 'x' is missing", retry_in=5)
+    with pytest.raises(Rejected) as e:
+        await svc.admit().acquire()
+    assert e.value.reason == "no-checkpoint" and "image 'x' is missing" in str(e.value) and fake.restores == 0
+    assert 4 < e.value.retry_after <= 5  # a 503's Retry-After: when the next build is due
+    svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
+    inst, _ = await svc.admit().acquire()
+    assert inst.how == "restore" and svc.checkpoint_problem is None
+
+
+async def test_close_releases_every_instance_and_refuses_newcomers() -> None:
+    fake = FakeLauncher()
+    svc = service(fake, max_instances=2, target_connections=1)
+    leases = [svc.admit() for _ in range(2)]
+    await asyncio.gather(*(lease.acquire() for lease in leases))
+    await svc.close()
+    assert all(sb.released for sb in fake.made) and svc.instances == []
+    assert [sb.asked_to_stop for sb in fake.made] == [signal.SIGTERM] * 2  # a drain asks before it kills
+    with pytest.raises(Rejected) as e:
+        svc.admit()
+    assert e.value.reason == "shutting-down"
+
+
+async def test_the_backoff_gauge_counts_the_wait_for_the_next_checkpoint_build() -> None:
+    """Issue 17 item 4: status said "next build in 53 s" while activator_backoff_seconds read 0."""
+    m = Metrics()
+    cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80)
+    svc = Service(cfg, launcher=FakeLauncher(), metrics=m.for_service("svc"), budget=Budget(10))
+    svc.checkpoint_failed("image 'x' is not in the local Docker engine", retry_in=53)
+    gauge = m.registry.get_sample_value("activator_backoff_seconds", {"service": "svc"})
+    assert gauge is not None and 50 < gauge <= 53
+    svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
+    assert m.registry.get_sample_value("activator_backoff_seconds", {"service": "svc"}) == 0
+
+
+async def test_group_activation_wakes_keeps_and_reaps_together() -> None:
+    """depends_on as plain service logic (issue 17 item 8; the engine version is tests/test_groups.py)."""
+    fake_web, fake_db = FakeLauncher(), FakeLauncher()
+    web = service(fake_web, idle_timeout=0.2)
+    db = service(fake_db, idle_timeout=0.05)
+    web.dependencies, db.dependants = [db], [web]
+    lease = web.admit()
+    await lease.acquire()
+    await asyncio.sleep(0.02)
+    assert fake_db.restores == 1 and len(db.instances) == 1  # woken with web, without a client of its own
+    lease.release()
+    await asyncio.sleep(0.12)  # db idle past its 50 ms, web within its 200 ms
+    assert len(db.instances) == 1 and db.held() == ["svc"]
+    await asyncio.sleep(0.25)  # web reaped: db goes with it
+    assert web.instances == [] and db.instances == [] and db.held() == []
+    again = web.admit()
+    await again.acquire()
+    await asyncio.sleep(0.02)
+    assert fake_db.restores == 2  # and woken together again
+    again.release()
