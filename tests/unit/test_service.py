@@ -18,8 +18,8 @@ from activator.config.model import Backoff, ListenAddress, ServiceConfig
 from activator.core.capacity import Budget
 from activator.daemon.metrics import Metrics
 from activator.daemon.service import Service, ServiceSandbox
-from activator.net.network import Attachment
 from activator.errors import Rejected, RestoreError
+from activator.net.network import Attachment
 
 pytestmark = pytest.mark.asyncio
 
