@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from activator.checkpoints.builder import CheckpointBuilder
-from activator.checkpoints.host import tools
+from activator.checkpoints.host import runc_for
 from activator.checkpoints.images import DockerImageSource
 from activator.checkpoints.store import CheckpointStore, listening_ports
 from activator.runtime.sandbox import Sandbox, new_name
@@ -96,7 +96,7 @@ async def test_two_instances_of_one_checkpoint_run_at_once(start) -> None:  # ty
     svc = run.act.services["web"]
     checkpoint = svc.checkpoint
     assert checkpoint is not None and 8080 in listening_ports(checkpoint.images)
-    runc = tools(run.act.state)
+    runc = runc_for(run.act.state)
     sandboxes = [Sandbox(new_name("web"), run.config.settings.state_dir / "instances", runc) for _ in range(2)]
     try:
         for sb in sandboxes:
@@ -124,7 +124,7 @@ async def test_stale_checkpoint_is_rebuilt(start, tmp_path: Path) -> None:  # ty
     first = svc.checkpoint
     assert first is not None
     state = run.act.state
-    runc, store = tools(state), CheckpointStore(state)
+    runc, store = runc_for(state), CheckpointStore(state)
     origin = first.origin
     make = lambda criu: CheckpointBuilder(  # noqa: E731
         store, DockerImageSource(state.root), runc, state.instances, criu, origin.runc)
