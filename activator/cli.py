@@ -227,7 +227,7 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
         state = StateDir.of(cfg)
         builder = None
         try:
-            _runc, builder = open_host(state, cfg)
+            builder = open_host(state, cfg).builder
             ck = None if args.rebuild else await builder.current(svc)
             built = ck is None
             if ck is None:  # a build: the template runs on the instance network (a current one touches nothing)

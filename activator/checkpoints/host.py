@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from dataclasses import dataclass
 
 from activator.config.model import Config
 from activator.net.network import HostNetwork
@@ -27,16 +28,32 @@ def host_network(config: Config) -> HostNetwork | None:
     return HostNetwork(config.settings.network, owner=config.settings.state_dir, config_path=config.path)
 
 
-def open_host(state: StateDir, config: Config) -> tuple[Runc, CheckpointBuilder]:
-    """Check the host, lock the state dir, and make the tools `run` and `checkpoint` share. The builder's
-    network (if any) still has to be opened: after crash leftovers are gone."""
+@dataclass(frozen=True)
+class Host:
+    """What `run` and `checkpoint` share once the host is checked and the state dir locked."""
+
+    runc: Runc
+    builder: CheckpointBuilder
+
+    @property
+    def network(self) -> HostNetwork | None:
+        """The instance network, if any service is on it (still to be opened: after crash leftovers are gone)."""
+        return self.builder.network
+
+    @property
+    def images(self) -> DockerImageSource:
+        return self.builder.images
+
+
+def open_host(state: StateDir, config: Config) -> Host:
+    """Check the host, lock the state dir, and make the tools `run` and `checkpoint` share."""
     preflight.check_root()
     runc_version = preflight.check_runc(state.runc_binary)
     criu_version = preflight.check_criu(state.criu_binary)
     state.lock()
     runc = runc_for(state)
-    return runc, CheckpointBuilder(CheckpointStore(state), DockerImageSource(state.root), runc, state.instances,
-                                   criu_version, runc_version, host_network(config))
+    return Host(runc, CheckpointBuilder(CheckpointStore(state), DockerImageSource(state.root), runc, state.instances,
+                                        criu_version, runc_version, host_network(config)))
 
 
 def runc_for(state: StateDir) -> Runc:

@@ -44,6 +44,7 @@ from typing import Any, cast
 
 from activator.checkpoints.instance import Instance
 from activator.core import proxy_protocol
+from activator.core.phases import Action, Arm, ArmSilent, Close, ConnectionPhases, KeepReading, Timeouts, Wake, Why
 from activator.errors import Rejected
 from activator.tasks import spawn
 
@@ -104,26 +105,25 @@ class _End(asyncio.Protocol):
         self.conn.made(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.conn.idle_timeout is not None:
-            self.conn.last_activity = time.monotonic()
-        if self.conn.silent_timer is not None and self is self.conn.client:
-            self.conn.silent_timer.cancel()  # the client has spoken: a quiet session from now on is a feature
-            self.conn.silent_timer = None
+        conn = self.conn
         if self.through:
             assert self.peer is not None and self.peer.transport is not None
             self.peer.transport.write(data)
             self.counter.inc(len(data))
+            # The splice's hot path: the phase machine hears of bytes only while a timer watches for them.
+            if conn.watching or (self is conn.client and conn.silent_timer is not None):
+                conn.activity(self)
             return
         self.held += data
         assert self.transport is not None
         self.transport.pause_reading()
-        self.conn.spoke()
+        conn.activity(self)
 
     def eof_received(self) -> bool:
         self.eof = True
         if self.through:
             return self._pass_eof()
-        return self.conn.closed_early()
+        return self.conn.client_gone()
 
     def _pass_eof(self) -> bool:
         """Tell the peer this direction is done; close when both are. False: the transport may close."""
@@ -160,7 +160,7 @@ class _End(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self is self.conn.client and not self.through and not self.conn.closed:
-            self.conn.closed_early()  # a reset (or a close we had not read yet) before the splice
+            self.conn.client_gone()  # a reset (or a close we had not read yet) before the splice
         self.conn.close()
 
     # Flow control: our transport's write buffer is full, so stop reading from the peer that fills it.
@@ -176,7 +176,8 @@ class _End(asyncio.Protocol):
 
 
 class Connection:
-    """A client connection and, once spliced, its backend. Releases what it holds exactly once."""
+    """A client connection and, once spliced, its backend. Releases what it holds exactly once. Its phase and
+    timers are decided by core/phases.py (events in, actions out); this does the I/O they call for."""
 
     def __init__(self, service: Service, registry: ConnectionSet) -> None:
         self.service = service
@@ -186,15 +187,39 @@ class Connection:
         self.client.peer, self.backend.peer = self.backend, self.client
         self.backend.through = True  # the app may speak first (a banner); the client's transport exists
         self.lease: Lease | None = None
-        self.phase = "held"
         self.closed = False
         self.accepted = time.monotonic()
         cfg = service.config
-        self.idle_timeout = cfg.client_idle_timeout
-        self.last_activity = self.accepted
+        self.phases = ConnectionPhases(Timeouts(wake_on_connect=cfg.wake_on == "connect", wake_grace=cfg.wake_grace,
+                                                idle=cfg.client_idle_timeout, silent=cfg.client_silent_timeout),
+                                       self.accepted)
+        self.watching = cfg.client_idle_timeout is not None  # every byte counts as activity
         self._timer: asyncio.TimerHandle | None = None
         self.silent_timer: asyncio.TimerHandle | None = None  # until the client's first byte
         self._activation: asyncio.Task[None] | None = None
+
+    @property
+    def phase(self) -> str:
+        return self.phases.phase.value
+
+    def _do(self, actions: list[Action]) -> None:
+        """Carry out what the phase machine decided, in order."""
+        for a in actions:
+            if isinstance(a, Wake):
+                self.wake()
+            elif isinstance(a, KeepReading):
+                assert self.client.transport is not None
+                self.client.transport.resume_reading()
+            elif isinstance(a, Arm):
+                self._arm(a.delay)
+            elif isinstance(a, ArmSilent):
+                if self.silent_timer is not None:
+                    self.silent_timer.cancel()
+                    self.silent_timer = None
+                if a.delay is not None:
+                    self.silent_timer = asyncio.get_running_loop().call_later(a.delay, self._silent)
+            elif isinstance(a, Close):
+                self._closed_by_us(a.why)
 
     # --- held ---------------------------------------------------------------------------------------------
 
@@ -208,80 +233,52 @@ class Connection:
         except Rejected as e:
             svc.reject(e)
             self.closed = True
+            self.phases.closed()
             assert self.client.transport is not None
             _refuse(self.client.transport, svc.config.refuse_with, e)
             return
         self.registry.add(self)
-        cfg = svc.config
-        if cfg.client_silent_timeout is not None:
-            self.silent_timer = asyncio.get_running_loop().call_later(cfg.client_silent_timeout, self._silent)
-        if cfg.wake_on == "connect" or not svc.needs_wake():
-            self.wake()
-            return
-        # Held for waking: keep reading, so the first byte, a close or a reset is seen.
-        assert self.client.transport is not None
-        self.client.transport.resume_reading()
-        if cfg.wake_grace is not None:
-            self._arm(cfg.wake_grace)
-        elif self.idle_timeout is not None:
-            self._arm(self.idle_timeout)
+        self._do(self.phases.admitted(self.accepted, needs_wake=svc.needs_wake()))
 
-    def spoke(self) -> None:
-        if self.phase == "held":
-            self.wake()
+    def activity(self, end: _End) -> None:
+        now = time.monotonic()
+        self._do(self.phases.client_data(now) if end is self.client else self.phases.backend_data(now))
 
-    def closed_early(self) -> bool:
-        """The client sent EOF (or vanished) while not spliced. Before waking: ignored. Returns what
-        eof_received should: keep the transport half-open when the EOF is to be passed on later."""
-        if self.phase == "held" and not self.client.held:
-            self.service.m.ignored.inc()
-            self.close()
-            return False
-        return True
+    def client_gone(self) -> bool:
+        """The client sent EOF (or vanished) while not spliced. Returns what eof_received should: keep the
+        transport half-open when the EOF is to be passed on later (False: it was closed, as ignored)."""
+        self._do(self.phases.client_gone(holding_bytes=bool(self.client.held)))
+        return not self.closed
 
     def wake(self) -> None:
-        self.phase = "waking"
-        self._disarm()
         assert self.client.transport is not None
         self.client.transport.pause_reading()
         self._activation = spawn(self._activate(), name=f"activate:{self.service.name}")
 
-    def _arm(self, delay: float) -> None:
-        self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(delay, self._timer_fired)
-
-    def _disarm(self) -> None:
+    def _arm(self, delay: float | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if delay is not None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._timer_fired)
 
     def _timer_fired(self) -> None:
         self._timer = None
-        if self.closed:
-            return
-        if self.phase == "held" and self.service.config.wake_grace is not None:
-            self.wake()  # silent for wake_grace: a server-speaks-first client
-            return
-        idle = self.idle_timeout
-        if idle is None or self.phase == "waking":
-            return
-        remaining = self.last_activity + idle - time.monotonic()
-        if remaining > 0.001:
-            self._arm(remaining)
-            return
-        self.service.m.idle_closes.inc()
-        log.debug("service=%s connection closed after %gs without a byte either way", self.service.name, idle)
-        self.close()
+        self._do(self.phases.timer(time.monotonic()))
 
     def _silent(self) -> None:
-        """client_silent_timeout after it was accepted, the client has not sent a byte: not a quiet session (it
-        never began one), a connection holding an instance for nothing."""
         self.silent_timer = None
-        if self.closed:
-            return
-        self.service.m.idle_closes.inc()
-        log.debug("service=%s connection closed: the client sent nothing in %gs", self.service.name,
-                  self.service.config.client_silent_timeout)
+        self._do(self.phases.silent())
+
+    def _closed_by_us(self, why: Why) -> None:
+        svc = self.service
+        if why is Why.IGNORED:
+            svc.m.ignored.inc()
+        else:
+            svc.m.idle_closes.inc()
+            log.debug("service=%s connection closed: %s", svc.name,
+                      f"the client sent nothing in {svc.config.client_silent_timeout:g}s" if why is Why.SILENT else
+                      f"no byte either way in {svc.config.client_idle_timeout:g}s")
         self.close()
 
     # --- waking -------------------------------------------------------------------------------------------
@@ -340,7 +337,6 @@ class Connection:
 
     def _splice(self) -> None:
         """Header, held bytes, held EOF, then straight through: one synchronous step, nothing can interleave."""
-        self.phase = "spliced"
         client, backend = self.client.transport, self.backend.transport
         assert client is not None and backend is not None
         version = self.service.config.proxy_protocol
@@ -348,16 +344,15 @@ class Connection:
             backend.write(proxy_protocol.header(version, client.get_extra_info("peername")[:2],
                                                 client.get_extra_info("sockname")[:2]))
         self.client.open()
-        if self.idle_timeout is not None and not self.closed:
-            self.last_activity = time.monotonic()
-            self._arm(self.idle_timeout)
+        if not self.closed:
+            self._do(self.phases.spliced(time.monotonic()))
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.phase = "closed"
-        self._disarm()
+        self.phases.closed()
+        self._arm(None)
         if self.silent_timer is not None:
             self.silent_timer.cancel()
             self.silent_timer = None

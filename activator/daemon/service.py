@@ -41,8 +41,9 @@ from typing import Any, Protocol
 from activator.checkpoints.instance import Instance
 from activator.checkpoints.store import Checkpoint, CheckpointStore
 from activator.config.model import ServiceConfig, signal_number
-from activator.core import capacity
+from activator.core import capacity, pool
 from activator.core.capacity import Budget, FailureBackoff
+from activator.core.pool import Idle, Pick
 from activator.errors import ActivatorError, Rejected, RestoreError, StartError
 from activator.net.network import Attachment
 from activator.tasks import spawn
@@ -307,13 +308,14 @@ class Service:
             while True:
                 if self._closed:
                     raise Rejected("shutting-down", f"service '{self.name}' is shutting down")
-                best = capacity.least_loaded(self.instances)
-                if best is not None and best.connections < target:
+                pick, best = pool.choose(self.instances, target=target, starting=len(self._starts))
+                if pick is Pick.TAKE:
                     break
-                self._scale(extra=0 if queued else 1)
-                if best is not None and not self._starts:
+                self._scale(extra=0 if queued else 1)  # then decide with the starts it asked for
+                pick, best = pool.choose(self.instances, target=target, starting=len(self._starts))
+                if pick is Pick.OVERFLOW:
                     break  # nothing more will come (max_instances or backoff): go above target
-                if best is None and not self._starts:
+                if pick is Pick.REFUSE:
                     raise self._why_no_instance()
                 if not queued:
                     if self.waiting >= self.config.max_waiting:
@@ -328,6 +330,7 @@ class Service:
             if queued:
                 self.waiting -= 1
                 self.m.waiting.set(self.waiting)
+        assert best is not None  # TAKE and OVERFLOW come with an instance
         best.spliced += 1
         best.served += 1
         if best.idle_timer is not None:
@@ -580,30 +583,24 @@ class Service:
 
     def _idle_check(self, inst: Instance) -> None:
         inst.idle_timer = None
-        if inst.stopping or inst.spliced > 0 or inst.withdrawn:
-            return  # re-armed when its last spliced connection ends, or by _retire
-        now = time.monotonic()
-        if inst.kernel > 0:
-            inst.idle_since = now  # open kernel-path connections: busy, and no event will say when they end
-        remaining = inst.idle_since + self.config.idle_timeout - now
-        if remaining > 0.001:
-            self._arm_idle(inst, remaining)
-            return
-        if len(self.instances) == 1 and (holders := self.held()):
-            log.debug("service=%s instance=%s idle, kept for %s", self.name, inst.name, ", ".join(holders))
-            self._arm_idle(inst, self.config.idle_timeout)  # and looked at again when the last dependant goes
-            return
-        if len(self.instances) <= self.config.min_instances:
-            if self.steering is not None:
-                self._arm_idle(inst, self.config.idle_timeout)  # kept warm; kernel connections send no events
-            return
-        if self.steering is None or inst.sandbox.attachment is None:
+        verdict = pool.idle_check(
+            pool.InstanceView(stopping=inst.stopping, spliced=inst.spliced, withdrawn=inst.withdrawn,
+                              kernel=inst.kernel, idle_since=inst.idle_since,
+                              steerable=inst.sandbox.attachment is not None),
+            now=time.monotonic(), idle_timeout=self.config.idle_timeout, instances=len(self.instances),
+            min_instances=self.config.min_instances, held_by=self.held(), steered=self.steering is not None)
+        if verdict.idle_since is not None:
+            inst.idle_since = verdict.idle_since
+        if verdict.action is Idle.KEPT_FOR_DEPENDANT:
+            log.debug("service=%s instance=%s idle, kept for %s", self.name, inst.name, ", ".join(self.held()))
+        if verdict.action is Idle.REAP:
             self._reap(inst)
-            return
-        inst.withdrawn = True
-        self._resteer()
-        task = spawn(self._retire(inst), name=f"retire:{inst.name}")
-        self._own(task)
+        elif verdict.action is Idle.RETIRE:
+            inst.withdrawn = True
+            self._resteer()
+            self._own(spawn(self._retire(inst), name=f"retire:{inst.name}"))
+        elif verdict.delay is not None:  # looked at again later (kept: until the last dependant goes, or warm)
+            self._arm_idle(inst, verdict.delay)
 
     async def _retire(self, inst: Instance) -> None:
         """The instance is out of the rule: reap it unless a connection got in before the rule changed.
@@ -622,10 +619,12 @@ class Service:
             still_open, half_open = await asyncio.to_thread(steering.open_count, inst)
             if inst.stopping:
                 return
-            if still_open or not half_open or time.monotonic() > deadline:
+            reap = pool.retired(still_open=still_open, half_open=half_open, spliced=inst.spliced,
+                                past_deadline=time.monotonic() > deadline)
+            if reap is not None:
                 break
             await asyncio.sleep(0.05)
-        if still_open or inst.spliced:
+        if not reap:
             inst.withdrawn = False
             inst.kernel = max(inst.kernel, still_open)
             inst.idle_since = time.monotonic()

@@ -49,9 +49,9 @@ async def test_versions_process_and_checkpoint_series(start) -> None:  # type: i
 
 
 async def test_a_moved_image_reference_marks_the_checkpoint_outdated(start, moving_image, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
-    from activator.daemon import server
+    from activator.daemon import watchers
 
-    monkeypatch.setattr(server, "IMAGE_CHECK_INTERVAL", 0.2)
+    monkeypatch.setattr(watchers, "IMAGE_CHECK_INTERVAL", 0.2)
     run = await start({"echo": ECHO | {"image": moving_image}})
     key = ("activator_checkpoint_outdated", (("service", "echo"),))
     await asyncio.sleep(0.5)

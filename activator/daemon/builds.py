@@ -1,0 +1,119 @@
+"""Each service's checkpoint, as the running daemon keeps it: the first build (or the check that the stored one is
+current), retries with the service's backoff when it fails, and an operator's rebuild. A service is independent
+of the others throughout: its build failing refuses its own connections (reason no-checkpoint), nobody else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from activator.config.model import ServiceConfig
+from activator.errors import ActivatorError
+from activator.tasks import spawn
+
+from . import systemd
+from .fleet import Fleet
+
+log = logging.getLogger("activator")
+
+
+class Builds:
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self._checking: set[str] = set()  # services whose checkpoint is being checked or built
+
+    async def first(self, svc: ServiceConfig) -> None:
+        """The service's first checkpoint; on failure, retried in the background until one is made."""
+        if not await self._build(svc):
+            self.fleet.keep(spawn(self._retry(svc), name=f"checkpoint-retry:{svc.name}"))
+
+    async def prune_after(self, first: list[asyncio.Task[None]]) -> None:
+        """Unpacked images no checkpoint uses go, once the first builds are done."""
+        await asyncio.gather(*first, return_exceptions=True)
+        if self.fleet.host is not None:
+            await self.fleet.host.builder.prune_images()
+
+    async def rebuild(self, name: str = "") -> dict[str, Any]:
+        """Build a fresh checkpoint for one service and switch new instances to it; running ones carry on."""
+        svc = self.fleet.config.service(name)
+        assert self.fleet.host is not None
+        ck, _ = await self.fleet.host.builder.ensure(svc, rebuild=True)
+        self.fleet.use(svc, ck)
+        log.info("service=%s checkpoint rebuilt in %.1fs on request", svc.name, ck.build_seconds)
+        return {"service": svc.name, "dir": str(ck.dir), "build_seconds": ck.build_seconds,
+                "listening_ports": list(ck.listening_ports), "pages_bytes": ck.pages_bytes}
+
+    async def _build(self, svc: ServiceConfig, failures: int = 0) -> bool:
+        """One attempt at the service's checkpoint. False (logged, counted, service refusing) if it failed."""
+        self._checking.add(svc.name)
+        self.tell_progress()
+        try:
+            return await self._build_once(svc, failures)
+        finally:
+            self._checking.discard(svc.name)
+            self.tell_progress()
+
+    async def _build_once(self, svc: ServiceConfig, failures: int) -> bool:
+        fleet = self.fleet
+        assert fleet.host is not None
+        builder = fleet.host.builder
+        service = fleet.services.get(svc.name)
+        if service is None or service.config is not svc:
+            return True  # a reload removed or replaced it before this attempt: its own build is under way
+        t0 = time.monotonic()
+        try:
+            checkpoint, built = await builder.ensure(svc)
+        except ActivatorError as e:
+            why = str(e)
+        except Exception as e:  # a bug must not take the other services down with it
+            log.exception("service=%s checkpoint build crashed", svc.name)
+            why = f"{type(e).__name__}: {e}"
+        else:
+            if fleet.services.get(svc.name) is not service:
+                return True  # a reload replaced it meanwhile: this checkpoint is for a definition gone
+            if built:
+                fleet.keep(spawn(builder.prune_images(), name="prune-images"))
+                service.m.checkpoint_builds.inc()
+                service.m.checkpoint_build_duration.observe(time.monotonic() - t0)
+                log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
+                         checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
+            had = service.checkpoint is not None
+            fleet.use(svc, checkpoint)
+            if fleet.ready.is_set() and not had:
+                log.info("service=%s serving on %s", svc.name, " ".join(str(a) for a in svc.listen))
+                if fleet.on_service:
+                    fleet.on_service(svc, None)
+            return True
+        if fleet.services.get(svc.name) is not service:
+            return True
+        delay = svc.backoff.delay(failures + 1)
+        service.m.checkpoint_build_failures.inc()
+        service.checkpoint_failed(why, delay)
+        log.error("service=%s not serving: no checkpoint (%s); its connections are refused; next attempt in %gs",
+                  svc.name, why, delay)
+        if fleet.ready.is_set() and fleet.on_service and failures == 0:
+            fleet.on_service(svc, why)
+        return False
+
+    def tell_progress(self) -> None:
+        """systemd's STATUS= (what `systemctl status` shows) while checkpoints are being checked or built."""
+        if self._checking:
+            systemd.notify(f"STATUS=checkpoints: checking or building {', '.join(sorted(self._checking))}")
+        elif self.fleet.ready.is_set():
+            systemd.notify(f"STATUS={self.fleet.status_line()}")
+
+    async def _retry(self, svc: ServiceConfig) -> None:
+        failures = 1
+        service = self.fleet.services[svc.name]
+        while service.checkpoint is None:
+            await asyncio.sleep(svc.backoff.delay(failures))
+            if self.fleet.services.get(svc.name) is not service:
+                return  # a reload removed or replaced it
+            if service.checkpoint is not None:
+                return  # an operator's `activator checkpoint --rebuild` got there first
+            if await self._build(svc, failures):
+                return
+            failures += 1

@@ -1,0 +1,270 @@
+"""The running services and what serves them: each name's Service (its pool of instances), its listening sockets
+and their asyncio servers, the old definitions still draining after a reload, and the host pieces they share
+(runc, the checkpoint builder and store, the instance network, KSM, the restore slots, the descriptor budget).
+
+One Fleet per daemon, owned by the lifecycle (server.py); reload orchestration (reloading.py), checkpoint builds
+(builds.py), the background watchers (watchers.py) and the control commands (commands.py) take it explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from activator.checkpoints.host import Host
+from activator.checkpoints.instance import InstanceLauncher
+from activator.checkpoints.store import Checkpoint
+from activator.config.model import Config, ListenAddress, ServiceConfig
+from activator.core import capacity
+from activator.errors import ActivatorError, ConfigError
+from activator.net.network import HostNetwork, kernel_path_possible
+from activator.runtime import ksm
+from activator.runtime.ksm import Ksm
+from activator.statedir import StateDir
+from activator.tasks import spawn
+
+from . import metrics
+from .listeners import BACKLOG
+from .metrics import Metrics
+from .proxy import ConnectionSet, client_protocol_factory
+from .service import Service
+from .steering import ServiceSteering
+
+log = logging.getLogger("activator")
+
+#: restores running at once, per CPU (the rest queue): see bench/scaleout.py
+RESTORES_PER_CPU = 1
+#: told when a service starts serving (problem None) or cannot (problem: why)
+ServiceHook = Callable[[ServiceConfig, str | None], None]
+
+
+class Fleet:
+    def __init__(self, config: Config, state: StateDir, metrics: Metrics, *,
+                 on_service: ServiceHook | None = None) -> None:
+        self.config = config
+        self.state = state
+        self.metrics = metrics
+        self.services: dict[str, Service] = {}
+        self.connections = ConnectionSet()
+        self.listeners: dict[str, list[socket.socket]] = {}  # service -> its listening sockets
+        self.servers: dict[str, list[tuple[socket.socket, asyncio.Server]]] = {}
+        #: old definitions of changed services, and removed services, while their connections drain
+        self.retiring: set[Service] = set()
+        self.budget = capacity.Budget(0)
+        self.from_systemd: dict[str, tuple[ListenAddress, ...]] = {}  # `listen: systemd` services' addresses
+        self.restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
+        self.host: Host | None = None  # set at startup, once the host is checked and the state dir locked
+        self.network_open = False  # from the moment open() starts: shutdown undoes whatever it got to
+        self.ksm: Ksm | None = None
+        self.ready = asyncio.Event()  # READY=1 was sent
+        self.on_service = on_service
+        self.started = time.time()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- the host pieces -----------------------------------------------------------------------------------
+
+    @property
+    def network(self) -> HostNetwork | None:
+        return self.host.network if self.host is not None else None
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """Own a background task until it ends (shutdown cancels what is left)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @property
+    def background(self) -> set[asyncio.Task[Any]]:
+        return self._background
+
+    async def ksm_for(self, shares: bool) -> Ksm | None:
+        """The Ksm a sharing service's launcher marks its instances for (started on first use), or None."""
+        if shares and self.ksm is None:
+            if ksm.available():
+                self.ksm = Ksm(self.state.root / ksm.SAVED_NAME)
+                await asyncio.to_thread(self.ksm.start)
+                self.keep(spawn(_pace_ksm(self.ksm), name="ksm-pacer"))
+            else:
+                log.warning("share_memory is on but this kernel has no KSM (/sys/kernel/mm/ksm): nothing is shared")
+        return self.ksm if shares else None
+
+    # --- services --------------------------------------------------------------------------------------------
+
+    async def make_service(self, svc: ServiceConfig, config: Config, *, sweeps: bool = True) -> Service:
+        """A Service with its InstanceLauncher (not yet serving: no listener, no checkpoint)."""
+        assert self.host is not None
+        m = self.metrics.for_service(svc.name)
+        launcher = InstanceLauncher(svc, self.host.runc, self.state.instances, self.state.logs, m, self.network,
+                                    await self.ksm_for(config.shares_memory(svc)), self.restores)
+        return Service(svc, launcher=launcher, metrics=m, budget=self.budget,
+                       store=self.host.builder.store if sweeps else None)
+
+    def service(self, name: str) -> Service:
+        svc = self.services.get(name)
+        if svc is None:
+            raise ActivatorError(f"no service named '{name}' (known: {', '.join(self.services) or 'none'})")
+        return svc
+
+    def with_systemd_addresses(self, config: Config) -> Config:
+        """`listen: systemd` services, with the addresses of the sockets systemd passed for them at start."""
+        services = []
+        for svc in config.services:
+            if not svc.listen:
+                if svc.name not in self.from_systemd:
+                    raise ConfigError(f"{config.path}: services.{svc.name}.listen: systemd passes sockets only at "
+                                      "start; restart the service to take new ones")
+                svc = dataclasses.replace(svc, listen=self.from_systemd[svc.name])
+            services.append(svc)
+        return dataclasses.replace(config, services=tuple(services))
+
+    def limit(self, svc: ServiceConfig) -> None:
+        """The service's kernel-side counters, max_connections and connection timeouts, before its first
+        connection is accepted."""
+        if self.network is not None and kernel_path_possible(svc):
+            self.network.limit(svc.name, svc.listen, svc.max_connections, svc.client_idle_timeout)
+
+    def use(self, svc: ServiceConfig, checkpoint: Checkpoint) -> None:
+        """Hand a service its checkpoint, and its kernel path if the app can be reached on its own address."""
+        service = self.services[svc.name]
+        if self.network is not None and kernel_path_possible(svc) and checkpoint.kernel_path:
+            if service.steering is None:
+                service.steering = ServiceSteering(self.network, svc)
+        elif service.steering is not None:
+            service.withdraw_all()
+            service.steering = None
+        service.set_checkpoint(checkpoint)
+
+    def link_dependencies(self) -> None:
+        """depends_on as Service objects, after every change to the set of services (a start, a reload, a
+        changed service taking over)."""
+        for svc in self.services.values():
+            svc.dependants = []
+        for svc in self.services.values():
+            svc.dependencies = [self.services[d] for d in svc.config.depends_on if d in self.services]
+            for dep in svc.dependencies:
+                dep.dependants.append(svc)
+
+    # --- listening -------------------------------------------------------------------------------------------
+
+    async def serve(self, name: str, socks: list[socket.socket]) -> None:
+        """Accept on these sockets for whichever Service holds the name at the time (a reload swaps it)."""
+        loop = asyncio.get_running_loop()
+
+        def current() -> Service:
+            return self.services[name]
+
+        factory = client_protocol_factory(current, self.connections)
+        for sock in socks:
+            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+            self.servers.setdefault(name, []).append((sock, server))
+
+    def unlisten(self, name: str, keep: tuple[socket.socket, ...] = ()) -> None:
+        """Stop accepting on the service's sockets, except those kept (a changed service's unchanged addresses)."""
+        serving = []
+        for sock, server in self.servers.get(name, []):
+            if sock in keep:
+                serving.append((sock, server))
+            else:
+                server.close()
+        self.servers[name] = serving
+        for sock in self.listeners.get(name, []):
+            if sock not in keep:
+                sock.close()  # closing the server detached it already (uvloop): this is for a socket never served
+        self.listeners[name] = [sock for sock in self.listeners.get(name, []) if sock in keep]
+        if not self.listeners[name]:
+            del self.listeners[name]
+            self.servers.pop(name, None)
+
+    # --- old definitions -------------------------------------------------------------------------------------
+
+    def withdraw(self, old: Service, *, removed: bool) -> None:
+        """An old definition leaves the kernel path and its gauges; it keeps serving the connections it has."""
+        old.m = metrics.detached(old.m)
+        old.store = None  # it must not sweep the checkpoint a new definition may be using
+        old.withdraw_all()
+        old.steering = None
+        if self.network is not None:
+            self.network.forget(old.name, counters=removed)
+        self.retiring.add(old)
+
+    async def drain_and_close(self, old: Service, *, removed: bool, then: Service | None = None) -> None:
+        """Let an old definition's connections finish (up to drain_timeout), then close it."""
+        try:
+            deadline = time.monotonic() + self.config.settings.drain_timeout
+            while old.open_connections + old.kernel_connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if old.open_connections + old.kernel_connections:
+                log.warning("service=%s: %d connection(s) of its old definition cut after drain_timeout",
+                            old.name, old.open_connections + old.kernel_connections)
+            await old.close()
+        finally:
+            self.retiring.discard(old)
+        if removed and old.name not in self.services:
+            self.metrics.forget_service(old.name)
+        if then is not None and then is self.services.get(old.name) and self.host is not None:
+            then.store = self.host.builder.store
+            then.sweep_if_unused()
+        log.info("service=%s %s", old.name, "removed" if removed else "old definition drained and closed")
+
+    # --- what it says about itself ---------------------------------------------------------------------------
+
+    def service_state(self, svc: ServiceConfig) -> str:
+        addrs = " ".join(str(a) for a in svc.listen)
+        service = self.services.get(svc.name)
+        if service is None or service.checkpoint is not None:
+            return f"{svc.name} serving on {addrs}"
+        if service.checkpoint_problem is not None:
+            return f"{svc.name} NOT serving on {addrs}: no checkpoint ({service.checkpoint_problem})"
+        return f"{svc.name} on {addrs}: checkpoint being built (its connections wait for it)"
+
+    def status_line(self) -> str:
+        broken = [s.name for s in self.services.values() if s.checkpoint_problem]
+        status = f"serving {len(self.services) - len(broken)} service(s)"
+        if broken:
+            status += f"; without a checkpoint (retrying): {', '.join(broken)}"
+        if self.retiring:
+            status += f"; draining {len(self.retiring)} old definition(s)"
+        return status
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "config": str(self.config.path),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "ready": self.ready.is_set(),
+            "connection_budget": self.budget.limit,
+            "services": [s.status() for s in self.services.values()],
+            # old definitions (a reload removed or changed them) still finishing their connections
+            "retiring": sorted(s.name for s in self.retiring),
+        }
+
+    # --- connections on both paths ---------------------------------------------------------------------------
+
+    async def kernel_open(self) -> int:
+        """Connections open on the kernel path right now (0 without a network, or when it cannot be asked)."""
+        if self.network is None or not self.network_open:
+            return 0
+        try:
+            samples = await asyncio.to_thread(self.network.sample)
+        except Exception:
+            return 0
+        return sum(s.open for s in samples.by_mark.values())
+
+    async def drained(self) -> None:
+        """Until no connection is open on either path."""
+        while True:
+            await self.connections.wait_empty()
+            if not await self.kernel_open():
+                return
+            await asyncio.sleep(0.1)
+
+
+async def _pace_ksm(k: Ksm) -> None:
+    while True:
+        await asyncio.sleep(5)
+        k.tick()

@@ -1,0 +1,159 @@
+"""Carrying out a reload (SIGHUP, `systemctl reload`, `activator reload`): what core/reloadplan.py decided, done to
+the running fleet. New listeners are bound first (a port in use refuses the whole reload, nothing changed),
+removed services stop accepting and drain, added ones start as at startup, changed ones get their new checkpoint
+while the old definition keeps serving, then take over the listeners; the old instances finish their connections
+and go. Unchanged services are not touched. A refused reload leaves the running configuration as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from activator.config.model import Config, load_config
+from activator.core.reloadplan import Change, Plan, plan_reload
+from activator.errors import ActivatorError
+from activator.tasks import spawn
+
+from . import systemd
+from .builds import Builds
+from .fleet import Fleet
+from .listeners import bind_listener
+
+log = logging.getLogger("activator")
+
+
+class Reloader:
+    def __init__(self, fleet: Fleet, builds: Builds) -> None:
+        self.fleet = fleet
+        self.builds = builds
+        self._lock = asyncio.Lock()
+        self._pending: dict[str, asyncio.Task[Any]] = {}  # a reload's unfinished work, per service
+
+    async def plan(self, path: str = "") -> dict[str, Any]:
+        """What reloading `path` (default: the running file) would change; raises ConfigError if refused."""
+        new = await self._read_config(path or self.fleet.config.path)
+        return {"config": str(new.path), "changes": plan_reload(self.fleet.config, new).describe()}
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the running file and apply it. One at a time."""
+        async with self._lock:
+            systemd.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+                           "STATUS=reloading the configuration")
+            try:
+                return await self._reload()
+            finally:
+                systemd.notify("READY=1", f"STATUS={self.fleet.status_line()}")
+
+    async def _read_config(self, path: str | Path) -> Config:
+        return self.fleet.with_systemd_addresses(await asyncio.to_thread(load_config, path))
+
+    async def _reload(self) -> dict[str, Any]:
+        fleet = self.fleet
+        try:
+            new = await self._read_config(fleet.config.path)
+            p = plan_reload(fleet.config, new)
+            fresh = await asyncio.to_thread(self._bind_new, p, new)
+        except ActivatorError as e:
+            fleet.metrics.reloads.labels("refused").inc()
+            log.error("reload refused, the running configuration stays: %s", e)
+            raise
+        # A change still being prepared (its checkpoint building) for a service this plan removes or changes
+        # again is superseded: stop it first (what it had swapped in already drains on its own).
+        for name in {s.name for s in p.removed} | {c.new.name for c in p.changed}:
+            pending = self._pending.get(name)
+            if pending is not None and not pending.done():
+                pending.cancel()
+                await asyncio.wait([pending])
+        fleet.config = new
+        for svc in p.removed:
+            old = fleet.services.pop(svc.name)
+            fleet.unlisten(svc.name)
+            fleet.withdraw(old, removed=True)
+            fleet.keep(spawn(fleet.drain_and_close(old, removed=True), name=f"retire:{svc.name}"))
+        for svc in p.added:
+            fleet.services[svc.name] = await fleet.make_service(svc, new)
+            fleet.limit(svc)
+            fleet.listeners[svc.name] = fresh.get(svc.name, [])
+            await fleet.serve(svc.name, fleet.listeners[svc.name])
+            self._track(svc.name, self.builds.first(svc), "checkpoint")
+        for change in p.changed:
+            self._track(change.new.name, self._replace(change, fresh.get(change.new.name, [])), "replace")
+        for name, shares in p.resharing:
+            await fleet.services[name].launcher.reshare(await fleet.ksm_for(shares))
+        fleet.link_dependencies()
+        for note in new.notes:
+            log.info("%s: %s", new.path, note)
+        fleet.metrics.reloads.labels("applied").inc()
+        lines = p.describe()
+        log.info("reloaded %s: %s", new.path, "; ".join(lines))
+        return {"config": str(new.path), "changes": lines}
+
+    def _track(self, name: str, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """A reload's work for one service, which a later reload may supersede (_reload cancels it)."""
+        task = spawn(coro, name=f"{what}:{name}")
+        self.fleet.keep(task)
+        self._pending[name] = task
+        task.add_done_callback(lambda t: self._pending.pop(name, None) if self._pending.get(name) is t else None)
+
+    def _bind_new(self, p: Plan, new: Config) -> dict[str, list[socket.socket]]:
+        """Sockets for every listen address the new file has and the running one does not. All or none."""
+        bound: dict[str, list[socket.socket]] = {}
+        try:
+            for svc in (*p.added, *(c.new for c in p.changed)):
+                have = self.fleet.listeners.get(svc.name, [])
+                for addr in svc.listen:
+                    if not any(systemd.same_address(sock, addr) for sock in have):
+                        bound.setdefault(svc.name, []).append(bind_listener(addr, svc, new))
+        except BaseException:
+            for socks in bound.values():
+                for sock in socks:
+                    sock.close()
+            raise
+        return bound
+
+    async def _replace(self, change: Change, fresh: list[socket.socket]) -> None:
+        """A changed service: its new definition gets its checkpoint while the old one serves, then takes over the
+        listeners; the old instances drain. If the new checkpoint cannot be made, the old definition stays."""
+        fleet = self.fleet
+        assert fleet.host is not None
+        name, svc = change.new.name, change.new
+        old = fleet.services[name]
+        try:
+            checkpoint, built = await fleet.host.builder.ensure(svc)
+        except asyncio.CancelledError:  # superseded by a later reload: nothing was swapped in yet
+            for sock in fresh:
+                sock.close()
+            raise
+        except ActivatorError as e:
+            for sock in fresh:
+                sock.close()
+            fleet.config = dataclasses.replace(
+                fleet.config, services=tuple(change.old if s.name == name else s for s in fleet.config.services))
+            old.m.checkpoint_build_failures.inc()
+            log.error("service=%s keeps its previous definition: the new one's checkpoint failed: %s", name, e)
+            return
+        if built:
+            log.info("service=%s new checkpoint built in %.1fs for its new definition", name,
+                     checkpoint.build_seconds)
+        # The old instances still mount the replaced checkpoint: nothing may sweep it until they are gone.
+        new = await fleet.make_service(svc, fleet.config, sweeps=False)
+        new.take_counters_from(old)
+        fleet.services[name] = new  # from here the listeners hand new connections to it
+        fleet.link_dependencies()
+        fleet.withdraw(old, removed=False)
+        fleet.limit(svc)
+        fleet.use(svc, checkpoint)
+        keep = tuple(sock for sock in fleet.listeners.get(name, [])
+                     if any(systemd.same_address(sock, a) for a in svc.listen))
+        fleet.unlisten(name, keep)
+        fleet.listeners.setdefault(name, []).extend(fresh)
+        await fleet.serve(name, fresh)
+        # Not part of this task: a later reload may cancel a change being prepared, never a drain.
+        fleet.keep(spawn(fleet.drain_and_close(old, removed=False, then=new), name=f"retire:{name}"))

@@ -1,0 +1,118 @@
+"""What the daemon keeps an eye on while it runs, each a loop the lifecycle owner starts and shutdown cancels:
+the kernel path's connections (sampled, since they send no events), the instance network's rules (put back when
+a firewall reload or a neighbour took them), the services' images (told when one moved on), and systemd's
+watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from activator.net.network import ident
+
+from . import systemd
+from .fleet import Fleet
+from .steering import ServiceSteering
+
+log = logging.getLogger("activator")
+
+#: how often services' image references are compared with what their checkpoints hold, seconds
+IMAGE_CHECK_INTERVAL = 60.0
+#: how often kernel-path connections are sampled (conntrack and counters: a few ms of a worker thread each)
+METER_INTERVAL = 0.25
+#: every this many meter ticks (5 s), the iptables accepts are checked
+FIREWALL_CHECK_TICKS = 20
+
+
+async def meter(fleet: Fleet) -> None:
+    """Kernel-path connections send no events: sample them (conntrack, counters) a few times a second."""
+    network = fleet.network
+    assert network is not None
+    tick = 0
+    while True:
+        tick += 1
+        await keep_network(fleet, tick)
+        started = time.monotonic()
+        try:
+            samples = await asyncio.to_thread(network.sample)
+        except Exception as e:  # a netlink hiccup must not end the sampling for good
+            log.warning("sampling the kernel path failed: %s", e)
+            await asyncio.sleep(1)
+            continue
+        now = time.monotonic()
+        for svc in fleet.services.values():
+            if svc.steering is None:
+                continue
+            key = ident(svc.name)
+            svc.kernel_sample(samples.by_mark, samples.rejected.get(key, 0), samples.steered.get(key, 0), now)
+        for svc in list(fleet.retiring):  # the service's counters are the current definition's to fold in
+            svc.kernel_sample(samples.by_mark, *svc.kernel_counters, now)
+        # A sample costs ~10 us per connection (a flood of thousands: tens of ms of the GIL): never more than
+        # a tenth of the daemon's time.
+        await asyncio.sleep(max(METER_INTERVAL, 9 * (now - started)))
+
+
+async def keep_network(fleet: Fleet, tick: int) -> None:
+    """Put back what the host's firewall tools took: our tables (checked every tick, ~1 ms) and our iptables
+    accepts (every FIREWALL_CHECK_TICKS, two `iptables -C`). Counted, logged; a failed repair is retried."""
+    net = fleet.network
+    assert net is not None
+    for svc in (*fleet.services.values(), *fleet.retiring):
+        steering = svc.steering
+        if isinstance(steering, ServiceSteering) and steering.failures:
+            fleet.metrics.kernel_path_failures.labels(svc.name).inc(steering.failures)
+            steering.failures = 0
+    try:
+        if not await asyncio.to_thread(net.intact):
+            await asyncio.to_thread(net.repair)
+            fleet.metrics.network_repairs.labels("nftables").inc()
+            log.warning("the instance network's nftables tables were missing or out of date (a firewall reload?); "
+                        "put back with every instance and service rule")
+        if tick % FIREWALL_CHECK_TICKS == 0 and not await asyncio.to_thread(net.firewall_intact):
+            await asyncio.to_thread(net.repair_firewall)
+            fleet.metrics.network_repairs.labels("iptables").inc()
+            log.warning("activator's accepts in iptables were gone (a Docker restart or a firewall reload?); "
+                        "put back")
+    except Exception as e:  # retried next tick; the services keep their userspace path meanwhile
+        if tick % FIREWALL_CHECK_TICKS == 0:
+            log.warning("repairing the instance network failed: %s; retrying", e)
+
+
+async def watch_images(fleet: Fleet) -> None:
+    """Tell (activator_checkpoint_outdated, a log line) when a service's image reference has moved on to
+    another image than its checkpoint holds, e.g. after a `docker pull`. Not rebuilt on its own: a rebuild
+    runs the new image's app, which is an operator's call (`activator checkpoint --rebuild`, a restart)."""
+    assert fleet.host is not None
+    images = fleet.host.builder.images
+    told: set[tuple[str, str]] = set()
+    while True:
+        await asyncio.sleep(IMAGE_CHECK_INTERVAL)
+        resolved: dict[str, Any] = {}  # one engine query per image reference per round
+        for service in list(fleet.services.values()):
+            ck = service.checkpoint
+            if ck is None:
+                continue
+            ref = service.config.image
+            try:
+                if ref not in resolved:
+                    resolved[ref] = await asyncio.to_thread(images.resolve, ref, service.name)
+                image = resolved[ref]
+            except Exception as e:  # the engine away, the image removed: not a reason to stop watching
+                log.debug("service=%s image check failed: %s", service.name, e)
+                continue
+            outdated = image.id != ck.origin.image_id
+            service.m.checkpoint_outdated.set(int(outdated))
+            if outdated and (service.name, image.id) not in told:
+                told.add((service.name, image.id))
+                log.warning("service=%s image %s is now %s, its checkpoint holds %s; rebuild it with "
+                            "`activator checkpoint --rebuild %s` when ready", service.name, service.config.image,
+                            image.short_id, ck.origin.image_id[:19], service.name)
+
+
+async def ping_watchdog(interval: float) -> None:
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await asyncio.sleep(interval / 3)
