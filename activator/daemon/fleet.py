@@ -24,13 +24,13 @@ from activator.config.model import Config, ListenAddress, ServiceConfig
 from activator.core import capacity
 from activator.errors import ActivatorError, ConfigError
 from activator.net.network import HostNetwork, kernel_path_possible
-from activator.runtime import ksm
+from activator.runtime import ksm, preflight
 from activator.runtime.ksm import Ksm
 from activator.statedir import StateDir
 from activator.tasks import spawn
 
-from . import metrics
-from .listeners import BACKLOG
+from . import metrics, systemd
+from .listeners import BACKLOG, address_of, take_all
 from .metrics import Metrics
 from .proxy import ConnectionSet, client_protocol_factory
 from .service import Service
@@ -92,6 +92,32 @@ class Fleet:
             else:
                 log.warning("share_memory is on but this kernel has no KSM (/sys/kernel/mm/ksm): nothing is shared")
         return self.ksm if shares else None
+
+    def size_budget(self) -> None:
+        """How many connections the open file limit leaves room for, across services."""
+        fleet = self
+        nofile = preflight.raise_nofile()
+        fleet.budget.limit = capacity.connection_budget(nofile, preflight.open_fds(), len(fleet.config.services))
+        if fleet.budget.limit < 16:
+            raise ActivatorError(f"the open file limit ({nofile}) leaves room for {fleet.budget.limit} connections; "
+                                 "raise it (ulimit -n, or LimitNOFILE= in the unit)")
+        for svc in fleet.config.services:
+            if svc.max_connections is not None and svc.max_connections > fleet.budget.limit:
+                log.warning("service=%s max_connections %d is more than the open file limit (%d) allows: past "
+                            "%d connections in all, clients are refused with reason=resources", svc.name,
+                            svc.max_connections, nofile, fleet.budget.limit)
+
+    def take_listeners(self, handed_in: list[socket.socket]) -> None:
+        """The sockets systemd or the caller handed in, and the rest bound here; `listen: systemd` services get
+        their sockets' addresses."""
+        fleet = self
+        from_systemd: dict[str, list[ListenAddress]] = {}
+        for svc, sock in take_all(fleet.config, systemd.listen_fds() + [("", s) for s in handed_in]):
+            fleet.listeners.setdefault(svc.name, []).append(sock)
+            if not svc.listen:
+                from_systemd.setdefault(svc.name, []).append(address_of(sock))
+        fleet.from_systemd = {name: tuple(addrs) for name, addrs in from_systemd.items()}
+        fleet.config = fleet.with_systemd_addresses(fleet.config)
 
     # --- services --------------------------------------------------------------------------------------------
 

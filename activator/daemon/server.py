@@ -34,13 +34,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from activator import __version__
-from activator.checkpoints.builder import CheckpointBuilder
 from activator.checkpoints.host import clean_leftovers, open_host
-from activator.config.model import Config, ListenAddress
-from activator.core import capacity
+from activator.config.model import Config
 from activator.errors import ActivatorError
 from activator.net.network import HostNetwork
-from activator.runtime import cgroups, criucache, preflight
+from activator.runtime import cgroups, criucache
 from activator.statedir import StateDir
 from activator.tasks import spawn
 
@@ -49,7 +47,6 @@ from .builds import Builds
 from .commands import Commands
 from .control import ControlServer
 from .fleet import Fleet, ServiceHook
-from .listeners import address_of, take_all
 from .metrics import Metrics
 from .proxy import ConnectionSet
 from .reloading import Reloader
@@ -113,10 +110,6 @@ class Activator:
     @property
     def ready(self) -> asyncio.Event:
         return self.fleet.ready
-
-    @property
-    def _builder(self) -> CheckpointBuilder | None:
-        return self.fleet.host.builder if self.fleet.host is not None else None
 
     def status(self) -> dict[str, Any]:
         return self.fleet.status()
@@ -213,14 +206,15 @@ class Activator:
         fleet.metrics.build_info.labels(__version__, platform.python_version(), host.builder.criu,
                                         host.builder.runc_version, platform.release()).set(1)
         await asyncio.to_thread(criucache.refresh, host.runc.criu)  # ~30 ms off every CRIU run that follows
-        self._size_budget()
+        fleet.size_budget()
         cleaned = await clean_leftovers(fleet.state, host.runc, host.builder.images, host.network)
         if cleaned:
             log.warning("cleaned up after a previous run: %s", ", ".join(cleaned))
         if host.network is not None:
             fleet.network_open = True  # from here on shutdown undoes whatever open() got to
             await asyncio.to_thread(host.network.open)
-        self._take_listeners()
+        fleet.take_listeners(self._handed_in)
+        self._handed_in = []
         for svc in fleet.config.services:
             fleet.services[svc.name] = await fleet.make_service(svc, fleet.config)
             fleet.limit(svc)
@@ -241,33 +235,6 @@ class Activator:
             fleet.keep(spawn(watchers.meter(fleet), name="kernel-meter"))
         fleet.keep(spawn(watchers.watch_images(fleet), name="image-watch"))
         await self._first_checkpoints(wait_for_builds)
-
-    def _size_budget(self) -> None:
-        """How many connections the open file limit leaves room for, across services."""
-        fleet = self.fleet
-        nofile = preflight.raise_nofile()
-        fleet.budget.limit = capacity.connection_budget(nofile, preflight.open_fds(), len(fleet.config.services))
-        if fleet.budget.limit < 16:
-            raise ActivatorError(f"the open file limit ({nofile}) leaves room for {fleet.budget.limit} connections; "
-                                 "raise it (ulimit -n, or LimitNOFILE= in the unit)")
-        for svc in fleet.config.services:
-            if svc.max_connections is not None and svc.max_connections > fleet.budget.limit:
-                log.warning("service=%s max_connections %d is more than the open file limit (%d) allows: past "
-                            "%d connections in all, clients are refused with reason=resources", svc.name,
-                            svc.max_connections, nofile, fleet.budget.limit)
-
-    def _take_listeners(self) -> None:
-        """The sockets systemd or the caller handed in, and the rest bound here; `listen: systemd` services get
-        their sockets' addresses."""
-        fleet = self.fleet
-        from_systemd: dict[str, list[ListenAddress]] = {}
-        for svc, sock in take_all(fleet.config, systemd.listen_fds() + [("", s) for s in self._handed_in]):
-            fleet.listeners.setdefault(svc.name, []).append(sock)
-            if not svc.listen:
-                from_systemd.setdefault(svc.name, []).append(address_of(sock))
-        self._handed_in = []
-        fleet.from_systemd = {name: tuple(addrs) for name, addrs in from_systemd.items()}
-        fleet.config = fleet.with_systemd_addresses(fleet.config)
 
     async def _first_checkpoints(self, wait_for_builds: bool) -> None:
         fleet = self.fleet

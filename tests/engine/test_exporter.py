@@ -92,6 +92,6 @@ async def test_an_image_no_checkpoint_uses_any_more_is_pruned(start, moving_imag
     await eventually(lambda: not list((state / "checkpoints").glob(".retired-*")), what="the old checkpoint swept")
     new = run.act.services["echo"].checkpoint.image_rootfs.parent
     assert new != old and old.is_dir()
-    assert await run.act._builder.prune_images() == [old]
+    assert await run.act.fleet.host.builder.prune_images() == [old]
     assert not old.exists() and new.is_dir()
     assert await echo(run.port("echo"), b"still served") == b"still served"
