@@ -429,23 +429,51 @@ def _disk_problem(e: BaseException, state_dir: Path, *logs: Path) -> str | None:
     return f"no space left on the device of state_dir ({state_dir}); free some space and try again"
 
 
+class _Copy(asyncio.Protocol):
+    """The template's output, written to its log as it arrives (no buffer in between that a cancel could drop)."""
+
+    def __init__(self, out: int, dest: Path) -> None:
+        self.out = out
+        self.dest = dest
+        self.writable = True
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        # Keep draining the pipe even when the log cannot be written (a full disk): an app blocked on a full
+        # stdout pipe would never become ready.
+        if not self.writable:
+            return
+        try:
+            os.write(self.out, data)
+        except OSError as e:
+            self.writable = False
+            log.warning("template output to %s stopped: %s", self.dest, e.strerror)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
 async def _copy_pipe(fd: int, dest: Path) -> None:
+    """Copy the template's stdout and stderr to dest until the app (and all that holds the pipe) exits, or until
+    cancelled (it is ready, or it failed): then what it wrote that the loop has not read yet is taken too, so the
+    log an error points to has everything the app said."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
     pipe = os.fdopen(fd, "rb", buffering=0)
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    out = open_private(dest)
+    copy = _Copy(out, dest)
     try:
-        with os.fdopen(open_private(dest), "ab") as out:
-            writable = True
-            # Keep draining the pipe even when the log cannot be written (a full disk): an app blocked on a
-            # full stdout pipe would never become ready.
-            while chunk := await reader.read(65536):
-                if writable:
-                    try:
-                        out.write(chunk)
-                        out.flush()
-                    except OSError as e:
-                        writable = False
-                        log.warning("template output to %s stopped: %s", dest, e.strerror)
+        transport, _ = await loop.connect_read_pipe(lambda: copy, pipe)
+    except BaseException:
+        pipe.close()
+        os.close(out)
+        raise
+    try:
+        await copy.ended
     finally:
+        with contextlib.suppress(OSError):  # BlockingIOError: nothing left
+            os.set_blocking(fd, False)
+            while chunk := os.read(fd, 65536):
+                copy.data_received(chunk)
         transport.close()
+        os.close(out)

@@ -2,20 +2,24 @@
 
 Admission is owned here, whole. admit() turns a new client connection into a Lease or refuses it (Rejected,
 counted by reason): the service is shutting down, max_connections is reached, or the daemon's own descriptor
-budget is spent (`resources`). The lease then acquires a ready instance (see capacity.py for which one, and
+budget is spent (`resources`). The lease then acquires a ready instance (see core/pool.py for which one, and
 when more are started); connections that need an instance that is not ready yet wait for it, at most
 `max_waiting` of them, the rest are turned away at once. The lease releases what it counted exactly once.
 Each start is its own task, shielded from the connections waiting on it, so a client that gives up cancels
 nothing for the others.
 
-A start (instance.py, through the launcher passed in) is `runc restore` (bounded by restore_timeout), then
-waiting until the app listens on its port (bounded by connect_timeout). A failed restore falls back to a cold
+What is decided here is decided by core/pool.py (which instance a connection takes, whether it waits, what an
+idle instance becomes) and core/capacity.py (how many to start); this module carries the decisions out.
+
+A start (checkpoints/instance.py, through the launcher passed in) is a restore from the checkpoint into a slot
+prepared ahead (one CRIU request, bounded by restore_timeout); a restored app listens by construction, and its
+first accepted connection proves the start (within connect_timeout). A failed restore falls back to a cold
 start from the image unless `fallback: none`, and further restores back off (new instances are cold-started
 meanwhile). A start that yields no instance at all backs the whole service off: until it expires, connections
 that would need a new instance are closed at once instead of piling up behind another attempt. A service whose
 checkpoint could not be built is in the same state until a build succeeds (the lifecycle owner retries).
 
-With a kernel path (network.py: instances on the bridge, no PROXY header), ready instances are also in the
+With a kernel path (net/network.py: instances on the bridge, no PROXY header), ready instances are also in the
 service's steering rule, and most connections never reach the activator: the kernel sends them straight to an
 instance. Their count comes from conntrack samples (kernel_sample(), a few times a second); it counts toward
 target_connections (scale-out), toward max_connections, and as activity for the idle timer. A failed instance is

@@ -42,7 +42,7 @@ def _child_env() -> dict[str, str]:
 #   they are dumped without their state and restored closed, so the app sees them fail and reconnects, as pools
 #   do. Without it CRIU refuses to dump such an app at all.
 CRIU_CONFIG = """\
-# Written by activator for its own containers; see activator/runc.py.
+# Written by activator for its own containers; see activator/runtime/runc.py.
 network-lock skip
 tcp-close
 """

@@ -255,7 +255,7 @@ async def test_the_backoff_gauge_counts_the_wait_for_the_next_checkpoint_build()
 
 
 async def test_group_activation_wakes_keeps_and_reaps_together() -> None:
-    """depends_on as plain service logic (issue 17 item 8; the engine version is tests/test_groups.py)."""
+    """depends_on as plain service logic (issue 17 item 8; the engine version is tests/engine/test_groups.py)."""
     fake_web, fake_db = FakeLauncher(), FakeLauncher()
     web = service(fake_web, idle_timeout=0.2)
     db = service(fake_db, idle_timeout=0.05)
