@@ -16,9 +16,8 @@ nftables table that gives instances outbound access and steers clients to them i
 - Loopback clients: DNAT of 127.0.0.1 to the bridge needs route_localnet, which is enabled on the bridge only,
   never host-wide (CVE-2020-8558), and such connections are masqueraded, so the app sees the bridge's address
   (10.89.0.1). Remote clients keep their own address.
-- Docker sets the FORWARD policy to DROP, and a drop in any base chain wins over an accept in ours. Forwarded
-  traffic to and from the bridge is therefore accepted in Docker's DOCKER-USER chain (or in FORWARD itself when
-  its policy is DROP without Docker), with rules tagged by a comment so they are found and removed again.
+- Docker sets the FORWARD policy to DROP, and a drop in any base chain wins over an accept in ours: firewall.py
+  makes the hole in iptables for the bridge (and names Docker's networks, which the table keeps instances out of).
 - Instances are reachable only through the steering rules: new connections into the bridge that were not
   DNATed are dropped. `egress: false` instances may not open connections (new connections from their address
   are dropped in forward and input), but answer the ones steered to them.
@@ -51,10 +50,7 @@ import hashlib
 import ipaddress
 import logging
 import math
-import os
 import re
-import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -67,7 +63,8 @@ from activator.config.model import ListenAddress, NetworkSettings, ServiceConfig
 from activator.errors import ActivatorError
 from activator.statedir import in_use as statedir_in_use
 
-from . import conntrack
+from . import conntrack, firewall
+from .firewall import FirewallHole
 from .netns import HOME_NS, NetNamespace
 from .nft import Nft, NftError
 
@@ -89,7 +86,6 @@ OPEN_TCP_STATES = frozenset({3, 4, 5, 6})
 HALF_OPEN_TCP_STATES = frozenset({1, 2, 9})
 #: how long a half-open kernel-path connection is kept (Linux: 120 s and 60 s); a real handshake takes a round trip
 SYN_TIMEOUT = 10
-FIREWALL_TAG = "activator"
 #: a packet mark: "DNATed to an instance by a steering rule", set in the ip table's forward chain. With
 #: br_netfilter on (Docker turns it on), a connection from one instance to a service address whose backend is
 #: another instance is bridged port to port after the DNAT; the bridge table lets exactly those frames cross.
@@ -192,7 +188,7 @@ class HostNetwork:
         self._used: dict[int, str] = {}
         self._steered: dict[str, list[str]] = {}  # service -> its chain's jump rules, installed once
         self._backends: dict[str, list[Backend]] = {}  # service -> what its chain should steer to (for repair)
-        self._fw_chain: str | None = None  # where _open_firewall put its rules
+        self.firewall = FirewallHole(self.bridge)
         #: set when a rule change failed (a firewall reload took the table?): the next check repairs
         self.broken = False
         self._limits: dict[str, ServiceLimits] = {}
@@ -240,7 +236,7 @@ class HostNetwork:
         self._install_table()
         flush_conntrack([self.mark_base], mask=MARK_MASK)  # a dead run's entries would count against new instances
         self._made.add("firewall")
-        self._open_firewall()
+        self.firewall.open()
 
     def close(self) -> None:
         """Undo what open() did: the tables, the firewall rules, the bridge; nothing it did not make. Each step
@@ -270,7 +266,7 @@ class HostNetwork:
             step("nftables", delete_tables)
             step("conntrack", lambda: flush_conntrack([self.mark_base], mask=MARK_MASK))
         if "firewall" in self._made:
-            step("iptables", lambda: _close_firewall(self.bridge))
+            step("iptables", lambda: firewall.close(self.bridge))
         if "bridge" in self._made:
             step("bridge", delete_bridge)
         self._made.clear()
@@ -384,7 +380,7 @@ class HostNetwork:
             with contextlib.suppress(NftError):
                 self.nft.run(f"delete table {family} {t}")
         docker = " ".join(f'iifname "{br}" oifname "{name}" ct status & dnat == 0 drop\n'
-                          for name in sorted({"docker0", "br-*", *docker_bridges()}))
+                          for name in sorted({"docker0", "br-*", *firewall.docker_bridges()}))
         self.nft.run(f"""
 table ip {t} {{
     comment "activator marks {self.mark_base:#x}"
@@ -458,30 +454,6 @@ table bridge {t} {{
         counter name spoofed drop
     }}
 }}""")
-
-    def _open_firewall(self) -> None:
-        if shutil.which("iptables") is None:
-            return
-        _close_firewall(self.bridge)  # a previous run's, if any: exactly one set of ours
-        chain = "DOCKER-USER" if _iptables("-S", "DOCKER-USER").returncode == 0 else None
-        if chain is None and "-P FORWARD DROP" in _iptables("-S", "FORWARD").stdout:
-            chain = "FORWARD"
-        if chain is None:
-            return
-        # The accept gets instance traffic past the DROP policy; what it must not reach (Docker's networks,
-        # other instances) is dropped in our own table, where a drop wins over this accept.
-        self._fw_chain = chain
-        for rule in self._firewall_rules():
-            out = _iptables("-I", chain, *rule)
-            if out.returncode != 0:
-                raise ActivatorError(f"cannot let instance traffic through the host firewall ({chain}): "
-                                     f"{out.stderr.strip()[:200]}")
-        log.info("instance traffic accepted in iptables %s (the FORWARD policy is DROP)", chain)
-
-    def _firewall_rules(self) -> list[list[str]]:
-        tag = ["-m", "comment", "--comment", f"{FIREWALL_TAG} {self.bridge}"]
-        return [["-i", self.bridge, *tag, "-j", "ACCEPT"],
-                ["-o", self.bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED,DNAT", *tag, "-j", "ACCEPT"]]
 
     # --- instances (blocking) -------------------------------------------------------------------------------
 
@@ -663,6 +635,14 @@ table bridge {t} {{
 
     # --- surviving the host's firewall tools (blocking) ----------------------------------------------------
 
+    def firewall_intact(self) -> bool:
+        """Are our two accepts still in iptables? A Docker restart or an `iptables -F` removes them."""
+        return self.firewall.intact()
+
+    def repair_firewall(self) -> None:
+        self.firewall.open()
+
+
     def intact(self) -> bool:
         """Are both tables there? `nft flush ruleset` (a firewall reload, `systemctl reload nftables`,
         firewalld) or a hand-deleted table removes them under a running daemon. A listing costs ~1 ms."""
@@ -694,17 +674,6 @@ table bridge {t} {{
                 cmds += self._steer_rules(service)
             self.nft.run("\n".join(cmds))
             self.broken = False
-
-    def firewall_intact(self) -> bool:
-        """Are our two accepts still in iptables? A Docker restart or an `iptables -F` removes them."""
-        if self._fw_chain is None:
-            return True
-        return all(_iptables("-C", self._fw_chain, *rule).returncode == 0 for rule in self._firewall_rules())
-
-    def repair_firewall(self) -> None:
-        self._open_firewall()
-
-    # --- measuring (blocking) -------------------------------------------------------------------------------
 
     def sample(self) -> Samples:
         """Every plugged instance's kernel path, by mark: open connections (conntrack), packets and bytes; and
@@ -766,27 +735,6 @@ def connections(base: int) -> dict[int, tuple[int, int]]:
     return counts
 
 
-def docker_bridges() -> list[str]:
-    """The bridges of the Docker engine's networks (names beyond docker0 and br-*: a network's own
-    com.docker.network.bridge.name); none when no engine answers."""
-    try:
-        import docker
-
-        client = docker.from_env(timeout=5)
-        try:
-            nets = client.api.networks(filters={"driver": "bridge"})
-        finally:
-            client.close()
-    except Exception:  # no engine: no Docker networks to keep instances out of
-        return []
-    names = []
-    for n in nets:
-        name = (n.get("Options") or {}).get("com.docker.network.bridge.name")
-        if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.:-]{1,15}", name):
-            names.append(name)
-    return names
-
-
 def flush_conntrack(marks: Iterable[int], mask: int = 0xFFFFFFFF) -> None:
     from pyroute2 import Conntrack
 
@@ -814,23 +762,3 @@ def _sysctl(path: str, value: str | None, *, missing_ok: bool = False) -> str | 
     except OSError as e:
         raise ActivatorError(f"cannot set {path.replace('/', '.')}={value}: {e.strerror}") from None
     return value
-
-
-def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "LC_ALL": "C"})
-
-
-def _close_firewall(bridge: str) -> None:
-    """Remove the rules _open_firewall() put into iptables (found by their comment), highest number first."""
-    if shutil.which("iptables") is None:
-        return
-    tag = f"/* {FIREWALL_TAG} {bridge} */"
-    for chain in ("DOCKER-USER", "FORWARD"):
-        listing = _iptables("-L", chain, "-n", "--line-numbers")
-        if listing.returncode != 0:
-            continue
-        numbers = [int(line.split()[0]) for line in listing.stdout.splitlines()
-                   if tag in line and line.split() and line.split()[0].isdigit()]
-        for n in sorted(numbers, reverse=True):
-            _iptables("-D", chain, str(n))

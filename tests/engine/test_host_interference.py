@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from activator.net import network
+from activator.net import firewall, network
 from activator.net.nft import Nft, NftError
 from activator.runtime import cgroups, rootfs
 from tests.conftest import BUSYBOX, eventually, host_resources
@@ -48,7 +48,7 @@ async def test_a_firewall_reload_is_noticed_and_everything_put_back(start) -> No
     # What `nft flush ruleset` does to activator (without taking Docker's tables too), and a Docker restart
     # that rewrites DOCKER-USER.
     await asyncio.to_thread(_delete_tables, net.table)
-    await asyncio.to_thread(network._close_firewall, net.bridge)
+    await asyncio.to_thread(firewall.close, net.bridge)
     await eventually(lambda: repairs("nftables") >= 1, what="the tables put back")
     listing = await asyncio.to_thread(_nft, "ip", net.table)
     (inst,) = svc.instances
@@ -90,7 +90,7 @@ def _fault(step: str, monkeypatch: pytest.MonkeyPatch) -> None:
     elif step == "conntrack":
         monkeypatch.setattr(network, "flush_conntrack", once(network.flush_conntrack, OSError(105, "No buffer space")))
     elif step == "iptables":
-        monkeypatch.setattr(network, "_close_firewall", once(network._close_firewall, OSError(16, "xtables lock")))
+        monkeypatch.setattr(firewall, "close", once(firewall.close, OSError(16, "xtables lock")))
     elif step == "cgroup":
         monkeypatch.setattr(cgroups, "remove", once(cgroups.remove, OSError(16, "Device or resource busy")))
     elif step == "mount":
@@ -125,5 +125,5 @@ async def test_shutdown_finishes_whatever_fails(start, monkeypatch: pytest.Monke
         if step == "nftables":
             await asyncio.to_thread(_delete_tables, net.table)
         if step == "iptables":
-            await asyncio.to_thread(network._close_firewall, net.bridge)
+            await asyncio.to_thread(firewall.close, net.bridge)
     assert await asyncio.to_thread(lambda: host_resources(state)["mounts"]) == []
