@@ -92,7 +92,7 @@ build_redis() {
 }
 
 # A Debian with systemd as PID 1, for the test that runs the installed unit under a real systemd
-# (tests/test_real_systemd.py): systemd, Python for the installed venv, and the libraries the host's CRIU and
+# (tests/engine/test_real_systemd.py): systemd, Python for the installed venv, and the libraries the host's CRIU and
 # runc link against (they are bound in from the host, as is the Docker socket).
 SYSTEMD_PACKAGES=systemd,systemd-sysv,dbus,python3,python3-venv,libprotobuf-c1,libnl-3-200,libnet1,libnftables1,libbsd0,libgnutls30,libuuid1,runc,iproute2,procps,iptables
 build_systemd() {

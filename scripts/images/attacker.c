@@ -1,4 +1,4 @@
-/* Test app for the busybox image: an instance that attacks its neighbours (tests/test_tenant_isolation.py).
+/* Test app for the busybox image: an instance that attacks its neighbours (tests/engine/test_tenant_isolation.py).
  *
  * Usage: attacker PORT      (listens on [::]:PORT, dual-stack; a thread per client, one line command each)
  *   caps                                   -> "caps CAPEFF" (hex, from /proc/self/status)
