@@ -35,7 +35,7 @@ async def test_concurrent_first_connections_share_one_restore(start) -> None:  #
     restore_log = (inst.sandbox.layout.criu_work / "restore.log").read_text()
     assert f"Parsing config file {inst.sandbox.layout.dir}/criu.conf" in restore_log
     assert "network-lock skip" in (inst.sandbox.layout.dir / "criu.conf").read_text()
-    assert not list(inst.checkpoint.images.glob("tmpfs-*.img"))  # type: ignore[union-attr]
+    assert not list(inst.checkpoint.images.glob("tmpfs-*.img"))
 
 
 async def test_bytes_flow_both_ways_unchanged_with_half_close(start) -> None:  # type: ignore[no-untyped-def]
@@ -126,8 +126,8 @@ async def test_stale_checkpoint_is_rebuilt(start, tmp_path: Path) -> None:  # ty
     state = run.act.state
     runc, store = runc_for(state), CheckpointStore(state)
     origin = first.origin
-    make = lambda criu: CheckpointBuilder(  # noqa: E731
-        store, DockerImageSource(state.root), runc, state.instances, criu, origin.runc)
+    def make(criu: str) -> CheckpointBuilder:
+        return CheckpointBuilder(store, DockerImageSource(state.root), runc, state.instances, criu, origin.runc)
     same, built = await make(origin.criu).ensure(svc.config)
     assert not built and same.created == first.created
     # A different CRIU makes the old dump unusable: rebuilt, and the record says what it was made with.

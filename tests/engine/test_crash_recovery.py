@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,7 +148,7 @@ def test_kill_9_then_restart_cleans_every_orphan(tmp_path: Path) -> None:
     assert gone == {"veths": [], "table": "", "firewall": [], "bridge": False}
 
 
-def network_state() -> dict[str, object]:
+def network_state() -> dict[str, Any]:
     """What activator made on the host's network (bridge activator0): veths, its nft table, iptables rules."""
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     veths = [ln.split(":")[1].strip().split("@")[0] for ln in links.splitlines() if "master activator0" in ln]

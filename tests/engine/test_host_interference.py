@@ -70,7 +70,7 @@ async def test_a_firewall_reload_is_noticed_and_everything_put_back(start) -> No
 def _fault(step: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Make one teardown step fail, once, the way the host would make it fail."""
     def once(real: Any, error: Exception) -> Any:
-        fired = []
+        fired: list[int] = []
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if not fired:

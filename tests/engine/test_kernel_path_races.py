@@ -113,7 +113,7 @@ async def test_the_fast_conntrack_reader_agrees_with_pyroute2(start) -> None:  #
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             assert (await ask(reader, writer, "peer")).startswith("peer ")
             held.append(writer)
-        base = run.act.network.mark_base  # type: ignore[union-attr]
+        base = run.act.network.mark_base
 
         def both() -> tuple[list[tuple[int, int | None]], list[tuple[int, int | None]]]:
             fast = sorted(conntrack.dump(base, MARK_MASK | EGRESS), key=lambda e: (e[0], e[1] or 0))

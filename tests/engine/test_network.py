@@ -126,12 +126,12 @@ async def test_fifty_restore_and_reap_cycles_leak_no_link_rule_or_conntrack_entr
         assert (await ask_once("127.0.0.1", port, "peer")).startswith(f"peer {GATEWAY} ")  # the kernel path
         await eventually(lambda: not svc.instances and not svc._stopping, what=f"reap {i}")
     assert run.metric("activator_restores_total", "probe") == 50
-    (slot,) = [sb.attachment for _, sb in svc.launcher.slots]  # type: ignore[attr-defined]
+    (slot,) = [sb.attachment for _, sb in svc.launcher.slots]
     assert slot is not None  # the one slot prepared ahead (prepared_slots: 1), and nothing else:
     assert set(_links("av")) == links_before | {slot.veth}
-    table = run.act.network.table  # type: ignore[union-attr]
+    table = run.act.network.table
     # pyroute2's synchronous API (and subprocesses) must never run on the event loop's thread.
-    base = run.act.network.mark_base  # type: ignore[union-attr]
+    base = run.act.network.mark_base
     assert await asyncio.to_thread(_leftovers, table, base, f"{slot.mark:x}", str(slot.ip)) == {}
 
 
@@ -154,8 +154,8 @@ def _leftovers(table: str, base: int, slot_mark: str, slot_ip: str) -> dict[str,
     extra = [r for r in routes.splitlines() if "10.89.0." in r and not r.startswith("10.89.0.0/24 dev activator0")]
     if extra:
         found["routes"] = extra
-    addrs = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
-    extra = [a for a in addrs.splitlines() if "10.89.0." in a and "10.89.0.1/" not in a]  # (slots: in their netns)
+    addr_lines = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    extra = [a for a in addr_lines.splitlines() if "10.89.0." in a and "10.89.0.1/" not in a]  # (slots: own netns)
     if extra:
         found["addresses"] = extra
     return found

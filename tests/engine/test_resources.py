@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,7 +52,7 @@ def test_a_low_descriptor_limit_rejects_with_reason_resources(tmp_path: Path) ->
             for c in held:
                 c.close()
         deadline = time.monotonic() + 30
-        while _scrape_status(cfg)["services"][0]["open_connections"]:  # type: ignore[index]
+        while _scrape_status(cfg)["services"][0]["open_connections"]:
             assert time.monotonic() < deadline, "the closed connections were never counted out"
             time.sleep(0.05)
         assert echo_once(port, b"still healthy") == b"still healthy"
@@ -71,7 +72,7 @@ def _answered(c: socket.socket) -> bool:
         return False
 
 
-def _scrape_status(cfg: Path) -> dict[str, object]:
+def _scrape_status(cfg: Path) -> dict[str, Any]:
     out = subprocess.run([*ACTIVATOR, "status", "-c", str(cfg), "--json"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     result: dict[str, object] = json.loads(out.stdout)

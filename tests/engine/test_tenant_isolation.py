@@ -233,7 +233,7 @@ def _syn(src: str, dst: str, sport: int, dport: int) -> bytes:
         total = sum(struct.unpack(f"!{len(data) // 2}H", data))
         while total >> 16:
             total = (total & 0xFFFF) + (total >> 16)
-        return ~total & 0xFFFF
+        return int(~total & 0xFFFF)
 
     tcp = struct.pack("!HHIIBBHHH", sport, dport, secrets.randbits(32), 0, 5 << 4, 0x02, 64240, 0, 0)
     pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
@@ -318,7 +318,7 @@ async def test_a_refused_second_daemon_leaves_the_first_intact_and_two_networks_
     networks run side by side, each counting and flushing only its own connections."""
     run = await start({"a": ATTACKER | {"cap_add": []}})
     await shell(run, "a", shells)  # A's instance, kept busy on the kernel path below
-    table = run.act.network.table  # type: ignore[union-attr]
+    table = run.act.network.table
 
     def daemon(name: str, **settings: Any) -> Activator:
         d = tmp_path / name
@@ -338,7 +338,7 @@ async def test_a_refused_second_daemon_leaves_the_first_intact_and_two_networks_
     other = daemon("c", network={"bridge": "acttestc0", "subnet": "10.91.0.0/24"})
     try:
         await other.startup()
-        assert other.network is not None and other.network.mark_base != run.act.network.mark_base  # type: ignore[union-attr]
+        assert other.network is not None and other.network.mark_base != run.act.network.mark_base
         port_c = int(other.listeners["c"][0].getsockname()[1])
         assert await ask_once("127.0.0.1", port_c, "wake") == "wake"
         reader, writer = await asyncio.open_connection("127.0.0.1", port_c)  # C's kernel path, held open
