@@ -5,7 +5,7 @@ SETUP_STAMP := $(VENV)/.setup-done
 
 .PHONY: setup demo test unit lint images bench bench-smoke clean install uninstall
 
-$(SETUP_STAMP): scripts/setup.sh pyproject.toml
+$(SETUP_STAMP): scripts/setup.sh pyproject.toml $(wildcard scripts/criu-patches/*.patch)
 	bash scripts/setup.sh
 	touch $@
 

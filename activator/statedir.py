@@ -1,12 +1,15 @@
 """The state directory: its whole layout, its lock, and who may read it.
 
-    state_dir/                  0700: holds app data, environment and memory images; root only
+    state_dir/                  0711: holds app data, environment and memory images; root only (others may pass
+                                through to a path they know, and find only 0700 directories and 0600 files)
       lock                      flock()ed by the one activator using this state_dir
       control.sock              `activator status` talks to the daemon here (0600, SO_PEERCRED-checked too)
       checkpoints/SERVICE/      one checkpoint per service (checkpoint.py); .build-* while one is made,
                                 .retired-* while a replaced one is still mounted by running instances
       images/ID/rootfs          unpacked image root filesystems, shared read-only (images.py); .unpack-* meanwhile
-      instances/NAME/           one directory per instance or template (sandbox.py)
+      instances/NAME/           one directory per instance or template (sandbox.py); instances/ is 0711 and,
+                                in a user namespace, NAME is 0710 for the service's range (userns.py)
+      userns.json               each service's user namespace range
       logs/                     what failed: app output, CRIU and runc logs (0600)
       runc/                     runc's own root for our containers, and the CRIU config runc hands to CRIU
 
@@ -28,6 +31,7 @@ from activator.config.model import Config
 from activator.errors import ActivatorError
 
 DIR_MODE = 0o700
+TRAVERSE_MODE = 0o711
 FILE_MODE = 0o600
 
 
@@ -105,6 +109,10 @@ class StateDir:
         try:
             for d in (self.root, self.checkpoints, self.images, self.instances, self.logs, self.runc_root):
                 private_dir(d)
+            for d in (self.root, self.instances):
+                # Passable, not listable: an instance in a user namespace reaches its own directory (0710, its
+                # range's group) by path; everything else below stays 0700/0600.
+                os.chmod(d, TRAVERSE_MODE)
             fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as e:
             where = f"{self.config_path}: settings.state_dir" if self.config_path else "state_dir"

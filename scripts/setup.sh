@@ -16,6 +16,12 @@ CRIU_VERSION=${CRIU_VERSION:-4.2.1}
 # CRIU_VERSION needs CRIU_SHA256 too.
 CRIU_SHA256=${CRIU_SHA256:-29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9}
 CRIU_SRC=${CRIU_SRC:-/usr/local/src/activator-criu}
+# activator's patches to that source (scripts/criu-patches/*.patch, each with its reason and upstream reference).
+# The build is marked with them (`criu --version` says GitID: ...+activator-userns.ID), so a CRIU without them
+# is rebuilt here, and the daemon can tell a CRIU that restores user namespaces from one that cannot.
+CRIU_PATCHES=("$ROOT"/scripts/criu-patches/*.patch)
+CRIU_PATCHES_ID=$(cat "${CRIU_PATCHES[@]}" | sha256sum | cut -c1-12)
+CRIU_GITID="v${CRIU_VERSION}+activator-userns.${CRIU_PATCHES_ID}"
 STAMP_DIR=${ACTIVATOR_STATE:-/var/lib/activator}/setup
 PY=${PYTHON:-python3}
 
@@ -36,7 +42,7 @@ APT_PKGS=(docker.io containerd runc iproute2 debootstrap busybox-static make gcc
 # systemd: systemd-socket-activate and systemd-analyze for the tests, systemd-socket-proxyd for the benchmarks.
 # nftables/libnftables1: instance networking (libnftables in process; `nft` for the tests and for operators);
 # conntrack: the tests' leak checks; redis-tools, iperf3, wrk: real clients for the warm-path benchmark.
-CRIU_BUILD_DEPS=(libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
+CRIU_BUILD_DEPS=(patch libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
                  libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf
                  uuid-dev)
 
@@ -94,10 +100,10 @@ criu_works() {
 }
 
 find_good_criu() {
-    local c
-    for c in /usr/local/sbin/criu "$(command -v criu 2>/dev/null || true)"; do
-        [ -n "$c" ] && criu_works "$c" && { echo "$c"; return 0; }
-    done
+    # Only ours: a distribution's CRIU (or one built before the current patches) cannot restore user namespaces.
+    local c=/usr/local/sbin/criu
+    "$c" --version 2>/dev/null | grep -qF "GitID: $CRIU_GITID" || return 1
+    criu_works "$c" && { echo "$c"; return 0; }
     return 1
 }
 
@@ -123,15 +129,20 @@ fetch_criu_source() {
 
 build_criu() {
     apt_install "${CRIU_BUILD_DEPS[@]}"
-    if [ ! -x "$CRIU_SRC/criu/criu" ]; then
-        local tarball
+    if [ ! -x "$CRIU_SRC/criu/criu" ] || [ "$(cat "$CRIU_SRC/.activator-patches" 2>/dev/null)" != "$CRIU_PATCHES_ID" ]; then
+        local tarball p
         tarball=$(fetch_criu_source)
         echo "$CRIU_SHA256  $tarball" | sha256sum --check --quiet - ||
             die "$(basename "$tarball") does not have the pinned SHA-256 ($CRIU_SHA256): not building it"
-        log "building CRIU from $(basename "$tarball") (SHA-256 verified)"
+        log "building CRIU from $(basename "$tarball") (SHA-256 verified) with ${#CRIU_PATCHES[@]} patch(es)"
         rm -rf "$CRIU_SRC" && mkdir -p "$CRIU_SRC"
         tar -xf "$tarball" -C "$CRIU_SRC" --strip-components=1
-        make -C "$CRIU_SRC" -j"$(nproc)" criu >"$CRIU_SRC/build.log" 2>&1 || die "CRIU build failed; see $CRIU_SRC/build.log"
+        for p in "${CRIU_PATCHES[@]}"; do
+            patch -d "$CRIU_SRC" -p1 --quiet <"$p" || die "$(basename "$p") does not apply to CRIU $CRIU_VERSION"
+        done
+        make -C "$CRIU_SRC" -j"$(nproc)" GITID="$CRIU_GITID" criu >"$CRIU_SRC/build.log" 2>&1 ||
+            die "CRIU build failed; see $CRIU_SRC/build.log"
+        echo "$CRIU_PATCHES_ID" >"$CRIU_SRC/.activator-patches"
     fi
     make -C "$CRIU_SRC" lib >>"$CRIU_SRC/build.log" 2>&1 || die "CRIU lib build failed; see $CRIU_SRC/build.log"
     install -m 0755 "$CRIU_SRC/criu/criu" /usr/local/sbin/criu

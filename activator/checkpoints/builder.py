@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from activator.config.model import ServiceConfig
-from activator.errors import CheckpointError, RuncError, StartError
+from activator.errors import ActivatorError, CheckpointError, RuncError, StartError
 from activator.net.network import HostNetwork, kernel_path_possible
-from activator.runtime import applog, extmounts, readiness, seccomp, volumes
+from activator.runtime import applog, extmounts, readiness, seccomp, userns, volumes
 from activator.runtime.runc import Runc
 from activator.runtime.sandbox import Sandbox, new_name
 from activator.runtime.spec import ProcessSpec, capability_set, merge_env, process_args
@@ -92,8 +92,24 @@ class CheckpointBuilder:
         # Templates boot for real (a JVM each): more at once than CPUs only makes every one of them slower,
         # and can push a slow one past its readiness timeout.
         self._building = asyncio.Semaphore(os.cpu_count() or 1)
+        self.ranges = userns.Ranges(instances_dir.parent)
+
+    def idmap(self, svc: ServiceConfig) -> userns.IdMap | None:
+        """The service's user namespace range (None: `userns: host`). One line if this host cannot give it one."""
+        if svc.userns == "host":
+            return None
+        if not userns.supported(self.criu):
+            raise CheckpointError(
+                f"service '{svc.name}': userns: private needs a CRIU built with activator's patch "
+                f"(scripts/criu-patches/; `make setup` builds it), found CRIU {self.criu}; or set 'userns: host'")
+        try:
+            userns.check_passable(self.instances_dir)
+            return self.ranges.for_service(svc.name)
+        except ActivatorError as e:
+            raise CheckpointError(f"service '{svc.name}': {e}") from None
 
     def origin(self, svc: ServiceConfig, image: ImageInfo, seccomp_digest: str) -> Origin:
+        idmap = self.idmap(svc)
         return Origin(
             format=FORMAT,
             service_fingerprint=svc.checkpoint_fingerprint(),
@@ -102,6 +118,7 @@ class CheckpointBuilder:
             runc=self.runc_version,
             kernel=os.uname().release,
             seccomp=seccomp_digest,
+            userns=str(idmap) if idmap is not None else "host",
         )
 
     async def current(self, svc: ServiceConfig) -> Checkpoint | None:
@@ -175,9 +192,11 @@ class CheckpointBuilder:
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{svc.name}-", dir=self.store.root))
         # The template runs on the same kind of network as its instances: the app saw a real interface.
         network = self.network if svc.network == "bridge" else None
-        sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc, network, svc.egress)
+        idmap = None if origin.userns == "host" else userns.IdMap.parse(origin.userns)
+        sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc, network, svc.egress, idmap)
         try:
-            binds = await asyncio.to_thread(volumes.ensure, svc.volumes, self.instances_dir.parent, rootfs, svc.name)
+            binds = await asyncio.to_thread(volumes.ensure, svc.volumes, self.instances_dir.parent, rootfs, svc.name,
+                                            idmap)
             self._warn_unkept_volumes(svc, image)
             await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.hostname or svc.name, seccomp=filt,
                                   template=True, binds=binds)

@@ -112,10 +112,11 @@ class InstanceLauncher:
         if not self.config.volumes:
             return ()
         return await asyncio.to_thread(volumes.ensure, self.config.volumes, self.instances_dir.parent,
-                                       checkpoint.image_rootfs, self.config.name)
+                                       checkpoint.image_rootfs, self.config.name, checkpoint.idmap)
 
-    def _sandbox(self) -> Sandbox:
-        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress)
+    def _sandbox(self, checkpoint: Checkpoint) -> Sandbox:
+        sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress,
+                     checkpoint.idmap)
         sb.mergeable = self.ksm is not None  # before prepare: a direct restore's CRIU is started then
         return sb
 
@@ -131,7 +132,7 @@ class InstanceLauncher:
                 del self.slots[i]
                 sb.unmark_slot()
                 return sb
-        sb = self._sandbox()
+        sb = self._sandbox(checkpoint)
         await self._prepare_for(sb, checkpoint)
         return sb
 
@@ -169,7 +170,7 @@ class InstanceLauncher:
 
     async def _fill(self, checkpoint: Checkpoint) -> None:
         while not self._closed and len(self.slots) < self.config.prepared_slots:
-            sb = self._sandbox()
+            sb = self._sandbox(checkpoint)
             sb.slot = True
             try:
                 await self._prepare_for(sb, checkpoint)
@@ -240,7 +241,7 @@ class InstanceLauncher:
 
     async def cold_start(self, checkpoint: Checkpoint) -> Instance:
         t0 = time.monotonic()
-        sb = self._sandbox()
+        sb = self._sandbox(checkpoint)
         if self.ksm is not None:
             self.ksm.started_instance()
         try:

@@ -26,6 +26,7 @@ from typing import Any
 
 from activator.runtime.extmounts import DevEntry, dev_from_json
 from activator.runtime.spec import ProcessSpec
+from activator.runtime.userns import IdMap
 from activator.statedir import StateDir, write_private
 
 # 2: dumped with network-lock skip (runc.CRIU_CONFIG); a dump made with the lock also pays for it on every
@@ -37,7 +38,8 @@ from activator.statedir import StateDir, write_private
 # 5: /dev, /dev/shm and the masked directories dumped as external mounts (extmounts.py), /dev snapshotted.
 # 6: no CAP_NET_RAW by default (cap_add/cap_drop), /sys/devices/virtual/powercap masked, eth0 without IPv6 and
 #    with a MAC derived from its address: a process dumped with the old set would keep it on restore.
-FORMAT = 6
+# 7: templates and instances in a user namespace of their service (userns.py), dumped and restored through it.
+FORMAT = 7
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Origin:
     runc: str
     kernel: str
     seccomp: str  # digest of the filter the template ran under, or "unconfined"
+    userns: str = "host"  # the user namespace range it was dumped in ("HOST_ID:SIZE"), or "host" for none
 
     def differences(self, other: Origin) -> list[str]:
         return [k for k, v in asdict(self).items() if asdict(other)[k] != v]
@@ -77,6 +80,11 @@ class Checkpoint:
     @property
     def images(self) -> Path:
         return self.dir / "criu"
+
+    @property
+    def idmap(self) -> IdMap | None:
+        """The user namespace range every instance of it runs in (its files are owned by it)."""
+        return None if self.origin.userns == "host" else IdMap.parse(self.origin.userns)
 
     @property
     def diff(self) -> Path:

@@ -51,6 +51,7 @@ APPLIED = frozenset({
     "image", "command", "entrypoint", "environment", "env_file", "user", "working_dir", "cap_add", "cap_drop",
     "volumes", "ports", "hostname", "read_only", "tmpfs", "ulimits", "healthcheck", "mem_limit", "cpus",
     "pids_limit", "deploy", "stop_signal", "stop_grace_period", "extra_hosts", "security_opt", "depends_on",
+    "userns_mode",
 })
 IGNORED = {
     "container_name": "activator names its instances itself",
@@ -77,7 +78,7 @@ REFUSED = {
     "network_mode": "instances get activator's own network (network: bridge or none in x-activator)",
     "sysctls": "activator does not set sysctls in instances",
     "ipc": "instances have their own IPC namespace", "pid": "instances have their own PID namespace",
-    "uts": "instances have their own UTS namespace", "userns_mode": "activator sets no user namespace mode",
+    "uts": "instances have their own UTS namespace",
     "cgroup": "instances have activator's cgroups", "cgroup_parent": "instances have activator's cgroups",
     "cpu_count": "use cpus", "cpu_percent": "use cpus", "cpu_period": "use cpus", "cpu_quota": "use cpus",
     "cpu_rt_period": "activator sets no real-time CPU budget", "cpu_rt_runtime": "activator sets no real-time "
@@ -221,6 +222,11 @@ def _service(body: Mapping[str, Any], ctx: _Context) -> dict[str, Any]:
         out["extra_hosts"] = _extra_hosts(body["extra_hosts"], ctx)
     if body.get("security_opt") is not None:
         out.update(_security_opt(body["security_opt"], ctx))
+    if body.get("userns_mode") is not None:
+        if body["userns_mode"] != "host":
+            raise ctx.error("userns_mode", f"'{str(body['userns_mode'])[:40]}' is not supported: every service "
+                                           "has a user namespace of its own unless this says host")
+        out["userns"] = "host"
     resources = _resources(body, ctx)
     if resources:
         out["resources"] = resources

@@ -696,6 +696,7 @@ NETWORKS = ("bridge", "none")
 PROXY_PROTOCOLS = ("v1", "v2")
 WAKE_ON = ("data", "connect")
 REFUSALS = ("close", "http-503")
+USERNS = ("private", "host")
 #: `seccomp:` values that are not paths
 SECCOMP_DEFAULT, SECCOMP_UNCONFINED = "default", "unconfined"
 
@@ -725,6 +726,11 @@ class ServiceConfig:
                        doc="bridge: an address on activator's bridge, outbound access, and connections steered to "
                            "instances in the kernel; none: loopback only, every byte through the activator")
     egress: bool = key(Flag(), True, doc="with network: bridge, whether the app may open connections out")
+    userns: str = key(Text(choices=USERNS), "private", shapes=True,
+                      doc="private: the app runs in a user namespace of its own (root in it is an unprivileged "
+                          "uid on the host, its range kept in state_dir/userns.json); host: no user namespace, "
+                          "root in the instance is root on the host (only for an app that needs what a user "
+                          "namespace cannot give it, such as a host device)")
     cap_add: tuple[str, ...] = key(Capabilities(), (), shapes=True,
                                    doc="capabilities added to the default set (Docker's, less NET_RAW), e.g. "
                                        "[NET_RAW] for an app that sends raw packets")
@@ -839,7 +845,7 @@ def signal_number(name: str) -> int:
 
 #: process-shaping keys added after checkpoints were made without them
 ADDED_LATER = frozenset({"volumes", "cap_add", "cap_drop", "hostname", "read_only", "tmpfs", "ulimits", "depends_on",
-                         "readiness.command"})
+                         "readiness.command", "userns"})  # userns: Origin.userns (the range itself) decides
 
 
 def _plain(value: Any) -> Any:

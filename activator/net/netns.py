@@ -62,6 +62,10 @@ class NetNamespace:
                 with IPRoute() as ipr:
                     (idx,) = ipr.link_lookup(ifname="lo")
                     ipr.link("set", index=idx, state="up")
+                # An app in a user namespace holds no capability over this namespace (made outside it), so
+                # binding a port below 1024 would need one; Docker opens them in every container's namespace.
+                with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as f:
+                    f.write("0")
             finally:
                 netns.setns(HOME_NS)
             ns._fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)

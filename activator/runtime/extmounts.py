@@ -79,11 +79,19 @@ def _mount_tmpfs(target: Path, flags: int, options: str) -> None:
         raise OSError(e, f"mounting a tmpfs on {target} failed: {os.strerror(e)}")
 
 
-def prepare(where: Path, dev: tuple[DevEntry, ...], keys: dict[str, str]) -> dict[str, Path]:
-    """Blocking. Make the external mounts for one instance under `where`; returns key -> host path."""
+def prepare(where: Path, dev: tuple[DevEntry, ...], keys: dict[str, str], owner: int | None = None
+            ) -> dict[str, Path]:
+    """Blocking. Make the external mounts for one instance under `where`; returns key -> host path. owner: the
+    host id of the instance's root in its user namespace, which owns /dev and /dev/shm as runc would make them
+    there, and whose restore mounts them from here."""
     where.mkdir(mode=0o700, exist_ok=True)
+    ids = ""
+    if owner is not None:
+        os.chown(where, 0, owner)
+        os.chmod(where, 0o710)
+        ids = f",uid={owner},gid={owner}"
     d = where / "dev"
-    _mount_tmpfs(d, MS_NOSUID | MS_STRICTATIME, "mode=755,size=65536k")
+    _mount_tmpfs(d, MS_NOSUID | MS_STRICTATIME, "mode=755,size=65536k" + ids)
     for e in dev:
         p = d / e.name
         if e.kind == "link":
@@ -94,7 +102,7 @@ def prepare(where: Path, dev: tuple[DevEntry, ...], keys: dict[str, str]) -> dic
         else:
             os.mknod(p, e.mode | (stat.S_IFCHR if e.kind == "chr" else stat.S_IFBLK), e.rdev)
             os.chmod(p, e.mode)
-    _mount_tmpfs(where / "shm", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
+    _mount_tmpfs(where / "shm", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k" + ids)
     empty = where / "empty"
     empty.mkdir(mode=0o555, exist_ok=True)
     paths = {"dev": d, "shm": where / "shm"}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 MNT_DETACH = 2
+MS_BIND, MS_REC = 4096, 16384
 
 
 def mount_overlay(lower: list[Path], upper: Path, work: Path, target: Path) -> None:
@@ -24,6 +25,14 @@ def mount_overlay(lower: list[Path], upper: Path, work: Path, target: Path) -> N
     if _libc.mount(b"overlay", str(target).encode(), b"overlay", 0, opts.encode()) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"mounting overlay on {target} failed: {os.strerror(e)}")
+
+
+def bind(source: Path, target: Path) -> None:
+    """Bind-mount source (recursively) on target, made if missing."""
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if _libc.mount(str(source).encode(), str(target).encode(), None, MS_BIND | MS_REC, None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"bind-mounting {source} on {target} failed: {os.strerror(e)}")
 
 
 def unmount(target: Path) -> None:

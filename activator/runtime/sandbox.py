@@ -38,6 +38,7 @@ from .extmounts import DevEntry
 from .procs import start_time
 from .runc import Runc, restore_config
 from .spec import ProcessSpec, runtime_spec
+from .userns import IdMap, idmapped_mount
 from .volumes import Bind
 
 log = logging.getLogger("activator.sandbox")
@@ -95,8 +96,9 @@ class Layout:
 
 class Sandbox:
     def __init__(self, name: str, instances_dir: Path, runc: Runc, network: HostNetwork | None = None,
-                 egress: bool = True) -> None:
+                 egress: bool = True, idmap: IdMap | None = None) -> None:
         self.name = name
+        self.idmap = idmap  # the service's user namespace range (userns.py); None: `userns: host`
         self.layout = Layout(instances_dir / name)
         self.runc = runc
         self.netns = NetNamespace(NETNS_PREFIX + name)
@@ -138,6 +140,11 @@ class Sandbox:
         lay = self.layout
         # Private: the bundle holds the environment (secrets), the upper dir the app's writes, criu-work its logs.
         lay.dir.mkdir(mode=0o700, parents=True)
+        if self.idmap is not None:
+            # In a user namespace, runc and CRIU reach the root filesystem and the volumes (below) by path as the
+            # instance's root: its group may pass through this directory, nobody else (instances/ is 0711).
+            os.chown(lay.dir, 0, self.idmap.host)
+            os.chmod(lay.dir, 0o710)
         lay.bundle.mkdir(mode=0o700)
         lay.criu_work.mkdir(mode=0o700)
         if self.slot:
@@ -150,13 +157,21 @@ class Sandbox:
         # non-root app could not even look up its own files.
         lay.upper.mkdir(mode=0o700)
         os.chmod(lay.upper, os.stat(lower[-1]).st_mode & 0o7777)
+        if self.idmap is not None:
+            # The image's files as the range sees them, without a copy (userns.py); the upper dir (what the app
+            # writes, later the checkpoint's diff layer) is the range's own.
+            idmapped_mount(lower[-1], lay.dir / "image", self.idmap)
+            lower = [*lower[:-1], lay.dir / "image"]
+            os.chown(lay.upper, self.idmap.host, self.idmap.host)
+            binds = self._rebind(binds)
         rootfs.mount_overlay(lower, lay.upper, lay.overlay_work, lay.rootfs)
         self._mounted = True
         criu_config = self.runc.criu_config
         if template:
             criu_config = self.runc.criu_dump_config
         elif restore is not None and restore.external:
-            paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external)
+            paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external,
+                                      self.idmap.host if self.idmap is not None else None)
             direct = cgroups.v1_devices()
             if direct:  # volumes too: runc would map them itself, CRIU alone is told (dumped keyed by target)
                 paths |= {b.target: b.host for b in binds}
@@ -182,8 +197,19 @@ class Sandbox:
             criu_config=str(criu_config),
             seccomp=seccomp,
             binds=binds,
+            idmap=self.idmap,
         )
         write_private(lay.bundle / "config.json", json.dumps(spec))
+
+    def _rebind(self, binds: tuple[Bind, ...]) -> tuple[Bind, ...]:
+        """Each volume bound again inside this instance's directory, where the instance's root may pass: the
+        volumes themselves live under state_dir/volumes (root only), and a host path's parents may be private."""
+        out = []
+        for i, b in enumerate(binds):
+            here = self.layout.dir / "vol" / str(i)
+            rootfs.bind(b.host, here)
+            out.append(Bind(here, b.target, b.read_only))
+        return tuple(out)
 
     def unmark_slot(self) -> None:
         """No longer a prepared slot: it is being restored into."""
@@ -210,6 +236,10 @@ class Sandbox:
         lines += [f"{addr}\t{name}" for name, addr in extra_hosts]
         (etc / "hosts").unlink(missing_ok=True)
         (etc / "hosts").write_text("\n".join(lines) + "\n")
+        if self.idmap is not None:  # the instance's root owns them, as in `docker run` (and may change them)
+            for name in ("hosts", "resolv.conf"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(etc / name, self.idmap.host, self.idmap.host)
 
     async def start(self, stdout: int, stderr: int) -> None:
         self._container = True

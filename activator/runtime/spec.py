@@ -4,8 +4,11 @@ The sandbox is Docker's default one (moby oci/defaults.go, 20.10) made tighter: 
 CAP_NET_RAW (as Podman's default set), its masked and read-only paths plus /sys/devices/virtual/powercap (masked
 by newer Docker: RAPL energy counters are a side channel), mount options, device allowlist (runc adds the same
 default devices), PID/IPC/UTS/mount/network namespaces, Docker's default seccomp profile (seccomp.py), and
-no_new_privs, which `docker run` does not set. There is no user namespace: uid 0 in a container is uid 0 on the
-host, as with `docker run`.
+no_new_privs, which `docker run` does not set. With a user namespace (the default: userns.py), uid 0 in a
+container is an unprivileged uid on the host, as with Docker's userns-remap; the network namespace stays one we
+made outside it (it is prepared ahead), so root in the instance holds no capability over its own network (it
+cannot change addresses, routes or firewall rules; ports below 1024 are open to it through the namespace's
+ip_unprivileged_port_start, as Docker sets it).
 
 Why no CAP_NET_RAW: on a host shared by strangers, raw sockets are how an instance forges frames (another
 instance's address, a packet to the host's 127.0.0.1). The network guards stop those frames anyway
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .userns import IdMap
     from .volumes import Bind
 
 from activator.config.model import ULIMITS, Resources
@@ -108,17 +112,21 @@ def _resources(res: Resources) -> dict[str, Any]:
 def runtime_spec(
     process: ProcessSpec, *, rootfs: str, netns_path: str, cgroups_path: str, hostname: str, resources: Resources,
     criu_config: str | None = None, seccomp: dict[str, Any] | None = None, binds: tuple[Bind, ...] = (),
+    idmap: IdMap | None = None,
 ) -> dict[str, Any]:
     linux: dict[str, Any] = {
         "namespaces": [
             {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
             {"type": "network", "path": netns_path},
+            *([{"type": "user"}] if idmap is not None else []),
         ],
         "cgroupsPath": cgroups_path,
         "resources": _resources(resources),
         "maskedPaths": MASKED_PATHS,
         "readonlyPaths": READONLY_PATHS,
     }
+    if idmap is not None:
+        linux["uidMappings"] = linux["gidMappings"] = idmap.oci()
     if seccomp is not None:
         linux["seccomp"] = seccomp
     return {

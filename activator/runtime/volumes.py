@@ -24,6 +24,7 @@ from activator.config.model import Volume
 from activator.errors import ActivatorError
 
 from . import imagefs
+from .userns import IdMap, shift_tree
 
 log = logging.getLogger("activator.volumes")
 
@@ -62,14 +63,21 @@ def docker_volume(name: str) -> Path:
     return path
 
 
-def ensure(volumes: tuple[Volume, ...], state_root: Path, image_root: Path, service: str) -> tuple[Bind, ...]:
-    """Blocking. Make what does not exist yet; the binds to mount."""
+def ensure(volumes: tuple[Volume, ...], state_root: Path, image_root: Path, service: str,
+           idmap: IdMap | None = None) -> tuple[Bind, ...]:
+    """Blocking. Make what does not exist yet; the binds to mount. With a user namespace, activator's own named
+    volumes are owned by the service's range (one made without it is shifted to it once); host paths and Docker's
+    volumes are bound as they are."""
     try:
         out = binds(volumes, state_root)
     except ActivatorError as e:
         raise ActivatorError(f"service '{service}': {e}") from None
     for v, b in zip(volumes, out, strict=True):
         if b.host.is_dir():
+            if idmap is not None and v.named and not v.external and os.stat(b.host).st_uid < idmap.size:
+                n = shift_tree(b.host, idmap)
+                log.info("service=%s volume '%s': %d files given to the user namespace range %s", service,
+                         v.source, n, idmap)
             continue
         if b.host.exists():
             raise ActivatorError(f"service '{service}': volumes: {b.host} exists and is not a directory; "
@@ -101,6 +109,8 @@ def ensure(volumes: tuple[Volume, ...], state_root: Path, image_root: Path, serv
                                      f"{v.target} failed: {done.stderr.strip()[:200]}")
         else:
             tmp.mkdir(mode=0o755)
+        if idmap is not None:
+            shift_tree(tmp, idmap)
         os.rename(tmp, b.host)  # a crash mid-copy leaves a .new- directory, never a half-filled volume
         log.info("service=%s volume '%s' made for %s%s", service, v.source, v.target,
                  " (filled from the image)" if seed is not None else "")

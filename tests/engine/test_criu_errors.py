@@ -38,15 +38,22 @@ def has_cap_sys_resource() -> bool:
 
 
 def test_an_app_running_as_another_user(tmp_path: Path) -> None:
-    """Where root has CAP_SYS_RESOURCE (a normal host) a non-root app is checkpointed; where it lacks it (the
-    machines this is built on), the one line says so and what to do, instead of runc's 'type NOTIFY'."""
-    cfg = write_config(tmp_path, {"echo": ECHO | {"user": "65534:65534"}})
+    """In its own user namespace (the default) a non-root app is checkpointed and served on every host, also
+    where root lacks CAP_SYS_RESOURCE (the machines this is built on), where it failed before user namespaces.
+    Without one (`userns: host`) it is checkpointed only where root has that capability; elsewhere the one line
+    says so and what to do, instead of runc's 'type NOTIFY'."""
+    cfg = write_config(tmp_path, {"echo": ECHO | {"user": "65534:65534"},
+                                  "plain": ECHO | {"user": "65534:65534", "userns": "host"}})
     out = subprocess.run([*ACTIVATOR, "checkpoint", "echo", "-c", str(cfg)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("echo: checkpoint built")
+    out = subprocess.run([*ACTIVATOR, "checkpoint", "plain", "-c", str(cfg)], capture_output=True, text=True,
                          timeout=300)
     if has_cap_sys_resource():
         assert out.returncode == 0, out.stderr
-        assert out.stdout.startswith("echo: checkpoint built")
+        assert out.stdout.startswith("plain: checkpoint built")
     else:
         assert out.returncode == 1
         line = out.stderr.splitlines()[-1]
-        assert "Can't get rlimit" in line and "CAP_SYS_RESOURCE" in line and "run the app as root here" in line
+        assert "Can't get rlimit" in line and "CAP_SYS_RESOURCE" in line and "remove 'userns: host'" in line
