@@ -31,7 +31,7 @@ unit:
 	$(VENV)/bin/pytest tests/unit
 
 test: setup lint
-	bash scripts/build-images.sh busybox systemd tomcat redis
+	bash scripts/build-images.sh busybox systemd tomcat redis postgres
 	$(VENV)/bin/pytest tests/unit tests/engine
 	$(MAKE) bench-smoke
 

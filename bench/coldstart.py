@@ -9,7 +9,7 @@ Every measurement starts from nothing running. Traffic goes to loopback or to na
 Run as root after `make setup images`:  .venv/bin/python bench/coldstart.py [--runs N]
 Prints a table (median, min, max in ms) and writes docs/coldstart.png.
 
-    .venv/bin/python bench/coldstart.py --breakdown [--runs N] [--apps hello,tomcat]
+    .venv/bin/python bench/coldstart.py --breakdown [--runs N] [--apps hello,tomcat] [--userns private,host]
 
 instead restores each app N times in-process and prints where a restore's time goes: what activator still does
 on the critical path (prepared slots do the namespace, network, overlay and bundle ahead), the restore call (one
@@ -165,8 +165,9 @@ def bench_runc(runs: int) -> dict[str, list[float]]:
     return out
 
 
-def breakdown(runs: int, apps: list[str]) -> None:
-    """In-process restores, phase by phase (medians over the runs after the first two)."""
+def breakdown(runs: int, apps: list[str], userns: list[str]) -> None:
+    """In-process restores, phase by phase (medians over the runs after the first two), for each `userns`
+    setting asked for (private: the default, the app in a user namespace of its own; host: none)."""
     import socket as socketmod
 
     import uvloop
@@ -179,20 +180,23 @@ def breakdown(runs: int, apps: list[str]) -> None:
     async def run() -> dict[str, list[dict[str, float]]]:
         work = Path(tempfile.mkdtemp(prefix="activator-breakdown-"))
         socks, services = {}, {}
-        for name in apps:
+        names = [f"{app}-{u}" if len(userns) > 1 else app for app in apps for u in userns]
+        for name in names:
+            app, _, u = name.partition("-")
             s = socketmod.socket()
             s.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", 0))
             s.listen(64)
             socks[name] = s
-            services[name] = APPS[name] | {"listen": f"127.0.0.1:{s.getsockname()[1]}", "idle_timeout": "200ms"}
+            services[name] = APPS[app] | {"listen": f"127.0.0.1:{s.getsockname()[1]}", "idle_timeout": "200ms",
+                                          "userns": u or userns[0]}
         (work / "b.yaml").write_text(yaml.safe_dump({"settings": {"state_dir": str(STATE), "metrics": None},
                                                      "services": services}))
         act = Activator(load_config(work / "b.yaml"), sockets=list(socks.values()))
         await act.startup()
-        rows: dict[str, list[dict[str, float]]] = {name: [] for name in apps}
+        rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         try:
-            for name in apps:
+            for name in names:
                 svc = act.services[name]
                 for _ in range(runs):
                     t0 = time.monotonic()
@@ -220,11 +224,11 @@ def breakdown(runs: int, apps: list[str]) -> None:
     cols = ["prepare", "restore", "criu restore", "ttfb", "pages"]
     print(f"\nWhere a restore's time goes, ms (median of {max(1, runs - 2)}; 'restore' is the whole restore call,\n"
           "'criu restore' CRIU's own figure inside it; ttfb is what the client saw)\n")
-    print(f"{'app':8} " + " ".join(f"{c:>13}" for c in cols))
+    print(f"{'app':14} " + " ".join(f"{c:>13}" for c in cols))
     for name, rows in results.items():
         rows = rows[2:] or rows
         med = {c: statistics.median(r.get(c, 0) for r in rows) for c in cols}
-        print(f"{name:8} " + " ".join(f"{med[c]:13.1f}" if c != "pages" else f"{med[c]:13.0f}" for c in cols))
+        print(f"{name:14} " + " ".join(f"{med[c]:13.1f}" if c != "pages" else f"{med[c]:13.0f}" for c in cols))
 
 
 def main() -> None:
@@ -233,9 +237,11 @@ def main() -> None:
     ap.add_argument("--chart", default=str(ROOT / "docs" / "coldstart.png"))
     ap.add_argument("--breakdown", action="store_true", help="phase by phase, in-process (see above)")
     ap.add_argument("--apps", default=",".join(APPS))
+    ap.add_argument("--userns", default="private",
+                    help="with --breakdown: private, host, or both (private,host) side by side")
     args = ap.parse_args()
     if args.breakdown:
-        breakdown(max(3, args.runs), args.apps.split(","))
+        breakdown(max(3, args.runs), args.apps.split(","), args.userns.split(","))
         return
     results = {"activator (restore)": bench_activator(args.runs), "docker run": bench_docker(args.runs),
                "runc run": bench_runc(args.runs)}

@@ -2,8 +2,9 @@
 # Builds the demo and test images locally (no registry is needed): a busybox image for the small app and the
 # tests, a Debian minbase image with Tomcat 10 on OpenJDK 17 for the slow-starting demo, and one with Redis and
 # iperf3 for the warm-path benchmark (real servers for real clients: redis-benchmark, iperf3), and a Debian with
-# systemd as PID 1 for the test of the installed unit under a real systemd.
-#   scripts/build-images.sh [busybox] [tomcat] [redis] [systemd]      (default: busybox and tomcat)
+# systemd as PID 1 for the test of the installed unit under a real systemd, and PostgreSQL (a non-root app with
+# its data in a volume) for the user namespace tests.
+#   scripts/build-images.sh [busybox] [tomcat] [redis] [postgres] [systemd]      (default: busybox and tomcat)
 # An image that already exists is kept; FORCE=1 rebuilds.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -11,6 +12,7 @@ set -euo pipefail
 BUSYBOX_IMAGE=activator-demo/busybox:latest
 TOMCAT_IMAGE=activator-demo/tomcat:latest
 REDIS_IMAGE=activator-demo/redis:latest
+POSTGRES_IMAGE=activator-test/postgres:latest
 SYSTEMD_IMAGE=activator-test/systemd:latest
 SUITE=${SUITE:-bookworm}
 
@@ -91,6 +93,44 @@ build_redis() {
     log "built $REDIS_IMAGE"
 }
 
+# PostgreSQL 15 from Debian, run as user postgres (a non-root app: checkpointed in its user namespace), with a
+# data directory made at build time at /var/lib/postgresql/data (a VOLUME: activator fills a named volume there
+# from it). Test image: every client is trusted (pg_hba `host all all all trust`). Dynamic shared memory is SysV
+# (in the IPC namespace, which CRIU dumps) rather than files in /dev/shm, which each instance gets fresh.
+build_postgres() {
+    have "$POSTGRES_IMAGE" && return 0
+    local r mirror; r=$(mktemp -d); mirror=$(debian_mirror)
+    chmod 755 "$r"  # the chroot's / (mktemp makes it 0700): user postgres must pass through it
+    log "debootstrap $SUITE with postgresql-15 from $mirror (about a minute)"
+    debootstrap --variant=minbase "$SUITE" "$r" "$mirror" >"$r.log" 2>&1 || die "debootstrap failed; see $r.log"
+    # No server may start in the chroot (it shares the host's network), and no cluster is made by the package.
+    printf '#!/bin/sh\nexit 101\n' >"$r/usr/sbin/policy-rc.d"; chmod +x "$r/usr/sbin/policy-rc.d"
+    mkdir -p "$r/etc/postgresql-common/createcluster.d"
+    echo "create_main_cluster = false" >"$r/etc/postgresql-common/createcluster.d/activator.conf"
+    mount -t proc proc "$r/proc"
+    mount -t tmpfs tmpfs "$r/dev/shm" 2>/dev/null || { mkdir -p "$r/dev/shm" && mount -t tmpfs tmpfs "$r/dev/shm"; }
+    trap 'umount "$r/dev/shm" "$r/proc" 2>/dev/null || true' RETURN
+    chroot "$r" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 \
+        >>"$r.log" 2>&1 || die "installing postgresql-15 failed; see $r.log"
+    chroot "$r" su postgres -s /bin/sh -c \
+        "/usr/lib/postgresql/15/bin/initdb -D /var/lib/postgresql/data -U postgres --auth=trust" >>"$r.log" 2>&1 ||
+        die "initdb failed; see $r.log"
+    echo "host all all all trust" >>"$r/var/lib/postgresql/data/pg_hba.conf"
+    printf "listen_addresses = '*'\nunix_socket_directories = '/tmp'\ndynamic_shared_memory_type = sysv\n" \
+        >>"$r/var/lib/postgresql/data/postgresql.conf"
+    umount "$r/dev/shm" "$r/proc"
+    chroot "$r" apt-get clean
+    rm -rf "$r"/var/lib/apt/lists/* "$r/usr/sbin/policy-rc.d"
+    tar -C "$r" -c . | docker import \
+        --change 'ENV PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV PGDATA=/var/lib/postgresql/data' --change 'USER postgres' \
+        --change 'VOLUME ["/var/lib/postgresql/data"]' \
+        --change 'CMD ["postgres", "-D", "/var/lib/postgresql/data"]' \
+        - "$POSTGRES_IMAGE" >/dev/null
+    rm -rf "$r" "$r.log"
+    log "built $POSTGRES_IMAGE"
+}
+
 # A Debian with systemd as PID 1, for the test that runs the installed unit under a real systemd
 # (tests/engine/test_real_systemd.py): systemd, Python for the installed venv, and the libraries the host's CRIU and
 # runc link against (they are bound in from the host, as is the Docker socket).
@@ -117,7 +157,8 @@ for t in "${targets[@]}"; do
         busybox) build_busybox ;;
         tomcat) build_tomcat ;;
         redis) build_redis ;;
+        postgres) build_postgres ;;
         systemd) build_systemd ;;
-        *) die "unknown image '$t' (busybox, tomcat, redis, systemd)" ;;
+        *) die "unknown image '$t' (busybox, tomcat, redis, postgres, systemd)" ;;
     esac
 done

@@ -38,10 +38,11 @@ SERVICES_ONLY=0
 export DEBIAN_FRONTEND=noninteractive
 APT_PKGS=(docker.io containerd runc iproute2 debootstrap busybox-static make gcc libc6-dev pkgconf git xz-utils
           ca-certificates python3-venv python3-dev procps util-linux socat systemd
-          nftables libnftables1 iptables conntrack redis-tools iperf3 wrk)
+          nftables libnftables1 iptables conntrack redis-tools iperf3 wrk postgresql-client)
 # systemd: systemd-socket-activate and systemd-analyze for the tests, systemd-socket-proxyd for the benchmarks.
 # nftables/libnftables1: instance networking (libnftables in process; `nft` for the tests and for operators);
-# conntrack: the tests' leak checks; redis-tools, iperf3, wrk: real clients for the warm-path benchmark.
+# conntrack: the tests' leak checks; redis-tools, iperf3, wrk: real clients for the warm-path benchmark;
+# postgresql-client: psql, the real client of the PostgreSQL tests.
 CRIU_BUILD_DEPS=(patch libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
                  libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf
                  uuid-dev)

@@ -32,6 +32,16 @@ ECHO = {"image": BUSYBOX, "command": ["echo-server", "9000"], "port": 9000}
 HTTPD = {"image": BUSYBOX, "command": ["httpd", "-f", "-p", "8080", "-h", "/www"], "port": 8080}
 
 
+def passable(path: Path) -> Path:
+    """Let other users pass through (not list) path and its parents, as a state_dir's parents must for instances
+    in a user namespace (pytest makes its temporary directories 0700)."""
+    for d in [path, *path.parents]:
+        mode = d.stat().st_mode
+        if not mode & 0o001:
+            d.chmod(mode & 0o7777 | 0o001)
+    return path
+
+
 def _engine_missing() -> list[str]:
     missing = []
     if os.geteuid() != 0:
@@ -50,6 +60,8 @@ def _engine_missing() -> list[str]:
 def _engine_required(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("engine") is None:
         return
+    if "tmp_path" in request.fixturenames:
+        passable(request.getfixturevalue("tmp_path"))
     missing = _engine_missing()
     if not missing:
         return

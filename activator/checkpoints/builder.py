@@ -209,7 +209,7 @@ class CheckpointBuilder:
             dev = await asyncio.to_thread(extmounts.snapshot_dev, pid) if pid else ()
             (tmp / "criu").mkdir(mode=0o700)
             await sandbox.checkpoint(tmp / "criu")
-            await asyncio.to_thread(_make_private, tmp / "criu")  # CRIU writes 0644; the pages are app memory
+            await asyncio.to_thread(_make_private, tmp / "criu", idmap)  # CRIU writes 0644; the pages are app memory
             await sandbox.release(keep_dir=True)
             os.rename(sandbox.layout.upper, tmp / "diff")
             ports = await asyncio.to_thread(listening_ports, tmp / "criu")
@@ -425,10 +425,19 @@ class CheckpointBuilder:
         return self.store.logs / f"{svc.name}-template.log"
 
 
-def _make_private(directory: Path) -> None:
+def _make_private(directory: Path, idmap: userns.IdMap | None) -> None:
+    """0600 in a 0700 directory. In a user namespace, group-readable by the range's root instead (0640 in 0710,
+    group = the range): CRIU's restored task opens them from inside it, first as host root (before its id maps
+    are written: owner) then as the range's root (group). Only through CRIU's descriptor on the directory: the
+    path to it stays root's alone."""
     for f in directory.iterdir():
         if f.is_file() and not f.is_symlink():
-            os.chmod(f, 0o600)
+            if idmap is not None:
+                os.chown(f, 0, idmap.host)
+            os.chmod(f, 0o600 if idmap is None else 0o640)
+    if idmap is not None:
+        os.chown(directory, 0, idmap.host)
+        os.chmod(directory, 0o710)
 
 
 def _disk_problem(e: BaseException, state_dir: Path, *logs: Path) -> str | None:

@@ -697,6 +697,8 @@ PROXY_PROTOCOLS = ("v1", "v2")
 WAKE_ON = ("data", "connect")
 REFUSALS = ("close", "http-503")
 USERNS = ("private", "host")
+#: capabilities over the network namespace, which a user namespace of the instance does not own
+NETWORK_CAPS = frozenset({"NET_RAW", "NET_ADMIN"})
 #: `seccomp:` values that are not paths
 SECCOMP_DEFAULT, SECCOMP_UNCONFINED = "default", "unconfined"
 
@@ -825,6 +827,11 @@ class ServiceConfig:
         if self.min_instances > self.max_instances:
             raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
                              f"({self.max_instances})")
+        netcaps = sorted(set(self.cap_add) & NETWORK_CAPS)
+        if netcaps and self.userns == "private":
+            raise ValueError(f"cap_add: {', '.join(netcaps)} gives nothing in the instance's user namespace (its "
+                             "network namespace is made outside it, so no capability over the network is held); "
+                             "set 'userns: host' for an app that needs it")
 
     def checkpoint_fingerprint(self) -> str:
         """Hash of everything that shapes the checkpointed process (keys declared with shapes=True)."""

@@ -21,6 +21,7 @@ from pyroute2 import IPRoute, netns
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 
 NETNS_DIR = Path("/run/netns")
 PREFIX = "activator-"
@@ -79,6 +80,19 @@ class NetNamespace:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         return self._fd
+
+    def mount_sysfs(self, target: Path) -> None:
+        """Blocking. A sysfs of this namespace (its /sys/class/net lists the instance's own interfaces) mounted
+        read-only on target: an app in a user namespace may not mount one itself, since the namespace is not its
+        user namespace's (made outside it, ahead of time), so it gets this one bound in."""
+        target.mkdir(mode=0o755, exist_ok=True)
+        netns.setns(self.fd)
+        try:
+            if _libc.mount(b"sysfs", str(target).encode(), b"sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                           None) != 0:
+                raise _oserror(f"mounting a sysfs on {target}")
+        finally:
+            netns.setns(HOME_NS)
 
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """A non-blocking socket (TCP unless told) that lives in this namespace. Cheap (two setns calls, no

@@ -14,8 +14,8 @@ HARMLESS = ("rlimit: Can't setup RLIMIT_NOFILE for self",)
 #: causes whose fix is not obvious from CRIU's words
 HINTS = {
     "Can't get rlimit": "CRIU needs CAP_SYS_RESOURCE to dump an app that runs as another user than root, and this "
-                        "host's root lacks it (see CapBnd in /proc/self/status); remove 'userns: host' (in its own user "
-                        "namespace, the default, the app is checkpointed) or run the app as root here",
+                        "host's root lacks it (see CapBnd in /proc/self/status); remove 'userns: host' (in its own "
+                        "user namespace, the default, the app is checkpointed) or run the app as root here",
 }
 _ERROR = re.compile(r"^\([0-9. ]+\)\s+(?:\d+: )?Error \([^)]*\): (.*)$")
 

@@ -56,7 +56,9 @@ def check_criu(binary: str = "criu") -> str:
             f"{FIX}"
         )
     require_pycriu()
-    return found
+    # A build's GitID says which patches it carries (scripts/criu-patches/: user namespaces need one)
+    gitid = re.search(r"GitID:\s*(\S+)", out)
+    return f"{found} ({gitid.group(1)})" if gitid else found
 
 
 def require_pycriu() -> Any:

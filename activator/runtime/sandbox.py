@@ -153,6 +153,10 @@ class Sandbox:
         if self.network is not None:
             self.attachment = self.network.allocate(self.name, self.egress)
             self.network.plug(self.attachment, self.netns)
+        sysfs = None
+        if self.idmap is not None:
+            sysfs = lay.dir / "sys"
+            self.netns.mount_sysfs(sysfs)
         # The merged root takes the upper dir's mode: it must be the image root's, not our private 0700, or a
         # non-root app could not even look up its own files.
         lay.upper.mkdir(mode=0o700)
@@ -175,6 +179,8 @@ class Sandbox:
             direct = cgroups.v1_devices()
             if direct:  # volumes too: runc would map them itself, CRIU alone is told (dumped keyed by target)
                 paths |= {b.target: b.host for b in binds}
+                if sysfs is not None:  # the same: a bind in the spec
+                    paths["/sys"] = sysfs
             criu_config = lay.dir / "criu.conf"
             write_private(criu_config, restore_config(paths))
             if direct:  # restored through CRIU directly: its cgroups are ours to make
@@ -198,6 +204,7 @@ class Sandbox:
             seccomp=seccomp,
             binds=binds,
             idmap=self.idmap,
+            sysfs=str(sysfs) if sysfs is not None else None,
         )
         write_private(lay.bundle / "config.json", json.dumps(spec))
 

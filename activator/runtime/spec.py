@@ -112,8 +112,10 @@ def _resources(res: Resources) -> dict[str, Any]:
 def runtime_spec(
     process: ProcessSpec, *, rootfs: str, netns_path: str, cgroups_path: str, hostname: str, resources: Resources,
     criu_config: str | None = None, seccomp: dict[str, Any] | None = None, binds: tuple[Bind, ...] = (),
-    idmap: IdMap | None = None,
+    idmap: IdMap | None = None, sysfs: str | None = None,
 ) -> dict[str, Any]:
+    """sysfs: a sysfs of the instance's network namespace to bind on /sys, for an app in a user namespace (which
+    may not mount one: the network namespace is not its own, netns.NetNamespace.mount_sysfs)."""
     linux: dict[str, Any] = {
         "namespaces": [
             {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
@@ -155,8 +157,10 @@ def runtime_spec(
              "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
             {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
              "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
+            if sysfs is None else
+            {"destination": "/sys", "type": "bind", "source": sysfs, "options": ["rbind", "nosuid", "noexec", "nodev",
+                                                                                 "ro"]},
             # volumes: runc marks bind mounts external in a dump (keyed by destination), and maps them back
             *({"destination": b.target, "type": "bind", "source": str(b.host),
                "options": ["rbind", "ro" if b.read_only else "rw"]} for b in binds),

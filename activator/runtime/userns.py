@@ -189,6 +189,8 @@ def _new_userns(idmap: IdMap) -> int:
         except subprocess.TimeoutExpired:
             helper.kill()
             helper.wait()
+        if helper.stderr is not None:
+            helper.stderr.close()
 
 
 def idmapped_mount(source: Path, target: Path, idmap: IdMap) -> None:

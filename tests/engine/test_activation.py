@@ -97,7 +97,8 @@ async def test_two_instances_of_one_checkpoint_run_at_once(start) -> None:  # ty
     checkpoint = svc.checkpoint
     assert checkpoint is not None and 8080 in listening_ports(checkpoint.images)
     runc = runc_for(run.act.state)
-    sandboxes = [Sandbox(new_name("web"), run.config.settings.state_dir / "instances", runc) for _ in range(2)]
+    sandboxes = [Sandbox(new_name("web"), run.config.settings.state_dir / "instances", runc, idmap=checkpoint.idmap)
+                 for _ in range(2)]
     try:
         for sb in sandboxes:
             await sb.prepare(checkpoint.layers, checkpoint.process, svc.config.resources, "web", checkpoint.seccomp,

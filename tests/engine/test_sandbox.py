@@ -8,7 +8,9 @@ and CRIU restores the app's filter from the dump).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -75,3 +77,47 @@ async def test_a_custom_profile_is_applied(start, tmp_path: Path) -> None:  # ty
     assert b"200 OK" in await http_get(run.port("echo"))  # mkdir failed, so httpd ran
     ck = run.act.services["echo"].checkpoint
     assert ck is not None and not (ck.diff / "tmp" / "x").exists()
+
+
+async def test_root_in_an_instance_is_an_unprivileged_uid_on_the_host(start, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The app runs as root in its instance (uid 0 there) and is the service's range on the host: a host file
+    only host root may read stays closed to it even where a bind volume exposes it, while its own files and
+    world-readable ones open (positive controls). `docker run` of the same image as root reads the host file."""
+    exposed = tmp_path / "exposed"
+    exposed.mkdir(mode=0o755)
+    (exposed / "host-only").write_text("host root only\n")
+    (exposed / "host-only").chmod(0o600)
+    (exposed / "public").write_text("anyone\n")
+    (exposed / "public").chmod(0o644)
+    run = await start({"web": HTTPD | {"volumes": [f"{exposed}:/exposed"]}})
+    checkpoint = run.act.services["web"].checkpoint
+    assert checkpoint is not None and checkpoint.idmap is not None  # on by default
+    idmap = checkpoint.idmap
+    (exposed / "mine").write_text("the range's own\n")
+    os.chown(exposed / "mine", idmap.host, idmap.host)
+    (exposed / "mine").chmod(0o600)
+
+    async def probe(path: str) -> dict[str, str]:
+        return _cgi_body(await http_get(run.port("web"), f"/cgi-bin/sandbox?{path}"))
+
+    seen = await probe("/exposed/host-only")
+    assert run.metric("activator_restores_total", "web") == 1  # a restored instance answered
+    assert seen["uid"] == "0" and seen["read"] == "denied"
+    assert (await probe("/exposed/mine"))["read"] == "the range's own"
+    assert (await probe("/exposed/public"))["read"] == "anyone"
+    # The host sees the range: the app's uid, and the map the kernel keeps for its namespace.
+    (inst,) = run.act.services["web"].instances
+    pid = await inst.sandbox.pid()
+    uids = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:"))
+    assert uids.split()[1:] == [str(idmap.host)] * 4
+    assert Path(f"/proc/{pid}/uid_map").read_text().split() == ["0", str(idmap.host), str(idmap.size)]
+    # Another service has another range: one tenant's root is not another's.
+    host = run.act.fleet.host
+    assert host is not None
+    other = host.builder.ranges.for_service("another")
+    assert abs(other.host - idmap.host) >= idmap.size
+    # docker run's root is the host's root (no userns-remap on this engine): it reads the file.
+    out = await asyncio.to_thread(
+        subprocess.run, ["docker", "run", "--rm", "-v", f"{exposed}:/exposed", "--entrypoint", "cat", BUSYBOX,
+                         "/exposed/host-only"], capture_output=True, text=True, timeout=120)
+    assert out.stdout == "host root only\n", out.stderr

@@ -25,7 +25,7 @@ services:
     env_file: [web.env]
     user: "1000:1000"
     working_dir: /srv
-    cap_add: [NET_RAW]
+    cap_add: [SYS_PTRACE]
     cap_drop: [CAP_MKNOD]
     volumes: ["webdata:/data", "./static:/srv/static:ro", {type: bind, source: /etc/web, target: /etc/web}]
     ports: ["127.0.0.1:8080:80"]
@@ -65,7 +65,7 @@ def test_a_compose_file_is_a_services_file(tmp_path: Path, monkeypatch: pytest.M
     assert web.command == ("httpd", "-f", "-p", "80", "-h", "/var/www html")
     assert dict(web.environment) == {"GREETING": "hello world", "PRICE": "$5", "MODE": "prod", "LEVEL": "3"}
     assert (web.user, web.working_dir, web.idle_timeout) == ("1000:1000", "/srv", 120.0)
-    assert (web.cap_add, web.cap_drop) == (("NET_RAW",), ("MKNOD",))
+    assert (web.cap_add, web.cap_drop) == (("SYS_PTRACE",), ("MKNOD",))
     assert [str(a) for a in web.listen] == ["127.0.0.1:8080"] and web.port == 80
     assert [(v.source, v.target, v.read_only) for v in web.volumes] == [
         ("webdata", "/data", False), (str(tmp_path / "static"), "/srv/static", True), ("/etc/web", "/etc/web", False)]

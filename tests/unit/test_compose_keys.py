@@ -38,7 +38,7 @@ APPLIED: dict[str, tuple[Any, Any]] = {
     "env_file": ("web.env", lambda s: dict(s.environment) == {"FROM_FILE": "1"}),
     "user": ("1000:1000", lambda s: s.user == "1000:1000"),
     "working_dir": ("/srv", lambda s: s.working_dir == "/srv"),
-    "cap_add": (["NET_RAW"], lambda s: s.cap_add == ("NET_RAW",)),
+    "cap_add": (["SYS_PTRACE"], lambda s: s.cap_add == ("SYS_PTRACE",)),
     "cap_drop": (["ALL"], lambda s: s.cap_drop == ("ALL",)),
     "volumes": (["./data:/data:ro"], lambda s: s.volumes[0].target == "/data" and s.volumes[0].read_only),
     "ports": (["127.0.0.1:8081:80", "8082:80"], lambda s: [str(a) for a in s.listen] ==
@@ -63,6 +63,7 @@ APPLIED: dict[str, tuple[Any, Any]] = {
                     lambda s: s.extra_hosts == (("db.example", "10.1.2.3"), ("v6.example", "::1"))),
     "security_opt": (["no-new-privileges:true", "seccomp=unconfined"], lambda s: s.seccomp == "unconfined"),
     "depends_on": ({"cache": {"condition": "service_started"}}, lambda s: s.depends_on == ("cache",)),
+    "userns_mode": ("host", lambda s: s.userns == "host"),
 }
 
 
@@ -142,6 +143,8 @@ def test_unknown_keys_and_odd_values(tmp_path: Path) -> None:
         ({"healthcheck": {"test": ["WHAT"]}}, "services.web.healthcheck.test: expected [CMD, ARG...]"),
         ({"ports": ["1:2", "3:4"]}, "publish ports 2, 4 of the app"),
         ({"volumes": ["data:/data"]}, "'data' is not declared under the top-level volumes"),
+        ({"userns_mode": "keep-id"}, "services.web.userns_mode: 'keep-id' is not supported: every service has a "
+                                     "user namespace of its own unless this says host"),
     ]
     for extra, message in cases:
         with pytest.raises(ConfigError) as e:

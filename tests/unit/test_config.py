@@ -223,6 +223,18 @@ def test_depends_on_is_checked(tmp_path: Path) -> None:
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_network_capabilities_need_userns_host(tmp_path: Path) -> None:
+    from tests.conftest import ECHO, write_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path, {"a": ECHO | {"listen": 1001, "cap_add": ["NET_RAW", "SYS_PTRACE"]}}))
+    assert "services.a: cap_add: NET_RAW gives nothing in the instance's user namespace" in str(e.value)
+    assert "set 'userns: host'" in str(e.value) and "\n" not in str(e.value)
+    cfg = load_config(write_config(tmp_path, {"a": ECHO | {"listen": 1001, "cap_add": ["NET_RAW"], "userns": "host"}}))
+    assert cfg.service("a").cap_add == ("NET_RAW",) and cfg.service("a").userns == "host"
+    assert load_config(write_config(tmp_path, {"a": ECHO | {"listen": 1001}})).service("a").userns == "private"
+
+
 def test_the_installed_examples_are_valid(tmp_path: Path) -> None:
     """config/examples.yaml (installed next to the starter file) is all comments: uncommented, it must parse."""
     examples = Path(__file__).parents[2] / "config" / "examples.yaml"

@@ -1,0 +1,109 @@
+"""User namespace ranges: where they come from, how they are kept, what the runtime spec says (no root needed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from activator.config.model import Resources
+from activator.errors import ActivatorError
+from activator.runtime import userns
+from activator.runtime.spec import ProcessSpec, runtime_spec
+
+PROCESS = ProcessSpec(args=("/app",), env=(), cwd="/", uid=0, gid=0)
+
+
+def test_the_pool_is_activator_s_subordinate_range_when_there_is_one(tmp_path: Path) -> None:
+    sub = tmp_path / "subuid"
+    sub.write_text("alice:100000:65536\nactivator:300000000:6553600\n")
+    assert userns.pool(sub, sub) == (300000000, 6553600)
+    # only a range both files give it counts, and one too small for a service does not
+    gid = tmp_path / "subgid"
+    gid.write_text("activator:400000000:6553600\n")
+    assert userns.pool(sub, gid) == userns.DEFAULT_POOL
+    sub.write_text("activator:300000000:1000\n")
+    assert userns.pool(sub, sub) == userns.DEFAULT_POOL
+
+
+def test_the_default_pool_is_refused_when_a_delegated_range_overlaps_it(tmp_path: Path) -> None:
+    sub = tmp_path / "subuid"
+    sub.write_text(f"bob:{userns.DEFAULT_POOL[0] + 5 * userns.SIZE}:65536\n")
+    with pytest.raises(ActivatorError) as e:
+        userns.pool(sub, tmp_path / "missing")
+    assert "bob's subordinate ids" in str(e.value) and "'activator:START:COUNT'" in str(e.value)
+    assert "\n" not in str(e.value)
+    sub.write_text("bob:100000:65536\n# a comment\nbroken line\n")  # where useradd puts them: no overlap
+    assert userns.pool(sub, tmp_path / "missing") == userns.DEFAULT_POOL
+
+
+def test_each_service_gets_its_own_range_and_keeps_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(userns, "pool", lambda: (1_000_000, 3 * userns.SIZE))
+    ranges = userns.Ranges(tmp_path)
+    a, b = ranges.for_service("a"), ranges.for_service("b")
+    assert a != b and {a.host, b.host} <= {1_000_000, 1_000_000 + userns.SIZE, 1_000_000 + 2 * userns.SIZE}
+    assert userns.Ranges(tmp_path).for_service("a") == a  # kept across restarts (state_dir/userns.json)
+    assert stat.S_IMODE((tmp_path / userns.STATE).stat().st_mode) == 0o600
+    assert json.loads((tmp_path / userns.STATE).read_text()) == {"a": a.host, "b": b.host}
+    ranges.for_service("c")
+    with pytest.raises(ActivatorError) as e:
+        ranges.for_service("d")
+    assert "no user namespace range is left for service 'd'" in str(e.value)
+
+
+def test_a_kept_range_outside_the_pool_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / userns.STATE).write_text(json.dumps({"a": 5}))
+    monkeypatch.setattr(userns, "pool", lambda: (1_000_000, 2 * userns.SIZE))
+    assert userns.Ranges(tmp_path).for_service("a").host == 1_000_000
+    (tmp_path / userns.STATE).write_text("{not json")
+    with pytest.raises(ActivatorError) as e:
+        userns.Ranges(tmp_path).for_service("a")
+    assert "userns.json is unreadable" in str(e.value) and "remove it" in str(e.value)
+
+
+def test_idmap_text_and_ids() -> None:
+    m = userns.IdMap(1 << 30)
+    assert userns.IdMap.parse(str(m)) == m and str(m) == f"{1 << 30}:65536"
+    assert m.to_host(0) == 1 << 30 and m.to_host(999) == (1 << 30) + 999
+    assert m.to_host(70000) == 70000  # not a container id: left as it is
+    assert m.oci() == [{"containerID": 0, "hostID": 1 << 30, "size": 65536}]
+
+
+def test_the_runtime_spec_asks_for_a_user_namespace_with_the_range() -> None:
+    common = dict(rootfs="/r", netns_path="/run/netns/x", cgroups_path="/a/x", hostname="h", resources=Resources())
+    plain = runtime_spec(PROCESS, **common)  # type: ignore[arg-type]
+    assert {"type": "user"} not in plain["linux"]["namespaces"] and "uidMappings" not in plain["linux"]
+    m = userns.IdMap(1 << 30)
+    spec = runtime_spec(PROCESS, idmap=m, **common)  # type: ignore[arg-type]
+    assert {"type": "user"} in spec["linux"]["namespaces"]
+    # the network namespace stays the one made outside it (prepared ahead)
+    assert {"type": "network", "path": "/run/netns/x"} in spec["linux"]["namespaces"]
+    assert spec["linux"]["uidMappings"] == spec["linux"]["gidMappings"] == m.oci()
+    # the same capabilities as without one
+    assert spec["process"]["capabilities"] == plain["process"]["capabilities"]
+
+
+def test_userns_needs_activator_s_criu() -> None:
+    assert userns.supported("4.2.1 (v4.2.1+activator-userns.0123456789ab)")
+    assert not userns.supported("4.2.1")
+
+
+def test_a_private_parent_is_named_with_the_fix() -> None:
+    top = Path(tempfile.mkdtemp(prefix="activator-passable-"))  # /tmp itself lets everyone pass
+    try:
+        top.chmod(0o755)
+        private = top / "private"
+        (private / "state" / "instances").mkdir(parents=True)
+        private.chmod(0o700)
+        with pytest.raises(ActivatorError) as e:
+            userns.check_passable(private / "state" / "instances")
+        assert str(e.value).startswith(f"{private} lets no other user pass (mode 700)")
+        assert f"chmod o+x {private}" in str(e.value) and "'userns: host'" in str(e.value)
+        private.chmod(0o711)
+        userns.check_passable(private / "state" / "instances")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
