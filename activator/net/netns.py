@@ -59,17 +59,31 @@ class NetNamespace:
             try:
                 if _libc.mount(b"/proc/thread-self/ns/net", str(ns.path).encode(), None, MS_BIND, None) != 0:
                     raise _oserror(f"bind-mounting the namespace on {ns.path}")
-                # Already inside it: pyroute2's sync IPRoute talks to this thread's namespace.
-                with IPRoute() as ipr:
-                    (idx,) = ipr.link_lookup(ifname="lo")
-                    ipr.link("set", index=idx, state="up")
-                # An app in a user namespace holds no capability over this namespace (made outside it), so
-                # binding a port below 1024 would need one; Docker opens them in every container's namespace.
-                with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as f:
-                    f.write("0")
+                _set_up()  # already inside it
             finally:
                 netns.setns(HOME_NS)
             ns._fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            ns.remove()
+            raise
+        return ns
+
+    @classmethod
+    def create_owned(cls, name: str, pid: int) -> NetNamespace:
+        """Blocking. The network namespace process pid is in (made by it, owned by its user namespace: a template's,
+        so that `runc exec` into the template, which joins the user namespace first, may join this one too),
+        pinned at /run/netns/<name> and set up as create() sets up its own."""
+        ns = cls(name)
+        NETNS_DIR.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(ns.path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
+        try:
+            if _libc.mount(f"/proc/{pid}/ns/net".encode(), str(ns.path).encode(), None, MS_BIND, None) != 0:
+                raise _oserror(f"bind-mounting the namespace on {ns.path}")
+            netns.setns(ns.fd)
+            try:
+                _set_up()
+            finally:
+                netns.setns(HOME_NS)
         except BaseException:
             ns.remove()
             raise
@@ -114,6 +128,18 @@ class NetNamespace:
                 netns.remove(self.name)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()  # a mount point whose mount never happened
+
+
+def _set_up() -> None:
+    """In the calling thread's (new) namespace: lo up, low ports open."""
+    # pyroute2's sync IPRoute talks to this thread's namespace.
+    with IPRoute() as ipr:
+        (idx,) = ipr.link_lookup(ifname="lo")
+        ipr.link("set", index=idx, state="up")
+    # An app in a user namespace holds no capability over a namespace made outside it, so binding a port below
+    # 1024 would need one; Docker opens them in every container's namespace.
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as f:
+        f.write("0")
 
 
 def _oserror(what: str) -> OSError:

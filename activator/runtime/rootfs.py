@@ -28,8 +28,9 @@ def mount_overlay(lower: list[Path], upper: Path, work: Path, target: Path) -> N
 
 
 def bind(source: Path, target: Path) -> None:
-    """Bind-mount source (recursively) on target, made if missing."""
-    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Bind-mount source (recursively) on target, made (a directory) if missing."""
+    if not target.exists():
+        target.mkdir(mode=0o700, parents=True)
     if _libc.mount(str(source).encode(), str(target).encode(), None, MS_BIND | MS_REC, None) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"bind-mounting {source} on {target} failed: {os.strerror(e)}")

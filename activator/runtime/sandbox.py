@@ -38,7 +38,7 @@ from .extmounts import DevEntry
 from .procs import start_time
 from .runc import Runc, restore_config
 from .spec import ProcessSpec, runtime_spec
-from .userns import IdMap, idmapped_mount
+from .userns import IdMap, holding, idmapped_mount
 from .volumes import Bind
 
 log = logging.getLogger("activator.sandbox")
@@ -149,7 +149,18 @@ class Sandbox:
         lay.criu_work.mkdir(mode=0o700)
         if self.slot:
             (lay.dir / "slot").touch()
-        self.netns = NetNamespace.create(self.netns.name)
+        userns_path = None
+        if template and self.idmap is not None:
+            # The template's network namespace belongs to its user namespace (both made here, ahead of runc), so
+            # `runc exec` (a readiness command), which joins the user namespace first, can join it. Instances
+            # are restored into a user namespace CRIU makes and a network namespace made outside it (CRIU patch).
+            userns_path = lay.dir / "userns"
+            with holding(self.idmap, net=True) as pid:
+                self.netns = NetNamespace.create_owned(self.netns.name, pid)
+                userns_path.touch(mode=0o400)
+                rootfs.bind(Path(f"/proc/{pid}/ns/user"), userns_path)
+        else:
+            self.netns = NetNamespace.create(self.netns.name)
         if self.network is not None:
             self.attachment = self.network.allocate(self.name, self.egress)
             self.network.plug(self.attachment, self.netns)
@@ -204,6 +215,7 @@ class Sandbox:
             seccomp=seccomp,
             binds=binds,
             idmap=self.idmap,
+            userns_path=str(userns_path) if userns_path is not None else None,
             sysfs=str(sysfs) if sysfs is not None else None,
         )
         write_private(lay.bundle / "config.json", json.dumps(spec))
@@ -214,7 +226,11 @@ class Sandbox:
         out = []
         for i, b in enumerate(binds):
             here = self.layout.dir / "vol" / str(i)
-            rootfs.bind(b.host, here)
+            if b.idmapped and self.idmap is not None:
+                here.parent.mkdir(mode=0o700, exist_ok=True)
+                idmapped_mount(b.host, here, self.idmap)
+            else:
+                rootfs.bind(b.host, here)
             out.append(Bind(here, b.target, b.read_only))
         return tuple(out)
 

@@ -112,15 +112,16 @@ def _resources(res: Resources) -> dict[str, Any]:
 def runtime_spec(
     process: ProcessSpec, *, rootfs: str, netns_path: str, cgroups_path: str, hostname: str, resources: Resources,
     criu_config: str | None = None, seccomp: dict[str, Any] | None = None, binds: tuple[Bind, ...] = (),
-    idmap: IdMap | None = None, sysfs: str | None = None,
+    idmap: IdMap | None = None, userns_path: str | None = None, sysfs: str | None = None,
 ) -> dict[str, Any]:
     """sysfs: a sysfs of the instance's network namespace to bind on /sys, for an app in a user namespace (which
-    may not mount one: the network namespace is not its own, netns.NetNamespace.mount_sysfs)."""
+    may not mount one: the network namespace is not its own, netns.NetNamespace.mount_sysfs). userns_path: the
+    user namespace to join (a template's, made with its network namespace) rather than one runc makes."""
     linux: dict[str, Any] = {
         "namespaces": [
             {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
             {"type": "network", "path": netns_path},
-            *([{"type": "user"}] if idmap is not None else []),
+            *([{"type": "user"} | ({"path": userns_path} if userns_path else {})] if idmap is not None else []),
         ],
         "cgroupsPath": cgroups_path,
         "resources": _resources(resources),

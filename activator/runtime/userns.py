@@ -27,6 +27,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,10 +160,19 @@ def userns_fd(idmap: IdMap) -> int:
 
 
 def _new_userns(idmap: IdMap) -> int:
-    """A helper unshares a user namespace and waits; we write its maps from here (root in the parent namespace
-    may map any ids) and keep an fd on the namespace; the helper then exits."""
-    helper = subprocess.Popen(["unshare", "--user", "cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, start_new_session=True)
+    with holding(idmap) as pid:
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+
+
+@contextlib.contextmanager
+def holding(idmap: IdMap, *, net: bool = False) -> Iterator[int]:
+    """Blocking. A helper process in a new user namespace with idmap's mapping (and, with net, a new network
+    namespace owned by it), alive while the body runs: its pid, whose /proc/PID/ns/* the body opens or binds.
+
+    The helper unshares and waits on stdin; the maps are written from here (root in the parent namespace may
+    map any ids, which the helper itself could not)."""
+    helper = subprocess.Popen(["unshare", "--user", *(["--net"] if net else []), "cat"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     assert helper.stdin is not None
     try:
         own = os.stat("/proc/self/ns/user").st_ino
@@ -180,7 +190,7 @@ def _new_userns(idmap: IdMap) -> int:
         for name in ("uid_map", "gid_map"):
             with open(f"/proc/{helper.pid}/{name}", "w") as f:
                 f.write(f"0 {idmap.host} {idmap.size}\n")
-        return os.open(f"/proc/{helper.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        yield helper.pid
     finally:
         with contextlib.suppress(OSError):
             helper.stdin.close()

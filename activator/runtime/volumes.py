@@ -34,11 +34,15 @@ class Bind:
     host: Path
     target: str
     read_only: bool
+    # In a user namespace, seen through the range (host uid N as N): a Docker volume, whose files are owned the
+    # way Docker's containers (without userns-remap) see them. Host paths are not: their owners are the host's.
+    idmapped: bool = False
 
 
 def binds(volumes: tuple[Volume, ...], state_root: Path) -> tuple[Bind, ...]:
     return tuple(Bind(docker_volume(v.source) if v.external else
-                      state_root / "volumes" / v.source if v.named else Path(v.source), v.target, v.read_only)
+                      state_root / "volumes" / v.source if v.named else Path(v.source), v.target, v.read_only,
+                      v.external)
                  for v in volumes)
 
 
