@@ -27,7 +27,7 @@ def _image_missing() -> bool:
 
 async def psql(port: int, sql: str) -> str:
     out = await asyncio.to_thread(
-        subprocess.run, ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres", "-X",
+        subprocess.run, ["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "postgres", "-X", "-q",
                          "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
         capture_output=True, text=True, timeout=120, env=os.environ | {"PGCONNECT_TIMEOUT": "60"})
     assert out.returncode == 0, out.stderr
