@@ -116,7 +116,7 @@ def _check_host(cfg: Config, sock: Any) -> None:
     from .checkpoints.images import DockerImageSource
     from .daemon import control
     from .daemon.listeners import bind_listener
-    from .runtime import volumes
+    from .runtime import userns, volumes
 
     held: set[tuple[str, str]] = set()
     if sock.exists() and os.geteuid() == 0:
@@ -137,6 +137,11 @@ def _check_host(cfg: Config, sock: Any) -> None:
         for addr in svc.listen:
             if (svc.name, str(addr)) not in held:
                 bind_listener(addr, svc, cfg).close()  # a one-line ActivatorError if it is taken
+        if svc.userns == "private":
+            try:  # state_dir itself is made passable by the daemon; its parents must be already
+                userns.check_passable(cfg.settings.state_dir)
+            except ActivatorError as e:
+                raise ActivatorError(f"{cfg.path}: services.{svc.name}.userns: {e}") from None
         for i, v in enumerate(svc.volumes):
             if v.external:
                 try:

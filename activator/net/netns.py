@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import socket
 from pathlib import Path
@@ -22,6 +23,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+
+log = logging.getLogger("activator.netns")
+_low_ports_warned = False
 
 NETNS_DIR = Path("/run/netns")
 PREFIX = "activator-"
@@ -138,8 +142,16 @@ def _set_up() -> None:
         ipr.link("set", index=idx, state="up")
     # An app in a user namespace holds no capability over a namespace made outside it, so binding a port below
     # 1024 would need one; Docker opens them in every container's namespace.
-    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as f:
-        f.write("0")
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start", "w") as f:
+            f.write("0")
+    except OSError as e:  # /proc/sys read-only: activator itself runs in a container
+        global _low_ports_warned
+        if not _low_ports_warned:
+            _low_ports_warned = True
+            log.warning("cannot open ports below 1024 to instances (net.ipv4.ip_unprivileged_port_start: %s): an "
+                        "app in a user namespace that listens on one fails; give it a higher port or "
+                        "'userns: host'", e.strerror)
 
 
 def _oserror(what: str) -> OSError:
