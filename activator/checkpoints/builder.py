@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from activator.config.model import ServiceConfig
+from activator.core import pool
 from activator.errors import ActivatorError, CheckpointError, RuncError, StartError
 from activator.net.network import HostNetwork, kernel_path_possible
 from activator.runtime import applog, extmounts, readiness, seccomp, userns, volumes
@@ -31,7 +32,16 @@ from activator.statedir import copy_private, open_private
 from activator.tasks import spawn
 
 from .images import DockerImageSource, ImageInfo, resolve_user
-from .store import FORMAT, Checkpoint, CheckpointStore, Origin, listening_addresses, listening_ports, pages_bytes
+from .store import (
+    FORMAT,
+    Checkpoint,
+    CheckpointStore,
+    Origin,
+    files_written,
+    listening_addresses,
+    listening_ports,
+    pages_bytes,
+)
 
 log = logging.getLogger("activator.builder")
 #: how often a long wait during a build says it is still waiting (a JVM can take a minute to listen)
@@ -130,7 +140,7 @@ class CheckpointBuilder:
         except seccomp.ProfileError:
             return None
         ck = self.store.load(svc.name)
-        if ck is None or ck.origin.differences(self.origin(svc, image, digest)):
+        if ck is None or ck.origin.differences(self.origin(svc, image, digest)) or _used_up(svc, ck):
             return None
         return ck if ck.images.is_dir() and ck.image_rootfs.is_dir() else None
 
@@ -147,10 +157,14 @@ class CheckpointBuilder:
         current = self.store.load(svc.name)
         if current is not None and not rebuild:
             stale = current.origin.differences(wanted)
-            if not stale and current.images.is_dir() and current.image_rootfs.is_dir():
+            if _used_up(svc, current):
+                log.info("service=%s making its checkpoint again: an instance ran from it and it is stateful (its "
+                         "volumes may have changed)", svc.name)
+            elif not stale and current.images.is_dir() and current.image_rootfs.is_dir():
                 return current, False
-            log.info("service=%s checkpoint is stale (%s changed); rebuilding", svc.name,
-                     ", ".join(stale) or "files missing")
+            else:
+                log.info("service=%s checkpoint is stale (%s changed); rebuilding", svc.name,
+                         ", ".join(stale) or "files missing")
         return await self.build(svc, image, wanted, filt), True
 
     async def build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin,
@@ -219,11 +233,19 @@ class CheckpointBuilder:
                     f"port {svc.port}; set 'port' to the port the app listens on"
                 )
             kernel_path = self._kernel_path(svc, await asyncio.to_thread(listening_addresses, tmp / "criu", svc.port))
+            written = await asyncio.to_thread(files_written, tmp / "criu",
+                                              [v.target for v in svc.volumes if not v.read_only])
+            if written and svc.stateful == "auto":
+                log.info("service=%s the app holds %d file(s) of its volumes open for writing (%s%s): stateful, "
+                         "one instance at a time and its checkpoint made again after each (stateful: false if "
+                         "it reads nothing of them back)", svc.name, len(written), ", ".join(written[:3]),
+                         ", ..." if len(written) > 3 else "")
             checkpoint = Checkpoint(
                 service=svc.name, dir=tmp, origin=origin, process=process, image_rootfs=rootfs,
                 listening_ports=ports, created=time.time(), build_seconds=time.monotonic() - started,
                 pages_bytes=pages_bytes(tmp / "criu"), seccomp=filt, kernel_path=kernel_path,
                 external=extmounts.mounts(), dev=tuple(dev), stop_signal=image.stop_signal or "SIGTERM",
+                writes_volumes=written,
             )
             return self.store.install(tmp, checkpoint)
         except BaseException as e:
@@ -423,6 +445,11 @@ class CheckpointBuilder:
 
     def _log_hint(self, svc: ServiceConfig) -> Path:
         return self.store.logs / f"{svc.name}-template.log"
+
+
+def _used_up(svc: ServiceConfig, ck: Checkpoint) -> bool:
+    """A stateful checkpoint an instance has run from: the volumes have moved on from what its memory holds."""
+    return pool.stateful(svc.stateful, bool(ck.writes_volumes)) and ck.used
 
 
 def _make_private(directory: Path, idmap: userns.IdMap | None) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from activator.config.model import ServiceConfig
+from activator.core import pool
 from activator.errors import RestoreError, StartError
 from activator.net.network import HostNetwork
 from activator.runtime import volumes
@@ -200,6 +201,7 @@ class InstanceLauncher:
             sb = await self._prepared(checkpoint)
             if self.ksm is not None:
                 self.ksm.started_instance()
+            self._mark_used(checkpoint)
             t1 = time.monotonic()
             async with self.restores:
                 tq = time.monotonic()  # the queue is not the restore's (restore_timeout starts here too)
@@ -239,8 +241,15 @@ class InstanceLauncher:
             state = "exited" if problem == "exited" else f"was not listening on port {port} within {timeout:g}s"
             raise StartError(f"service '{self.config.name}': the app {state} ({knob})")
 
+    def _mark_used(self, checkpoint: Checkpoint) -> None:
+        """Before the app may touch its volumes: a stateful checkpoint is made again after this instance, also
+        after a crash of the daemon (one small write, for stateful services only)."""
+        if pool.stateful(self.config.stateful, bool(checkpoint.writes_volumes)):
+            checkpoint.mark_used()
+
     async def cold_start(self, checkpoint: Checkpoint) -> Instance:
         t0 = time.monotonic()
+        self._mark_used(checkpoint)
         sb = self._sandbox(checkpoint)
         if self.ksm is not None:
             self.ksm.started_instance()

@@ -40,6 +40,7 @@ from activator.statedir import StateDir, write_private
 #    with a MAC derived from its address: a process dumped with the old set would keep it on restore.
 # 7: templates and instances in a user namespace of their service (userns.py), dumped and restored through it.
 FORMAT = 7
+USED = "used"
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,21 @@ class Checkpoint:
     external: dict[str, str]  # key -> mountpoint of the mounts dumped as external (extmounts.py)
     dev: tuple[DevEntry, ...]  # the template's /dev, rebuilt for every instance
     stop_signal: str = "SIGTERM"  # the image's STOPSIGNAL (the service's stop_signal overrides it)
+    writes_volumes: tuple[str, ...] = ()  # files of writable volumes the app held open for writing (core.pool.stateful)
 
 
     @property
     def images(self) -> Path:
         return self.dir / "criu"
+
+    @property
+    def used(self) -> bool:
+        """Has an instance run from it (a stateful one is then made again: core.pool.stateful)?"""
+        return (self.dir / USED).exists()
+
+    def mark_used(self) -> None:
+        """Blocking."""
+        write_private(self.dir / USED, "")
 
     @property
     def idmap(self) -> IdMap | None:
@@ -127,6 +138,7 @@ class Checkpoint:
             external=dict(d["external"]),
             dev=dev_from_json(d["dev"]),
             stop_signal=d.get("stop_signal", "SIGTERM"),  # absent from checkpoints made before it was kept
+            writes_volumes=tuple(d.get("writes_volumes", ())),
         )
 
 
@@ -179,6 +191,26 @@ def _socket_entries(images: Path) -> list[dict[str, Any]]:
         if (images / name).exists():
             entries += _load_img(images / name)["entries"]
     return [e.get("isk", e) for e in entries if "isk" in e or "src_port" in e]
+
+
+O_ACCMODE = 0o3
+
+
+def files_written(images: Path, under: list[str]) -> tuple[str, ...]:
+    """Regular files below any of the directories `under` (container paths) that the dumped processes held open
+    for writing, read from CRIU's image files."""
+    if not under:
+        return ()
+    roots = [u.rstrip("/") + "/" for u in under]
+    found = set()
+    for e in _load_img(images / "files.img")["entries"] if (images / "files.img").exists() else []:
+        reg = e.get("reg") if e.get("type") in ("REG", 1) else None
+        if not reg or not (int(reg.get("flags", 0)) & O_ACCMODE):
+            continue
+        name = str(reg.get("name", ""))
+        if any(name.startswith(r) or name + "/" == r for r in roots):
+            found.add(name)
+    return tuple(sorted(found))
 
 
 def pages_bytes(images: Path) -> int:

@@ -763,6 +763,11 @@ class ServiceConfig:
         doc="let the kernel merge identical pages of this service's instances (KSM): much less memory per extra "
             "instance, at some CPU; a side channel between everything merged, so auto means: only when this is "
             "the file's only service")
+    stateful: bool | str = key(
+        AutoFlag(), "auto",
+        doc="the app keeps what is in its volumes in memory (a database): one instance at a time, and its "
+            "checkpoint made again (from the volumes as that instance left them) before the next one; auto: when "
+            "its app held a file of a writable volume open for writing when it was checkpointed")
     readiness: Readiness = key(Section(Readiness), factory=Readiness, doc="when the template is ready to dump")
     warmup: Warmup = key(Section(Warmup), factory=Warmup, doc="requests run against the template before the dump")
     idle_timeout: float = key(Duration(0.01, 30 * DAY), 300.0,
@@ -827,6 +832,9 @@ class ServiceConfig:
         if self.min_instances > self.max_instances:
             raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
                              f"({self.max_instances})")
+        if self.stateful is True and self.max_instances > 1:
+            raise ValueError(f"stateful: true runs one instance at a time; max_instances ({self.max_instances}) "
+                             "must be 1")
         netcaps = sorted(set(self.cap_add) & NETWORK_CAPS)
         if netcaps and self.userns == "private":
             raise ValueError(f"cap_add: {', '.join(netcaps)} gives nothing in the instance's user namespace (its "

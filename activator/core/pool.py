@@ -94,3 +94,11 @@ def retired(*, still_open: int, half_open: int, spliced: int, past_deadline: boo
     if not still_open and half_open and not past_deadline:
         return None
     return not (still_open or spliced)
+
+
+def stateful(setting: bool | str, writes_volumes: bool) -> bool:
+    """Is a checkpoint good for one instance only (`stateful`: true, or auto and its app held files of a writable
+    volume open for writing when it was dumped)? Such an app keeps its volume's data in memory (a database): an
+    instance restored from the same dump after another one changed the volume would see the data as it was, and
+    could write over it. So it runs one instance at a time and its checkpoint is made again after each."""
+    return setting is True or (setting == "auto" and writes_volumes)

@@ -24,10 +24,18 @@ class Builds:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self._checking: set[str] = set()  # services whose checkpoint is being checked or built
+        fleet.on_used_up = self.refresh
 
-    async def first(self, svc: ServiceConfig) -> None:
-        """The service's first checkpoint; on failure, retried in the background until one is made."""
-        if not await self._build(svc):
+    def refresh(self, svc: ServiceConfig) -> None:
+        """A stateful service's instance is gone: its checkpoint is made again from the volumes as it left them
+        (the stored one is marked used, so ensure() rebuilds it), retried like a first build if it fails."""
+        log.info("service=%s its instance is gone; making its checkpoint again (stateful)", svc.name)
+        self.fleet.keep(spawn(self.first(svc, quiet=True), name=f"checkpoint-refresh:{svc.name}"))
+
+    async def first(self, svc: ServiceConfig, *, quiet: bool = False) -> None:
+        """The service's first checkpoint; on failure, retried in the background until one is made. quiet: not
+        announced as serving (it was, before its checkpoint was used up)."""
+        if not await self._build(svc, quiet=quiet):
             self.fleet.keep(spawn(self._retry(svc), name=f"checkpoint-retry:{svc.name}"))
 
     async def prune_after(self, first: list[asyncio.Task[None]]) -> None:
@@ -46,17 +54,17 @@ class Builds:
         return {"service": svc.name, "dir": str(ck.dir), "build_seconds": ck.build_seconds,
                 "listening_ports": list(ck.listening_ports), "pages_bytes": ck.pages_bytes}
 
-    async def _build(self, svc: ServiceConfig, failures: int = 0) -> bool:
+    async def _build(self, svc: ServiceConfig, failures: int = 0, quiet: bool = False) -> bool:
         """One attempt at the service's checkpoint. False (logged, counted, service refusing) if it failed."""
         self._checking.add(svc.name)
         self.tell_progress()
         try:
-            return await self._build_once(svc, failures)
+            return await self._build_once(svc, failures, quiet)
         finally:
             self._checking.discard(svc.name)
             self.tell_progress()
 
-    async def _build_once(self, svc: ServiceConfig, failures: int) -> bool:
+    async def _build_once(self, svc: ServiceConfig, failures: int, quiet: bool) -> bool:
         fleet = self.fleet
         assert fleet.host is not None
         builder = fleet.host.builder
@@ -80,7 +88,7 @@ class Builds:
                 service.m.checkpoint_build_duration.observe(time.monotonic() - t0)
                 log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
                          checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
-            had = service.checkpoint is not None
+            had = service.checkpoint is not None or quiet
             fleet.use(svc, checkpoint)
             if fleet.ready.is_set() and not had:
                 log.info("service=%s serving on %s", svc.name, " ".join(str(a) for a in svc.listen))

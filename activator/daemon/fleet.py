@@ -64,6 +64,8 @@ class Fleet:
         self.ksm: Ksm | None = None
         self.ready = asyncio.Event()  # READY=1 was sent
         self.on_service = on_service
+        #: a stateful service's checkpoint was used up by its instance (Builds makes it again)
+        self.on_used_up: Callable[[ServiceConfig], None] | None = None
         self.started = time.time()
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -127,8 +129,12 @@ class Fleet:
         m = self.metrics.for_service(svc.name)
         launcher = InstanceLauncher(svc, self.host.runc, self.state.instances, self.state.logs, m, self.network,
                                     await self.ksm_for(config.shares_memory(svc)), self.restores)
-        return Service(svc, launcher=launcher, metrics=m, budget=self.budget,
-                       store=self.host.builder.store if sweeps else None)
+        service = Service(svc, launcher=launcher, metrics=m, budget=self.budget,
+                          store=self.host.builder.store if sweeps else None)
+        if self.on_used_up is not None:
+            hook = self.on_used_up
+            service.used_up = lambda: hook(svc)
+        return service
 
     def service(self, name: str) -> Service:
         svc = self.services.get(name)

@@ -40,6 +40,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from activator.checkpoints.instance import Instance
@@ -186,6 +187,12 @@ class Service:
         self._changed = asyncio.Event()
         self._replenish_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        # A stateful checkpoint (core.pool.stateful) serves one instance: from its start on, new starts wait for
+        # the checkpoint made again once that instance is gone (used_up asks the lifecycle owner for it).
+        self._stateful = False
+        self._consumed: Checkpoint | None = None
+        self._consuming = False  # the start that used it up is under way
+        self.used_up: Callable[[], None] | None = None
         self.stopped = False  # `activator stop`: refuses connections and keeps no instance until `activator start`
         # depends_on, as services (the lifecycle owner links them): dependencies are woken when this one starts an
         # instance, and keep their last instance while a dependant has one.
@@ -210,6 +217,7 @@ class Service:
         if self._checkpoint.done():
             self._checkpoint = asyncio.get_running_loop().create_future()
         self._checkpoint.set_result(checkpoint)
+        self._stateful = pool.stateful(self.config.stateful, bool(checkpoint.writes_volumes))
         self.m.checkpoint_pages_bytes.set(checkpoint.pages_bytes)
         self.m.checkpoint_created.set(checkpoint.created)
         self.m.checkpoint_outdated.set(0)
@@ -227,6 +235,29 @@ class Service:
         self.sweep_if_unused()
         if not self._closed:
             self.launcher.refill(checkpoint)
+
+    @property
+    def max_instances(self) -> int:
+        return 1 if self._stateful else self.config.max_instances
+
+    def _consume(self, checkpoint: Checkpoint) -> bool:
+        """A stateful checkpoint is used up by the instance about to start from it (True: this start's)."""
+        if not self._stateful or self._consumed is not None:
+            return False
+        self._consumed = checkpoint
+        self._consuming = True
+        if self._checkpoint.done() and not self._checkpoint.cancelled() and self._checkpoint.result() is checkpoint:
+            self._checkpoint = asyncio.get_running_loop().create_future()
+        return True
+
+    def _refresh_if_used_up(self) -> None:
+        """Once nothing runs from a used-up checkpoint any more, have it made again (from the volumes as they are
+        now); connections meanwhile wait for it, as for a first build (starts for them wait in _start)."""
+        if self._consumed is None or self._consuming or self.instances or self._releasing or self._closed:
+            return
+        self._consumed = None
+        if self.used_up is not None:
+            self.used_up()
 
     def checkpoint_failed(self, why: str, retry_in: float) -> None:
         """The build failed and the service has no checkpoint: refuse connections until a retry succeeds."""
@@ -257,9 +288,10 @@ class Service:
 
     @property
     def checkpoint(self) -> Checkpoint | None:
+        """The one new instances start from (a stateful one while its single instance runs from it)."""
         if self._checkpoint.done() and not self._checkpoint.cancelled() and not self._checkpoint.exception():
             return self._checkpoint.result()
-        return None
+        return self._consumed
 
     # --- connections ---------------------------------------------------------------------------------------
 
@@ -303,7 +335,7 @@ class Service:
             return True
         if best.connections < self.config.target_connections:
             return False
-        return len(self.instances) + len(self._starts) < self.config.max_instances
+        return len(self.instances) + len(self._starts) < self.max_instances
 
     async def _acquire(self) -> tuple[Instance, bool]:
         target = self.config.target_connections
@@ -496,7 +528,7 @@ class Service:
             return
         demand = sum(i.connections for i in self.instances) + self.waiting + extra
         n = capacity.starts_needed(demand=demand, ready=len(self.instances), starting=len(self._starts),
-                                   target=self.config.target_connections, max_instances=self.config.max_instances)
+                                   target=self.config.target_connections, max_instances=self.max_instances)
         for _ in range(n):
             self._spawn_start()
 
@@ -558,6 +590,7 @@ class Service:
                 if not self.instances and not self._starts:
                     for dep in self.dependencies:
                         dep._dependant_idle()
+                self._refresh_if_used_up()
                 return
             inst = task.result()
             # Not yet a success: a restored app is not checked for listening (it listens by construction); its
@@ -670,6 +703,7 @@ class Service:
         finally:
             self._releasing.discard(inst)
             self.sweep_if_unused()
+            self._refresh_if_used_up()
 
     async def _ask_to_exit(self, inst: Instance) -> None:
         name = self.config.stop_signal or (inst.checkpoint.stop_signal if inst.checkpoint else "SIGTERM")
@@ -692,6 +726,14 @@ class Service:
 
     async def _start(self) -> Instance:
         checkpoint = await self._checkpoint
+        if not self._consume(checkpoint):
+            return await self._start_from(checkpoint)
+        try:
+            return await self._start_from(checkpoint)
+        finally:
+            self._consuming = False  # its instance is in self.instances now, or there is none
+
+    async def _start_from(self, checkpoint: Checkpoint) -> Instance:
         if self.restore_backoff.active(time.monotonic()):
             if self.config.fallback == "none":
                 wait = self.restore_backoff.remaining(time.monotonic())
@@ -762,7 +804,7 @@ class Service:
         if self.checkpoint is None:
             raise ActivatorError(f"service '{self.name}' has no checkpoint yet"
                                  + (f" ({self.checkpoint_problem})" if self.checkpoint_problem else ""))
-        n = min(max(n, 1), self.config.max_instances)
+        n = min(max(n, 1), self.max_instances)
         for _ in range(n - len(self.instances) - len(self._starts)):
             self._spawn_start()
         if self._starts:

@@ -235,6 +235,15 @@ def test_network_capabilities_need_userns_host(tmp_path: Path) -> None:
     assert load_config(write_config(tmp_path, {"a": ECHO | {"listen": 1001}})).service("a").userns == "private"
 
 
+def test_stateful_true_means_one_instance(tmp_path: Path) -> None:
+    from tests.conftest import ECHO, write_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(write_config(tmp_path, {"a": ECHO | {"listen": 1001, "stateful": True, "max_instances": 3}}))
+    assert "stateful: true runs one instance at a time; max_instances (3) must be 1" in str(e.value)
+    assert load_config(write_config(tmp_path, {"a": ECHO | {"listen": 1001}})).service("a").stateful == "auto"
+
+
 def test_the_installed_examples_are_valid(tmp_path: Path) -> None:
     """config/examples.yaml (installed next to the starter file) is all comments: uncommented, it must parse."""
     examples = Path(__file__).parents[2] / "config" / "examples.yaml"

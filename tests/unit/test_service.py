@@ -38,7 +38,11 @@ class FakeSandbox:
 
     attachment: Attachment | None = None  # no network: the userspace path
 
+    hold: asyncio.Event | None = None  # release() waits for it
+
     async def release(self) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
         self.released = True
 
     def pid_now(self) -> int | None:
@@ -55,6 +59,7 @@ class FakeCheckpoint:
     pages_bytes: int = 4096
     created: float = 0.0
     stop_signal: str = "SIGTERM"
+    writes_volumes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -68,12 +73,13 @@ class FakeLauncher:
     cold_starts: int = 0
     made: list[FakeSandbox] = field(default_factory=list)
     ksm: Any = None
+    hold_release: asyncio.Event | None = None
 
     async def _make(self, how: str, checkpoint: Any) -> Instance:
         if self.gate is not None:
             await self.gate.wait()
         await asyncio.sleep(self.delay)
-        sb = FakeSandbox(f"svc-{next(_ids)}")
+        sb = FakeSandbox(f"svc-{next(_ids)}", hold=self.hold_release)
         self.made.append(sb)
         return Instance(sb, how, self.delay, checkpoint)  # type: ignore[arg-type]
 
@@ -274,3 +280,66 @@ async def test_group_activation_wakes_keeps_and_reaps_together() -> None:
     await asyncio.sleep(0.02)
     assert fake_db.restores == 2  # and woken together again
     again.release()
+
+
+async def test_a_stateful_checkpoint_serves_one_instance_then_is_made_again() -> None:
+    """An app that keeps its volume's data in memory: one instance at a time, and the next waits for the
+    checkpoint made again after it (from the volume as it left it), never for the used one."""
+    launcher = FakeLauncher(hold_release=asyncio.Event())
+    svc = service(launcher, max_instances=4, target_connections=1, idle_timeout=0.05, stop_grace=0.1)
+    used: list[str] = []
+    svc.used_up = lambda: used.append("refresh")
+    first = FakeCheckpoint(writes_volumes=("/data/db",))  # what the builder found in the dump
+    svc.set_checkpoint(first)  # type: ignore[arg-type]
+    assert svc.max_instances == 1  # whatever max_instances says
+    leases = [svc.admit() for _ in range(3)]
+    got = await asyncio.gather(*(lease.acquire() for lease in leases))
+    assert len({id(inst) for inst, _ in got}) == 1 and launcher.restores == 1  # overflowed onto the one instance
+    assert svc.checkpoint is first and used == []  # type: ignore[comparison-overlap]
+    for lease in leases:
+        lease.release()
+    t0 = time.monotonic()
+    while svc.instances and time.monotonic() - t0 < 5:  # reaped: being released (held)
+        await asyncio.sleep(0.01)
+    # A client that comes while the instance is going (before the refresh is asked for) waits, and does not keep
+    # the refresh from being asked for.
+    early = svc.admit()
+    early_wait = asyncio.ensure_future(early.acquire())
+    await asyncio.sleep(0.05)
+    assert used == [] and not early_wait.done()
+    assert launcher.hold_release is not None
+    launcher.hold_release.set()
+    t0 = time.monotonic()
+    while not used and time.monotonic() - t0 < 5:
+        await asyncio.sleep(0.01)
+    assert used == ["refresh"] and svc.instances == [] and svc.checkpoint is None
+    assert not early_wait.done()
+    # A connection now waits for the new checkpoint (as for a first build), then restores from it.
+    lease = svc.admit()
+    waiter = asyncio.ensure_future(lease.acquire())
+    await asyncio.sleep(0.1)
+    assert not waiter.done() and launcher.restores == 1
+    second = FakeCheckpoint(writes_volumes=("/data/db",), created=1.0)
+    svc.set_checkpoint(second)  # type: ignore[arg-type]
+    inst, _ = await asyncio.wait_for(waiter, 5)
+    early_inst, _ = await asyncio.wait_for(early_wait, 5)
+    assert inst is early_inst and inst.checkpoint is second and launcher.restores == 2  # type: ignore[comparison-overlap]
+    lease.release()
+    early.release()
+    await svc.close()
+
+
+async def test_stateful_false_or_a_checkpoint_that_writes_nothing_scales_as_usual() -> None:
+    launcher = FakeLauncher()
+    svc = service(launcher, max_instances=3, target_connections=1, stateful=False)
+    svc.set_checkpoint(FakeCheckpoint(writes_volumes=("/data/db",)))  # type: ignore[arg-type]
+    assert svc.max_instances == 3
+    leases = [svc.admit() for _ in range(3)]
+    got = await asyncio.gather(*(lease.acquire() for lease in leases))
+    assert len({id(inst) for inst, _ in got}) == 3
+    for lease in leases:
+        lease.release()
+    await svc.close()
+    auto = service(FakeLauncher(), max_instances=3)
+    assert auto.max_instances == 3  # FakeCheckpoint() writes nothing
+    await auto.close()
