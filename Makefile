@@ -37,13 +37,14 @@ test: setup lint
 
 # Every bench script once with tiny counts, so none can rot (no timing is asserted: benchmarks are not tests).
 bench-smoke: setup
-	bash scripts/build-images.sh busybox tomcat redis
+	bash scripts/build-images.sh busybox tomcat redis postgres
 	$(PY) bench/smoke.py
 
 bench: setup
-	bash scripts/build-images.sh busybox tomcat redis
+	bash scripts/build-images.sh busybox tomcat redis postgres
 	$(PY) bench/coldstart.py
 	$(PY) bench/warmpath.py
+	$(PY) bench/pgbench.py
 	$(PY) bench/network_cost.py
 	$(PY) bench/scaleout.py
 

@@ -3,7 +3,7 @@ this after the suite). Nothing is timed or compared here: benchmarks are not tes
 last lines and makes this exit 1.
 
 Needs what the benches need: root, `make setup`, and the demo images (scripts/build-images.sh busybox tomcat
-redis); warmpath also needs redis-benchmark, iperf3 and systemd-socket-proxyd on the host (scripts/setup.sh).
+redis postgres); warmpath also needs redis-benchmark, iperf3 and systemd-socket-proxyd on the host (scripts/setup.sh).
     .venv/bin/python bench/smoke.py
 """
 
@@ -24,6 +24,7 @@ def runs(out: Path) -> list[list[str]]:
         ["coldstart.py", "--breakdown", "--runs", "1", "--apps", "hello"],
         ["group_wake.py", "--runs", "1"],
         ["network_cost.py", "--runs", "1"],
+        ["pgbench.py", "--seconds", "1", "--clients", "2", "--runs", "1"],
         ["scaleout.py", "--instances", "2", "--services", "2", "--rounds", "1", "--out", str(out / "scaleout.json")],
         ["scrape_flood.py", "--flood", "200", "--scrapes", "5"],
         ["warmpath.py", "--requests", "2000", "--seconds", "1", "--runs", "1", "--out", str(out)],
