@@ -15,6 +15,7 @@ Prints a table (the median of R runs per cell: transactions/s, mean latency, and
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
@@ -37,7 +38,7 @@ def unpack(work: Path) -> Path:
     root.mkdir()
     cid = subprocess.run(["docker", "create", IMAGE], capture_output=True, text=True, check=True).stdout.strip()
     try:
-        subprocess.run(f"docker export {cid} | tar -x -C {root}", shell=True, check=True)
+        subprocess.run(f"docker export {cid} | tar --numeric-owner -x -C {root}", shell=True, check=True)
     finally:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
     return root
@@ -46,7 +47,7 @@ def unpack(work: Path) -> Path:
 def pgbench(root: Path, port: int, *args: str, timeout: float = 300) -> str:
     done = subprocess.run(["chroot", "--userspec=postgres:postgres", str(root), f"{BIN}/pgbench", "-h", "127.0.0.1",
                            "-p", str(port), "-U", "postgres", *args, "postgres"],
-                          capture_output=True, text=True, timeout=timeout, env={"PGCONNECT_TIMEOUT": "60"})
+                          capture_output=True, text=True, timeout=timeout, env=os.environ | {"PGCONNECT_TIMEOUT": "60"})
     if done.returncode != 0:
         raise SystemExit(f"pgbench {' '.join(args)} on port {port} failed: {done.stderr.strip()[-300:]}")
     return done.stdout
@@ -73,15 +74,20 @@ def start_activator(work: Path, port: int, network: str) -> subprocess.Popen[byt
                         "network": {"bridge": "actpg0", "subnet": "10.89.251.0/24"}},
            "services": {"pg": {"image": IMAGE, "port": 5432, "listen": f"127.0.0.1:{port}", "idle_timeout": "1h",
                                "network": network, "volumes": [f"pgbench-{network}:/var/lib/postgresql/data"],
-                               "readiness": {"timeout": "120s"}}}}
+                               "readiness": {"timeout": "120s"},
+                               # the file's only service would share memory (KSM) by default: ksmd's scanning
+                               # takes a CPU of this 2-core host from the server and the client
+                               "share_memory": False}}}
     path = work / f"pg-{network}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "activator", "run", "-c", str(path)],
                             stderr=subprocess.DEVNULL, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     while b"ready on" not in (line := proc.stdout.readline()):
-        if proc.poll() is not None or not line:
-            raise SystemExit("activator did not start")
+        if proc.poll() is not None or not line or b"NOT serving" in line:
+            proc.terminate()
+            proc.wait(120)
+            raise SystemExit(f"activator did not start: {line.decode(errors='replace').strip()}")
     return proc
 
 
