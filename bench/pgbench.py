@@ -26,22 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from warmpath import free_port, wait_listening
+from warmpath import free_port, unpack_image, wait_listening
 
 IMAGE = "activator-test/postgres:latest"
 STATE = Path("/var/lib/activator/bench-pg")
 BIN = "/usr/lib/postgresql/15/bin"
-
-
-def unpack(work: Path) -> Path:
-    root = work / "rootfs"
-    root.mkdir()
-    cid = subprocess.run(["docker", "create", IMAGE], capture_output=True, text=True, check=True).stdout.strip()
-    try:
-        subprocess.run(f"docker export {cid} | tar --numeric-owner -x -C {root}", shell=True, check=True)
-    finally:
-        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
-    return root
 
 
 def pgbench(root: Path, port: int, *args: str, timeout: float = 300) -> str:
@@ -101,7 +90,7 @@ def main() -> None:
         raise SystemExit(f"needs {IMAGE}: scripts/build-images.sh postgres")
     work = Path(tempfile.mkdtemp(prefix="activator-pgbench-"))
     work.chmod(0o755)  # user postgres passes through it into the chroot
-    root = unpack(work)
+    root = unpack_image(work, IMAGE)
     results = []
     try:
         port = free_port()

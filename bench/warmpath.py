@@ -68,12 +68,14 @@ def iperf(port: int, seconds: int) -> float:
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def unpack_image(work: Path) -> Path:
+def unpack_image(work: Path, image: str = IMAGE) -> Path:
+    """The image's root filesystem under work/rootfs, owners as the image has them (numbers, not names: a host
+    user of the same name may have another uid)."""
     root = work / "rootfs"
     root.mkdir()
-    cid = subprocess.run(["docker", "create", IMAGE], capture_output=True, text=True, check=True).stdout.strip()
+    cid = subprocess.run(["docker", "create", image], capture_output=True, text=True, check=True).stdout.strip()
     try:
-        subprocess.run(f"docker export {cid} | tar -x -C {root}", shell=True, check=True)
+        subprocess.run(f"docker export {cid} | tar --numeric-owner -x -C {root}", shell=True, check=True)
     finally:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
     return root

@@ -121,3 +121,29 @@ async def test_root_in_an_instance_is_an_unprivileged_uid_on_the_host(start, tmp
         subprocess.run, ["docker", "run", "--rm", "-v", f"{exposed}:/exposed", "--entrypoint", "cat", BUSYBOX,
                          "/exposed/host-only"], capture_output=True, text=True, timeout=120)
     assert out.stdout == "host root only\n", out.stderr
+
+
+@pytest.mark.parametrize("path", ["criu-rpc", "runc"])
+async def test_both_restore_paths_restore_into_the_user_namespace(start, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                                                  path: str) -> None:
+    """Instances are restored through CRIU's RPC where device rules are cgroup v1 files (this host), through
+    `runc restore` elsewhere (cgroup v2 only): both land in the service's user namespace and its network
+    namespace made outside it (the CRIU patch), with a volume and the bound sysfs."""
+    from activator.runtime import cgroups
+
+    if path == "runc":
+        monkeypatch.setattr(cgroups, "v1_devices", lambda: False)  # what a cgroup-v2-only host says
+    elif not cgroups.v1_devices():
+        pytest.skip("the direct CRIU path needs the cgroup v1 devices controller")
+    run = await start({"web": HTTPD | {"volumes": ["webdata:/data"]}})
+    assert b"hello from a restored busybox httpd" in await http_get(run.port("web"))
+    (inst,) = run.act.services["web"].instances
+    assert inst.how == "restore" and run.metric("activator_restores_total", "web") == 1
+    checkpoint = run.act.services["web"].checkpoint
+    assert checkpoint is not None and checkpoint.idmap is not None
+    pid = await inst.sandbox.pid()
+    assert pid is not None
+    uids = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:"))
+    assert uids.split()[1] == str(checkpoint.idmap.host)
+    assert os.readlink(f"/proc/{pid}/ns/net") == f"net:[{os.stat(inst.sandbox.netns.path).st_ino}]"
+    assert sorted(os.listdir(f"/proc/{pid}/root/sys/class/net")) == ["eth0", "lo"]  # its own namespace's sysfs
