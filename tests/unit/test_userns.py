@@ -107,3 +107,19 @@ def test_a_private_parent_is_named_with_the_fix() -> None:
         userns.check_passable(private / "state" / "instances")
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_criu_without_the_patch_is_named_in_one_line(tmp_path: Path) -> None:
+    """userns: private on a CRIU without activator's patch: one line with the fix; userns: host still builds."""
+    from activator.checkpoints.builder import CheckpointBuilder
+    from activator.config.model import ListenAddress, ServiceConfig
+    from activator.errors import CheckpointError
+
+    builder = CheckpointBuilder(None, None, None, tmp_path / "instances", "4.2.1", "1.1.5")  # type: ignore[arg-type]
+    svc = ServiceConfig(name="db", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=5432)
+    with pytest.raises(CheckpointError) as e:
+        builder.idmap(svc)
+    assert str(e.value) == ("service 'db': userns: private needs a CRIU built with activator's patch "
+                            "(scripts/criu-patches/; `make setup` builds it), found CRIU 4.2.1; or set 'userns: host'")
+    host = ServiceConfig(name="db", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=5432, userns="host")
+    assert builder.idmap(host) is None
