@@ -38,6 +38,7 @@ async def get(port: int) -> None:
 
 async def main(runs: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="activator-netcost-"))
+    work.chmod(0o711)  # the state dir is in it: instances in their user namespaces pass through it
     socks, services = [], {}
     for name, network in (("bridge", "bridge"), ("none", "none")):
         s = socket.socket()

@@ -63,7 +63,9 @@ def start_activator(work: Path, port: int, network: str) -> subprocess.Popen[byt
                         "network": {"bridge": "actpg0", "subnet": "10.89.251.0/24"}},
            "services": {"pg": {"image": IMAGE, "port": 5432, "listen": f"127.0.0.1:{port}", "idle_timeout": "1h",
                                "network": network, "volumes": [f"pgbench-{network}:/var/lib/postgresql/data"],
-                               "readiness": {"timeout": "120s"},
+                               # it listens before it accepts ("the database system is starting up"): ready
+                               # once pg_isready says so, over its unix socket (no TCP state in the dump)
+                               "readiness": {"timeout": "120s", "command": ["pg_isready", "-q", "-h", "/tmp"]},
                                # the file's only service would share memory (KSM) by default: ksmd's scanning
                                # takes a CPU of this 2-core host from the server and the client
                                "share_memory": False}}}

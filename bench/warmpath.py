@@ -92,8 +92,9 @@ def start_activator(work: Path, redis_port: int, iperf_port: int, network: str) 
            }}
     path = work / f"warm-{network}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "activator", "run", "-c", str(path)],
-                            stderr=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    with open(work / f"activator-{network}.log", "wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen([sys.executable, "-m", "activator", "run", "-c", str(path)], stderr=log,
+                                stdout=subprocess.PIPE)
     assert proc.stdout is not None
     while b"metrics" not in (line := proc.stdout.readline()) and b"ready on" not in line:
         if proc.poll() is not None or not line:
@@ -149,6 +150,10 @@ def main() -> None:
             act = start_activator(work, arp, aip, network)
             try:
                 results.append(measure(name, arp, aip, args))
+            except Exception:  # what the daemon said, with the client's failure
+                log = (work / f"activator-{network}.log").read_text(errors="replace").splitlines()
+                print("\n".join(log[-15:]), file=sys.stderr)
+                raise
             finally:
                 act.terminate()
                 act.wait(120)

@@ -18,7 +18,10 @@ pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
 
 POSTGRES = "activator-test/postgres:latest"
 PG = {"image": POSTGRES, "port": 5432, "volumes": ["pgdata:/var/lib/postgresql/data"],
-      "readiness": {"timeout": "120s"}, "idle_timeout": "1s", "stop_grace": "10s"}
+      # it listens before it accepts ("the database system is starting up"): dumped once pg_isready says it
+      # accepts, over its unix socket (no TCP state in the dump)
+      "readiness": {"timeout": "120s", "command": ["pg_isready", "-q", "-h", "/tmp"]}, "idle_timeout": "1s",
+      "stop_grace": "10s"}
 
 
 def _image_missing() -> bool:
