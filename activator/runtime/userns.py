@@ -5,7 +5,8 @@ so one tenant's root is not another's; all instances of a service share its rang
 and volumes. Ranges come from a pool: the `activator` entries of /etc/subuid and /etc/subgid when there are
 (Docker's userns-remap takes `dockremap`'s the same way), else DEFAULT_POOL, which sits far above the ids
 useradd hands out and the ranges it delegates (100000 and up). A service keeps its range across restarts
-(state_dir/userns.json): its checkpoint and its volumes' files are owned by it.
+(state_dir/userns.json): its checkpoint and its volumes' files are owned by it. No two activators on a host hand
+out the same range (Ranges: a host-wide registry).
 
 Files, as the mapped ids see them:
 - the image's root filesystem is not copied or chowned: each instance's overlay gets it through an idmapped
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import stat
@@ -38,6 +40,8 @@ SIZE = 65536
 DEFAULT_POOL = (1 << 30, (1 << 30) - SIZE)
 POOL_USER = "activator"
 STATE = "userns.json"
+#: every activator's ranges on this host (Ranges)
+REGISTRY = Path("/var/lib/activator-userns/ranges.json")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -105,34 +109,65 @@ def _subids(path: Path) -> dict[str, list[tuple[int, int]]]:
 
 
 class Ranges:
-    """Which range each service has (state_dir/userns.json, 0600), handed out from the pool and kept."""
+    """Which range each service has (state_dir/userns.json, 0600), handed out from the pool and kept.
 
-    def __init__(self, root: Path) -> None:
+    Ranges are unique on the host, not only within one state dir: several activators (each its own state dir)
+    share the pool, so every allocation is also recorded in a host-wide registry (REGISTRY, flock()ed), where
+    the ranges of state dirs that no longer exist are freed."""
+
+    def __init__(self, root: Path, registry: Path | None = None) -> None:
+        self.root = root
         self.path = root / STATE
+        self.registry = registry or REGISTRY
         self._lock = threading.Lock()
 
     def for_service(self, service: str) -> IdMap:
         """Blocking. The service's range, given one the first time it is asked for."""
         from activator.statedir import write_private
 
-        with self._lock:
+        with self._lock, self._registry() as others:
             table = self._read()
             start, count = pool()
-            if service in table and start <= table[service] and table[service] + SIZE <= start + count:
-                return IdMap(table[service])
-            used = set(table.values())
-            for base in range(start, start + count - SIZE + 1, SIZE):
-                if base not in used:
-                    break
-            else:
-                raise ActivatorError(f"no user namespace range is left for service '{service}': the pool "
-                                     f"{start}-{start + count - 1} is used up; give '{POOL_USER}' a larger range "
-                                     "in /etc/subuid and /etc/subgid")
-            table[service] = base
-            tmp = self.path.with_name(f".{STATE}.new")
-            write_private(tmp, json.dumps(table, indent=1, sort_keys=True) + "\n")
-            os.replace(tmp, self.path)
+            mine = str(self.root.resolve())
+            taken = {b for sd, t in others.items() if sd != mine for b in t.values()}
+            base = table.get(service)
+            # A kept range stays (its checkpoint and volumes are owned by it), even one another state dir got before
+            # this registry existed; new ones avoid every other state dir's.
+            if base is None or not (start <= base and base + SIZE <= start + count):
+                used = taken | set(table.values())
+                base = next((b for b in range(start, start + count - SIZE + 1, SIZE) if b not in used), None)
+                if base is None:
+                    raise ActivatorError(f"no user namespace range is left for service '{service}': the pool "
+                                         f"{start}-{start + count - 1} is used up; give '{POOL_USER}' a larger "
+                                         "range in /etc/subuid and /etc/subgid")
+                table[service] = base
+                tmp = self.path.with_name(f".{STATE}.new")
+                write_private(tmp, json.dumps(table, indent=1, sort_keys=True) + "\n")
+                os.replace(tmp, self.path)
+            others[mine] = table
             return IdMap(base)
+
+    @contextlib.contextmanager
+    def _registry(self) -> Iterator[dict[str, dict[str, int]]]:
+        """The host-wide table {state dir: {service: first id}}, locked while the body runs, written after it."""
+        from activator.statedir import write_private
+
+        self.registry.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(self.registry.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                data = json.loads(self.registry.read_text())
+            except (OSError, ValueError):
+                data = {}
+            table = {sd: {k: v for k, v in t.items() if isinstance(v, int)} for sd, t in data.items()
+                     if isinstance(t, dict) and Path(sd, STATE).exists()}  # a state dir gone frees its ranges
+            yield table
+            tmp = self.registry.with_name(f".{self.registry.name}.new")
+            write_private(tmp, json.dumps(table, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, self.registry)
+        finally:
+            os.close(fd)
 
     def _read(self) -> dict[str, int]:
         try:

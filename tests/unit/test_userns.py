@@ -43,10 +43,10 @@ def test_the_default_pool_is_refused_when_a_delegated_range_overlaps_it(tmp_path
 
 def test_each_service_gets_its_own_range_and_keeps_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(userns, "pool", lambda: (1_000_000, 3 * userns.SIZE))
-    ranges = userns.Ranges(tmp_path)
+    ranges = userns.Ranges(tmp_path, tmp_path / "registry.json")
     a, b = ranges.for_service("a"), ranges.for_service("b")
     assert a != b and {a.host, b.host} <= {1_000_000, 1_000_000 + userns.SIZE, 1_000_000 + 2 * userns.SIZE}
-    assert userns.Ranges(tmp_path).for_service("a") == a  # kept across restarts (state_dir/userns.json)
+    assert userns.Ranges(tmp_path, tmp_path / "registry.json").for_service("a") == a  # kept (state_dir/userns.json)
     assert stat.S_IMODE((tmp_path / userns.STATE).stat().st_mode) == 0o600
     assert json.loads((tmp_path / userns.STATE).read_text()) == {"a": a.host, "b": b.host}
     ranges.for_service("c")
@@ -58,10 +58,10 @@ def test_each_service_gets_its_own_range_and_keeps_it(tmp_path: Path, monkeypatc
 def test_a_kept_range_outside_the_pool_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / userns.STATE).write_text(json.dumps({"a": 5}))
     monkeypatch.setattr(userns, "pool", lambda: (1_000_000, 2 * userns.SIZE))
-    assert userns.Ranges(tmp_path).for_service("a").host == 1_000_000
+    assert userns.Ranges(tmp_path, tmp_path / "registry.json").for_service("a").host == 1_000_000
     (tmp_path / userns.STATE).write_text("{not json")
     with pytest.raises(ActivatorError) as e:
-        userns.Ranges(tmp_path).for_service("a")
+        userns.Ranges(tmp_path, tmp_path / "registry.json").for_service("a")
     assert "userns.json is unreadable" in str(e.value) and "remove it" in str(e.value)
 
 
@@ -123,3 +123,21 @@ def test_a_criu_without_the_patch_is_named_in_one_line(tmp_path: Path) -> None:
                             "(scripts/criu-patches/; `make setup` builds it), found CRIU 4.2.1; or set 'userns: host'")
     host = ServiceConfig(name="db", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=5432, userns="host")
     assert builder.idmap(host) is None
+
+
+def test_ranges_are_unique_across_state_dirs_and_freed_with_them(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two activators on one host (two state dirs) never hand out the same range; a state dir removed frees its."""
+    monkeypatch.setattr(userns, "pool", lambda: (1_000_000, 2 * userns.SIZE))
+    registry = tmp_path / "host" / "ranges.json"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    a = userns.Ranges(one, registry).for_service("web")
+    b = userns.Ranges(two, registry).for_service("web")  # the same service name, another daemon
+    assert a != b
+    with pytest.raises(ActivatorError):
+        userns.Ranges(two, registry).for_service("db")  # the pool of two is used up host-wide
+    shutil.rmtree(one)
+    assert userns.Ranges(two, registry).for_service("db") == a  # freed with its state dir
+    assert stat.S_IMODE(registry.stat().st_mode) == 0o600
