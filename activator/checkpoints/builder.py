@@ -422,7 +422,7 @@ class CheckpointBuilder:
         command = svc.readiness.command
         assert command is not None
         args = ("/bin/sh", "-c", command[0]) if len(command) == 1 else command
-        before = readiness.processes(pid)
+        before = readiness.foreign(pid)
         status: int | None = None
         while time.monotonic() < deadline:
             out = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -431,10 +431,10 @@ class CheckpointBuilder:
                                                                max(0.1, deadline - time.monotonic())), output=out)
             finally:
                 os.close(out)
-            if not await readiness.wait_until(lambda: readiness.processes(pid) <= before, timeout=2):
+            if not await readiness.wait_until(lambda: readiness.foreign(pid) <= before, timeout=2):
                 raise StartError(f"service '{svc.name}': readiness.command left processes running in the template "
-                                 f"({', '.join(map(str, sorted(readiness.processes(pid) - before)))}); make it "
-                                 "wait for what it starts")
+                                 f"({readiness.describe(readiness.foreign(pid) - before)}); make it wait for "
+                                 "what it starts")
             if status == 0:
                 return
             await asyncio.sleep(0.25)

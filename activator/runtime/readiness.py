@@ -57,6 +57,45 @@ def processes(init_pid: int) -> set[int]:
         return {int(e.name) for e in procs if e.name.isdigit() and _pid_ns(e.name) == ns}
 
 
+def foreign(init_pid: int) -> set[int]:
+    """The processes in init_pid's pid namespace that are not the app's: what a `runc exec` (a readiness command)
+    started and left behind. The app's are init_pid and, recursively, the children of the app's processes that
+    are in their parent's session or lead a session of their own (PostgreSQL makes each backend a session leader).
+    runc exec gives its process a session of its own: what it leaves, reparented to init_pid, is in that session,
+    which is neither init_pid's nor its own. (One of its processes that makes itself a session leader and outlives
+    it passes for the app's.)"""
+    procs = {p: st for p in processes(init_pid) if (st := _stat(p)) is not None}
+    app = {init_pid}
+    grew = True
+    while grew:
+        grew = False
+        for p, (ppid, sid) in procs.items():
+            if p not in app and ppid in app and sid in (procs.get(ppid, (0, -1))[1], p):
+                app.add(p)
+                grew = True
+    return set(procs) - app
+
+
+def describe(pids: set[int]) -> str:
+    """'PID COMMAND, ...' for a message (a process gone meanwhile is named by its pid alone)."""
+    def comm(pid: int) -> str:
+        try:
+            return f"{pid} {Path(f'/proc/{pid}/comm').read_text().strip()}"
+        except OSError:
+            return str(pid)
+    return ", ".join(comm(p) for p in sorted(pids))
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, session id) of a process, host view; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command: state ppid pgrp session
+    return int(fields[1]), int(fields[3])
+
+
 def held_sockets(init_pid: int) -> set[int]:
     """Socket inodes held open by any process in init_pid's pid namespace (the whole container)."""
     ns = _pid_ns(init_pid)

@@ -91,6 +91,19 @@ def test_app_that_never_listens(tmp_path: Path) -> None:
 
 
 @pytest.mark.engine
+def test_a_readiness_command_that_leaves_a_process_behind_is_named(tmp_path: Path) -> None:
+    """What a readiness command starts and leaves running would be dumped with the app: refused, in one line.
+    The app's own processes (PostgreSQL forks a backend for pg_isready's connection: test_postgres.py) are not
+    the command's: only processes of another session than the app's count."""
+    cfg = write_config(tmp_path, {"lax": HTTPD | {"readiness": {"command": ["sleep 300 & true"]}}})
+    proc = run_cli("checkpoint", "lax", "-c", str(cfg))
+    assert_one_line_error(proc, "service 'lax'", "readiness.command left processes running in the template",
+                          "make it wait for what it starts")
+    res = host_resources(tmp_path / "state")
+    assert res["runc"] == [] and res["mounts"] == [] and res["dirs"] == [] and res["procs"] == []
+
+
+@pytest.mark.engine
 def test_an_app_on_another_port_is_named_at_once(tmp_path: Path) -> None:
     """Issue 17 item 6: `port: 9999` for an app on 8080 says where it listens, seconds after it does, not at
     the end of a 60 s readiness timeout."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
+
 from activator.runtime import readiness
 
 
@@ -29,3 +31,17 @@ def test_stray_connection_is_found_until_its_descriptor_closes() -> None:
         client.close()
         accepted.close()
         assert not readiness.stray_connections(me, before)
+
+
+def test_what_a_readiness_command_leaves_is_told_from_the_apps_own_processes(monkeypatch: pytest.MonkeyPatch
+                                                                              ) -> None:
+    """readiness.foreign: PostgreSQL's workers (session leaders, children of the app) are the app's; a process a
+    `runc exec` left (reparented to the app, in the exec's session) and its children are not."""
+    from activator.runtime import readiness
+
+    # pid: (parent, session); 1 is the app, in session 1
+    table = {1: (0, 1), 10: (1, 10), 11: (1, 1), 12: (11, 1),  # a worker leading its session; a child; grandchild
+             20: (1, 7), 21: (20, 7), 22: (20, 22)}  # left by the command (session 7), its children
+    monkeypatch.setattr(readiness, "processes", lambda init: set(table))
+    monkeypatch.setattr(readiness, "_stat", lambda pid: table.get(pid))
+    assert readiness.foreign(1) == {20, 21, 22}

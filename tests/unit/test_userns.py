@@ -141,3 +141,4 @@ def test_ranges_are_unique_across_state_dirs_and_freed_with_them(tmp_path: Path,
     shutil.rmtree(one)
     assert userns.Ranges(two, registry).for_service("db") == a  # freed with its state dir
     assert stat.S_IMODE(registry.stat().st_mode) == 0o600
+
