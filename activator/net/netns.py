@@ -15,6 +15,7 @@ import ctypes.util
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
@@ -22,6 +23,7 @@ from pyroute2 import IPRoute, netns
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
+MS_REC, MS_SHARED = 16384, 1 << 20
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 
 log = logging.getLogger("activator.netns")
@@ -35,6 +37,28 @@ PREFIX = "activator-"
 # main thread, before anything has switched namespaces (opened lazily, a worker thread could catch the main
 # thread inside an instance's namespace during a socket() call).
 HOME_NS = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+
+_dir_lock = threading.Lock()
+_dir_ready = False
+
+
+def _netns_dir() -> None:
+    """/run/netns as iproute2 makes it: a shared mount of itself. If it is a plain directory, the first `ip netns
+    add` anyone runs after us bind-mounts it onto itself, which hides the namespaces pinned there (they can then be
+    neither unmounted nor removed: EBUSY, docs/host-notes.md)."""
+    global _dir_ready
+    with _dir_lock:
+        if _dir_ready:
+            return
+        NETNS_DIR.mkdir(parents=True, exist_ok=True)
+        if _libc.mount(b"none", str(NETNS_DIR).encode(), None, MS_SHARED | MS_REC, None) != 0:
+            # not a mount point yet: make it one (with what is mounted below it), then shared
+            if _libc.mount(str(NETNS_DIR).encode(), str(NETNS_DIR).encode(), None, MS_BIND | MS_REC, None) != 0:
+                raise _oserror(f"bind-mounting {NETNS_DIR} on itself")
+            if _libc.mount(b"none", str(NETNS_DIR).encode(), None, MS_SHARED | MS_REC, None) != 0:
+                raise _oserror(f"making {NETNS_DIR} a shared mount")
+        _dir_ready = True
 
 
 class NetNamespace:
@@ -55,7 +79,7 @@ class NetNamespace:
         restoring many services at once.
         """
         ns = cls(name)
-        NETNS_DIR.mkdir(parents=True, exist_ok=True)
+        _netns_dir()
         os.close(os.open(ns.path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
         try:
             if _libc.unshare(CLONE_NEWNET) != 0:
@@ -78,7 +102,7 @@ class NetNamespace:
         so that `runc exec` into the template, which joins the user namespace first, may join this one too),
         pinned at /run/netns/<name> and set up as create() sets up its own."""
         ns = cls(name)
-        NETNS_DIR.mkdir(parents=True, exist_ok=True)
+        _netns_dir()
         os.close(os.open(ns.path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
         try:
             if _libc.mount(f"/proc/{pid}/ns/net".encode(), str(ns.path).encode(), None, MS_BIND, None) != 0:

@@ -127,3 +127,28 @@ async def test_shutdown_finishes_whatever_fails(start, monkeypatch: pytest.Monke
         if step == "iptables":
             await asyncio.to_thread(firewall.close, net.bridge)
     assert await asyncio.to_thread(lambda: host_resources(state)["mounts"]) == []
+
+
+async def test_an_ip_netns_add_by_someone_else_hides_nothing(start) -> None:  # type: ignore[no-untyped-def]
+    """iproute2's `ip netns add` bind-mounts /run/netns onto itself when it is not a mount point yet, which hid
+    the namespaces activator had pinned there: its instance's could then not be removed at stop. activator makes
+    /run/netns what iproute2 makes it (a shared mount of itself) before it pins anything."""
+    import uuid
+
+    run = await start({"probe": PROBE})
+    state = run.config.settings.state_dir
+    assert (await ask_once("127.0.0.1", run.port("probe"), "peer")).startswith("peer ")
+    points = [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()]
+    assert "/run/netns" in points  # a mount of itself (Path.is_mount misses a bind mount of the same file system)
+    other = f"acttest-{uuid.uuid4().hex[:8]}"  # someone else's namespace, as an operator would add one
+    added = await asyncio.to_thread(subprocess.run, ["ip", "netns", "add", other], capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+    try:
+        (inst,) = run.act.services["probe"].instances
+        assert inst.sandbox.netns.path.exists()  # still there, not hidden under a new mount
+        await run.act.shutdown()
+        assert run.act.teardown_failures == []
+        left = await asyncio.to_thread(host_resources, state)
+        assert left["netns"] == [] and left["runc"] == [] and left["mounts"] == [], left
+    finally:
+        await asyncio.to_thread(subprocess.run, ["ip", "netns", "del", other], capture_output=True)
