@@ -206,12 +206,28 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     return _run(main)
 
 
+TRANSFER_VERBS = ("export", "import", "push", "pull")
+
+
 def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
+    words = args.words
+    if words[0] in TRANSFER_VERBS and not any(s.name == words[0] for s in cfg.services):
+        if len(words) != 2:
+            raise ActivatorError(f"usage: activator checkpoint {words[0]} "
+                                 f"{'FILE' if words[0] == 'import' else 'SERVICE'}")
+        return _checkpoint_transfer(cfg, args, words[0], words[1])
+    if len(words) != 1:
+        raise ActivatorError("usage: activator checkpoint SERVICE [--rebuild] | export SERVICE -o FILE | import "
+                             "FILE | push SERVICE | pull SERVICE")
+    return _checkpoint_build(cfg, args, words[0])
+
+
+def _checkpoint_build(cfg: Config, args: argparse.Namespace, name: str) -> int:
     from .checkpoints.host import open_host
     from .daemon import control
     from .statedir import StateDir
 
-    svc = cfg.service(args.service)
+    svc = cfg.service(name)
     sock = StateDir.of(cfg).control_socket
     if sock.exists():
         # A daemon runs on this state dir: it does the rebuild itself, so its instances are not disturbed.
@@ -231,25 +247,111 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
     async def main() -> int:
         state = StateDir.of(cfg)
         builder = None
+        pushed = ""
         try:
             builder = open_host(state, cfg).builder
             ck = None if args.rebuild else await builder.current(svc)
-            built = ck is None
+            source = "stored"
             if ck is None:  # a build: the template runs on the instance network (a current one touches nothing)
                 if builder.network is not None and svc.network == "bridge":
                     await asyncio.to_thread(builder.network.open)
-                ck, built = await builder.ensure(svc, rebuild=args.rebuild)
+                ck, source = await builder.ensure(svc, rebuild=args.rebuild)
             builder.store.sweep_retired(svc.name)  # no daemon holds the lock, so no instance uses the old one
+            if source == "built" and builder.registry is not None and builder.registry.settings.push \
+                    and not unshareable(svc):
+                pushed = await builder.push(svc)
         finally:
             if builder is not None and builder.network is not None:
                 await asyncio.to_thread(builder.network.close)  # undoes only what open() made, if it ran
             state.unlock()
-        verb = f"built in {ck.build_seconds:.1f}s" if built else "is current"
+        verb = {"built": f"built in {ck.build_seconds:.1f}s", "pulled": "pulled from the checkpoint registry",
+                "stored": "is current"}[source]
         print(f"{svc.name}: checkpoint {verb}: {ck.dir} (listens on {', '.join(map(str, ck.listening_ports))}; "
-              f"{ck.pages_bytes / 2**20:.1f} MiB of pages)")
+              f"{ck.pages_bytes / 2**20:.1f} MiB of pages){f'; pushed to {pushed}' if pushed else ''}")
         return 0
 
+    from .checkpoints.builder import unshareable
+
     return _run(main)
+
+
+def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what: str) -> int:
+    """export/import/push/pull: by the running daemon if there is one (it owns the store), else here."""
+    from .checkpoints import ociarchive, transfer
+    from .checkpoints.host import open_host
+    from .daemon import control
+    from .statedir import StateDir
+
+    if verb == "export":
+        if not args.output:
+            raise ActivatorError(f"usage: activator checkpoint export {what} -o FILE")
+        target = str(Path(args.output).absolute())
+        if any(c.isspace() for c in target):
+            raise ActivatorError(f"{target}: choose a path without spaces")
+    if verb == "import":
+        target = str(Path(what).absolute())
+        image = ociarchive.read(Path(target))
+        svc = transfer.service_of(image, cfg, args.service)
+        if any(c.isspace() for c in target):
+            raise ActivatorError(f"{target}: choose a path without spaces")
+    else:
+        svc = cfg.service(what)
+    if verb in ("push", "pull") and cfg.settings.checkpoint_registry is None:
+        raise ActivatorError(f"{cfg.path}: settings.checkpoint_registry is not set; add it "
+                             "(e.g. {repository: registry.example:5000/activator}) to push or pull checkpoints")
+    sock = StateDir.of(cfg).control_socket
+    request = {"export": f"export {svc.name} {target if verb == 'export' else ''}",
+               "import": f"import {target if verb == 'import' else ''} {svc.name}",
+               "push": f"push {svc.name}", "pull": f"pull {svc.name}"}[verb]
+    r: dict[str, Any] | None = None
+    if sock.exists():
+        try:
+            r = control.request(sock, request, timeout=1800)
+        except control.NotRunning:
+            r = None  # a socket file a dead run left: do it here
+
+    async def main() -> dict[str, Any]:
+        state = StateDir.of(cfg)
+        try:
+            builder = open_host(state, cfg).builder
+            if verb == "export":
+                doc = await builder.export(svc, Path(target))
+                return {"path": target, "size": doc.size, "digest": doc.digest}
+            if verb == "push":
+                return {"ref": await builder.push(svc)}
+            if verb == "import":
+                ck = await builder.import_archive(Path(target), svc)
+                return {"dir": str(ck.dir), "pages_bytes": ck.pages_bytes}
+            wanted, image, _ = await builder.wanted(svc)
+            ref = builder.registry_ref(svc, wanted)
+            pulled = await builder.pull(svc, wanted, image)
+            if pulled is None:
+                raise ActivatorError(f"service '{svc.name}': the checkpoint registry has no {ref}; build one "
+                                     f"(`activator checkpoint {svc.name}`) on a host like this one")
+            return {"dir": str(pulled.dir), "ref": ref}
+        finally:
+            state.unlock()
+
+    if r is None:
+        t0 = time.monotonic()
+        out: dict[str, Any] = {}
+
+        async def run() -> int:
+            out.update(await main())
+            return 0
+
+        _run(run)
+        r = out | {"seconds": time.monotonic() - t0}
+    took = f" in {r['seconds']:.1f}s" if "seconds" in r else ""
+    if verb == "export":
+        print(f"{svc.name}: checkpoint exported{took} to {r['path']} ({_size(r['size'])}, {r['digest'][:19]})")
+    elif verb == "push":
+        print(f"{svc.name}: checkpoint pushed{took} to {r['ref']}")
+    elif verb == "import":
+        print(f"{svc.name}: checkpoint imported{took}: {r['dir']}; new instances use it")
+    else:
+        print(f"{svc.name}: checkpoint pulled{took} from {r['ref']}: {r['dir']}; new instances use it")
+    return 0
 
 
 def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
@@ -438,10 +540,55 @@ class _TerminalSafe:
         self.raw.flush()
 
 
+def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
+    """A checkpoint image, from an archive file or a registry reference, made by activator or not."""
+    import tempfile
+
+    from .checkpoints import ociarchive, transfer
+    from .checkpoints.registry import Registry
+    from .config.model import RegistrySettings
+
+    with tempfile.TemporaryDirectory(prefix="activator-inspect-") as tmp:
+        if Path(what).exists():
+            image = ociarchive.read(Path(what))
+        else:
+            settings = cfg.settings.checkpoint_registry or RegistrySettings(repository="localhost/unused")
+            if not Registry(settings).pull(what, Path(tmp, "image.tar")):
+                raise ActivatorError(f"{what}: no such file, and the registry has no such image")
+            image = ociarchive.read(Path(tmp, "image.tar"))
+        a = image.annotations
+        info = {"source": what, "digest": image.digest, "ref": image.ref, "layers": [vars(b) for b in image.layers],
+                "size": image.size, "annotations": a, "architecture": image.config.get("architecture", "")}
+        if as_json:
+            print(json.dumps(info, indent=2))
+            return 0
+        engine = a.get(transfer.A + "engine.name", "")
+        print(f"{what}: {'checkpoint image' if engine else 'OCI image (no checkpoint annotations)'} {image.digest}")
+        print(f"  made by    {engine or '?'} {a.get(transfer.A + 'engine.version', '')}; container "
+              f"{a.get(transfer.A + 'container.name', '?')}; created {a.get('org.opencontainers.image.created', '?')}")
+        print(f"  from       image {a.get(transfer.A + 'rootfsImageName', '?')} "
+              f"({a.get(transfer.A + 'rootfsImageID', '?')[:19]})")
+        print(f"  made on    {a.get(transfer.A + 'host.arch', '?')}, kernel {a.get(transfer.A + 'host.kernel', '?')}, "
+              f"CRIU {a.get(transfer.A + 'criu.version', '?')}, {a.get(transfer.A + 'runtime.name', '?')} "
+              f"{a.get(transfer.A + 'runtime.version', '')}, cgroup {a.get(transfer.A + 'cgroup.version', '?')}, "
+              f"{a.get(transfer.A + 'distribution.name', '')} {a.get(transfer.A + 'distribution.version', '')}")
+        print(f"  size       {_size(image.size)} in {len(image.layers)} layer(s) "
+              f"({', '.join(b.media_type.rsplit('.', 1)[-1] for b in image.layers)})")
+        if engine and engine != transfer.ENGINE:
+            print(f"  serving    not by activator: made by {engine} (docs/multi-host.md says what it would take)")
+        for k in sorted(a):
+            if k.startswith(transfer.OWN):
+                print(f"  {k.removeprefix(transfer.OWN):<10} {a[k]}")
+    return 0
+
+
 def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
     from .checkpoints.store import CheckpointStore, contents
     from .statedir import StateDir
 
+    if not any(s.name == args.service for s in cfg.services) and (
+            Path(args.service).exists() or "/" in args.service or ":" in args.service):
+        return _inspect_image(cfg, args.service, args.json)
     svc = cfg.service(args.service)
     ck = CheckpointStore(StateDir.of(cfg)).load(svc.name)
     if ck is None:
@@ -525,12 +672,18 @@ def build_parser() -> argparse.ArgumentParser:
                "running ones'")
     logs.add_argument("service")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing what the instances write")
-    ins = add("inspect", cmd_inspect, "show what a service's checkpoint holds and what it was built from")
-    ins.add_argument("service")
+    ins = add("inspect", cmd_inspect, "show what a service's checkpoint holds and what it was built from; or a "
+              "checkpoint image's (an archive FILE or a registry REF)")
+    ins.add_argument("service", metavar="SERVICE | FILE | REF")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ck = add("checkpoint", cmd_checkpoint, "build a service's checkpoint if missing or stale")
-    ck.add_argument("service")
+    ck = add("checkpoint", cmd_checkpoint, "build a service's checkpoint if missing or stale; or move one between "
+             "hosts: export SERVICE -o FILE, import FILE, push SERVICE, pull SERVICE (an OCI image, through "
+             "settings.checkpoint_registry)")
+    ck.add_argument("words", nargs="+", metavar="SERVICE | export SERVICE | import FILE | push SERVICE | pull SERVICE")
     ck.add_argument("--rebuild", action="store_true", help="rebuild even if current")
+    ck.add_argument("-o", "--output", help="export: the archive to write (an OCI image archive, skopeo's "
+                    "oci-archive)")
+    ck.add_argument("--service", help="import: the service it is for, if not the one it was exported from")
     add("cleanup", cmd_cleanup, "remove instances, mounts and namespaces left by a crashed run")
     schema = sub.add_parser("schema", help="print the JSON Schema of the services file (for editors)")
     schema.set_defaults(fn=None)

@@ -17,8 +17,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from activator.config.model import ServiceConfig
 from activator.core import pool
@@ -31,7 +32,9 @@ from activator.runtime.spec import ProcessSpec, capability_set, merge_env, proce
 from activator.statedir import copy_private, open_private
 from activator.tasks import spawn
 
+from . import ociarchive, transfer
 from .images import DockerImageSource, ImageInfo, resolve_user
+from .registry import Registry
 from .store import (
     FORMAT,
     Checkpoint,
@@ -46,6 +49,8 @@ from .store import (
 log = logging.getLogger("activator.builder")
 #: how often a long wait during a build says it is still waiting (a JVM can take a minute to listen)
 PROGRESS_EVERY = 10.0
+#: where ensure()'s checkpoint came from
+Source = Literal["stored", "built", "pulled"]
 
 
 def _connector(sandbox: Sandbox, port: int) -> readiness.Connect:
@@ -103,6 +108,8 @@ class CheckpointBuilder:
         # and can push a slow one past its readiness timeout.
         self._building = asyncio.Semaphore(os.cpu_count() or 1)
         self.ranges = userns.Ranges(instances_dir.parent)
+        self.registry: Registry | None = None  # settings.checkpoint_registry (open_host sets it)
+        self.on_transfer: Callable[[str, str, str], None] | None = None  # (service, pull|push, ok|absent|failed)
 
     def idmap(self, svc: ServiceConfig) -> userns.IdMap | None:
         """The service's user namespace range (None: `userns: host`). One line if this host cannot give it one."""
@@ -131,21 +138,8 @@ class CheckpointBuilder:
             userns=str(idmap) if idmap is not None else "host",
         )
 
-    async def current(self, svc: ServiceConfig) -> Checkpoint | None:
-        """The service's checkpoint if it is current (nothing is built, nothing of the host is touched)."""
-        image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
-        try:
-            _filt, digest = await asyncio.to_thread(seccomp.load, svc.seccomp,
-                                                   list(capability_set(svc.cap_add, svc.cap_drop)))
-        except seccomp.ProfileError:
-            return None
-        ck = self.store.load(svc.name)
-        if ck is None or ck.origin.differences(self.origin(svc, image, digest)) or _used_up(svc, ck):
-            return None
-        return ck if ck.images.is_dir() and ck.image_rootfs.is_dir() else None
-
-    async def ensure(self, svc: ServiceConfig, *, rebuild: bool = False) -> tuple[Checkpoint, bool]:
-        """The service's current checkpoint, building it when missing or stale. Returns (checkpoint, built)."""
+    async def wanted(self, svc: ServiceConfig) -> tuple[Origin, ImageInfo, dict[str, Any] | None]:
+        """What this host's build of svc would be made from (its Origin), the image, and the seccomp filter."""
         image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
         try:
             filt, digest = await asyncio.to_thread(seccomp.load, svc.seccomp,
@@ -153,7 +147,23 @@ class CheckpointBuilder:
         except seccomp.ProfileError as e:
             raise CheckpointError(f"service '{svc.name}': seccomp: {e}; fix the profile or set 'seccomp: default'"
                                   ) from None
-        wanted = self.origin(svc, image, digest)
+        return await asyncio.to_thread(self.origin, svc, image, digest), image, filt
+
+    async def current(self, svc: ServiceConfig) -> Checkpoint | None:
+        """The service's checkpoint if it is current (nothing is built, nothing of the host is touched)."""
+        try:
+            wanted, _image, _filt = await self.wanted(svc)
+        except CheckpointError:
+            return None
+        ck = self.store.load(svc.name)
+        if ck is None or ck.origin.differences(wanted) or _used_up(svc, ck):
+            return None
+        return ck if ck.images.is_dir() and ck.image_rootfs.is_dir() else None
+
+    async def ensure(self, svc: ServiceConfig, *, rebuild: bool = False) -> tuple[Checkpoint, Source]:
+        """The service's current checkpoint: the stored one, else one pulled from the checkpoint registry (if
+        configured), else a new build. Returns (checkpoint, where it came from)."""
+        wanted, image, filt = await self.wanted(svc)
         current = self.store.load(svc.name)
         if current is not None and not rebuild:
             stale = current.origin.differences(wanted)
@@ -161,11 +171,109 @@ class CheckpointBuilder:
                 log.info("service=%s making its checkpoint again: an instance ran from it and it is stateful (its "
                          "volumes may have changed)", svc.name)
             elif not stale and current.images.is_dir() and current.image_rootfs.is_dir():
-                return current, False
+                return current, "stored"
             else:
                 log.info("service=%s checkpoint is stale (%s changed); rebuilding", svc.name,
                          ", ".join(stale) or "files missing")
-        return await self.build(svc, image, wanted, filt), True
+        if not rebuild and self.registry is not None and self.registry.settings.pull and not unshareable(svc):
+            pulled = await self.pull(svc, wanted, image, quiet=True)
+            if pulled is not None:
+                return pulled, "pulled"
+        return await self.build(svc, image, wanted, filt), "built"
+
+    # --- checkpoints as OCI images (transfer.py, registry.py) ----------------------------------------------
+
+    def registry_ref(self, svc: ServiceConfig, wanted: Origin) -> str:
+        assert self.registry is not None
+        return self.registry.ref(svc.name, transfer.tag(wanted, transfer.HostFacts.here()))
+
+    async def export(self, svc: ServiceConfig, out: Path) -> ociarchive.Image:
+        """Write the service's current checkpoint as an OCI image archive."""
+        if why := unshareable(svc):
+            raise CheckpointError(why)
+        ck = await self.current(svc)
+        if ck is None:
+            raise CheckpointError(f"service '{svc.name}' has no current checkpoint here; build one with `activator "
+                                  f"checkpoint {svc.name}` first")
+        image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
+        return await asyncio.to_thread(transfer.export, ck, svc, image, out, self.store.root)
+
+    async def import_archive(self, archive: Path, svc: ServiceConfig, *, source: str = "") -> Checkpoint:
+        """Check an OCI checkpoint image against what this host would build for svc and install it (running
+        instances carry on with theirs). One line saying what differs if it cannot run here."""
+        if why := unshareable(svc):
+            raise CheckpointError(why)
+        image_doc = await asyncio.to_thread(ociarchive.read, archive)
+        wanted, image, _filt = await self.wanted(svc)
+        rootfs = await self.unpack_image(svc, image)
+        idmap = await asyncio.to_thread(self.idmap, svc)
+        with ociarchive.scratch(self.store.root, f".build-import-{svc.name}-") as tmp:
+            got = await asyncio.to_thread(transfer.unpack, image_doc, svc, wanted, rootfs, idmap, tmp)
+            ck = await asyncio.to_thread(self.store.install, got.dir, got.checkpoint)
+        log.info("service=%s checkpoint imported from %s (%s, %d MiB of pages%s)", svc.name, source or archive,
+                 image_doc.digest[:19], ck.pages_bytes // 2**20,
+                 f"; moved from user namespace range {got.moved_from} to {idmap}" if got.moved_from else "")
+        return ck
+
+    async def pull(self, svc: ServiceConfig, wanted: Origin, image: ImageInfo, *, quiet: bool = False
+                   ) -> Checkpoint | None:
+        """The checkpoint this host would build, from the registry, installed; None if the registry has none
+        (or, quiet, if it cannot be had: logged, and the caller builds)."""
+        assert self.registry is not None
+        ref = self.registry_ref(svc, wanted)
+        started = time.monotonic()
+        with ociarchive.scratch(self.store.root, f".build-pull-{svc.name}-") as tmp:
+            try:
+                if not await asyncio.to_thread(self.registry.pull, ref, tmp / "image.tar"):
+                    log.info("service=%s the checkpoint registry has no %s", svc.name, ref)
+                    self._transferred(svc, "pull", "absent")
+                    return None
+                pulled = time.monotonic()
+                ck = await self.import_archive(tmp / "image.tar", svc, source=ref)
+            except ActivatorError as e:
+                self._transferred(svc, "pull", "failed")
+                if not quiet:
+                    raise
+                log.warning("service=%s pulling its checkpoint failed (%s); building it here", svc.name, e)
+                return None
+        self._transferred(svc, "pull", "ok")
+        log.info("service=%s checkpoint pulled in %.2fs and installed in %.2fs: nothing was built", svc.name,
+                 pulled - started, time.monotonic() - pulled)
+        return ck
+
+    async def push(self, svc: ServiceConfig) -> str:
+        """Export the service's current checkpoint and push it to the registry; its reference."""
+        assert self.registry is not None
+        wanted, _image, _filt = await self.wanted(svc)
+        ref = self.registry_ref(svc, wanted)
+        started = time.monotonic()
+        with ociarchive.scratch(self.store.root, f".build-push-{svc.name}-") as tmp:
+            try:
+                doc = await self.export(svc, tmp / "image.tar")
+                exported = time.monotonic()
+                await asyncio.to_thread(self.registry.push, tmp / "image.tar", ref)
+            except ActivatorError:
+                self._transferred(svc, "push", "failed")
+                raise
+        self._transferred(svc, "push", "ok")
+        log.info("service=%s checkpoint pushed to %s (%d MiB; export %.2fs, push %.2fs)", svc.name, ref,
+                 doc.size // 2**20, exported - started, time.monotonic() - exported)
+        return ref
+
+    def _transferred(self, svc: ServiceConfig, direction: str, result: str) -> None:
+        if self.on_transfer is not None:
+            self.on_transfer(svc.name, direction, result)
+
+    async def unpack_image(self, svc: ServiceConfig, image: ImageInfo) -> Path:
+        """The image's root filesystem, unpacked once per image ID and shared."""
+        rootfs = self.store.image_rootfs(image.short_id)
+        try:
+            async with self._unpacking.setdefault(image.id, asyncio.Lock()):
+                await asyncio.to_thread(self.images.export_rootfs, image, rootfs)
+        except OSError as e:
+            raise CheckpointError(f"service '{svc.name}': unpacking image '{image.ref}' failed: "
+                                  f"{_disk_problem(e, self.store.root) or e}") from None
+        return rootfs
 
     async def build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin,
                     filt: dict[str, Any] | None) -> Checkpoint:
@@ -195,13 +303,7 @@ class CheckpointBuilder:
     async def _build(self, svc: ServiceConfig, image: ImageInfo, origin: Origin,
                      filt: dict[str, Any] | None) -> Checkpoint:
         started = time.monotonic()
-        rootfs = self.store.image_rootfs(image.short_id)
-        try:
-            async with self._unpacking.setdefault(image.id, asyncio.Lock()):
-                await asyncio.to_thread(self.images.export_rootfs, image, rootfs)
-        except OSError as e:
-            raise CheckpointError(f"service '{svc.name}': unpacking image '{image.ref}' failed: "
-                                  f"{_disk_problem(e, self.store.root) or e}") from None
+        rootfs = await self.unpack_image(svc, image)
         process = self._process(svc, image, rootfs)
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{svc.name}-", dir=self.store.root))
         # The template runs on the same kind of network as its instances: the app saw a real interface.
@@ -223,7 +325,7 @@ class CheckpointBuilder:
             dev = await asyncio.to_thread(extmounts.snapshot_dev, pid) if pid else ()
             (tmp / "criu").mkdir(mode=0o700)
             await sandbox.checkpoint(tmp / "criu")
-            await asyncio.to_thread(_make_private, tmp / "criu", idmap)  # CRIU writes 0644; the pages are app memory
+            await asyncio.to_thread(make_private, tmp / "criu", idmap)  # CRIU writes 0644; the pages are app memory
             await sandbox.release(keep_dir=True)
             os.rename(sandbox.layout.upper, tmp / "diff")
             ports = await asyncio.to_thread(listening_ports, tmp / "criu")
@@ -447,12 +549,20 @@ class CheckpointBuilder:
         return self.store.logs / f"{svc.name}-template.log"
 
 
+def unshareable(svc: ServiceConfig) -> str:
+    """Why svc's checkpoint cannot move between hosts ("" if it can)."""
+    if svc.volumes:
+        return (f"service '{svc.name}' has volumes, whose data does not move with a checkpoint (its memory may "
+                "hold what it read of them); each host builds its own")
+    return ""
+
+
 def _used_up(svc: ServiceConfig, ck: Checkpoint) -> bool:
     """A stateful checkpoint an instance has run from: the volumes have moved on from what its memory holds."""
     return pool.stateful(svc.stateful, bool(ck.writes_volumes)) and ck.used
 
 
-def _make_private(directory: Path, idmap: userns.IdMap | None) -> None:
+def make_private(directory: Path, idmap: userns.IdMap | None) -> None:
     """0600 in a 0700 directory. In a user namespace, group-readable by the range's root instead (0640 in 0710,
     group = the range): CRIU's restored task opens them from inside it, first as host root (before its id maps
     are written: owner) then as the range's root (group). Only through CRIU's descriptor on the directory: the

@@ -18,6 +18,7 @@ from activator.statedir import StateDir
 
 from .builder import CheckpointBuilder
 from .images import DockerImageSource
+from .registry import Registry
 from .store import CheckpointStore
 
 
@@ -52,8 +53,11 @@ def open_host(state: StateDir, config: Config) -> Host:
     criu_version = preflight.check_criu(state.criu_binary)
     state.lock()
     runc = runc_for(state)
-    return Host(runc, CheckpointBuilder(CheckpointStore(state), DockerImageSource(state.root), runc, state.instances,
-                                        criu_version, runc_version, host_network(config)))
+    builder = CheckpointBuilder(CheckpointStore(state), DockerImageSource(state.root), runc, state.instances,
+                                criu_version, runc_version, host_network(config))
+    if config.settings.checkpoint_registry is not None:
+        builder.registry = Registry(config.settings.checkpoint_registry)
+    return Host(runc, builder)
 
 
 def runc_for(state: StateDir) -> Runc:

@@ -41,6 +41,7 @@ class ImageInfo:
     user: str
     stop_signal: str = ""  # the image's STOPSIGNAL, if it has one
     volumes: tuple[str, ...] = ()  # the image's VOLUME paths
+    digest: str = ""  # a registry's name for it (REPO@sha256:...), if it came from or went to one
 
     @property
     def short_id(self) -> str:
@@ -95,6 +96,7 @@ class DockerImageSource:
             user=cfg.get("User") or "",
             stop_signal=cfg.get("StopSignal") or "",
             volumes=tuple(sorted(cfg.get("Volumes") or {})),
+            digest=next(iter(image.attrs.get("RepoDigests") or ()), ""),
         )
 
     def export_rootfs(self, image: ImageInfo, dest: Path) -> None:

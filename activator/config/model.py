@@ -691,6 +691,35 @@ class NetworkSettings:
             "address or route of the host (Docker's default bridge is 172.17.0.0/16)")
 
 
+@dataclass(frozen=True)
+class RegistrySettings:
+    """Where checkpoint images are shared between hosts (docs/multi-host.md): a daemon without a current
+    checkpoint pulls one before it builds, and pushes what it builds, so a fleet builds each checkpoint once."""
+
+    repository: str = key(
+        Text(pattern=r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)+",
+             hint="REGISTRY[:PORT]/PATH, like registry.example:5000/activator"),
+        doc="images go to REPOSITORY/SERVICE:TAG (the tag names what the checkpoint was built from)")
+    tls_verify: bool = key(Flag(), True, doc="verify the registry's TLS certificate (false only for a plain-HTTP "
+                                             "registry on a network you own)")
+    auth_file: Path | None = key(AbsPath(), None, nullable=True,
+                                 doc="credentials, as `skopeo login --authfile` or `docker login` write them")
+    pull: bool = key(Flag(), True, doc="pull a checkpoint before building one")
+    push: bool = key(Flag(), True, doc="push every checkpoint built here")
+    timeout: float = key(Duration(1, HOUR), 300.0, doc="longest one push or pull may take")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """An endpoint for L4 balancers (HAProxy's agent-check): per service, its state here and how warm it is."""
+
+    listen: ListenAddress = key(Address(), doc="HOST:PORT the agent answers on (HAProxy's agent-port)")
+    drain_notice: float = key(
+        Duration(0, HOUR), 2.0,
+        doc="on SIGTERM, answer `drain` this long while still serving, so balancers stop sending before the "
+            "listeners close (at least the balancer's agent-inter)")
+
+
 FALLBACKS = ("cold-start", "none")
 NETWORKS = ("bridge", "none")
 PROXY_PROTOCOLS = ("v1", "v2")
@@ -897,6 +926,11 @@ class Settings:
     criu: str = key(Text(), "criu", doc="the CRIU binary (a name on PATH or a path) runc and activator run")
     network: NetworkSettings = key(Section(NetworkSettings), factory=NetworkSettings,
                                    doc="the bridge and subnet instances with network: bridge live on")
+    checkpoint_registry: RegistrySettings | None = key(
+        Section(RegistrySettings), None, nullable=True,
+        doc="share checkpoints through an OCI registry (null: every host builds its own)")
+    agent: AgentSettings | None = key(Section(AgentSettings), None, nullable=True,
+                                      doc="answer L4 balancers' agent checks (null: off)")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any
 
+from activator.checkpoints.builder import CheckpointBuilder, unshareable
 from activator.config.model import ServiceConfig
 from activator.errors import ActivatorError
 from activator.tasks import spawn
@@ -44,12 +45,72 @@ class Builds:
         if self.fleet.host is not None:
             await self.fleet.host.builder.prune_images()
 
+    def share(self, svc: ServiceConfig) -> None:
+        """A checkpoint built here goes to the checkpoint registry, in the background (serving does not wait)."""
+        assert self.fleet.host is not None
+        builder = self.fleet.host.builder
+        if builder.registry is None or not builder.registry.settings.push or unshareable(svc):
+            return
+
+        async def push() -> None:
+            try:
+                await builder.push(svc)
+            except ActivatorError as e:
+                log.warning("service=%s pushing its checkpoint failed: %s (other hosts build their own)", svc.name, e)
+
+        self.fleet.keep(spawn(push(), name=f"checkpoint-push:{svc.name}"))
+
+    async def import_archive(self, path: str = "", name: str = "") -> dict[str, Any]:
+        """Install a checkpoint image (activator checkpoint import) and switch new instances to it."""
+        from pathlib import Path
+
+        from activator.checkpoints import ociarchive, transfer
+
+        assert self.fleet.host is not None
+        image = await asyncio.to_thread(ociarchive.read, Path(path))
+        svc = transfer.service_of(image, self.fleet.config, name or None)
+        ck = await self.fleet.host.builder.import_archive(Path(path), svc)
+        self.fleet.use(svc, ck)
+        return {"service": svc.name, "dir": str(ck.dir), "pages_bytes": ck.pages_bytes, "digest": image.digest}
+
+    async def pull(self, name: str = "") -> dict[str, Any]:
+        """Pull the checkpoint this host would build from the registry, install it and use it."""
+        svc = self.fleet.config.service(name)
+        builder = self._with_registry()
+        wanted, image, _ = await builder.wanted(svc)
+        ck = await builder.pull(svc, wanted, image)
+        if ck is None:
+            raise ActivatorError(f"service '{svc.name}': the checkpoint registry has no "
+                                 f"{builder.registry_ref(svc, wanted)}; build one here (`activator checkpoint "
+                                 f"{svc.name}`) or on a host like this one and push it")
+        self.fleet.use(svc, ck)
+        return {"service": svc.name, "dir": str(ck.dir), "ref": builder.registry_ref(svc, wanted)}
+
+    async def push(self, name: str = "") -> dict[str, Any]:
+        svc = self.fleet.config.service(name)
+        return {"service": svc.name, "ref": await self._with_registry().push(svc)}
+
+    async def export(self, name: str = "", path: str = "") -> dict[str, Any]:
+        from pathlib import Path
+
+        svc = self.fleet.config.service(name)
+        assert self.fleet.host is not None
+        doc = await self.fleet.host.builder.export(svc, Path(path))
+        return {"service": svc.name, "path": path, "size": doc.size, "digest": doc.digest}
+
+    def _with_registry(self) -> CheckpointBuilder:
+        assert self.fleet.host is not None
+        if self.fleet.host.builder.registry is None:
+            raise ActivatorError(f"{self.fleet.config.path}: settings.checkpoint_registry is not set")
+        return self.fleet.host.builder
+
     async def rebuild(self, name: str = "") -> dict[str, Any]:
         """Build a fresh checkpoint for one service and switch new instances to it; running ones carry on."""
         svc = self.fleet.config.service(name)
         assert self.fleet.host is not None
         ck, _ = await self.fleet.host.builder.ensure(svc, rebuild=True)
         self.fleet.use(svc, ck)
+        self.share(svc)
         log.info("service=%s checkpoint rebuilt in %.1fs on request", svc.name, ck.build_seconds)
         return {"service": svc.name, "dir": str(ck.dir), "build_seconds": ck.build_seconds,
                 "listening_ports": list(ck.listening_ports), "pages_bytes": ck.pages_bytes}
@@ -73,7 +134,7 @@ class Builds:
             return True  # a reload removed or replaced it before this attempt: its own build is under way
         t0 = time.monotonic()
         try:
-            checkpoint, built = await builder.ensure(svc)
+            checkpoint, source = await builder.ensure(svc)
         except ActivatorError as e:
             why = str(e)
         except Exception as e:  # a bug must not take the other services down with it
@@ -82,12 +143,14 @@ class Builds:
         else:
             if fleet.services.get(svc.name) is not service:
                 return True  # a reload replaced it meanwhile: this checkpoint is for a definition gone
-            if built:
+            if source != "stored":
                 fleet.keep(spawn(builder.prune_images(), name="prune-images"))
+            if source == "built":
                 service.m.checkpoint_builds.inc()
                 service.m.checkpoint_build_duration.observe(time.monotonic() - t0)
                 log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
                          checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
+                self.share(svc)
             had = service.checkpoint is not None or quiet
             fleet.use(svc, checkpoint)
             if fleet.ready.is_set() and not had:

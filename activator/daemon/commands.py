@@ -31,7 +31,8 @@ class Commands:
         """The control socket's verbs."""
         return {"status": self.fleet.status, "rebuild": self.builds.rebuild, "reload": self.reloader.reload,
                 "plan": self.reloader.plan, "wake": self.wake, "scale": self.scale, "stop": self.stop,
-                "start": self.start}
+                "start": self.start, "import": self.builds.import_archive, "pull": self.builds.pull,
+                "push": self.builds.push, "export": self.builds.export}
 
     def _controlled(self, svc: Service, action: str, what: str) -> None:
         self.fleet.metrics.control_actions.labels(svc.name, action).inc()

@@ -187,6 +187,14 @@ class Metrics:
         self.control_actions = Counter("activator_control_actions",
                                        "Runtime control by the operator (activator wake|scale|stop|start)",
                                        ["service", "action"], registry=r)
+        self.checkpoint_transfers = Counter(
+            "activator_checkpoint_transfers",
+            "Checkpoint images moved through settings.checkpoint_registry, by direction (pull, push) and result "
+            "(ok; absent: the registry had none, so it was built here; failed)", ["service", "direction", "result"],
+            registry=r)
+        self.agent_checks = Counter("activator_agent_checks",
+                                    "Balancer agent checks answered, by service and answer (up, drain, down)",
+                                    ["service", "answer"], registry=r)
         self.reloads = Counter("activator_reloads", "Configuration reloads, by result (applied, refused)",
                                ["result"], registry=r)
         self.rejected = Counter("activator_rejected_connections",

@@ -126,7 +126,7 @@ class Reloader:
         name, svc = change.new.name, change.new
         old = fleet.services[name]
         try:
-            checkpoint, built = await fleet.host.builder.ensure(svc)
+            checkpoint, source = await fleet.host.builder.ensure(svc)
         except asyncio.CancelledError:  # superseded by a later reload: nothing was swapped in yet
             for sock in fresh:
                 sock.close()
@@ -139,9 +139,10 @@ class Reloader:
             old.m.checkpoint_build_failures.inc()
             log.error("service=%s keeps its previous definition: the new one's checkpoint failed: %s", name, e)
             return
-        if built:
+        if source == "built":
             log.info("service=%s new checkpoint built in %.1fs for its new definition", name,
                      checkpoint.build_seconds)
+            self.builds.share(svc)
         # The old instances still mount the replaced checkpoint: nothing may sweep it until they are gone.
         new = await fleet.make_service(svc, fleet.config, sweeps=False)
         new.take_counters_from(old)

@@ -43,6 +43,7 @@ from activator.statedir import StateDir
 from activator.tasks import spawn
 
 from . import systemd, watchers
+from .agent import Agent
 from .builds import Builds
 from .commands import Commands
 from .control import ControlServer
@@ -68,6 +69,7 @@ class Activator:
         self.builds = Builds(self.fleet)
         self.reloader = Reloader(self.fleet, self.builds)
         self.commands = Commands(self.fleet, self.builds, self.reloader)
+        self.agent = Agent(self.fleet)
         self._handed_in = list(sockets or [])
         self._metrics_server: Any = None
         self._control: ControlServer | None = None
@@ -200,6 +202,7 @@ class Activator:
         for note in fleet.config.notes:
             log.info("%s: %s", fleet.config.path, note)
         host = fleet.host = open_host(fleet.state, fleet.config)
+        host.builder.on_transfer = lambda *labels: fleet.metrics.checkpoint_transfers.labels(*labels).inc()
         if (parent := cgroups.use_unit_cgroup()) is not None:
             log.info("instance cgroups under this unit's own: /%s", parent)
         self._locked = True
@@ -231,6 +234,13 @@ class Activator:
                     f"{fleet.config.path}: settings.metrics: cannot listen on {fleet.config.settings.metrics}: "
                     f"{e.strerror}; pick another address or set it to null"
                 ) from None
+        if (agent_settings := fleet.config.settings.agent) is not None:
+            try:
+                await self.agent.start(agent_settings.listen)
+            except OSError as e:
+                raise ActivatorError(f"{fleet.config.path}: settings.agent.listen: cannot listen on "
+                                     f"{agent_settings.listen}: {e.strerror}; pick another address or remove "
+                                     "settings.agent") from None
         if host.network is not None:
             fleet.keep(spawn(watchers.meter(fleet), name="kernel-meter"))
         fleet.keep(spawn(watchers.watch_images(fleet), name="image-watch"))
@@ -256,6 +266,16 @@ class Activator:
 
     # --- stopping --------------------------------------------------------------------------------------------
 
+    async def _announce_drain(self) -> None:
+        """Balancers hear `drain` first and stop sending new clients here, while the listeners still take what
+        they send meanwhile (a second stop request cuts this short)."""
+        self.agent.draining = True
+        notice = self.fleet.config.settings.agent.drain_notice if self.fleet.config.settings.agent else 0.0
+        if notice and self.fleet.ready.is_set() and not self._force.is_set():
+            log.info("telling balancers to drain; serving on for %gs (settings.agent.drain_notice)", notice)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._force.wait(), notice)
+
     async def shutdown(self) -> None:
         """Idempotent: a caller that stops the daemon itself may be followed by its owner's own shutdown.
 
@@ -273,6 +293,7 @@ class Activator:
         systemd.notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int((drain + grace + 30) * 1e6)}",
                        f"STATUS=draining {len(fleet.connections)} connection(s)")
         failures_before = len(runc.failures) if runc is not None else 0
+        await self._announce_drain()
         for name in list(fleet.listeners):
             await self._step(f"closing the listeners of {name}", fleet.unlisten, name)
         for svc in (*fleet.services.values(), *fleet.retiring):
@@ -290,6 +311,7 @@ class Activator:
             await asyncio.gather(*fleet.background, return_exceptions=True)
         if self._control is not None:
             await self._step("closing the control socket", self._control.close)
+        await self._step("closing the agent endpoint", self.agent.close)
         if self._metrics_server is not None:
             await self._step("stopping the metrics endpoint", asyncio.to_thread, self._metrics_server.shutdown)
         if fleet.network is not None and fleet.network_open:

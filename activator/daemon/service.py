@@ -237,6 +237,10 @@ class Service:
             self.launcher.refill(checkpoint)
 
     @property
+    def starting(self) -> int:
+        return len(self._starts)
+
+    @property
     def max_instances(self) -> int:
         return 1 if self._stateful else self.config.max_instances
 

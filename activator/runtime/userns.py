@@ -29,7 +29,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,6 +276,33 @@ def shift_tree(root: Path, idmap: IdMap) -> int:
                 os.chmod(path, stat.S_IMODE(st.st_mode))
             changed += 1
     return changed
+
+
+def move_tree(root: Path, old: IdMap, new: IdMap) -> int:
+    """Blocking. Files owned by range `old` owned by the same ids of range `new` (a checkpoint made on another
+    host, whose range for the service differs); other owners are left alone. Returns how many entries changed."""
+
+    def move(i: int) -> int:
+        return new.host + (i - old.host) if old.host <= i < old.host + old.size else i
+
+    changed = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for path in [dirpath] if dirpath == str(root) else []:
+            changed += _rechown(path, move)
+        for name in (*dirnames, *filenames):
+            changed += _rechown(os.path.join(dirpath, name), move)
+    return changed
+
+
+def _rechown(path: str, move: Callable[[int], int]) -> int:
+    st = os.lstat(path)
+    uid, gid = move(st.st_uid), move(st.st_gid)
+    if (uid, gid) == (st.st_uid, st.st_gid):
+        return 0
+    os.lchown(path, uid, gid)
+    if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+        os.chmod(path, stat.S_IMODE(st.st_mode))  # chown() cleared them
+    return 1
 
 
 def check_passable(path: Path) -> None:
