@@ -43,6 +43,7 @@ from .store import (
     files_written,
     listening_addresses,
     listening_ports,
+    make_private,
     pages_bytes,
 )
 
@@ -560,21 +561,6 @@ def unshareable(svc: ServiceConfig) -> str:
 def _used_up(svc: ServiceConfig, ck: Checkpoint) -> bool:
     """A stateful checkpoint an instance has run from: the volumes have moved on from what its memory holds."""
     return pool.stateful(svc.stateful, bool(ck.writes_volumes)) and ck.used
-
-
-def make_private(directory: Path, idmap: userns.IdMap | None) -> None:
-    """0600 in a 0700 directory. In a user namespace, group-readable by the range's root instead (0640 in 0710,
-    group = the range): CRIU's restored task opens them from inside it, first as host root (before its id maps
-    are written: owner) then as the range's root (group). Only through CRIU's descriptor on the directory: the
-    path to it stays root's alone."""
-    for f in directory.iterdir():
-        if f.is_file() and not f.is_symlink():
-            if idmap is not None:
-                os.chown(f, 0, idmap.host)
-            os.chmod(f, 0o600 if idmap is None else 0o640)
-    if idmap is not None:
-        os.chown(directory, 0, idmap.host)
-        os.chmod(directory, 0o710)
 
 
 def _disk_problem(e: BaseException, state_dir: Path, *logs: Path) -> str | None:

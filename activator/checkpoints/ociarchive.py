@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,18 +181,16 @@ def unpack_layer(image: Image, dest: Path, *, max_bytes: int) -> None:
             src = t.extractfile(m) if m is not None else None
             if src is None:
                 raise ArchiveError(f"{image.path}: layer {layer.digest[:24]} is missing")
-            got = _decompress(src, layer.media_type, plain, max_bytes, image.path)
-        if got != layer.digest:
-            raise ArchiveError(f"{image.path}: layer {layer.digest[:24]} does not match its digest (corrupt or "
-                               "altered)")
+            _decompress(src, layer.media_type, plain, max_bytes, image.path, layer.digest)
         if diff_ids and _sha256_file(plain) != diff_ids[0]:
             raise ArchiveError(f"{image.path}: the unpacked layer does not match the config's diff_id")
         with tarfile.open(plain, "r:") as t:
             t.extractall(dest, filter="data")
 
 
-def _decompress(src: IO[bytes], media_type: str, out: Path, max_bytes: int, where: Path) -> str:
-    """Copy the compressed blob through its decompressor into out; the compressed bytes' digest."""
+def _decompress(src: IO[bytes], media_type: str, out: Path, max_bytes: int, where: Path, digest: str) -> None:
+    """Copy the compressed blob through its decompressor into out, checking the compressed bytes' digest (before
+    anything the decompressor says: an altered blob is refused as altered)."""
     h = hashlib.sha256()
     if media_type.endswith("zstd"):
         with open(out, "wb") as dst:
@@ -207,25 +206,36 @@ def _decompress(src: IO[bytes], media_type: str, out: Path, max_bytes: int, wher
         err = proc.stderr.read(65536)
         proc.stderr.close()
         proc.wait(timeout=600)
+        _check_digest(h, digest, where)
         if proc.returncode:
             raise ArchiveError(f"{where}: the layer does not decompress: {err.decode(errors='replace').strip()}")
     elif media_type.endswith(("gzip", "tar")):
         with open(out, "wb") as dst:  # hashed as read, then inflated
             hashed = _Hashing(src, h)
             stream: Any = gzip.GzipFile(fileobj=hashed) if media_type.endswith("gzip") else hashed
-            copied = 0
-            while chunk := stream.read(CHUNK):
-                copied += len(chunk)
-                if copied > max_bytes:
-                    raise ArchiveError(f"{where}: the layer unpacks to more than {max_bytes} bytes")
-                dst.write(chunk)
+            copied, broken = 0, ""
+            try:
+                while chunk := stream.read(CHUNK):
+                    copied += len(chunk)
+                    if copied > max_bytes:
+                        raise ArchiveError(f"{where}: the layer unpacks to more than {max_bytes} bytes")
+                    dst.write(chunk)
+            except (OSError, EOFError, zlib.error) as e:
+                broken = str(e)
             while hashed.read(CHUNK):  # a gzip trailer or padding is part of the digest too
                 pass
+        _check_digest(h, digest, where)
+        if broken:
+            raise ArchiveError(f"{where}: the layer does not decompress: {broken}")
     else:
         raise ArchiveError(f"{where}: layer media type '{media_type}' is not one activator reads")
     if out.stat().st_size > max_bytes:
         raise ArchiveError(f"{where}: the layer unpacks to more than {max_bytes} bytes")
-    return "sha256:" + h.hexdigest()
+
+
+def _check_digest(h: Any, digest: str, where: Path) -> None:
+    if "sha256:" + h.hexdigest() != digest:
+        raise ArchiveError(f"{where}: layer {digest[:24]} does not match its digest (corrupt or altered)")
 
 
 class _Hashing(io.RawIOBase):

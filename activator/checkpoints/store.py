@@ -235,6 +235,22 @@ def contents(images: Path) -> dict[str, Any]:
     }
 
 
+def make_private(directory: Path, idmap: IdMap | None) -> None:
+    """0600 in a 0700 directory. In a user namespace, group-readable by the range's root instead (0640 in 0710,
+    group = the range): CRIU's restored task opens them from inside it, first as host root (before its id maps
+    are written: owner) then as the range's root (group). Only through CRIU's descriptor on the directory: the
+    path to it stays root's alone."""
+    for f in directory.iterdir():
+        if f.is_file() and not f.is_symlink():
+            if idmap is not None:
+                os.chown(f, 0, idmap.host)
+            os.chmod(f, 0o600 if idmap is None else 0o640)
+    if idmap is not None:
+        os.chown(directory, 0, idmap.host)
+        os.chmod(directory, 0o710)
+
+
+
 # --- the store ---------------------------------------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from activator.runtime import cgroups, userns
 
 from . import ociarchive
 from .images import ImageInfo
-from .store import Checkpoint, Origin
+from .store import Checkpoint, Origin, make_private
 
 log = logging.getLogger("activator")
 
@@ -225,8 +225,6 @@ def unpack(image: ociarchive.Image, svc: ServiceConfig, wanted: Origin, rootfs: 
     if old is not None and idmap is not None and old != idmap:
         move_range(final, old, idmap)
         moved = str(old)
-    from .builder import make_private
-
     make_private(final / "criu", idmap)
     record |= {"origin": asdict(wanted), "image_rootfs": str(rootfs)}
     ck = Checkpoint.from_json(record, final)
