@@ -23,6 +23,7 @@ lint: setup
 	$(VENV)/bin/ruff check activator tests bench
 	$(VENV)/bin/mypy
 	bash scripts/verify-units.sh
+	haproxy -c -q -f config/haproxy/haproxy.cfg
 	$(VENV)/bin/promtool check rules config/prometheus/activator-alerts.yml
 	cd config/prometheus && $(abspath $(VENV))/bin/promtool test rules activator-alerts.test.yml
 

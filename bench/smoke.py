@@ -23,6 +23,7 @@ def runs(out: Path) -> list[list[str]]:
         ["coldstart.py", "--runs", "1", "--apps", "hello", "--chart", str(out / "coldstart.png")],
         ["coldstart.py", "--breakdown", "--runs", "1", "--apps", "hello"],
         ["group_wake.py", "--runs", "1"],
+        ["multihost.py", "--apps", "hello", "--runs", "1"],
         ["network_cost.py", "--runs", "1"],
         ["pgbench.py", "--seconds", "1", "--clients", "2", "--runs", "1"],
         ["scaleout.py", "--instances", "2", "--services", "2", "--rounds", "1", "--out", str(out / "scaleout.json")],

@@ -206,7 +206,11 @@ class CheckpointBuilder:
             raise CheckpointError(why)
         image_doc = await asyncio.to_thread(ociarchive.read, archive)
         wanted, image, _filt = await self.wanted(svc)
+        t0 = time.monotonic()
+        had = self.store.image_rootfs(image.short_id).is_dir()
         rootfs = await self.unpack_image(svc, image)
+        if not had:
+            log.info("service=%s image unpacked in %.2fs", svc.name, time.monotonic() - t0)
         idmap = await asyncio.to_thread(self.idmap, svc)
         with ociarchive.scratch(self.store.root, f".build-import-{svc.name}-") as tmp:
             got = await asyncio.to_thread(transfer.unpack, image_doc, svc, wanted, rootfs, idmap, tmp)

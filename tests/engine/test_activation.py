@@ -129,15 +129,15 @@ async def test_stale_checkpoint_is_rebuilt(start, tmp_path: Path) -> None:  # ty
     origin = first.origin
     def make(criu: str) -> CheckpointBuilder:
         return CheckpointBuilder(store, DockerImageSource(state.root), runc, state.instances, criu, origin.runc)
-    same, built = await make(origin.criu).ensure(svc.config)
-    assert not built and same.created == first.created
+    same, source = await make(origin.criu).ensure(svc.config)
+    assert source == "stored" and same.created == first.created
     # A different CRIU makes the old dump unusable: rebuilt, and the record says what it was made with.
-    newer, built = await make(origin.criu + "-other").ensure(svc.config)
-    assert built and newer.origin.criu == origin.criu + "-other" and newer.created > first.created
+    newer, source = await make(origin.criu + "-other").ensure(svc.config)
+    assert source == "built" and newer.origin.criu == origin.criu + "-other" and newer.created > first.created
     # So does a changed service definition.
     changed = type(svc.config)(**{**svc.config.__dict__, "environment": (("X", "1"),)})
-    again, built = await make(newer.origin.criu).ensure(changed)
-    assert built and again.origin.service_fingerprint != newer.origin.service_fingerprint
+    again, source = await make(newer.origin.criu).ensure(changed)
+    assert source == "built" and again.origin.service_fingerprint != newer.origin.service_fingerprint
     assert "X=1" in again.process.env
 
 
