@@ -124,6 +124,9 @@ def _check_host(cfg: Config, sock: Any) -> None:
             st = control.request(sock, "status")
             held = {(svc["name"], addr) for svc in st["services"] for addr in svc["listen"]}
     images = DockerImageSource(cfg.settings.state_dir)
+    if cfg.settings.checkpoint_registry is not None and shutil.which("skopeo") is None:
+        raise ActivatorError(f"{cfg.path}: settings.checkpoint_registry needs skopeo, which is not installed; run "
+                             "'make setup' (or apt-get install skopeo)")
     for svc in cfg.services:
         if svc.seccomp.startswith("/") and not Path(svc.seccomp).is_file():
             raise ConfigError(f"{cfg.path}: services.{svc.name}.seccomp: {svc.seccomp} does not exist")

@@ -206,14 +206,16 @@ class CheckpointBuilder:
             raise CheckpointError(why)
         image_doc = await asyncio.to_thread(ociarchive.read, archive)
         wanted, image, _filt = await self.wanted(svc)
-        t0 = time.monotonic()
-        had = self.store.image_rootfs(image.short_id).is_dir()
-        rootfs = await self.unpack_image(svc, image)
-        if not had:
-            log.info("service=%s image unpacked in %.2fs", svc.name, time.monotonic() - t0)
+        rootfs = self.store.image_rootfs(image.short_id)
         idmap = await asyncio.to_thread(self.idmap, svc)
         with ociarchive.scratch(self.store.root, f".build-import-{svc.name}-") as tmp:
+            # Checked before anything else of the host changes: a refused image leaves nothing, not even an
+            # unpacked image.
             got = await asyncio.to_thread(transfer.unpack, image_doc, svc, wanted, rootfs, idmap, tmp)
+            if not rootfs.is_dir():
+                t0 = time.monotonic()
+                await self.unpack_image(svc, image)
+                log.info("service=%s image unpacked in %.2fs", svc.name, time.monotonic() - t0)
             ck = await asyncio.to_thread(self.store.install, got.dir, got.checkpoint)
         log.info("service=%s checkpoint imported from %s (%s, %d MiB of pages%s)", svc.name, source or archive,
                  image_doc.digest[:19], ck.pages_bytes // 2**20,

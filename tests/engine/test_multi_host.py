@@ -327,6 +327,7 @@ def test_a_checkpoint_from_another_kind_of_host_is_refused_in_one_line(tmp_path:
         assert "activator checkpoint hello` builds one on this host" in r.stderr
         assert not (tmp_path / "here" / "state" / "checkpoints" / "hello").exists()
         assert not list((tmp_path / "here" / "state" / "checkpoints").glob(".build-*"))
+        assert not list((tmp_path / "here" / "state" / "images").glob("*/rootfs"))  # checked before unpacking
 
     # Altered in transit: one byte of the layer changed, so its digest no longer matches.
     tampered = tmp_path / "tampered.tar"
@@ -338,8 +339,25 @@ def test_a_checkpoint_from_another_kind_of_host_is_refused_in_one_line(tmp_path:
     r = run("checkpoint", "import", str(tampered), "-c", str(here))
     assert r.returncode == 1 and "does not match its digest" in r.stderr, r.stderr
 
+    r = run("checkpoint", "push", "hello", "-c", str(here))
+    assert r.returncode == 1 and "settings.checkpoint_registry is not set" in r.stderr, r.stderr
+
     # The positive control: the unaltered archive imports, and serves.
     r = run("checkpoint", "import", str(archive), "-c", str(here))
     assert r.returncode == 0, r.stderr
     r = run("inspect", str(archive), "-c", str(here))
     assert r.returncode == 0 and "made by    activator" in r.stdout, r.stdout
+    port = yaml.safe_load(here.read_text())["services"]["hello"]["listen"].rsplit(":", 1)[1]
+    with subprocess.Popen([*ACTIVATOR, "run", "-c", str(here)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as daemon:
+        try:
+            assert daemon.stdout is not None
+            while " ready on " not in (line := daemon.stdout.readline()):
+                assert line, "the daemon exited"
+            with socket.create_connection(("127.0.0.1", int(port)), timeout=30) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                assert b"200 OK" in s.recv(4096)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            _, err = daemon.communicate(timeout=60)
+    assert "building a checkpoint" not in err, err[-2000:]

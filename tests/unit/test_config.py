@@ -258,3 +258,28 @@ def test_the_installed_examples_are_valid(tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "examples.yaml")
     assert {"hello", "shop", "cache", "pinger", "app", "db"} <= {s.name for s in cfg.services}
     assert cfg.service("app").depends_on == ("db",)
+
+
+@pytest.mark.parametrize(("settings", "fragment"), [
+    ("checkpoint_registry: {repository: 'https://reg.example/x'}", "settings.checkpoint_registry.repository: "),
+    ("checkpoint_registry: {repository: reg.example}", "REGISTRY[:PORT]/PATH"),
+    ("checkpoint_registry: {repository: reg.example/x, tls_verfy: false}", "did you mean 'tls_verify'"),
+    ("checkpoint_registry: {repository: reg.example/x, auth_file: creds.json}", "auth_file"),
+    ("checkpoint_registry: {}", "repository: is required"),
+    ("agent: {listen: example.com:9300}", "settings.agent.listen"),
+    ("agent: {listen: 127.0.0.1:9300, drain_notice: 2 hours}", "settings.agent.drain_notice"),
+    ("agent: {}", "settings.agent.listen: is required"),
+])
+def test_registry_and_agent_settings_are_checked(settings: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(f"settings:\n  {settings}\n" + MINIMAL, P)
+    assert fragment in str(e.value) and "\n" not in str(e.value) and str(P) in str(e.value)
+
+
+def test_registry_and_agent_settings_parse() -> None:
+    cfg = parse_config("settings:\n  checkpoint_registry: {repository: 10.0.0.1:5000/fleet/ckpt, tls_verify: false}\n"
+                       "  agent: {listen: 10.0.0.2:9300}\n" + MINIMAL, P)
+    reg, agent = cfg.settings.checkpoint_registry, cfg.settings.agent
+    assert reg is not None and reg.repository == "10.0.0.1:5000/fleet/ckpt" and not reg.tls_verify and reg.push
+    assert agent is not None and agent.listen == ListenAddress("10.0.0.2", 9300) and agent.drain_notice == 2.0
+    assert parse_config(MINIMAL, P).settings.agent is None
