@@ -549,6 +549,7 @@ def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
 
     from .checkpoints import ociarchive, transfer
     from .checkpoints.registry import Registry
+    from .checkpoints.store import contents
     from .config.model import RegistrySettings
 
     with tempfile.TemporaryDirectory(prefix="activator-inspect-") as tmp:
@@ -560,28 +561,44 @@ def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
                 raise ActivatorError(f"{what}: no such file, and the registry has no such image")
             image = ociarchive.read(Path(tmp, "image.tar"))
         a = image.annotations
+        d = transfer.describe(a)
+        held: dict[str, Any] = {}
+        if d["engine.name"]:  # a checkpoint image: what its layer holds (Podman's and ours keep CRIU's in checkpoint/)
+            layer = Path(tmp, "layer")
+            layer.mkdir()
+            ociarchive.unpack_layer(image, layer, max_bytes=transfer.MAX_LAYER)
+            held["files"] = sorted(p.name + ("/" if p.is_dir() else "") for p in layer.iterdir())
+            if (layer / "checkpoint" / "pstree.img").exists():
+                with contextlib.suppress(ImportError):  # no pycriu: the annotations are still worth showing
+                    held |= contents(layer / "checkpoint")
         info = {"source": what, "digest": image.digest, "ref": image.ref, "layers": [vars(b) for b in image.layers],
-                "size": image.size, "annotations": a, "architecture": image.config.get("architecture", "")}
+                "size": image.size, "annotations": a, "described": d,
+                "architecture": image.config.get("architecture", ""), **held}
         if as_json:
             print(json.dumps(info, indent=2))
             return 0
-        engine = a.get(transfer.A + "engine.name", "")
+        engine = d["engine.name"]
         print(f"{what}: {'checkpoint image' if engine else 'OCI image (no checkpoint annotations)'} {image.digest}")
-        print(f"  made by    {engine or '?'} {a.get(transfer.A + 'engine.version', '')}; container "
-              f"{a.get(transfer.A + 'container.name', '?')}; created {a.get('org.opencontainers.image.created', '?')}")
-        print(f"  from       image {a.get(transfer.A + 'rootfsImageName', '?')} "
-              f"({a.get(transfer.A + 'rootfsImageID', '?')[:19]})")
-        print(f"  made on    {a.get(transfer.A + 'host.arch', '?')}, kernel {a.get(transfer.A + 'host.kernel', '?')}, "
-              f"CRIU {a.get(transfer.A + 'criu.version', '?')}, {a.get(transfer.A + 'runtime.name', '?')} "
-              f"{a.get(transfer.A + 'runtime.version', '')}, cgroup {a.get(transfer.A + 'cgroup.version', '?')}, "
-              f"{a.get(transfer.A + 'distribution.name', '')} {a.get(transfer.A + 'distribution.version', '')}")
+        print(f"  made by    {engine or '?'} {d['engine.version']}; container {d['container.name'] or '?'}; "
+              f"created {a.get('org.opencontainers.image.created', image.config.get('created', '?'))}")
+        print(f"  from       image {d['rootfsImageName'] or '?'} ({d['rootfsImageID'][:19] or '?'})")
+        print(f"  made on    {d['host.arch'] or '?'}, kernel {d['host.kernel'] or '?'}, "
+              f"CRIU {d['criu.version'] or '?'}, {d['runtime.name'] or '?'} {d['runtime.version']}, "
+              f"cgroup {d['cgroup.version'] or '?'}, "
+              f"{d['distribution.name']} {d['distribution.version']}")
         print(f"  size       {_size(image.size)} in {len(image.layers)} layer(s) "
               f"({', '.join(b.media_type.rsplit('.', 1)[-1] for b in image.layers)})")
+        if held.get("files"):
+            print(f"  holds      {' '.join(held['files'])}")
         if engine and engine != transfer.ENGINE:
             print(f"  serving    not by activator: made by {engine} (docs/multi-host.md says what it would take)")
         for k in sorted(a):
             if k.startswith(transfer.OWN):
                 print(f"  {k.removeprefix(transfer.OWN):<10} {a[k]}")
+        if held.get("processes"):
+            print("  processes  PID  PPID  THREADS  VMAS  COMM")
+            for p in held["processes"]:
+                print(f"             {p['pid']:>3} {p['ppid']:>5} {p['threads']:>8} {p['vmas']:>5}  {p['comm']}")
     return 0
 
 

@@ -112,6 +112,26 @@ def tag(origin: Origin, facts: HostFacts) -> str:
     return "ck-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
+#: Podman before 4.x's move to checkpointctl's names: io.podman.annotations.checkpoint.* (Debian 12's 4.3.1)
+PODMAN = "io.podman.annotations.checkpoint."
+#: checkpointctl's key -> Podman 4.3's, where they differ
+PODMAN_KEYS = {"container.name": "name", "cgroup.version": "cgroups.version"}
+DESCRIBED = ("engine.name", "engine.version", "container.name", "rootfsImageName", "rootfsImageID", "runtime.name",
+             "runtime.version", "criu.version", "host.arch", "host.kernel", "cgroup.version", "distribution.name",
+             "distribution.version")
+
+
+def describe(annotations: dict[str, str]) -> dict[str, str]:
+    """A checkpoint image's origin from its annotations, whichever engine and naming made it ("" where unsaid)."""
+    out = {}
+    for key in DESCRIBED:
+        value = annotations.get(A + key) or annotations.get(PODMAN + PODMAN_KEYS.get(key, key), "")
+        out[key] = value.strip().splitlines()[0] if value.strip() else ""
+    if not out["engine.name"] and annotations.get(PODMAN + "podman.version"):
+        out["engine.name"], out["engine.version"] = "podman", annotations[PODMAN + "podman.version"]
+    return out
+
+
 # --- export ---------------------------------------------------------------------------------------------------
 
 
@@ -179,7 +199,7 @@ class Imported:
 
 def service_of(image: ociarchive.Image, config: Config, name: str | None) -> ServiceConfig:
     """The service an image is for: its recorded name, or the one asked for."""
-    engine = image.annotations.get(A + "engine.name", "")
+    engine = describe(image.annotations)["engine.name"]
     if engine != ENGINE:
         raise TransferError(f"{image.path}: a checkpoint image made by {engine or 'something other than activator'}"
                             "; activator serves only its own (`activator inspect` shows what it holds)")
