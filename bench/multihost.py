@@ -120,8 +120,10 @@ def main() -> int:
                 m = re.search(r"pulled in ([\d.]+)s and installed in ([\d.]+)s", said)
                 unpack = re.search(r"image unpacked in ([\d.]+)s", said)
                 pages = sum(p.stat().st_size for p in (work / "a" / "checkpoints" / app / "criu").glob("pages-*"))
-                built = [first_byte(a, port) for _ in range(args.runs)]
-                imported = [first_byte(b, port) for _ in range(args.runs)]
+                built, imported = [], []
+                for _ in range(args.runs):  # interleaved: neither gets the quieter half of the run
+                    built.append(first_byte(a, port))
+                    imported.append(first_byte(b, port))
                 rows.append((app, build, pages, archive.stat().st_size, export, push,
                              f"{pull:.2f} ({m.group(1) if m else '?'} + {m.group(2) if m else '?'}; image "
                              f"{unpack.group(1) if unpack else '?'})",
