@@ -28,6 +28,8 @@ def exposed() -> set[str]:
     svc.checkpoint_build_duration.observe(1)
     m.build_info.labels("1", "3.11", "4.2", "1.1", "6.1").set(1)
     m.reloads.labels("applied").inc()
+    m.checkpoint_transfers.labels("web", "pull", "ok").inc()
+    m.agent_checks.labels("web", "up").inc()
     text = generate_latest(m.registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
