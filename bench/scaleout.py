@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -59,6 +60,26 @@ def cgroup_memory(name: str) -> int:
         if p.exists():
             return int(p.read_text())
     return 0
+
+
+def own_memory(name: str) -> tuple[int, int]:
+    """(USS, PSS) in bytes of an instance's processes, from smaps_rollup: USS (private pages) is what one more
+    instance costs once sharing has done its work (KSM-merged and page-cache pages are shared, so not in it)."""
+    procs = ""
+    for f in ("/sys/fs/cgroup/memory/activator/{}/cgroup.procs", "/sys/fs/cgroup/activator/{}/cgroup.procs"):
+        with contextlib.suppress(OSError):
+            procs = Path(f.format(name)).read_text()
+            break
+    uss = pss = 0
+    for pid in procs.split():
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                key, _, rest = line.partition(":")
+                if key in ("Private_Clean", "Private_Dirty"):
+                    uss += int(rest.split()[0]) * 1024
+                elif key == "Pss":
+                    pss += int(rest.split()[0]) * 1024
+    return uss, pss
 
 
 async def started(services: dict[str, Any], **settings: Any) -> Activator:
@@ -171,6 +192,7 @@ async def bench_tomcat(n: int, share: bool) -> dict[str, Any]:
             waited = 1.0
         used_host = before - mem_available()
         cgroups = [cgroup_memory(i.name) for i in svc.instances]
+        own = [own_memory(i.name) for i in svc.instances]
         from activator.runtime import ksm
 
         out = {
@@ -178,6 +200,7 @@ async def bench_tomcat(n: int, share: bool) -> dict[str, Any]:
             "per_client_s": sorted(r[0] for r in results),
             "restore_s": sorted(i.start_seconds for i in svc.instances),
             "host_memory_bytes": used_host, "cgroup_memory_bytes": sum(cgroups),
+            "uss_bytes": sorted(u for u, _ in own), "pss_bytes": sorted(p for _, p in own),
             "checkpoint_pages_bytes": ck.pages_bytes, "settle_s": waited,
             "ksmd_cpu_s": ksmd_cpu() - cpu0, "ksm": ksm.stats(),
         }
@@ -239,6 +262,9 @@ def main() -> None:
                   f"({per / 2**20:.0f} MiB per instance, {per / pages:.0%} of the checkpoint's pages)")
             print(f"  instances' memory cgroups, sum         {t['cgroup_memory_bytes'] / 2**20:8.0f} MiB")
             print(f"  checkpoint pages (read by each)        {pages / 2**20:8.0f} MiB")
+            if t.get("uss_bytes"):
+                print(f"  per instance, its own pages (USS)      {statistics.median(t['uss_bytes']) / 2**20:8.1f} MiB "
+                      f"median (PSS {statistics.median(t['pss_bytes']) / 2**20:.1f} MiB; smaps_rollup)")
             if share:
                 print(f"  ksmd: merged within {t['settle_s']:.0f} s using {t['ksmd_cpu_s']:.1f} s of CPU; "
                       f"then {t.get('ksmd_idle_cpu_share', 0):.1%} of a CPU at the slow pace")
