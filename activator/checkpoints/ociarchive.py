@@ -115,13 +115,14 @@ def write(out: Path, layer_tar: Path, annotations: dict[str, str], *, ref: str, 
         partial = out.with_name(f".{out.name}.partial")
         with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as t:
             for name in ("oci-layout", "index.json", "blobs"):
-                t.add(Path(tmp, name), arcname=name, filter=_plain_owner)
+                t.add(Path(tmp, name), arcname=name, filter=root_owned)
         os.chmod(partial, 0o600)  # the app's memory is in it
         os.rename(partial, out)
     return read(out)
 
 
-def _plain_owner(info: tarfile.TarInfo) -> tarfile.TarInfo:
+def root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """A tarfile filter: members owned by root, without names (the exporting host's ids mean nothing elsewhere)."""
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info

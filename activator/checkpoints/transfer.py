@@ -31,7 +31,6 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from activator import __version__
 from activator.config.model import Config, ServiceConfig
@@ -152,9 +151,9 @@ def export(ck: Checkpoint, svc: ServiceConfig, image: ImageInfo, out: Path, scra
         ociarchive.pack_tree(ck.diff, tmp / "rootfs-diff.tar")
         layer = tmp / "layer.tar"
         with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as t:
-            t.add(tmp / "activator.json", "activator.json", filter=_root_owned)
-            t.add(tmp / "rootfs-diff.tar", "rootfs-diff.tar", filter=_root_owned)
-            t.add(ck.images, "checkpoint", filter=_root_owned)
+            t.add(tmp / "activator.json", "activator.json", filter=ociarchive.root_owned)
+            t.add(tmp / "rootfs-diff.tar", "rootfs-diff.tar", filter=ociarchive.root_owned)
+            t.add(ck.images, "checkpoint", filter=ociarchive.root_owned)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ck.created))
         o = ck.origin
         annotations = {
@@ -176,12 +175,6 @@ def export(ck: Checkpoint, svc: ServiceConfig, image: ImageInfo, out: Path, scra
             "org.opencontainers.image.created": created,
         }
         return ociarchive.write(out, layer, annotations, ref=tag(o, facts), arch=facts.oci_arch, created=created)
-
-
-def _root_owned(info: Any) -> Any:
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
 
 
 # --- import ---------------------------------------------------------------------------------------------------
