@@ -260,8 +260,7 @@ def _checkpoint_build(cfg: Config, args: argparse.Namespace, name: str) -> int:
                     await asyncio.to_thread(builder.network.open)
                 ck, source = await builder.ensure(svc, rebuild=args.rebuild)
             builder.store.sweep_retired(svc.name)  # no daemon holds the lock, so no instance uses the old one
-            if source == "built" and builder.registry is not None and builder.registry.settings.push \
-                    and not unshareable(svc):
+            if source == "built" and builder.shares(svc):
                 pushed = await builder.push(svc)
         finally:
             if builder is not None and builder.network is not None:
@@ -272,8 +271,6 @@ def _checkpoint_build(cfg: Config, args: argparse.Namespace, name: str) -> int:
         print(f"{svc.name}: checkpoint {verb}: {ck.dir} (listens on {', '.join(map(str, ck.listening_ports))}; "
               f"{ck.pages_bytes / 2**20:.1f} MiB of pages){f'; pushed to {pushed}' if pushed else ''}")
         return 0
-
-    from .checkpoints.builder import unshareable
 
     return _run(main)
 
@@ -326,12 +323,9 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
                 ck = await builder.import_archive(Path(target), svc)
                 return {"dir": str(ck.dir), "pages_bytes": ck.pages_bytes}
             wanted, image, _ = await builder.wanted(svc)
-            ref = builder.registry_ref(svc, wanted)
             pulled = await builder.pull(svc, wanted, image)
-            if pulled is None:
-                raise ActivatorError(f"service '{svc.name}': the checkpoint registry has no {ref}; build one "
-                                     f"(`activator checkpoint {svc.name}`) on a host like this one")
-            return {"dir": str(pulled.dir), "ref": ref}
+            assert pulled is not None  # not quiet: an absent one is an error
+            return {"dir": str(pulled.dir), "ref": builder.registry_ref(svc, wanted)}
         finally:
             state.unlock()
 

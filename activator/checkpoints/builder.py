@@ -224,25 +224,29 @@ class CheckpointBuilder:
 
     async def pull(self, svc: ServiceConfig, wanted: Origin, image: ImageInfo, *, quiet: bool = False
                    ) -> Checkpoint | None:
-        """The checkpoint this host would build, from the registry, installed; None if the registry has none
-        (or, quiet, if it cannot be had: logged, and the caller builds)."""
+        """The checkpoint this host would build, from the registry, installed. Quiet (before a build): None if the
+        registry has none or it cannot be had (logged: the caller builds); otherwise that is one line."""
         assert self.registry is not None
         ref = self.registry_ref(svc, wanted)
         started = time.monotonic()
         with ociarchive.scratch(self.store.root, f".build-pull-{svc.name}-") as tmp:
             try:
-                if not await asyncio.to_thread(self.registry.pull, ref, tmp / "image.tar"):
-                    log.info("service=%s the checkpoint registry has no %s", svc.name, ref)
-                    self._transferred(svc, "pull", "absent")
-                    return None
+                found = await asyncio.to_thread(self.registry.pull, ref, tmp / "image.tar")
                 pulled = time.monotonic()
-                ck = await self.import_archive(tmp / "image.tar", svc, source=ref)
+                ck = await self.import_archive(tmp / "image.tar", svc, source=ref) if found else None
             except ActivatorError as e:
                 self._transferred(svc, "pull", "failed")
                 if not quiet:
                     raise
                 log.warning("service=%s pulling its checkpoint failed (%s); building it here", svc.name, e)
                 return None
+        if ck is None:
+            self._transferred(svc, "pull", "absent")
+            if not quiet:
+                raise CheckpointError(f"service '{svc.name}': the checkpoint registry has no {ref}; build one "
+                                      f"(`activator checkpoint {svc.name}`) on a host like this one and push it")
+            log.info("service=%s the checkpoint registry has no %s", svc.name, ref)
+            return None
         self._transferred(svc, "pull", "ok")
         log.info("service=%s checkpoint pulled in %.2fs and installed in %.2fs: nothing was built", svc.name,
                  pulled - started, time.monotonic() - pulled)
@@ -266,6 +270,10 @@ class CheckpointBuilder:
         log.info("service=%s checkpoint pushed to %s (%d MiB; export %.2fs, push %.2fs)", svc.name, ref,
                  doc.size // 2**20, exported - started, time.monotonic() - exported)
         return ref
+
+    def shares(self, svc: ServiceConfig) -> bool:
+        """Does a checkpoint of svc built here go to the registry?"""
+        return self.registry is not None and self.registry.settings.push and not unshareable(svc)
 
     def _transferred(self, svc: ServiceConfig, direction: str, result: str) -> None:
         if self.on_transfer is not None:

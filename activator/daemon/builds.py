@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from activator.checkpoints.builder import CheckpointBuilder, unshareable
+from activator.checkpoints.builder import CheckpointBuilder
 from activator.config.model import ServiceConfig
 from activator.errors import ActivatorError
 from activator.tasks import spawn
@@ -49,7 +49,7 @@ class Builds:
         """A checkpoint built here goes to the checkpoint registry, in the background (serving does not wait)."""
         assert self.fleet.host is not None
         builder = self.fleet.host.builder
-        if builder.registry is None or not builder.registry.settings.push or unshareable(svc):
+        if not builder.shares(svc):
             return
 
         async def push() -> None:
@@ -79,10 +79,7 @@ class Builds:
         builder = self._with_registry()
         wanted, image, _ = await builder.wanted(svc)
         ck = await builder.pull(svc, wanted, image)
-        if ck is None:
-            raise ActivatorError(f"service '{svc.name}': the checkpoint registry has no "
-                                 f"{builder.registry_ref(svc, wanted)}; build one here (`activator checkpoint "
-                                 f"{svc.name}`) or on a host like this one and push it")
+        assert ck is not None  # not quiet: an absent one is an error
         self.fleet.use(svc, ck)
         return {"service": svc.name, "dir": str(ck.dir), "ref": builder.registry_ref(svc, wanted)}
 
