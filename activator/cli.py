@@ -454,8 +454,14 @@ def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
         if svc["instances"]:
             print(f"  {'INSTANCE':<22} {'HOW':<10} {'AGE':>6} {'CONNS':>6} {'SERVED':>7} {'START':>9}")
         for i in svc["instances"]:
+            ms = i["start_ms"]
             print(f"  {i['name']:<22} {i['how']:<10} {_age(i['age_seconds']):>6} {i['connections']:>6} "
-                  f"{i['served']:>7} {i['start_ms']:>7.0f}ms")
+                  f"{i['served']:>7} {ms:>7.{1 if ms < 10 else 0}f}ms")
+        if svc.get("standby"):
+            standbys = svc.get("standbys", [])
+            memory = sum(s["memory_bytes"] or 0 for s in standbys)
+            print(f"  standby: {len(standbys)}/{svc['standby']} frozen, {_size(memory)} charged"
+                  + (f" ({', '.join(s['name'] for s in standbys)})" if standbys else ""))
     return 0
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -256,6 +258,16 @@ exit 0
         wrappers[tool] = str(wrapper)
     action.chmod(0o755)
     return wrappers, attempts
+
+
+async def loadgen(port: int, *args: str) -> dict[str, Any]:
+    """tests/loadgen.py in its own process (its own event loop): its JSON summary (`ok` is a count)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.loadgen", str(port), *args,
+                                                stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    out, _ = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0
+    result: dict[str, Any] = json.loads(out)
+    return result
 
 
 async def open_echo(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

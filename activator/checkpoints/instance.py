@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,11 +54,14 @@ class RestoreMetrics(Protocol):
     @property
     def restore_duration(self) -> Any: ...
 
+    @property
+    def standby_thaws(self) -> Any: ...
+
 
 @dataclass(eq=False)
 class Instance:
     sandbox: Sandbox
-    how: str  # "restore" or "cold-start"
+    how: str  # "restore", "standby" (restored ahead, frozen, thawed for a connection) or "cold-start"
     start_seconds: float
     checkpoint: Checkpoint | None  # the one it was restored from: its diff/ is mounted until release
     ready_at: float = field(default_factory=time.monotonic)
@@ -105,6 +109,10 @@ class InstanceLauncher:
         # Prepared slots: everything but the process (namespace, network, overlay, bundle, cgroups, an idle CRIU),
         # made ahead for the current checkpoint so a restore is one request to CRIU. Refilled after each use.
         self.slots: list[tuple[Checkpoint, Sandbox]] = []
+        # Standbys: instances restored ahead and frozen (config.standby of them), thawed by restore(). Like slots,
+        # they belong to one checkpoint and are remade behind each one used.
+        self.standbys: list[Instance] = []
+        self.standby = config.standby  # 0 while the service is stopped (set_standby)
         self._filling: asyncio.Task[None] | None = None
         self._filling_for: Checkpoint | None = None
         self._closed = False
@@ -138,7 +146,7 @@ class InstanceLauncher:
         return sb
 
     def refill(self, checkpoint: Checkpoint) -> None:
-        """Keep config.prepared_slots slots ready for this checkpoint."""
+        """Keep `standby` frozen instances and config.prepared_slots slots ready for this checkpoint."""
         if self._closed or (self._filling is not None and not self._filling.done()):
             return
         self._filling_for = checkpoint
@@ -155,6 +163,7 @@ class InstanceLauncher:
         stale, self.slots = self.slots, []
         for _, sb in stale:
             await sb.release()
+        await self._drop_standbys(lambda inst: True)
         if self._filling_for is not None:
             self.refill(self._filling_for)
 
@@ -168,8 +177,36 @@ class InstanceLauncher:
         self.slots = [(ck, sb) for ck, sb in self.slots if ck is checkpoint]
         for sb in stale:
             await sb.release()
+        await self._drop_standbys(lambda inst: inst.checkpoint is not checkpoint)
+
+    async def set_standby(self, n: int, checkpoint: Checkpoint | None) -> None:
+        """Keep n standbys from now on (0 while the service is stopped: none is kept), made for checkpoint."""
+        self.standby = n
+        extra = set(self.standbys[n:])
+        await self._drop_standbys(lambda inst: inst in extra)
+        if checkpoint is not None:
+            self.refill(checkpoint)
+
+    async def _drop_standbys(self, which: Callable[[Instance], bool]) -> None:
+        for inst in [i for i in self.standbys if which(i)]:
+            self.standbys.remove(inst)
+            await inst.sandbox.release()
 
     async def _fill(self, checkpoint: Checkpoint) -> None:
+        # Standbys first: they are what the next connection would use. A stateful checkpoint has none (it serves
+        # one instance, then is made again), and a failed one is not retried until the next refill.
+        while not self._closed and len(self.standbys) < self.standby \
+                and not pool.stateful(self.config.stateful, bool(checkpoint.writes_volumes)):
+            try:
+                inst = await self._restore_standby(checkpoint)
+            except RestoreError as e:
+                log.warning("service=%s could not restore a standby: %s (CRIU log: %s)", self.config.name, e,
+                            e.log or "not kept")
+                break
+            if self._closed or len(self.standbys) >= self.standby:  # stopped or closed meanwhile
+                await inst.sandbox.release()
+                break
+            self.standbys.append(inst)
         while not self._closed and len(self.slots) < self.config.prepared_slots:
             sb = self._sandbox(checkpoint)
             sb.slot = True
@@ -193,15 +230,57 @@ class InstanceLauncher:
         slots, self.slots = self.slots, []
         for _, sb in slots:
             await sb.release()
+        await self._drop_standbys(lambda inst: True)
+
+    def _thaw_standby(self, checkpoint: Checkpoint) -> Instance | None:
+        """A standby of this checkpoint, running again: no await between taking it and handing it over."""
+        while self.standbys:
+            inst = next((i for i in self.standbys if i.checkpoint is checkpoint), None)
+            if inst is None:
+                return None
+            self.standbys.remove(inst)
+            t0 = time.monotonic()
+            try:
+                if inst.sandbox.pid_now() is None:
+                    raise OSError("its app is gone")
+                inst.sandbox.thaw()
+            except OSError as e:
+                log.warning("service=%s standby %s unusable (%s); restoring instead", self.config.name, inst.name, e)
+                spawn(inst.sandbox.release(), name=f"release:{inst.name}")
+                continue
+            now = time.monotonic()
+            inst.how, inst.start_seconds, inst.ready_at, inst.idle_since = "standby", now - t0, now, now
+            inst.phases = StartPhases(restore=now - t0)
+            self.m.standby_thaws.inc()
+            self.refill(checkpoint)
+            log.info("service=%s instance=%s thawed from standby in %.2f ms", self.config.name, inst.name,
+                     (now - t0) * 1000)
+            return inst
+        return None
+
+    async def _restore_standby(self, checkpoint: Checkpoint) -> Instance:
+        inst = await self._restore(checkpoint, standby=True)
+        try:
+            await inst.sandbox.freeze()
+        except BaseException as e:
+            await inst.sandbox.release()
+            if isinstance(e, Exception):
+                raise RestoreError(f"freezing it failed: {e}", None, inst.name) from e
+            raise
+        return inst
 
     async def restore(self, checkpoint: Checkpoint) -> Instance:
+        return self._thaw_standby(checkpoint) or await self._restore(checkpoint)
+
+    async def _restore(self, checkpoint: Checkpoint, *, standby: bool = False) -> Instance:
         t0 = time.monotonic()
         sb: Sandbox | None = None
         try:
             sb = await self._prepared(checkpoint)
             if self.ksm is not None:
                 self.ksm.started_instance()
-            self._mark_used(checkpoint)
+            if not standby:  # a standby's app touches nothing before it is thawed
+                self._mark_used(checkpoint)
             t1 = time.monotonic()
             async with self.restores:
                 tq = time.monotonic()  # the queue is not the restore's (restore_timeout starts here too)
@@ -211,7 +290,8 @@ class InstanceLauncher:
             # of the host to print it). The first connection's connect, retried until connect_timeout, is the
             # check: an app that does not accept in time is removed and the service backs off (service.py).
         except Exception as e:
-            self.refill(checkpoint)
+            if not standby:
+                self.refill(checkpoint)
             if sb is None:
                 raise RestoreError(f"preparing the instance failed: {e}", None, self.config.name) from e
             kept = sb.keep_log(self.logs_dir, sb.layout.criu_work / "restore.log", sb.layout.runc_log,
@@ -226,11 +306,13 @@ class InstanceLauncher:
             raise
         dt = time.monotonic() - t0
         # Only now: preparing the next slot (Python work under the GIL) would slow this restore down.
-        self.refill(checkpoint)
+        if not standby:
+            self.refill(checkpoint)
         self.m.restores.inc()
         self.m.restore_duration.observe(dt)
-        log.info("service=%s instance=%s restored in %.0f ms (prepare %.0f, queue %.0f, restore %.0f)",
-                 self.config.name, sb.name, dt * 1000, (t1 - t0) * 1000, (tq - t1) * 1000, (t0 + dt - tq) * 1000)
+        log.info("service=%s instance=%s restored%s in %.0f ms (prepare %.0f, queue %.0f, restore %.0f)",
+                 self.config.name, sb.name, " as a standby" if standby else "", dt * 1000, (t1 - t0) * 1000,
+                 (tq - t1) * 1000, (t0 + dt - tq) * 1000)
         return Instance(sb, "restore", dt, checkpoint,
                         phases=StartPhases(prepare=t1 - t0, queue=tq - t1, restore=t0 + dt - tq))
 

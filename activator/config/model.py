@@ -809,6 +809,11 @@ class ServiceConfig:
     prepared_slots: int = key(Int(0, 16), 1,
                               doc="instances prepared ahead but for their process (namespace, network, mounts): a "
                                   "restore then is one request to a CRIU already waiting in it (~1 MB each)")
+    standby: int = key(Int(0, 16), 0,
+                       doc="instances restored ahead and kept frozen (no CPU, their timers stopped): the first "
+                           "connection that needs a new instance thaws one in well under a millisecond instead of "
+                           "waiting for a restore, and a new standby is restored behind it. Each costs the memory "
+                           "of an instance (shared between them and the running ones with share_memory)")
     max_instances: int = key(Int(1, 256), 1, doc="most instances restored from the one checkpoint at once")
     target_connections: int = key(Int(1, 1_000_000), 100,
                                   doc="open connections per instance before another one is restored")
@@ -861,6 +866,12 @@ class ServiceConfig:
         if self.min_instances > self.max_instances:
             raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
                              f"({self.max_instances})")
+        if self.standby > self.max_instances:
+            raise ValueError(f"standby ({self.standby}) must not exceed max_instances ({self.max_instances}): a "
+                             "standby is thawed into one of them")
+        if self.stateful is True and self.standby:
+            raise ValueError("stateful: true makes the checkpoint again after each instance, so no instance can be "
+                             "restored ahead; set standby: 0")
         if self.stateful is True and self.max_instances > 1:
             raise ValueError(f"stateful: true runs one instance at a time; max_instances ({self.max_instances}) "
                              "must be 1")

@@ -61,13 +61,17 @@ class ServiceMetrics:
     checkpoint_pages_bytes: Any
     checkpoint_created: Any
     checkpoint_outdated: Any
+    standby_thaws: Any
+    standby_instances: Any
+    standby_memory: Any
     rejected: dict[str, Any]
 
 
 #: ServiceMetrics fields that are not a family of the same name labelled by service alone
 SPECIAL = ("bytes_in", "bytes_out", "rejected")
 #: the gauges a Service sets with its own state (the counters are totals per service name and stay shared)
-STATE_GAUGES = ("instances", "open_connections", "waiting", "starting", "backoff", "restore_backoff")
+STATE_GAUGES = ("instances", "open_connections", "waiting", "starting", "backoff", "restore_backoff",
+                "standby_instances", "standby_memory")
 
 
 def detached(m: ServiceMetrics) -> ServiceMetrics:
@@ -174,6 +178,15 @@ class Metrics:
             "1 when the service's image reference now names another image than its checkpoint was built from "
             "(checked every minute; the next start or `activator checkpoint --rebuild` rebuilds it)",
             ["service"], registry=r)
+        self.standby_thaws = Counter("activator_standby_thaws",
+                                     "Instances started by thawing a standby (restored ahead and frozen)",
+                                     ["service"], registry=r)
+        self.standby_instances = Gauge("activator_standby_instances",
+                                       "Standbys: instances restored ahead and frozen, waiting to be thawed",
+                                       ["service"], registry=r)
+        self.standby_memory = Gauge("activator_standby_memory_bytes",
+                                    "Memory the service's standbys are charged (their memory cgroups)", ["service"],
+                                    registry=r)
         self.build_info = Gauge("activator_build_info", "Always 1; the versions activator runs with",
                                 ["version", "python", "criu", "runc", "kernel"], registry=r)
         CachedProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds, ...

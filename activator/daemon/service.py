@@ -99,7 +99,13 @@ class Launcher(Protocol):
 
     async def cold_start(self, checkpoint: Checkpoint) -> Instance: ...
 
-    def refill(self, checkpoint: Checkpoint) -> None: ...  # prepare slots for it
+    #: instances restored ahead and frozen (restore() thaws one of these first), and how many are kept
+    standbys: list[Instance]
+    standby: int
+
+    def refill(self, checkpoint: Checkpoint) -> None: ...  # prepare standbys and slots for it
+
+    async def set_standby(self, n: int, checkpoint: Checkpoint | None) -> None: ...
 
     async def drop_slots_except(self, checkpoint: Checkpoint) -> None: ...
 
@@ -208,6 +214,9 @@ class Service:
         self.m.open_connections.set_function(lambda: self.open_connections + self.kernel_connections)
         self.m.backoff.set_function(self._backoff_seconds)
         self.m.restore_backoff.set_function(lambda: self.restore_backoff.remaining(time.monotonic()))
+        self.m.standby_instances.set_function(lambda: len(self.launcher.standbys))
+        self.m.standby_memory.set_function(lambda: sum(i.sandbox.memory_bytes() or 0
+                                                       for i in list(self.launcher.standbys)))
         self._publish()
 
     # --- checkpoint ---------------------------------------------------------------------------------------
@@ -786,6 +795,12 @@ class Service:
                 "dir": str(ck.dir), "age_seconds": round(wall - ck.created, 1), "pages_bytes": ck.pages_bytes,
                 "image_id": ck.origin.image_id,
             },
+            "standby": self.launcher.standby,
+            "standbys": [
+                {"name": i.name, "age_seconds": round(now - i.ready_at, 1), "memory_bytes": i.sandbox.memory_bytes(),
+                 "address": str(i.sandbox.attachment.ip) if i.sandbox.attachment else None}
+                for i in self.launcher.standbys
+            ],
             "instances": [
                 {"name": i.name, "how": i.how, "age_seconds": round(now - i.ready_at, 1),
                  "connections": i.connections, "kernel_connections": i.kernel,
@@ -823,6 +838,7 @@ class Service:
             self._replenish_timer.cancel()
             self._replenish_timer = None
         self.withdraw_all()
+        await self.launcher.set_standby(0, None)
         deadline = time.monotonic() + drain_timeout
         while self.open_connections + self.kernel_connections and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -838,6 +854,7 @@ class Service:
         self.stopped = False
         self._resteer()
         self._replenish()
+        self._own(spawn(self.launcher.set_standby(self.config.standby, self.checkpoint), name=f"standby:{self.name}"))
 
     def withdraw_all(self) -> None:
         """Stop steering new connections to any instance (shutdown: they drain, then go)."""

@@ -115,6 +115,7 @@ class Sandbox:
         # Restored through CRIU directly (criurestore.py): our own cgroups, and the app's pid and start time.
         self._restorer: criurestore.Restorer | None = None
         self._pid: tuple[int, int] | None = None
+        self._freezer: cgroups.Freezer | None = None  # set while the instance is frozen (a standby)
 
     async def prepare(self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
                       seccomp: dict[str, Any] | None, *, template: bool = False,
@@ -289,6 +290,28 @@ class Sandbox:
         finally:
             os.close(fd)
 
+    async def freeze(self) -> None:
+        """Stop the restored app where it is (a standby): no CPU, no timers, until thaw()."""
+        fz = await asyncio.to_thread(cgroups.freezer, self.name)
+        if fz is None:
+            raise RuncError(f"instance {self.name} has no freezer cgroup")
+        self._freezer = fz
+        await asyncio.to_thread(fz.freeze)
+
+    @property
+    def frozen(self) -> bool:
+        return self._freezer is not None
+
+    def memory_bytes(self) -> int | None:
+        """What its memory cgroup is charged now (cgroups.memory_bytes)."""
+        return cgroups.memory_bytes(self.name)
+
+    def thaw(self) -> None:
+        """Let a frozen app run again: one write to its freezer, on the caller's thread (a connection waits)."""
+        if self._freezer is not None:
+            fz, self._freezer = self._freezer, None
+            fz.thaw()
+
     async def probe(self, args: tuple[str, ...], *, timeout: float, output: int) -> int | None:
         """Run args in the running container; exit status, or None on timeout."""
         return await self.runc.probe(self.name, args, timeout=timeout, output=output, log=self.layout.runc_log)
@@ -368,6 +391,13 @@ class Sandbox:
 
     async def release(self, *, keep_dir: bool = False) -> None:
         errors: list[str] = []
+        if self._freezer is not None:  # a frozen task dies once thawed (v1), and runc would wait for it
+            with contextlib.suppress(OSError, RuncError):
+                pid = self.pid_now()
+                if pid is not None:  # killed first: the app never runs again, not even for a moment
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                self.thaw()
         if self._container:
             try:
                 await self.runc.delete(self.name)

@@ -6,28 +6,14 @@ and no task may die."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import ECHO
+from tests.conftest import loadgen as load
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-async def load(port: int, *args: str) -> dict[str, object]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.loadgen", str(port), *args,
-                                                stdout=subprocess.PIPE, cwd=ROOT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 240)
-    assert proc.returncode == 0
-    result: dict[str, object] = json.loads(out)
-    return result
 
 
 @pytest.mark.parametrize("header", [None, "v1", "v2"])

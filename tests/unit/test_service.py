@@ -17,7 +17,7 @@ from activator.checkpoints.instance import Instance
 from activator.config.model import Backoff, ListenAddress, ServiceConfig
 from activator.core.capacity import Budget
 from activator.daemon.metrics import Metrics
-from activator.daemon.service import Service, ServiceSandbox
+from activator.daemon.service import Launcher, Service, ServiceSandbox
 from activator.errors import Rejected, RestoreError
 from activator.net.network import Attachment
 
@@ -74,6 +74,8 @@ class FakeLauncher:
     made: list[FakeSandbox] = field(default_factory=list)
     ksm: Any = None
     hold_release: asyncio.Event | None = None
+    standbys: list[Instance] = field(default_factory=list)
+    standby: int = 0
 
     async def _make(self, how: str, checkpoint: Any) -> Instance:
         if self.gate is not None:
@@ -98,6 +100,9 @@ class FakeLauncher:
     def refill(self, checkpoint: Any) -> None:
         pass
 
+    async def set_standby(self, n: int, checkpoint: Any) -> None:
+        self.standby = n
+
     async def reshare(self, ksm: Any) -> None:
         self.ksm = ksm
 
@@ -106,6 +111,9 @@ class FakeLauncher:
 
     async def close(self) -> None:
         pass
+
+
+_checked_launcher: type[Launcher] = FakeLauncher  # mypy: the fake has what a service uses of a launcher
 
 
 def service(launcher: FakeLauncher, budget: int = 10_000, **keys: Any) -> Service:
