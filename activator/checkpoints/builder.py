@@ -54,20 +54,6 @@ PROGRESS_EVERY = 10.0
 Source = Literal["stored", "built", "pulled"]
 
 
-def _connector(sandbox: Sandbox, port: int) -> readiness.Connect:
-    """Connections to the template's app on 127.0.0.1 inside its namespace (probes and warm-up requests)."""
-    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        sock = sandbox.netns.socket()
-        try:
-            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        except BaseException:
-            sock.close()
-            raise
-        return await asyncio.open_connection(sock=sock)
-
-    return connect
-
-
 @contextlib.asynccontextmanager
 async def _still_waiting(service: str, what: str, budget: float) -> Any:
     """Log every PROGRESS_EVERY seconds while the body runs, so a long build is never silent."""
@@ -503,7 +489,7 @@ class CheckpointBuilder:
         an optimisation), unless every single one failed (then the paths are wrong: say so)."""
         w = svc.warmup
         t0, ok, total = time.monotonic(), 0, 0
-        connect = _connector(sandbox, svc.port)
+        connect = sandbox.connector(svc.port)
 
         for _ in range(w.count):
             for path in w.http_paths:
@@ -521,7 +507,7 @@ class CheckpointBuilder:
     async def _wait_http(self, svc: ServiceConfig, sandbox: Sandbox, deadline: float) -> None:
         path = svc.readiness.http_path
         assert path is not None
-        connect = _connector(sandbox, svc.port)
+        connect = sandbox.connector(svc.port)
 
         while time.monotonic() < deadline:
             if await readiness.http_ok(connect, svc.port, path):

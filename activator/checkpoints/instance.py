@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from activator.config.model import ServiceConfig
 from activator.core import pool
 from activator.errors import RestoreError, StartError
 from activator.net.network import HostNetwork
-from activator.runtime import volumes
+from activator.runtime import readiness, volumes
 from activator.runtime.ksm import Ksm
 from activator.runtime.runc import Runc
 from activator.runtime.sandbox import Sandbox, new_name
@@ -31,6 +32,14 @@ from activator.tasks import spawn
 from .store import Checkpoint
 
 log = logging.getLogger("activator.instance")
+
+#: after a standby is thawed, how long before its replacement is restored
+STANDBY_REFILL_DELAY = 0.5
+#: a standby's own connection is made within this, or not at all; and used within PRECONNECTED_TTL of the thaw
+PRECONNECT_TIMEOUT = 1.0
+PRECONNECTED_TTL = 1.0
+#: each of a standby's warm-up requests is given this long
+WARM_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,18 @@ class Instance:
     kernel_served_seen: int = 0  # the last sample's per-instance connection counter
     pidfd: int | None = None  # the app's pidfd while it is watched (service.py)
     phases: StartPhases = field(default_factory=StartPhases)
+    # A standby's connection to its own app, made while it was frozen (the kernel completes the handshake for a
+    # listening socket): the first connection after the thaw takes it instead of connecting (claim_connection).
+    preconnected: socket.socket | None = None
+
+    def claim_connection(self) -> socket.socket | None:
+        sock, self.preconnected = self.preconnected, None
+        return sock
+
+    def drop_connection(self) -> None:
+        if self.preconnected is not None:
+            self.preconnected.close()
+            self.preconnected = None
 
     @property
     def name(self) -> str:
@@ -190,6 +211,7 @@ class InstanceLauncher:
     async def _drop_standbys(self, which: Callable[[Instance], bool]) -> None:
         for inst in [i for i in self.standbys if which(i)]:
             self.standbys.remove(inst)
+            inst.drop_connection()
             await inst.sandbox.release()
 
     async def _fill(self, checkpoint: Checkpoint) -> None:
@@ -204,6 +226,7 @@ class InstanceLauncher:
                             e.log or "not kept")
                 break
             if self._closed or len(self.standbys) >= self.standby:  # stopped or closed meanwhile
+                inst.drop_connection()
                 await inst.sandbox.release()
                 break
             self.standbys.append(inst)
@@ -246,28 +269,65 @@ class InstanceLauncher:
                 inst.sandbox.thaw()
             except OSError as e:
                 log.warning("service=%s standby %s unusable (%s); restoring instead", self.config.name, inst.name, e)
+                inst.drop_connection()
                 spawn(inst.sandbox.release(), name=f"release:{inst.name}")
                 continue
             now = time.monotonic()
             inst.how, inst.start_seconds, inst.ready_at, inst.idle_since = "standby", now - t0, now, now
             inst.phases = StartPhases(restore=now - t0)
             self.m.standby_thaws.inc()
-            self.refill(checkpoint)
+            # Not at once: a restore (CRIU, and the next slot's mounts and namespace) would take the CPUs the
+            # thawed app needs to answer the connections waiting for it.
+            asyncio.get_running_loop().call_later(STANDBY_REFILL_DELAY, self.refill, checkpoint)
             log.info("service=%s instance=%s thawed from standby in %.2f ms", self.config.name, inst.name,
                      (now - t0) * 1000)
+            # Unclaimed (a start without a client: `activator scale`), it would pin an idle connection in the app.
+            asyncio.get_running_loop().call_later(PRECONNECTED_TTL, inst.drop_connection)
             return inst
         return None
 
     async def _restore_standby(self, checkpoint: Checkpoint) -> Instance:
         inst = await self._restore(checkpoint, standby=True)
         try:
+            await self._warm(inst)
             await inst.sandbox.freeze()
+            inst.preconnected = await self._preconnect(inst)
         except BaseException as e:
+            inst.drop_connection()
             await inst.sandbox.release()
             if isinstance(e, Exception):
                 raise RestoreError(f"freezing it failed: {e}", None, inst.name) from e
             raise
         return inst
+
+    async def _warm(self, inst: Instance) -> None:
+        """One round of the service's warm-up requests (or its readiness GET) before the standby is frozen: an
+        app's first request after a restore is slower than the next (Tomcat: ~2 ms), and is paid here instead of
+        by the first client. Failures are not fatal: a warm-up is an optimisation."""
+        c = self.config
+        paths = c.warmup.http_paths or ((c.readiness.http_path,) if c.readiness.http_path else ())
+        connect = inst.sandbox.connector(c.port)
+        with contextlib.suppress(OSError, TimeoutError):
+            for path in paths:
+                await asyncio.wait_for(readiness.http_ok(connect, c.port, path), WARM_TIMEOUT)
+            if c.warmup.payload is not None:
+                await asyncio.wait_for(readiness.exchange(connect, c.warmup.payload.encode()), WARM_TIMEOUT)
+
+    async def _preconnect(self, inst: Instance) -> socket.socket | None:
+        """A connection to the frozen app's port, established by the kernel (it sits in the app's accept queue
+        until the thaw); None if it cannot be made at once (an app that does not listen on 127.0.0.1 inside):
+        the first client then connects as usual."""
+        sock = inst.sandbox.netns.socket()
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.config.port)),
+                                   PRECONNECT_TIMEOUT)
+        except (OSError, TimeoutError):
+            sock.close()
+            return None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def restore(self, checkpoint: Checkpoint) -> Instance:
         return self._thaw_standby(checkpoint) or await self._restore(checkpoint)

@@ -292,7 +292,7 @@ class Connection:
                 inst, waited = await lease.acquire()
                 deadline = inst.ready_at + svc.config.connect_timeout
                 try:
-                    sock = await connect_in_instance(inst, svc.config.port, deadline)
+                    sock = inst.claim_connection() or await connect_in_instance(inst, svc.config.port, deadline)
                 except OSError as e:
                     if e.errno in RESOURCE_ERRNOS:
                         lease.drop()

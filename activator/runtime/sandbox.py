@@ -312,6 +312,19 @@ class Sandbox:
             fz, self._freezer = self._freezer, None
             fz.thaw()
 
+    def connector(self, port: int) -> readiness.Connect:
+        """Connections to the app on 127.0.0.1 inside its namespace (probes and warm-up requests)."""
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            sock = self.netns.socket()
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            except BaseException:
+                sock.close()
+                raise
+            return await asyncio.open_connection(sock=sock)
+
+        return connect
+
     async def probe(self, args: tuple[str, ...], *, timeout: float, output: int) -> int | None:
         """Run args in the running container; exit status, or None on timeout."""
         return await self.runc.probe(self.name, args, timeout=timeout, output=output, log=self.layout.runc_log)
