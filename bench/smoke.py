@@ -28,6 +28,7 @@ def runs(out: Path) -> list[list[str]]:
         ["pgbench.py", "--seconds", "1", "--clients", "2", "--runs", "1"],
         ["scaleout.py", "--instances", "2", "--services", "2", "--rounds", "1", "--out", str(out / "scaleout.json")],
         ["scrape_flood.py", "--flood", "200", "--scrapes", "5"],
+        ["standby.py", "--runs", "1", "--apps", "hello"],
         ["warmpath.py", "--requests", "2000", "--seconds", "1", "--runs", "1", "--out", str(out)],
         ["warmup.py", "--runs", "1", "--count", "20", "--requests", "5"],
     ]
