@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from activator.config.model import load_config  # noqa: E402
 from activator.daemon.server import Activator  # noqa: E402
+from activator.runtime import cgroups  # noqa: E402
 
 STATE = Path("/var/lib/activator/bench-scaleout")
 TOMCAT = {"image": "activator-demo/tomcat:latest", "port": 8080,
@@ -52,14 +53,6 @@ def mem_available() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no MemAvailable")
-
-
-def cgroup_memory(name: str) -> int:
-    for f in ("/sys/fs/cgroup/memory/activator/{}/memory.usage_in_bytes", "/sys/fs/cgroup/activator/{}/memory.current"):
-        p = Path(f.format(name))
-        if p.exists():
-            return int(p.read_text())
-    return 0
 
 
 def own_memory(name: str) -> tuple[int, int]:
@@ -191,7 +184,7 @@ async def bench_tomcat(n: int, share: bool) -> dict[str, Any]:
             await asyncio.sleep(1)
             waited = 1.0
         used_host = before - mem_available()
-        cgroups = [cgroup_memory(i.name) for i in svc.instances]
+        charged = [cgroups.memory_bytes(i.name) or 0 for i in svc.instances]
         own = [own_memory(i.name) for i in svc.instances]
         from activator.runtime import ksm
 
@@ -199,7 +192,7 @@ async def bench_tomcat(n: int, share: bool) -> dict[str, Any]:
             "instances": len(svc.instances), "all_served_s": all_served, "share_memory": share,
             "per_client_s": sorted(r[0] for r in results),
             "restore_s": sorted(i.start_seconds for i in svc.instances),
-            "host_memory_bytes": used_host, "cgroup_memory_bytes": sum(cgroups),
+            "host_memory_bytes": used_host, "cgroup_memory_bytes": sum(charged),
             "uss_bytes": sorted(u for u, _ in own), "pss_bytes": sorted(p for _, p in own),
             "checkpoint_pages_bytes": ck.pages_bytes, "settle_s": waited,
             "ksmd_cpu_s": ksmd_cpu() - cpu0, "ksm": ksm.stats(),
