@@ -69,7 +69,7 @@ class Steering(Protocol):
     #: how long a half-open kernel-path connection lives (a spoofed SYN's entry goes after this)
     half_open_timeout: float
 
-    def set(self, instances: list[Instance], *, background: bool = False) -> None: ...
+    def set(self, instances: list[Instance]) -> None: ...
 
     def open_count(self, inst: Instance) -> tuple[int, int]: ...  # blocking: (open, half-open) from conntrack
 
@@ -450,10 +450,9 @@ class Service:
 
     # --- the kernel path ------------------------------------------------------------------------------------
 
-    def _resteer(self, *, background: bool = False) -> None:
+    def _resteer(self) -> None:
         if self.steering is not None:
-            self.steering.set([i for i in self.instances if not i.withdrawn and not i.stopping],
-                              background=background)
+            self.steering.set([i for i in self.instances if not i.withdrawn and not i.stopping])
 
     def kernel_sample(self, samples: dict[int, Any], rejected: int, steered: int, now: float) -> None:
         """Fold a sample of the kernel path (network.HostNetwork.sample(), by mark) into the instances, and the
@@ -614,7 +613,7 @@ class Service:
                 return
             self.instances.append(inst)
             self._watch(inst)
-            self._resteer(background=True)  # the connections waiting for it go first, through the activator
+            self._resteer()
             # Nobody may claim it (every waiter gave up): it must still go away when idle.
             self._arm_idle(inst, self.config.idle_timeout)
         finally:

@@ -4,17 +4,12 @@ steering rules (net/network.py)."""
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from activator.checkpoints.instance import Instance
 from activator.config.model import ServiceConfig
 from activator.net.network import SYN_TIMEOUT, Backend, HostNetwork, connections
 
 log = logging.getLogger("activator.network")
-
-#: applies the changes that may come late (an instance added): one thread for every service, so each service's
-#: changes reach the kernel in the order they were asked for (libnftables is called without the GIL)
-_BACKGROUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steering")
 
 
 class ServiceSteering:
@@ -27,22 +22,8 @@ class ServiceSteering:
         self.config = config
         self.failed = False  # the last change did not reach the kernel (logged once until one does)
         self.failures = 0
-        self._pending: Future[None] | None = None  # the last change handed to the background thread
 
-    def set(self, instances: list[Instance], *, background: bool = False) -> None:
-        """background: the change may reach the kernel a moment later, off the event loop (an instance added:
-        until then the activator's listener serves what it would get, so the connection that waits for the new
-        instance is not held up by the ~1.5 ms of a rule change). Otherwise it is made before this returns, after
-        any background change still under way: an instance taken out is out before it is released."""
-        if background:
-            self._pending = _BACKGROUND.submit(self._apply, list(instances))
-            return
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()  # never raises: _apply keeps its errors
-        self._apply(instances)
-
-    def _apply(self, instances: list[Instance]) -> None:
+    def set(self, instances: list[Instance]) -> None:
         """Least loaded first: the rule's round robin starts over at its first backend whenever it is rebuilt
         (an instance came or went), so that one must be the one with the fewest connections, not whichever was
         first before. A failure never reaches the caller (a service's state machine, a shutdown): the service
