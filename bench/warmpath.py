@@ -4,6 +4,8 @@
                          loopback: no proxy, no container network
   activator (kernel)     the image restored by `activator run` (network: bridge): connections steered to the
                          instance by nftables DNAT over a veth, bytes never cross the daemon
+  activator (handoff)    handoff: true: the app accepts from the activator's own listening socket, put into the
+                         restored process by CRIU; no NAT, no veth, no copy
   activator (userspace)  the same with network: none: every byte spliced through the daemon (asyncio on uvloop)
   systemd-socket-proxyd  in front of the direct server (socket-activated, as systemd would run it)
 
@@ -36,6 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "activator-demo/redis:latest"
 STATE = Path("/var/lib/activator/bench-warm")
+EXTRA: dict[str, Any] = {}  # --service: more keys for both services (what a sandbox setting costs)
 
 
 def free_port() -> int:
@@ -81,18 +84,21 @@ def unpack_image(work: Path, image: str = IMAGE) -> Path:
     return root
 
 
-def start_activator(work: Path, redis_port: int, iperf_port: int, network: str) -> subprocess.Popen[bytes]:
+def start_activator(work: Path, redis_port: int, iperf_port: int, network: str,
+                    handoff: bool = False) -> subprocess.Popen[bytes]:
     cfg = {"settings": {"state_dir": str(STATE), "metrics": None, "network": {"bridge": "actbench0",
                                                                               "subnet": "10.89.250.0/24"}},
            "services": {
                "redis": {"image": IMAGE, "port": 6379, "listen": f"127.0.0.1:{redis_port}", "idle_timeout": "1h",
-                         "network": network, "max_instances": 1},
+                         "network": network, "max_instances": 1, "handoff": handoff, **EXTRA},
                "iperf": {"image": IMAGE, "command": ["iperf3", "-s", "-p", "5201"], "port": 5201,
-                         "listen": f"127.0.0.1:{iperf_port}", "idle_timeout": "1h", "network": network},
+                         "listen": f"127.0.0.1:{iperf_port}", "idle_timeout": "1h", "network": network,
+                         "handoff": handoff, **EXTRA},
            }}
-    path = work / f"warm-{network}.yaml"
+    tag = f"{network}{'-handoff' if handoff else ''}"
+    path = work / f"warm-{tag}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with open(work / f"activator-{network}.log", "wb") as log:  # the child keeps its own copy
+    with open(work / f"activator-{tag}.log", "wb") as log:  # the child keeps its own copy
         proc = subprocess.Popen([sys.executable, "-m", "activator", "run", "-c", str(path)], stderr=log,
                                 stdout=subprocess.PIPE)
     assert proc.stdout is not None
@@ -102,15 +108,26 @@ def start_activator(work: Path, redis_port: int, iperf_port: int, network: str) 
     return proc
 
 
-def measure(name: str, redis_port: int, iperf_port: int, args: argparse.Namespace) -> dict[str, Any]:
+def measure(name: str, redis_port: int, iperf_port: int, args: argparse.Namespace,
+            direct: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Each cell the median of args.runs; with `direct` (its redis port and iperf port), direct's runs alternate
+    with this path's, so that the ratio compares the two under the same load of this noisy VM."""
     wait_listening(redis_port)
     wait_listening(iperf_port)
     redis(redis_port, 1, 200)  # wakes the service (a restore) and warms up
     iperf(iperf_port, 1)
     r: dict[str, Any] = {"path": name}
     for c in (1, 32):
-        runs = [redis(redis_port, c, args.requests) for _ in range(args.runs)]
+        runs, beside = [], []
+        for _ in range(args.runs):
+            runs.append(redis(redis_port, c, args.requests))
+            if direct is not None:
+                beside.append(redis(direct[0], c, args.requests))
         r[f"c{c}"] = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+        if beside:
+            d = {k: statistics.median(x[k] for x in beside) for k in beside[0]}
+            r[f"c{c}"]["x_direct"] = r[f"c{c}"]["rps"] / d["rps"]
+            r[f"c{c}"]["p99_minus_direct_ms"] = r[f"c{c}"]["p99_ms"] - d["p99_ms"]
     r["bulk_gbit"] = statistics.median(iperf(iperf_port, args.seconds) for _ in range(args.runs))
     print(f"  {name}: done", flush=True)
     return r
@@ -122,7 +139,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "docs"), help="where warmpath.json and warmpath.png go")
+    ap.add_argument("--paths", default="proxyd,kernel,handoff,userspace",
+                    help="which paths besides direct, comma-separated (default: all)")
+    ap.add_argument("--service", default="{}", help='more service keys, JSON (e.g. \'{"seccomp": "unconfined"}\')')
     args = ap.parse_args()
+    EXTRA.update(json.loads(args.service))
     for tool in ("redis-benchmark", "iperf3", "/lib/systemd/systemd-socket-proxyd"):
         if shutil.which(tool) is None:
             raise SystemExit(f"needs {tool} (make setup installs it)")
@@ -138,20 +159,27 @@ def main() -> None:
                                       stdout=subprocess.DEVNULL))
         results.append(measure("direct", rp, ip, args))
 
-        prp, pip = free_port(), free_port()
-        for listen, target in ((prp, rp), (pip, ip)):
-            procs.append(subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{listen}",
-                                           "/lib/systemd/systemd-socket-proxyd", f"127.0.0.1:{target}"],
-                                          stderr=subprocess.DEVNULL))
-        results.append(measure("systemd-socket-proxyd", prp, pip, args))
+        paths = args.paths.split(",")
+        if "proxyd" in paths:
+            prp, pip = free_port(), free_port()
+            for listen, target in ((prp, rp), (pip, ip)):
+                procs.append(subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{listen}",
+                                               "/lib/systemd/systemd-socket-proxyd", f"127.0.0.1:{target}"],
+                                              stderr=subprocess.DEVNULL))
+            results.append(measure("systemd-socket-proxyd", prp, pip, args, (rp, ip)))
 
-        for network, name in (("bridge", "activator (kernel)"), ("none", "activator (userspace)")):
+        for key, network, handoff, name in (("kernel", "bridge", False, "activator (kernel)"),
+                                            ("handoff", "bridge", True, "activator (handoff)"),
+                                            ("userspace", "none", False, "activator (userspace)")):
+            if key not in paths:
+                continue
             arp, aip = free_port(), free_port()
-            act = start_activator(work, arp, aip, network)
+            act = start_activator(work, arp, aip, network, handoff)
             try:
-                results.append(measure(name, arp, aip, args))
+                results.append(measure(name, arp, aip, args, (rp, ip)))
             except Exception:  # what the daemon said, with the client's failure
-                log = (work / f"activator-{network}.log").read_text(errors="replace").splitlines()
+                tag = f"{network}{'-handoff' if handoff else ''}"
+                log = (work / f"activator-{tag}.log").read_text(errors="replace").splitlines()
                 print("\n".join(log[-15:]), file=sys.stderr)
                 raise
             finally:
@@ -169,12 +197,13 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     direct = results[0]
     print(f"\nWarm path, redis-benchmark GET x {args.requests} and iperf3 {args.seconds}s; median of {args.runs}\n")
     print(f"{'path':24} {'c=1 req/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'c=32 req/s':>11} {'x direct':>8} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'bulk Gbit/s':>11}")
+          f"{'p50 ms':>7} {'p99 ms':>7} {'p99-dir':>7} {'bulk Gbit/s':>11}")
     for r in results:
         c1, c32 = r["c1"], r["c32"]
         print(f"{r['path']:24} {c1['rps']:10.0f} {c1['p50_ms']:7.3f} {c1['p99_ms']:7.3f} {c32['rps']:11.0f} "
-              f"{c32['rps'] / direct['c32']['rps']:8.2f} {c32['p50_ms']:7.3f} {c32['p99_ms']:7.3f} "
-              f"{r['bulk_gbit']:11.1f}")
+              f"{c32.get('x_direct', c32['rps'] / direct['c32']['rps']):8.2f} {c32['p50_ms']:7.3f} "
+              f"{c32['p99_ms']:7.3f} {c32.get('p99_minus_direct_ms', 0.0):7.3f} {r['bulk_gbit']:11.1f}")
+    print("\nx direct and p99-dir: against direct's runs alternated with that path's (same minutes of the VM)")
     docs = Path(args.out)
     (docs / "warmpath.json").write_text(json.dumps(results, indent=1))
     try:
@@ -186,7 +215,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     names = [r["path"] for r in results]
-    colors = ["#555555", "#999999", "#2a7ab9", "#e07b39"][: len(names)]
+    colors = ["#555555", "#999999", "#2a7ab9", "#3aa655", "#e07b39"][: len(names)]
     for ax, (title, values, unit) in zip(axes, (
             ("redis GET, 1 client", [r["c1"]["rps"] / 1000 for r in results], "k req/s"),
             ("redis GET, 32 clients", [r["c32"]["rps"] / 1000 for r in results], "k req/s"),

@@ -92,6 +92,9 @@ class Instance:
     # A standby's connection to its own app, made while it was frozen (the kernel completes the handshake for a
     # listening socket): the first connection after the thaw takes it instead of connecting (claim_connection).
     preconnected: socket.socket | None = None
+    # Its app accepts from the service's own listening socket (handoff): no address of its own to dial, no
+    # steering rule; the activator stops accepting while one such instance runs.
+    handoff: bool = False
 
     def claim_connection(self) -> socket.socket | None:
         sock, self.preconnected = self.preconnected, None
@@ -134,6 +137,8 @@ class InstanceLauncher:
         # they belong to one checkpoint and are remade behind each one used.
         self.standbys: list[Instance] = []
         self.standby = config.standby  # 0 while the service is stopped (set_standby)
+        # handoff: the service's listening socket, handed to every restored app in place of its own
+        self.listener: socket.socket | None = None
         self._filling: asyncio.Task[None] | None = None
         self._filling_for: Checkpoint | None = None
         self._closed = False
@@ -153,7 +158,8 @@ class InstanceLauncher:
     async def _prepare_for(self, sb: Sandbox, checkpoint: Checkpoint) -> None:
         await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources,
                          self.config.hostname or self.config.name,
-                         checkpoint.seccomp, restore=checkpoint, binds=await self._binds(checkpoint))
+                         checkpoint.seccomp, restore=checkpoint, binds=await self._binds(checkpoint),
+                         handoff=(self.config.port, self.listener) if self.listener is not None else None)
 
     async def _prepared(self, checkpoint: Checkpoint) -> Sandbox:
         """A slot made ahead for this checkpoint, or one made now."""
@@ -373,7 +379,11 @@ class InstanceLauncher:
         log.info("service=%s instance=%s restored%s in %.0f ms (prepare %.0f, queue %.0f, restore %.0f)",
                  self.config.name, sb.name, " as a standby" if standby else "", dt * 1000, (t1 - t0) * 1000,
                  (tq - t1) * 1000, (t0 + dt - tq) * 1000)
-        return Instance(sb, "restore", dt, checkpoint,
+        if self.listener is not None and not sb.handed:
+            log.warning("service=%s instance=%s: its app did not take the service's listening socket (a CRIU "
+                        "without activator's patch 0002?); served through the activator instead",
+                        self.config.name, sb.name)
+        return Instance(sb, "restore", dt, checkpoint, handoff=sb.handed,
                         phases=StartPhases(prepare=t1 - t0, queue=tq - t1, restore=t0 + dt - tq))
 
     async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:

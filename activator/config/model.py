@@ -831,6 +831,13 @@ class ServiceConfig:
                                "the connection closed, or http-503: an HTTP 503 answer with Retry-After first")
     proxy_protocol: str | None = key(Text(choices=PROXY_PROTOCOLS), None, nullable=True,
                                      doc="send a PROXY protocol header (v1 or v2) to the app before client bytes")
+    handoff: bool = key(
+        Flag(), False,
+        doc="the app accepts straight from the activator's listening socket, handed into each restored instance "
+            "in place of the one it listened on at dump time (a patched CRIU): warm connections reach the app as "
+            "a direct connection would, with no NAT, bridge or copy, and the kernel spreads them over the "
+            "instances. The activator sees only the connections that wake the service, so it needs exactly one "
+            "listen address and takes no proxy_protocol, max_connections or client_idle_timeout")
     wake_on: str = key(Text(choices=WAKE_ON), "data",
                        doc="what wakes a service with no instance: a connection's first byte, or after wake_grace "
                            "of silence (data), or the connection itself (connect)")
@@ -875,11 +882,26 @@ class ServiceConfig:
         if self.stateful is True and self.max_instances > 1:
             raise ValueError(f"stateful: true runs one instance at a time; max_instances ({self.max_instances}) "
                              "must be 1")
+        if self.handoff:
+            self._check_handoff()
         netcaps = sorted(set(self.cap_add) & NETWORK_CAPS)
         if netcaps and self.userns == "private":
             raise ValueError(f"cap_add: {', '.join(netcaps)} gives nothing in the instance's user namespace (its "
                              "network namespace is made outside it, so no capability over the network is held); "
                              "set 'userns: host' for an app that needs it")
+
+    def _check_handoff(self) -> None:
+        if len(self.listen) > 1:
+            raise ValueError("handoff: true hands one listening socket to the app; give the service one listen "
+                             f"address (it has {len(self.listen)})")
+        if self.standby:
+            raise ValueError("handoff: true: a standby's app would accept from the service's socket between its "
+                             "restore and its freeze; set standby: 0 or handoff: false")
+        unseen = [k for k, v in (("proxy_protocol", self.proxy_protocol), ("max_connections", self.max_connections),
+                                 ("client_idle_timeout", self.client_idle_timeout)) if v is not None]
+        if unseen:
+            raise ValueError(f"handoff: true: the app accepts its connections itself, so the activator cannot apply "
+                             f"{unseen[0]}; remove it or set handoff: false")
 
     def checkpoint_fingerprint(self) -> str:
         """Hash of everything that shapes the checkpointed process (keys declared with shapes=True)."""

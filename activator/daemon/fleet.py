@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import socket
@@ -24,12 +25,13 @@ from activator.config.model import Config, ListenAddress, ServiceConfig
 from activator.core import capacity
 from activator.errors import ActivatorError, ConfigError
 from activator.net.network import HostNetwork, kernel_path_possible
-from activator.runtime import ksm, preflight
+from activator.runtime import cgroups, ksm, preflight
 from activator.runtime.ksm import Ksm
 from activator.statedir import StateDir
 from activator.tasks import spawn
 
 from . import metrics, systemd
+from .handoff import HandoffSteering
 from .listeners import BACKLOG, address_of, take_all
 from .metrics import Metrics
 from .proxy import ConnectionSet, client_protocol_factory
@@ -40,6 +42,8 @@ log = logging.getLogger("activator")
 
 #: restores running at once, per CPU (the rest queue): see bench/scaleout.py
 RESTORES_PER_CPU = 1
+#: connections taken from a handoff service's socket per readiness event (then the loop runs others)
+ACCEPT_BATCH = 64
 #: told when a service starts serving (problem None) or cannot (problem: why)
 ServiceHook = Callable[[ServiceConfig, str | None], None]
 
@@ -54,6 +58,10 @@ class Fleet:
         self.connections = ConnectionSet()
         self.listeners: dict[str, list[socket.socket]] = {}  # service -> its listening sockets
         self.servers: dict[str, list[tuple[socket.socket, asyncio.Server]]] = {}
+        # handoff services' sockets: accepted on by a reader, not a server (accepting())
+        self.readers: dict[str, list[socket.socket]] = {}
+        self.factories: dict[str, Callable[[], asyncio.Protocol]] = {}
+        self.paused: set[str] = set()  # services whose sockets the activator does not accept on (handoff.py)
         #: old definitions of changed services, and removed services, while their connections drain
         self.retiring: set[Service] = set()
         self.budget = capacity.Budget(0)
@@ -161,15 +169,35 @@ class Fleet:
             self.network.limit(svc.name, svc.listen, svc.max_connections, svc.client_idle_timeout)
 
     def use(self, svc: ServiceConfig, checkpoint: Checkpoint) -> None:
-        """Hand a service its checkpoint, and its kernel path if the app can be reached on its own address."""
+        """Hand a service its checkpoint, and its kernel path: its socket handed to its apps (handoff), or a
+        steering rule if the app can be reached on its own address."""
         service = self.services[svc.name]
-        if self.network is not None and kernel_path_possible(svc) and checkpoint.kernel_path:
+        listener = self._handoff_listener(svc)
+        if listener is not None:
+            service.launcher.listener = listener
+            if not isinstance(service.steering, HandoffSteering):
+                service.steering = HandoffSteering(svc, listener, lambda on: self.accepting(svc.name, on))
+        elif self.network is not None and kernel_path_possible(svc) and checkpoint.kernel_path:
             if service.steering is None:
                 service.steering = ServiceSteering(self.network, svc)
         elif service.steering is not None:
             service.withdraw_all()
             service.steering = None
         service.set_checkpoint(checkpoint)
+
+    def _handoff_listener(self, svc: ServiceConfig) -> socket.socket | None:
+        if not svc.handoff:
+            return None
+        socks = self.listeners.get(svc.name, [])
+        if len(socks) != 1:  # `listen: systemd` with several sockets (a listen list is refused by the config)
+            log.warning("service=%s handoff needs one listening socket, it has %d: not handed off", svc.name,
+                        len(socks))
+            return None
+        if not cgroups.v1_devices():
+            log.warning("service=%s handoff needs restores through CRIU directly (cgroup v1 device files), which "
+                        "this host does not have: its connections take the activator's other paths", svc.name)
+            return None
+        return socks[0]
 
     def link_dependencies(self) -> None:
         """depends_on as Service objects, after every change to the set of services (a start, a reload, a
@@ -191,9 +219,73 @@ class Fleet:
             return self.services[name]
 
         factory = client_protocol_factory(current, self.connections)
+        handoff = self.services[name].config.handoff
         for sock in socks:
+            if handoff:
+                self.readers.setdefault(name, []).append(sock)
+                if name not in self.paused:
+                    loop.add_reader(sock.fileno(), self._accept, name, sock, factory)
+                self.factories[name] = factory
+                continue
             server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
             self.servers.setdefault(name, []).append((sock, server))
+
+    def accepting(self, name: str, on: bool) -> None:
+        """Accept on a handoff service's sockets or not (handoff.py: not while an app accepts from them).
+
+        Not an asyncio server closed and made again: a server closes its descriptor, and epoll keeps watching a
+        socket until every descriptor of it is closed (the apps hold it), so a server made again on a duplicate
+        was never told of a connection (seen with uvloop). One reader on the socket's own descriptor instead,
+        added and removed."""
+        if on != (name in self.paused):
+            return
+        loop = asyncio.get_running_loop()
+        if on:
+            self.paused.discard(name)
+        else:
+            self.paused.add(name)
+        for sock in self.readers.get(name, []):
+            if not on:
+                loop.remove_reader(sock.fileno())
+                continue
+            sock.setblocking(False)  # an app shares the socket's flags, and may have made it blocking
+            loop.add_reader(sock.fileno(), self._accept, name, sock, self.factories[name])
+
+    def listening_again(self, name: str) -> None:
+        """A handoff service's socket, shut down by an app (readable for ever, accept() EINVAL: its reader was
+        removed), listens again (handoff.HandoffSteering.keep_listening)."""
+        if name in self.paused:
+            return
+        loop = asyncio.get_running_loop()
+        for sock in self.readers.get(name, []):
+            loop.remove_reader(sock.fileno())
+            loop.add_reader(sock.fileno(), self._accept, name, sock, self.factories[name])
+
+    def _accept(self, name: str, sock: socket.socket, factory: Callable[[], asyncio.Protocol]) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                if e.errno == errno.EINVAL:  # not listening (an app shut it down): it would be readable for ever
+                    loop.remove_reader(sock.fileno())
+                    log.warning("service=%s its socket %s no longer listens; put back within a second", name,
+                                address_of(sock))
+                    return
+                # EMFILE and the like: the next readiness tries again
+                log.warning("service=%s accepting on %s failed: %s", name, address_of(sock), e.strerror)
+                return
+            conn.setblocking(False)
+            self.keep(spawn(self._connected(loop, conn, factory), name="accepted"))
+
+    async def _connected(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                         factory: Callable[[], asyncio.Protocol]) -> None:
+        try:
+            await loop.connect_accepted_socket(factory, conn)
+        except OSError:
+            conn.close()
 
     def unlisten(self, name: str, keep: tuple[socket.socket, ...] = ()) -> None:
         """Stop accepting on the service's sockets, except those kept (a changed service's unchanged addresses)."""
@@ -204,6 +296,13 @@ class Fleet:
             else:
                 server.close()
         self.servers[name] = serving
+        readers = []
+        for sock in self.readers.get(name, []):
+            if sock in keep:
+                readers.append(sock)
+            elif name not in self.paused:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+        self.readers[name] = readers
         for sock in self.listeners.get(name, []):
             if sock not in keep:
                 sock.close()  # closing the server detached it already (uvloop): this is for a socket never served
@@ -211,6 +310,9 @@ class Fleet:
         if not self.listeners[name]:
             del self.listeners[name]
             self.servers.pop(name, None)
+            self.readers.pop(name, None)
+            self.factories.pop(name, None)
+            self.paused.discard(name)
 
     # --- old definitions -------------------------------------------------------------------------------------
 

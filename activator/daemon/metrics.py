@@ -197,6 +197,9 @@ class Metrics:
         self.kernel_path_failures = Counter("activator_kernel_path_failures",
                                             "Steering changes the kernel refused (the service is served through "
                                             "the activator until the rules are repaired)", ["service"], registry=r)
+        self.handoff_repairs = Counter("activator_handoff_repairs",
+                                       "A handoff service's listening socket found shut down (by an app it was "
+                                       "handed to) and made to listen again", ["service"], registry=r)
         self.control_actions = Counter("activator_control_actions",
                                        "Runtime control by the operator (activator wake|scale|stop|start)",
                                        ["service", "action"], registry=r)
@@ -237,6 +240,9 @@ class Metrics:
         for reason in REJECT_REASONS:
             with contextlib.suppress(KeyError):
                 self.rejected.remove(name, reason)
+        for family in (self.handoff_repairs, self.kernel_path_failures):
+            with contextlib.suppress(KeyError):
+                family.remove(name)
 
     def serve(self, addr: ListenAddress) -> ScrapeServer:
         """Start the scrape endpoint (its own thread, bounded: scrape.py). Returns it so it can be shut down."""

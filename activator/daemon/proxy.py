@@ -292,7 +292,9 @@ class Connection:
                 inst, waited = await lease.acquire()
                 deadline = inst.ready_at + svc.config.connect_timeout
                 try:
-                    sock = inst.claim_connection() or await connect_in_instance(inst, svc.config.port, deadline)
+                    sock = inst.claim_connection() or (
+                        await connect_handed(svc.handoff_address) if inst.handoff and svc.handoff_address else
+                        await connect_in_instance(inst, svc.config.port, deadline))
                 except OSError as e:
                     if e.errno in RESOURCE_ERRNOS:
                         lease.drop()
@@ -396,6 +398,19 @@ async def connect_in_instance(inst: Instance, port: int, deadline: float) -> soc
             raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, CONNECT_RETRY_MAX)
+
+
+async def connect_handed(address: tuple[str, int]) -> socket.socket:
+    """A connection to the service's own socket, which the apps accept from (handoff): the activator does not
+    accept on it meanwhile, so an app takes it. The handshake is the kernel's (the listener's), at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _refuse(transport: asyncio.BaseTransport, how: str, why: Rejected) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from activator.config.model import Config, load_config
 from activator.core.reloadplan import Change, Plan, plan_reload
-from activator.errors import ActivatorError
+from activator.errors import ActivatorError, ConfigError
 from activator.tasks import spawn
 
 from . import systemd
@@ -104,6 +104,11 @@ class Reloader:
 
     def _bind_new(self, p: Plan, new: Config) -> dict[str, list[socket.socket]]:
         """Sockets for every listen address the new file has and the running one does not. All or none."""
+        for c in p.changed:
+            if c.old.handoff != c.new.handoff and set(c.old.listen) & set(c.new.listen):
+                # its socket is accepted on by an asyncio server or by a reader (Fleet.accepting), not both
+                raise ConfigError(f"{new.path}: services.{c.new.name}.handoff cannot change on a reload while the "
+                                  "service keeps its listen address; restart activator to change it")
         bound: dict[str, list[socket.socket]] = {}
         try:
             for svc in (*p.added, *(c.new for c in p.changed)):
@@ -150,11 +155,11 @@ class Reloader:
         fleet.link_dependencies()
         fleet.withdraw(old, removed=False)
         fleet.limit(svc)
-        fleet.use(svc, checkpoint)
         keep = tuple(sock for sock in fleet.listeners.get(name, [])
                      if any(systemd.same_address(sock, a) for a in svc.listen))
         fleet.unlisten(name, keep)
         fleet.listeners.setdefault(name, []).extend(fresh)
+        fleet.use(svc, checkpoint)  # after the listeners: with handoff, its apps get the new definition's socket
         await fleet.serve(name, fresh)
         # Not part of this task: a later reload may cancel a change being prepared, never a drain.
         fleet.keep(spawn(fleet.drain_and_close(old, removed=False, then=new), name=f"retire:{name}"))

@@ -243,6 +243,7 @@ class Activator:
                                      "settings.agent") from None
         if host.network is not None:
             fleet.keep(spawn(watchers.meter(fleet), name="kernel-meter"))
+        fleet.keep(spawn(watchers.handoff_meter(fleet), name="handoff-meter"))
         fleet.keep(spawn(watchers.watch_images(fleet), name="image-watch"))
         await self._first_checkpoints(wait_for_builds)
 

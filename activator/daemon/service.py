@@ -39,6 +39,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -53,6 +54,7 @@ from activator.errors import ActivatorError, Rejected, RestoreError, StartError
 from activator.net.network import Attachment
 from activator.tasks import spawn
 
+from .handoff import HandoffSample
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("activator.service")
@@ -64,10 +66,13 @@ WITHDRAW_SETTLE = 0.05
 
 
 class Steering(Protocol):
-    """A service's kernel path (network.ServiceSteering): which instances the kernel sends new connections to."""
+    """A service's kernel path (network.ServiceSteering: a DNAT rule; handoff.HandoffSteering: the apps accept from
+    the service's socket): which instances the kernel sends new connections to."""
 
     #: how long a half-open kernel-path connection lives (a spoofed SYN's entry goes after this)
     half_open_timeout: float
+    #: handoff (handoff.py): the service socket's address, where a held connection reaches an app; else None
+    address: tuple[str, int] | None
 
     def set(self, instances: list[Instance]) -> None: ...
 
@@ -88,6 +93,15 @@ class ServiceSandbox(Protocol):
 
     async def stop(self, sig: int, grace: float) -> str: ...
 
+    @property
+    def frozen(self) -> bool: ...
+
+    async def freeze(self) -> None: ...
+
+    def thaw(self) -> None: ...
+
+    def socket_inodes(self) -> set[int]: ...  # blocking
+
     async def release(self) -> None: ...
 
 
@@ -102,6 +116,8 @@ class Launcher(Protocol):
     #: instances restored ahead and frozen (restore() thaws one of these first), and how many are kept
     standbys: list[Instance]
     standby: int
+    #: handoff: the service's listening socket, put into each restored app (None: the app listens on its own)
+    listener: socket.socket | None
 
     def refill(self, checkpoint: Checkpoint) -> None: ...  # prepare standbys and slots for it
 
@@ -485,6 +501,34 @@ class Service:
             inst.kernel_served_seen = s.served
         self._scale(extra=0)
 
+    @property
+    def handoff_address(self) -> tuple[str, int] | None:
+        """Where a connection the activator holds reaches an app that accepts from the service's socket."""
+        return self.steering.address if self.steering is not None else None
+
+    def handoff_sample(self, sample: HandoffSample, now: float) -> None:
+        """Fold a sample of the handed-off connections (handoff.HandoffSteering.sample()) into the instances: an
+        instance holding connections is in use; the accept queue is demand no instance has taken yet. An app
+        that closed the socket it was handed takes nothing from it any more: the activator accepts again (and
+        dials that app on its own address, if it listens there)."""
+        for inst in self.instances:
+            n = sample.counts.get(inst.name)
+            if n is None:
+                continue
+            if n or n != inst.kernel:
+                inst.idle_since = now
+            if n and not inst.established:
+                inst.established = 1
+                self._proved(inst)
+            inst.kernel = n
+            if inst.name in sample.dropped:
+                log.warning("service=%s instance=%s closed the listening socket it was handed; the activator "
+                            "accepts for it again", self.name, inst.name)
+                inst.handoff = False
+        if sample.dropped:
+            self._resteer()
+        self._scale(extra=sample.backlog)
+
     def _watch(self, inst: Instance) -> None:
         """Know the moment the app dies (a pidfd becomes readable), so a steered instance leaves the rule at
         once instead of when a client finds its app gone."""
@@ -636,7 +680,7 @@ class Service:
         verdict = pool.idle_check(
             pool.InstanceView(stopping=inst.stopping, spliced=inst.spliced, withdrawn=inst.withdrawn,
                               kernel=inst.kernel, idle_since=inst.idle_since,
-                              steerable=inst.sandbox.attachment is not None),
+                              steerable=inst.handoff or inst.sandbox.attachment is not None),
             now=time.monotonic(), idle_timeout=self.config.idle_timeout, instances=len(self.instances),
             min_instances=self.config.min_instances, held_by=self.held(), steered=self.steering is not None)
         if verdict.idle_since is not None:
@@ -660,6 +704,9 @@ class Service:
         entries are therefore waited out, not counted: no new one can come, the instance is out of the rule."""
         assert self.steering is not None
         steering = self.steering
+        if inst.handoff:
+            await self._retire_handed(inst, steering)
+            return
         # A SYN DNATed just before the rule changed may not have its conntrack entry confirmed yet (a dump shows
         # confirmed ones only): let it settle, or that client's SYN would meet a dead instance and be retried a
         # second later.
@@ -675,20 +722,40 @@ class Service:
                 break
             await asyncio.sleep(0.05)
         if not reap:
-            inst.withdrawn = False
-            inst.kernel = max(inst.kernel, still_open)
-            inst.idle_since = time.monotonic()
-            self._resteer()
-            self._arm_idle(inst, self.config.idle_timeout)
+            self._put_back(inst, still_open)
             return
         self._reap(inst)
+
+    async def _retire_handed(self, inst: Instance, steering: Steering) -> None:
+        """An instance that accepts from the service's socket (handoff.py): frozen, it takes no new connection and
+        its descriptor table cannot change, so the count is exact; killed frozen, or thawed and kept."""
+        try:
+            await inst.sandbox.freeze()
+            still_open, _ = await asyncio.to_thread(steering.open_count, inst)
+        except Exception as e:
+            log.warning("service=%s instance=%s could not be frozen to be counted (%s); kept", self.name, inst.name, e)
+            still_open = 1
+        if inst.stopping:
+            return
+        if still_open or inst.spliced:
+            inst.sandbox.thaw()
+            self._put_back(inst, still_open)
+            return
+        self._reap(inst)
+
+    def _put_back(self, inst: Instance, still_open: int) -> None:
+        inst.withdrawn = False
+        inst.kernel = max(inst.kernel, still_open)
+        inst.idle_since = time.monotonic()
+        self._resteer()
+        self._arm_idle(inst, self.config.idle_timeout)
 
     def _reap(self, inst: Instance) -> None:
         log.info("service=%s instance=%s idle for %gs, reaping (it served %d connection(s): %d through the "
                  "activator, %d steered by the kernel)", self.name, inst.name, self.config.idle_timeout,
                  inst.served + inst.kernel_served, inst.served, inst.kernel_served)
         self.m.idle_reaps.inc()
-        self._stop(inst, graceful=True)
+        self._stop(inst, graceful=not inst.sandbox.frozen)  # a frozen app cannot act on a signal: it is killed
 
     def _stop(self, inst: Instance, *, graceful: bool = False) -> None:
         """Take the instance out and release it; graceful (a reap, a drain): its app is asked to exit first."""
@@ -778,6 +845,7 @@ class Service:
             "listen": [str(a) for a in self.config.listen],
             "open_connections": self.open_connections + self.kernel_connections,
             "kernel_path": self.steering is not None,
+            "handoff": self.handoff_address is not None,
             "max_connections": self.config.max_connections or self.budget.limit,
             "waiting": self.waiting,
             "starting": len(self._starts),
@@ -857,10 +925,14 @@ class Service:
         self._own(spawn(self.launcher.set_standby(self.config.standby, self.checkpoint), name=f"standby:{self.name}"))
 
     def withdraw_all(self) -> None:
-        """Stop steering new connections to any instance (shutdown: they drain, then go)."""
+        """Stop steering new connections to any instance (shutdown: they drain, then go). An app that accepts from
+        the service's socket can only be asked to stop accepting: it is stopped gracefully (its SIGTERM handler
+        closes its listener and lets its requests finish)."""
         for inst in self.instances:
             inst.withdrawn = True
         self._resteer()
+        for inst in [i for i in self.instances if i.handoff]:
+            self._stop(inst, graceful=True)
 
     async def close(self) -> None:
         """Kill every instance and release everything. Idempotent."""

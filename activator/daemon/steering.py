@@ -16,6 +16,7 @@ class ServiceSteering:
     """One service's kernel path: its rule lists exactly the instances Service says are steerable."""
 
     half_open_timeout = float(SYN_TIMEOUT)
+    address: tuple[str, int] | None = None  # the kernel steers to each instance's own address
 
     def __init__(self, network: HostNetwork, config: ServiceConfig) -> None:
         self.network = network

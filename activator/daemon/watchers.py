@@ -15,6 +15,7 @@ from activator.net.network import ident
 
 from . import systemd
 from .fleet import Fleet
+from .handoff import HandoffSteering
 from .steering import ServiceSteering
 
 log = logging.getLogger("activator")
@@ -44,7 +45,7 @@ async def meter(fleet: Fleet) -> None:
             continue
         now = time.monotonic()
         for svc in fleet.services.values():
-            if svc.steering is None:
+            if not isinstance(svc.steering, ServiceSteering):
                 continue
             key = ident(svc.name)
             svc.kernel_sample(samples.by_mark, samples.rejected.get(key, 0), samples.steered.get(key, 0), now)
@@ -53,6 +54,30 @@ async def meter(fleet: Fleet) -> None:
         # A sample costs ~10 us per connection (a flood of thousands: tens of ms of the GIL): never more than
         # a tenth of the daemon's time.
         await asyncio.sleep(max(METER_INTERVAL, 9 * (now - started)))
+
+
+async def handoff_meter(fleet: Fleet) -> None:
+    """Handed-off connections send no events either (handoff.py): count each instance's from the host's socket
+    table a few times a second, for the services that hand their socket to their apps."""
+    while True:
+        await asyncio.sleep(METER_INTERVAL)
+        for svc in list(fleet.services.values()):
+            steering = svc.steering
+            if not isinstance(steering, HandoffSteering):
+                continue
+            try:
+                if steering.keep_listening():
+                    fleet.listening_again(svc.name)
+                    fleet.metrics.handoff_repairs.labels(svc.name).inc()
+                    log.warning("service=%s its listening socket had been shut down (by an app it was handed to); "
+                                "listening again", svc.name)
+                if not any(i.handoff for i in svc.instances):
+                    continue
+                sample = await asyncio.to_thread(steering.sample, list(svc.instances))
+            except Exception as e:  # a netlink hiccup must not end the sampling for good
+                log.warning("service=%s sampling its handed-off connections failed: %s", svc.name, e)
+                continue
+            svc.handoff_sample(sample, time.monotonic())
 
 
 async def keep_network(fleet: Fleet, tick: int) -> None:

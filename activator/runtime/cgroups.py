@@ -168,6 +168,14 @@ def memory_bytes(name: str) -> int | None:
     return None
 
 
+def pids(name: str) -> list[int]:
+    """The processes in the instance's cgroup (the app and whatever it forked), or [] without one."""
+    for cg in paths(name):
+        with contextlib.suppress(OSError, ValueError):
+            return [int(p) for p in (cg / "cgroup.procs").read_text().split()]
+    return []
+
+
 def remove(name: str, timeout: float = 2.0) -> list[Path]:
     """Kill every process in the instance's cgroups and remove them; returns what could not be removed."""
     left = paths(name)

@@ -55,9 +55,11 @@ class Restorer:
     """An idle `criu swrk`, in the instance's cgroups, holding what the restore request will name."""
 
     def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, fds: dict[str, int],
-                 work: Path) -> None:
+                 work: Path, inherit: dict[str, int] | None = None) -> None:
         self.popen = popen
         self.sock = sock
+        # inherit-fd keys to descriptors swrk was started with (same numbers): a listening socket (handoff)
+        self.inherit = inherit or {}
         # images and work: ours, kept open (CRIU opens them as /proc/<client>/fd/N); net and output: swrk's own
         # (inherited, same numbers; our copies are closed)
         self.fds = fds
@@ -65,8 +67,10 @@ class Restorer:
 
     @classmethod
     def spawn(cls, *, criu: str, images: Path, work: Path, netns: Path, output: Path, procs: list[Path],
-              mergeable: bool) -> Restorer:
-        """Blocking."""
+              mergeable: bool, inherit: dict[str, int] | None = None) -> Restorer:
+        """Blocking. `inherit`: descriptors of ours for CRIU to use in place of what the dump names by these keys
+        (`tcp-listen:PORT`: the service's listening socket, scripts/criu-patches/0002)."""
+        inherit = inherit or {}
         from activator.statedir import open_private
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -78,7 +82,8 @@ class Restorer:
             fds["output"] = open_private(output)
             popen = subprocess.Popen(
                 [criu, "swrk", str(theirs.fileno())], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(), *fds.values()), start_new_session=True,
+                stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(), *fds.values(), *inherit.values()),
+                start_new_session=True,
                 preexec_fn=ksm.mark_mergeable if mergeable else None, env=os.environ | NO_BREAKPOINTS)
         except BaseException:
             for fd in fds.values():
@@ -89,7 +94,7 @@ class Restorer:
             theirs.close()
         for name in ("net", "output"):  # swrk has its own copies now
             os.close(fds[name])
-        restorer = cls(popen, ours, fds, work)
+        restorer = cls(popen, ours, fds, work, inherit)
         try:
             cgroups.join(procs, popen.pid)
         except BaseException:
@@ -119,6 +124,9 @@ class Restorer:
                 m.key = m.val = dev
             f = o.inherit_fd.add()
             f.key, f.fd = "extRootNetNS", self.fds["net"]
+            for key, fd in self.inherit.items():
+                f = o.inherit_fd.add()
+                f.key, f.fd = key, fd
             for key in {d for d in json.loads(descriptors.read_text())[1:3] if d.startswith("pipe:")}:
                 f = o.inherit_fd.add()
                 f.key, f.fd = key, self.fds["output"]

@@ -33,6 +33,27 @@ def start_time(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets a process holds (its /proc/PID/fd links `socket:[N]`); empty if it is gone."""
+    found: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            found.add(int(link[8:-1]))
+    return found
+
+
+def holds_socket(pid: int, inode: int) -> bool:
+    return inode in socket_inodes(pid)
+
+
 _pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="helper")
 
 

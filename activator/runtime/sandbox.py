@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from activator.statedir import copy_private, open_private, write_private
 
 from . import applog, cgroups, criurestore, extmounts, readiness, rootfs
 from .extmounts import DevEntry
-from .procs import start_time
+from .procs import holds_socket, socket_inodes, start_time
 from .runc import Runc, restore_config
 from .spec import ProcessSpec, runtime_spec
 from .userns import IdMap, holding, idmapped_mount
@@ -116,15 +117,20 @@ class Sandbox:
         self._restorer: criurestore.Restorer | None = None
         self._pid: tuple[int, int] | None = None
         self._freezer: cgroups.Freezer | None = None  # set while the instance is frozen (a standby)
+        # handoff: the inode of the service's listening socket given to CRIU, and whether the app holds it
+        self._handoff_inode: int | None = None
+        self.handed = False
 
     async def prepare(self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
                       seccomp: dict[str, Any] | None, *, template: bool = False,
-                      restore: Dump | None = None, binds: tuple[Bind, ...] = ()) -> None:
+                      restore: Dump | None = None, binds: tuple[Bind, ...] = (),
+                      handoff: tuple[int, socket.socket] | None = None) -> None:
         """Namespace, mount and bundle: everything runc needs; a template is dumped with its own tmpfs mounts
         external, and an instance to be restored gets them made here (extmounts.py). On failure, what was made
         is released."""
         work = asyncio.ensure_future(asyncio.to_thread(
-            self._prepare_blocking, lower, process, resources, hostname, seccomp, template, restore, binds))
+            self._prepare_blocking, lower, process, resources, hostname, seccomp, template, restore, binds,
+            handoff))
         try:
             await asyncio.shield(work)
         except BaseException:
@@ -137,6 +143,7 @@ class Sandbox:
     def _prepare_blocking(
         self, lower: list[Path], process: ProcessSpec, resources: Resources, hostname: str,
         seccomp: dict[str, Any] | None, template: bool, restore: Dump | None, binds: tuple[Bind, ...],
+        handoff: tuple[int, socket.socket] | None,
     ) -> None:
         lay = self.layout
         # Private: the bundle holds the environment (secrets), the upper dir the app's writes, criu-work its logs.
@@ -202,9 +209,14 @@ class Sandbox:
                     raise ActivatorError(f"resources: the kernel refused this instance's limits ({e.strerror}: "
                                          f"memory {resources.memory}, cpus {resources.cpus}, pids {resources.pids})"
                                          ) from None
+                inherit = {}
+                if handoff is not None:  # the app's listener on this port becomes the service's own socket
+                    port, listener = handoff
+                    inherit[f"tcp-listen:{port}"] = listener.fileno()
+                    self._handoff_inode = os.fstat(listener.fileno()).st_ino
                 self._restorer = criurestore.Restorer.spawn(
                     criu=self.runc.criu, images=restore.images, work=lay.criu_work, netns=self.netns.path,
-                    output=lay.output, procs=procs, mergeable=self.mergeable)
+                    output=lay.output, procs=procs, mergeable=self.mergeable, inherit=inherit)
         spec = runtime_spec(
             process,
             rootfs=str(lay.rootfs),
@@ -279,6 +291,9 @@ class Sandbox:
             if started is None:
                 raise RuncError(f"the restored app (pid {pid}) exited at once; see {self.layout.output}")
             self._pid = (pid, started)
+            # Handed in only if the app now holds our socket: a CRIU without the patch makes its own listener
+            # silently, and nobody would accept what the activator then leaves to the app.
+            self.handed = self._handoff_inode is not None and holds_socket(pid, self._handoff_inode)
             return
         self._container = True
         fd = open_private(self.layout.output)
@@ -305,6 +320,14 @@ class Sandbox:
     def memory_bytes(self) -> int | None:
         """What its memory cgroup is charged now (cgroups.memory_bytes)."""
         return cgroups.memory_bytes(self.name)
+
+    def socket_inodes(self) -> set[int]:
+        """Blocking. The sockets every process of the instance holds (the app may have forked one per client)."""
+        found: set[int] = set()
+        pid = self.pid_now()
+        for p in cgroups.pids(self.name) or ([pid] if pid is not None else []):
+            found |= socket_inodes(p)
+        return found
 
     def thaw(self) -> None:
         """Let a frozen app run again: one write to its freezer, on the caller's thread (a connection waits)."""

@@ -7,6 +7,8 @@
  * listener's SO_NETNS_COOKIE changes; namespace inode numbers are reused, cookies never are), closes its
  * listener, and listens again AFTER_RESTORE_MS later (never if -1): an app that listens late, or never, after
  * a restore.
+ * With SHUTDOWN_ON_RESTORE also set, it shuts the listener down (shutdown(2)) before closing it: a hostile
+ * app handed its service's own listening socket (handoff) stopping it for everyone who holds it.
  * With BANNER set in the environment it writes that line first on every connection (a server-speaks-first
  * protocol, like MySQL or SMTP). */
 #include <arpa/inet.h>
@@ -64,6 +66,7 @@ int main(int argc, char **argv) {
              * which would let that connection in before we notice the restore. */
             if (netns(s) != ns) {
                 fprintf(stderr, "echo-server: restored; listening again in %d ms\n", after);
+                if (getenv("SHUTDOWN_ON_RESTORE")) shutdown(s, SHUT_RDWR);
                 close(s);
                 if (after < 0) for (;;) pause();
                 struct timespec t = {after / 1000, (after % 1000) * 1000000L};

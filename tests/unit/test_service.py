@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,17 @@ class FakeSandbox:
     def pid_now(self) -> int | None:
         return None  # no process to watch: its death is not what these tests are about
 
+    frozen: bool = False
+
+    async def freeze(self) -> None:
+        self.frozen = True
+
+    def thaw(self) -> None:
+        self.frozen = False
+
+    def socket_inodes(self) -> set[int]:
+        return set()
+
 
 _checked: type[ServiceSandbox] = FakeSandbox  # mypy: the fake has what a service uses of a sandbox
 
@@ -76,6 +88,7 @@ class FakeLauncher:
     hold_release: asyncio.Event | None = None
     standbys: list[Instance] = field(default_factory=list)
     standby: int = 0
+    listener: socket.socket | None = None
 
     async def _make(self, how: str, checkpoint: Any) -> Instance:
         if self.gate is not None:

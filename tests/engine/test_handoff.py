@@ -1,0 +1,107 @@
+"""handoff: true against real runc and CRIU (patched: scripts/criu-patches/0002). The restored app accepts from the
+service's own listening socket: warm connections never reach the activator; instances are reaped (frozen,
+counted, killed) and scaled out with nothing lost, including clients that send and close at once; an app that
+shuts the socket down or closes it does not leave the service deaf."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+
+import pytest
+
+from tests.conftest import ECHO, echo, eventually, host_resources, loadgen, open_echo
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
+
+
+def fails(result: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in result.items() if k != "ok" and v}
+
+
+async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost(start) -> None:  # type: ignore[no-untyped-def]
+    run = await start({"echo": ECHO | {"handoff": True, "idle_timeout": "1s", "max_instances": 3,
+                                       "target_connections": 4}})
+    svc = run.act.services["echo"]
+    port = run.port("echo")
+    listener = run.act.listeners["echo"][0]
+
+    assert await echo(port, b"wake") == b"wake"  # held by the activator, passed on through the socket
+    inst = svc.instances[0]
+    assert inst.handoff and svc.status()["handoff"]
+    inode = os.fstat(listener.fileno()).st_ino
+    assert inode in await asyncio.to_thread(inst.sandbox.socket_inodes), "the app does not hold the socket"
+    assert "echo" in run.act.fleet.paused  # the activator does not accept while the app does
+
+    # Warm: 2,000 connections, 200 at a time, half closing their write side right after sending. Not one of
+    # them reaches the activator (its counter stays where the wake left it).
+    accepted = run.metric("activator_connections_total", "echo")
+    result = await loadgen(port, "--connections", "2000", "--concurrency", "200", "--fin-every", "2")
+    assert result["ok"] == 2000, fails(result)
+    assert run.metric("activator_connections_total", "echo") == accepted
+
+    # Open connections are counted from the host's socket table and hold the instance past idle_timeout; they
+    # are demand: twelve of them at four per instance scale the service out to three.
+    held = [await open_echo(port) for _ in range(12)]
+    await eventually(lambda: len(svc.instances) == 3, timeout=30, what="scaled out to 3 by open connections")
+    assert all(i.handoff for i in svc.instances)
+    await eventually(lambda: sum(i.kernel for i in svc.instances) == 12, timeout=5,
+                     what="the 12 connections counted on the instances that took them")
+    holding = {i.name for i in svc.instances if i.kernel}
+    await asyncio.sleep(1.5)  # past idle_timeout
+    assert holding <= {i.name for i in svc.instances}, "an instance with open connections was reaped"
+    result = await loadgen(port, "--connections", "1000", "--concurrency", "100", "--fin-every", "2")
+    assert result["ok"] == 1000, fails(result)
+    for reader, writer in held:  # each still answers: none was cut by a reap or a freeze
+        writer.write(b"ok")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.readexactly(2), 10) == b"ok"
+        writer.close()
+
+    # Idle: each is frozen, counted and killed; the activator accepts again, and the next burst wakes the
+    # service through it with nothing lost.
+    await eventually(lambda: not svc.instances, timeout=30, what="every instance reaped")
+    assert "echo" not in run.act.fleet.paused
+    assert run.metric("activator_idle_reaps_total", "echo") >= 3
+    result = await loadgen(port, "--connections", "500", "--concurrency", "250", "--fin-every", "2")
+    assert result["ok"] == 500, fails(result)
+    assert run.metric("activator_connection_errors_total", "echo") == 0
+
+
+async def test_an_app_that_shuts_the_handed_socket_down_leaves_no_service_deaf(start, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A hostile (or merely odd) app: once restored it shuts the listening socket it was handed down (which is
+    # the activator's socket too), closes it, and listens on its own port inside its namespace instead.
+    run = await start({"echo": ECHO | {"handoff": True, "command": ["echo-server", "9000", "0"],
+                                       "environment": {"SHUTDOWN_ON_RESTORE": "1"}, "idle_timeout": "30s",
+                                       "max_instances": 1}})  # each restore would shut it again
+    svc = run.act.services["echo"]
+    port = run.port("echo")
+    listener = run.act.listeners["echo"][0]
+    # The wake itself is held: passed on through the socket, which the app leaves at once. Whatever happens to
+    # that one client, the service must answer again.
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(echo(port, b"wake"), 5)
+    await eventually(lambda: run.metric("activator_handoff_repairs_total", "echo") == 1, timeout=10,
+                     what="the socket listening again")
+    assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    await eventually(lambda: svc.instances and not svc.instances[0].handoff, timeout=10,
+                     what="the instance no longer counted as taking from the socket")
+    assert "echo" not in run.act.fleet.paused
+    # Positive control: the same instance, dialled on its own address by the activator, answers everyone.
+    result = await loadgen(port, "--connections", "300", "--concurrency", "100", "--fin-every", "2")
+    assert result["ok"] == 300, fails(result)
+    assert len(svc.instances) == 1
+
+
+async def test_nothing_is_left_after_a_handoff_service_stops(start) -> None:  # type: ignore[no-untyped-def]
+    run = await start({"echo": ECHO | {"handoff": True}})
+    state = run.config.settings.state_dir
+    assert await echo(run.port("echo"), b"x") == b"x"
+    assert run.act.services["echo"].instances[0].handoff
+    port = run.port("echo")
+    await run.act.shutdown()
+    assert host_resources(state) == {k: [] for k in host_resources(state)}
+    with pytest.raises(ConnectionRefusedError):  # no process of ours (an app, an idle CRIU) holds the socket
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
