@@ -18,7 +18,7 @@ from activator.checkpoints.instance import Instance
 from activator.config.model import Backoff, ListenAddress, ServiceConfig
 from activator.core.capacity import Budget
 from activator.daemon.metrics import Metrics
-from activator.daemon.service import Launcher, Service, ServiceSandbox
+from activator.daemon.service import Launcher, Service, ServiceSandbox, Steering
 from activator.errors import Rejected, RestoreError
 from activator.net.network import Attachment
 
@@ -364,3 +364,51 @@ async def test_stateful_false_or_a_checkpoint_that_writes_nothing_scales_as_usua
     auto = service(FakeLauncher(), max_instances=3)
     assert auto.max_instances == 3  # FakeCheckpoint() writes nothing
     await auto.close()
+
+
+@dataclass
+class FakeHandoff:
+    """A handoff steering (daemon/handoff.py) whose apps hold `open` connections each."""
+
+    open: int = 0
+    accepting: list[bool] = field(default_factory=list)  # what set() asked of the activator, in order
+    half_open_timeout: float = 0.0
+    address: tuple[str, int] | None = ("127.0.0.1", 1)
+
+    def set(self, instances: list[Instance]) -> None:
+        self.accepting.append(not any(i.handoff for i in instances))
+
+    def open_count(self, inst: Instance) -> tuple[int, int]:
+        assert inst.sandbox.frozen, "counted while it could still take connections"
+        return (self.open, 0)
+
+
+_checked_steering: type[Steering] = FakeHandoff
+
+
+async def test_a_handed_instance_is_frozen_counted_and_killed_or_thawed_and_kept() -> None:
+    fake = FakeLauncher()
+    svc = service(fake, idle_timeout=0.2, max_instances=2)
+    steering = FakeHandoff(open=1)
+    svc.steering = steering
+    lease = svc.admit()
+    inst, _ = await lease.acquire()
+    inst.handoff = True
+    svc._resteer()
+    lease.release()
+    assert steering.accepting[-1] is False  # the app accepts: the activator does not
+    # Idle by its own clock, but an app-accepted connection is open: frozen, counted, thawed and kept.
+    await until(lambda: steering.accepting[-2:] == [True, False])  # withdrawn for the count, then back
+    assert inst in svc.instances and not inst.sandbox.frozen and not inst.withdrawn
+    # None open: killed frozen (a frozen app cannot act on a signal), never asked to stop.
+    steering.open = 0
+    sandbox = fake.made[0]
+    await until(lambda: not svc.instances and sandbox.released)
+    assert sandbox.asked_to_stop == 0 and steering.accepting[-1] is True
+
+
+async def until(check: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
