@@ -30,6 +30,7 @@ def runs(out: Path) -> list[list[str]]:
         ["scrape_flood.py", "--flood", "200", "--scrapes", "5"],
         ["standby.py", "--runs", "1", "--apps", "hello"],
         ["warmpath.py", "--requests", "2000", "--seconds", "1", "--runs", "1", "--out", str(out)],
+        ["warmpath_http.py", "--seconds", "1", "--warmup", "1", "--runs", "1"],
         ["warmup.py", "--runs", "1", "--count", "20", "--requests", "5"],
     ]
 
