@@ -51,12 +51,14 @@ def wrk(port: int, seconds: int, connections: int = 32) -> dict[str, float]:
 
 def start_direct(root: Path, port: int) -> subprocess.Popen[bytes]:
     """The image's Tomcat on the host, on its own port (server.xml's 8080 rewritten)."""
-    server_xml = root / "var/lib/tomcat10/conf/server.xml"
+    server_xml = root / "etc/tomcat10/server.xml"  # CATALINA_BASE/conf links there (an absolute link)
     server_xml.write_text(server_xml.read_text().replace('port="8080"', f'port="{port}"')
                           .replace('port="8005"', 'port="-1"'))
     env = {"CATALINA_HOME": "/usr/share/tomcat10", "CATALINA_BASE": "/var/lib/tomcat10", "CATALINA_TMPDIR": "/tmp",
            "JAVA_HOME": "/usr/lib/jvm/java-17-openjdk-amd64", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
            "JAVA_OPTS": JAVA_OPTS, "MALLOC_ARENA_MAX": "2"}
+    # The JVM's launcher finds its libraries from /proc/self/exe
+    subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
     return subprocess.Popen(["chroot", str(root), "/usr/share/tomcat10/bin/catalina.sh", "run"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -106,7 +108,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="activator-warm-http-"))
     results = []
     direct_port = free_port()
-    direct = start_direct(unpack_image(work, IMAGE), direct_port)
+    root = unpack_image(work, IMAGE)
+    direct = start_direct(root, direct_port)
     try:
         wait_listening(direct_port, 180)
         wrk(direct_port, args.warmup)
@@ -124,6 +127,7 @@ def main() -> None:
     finally:
         direct.terminate()
         direct.wait(60)
+        subprocess.run(["umount", "-l", str(root / "proc")], check=False)
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nWarm path over HTTP: wrk -t2 -c32 -d{args.seconds}s against Tomcat, median of {args.runs}; each path's "
           "runs alternated with direct's\n")
