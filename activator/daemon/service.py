@@ -691,7 +691,8 @@ class Service:
             self._reap(inst)
         elif verdict.action is Idle.RETIRE:
             inst.withdrawn = True
-            self._resteer()
+            if not inst.handoff:  # one accepting from the service's socket leaves the rule once frozen
+                self._resteer()
             self._own(spawn(self._retire(inst), name=f"retire:{inst.name}"))
         elif verdict.delay is not None:  # looked at again later (kept: until the last dependant goes, or warm)
             self._arm_idle(inst, verdict.delay)
@@ -731,6 +732,7 @@ class Service:
         its descriptor table cannot change, so the count is exact; killed frozen, or thawed and kept."""
         try:
             await inst.sandbox.freeze()
+            self._resteer()  # frozen first: the activator never competes with it for a connection
             still_open, _ = await asyncio.to_thread(steering.open_count, inst)
         except Exception as e:
             log.warning("service=%s instance=%s could not be frozen to be counted (%s); kept", self.name, inst.name, e)
