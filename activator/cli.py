@@ -439,6 +439,8 @@ def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
             extra.append(f"backing off {svc['backoff_seconds']:.1f}s")
         if svc["restore_backoff_seconds"]:
             extra.append(f"restores backing off {svc['restore_backoff_seconds']:.1f}s")
+        if svc.get("handoff"):
+            extra.append("handoff (its apps accept from its socket)")
         if svc.get("depends_on"):
             extra.append(f"depends on {', '.join(svc['depends_on'])}")
         if svc.get("kept_for"):

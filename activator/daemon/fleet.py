@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -62,6 +63,7 @@ class Fleet:
         self.readers: dict[str, list[socket.socket]] = {}
         self.factories: dict[str, Callable[[], asyncio.Protocol]] = {}
         self.paused: set[str] = set()  # services whose sockets the activator does not accept on (handoff.py)
+        self.app_flags: dict[int, int] = {}  # a handoff socket's file flags as its apps had them, while we accept
         #: old definitions of changed services, and removed services, while their connections drain
         self.retiring: set[Service] = set()
         self.budget = capacity.Budget(0)
@@ -245,11 +247,16 @@ class Fleet:
         else:
             self.paused.add(name)
         for sock in self.readers.get(name, []):
+            fd = sock.fileno()
             if not on:
-                loop.remove_reader(sock.fileno())
+                loop.remove_reader(fd)
+                if (flags := self.app_flags.pop(fd, None)) is not None:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # the apps' own (handoff.py)
                 continue
-            sock.setblocking(False)  # an app shares the socket's flags, and may have made it blocking
-            loop.add_reader(sock.fileno(), self._accept, name, sock, self.factories[name])
+            # The file's flags are the apps' too: CRIU gave a restored app its own (usually blocking).
+            self.app_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+            sock.setblocking(False)
+            loop.add_reader(fd, self._accept, name, sock, self.factories[name])
 
     def listening_again(self, name: str) -> None:
         """A handoff service's socket, shut down by an app (readable for ever, accept() EINVAL: its reader was
@@ -300,7 +307,9 @@ class Fleet:
         for sock in self.readers.get(name, []):
             if sock in keep:
                 readers.append(sock)
-            elif name not in self.paused:
+                continue
+            self.app_flags.pop(sock.fileno(), None)
+            if name not in self.paused:
                 asyncio.get_running_loop().remove_reader(sock.fileno())
         self.readers[name] = readers
         for sock in self.listeners.get(name, []):

@@ -5,11 +5,15 @@ the one the app listened on at dump time. A connection then goes from the client
 were listening on the host: no DNAT, veth or bridge, no byte through the activator. The kernel spreads accepts
 over the instances blocked in accept() or epoll on that socket.
 
-While one such instance runs the activator does not accept on the socket at all (Fleet.accepting): a connection
-the activator took would have to be handed to an app through the same socket, where the activator could take it
-again. It accepts again when none runs (the last one reaped, or frozen to be counted before its reap). Connections
-it holds while an instance is restored are passed on by connecting to the socket's own address once the app takes
-it (proxy.connect_handed).
+While one such instance runs or is being restored, the activator does not accept on the socket at all
+(Fleet.accepting): a connection the activator took would have to be handed to an app through the same socket,
+where the activator could take it again. And the socket's file flags are shared with the apps: CRIU gives a restored
+app its own (blocking, for most), and an accept() of the activator's that an app won the race for would then block
+the event loop for good (seen: busybox httpd). So the activator accepts only while no app can run: none runs (the
+last one reaped, or frozen to be counted before its reap) and none is being restored; it makes the socket
+non-blocking when it starts and gives the apps their flags back when it stops. Connections it held when the restore
+began are passed on by connecting to the socket's own address (proxy.connect_handed); those that come during the
+restore wait in the accept queue for the app.
 
 Counting: the apps' connections live in the host's socket table (sockdiag.py); an instance's are those whose
 inode is in its processes' descriptor tables. An instance to be reaped is frozen first (it can take no new
@@ -59,8 +63,10 @@ class HandoffSteering:
         self.address: tuple[str, int] | None = (wildcard.get(host, host), self.port)
         self._accepting = accepting
 
-    def set(self, instances: list[Instance]) -> None:
-        self._accepting(not any(i.handoff for i in instances))
+    def set(self, instances: list[Instance], starting: int = 0) -> None:
+        """The activator accepts only while no app can: none runs, and none is being restored (a restored app
+        accepts from the moment CRIU resumes it, before the restore returns)."""
+        self._accepting(not starting and not any(i.handoff for i in instances))
 
     def open_count(self, inst: Instance) -> tuple[int, int]:
         """Blocking: (connections its processes hold, 0). On an error, one: never reaped on a count not made."""

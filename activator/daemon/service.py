@@ -74,7 +74,7 @@ class Steering(Protocol):
     #: handoff (handoff.py): the service socket's address, where a held connection reaches an app; else None
     address: tuple[str, int] | None
 
-    def set(self, instances: list[Instance]) -> None: ...
+    def set(self, instances: list[Instance], starting: int = 0) -> None: ...
 
     def open_count(self, inst: Instance) -> tuple[int, int]: ...  # blocking: (open, half-open) from conntrack
 
@@ -468,7 +468,7 @@ class Service:
 
     def _resteer(self) -> None:
         if self.steering is not None:
-            self.steering.set([i for i in self.instances if not i.withdrawn and not i.stopping])
+            self.steering.set([i for i in self.instances if not i.withdrawn and not i.stopping], len(self._starts))
 
     def kernel_sample(self, samples: dict[int, Any], rejected: int, steered: int, now: float) -> None:
         """Fold a sample of the kernel path (network.HostNetwork.sample(), by mark) into the instances, and the
@@ -608,6 +608,8 @@ class Service:
         task = spawn(self._start(), name=f"start:{self.name}", awaited=True)
         self._starts.add(task)
         task.add_done_callback(self._started)
+        if self.steering is not None and self.steering.address is not None:
+            self._resteer()  # handoff: the activator stops accepting before the app can (handoff.py)
         self._publish()
         for dep in self.dependencies:  # together, not one after the other: the app asks for them when it needs them
             dep.wanted_by(self)
@@ -740,8 +742,8 @@ class Service:
         if inst.stopping:
             return
         if still_open or inst.spliced:
+            self._put_back(inst, still_open)  # first: the activator stops accepting and the app's flags come back
             inst.sandbox.thaw()
-            self._put_back(inst, still_open)
             return
         self._reap(inst)
 

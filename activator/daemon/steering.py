@@ -24,7 +24,7 @@ class ServiceSteering:
         self.failed = False  # the last change did not reach the kernel (logged once until one does)
         self.failures = 0
 
-    def set(self, instances: list[Instance]) -> None:
+    def set(self, instances: list[Instance], starting: int = 0) -> None:
         """Least loaded first: the rule's round robin starts over at its first backend whenever it is rebuilt
         (an instance came or went), so that one must be the one with the fewest connections, not whichever was
         first before. A failure never reaches the caller (a service's state machine, a shutdown): the service

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from tests.conftest import ECHO, echo, eventually, host_resources, loadgen, open_echo
+from tests.conftest import ECHO, HTTPD, echo, eventually, host_resources, http_get, loadgen, open_echo
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
 
@@ -105,3 +105,17 @@ async def test_nothing_is_left_after_a_handoff_service_stops(start) -> None:  # 
     assert host_resources(state) == {k: [] for k in host_resources(state)}
     with pytest.raises(ConnectionRefusedError):  # no process of ours (an app, an idle CRIU) holds the socket
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+async def test_an_app_with_a_blocking_listener_never_blocks_the_activator(start) -> None:  # type: ignore[no-untyped-def]
+    # busybox httpd accepts on a blocking socket, and CRIU gives it its own flags on the shared socket: an accept()
+    # of the activator's that the app won the race for once blocked the event loop for good. Wake it from zero
+    # under a burst, three times; the test's own loop is the daemon's, so a blocked accept hangs the test.
+    run = await start({"web": HTTPD | {"handoff": True, "idle_timeout": "1s"}})
+    svc = run.act.services["web"]
+    port = run.port("web")
+    for _ in range(3):
+        answers = await asyncio.wait_for(asyncio.gather(*(http_get(port) for _ in range(200))), 60)
+        assert all(a.startswith(b"HTTP/1.") and b" 200 " in a.split(b"\r\n")[0] for a in answers)
+        await eventually(lambda: not svc.instances, timeout=15, what="reaped")
+    assert run.metric("activator_connection_errors_total", "web") == 0

@@ -375,8 +375,8 @@ class FakeHandoff:
     half_open_timeout: float = 0.0
     address: tuple[str, int] | None = ("127.0.0.1", 1)
 
-    def set(self, instances: list[Instance]) -> None:
-        self.accepting.append(not any(i.handoff for i in instances))
+    def set(self, instances: list[Instance], starting: int = 0) -> None:
+        self.accepting.append(not starting and not any(i.handoff for i in instances))
 
     def open_count(self, inst: Instance) -> tuple[int, int]:
         assert inst.sandbox.frozen, "counted while it could still take connections"
