@@ -645,6 +645,11 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
     print(f"  command    {' '.join(ck.process.args)} (cwd {ck.process.cwd}, uid {ck.process.uid})")
     print(f"  listening  {', '.join(map(str, held['listening_ports'])) or 'nothing'}")
     print(f"  memory     {_size(held['pages_bytes'])} of pages in {held['image_files']} image files")
+    mapped = held["pages_by_mapping"]
+    for label, n in mapped[:8]:
+        print(f"             {n:>7} pages {label}")
+    if len(mapped) > 8:
+        print(f"             {sum(n for _, n in mapped[8:]):>7} pages in {len(mapped) - 8} other mappings")
     print("  processes  PID  PPID  THREADS  VMAS  COMM")
     for p in held["processes"]:
         print(f"             {p['pid']:>3} {p['ppid']:>5} {p['threads']:>8} {p['vmas']:>5}  {p['comm']}")

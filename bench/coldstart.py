@@ -10,6 +10,7 @@ Run as root after `make setup images`:  .venv/bin/python bench/coldstart.py [--r
 Prints a table (median, min, max in ms) and writes docs/coldstart.png.
 
     .venv/bin/python bench/coldstart.py --breakdown [--runs N] [--apps hello,tomcat] [--userns private,host]
+                                        [--jvm NAME=FLAGS ...]
 
 instead restores each app N times in-process and prints where a restore's time goes: what activator still does
 on the critical path (prepared slots do the namespace, network, overlay and bundle ahead), the restore call (one
@@ -224,11 +225,11 @@ def breakdown(runs: int, apps: list[str], userns: list[str]) -> None:
     cols = ["prepare", "restore", "criu restore", "ttfb", "pages"]
     print(f"\nWhere a restore's time goes, ms (median of {max(1, runs - 2)}; 'restore' is the whole restore call,\n"
           "'criu restore' CRIU's own figure inside it; ttfb is what the client saw)\n")
-    print(f"{'app':14} " + " ".join(f"{c:>13}" for c in cols))
+    print(f"{'app':20} " + " ".join(f"{c:>13}" for c in cols))
     for name, rows in results.items():
         rows = rows[2:] or rows
         med = {c: statistics.median(r.get(c, 0) for r in rows) for c in cols}
-        print(f"{name:14} " + " ".join(f"{med[c]:13.1f}" if c != "pages" else f"{med[c]:13.0f}" for c in cols))
+        print(f"{name:20} " + " ".join(f"{med[c]:13.1f}" if c != "pages" else f"{med[c]:13.0f}" for c in cols))
 
 
 def main() -> None:
@@ -239,9 +240,18 @@ def main() -> None:
     ap.add_argument("--apps", default=",".join(APPS))
     ap.add_argument("--userns", default="private",
                     help="with --breakdown: private, host, or both (private,host) side by side")
+    ap.add_argument("--jvm", action="append", default=[], metavar="NAME=FLAGS",
+                    help="with --breakdown: also the demo Tomcat with FLAGS added to its JAVA_OPTS, as app "
+                         "tomcat_NAME (repeatable), e.g. --jvm 'xmn=-Xmn2m'")
     args = ap.parse_args()
+    apps = args.apps.split(",")
+    for variant in args.jvm:
+        name, _, flags = variant.partition("=")
+        env = DEMO_TOMCAT_ENV | {"JAVA_OPTS": f"{DEMO_TOMCAT_ENV['JAVA_OPTS']} {flags}"}
+        APPS[f"tomcat_{name}"] = APPS["tomcat"] | {"environment": env}
+        apps.append(f"tomcat_{name}")
     if args.breakdown:
-        breakdown(max(3, args.runs), args.apps.split(","), args.userns.split(","))
+        breakdown(max(3, args.runs), apps, args.userns.split(","))
         return
     results = {"activator (restore)": bench_activator(args.runs), "docker run": bench_docker(args.runs),
                "runc run": bench_runc(args.runs)}

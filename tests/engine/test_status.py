@@ -47,6 +47,12 @@ def test_status_and_inspect(tmp_path: Path) -> None:
         assert ins.returncode == 0, ins.stderr
         assert "listening  9000" in ins.stdout and "echo-server" in ins.stdout
         assert "matches the service definition" in ins.stdout and "CRIU 4." in ins.stdout
+        # Where the pages are: every dumped page is put in exactly one mapping, and the app's binary is one.
+        held = json.loads(subprocess.run([*ACTIVATOR, "inspect", "echo", "--json", "-c", str(cfg)],
+                                         capture_output=True, text=True, timeout=30, check=True).stdout)
+        assert sum(n for _, n in held["pages_by_mapping"]) * 4096 == held["pages_bytes"] > 0
+        assert any(label.endswith("echo-server") for label, _ in held["pages_by_mapping"]), held["pages_by_mapping"]
+        assert " pages [stack]" in ins.stdout or " pages [anon" in ins.stdout, ins.stdout
         rebuilt = subprocess.run([*ACTIVATOR, "checkpoint", "echo", "--rebuild", "-c", str(cfg)], capture_output=True,
                                  text=True, timeout=120)
         assert rebuilt.returncode == 0 and "rebuilt by the running activator" in rebuilt.stdout, rebuilt.stderr
