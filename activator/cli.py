@@ -23,6 +23,7 @@ from typing import Any
 
 from . import __version__
 from .config.model import Config, ServiceConfig, load_config
+from .core import liveview
 from .errors import ActivatorError, ConfigError
 from .runtime import preflight
 
@@ -374,16 +375,11 @@ def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    return liveview.size(n)
 
 
 def _age(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+    return liveview.age(seconds)
 
 
 def _control_socket(cfg: Config | None, path: str) -> Any:
@@ -418,7 +414,10 @@ def _control_socket(cfg: Config | None, path: str) -> Any:
 def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
     from .daemon import control
 
-    st = control.request(_control_socket(cfg, args.config), "status")
+    where = _control_socket(cfg, args.config)
+    if args.watch:
+        return _watch(where, cfg.path if cfg else args.config, args.interval, args.count)
+    st = control.request(where, "status")
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -464,6 +463,48 @@ def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
             memory = sum(s["memory_bytes"] or 0 for s in standbys)
             print(f"  standby: {len(standbys)}/{svc['standby']} frozen, {_size(memory)} charged"
                   + (f" ({', '.join(s['name'] for s in standbys)})" if standbys else ""))
+    return 0
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text}: refresh between 0.1 and 3600 seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': a number of refreshes, at least 1")
+    return int(text)
+
+
+def _watch(where: Any, path: object, interval: float, count: int | None) -> int:
+    """The live view: a frame every `interval` seconds, drawn over the last one on a terminal (printed one after
+    another otherwise), until Ctrl-C or `count` frames."""
+    from .daemon import control
+
+    tty = sys.stdout.isatty()
+    prev: dict[str, Any] | None = None
+    t_prev = 0.0
+    shown = 0
+    try:
+        while count is None or shown < count:
+            st = control.request(where, "status")
+            now = time.monotonic()
+            header = (f"activator pid {st['pid']}, up {_age(st['uptime_seconds'])}, {path}  "
+                      f"{time.strftime('%H:%M:%S')}  (every {interval:g}s{', Ctrl-C to quit' if tty else ''})")
+            lines = liveview.frame(st, prev, now - t_prev, header)
+            sys.stdout.write(("\x1b[H\x1b[J" if tty else "") + "\n".join(lines) + "\n" + ("" if tty else "\n"))
+            sys.stdout.flush()
+            prev, t_prev, shown = st, now, shown + 1
+            if count is None or shown < count:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -687,6 +728,14 @@ def build_parser() -> argparse.ArgumentParser:
         "what changed")
     status = add("status", cmd_status, "show the running daemon's services, instances and checkpoints")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", "-w", action="store_true",
+                        help="a live view like `docker stats`: services, instances, connections, starts per second, "
+                             "memory and CPU, refreshed every --interval seconds until Ctrl-C (also `activator top`)")
+    top = add("top", cmd_status, "the running daemon's live view (status --watch)")
+    top.set_defaults(watch=True, json=False)
+    for p_ in (status, top):
+        p_.add_argument("--interval", type=_interval, default=1.0, help="seconds between refreshes (default 1)")
+        p_.add_argument("--count", type=_count, default=None, help="stop after this many refreshes")
     for verb, text in (("wake", "restore an instance of a service now, without a client"),
                        ("stop", "stop serving a service (connections refused, instances drained and stopped) "
                                 "until `activator start`, without editing the file"),

@@ -204,6 +204,7 @@ class Service:
         self.checkpoint_retry_at = 0.0
         self._checkpoint: asyncio.Future[Checkpoint] = asyncio.get_running_loop().create_future()
         self._starts: set[asyncio.Task[Instance]] = set()
+        self.started_total = 0
         self._stopping: set[asyncio.Task[None]] = set()
         self._releasing: set[Instance] = set()
         self._changed = asyncio.Event()
@@ -658,6 +659,7 @@ class Service:
                 self._stop(inst)
                 return
             self.instances.append(inst)
+            self.started_total += 1
             self._watch(inst)
             self._resteer()
             # Nobody may claim it (every waiter gave up): it must still go away when idle.
@@ -853,6 +855,7 @@ class Service:
             "max_connections": self.config.max_connections or self.budget.limit,
             "waiting": self.waiting,
             "starting": len(self._starts),
+            "started_total": self.started_total,  # instances brought up (restored or cold-started) since start
             "backoff_seconds": round(self.start_backoff.remaining(now), 3),
             "restore_backoff_seconds": round(self.restore_backoff.remaining(now), 3),
             "min_instances": self.config.min_instances,
@@ -878,7 +881,8 @@ class Service:
                  "connections": i.connections, "kernel_connections": i.kernel,
                  "served": i.served + i.kernel_served, "served_by_kernel": i.kernel_served,
                  "address": str(i.sandbox.attachment.ip) if i.sandbox.attachment else None,
-                 "start_ms": round(i.start_seconds * 1000, 1)}
+                 "start_ms": round(i.start_seconds * 1000, 1),
+                 "memory_bytes": i.sandbox.memory_bytes(), "cpu_seconds": i.sandbox.cpu_seconds()}
                 for i in self.instances
             ],
         }

@@ -168,6 +168,18 @@ def memory_bytes(name: str) -> int | None:
     return None
 
 
+def cpu_seconds(name: str) -> float | None:
+    """CPU time the instance's processes have used, in seconds (v1 cpuacct.usage, or v2 cpu.stat), or None
+    without a cgroup."""
+    for cg in paths(name):
+        with contextlib.suppress(OSError, ValueError):
+            return int((cg / "cpuacct.usage").read_text()) / 1e9
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            stat = (cg / "cpu.stat").read_text().split()
+            return int(stat[stat.index("usage_usec") + 1]) / 1e6
+    return None
+
+
 def pids(name: str) -> list[int]:
     """The processes in the instance's cgroup (the app and whatever it forked), or [] without one."""
     for cg in paths(name):

@@ -321,6 +321,10 @@ class Sandbox:
         """What its memory cgroup is charged now (cgroups.memory_bytes)."""
         return cgroups.memory_bytes(self.name)
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time its processes have used (cgroups.cpu_seconds)."""
+        return cgroups.cpu_seconds(self.name)
+
     def socket_inodes(self) -> set[int]:
         """Blocking. The sockets every process of the instance holds (the app may have forked one per client)."""
         found: set[int] = set()

@@ -42,6 +42,22 @@ def test_status_and_inspect(tmp_path: Path) -> None:
             text = subprocess.run([*ACTIVATOR, "status", "-c", str(cfg)], capture_output=True, text=True,
                                   timeout=30).stdout
             assert "echo  on 127.0.0.1:" in text and inst["name"] in text and "restore" in text
+            assert inst["memory_bytes"] > 0 and inst["cpu_seconds"] > 0 and svc["started_total"] == 1
+            # The live view (issue 22 item 5): frames printed one after another when not on a terminal; the
+            # second has rates (the first has no earlier answer to take them from).
+            for verb in (["status", "--watch"], ["top"]):
+                watch = subprocess.run([*ACTIVATOR, *verb, "--count", "2", "--interval", "0.3", "-c", str(cfg)],
+                                       capture_output=True, text=True, timeout=30)
+                assert watch.returncode == 0, watch.stderr
+                frames = watch.stdout.split("activator pid ")[1:]
+                assert len(frames) == 2 and "\x1b" not in watch.stdout, watch.stdout
+                (row,) = [x for x in frames[1].splitlines() if x.startswith("echo ")]
+                assert row.split()[1:6] == ["1/1", "0", "0", "1", "0.0"], row  # instances .. starts/s
+                assert "iB" in row and row.rstrip().endswith("%"), row
+                assert inst["name"] in frames[1] and "1 conns" in frames[1], frames[1]
+            bad = subprocess.run([*ACTIVATOR, "top", "--interval", "0", "-c", str(cfg)], capture_output=True,
+                                 text=True, timeout=30)
+            assert bad.returncode == 2 and "between 0.1 and 3600" in bad.stderr, bad.stderr
         ins = subprocess.run([*ACTIVATOR, "inspect", "echo", "-c", str(cfg)], capture_output=True, text=True,
                              timeout=30)
         assert ins.returncode == 0, ins.stderr
