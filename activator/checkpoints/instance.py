@@ -81,6 +81,8 @@ class Instance:
     established: int = 0  # connections its app accepted (either path)
     idle_since: float = field(default_factory=time.monotonic)
     idle_timer: asyncio.TimerHandle | None = None
+    # (monotonic time, its CPU seconds) when the idle timer was last armed: idle_cpu_below's window starts there
+    cpu_mark: tuple[float, float] | None = None
     stopping: bool = False
     withdrawn: bool = False  # out of the kernel's steering rule (being checked before a reap)
     kernel_packets: int = 0  # the last sample's counters, to tell activity and count bytes

@@ -96,7 +96,8 @@ REFUSED = {
     "shm_size": "/dev/shm is 64 MiB, as Docker's default", "volumes_from": "name the volumes themselves",
     "credential_spec": "Windows only", "init": "activator runs the image's entrypoint as the app's first process",
     "extends": "write the service out in full", "post_start": "activator runs no lifecycle hooks",
-    "pre_stop": "activator runs no lifecycle hooks", "use_api_socket": "instances get no Docker API",
+    "pre_stop": "activator runs no lifecycle commands (x-activator: pre_stop: {http_path: ...} is an HTTP hook)",
+    "use_api_socket": "instances get no Docker API",
     "models": "activator serves containers only", "provider": "activator serves containers only",
     "stdin_open": "instances have no stdin", "tty": "instances have no terminal",
 }

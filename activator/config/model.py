@@ -49,7 +49,7 @@ from typing import Any
 
 from activator.errors import ConfigError
 
-from . import compose, yamlload
+from . import compose, schedule, yamlload
 from .units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
 from .units import show as _show
 
@@ -145,6 +145,45 @@ class Number(Kind):
 
     def schema(self) -> dict[str, Any]:
         return {"type": "number", "exclusiveMinimum": self.min, "maximum": self.max}
+
+
+@dataclass(frozen=True)
+class Percent(Kind):
+    """A share of one CPU: "2%", or a fraction like 0.02."""
+
+    max: float  # as a fraction
+
+    def parse(self, raw: Any) -> float:
+        value: Any = raw
+        if isinstance(raw, str) and raw.strip().endswith("%"):
+            with contextlib.suppress(ValueError):
+                value = float(raw.strip()[:-1]) / 100
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a percentage like 2% (or a fraction like 0.02), got {_show(raw)}")
+        if not (math.isfinite(value) and 0 < value <= self.max):
+            raise ValueError(f"{raw} is out of range: use more than 0%, up to {self.max * 100:g}%")
+        return float(value)
+
+    def schema(self) -> dict[str, Any]:
+        return {"oneOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": self.max},
+                          {"type": "string", "pattern": r"^[0-9.]+%$"}]}
+
+
+@dataclass(frozen=True)
+class Schedule(Kind):
+    """keep_alive_schedule: a list of windows (config/schedule.py)."""
+
+    def parse(self, raw: Any) -> tuple[schedule.Window, ...]:
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ValueError("expected a list of windows like 'mon-fri 08:00-18:00'")
+        if len(items) > 64:
+            raise ValueError("more than 64 windows")
+        return tuple(schedule.parse_window(v) for v in items)
+
+    def schema(self) -> dict[str, Any]:
+        one = {"type": "string", "pattern": r"^\s*(\S+\s+)?[0-9]{2}:[0-9]{2}-[0-9]{2}:[0-9]{2}\s*$"}
+        return {"oneOf": [one, {"type": "array", "items": one, "maxItems": 64}]}
 
 
 @dataclass(frozen=True)
@@ -645,6 +684,24 @@ class Warmup:
                 raise ValueError(f"warmup.http_paths: '{p}' must start with '/'")
 
 
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE")
+
+
+@dataclass(frozen=True)
+class PreStop:
+    """An HTTP request the activator makes to an instance's app before it asks it to stop (idle reaping,
+    scale-in, `activator stop`, a reload or the daemon's shutdown), so the app can flush, deregister or finish
+    work: what Kubernetes' preStop httpGet and Docker's lifecycle hooks are for. The stop signal follows when it
+    answers, fails, or times out."""
+
+    http_path: str | None = key(
+        Text(pattern=r"/[\x21-\x7e]*", hint="an absolute URL path like /admin/flush"), None, nullable=True,
+        doc="the request's path, sent to the app's port on the instance's own loopback (null: no request)")
+    method: str = key(Text(choices=HTTP_METHODS), "POST", doc="the request's method")
+    timeout: float = key(Duration(0.1, 10 * MINUTE), 10.0,
+                         doc="longest the request may take; the stop goes on after it either way")
+
+
 #: a CFS quota of 1 ms per 100 ms period (spec.CPU_PERIOD_US), the least the kernel accepts
 MIN_CPUS = 0.01
 
@@ -801,6 +858,19 @@ class ServiceConfig:
     warmup: Warmup = key(Section(Warmup), factory=Warmup, doc="requests run against the template before the dump")
     idle_timeout: float = key(Duration(0.01, 30 * DAY), 300.0,
                               doc="an instance with no open connection for this long is killed")
+    idle_cpu_below: float | None = key(
+        Percent(64.0), None, nullable=True,
+        doc="an instance is idle only if its processes also used less than this share of one CPU over the "
+            "idle window (2%, or 0.02): an app still working on its own (a batch job, a long request's tail "
+            "after its client left) is not killed; it is looked at again an idle_timeout later (null: connections "
+            "alone decide)")
+    pre_stop: PreStop = key(Section(PreStop), factory=PreStop,
+                            doc="an HTTP request made to an instance before it is asked to stop")
+    keep_alive_schedule: tuple[schedule.Window, ...] = key(
+        Schedule(), (),
+        doc="hours the service is kept warm, in the host's time zone: during each window one instance is "
+            "started ahead of any client and none is reaped below one (as min_instances: 1); outside, idle_timeout "
+            "applies. Windows are '[DAYS] HH:MM-HH:MM', e.g. ['mon-fri 08:00-18:00', 'sat 10:00-12:00']")
     restore_timeout: float = key(Duration(0.01, HOUR), 10.0, doc="longest a restore may take (CRIU's restore)")
     connect_timeout: float = key(Duration(0.01, HOUR), 5.0,
                                  doc="from restored to accepting connections; past it the instance is removed")
@@ -897,6 +967,10 @@ class ServiceConfig:
         if self.standby:
             raise ValueError("handoff: true: a standby's app would accept from the service's socket between its "
                              "restore and its freeze; set standby: 0 or handoff: false")
+        if self.pre_stop.http_path is not None:
+            raise ValueError("handoff: true: a reaped instance is killed while frozen, so that it takes no connection "
+                             "from the service's socket, and cannot be asked anything first; remove pre_stop or set "
+                             "handoff: false")
         unseen = [k for k, v in (("proxy_protocol", self.proxy_protocol), ("max_connections", self.max_connections),
                                  ("client_idle_timeout", self.client_idle_timeout)) if v is not None]
         if unseen:

@@ -42,6 +42,7 @@ class Idle(enum.Enum):
     KEPT_WARM = "kept-warm"  # idle, but within min_instances
     REAP = "reap"  # idle long enough: stop it
     RETIRE = "retire"  # idle long enough, on the kernel path: out of the rule first, then count its connections
+    BUSY_CPU = "busy-cpu"  # no connection for long enough, but its app used CPU (idle_cpu_below): look again later
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class InstanceView:
     kernel: int  # open kernel-path connections, as last sampled
     idle_since: float
     steerable: bool  # it has an address on the bridge the kernel can steer to
+    cpu_share: float | None = None  # CPU its processes used since its idle timer was armed, per second (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,10 @@ class IdleVerdict:
 
 
 def idle_check(inst: InstanceView, *, now: float, idle_timeout: float, instances: int, min_instances: int,
-               held_by: Sequence[str], steered: bool) -> IdleVerdict:
+               held_by: Sequence[str], steered: bool, cpu_below: float | None = None) -> IdleVerdict:
     """An instance's idle timer fired at `now`: what to do with it. `instances` is how many the pool has, `held_by`
-    the dependants that have an instance (depends_on), `steered` whether the service has a kernel path."""
+    the dependants that have an instance (depends_on), `steered` whether the service has a kernel path,
+    `cpu_below` the idle_cpu_below policy (an app busy by CPU is not idle, however long without a connection)."""
     if inst.stopping or inst.spliced > 0 or inst.withdrawn:
         return IdleVerdict(Idle.WAIT_FOR_EVENTS)
     idle_since = inst.idle_since
@@ -77,6 +80,9 @@ def idle_check(inst: InstanceView, *, now: float, idle_timeout: float, instances
     remaining = idle_since + idle_timeout - now
     if remaining > EPSILON:
         return IdleVerdict(Idle.REARM, remaining, seen)
+    if cpu_below is not None and inst.cpu_share is not None and inst.cpu_share >= cpu_below:
+        # Working on its own: idle only after a whole quiet window from now (its CPU is measured over that).
+        return IdleVerdict(Idle.BUSY_CPU, idle_timeout, now)
     if instances == 1 and held_by:
         return IdleVerdict(Idle.KEPT_FOR_DEPENDANT, idle_timeout, seen)
     if instances <= min_instances:

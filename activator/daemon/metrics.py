@@ -64,14 +64,19 @@ class ServiceMetrics:
     standby_thaws: Any
     standby_instances: Any
     standby_memory: Any
+    idle_cpu_busy: Any
+    kept_warm: Any
     rejected: dict[str, Any]
+    pre_stop: dict[str, Any]
 
 
 #: ServiceMetrics fields that are not a family of the same name labelled by service alone
-SPECIAL = ("bytes_in", "bytes_out", "rejected")
+SPECIAL = ("bytes_in", "bytes_out", "rejected", "pre_stop")
+#: how a pre_stop request ended (activator_pre_stop_total's result label)
+PRE_STOP_RESULTS = ("ok", "failed", "timeout")
 #: the gauges a Service sets with its own state (the counters are totals per service name and stay shared)
 STATE_GAUGES = ("instances", "open_connections", "waiting", "starting", "backoff", "restore_backoff",
-                "standby_instances", "standby_memory")
+                "standby_instances", "standby_memory", "kept_warm")
 
 
 def detached(m: ServiceMetrics) -> ServiceMetrics:
@@ -187,6 +192,14 @@ class Metrics:
         self.standby_memory = Gauge("activator_standby_memory_bytes",
                                     "Memory the service's standbys are charged (their memory cgroups)", ["service"],
                                     registry=r)
+        self.idle_cpu_busy = Counter(
+            "activator_idle_cpu_busy", "Idle checks that kept an instance with no connection because its app was "
+            "still using CPU (idle_cpu_below)", ["service"], registry=r)
+        self.kept_warm = Gauge("activator_kept_warm",
+                               "1 while a keep_alive_schedule window keeps the service warm", ["service"], registry=r)
+        self.pre_stop = Counter("activator_pre_stop",
+                                "pre_stop requests made to instances before they were asked to stop, by result "
+                                "(ok: a 2xx/3xx answer; failed; timeout)", ["service", "result"], registry=r)
         self.build_info = Gauge("activator_build_info", "Always 1; the versions activator runs with",
                                 ["version", "python", "criu", "runc", "kernel"], registry=r)
         CachedProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory, open fds, ...
@@ -222,6 +235,7 @@ class Metrics:
             "bytes_in": self.proxied_bytes.labels(name, "in"),
             "bytes_out": self.proxied_bytes.labels(name, "out"),
             "rejected": {reason: self.rejected.labels(name, reason) for reason in REJECT_REASONS},
+            "pre_stop": {result: self.pre_stop.labels(name, result) for result in PRE_STOP_RESULTS},
         }
         return ServiceMetrics(**{
             f.name: special[f.name] if f.name in special else getattr(self, f.name).labels(name)
@@ -240,6 +254,9 @@ class Metrics:
         for reason in REJECT_REASONS:
             with contextlib.suppress(KeyError):
                 self.rejected.remove(name, reason)
+        for result in PRE_STOP_RESULTS:
+            with contextlib.suppress(KeyError):
+                self.pre_stop.remove(name, result)
         for family in (self.handoff_repairs, self.kernel_path_failures):
             with contextlib.suppress(KeyError):
                 family.remove(name)

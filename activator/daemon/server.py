@@ -245,6 +245,7 @@ class Activator:
             fleet.keep(spawn(watchers.meter(fleet), name="kernel-meter"))
         fleet.keep(spawn(watchers.handoff_meter(fleet), name="handoff-meter"))
         fleet.keep(spawn(watchers.watch_images(fleet), name="image-watch"))
+        fleet.keep(spawn(watchers.keep_alive_schedules(fleet), name="keep-alive-schedules"))
         await self._first_checkpoints(wait_for_builds)
 
     async def _first_checkpoints(self, wait_for_builds: bool) -> None:

@@ -52,6 +52,7 @@ from activator.core.capacity import Budget, FailureBackoff
 from activator.core.pool import Idle, Pick
 from activator.errors import ActivatorError, Rejected, RestoreError, StartError
 from activator.net.network import Attachment
+from activator.runtime.readiness import Connect, http_ok
 from activator.tasks import spawn
 
 from .handoff import HandoffSample
@@ -101,6 +102,10 @@ class ServiceSandbox(Protocol):
     def thaw(self) -> None: ...
 
     def socket_inodes(self) -> set[int]: ...  # blocking
+
+    def cpu_seconds(self) -> float | None: ...  # CPU its processes used (None: no cgroup to ask)
+
+    def connector(self, port: int) -> Connect: ...  # connections to the app inside its network namespace
 
     async def release(self) -> None: ...
 
@@ -205,6 +210,7 @@ class Service:
         self._checkpoint: asyncio.Future[Checkpoint] = asyncio.get_running_loop().create_future()
         self._starts: set[asyncio.Task[Instance]] = set()
         self.started_total = 0
+        self.kept_warm = False  # inside a keep_alive_schedule window (watchers.keep_alive_schedules says)
         self._stopping: set[asyncio.Task[None]] = set()
         self._releasing: set[Instance] = set()
         self._changed = asyncio.Event()
@@ -598,11 +604,11 @@ class Service:
         if self.start_backoff.active(time.monotonic()):
             self._schedule_replenish(self.start_backoff.remaining(time.monotonic()))
             return
-        for _ in range(self.config.min_instances - len(self.instances) - len(self._starts)):
+        for _ in range(self.floor - len(self.instances) - len(self._starts)):
             self._spawn_start()
 
     def _schedule_replenish(self, delay: float) -> None:
-        if self.config.min_instances and self._replenish_timer is None and not self._closed:
+        if self.floor and self._replenish_timer is None and not self._closed:
             self._replenish_timer = asyncio.get_running_loop().call_later(delay, self._replenish)
 
     def _spawn_start(self) -> None:
@@ -678,17 +684,57 @@ class Service:
         if inst.idle_timer is not None:
             inst.idle_timer.cancel()
         inst.idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check, inst)
+        if self.config.idle_cpu_below is not None:
+            cpu = inst.sandbox.cpu_seconds()
+            inst.cpu_mark = None if cpu is None else (time.monotonic(), cpu)
+
+    def _cpu_share(self, inst: Instance, now: float) -> float | None:
+        """CPU per second its processes used since its idle timer was armed (idle_cpu_below), or None."""
+        if self.config.idle_cpu_below is None or inst.cpu_mark is None:
+            return None
+        cpu = inst.sandbox.cpu_seconds()
+        since, before = inst.cpu_mark
+        return None if cpu is None or now <= since else max(0.0, cpu - before) / (now - since)
+
+    @property
+    def floor(self) -> int:
+        """Instances kept even when idle: min_instances, and one during a keep_alive_schedule window."""
+        return max(self.config.min_instances, 1 if self.kept_warm else 0)
+
+    def keep_warm(self, on: bool) -> None:
+        """A keep_alive_schedule window began (an instance is started ahead of any client) or ended (idle ones
+        are looked at again now, and go once idle for idle_timeout)."""
+        if on == self.kept_warm:
+            return
+        self.kept_warm = on
+        self.m.kept_warm.set(int(on))
+        log.info("service=%s %s", self.name, "keep_alive_schedule: kept warm from now" if on else
+                 "keep_alive_schedule: window over, idle instances go after idle_timeout")
+        if on:
+            self._replenish()
+            return
+        for inst in list(self.instances):
+            if inst.idle_timer is None and not (inst.spliced or inst.stopping or inst.withdrawn):
+                self._arm_idle(inst, 0)
 
     def _idle_check(self, inst: Instance) -> None:
         inst.idle_timer = None
+        now = time.monotonic()
         verdict = pool.idle_check(
             pool.InstanceView(stopping=inst.stopping, spliced=inst.spliced, withdrawn=inst.withdrawn,
                               kernel=inst.kernel, idle_since=inst.idle_since,
-                              steerable=inst.handoff or inst.sandbox.attachment is not None),
-            now=time.monotonic(), idle_timeout=self.config.idle_timeout, instances=len(self.instances),
-            min_instances=self.config.min_instances, held_by=self.held(), steered=self.steering is not None)
+                              steerable=inst.handoff or inst.sandbox.attachment is not None,
+                              cpu_share=self._cpu_share(inst, now)),
+            now=now, idle_timeout=self.config.idle_timeout, instances=len(self.instances),
+            min_instances=self.floor, held_by=self.held(), steered=self.steering is not None,
+            cpu_below=self.config.idle_cpu_below)
         if verdict.idle_since is not None:
             inst.idle_since = verdict.idle_since
+        if verdict.action is Idle.BUSY_CPU:
+            self.m.idle_cpu_busy.inc()
+            log.info("service=%s instance=%s no connection for %gs, but its app used more than %g%% of a CPU: "
+                     "kept (idle_cpu_below)", self.name, inst.name, self.config.idle_timeout,
+                     (self.config.idle_cpu_below or 0) * 100)
         if verdict.action is Idle.KEPT_FOR_DEPENDANT:
             log.debug("service=%s instance=%s idle, kept for %s", self.name, inst.name, ", ".join(self.held()))
         if verdict.action is Idle.REAP:
@@ -791,7 +837,27 @@ class Service:
             self.sweep_if_unused()
             self._refresh_if_used_up()
 
+    async def _pre_stop(self, inst: Instance) -> None:
+        """pre_stop: one HTTP request to the app before its stop signal. What the app answers is untrusted: read
+        with a bound (readiness.http_ok), and however it ends, the stop goes on."""
+        hook = self.config.pre_stop
+        assert hook.http_path is not None
+        try:
+            ok = await asyncio.wait_for(http_ok(inst.sandbox.connector(self.config.port), self.config.port,
+                                                hook.http_path, method=hook.method,
+                                                answer_within=hook.timeout + 5), hook.timeout)
+            result = "ok" if ok else "failed"
+        except TimeoutError:
+            result = "timeout"
+        self.m.pre_stop[result].inc()
+        if result != "ok":
+            log.warning("service=%s instance=%s pre_stop %s %s %s; stopping it anyway", self.name, inst.name,
+                        hook.method, hook.http_path, f"took longer than its timeout ({hook.timeout:g}s)"
+                        if result == "timeout" else "did not answer 2xx/3xx")
+
     async def _ask_to_exit(self, inst: Instance) -> None:
+        if self.config.pre_stop.http_path is not None and not inst.sandbox.frozen:
+            await self._pre_stop(inst)
         name = self.config.stop_signal or (inst.checkpoint.stop_signal if inst.checkpoint else "SIGTERM")
         try:
             sig = signal_number(name)
@@ -859,6 +925,7 @@ class Service:
             "backoff_seconds": round(self.start_backoff.remaining(now), 3),
             "restore_backoff_seconds": round(self.restore_backoff.remaining(now), 3),
             "min_instances": self.config.min_instances,
+            "kept_warm": self.kept_warm,  # by keep_alive_schedule, now
             "max_instances": self.config.max_instances,
             "stopped": self.stopped,
             "depends_on": [d.name for d in self.dependencies],

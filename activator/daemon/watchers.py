@@ -1,7 +1,7 @@
 """What the daemon keeps an eye on while it runs, each a loop the lifecycle owner starts and shutdown cancels:
 the kernel path's connections (sampled, since they send no events), the instance network's rules (put back when
-a firewall reload or a neighbour took them), the services' images (told when one moved on), and systemd's
-watchdog.
+a firewall reload or a neighbour took them), the services' images (told when one moved on), the services'
+keep_alive_schedule windows, and systemd's watchdog.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+from activator.config import schedule
 from activator.net.network import ident
 
 from . import systemd
@@ -24,6 +25,8 @@ log = logging.getLogger("activator")
 IMAGE_CHECK_INTERVAL = 60.0
 #: how often kernel-path connections are sampled (conntrack and counters: a few ms of a worker thread each)
 METER_INTERVAL = 0.25
+#: how often keep_alive_schedule windows are compared with the local time, seconds
+SCHEDULE_INTERVAL = 5.0
 #: every this many meter ticks (5 s), the iptables accepts are checked
 FIREWALL_CHECK_TICKS = 20
 
@@ -135,6 +138,17 @@ async def watch_images(fleet: Fleet) -> None:
                 log.warning("service=%s image %s is now %s, its checkpoint holds %s; rebuild it with "
                             "`activator checkpoint --rebuild %s` when ready", service.name, service.config.image,
                             image.short_id, ck.origin.image_id[:19], service.name)
+
+
+async def keep_alive_schedules(fleet: Fleet) -> None:
+    """keep_alive_schedule: each service told whether the host's local time is inside one of its windows. Every
+    SCHEDULE_INTERVAL seconds, so a window's edge (or a reload that adds one) takes effect within that."""
+    while True:
+        now = time.localtime()
+        for svc in list(fleet.services.values()):
+            windows = svc.config.keep_alive_schedule
+            svc.keep_warm(bool(windows) and schedule.active(windows, now.tm_wday, now.tm_hour * 60 + now.tm_min))
+        await asyncio.sleep(SCHEDULE_INTERVAL)
 
 
 async def ping_watchdog(interval: float) -> None:

@@ -171,12 +171,16 @@ async def _conversation(connect: Connect, talk: Callable[[asyncio.StreamReader, 
             await writer.wait_closed()
 
 
-async def http_ok(connect: Connect, port: int, path: str) -> bool:
-    """One GET with Connection: close; True for a 2xx/3xx status. The connection is fully closed on return."""
+async def http_ok(connect: Connect, port: int, path: str, method: str = "GET", answer_within: float = 5) -> bool:
+    """One request (GET, or a bodiless POST/PUT/DELETE) with Connection: close; True for a 2xx/3xx status line
+    within answer_within seconds. The connection is fully closed on return."""
+    body = "" if method == "GET" else "Content-Length: 0\r\n"
+
     async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n".encode())
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: localhost:{port}\r\n{body}Connection: close\r\n\r\n"
+                     .encode())
         await writer.drain()
-        status = await asyncio.wait_for(reader.readline(), 5)  # at most the reader's limit (64 KiB)
+        status = await asyncio.wait_for(reader.readline(), answer_within)  # at most the reader's limit (64 KiB)
         parts = status.split()
         ok = len(parts) >= 2 and parts[1][:1] in (b"2", b"3")
         # Read to EOF so the server closes its side first: its socket must be gone before a dump. What it sends

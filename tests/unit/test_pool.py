@@ -37,9 +37,9 @@ IDLE = InstanceView(stopping=False, spliced=0, withdrawn=False, kernel=0, idle_s
 
 
 def check(inst: InstanceView = IDLE, *, now: float = 400.0, instances: int = 2, min_instances: int = 0,
-          held_by: tuple[str, ...] = (), steered: bool = True) -> IdleVerdict:
+          held_by: tuple[str, ...] = (), steered: bool = True, cpu_below: float | None = None) -> IdleVerdict:
     return idle_check(inst, now=now, idle_timeout=300.0, instances=instances, min_instances=min_instances,
-                      held_by=held_by, steered=steered)
+                      held_by=held_by, steered=steered, cpu_below=cpu_below)
 
 
 def test_idle_playbook() -> None:
@@ -55,6 +55,17 @@ def test_idle_playbook() -> None:
     # busy on the userspace path, stopping, or already being retired: an event re-arms it
     for busy in (replace(IDLE, spliced=1), replace(IDLE, stopping=True), replace(IDLE, withdrawn=True)):
         assert check(busy) == IdleVerdict(Idle.WAIT_FOR_EVENTS)
+
+
+def test_an_app_busy_by_cpu_is_not_idle() -> None:
+    """idle_cpu_below: at or above the share, a whole quiet window more from now; below it, or unknown (no
+    cgroup), connections alone decide; and it never makes a not-yet-idle instance go sooner."""
+    busy = replace(IDLE, cpu_share=0.05)
+    assert check(busy, cpu_below=0.05) == IdleVerdict(Idle.BUSY_CPU, 300.0, 400.0)
+    assert check(busy, cpu_below=0.06) == IdleVerdict(Idle.RETIRE)
+    assert check(replace(IDLE, cpu_share=None), cpu_below=0.01) == IdleVerdict(Idle.RETIRE)
+    assert check(busy) == IdleVerdict(Idle.RETIRE)  # no policy
+    assert check(busy, now=250.0, cpu_below=0.01) == IdleVerdict(Idle.REARM, 150.0)
 
 
 def test_kept_warm_and_kept_for_a_dependant() -> None:

@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 
 from activator.checkpoints.instance import Instance
-from activator.config.model import Backoff, ListenAddress, ServiceConfig
+from activator.config.model import Backoff, ListenAddress, PreStop, ServiceConfig
 from activator.core.capacity import Budget
 from activator.daemon.metrics import Metrics
 from activator.daemon.service import Launcher, Service, ServiceSandbox, Steering
 from activator.errors import Rejected, RestoreError
 from activator.net.network import Attachment
+from activator.runtime.readiness import Connect
 
 pytestmark = pytest.mark.asyncio
 
@@ -59,6 +60,16 @@ class FakeSandbox:
 
     def socket_inodes(self) -> set[int]:
         return set()
+
+    cpu: float | None = 0.0  # CPU seconds its processes have used; a test moves it on
+
+    def cpu_seconds(self) -> float | None:
+        return self.cpu
+
+    def connector(self, port: int) -> Connect:
+        async def refused() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            raise ConnectionRefusedError("the fake has no app")
+        return refused
 
 
 _checked: type[ServiceSandbox] = FakeSandbox  # mypy: the fake has what a service uses of a sandbox
@@ -412,3 +423,56 @@ async def until(check: Any, timeout: float = 5.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.005)
+
+
+async def test_an_app_busy_by_cpu_is_kept_until_a_quiet_window() -> None:
+    """idle_cpu_below: no connection for idle_timeout is not enough while the app works on its own."""
+    fake = FakeLauncher()
+    svc = service(fake, idle_timeout=0.1, idle_cpu_below=0.05)
+    lease = svc.admit()
+    inst, _ = await lease.acquire()
+    lease.release()
+    sb = fake.made[0]
+    for _ in range(3):  # 0.05 s of CPU per 0.1 s window: 50% of a CPU, busy
+        assert sb.cpu is not None
+        sb.cpu += 0.05
+        await asyncio.sleep(0.1)
+        assert svc.instances == [inst]
+    await asyncio.sleep(0.25)  # a quiet window: reaped
+    assert svc.instances == [] and sb.released
+    assert svc.m.idle_cpu_busy._value.get() >= 2
+
+
+async def test_without_a_cgroup_to_ask_cpu_does_not_keep_an_instance() -> None:
+    fake = FakeLauncher()
+    svc = service(fake, idle_timeout=0.05, idle_cpu_below=0.01)
+    lease = svc.admit()
+    await lease.acquire()
+    fake.made[0].cpu = None
+    lease.release()
+    await asyncio.sleep(0.15)
+    assert svc.instances == []
+
+
+async def test_a_schedule_window_keeps_one_warm_and_its_end_lets_it_go() -> None:
+    fake = FakeLauncher()
+    svc = service(fake, idle_timeout=0.05)
+    svc.keep_warm(True)
+    await asyncio.sleep(0.05)
+    assert len(svc.instances) == 1 and svc.kept_warm  # started ahead of any client
+    await asyncio.sleep(0.1)
+    assert len(svc.instances) == 1  # idle, but kept
+    svc.keep_warm(False)
+    await asyncio.sleep(0.1)
+    assert svc.instances == [] and fake.made[0].released
+
+
+async def test_pre_stop_that_cannot_connect_is_counted_and_the_stop_goes_on() -> None:
+    fake = FakeLauncher()
+    svc = service(fake, idle_timeout=0.05, pre_stop=PreStop(http_path="/flush", timeout=1.0))
+    lease = svc.admit()
+    await lease.acquire()
+    lease.release()
+    await asyncio.sleep(0.2)
+    assert svc.instances == [] and fake.made[0].released and fake.made[0].asked_to_stop
+    assert svc.m.pre_stop["failed"]._value.get() == 1
