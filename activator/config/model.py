@@ -896,9 +896,19 @@ class ServiceConfig:
     backoff: Backoff = key(Section(Backoff), factory=Backoff, doc="after failed starts, no new attempt before this")
     fallback: str = key(Text(choices=FALLBACKS), "cold-start",
                         doc="after a failed restore: cold-start (boot from the image) or none")
-    refuse_with: str = key(Text(choices=REFUSALS), "close",
-                           doc="how a refused client (no checkpoint, backing off, stopped, over a limit) is told: "
-                               "the connection closed, or http-503: an HTTP 503 answer with Retry-After first")
+    refuse_with: str | None = key(
+        Text(choices=REFUSALS), None, nullable=True,
+        doc="how a refused client (no checkpoint, backing off, stopped, over a limit) is told: the connection "
+            "closed, or http-503: an HTTP 503 answer with Retry-After first (null: http-503 for an http: true "
+            "service, else close)")
+    http: bool = key(Flag(), False,
+                     doc="the service speaks HTTP/1.x: refused clients get a 503 with Retry-After (unless refuse_with "
+                         "says close), and waiting_page may answer browsers during a slow start")
+    waiting_page: float | None = key(
+        Duration(0, 10 * MINUTE), None, nullable=True,
+        doc="with http: true, a browser's page load (a GET that accepts text/html) still waiting for an instance "
+            "after this long gets a small 'starting' page that reloads itself (503, Retry-After: 1) while the "
+            "start goes on; other clients keep waiting (null: every client waits)")
     proxy_protocol: str | None = key(Text(choices=PROXY_PROTOCOLS), None, nullable=True,
                                      doc="send a PROXY protocol header (v1 or v2) to the app before client bytes")
     handoff: bool = key(
@@ -952,6 +962,9 @@ class ServiceConfig:
         if self.stateful is True and self.max_instances > 1:
             raise ValueError(f"stateful: true runs one instance at a time; max_instances ({self.max_instances}) "
                              "must be 1")
+        if self.waiting_page is not None and not self.http:
+            raise ValueError("waiting_page answers HTTP requests; set http: true (the service speaks HTTP/1.x) or "
+                             "remove waiting_page")
         if self.handoff:
             self._check_handoff()
         netcaps = sorted(set(self.cap_add) & NETWORK_CAPS)
@@ -959,6 +972,11 @@ class ServiceConfig:
             raise ValueError(f"cap_add: {', '.join(netcaps)} gives nothing in the instance's user namespace (its "
                              "network namespace is made outside it, so no capability over the network is held); "
                              "set 'userns: host' for an app that needs it")
+
+    @property
+    def refusal(self) -> str:
+        """How refused clients are told (refuse_with, its default decided by http)."""
+        return self.refuse_with or ("http-503" if self.http else "close")
 
     def _check_handoff(self) -> None:
         if len(self.listen) > 1:

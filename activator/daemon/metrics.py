@@ -65,6 +65,7 @@ class ServiceMetrics:
     standby_instances: Any
     standby_memory: Any
     idle_cpu_busy: Any
+    waiting_pages: Any
     kept_warm: Any
     rejected: dict[str, Any]
     pre_stop: dict[str, Any]
@@ -195,6 +196,9 @@ class Metrics:
         self.idle_cpu_busy = Counter(
             "activator_idle_cpu_busy", "Idle checks that kept an instance with no connection because its app was "
             "still using CPU (idle_cpu_below)", ["service"], registry=r)
+        self.waiting_pages = Counter("activator_waiting_pages",
+                                     "Browsers' page loads answered with the 'starting' page while they waited for an "
+                                     "instance (waiting_page)", ["service"], registry=r)
         self.kept_warm = Gauge("activator_kept_warm",
                                "1 while a keep_alive_schedule window keeps the service warm", ["service"], registry=r)
         self.pre_stop = Counter("activator_pre_stop",

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from activator.checkpoints.instance import Instance
-from activator.core import proxy_protocol
+from activator.core import httpwait, proxy_protocol
 from activator.core.phases import Action, Arm, ArmSilent, Close, ConnectionPhases, KeepReading, Timeouts, Wake, Why
 from activator.errors import Rejected
 from activator.tasks import spawn
@@ -55,6 +55,8 @@ log = logging.getLogger("activator.proxy")
 CONNECT_RETRY_FIRST = 0.005
 CONNECT_RETRY_MAX = 0.1
 #: errors that mean the activator itself is out of something, not that the app refused
+#: what the waiting page's Retry-After and its reload say, seconds
+WAITING_PAGE_RETRY = 1
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -197,6 +199,7 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None
         self.silent_timer: asyncio.TimerHandle | None = None  # until the client's first byte
         self._activation: asyncio.Task[None] | None = None
+        self._page_timer: asyncio.TimerHandle | None = None  # waiting_page
 
     @property
     def phase(self) -> str:
@@ -235,7 +238,7 @@ class Connection:
             self.closed = True
             self.phases.closed()
             assert self.client.transport is not None
-            _refuse(self.client.transport, svc.config.refuse_with, e)
+            _refuse(self.client.transport, svc.config.refusal, e)
             return
         self.registry.add(self)
         self._do(self.phases.admitted(self.accepted, needs_wake=svc.needs_wake()))
@@ -254,6 +257,21 @@ class Connection:
         assert self.client.transport is not None
         self.client.transport.pause_reading()
         self._activation = spawn(self._activate(), name=f"activate:{self.service.name}")
+        after = self.service.config.waiting_page
+        if after is not None:
+            self._page_timer = asyncio.get_running_loop().call_later(after, self._waiting_page)
+
+    def _waiting_page(self) -> None:
+        """A browser still waiting for its instance gets the 'starting' page (httpwait.py) and reloads; the start
+        goes on without it. Anyone else keeps waiting."""
+        self._page_timer = None
+        if self.closed or self.client.through or self.client.transport is None:
+            return
+        if not httpwait.is_page_load(bytes(self.client.held)):
+            return
+        self.service.m.waiting_pages.inc()
+        self.client.transport.write(httpwait.waiting_page(self.service.name, WAITING_PAGE_RETRY))
+        self.close()
 
     def _arm(self, delay: float | None) -> None:
         if self._timer is not None:
@@ -319,7 +337,7 @@ class Connection:
         except Rejected as e:
             svc.reject(e)
             if self.client.transport is not None and not self.closed:
-                _refuse(self.client.transport, svc.config.refuse_with, e)
+                _refuse(self.client.transport, svc.config.refusal, e)
             self.close()
             return
         except Exception as e:
@@ -341,6 +359,9 @@ class Connection:
         """Header, held bytes, held EOF, then straight through: one synchronous step, nothing can interleave."""
         client, backend = self.client.transport, self.backend.transport
         assert client is not None and backend is not None
+        if self._page_timer is not None:
+            self._page_timer.cancel()
+            self._page_timer = None
         version = self.service.config.proxy_protocol
         if version is not None:
             backend.write(proxy_protocol.header(version, client.get_extra_info("peername")[:2],
@@ -355,6 +376,9 @@ class Connection:
         self.closed = True
         self.phases.closed()
         self._arm(None)
+        if self._page_timer is not None:
+            self._page_timer.cancel()
+            self._page_timer = None
         if self.silent_timer is not None:
             self.silent_timer.cancel()
             self.silent_timer = None
