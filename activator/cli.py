@@ -24,7 +24,7 @@ from typing import Any
 from . import __version__
 from .config.model import Config, ServiceConfig, load_config
 from .core import liveview
-from .errors import ActivatorError, ConfigError
+from .errors import ActivatorError, ConfigError, PreflightError
 from .runtime import preflight
 
 log = logging.getLogger("activator")
@@ -114,7 +114,7 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 def _check_host(cfg: Config, sock: Any) -> None:
     """What can be checked without starting anything (--file-only skips it): each image is in the Docker engine,
     each listen address is free or already the running daemon's for that service, a seccomp profile exists."""
-    from .checkpoints.images import DockerImageSource
+    from .checkpoints.images import ImageSource
     from .daemon import control
     from .daemon.listeners import bind_listener
     from .runtime import userns, volumes
@@ -124,7 +124,7 @@ def _check_host(cfg: Config, sock: Any) -> None:
         with contextlib.suppress(ActivatorError):  # no daemon, or one that does not answer: nothing is held
             st = control.request(sock, "status")
             held = {(svc["name"], addr) for svc in st["services"] for addr in svc["listen"]}
-    images = DockerImageSource(cfg.settings.state_dir)
+    images = ImageSource(cfg.settings.state_dir, cfg.settings.images)
     if cfg.settings.checkpoint_registry is not None and shutil.which("skopeo") is None:
         raise ActivatorError(f"{cfg.path}: settings.checkpoint_registry needs skopeo, which is not installed; run "
                              "'make setup' (or apt-get install skopeo)")
@@ -133,11 +133,13 @@ def _check_host(cfg: Config, sock: Any) -> None:
             raise ConfigError(f"{cfg.path}: services.{svc.name}.seccomp: {svc.seccomp} does not exist")
         try:
             images.resolve(svc.image, svc.name)
+        except PreflightError as e:  # no engine at that address: nothing else about images can be said
+            raise ActivatorError(f"{cfg.path}: settings.images: {e}") from None
         except ActivatorError as e:
             raise ActivatorError(f"{cfg.path}: services.{svc.name}.image: {str(e).split(': ', 1)[-1]}") from None
-        except Exception as e:  # no engine to ask: said, not fatal (the daemon waits for it too)
-            print(f"{cfg.path}: services.{svc.name}.image: not checked, the Docker engine did not answer "
-                  f"({type(e).__name__})", file=sys.stderr)
+        except Exception as e:  # the engine stopped answering midway: said, not fatal (the daemon waits for it too)
+            print(f"{cfg.path}: services.{svc.name}.image: not checked, the {cfg.settings.images.name} engine did "
+                  f"not answer ({type(e).__name__})", file=sys.stderr)
         for addr in svc.listen:
             if (svc.name, str(addr)) not in held:
                 bind_listener(addr, svc, cfg).close()  # a one-line ActivatorError if it is taken
@@ -354,7 +356,7 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
 
 def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
     from .checkpoints.host import clean_leftovers, host_network, runc_for
-    from .checkpoints.images import DockerImageSource
+    from .checkpoints.images import ImageSource
     from .statedir import StateDir
 
     async def main() -> int:
@@ -363,7 +365,8 @@ def cmd_cleanup(cfg: Config, args: argparse.Namespace) -> int:
         state.lock()
         try:
             network = host_network(cfg)
-            cleaned = await clean_leftovers(state, runc_for(state), DockerImageSource(state.root), network)
+            images = ImageSource(state.root, cfg.settings.images)
+            cleaned = await clean_leftovers(state, runc_for(state), images, network)
             if network is not None:
                 await asyncio.to_thread(network.close)  # the bridge and firewall rules go too: nothing runs
         finally:

@@ -33,7 +33,7 @@ from activator.statedir import copy_private, open_private
 from activator.tasks import spawn
 
 from . import ociarchive, transfer
-from .images import DockerImageSource, ImageInfo, resolve_user
+from .images import ImageInfo, ImageSource, resolve_user
 from .registry import Registry
 from .store import (
     FORMAT,
@@ -76,7 +76,7 @@ class CheckpointBuilder:
     """Makes checkpoints. Owns nothing long-lived: every template it starts is released before it returns."""
 
     def __init__(
-        self, store: CheckpointStore, images: DockerImageSource, runc: Runc, instances_dir: Path,
+        self, store: CheckpointStore, images: ImageSource, runc: Runc, instances_dir: Path,
         criu: str, runc_version: str, network: HostNetwork | None = None,
     ) -> None:
         self.store = store

@@ -17,7 +17,7 @@ from activator.runtime.sandbox import Sandbox
 from activator.statedir import StateDir
 
 from .builder import CheckpointBuilder
-from .images import DockerImageSource
+from .images import ImageSource
 from .registry import Registry
 from .store import CheckpointStore
 
@@ -42,7 +42,7 @@ class Host:
         return self.builder.network
 
     @property
-    def images(self) -> DockerImageSource:
+    def images(self) -> ImageSource:
         return self.builder.images
 
 
@@ -53,8 +53,9 @@ def open_host(state: StateDir, config: Config) -> Host:
     criu_version = preflight.check_criu(state.criu_binary)
     state.lock()
     runc = runc_for(state)
-    builder = CheckpointBuilder(CheckpointStore(state), DockerImageSource(state.root), runc, state.instances,
-                                criu_version, runc_version, host_network(config))
+    images = ImageSource(state.root, config.settings.images)
+    builder = CheckpointBuilder(CheckpointStore(state), images, runc, state.instances, criu_version, runc_version,
+                                host_network(config))
     if config.settings.checkpoint_registry is not None:
         builder.registry = Registry(config.settings.checkpoint_registry)
     return Host(runc, builder)
@@ -67,7 +68,7 @@ def runc_for(state: StateDir) -> Runc:
     return runc
 
 
-async def clean_leftovers(state: StateDir, runc: Runc, images: DockerImageSource | None = None,
+async def clean_leftovers(state: StateDir, runc: Runc, images: ImageSource | None = None,
                           network: HostNetwork | None = None) -> list[str]:
     """Remove everything a previous run of this state dir left: containers, mounts, namespaces, cgroups,
     instance directories, half-built checkpoints, half-unpacked images and the Docker containers used to

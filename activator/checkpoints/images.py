@@ -1,6 +1,6 @@
-"""The Docker engine as an image source.
+"""The Docker engine (or Podman, through its Docker-compatible API: settings.images) as an image source.
 
-Docker resolves a reference to an image ID and hands over the image config and a flat root filesystem; nothing
+The engine resolves a reference to an image ID and hands over the image config and a flat root filesystem; nothing
 runs under Docker. Root filesystems are unpacked once per image ID into the state directory and then shared,
 read-only, as the lowest overlay layer of the template and of every instance.
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from activator.config.model import DEFAULT_ENGINE_SOCKETS, ImageSettings
 from activator.errors import ImageError, PreflightError
 from activator.runtime import imagefs
 
@@ -48,29 +49,38 @@ class ImageInfo:
         return self.id.split(":", 1)[-1][:16]
 
 
-def _client() -> Any:
-    import docker  # imported here: `activator validate` must work without a Docker engine
+def _client(settings: ImageSettings) -> Any:
+    import docker  # imported here: `activator validate` must work without an engine
 
+    socket = settings.socket
+    if socket is None and (settings.engine == "podman" or not os.environ.get("DOCKER_HOST")):
+        socket = DEFAULT_ENGINE_SOCKETS[settings.engine]
+    where = f"at {socket}" if socket is not None else f"at DOCKER_HOST={os.environ.get('DOCKER_HOST')}"
     try:
-        client = docker.from_env(timeout=120)
+        client = docker.DockerClient(base_url=f"unix://{socket}", timeout=120) if socket is not None else \
+            docker.from_env(timeout=120)
         client.ping()
     except Exception as e:
-        raise PreflightError(
-            f"cannot reach the Docker engine ({type(e).__name__}); start dockerd (make setup does) "
-            "or set DOCKER_HOST"
-        ) from None
+        fix = ("start its API: `systemctl enable --now podman.socket`, or `podman system service --time=0 "
+               f"unix://{socket}`") if settings.engine == "podman" else \
+            "start dockerd (make setup does) or set DOCKER_HOST"
+        raise PreflightError(f"cannot reach the {settings.name} engine {where} ({type(e).__name__}); {fix}, or "
+                             "change settings.images") from None
     return client
 
 
-class DockerImageSource:
-    def __init__(self, state_dir: Path) -> None:
+class ImageSource:
+    """Images from the engine settings.images names (Docker, or Podman through its Docker-compatible API)."""
+
+    def __init__(self, state_dir: Path, settings: ImageSettings | None = None) -> None:
         self.state_dir = state_dir
+        self.settings = settings or ImageSettings()
         self._docker: Any = None
 
     @property
     def docker(self) -> Any:
         if self._docker is None:
-            self._docker = _client()
+            self._docker = _client(self.settings)
         return self._docker
 
     def resolve(self, ref: str, service: str) -> ImageInfo:
@@ -79,9 +89,11 @@ class DockerImageSource:
         try:
             image = self.docker.images.get(ref)
         except docker.errors.ImageNotFound:
+            tool = self.settings.engine
             raise ImageError(
-                f"service '{service}': image '{ref}' is not in the local Docker engine; "
-                f"build or pull it (docker pull {ref}, or make images for the demo images)"
+                f"service '{service}': image '{ref}' is not in the local {self.settings.name} engine; "
+                f"build or pull it ({tool} pull {ref}" + (", or make images for the demo images)" if tool == "docker"
+                                                         else ")")
             ) from None
         except docker.errors.APIError as e:
             raise ImageError(f"service '{service}': cannot read image '{ref}': {e.explanation}") from None

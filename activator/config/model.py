@@ -748,6 +748,27 @@ class NetworkSettings:
             "address or route of the host (Docker's default bridge is 172.17.0.0/16)")
 
 
+IMAGE_ENGINES = ("docker", "podman")
+#: where each engine's Docker-compatible API listens when settings.images.socket is null (docker: DOCKER_HOST first)
+DEFAULT_ENGINE_SOCKETS = {"docker": Path("/var/run/docker.sock"), "podman": Path("/run/podman/podman.sock")}
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Where images come from: an engine's Docker-compatible API, spoken by the Docker SDK. Nothing runs under
+    the engine; it resolves names and hands over image configs and root filesystems."""
+
+    engine: str = key(Text(choices=IMAGE_ENGINES), "docker",
+                      doc="docker, or podman (its Docker-compatible API: `systemctl enable --now podman.socket`)")
+    socket: Path | None = key(AbsPath(), None, nullable=True,
+                              doc="the engine's API socket (null: DOCKER_HOST or /var/run/docker.sock for docker, "
+                                  "/run/podman/podman.sock for podman)")
+
+    @property
+    def name(self) -> str:
+        return "Podman" if self.engine == "podman" else "Docker"
+
+
 @dataclass(frozen=True)
 class RegistrySettings:
     """Where checkpoint images are shared between hosts (docs/multi-host.md): a daemon without a current
@@ -1049,6 +1070,8 @@ class Settings:
                                doc="on SIGTERM, how long open connections may finish before they are cut")
     runc: str = key(Text(), "runc", doc="the runc binary (a name on PATH or a path), built with CRIU support")
     criu: str = key(Text(), "criu", doc="the CRIU binary (a name on PATH or a path) runc and activator run")
+    images: ImageSettings = key(Section(ImageSettings), factory=ImageSettings,
+                                doc="the engine services' images come from (docker, or podman)")
     network: NetworkSettings = key(Section(NetworkSettings), factory=NetworkSettings,
                                    doc="the bridge and subnet instances with network: bridge live on")
     checkpoint_registry: RegistrySettings | None = key(

@@ -11,7 +11,7 @@ import pytest
 
 from activator.checkpoints.builder import CheckpointBuilder
 from activator.checkpoints.host import runc_for
-from activator.checkpoints.images import DockerImageSource
+from activator.checkpoints.images import ImageSource
 from activator.checkpoints.store import CheckpointStore, listening_ports
 from activator.runtime.sandbox import Sandbox, new_name
 from tests.conftest import ECHO, HTTPD, echo, eventually, host_resources, http_get
@@ -128,7 +128,7 @@ async def test_stale_checkpoint_is_rebuilt(start, tmp_path: Path) -> None:  # ty
     runc, store = runc_for(state), CheckpointStore(state)
     origin = first.origin
     def make(criu: str) -> CheckpointBuilder:
-        return CheckpointBuilder(store, DockerImageSource(state.root), runc, state.instances, criu, origin.runc)
+        return CheckpointBuilder(store, ImageSource(state.root), runc, state.instances, criu, origin.runc)
     same, source = await make(origin.criu).ensure(svc.config)
     assert source == "stored" and same.created == first.created
     # A different CRIU makes the old dump unusable: rebuilt, and the record says what it was made with.
