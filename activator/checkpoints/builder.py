@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from activator.config.model import ServiceConfig
-from activator.core import pool
+from activator.config.model import ServiceConfig, probe_paths
+from activator.core import pool, probes
 from activator.errors import ActivatorError, CheckpointError, RuncError, StartError
 from activator.net.network import HostNetwork, kernel_path_possible
 from activator.runtime import applog, extmounts, readiness, seccomp, userns, volumes
@@ -319,7 +319,7 @@ class CheckpointBuilder:
                                   template=True, binds=binds)
             sandbox.write_etc(svc.hostname or svc.name, svc.extra_hosts, svc.depends_on)
             try:
-                await self._start_and_wait(svc, sandbox, tmp / "template.log")
+                answers = await self._start_and_wait(svc, sandbox, tmp / "template.log")
             finally:  # what the template wrote, success or not, is kept with the service's output (activator logs)
                 await asyncio.to_thread(applog.keep, tmp / "template.log", self.store.logs, sandbox.name)
             pid = await sandbox.pid()
@@ -348,7 +348,7 @@ class CheckpointBuilder:
                 listening_ports=ports, created=time.time(), build_seconds=time.monotonic() - started,
                 pages_bytes=pages_bytes(tmp / "criu"), seccomp=filt, kernel_path=kernel_path,
                 external=extmounts.mounts(), dev=tuple(dev), stop_signal=image.stop_signal or "SIGTERM",
-                writes_volumes=written,
+                writes_volumes=written, probe_answers=tuple(sorted(answers.items())),
             )
             return self.store.install(tmp, checkpoint)
         except BaseException as e:
@@ -418,9 +418,12 @@ class CheckpointBuilder:
             rlimits=svc.ulimits, read_only=svc.read_only, tmpfs=tuple((t.target, t.options) for t in svc.tmpfs),
         )
 
-    async def _start_and_wait(self, svc: ServiceConfig, sandbox: Sandbox, output: Path) -> None:
+    async def _start_and_wait(self, svc: ServiceConfig, sandbox: Sandbox, output: Path) -> dict[str, probes.Answer]:
+        """Start the template and wait until it is ready to dump (listening, readiness, warm-up); returns what it
+        answered the probes' paths."""
         # The template's stdio must be a pipe: CRIU cannot dump a descriptor on a host file outside the
         # container, and runc hands pipes over to the restored instance's own stdio on restore.
+        answers: dict[str, probes.Answer] = {}
         r, w = os.pipe()
         copier = spawn(_copy_pipe(r, output), name=f"template-output:{svc.name}", awaited=True)
         try:
@@ -456,7 +459,8 @@ class CheckpointBuilder:
                 raise StartError(f"service '{svc.name}': the app exited right after it started listening; "
                                  f"see {self._log_hint(svc)}")
             warm = svc.warmup.http_paths or svc.warmup.payload is not None
-            if svc.readiness.http_path or svc.readiness.command or warm:
+            paths = probe_paths(svc.probes)
+            if svc.readiness.http_path or svc.readiness.command or warm or paths:
                 before = readiness.held_sockets(pid)
                 if svc.readiness.http_path:
                     await self._wait_http(svc, sandbox, deadline)
@@ -464,6 +468,8 @@ class CheckpointBuilder:
                     await self._wait_command(svc, sandbox, deadline, pid, output)
                 if warm:
                     await self._warm_up(svc, sandbox)
+                for path in paths:
+                    answers[path] = await self._record_probe(svc, sandbox, path)
                 # The dump should not capture these connections (they would come back closed, and they are
                 # not the app's own); the app may close its end lazily, so wait for the descriptors to go.
                 if not await readiness.wait_until(
@@ -483,6 +489,18 @@ class CheckpointBuilder:
             copier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await copier
+        return answers
+
+    async def _record_probe(self, svc: ServiceConfig, sandbox: Sandbox, path: str) -> probes.Answer:
+        """What the template answers a probe of path: what the activator answers it with while nothing runs."""
+        raw = await readiness.http_fetch(sandbox.connector(svc.port), svc.port, path, probes.ANSWER_LIMIT)
+        answer = probes.parse_answer(raw) if raw is not None else None
+        if answer is None:
+            raise StartError(f"service '{svc.name}': the template did not answer GET {path} (probes) with HTTP within "
+                             "5s; fix the probe's http path or remove it")
+        log.info("service=%s probe %s recorded: %d %s, %d bytes", svc.name, path, answer.status, answer.reason,
+                 len(answer.body))
+        return answer
 
     async def _warm_up(self, svc: ServiceConfig, sandbox: Sandbox) -> None:
         """svc.warmup against the template, one request at a time; failures are counted, not fatal (a warm-up is

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from activator.core.probes import Answer
 from activator.runtime.extmounts import DevEntry, dev_from_json
 from activator.runtime.spec import ProcessSpec
 from activator.runtime.userns import IdMap
@@ -78,6 +79,10 @@ class Checkpoint:
     dev: tuple[DevEntry, ...]  # the template's /dev, rebuilt for every instance
     stop_signal: str = "SIGTERM"  # the image's STOPSIGNAL (the service's stop_signal overrides it)
     writes_volumes: tuple[str, ...] = ()  # files of writable volumes the app held open for writing (core.pool.stateful)
+    probe_answers: tuple[tuple[str, Answer], ...] = ()  # (path, what the template answered it): probes
+
+    def probe_answer(self, path: str) -> Answer | None:
+        return next((a for p, a in self.probe_answers if p == path), None)
 
 
     @property
@@ -109,6 +114,7 @@ class Checkpoint:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
+        d["probe_answers"] = [[path, a.to_json()] for path, a in self.probe_answers]
         d["dir"] = str(self.dir)
         d["image_rootfs"] = str(self.image_rootfs)
         return d
@@ -140,6 +146,7 @@ class Checkpoint:
             dev=dev_from_json(d["dev"]),
             stop_signal=d.get("stop_signal", "SIGTERM"),  # absent from checkpoints made before it was kept
             writes_volumes=tuple(d.get("writes_volumes", ())),
+            probe_answers=tuple((str(path), Answer.from_json(a)) for path, a in d.get("probe_answers", ())),
         )
 
 

@@ -488,6 +488,72 @@ class Volumes(Kind):
                             "read_only": {"type": "boolean"}, "external": {"type": "boolean"}}}]}}
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A health check the activator answers itself while the service sleeps (see ServiceConfig.probes)."""
+
+    sources: tuple[Network, ...]  # who the prober is (`from`)
+    http: str | None = None  # a GET or HEAD of this request-target, answered as the template answered it
+    tcp: bool = False  # a connection that sends nothing and closes: answered by being accepted
+
+    def matches_source(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
+        return any(ip in net for net in self.sources)
+
+
+@dataclass(frozen=True)
+class Probes(Kind):
+    """probes: a list of {http: PATH | tcp: true, from: [CIDR, ...]}."""
+
+    def parse(self, raw: Any) -> tuple[Probe, ...]:
+        items = [raw] if isinstance(raw, Mapping) else raw
+        if not isinstance(items, list):
+            raise ValueError(f"expected a list of {{http: /path, from: [CIDR]}} or {{tcp: true, from: [CIDR]}}, "
+                             f"got {_show(raw)}")
+        if len(items) > 32:
+            raise ValueError("more than 32 probes")
+        return tuple(self._one(i, item) for i, item in enumerate(items))
+
+    def _one(self, i: int, item: Any) -> Probe:
+        if not isinstance(item, Mapping) or not set(map(str, item)) <= {"http", "tcp", "from"}:
+            raise ValueError(f"[{i}]: expected {{http: /path, from: [CIDR]}} or {{tcp: true, from: [CIDR]}}, got "
+                             f"{_show(item)}")
+        http, tcp, sources = item.get("http"), item.get("tcp", False), item.get("from")
+        if http is not None and (not isinstance(http, str) or not re.fullmatch(r"/[\x21-\x7e]{0,1000}", http)):
+            raise ValueError(f"[{i}].http: {_show(http)} is not an absolute URL path like /healthz")
+        if not isinstance(tcp, bool):
+            raise ValueError(f"[{i}].tcp: expected true or false, got {_show(tcp)}")
+        if (http is None) == (not tcp):
+            raise ValueError(f"[{i}]: give http: /path or tcp: true (one of them)")
+        if isinstance(sources, str):
+            sources = [sources]
+        if not isinstance(sources, list) or not sources or not all(isinstance(x, str) for x in sources):
+            raise ValueError(f"[{i}].from: the prober's addresses are required, e.g. [10.0.0.0/8] (a probe is "
+                             "recognised by where it comes from)")
+        nets = []
+        for text in sources[:64]:
+            try:
+                nets.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ValueError(f"[{i}].from: '{text[:60]}' is not an address or a CIDR network") from None
+        return Probe(tuple(nets), http, tcp)
+
+    def schema(self) -> dict[str, Any]:
+        one = {"type": "object", "additionalProperties": False, "required": ["from"],
+               "properties": {"http": {"type": "string", "pattern": "^/"}, "tcp": {"type": "boolean"},
+                              "from": {"type": "array", "items": {"type": "string"}, "minItems": 1}}}
+        return {"type": "array", "items": one, "maxItems": 32}
+
+
+def probe_paths(probes: tuple[Probe, ...]) -> list[str]:
+    """What of the probes shapes the checkpoint: the paths whose answers it records (not who asks)."""
+    return sorted({p.http for p in probes if p.http is not None})
+
+
 @dataclass(frozen=True)
 class TmpfsMount:
     target: str
@@ -885,6 +951,13 @@ class ServiceConfig:
             "idle window (2%, or 0.02): an app still working on its own (a batch job, a long request's tail "
             "after its client left) is not killed; it is looked at again an idle_timeout later (null: connections "
             "alone decide)")
+    probes: tuple[Probe, ...] = key(
+        Probes(), (), shapes=True,
+        doc="health checks the activator answers itself, without waking the service or keeping an instance alive: "
+            "[{http: /healthz, from: [10.0.0.0/8]}] answers a GET or HEAD of /healthz from those addresses with what "
+            "the template answered at build time while nothing runs (and asks a running instance itself while one "
+            "does); [{tcp: true, from: [...]}] lets a connection from those addresses that sends nothing be a "
+            "check, never a wake. Anything else from those addresses is served as usual")
     pre_stop: PreStop = key(Section(PreStop), factory=PreStop,
                             doc="an HTTP request made to an instance before it is asked to stop")
     keep_alive_schedule: tuple[schedule.Window, ...] = key(
@@ -1006,6 +1079,9 @@ class ServiceConfig:
         if self.standby:
             raise ValueError("handoff: true: a standby's app would accept from the service's socket between its "
                              "restore and its freeze; set standby: 0 or handoff: false")
+        if self.probes:
+            raise ValueError("handoff: true: the apps accept every connection themselves, so the activator cannot "
+                             "answer probes; remove probes or set handoff: false")
         if self.pre_stop.http_path is not None:
             raise ValueError("handoff: true: a reaped instance is killed while frozen, so that it takes no connection "
                              "from the service's socket, and cannot be asked anything first; remove pre_stop or set "
@@ -1035,7 +1111,7 @@ def signal_number(name: str) -> int:
 
 #: process-shaping keys added after checkpoints were made without them
 ADDED_LATER = frozenset({"volumes", "cap_add", "cap_drop", "hostname", "read_only", "tmpfs", "ulimits", "depends_on",
-                         "readiness.command", "userns"})  # userns: Origin.userns (the range itself) decides
+                         "readiness.command", "userns", "probes"})  # userns: Origin.userns (the range itself) decides
 
 
 def _plain(value: Any) -> Any:
@@ -1054,7 +1130,7 @@ def _shaping(obj: Any, at: str = "") -> dict[str, Any]:
         if f.metadata.get("shapes"):
             if at + f.name in ADDED_LATER and value == f.default:
                 continue  # absent from fingerprints made before the key existed: those stay current
-            out[f.name] = _plain(value)
+            out[f.name] = probe_paths(value) if f.name == "probes" else _plain(value)
         elif is_dataclass(value) and (inner := _shaping(value, f"{at}{f.name}.")):
             out[f.name] = inner
     return out

@@ -69,10 +69,13 @@ class ServiceMetrics:
     kept_warm: Any
     rejected: dict[str, Any]
     pre_stop: dict[str, Any]
+    probes: dict[str, Any]  # "KIND/ANSWER" -> child of activator_probes_total
 
 
 #: ServiceMetrics fields that are not a family of the same name labelled by service alone
-SPECIAL = ("bytes_in", "bytes_out", "rejected", "pre_stop")
+SPECIAL = ("bytes_in", "bytes_out", "rejected", "pre_stop", "probes")
+#: activator_probes_total's (kind, answer) label pairs
+PROBE_LABELS = (("http", "recorded"), ("http", "live"), ("http", "unavailable"), ("tcp", "accepted"))
 #: how a pre_stop request ended (activator_pre_stop_total's result label)
 PRE_STOP_RESULTS = ("ok", "failed", "timeout")
 #: the gauges a Service sets with its own state (the counters are totals per service name and stay shared)
@@ -201,6 +204,10 @@ class Metrics:
                                      "instance (waiting_page)", ["service"], registry=r)
         self.kept_warm = Gauge("activator_kept_warm",
                                "1 while a keep_alive_schedule window keeps the service warm", ["service"], registry=r)
+        self.probes = Counter(
+            "activator_probes", "Health checks answered by the activator itself (probes), by kind (http, tcp) and "
+            "answer (recorded: the template's, nothing running; live: asked of a running instance; unavailable: a "
+            "503, the service cannot serve now; accepted: a TCP check)", ["service", "kind", "answer"], registry=r)
         self.pre_stop = Counter("activator_pre_stop",
                                 "pre_stop requests made to instances before they were asked to stop, by result "
                                 "(ok: a 2xx/3xx answer; failed; timeout)", ["service", "result"], registry=r)
@@ -240,6 +247,7 @@ class Metrics:
             "bytes_out": self.proxied_bytes.labels(name, "out"),
             "rejected": {reason: self.rejected.labels(name, reason) for reason in REJECT_REASONS},
             "pre_stop": {result: self.pre_stop.labels(name, result) for result in PRE_STOP_RESULTS},
+            "probes": {f"{k}/{a}": self.probes.labels(name, k, a) for k, a in PROBE_LABELS},
         }
         return ServiceMetrics(**{
             f.name: special[f.name] if f.name in special else getattr(self, f.name).labels(name)
@@ -261,6 +269,9 @@ class Metrics:
         for result in PRE_STOP_RESULTS:
             with contextlib.suppress(KeyError):
                 self.pre_stop.remove(name, result)
+        for kind, answer in PROBE_LABELS:
+            with contextlib.suppress(KeyError):
+                self.probes.remove(name, kind, answer)
         for family in (self.handoff_repairs, self.kernel_path_failures):
             with contextlib.suppress(KeyError):
                 family.remove(name)

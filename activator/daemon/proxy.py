@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import math
 import socket
@@ -43,9 +44,10 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from activator.checkpoints.instance import Instance
-from activator.core import httpwait, proxy_protocol
+from activator.core import capacity, httpwait, probes, proxy_protocol
 from activator.core.phases import Action, Arm, ArmSilent, Close, ConnectionPhases, KeepReading, Timeouts, Wake, Why
 from activator.errors import Rejected
+from activator.runtime import readiness
 from activator.tasks import spawn
 
 from .service import Lease, Service
@@ -200,6 +202,9 @@ class Connection:
         self.silent_timer: asyncio.TimerHandle | None = None  # until the client's first byte
         self._activation: asyncio.Task[None] | None = None
         self._page_timer: asyncio.TimerHandle | None = None  # waiting_page
+        self.source: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None  # the client's, once probes ask
+        self.prober = False  # it comes from a probe's `from` network
+        self.tcp_probe = False  # ... of a tcp: true probe
 
     @property
     def phase(self) -> str:
@@ -241,7 +246,31 @@ class Connection:
             _refuse(self.client.transport, svc.config.refusal, e)
             return
         self.registry.add(self)
+        if svc.config.probes and (source := self._prober()) is not None:
+            # A prober's connection waits for its request even when an instance runs (it may be a probe, which is
+            # answered here and must not reach an instance or keep one alive); a TCP check's silence wakes nothing.
+            tcp = probes.tcp_prober(svc.config.probes, source)
+            self.tcp_probe = tcp
+            cfg = svc.config
+            self.phases = ConnectionPhases(Timeouts(wake_on_connect=False, wake_grace=None if tcp else cfg.wake_grace,
+                                                    idle=cfg.client_idle_timeout, silent=cfg.client_silent_timeout),
+                                           self.accepted)
+            self._do(self.phases.admitted(self.accepted, needs_wake=True))
+            return
         self._do(self.phases.admitted(self.accepted, needs_wake=svc.needs_wake()))
+
+    def _prober(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The client's address if it is one of the service's probers (a probe's `from`), else None."""
+        assert self.client.transport is not None
+        peer = self.client.transport.get_extra_info("peername")
+        try:
+            source = ipaddress.ip_address(peer[0].split("%", 1)[0])
+        except (TypeError, ValueError, IndexError):  # not an IP socket (tests pass Unix ones): not a prober
+            return None
+        if not probes.any_prober(self.service.config.probes, source):
+            return None
+        self.source, self.prober = source, True
+        return source
 
     def activity(self, end: _End) -> None:
         now = time.monotonic()
@@ -256,10 +285,47 @@ class Connection:
     def wake(self) -> None:
         assert self.client.transport is not None
         self.client.transport.pause_reading()
+        if self.prober and self._answer_probe():
+            return
         self._activation = spawn(self._activate(), name=f"activate:{self.service.name}")
         after = self.service.config.waiting_page
         if after is not None:
             self._page_timer = asyncio.get_running_loop().call_later(after, self._waiting_page)
+
+    # --- probes ---------------------------------------------------------------------------------------------
+
+    def _answer_probe(self) -> bool:
+        """The held request is one of the service's HTTP probes, from its prober: answered here, never spliced
+        (probes.py). False: not one (or nothing recorded to answer it with): served as any connection."""
+        svc = self.service
+        asked = probes.request(bytes(self.client.held))
+        if asked is None or self.source is None:
+            return False
+        method, target = asked
+        if probes.http_probe(svc.config.probes, self.source, target) is None:
+            return False
+        ck = svc.checkpoint
+        if not svc.instances and svc.unhealthy() is None and (ck is None or ck.probe_answer(target) is None):
+            return False  # a checkpoint made before this probe: the app itself answers (and wakes)
+        self._activation = spawn(self._probe(target, head_only=method == "HEAD"), name=f"probe:{svc.name}")
+        return True
+
+    async def _probe(self, target: str, *, head_only: bool) -> None:
+        svc = self.service
+        answer, how = probes.UNAVAILABLE, "unavailable"
+        if svc.unhealthy() is None:
+            inst = capacity.least_loaded(svc.instances)
+            if inst is not None:  # ask it ourselves: the real app's health, on a connection that is not a client's
+                raw = await readiness.http_fetch(inst.sandbox.connector(svc.config.port), svc.config.port, target,
+                                                 probes.ANSWER_LIMIT)
+                answer, how = (parsed, "live") if raw is not None and (parsed := probes.parse_answer(raw)) else \
+                    (probes.UNAVAILABLE, "unavailable")
+            elif svc.checkpoint is not None and (recorded := svc.checkpoint.probe_answer(target)) is not None:
+                answer, how = recorded, "recorded"
+        svc.m.probes[f"http/{how}"].inc()
+        if not self.closed and self.client.transport is not None:
+            self.client.transport.write(probes.render(answer, head_only=head_only))
+        self.close()
 
     def _waiting_page(self) -> None:
         """A browser still waiting for its instance gets the 'starting' page (httpwait.py) and reloads; the start
@@ -290,7 +356,9 @@ class Connection:
 
     def _closed_by_us(self, why: Why) -> None:
         svc = self.service
-        if why is Why.IGNORED:
+        if why is Why.IGNORED and self.tcp_probe:
+            svc.m.probes["tcp/accepted"].inc()
+        elif why is Why.IGNORED:
             svc.m.ignored.inc()
         else:
             svc.m.idle_closes.inc()

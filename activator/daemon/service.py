@@ -410,6 +410,23 @@ class Service:
             best.idle_timer = None
         return best, waited
 
+    def unhealthy(self) -> Rejected | None:
+        """What a probe answered by the activator reports: None while a connection now would be served (an
+        instance runs, or one may be started), else why not. A probe must never say a service that cannot start
+        is up, so a balancer sends its clients elsewhere."""
+        if self._closed:
+            return Rejected("shutting-down", f"service '{self.name}' is shutting down")
+        if self.stopped:
+            return Rejected("stopped", f"service '{self.name}' is stopped")
+        if self.instances:
+            return None
+        if self.checkpoint is None:
+            return self._why_no_instance() if self.checkpoint_problem is not None else \
+                Rejected("no-checkpoint", f"service '{self.name}' has no checkpoint yet", 1.0)
+        if self.start_backoff.active(time.monotonic()):
+            return self._why_no_instance()
+        return None
+
     def _why_no_instance(self) -> Rejected:
         now = time.monotonic()
         if self.checkpoint is None and self.checkpoint_problem is not None:

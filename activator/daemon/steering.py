@@ -34,7 +34,8 @@ class ServiceSteering:
         backends = [Backend(att.ip, self.config.port, att.mark) for i in ordered
                     if (att := i.sandbox.attachment) is not None]
         try:
-            self.network.steer(self.config.name, self.config.listen, backends)
+            self.network.steer(self.config.name, self.config.listen, backends,
+                               exempt=tuple(n for p in self.config.probes for n in p.sources))
         except Exception as e:
             self.failures += 1
             self.network.broken = True

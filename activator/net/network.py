@@ -188,6 +188,7 @@ class HostNetwork:
         self._used: dict[int, str] = {}
         self._steered: dict[str, list[str]] = {}  # service -> its chain's jump rules, installed once
         self._backends: dict[str, list[Backend]] = {}  # service -> what its chain should steer to (for repair)
+        self._exempt: dict[str, tuple[str, ...]] = {}  # service -> the IPv4 networks its chain never steers (probers)
         self.firewall = FirewallHole(self.bridge)
         #: set when a rule change failed (a firewall reload took the table?): the next check repairs
         self.broken = False
@@ -604,11 +605,14 @@ table bridge {t} {{
             cmds += [f"delete counter ip {t} rejected_{name}", f"delete counter ip {t} steered_{name}"]
         self.nft.run("\n".join(cmds))
 
-    def steer(self, service: str, listen: Iterable[ListenAddress], backends: list[Backend]) -> None:
+    def steer(self, service: str, listen: Iterable[ListenAddress], backends: list[Backend],
+              exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()) -> None:
         """Send new connections to the service's IPv4 listen addresses to these backends, round robin in this
-        order; with none, to nobody in the kernel (the activator's listener takes them). One transaction. What
-        is asked is remembered first, so a repair after a failure puts exactly this back."""
+        order; with none, to nobody in the kernel (the activator's listener takes them). Connections from the
+        `exempt` networks (its probers) always go to the activator's listener. One transaction. What is asked
+        is remembered first, so a repair after a failure puts exactly this back."""
         self._backends[service] = list(backends)
+        self._exempt[service] = tuple(str(n) for n in exempt if n.version == 4)
         cmds = []
         if service not in self._steered:
             chain = f"svc_{_ident(service)}"
@@ -621,6 +625,8 @@ table bridge {t} {{
     def _steer_rules(self, service: str) -> list[str]:
         t, chain, backends = self.table, f"svc_{_ident(service)}", self._backends.get(service, [])
         cmds = [f"flush chain ip {t} {chain}"]
+        if backends and (exempt := self._exempt.get(service)):
+            cmds.append(f"add rule ip {t} {chain} ip saddr {{ {', '.join(exempt)} }} return")
         if backends:
             marks = ", ".join(f"{i} : {b.mark:#x}" for i, b in enumerate(backends))
             targets = ", ".join(f"{b.mark:#x} : {b.ip} . {b.port}" for b in backends)

@@ -198,6 +198,25 @@ async def http_ok(connect: Connect, port: int, path: str, method: str = "GET", a
     return await _conversation(connect, talk)
 
 
+async def http_fetch(connect: Connect, port: int, path: str, limit: int, within: float = 5) -> bytes | None:
+    """One HTTP/1.0 GET (so the answer is neither chunked nor kept alive), read to its end or `limit` bytes
+    within `within` seconds; None if it could not be made or did not end in time. The answer is the image's
+    app's, untrusted: the caller parses it (core/probes.py)."""
+    got = bytearray()
+
+    async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+
+        async def read() -> None:
+            while len(got) < limit and (chunk := await reader.read(65536)):
+                got.extend(chunk)
+        await asyncio.wait_for(read(), within)
+        return True
+
+    return bytes(got[:limit]) if await _conversation(connect, talk) else None
+
+
 async def exchange(connect: Connect, payload: bytes) -> bool:
     """Send payload, wait for the first bytes of an answer, close. True if something came back."""
     async def talk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
