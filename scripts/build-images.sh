@@ -3,8 +3,8 @@
 # tests, a Debian minbase image with Tomcat 10 on OpenJDK 17 for the slow-starting demo, and one with Redis and
 # iperf3 for the warm-path benchmark (real servers for real clients: redis-benchmark, iperf3), and a Debian with
 # systemd as PID 1 for the test of the installed unit under a real systemd, and PostgreSQL (a non-root app with
-# its data in a volume) for the user namespace tests.
-#   scripts/build-images.sh [busybox] [tomcat] [redis] [postgres] [systemd]      (default: busybox and tomcat)
+# its data in a volume) for the user namespace tests, and dnsmasq (a DNS server on UDP and TCP) for the UDP tests.
+#   scripts/build-images.sh [busybox] [tomcat] [redis] [postgres] [systemd] [dns]   (default: busybox and tomcat)
 # An image that already exists is kept; FORCE=1 rebuilds.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -12,6 +12,7 @@ set -euo pipefail
 BUSYBOX_IMAGE=activator-demo/busybox:latest
 TOMCAT_IMAGE=activator-demo/tomcat:latest
 REDIS_IMAGE=activator-demo/redis:latest
+DNS_IMAGE=activator-demo/dns:latest
 POSTGRES_IMAGE=activator-test/postgres:latest
 SYSTEMD_IMAGE=activator-test/systemd:latest
 SUITE=${SUITE:-bookworm}
@@ -93,6 +94,25 @@ build_redis() {
     log "built $REDIS_IMAGE"
 }
 
+# dnsmasq from Debian as a DNS server answering from its own records (no upstream, no DHCP), on UDP and TCP port
+# 53: the UDP test app (tests/engine/test_udp.py). --user=root: it drops nothing (the instance's user namespace
+# is the sandbox), and a restored process must not depend on having changed users at start.
+build_dns() {
+    have "$DNS_IMAGE" && return 0
+    local r mirror; r=$(mktemp -d); mirror=$(debian_mirror)
+    log "debootstrap $SUITE with dnsmasq-base from $mirror"
+    debootstrap --variant=minbase --include=dnsmasq-base "$SUITE" "$r" "$mirror" >"$r.log" 2>&1 ||
+        die "debootstrap failed; see $r.log"
+    chroot "$r" apt-get clean
+    rm -rf "$r"/var/lib/apt/lists/*
+    tar -C "$r" -c . | docker import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'CMD ["dnsmasq", "--keep-in-foreground", "--user=root", "--no-resolv", "--no-hosts", "--no-poll", "--port=53", "--log-facility=-", "--address=/activator.test/192.0.2.53", "--txt-record=hello.activator.test,hello from a restored dnsmasq"]' \
+        - "$DNS_IMAGE" >/dev/null
+    rm -rf "$r" "$r.log"
+    log "built $DNS_IMAGE"
+}
+
 # PostgreSQL 15 from Debian, run as user postgres (a non-root app: checkpointed in its user namespace), with a
 # data directory made at build time at /var/lib/postgresql/data (a VOLUME: activator fills a named volume there
 # from it). Test image: every client is trusted (pg_hba `host all all all trust`). Dynamic shared memory is SysV
@@ -158,7 +178,8 @@ for t in "${targets[@]}"; do
         tomcat) build_tomcat ;;
         redis) build_redis ;;
         postgres) build_postgres ;;
+        dns) build_dns ;;
         systemd) build_systemd ;;
-        *) die "unknown image '$t' (busybox, tomcat, redis, postgres, systemd)" ;;
+        *) die "unknown image '$t' (busybox, tomcat, redis, postgres, systemd, dns)" ;;
     esac
 done

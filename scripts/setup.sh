@@ -39,7 +39,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PKGS=(docker.io containerd runc iproute2 debootstrap busybox-static make gcc libc6-dev pkgconf git xz-utils
           ca-certificates python3-venv python3-dev procps util-linux socat systemd
           nftables libnftables1 iptables conntrack redis-tools iperf3 wrk postgresql-client
-          skopeo docker-registry haproxy zstd podman nginx-light caddy curl)
+          skopeo docker-registry haproxy zstd podman nginx-light caddy curl bind9-dnsutils)
 # systemd: systemd-socket-activate and systemd-analyze for the tests, systemd-socket-proxyd for the benchmarks.
 # nftables/libnftables1: instance networking (libnftables in process; `nft` for the tests and for operators);
 # conntrack: the tests' leak checks; redis-tools, iperf3, wrk: real clients for the warm-path benchmark;
@@ -47,7 +47,8 @@ APT_PKGS=(docker.io containerd runc iproute2 debootstrap busybox-static make gcc
 # skopeo: checkpoint images to and from a registry; docker-registry (CNCF distribution) and haproxy: the multi-host
 # test's registry and L4 balancer; zstd: checkpoint image layers (GNU tar --zstd); podman: a checkpoint image made
 # by another engine, for `activator inspect` (tests/engine/test_podman_images.py). nginx-light, caddy, curl: the
-# reverse proxies docs/reverse-proxies.md configures, in front of an http: true service in the tests.
+# reverse proxies docs/reverse-proxies.md configures, in front of an http: true service in the tests;
+# bind9-dnsutils: dig, the real client of the UDP tests.
 CRIU_BUILD_DEPS=(patch libbsd-dev libcap-dev libgnutls28-dev libnet1-dev libnftables-dev libnl-3-dev
                  libprotobuf-c-dev libprotobuf-dev protobuf-c-compiler protobuf-compiler python3-protobuf
                  uuid-dev)

@@ -329,13 +329,15 @@ class CheckpointBuilder:
             await asyncio.to_thread(make_private, tmp / "criu", idmap)  # CRIU writes 0644; the pages are app memory
             await sandbox.release(keep_dir=True)
             os.rename(sandbox.layout.upper, tmp / "diff")
-            ports = await asyncio.to_thread(listening_ports, tmp / "criu")
+            proto = "TCP" if "tcp" in svc.protocol else "UDP"  # a UDP-only app is checked by its UDP socket
+            ports = await asyncio.to_thread(listening_ports, tmp / "criu", proto)
             if svc.port not in ports:
                 raise CheckpointError(
-                    f"service '{svc.name}': the checkpoint listens on {list(ports) or 'no TCP port'}, not on "
+                    f"service '{svc.name}': the checkpoint listens on {list(ports) or f'no {proto} port'}, not on "
                     f"port {svc.port}; set 'port' to the port the app listens on"
                 )
-            kernel_path = self._kernel_path(svc, await asyncio.to_thread(listening_addresses, tmp / "criu", svc.port))
+            kernel_path = self._kernel_path(
+                svc, await asyncio.to_thread(listening_addresses, tmp / "criu", svc.port, proto))
             written = await asyncio.to_thread(files_written, tmp / "criu",
                                               [v.target for v in svc.volumes if not v.read_only])
             if written and svc.stateful == "auto":
@@ -436,7 +438,7 @@ class CheckpointBuilder:
             log.info("service=%s template started; waiting up to %gs for it to listen on port %d", svc.name,
                      budget, svc.port)
             async with _still_waiting(svc.name, f"for the app to listen on port {svc.port}", budget):
-                problem = await sandbox.wait_listening(svc.port, budget)
+                problem = await sandbox.wait_listening(svc.port, budget, udp="tcp" not in svc.protocol)
             if problem is not None and problem.startswith("elsewhere:"):
                 ports = problem.split(":", 1)[1]
                 first = ports.split(",")[0]

@@ -390,7 +390,7 @@ class InstanceLauncher:
 
     async def _wait_listening(self, sb: Sandbox, timeout: float, knob: str) -> None:
         port = self.config.port
-        problem = await sb.wait_listening(port, timeout)
+        problem = await sb.wait_listening(port, timeout, udp="tcp" not in self.config.protocol)
         if problem is not None:
             state = "exited" if problem == "exited" else f"was not listening on port {port} within {timeout:g}s"
             raise StartError(f"service '{self.config.name}': the app {state} ({knob})")

@@ -162,22 +162,29 @@ def _load_img(path: Path) -> dict[str, Any]:
     return result
 
 
-def listening_ports(images: Path) -> tuple[int, ...]:
-    """TCP ports the dumped processes listen on, read from CRIU's image files."""
+def _listener(entry: dict[str, Any], proto: str) -> bool:
+    """A TCP listener, or (proto UDP) a UDP socket, which has no listening state: any bound one."""
+    if proto == "UDP":
+        return entry.get("proto") in ("UDP", 17)
+    return entry.get("proto") in ("TCP", 6) and entry.get("state") in ("LISTEN", 10)
+
+
+def listening_ports(images: Path, proto: str = "TCP") -> tuple[int, ...]:
+    """TCP ports the dumped processes listen on (or UDP ports they are bound to), read from CRIU's image files."""
     ports: set[int] = set()
     for isk in _socket_entries(images):
-        if isk.get("proto") in ("TCP", 6) and isk.get("state") in ("LISTEN", 10):
+        if _listener(isk, proto):
             src = isk.get("src_port", [])
             ports.update(int(p) for p in (src if isinstance(src, list) else [src]))
     return tuple(sorted(ports))
 
 
-def listening_addresses(images: Path, port: int) -> list[str]:
+def listening_addresses(images: Path, port: int, proto: str = "TCP") -> list[str]:
     """The addresses the dumped app listens on for port ("0.0.0.0", "127.0.0.1", ...; "::" only for a
     dual-stack socket, "::/v6only" for one that takes IPv6 alone)."""
     found = []
     for e in _socket_entries(images):
-        if e.get("proto") not in ("TCP", 6) or e.get("state") not in ("LISTEN", 10):
+        if not _listener(e, proto):
             continue
         src = e.get("src_port", [])
         if port not in (src if isinstance(src, list) else [src]):

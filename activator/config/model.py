@@ -187,6 +187,21 @@ class Schedule(Kind):
 
 
 @dataclass(frozen=True)
+class Protocols(Kind):
+    """protocol: tcp, udp, or both as a list ([tcp, udp], as a DNS server listens)."""
+
+    def parse(self, raw: Any) -> tuple[str, ...]:
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not items or not all(v in ("tcp", "udp") for v in items):
+            raise ValueError(f"expected tcp, udp or [tcp, udp], got {_show(raw)}")
+        return tuple(p for p in ("tcp", "udp") if p in items)
+
+    def schema(self) -> dict[str, Any]:
+        one = {"type": "string", "enum": ["tcp", "udp"]}
+        return {"oneOf": [one, {"type": "array", "items": one, "minItems": 1, "uniqueItems": True}]}
+
+
+@dataclass(frozen=True)
 class Text(Kind):
     choices: tuple[str, ...] = ()
     pattern: str | None = None
@@ -883,6 +898,18 @@ class ServiceConfig:
                      doc="a local Docker image (the image source; nothing runs under Docker)")
     listen: tuple[ListenAddress, ...] = key(Listen(), doc="HOST:PORT to accept clients on, or a list of them")
     port: int = key(Int(1, 65535), shapes=True, doc="the port the app listens on inside its container")
+    protocol: tuple[str, ...] = key(
+        Protocols(), ("tcp",), shapes=True,
+        doc="tcp, udp, or [tcp, udp] (a DNS server): for udp the activator listens for datagrams on the same "
+            "addresses; the first one from a client wakes the service, and it and those that follow are held "
+            "(udp_queue) and delivered in order")
+    udp_flow_timeout: float = key(
+        Duration(1, HOUR), 30.0,
+        doc="a UDP flow (one client address and port) with no datagram either way for this long is over: its "
+            "instance may go idle, and its next datagram is a new flow (on the kernel path: its conntrack timeout)")
+    udp_queue: int = key(Int(1, 100_000), 64,
+                         doc="datagrams held per UDP flow while its instance starts; past it they are dropped and "
+                             "counted (activator_udp_dropped_total)")
     command: tuple[str, ...] | None = key(Args(), None, nullable=True, shapes=True,
                                           doc="overrides the image's Cmd (like compose)")
     entrypoint: tuple[str, ...] | None = key(Args(), None, nullable=True, shapes=True,
@@ -1056,6 +1083,8 @@ class ServiceConfig:
         if self.stateful is True and self.max_instances > 1:
             raise ValueError(f"stateful: true runs one instance at a time; max_instances ({self.max_instances}) "
                              "must be 1")
+        if "udp" in self.protocol:
+            self._check_udp()
         if self.waiting_page is not None and not self.http:
             raise ValueError("waiting_page answers HTTP requests; set http: true (the service speaks HTTP/1.x) or "
                              "remove waiting_page")
@@ -1066,6 +1095,16 @@ class ServiceConfig:
             raise ValueError(f"cap_add: {', '.join(netcaps)} gives nothing in the instance's user namespace (its "
                              "network namespace is made outside it, so no capability over the network is held); "
                              "set 'userns: host' for an app that needs it")
+
+    def _check_udp(self) -> None:
+        if not self.listen:
+            raise ValueError("protocol: udp needs listen addresses: the activator binds its UDP sockets itself "
+                             "(systemd's datagram sockets are not taken over)")
+        if self.handoff:
+            raise ValueError("handoff: true hands over a TCP listening socket; use it without udp in protocol")
+        if self.proxy_protocol is not None:
+            raise ValueError("proxy_protocol: the PROXY header is written into TCP streams only; remove it or use "
+                             "protocol: tcp")
 
     @property
     def refusal(self) -> str:
@@ -1110,8 +1149,9 @@ def signal_number(name: str) -> int:
 
 
 #: process-shaping keys added after checkpoints were made without them
+# userns: Origin.userns (the range itself) decides
 ADDED_LATER = frozenset({"volumes", "cap_add", "cap_drop", "hostname", "read_only", "tmpfs", "ulimits", "depends_on",
-                         "readiness.command", "userns", "probes"})  # userns: Origin.userns (the range itself) decides
+                         "readiness.command", "userns", "probes", "protocol"})
 
 
 def _plain(value: Any) -> Any:

@@ -38,6 +38,7 @@ from .metrics import Metrics
 from .proxy import ConnectionSet, client_protocol_factory
 from .service import Service
 from .steering import ServiceSteering
+from .udp import UdpFront
 
 log = logging.getLogger("activator")
 
@@ -57,7 +58,8 @@ class Fleet:
         self.metrics = metrics
         self.services: dict[str, Service] = {}
         self.connections = ConnectionSet()
-        self.listeners: dict[str, list[socket.socket]] = {}  # service -> its listening sockets
+        self.listeners: dict[str, list[socket.socket]] = {}  # service -> its listening sockets (TCP, then UDP)
+        self.udp_fronts: dict[socket.socket, UdpFront] = {}  # a UDP listening socket -> what serves it (udp.py)
         self.servers: dict[str, list[tuple[socket.socket, asyncio.Server]]] = {}
         # handoff services' sockets: accepted on by a reader, not a server (accepting())
         self.readers: dict[str, list[socket.socket]] = {}
@@ -168,7 +170,8 @@ class Fleet:
         """The service's kernel-side counters, max_connections and connection timeouts, before its first
         connection is accepted."""
         if self.network is not None and kernel_path_possible(svc):
-            self.network.limit(svc.name, svc.listen, svc.max_connections, svc.client_idle_timeout)
+            self.network.limit(svc.name, svc.listen, svc.max_connections, svc.client_idle_timeout,
+                               svc.udp_flow_timeout if "udp" in svc.protocol else None)
 
     def use(self, svc: ServiceConfig, checkpoint: Checkpoint) -> None:
         """Hand a service its checkpoint, and its kernel path: its socket handed to its apps (handoff), or a
@@ -223,6 +226,11 @@ class Fleet:
         factory = client_protocol_factory(current, self.connections)
         handoff = self.services[name].config.handoff
         for sock in socks:
+            if sock.type == socket.SOCK_DGRAM:
+                front = UdpFront(current, sock.getsockname()[1])
+                await loop.create_datagram_endpoint(lambda f=front: f, sock=sock)  # type: ignore[misc]
+                self.udp_fronts[sock] = front
+                continue
             if handoff:
                 self.readers.setdefault(name, []).append(sock)
                 if name not in self.paused:
@@ -314,6 +322,8 @@ class Fleet:
         self.readers[name] = readers
         for sock in self.listeners.get(name, []):
             if sock not in keep:
+                if (front := self.udp_fronts.pop(sock, None)) is not None:
+                    front.close()  # its flows end (their leases released) and its transport closes the socket
                 sock.close()  # closing the server detached it already (uvloop): this is for a socket never served
         self.listeners[name] = [sock for sock in self.listeners.get(name, []) if sock in keep]
         if not self.listeners[name]:

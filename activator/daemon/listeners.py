@@ -20,16 +20,19 @@ BACKLOG = 1024
 IP_FREEBIND = 15  # linux/in.h; Python's socket module does not name it
 
 
-def bind_listener(addr: ListenAddress, svc: ServiceConfig, config: Config) -> socket.socket:
+def bind_listener(addr: ListenAddress, svc: ServiceConfig, config: Config, *, udp: bool = False) -> socket.socket:
+    """The listening TCP socket for addr (udp: the bound UDP socket)."""
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if not udp:  # for UDP it would let another process bind the same port too, and take half the datagrams
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if addr.host == str(next(config.settings.network.subnet.hosts())):
             # the bridge's address (where dependants reach a dependency): the bridge may not be up yet (validate)
             sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         sock.bind((addr.host, addr.port))
-        sock.listen(BACKLOG)
+        if not udp:
+            sock.listen(BACKLOG)
     except OSError as e:
         sock.close()
         why = {
@@ -37,9 +40,27 @@ def bind_listener(addr: ListenAddress, svc: ServiceConfig, config: Config) -> so
             errno.EADDRNOTAVAIL: "is not an address of this host; fix the host part",
             errno.EACCES: "needs more privileges",
         }.get(e.errno or 0, e.strerror or str(e))
-        raise ActivatorError(f"{config.path}: services.{svc.name}.listen: {addr} {why}") from None
+        raise ActivatorError(f"{config.path}: services.{svc.name}.listen: {addr}{' (UDP)' if udp else ''} {why}"
+                             ) from None
     sock.setblocking(False)
     return sock
+
+
+def udp_sockets(svc: ServiceConfig, config: Config, have: list[socket.socket]) -> list[socket.socket]:
+    """A bound UDP socket for each of a `protocol: udp` service's listen addresses that `have` lacks. All or
+    none."""
+    out: list[socket.socket] = []
+    if "udp" not in svc.protocol:
+        return out
+    try:
+        for addr in svc.listen:
+            if not any(systemd.same_address(s, addr, socket.SOCK_DGRAM) for s in have):
+                out.append(bind_listener(addr, svc, config, udp=True))
+    except BaseException:
+        for sock in out:
+            sock.close()
+        raise
+    return out
 
 
 def take_all(config: Config, handed_in: list[tuple[str, socket.socket]]
@@ -66,7 +87,7 @@ def take_all(config: Config, handed_in: list[tuple[str, socket.socket]]
                              address_of(sock))
                     out.append((svc, sock))
                 continue
-            for addr in svc.listen:
+            for addr in svc.listen if "tcp" in svc.protocol else ():
                 match = next((s for s in left if systemd.same_address(s, addr)), None)
                 if match is not None:
                     left.remove(match)
@@ -75,6 +96,7 @@ def take_all(config: Config, handed_in: list[tuple[str, socket.socket]]
                     out.append((svc, match))
                 else:
                     out.append((svc, bind_listener(addr, svc, config)))
+            out += [(svc, sock) for sock in udp_sockets(svc, config, [])]
         if left:
             where = left[0].getsockname()
             raise ActivatorError(

@@ -66,6 +66,7 @@ class ServiceMetrics:
     standby_memory: Any
     idle_cpu_busy: Any
     waiting_pages: Any
+    udp_dropped: Any
     kept_warm: Any
     rejected: dict[str, Any]
     pre_stop: dict[str, Any]
@@ -199,6 +200,9 @@ class Metrics:
         self.idle_cpu_busy = Counter(
             "activator_idle_cpu_busy", "Idle checks that kept an instance with no connection because its app was "
             "still using CPU (idle_cpu_below)", ["service"], registry=r)
+        self.udp_dropped = Counter("activator_udp_dropped",
+                                   "UDP datagrams dropped: past udp_queue while their flow waited for an instance, "
+                                   "or refused by admission control", ["service"], registry=r)
         self.waiting_pages = Counter("activator_waiting_pages",
                                      "Browsers' page loads answered with the 'starting' page while they waited for an "
                                      "instance (waiting_page)", ["service"], registry=r)

@@ -24,7 +24,7 @@ from activator.tasks import spawn
 from . import systemd
 from .builds import Builds
 from .fleet import Fleet
-from .listeners import bind_listener
+from .listeners import bind_listener, udp_sockets
 
 log = logging.getLogger("activator")
 
@@ -113,9 +113,11 @@ class Reloader:
         try:
             for svc in (*p.added, *(c.new for c in p.changed)):
                 have = self.fleet.listeners.get(svc.name, [])
-                for addr in svc.listen:
+                for addr in svc.listen if "tcp" in svc.protocol else ():
                     if not any(systemd.same_address(sock, addr) for sock in have):
                         bound.setdefault(svc.name, []).append(bind_listener(addr, svc, new))
+                if udp := udp_sockets(svc, new, have):
+                    bound.setdefault(svc.name, []).extend(udp)
         except BaseException:
             for socks in bound.values():
                 for sock in socks:
@@ -155,8 +157,11 @@ class Reloader:
         fleet.link_dependencies()
         fleet.withdraw(old, removed=False)
         fleet.limit(svc)
-        keep = tuple(sock for sock in fleet.listeners.get(name, [])
-                     if any(systemd.same_address(sock, a) for a in svc.listen))
+        def kept(sock: socket.socket) -> bool:  # a TCP socket for a TCP address, a UDP one for a UDP address
+            proto = "udp" if sock.type == socket.SOCK_DGRAM else "tcp"
+            return proto in svc.protocol and any(systemd.same_address(sock, a, sock.type) for a in svc.listen)
+
+        keep = tuple(sock for sock in fleet.listeners.get(name, []) if kept(sock))
         fleet.unlisten(name, keep)
         fleet.listeners.setdefault(name, []).extend(fresh)
         fleet.use(svc, checkpoint)  # after the listeners: with handoff, its apps get the new definition's socket

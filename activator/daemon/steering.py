@@ -35,7 +35,8 @@ class ServiceSteering:
                     if (att := i.sandbox.attachment) is not None]
         try:
             self.network.steer(self.config.name, self.config.listen, backends,
-                               exempt=tuple(n for p in self.config.probes for n in p.sources))
+                               exempt=tuple(n for p in self.config.probes for n in p.sources),
+                               protocols=self.config.protocol)
         except Exception as e:
             self.failures += 1
             self.network.broken = True

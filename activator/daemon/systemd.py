@@ -64,9 +64,10 @@ def listen_fds() -> list[tuple[str, socket.socket]]:
     return socks
 
 
-def same_address(sock: socket.socket, addr: ListenAddress) -> bool:
-    """Does this bound socket listen on addr? Addresses compare as IPs ('::' == '0:0::0')."""
-    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+def same_address(sock: socket.socket, addr: ListenAddress, kind: int = socket.SOCK_STREAM) -> bool:
+    """Does this bound socket listen on addr (a TCP one; kind SOCK_DGRAM: a UDP one)? Addresses compare as IPs
+    ('::' == '0:0::0')."""
+    if sock.type != kind or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     host, port = sock.getsockname()[:2]
     try:

@@ -51,6 +51,7 @@ import ipaddress
 import logging
 import math
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -137,6 +138,11 @@ class ServiceLimits:
     listen: tuple[ListenAddress, ...]
     max_connections: int | None
     client_idle_timeout: float | None
+    udp_flow_timeout: float | None = None  # a UDP service's (None: it takes no UDP)
+
+    @property
+    def udp_policy(self) -> str | None:
+        return None if self.udp_flow_timeout is None else f"udp_{max(1, math.ceil(self.udp_flow_timeout))}"
 
     @property
     def idle_seconds(self) -> int | None:
@@ -397,10 +403,12 @@ table ip {t} {{
     chain timeouts_in {{
         type filter hook prerouting priority mangle; policy accept;
         ct state new tcp flags & (fin|syn|rst|ack) == syn jump timeouts
+        ct state new meta l4proto udp jump timeouts
     }}
     chain timeouts_out {{
         type filter hook output priority mangle; policy accept;
         ct state new tcp flags & (fin|syn|rst|ack) == syn jump timeouts
+        ct state new meta l4proto udp jump timeouts
     }}
     chain timeouts {{ }}
     chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}
@@ -535,36 +543,37 @@ table bridge {t} {{
         that keeps the instance alive."""
         t = self.table
         rules = [f"flush chain ip {t} acct"]
+        # A UDP flow is never assured unless it lasts (a DNS query and its answer are not): it counts once the
+        # app has answered it (seen-reply), which a spoofed datagram's flow never is.
         for att in self._plugged.values():
             m, mine = att.mark, f"ct mark & {NOT_COUNTED:#x} == {att.mark:#x}"
-            rules.append(f"add rule ip {t} acct ct mark {m:#x} ct status assured counter name conns_{m:x} "
-                         f"ct mark set ct mark | {COUNTED:#x}")
-            rules.append(f"add rule ip {t} acct {mine} ct status assured ct direction original "
-                         f"counter name in_{m:x}")
-            rules.append(f"add rule ip {t} acct {mine} ct status assured ct direction reply "
-                         f"counter name out_{m:x}")
+            for proven in ("meta l4proto tcp ct status assured", "meta l4proto udp ct status seen-reply"):
+                rules.append(f"add rule ip {t} acct ct mark {m:#x} {proven} counter name conns_{m:x} "
+                             f"ct mark set ct mark | {COUNTED:#x}")
+                rules.append(f"add rule ip {t} acct {mine} {proven} ct direction original counter name in_{m:x}")
+                rules.append(f"add rule ip {t} acct {mine} {proven} ct direction reply counter name out_{m:x}")
         return "\n".join(rules)
 
     # --- steering -------------------------------------------------------------------------------------------
 
-    def _jumps(self, listen: Iterable[ListenAddress], chain: str) -> list[str]:
+    def _jumps(self, listen: Iterable[ListenAddress], chain: str, protocols: tuple[str, ...] = ("tcp",)) -> list[str]:
         jumps = []
         for addr in listen:
             ip = ipaddress.ip_address(addr.host)
             if ip.version != 4:
                 continue  # IPv6 listen addresses stay on the userspace path (see docs/architecture.md)
             match = "fib daddr type local" if ip.is_unspecified else f"ip daddr {ip}"
-            jumps.append(f"{match} tcp dport {addr.port} jump {chain}")
+            jumps += [f"{match} {proto} dport {addr.port} jump {chain}" for proto in protocols]
         return jumps
 
     def limit(self, service: str, listen: Iterable[ListenAddress], max_connections: int | None,
-              client_idle_timeout: float | None = None) -> None:
+              client_idle_timeout: float | None = None, udp_flow_timeout: float | None = None) -> None:
         """The service's kernel-side counters, its max_connections enforced before DNAT on the listen address
         (one count for both paths, the kernel's and the activator's own listener), and its connections'
         conntrack timeouts (half-open: SYN_TIMEOUT; idle: client_idle_timeout). Installed at start, before any
         connection is accepted, so every one is counted."""
         name = _ident(service)
-        self._limits[service] = ServiceLimits(tuple(listen), max_connections, client_idle_timeout)
+        self._limits[service] = ServiceLimits(tuple(listen), max_connections, client_idle_timeout, udp_flow_timeout)
         self.nft.run("\n".join([f"add counter ip {self.table} rejected_{name}",
                                 f"add counter ip {self.table} steered_{name}", *self._limit_rules()]))
 
@@ -580,6 +589,12 @@ table bridge {t} {{
                         f"syn_sent: {SYN_TIMEOUT}, syn_recv: {SYN_TIMEOUT}"
                         + (f", established: {lim.idle_seconds}" if lim.idle_seconds else "") + " }; }")
             cmds += [f'add rule ip {t} timeouts {match} ct timeout set "{policy}"' for match in matches]
+            if (udp := lim.udp_policy) is not None:  # a UDP flow's idleness, both before and after a reply
+                secs = udp.removeprefix("udp_")
+                cmds.append(f"add ct timeout ip {t} {udp} {{ protocol udp; l3proto ip; policy = {{ unreplied: {secs}, "
+                            f"replied: {secs} }}; }}")
+                cmds += [f'add rule ip {t} timeouts {rule.rsplit(" jump ", 1)[0]} ct timeout set "{udp}"'
+                         for rule in self._jumps(lim.listen, "-", ("udp",))]
             if lim.max_connections is None:
                 continue
             reject = (f"ct state new ct count over {lim.max_connections} counter name rejected_{_ident(service)} "
@@ -606,7 +621,8 @@ table bridge {t} {{
         self.nft.run("\n".join(cmds))
 
     def steer(self, service: str, listen: Iterable[ListenAddress], backends: list[Backend],
-              exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()) -> None:
+              exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
+              protocols: tuple[str, ...] = ("tcp",)) -> None:
         """Send new connections to the service's IPv4 listen addresses to these backends, round robin in this
         order; with none, to nobody in the kernel (the activator's listener takes them). Connections from the
         `exempt` networks (its probers) always go to the activator's listener. One transaction. What is asked
@@ -616,7 +632,7 @@ table bridge {t} {{
         cmds = []
         if service not in self._steered:
             chain = f"svc_{_ident(service)}"
-            jumps = self._jumps(listen, chain)
+            jumps = self._jumps(listen, chain, protocols)
             cmds += [f"add chain ip {self.table} {chain}",
                      *(f"add rule ip {self.table} {hook} {j}" for hook in ("prerouting", "output") for j in jumps)]
             self._steered[service] = jumps
@@ -632,11 +648,12 @@ table bridge {t} {{
             targets = ", ".join(f"{b.mark:#x} : {b.ip} . {b.port}" for b in backends)
             # A SYN only: a segment of a connection conntrack no longer knows (idle-timed out, flushed) is not
             # picked up mid-stream by some instance; it reaches the host, which resets it.
-            syn = "tcp flags & (fin|syn|rst|ack) == syn"
-            cmds.append(f"add rule ip {t} {chain} {syn} ct mark set numgen inc mod {len(backends)} "
-                        f"map {{ {marks} }}")
-            cmds.append(f"add rule ip {t} {chain} {syn} counter name steered_{_ident(service)} "
-                        f"dnat ip to ct mark map {{ {targets} }}")
+            # A UDP flow's first datagram (conntrack: new); later ones follow its entry, so a flow is never split.
+            for first in ("tcp flags & (fin|syn|rst|ack) == syn", "meta l4proto udp ct state new"):
+                cmds.append(f"add rule ip {t} {chain} {first} ct mark set numgen inc mod {len(backends)} "
+                            f"map {{ {marks} }}")
+                cmds.append(f"add rule ip {t} {chain} {first} counter name steered_{_ident(service)} "
+                            f"dnat ip to ct mark map {{ {targets} }}")
         return cmds
 
     # --- surviving the host's firewall tools (blocking) ----------------------------------------------------
@@ -734,11 +751,29 @@ def connections(base: int) -> dict[int, tuple[int, int]]:
     for raw_mark, state in conntrack.dump(base, MARK_MASK | EGRESS):
         mark = raw_mark & NOT_COUNTED
         n, half = counts.get(mark, (0, 0))
-        if state in OPEN_TCP_STATES:
+        if state in OPEN_TCP_STATES or state is None:  # None: not TCP, a UDP flow (conntrack's own timeout)
             counts[mark] = (n + 1, half)
         elif state in HALF_OPEN_TCP_STATES:
             counts[mark] = (n, half + 1)
     return counts
+
+
+def forget_udp_flow(client: tuple[str, int], listen_port: int) -> int:
+    """Blocking. Delete the host's conntrack entries of one UDP flow to the activator's own socket (client ->
+    listen port), so that the client's next datagram is a new flow (which the kernel path may DNAT). How many."""
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    gone = 0
+    if ":" in client[0]:
+        return 0  # IPv6 flows are never steered in the kernel: nothing to make way for
+    with Conntrack() as ct:
+        want = NFCTAttrTuple(saddr=client[0], proto=socket.IPPROTO_UDP, sport=client[1], dport=listen_port)
+        for entry in list(ct.dump_entries(tuple_orig=want)):
+            with contextlib.suppress(Exception):
+                ct.delete(entry)
+                gone += 1
+    return gone
 
 
 def flush_conntrack(marks: Iterable[int], mask: int = 0xFFFFFFFF) -> None:

@@ -34,6 +34,18 @@ def _tcp_rows(pid: int) -> list[list[str]]:
     return rows
 
 
+def udp_ports(pid: int) -> set[int]:
+    """Local ports of the UDP sockets in pid's network namespace (a UDP server's is bound, never listening)."""
+    ports: set[int] = set()
+    for name in ("udp", "udp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        ports |= {int(f[1].rsplit(":", 1)[1], 16) for line in lines if len(f := line.split()) > 9}
+    return ports
+
+
 def socket_table(pid: int) -> list[tuple[int, int]]:
     """(local port, state) of every TCP socket in pid's network namespace."""
     return [(int(f[1].rsplit(":", 1)[1], 16), int(f[3], 16)) for f in _tcp_rows(pid)]

@@ -390,10 +390,11 @@ class Sandbox:
     async def alive(self) -> bool:
         return await self.pid() is not None
 
-    async def wait_listening(self, port: int, timeout: float) -> str | None:
-        """None once the app listens on port (read from /proc: no connection is made); else "exited", "timeout",
-        or "elsewhere:P1,P2" when it has listened on other ports only, for ELSEWHERE_GRACE seconds (a wrong
-        `port` is said at once, not after the whole readiness timeout)."""
+    async def wait_listening(self, port: int, timeout: float, *, udp: bool = False) -> str | None:
+        """None once the app listens on port (read from /proc: no connection is made; with udp, once it has a
+        UDP socket bound to it); else "exited", "timeout", or "elsewhere:P1,P2" when it has listened on other
+        ports only, for ELSEWHERE_GRACE seconds (a wrong `port` is said at once, not after the whole readiness
+        timeout)."""
         pid = await self.pid()
         elsewhere: list[int] = []
         since: float | None = None
@@ -401,7 +402,8 @@ class Sandbox:
         def check() -> bool:
             nonlocal since, elsewhere
             assert pid is not None
-            ports = {p for p, st in readiness.socket_table(pid) if st == readiness.TCP_LISTEN}
+            ports = readiness.udp_ports(pid) if udp else \
+                {p for p, st in readiness.socket_table(pid) if st == readiness.TCP_LISTEN}
             if port in ports:
                 return True
             if not ports:
@@ -413,7 +415,8 @@ class Sandbox:
             return now - since >= ELSEWHERE_GRACE
 
         if pid is not None and await readiness.wait_until(check, timeout=timeout, alive=self.alive):
-            return None if not elsewhere or readiness.is_listening(pid, port) else \
+            listening = port in readiness.udp_ports(pid) if udp else readiness.is_listening(pid, port)
+            return None if not elsewhere or listening else \
                 "elsewhere:" + ",".join(map(str, elsewhere))
         return "timeout" if await self.alive() else "exited"
 

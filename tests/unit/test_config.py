@@ -300,3 +300,27 @@ def test_registry_and_agent_settings_parse() -> None:
     assert reg is not None and reg.repository == "10.0.0.1:5000/fleet/ckpt" and not reg.tls_verify and reg.push
     assert agent is not None and agent.listen == ListenAddress("10.0.0.2", 9300) and agent.drain_notice == 2.0
     assert parse_config(MINIMAL, P).settings.agent is None
+
+
+def test_udp_services() -> None:
+    """protocol (issue 22 item 1): tcp, udp or both; UDP keys bounded; what UDP cannot do refused in one line."""
+    from activator.config.model import parse_config as parse
+
+    def svc(extra: str):  # type: ignore[no-untyped-def]
+        return parse(f"services:\n  dns: {{image: x, listen: 5353, port: 53{extra}}}\n", Path("/x.yaml")).services[0]
+
+    assert svc("").protocol == ("tcp",)
+    assert svc(", protocol: udp").protocol == ("udp",)
+    assert svc(", protocol: [udp, tcp]").protocol == ("tcp", "udp")
+    s = svc(", protocol: udp, udp_flow_timeout: 10s, udp_queue: 5")
+    assert s.udp_flow_timeout == 10.0 and s.udp_queue == 5
+    assert svc("").checkpoint_fingerprint() == svc(", protocol: tcp").checkpoint_fingerprint() \
+        != svc(", protocol: [tcp, udp]").checkpoint_fingerprint()
+    for extra, says in [(", protocol: sctp", "expected tcp, udp or [tcp, udp]"),
+                        (", protocol: []", "expected tcp, udp or [tcp, udp]"),
+                        (", protocol: udp, handoff: true", "handoff: true hands over a TCP listening socket"),
+                        (", protocol: udp, proxy_protocol: v2", "the PROXY header is written into TCP streams"),
+                        (", udp_queue: 0", "udp_queue: 0 is out of range")]:
+        with pytest.raises(ConfigError, match="^/x.yaml: services.dns") as e:
+            svc(extra)
+        assert says in str(e.value), str(e.value)
