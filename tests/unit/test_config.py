@@ -321,6 +321,6 @@ def test_udp_services() -> None:
                         (", protocol: udp, handoff: true", "handoff: true hands over a TCP listening socket"),
                         (", protocol: udp, proxy_protocol: v2", "the PROXY header is written into TCP streams"),
                         (", udp_queue: 0", "udp_queue: 0 is out of range")]:
-        with pytest.raises(ConfigError, match="^/x.yaml: services.dns") as e:
+        with pytest.raises(ConfigError, match=r"^/x\.yaml: services\.dns") as e:
             svc(extra)
         assert says in str(e.value), str(e.value)
