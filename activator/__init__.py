@@ -10,7 +10,13 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic). Reading 
     server      the one lifecycle owner: startup, main loop, reload, drain, shutdown; checkpoint retries
     reload      pure: what a reload changes (added, removed, changed, unchanged; settings that need a restart)
     listeners   listening sockets: handed in (LISTEN_FDS, a caller's) matched by address or name, the rest bound
-    proxy       a client connection: held until it is real, then waking, then spliced (header, held bytes, EOF)
+    proxy       a client connection: held until it is real, then waking, then spliced (header, held bytes, EOF);
+                a prober's request answered, a browser's waiting page
+    udp         a UDP service's datagram socket and its flows: held while it wakes, relayed, ended when quiet
+    probes      pure: which held request is a health check, and the answer (recorded, or an instance's), rebuilt
+    httpwait    pure: which held request is a browser's page load, and the page that reloads itself
+    liveview    pure: `activator top`'s frame from two status answers
+    schedule    pure: keep_alive_schedule windows in local time
     service     one service: admission (Lease), scale-out, waiting, backoff, idle reap
     capacity    pure: which instance takes a connection, how many more to start, backoff, the descriptor budget
     proxy_protocol  pure: PROXY protocol v1/v2 headers
@@ -34,7 +40,7 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic). Reading 
     cgroups     an instance's cgroups, emptied and removed even when runc cannot
     readiness   "is the app listening?" without opening probe connections
     builder     making checkpoints: template, readiness, dump (only `run`'s startup and `checkpoint` need it)
-    images      the Docker engine as an image source: image config and an unpacked root filesystem
+    images      the image source (Docker, or Podman's Docker-compatible API): image config and an unpacked rootfs
     statedir    state_dir's whole layout, its lock, and who may read it (root only)
     host        preflight + lock + crash leftovers, shared by `run`, `checkpoint` and `cleanup`
     preflight   host checks (root, runc, CRIU, pycriu) and the descriptor limit
@@ -43,7 +49,7 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic). Reading 
     control     the root-only control socket `activator status` talks to
     tasks       owned, named tasks (spawn)
     errors      one-line operator errors
-    cli         `activator run|validate|reload|status|inspect|checkpoint|cleanup|schema`
+    cli         `activator run|validate|reload|status|top|inspect|checkpoint|cleanup|schema`
 """
 
 __version__ = "0.3.0"
