@@ -143,6 +143,7 @@ class InstanceLauncher:
         self.listener: socket.socket | None = None
         self._filling: asyncio.Task[None] | None = None
         self._filling_for: Checkpoint | None = None
+        self._refill_after: Checkpoint | None = None  # a refill asked for while one ran
         self._closed = False
 
     async def _binds(self, checkpoint: Checkpoint) -> tuple[Bind, ...]:
@@ -176,10 +177,21 @@ class InstanceLauncher:
 
     def refill(self, checkpoint: Checkpoint) -> None:
         """Keep `standby` frozen instances and config.prepared_slots slots ready for this checkpoint."""
-        if self._closed or (self._filling is not None and not self._filling.done()):
+        if self._closed:
+            return
+        if self._filling is not None and not self._filling.done():
+            # The running fill may have looked at `standby` before it changed (a stop, then a start, while it
+            # prepared a slot): fill again once it is done, or the standbys would never come back.
+            self._refill_after = checkpoint
             return
         self._filling_for = checkpoint
         self._filling = spawn(self._fill(checkpoint), name=f"prepare-slots:{self.config.name}")
+        self._filling.add_done_callback(self._filled)
+
+    def _filled(self, task: asyncio.Task[None]) -> None:
+        again, self._refill_after = self._refill_after, None
+        if again is not None and not task.cancelled():
+            self.refill(again)
 
     async def reshare(self, ksm: Ksm | None) -> None:
         """Share memory (or not) from the next instance on; slots made ahead with the other choice are remade."""
