@@ -32,17 +32,17 @@ unit:
 	$(VENV)/bin/pytest tests/unit
 
 test: setup lint
-	bash scripts/build-images.sh busybox systemd tomcat redis postgres
+	bash scripts/build-images.sh busybox systemd tomcat redis postgres dns
 	$(VENV)/bin/pytest tests/unit tests/engine
 	$(MAKE) bench-smoke
 
 # Every bench script once with tiny counts, so none can rot (no timing is asserted: benchmarks are not tests).
 bench-smoke: setup
-	bash scripts/build-images.sh busybox tomcat redis postgres
+	bash scripts/build-images.sh busybox tomcat redis postgres dns
 	$(PY) bench/smoke.py
 
 bench: setup
-	bash scripts/build-images.sh busybox tomcat redis postgres
+	bash scripts/build-images.sh busybox tomcat redis postgres dns
 	$(PY) bench/coldstart.py
 	$(PY) bench/warmpath.py
 	$(PY) bench/pgbench.py

@@ -3,7 +3,8 @@ this after the suite). Nothing is timed or compared here: benchmarks are not tes
 last lines and makes this exit 1.
 
 Needs what the benches need: root, `make setup`, and the demo images (scripts/build-images.sh busybox tomcat
-redis postgres); warmpath also needs redis-benchmark, iperf3 and systemd-socket-proxyd on the host (scripts/setup.sh).
+redis postgres dns); warmpath also needs redis-benchmark, iperf3 and systemd-socket-proxyd on the host
+(scripts/setup.sh).
     .venv/bin/python bench/smoke.py
 """
 
@@ -29,6 +30,7 @@ def runs(out: Path) -> list[list[str]]:
         ["scaleout.py", "--instances", "2", "--services", "2", "--rounds", "1", "--out", str(out / "scaleout.json")],
         ["scrape_flood.py", "--flood", "200", "--scrapes", "5"],
         ["standby.py", "--runs", "1", "--apps", "hello"],
+        ["udp.py", "--flows", "4", "--queries", "200", "--runs", "1"],
         ["warmpath.py", "--requests", "2000", "--seconds", "1", "--runs", "1", "--out", str(out)],
         ["warmpath_http.py", "--seconds", "1", "--warmup", "1", "--runs", "1"],
         ["warmup.py", "--runs", "1", "--count", "20", "--requests", "5"],
