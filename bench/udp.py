@@ -80,8 +80,10 @@ async def load(port: int, flows: int, queries: int) -> dict[str, float]:
     await asyncio.gather(*(one(f) for f in range(flows)))
     elapsed = time.perf_counter() - t0
     latencies.sort()
-    pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000) if latencies else \
-        (lambda q: float("nan"))
+
+    def pick(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+
     return {"qps": len(latencies) / elapsed, "p50_ms": pick(0.5), "p99_ms": pick(0.99), "lost": float(lost)}
 
 
