@@ -23,7 +23,7 @@ import subprocess
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -68,6 +68,7 @@ class Image:
     config: dict[str, Any]
     layers: tuple[Blob, ...]
     members: dict[str, tarfile.TarInfo] = field(repr=False, default_factory=dict)
+    envelope: dict[str, str] = field(default_factory=dict)  # the index's annotations of it (a signature), unchecked
 
     @property
     def size(self) -> int:
@@ -83,9 +84,11 @@ def _sha256_file(path: Path) -> str:
 
 
 def write(out: Path, layer_tar: Path, annotations: dict[str, str], *, ref: str, arch: str,
-          created: str, labels: dict[str, str] | None = None) -> Image:
+          created: str, labels: dict[str, str] | None = None,
+          seal: Callable[[str], dict[str, str]] | None = None) -> Image:
     """Write an archive of one image whose one layer is layer_tar (uncompressed; compressed here with zstd),
-    atomically (a temporary name beside `out`, then a rename)."""
+    atomically (a temporary name beside `out`, then a rename). seal: given the manifest digest, annotations for
+    the index's descriptor of it (a signature: outside what the digest covers)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".oci-", dir=out.parent) as tmp:
         blobs = Path(tmp, "blobs", "sha256")
@@ -111,7 +114,8 @@ def write(out: Path, layer_tar: Path, annotations: dict[str, str], *, ref: str, 
         Path(tmp, "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
         Path(tmp, "index.json").write_text(json.dumps({
             "schemaVersion": 2, "mediaType": INDEX,
-            "manifests": [manifest.descriptor() | {"annotations": {REF_NAME: ref}}]}))
+            "manifests": [manifest.descriptor() | {"annotations": {REF_NAME: ref} | (seal(manifest.digest)
+                                                                                    if seal else {})}]}))
         partial = out.with_name(f".{out.name}.partial")
         with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as t:
             for name in ("oci-layout", "index.json", "blobs"):
@@ -162,7 +166,7 @@ def read(path: Path) -> Image:
             layers = tuple(Blob(d.get("mediaType", ""), d["digest"], int(d["size"])) for d in manifest["layers"])
             return Image(path, desc["digest"], (desc.get("annotations") or {}).get(REF_NAME, ""),
                          {str(k): str(v) for k, v in (manifest.get("annotations") or {}).items()}, config, layers,
-                         members)
+                         members, {str(k): str(v) for k, v in (desc.get("annotations") or {}).items()})
     except (OSError, tarfile.TarError, ValueError, KeyError, TypeError, AttributeError) as e:
         if isinstance(e, ArchiveError):
             raise
