@@ -67,7 +67,7 @@ from activator.statedir import in_use as statedir_in_use
 from . import conntrack, firewall
 from .firewall import FirewallHole
 from .netns import HOME_NS, NetNamespace
-from .nft import Nft, NftError
+from .nft import Nft, NftError, ifname
 
 log = logging.getLogger("activator.network")
 
@@ -183,6 +183,7 @@ _ESCAPES = {"-": "_d", "_": "_u", ".": "_p"}
 
 class HostNetwork:
     def __init__(self, settings: NetworkSettings, *, owner: Path, config_path: Path | None = None) -> None:
+        ifname(settings.bridge)  # it goes into rule text and a table's name: refused here, before anything is made
         self.bridge = settings.bridge
         self.subnet = settings.subnet
         self.gateway = next(self.subnet.hosts())
@@ -382,11 +383,11 @@ class HostNetwork:
         return idx
 
     def _install_table(self) -> None:
-        br, net, t = self.bridge, self.subnet, self.table
+        br, net, t = ifname(self.bridge), self.subnet, self.table
         for family in ("ip", "bridge"):
             with contextlib.suppress(NftError):
                 self.nft.run(f"delete table {family} {t}")
-        docker = " ".join(f'iifname "{br}" oifname "{name}" ct status & dnat == 0 drop\n'
+        docker = " ".join(f'iifname {br} oifname {ifname(name)} ct status & dnat == 0 drop\n'
                           for name in sorted({"docker0", "br-*", *firewall.docker_bridges()}))
         self.nft.run(f"""
 table ip {t} {{
@@ -396,8 +397,8 @@ table ip {t} {{
     counter guarded {{ }}
     chain guard {{
         type filter hook prerouting priority raw; policy accept;
-        iifname "{br}" ip daddr 127.0.0.0/8 counter name guarded drop
-        iifname "{br}" ip saddr != {net} counter name guarded drop
+        iifname {br} ip daddr 127.0.0.0/8 counter name guarded drop
+        iifname {br} ip saddr != {net} counter name guarded drop
     }}
     # After conntrack, before the entry is confirmed: `ct timeout set` attaches the policy to a new entry only
     chain timeouts_in {{
@@ -417,26 +418,26 @@ table ip {t} {{
     chain limit_out {{ type filter hook output priority mangle; policy accept; }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        ip saddr 127.0.0.0/8 oifname "{br}" masquerade
-        ip saddr {net} oifname != "{br}" masquerade
+        ip saddr 127.0.0.0/8 oifname {br} masquerade
+        ip saddr {net} oifname != {br} masquerade
         ip saddr {net} ip daddr {net} ct status dnat masquerade
     }}
     chain mark_egress {{
         type filter hook prerouting priority mangle; policy accept;
-        iifname "{br}" ct state new ct mark set ip saddr map @egress_marks
+        iifname {br} ct state new ct mark set ip saddr map @egress_marks
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        oifname "{br}" ct status dnat meta mark set meta mark | {HAIRPIN:#x}
+        oifname {br} ct status dnat meta mark set meta mark | {HAIRPIN:#x}
         {docker}
-        iifname "{br}" ip saddr @noegress ct state new drop
-        oifname "{br}" ct state new ct status dnat accept
-        oifname "{br}" ct state new drop
+        iifname {br} ip saddr @noegress ct state new drop
+        oifname {br} ct state new ct status dnat accept
+        oifname {br} ct state new drop
         jump acct
     }}
     chain input {{
         type filter hook input priority filter; policy accept;
-        iifname "{br}" ip saddr @noegress ct state new drop
+        iifname {br} ip saddr @noegress ct state new drop
         jump acct
     }}
     chain acct_out {{ type filter hook output priority filter; policy accept; jump acct; }}

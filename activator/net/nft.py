@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import threading
 from typing import Any
 
@@ -19,6 +20,18 @@ _JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 
 class NftError(ActivatorError):
     """nftables refused a command."""
+
+
+#: an interface name as nftables rule text may quote it: the kernel's limit (15 bytes), a trailing `*` for a
+#: prefix match, nothing that would end the string or the rule (a quote, a newline, `;`, `}`, a blank)
+_IFNAME = re.compile(r"[A-Za-z0-9_.:-]{1,15}\*?")
+
+
+def ifname(name: str) -> str:
+    """The name quoted for rule text; NftError (one line) for anything else, never an escaped guess."""
+    if not isinstance(name, str) or not _IFNAME.fullmatch(name) or len(name) > 15:
+        raise NftError(f"nftables: interface name {name!r} refused (at most 15 of A-Z a-z 0-9 _ . : -)")
+    return f'"{name}"'
 
 
 class Nft:

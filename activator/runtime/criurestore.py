@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,6 +50,35 @@ LOG = "restore.log"
 #: (FI_NO_BREAKPOINTS) makes CRIU step the task to rt_sigreturn with PTRACE_SYSCALL instead, its path on hosts
 #: without breakpoints: a handful of syscall stops, tens of microseconds.
 NO_BREAKPOINTS = {"CRIU_FAULT": "130"}
+
+
+#: the inherit-fd keys a restore may name: the template's stdout/stderr pipes (runc's descriptors.json) and the
+#: service's listening socket (handoff); anything else in a checkpoint's descriptors.json is not ours to honour
+_OUTPUT_KEY = re.compile(r"pipe:\[[0-9]{1,20}\]")
+_INHERIT_KEY = re.compile(r"tcp-listen:[0-9]{1,5}|extRootNetNS")
+
+
+def inherit_key(key: str) -> str:
+    if not isinstance(key, str) or not _INHERIT_KEY.fullmatch(key):
+        raise RuncError(f"CRIU restore: inherit-fd key {key!r} refused (tcp-listen:PORT only)")
+    return key
+
+
+def output_keys(descriptors: Path) -> set[str]:
+    """The dumped app's stdout and stderr, where they were pipes (runc's descriptors.json: what fds 0-2 were);
+    they get the instance's output file. A record of anything but strings, or a pipe key of another shape, is
+    refused in one line."""
+    try:
+        said = json.loads(descriptors.read_text())
+    except (OSError, ValueError) as e:
+        raise RuncError(f"CRIU restore: {descriptors} unreadable: {e}") from None
+    if not isinstance(said, list) or not all(isinstance(d, str) for d in said):
+        raise RuncError(f"CRIU restore: {descriptors} is not a list of descriptor names")
+    keys = {d for d in said[1:3] if d.startswith("pipe:")}
+    for key in keys:
+        if not _OUTPUT_KEY.fullmatch(key):
+            raise RuncError(f"CRIU restore: {descriptors}: descriptor {key!r} refused (pipe:[INODE] only)")
+    return keys
 
 
 class Restorer:
@@ -126,8 +156,8 @@ class Restorer:
             f.key, f.fd = "extRootNetNS", self.fds["net"]
             for key, fd in self.inherit.items():
                 f = o.inherit_fd.add()
-                f.key, f.fd = key, fd
-            for key in {d for d in json.loads(descriptors.read_text())[1:3] if d.startswith("pipe:")}:
+                f.key, f.fd = inherit_key(key), fd
+            for key in output_keys(descriptors):
                 f = o.inherit_fd.add()
                 f.key, f.fd = key, self.fds["output"]
             loop = asyncio.get_running_loop()

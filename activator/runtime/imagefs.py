@@ -15,6 +15,8 @@ import os
 import stat
 from pathlib import Path
 
+from activator.errors import ImageError
+
 SYS_OPENAT2 = 437  # the same number on every architecture (added after the syscall tables were unified)
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
@@ -69,3 +71,39 @@ def open_dir(root: Path, path: str) -> int | None:
         if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
             return None
         raise
+
+
+def replace_file(root: Path, directory: str, name: str, text: str, *, owner: int | None = None) -> bool:
+    """Blocking. Put a new regular file `name` (0644, owned by `owner` when given) in the image's `directory`,
+    resolved inside `root` like every path here: an /etc that is a symlink to the host's /etc leads to the
+    image's own directory of that name, and whatever stood at `name` (a symlink anywhere) is removed, never
+    followed. False when the image has no such directory; ImageError (one line) when `name` is a directory."""
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise ValueError(f"{name!r} is not one file name")
+    try:
+        dfd = open_in(root, directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV, errno.EACCES):
+            return False
+        raise
+    try:
+        try:
+            os.unlink(name, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            raise ImageError(f"the image's {directory.rstrip('/')}/{name} is a directory; activator writes a file "
+                             "there") from None
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask
+            if owner is not None:
+                os.fchown(fd, owner, owner)
+            data = text.encode()
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    return True

@@ -48,14 +48,39 @@ tcp-close
 """
 
 
+#: what may stand in a CRIU config word: CRIU splits its config lines on blanks and `external mnt[KEY]:VAL` on
+#: `]` and `:`, so a newline in a key would add an option of the writer's choosing and a `:` would move the split
+_WORD = re.compile(r"[A-Za-z0-9_.+@,=~/-]{1,4096}")
+
+
+def _key(key: str) -> str:
+    """A mount key (extmounts' dev, shm, maskN; a volume's target; /sys), checked for the config line."""
+    if isinstance(key, str) and key.startswith("/"):
+        return _path(key)
+    if not isinstance(key, str) or not _WORD.fullmatch(key):
+        raise RuncError(f"CRIU config: mount key {key!r} refused (letters, digits and _ . + @ , = ~ / - only)")
+    return key
+
+
+def _path(path: str | Path) -> str:
+    """An absolute, normalised path for the config line (no `..`, `//`, blank, NUL, `]` or `:`)."""
+    text = str(path)
+    if not _WORD.fullmatch(text) or not text.startswith("/") or text.startswith("//") or \
+            os.path.normpath(text) != text:
+        raise RuncError(f"CRIU config: path {text!r} refused (absolute and normalised, letters, digits and "
+                        "_ . + @ , = ~ / - only)")
+    return text
+
+
 def dump_config(external: dict[str, str]) -> str:
     """For templates: the tmpfs mounts activator makes itself (extmounts.py) are dumped as external."""
-    return CRIU_CONFIG + "".join(f"external mnt[{point}]:{key}\n" for key, point in sorted(external.items()))
+    return CRIU_CONFIG + "".join(f"external mnt[{_path(point)}]:{_key(key)}\n"
+                                 for key, point in sorted(external.items()))
 
 
 def restore_config(paths: dict[str, Path]) -> str:
     """For one instance: where its external mounts are on the host."""
-    return CRIU_CONFIG + "".join(f"external mnt[{key}]:{path}\n" for key, path in sorted(paths.items()))
+    return CRIU_CONFIG + "".join(f"external mnt[{_key(key)}]:{_path(path)}\n" for key, path in sorted(paths.items()))
 
 
 class Runc:

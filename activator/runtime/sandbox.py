@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -34,7 +36,7 @@ from activator.net.netns import NetNamespace
 from activator.net.network import Attachment, HostNetwork
 from activator.statedir import copy_private, open_private, write_private
 
-from . import applog, cgroups, criurestore, extmounts, readiness, rootfs
+from . import applog, cgroups, criurestore, extmounts, imagefs, readiness, rootfs
 from .extmounts import DevEntry
 from .procs import holds_socket, socket_inodes, start_time
 from .runc import Runc, restore_config
@@ -260,22 +262,20 @@ class Sandbox:
         instance's, and a JVM caches what its hostname resolved to when it started, before the dump. Each
         dependency's name resolves to the gateway, where the dependency's listener (or its steering) is, as a
         Compose service's name resolves to its container."""
-        etc = self.layout.rootfs / "etc"
-        if not etc.is_dir():
-            return
-        lines = [f"127.0.0.1\tlocalhost {hostname}", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        # Written by root on the host into the image's tree: every path is resolved inside the root filesystem
+        # (imagefs), so an image whose /etc is a symlink to a host directory gets its own /etc written, not that.
+        lines = [_hosts_line("127.0.0.1", "localhost", hostname), "::1\tlocalhost ip6-localhost ip6-loopback"]
+        # The instance's root owns them, as in `docker run` (and may change them).
+        owner = self.idmap.host if self.idmap is not None else None
         if self.network is not None:
-            lines.append(f"{self.network.gateway}\thost.activator.internal")
-            lines += [f"{self.network.gateway}\t{name}" for name in dependencies]
-            (etc / "resolv.conf").unlink(missing_ok=True)  # it may be a symlink into the image
-            (etc / "resolv.conf").write_text(resolv_conf())
-        lines += [f"{addr}\t{name}" for name, addr in extra_hosts]
-        (etc / "hosts").unlink(missing_ok=True)
-        (etc / "hosts").write_text("\n".join(lines) + "\n")
-        if self.idmap is not None:  # the instance's root owns them, as in `docker run` (and may change them)
-            for name in ("hosts", "resolv.conf"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.chown(etc / name, self.idmap.host, self.idmap.host)
+            lines.append(_hosts_line(str(self.network.gateway), "host.activator.internal"))
+            lines += [_hosts_line(str(self.network.gateway), name) for name in dependencies]
+        lines += [_hosts_line(addr, name) for name, addr in extra_hosts]
+        root = self.layout.rootfs
+        if self.network is not None and \
+                not imagefs.replace_file(root, "/etc", "resolv.conf", resolv_conf(), owner=owner):
+            return  # no /etc in the image
+        imagefs.replace_file(root, "/etc", "hosts", "\n".join(lines) + "\n", owner=owner)
 
     async def start(self, stdout: int, stderr: int) -> None:
         self._container = True
@@ -521,6 +521,22 @@ class Sandbox:
 #: how long an app may listen on other ports only before the template is given up on (it may open an admin port
 #: first and its service port a moment later)
 ELSEWHERE_GRACE = 5.0
+
+
+#: a name in /etc/hosts: what a host name may hold, nothing that would end its line or start a comment
+_HOSTS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,253}")
+
+
+def _hosts_line(addr: str, *names: str) -> str:
+    """One /etc/hosts line from checked values (ActivatorError naming the value otherwise)."""
+    try:
+        ipaddress.ip_address(addr)
+    except ValueError:
+        raise ActivatorError(f"/etc/hosts: {addr!r} is not an IP address") from None
+    for name in names:
+        if not isinstance(name, str) or not _HOSTS_NAME.fullmatch(name):
+            raise ActivatorError(f"/etc/hosts: {name!r} is not a host name (letters, digits, _ . - only)")
+    return f"{addr}\t{' '.join(names)}"
 
 
 def resolv_conf() -> str:
