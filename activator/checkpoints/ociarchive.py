@@ -6,8 +6,15 @@ A checkpoint image is one such image whose single layer holds the checkpoint fil
 the `org.criu.checkpoint.*` annotations Podman, CRI-O and checkpointctl use (transfer.py fills them in).
 
 Nothing here trusts the archive: index, manifest, config and layer are each checked against the digest that
-names them before they are used, the layer is unpacked by tarfile's `data` filter (no absolute names, no `..`,
-no links out, no device nodes), and sizes are bounded. Blocking: callers run these in a thread.
+names them before they are used; the layer is decompressed with its output bounded as it streams, and unpacked
+by our own code, which takes regular files and directories only (a checkpoint layer holds nothing else) after
+checking every member's name, before anything is written: tarfile's `data` filter has had bypasses in 3.11
+point releases (CVE-2024-12718, CVE-2025-4138, -4330, -4517), so nothing here depends on it.
+
+Nor does writing trust the place written to: an archive is written only below directories root owns and no
+other user can write (a sticky one such as /tmp may be passed or written in), reached without following a link
+another user could have planted, into a new file of a random name (O_EXCL|O_NOFOLLOW) renamed into place.
+Blocking: callers run these in a thread.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +51,10 @@ REF_NAME = "org.opencontainers.image.ref.name"
 #: index, manifest and config are small: anything larger is not an image of this kind
 SMALL_BLOB = 4 * 2**20
 CHUNK = 2**20
+#: members of an archive or a layer: a checkpoint holds a few per process and thread (CRIU's images)
+MAX_MEMBERS = 65536
+#: symbolic links followed on the way to an output directory (as the kernel's own limit)
+MAX_LINKS = 40
 
 
 class ArchiveError(ActivatorError):
@@ -87,42 +101,49 @@ def write(out: Path, layer_tar: Path, annotations: dict[str, str], *, ref: str, 
           created: str, labels: dict[str, str] | None = None,
           seal: Callable[[str], dict[str, str]] | None = None) -> Image:
     """Write an archive of one image whose one layer is layer_tar (uncompressed; compressed here with zstd),
-    atomically (a temporary name beside `out`, then a rename). seal: given the manifest digest, annotations for
-    the index's descriptor of it (a signature: outside what the digest covers)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".oci-", dir=out.parent) as tmp:
-        blobs = Path(tmp, "blobs", "sha256")
-        blobs.mkdir(parents=True)
-        diff_id = _sha256_file(layer_tar)
-        packed = Path(tmp, "layer.zst")
-        _run(["zstd", "-q", "-T0", "-3", "-o", str(packed), str(layer_tar)], "compressing the layer")
-        layer = Blob(LAYER_ZSTD, _sha256_file(packed), packed.stat().st_size)
-        os.rename(packed, blobs / layer.digest.split(":")[1])
+    atomically (_publish). seal: given the manifest digest, annotations for the index's descriptor of it (a
+    signature: outside what the digest covers). The blobs are staged beside layer_tar (the caller's private
+    scratch): nothing but the archive itself is made in out's directory."""
+    with tempfile.TemporaryDirectory(prefix=".oci-", dir=layer_tar.parent) as tmp:
+        _stage(Path(tmp), layer_tar, annotations, ref=ref, arch=arch, created=created, labels=labels, seal=seal)
 
-        def put(doc: dict[str, Any], media_type: str) -> Blob:
-            data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-            b = Blob(media_type, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
-            (blobs / b.digest.split(":")[1]).write_bytes(data)
-            return b
+        def fill(f: IO[bytes]) -> None:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as t:
+                for member in ("oci-layout", "index.json", "blobs"):
+                    t.add(Path(tmp, member), arcname=member, filter=root_owned)
 
-        config = put({"architecture": arch, "os": "linux", "created": created,
-                      "config": {"Labels": labels or {}},
-                      "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-                      "history": [{"created": created, "created_by": "activator checkpoint export"}]}, CONFIG)
-        manifest = put({"schemaVersion": 2, "mediaType": MANIFEST, "config": config.descriptor(),
-                        "layers": [layer.descriptor()], "annotations": annotations}, MANIFEST)
-        Path(tmp, "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-        Path(tmp, "index.json").write_text(json.dumps({
-            "schemaVersion": 2, "mediaType": INDEX,
-            "manifests": [manifest.descriptor() | {"annotations": {REF_NAME: ref} | (seal(manifest.digest)
-                                                                                    if seal else {})}]}))
-        partial = out.with_name(f".{out.name}.partial")
-        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as t:
-            for name in ("oci-layout", "index.json", "blobs"):
-                t.add(Path(tmp, name), arcname=name, filter=root_owned)
-        os.chmod(partial, 0o600)  # the app's memory is in it
-        os.rename(partial, out)
+        _publish(out, fill)
     return read(out)
+
+
+def _stage(tmp: Path, layer_tar: Path, annotations: dict[str, str], *, ref: str, arch: str, created: str,
+           labels: dict[str, str] | None, seal: Callable[[str], dict[str, str]] | None) -> None:
+    """The image layout (oci-layout, index.json, blobs/) in tmp."""
+    blobs = tmp / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    diff_id = _sha256_file(layer_tar)
+    packed = tmp / "layer.zst"
+    _run(["zstd", "-q", "-T0", "-3", "-o", str(packed), str(layer_tar)], "compressing the layer")
+    layer = Blob(LAYER_ZSTD, _sha256_file(packed), packed.stat().st_size)
+    os.rename(packed, blobs / layer.digest.split(":")[1])
+
+    def put(doc: dict[str, Any], media_type: str) -> Blob:
+        data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        b = Blob(media_type, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+        (blobs / b.digest.split(":")[1]).write_bytes(data)
+        return b
+
+    config = put({"architecture": arch, "os": "linux", "created": created,
+                  "config": {"Labels": labels or {}},
+                  "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+                  "history": [{"created": created, "created_by": "activator checkpoint export"}]}, CONFIG)
+    manifest = put({"schemaVersion": 2, "mediaType": MANIFEST, "config": config.descriptor(),
+                    "layers": [layer.descriptor()], "annotations": annotations}, MANIFEST)
+    (tmp / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (tmp / "index.json").write_text(json.dumps({
+        "schemaVersion": 2, "mediaType": INDEX,
+        "manifests": [manifest.descriptor() | {"annotations": {REF_NAME: ref} | (seal(manifest.digest)
+                                                                                if seal else {})}]}))
 
 
 def reseal(path: Path, envelope: dict[str, str]) -> Image:
@@ -136,9 +157,9 @@ def reseal(path: Path, envelope: dict[str, str]) -> Image:
         desc = index["manifests"][0]
         desc["annotations"] = {**(desc.get("annotations") or {}), **envelope}
         data = json.dumps(index).encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as out:
+
+        def fill(raw: IO[bytes]) -> None:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as out:
                 for m in t.getmembers():
                     if m.name.removeprefix("./") == "index.json":
                         info = tarfile.TarInfo("index.json")
@@ -148,13 +169,115 @@ def reseal(path: Path, envelope: dict[str, str]) -> Image:
                         out.addfile(m, t.extractfile(m))
                     else:
                         out.addfile(m)
-            os.chmod(tmp, 0o600)
-            os.rename(tmp, path)
+
+        _publish(path, fill)
+    return read(path)
+
+
+def _publish(out: Path, fill: Callable[[IO[bytes]], None]) -> None:
+    """Make `out` with what fill writes: a new private file of a random name (O_EXCL|O_NOFOLLOW: never a file or
+    link someone else put there; 0600: an app's memory is in it) in out's directory, which must be safe to write
+    in (safe_dir), then renamed into place (which replaces an entry of that name, a link included, without
+    following it)."""
+    name = out.name
+    if name in ("", ".", "..") or "/" in name:
+        raise ArchiveError(f"{out}: not a file name")
+    dirfd = safe_dir(out.parent)
+    partial = f".{name}.{secrets.token_hex(8)}.partial"
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dirfd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fill(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(partial, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(partial, dir_fd=dirfd)
             raise
-    return read(path)
+    except OSError as e:
+        raise ArchiveError(f"{out}: cannot be written ({e.strerror or e})") from None
+    finally:
+        os.close(dirfd)
+
+
+def safe_dir(path: Path) -> int:
+    """An O_PATH fd on directory `path`, reached from / one name at a time without following anything another
+    user could have made or can change: every directory on the way (links resolved, each link root's own) is
+    owned by root and writable by no other user, unless it is sticky (as /tmp): there others cannot rename or
+    remove what root owns, and every name taken in it is root's (checked as it is taken). Otherwise one line
+    naming the directory and why.
+
+    A sticky directory is accepted as the place written to as well: root's new file there is created with
+    O_EXCL|O_NOFOLLOW under a random name, so no planted name is ever opened, and the rename that puts it in
+    place replaces whatever entry had the final name (a link included) without following it."""
+    todo = list(Path(os.path.abspath(path)).parts[1:])
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    here = Path("/")
+    links = 0
+    try:
+        _check_dir(os.fstat(fd), here, path)
+        while todo:
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":  # a link's target may have them (abspath removed those of `path`)
+                nfd = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd, here = nfd, here.parent
+                _check_dir(os.fstat(fd), here, path)
+                continue
+            try:
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise ArchiveError(f"{path}: no such directory ({here / part} does not exist)") from None
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if st.st_uid not in (0, os.geteuid()):
+                    raise ArchiveError(f"{path}: {here / part} is a symbolic link owned by uid {st.st_uid}, not "
+                                       "root: whoever owns it chooses where root's archive goes; give a path "
+                                       "without it")
+                if links > MAX_LINKS:
+                    raise ArchiveError(f"{path}: too many symbolic links")
+                target = os.readlink(part, dir_fd=fd)
+                todo = [*Path(target).parts, *todo]
+                if target.startswith("/"):
+                    todo = todo[1:]
+                    here = Path("/")
+                    os.close(fd)
+                    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise ArchiveError(f"{path}: {here / part} is not a directory")
+            nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            here = here / part
+            _check_dir(os.fstat(fd), here, path)  # what was opened, not what was looked at before
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_dir(st: os.stat_result, where: Path, path: Path) -> None:
+    if not stat.S_ISDIR(st.st_mode):
+        raise ArchiveError(f"{_at(path, where)} is not a directory")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ArchiveError(f"{_at(path, where)} is owned by uid {st.st_uid}, not root: its owner could put a link "
+                           "where root's archive is written; write it in a directory only root can write "
+                           "(e.g. /root or /var/lib/activator)")
+    others = st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0)
+    if others and not st.st_mode & stat.S_ISVTX:
+        raise ArchiveError(f"{_at(path, where)} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}) and "
+                           "not sticky: they could swap what root writes there; write it in a directory only "
+                           "root can write (e.g. /root or /var/lib/activator)")
+
+
+def _at(path: Path, where: Path) -> str:
+    return str(where) if Path(os.path.abspath(path)) == where else f"{path}: {where}"
 
 
 def root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -168,7 +291,12 @@ def read(path: Path) -> Image:
     """The archive's (first) image, with its index, manifest and config checked against their digests."""
     try:
         with tarfile.open(path, "r:") as t:
-            members = {m.name.removeprefix("./"): m for m in t.getmembers() if m.isfile()}
+            members: dict[str, tarfile.TarInfo] = {}
+            for i, m in enumerate(t):  # headers only: the blobs are read, when asked for, by their digests
+                if i >= MAX_MEMBERS:
+                    raise ArchiveError(f"{path}: more than {MAX_MEMBERS} members; not an image of this kind")
+                if m.isfile():
+                    members[m.name.removeprefix("./")] = m
 
             def blob(digest: str, limit: int = SMALL_BLOB) -> bytes:
                 algo, _, hexd = digest.partition(":")
@@ -206,7 +334,8 @@ def read(path: Path) -> Image:
 
 
 def unpack_layer(image: Image, dest: Path, *, max_bytes: int) -> None:
-    """Unpack the image's one layer into dest (an empty directory), its digest and diff_id checked on the way."""
+    """Unpack the image's one layer into dest (an empty directory), its digest and diff_id checked on the way,
+    at most max_bytes of it (counted as it is decompressed), every member checked before any is written."""
     if len(image.layers) != 1:
         raise ArchiveError(f"{image.path}: a checkpoint image has one layer, this one has {len(image.layers)}")
     layer = image.layers[0]
@@ -221,53 +350,140 @@ def unpack_layer(image: Image, dest: Path, *, max_bytes: int) -> None:
             _decompress(src, layer.media_type, plain, max_bytes, image.path, layer.digest)
         if diff_ids and _sha256_file(plain) != diff_ids[0]:
             raise ArchiveError(f"{image.path}: the unpacked layer does not match the config's diff_id")
-        with tarfile.open(plain, "r:") as t:
-            t.extractall(dest, filter="data")
+        try:
+            with tarfile.open(plain, "r:") as t:
+                members = checked_members(t, f"{image.path}: layer")
+                _extract(t, members, dest)
+        except tarfile.TarError as e:
+            raise ArchiveError(f"{image.path}: the layer is not a readable tar ({e})") from None
+
+
+def checked_members(t: tarfile.TarFile, where: str) -> list[tuple[str, tarfile.TarInfo]]:
+    """Every member of a checkpoint layer, with its normalised name, or one line naming the first that is not a
+    plain file or directory with a plain name inside the tree, appears twice, or is one too many."""
+    out: list[tuple[str, tarfile.TarInfo]] = []
+    seen: set[str] = set()
+    for m in t:
+        if len(out) >= MAX_MEMBERS:
+            raise ArchiveError(f"{where}: more than {MAX_MEMBERS} members")
+        raw = m.name
+        shown = repr(raw[:100])
+        if any(ord(c) < 0x20 or c == "\x7f" for c in raw):
+            raise ArchiveError(f"{where}: member {shown}: a control character in its name")
+        parts = [p for p in raw.removeprefix("./").rstrip("/").split("/")]
+        if raw.startswith("/") or not raw or any(p in ("", ".", "..") for p in parts):
+            raise ArchiveError(f"{where}: member {shown}: not a plain name inside the tree (absolute, empty, "
+                               "`.` or `..`)")
+        if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE) or m.sparse is not None:
+            kind = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
+                    tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a fifo"}.get(m.type, f"of type {m.type!r}")
+            raise ArchiveError(f"{where}: member {shown} is {'sparse' if m.sparse is not None else kind}; a "
+                               "checkpoint layer holds regular files and directories only")
+        name = "/".join(parts)
+        if name in seen:
+            raise ArchiveError(f"{where}: member {shown} appears twice")
+        seen.add(name)
+        out.append((name, m))
+    return out
+
+
+def _extract(t: tarfile.TarFile, members: list[tuple[str, tarfile.TarInfo]], dest: Path) -> None:
+    """Write checked members below dest (empty: nothing in it is a link), owned by us, no set-id or shared-write
+    bits. A file is created with O_EXCL|O_NOFOLLOW, so nothing is written over or through another entry."""
+    for name, m in members:
+        path = dest / name
+        try:
+            if m.isdir():
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if path.is_symlink() or not path.is_dir():
+                    raise ArchiveError(f"{dest}: {name!r} is not a directory")
+                os.chmod(path, (m.mode & 0o755) | 0o700)
+                continue
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            src = t.extractfile(m)
+            assert src is not None
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         (m.mode & 0o755) | 0o600)
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(src, f, CHUNK)
+        except OSError as e:
+            raise ArchiveError(f"{dest}: member {name[:100]!r} cannot be unpacked ({e.strerror})") from None
 
 
 def _decompress(src: IO[bytes], media_type: str, out: Path, max_bytes: int, where: Path, digest: str) -> None:
-    """Copy the compressed blob through its decompressor into out, checking the compressed bytes' digest (before
-    anything the decompressor says: an altered blob is refused as altered)."""
+    """Copy the compressed blob through its decompressor into out, at most max_bytes of output (counted as it
+    streams: a small blob that inflates without end is stopped there), checking the compressed bytes' digest
+    first (an altered blob is refused as altered, whatever its decompressor said)."""
     h = hashlib.sha256()
+    too_big = f"{where}: the layer unpacks to more than {max_bytes} bytes"
     if media_type.endswith("zstd"):
-        with open(out, "wb") as dst:
-            proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=subprocess.PIPE, stdout=dst,
-                                    stderr=subprocess.PIPE)
-        assert proc.stdin is not None and proc.stderr is not None
-        with contextlib.suppress(BrokenPipeError):  # zstd gave up: its status and stderr say why
+        proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        stdin, errors = proc.stdin, proc.stderr
+        err: list[bytes] = []
+
+        def feed() -> None:  # the whole blob is hashed, even once zstd has stopped taking it
+            broken = False
             while chunk := src.read(CHUNK):
                 h.update(chunk)
-                proc.stdin.write(chunk)
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.close()
-        err = proc.stderr.read(65536)
-        proc.stderr.close()
-        proc.wait(timeout=600)
+                if not broken:
+                    try:
+                        stdin.write(chunk)
+                    except (BrokenPipeError, ValueError):
+                        broken = True
+            with contextlib.suppress(BrokenPipeError, ValueError):
+                stdin.close()
+
+        feeder = threading.Thread(target=feed, name="layer-feed", daemon=True)
+        drainer = threading.Thread(target=lambda: err.append(errors.read(65536)), name="layer-err", daemon=True)
+        feeder.start()
+        drainer.start()
+        copied, over = 0, False
+        try:
+            with open(out, "wb") as dst:
+                while chunk := proc.stdout.read(CHUNK):
+                    copied += len(chunk)
+                    if copied > max_bytes:
+                        over = True
+                        proc.kill()
+                        break
+                    dst.write(chunk)
+        finally:
+            proc.stdout.close()
+            feeder.join()
+            proc.wait(timeout=600)
+            drainer.join()
+            errors.close()
         _check_digest(h, digest, where)
+        if over:
+            raise ArchiveError(too_big)
         if proc.returncode:
-            raise ArchiveError(f"{where}: the layer does not decompress: {err.decode(errors='replace').strip()}")
+            said = b"".join(err).decode(errors="replace").strip()
+            raise ArchiveError(f"{where}: the layer does not decompress: {said}")
     elif media_type.endswith(("gzip", "tar")):
         with open(out, "wb") as dst:  # hashed as read, then inflated
             hashed = _Hashing(src, h)
             stream: Any = gzip.GzipFile(fileobj=hashed) if media_type.endswith("gzip") else hashed
-            copied, broken = 0, ""
+            copied, broken, over = 0, "", False
             try:
                 while chunk := stream.read(CHUNK):
                     copied += len(chunk)
                     if copied > max_bytes:
-                        raise ArchiveError(f"{where}: the layer unpacks to more than {max_bytes} bytes")
+                        over = True
+                        break
                     dst.write(chunk)
             except (OSError, EOFError, zlib.error) as e:
                 broken = str(e)
             while hashed.read(CHUNK):  # a gzip trailer or padding is part of the digest too
                 pass
         _check_digest(h, digest, where)
+        if over:
+            raise ArchiveError(too_big)
         if broken:
             raise ArchiveError(f"{where}: the layer does not decompress: {broken}")
     else:
         raise ArchiveError(f"{where}: layer media type '{media_type}' is not one activator reads")
-    if out.stat().st_size > max_bytes:
-        raise ArchiveError(f"{where}: the layer unpacks to more than {max_bytes} bytes")
 
 
 def _check_digest(h: Any, digest: str, where: Path) -> None:
