@@ -114,6 +114,7 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
 def _check_host(cfg: Config, sock: Any) -> None:
     """What can be checked without starting anything (--file-only skips it): each image is in the Docker engine,
     each listen address is free or already the running daemon's for that service, a seccomp profile exists."""
+    from .checkpoints.host import load_trust
     from .checkpoints.images import ImageSource
     from .daemon import control
     from .daemon.listeners import bind_listener
@@ -125,6 +126,7 @@ def _check_host(cfg: Config, sock: Any) -> None:
             st = control.request(sock, "status")
             held = {(svc["name"], addr) for svc in st["services"] for addr in svc["listen"]}
     images = ImageSource(cfg.settings.state_dir, cfg.settings.images)
+    load_trust(cfg)  # a key file missing, unreadable, not a key, or a signing key others can read: one line
     if cfg.settings.checkpoint_registry is not None and shutil.which("skopeo") is None:
         raise ActivatorError(f"{cfg.path}: settings.checkpoint_registry needs skopeo, which is not installed; run "
                              "'make setup' (or apt-get install skopeo)")
@@ -213,10 +215,40 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 
 TRANSFER_VERBS = ("export", "import", "push", "pull")
+#: checkpoint verbs about keys and signatures: no services file needed when the key is named on the command line
+KEY_VERBS = ("keygen", "sign")
+
+
+def cmd_keys(cfg: Config | None, args: argparse.Namespace) -> int:
+    """`checkpoint keygen PATH` and `checkpoint sign FILE [--key KEY]`."""
+    from .checkpoints import ociarchive, signing, transfer
+
+    verb, words = args.words[0], args.words[1:]
+    if len(words) != 1:
+        raise ActivatorError(f"usage: activator checkpoint {verb} {'PATH' if verb == 'keygen' else 'FILE --key KEY'}")
+    if verb == "keygen":
+        pub, kid = signing.generate(Path(words[0]).absolute())
+        print(f"{words[0]}: signing key {kid} (keep it on the builder host only, mode 0600); its public key is {pub}:"
+              " list it in settings.checkpoint_trust.keys on every host that imports or pulls")
+        return 0
+    where = f"{cfg.path}: settings.checkpoint_trust" if cfg is not None else "--key"
+    key_path = Path(args.key) if args.key else (cfg.settings.checkpoint_trust.sign_key if cfg is not None else None)
+    if key_path is None:
+        raise ActivatorError("activator checkpoint sign: name the key (--key KEY, or settings.checkpoint_trust."
+                             "sign_key)")
+    key = signing.load_private(key_path.absolute(), where)
+    archive = Path(words[0]).absolute()
+    image = ociarchive.read(archive)
+    sig = signing.sign(key, image.digest)
+    transfer.seal(archive, sig)
+    print(f"{words[0]}: signed by {sig.key} (image {image.digest[:19]})")
+    return 0
 
 
 def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
     words = args.words
+    if words[0] in KEY_VERBS and not any(s.name == words[0] for s in cfg.services):
+        return cmd_keys(cfg, args)
     if words[0] in TRANSFER_VERBS and not any(s.name == words[0] for s in cfg.services):
         if len(words) != 2:
             raise ActivatorError(f"usage: activator checkpoint {words[0]} "
@@ -224,7 +256,7 @@ def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
         return _checkpoint_transfer(cfg, args, words[0], words[1])
     if len(words) != 1:
         raise ActivatorError("usage: activator checkpoint SERVICE [--rebuild] | export SERVICE -o FILE | import "
-                             "FILE | push SERVICE | pull SERVICE")
+                             "FILE | push SERVICE | pull SERVICE | keygen PATH | sign FILE")
     return _checkpoint_build(cfg, args, words[0])
 
 
@@ -280,11 +312,13 @@ def _checkpoint_build(cfg: Config, args: argparse.Namespace, name: str) -> int:
 
 def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what: str) -> int:
     """export/import/push/pull: by the running daemon if there is one (it owns the store), else here."""
-    from .checkpoints import ociarchive, transfer
+    from .checkpoints import ociarchive, signing, transfer
     from .checkpoints.host import open_host
     from .daemon import control
     from .statedir import StateDir
 
+    if args.key and verb != "export":
+        raise ActivatorError(f"activator checkpoint {verb}: --key is for export and sign")
     if verb == "export":
         if not args.output:
             raise ActivatorError(f"usage: activator checkpoint export {what} -o FILE")
@@ -307,7 +341,7 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
                "import": f"import {target if verb == 'import' else ''} {svc.name}",
                "push": f"push {svc.name}", "pull": f"pull {svc.name}"}[verb]
     r: dict[str, Any] | None = None
-    if sock.exists():
+    if sock.exists() and not args.key:  # the daemon signs with its own key; another key is used here
         try:
             r = control.request(sock, request, timeout=1800)
         except control.NotRunning:
@@ -318,8 +352,12 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
         try:
             builder = open_host(state, cfg).builder
             if verb == "export":
-                doc = await builder.export(svc, Path(target))
-                return {"path": target, "size": doc.size, "digest": doc.digest}
+                key = builder.sign_key
+                if args.key:
+                    key = signing.load_private(Path(args.key).absolute(), "--key")
+                doc = await builder.export(svc, Path(target), key)
+                return {"path": target, "size": doc.size, "digest": doc.digest,
+                        "signed": f"signed by {signing.key_id(key.public_key())}" if key is not None else ""}
             if verb == "push":
                 return {"ref": await builder.push(svc)}
             if verb == "import":
@@ -344,7 +382,9 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
         r = out | {"seconds": time.monotonic() - t0}
     took = f" in {r['seconds']:.1f}s" if "seconds" in r else ""
     if verb == "export":
-        print(f"{svc.name}: checkpoint exported{took} to {r['path']} ({_size(r['size'])}, {r['digest'][:19]})")
+        signed = r.get("signed") or "UNSIGNED: hosts that import it refuse it; `activator checkpoint sign FILE`"
+        print(f"{svc.name}: checkpoint exported{took} to {r['path']} ({_size(r['size'])}, {r['digest'][:19]}, "
+              f"{signed})")
     elif verb == "push":
         print(f"{svc.name}: checkpoint pushed{took} to {r['ref']}")
     elif verb == "import":
@@ -593,12 +633,14 @@ def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
     """A checkpoint image, from an archive file or a registry reference, made by activator or not."""
     import tempfile
 
-    from .checkpoints import ociarchive, transfer
+    from .checkpoints import ociarchive, signing, transfer
+    from .checkpoints.host import load_trust
     from .checkpoints.registry import Registry
     from .checkpoints.store import contents
     from .config.model import RegistrySettings
 
     with tempfile.TemporaryDirectory(prefix="activator-inspect-") as tmp:
+        pulled_sig: signing.Signature | None = None
         if Path(what).exists():
             image = ociarchive.read(Path(what))
         else:
@@ -606,6 +648,9 @@ def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
             if not Registry(settings).pull(what, Path(tmp, "image.tar")):
                 raise ActivatorError(f"{what}: no such file, and the registry has no such image")
             image = ociarchive.read(Path(tmp, "image.tar"))
+            with contextlib.suppress(ActivatorError):  # no signature beside it: shown as unsigned
+                if Registry(settings).pull(what + transfer.SIG_SUFFIX, Path(tmp, "sig.tar")):
+                    pulled_sig = transfer.signature_of(Path(tmp, "sig.tar"), what)
         a = image.annotations
         d = transfer.describe(a)
         held: dict[str, Any] = {}
@@ -617,8 +662,16 @@ def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
             if (layer / "checkpoint" / "pstree.img").exists():
                 with contextlib.suppress(ImportError):  # no pycriu: the annotations are still worth showing
                     held |= contents(layer / "checkpoint")
+        trust = None
+        with contextlib.suppress(ActivatorError):  # no usable trust here: the signature is shown unchecked
+            trust = load_trust(cfg)[0] if cfg.settings.checkpoint_trust.keys else None
+        try:
+            signature = pulled_sig or signing.of_annotations(image.envelope, what)
+            signed = signing.describe(signature, image.digest, trust)
+        except signing.SignatureError:
+            signed = "a malformed signature (refused on import)"
         info = {"source": what, "digest": image.digest, "ref": image.ref, "layers": [vars(b) for b in image.layers],
-                "size": image.size, "annotations": a, "described": d,
+                "size": image.size, "annotations": a, "described": d, "signature": signed,
                 "architecture": image.config.get("architecture", ""), **held}
         if as_json:
             print(json.dumps(info, indent=2))
@@ -632,6 +685,7 @@ def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
               f"CRIU {d['criu.version'] or '?'}, {d['runtime.name'] or '?'} {d['runtime.version']}, "
               f"cgroup {d['cgroup.version'] or '?'}, "
               f"{d['distribution.name']} {d['distribution.version']}")
+        print(f"  signature  {signed}")
         print(f"  size       {_size(image.size)} in {len(image.layers)} layer(s) "
               f"({', '.join(b.media_type.rsplit('.', 1)[-1] for b in image.layers)})")
         if held.get("files"):
@@ -758,11 +812,14 @@ def build_parser() -> argparse.ArgumentParser:
     ck = add("checkpoint", cmd_checkpoint, "build a service's checkpoint if missing or stale; or move one between "
              "hosts: export SERVICE -o FILE, import FILE, push SERVICE, pull SERVICE (an OCI image, through "
              "settings.checkpoint_registry)")
-    ck.add_argument("words", nargs="+", metavar="SERVICE | export SERVICE | import FILE | push SERVICE | pull SERVICE")
+    ck.add_argument("words", nargs="+", metavar="SERVICE | export SERVICE | import FILE | push SERVICE | pull SERVICE"
+                    " | keygen PATH | sign FILE")
     ck.add_argument("--rebuild", action="store_true", help="rebuild even if current")
     ck.add_argument("-o", "--output", help="export: the archive to write (an OCI image archive, skopeo's "
                     "oci-archive)")
     ck.add_argument("--service", help="import: the service it is for, if not the one it was exported from")
+    ck.add_argument("--key", help="export, sign: the private key to sign with (default: "
+                                  "settings.checkpoint_trust.sign_key)")
     add("cleanup", cmd_cleanup, "remove instances, mounts and namespaces left by a crashed run")
     schema = sub.add_parser("schema", help="print the JSON Schema of the services file (for editors)")
     schema.set_defaults(fn=None)
@@ -775,6 +832,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.fn is None:
             return cmd_schema(args)
+        if args.fn is cmd_checkpoint and args.words[0] in KEY_VERBS and (args.words[0] == "keygen" or args.key) \
+                and not Path(args.config).exists():
+            return cmd_keys(None, args)
         try:
             cfg = load_config(getattr(args, "file", None) or args.config)
         except ConfigError as e:

@@ -46,9 +46,16 @@ def free_port() -> int:
 
 
 def config(work: Path, host: str, app: str, port: int, registry: str) -> Path:
+    """A signs what it exports and pushes (work/keys/builder); B verifies with the public key."""
+    key = work / "keys" / "builder"
+    if not key.exists():
+        key.parent.mkdir(mode=0o700)
+        subprocess.run([*ACTIVATOR, "checkpoint", "keygen", str(key), "-c", str(work / "none.yaml")], check=True,
+                       capture_output=True, timeout=60)
+    trust = {"sign_key": str(key)} if host == "a" else {"keys": [f"{key}.pub"]}
     path = work / f"{host}-{app}.yaml"
     path.write_text(yaml.safe_dump({
-        "settings": {"state_dir": str(work / host), "metrics": None,
+        "settings": {"state_dir": str(work / host), "metrics": None, "checkpoint_trust": trust,
                      "checkpoint_registry": {"repository": f"{registry}/bench", "tls_verify": False,
                                              "push": False, "pull": False}},
         "services": {app: APPS[app] | {"listen": f"127.0.0.1:{port}"}}}))

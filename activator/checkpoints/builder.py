@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from activator.config.model import ServiceConfig, probe_paths
 from activator.core import pool, probes
 from activator.errors import ActivatorError, CheckpointError, RuncError, StartError
@@ -32,7 +34,7 @@ from activator.runtime.spec import ProcessSpec, capability_set, merge_env, proce
 from activator.statedir import copy_private, open_private
 from activator.tasks import spawn
 
-from . import ociarchive, transfer
+from . import ociarchive, signing, transfer
 from .images import ImageInfo, ImageSource, resolve_user
 from .registry import Registry
 from .store import (
@@ -96,6 +98,9 @@ class CheckpointBuilder:
         self._building = asyncio.Semaphore(os.cpu_count() or 1)
         self.ranges = userns.Ranges(instances_dir.parent)
         self.registry: Registry | None = None  # settings.checkpoint_registry (open_host sets it)
+        # settings.checkpoint_trust (open_host loads it): who may sign what this host imports, and its own key
+        self.trust = signing.Trust({})
+        self.sign_key: Ed25519PrivateKey | None = None
         self.on_transfer: Callable[[str, str, str], None] | None = None  # (service, pull|push, ok|absent|failed)
 
     def idmap(self, svc: ServiceConfig) -> userns.IdMap | None:
@@ -174,8 +179,8 @@ class CheckpointBuilder:
         assert self.registry is not None
         return self.registry.ref(svc.name, transfer.tag(wanted, transfer.HostFacts.here()))
 
-    async def export(self, svc: ServiceConfig, out: Path) -> ociarchive.Image:
-        """Write the service's current checkpoint as an OCI image archive."""
+    async def export(self, svc: ServiceConfig, out: Path, key: Ed25519PrivateKey | None = None) -> ociarchive.Image:
+        """Write the service's current checkpoint as an OCI image archive, signed with key if given."""
         if why := unshareable(svc):
             raise CheckpointError(why)
         ck = await self.current(svc)
@@ -183,29 +188,70 @@ class CheckpointBuilder:
             raise CheckpointError(f"service '{svc.name}' has no current checkpoint here; build one with `activator "
                                   f"checkpoint {svc.name}` first")
         image = await asyncio.to_thread(self.images.resolve, svc.image, svc.name)
-        return await asyncio.to_thread(transfer.export, ck, svc, image, out, self.store.root)
+        return await asyncio.to_thread(transfer.export, ck, svc, image, out, self.store.root, key)
 
-    async def import_archive(self, archive: Path, svc: ServiceConfig, *, source: str = "") -> Checkpoint:
+    async def import_archive(self, archive: Path, svc: ServiceConfig, *, source: str = "",
+                             signature: signing.Signature | None = None) -> Checkpoint:
         """Check an OCI checkpoint image against what this host would build for svc and install it (running
-        instances carry on with theirs). One line saying what differs if it cannot run here."""
+        instances carry on with theirs). One line saying what differs if it cannot run here.
+
+        In this order, each before the next touches anything: the signature over the manifest digest (the
+        archive's own, or `signature`, pulled beside it), the blobs' digests, the record's origin against this
+        host's, the layer's members; then the record is derived here as a build derives it, and CRIU's images
+        are checked against it."""
         if why := unshareable(svc):
             raise CheckpointError(why)
+        where = source or str(archive)
         image_doc = await asyncio.to_thread(ociarchive.read, archive)
-        wanted, image, _filt = await self.wanted(svc)
+        if signature is None:
+            signature = signing.of_annotations(image_doc.envelope, where)
+        signer = self.trust.verify(signature, image_doc.digest, where)
+        wanted, image, filt = await self.wanted(svc)
         rootfs = self.store.image_rootfs(image.short_id)
         idmap = await asyncio.to_thread(self.idmap, svc)
         with ociarchive.scratch(self.store.root, f".build-import-{svc.name}-") as tmp:
-            # Checked before anything else of the host changes: a refused image leaves nothing, not even an
-            # unpacked image.
-            got = await asyncio.to_thread(transfer.unpack, image_doc, svc, wanted, rootfs, idmap, tmp)
-            if not rootfs.is_dir():
+            got = await asyncio.to_thread(transfer.unpack, image_doc, svc, wanted, idmap, tmp)
+            unpacked_here = not rootfs.is_dir()
+            if unpacked_here:
                 t0 = time.monotonic()
                 await self.unpack_image(svc, image)
                 log.info("service=%s image unpacked in %.2fs", svc.name, time.monotonic() - t0)
-            ck = await asyncio.to_thread(self.store.install, got.dir, got.checkpoint)
-        log.info("service=%s checkpoint imported from %s (%s, %d MiB of pages%s)", svc.name, source or archive,
-                 image_doc.digest[:19], ck.pages_bytes // 2**20,
+            try:
+                derived = await asyncio.to_thread(self._derive, svc, image, rootfs, wanted, filt, got)
+            except BaseException:
+                if unpacked_here:  # a refused image leaves nothing, not even the image it would have used
+                    await self.prune_images()
+                raise
+            ck = await asyncio.to_thread(self.store.install, got.dir, derived)
+        log.info("service=%s checkpoint imported from %s (%s, %s, %d MiB of pages%s)", svc.name, where,
+                 image_doc.digest[:19], signer, ck.pages_bytes // 2**20,
                  f"; moved from user namespace range {got.moved_from} to {idmap}" if got.moved_from else "")
+        return ck
+
+    def _derive(self, svc: ServiceConfig, image: ImageInfo, rootfs: Path, origin: Origin,
+                filt: dict[str, Any] | None, got: transfer.Imported) -> Checkpoint:
+        """Blocking. An imported dump's record, made here from the service and the image as a build makes it
+        (nothing the archive says about the process, its sandbox or its mounts is used), and the dump checked
+        against it."""
+        process = self._process(svc, image, rootfs)
+        proto = "TCP" if "tcp" in svc.protocol else "UDP"
+        try:
+            ports = listening_ports(got.images, proto)
+            addresses = listening_addresses(got.images, svc.port, proto)
+        except Exception as e:  # pycriu raises whatever its decoder meets in a crafted file
+            raise CheckpointError(f"service '{svc.name}': the imported dump's sockets are unreadable "
+                                  f"({type(e).__name__}); refused") from None
+        if svc.port not in ports:
+            raise CheckpointError(f"service '{svc.name}': the imported dump listens on {list(ports) or 'nothing'}, "
+                                  f"not on port {svc.port}; refused")
+        ck = Checkpoint(
+            service=svc.name, dir=got.dir, origin=origin, process=process, image_rootfs=rootfs,
+            listening_ports=ports, created=got.created, build_seconds=got.build_seconds,
+            pages_bytes=pages_bytes(got.images), seccomp=filt, kernel_path=self._kernel_path(svc, addresses),
+            external=extmounts.mounts(), dev=transfer.RUNC_DEV, stop_signal=image.stop_signal or "SIGTERM",
+            writes_volumes=(), probe_answers=got.probe_answers,
+        )
+        _check_dump(ck, svc)
         return ck
 
     async def pull(self, svc: ServiceConfig, wanted: Origin, image: ImageInfo, *, quiet: bool = False
@@ -217,9 +263,16 @@ class CheckpointBuilder:
         started = time.monotonic()
         with ociarchive.scratch(self.store.root, f".build-pull-{svc.name}-") as tmp:
             try:
+                # The signature first (a few hundred bytes): an unsigned image is not even downloaded.
+                signature = None
+                if await asyncio.to_thread(self.registry.pull, ref + transfer.SIG_SUFFIX, tmp / "sig.tar"):
+                    signature = await asyncio.to_thread(transfer.signature_of, tmp / "sig.tar", ref)
+                elif not self.trust.insecure_unsigned:
+                    self.trust.verify(None, "", ref)  # raises: unsigned
                 found = await asyncio.to_thread(self.registry.pull, ref, tmp / "image.tar")
                 pulled = time.monotonic()
-                ck = await self.import_archive(tmp / "image.tar", svc, source=ref) if found else None
+                ck = await self.import_archive(tmp / "image.tar", svc, source=ref, signature=signature) \
+                    if found else None
             except ActivatorError as e:
                 self._transferred(svc, "pull", "failed")
                 if not quiet:
@@ -244,10 +297,18 @@ class CheckpointBuilder:
         wanted, _image, _filt = await self.wanted(svc)
         ref = self.registry_ref(svc, wanted)
         started = time.monotonic()
+        if self.sign_key is None and not self.trust.insecure_unsigned:
+            raise CheckpointError(f"service '{svc.name}': pushing needs settings.checkpoint_trust.sign_key (hosts "
+                                  "that pull refuse unsigned checkpoints)")
         with ociarchive.scratch(self.store.root, f".build-push-{svc.name}-") as tmp:
             try:
-                doc = await self.export(svc, tmp / "image.tar")
+                doc = await self.export(svc, tmp / "image.tar", self.sign_key)
                 exported = time.monotonic()
+                if self.sign_key is not None:
+                    # The signature beside the image, pushed first: a puller that finds the image finds it too.
+                    sig = signing.sign(self.sign_key, doc.digest)
+                    await asyncio.to_thread(transfer.signature_image, sig, tmp / "sig.tar", tmp)
+                    await asyncio.to_thread(self.registry.push, tmp / "sig.tar", ref + transfer.SIG_SUFFIX)
                 await asyncio.to_thread(self.registry.push, tmp / "image.tar", ref)
             except ActivatorError:
                 self._transferred(svc, "push", "failed")
@@ -576,6 +637,10 @@ def unshareable(svc: ServiceConfig) -> str:
         return (f"service '{svc.name}' has volumes, whose data does not move with a checkpoint (its memory may "
                 "hold what it read of them); each host builds its own")
     return ""
+
+
+def _check_dump(ck: Checkpoint, svc: ServiceConfig) -> None:
+    """Blocking. CRIU's images of an imported checkpoint checked against what this host derived for it."""
 
 
 def _used_up(svc: ServiceConfig, ck: Checkpoint) -> bool:

@@ -6,8 +6,11 @@ None of this is the daemon's lifecycle (server.py); the CLI's one-shot commands 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from activator.config.model import Config
 from activator.net.network import HostNetwork
@@ -16,10 +19,13 @@ from activator.runtime.runc import Runc
 from activator.runtime.sandbox import Sandbox
 from activator.statedir import StateDir
 
+from . import signing
 from .builder import CheckpointBuilder
 from .images import ImageSource
 from .registry import Registry
 from .store import CheckpointStore
+
+log = logging.getLogger("activator")
 
 
 def host_network(config: Config) -> HostNetwork | None:
@@ -58,7 +64,21 @@ def open_host(state: StateDir, config: Config) -> Host:
                                 host_network(config))
     if config.settings.checkpoint_registry is not None:
         builder.registry = Registry(config.settings.checkpoint_registry)
+    builder.trust, builder.sign_key = load_trust(config)
     return Host(runc, builder)
+
+
+def load_trust(config: Config) -> tuple[signing.Trust, Ed25519PrivateKey | None]:
+    """settings.checkpoint_trust's keys, read and checked (one line naming the file and key if one is unusable)."""
+    t = config.settings.checkpoint_trust
+    where = f"{config.path}: settings.checkpoint_trust"
+    trust = signing.Trust.load(t.keys, t.insecure_unsigned, where)
+    key = signing.load_private(t.sign_key, where) if t.sign_key is not None else None
+    if t.insecure_unsigned:
+        log.warning("settings.checkpoint_trust.insecure_unsigned is on: UNSIGNED checkpoint images are imported and "
+                    "pulled; anyone who can hand this host an archive or write the registry chooses what its "
+                    "instances run. Lab use only")
+    return trust, key
 
 
 def runc_for(state: StateDir) -> Runc:

@@ -15,29 +15,41 @@ line says what differs; a local build stays possible. A checkpoint dumped in ano
 host hands out its own) is moved into this host's range for the service: CRIU's userns image is rewritten and the
 filesystem diff's owners shifted. The install is store.install(): a rename, running instances untouched.
 
-Trust: the archive is checked (digests, a safe unpack), but its content is code and memory that CRIU restores as
-root into an instance. Import only what you would run: a registry you trust like your image registry.
+Trust: nothing in an archive is believed because the archive says it. Before anything is unpacked, its manifest
+digest must carry a signature by a key in settings.checkpoint_trust (signing.py). The record (activator.json)
+carries only what this host cannot compute: when and how long the build took, and what the template answered
+its probes (rebuilt within bounds). The process spec, seccomp filter, capabilities, /dev, external mounts,
+listening ports and stop signal are derived here from the service definition and the image, exactly as a local
+build derives them, and CRIU's own images are checked against them before any restore (dumpcheck.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import platform
+import secrets
 import shutil
 import tarfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from activator import __version__
-from activator.config.model import Config, ServiceConfig
+from activator.config.model import Config, ServiceConfig, probe_paths
+from activator.core.probes import Answer
 from activator.errors import ActivatorError
 from activator.runtime import cgroups, userns
+from activator.runtime.extmounts import DevEntry
 
-from . import ociarchive
+from . import ociarchive, signing
 from .images import ImageInfo
 from .store import Checkpoint, Origin, make_private
 
@@ -50,10 +62,37 @@ OWN = "org.activator.checkpoint."
 MAX_LAYER = 16 * 2**30
 #: Origin fields that are this host's own choice, not the checkpoint's (the range is moved on import)
 LOCAL_FIELDS = ("userns",)
+#: the checkpoint record's fields an archive carries: what this host cannot compute. Everything else of
+#: store.Checkpoint (process spec, seccomp, /dev, external mounts, ports...) is derived by the importing host.
+RECORD = ("service", "origin", "created", "build_seconds", "probe_answers")
+#: an activator.json larger than this is not one (it holds a few recorded probe answers at most)
+MAX_RECORD = 4 * 2**20
 
 
 class TransferError(ActivatorError):
     pass
+
+
+#: the registry tag of an image's signature, beside it (cosign keeps `sha256-DIGEST.sig` the same way)
+SIG_SUFFIX = ".sig"
+
+
+def _dev(name: str, kind: str, mode: int, major: int = 0, minor: int = 0, target: str = "") -> DevEntry:
+    return DevEntry(name, kind, mode, os.makedev(major, minor), target)
+
+
+#: The /dev runc makes for every container of ours: a tmpfs with its default devices (bound from the host in a
+#: user namespace), the symlinks it adds and the mount points of the spec (pts, shm, mqueue). The image's own /dev
+#: is hidden under that tmpfs, so it is the same for every template; an imported checkpoint gets this one, never
+#: a list from the archive. tests/engine/test_signed_checkpoints.py checks it against a real template's snapshot.
+RUNC_DEV = (
+    _dev("fd", "link", 0o777, target="/proc/self/fd"), _dev("full", "chr", 0o666, 1, 7),
+    _dev("mqueue", "dir", 0o1777), _dev("null", "chr", 0o666, 1, 3), _dev("ptmx", "link", 0o777, target="pts/ptmx"),
+    _dev("pts", "dir", 0o755), _dev("random", "chr", 0o666, 1, 8), _dev("shm", "dir", 0o1777),
+    _dev("stderr", "link", 0o777, target="/proc/self/fd/2"), _dev("stdin", "link", 0o777, target="/proc/self/fd/0"),
+    _dev("stdout", "link", 0o777, target="/proc/self/fd/1"), _dev("tty", "chr", 0o666, 5, 0),
+    _dev("urandom", "chr", 0o666, 1, 9), _dev("zero", "chr", 0o666, 1, 5),
+)
 
 
 @dataclass(frozen=True)
@@ -134,16 +173,15 @@ def describe(annotations: dict[str, str]) -> dict[str, str]:
 # --- export ---------------------------------------------------------------------------------------------------
 
 
-def export(ck: Checkpoint, svc: ServiceConfig, image: ImageInfo, out: Path, scratch_near: Path) -> ociarchive.Image:
-    """Blocking. Write the checkpoint as an OCI image archive at out."""
+def export(ck: Checkpoint, svc: ServiceConfig, image: ImageInfo, out: Path, scratch_near: Path,
+           key: Ed25519PrivateKey | None = None) -> ociarchive.Image:
+    """Blocking. Write the checkpoint as an OCI image archive at out, signed with key if there is one."""
     if image.id != ck.origin.image_id:
         raise TransferError(f"service '{svc.name}': image '{svc.image}' is {image.id[:19]} now, the checkpoint was "
                             f"built from {ck.origin.image_id[:19]}; rebuild it (`activator checkpoint {svc.name}`) "
                             "before exporting")
     facts = HostFacts.here()
-    record = ck.to_json()
-    for k in ("dir", "image_rootfs"):
-        record.pop(k)
+    record = {k: v for k, v in ck.to_json().items() if k in RECORD}
     with ociarchive.scratch(scratch_near, f".build-export-{svc.name}-") as tmp:
         (tmp / "activator.json").write_text(json.dumps({
             "checkpoint": record, "host": asdict(facts), "activator": __version__, "exported": time.time()},
@@ -174,7 +212,68 @@ def export(ck: Checkpoint, svc: ServiceConfig, image: ImageInfo, out: Path, scra
             OWN + "pages-bytes": str(ck.pages_bytes),
             "org.opencontainers.image.created": created,
         }
-        return ociarchive.write(out, layer, annotations, ref=tag(o, facts), arch=facts.oci_arch, created=created)
+        written = ociarchive.write(out, layer, annotations, ref=tag(o, facts), arch=facts.oci_arch, created=created)
+        return seal(out, signing.sign(key, written.digest)) if key is not None else written
+
+
+def seal(archive: Path, sig: signing.Signature) -> ociarchive.Image:
+    """Blocking. Put a signature into an archive's envelope (its index's annotations of the image), which the
+    manifest digest does not cover. The image is untouched: every other member is copied as it is, and the result
+    is read back with every digest checked. Written as ociarchive.write writes: a new file of a random name
+    (O_EXCL|O_NOFOLLOW) in a directory checked by ociarchive.safe_dir, renamed over the old one."""
+    image = ociarchive.read(archive)
+    if image.digest != sig.manifest:
+        raise signing.SignatureError(f"{archive}: the signature is for image {sig.manifest[:19]}, not this one")
+    dirfd = ociarchive.safe_dir(archive.parent)
+    partial = f".{archive.name}.{secrets.token_hex(8)}.partial"
+    try:
+        with tarfile.open(archive, "r:") as t:
+            f = t.extractfile(image.members["index.json"])
+            assert f is not None
+            index = json.loads(f.read(ociarchive.SMALL_BLOB))
+            desc = index["manifests"][0]
+            desc["annotations"] = {**(desc.get("annotations") or {}), **signing.annotation(sig)}
+            data = json.dumps(index).encode()
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dirfd)
+            try:
+                with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as out:
+                    for m in t.getmembers():
+                        if m.name.removeprefix("./") == "index.json":
+                            info = tarfile.TarInfo("index.json")
+                            info.size, info.mode, info.mtime = len(data), 0o644, m.mtime
+                            out.addfile(info, io.BytesIO(data))
+                        else:
+                            out.addfile(m, t.extractfile(m) if m.isfile() else None)
+                os.rename(partial, archive.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(partial, dir_fd=dirfd)
+                raise
+    finally:
+        os.close(dirfd)
+    return ociarchive.read(archive)
+
+
+def signature_image(sig: signing.Signature, out: Path, scratch_near: Path) -> ociarchive.Image:
+    """Blocking. A tiny image that carries an image's signature in its manifest's annotations, to be pushed as
+    TAG.sig beside it (a registry keeps manifests, not an archive's index)."""
+    with ociarchive.scratch(scratch_near, ".build-sig-") as tmp:
+        (tmp / "signature.json").write_text(sig.to_text())
+        layer = tmp / "layer.tar"
+        with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as t:
+            t.add(tmp / "signature.json", "signature.json", filter=ociarchive.root_owned)
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return ociarchive.write(out, layer, signing.annotation(sig), ref="signature", arch=HostFacts.here().oci_arch,
+                                created=created)
+
+
+def signature_of(archive: Path, where: str) -> signing.Signature:
+    """Blocking. The signature a pulled TAG.sig image carries (checked by the caller against the image's digest)."""
+    sig = signing.of_annotations(ociarchive.read(archive).annotations, where + SIG_SUFFIX)
+    if sig is None:
+        raise signing.SignatureError(f"{where}{SIG_SUFFIX}: not a signature image; refused")
+    return sig
 
 
 # --- import ---------------------------------------------------------------------------------------------------
@@ -182,12 +281,19 @@ def export(ck: Checkpoint, svc: ServiceConfig, image: ImageInfo, out: Path, scra
 
 @dataclass(frozen=True)
 class Imported:
-    """A checkpoint image unpacked and checked, ready for store.install()."""
+    """A checkpoint image unpacked and checked against this host, ready for the importer to derive the rest of its
+    record (builder.import_archive) and install it."""
 
     service: str
-    dir: Path  # below the scratch directory, on the store's filesystem
-    checkpoint: Checkpoint
+    dir: Path  # below the scratch directory, on the store's filesystem: criu/ and diff/
+    created: float
+    build_seconds: float
+    probe_answers: tuple[tuple[str, Answer], ...]
     moved_from: str  # the range it was dumped in, if it was moved into this host's ("" if not)
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "criu"
 
 
 def service_of(image: ociarchive.Image, config: Config, name: str | None) -> ServiceConfig:
@@ -200,69 +306,114 @@ def service_of(image: ociarchive.Image, config: Config, name: str | None) -> Ser
     return config.service(wanted)
 
 
-def unpack(image: ociarchive.Image, svc: ServiceConfig, wanted: Origin, rootfs: Path, idmap: userns.IdMap | None,
-           into: Path) -> Imported:
-    """Blocking. Unpack and check an image for svc on this host, whose own build would have origin `wanted`,
-    into the scratch directory `into` (inside the store's root)."""
-    layer = into / "layer"
-    layer.mkdir(mode=0o700)
-    ociarchive.unpack_layer(image, layer, max_bytes=MAX_LAYER)
+def _record(layer: Path, where: Path) -> tuple[dict[str, Any], HostFacts, Origin]:
     try:
-        meta = json.loads((layer / "activator.json").read_text())
+        f = layer / "activator.json"
+        if f.is_symlink() or not f.is_file() or f.stat().st_size > MAX_RECORD:
+            raise ValueError("not a small regular file")
+        meta = json.loads(f.read_text())
         record, h = meta["checkpoint"], meta["host"]
         facts = HostFacts(str(h["arch"]), str(h["kernel"]), tuple(map(str, h["cpu_flags"])), str(h["cgroup"]),
                           str(h["distribution"]))
-        theirs = Origin(**record["origin"])
+        o = record["origin"]
+        if not isinstance(o, dict) or set(o) - {f.name for f in fields(Origin)}:
+            raise ValueError("unknown origin fields")
+        fixed: dict[str, Any] = {k: (int(v) if k == "format" else str(v)) for k, v in o.items()}
+        theirs = Origin(**fixed)
+        for k in ("created", "build_seconds"):
+            if not isinstance(record.get(k), int | float) or not 0 <= record[k] < 2**40:
+                raise ValueError(k)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TransferError(f"{image.path}: its activator.json is missing or unreadable ({type(e).__name__}); "
+        raise TransferError(f"{where}: its activator.json is missing or unreadable ({type(e).__name__}); "
                             "not a checkpoint image activator made") from None
-    if record.get("service") != svc.name and image.annotations.get(A + "container.name") == record.get("service"):
-        record["service"] = svc.name  # imported under another service name, asked for by --service
+    return record, facts, theirs
+
+
+def unpack(image: ociarchive.Image, svc: ServiceConfig, wanted: Origin, idmap: userns.IdMap | None,
+           into: Path) -> Imported:
+    """Blocking. Unpack and check an image for svc on this host, whose own build would have origin `wanted`,
+    into the scratch directory `into` (inside the store's root). The image's signature was verified before."""
+    layer = into / "layer"
+    layer.mkdir(mode=0o700)
+    ociarchive.unpack_layer(image, layer, max_bytes=MAX_LAYER)
+    record, facts, theirs = _record(layer, image.path)
     differ = [f"{k} {getattr(theirs, k)!s:.40} (here {getattr(wanted, k)!s:.40})"
               for k in theirs.differences(wanted) if k not in LOCAL_FIELDS]
     differ += HostFacts.here().missing(facts)
     if (theirs.userns == "host") != (wanted.userns == "host"):
         differ.append(f"userns {'host' if theirs.userns == 'host' else 'private'} "
                       f"(here {'host' if wanted.userns == 'host' else 'private'})")
+    old: userns.IdMap | None = None
+    if theirs.userns != "host":
+        try:
+            old = userns.IdMap.parse(theirs.userns)
+            if not 0 < old.host < 2**32 - old.size:
+                raise ValueError(old)
+        except ValueError:
+            old = None
+            differ.append(f"userns range {theirs.userns[:40]!r} is not a range")
+        # Ranges are handed out in one size: a larger claimed range would let owners from a neighbour's range
+        # through the diff's owner check and move them into this service's.
+        if old is not None and idmap is not None and old.size != idmap.size:
+            differ.append(f"userns range of {old.size} ids (this host hands out {idmap.size})")
     if differ:
         raise TransferError(f"{image.path}: this checkpoint of service '{svc.name}' cannot run here: "
                             f"{'; '.join(differ)}; `activator checkpoint {svc.name}` builds one on this host")
     final = into / "ck"
     final.mkdir(mode=0o700)
     os.rename(layer / "checkpoint", final / "criu")
-    old = None if theirs.userns == "host" else userns.IdMap.parse(theirs.userns)
     owners = range(old.host, old.host + old.size) if old is not None else None
     ociarchive.unpack_tree(layer / "rootfs-diff.tar", final / "diff", owners)
     shutil.rmtree(layer)
     moved = ""
-    if old is not None and idmap is not None and old != idmap:
+    if old is not None and idmap is not None:
+        # Always, even when the archive claims this host's own range (which is predictable): the rewrite also
+        # checks that CRIU's userns image maps exactly the range the record names, and nothing else.
         move_range(final, old, idmap)
-        moved = str(old)
+        moved = str(old) if old != idmap else ""
     make_private(final / "criu", idmap)
-    record |= {"origin": asdict(wanted), "image_rootfs": str(rootfs)}
-    ck = Checkpoint.from_json(record, final)
-    ck = replace(ck, pages_bytes=sum(p.stat().st_size for p in ck.images.glob("pages-*.img")))
-    return Imported(svc.name, final, ck, moved)
+    answers = []
+    for item in record.get("probe_answers") or ():
+        try:
+            path, answer = item
+            if isinstance(path, str) and path in probe_paths(svc.probes):
+                answers.append((path, Answer.from_untrusted(answer)))
+        except (ValueError, TypeError):
+            raise TransferError(f"{image.path}: a recorded probe answer is malformed; not a checkpoint image "
+                                "activator made") from None
+    return Imported(svc.name, final, float(record["created"]), float(record["build_seconds"]), tuple(answers), moved)
 
 
 def move_range(ck_dir: Path, old: userns.IdMap, new: userns.IdMap) -> None:
     """Blocking. A checkpoint dumped in user namespace range `old` as if dumped in `new`: CRIU's userns image
     names the range (its only host ids: the process's own ids are the namespace's), the diff's files are owned
-    by it."""
+    by it. Anything but exactly one extent 0 -> old.host of old.size ids per map is refused."""
     from activator.runtime.preflight import require_pycriu
 
     pycriu = require_pycriu()
-    for img in ck_dir.glob("criu/userns-*.img"):
-        with open(img, "rb") as f:
-            doc = pycriu.images.load(f)
-        for entry in doc["entries"]:
+    found = sorted(ck_dir.glob("criu/userns-*.img"))
+    if not found:
+        raise TransferError(f"{ck_dir.name}: the dump has no user namespace image, but its record names range {old}")
+    for img in found:
+        if img.stat().st_size > 65536:
+            raise TransferError(f"{img.name}: {img.stat().st_size} bytes, too large for a user namespace image")
+        try:
+            with open(img, "rb") as f:
+                doc = pycriu.images.load(f)
+            entries = doc["entries"]
+        except Exception as e:  # pycriu raises whatever its decoder meets in a crafted file
+            raise TransferError(f"{img.name}: not a readable CRIU image ({type(e).__name__})") from None
+        for entry in entries:
             for which in ("uid_map", "gid_map"):
-                for ext in entry.get(which, []):
-                    if int(ext["lower_first"]) != old.host or int(ext["count"]) != old.size:
-                        raise TransferError(f"{img}: maps {ext}, not the range {old} the checkpoint says")
-                    ext["lower_first"] = new.host
+                exts = entry.get(which, [])
+                if len(exts) != 1 or int(exts[0].get("first", 0)) != 0 or int(exts[0]["lower_first"]) != old.host \
+                        or int(exts[0]["count"]) != old.size:
+                    raise TransferError(f"{img.name}: {which} is {str(exts)[:120]}, not the range {old} the "
+                                        "checkpoint says")
+                exts[0]["lower_first"] = new.host
         tmp = img.with_name(img.name + ".new")
         with open(tmp, "wb") as f:
             pycriu.images.dump(doc, f)
         os.replace(tmp, img)
-    userns.move_tree(ck_dir / "diff", old, new)
+    if old != new:
+        userns.move_tree(ck_dir / "diff", old, new)

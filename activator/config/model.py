@@ -869,6 +869,33 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class AbsPaths(Kind):
+    """One absolute path or a list of them."""
+
+    def parse(self, raw: Any) -> tuple[Path, ...]:
+        items = raw if isinstance(raw, list) else [raw]
+        return tuple(AbsPath().parse(i) for i in items)
+
+    def schema(self) -> dict[str, Any]:
+        one = AbsPath().schema()
+        return {"oneOf": [one, {"type": "array", "items": one}]}
+
+
+@dataclass(frozen=True)
+class TrustSettings:
+    """Who may make the checkpoints this host restores from elsewhere (an archive file or the registry): images are
+    signed with Ed25519 over their manifest digest (checkpoints/signing.py) and verified before anything of them
+    is unpacked. Only a builder host (or CI) holds a signing key; hosts that only pull hold none."""
+
+    keys: tuple[Path, ...] = key(AbsPaths(), (), doc="public keys (PEM, from `activator checkpoint keygen`) whose "
+                                                    "signatures this host accepts on imported or pulled checkpoints")
+    sign_key: Path | None = key(AbsPath(), None, nullable=True,
+                                doc="private key (0600) that signs what this host exports or pushes (null: none)")
+    insecure_unsigned: bool = key(Flag(), False, doc="LAB ONLY: accept unsigned checkpoint images (an archive from "
+                                                     "anyone then runs as its author wishes in an instance)")
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     """An endpoint for L4 balancers (HAProxy's agent-check): per service, its state here and how warm it is."""
 
@@ -910,6 +937,16 @@ class ServiceConfig:
     udp_queue: int = key(Int(1, 100_000), 64,
                          doc="datagrams held per UDP flow while its instance starts; past it they are dropped and "
                              "counted (activator_udp_dropped_total)")
+    udp_held_bytes: int = key(
+        Size(MiB, 2**34), 4 * MiB,
+        doc="bytes of datagrams held for the whole service (all its flows) while an instance starts; past it they "
+            "are dropped and counted (activator_udp_dropped_total)")
+    udp_reply_ratio: float = key(
+        Number(0, 1_000_000), 3.0,
+        doc="bytes the app may send a UDP client per byte that client sent (RFC 9000's anti-amplification "
+            "rule), so a datagram with a forged source cannot aim the app's answers at a victim; replies past it "
+            "are dropped and counted (activator_udp_replies_dropped_total). Raise it for protocols whose answers "
+            "are much larger than their requests")
     command: tuple[str, ...] | None = key(Args(), None, nullable=True, shapes=True,
                                           doc="overrides the image's Cmd (like compose)")
     entrypoint: tuple[str, ...] | None = key(Args(), None, nullable=True, shapes=True,
@@ -1195,6 +1232,19 @@ class Settings:
         doc="share checkpoints through an OCI registry (null: every host builds its own)")
     agent: AgentSettings | None = key(Section(AgentSettings), None, nullable=True,
                                       doc="answer L4 balancers' agent checks (null: off)")
+    checkpoint_trust: TrustSettings = key(Section(TrustSettings), factory=TrustSettings,
+                                          doc="signing keys for checkpoint images that travel between hosts")
+
+    def __post_init__(self) -> None:
+        reg, trust = self.checkpoint_registry, self.checkpoint_trust
+        if reg is not None and reg.pull and not trust.keys and not trust.insecure_unsigned:
+            raise ValueError("checkpoint_registry.pull: pulled checkpoints must be signed, and "
+                             "checkpoint_trust.keys names no key to check them with; add the builder's public key "
+                             "(`activator checkpoint keygen PATH` on the builder), or set pull: false")
+        if reg is not None and reg.push and trust.sign_key is None and not trust.insecure_unsigned:
+            raise ValueError("checkpoint_registry.push: pushed checkpoints are signed, and checkpoint_trust.sign_key "
+                             "is not set; name this builder's private key, or set push: false on hosts that only "
+                             "pull")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,18 @@ class Answer:
     def from_json(cls, d: dict[str, Any]) -> Answer:
         return cls(int(d["status"]), str(d["reason"]), str(d["content_type"]), base64.b64decode(d["body"]))
 
+    @classmethod
+    def from_untrusted(cls, d: Any) -> Answer:
+        """An answer recorded on another host (an imported checkpoint): rebuilt within the bounds parse_answer
+        keeps, so it cannot split the head it is rendered into or grow past BODY_LIMIT. ValueError if unusable."""
+        if not isinstance(d, dict) or not isinstance(d.get("body"), str) or len(d["body"]) > 2 * BODY_LIMIT:
+            raise ValueError("not a recorded answer")
+        status = d.get("status")
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise ValueError("status out of range")
+        return cls(status, _clean(str(d.get("reason", "")))[:100], _clean(str(d.get("content_type", "")))[:200],
+                   base64.b64decode(d["body"], validate=True)[:BODY_LIMIT])
+
 
 UNAVAILABLE = Answer(503, "Service Unavailable", "text/plain", b"service unavailable\n")
 

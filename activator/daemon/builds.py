@@ -92,8 +92,12 @@ class Builds:
 
         svc = self.fleet.config.service(name)
         assert self.fleet.host is not None
-        doc = await self.fleet.host.builder.export(svc, Path(path))
-        return {"service": svc.name, "path": path, "size": doc.size, "digest": doc.digest}
+        from activator.checkpoints import signing
+
+        key = self.fleet.host.builder.sign_key
+        doc = await self.fleet.host.builder.export(svc, Path(path), key)
+        return {"service": svc.name, "path": path, "size": doc.size, "digest": doc.digest,
+                "signed": f"signed by {signing.key_id(key.public_key())}" if key is not None else ""}
 
     def _with_registry(self) -> CheckpointBuilder:
         assert self.fleet.host is not None

@@ -286,6 +286,12 @@ def test_the_installed_examples_are_valid(tmp_path: Path) -> None:
     ("agent: {listen: example.com:9300}", "settings.agent.listen"),
     ("agent: {listen: 127.0.0.1:9300, drain_notice: 2 hours}", "settings.agent.drain_notice"),
     ("agent: {}", "settings.agent.listen: is required"),
+    # issue 30: pulled checkpoints are verified and pushed ones signed, so a registry needs keys (or says why not)
+    ("checkpoint_registry: {repository: reg.example/x, push: false}", "checkpoint_trust.keys names no key"),
+    ("checkpoint_registry: {repository: reg.example/x, pull: false}", "checkpoint_trust.sign_key is not set"),
+    ("checkpoint_trust: {keys: [builder.pub]}", "settings.checkpoint_trust.keys: expected an absolute path"),
+    ("checkpoint_trust: {key: /x.pub}", "did you mean 'keys'"),
+    ("checkpoint_trust: {insecure_unsigned: maybe}", "settings.checkpoint_trust.insecure_unsigned"),
 ])
 def test_registry_and_agent_settings_are_checked(settings: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -295,7 +301,11 @@ def test_registry_and_agent_settings_are_checked(settings: str, fragment: str) -
 
 def test_registry_and_agent_settings_parse() -> None:
     cfg = parse_config("settings:\n  checkpoint_registry: {repository: 10.0.0.1:5000/fleet/ckpt, tls_verify: false}\n"
+                       "  checkpoint_trust: {keys: /etc/activator/builder.pub, sign_key: /etc/activator/builder}\n"
                        "  agent: {listen: 10.0.0.2:9300}\n" + MINIMAL, P)
+    trust = cfg.settings.checkpoint_trust
+    assert trust.keys == (Path("/etc/activator/builder.pub"),) and trust.sign_key == Path("/etc/activator/builder")
+    assert not trust.insecure_unsigned
     reg, agent = cfg.settings.checkpoint_registry, cfg.settings.agent
     assert reg is not None and reg.repository == "10.0.0.1:5000/fleet/ckpt" and not reg.tls_verify and reg.push
     assert agent is not None and agent.listen == ListenAddress("10.0.0.2", 9300) and agent.drain_notice == 2.0
