@@ -24,13 +24,26 @@ from typing import Any
 from . import __version__
 from .config.model import Config, ServiceConfig, load_config
 from .core import liveview
-from .errors import ActivatorError, ConfigError, PreflightError
+from .errors import ActivatorError, ConfigError, PreflightError, escape, one_line
+from .errors import terminal_safe as terminal_safe  # where tests and callers have found it
 from .runtime import preflight
 
 log = logging.getLogger("activator")
 
 
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _Escaped(logging.Filter):
+    """Every log message on one line, whatever it quotes (an app's, an image's or a client's words): escaped by
+    the filter the CLI's own output uses (errors.escape)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        safe = one_line(message)
+        if safe != message:
+            record.msg, record.args = safe, None
+        return True
 
 
 class _JournalPriority(logging.Filter):
@@ -66,6 +79,7 @@ def _setup_logging(level: str, fmt_name: str = "text") -> None:
     Anywhere else (a terminal, a pipe, a file) each line has its own timestamp. `--log-format json`: one JSON
     object per line, anywhere."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Escaped())
     if fmt_name == "json":
         handler.setFormatter(JsonFormatter())
         logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
@@ -559,18 +573,20 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
 
     svc = cfg.service(args.service)  # a one-line error naming the known services
     state = StateDir.of(cfg)
-    out = _TerminalSafe(sys.stdout.buffer) if sys.stdout.isatty() else sys.stdout.buffer
+    # Escaped wherever it goes (a pipe often ends on a terminal: `| tail`); --raw for the bytes as written.
+    out = sys.stdout.buffer if args.raw else _TerminalSafe(sys.stdout.buffer)
 
     def live() -> list[Path]:
         if not state.instances.is_dir():
             return []
         return sorted((d / "output.log" for d in state.instances.iterdir()
-                       if applog.service_of(d.name) == svc.name and not (d / "slot").exists()
+                       if applog.owner(d) == svc.name and not (d / "slot").exists()
                        and (d / "output.log").is_file()), key=lambda p: p.stat().st_mtime)
 
     for path in applog.kept(state.logs, svc.name):
         with open(path, "rb") as f:
             shutil.copyfileobj(f, out)
+        out.flush()
     offsets: dict[Path, int] = {}
     while True:
         for path in live():
@@ -582,11 +598,13 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
                 continue
             if data:
                 if path not in offsets:
+                    out.flush()
                     out.write(f"--- {path.parent.name} (running) ---\n".encode())
                 out.write(data)
                 out.flush()
             offsets[path] = offsets.get(path, 0) + len(data)
         if not args.follow:
+            out.flush()
             return 0
         time.sleep(0.5)
 
@@ -611,22 +629,29 @@ def cmd_control(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def terminal_safe(data: bytes) -> bytes:
-    """An app's bytes as a terminal may show them: its output is the image's, untrusted, and escape sequences
-    can retitle a window, rewrite what is on screen or, on some terminals, answer back as typed input.
-    Control characters other than newline and tab become \\xNN."""
-    return re.sub(rb"[\x00-\x08\x0b-\x1f\x7f]", lambda m: b"\\x%02x" % m.group()[0], data)
-
-
 class _TerminalSafe:
+    """A binary stream shown through errors.terminal_safe; a UTF-8 character split between two writes is held
+    until its end arrives (else both halves would be shown escaped)."""
+
     def __init__(self, raw: Any) -> None:
+        import codecs
+
         self.raw = raw
+        self.decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
 
     def write(self, data: bytes) -> int:
-        return int(self.raw.write(terminal_safe(data)))
+        self.raw.write(escape(self.decoder.decode(data), keep="\n\t").encode())
+        return len(data)
 
     def flush(self) -> None:
+        self.raw.write(escape(self.decoder.decode(b"", final=True), keep="\n\t").encode())
         self.raw.flush()
+
+
+def _say(line: str) -> None:
+    """A line of `activator inspect`: what it shows comes from an archive or an app (annotations, file names,
+    process names, mapped paths), so every line is escaped (errors.escape), whoever wrote it."""
+    print(one_line(line))
 
 
 def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
@@ -673,32 +698,32 @@ def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
         info = {"source": what, "digest": image.digest, "ref": image.ref, "layers": [vars(b) for b in image.layers],
                 "size": image.size, "annotations": a, "described": d, "signature": signed,
                 "architecture": image.config.get("architecture", ""), **held}
-        if as_json:
+        if as_json:  # ensure_ascii: every control character and non-ASCII character is a \\u escape
             print(json.dumps(info, indent=2))
             return 0
         engine = d["engine.name"]
-        print(f"{what}: {'checkpoint image' if engine else 'OCI image (no checkpoint annotations)'} {image.digest}")
-        print(f"  made by    {engine or '?'} {d['engine.version']}; container {d['container.name'] or '?'}; "
+        _say(f"{what}: {'checkpoint image' if engine else 'OCI image (no checkpoint annotations)'} {image.digest}")
+        _say(f"  made by    {engine or '?'} {d['engine.version']}; container {d['container.name'] or '?'}; "
               f"created {a.get('org.opencontainers.image.created', image.config.get('created', '?'))}")
-        print(f"  from       image {d['rootfsImageName'] or '?'} ({d['rootfsImageID'][:19] or '?'})")
-        print(f"  made on    {d['host.arch'] or '?'}, kernel {d['host.kernel'] or '?'}, "
+        _say(f"  from       image {d['rootfsImageName'] or '?'} ({d['rootfsImageID'][:19] or '?'})")
+        _say(f"  made on    {d['host.arch'] or '?'}, kernel {d['host.kernel'] or '?'}, "
               f"CRIU {d['criu.version'] or '?'}, {d['runtime.name'] or '?'} {d['runtime.version']}, "
               f"cgroup {d['cgroup.version'] or '?'}, "
               f"{d['distribution.name']} {d['distribution.version']}")
-        print(f"  signature  {signed}")
-        print(f"  size       {_size(image.size)} in {len(image.layers)} layer(s) "
+        _say(f"  signature  {signed}")
+        _say(f"  size       {_size(image.size)} in {len(image.layers)} layer(s) "
               f"({', '.join(b.media_type.rsplit('.', 1)[-1] for b in image.layers)})")
         if held.get("files"):
-            print(f"  holds      {' '.join(held['files'])}")
+            _say(f"  holds      {' '.join(held['files'])}")
         if engine and engine != transfer.ENGINE:
-            print(f"  serving    not by activator: made by {engine} (docs/multi-host.md says what it would take)")
+            _say(f"  serving    not by activator: made by {engine} (docs/multi-host.md says what it would take)")
         for k in sorted(a):
             if k.startswith(transfer.OWN):
-                print(f"  {k.removeprefix(transfer.OWN):<10} {a[k]}")
+                _say(f"  {k.removeprefix(transfer.OWN):<10} {a[k]}")
         if held.get("processes"):
-            print("  processes  PID  PPID  THREADS  VMAS  COMM")
+            _say("  processes  PID  PPID  THREADS  VMAS  COMM")
             for p in held["processes"]:
-                print(f"             {p['pid']:>3} {p['ppid']:>5} {p['threads']:>8} {p['vmas']:>5}  {p['comm']}")
+                _say(f"             {p['pid']:>3} {p['ppid']:>5} {p['threads']:>8} {p['vmas']:>5}  {p['comm']}")
     return 0
 
 
@@ -736,21 +761,21 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     o = ck.origin
-    print(f"{svc.name}: checkpoint {ck.dir}")
-    print(f"  built      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ck.created))} "
+    _say(f"{svc.name}: checkpoint {ck.dir}")
+    _say(f"  built      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ck.created))} "
           f"in {ck.build_seconds:.1f}s; {'matches' if current else 'does NOT match'} the service definition")
-    print(f"  from       image {o.image_id}, CRIU {o.criu}, runc {o.runc}, kernel {o.kernel}")
-    print(f"  command    {' '.join(ck.process.args)} (cwd {ck.process.cwd}, uid {ck.process.uid})")
-    print(f"  listening  {', '.join(map(str, held['listening_ports'])) or 'nothing'}")
-    print(f"  memory     {_size(held['pages_bytes'])} of pages in {held['image_files']} image files")
+    _say(f"  from       image {o.image_id}, CRIU {o.criu}, runc {o.runc}, kernel {o.kernel}")
+    _say(f"  command    {' '.join(ck.process.args)} (cwd {ck.process.cwd}, uid {ck.process.uid})")
+    _say(f"  listening  {', '.join(map(str, held['listening_ports'])) or 'nothing'}")
+    _say(f"  memory     {_size(held['pages_bytes'])} of pages in {held['image_files']} image files")
     mapped = held["pages_by_mapping"]
     for label, n in mapped[:8]:
-        print(f"             {n:>7} pages {label}")
+        _say(f"             {n:>7} pages {label}")
     if len(mapped) > 8:
-        print(f"             {sum(n for _, n in mapped[8:]):>7} pages in {len(mapped) - 8} other mappings")
-    print("  processes  PID  PPID  THREADS  VMAS  COMM")
+        _say(f"             {sum(n for _, n in mapped[8:]):>7} pages in {len(mapped) - 8} other mappings")
+    _say("  processes  PID  PPID  THREADS  VMAS  COMM")
     for p in held["processes"]:
-        print(f"             {p['pid']:>3} {p['ppid']:>5} {p['threads']:>8} {p['vmas']:>5}  {p['comm']}")
+        _say(f"             {p['pid']:>3} {p['ppid']:>5} {p['threads']:>8} {p['vmas']:>5}  {p['comm']}")
     return 0
 
 
@@ -805,6 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
                "running ones'")
     logs.add_argument("service")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing what the instances write")
+    logs.add_argument("--raw", action="store_true", help="the app's bytes as it wrote them (control characters "
+                      "and escape sequences included: not for a terminal)")
     ins = add("inspect", cmd_inspect, "show what a service's checkpoint holds and what it was built from; or a "
               "checkpoint image's (an archive FILE or a registry REF)")
     ins.add_argument("service", metavar="SERVICE | FILE | REF")
@@ -857,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         log.debug("internal error", exc_info=e)
-        detail = " ".join(str(e).split())[:200]
+        detail = one_line(" ".join(str(e).split())[:200])
         print(f"activator: internal error (a bug): {type(e).__name__}: {detail}; run with --log-level debug "
               "for the traceback", file=sys.stderr)
         return 70

@@ -13,9 +13,38 @@ from pathlib import Path
 def one_line(text: str) -> str:
     """Escape what would break a line or a terminal: control characters and Unicode line separators (they can
     come from the config file or the network, inside names and values quoted in a message)."""
+    return escape(text)
+
+
+def escape(text: str, keep: str = "") -> str:
+    """Text that came from outside (an image, an archive, an app, a client) as a terminal may show it, with only
+    the characters in `keep` (say newline and tab) left as they are among those that are not printable.
+
+    The one filter every place that shows untrusted text uses (error lines, log lines, `activator inspect`,
+    `activator logs`). What it escapes is everything str.isprintable() refuses: C0 controls and DEL; C1 controls
+    U+0080-U+009F (CSI U+009B, OSC U+009D, ... act as ESC-sequences on terminals that honour 8-bit controls,
+    in UTF-8 too); format characters (bidi embeddings, overrides and isolates U+202A-U+202E and U+2066-U+2069,
+    which make text read otherwise than it is stored; zero-width characters; U+061C); line and paragraph
+    separators; and bytes that were not UTF-8 (decoded with surrogateescape: shown as \\xNN)."""
     if text.isprintable():
         return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return "".join(ch if ch.isprintable() or ch in keep else _escaped(ch) for ch in text)
+
+
+def _escaped(ch: str) -> str:
+    o = ord(ch)
+    if o < 0x100:
+        return "\\t" if ch == "\t" else "\\n" if ch == "\n" else f"\\x{o:02x}"
+    if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def terminal_safe(data: bytes) -> bytes:
+    """An app's bytes as a terminal may show them (escape()): newlines and tabs kept, valid UTF-8 text kept,
+    everything else escaped. An app's output is the image's, untrusted: escape sequences can retitle a window,
+    rewrite what is on screen or, on some terminals, answer back as typed input."""
+    return escape(data.decode("utf-8", "surrogateescape"), keep="\n\t").encode()
 
 
 class ActivatorError(Exception):

@@ -154,7 +154,7 @@ class InstanceLauncher:
 
     def _sandbox(self, checkpoint: Checkpoint) -> Sandbox:
         sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress,
-                     checkpoint.idmap)
+                     checkpoint.idmap, service=self.config.name)
         sb.mergeable = self.ksm is not None  # before prepare: a direct restore's CRIU is started then
         return sb
 

@@ -99,8 +99,9 @@ class Layout:
 
 class Sandbox:
     def __init__(self, name: str, instances_dir: Path, runc: Runc, network: HostNetwork | None = None,
-                 egress: bool = True, idmap: IdMap | None = None) -> None:
+                 egress: bool = True, idmap: IdMap | None = None, service: str | None = None) -> None:
         self.name = name
+        self.service = service  # whose instance it is, recorded in its directory (applog.owner); None: a template
         self.idmap = idmap  # the service's user namespace range (userns.py); None: `userns: host`
         self.layout = Layout(instances_dir / name)
         self.runc = runc
@@ -150,6 +151,8 @@ class Sandbox:
         lay = self.layout
         # Private: the bundle holds the environment (secrets), the upper dir the app's writes, criu-work its logs.
         lay.dir.mkdir(mode=0o700, parents=True)
+        if self.service is not None:
+            applog.record_owner(lay.dir, self.service)
         if self.idmap is not None:
             # In a user namespace, runc and CRIU reach the root filesystem and the volumes (below) by path as the
             # instance's root: its group may pass through this directory, nobody else (instances/ is 0711).
