@@ -6,7 +6,9 @@ and volumes. Ranges come from a pool: the `activator` entries of /etc/subuid and
 (Docker's userns-remap takes `dockremap`'s the same way), else DEFAULT_POOL, which sits far above the ids
 useradd hands out and the ranges it delegates (100000 and up). A service keeps its range across restarts
 (state_dir/userns.json): its checkpoint and its volumes' files are owned by it. No two activators on a host hand
-out the same range (Ranges: a host-wide registry).
+out the same range (Ranges: a host-wide registry), and no range holds an id the host's users or groups have
+(HostIds: through NSS, directory services included, and /etc/subuid, /etc/subgid): whoever has such an id would
+own an instance's files and processes.
 
 Files, as the mapped ids see them:
 - the image's root filesystem is not copied or chowned: each instance's overlay gets it through an idmapped
@@ -23,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import grp
 import json
 import os
+import pwd
 import stat
 import subprocess
 import threading
@@ -42,6 +46,11 @@ POOL_USER = "activator"
 STATE = "userns.json"
 #: every activator's ranges on this host (Ranges)
 REGISTRY = Path("/var/lib/activator-userns/ranges.json")
+#: in a state dir's registry entry: the device its state dir was on (a key no service name can be)
+DEVICE = "@dev"
+#: NSS sources getpwall()/getgrall() enumerate completely; any other (sss, ldap, winbind, nis, ...) may hold
+#: users it does not list, so a candidate range is then also asked about id by id
+ENUMERATED = {"files", "compat", "db", "systemd", "altfiles", "extrausers", "cache", "mymachines", "resolve"}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -108,44 +117,138 @@ def _subids(path: Path) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
+class HostIds:
+    """The ids the host's users and groups have, to keep ranges off them: what NSS enumerates (pwd.getpwall(),
+    grp.getgrall(): /etc/passwd, systemd's users, and any source that lists its users), the ranges /etc/subuid and
+    /etc/subgid delegate to other users, and, when nsswitch.conf names a source that need not list its users (a
+    directory service: SSSD's ids reach 2,000,200,000 by default, inside the pool), each id of a candidate range
+    asked for by getpwuid()/getgrgid() (once, when a service is first given a range; 2 x 65536 lookups)."""
+
+    def __init__(self, nsswitch: Path = Path("/etc/nsswitch.conf"), subuid: Path = Path("/etc/subuid"),
+                 subgid: Path = Path("/etc/subgid")) -> None:
+        self.nsswitch, self.subuid, self.subgid = nsswitch, subuid, subgid
+        self._known: list[tuple[int, int, str]] | None = None
+
+    # the NSS calls, replaced by fakes in tests
+    def users(self) -> list[tuple[str, int]]:
+        return [(u.pw_name, u.pw_uid) for u in pwd.getpwall()]
+
+    def groups(self) -> list[tuple[str, int]]:
+        return [(g.gr_name, g.gr_gid) for g in grp.getgrall()]
+
+    def user_by_id(self, uid: int) -> str | None:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return None
+
+    def group_by_id(self, gid: int) -> str | None:
+        try:
+            return grp.getgrgid(gid).gr_name
+        except KeyError:
+            return None
+
+    def unlisted_sources(self) -> list[str]:
+        """Sources of the passwd and group databases whose users getpwall()/getgrall() need not list."""
+        found: list[str] = []
+        with contextlib.suppress(OSError):
+            for line in self.nsswitch.read_text().splitlines():
+                db, _, rest = line.partition("#")[0].partition(":")
+                if db.strip() in ("passwd", "group"):
+                    found += [w for w in rest.split() if not w.startswith("[") and w not in ENUMERATED]
+        return sorted(set(found))
+
+    def _listed(self) -> list[tuple[int, int, str]]:
+        """(first, last, who) of every id or range known by listing (read once)."""
+        if self._known is None:
+            known = [(i, i, f"user {n}") for n, i in self.users()] + [(i, i, f"group {n}") for n, i in self.groups()]
+            for path in (self.subuid, self.subgid):
+                for user, ranges in _subids(path).items():
+                    if user != POOL_USER:
+                        known += [(a, a + n - 1, f"{user}'s subordinate ids in {path}") for a, n in ranges]
+            self._known = sorted(known)
+        return self._known
+
+    def conflict(self, start: int, size: int = SIZE) -> str | None:
+        """Who on this host has an id in start..start+size-1, or None."""
+        last = start + size - 1
+        for first, end, who in self._listed():
+            if end >= start and first <= last:
+                return f"{who} ({first})" if first == end else f"{who} ({first}-{end})"
+        if self.unlisted_sources():
+            for i in range(start, start + size):
+                if (name := self.user_by_id(i)) is not None:
+                    return f"user {name} ({i})"
+                if (name := self.group_by_id(i)) is not None:
+                    return f"group {name} ({i})"
+        return None
+
+
 class Ranges:
     """Which range each service has (state_dir/userns.json, 0600), handed out from the pool and kept.
 
     Ranges are unique on the host, not only within one state dir: several activators (each its own state dir)
     share the pool, so every allocation is also recorded in a host-wide registry (REGISTRY, flock()ed), where
-    the ranges of state dirs that no longer exist are freed."""
+    the ranges of state dirs that no longer exist are freed.
 
-    def __init__(self, root: Path, registry: Path | None = None) -> None:
+    A range is never freed because a file is missing for a while (a state dir on a disk not mounted yet): only
+    a state dir gone from a filesystem that is there (_gone). A state dir whose userns.json is missing gets its
+    table back from the registry; a kept range another state dir holds is refused in one line; a new range is
+    one no host user or group has an id in (HostIds)."""
+
+    def __init__(self, root: Path, registry: Path | None = None, ids: HostIds | None = None) -> None:
         self.root = root
         self.path = root / STATE
         self.registry = registry or REGISTRY
+        self.ids = ids or HostIds()
         self._lock = threading.Lock()
 
     def for_service(self, service: str) -> IdMap:
         """Blocking. The service's range, given one the first time it is asked for."""
-        from activator.statedir import write_private
-
         with self._lock, self._registry() as others:
-            table = self._read()
-            start, count = pool()
             mine = str(self.root.resolve())
-            taken = {b for sd, t in others.items() if sd != mine for b in t.values()}
+            recorded = {k: v for k, v in others.get(mine, {}).items() if k != DEVICE}
+            table = self._read()
+            if table is None:  # never written, or gone: what the registry knows of this state dir
+                table = dict(recorded)
+                if table:
+                    self._write(table)
+            start, count = pool()
+            holders = {b: sd for sd, t in others.items() if sd != mine for k, b in t.items() if k != DEVICE}
             base = table.get(service)
-            # A kept range stays (its checkpoint and volumes are owned by it), even one another state dir got before
-            # this registry existed; new ones avoid every other state dir's.
+            if base is not None and base in holders:
+                raise ActivatorError(
+                    f"service '{service}': its user namespace range {base}-{base + SIZE - 1} ({self.path}) is also "
+                    f"held by the activator of {holders[base]}: their instances would share ids; remove "
+                    f"'{service}' from {self.path} to give it a new range (its checkpoint is then rebuilt)")
             if base is None or not (start <= base and base + SIZE <= start + count):
-                used = taken | set(table.values())
-                base = next((b for b in range(start, start + count - SIZE + 1, SIZE) if b not in used), None)
+                used = set(holders) | set(table.values())
+                base, skipped = None, []
+                for b in range(start, start + count - SIZE + 1, SIZE):
+                    if b in used:
+                        continue
+                    if who := self.ids.conflict(b):
+                        skipped.append(who)
+                        continue
+                    base = b
+                    break
                 if base is None:
                     raise ActivatorError(f"no user namespace range is left for service '{service}': the pool "
-                                         f"{start}-{start + count - 1} is used up; give '{POOL_USER}' a larger "
-                                         "range in /etc/subuid and /etc/subgid")
+                                         f"{start}-{start + count - 1} is used up"
+                                         + (f" (ranges skipped for host ids, e.g. {skipped[0]})" if skipped else "")
+                                         + f"; give '{POOL_USER}' a larger range in /etc/subuid and /etc/subgid")
                 table[service] = base
-                tmp = self.path.with_name(f".{STATE}.new")
-                write_private(tmp, json.dumps(table, indent=1, sort_keys=True) + "\n")
-                os.replace(tmp, self.path)
-            others[mine] = table
+                self._write(table)
+            with contextlib.suppress(OSError):
+                others[mine] = {**table, DEVICE: os.stat(self.root).st_dev}
             return IdMap(base)
+
+    def _write(self, table: dict[str, int]) -> None:
+        from activator.statedir import write_private
+
+        tmp = self.path.with_name(f".{STATE}.new")
+        write_private(tmp, json.dumps(table, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
 
     @contextlib.contextmanager
     def _registry(self) -> Iterator[dict[str, dict[str, int]]]:
@@ -161,7 +264,7 @@ class Ranges:
             except (OSError, ValueError):
                 data = {}
             table = {sd: {k: v for k, v in t.items() if isinstance(v, int)} for sd, t in data.items()
-                     if isinstance(t, dict) and Path(sd, STATE).exists()}  # a state dir gone frees its ranges
+                     if isinstance(t, dict) and not _gone(Path(sd), t.get(DEVICE))}
             yield table
             tmp = self.registry.with_name(f".{self.registry.name}.new")
             write_private(tmp, json.dumps(table, indent=1, sort_keys=True) + "\n")
@@ -169,15 +272,31 @@ class Ranges:
         finally:
             os.close(fd)
 
-    def _read(self) -> dict[str, int]:
+    def _read(self) -> dict[str, int] | None:
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return {}
+            return None
         except (OSError, ValueError) as e:
             raise ActivatorError(f"{self.path} is unreadable ({e}); remove it to give services new ranges (their "
                                  "checkpoints are then rebuilt)") from None
         return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int)}
+
+
+def _gone(state_dir: Path, device: object) -> bool:
+    """Is this state dir gone for good, so its ranges may be given to others? Only if it does not exist and the
+    filesystem it was on is there (its nearest existing parent is on that device): a disk not mounted (yet), an
+    unreadable or missing userns.json, or an entry without a device (an older activator's) keeps its ranges."""
+    if not isinstance(device, int) or os.path.lexists(state_dir):
+        return False
+    for parent in state_dir.parents:
+        try:
+            return os.stat(parent).st_dev == device
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return False
 
 
 _holders: dict[IdMap, int] = {}

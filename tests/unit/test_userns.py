@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import shutil
 import stat
 import tempfile
@@ -142,3 +144,115 @@ def test_ranges_are_unique_across_state_dirs_and_freed_with_them(tmp_path: Path,
     assert userns.Ranges(two, registry).for_service("db") == a  # freed with its state dir
     assert stat.S_IMODE(registry.stat().st_mode) == 0o600
 
+
+
+# --- the range registry: never freed on absence; ranges off the host's users and groups (issue 30 item 7) ------
+
+
+class FakeIds(userns.HostIds):
+    """NSS as a directory service would answer: `listed` is what getpwall()/getgrall() return, `directory` ids
+    only a getpwuid()/getgrgid() finds (SSSD without enumeration)."""
+
+    def __init__(self, tmp: Path, listed: dict[str, int], directory: dict[int, str], sources: str) -> None:
+        (tmp / "nsswitch.conf").write_text(f"passwd: {sources}\ngroup: {sources}\nhosts: files dns\n")
+        super().__init__(tmp / "nsswitch.conf", tmp / "no-subuid", tmp / "no-subgid")
+        self.listed, self.directory, self.asked = listed, directory, 0
+
+    def users(self) -> list[tuple[str, int]]:
+        return list(self.listed.items())
+
+    def groups(self) -> list[tuple[str, int]]:
+        return []
+
+    def user_by_id(self, uid: int) -> str | None:
+        self.asked += 1
+        return self.directory.get(uid)
+
+    def group_by_id(self, gid: int) -> str | None:
+        return None
+
+
+BASE = 1_000_000
+
+
+def test_a_range_holding_a_listed_users_id_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(userns, "pool", lambda: (BASE, 3 * userns.SIZE))
+    ids = FakeIds(tmp_path, {"root": 0, "alice": BASE + 70000}, {}, "files systemd")
+    got = userns.Ranges(tmp_path, tmp_path / "registry.json", ids).for_service("a")
+    assert got.host == BASE  # control: the first range holds no host id
+    got = userns.Ranges(tmp_path, tmp_path / "registry.json", ids).for_service("b")
+    assert got.host == BASE + 2 * userns.SIZE  # the second holds alice's uid: skipped
+    assert ids.asked == 0  # files and systemd list every user: no id-by-id lookups
+
+
+def test_a_directory_users_id_is_found_id_by_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SSSD without enumeration: getpwall() does not list the user, getpwuid() finds it."""
+    monkeypatch.setattr(userns, "pool", lambda: (BASE, 2 * userns.SIZE))
+    ids = FakeIds(tmp_path, {"root": 0}, {BASE + 12345: "CORP\\\\bob"}, "files sss")
+    assert ids.unlisted_sources() == ["sss"]
+    assert userns.Ranges(tmp_path, tmp_path / "registry.json", ids).for_service("a").host == BASE + userns.SIZE
+    with pytest.raises(ActivatorError) as e:
+        userns.Ranges(tmp_path, tmp_path / "registry.json", ids).for_service("b")
+    assert "ranges skipped for host ids, e.g. user CORP\\\\bob (1012345)" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_subordinate_ids_of_other_users_are_avoided(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(userns, "pool", lambda: (BASE, 2 * userns.SIZE))
+    (tmp_path / "subuid").write_text(f"carol:{BASE}:1000\n{userns.POOL_USER}:{BASE}:{2 * userns.SIZE}\n")
+    ids = userns.HostIds(tmp_path / "nsswitch.conf", tmp_path / "subuid", tmp_path / "subgid")
+    assert ids.conflict(BASE) == f"carol's subordinate ids in {tmp_path / 'subuid'} ({BASE}-{BASE + 999})"
+    assert ids.conflict(BASE + userns.SIZE) is None  # activator's own delegation is the pool, not a conflict
+
+
+def test_the_hosts_real_users_and_groups_are_seen(tmp_path: Path) -> None:
+    """The real NSS: root (0) and nobody (65534) are in the first range of ids; the default pool's first range
+    holds nobody's id on this host (else activator would skip it)."""
+    ids = userns.HostIds()
+    assert ids.conflict(0) is not None and "root" in (ids.conflict(0) or "")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert ids.conflict(nobody - 10, 20) is not None
+    assert ids.conflict(userns.DEFAULT_POOL[0]) is None
+
+
+def test_a_missing_userns_json_frees_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A state dir whose userns.json is missing for a while (its disk not mounted yet) keeps its ranges: another
+    state dir does not get them, and it gets its own back from the registry."""
+    monkeypatch.setattr(userns, "pool", lambda: (BASE, 2 * userns.SIZE))
+    registry = tmp_path / "host" / "ranges.json"
+    disk, other = tmp_path / "disk" / "state", tmp_path / "other"
+    disk.mkdir(parents=True)
+    other.mkdir()
+    a = userns.Ranges(disk, registry).for_service("web")
+    (disk / userns.STATE).unlink()  # as if the disk were not mounted: the file is not there
+    b = userns.Ranges(other, registry).for_service("web")
+    assert b != a  # not freed
+    assert userns.Ranges(disk, registry).for_service("web") == a  # its table back from the registry
+    assert json.loads((disk / userns.STATE).read_text()) == {"web": a.host}
+    # the whole mount point gone (the disk's directory absent, its parent on another device: not this one)
+    dev = os.stat(disk).st_dev
+    data = json.loads(registry.read_text())
+    data[str(disk.resolve())][userns.DEVICE] = dev + 1
+    registry.write_text(json.dumps(data))
+    shutil.rmtree(tmp_path / "disk")
+    with pytest.raises(ActivatorError):
+        userns.Ranges(other, registry).for_service("db")  # the pool of two: still one each
+    # control: a state dir removed from a filesystem that is there frees its ranges
+    data = json.loads(registry.read_text())
+    data[str(disk.resolve())][userns.DEVICE] = dev
+    registry.write_text(json.dumps(data))
+    assert userns.Ranges(other, registry).for_service("db") == a
+
+
+def test_a_kept_range_another_state_dir_holds_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(userns, "pool", lambda: (BASE, 2 * userns.SIZE))
+    registry = tmp_path / "host" / "ranges.json"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    a = userns.Ranges(one, registry).for_service("web")
+    (two / userns.STATE).write_text(json.dumps({"web": a.host}))  # as a registry that freed it would have let be
+    with pytest.raises(ActivatorError) as e:
+        userns.Ranges(two, registry).for_service("web")
+    assert f"also held by the activator of {one.resolve()}" in str(e.value) and "\n" not in str(e.value)
+    assert userns.Ranges(one, registry).for_service("web") == a  # control: its holder keeps it
