@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -39,9 +40,19 @@ class Bind:
     idmapped: bool = False
 
 
+#: a named volume is one directory of state_dir/volumes: a name that is a path (`..`, a slash) would be another
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def named(state_root: Path, name: str) -> Path:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ActivatorError(f"volumes: {name!r} is not a volume name (letters, digits, _ . -; no slash or `..`)")
+    return state_root / "volumes" / name
+
+
 def binds(volumes: tuple[Volume, ...], state_root: Path) -> tuple[Bind, ...]:
     return tuple(Bind(docker_volume(v.source) if v.external else
-                      state_root / "volumes" / v.source if v.named else Path(v.source), v.target, v.read_only,
+                      named(state_root, v.source) if v.named else Path(v.source), v.target, v.read_only,
                       v.external)
                  for v in volumes)
 

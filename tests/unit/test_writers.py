@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from activator.config.model import NetworkSettings
+from activator.config.model import NetworkSettings, Volume
 from activator.errors import ActivatorError, CheckpointError, RuncError
 from activator.net import firewall, network
 from activator.net.network import Backend, HostNetwork, _ident
 from activator.net.nft import NftError, ifname
-from activator.runtime import criurestore, extmounts, imagefs
+from activator.runtime import criurestore, extmounts, imagefs, volumes
 from activator.runtime.extmounts import DevEntry
 from activator.runtime.runc import CRIU_CONFIG, Runc, dump_config, restore_config
 from activator.runtime.sandbox import Sandbox, _hosts_line
@@ -73,7 +73,7 @@ def test_a_dev_entry_name_that_is_not_one_plain_component_is_refused(name: str) 
     (DevEntry("null", "chr", 0o4666, os.makedev(1, 3)), "no setuid"),
     (DevEntry("null", "chr", 0o1666, os.makedev(1, 3)), "sticky"),
     (DevEntry("null", "chr", 0o666, -1), "device -1"),
-    (DevEntry("null", "chr", True, os.makedev(1, 3)), "wrong types"),  # type: ignore[arg-type]
+    (DevEntry("null", "chr", True, os.makedev(1, 3)), "wrong types"),
     (DevEntry("sda", "blk", 0o666, os.makedev(8, 0)), "no block devices"),
     (DevEntry("x", "fifo", 0o666), "no block devices"),
     (DevEntry("pts", "dir", 0o2755), "at most 0o1777"),
@@ -331,3 +331,23 @@ def test_the_steering_rules_are_built_from_checked_values(tmp_path: Path) -> Non
     assert any(r.endswith("dnat ip to ct mark map { 0xa0100002 : 10.89.0.2 . 8080 }") for r in rules)
     assert all("\n" not in r and ";" not in r.split("svc_")[1] for r in rules)
     assert network._ident("web-a") != network._ident("web_a")
+
+
+# --- paths under state_dir ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../etc", "..", "a/b", "data\n", "da\0ta", ".hidden", "x" * 65])
+def test_a_volume_name_that_is_a_path_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ActivatorError, match="is not a volume name") as e:
+        volumes.binds((Volume(name, "/data"),), tmp_path)
+    one_line(e.value)
+    with pytest.raises(ActivatorError, match=r"service 'svc': volumes: .* is not a volume name"):
+        volumes.ensure((Volume(name, "/data"),), tmp_path, tmp_path / "image", "svc")
+    assert not (tmp_path / "volumes").exists() and not (tmp_path / "etc").exists()
+
+
+def test_a_named_volume_lives_in_state_dirs_volumes(tmp_path: Path) -> None:
+    (bind,) = volumes.binds((Volume("data-1.x", "/data"),), tmp_path)
+    assert bind.host == tmp_path / "volumes" / "data-1.x"
+    (host,) = volumes.binds((Volume("/srv/data", "/data"),), tmp_path)  # a host path: the config author's own
+    assert host.host == Path("/srv/data")
