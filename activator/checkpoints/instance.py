@@ -208,6 +208,21 @@ class InstanceLauncher:
         if self._filling_for is not None:
             self.refill(self._filling_for)
 
+    async def rehand(self, listener: socket.socket | None) -> None:
+        """handoff: restores get this socket from now on (None: none, their apps listen on their own); the slots
+        and standbys made with the old one (an idle CRIU holds it, a standby's app has it) are released, and made
+        again with the new one when there is one."""
+        self.listener = listener
+        if self._filling is not None and not self._filling.done():
+            self._filling.cancel()
+            await asyncio.wait([self._filling])
+        stale, self.slots = self.slots, []
+        for _, sb in stale:
+            await sb.release()
+        await self._drop_standbys(lambda inst: True)
+        if listener is not None and self._filling_for is not None:
+            self.refill(self._filling_for)
+
     async def drop_slots_except(self, checkpoint: Checkpoint) -> None:
         """Release slots made for another (replaced) checkpoint: their overlays use its diff/. One still being
         made for it is stopped first, or it would be added after this."""

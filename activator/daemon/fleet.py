@@ -9,6 +9,7 @@ One Fleet per daemon, owned by the lifecycle (server.py); reload orchestration (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -32,6 +33,7 @@ from activator.statedir import StateDir
 from activator.tasks import spawn
 
 from . import metrics, systemd
+from .acceptor import Acceptor
 from .handoff import HandoffSteering
 from .listeners import BACKLOG, address_of, take_all
 from .metrics import Metrics
@@ -44,8 +46,6 @@ log = logging.getLogger("activator")
 
 #: restores running at once, per CPU (the rest queue): see bench/scaleout.py
 RESTORES_PER_CPU = 1
-#: connections taken from a handoff service's socket per readiness event (then the loop runs others)
-ACCEPT_BATCH = 64
 #: told when a service starts serving (problem None) or cannot (problem: why)
 ServiceHook = Callable[[ServiceConfig, str | None], None]
 
@@ -61,8 +61,8 @@ class Fleet:
         self.listeners: dict[str, list[socket.socket]] = {}  # service -> its listening sockets (TCP, then UDP)
         self.udp_fronts: dict[socket.socket, UdpFront] = {}  # a UDP listening socket -> what serves it (udp.py)
         self.servers: dict[str, list[tuple[socket.socket, asyncio.Server]]] = {}
-        # handoff services' sockets: accepted on by a reader, not a server (accepting())
-        self.readers: dict[str, list[socket.socket]] = {}
+        # handoff services' sockets: accepted on in a thread each, never on the loop (acceptor.py, accepting())
+        self.acceptors: dict[str, list[Acceptor]] = {}
         self.factories: dict[str, Callable[[], asyncio.Protocol]] = {}
         self.paused: set[str] = set()  # services whose sockets the activator does not accept on (handoff.py)
         self.app_flags: dict[int, int] = {}  # a handoff socket's file flags as its apps had them, while we accept
@@ -232,68 +232,127 @@ class Fleet:
                 self.udp_fronts[sock] = front
                 continue
             if handoff:
-                self.readers.setdefault(name, []).append(sock)
-                if name not in self.paused:
-                    loop.add_reader(sock.fileno(), self._accept, name, sock, factory)
                 self.factories[name] = factory
+                self._add_acceptor(name, sock)
                 continue
             server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
             self.servers.setdefault(name, []).append((sock, server))
+
+    def _add_acceptor(self, name: str, sock: socket.socket) -> Acceptor:
+        loop = asyncio.get_running_loop()
+        factory = self.factories[name]
+
+        def deliver(conn: socket.socket) -> None:
+            self.keep(spawn(self._connected(loop, conn, factory), name="accepted"))
+
+        def problem(why: str) -> None:
+            log.warning("service=%s its socket %s: %s%s", name, address_of(sock), why,
+                        "; put back within a second" if why == "no longer listens" else "")
+
+        acceptor = Acceptor(name, sock, deliver, problem)
+        self.acceptors.setdefault(name, []).append(acceptor)
+        if name not in self.paused:
+            self._resume(sock, acceptor)
+        return acceptor
+
+    def _resume(self, sock: socket.socket, acceptor: Acceptor) -> None:
+        # The file's flags are the apps' too: CRIU gave a restored app its own (usually blocking). Non-blocking
+        # while the activator accepts only spares its thread a wait (acceptor.py); the apps get theirs back.
+        fd = sock.fileno()
+        self.app_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
+        sock.setblocking(False)
+        acceptor.set(True)
 
     def accepting(self, name: str, on: bool) -> None:
         """Accept on a handoff service's sockets or not (handoff.py: not while an app accepts from them).
 
         Not an asyncio server closed and made again: a server closes its descriptor, and epoll keeps watching a
         socket until every descriptor of it is closed (the apps hold it), so a server made again on a duplicate
-        was never told of a connection (seen with uvloop). One reader on the socket's own descriptor instead,
-        added and removed."""
+        was never told of a connection (seen with uvloop). Nor a reader on the loop: an app can make the socket
+        blocking at any time (acceptor.py)."""
         if on != (name in self.paused):
             return
-        loop = asyncio.get_running_loop()
         if on:
             self.paused.discard(name)
         else:
             self.paused.add(name)
-        for sock in self.readers.get(name, []):
-            fd = sock.fileno()
-            if not on:
-                loop.remove_reader(fd)
-                if (flags := self.app_flags.pop(fd, None)) is not None:
-                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # the apps' own (handoff.py)
+        for acceptor in self.acceptors.get(name, []):
+            if on:
+                self._resume(acceptor.sock, acceptor)
                 continue
-            # The file's flags are the apps' too: CRIU gave a restored app its own (usually blocking).
-            self.app_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
-            sock.setblocking(False)
-            loop.add_reader(fd, self._accept, name, sock, self.factories[name])
+            acceptor.set(False)
+            fd = acceptor.sock.fileno()
+            if (flags := self.app_flags.pop(fd, None)) is not None:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # the apps' own (handoff.py)
 
     def listening_again(self, name: str) -> None:
-        """A handoff service's socket, shut down by an app (readable for ever, accept() EINVAL: its reader was
-        removed), listens again (handoff.HandoffSteering.keep_listening)."""
-        if name in self.paused:
-            return
-        loop = asyncio.get_running_loop()
-        for sock in self.readers.get(name, []):
-            loop.remove_reader(sock.fileno())
-            loop.add_reader(sock.fileno(), self._accept, name, sock, self.factories[name])
+        """A handoff service's socket, shut down by an app (accept() EINVAL: its thread waits), listens again
+        (handoff.HandoffSteering.keep_listening)."""
+        for acceptor in self.acceptors.get(name, []):
+            acceptor.kick()
 
-    def _accept(self, name: str, sock: socket.socket, factory: Callable[[], asyncio.Protocol]) -> None:
-        loop = asyncio.get_running_loop()
-        for _ in range(ACCEPT_BATCH):
+    async def replace_socket(self, name: str, what: str) -> None:
+        """A handoff service's socket has a socket filter an app attached (handoff.py): it may drop every
+        connection, for every holder, and a locked one cannot be taken off. Every instance of the service is
+        killed (any may have done it, and each holds the socket), and the socket replaced by a fresh one on the
+        same address; the service's next connection restores a new instance with that one."""
+        service = self.services[name]
+        steering = service.steering
+        if not isinstance(steering, HandoffSteering) or steering.replacing:
+            return
+        steering.replacing = True
+        old = steering.listener
+        address = address_of(old)
+        self.metrics.handoff_replaced.labels(name).inc()
+        log.warning("service=%s an app attached a socket filter to its listening socket %s (%s; it would drop "
+                    "connections for every holder, for good): its instances are killed and the socket replaced",
+                    name, address, what)
+        for acceptor in self.acceptors.pop(name, []):
+            self.app_flags.pop(acceptor.sock.fileno(), None)
+            acceptor.close()
+        await service.launcher.rehand(None)  # no restore gets the old socket from here on
+        await service.kill_all("its service's listening socket is replaced")
+        # Out of LISTEN (a thread of ours waiting in accept() on it wakes) and reusable: the app may have cleared
+        # SO_REUSEADDR, and a slot's CRIU, until released, still holds it.
+        with contextlib.suppress(OSError):
+            old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            old.shutdown(socket.SHUT_RDWR)
+        try:
+            fresh = await self._bind_again(old, steering.backlog)
+        except OSError as e:
+            log.error("service=%s its listening socket %s could not be replaced (%s; a socket unit's copy still "
+                      "holds the address? restart it, or activator): the service cannot be reached", name, address,
+                      e.strerror)
+            return
+        self.listeners[name] = [fresh if sock is old else sock for sock in self.listeners.get(name, [])]
+        old.close()
+        service.steering = HandoffSteering(service.config, fresh, lambda on: self.accepting(name, on))
+        self.paused.discard(name)
+        self._add_acceptor(name, fresh)
+        service.steering.set(list(service.instances), service.starting)
+        await service.launcher.rehand(fresh)
+        log.info("service=%s listening on a fresh socket %s", name, address)
+
+    @staticmethod
+    async def _bind_again(old: socket.socket, backlog: int) -> socket.socket:
+        """A new listening socket on old's address. The instances' processes are gone, but the kernel may take a
+        moment to let the last reference go: tried for a second."""
+        host, port = old.getsockname()[:2]
+        family = old.family
+        for attempt in range(20):
+            sock = socket.socket(family, socket.SOCK_STREAM)
             try:
-                conn, _addr = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+                sock.listen(backlog)
+                sock.setblocking(False)
+                return sock
             except OSError as e:
-                if e.errno == errno.EINVAL:  # not listening (an app shut it down): it would be readable for ever
-                    loop.remove_reader(sock.fileno())
-                    log.warning("service=%s its socket %s no longer listens; put back within a second", name,
-                                address_of(sock))
-                    return
-                # EMFILE and the like: the next readiness tries again
-                log.warning("service=%s accepting on %s failed: %s", name, address_of(sock), e.strerror)
-                return
-            conn.setblocking(False)
-            self.keep(spawn(self._connected(loop, conn, factory), name="accepted"))
+                sock.close()
+                if e.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
+            await asyncio.sleep(0.05)
+        raise AssertionError("unreachable")
 
     async def _connected(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                          factory: Callable[[], asyncio.Protocol]) -> None:
@@ -311,15 +370,14 @@ class Fleet:
             else:
                 server.close()
         self.servers[name] = serving
-        readers = []
-        for sock in self.readers.get(name, []):
-            if sock in keep:
-                readers.append(sock)
+        acceptors = []
+        for acceptor in self.acceptors.get(name, []):
+            if acceptor.sock in keep:
+                acceptors.append(acceptor)
                 continue
-            self.app_flags.pop(sock.fileno(), None)
-            if name not in self.paused:
-                asyncio.get_running_loop().remove_reader(sock.fileno())
-        self.readers[name] = readers
+            self.app_flags.pop(acceptor.sock.fileno(), None)
+            acceptor.close()
+        self.acceptors[name] = acceptors
         for sock in self.listeners.get(name, []):
             if sock not in keep:
                 if (front := self.udp_fronts.pop(sock, None)) is not None:
@@ -329,7 +387,7 @@ class Fleet:
         if not self.listeners[name]:
             del self.listeners[name]
             self.servers.pop(name, None)
-            self.readers.pop(name, None)
+            self.acceptors.pop(name, None)
             self.factories.pop(name, None)
             self.paused.discard(name)
 

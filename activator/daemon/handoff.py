@@ -15,6 +15,17 @@ non-blocking when it starts and gives the apps their flags back when it stops. C
 began are passed on by connecting to the socket's own address (proxy.connect_handed); those that come during the
 restore wait in the accept queue for the app.
 
+Everything else an app can do to the socket, it does for every holder (the socket and its open file are one):
+- its status flags (O_NONBLOCK cleared, even while it hides its descriptor in an SCM_RIGHTS message so that the
+  activator believes it closed the socket): the activator's accept() is in a thread of its own (acceptor.py),
+  where a wait holds up that one service, never the event loop;
+- shutdown(2): listening again, each meter tick (keep_listening);
+- listen() with a tiny backlog: its own backlog given back, each tick (keep_backlog);
+- a socket filter (SO_ATTACH_FILTER or SO_ATTACH_BPF; one that drops everything makes the socket deaf for every
+  holder and stays after the app is gone, and SO_LOCK_FILTER keeps anyone from detaching it): seen each tick
+  (socket_filter), every instance of the service is killed and the socket replaced by a fresh one on the same
+  address (Fleet.replace_socket).
+
 Counting: the apps' connections live in the host's socket table (sockdiag.py); an instance's are those whose
 inode is in its processes' descriptor tables. An instance to be reaped is frozen first (it can take no new
 connection from the socket, and its table cannot change), counted, and killed frozen with none open, or thawed
@@ -24,9 +35,12 @@ and kept; a connection waiting in the accept queue meanwhile stays there for the
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +51,40 @@ from activator.net import sockdiag
 from .listeners import BACKLOG
 
 log = logging.getLogger("activator")
+
+SO_GET_FILTER = 26  # asm-generic/socket.h (= SO_ATTACH_FILTER); Python's socket module names neither
+SO_LOCK_FILTER = 44
+TCP_LISTEN = 10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.POINTER(ctypes.c_uint32)]
+
+
+def socket_filter(sock: socket.socket) -> str | None:
+    """What socket filter the socket has: None, "attached" or "attached and locked".
+
+    Asked with a zero length, the kernel answers the filter's length in instructions and copies nothing (with any
+    other length it copies 8 bytes per instruction into a buffer sized in bytes: Python's getsockopt() must not be
+    used). A filter loaded as eBPF has no classic program to report: EACCES, attached just the same."""
+    size = ctypes.c_uint32(0)
+    if _libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_GET_FILTER, None, ctypes.byref(size)) == 0:
+        attached = size.value > 0
+    else:
+        err = ctypes.get_errno()
+        if err != errno.EACCES:
+            raise OSError(err, os.strerror(err))
+        attached = True
+    if not attached:
+        return None
+    return "attached and locked" if sock.getsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER) else "attached"
+
+
+def listen_backlog(sock: socket.socket) -> int | None:
+    """A listening socket's backlog (TCP_INFO reports it as tcpi_sacked for a listener), None if not listening."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    if info[0] != TCP_LISTEN:
+        return None
+    return int(struct.unpack_from("I", info, 28)[0])
 
 
 @dataclass(frozen=True)
@@ -62,6 +110,8 @@ class HandoffSteering:
         wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1"}
         self.address: tuple[str, int] | None = (wildcard.get(host, host), self.port)
         self._accepting = accepting
+        self.backlog = listen_backlog(listener) or BACKLOG  # as it was bound (systemd's Backlog=, or ours)
+        self.replacing = False  # Fleet.replace_socket is under way
 
     def set(self, instances: list[Instance], starting: int = 0) -> None:
         """The activator accepts only while no app can: none runs, and none is being restored (a restored app
@@ -86,8 +136,16 @@ class HandoffSteering:
         # names it: bound again, or listen() would pick a new one. One bound to its port keeps it (EINVAL).
         with contextlib.suppress(OSError):
             self.listener.bind((self.host, self.port))
-        self.listener.listen(BACKLOG)
+        self.listener.listen(self.backlog)
         return True
+
+    def keep_backlog(self) -> int | None:
+        """An app may listen() on the socket again with a backlog of 1 (connections then dropped under any load,
+        after the app is gone too): the socket's own given back. The backlog it found if it had to, else None."""
+        if self.listener.fileno() < 0 or (found := listen_backlog(self.listener)) is None or found >= self.backlog:
+            return None
+        self.listener.listen(self.backlog)
+        return found
 
     def sample(self, instances: list[Instance]) -> HandoffSample:
         """Blocking: each handed instance's open connections, the accept queue, and who closed the socket."""

@@ -228,6 +228,14 @@ class Metrics:
         self.handoff_repairs = Counter("activator_handoff_repairs",
                                        "A handoff service's listening socket found shut down (by an app it was "
                                        "handed to) and made to listen again", ["service"], registry=r)
+        self.handoff_replaced = Counter("activator_handoff_sockets_replaced",
+                                        "A handoff service's listening socket found with a socket filter attached "
+                                        "(by an app it was handed to): its instances killed, the socket replaced",
+                                        ["service"], registry=r)
+        self.handoff_backlog = Counter("activator_handoff_backlog_repairs",
+                                       "A handoff service's listening socket found with a smaller listen backlog "
+                                       "(an app called listen() on it) and given its own back", ["service"],
+                                       registry=r)
         self.control_actions = Counter("activator_control_actions",
                                        "Runtime control by the operator (activator wake|scale|stop|start)",
                                        ["service", "action"], registry=r)
@@ -276,7 +284,7 @@ class Metrics:
         for kind, answer in PROBE_LABELS:
             with contextlib.suppress(KeyError):
                 self.probes.remove(name, kind, answer)
-        for family in (self.handoff_repairs, self.kernel_path_failures):
+        for family in (self.handoff_repairs, self.handoff_replaced, self.handoff_backlog, self.kernel_path_failures):
             with contextlib.suppress(KeyError):
                 family.remove(name)
 

@@ -132,6 +132,8 @@ class Launcher(Protocol):
 
     async def reshare(self, ksm: Any) -> None: ...  # share memory (a ksm.Ksm) or not (None) from now on
 
+    async def rehand(self, listener: socket.socket | None) -> None: ...  # handoff: restores get this socket now
+
     async def close(self) -> None: ...
 
 
@@ -1015,6 +1017,22 @@ class Service:
         self._resteer()
         self._replenish()
         self._own(spawn(self.launcher.set_standby(self.config.standby, self.checkpoint), name=f"standby:{self.name}"))
+
+    async def kill_all(self, why: str) -> None:
+        """Kill every instance now, without asking its app first (it is hostile), and stop the starts under way;
+        returns once each is released (its processes gone)."""
+        starts = list(self._starts)
+        for task in starts:
+            task.cancel()
+        for task in starts:
+            with contextlib.suppress(BaseException):
+                await task
+        killed = list(self.instances)
+        for inst in killed:
+            log.warning("service=%s instance=%s killed: %s", self.name, inst.name, why)
+            self._stop(inst)
+        while any(inst in self._releasing for inst in killed):
+            await asyncio.sleep(0.02)
 
     def withdraw_all(self) -> None:
         """Stop steering new connections to any instance (shutdown: they drain, then go). An app that accepts from

@@ -13,10 +13,11 @@ from typing import Any
 
 from activator.config import schedule
 from activator.net.network import ident
+from activator.tasks import spawn
 
 from . import systemd
 from .fleet import Fleet
-from .handoff import HandoffSteering
+from .handoff import HandoffSteering, socket_filter
 from .steering import ServiceSteering
 
 log = logging.getLogger("activator")
@@ -66,9 +67,16 @@ async def handoff_meter(fleet: Fleet) -> None:
         await asyncio.sleep(METER_INTERVAL)
         for svc in list(fleet.services.values()):
             steering = svc.steering
-            if not isinstance(steering, HandoffSteering):
+            if not isinstance(steering, HandoffSteering) or steering.replacing:
                 continue
             try:
+                if (what := socket_filter(steering.listener)) is not None:
+                    fleet.keep(spawn(fleet.replace_socket(svc.name, what), name=f"replace-socket:{svc.name}"))
+                    continue
+                if (found := steering.keep_backlog()) is not None:
+                    fleet.metrics.handoff_backlog.labels(svc.name).inc()
+                    log.warning("service=%s its listening socket's backlog had been set to %d (by an app it was "
+                                "handed to); %d again", svc.name, found, steering.backlog)
                 if steering.keep_listening():
                     fleet.listening_again(svc.name)
                     fleet.metrics.handoff_repairs.labels(svc.name).inc()

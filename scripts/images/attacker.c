@@ -8,9 +8,23 @@
  *   dial HOST PORT TEXT                     -> TCP (IPv6 link-local as fe80::X%eth0): "dial REPLY" or "dial-error WHY"
  *   listen-udp PORT                         -> receives UDP on PORT from now on: "listening"
  *   heard                                   -> "heard TEXT" (the last datagram) or "heard-nothing"
+ * With `handoff: true` its listener is the service's own socket, shared with the activator (handoff.py); these act
+ * on it (tests/engine/test_handoff_attacks.py), and those that give it up (close, park) listen on PORT in the
+ * instance instead:
+ *   filter                                 -> attaches a drop-all socket filter to it: "filtered" or "filter-error WHY"
+ *   lockfilter                             -> the same, then SO_LOCK_FILTER: "locked detach=WHY" (detaching refused)
+ *   backlog N                              -> listen(N) on it: "backlog N"
+ *   shutdown                               -> shutdown(2) (stopped for every holder), still accepted from: "shut"
+ *   close                                  -> close(2): "closed"
+ *   park                                   -> sends it to itself in an SCM_RIGHTS message and closes it, so no
+ *                                             descriptor table shows it: "parked"
+ *   unpark                                 -> takes it back and clears O_NONBLOCK (the flags are every holder's):
+ *                                             "unparked nonblock=0|1" (whether it was set while parked)
  *   anything else                           -> echoed back */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/filter.h>
 #include <net/ethernet.h>
 #include <net/if.h>
 #include <netdb.h>
@@ -27,6 +41,83 @@
 #include <unistd.h>
 
 static char heard[512] = "";
+static volatile int s = -1;  /* the listener main() accepts from: the service's socket, until a command gives it up */
+static int port = 9000, parking[2] = {-1, -1}, unparked = -1;
+
+#ifndef SO_LOCK_FILTER
+#define SO_LOCK_FILTER 44
+#endif
+
+static int own_listener(void) {
+    int l = socket(AF_INET6, SOCK_STREAM, 0), one = 1, zero = 0;
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    setsockopt(l, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+    struct sockaddr_in6 addr = {.sin6_family = AF_INET6, .sin6_port = htons(port)};
+    if (bind(l, (struct sockaddr *)&addr, sizeof addr) || listen(l, 64)) { close(l); return -1; }
+    return l;
+}
+
+/* Listen in the instance from now on; the socket main() was accepting from is returned. */
+static int give_up_listener(void) {
+    int old = s, l = own_listener();
+    if (l >= 0) s = l;
+    return old;
+}
+
+static void handed(char **a, int n, char *out, size_t len) {
+    if (!strcmp(a[0], "filter") || !strcmp(a[0], "lockfilter")) {
+        struct sock_filter drop = BPF_STMT(BPF_RET | BPF_K, 0);
+        struct sock_fprog prog = {.len = 1, .filter = &drop};
+        int one = 1;
+        if (setsockopt(s, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof prog)) {
+            snprintf(out, len, "filter-error %s\n", strerror(errno));
+        } else if (a[0][0] == 'f') {
+            snprintf(out, len, "filtered\n");
+        } else if (setsockopt(s, SOL_SOCKET, SO_LOCK_FILTER, &one, sizeof one)) {
+            snprintf(out, len, "filter-error lock %s\n", strerror(errno));
+        } else {
+            int r = setsockopt(s, SOL_SOCKET, SO_DETACH_FILTER, &one, sizeof one);
+            snprintf(out, len, "locked detach=%s\n", r ? strerror(errno) : "done");
+        }
+    } else if (!strcmp(a[0], "backlog") && n == 2) {
+        int r = listen(s, atoi(a[1]));
+        snprintf(out, len, r ? "backlog-error %s\n" : "backlog %s\n", r ? strerror(errno) : a[1]);
+    } else if (!strcmp(a[0], "shutdown")) {
+        int r = shutdown(s, SHUT_RDWR);
+        snprintf(out, len, r ? "shut-error %s\n" : "shut\n", strerror(errno));
+    } else if (!strcmp(a[0], "close")) {
+        close(give_up_listener());
+        snprintf(out, len, "closed\n");
+    } else if (!strcmp(a[0], "park")) {
+        char byte = 'p', cbuf[CMSG_SPACE(sizeof(int))] = {0};
+        struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+        c->cmsg_level = SOL_SOCKET; c->cmsg_type = SCM_RIGHTS; c->cmsg_len = CMSG_LEN(sizeof(int));
+        if (parking[0] < 0 && socketpair(AF_UNIX, SOCK_DGRAM, 0, parking)) {
+            snprintf(out, len, "park-error %s\n", strerror(errno));
+            return;
+        }
+        int old = give_up_listener();
+        memcpy(CMSG_DATA(c), &old, sizeof old);
+        if (sendmsg(parking[1], &m, 0) != 1) { snprintf(out, len, "park-error %s\n", strerror(errno)); return; }
+        close(old);
+        snprintf(out, len, "parked\n");
+    } else if (!strcmp(a[0], "unpark")) {
+        char byte, cbuf[CMSG_SPACE(sizeof(int))];
+        struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+        struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof cbuf};
+        struct cmsghdr *c;
+        if (parking[0] < 0 || recvmsg(parking[0], &m, 0) != 1 || !(c = CMSG_FIRSTHDR(&m))) {
+            snprintf(out, len, "unpark-error %s\n", strerror(errno));
+            return;
+        }
+        memcpy(&unparked, CMSG_DATA(c), sizeof unparked);
+        int flags = fcntl(unparked, F_GETFL);
+        fcntl(unparked, F_SETFL, flags & ~O_NONBLOCK);  /* held, never accepted on: the activator's to wait on */
+        snprintf(out, len, "unparked nonblock=%d\n", !!(flags & O_NONBLOCK));
+    }
+}
 static pthread_mutex_t heard_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int parse_mac(const char *s, unsigned char *m) {
@@ -152,6 +243,12 @@ static void command(int c, char *line) {
             snprintf(out, sizeof out, "listening\n");
         else
             snprintf(out, sizeof out, "listen-error %s\n", strerror(errno));
+    } else if (!strcmp(a[0], "filter") || !strcmp(a[0], "lockfilter") || !strcmp(a[0], "backlog") ||
+               !strcmp(a[0], "shutdown") || !strcmp(a[0], "close") || !strcmp(a[0], "park") ||
+               !strcmp(a[0], "unpark")) {
+        out[0] = 0;
+        handed(a, n, out, sizeof out);
+        if (!out[0]) snprintf(out, sizeof out, "usage-error\n");
     } else if (!strcmp(a[0], "heard")) {
         pthread_mutex_lock(&heard_lock);
         snprintf(out, sizeof out, heard[0] ? "heard %s\n" : "heard-nothing\n", heard);
@@ -182,14 +279,11 @@ static void *client(void *arg) {
 
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
-    int s = socket(AF_INET6, SOCK_STREAM, 0), one = 1, zero = 0;
-    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
-    struct sockaddr_in6 addr = {.sin6_family = AF_INET6, .sin6_port = htons(argc > 1 ? atoi(argv[1]) : 9000)};
-    if (bind(s, (struct sockaddr *)&addr, sizeof addr) || listen(s, 64)) { perror("listen"); return 1; }
+    port = argc > 1 ? atoi(argv[1]) : 9000;
+    if ((s = own_listener()) < 0) { perror("listen"); return 1; }
     for (;;) {
         int c = accept(s, NULL, NULL);
-        if (c < 0) continue;
+        if (c < 0) { usleep(1000); continue; }  /* EINVAL while shut down, until whoever holds it listens again */
         pthread_t t;
         if (pthread_create(&t, NULL, client, (void *)(long)c)) close(c);
         else pthread_detach(t);

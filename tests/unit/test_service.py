@@ -133,6 +133,9 @@ class FakeLauncher:
     async def drop_slots_except(self, checkpoint: Any) -> None:
         pass
 
+    async def rehand(self, listener: Any) -> None:
+        self.listener = listener
+
     async def close(self) -> None:
         pass
 

@@ -1,0 +1,187 @@
+"""Accepting on a socket shared with untrusted apps (handoff.py), in a thread of its own: never on the event loop.
+
+A handoff service's listening socket is one open file description held by the activator and by every app it was
+put into, so its status flags are the apps' too. An app can clear O_NONBLOCK at any moment, including between
+the activator's check of the flags (or its own F_SETFL) and its accept(): an app that parks its descriptor in an
+SCM_RIGHTS message looks as if it closed the socket, lets the activator take over, then takes it back and makes
+it blocking. An accept() on the event loop would then wait for the next connection with every service, the control
+socket and the agent stopped. Nothing in accept(2) makes one call non-blocking whatever the file says (unlike
+MSG_DONTWAIT for recv), a dup() shares the description, and SO_RCVTIMEO is as shared as the flags; a second socket
+in a SO_REUSEPORT group would give the apps SO_ATTACH_REUSEPORT_CBPF over the activator's connections, and does not
+fit sockets systemd passes in.
+
+So the only accept() is in this thread, which may block: it then waits for the next connection to that one
+service, and the event loop never notices. The thread polls before each accept (a socket left blocking by the
+last app does not make the second accept of a burst wait), hands what it took to the loop in batches and waits
+until the loop has taken them (the kernel's accept queue, not memory, holds the rest). A connection taken while
+the activator was not to accept (it was blocked in accept() when an app started) is served like any connection
+the activator holds: passed on to the app (proxy.connect_handed). The thread has its own duplicate of the
+descriptor, so the loop closing its own can never make it accept on a reused number; it ends on close(), at its
+next wake-up: a wake pipe while it polls, a connection (close() makes one) or a shutdown while it accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable
+
+from .listeners import address_of
+
+log = logging.getLogger("activator")
+
+#: connections taken per batch before the loop is given them (then the thread waits until it has)
+ACCEPT_BATCH = 64
+#: after an error such as EMFILE, how long the thread waits before it tries again, seconds
+ERROR_PAUSE = 0.1
+
+#: told on the loop why the socket cannot be accepted on
+Problem = Callable[[str], None]
+
+
+class Acceptor:
+    """One thread accepting on one listening socket while `on`, handing connections to `deliver` on the loop."""
+
+    def __init__(self, name: str, sock: socket.socket, deliver: Callable[[socket.socket], None],
+                 problem: Problem) -> None:
+        self.name = name
+        self.sock = sock
+        self.address = address_of(sock)
+        self._deliver = deliver
+        self._problem = problem
+        self._loop = asyncio.get_running_loop()
+        # Its own descriptor, wrapped without touching the flags (setblocking() would set the apps' too)
+        self._sock = socket.socket(fileno=os.dup(sock.fileno()))
+        self._fd = self._sock.fileno()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._on = False
+        self._closed = False
+        self._deaf = False  # accept() said EINVAL (shut down): waits for kick()
+        self._taken = threading.Event()
+        self.in_accept = False  # inside accept(), where only a connection or a shutdown wakes it
+        self._thread = threading.Thread(target=self._run, name=f"accept:{name}", daemon=True)
+        self._thread.start()
+
+    def set(self, on: bool) -> None:
+        if on != self._on:
+            self._on = on
+            self._wake()
+
+    def kick(self) -> None:
+        """The socket listens again (after a shutdown): accept again."""
+        self._deaf = False
+        self._wake()
+
+    def close(self) -> None:
+        """Stop for good. The thread closes its descriptor as it ends: at once if it polls; if it is inside
+        accept() (the socket made blocking by an app), with the connection made here to wake it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake()
+        self._taken.set()
+        if self.in_accept:
+            self._poke()
+
+    def _poke(self) -> None:
+        family = socket.AF_INET6 if ":" in self.address.host else socket.AF_INET
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.address.host, self.address.host)
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setblocking(False)
+            s.connect_ex((host, self.address.port))  # loopback: the handshake is done before this returns
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _tell(self, fn: Callable[..., None], *args: object) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # the loop is closed: the daemon is going
+            self._closed = True
+            return False
+
+    # --- the thread --------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        listening = False
+        try:
+            while not self._closed:
+                want = self._on and not self._deaf
+                if want != listening:
+                    if want:
+                        poller.register(self._fd, select.POLLIN)
+                    else:
+                        poller.unregister(self._fd)
+                    listening = want
+                events = dict(poller.poll())
+                if events.get(self._wake_r):
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                if listening and events.get(self._fd):
+                    self._batch()
+        finally:
+            self._sock.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _batch(self) -> None:
+        taken: list[socket.socket] = []
+        probe = select.poll()
+        probe.register(self._fd, select.POLLIN)
+        for _ in range(ACCEPT_BATCH):
+            if taken and not probe.poll(0):  # nothing more queued: an accept() now could wait
+                break
+            self.in_accept = True
+            try:
+                conn, _addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                break
+            except OSError as e:
+                if e.errno == errno.EBADF:
+                    self._closed = True
+                elif e.errno == errno.EINVAL:  # not listening (an app shut it down): readable for ever
+                    self._deaf = True
+                    self._tell(self._problem, "no longer listens")
+                else:  # EMFILE and the like: the next readiness tries again, a little later
+                    self._tell(self._problem, f"accepting failed: {e.strerror}")
+                    threading.Event().wait(ERROR_PAUSE)
+                break
+            finally:
+                self.in_accept = False
+            conn.setblocking(False)
+            taken.append(conn)
+        if not taken:
+            return
+        if self._closed:
+            for conn in taken:
+                conn.close()
+            return
+        self._taken.clear()
+        if self._tell(self._hand, taken):
+            self._taken.wait()
+        else:
+            for conn in taken:
+                conn.close()
+
+    def _hand(self, taken: list[socket.socket]) -> None:
+        """On the loop."""
+        try:
+            for conn in taken:
+                if self._closed:
+                    conn.close()
+                else:
+                    self._deliver(conn)
+        finally:
+            self._taken.set()
+
