@@ -206,6 +206,7 @@ class _Refuse:
 
     def __init__(self, expected: Expected) -> None:
         self.svc = expected.service
+        self.current = "dump"  # the image being read: a malformed field anywhere in it is named by it
 
     def __call__(self, image: str, what: str, why: str) -> DumpError:
         return DumpError(f"service '{self.svc}': checkpoint refused: {image}: {what}: {why}")
@@ -286,6 +287,7 @@ def check(images: Path, expected: Expected) -> None:
 
 
 def _entries(docs: dict[str, Any], name: str, refuse: _Refuse) -> list[dict[str, Any]]:
+    refuse.current = name
     doc = docs.get(name)
     if doc is None:
         raise refuse(name, "file", "missing")
@@ -311,7 +313,7 @@ def check_docs(docs: dict[str, Any], expected: Expected) -> None:
         raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:
         # a field of the wrong shape somewhere a check did not expect one: still a refusal, never a crash
-        raise refuse("dump", "structure", f"malformed ({type(e).__name__}: {str(e)[:80]})") from None
+        raise refuse(refuse.current, "structure", f"malformed ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def _check(docs: dict[str, Any], expected: Expected, refuse: _Refuse) -> None:
@@ -731,7 +733,7 @@ def _thread_seccomp(name: str, th: dict[str, Any], filters: list[dict[str, Any]]
             raise refuse("seccomp.img", f"filter {i} of {name}", f"{len(prog)} bytes: not a BPF program")
         flags = _int(f.get("flags", 0))
         if i == 0 and expected.seccomp:
-            if not any(prog == ref.program and flags & ~FLAG_TSYNC == ref.flags & ~FLAG_TSYNC
+            if not any(seccomp_matches(prog, ref.program) and flags & ~FLAG_TSYNC == ref.flags & ~FLAG_TSYNC
                        for ref in expected.seccomp):
                 raise refuse("seccomp.img", f"filter {i} of {name}", "not the filter this host installs for the "
                                                                        "service's seccomp profile")
@@ -796,3 +798,55 @@ def _descriptors(docs: dict[str, Any], refuse: _Refuse) -> None:
     for x in d:
         if not (x == "/dev/null" or re.fullmatch(r"(pipe|socket|anon_inode):\[?[0-9A-Za-z_-]*\]?", x)):
             raise refuse(DESCRIPTORS, repr(x)[:60], "stdio must be /dev/null, a pipe or a socket")
+
+
+# --- runc's seccomp stub ------------------------------------------------------------------------------------------
+
+BPF_LD_W_ABS, BPF_JA, BPF_RET_K = 0x20, 0x05, 0x06
+BPF_COND = {0x15, 0x25, 0x35, 0x45}  # jeq, jgt, jge, jset with a constant
+RET_ENOSYS = 0x00050000 | 38  # SECCOMP_RET_ERRNO | ENOSYS
+
+
+def _insns(program: bytes) -> list[tuple[int, int, int, int]]:
+    import struct
+
+    return [struct.unpack_from("<HBBI", program, i) for i in range(0, len(program) - len(program) % 8, 8)]
+
+
+def _stub_length(program: bytes) -> int:
+    """runc's stub ends with its `ret ERRNO(ENOSYS)`; the body (libseccomp's program) starts after it."""
+    for i, (code, _jt, _jf, k) in enumerate(_insns(program)[:256]):
+        if code == BPF_RET_K:
+            return i + 1 if k == RET_ENOSYS else 0
+    return 0
+
+
+def seccomp_matches(program: bytes, reference: bytes) -> bool:
+    """Is `program` the reference up to runc's stub? Its libseccomp body must be the reference's byte for byte,
+    and what comes before it only loads seccomp_data, jumps forward within itself or to the body's first
+    instruction, and returns -ENOSYS: such a stub can refuse more calls than the body but allow none it refuses,
+    whatever order runc put its blocks in."""
+    if program == reference:
+        return True
+    n = _stub_length(reference)
+    body = reference[n * 8:]
+    if not body or len(program) <= len(body) or not program.endswith(body) or (len(program) - len(body)) % 8:
+        return False
+    stub = _insns(program[: len(program) - len(body)])
+    end = len(stub)
+    for i, (code, jt, jf, k) in enumerate(stub):
+        if code == BPF_LD_W_ABS:
+            if k >= 64 or k % 4:  # inside struct seccomp_data
+                return False
+        elif code == BPF_JA:
+            if i + 1 + k > end:
+                return False
+        elif code in BPF_COND:
+            if i + 1 + jt > end or i + 1 + jf > end:
+                return False
+        elif code == BPF_RET_K:
+            if k != RET_ENOSYS:
+                return False
+        else:
+            return False
+    return True

@@ -7,13 +7,12 @@ noNewPrivileges, runc 1.1's init installs the filter as late as it can, just bef
 (standard_init_linux.go), so after `runc create` (no `start`) the container's init is alive and already filtered.
 We read its chain with ptrace (PTRACE_SECCOMP_GET_FILTER and _METADATA, what CRIU's own dump does) and delete
 it: the program is byte for byte what a template of the service gets, as the template is started by the same
-runc from the same JSON, up to the order of the architecture blocks in runc's stub (random: reference() collects
-every order).
+runc from the same JSON, up to the order of the blocks in runc's stub (random; see reference()).
 
 The container is a throwaway: a private rootfs under state_dir holding one empty executable file (runc only
 looks args[0] up before installing the filter; nothing is ever executed), a tmpfs /dev and a /proc (init opens
-its fifo through /proc/self/fd), new namespaces, no capabilities. It costs a few `runc create` and `delete`
-(~0.2 s each, until every stub order was seen), once per host and profile: the result is cached under
+its fifo through /proc/self/fd), new namespaces, no capabilities. It costs one `runc create` and `delete`
+(~0.2 s), once per host and profile: the result is cached under
 state_dir/seccompref (0700), keyed by the filter JSON and the whole `runc --version` (runc's and libseccomp's
 versions both shape the program).
 """
@@ -24,10 +23,8 @@ import contextlib
 import ctypes
 import hashlib
 import json
-import math
 import os
 import shutil
-import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -44,10 +41,6 @@ WALL = 0x40000000
 MAX_INSNS = 4096
 #: SECCOMP_FILTER_FLAG_TSYNC: CRIU adds it to the chains of threads that share them; not part of the profile
 FLAG_TSYNC = 1
-#: runc asked at most this many times for the variants of one profile's program
-MAX_TRIES = 40
-#: __AUDIT_ARCH_LE: set in the audit arch constants of little-endian architectures (x86_64, i386, aarch64...)
-AUDIT_ARCH_LE = 0x40000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.restype = ctypes.c_long
@@ -120,13 +113,13 @@ def cache_key(linux_seccomp: dict[str, Any], runc_version: str) -> str:
 
 
 def reference(linux_seccomp: dict[str, Any] | None, state_dir: Path, runc: str = "runc") -> tuple[Filter, ...]:
-    """Blocking; root. Every program this host's runc may install for this linux.seccomp (seccomp.load()'s): a
-    dumped template's oldest filter is one of them. () for none (unconfined). Cached under state_dir.
+    """Blocking; root. The program this host's runc installs for this linux.seccomp (seccomp.load()'s), as a
+    one-filter chain; () for none (unconfined). Cached under state_dir.
 
-    More than one, because runc 1.1 prepends a stub (patchbpf: -ENOSYS for syscalls newer than the profile
-    knows) whose per-architecture blocks come in Go map order, which is random: with k architectures in the
-    profile there are k! orders of the same stub (measured: x86_64 + x86, 2 programs; the libseccomp body after
-    the stub is identical). So runc is asked until it has shown k! distinct programs (or MAX_TRIES)."""
+    runc 1.1 prepends a stub to libseccomp's program (patchbpf: -ENOSYS for syscalls newer than the profile
+    knows) whose blocks come in Go map order, which is random: measured, 3 different stubs in 24 creates of
+    the same profile, the libseccomp body after them identical. So a dump's filter equals this one up to the
+    stub; dumpcheck.seccomp_matches() says what a stub may be."""
     if linux_seccomp is None:
         return ()
     version = _runc_version(runc)
@@ -135,36 +128,17 @@ def reference(linux_seccomp: dict[str, Any] | None, state_dir: Path, runc: str =
     os.chmod(cache, 0o700)
     path = cache / f"{cache_key(linux_seccomp, version)}.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return tuple(Filter.from_json(f) for f in json.loads(path.read_text())["variants"])
-    seen: dict[Filter, None] = {}
-    for _ in range(MAX_TRIES):
-        chain = _from_runc(linux_seccomp, cache, runc)
-        if len(chain) != 1:
-            raise SeccompRefError(f"{runc} installed {len(chain)} seccomp filters in a container made with one; "
-                                  "cannot tell what an imported checkpoint's filter should be")
-        seen[chain[0]] = None
-        if len(seen) >= math.factorial(stub_arches(chain[0].program)):
-            break
+        return tuple(Filter.from_json(f) for f in json.loads(path.read_text())["chain"])
+    chain = _from_runc(linux_seccomp, cache, runc)
+    if len(chain) != 1:
+        raise SeccompRefError(f"{runc} installed {len(chain)} seccomp filters in a container made with one; "
+                              "cannot tell what an imported checkpoint's filter should be")
     from activator.statedir import write_private
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    write_private(tmp, json.dumps({"runc": version, "variants": [f.to_json() for f in seen]}))
+    write_private(tmp, json.dumps({"runc": version, "chain": [f.to_json() for f in chain]}))
     os.replace(tmp, path)
-    return tuple(seen)
-
-
-def stub_arches(program: bytes) -> int:
-    """How many architecture blocks runc's stub has: after `ld [4]` (seccomp_data.arch), one `jeq #AUDIT_ARCH`
-    per architecture. 1 when the program does not start so (then it has one order only)."""
-    insns = [struct.unpack_from("<HBBI", program, i) for i in range(0, min(len(program), 8 * 16), 8)]
-    if not insns or insns[0] != (0x20, 0, 0, 4):
-        return 1
-    k = 0
-    for code, _jt, _jf, value in insns[1:]:
-        if code != 0x15 or not value & AUDIT_ARCH_LE:
-            break
-        k += 1
-    return max(1, min(k, 5))
+    return chain
 
 
 def _spec(rootfs: Path, linux_seccomp: dict[str, Any]) -> dict[str, Any]:
