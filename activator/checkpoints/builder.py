@@ -27,14 +27,14 @@ from activator.config.model import ServiceConfig, probe_paths
 from activator.core import pool, probes
 from activator.errors import ActivatorError, CheckpointError, RuncError, StartError
 from activator.net.network import HostNetwork, kernel_path_possible
-from activator.runtime import applog, extmounts, readiness, seccomp, userns, volumes
+from activator.runtime import applog, extmounts, readiness, seccomp, seccompref, userns, volumes
 from activator.runtime.runc import Runc
 from activator.runtime.sandbox import Sandbox, new_name
 from activator.runtime.spec import ProcessSpec, capability_set, merge_env, process_args
 from activator.statedir import copy_private, open_private
 from activator.tasks import spawn
 
-from . import ociarchive, signing, transfer
+from . import dumpcheck, ociarchive, signing, transfer
 from .images import ImageInfo, ImageSource, resolve_user
 from .registry import Registry
 from .store import (
@@ -251,8 +251,21 @@ class CheckpointBuilder:
             external=extmounts.mounts(), dev=transfer.RUNC_DEV, stop_signal=image.stop_signal or "SIGTERM",
             writes_volumes=(), probe_answers=got.probe_answers,
         )
-        _check_dump(ck, svc)
+        self._check_dump(ck, svc)
         return ck
+
+    def _check_dump(self, ck: Checkpoint, svc: ServiceConfig) -> None:
+        """Blocking. CRIU's images of an imported checkpoint held against what a template of svc, dumped on this
+        host, would hold (dumpcheck.py): one line naming the image and field for anything more."""
+        try:
+            filters = seccompref.reference(ck.seccomp, self.instances_dir.parent, self.runc.binary)
+        except seccompref.SeccompRefError as e:
+            raise CheckpointError(f"service '{svc.name}': {e}") from None
+        expected = dumpcheck.Expected(
+            service=svc.name, idmap=ck.idmap, capabilities=frozenset(capability_set(svc.cap_add, svc.cap_drop)),
+            process=ck.process, seccomp=filters, external=ck.external, volumes=tuple(v.target for v in svc.volumes),
+            **dumpcheck.host_limits(ck.process))
+        dumpcheck.check(ck.images, expected)
 
     async def pull(self, svc: ServiceConfig, wanted: Origin, image: ImageInfo, *, quiet: bool = False
                    ) -> Checkpoint | None:
@@ -637,10 +650,6 @@ def unshareable(svc: ServiceConfig) -> str:
         return (f"service '{svc.name}' has volumes, whose data does not move with a checkpoint (its memory may "
                 "hold what it read of them); each host builds its own")
     return ""
-
-
-def _check_dump(ck: Checkpoint, svc: ServiceConfig) -> None:
-    """Blocking. CRIU's images of an imported checkpoint checked against what this host derived for it."""
 
 
 def _used_up(svc: ServiceConfig, ck: Checkpoint) -> bool:

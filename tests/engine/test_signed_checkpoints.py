@@ -30,12 +30,13 @@ import yaml
 from activator.checkpoints import ociarchive, signing, transfer
 from activator.runtime.spec import capability_set
 from tests.archives import make_key, rewrite
-from tests.conftest import http_get, write_config
+from tests.conftest import http_get, passable, write_config
 from tests.daemonproc import ACTIVATOR
 
 HELLO = {"image": "activator-demo/busybox:latest", "port": 8080,
          "command": ["httpd", "-f", "-p", "8080", "-h", "/www"]}
 POC = Path("/var/tmp/activator-poc-null")
+pytestmark = pytest.mark.engine
 #: Linux capability numbers (include/uapi/linux/capability.h), for reading /proc/PID/status
 CAP_BITS = {name: i for i, name in enumerate((
     "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
@@ -69,6 +70,7 @@ class Builder:
         self.root = root
         self.key = make_key(root / "keys", "builder")
         self.public = Path(f"{self.key}.pub")
+        (root / "builder").mkdir()
         self.config = write_config(root / "builder", {"hello": HELLO}, checkpoint_trust={"sign_key": str(self.key)})
         r = cli("checkpoint", "hello", "-c", str(self.config))
         assert r.returncode == 0, r.stderr
@@ -86,7 +88,7 @@ class Builder:
 
 @pytest.fixture(scope="module")
 def builder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Builder]:
-    root = tmp_path_factory.mktemp("builder")
+    root = passable(tmp_path_factory.mktemp("builder"))
     b = Builder(root)
     yield b
     cli("cleanup", "-c", str(b.config))
@@ -173,6 +175,7 @@ def test_the_runc_dev_set_an_import_gets_is_what_a_template_had(builder: Builder
     assert made == derived
 
 
+@pytest.mark.asyncio
 async def test_a_record_asking_for_root_gets_only_what_this_host_derives(  # type: ignore[no-untyped-def]
         builder: Builder, tmp_path: Path, start) -> None:
     """The review's proof of concept, replayed against a record that even carries the trusted signature."""
