@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .proxy import ConnectionSet, client_protocol_factory
 from .service import Service
 from .steering import ServiceSteering
-from .udp import UdpFront
+from .udp import UdpFront, Unanswered
 
 log = logging.getLogger("activator")
 
@@ -171,7 +171,7 @@ class Fleet:
         connection is accepted."""
         if self.network is not None and kernel_path_possible(svc):
             self.network.limit(svc.name, svc.listen, svc.max_connections, svc.client_idle_timeout,
-                               svc.udp_flow_timeout if "udp" in svc.protocol else None)
+                               svc.udp_flow_timeout if "udp" in svc.protocol else None, svc.udp_reply_ratio)
 
     def use(self, svc: ServiceConfig, checkpoint: Checkpoint) -> None:
         """Hand a service its checkpoint, and its kernel path: its socket handed to its apps (handoff), or a
@@ -225,9 +225,10 @@ class Fleet:
 
         factory = client_protocol_factory(current, self.connections)
         handoff = self.services[name].config.handoff
+        unanswered = Unanswered()  # one budget of unanswered UDP flows for the service's addresses
         for sock in socks:
             if sock.type == socket.SOCK_DGRAM:
-                front = UdpFront(current, sock.getsockname()[1])
+                front = UdpFront(current, sock.getsockname()[1], unanswered)
                 await loop.create_datagram_endpoint(lambda f=front: f, sock=sock)  # type: ignore[misc]
                 self.udp_fronts[sock] = front
                 continue

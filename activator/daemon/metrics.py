@@ -67,6 +67,8 @@ class ServiceMetrics:
     idle_cpu_busy: Any
     waiting_pages: Any
     udp_dropped: Any
+    udp_replies_dropped: Any
+    udp_unanswered: Any
     kept_warm: Any
     rejected: dict[str, Any]
     pre_stop: dict[str, Any]
@@ -201,8 +203,17 @@ class Metrics:
             "activator_idle_cpu_busy", "Idle checks that kept an instance with no connection because its app was "
             "still using CPU (idle_cpu_below)", ["service"], registry=r)
         self.udp_dropped = Counter("activator_udp_dropped",
-                                   "UDP datagrams dropped: past udp_queue while their flow waited for an instance, "
-                                   "or refused by admission control", ["service"], registry=r)
+                                   "UDP datagrams dropped: past udp_queue or udp_held_bytes while their flow "
+                                   "waited for an instance, or refused by admission control", ["service"],
+                                   registry=r)
+        self.udp_replies_dropped = Counter(
+            "activator_udp_replies_dropped", "UDP replies dropped because the client had not sent enough to be owed "
+            "them (udp_reply_ratio times its bytes: a forged source makes no amplifier), on both paths",
+            ["service"], registry=r)
+        self.udp_unanswered = Counter(
+            "activator_udp_unanswered_flows", "UDP flows that ended before the app answered them (a forged source's "
+            "are), or were ended early to make room for newer ones (per source and per service)", ["service"],
+            registry=r)
         self.waiting_pages = Counter("activator_waiting_pages",
                                      "Browsers' page loads answered with the 'starting' page while they waited for an "
                                      "instance (waiting_page)", ["service"], registry=r)

@@ -158,6 +158,16 @@ class Lease:
         self.instance = inst
         return inst, waited
 
+    def claim(self, inst: Instance) -> bool:
+        """Count this connection on an instance it already reaches (a UDP flow its app has just answered); False
+        if that instance is going away."""
+        self.drop()
+        if inst.stopping or self.released:
+            return False
+        self.service._take(inst)
+        self.instance = inst
+        return True
+
     def connected(self) -> None:
         """The app accepted this connection."""
         assert self.instance is not None
@@ -232,7 +242,7 @@ class Service:
         self._rejections: dict[str, int] = {}
         self._rejections_timer: asyncio.TimerHandle | None = None
         self._latest_rejection = ""
-        self._kernel_rejected = self._kernel_steered = 0
+        self._kernel_rejected = self._kernel_steered = self._kernel_amplified = 0
         self._rejections_logged = -REJECT_LOG_INTERVAL
         # Remaining backoff shrinks with time, and kernel-path connections change without us: both are computed
         # at scrape time, not when last touched.
@@ -333,16 +343,22 @@ class Service:
 
     # --- connections ---------------------------------------------------------------------------------------
 
-    def admit(self) -> Lease:
-        """Count a new client connection in, or raise Rejected (counted by the caller through reject())."""
+    def refusal(self) -> Rejected | None:
+        """Why a new connection would be refused now, before any budget is asked (None: it would not be)."""
         if self._closed:
-            raise Rejected("shutting-down", f"service '{self.name}' is shutting down")
+            return Rejected("shutting-down", f"service '{self.name}' is shutting down")
         if self.stopped:
-            raise Rejected("stopped", f"service '{self.name}' is stopped (`activator start {self.name}` serves "
-                                      "it again)")
+            return Rejected("stopped", f"service '{self.name}' is stopped (`activator start {self.name}` serves "
+                                       "it again)")
         limit = self.config.max_connections
         if limit is not None and self.open_connections + self.kernel_connections >= limit:
-            raise Rejected("max-connections", f"service '{self.name}' has {limit} open connections")
+            return Rejected("max-connections", f"service '{self.name}' has {limit} open connections")
+        return None
+
+    def admit(self) -> Lease:
+        """Count a new client connection in, or raise Rejected (counted by the caller through reject())."""
+        if (why := self.refusal()) is not None:
+            raise why
         if not self.budget.take():
             raise Rejected("resources", f"the activator's file descriptor budget ({self.budget.limit} "
                                         "connections) is spent; raise LimitNOFILE")
@@ -361,6 +377,13 @@ class Service:
     def take_counters_from(self, old: Service) -> None:
         """A new definition of the same service (a reload): the kernel counters carry on, not start over."""
         self._kernel_rejected, self._kernel_steered = old.kernel_counters
+        self._kernel_amplified = old._kernel_amplified
+
+    def kernel_replies_dropped(self, total: int) -> None:
+        """The kernel path's count of UDP replies dropped over udp_reply_ratio (a repaired table's starts at 0)."""
+        if total > self._kernel_amplified:
+            self.m.udp_replies_dropped.inc(total - self._kernel_amplified)
+        self._kernel_amplified = total
 
     @property
     def kernel_connections(self) -> int:
@@ -405,12 +428,34 @@ class Service:
                 self.waiting -= 1
                 self.m.waiting.set(self.waiting)
         assert best is not None  # TAKE and OVERFLOW come with an instance
-        best.spliced += 1
-        best.served += 1
-        if best.idle_timer is not None:
-            best.idle_timer.cancel()
-            best.idle_timer = None
+        self._take(best)
         return best, waited
+
+    def _take(self, inst: Instance) -> None:
+        inst.spliced += 1
+        inst.served += 1
+        if inst.idle_timer is not None:
+            inst.idle_timer.cancel()
+            inst.idle_timer = None
+
+    async def unclaimed(self) -> tuple[Instance, bool]:
+        """An instance for a UDP flow's first datagrams, claimed by nothing: a flow is not a connection until the
+        app answers it (udp.py), so it neither keeps the instance nor counts toward scale-out or max_waiting. If
+        nothing runs, one is started and waited for: a first datagram wakes the service, as a connection does.
+        waited=True if a start was awaited. Raises Rejected."""
+        waited = False
+        while True:
+            if (why := self.refusal()) is not None:
+                raise why
+            best = capacity.least_loaded(self.instances)
+            if best is not None:
+                return best, waited
+            if not self._starts:
+                self._scale(extra=1)
+                if not self._starts:
+                    raise self._why_no_instance()
+            waited = True
+            await self._changed.wait()
 
     def unhealthy(self) -> Rejected | None:
         """What a probe answered by the activator reports: None while a connection now would be served (an

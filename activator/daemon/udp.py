@@ -1,18 +1,27 @@
 """UDP services (`protocol: udp`): the activator's datagram socket on each listen address, and its flows.
 
-A flow is one client address and port. Its first datagram admits it like a TCP connection (a Lease: counted,
-refused by the same admission control, and waking the service when no instance can take it); it and the
-datagrams that follow are held, at most udp_queue of them (the rest dropped and counted), and delivered in order
-once an instance is there. From then on the flow is relayed through a UDP socket the activator opens inside the
-instance's network namespace (so the app sees it come from 127.0.0.1, as a held TCP connection does), and the
-app's replies go back out of the listening socket: the client hears them from the address it sent to.
+A flow is one client address and port, and anyone can send a datagram with any source address: a flow is not a
+connection until the app has answered it. Its first datagram wakes the service if nothing runs (the product: it
+and the datagrams that follow are held, at most udp_queue of them and udp_held_bytes for the whole service, the
+rest dropped and counted, and delivered in order once an instance is there), but until the app answers the flow
+claims nothing: it does not keep the instance, count toward scale-out, max_connections or max_waiting, and it
+ends UNANSWERED_TIMEOUT after its datagrams were delivered. A service has at most SERVICE_FLOWS unanswered flows
+and a client address SOURCE_FLOWS of them; a new one past either ends the oldest (so a flood of forged sources
+churns its own flows, and a real client's still reaches the app). The app's first answer makes the flow a
+connection (a Lease: admission control, the descriptor budget, the instance's count) until it is quiet for
+udp_flow_timeout.
+
+Delivered flows are relayed through a UDP socket the activator opens inside the instance's network namespace (so
+the app sees it come from 127.0.0.1, as a held TCP connection does), and the app's replies go back out of the
+listening socket: the client hears them from the address it sent to. The replies a client gets are bounded by
+udp_reply_ratio times the bytes it sent (RFC 9000 section 8's anti-amplification rule; it sending again owes it
+more): past that they are dropped and counted, so a forged source cannot turn the app into a reflector.
 
 Only flows that began while the activator had to hold them take this path. Once an instance runs and the service
 is on the kernel path, new flows are DNATed to an instance by the kernel (net/network.py), one conntrack entry
-each: a flow is never split between instances, and its idleness is conntrack's (udp_flow_timeout). A relayed flow
-with no datagram either way for udp_flow_timeout ends: its lease is released (so its instance can go idle), and
-the host's conntrack entry for it is deleted, so that the client's next datagram starts a new flow, which the
-kernel path may take."""
+each, with the same rules in nftables: counted once answered, unanswered ones gone after UNANSWERED_TIMEOUT,
+replies bounded by the ratio. When a relayed flow ends, the host's conntrack entry for it is deleted, so that the
+client's next datagram starts a new flow, which the kernel path may take."""
 
 from __future__ import annotations
 
@@ -25,8 +34,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from activator.checkpoints.instance import Instance
 from activator.errors import Rejected
-from activator.net.network import forget_udp_flow
+from activator.net.network import UNANSWERED_TIMEOUT, forget_udp_flow
 from activator.tasks import spawn
 
 from .service import Lease, Service
@@ -34,6 +44,39 @@ from .service import Lease, Service
 log = logging.getLogger("activator")
 
 Address = tuple[Any, ...]
+
+#: unanswered flows one client address may have per service: a resolver's are a handful (one per query in flight)
+SOURCE_FLOWS = 64
+#: unanswered flows per service: each holds a descriptor once delivered, and its datagrams while held
+SERVICE_FLOWS = 1024
+
+
+class Unanswered:
+    """A service's flows the app has not answered (across its listen addresses), oldest first, and the bytes
+    their held datagrams take."""
+
+    def __init__(self) -> None:
+        self.flows: dict[Flow, None] = {}  # insertion order: oldest first
+        self.by_source: dict[str, dict[Flow, None]] = {}
+        self.held = 0
+
+    def add(self, flow: Flow) -> None:
+        """Room for a new flow: the oldest of its source past SOURCE_FLOWS, the service's past SERVICE_FLOWS end."""
+        mine = self.by_source.setdefault(flow.source, {})
+        while len(mine) >= SOURCE_FLOWS:
+            next(iter(mine)).end(evicted=True)
+        while len(self.flows) >= SERVICE_FLOWS:
+            next(iter(self.flows)).end(evicted=True)
+        self.flows[flow] = None
+        self.by_source.setdefault(flow.source, {})[flow] = None
+
+    def remove(self, flow: Flow) -> None:
+        self.flows.pop(flow, None)
+        mine = self.by_source.get(flow.source)
+        if mine is not None:
+            mine.pop(flow, None)
+            if not mine:
+                del self.by_source[flow.source]
 
 
 class _Backend(asyncio.DatagramProtocol):
@@ -48,41 +91,81 @@ class _Backend(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from the instance (its app not bound yet, or gone): the datagram is lost, as it
         # would be on the wire; counted, and the flow goes on.
-        self.flow.front.service().m.connection_errors.inc()
+        self.flow.svc.m.connection_errors.inc()
 
 
 class Flow:
-    def __init__(self, front: UdpFront, addr: Address, lease: Lease) -> None:
+    def __init__(self, front: UdpFront, addr: Address, svc: Service) -> None:
         self.front = front
         self.addr = addr
-        self.lease = lease
+        self.source = str(addr[0])
+        self.svc = svc  # the definition it began under (a reload swaps front.service(), not this)
+        self.lease: Lease | None = None  # once the app has answered: a connection
+        self.instance: Instance | None = None  # where its datagrams go
         self.queue: collections.deque[bytes] = collections.deque()
         self.backend: asyncio.DatagramTransport | None = None
+        self.credit = 0.0  # reply bytes the client is owed (udp_reply_ratio times what it sent, less what it got)
         self.last = self.started = time.monotonic()
+        self.delivered = 0.0  # when its held datagrams went to the app
         self.closed = False
+        self._budgeted = True  # the descriptor its backend socket takes, from the daemon's budget (taken by the front)
         self._timer: asyncio.TimerHandle | None = None
-        self._task = spawn(self._connect(), name=f"udp-flow:{front.service().name}")
+        front.unanswered.add(self)
+        self._task = spawn(self._connect(), name=f"udp-flow:{svc.name}")
 
     def datagram(self, data: bytes) -> None:
         self.last = time.monotonic()
-        svc = self.front.service()
+        svc = self.svc
         svc.m.bytes_in.inc(len(data))
+        self.credit += svc.config.udp_reply_ratio * len(data)
         if self.backend is not None:
             self.backend.sendto(data)
-        elif len(self.queue) < svc.config.udp_queue:
+            return
+        held = self.front.unanswered
+        if len(self.queue) < svc.config.udp_queue and held.held + len(data) <= svc.config.udp_held_bytes:
             self.queue.append(data)
+            held.held += len(data)
         else:
             svc.m.udp_dropped.inc()
 
     def reply(self, data: bytes) -> None:
+        if self.closed or (self.lease is None and not self._answered()):
+            return
+        svc = self.svc
+        if len(data) > self.credit:  # more than the client is owed: maybe aimed at a forged source
+            svc.m.udp_replies_dropped.inc()
+            return
+        self.credit -= len(data)
         self.last = time.monotonic()
-        self.front.service().m.bytes_out.inc(len(data))
+        svc.m.bytes_out.inc(len(data))
         self.front.send(data, self.addr)
 
-    async def _connect(self) -> None:
-        svc = self.front.service()
+    def _answered(self) -> bool:
+        """The app's first answer: the flow becomes a connection, counted on its instance. False if admission
+        control refuses it now (the flow ends)."""
+        svc, inst = self.svc, self.instance
+        assert inst is not None
+        self.front.unanswered.remove(self)
+        self._give_budget()  # admit() takes it again, with everything else a connection counts
         try:
-            inst, waited = await self.lease.acquire()
+            lease = svc.admit()
+        except Rejected as e:  # answered, but no room for one more connection (max_connections, descriptors)
+            svc.reject(e)
+            self.close()
+            self.front.ended(self)
+            return False
+        self.lease = lease
+        if not lease.claim(inst):  # its instance is going away: this answer was its last word
+            self.end()
+            return False
+        lease.connected()
+        svc.m.connections.inc()
+        return True
+
+    async def _connect(self) -> None:
+        svc = self.svc
+        try:
+            inst, waited = await svc.unclaimed()
             sock = inst.sandbox.netns.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
                 sock.connect(("127.0.0.1", svc.config.port))  # no handshake: only fixes the peer
@@ -96,34 +179,48 @@ class Flow:
             raise
         except Rejected as e:
             svc.reject(e)
-            svc.m.udp_dropped.inc(len(self.queue))
-            self.close()
+            self.end()
             return
         except Exception as e:
             svc.m.connection_errors.inc()
             log.warning("service=%s UDP flow from %s could not be served: %s", svc.name, self.addr[0], e)
-            self.close()
+            self.end()
             return
         if self.closed:
             transport.close()
             return
-        self.lease.connected()
+        self.instance = inst
         self.backend = transport
+        self.delivered = time.monotonic()
         if waited:
-            svc.m.first_connection_wait.observe(time.monotonic() - self.started)
+            svc.m.first_connection_wait.observe(self.delivered - self.started)
+        self.front.unanswered.held -= sum(len(d) for d in self.queue)
         while self.queue:  # in the order they came; nothing new can interleave (no await in between)
             transport.sendto(self.queue.popleft())
-        self._arm(svc.config.udp_flow_timeout)
+        self._arm(min(UNANSWERED_TIMEOUT, svc.config.udp_flow_timeout))
 
     def _arm(self, delay: float) -> None:
         self._timer = asyncio.get_running_loop().call_later(delay, self._check)
 
     def _check(self) -> None:
-        timeout = self.front.service().config.udp_flow_timeout
-        left = self.last + timeout - time.monotonic()
+        timeout = self.svc.config.udp_flow_timeout
+        # Unanswered: gone UNANSWERED_TIMEOUT after delivery, whatever the client sends (a forged source may
+        # keep sending); answered: once quiet both ways for udp_flow_timeout.
+        ends = self.last + timeout if self.lease is not None else \
+            self.delivered + min(UNANSWERED_TIMEOUT, timeout)
+        left = ends - time.monotonic()
         if left > 0.001:
             self._arm(left)
             return
+        self.end()
+
+    def end(self, *, evicted: bool = False) -> None:
+        """Over: closed, and its conntrack entry deleted so the client's next datagram is a new flow."""
+        if self.closed:
+            return
+        if self.lease is None:
+            self.svc.m.udp_unanswered.inc()
+        self.svc.m.udp_dropped.inc(len(self.queue))
         self.close()
         self.front.ended(self)
 
@@ -131,23 +228,34 @@ class Flow:
         if self.closed:
             return
         self.closed = True
+        self.front.unanswered.remove(self)
+        self.front.unanswered.held -= sum(len(d) for d in self.queue)
+        self.queue.clear()
         if self._timer is not None:
             self._timer.cancel()
         if self.backend is not None:
             self.backend.close()
         if not self._task.done():
             self._task.cancel()
-        self.lease.release()
+        self._give_budget()
+        if self.lease is not None:
+            self.lease.release()
         self.front.flows.pop(self.addr, None)
+
+    def _give_budget(self) -> None:
+        if self._budgeted:
+            self._budgeted = False
+            self.svc.budget.give()
 
 
 class UdpFront(asyncio.DatagramProtocol):
     """One UDP listen address of a service, for whichever Service holds the name at the time (a reload swaps
-    it): its flows by client address."""
+    it): its flows by client address. A service's fronts share one Unanswered."""
 
-    def __init__(self, service: Callable[[], Service], port: int) -> None:
+    def __init__(self, service: Callable[[], Service], port: int, unanswered: Unanswered | None = None) -> None:
         self.service = service
         self.port = port  # the listen address's
+        self.unanswered = unanswered if unanswered is not None else Unanswered()
         self.flows: dict[Address, Flow] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self._forgetting: set[asyncio.Task[Any]] = set()
@@ -159,14 +267,15 @@ class UdpFront(asyncio.DatagramProtocol):
         flow = self.flows.get(addr)
         if flow is None:
             svc = self.service()
-            try:
-                lease = svc.admit()
-            except Rejected as e:
-                svc.reject(e)
+            why = svc.refusal()
+            if why is None and not svc.budget.take():
+                why = Rejected("resources", f"the activator's file descriptor budget ({svc.budget.limit} "
+                                            "connections) is spent; raise LimitNOFILE")
+            if why is not None:
+                svc.reject(why)
                 svc.m.udp_dropped.inc()
                 return
-            svc.m.connections.inc()
-            flow = self.flows[addr] = Flow(self, addr, lease)
+            flow = self.flows[addr] = Flow(self, addr, svc)
         flow.datagram(data)
 
     def error_received(self, exc: Exception) -> None:

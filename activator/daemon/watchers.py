@@ -53,6 +53,7 @@ async def meter(fleet: Fleet) -> None:
                 continue
             key = ident(svc.name)
             svc.kernel_sample(samples.by_mark, samples.rejected.get(key, 0), samples.steered.get(key, 0), now)
+            svc.kernel_replies_dropped(samples.amplified.get(key, 0))
         for svc in list(fleet.retiring):  # the service's counters are the current definition's to fold in
             svc.kernel_sample(samples.by_mark, *svc.kernel_counters, now)
         # A sample costs ~10 us per connection (a flood of thousands: tens of ms of the GIL): never more than

@@ -48,13 +48,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import itertools
 import logging
 import math
 import re
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -87,6 +88,14 @@ OPEN_TCP_STATES = frozenset({3, 4, 5, 6})
 HALF_OPEN_TCP_STATES = frozenset({1, 2, 9})
 #: how long a half-open kernel-path connection is kept (Linux: 120 s and 60 s); a real handshake takes a round trip
 SYN_TIMEOUT = 10
+#: how long a kernel-path UDP flow the app has not answered is kept (conntrack's `unreplied`; Linux: 30 s), and
+#: a relayed one (daemon/udp.py): a forged source's flow is never answered, and must not hold anything for long
+UNANSWERED_TIMEOUT = 5
+#: the reply-bytes bound of a UDP flow (udp_reply_ratio times what its client sent) as a ladder of nftables
+#: rules, since nftables compares a conntrack counter with constants only: for the client's bytes in
+#: [low, next low) the replies may reach ratio x low, so the bound is between ratio/sqrt(2) and ratio times what it
+#: sent. Past the top (a client that sent 4 GiB in one flow) it is not bounded.
+AMPLIFY_STEPS = (28, *(int(32 * 2 ** (i / 2)) for i in range(55)))
 #: a packet mark: "DNATed to an instance by a steering rule", set in the ip table's forward chain. With
 #: br_netfilter on (Docker turns it on), a connection from one instance to a service address whose backend is
 #: another instance is bridged port to port after the DNAT; the bridge table lets exactly those frames cross.
@@ -139,6 +148,7 @@ class ServiceLimits:
     max_connections: int | None
     client_idle_timeout: float | None
     udp_flow_timeout: float | None = None  # a UDP service's (None: it takes no UDP)
+    udp_reply_ratio: float = 3.0
 
     @property
     def udp_policy(self) -> str | None:
@@ -170,6 +180,7 @@ class Samples:
     by_mark: dict[int, Sample]
     rejected: dict[str, int]  # connections refused for max_connections, by service
     steered: dict[str, int]  # new connections sent to an instance, by service
+    amplified: dict[str, int] = field(default_factory=dict)  # UDP replies dropped over udp_reply_ratio, by service
 
 
 def _ident(name: str) -> str:
@@ -568,21 +579,25 @@ table bridge {t} {{
         return jumps
 
     def limit(self, service: str, listen: Iterable[ListenAddress], max_connections: int | None,
-              client_idle_timeout: float | None = None, udp_flow_timeout: float | None = None) -> None:
+              client_idle_timeout: float | None = None, udp_flow_timeout: float | None = None,
+              udp_reply_ratio: float = 3.0) -> None:
         """The service's kernel-side counters, its max_connections enforced before DNAT on the listen address
         (one count for both paths, the kernel's and the activator's own listener), and its connections'
         conntrack timeouts (half-open: SYN_TIMEOUT; idle: client_idle_timeout). Installed at start, before any
         connection is accepted, so every one is counted."""
         name = _ident(service)
-        self._limits[service] = ServiceLimits(tuple(listen), max_connections, client_idle_timeout, udp_flow_timeout)
+        self._limits[service] = ServiceLimits(tuple(listen), max_connections, client_idle_timeout, udp_flow_timeout,
+                                              udp_reply_ratio)
         self.nft.run("\n".join([f"add counter ip {self.table} rejected_{name}",
-                                f"add counter ip {self.table} steered_{name}", *self._limit_rules()]))
+                                f"add counter ip {self.table} steered_{name}",
+                                f"add counter ip {self.table} amplified_{name}", *self._limit_rules()]))
 
     def _limit_rules(self) -> list[str]:
         """Both limit chains and the timeouts chain, rebuilt whole (a reload changes one service's limit without
         touching others)."""
         t = self.table
-        cmds = [f"flush chain ip {t} limit_in", f"flush chain ip {t} limit_out", f"flush chain ip {t} timeouts"]
+        cmds = [f"flush chain ip {t} limit_in", f"flush chain ip {t} limit_out", f"flush chain ip {t} timeouts",
+                *self._amplify_rules()]
         for service, lim in self._limits.items():
             matches = [rule.rsplit(" jump ", 1)[0] for rule in self._jumps(lim.listen, "-")]
             policy = lim.timeout_policy
@@ -592,8 +607,11 @@ table bridge {t} {{
             cmds += [f'add rule ip {t} timeouts {match} ct timeout set "{policy}"' for match in matches]
             if (udp := lim.udp_policy) is not None:  # a UDP flow's idleness, both before and after a reply
                 secs = udp.removeprefix("udp_")
-                cmds.append(f"add ct timeout ip {t} {udp} {{ protocol udp; l3proto ip; policy = {{ unreplied: {secs}, "
-                            f"replied: {secs} }}; }}")
+                # Unanswered (a forged source's flow is never answered) it goes sooner; it counts only once
+                # answered anyway (_acct_rules, connections()).
+                unanswered = min(int(secs), UNANSWERED_TIMEOUT)
+                cmds.append(f"add ct timeout ip {t} {udp} {{ protocol udp; l3proto ip; policy = {{ "
+                            f"unreplied: {unanswered}, replied: {secs} }}; }}")
                 cmds += [f'add rule ip {t} timeouts {rule.rsplit(" jump ", 1)[0]} ct timeout set "{udp}"'
                          for rule in self._jumps(lim.listen, "-", ("udp",))]
             if lim.max_connections is None:
@@ -604,21 +622,58 @@ table bridge {t} {{
                 cmds += [f"add rule ip {t} limit_in {match} {reject}", f"add rule ip {t} limit_out {match} {reject}"]
         return cmds
 
+    def _amplify_rules(self) -> list[str]:
+        """Replies of kernel-path UDP flows bounded by what their clients sent (udp_reply_ratio): base chains of
+        their own just before the filter ones (forward: remote clients; input: the host's own), rebuilt whole.
+        Conntrack has counted the packet in hand already (nftables' ct bytes turn on conntrack accounting), and a
+        dropped reply still counts: the client is owed more only when it sends more."""
+        t = self.table
+        cmds = [f"add chain ip {t} amplify", f"flush chain ip {t} amplify"]
+        for hook, chain in (("forward", "amplify_fwd"), ("input", "amplify_in")):
+            cmds += [f"add chain ip {t} {chain} {{ type filter hook {hook} priority -1; policy accept; }}",
+                     f"flush chain ip {t} {chain}",
+                     f"add rule ip {t} {chain} ct direction reply ct status dnat meta l4proto udp "
+                     f"ct mark & {MARK_MASK:#x} == {self.mark_base:#x} jump amplify"]
+        for service, lim in self._limits.items():
+            if lim.udp_flow_timeout is None:
+                continue
+            name = _ident(service)
+            chain = f"amp_{name}"
+            cmds += [f"add chain ip {t} {chain}", f"flush chain ip {t} {chain}"]
+            for addr in lim.listen:
+                ip = ipaddress.ip_address(addr.host)
+                if ip.version != 4:
+                    continue
+                daddr = "" if ip.is_unspecified else f" ct original ip daddr {ip}"
+                # `meta l4proto udp` first: without it nftables cannot type the port
+                cmds.append(f"add rule ip {t} amplify meta l4proto udp{daddr} ct original proto-dst {addr.port} "
+                            f"jump {chain}")
+            # (`nft list` shows these two comparisons merged into one range: a display bug of nftables 1.0.6,
+            # the rules loaded are as written)
+            for low, high in itertools.pairwise(AMPLIFY_STEPS):
+                cmds += [f"add rule ip {t} {chain} ct original bytes < {high} ct reply bytes > "
+                         f"{math.floor(lim.udp_reply_ratio * low)} counter name amplified_{name} drop",
+                         f"add rule ip {t} {chain} ct original bytes < {high} return"]
+        return cmds
+
     def forget(self, service: str, *, counters: bool) -> None:
         """Take a service out of the kernel path entirely (a reload removed or redefined it): its jumps, its
         chain and its limit; its counters too when it is gone for good. Connections already DNATed keep going
         (conntrack holds their translation). Blocking."""
         t, name = self.table, _ident(service)
-        self._limits.pop(service, None)
+        lim = self._limits.pop(service, None)
         had_chain = self._steered.pop(service, None) is not None
         cmds = [f"flush chain ip {t} prerouting", f"flush chain ip {t} output"]
         for jumps in self._steered.values():
             cmds += [f"add rule ip {t} {hook} {j}" for hook in ("prerouting", "output") for j in jumps]
         cmds += self._limit_rules()
+        if lim is not None and lim.udp_flow_timeout is not None:  # no jump to it left (flushed just above)
+            cmds += [f"flush chain ip {t} amp_{name}", f"delete chain ip {t} amp_{name}"]
         if had_chain:
             cmds += [f"flush chain ip {t} svc_{name}", f"delete chain ip {t} svc_{name}"]
         if counters:
-            cmds += [f"delete counter ip {t} rejected_{name}", f"delete counter ip {t} steered_{name}"]
+            cmds += [f"delete counter ip {t} rejected_{name}", f"delete counter ip {t} steered_{name}",
+                     f"delete counter ip {t} amplified_{name}"]
         self.nft.run("\n".join(cmds))
 
     def steer(self, service: str, listen: Iterable[ListenAddress], backends: list[Backend],
@@ -689,7 +744,8 @@ table bridge {t} {{
             cmds.append(self._acct_rules())
             for service in self._limits:
                 cmds += [f"add counter ip {self.table} rejected_{_ident(service)}",
-                         f"add counter ip {self.table} steered_{_ident(service)}"]
+                         f"add counter ip {self.table} steered_{_ident(service)}",
+                         f"add counter ip {self.table} amplified_{_ident(service)}"]
             cmds += self._limit_rules()
             for service, jumps in self._steered.items():
                 chain = f"svc_{_ident(service)}"
@@ -705,6 +761,7 @@ table bridge {t} {{
         out: dict[int, Sample] = {}
         rejected: dict[str, int] = {}
         steered: dict[str, int] = {}
+        amplified: dict[str, int] = {}
         try:
             counters = self.nft.query(f"list counters table ip {self.table}")
         except NftError:
@@ -718,6 +775,8 @@ table bridge {t} {{
                 rejected[name.removeprefix("rejected_")] = int(c["packets"])
             elif name.startswith("steered_"):
                 steered[name.removeprefix("steered_")] = int(c["packets"])
+            elif name.startswith("amplified_"):
+                amplified[name.removeprefix("amplified_")] = int(c["packets"])
             elif name.startswith(("in_", "out_", "conns_")):
                 mark = int(name.split("_", 1)[1], 16)
                 s = out.setdefault(mark, Sample())
@@ -731,7 +790,7 @@ table bridge {t} {{
                     s.bytes_out = int(c["bytes"])
         for mark, (n, _half) in connections(self.mark_base).items():
             out.setdefault(mark, Sample()).open = n
-        return Samples(out, rejected, steered)
+        return Samples(out, rejected, steered, amplified)
 
 
 def ident(name: str) -> str:
@@ -752,7 +811,8 @@ def connections(base: int) -> dict[int, tuple[int, int]]:
     for raw_mark, state in conntrack.dump(base, MARK_MASK | EGRESS):
         mark = raw_mark & NOT_COUNTED
         n, half = counts.get(mark, (0, 0))
-        if state in OPEN_TCP_STATES or state is None:  # None: not TCP, a UDP flow (conntrack's own timeout)
+        # state None: a UDP flow, counted once the app has answered it (_acct_rules sets COUNTED then)
+        if state in OPEN_TCP_STATES or (state is None and raw_mark & COUNTED):
             counts[mark] = (n + 1, half)
         elif state in HALF_OPEN_TCP_STATES:
             counts[mark] = (n, half + 1)
