@@ -30,6 +30,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from .listeners import address_of
@@ -40,6 +41,10 @@ log = logging.getLogger("activator")
 ACCEPT_BATCH = 64
 #: after an error such as EMFILE, how long the thread waits before it tries again, seconds
 ERROR_PAUSE = 0.1
+#: an accept() that took longer than this waited for a connection, seconds (metrics and tests only)
+WAITED = 0.005
+#: while the socket does not listen (shut down), how often the thread looks whether someone made it listen again, ms
+DEAF_CHECK_MS = 250
 
 #: told on the loop why the socket cannot be accepted on
 Problem = Callable[[str], None]
@@ -62,9 +67,10 @@ class Acceptor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._on = False
         self._closed = False
-        self._deaf = False  # accept() said EINVAL (shut down): waits for kick()
+        self._deaf = False  # accept() said EINVAL (shut down): waits until it listens again
         self._taken = threading.Event()
         self.in_accept = False  # inside accept(), where only a connection or a shutdown wakes it
+        self.waits = 0  # accept() calls that waited (an app took the connection first, the socket was blocking)
         self._thread = threading.Thread(target=self._run, name=f"accept:{name}", daemon=True)
         self._thread.start()
 
@@ -74,7 +80,8 @@ class Acceptor:
             self._wake()
 
     def kick(self) -> None:
-        """The socket listens again (after a shutdown): accept again."""
+        """The socket listens again (after a shutdown): accept again now (the thread also looks by itself, in case
+        an app made it listen)."""
         self._deaf = False
         self._wake()
 
@@ -123,7 +130,9 @@ class Acceptor:
                     else:
                         poller.unregister(self._fd)
                     listening = want
-                events = dict(poller.poll())
+                events = dict(poller.poll(DEAF_CHECK_MS if self._deaf else None))
+                if self._deaf and self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    self._deaf = False
                 if events.get(self._wake_r):
                     with contextlib.suppress(OSError):
                         os.read(self._wake_r, 4096)
@@ -143,6 +152,7 @@ class Acceptor:
             if taken and not probe.poll(0):  # nothing more queued: an accept() now could wait
                 break
             self.in_accept = True
+            t0 = time.monotonic()
             try:
                 conn, _addr = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -159,6 +169,8 @@ class Acceptor:
                 break
             finally:
                 self.in_accept = False
+                if time.monotonic() - t0 > WAITED:
+                    self.waits += 1
             conn.setblocking(False)
             taken.append(conn)
         if not taken:
@@ -184,4 +196,3 @@ class Acceptor:
                     self._deliver(conn)
         finally:
             self._taken.set()
-

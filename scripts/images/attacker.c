@@ -18,8 +18,9 @@
  *   close                                  -> close(2): "closed"
  *   park                                   -> sends it to itself in an SCM_RIGHTS message and closes it, so no
  *                                             descriptor table shows it: "parked"
- *   unpark                                 -> takes it back and clears O_NONBLOCK (the flags are every holder's):
- *                                             "unparked nonblock=0|1" (whether it was set while parked)
+ *   unpark                                 -> takes it back, clears O_NONBLOCK (the flags are every holder's) and
+ *                                             accepts from it again, racing the activator: "unparked nonblock=0|1"
+ *                                             (whether it was set while parked)
  *   anything else                           -> echoed back */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -57,10 +58,29 @@ static int own_listener(void) {
     return l;
 }
 
-/* Listen in the instance from now on; the socket main() was accepting from is returned. */
+static void *client(void *arg);
+
+static void *accept_loop(void *arg) {
+    int l = (int)(long)arg;
+    for (;;) {
+        int c = accept(l, NULL, NULL);
+        if (c < 0) { usleep(1000); continue; }
+        pthread_t t;
+        if (pthread_create(&t, NULL, client, (void *)(long)c)) close(c);
+        else pthread_detach(t);
+    }
+    return NULL;
+}
+
+/* Listen in the instance from now on, served by a thread of its own (main() may still be inside accept() on the
+ * old one); the socket main() was accepting from is returned. */
 static int give_up_listener(void) {
     int old = s, l = own_listener();
-    if (l >= 0) s = l;
+    pthread_t t;
+    if (l >= 0) {
+        s = l;
+        if (pthread_create(&t, NULL, accept_loop, (void *)(long)l) == 0) pthread_detach(t);
+    }
     return old;
 }
 
@@ -114,7 +134,9 @@ static void handed(char **a, int n, char *out, size_t len) {
         }
         memcpy(&unparked, CMSG_DATA(c), sizeof unparked);
         int flags = fcntl(unparked, F_GETFL);
-        fcntl(unparked, F_SETFL, flags & ~O_NONBLOCK);  /* held, never accepted on: the activator's to wait on */
+        fcntl(unparked, F_SETFL, flags & ~O_NONBLOCK);
+        pthread_t t;
+        if (pthread_create(&t, NULL, accept_loop, (void *)(long)unparked) == 0) pthread_detach(t);
         snprintf(out, len, "unparked nonblock=%d\n", !!(flags & O_NONBLOCK));
     }
 }

@@ -135,13 +135,17 @@ async def test_an_app_that_hides_the_socket_and_makes_it_blocking_stalls_nothing
         # Through the activator now (it dials the app's own listener): the app clears the flag the activator set.
         assert await ask(port, "unpark") == "unparked nonblock=1"
         assert not fcntl.fcntl(listener.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK, "the attack did not take"
+        # The app accepts from it again, racing the activator: whenever it wins, the activator's accept() waits.
         accepted = run.metric("activator_connections_total", "victim")
-        for i in range(20):  # each is accepted by the activator on the blocking socket; then its accept() waits
-            assert await ask(port, f"x{i}") == f"x{i}"
-            await asyncio.sleep(0.05)
-        assert run.metric("activator_connections_total", "victim") >= accepted + 20
-        await asyncio.sleep(1)  # the activator's accept() waits for the next connection meanwhile
-        await both_answer(run)
+        for _ in range(10):
+            await both_answer(run, 50)
+            await asyncio.sleep(0.1)  # an accept() the app won waits through this, with nothing else stopped
+        (acceptor,) = run.act.fleet.acceptors["victim"]
+        took = run.metric("activator_connections_total", "victim") - accepted
+        print(f"\n[measured] the activator accepted {took:.0f} of 500; its accept() waited {acceptor.waits} times")
+        # Accepted on the blocking socket (the loop's accept() of before then waited for good: this test hung). How
+        # often the app wins the race between the thread's poll and its accept() (the thread waits) is luck.
+        assert took > 0
     assert svc.instances == [inst]
 
 
