@@ -616,7 +616,10 @@ def _cores(docs: dict[str, Any], tasks: list[tuple[int, list[int]]], expected: E
     p = expected.process
     seccomp = _seccomp_chains(docs, expected, refuse)
     for pid, threads in tasks:
-        for tid in threads:
+        # CRIU dumps a chain all threads share only on the leader, flagged TSYNC (restored into every thread at
+        # once), and the other threads as "disabled" (criu/seccomp.c try_use_tsync): the leader is read first.
+        propagated = False
+        for tid in sorted(threads, key=lambda t: t != pid):
             name = f"core-{tid}.img"
             core = _one(docs, name, refuse)
             if core.get("mtype") not in ("X86_64", 1) and os.uname().machine == "x86_64":
@@ -631,7 +634,9 @@ def _cores(docs: dict[str, Any], tasks: list[tuple[int, list[int]]], expected: E
             if not isinstance(creds, dict):
                 raise refuse(name, "creds", "missing")
             _creds(name, creds, allowed, p, expected, refuse)
-            _thread_seccomp(name, th, seccomp, expected, refuse)
+            chain = _thread_seccomp(name, th, seccomp, expected, refuse, propagated=tid != pid and propagated)
+            if tid == pid:
+                propagated = bool(chain) and all(_int(f.get("flags", 0)) & FLAG_TSYNC for f in chain)
             if _int(th.get("sched_policy", 0)) not in SCHED_POLICIES:
                 raise refuse(name, "sched_policy", f"{th.get('sched_policy')} (real-time needs CAP_SYS_NICE)")
             if _int(th.get("sched_nice", 0)) < expected.nice:
@@ -704,16 +709,19 @@ def _program(f: dict[str, Any]) -> bytes:
 
 
 def _thread_seccomp(name: str, th: dict[str, Any], filters: list[dict[str, Any]], expected: Expected,
-                    refuse: _Refuse) -> None:
+                    refuse: _Refuse, *, propagated: bool = False) -> list[dict[str, Any]]:
     """The thread's chain (CRIU: its index names the oldest filter, `prev` leads to newer ones) must start with
-    the reference; newer filters may only have been stacked by the app (they can only restrict)."""
+    the reference; newer filters may only have been stacked by the app (they can only restrict). propagated: the
+    leader's chain is all TSYNC, so a thread dumped without one gets the leader's at restore. Returns the chain."""
     mode = th.get("seccomp_mode", "disabled")
     mode = {0: "disabled", 1: "strict", 2: "filter"}.get(mode, mode) if isinstance(mode, int) else mode
     if not expected.seccomp:
         if mode not in ("disabled", "filter"):
             raise refuse(name, "thread_core.seccomp_mode", f"{mode}")
         if mode == "disabled":
-            return
+            return []
+    elif mode == "disabled" and propagated and "seccomp_filter" not in th:
+        return []
     elif mode != "filter":
         raise refuse(name, "thread_core.seccomp_mode", f"{mode} (the service runs under a seccomp filter)")
     idx = _int(th.get("seccomp_filter", -1))
@@ -739,6 +747,7 @@ def _thread_seccomp(name: str, th: dict[str, Any], filters: list[dict[str, Any]]
                                                                        "service's seccomp profile")
         elif flags & ~STACKED_FLAGS:
             raise refuse("seccomp.img", f"filter {i} of {name} flags", f"{flags:#x}")
+    return chain
 
 
 def _userns(docs: dict[str, Any], ns: dict[str, int], expected: Expected, refuse: _Refuse) -> None:

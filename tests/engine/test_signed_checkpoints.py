@@ -14,6 +14,7 @@ emptied so that the restore fails and the cold-start fallback runs the record's 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -287,3 +288,36 @@ def test_a_puller_takes_only_images_its_builder_signed(builder: Builder, tmp_pat
     finally:
         registry.terminate()
         registry.wait(timeout=10)
+
+
+REDIS = {"image": "activator-demo/redis:latest", "port": 6379}
+TOMCAT = {"image": "activator-demo/tomcat:latest", "port": 8080, "readiness": {"http_path": "/", "timeout": "120s"},
+          "environment": {"JAVA_OPTS": "-XX:+UseSerialGC -Xms32m -Xmx256m -Xss256k -XX:-UsePerfData "
+                                       "-XX:TieredStopAtLevel=1", "MALLOC_ARENA_MAX": "2"},
+          "resources": {"memory": "512m"}}
+
+
+@pytest.mark.asyncio
+async def test_multithreaded_apps_pass_the_dump_check_and_serve_imported(  # type: ignore[no-untyped-def]
+        tmp_path: Path, start) -> None:
+    """The positive control for dumpcheck beyond busybox: Redis and Tomcat (threads whose seccomp chain CRIU
+    dumps on the leader only, flagged TSYNC) built on one state dir, signed, imported into another, and served."""
+    key = make_key(tmp_path / "keys", "builder")
+    services = {"redis": REDIS, "tomcat": TOMCAT}
+    (tmp_path / "builder").mkdir()
+    made = write_config(tmp_path / "builder", services, checkpoint_trust={"sign_key": str(key)})
+    here = write_config(tmp_path, services, checkpoint_trust={"keys": [f"{key}.pub"]})
+    for name in services:
+        assert cli("checkpoint", name, "-c", str(made)).returncode == 0
+        r = cli("checkpoint", "export", name, "-o", str(tmp_path / f"{name}.tar"), "-c", str(made))
+        assert r.returncode == 0, r.stderr
+        r = cli("checkpoint", "import", str(tmp_path / f"{name}.tar"), "-c", str(here))
+        assert r.returncode == 0, r.stderr
+    cli("cleanup", "-c", str(made))
+    run = await start(services, checkpoint_trust={"keys": [f"{key}.pub"]})
+    assert run.metric("activator_checkpoint_builds_total", "redis") == 0  # the imported ones are used
+    reader, writer = await asyncio.open_connection("127.0.0.1", run.port("redis"))
+    writer.write(b"PING\r\n")
+    assert await asyncio.wait_for(reader.readline(), 30) == b"+PONG\r\n"
+    writer.close()
+    assert b"200" in (await http_get(run.port("tomcat"))).split(b"\r\n", 1)[0]

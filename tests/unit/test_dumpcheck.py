@@ -207,3 +207,26 @@ def test_unconfined_allows_no_filter_and_a_stub_may_not_allow() -> None:
     assert not dumpcheck.seccomp_matches(bytes.fromhex("060000000000ff7f") + BODY, REF.program)
     assert not dumpcheck.seccomp_matches(bytes.fromhex("0500000001000000") + BODY, REF.program)
     assert not dumpcheck.seccomp_matches(other_order + BODY[:-1] + b"\x00", REF.program)
+
+
+def _threaded(leader_flags: int) -> dict[str, Any]:
+    """A two-thread task as CRIU dumps one whose threads share the leader's chain (criu/seccomp.c
+    try_use_tsync): the leader's filters flagged TSYNC, the other thread's core with seccomp "disabled"."""
+    d = dump()
+    d["pstree.img"]["entries"][0]["threads"] = [1, 2]
+    d["seccomp.img"]["entries"][0]["seccomp_filters"][0]["flags"] = leader_flags
+    other = copy.deepcopy(d["core-1.img"])
+    other["entries"][0].pop("tc")
+    th = other["entries"][0]["thread_core"]
+    th.pop("seccomp_filter")
+    th["seccomp_mode"] = "disabled"
+    d["core-2.img"] = other
+    return d
+
+
+def test_threads_dumped_without_a_filter_pass_only_when_the_leaders_chain_is_synced() -> None:
+    """Redis and Tomcat are dumped so (every multi-threaded app under runc's filter): the leader's TSYNC chain is
+    restored into every thread at once. Without TSYNC on the leader, such a thread would run unfiltered."""
+    dumpcheck.check_docs(_threaded(dumpcheck.FLAG_TSYNC), expected())
+    with pytest.raises(dumpcheck.DumpError, match=r"core-2\.img: thread_core\.seccomp_mode"):
+        dumpcheck.check_docs(_threaded(0), expected())
