@@ -198,13 +198,7 @@ class InstanceLauncher:
         if (ksm is None) == (self.ksm is None):
             return
         self.ksm = ksm
-        if self._filling is not None and not self._filling.done():
-            self._filling.cancel()
-            await asyncio.wait([self._filling])
-        stale, self.slots = self.slots, []
-        for _, sb in stale:
-            await sb.release()
-        await self._drop_standbys(lambda inst: True)
+        await self._drop_prepared()
         if self._filling_for is not None:
             self.refill(self._filling_for)
 
@@ -213,6 +207,12 @@ class InstanceLauncher:
         and standbys made with the old one (an idle CRIU holds it, a standby's app has it) are released, and made
         again with the new one when there is one."""
         self.listener = listener
+        await self._drop_prepared()
+        if listener is not None and self._filling_for is not None:
+            self.refill(self._filling_for)
+
+    async def _drop_prepared(self) -> None:
+        """Stop the fill under way and release every prepared slot and standby (made with what just changed)."""
         if self._filling is not None and not self._filling.done():
             self._filling.cancel()
             await asyncio.wait([self._filling])
@@ -220,8 +220,6 @@ class InstanceLauncher:
         for _, sb in stale:
             await sb.release()
         await self._drop_standbys(lambda inst: True)
-        if listener is not None and self._filling_for is not None:
-            self.refill(self._filling_for)
 
     async def drop_slots_except(self, checkpoint: Checkpoint) -> None:
         """Release slots made for another (replaced) checkpoint: their overlays use its diff/. One still being

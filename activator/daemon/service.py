@@ -1066,18 +1066,21 @@ class Service:
     async def kill_all(self, why: str) -> None:
         """Kill every instance now, without asking its app first (it is hostile), and stop the starts under way;
         returns once each is released (its processes gone)."""
-        starts = list(self._starts)
-        for task in starts:
-            task.cancel()
-        for task in starts:
-            with contextlib.suppress(BaseException):
-                await task
+        await self._cancel_starts()
         killed = list(self.instances)
         for inst in killed:
             log.warning("service=%s instance=%s killed: %s", self.name, inst.name, why)
             self._stop(inst)
         while any(inst in self._releasing for inst in killed):
             await asyncio.sleep(0.02)
+
+    async def _cancel_starts(self) -> None:
+        starts = list(self._starts)
+        for task in starts:
+            task.cancel()
+        for task in starts:
+            with contextlib.suppress(BaseException):
+                await task
 
     def withdraw_all(self) -> None:
         """Stop steering new connections to any instance (shutdown: they drain, then go). An app that accepts from
@@ -1100,12 +1103,7 @@ class Service:
             self._checkpoint.set_exception(ActivatorError(f"service '{self.name}' is shutting down"))
             self._checkpoint.exception()  # retrieved here: no start may be waiting for it
         self._notify()
-        starts = list(self._starts)
-        for task in starts:
-            task.cancel()
-        for task in starts:
-            with contextlib.suppress(BaseException):
-                await task
+        await self._cancel_starts()
         for inst in list(self.instances):
             self._stop(inst, graceful=True)
         await self.launcher.close()
