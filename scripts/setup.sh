@@ -90,15 +90,19 @@ start_dockerd
 # A CRIU is good enough when `criu check` passes and it can dump a process holding a TCP listener
 # (SO_PASSCRED on TCP is refused since kernel 6.16, which breaks CRIU < 4.2 exactly there).
 criu_works() {
-    local bin=$1 d pid ok=1
+    local bin=$1 d pid ok=1 py i
     [ -x "$bin" ] || return 1
     "$bin" check >/dev/null 2>&1 || return 1
     d=$(mktemp -d)
-    setsid "$PY" -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); time.sleep(60)' \
-        </dev/null >/dev/null 2>&1 &
+    # The interpreter itself, not a wrapper (a pyenv shim is a shell script that execs it later), and dumped only
+    # once it says it listens: on a busy host a fixed sleep dumped the wrapper, or Python before its socket.
+    py=$("$PY" -c 'import sys; print(sys.executable)') || return 1
+    setsid "$py" -c 'import socket,sys,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); '\
+'open(sys.argv[1], "w").close(); time.sleep(60)' "$d/listening" </dev/null >/dev/null 2>&1 &
     pid=$!
     disown "$pid" 2>/dev/null || true
-    sleep 0.3
+    for i in $(seq 100); do [ -e "$d/listening" ] && break; sleep 0.1; done
+    rm -f "$d/listening"
     if "$bin" dump -t "$pid" -D "$d" --tcp-established --shell-job -o dump.log >/dev/null 2>&1; then ok=0; fi
     kill -9 "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
