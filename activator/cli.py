@@ -781,7 +781,11 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from .config.model import json_schema
+    from .core import reference
 
+    if args.markdown:
+        sys.stdout.write(reference.markdown())
+        return 0
     print(json.dumps(json_schema(), indent=2))
     return 0
 
@@ -849,6 +853,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   "settings.checkpoint_trust.sign_key)")
     add("cleanup", cmd_cleanup, "remove instances, mounts and namespaces left by a crashed run")
     schema = sub.add_parser("schema", help="print the JSON Schema of the services file (for editors)")
+    schema.add_argument("--markdown", action="store_true",
+                        help="print the configuration reference instead (docs/configuration.md): every key's type, "
+                             "default, range, an example, and whether a change takes a reload, a checkpoint rebuild "
+                             "or a restart")
     schema.set_defaults(fn=None)
     return p
 

@@ -7,7 +7,9 @@ a traceback; everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import overload
 
 
 def one_line(text: str) -> str:
@@ -53,9 +55,48 @@ class ActivatorError(Exception):
     def __init__(self, message: str, *args: object) -> None:
         super().__init__(one_line(message), *args)
 
+    @property
+    def lines(self) -> tuple[str, ...]:
+        """What the operator is shown: one line per problem."""
+        return (str(self),)
+
 
 class ConfigError(ActivatorError):
     """The configuration file is malformed or invalid."""
+
+
+class ActivatorErrors(ActivatorError):
+    """Several problems found in one pass (all of a file's, so that one edit fixes them all): each its own line.
+    As a message (a log line, a refused reload) it is the first and how many more there are."""
+
+    def __init__(self, errors: Sequence[ActivatorError]) -> None:
+        self.all = tuple(line for e in errors for line in e.lines)
+        more = len(self.all) - 1
+        super().__init__(self.all[0] + (f" (and {more} more problem{'s' if more > 1 else ''}: `activator validate` "
+                                        "lists them all)" if more else ""))
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return self.all
+
+
+class ConfigErrors(ActivatorErrors, ConfigError):
+    """Several problems of one configuration file."""
+
+
+@overload
+def combined(errors: Sequence[ConfigError]) -> ConfigError: ...
+
+
+@overload
+def combined(errors: Sequence[ActivatorError]) -> ActivatorError: ...
+
+
+def combined(errors: Sequence[ActivatorError]) -> ActivatorError:
+    """One error for all of them: itself if there is one, else each on its line (a ConfigError if all are)."""
+    if len(errors) == 1:
+        return errors[0]
+    return ConfigErrors(errors) if all(isinstance(e, ConfigError) for e in errors) else ActivatorErrors(errors)
 
 
 class PreflightError(ActivatorError):

@@ -4,7 +4,8 @@
 #   install    the package (no dev tools) and pycriu in their own venv, PREFIX/venv; `activator` on the PATH
 #              (a link in BINDIR); the systemd units (paths rewritten to PREFIX and SYSCONFDIR) in UNITDIR; a
 #              starter SYSCONFDIR/config.yaml if there is none (commented examples, no service: it needs no image);
-#              the README, JSON Schema, Grafana dashboard and alert rules under PREFIX/share. Every file and
+#              the README, docs/ (the configuration reference among them), JSON Schema, Grafana dashboard and
+#              alert rules under PREFIX/share. Every file and
 #              directory it makes is listed in PREFIX/share/install-manifest. Run again to upgrade.
 #   uninstall  stops the units and removes exactly what the manifest lists (directories only when empty, so
 #              nothing else that lives there goes); keeps SYSCONFDIR/config.yaml and state_dir (your
@@ -87,6 +88,9 @@ install_all() {
     put 0644 "$ROOT/config/grafana/activator-dashboard.json" "$PREFIX/share/grafana-dashboard.json"
     put 0644 "$ROOT/config/prometheus/activator-alerts.yml" "$PREFIX/share/prometheus-alerts.yml"
     put 0644 "$ROOT/config/examples.yaml" "$PREFIX/share/examples.yaml"
+    for f in "$ROOT"/docs/*; do  # docs/configuration.md is rendered from the parser's own declarations
+        if [ -f "$f" ]; then put 0644 "$f" "$PREFIX/share/docs/${f##*/}"; fi
+    done
 
     make_dir "$BINDIR"
     if [ -e "$DESTDIR$BINDIR/activator" ] && [ ! -L "$DESTDIR$BINDIR/activator" ]; then
@@ -109,7 +113,8 @@ install_all() {
     if [ ! -e "$DESTDIR$SYSCONFDIR/config.yaml" ]; then
         # The environment of a service may hold secrets: root only, like state_dir. Not in the manifest: once
         # written it is the operator's, and uninstall keeps it.
-        { echo "# activator's services (docs: $PREFIX/share/README.md, examples: $PREFIX/share/examples.yaml)."
+        { echo "# activator's services (docs: $PREFIX/share/README.md, examples: $PREFIX/share/examples.yaml,"
+          echo "# every key: $PREFIX/share/docs/configuration.md)."
           echo "# Check a change with 'activator validate -c $SYSCONFDIR/config.yaml'; apply it with"
           echo "# 'systemctl reload activator'."
           echo "services: {}"; } >"$DESTDIR$SYSCONFDIR/config.yaml"

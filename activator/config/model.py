@@ -47,7 +47,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from activator.errors import ConfigError
+from activator.errors import ConfigError, combined
 
 from . import compose, schedule, yamlload
 from .units import DURATION_PATTERN, SIZE_PATTERN, parse_duration, parse_size
@@ -1270,7 +1270,9 @@ class Config:
 
 
 def build(cls: type, raw: Any, where: str, loc: str, **fixed: Any) -> Any:
-    """One mapping -> one dataclass, every key parsed by the kind its field declares."""
+    """One mapping -> one dataclass, every key parsed by the kind its field declares. Every key's problem is
+    said (ConfigErrors, a line each), not only the first; what relates keys (__post_init__) is checked once each
+    key is valid."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -1278,6 +1280,7 @@ def build(cls: type, raw: Any, where: str, loc: str, **fixed: Any) -> Any:
     data = dict(raw)
     kwargs: dict[str, Any] = dict(fixed)
     declared = [f for f in fields(cls) if "kind" in f.metadata]
+    problems: list[ConfigError] = []
 
     def error(k: str, problem: str) -> ConfigError:
         return ConfigError(f"{where}: {loc + '.' if loc else ''}{k}: {problem}")
@@ -1285,23 +1288,28 @@ def build(cls: type, raw: Any, where: str, loc: str, **fixed: Any) -> Any:
     for f in declared:
         if f.name not in data:
             if f.default is MISSING and f.default_factory is MISSING:
-                raise error(f.name, "is required")
+                problems.append(error(f.name, "is required"))
             continue
         value = data.pop(f.name)
         kind: Kind = f.metadata["kind"]
         if value is None and f.metadata["nullable"]:
             kwargs[f.name] = None
         elif value is None and f.default is MISSING and f.default_factory is MISSING:
-            raise error(f.name, "is required")
+            problems.append(error(f.name, "is required"))
         elif isinstance(kind, Section):
-            kwargs[f.name] = build(kind.cls, value, where, f"{loc}.{f.name}" if loc else f.name)
+            try:
+                kwargs[f.name] = build(kind.cls, value, where, f"{loc}.{f.name}" if loc else f.name)
+            except ConfigError as e:
+                problems.append(e)
         else:
             try:
                 kwargs[f.name] = kind.parse(value)
             except (ValueError, TypeError, OverflowError) as e:
-                raise error(f.name, str(e)) from None
+                problems.append(error(f.name, str(e)))
     for k in data:
-        raise error(str(k)[:60], unknown_key(str(k), [f.name for f in declared]))
+        problems.append(error(str(k)[:60], unknown_key(str(k), [f.name for f in declared])))
+    if problems:
+        raise combined(problems)
     try:
         return cls(**kwargs)
     except ValueError as e:
@@ -1322,14 +1330,23 @@ def _refuse_unmarked_compose(raw: Mapping[str, Any], where: str) -> None:
                               "activator should serve")
 
 
+#: past this many valid keys, the message names the close one and where the rest are listed, not all of them
+_LISTED_KEYS = 12
+
+
 def unknown_key(key: str, valid: list[str]) -> str:
-    """'unknown key', the closest valid one if there is one, and the valid ones."""
+    """'unknown key', the closest valid one if there is one, and the valid ones (or, for a service's many keys,
+    where they are listed)."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     guess = f"did you mean '{close[0]}'? " if close else ""
+    if len(valid) > _LISTED_KEYS:
+        return f"unknown key; {guess}the valid keys are in docs/configuration.md (or `activator schema`)"
     return f"unknown key; {guess}valid keys are: {', '.join(valid)}"
 
 
 def parse_config(text: str, path: Path) -> Config:
+    """The file's configuration, or every problem it has (ConfigErrors: a line each) where one does not stop the
+    rest from being read: each key of each service, settings, and what relates services."""
     where = str(path)
     try:
         raw = yamlload.load(text)
@@ -1345,70 +1362,148 @@ def parse_config(text: str, path: Path) -> Config:
         raw = dict(compose.translate(raw, path))
         origins = raw.pop(compose.ORIGINS)
         notes = tuple(raw.pop(compose.NOTES))
+    problems: list[ConfigError] = []
     for k in raw:
         if k not in ("settings", "services"):
             if k in compose.COMPOSE_TOP_LEVEL:
                 raise ConfigError(f"{where}: {str(k)[:60]}: this looks like a Compose file, but no service has an "
                                   f"'{compose.MARK}' block; add `{compose.MARK}: {{}}` to each service activator "
                                   "should serve")
-            raise ConfigError(f"{where}: {str(k)[:60]}: {unknown_key(str(k), ['settings', 'services'])}")
+            problems.append(ConfigError(f"{where}: {str(k)[:60]}: {unknown_key(str(k), ['settings', 'services'])}"))
     if not origins:
         _refuse_unmarked_compose(raw, where)
-    settings = build(Settings, raw.get("settings"), where, "settings")
+    settings: Settings | None = None
+    try:
+        settings = build(Settings, raw.get("settings"), where, "settings")
+    except ConfigError as e:
+        problems.append(e)
     services_raw = raw.get("services")
     if services_raw is None:
-        raise ConfigError(f"{where}: services: is required (a mapping of service names to definitions)")
+        raise combined([*problems, ConfigError(f"{where}: services: is required (a mapping of service names to "
+                                               "definitions)")])
     if not isinstance(services_raw, Mapping):
-        raise ConfigError(f"{where}: services: expected a mapping of service names to definitions")
+        raise combined([*problems, ConfigError(f"{where}: services: expected a mapping of service names to "
+                                               "definitions")])
     # `services: {}` is valid: a daemon with nothing to serve yet (the installed starter file), filled by a reload.
     services = []
+    failed: set[str] = set()
     for name, body in services_raw.items():
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise ConfigError(f"{where}: services.{str(name)[:60]}: service names are 1-40 of a-z, 0-9, '_' and "
-                              "'-', starting with a letter or digit")
+            problems.append(ConfigError(f"{where}: services.{str(name)[:60]}: service names are 1-40 of a-z, 0-9, "
+                                        "'_' and '-', starting with a letter or digit"))
+            continue
         try:
             services.append(build(ServiceConfig, body, where, f"services.{name}", name=name))
-        except ConfigError as e:  # a key from a Compose service's x-activator block: say where it really is
-            prefix = f"{where}: services.{name}."
-            msg = str(e)
-            key = msg.removeprefix(prefix).split(":", 1)[0].split(".", 1)[0]
-            if msg.startswith(prefix) and key in origins.get(name, ()):
-                raise ConfigError(prefix + f"{compose.MARK}." + msg.removeprefix(prefix)) from None
-            raise
-    _check_unique_listeners(services, where)
-    _check_dependencies(services, str(next(settings.network.subnet.hosts())), where)
+        except ConfigError as e:
+            failed.add(name)
+            problems += [_where_written(line, where, name, origins) for line in e.lines]
+            continue
+        notes += _bare_ports(name, body)
+    gateway = next((settings or Settings()).network.subnet.hosts())
+    problems += _check_listeners(services, settings, where)
+    problems += _check_dependencies(services, failed, str(gateway), where)
+    if problems:
+        raise combined(problems)
+    assert settings is not None
     return Config(path=path, settings=settings, services=tuple(services), notes=notes)
 
 
-def _check_unique_listeners(services: list[ServiceConfig], where: str) -> None:
-    seen: dict[tuple[str, int], str] = {}
+def _where_written(line: str, where: str, name: str, origins: Mapping[str, list[str]]) -> ConfigError:
+    """A key from a Compose service's x-activator block: said where it really is."""
+    prefix = f"{where}: services.{name}."
+    key = line.removeprefix(prefix).split(":", 1)[0].split(".", 1)[0]
+    if line.startswith(prefix) and key in origins.get(name, ()):
+        return ConfigError(prefix + f"{compose.MARK}." + line.removeprefix(prefix))
+    return ConfigError(line)
+
+
+_BARE_PORT = re.compile(r"\s*:?(\d{1,5})\s*")
+
+
+def _bare_ports(name: str, body: Any) -> tuple[str, ...]:
+    """A listen address without a host binds every interface of the host: said, since a user who writes 8080
+    may mean this host only (a database published to the world by a typo)."""
+    listen = body.get("listen") if isinstance(body, Mapping) else None
+    out = []
+    for item in listen if isinstance(listen, list) else [listen]:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            continue
+        if m := _BARE_PORT.fullmatch(str(item)):
+            port = m.group(1)
+            out.append(f"services.{name}.listen: warning: '{item}' names no host, so it listens on every interface "
+                       f"of this host (0.0.0.0:{port}), as Docker's `-p {port}:...` publishes on all interfaces; "
+                       f"write 0.0.0.0:{port} to say so, or 127.0.0.1:{port} for this host only")
+    return tuple(out)
+
+
+def _covers(a: ListenAddress, b: ListenAddress) -> bool:
+    """Does a socket bound to a hold b's address too (the same, or a wildcard over it)? [::] is dual-stack
+    (activator does not set IPV6_V6ONLY), so it holds IPv4 addresses as well."""
+    if a.port != b.port:
+        return False
+    if a.host == b.host:
+        return True
+    wild, other = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    return wild.is_unspecified and (wild.version == other.version or wild.version == 6)
+
+
+def _check_listeners(services: list[ServiceConfig], settings: Settings | None, where: str) -> list[ConfigError]:
+    """No two sockets of the daemon on one address and port, nor a wildcard address and a specific one on the same
+    port: each binds alone, the second one fails at start (EADDRINUSE)."""
+    taken: list[tuple[str, str, ListenAddress, frozenset[str]]] = []  # (key, owner, address, protocols)
     for svc in services:
-        for addr in svc.listen:
-            k = (addr.host, addr.port)
-            if k in seen:
-                raise ConfigError(
-                    f"{where}: services.{svc.name}.listen: {addr} is already used by service '{seen[k]}'"
-                )
-            seen[k] = svc.name
+        taken += [(f"services.{svc.name}.listen", f"service '{svc.name}'", a, frozenset(svc.protocol))
+                  for a in svc.listen]
+    if settings is not None and settings.metrics is not None:
+        taken.append(("settings.metrics", "settings.metrics", settings.metrics, frozenset({"tcp"})))
+    if settings is not None and settings.agent is not None:
+        taken.append(("settings.agent.listen", "settings.agent", settings.agent.listen, frozenset({"tcp"})))
+    problems: list[ConfigError] = []
+    for j, (k, owner, addr, protos) in enumerate(taken):
+        for _k0, owner0, addr0, protos0 in taken[:j]:
+            if not (_covers(addr0, addr) or _covers(addr, addr0)) or (addr != addr0 and not protos & protos0):
+                continue  # (the same address twice is refused whatever the protocols: one kernel path per address)
+            whose = "this service" if owner0 == owner else owner0
+            if addr == addr0:
+                problems.append(ConfigError(f"{where}: {k}: {addr} is already used by {whose}"))
+            else:
+                wild = addr if ipaddress.ip_address(addr.host).is_unspecified else addr0
+                problems.append(ConfigError(
+                    f"{where}: {k}: {addr} collides with {addr0} of {whose}: {wild.host} takes port {addr.port} on "
+                    "every address of the host, so the second socket cannot be bound; use one address for both, "
+                    "specific addresses for each, or another port"))
+            break
+    return problems
 
 
-def _check_dependencies(services: list[ServiceConfig], gateway: str, where: str) -> None:
-    """Every dependency is a service of the file, reachable from its dependant, and no cycle."""
+def _check_dependencies(services: list[ServiceConfig], failed: set[str], gateway: str, where: str
+                        ) -> list[ConfigError]:
+    """Every dependency is a service of the file, reachable from its dependant, and no cycle. (A dependency whose
+    own definition has problems is left out: those are said already.)"""
     by_name = {s.name: s for s in services}
+    problems: list[ConfigError] = []
     for svc in services:
         at = f"{where}: services.{svc.name}.depends_on"
         for dep in svc.depends_on:
             other = by_name.get(dep)
+            if dep in failed:
+                continue
             if other is None:
-                raise ConfigError(f"{at}: no service named '{dep}' in this file (known: "
-                                  f"{', '.join(by_name) or 'none'})")
-            if svc.network != "bridge" or not svc.egress:
-                raise ConfigError(f"{at}: this service cannot open connections (network: {svc.network}, egress: "
-                                  f"{str(svc.egress).lower()}); give it network: bridge and egress: true")
-            if not dependency_address(other, gateway):
-                raise ConfigError(f"{at}: '{dep}' listens on {', '.join(map(str, other.listen)) or 'systemd'}, "
-                                  f"which instances cannot reach; add {gateway}:PORT (the bridge's address) or "
-                                  "0.0.0.0:PORT to its listen")
+                problems.append(ConfigError(f"{at}: no service named '{dep}' in this file (known: "
+                                            f"{', '.join(sorted(by_name.keys() | failed)) or 'none'})"))
+            elif svc.network != "bridge" or not svc.egress:
+                problems.append(ConfigError(
+                    f"{at}: this service cannot open connections (network: {svc.network}, egress: "
+                    f"{str(svc.egress).lower()}); give it network: bridge and egress: true"))
+            elif not dependency_address(other, gateway):
+                problems.append(ConfigError(
+                    f"{at}: '{dep}' listens on {', '.join(map(str, other.listen)) or 'systemd'}, which instances "
+                    f"cannot reach; add {gateway}:PORT (the bridge's address) or 0.0.0.0:PORT to its listen"))
+            else:
+                continue
+            break
+    if problems:
+        return problems
     state: dict[str, int] = {}  # 1: on the path being walked, 2: done
 
     def walk(name: str, path: list[str]) -> None:
@@ -1420,11 +1515,16 @@ def _check_dependencies(services: list[ServiceConfig], gateway: str, where: str)
                               "dependency cannot depend on its dependant")
         state[name] = 1
         for dep in by_name[name].depends_on:
-            walk(dep, [*path, name])
+            if dep in by_name:
+                walk(dep, [*path, name])
         state[name] = 2
 
-    for svc in services:
-        walk(svc.name, [])
+    try:
+        for svc in services:
+            walk(svc.name, [])
+    except ConfigError as e:
+        return [e]
+    return []
 
 
 def dependency_address(svc: ServiceConfig, gateway: str) -> ListenAddress | None:

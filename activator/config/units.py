@@ -6,8 +6,10 @@ import math
 import re
 from typing import Any
 
-DURATION_PATTERN = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$"
+#: a number with an optional unit, or several with units as Compose and Go write them (1m30s, 1h5m, 2d 12h)
+DURATION_PATTERN = r"^\s*(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)?|(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)\s*){2,8})\s*$"
 _DURATION_RE = re.compile(DURATION_PATTERN)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
 SIZE_PATTERN = r"^\s*(\d+)\s*([kmgKMG]?)[bB]?\s*$"
 _SIZE_RE = re.compile(SIZE_PATTERN)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -25,10 +27,9 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     else:
-        m = _DURATION_RE.match(value)
-        if not m:
-            raise ValueError(f"'{value[:40]}' is not a duration (e.g. 500ms, 5s, 2m, 1h)")
-        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        if not _DURATION_RE.match(value):
+            raise ValueError(f"'{value[:40]}' is not a duration (e.g. 500ms, 5s, 2m, 1h, 1m30s)")
+        seconds = sum(float(n) * _DURATION_UNITS[unit or None] for n, unit in _DURATION_PART.findall(value))
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{value} is not a finite, non-negative duration")
     return seconds

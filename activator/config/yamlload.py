@@ -112,6 +112,8 @@ def load(text: str) -> Any:
         return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.MarkedYAMLError as e:
         problem = e.problem or e.context or "malformed YAML"
+        if "'\\t'" in problem:  # PyYAML's words for a tab where indentation or a token should be
+            problem = "a tab character; YAML is indented with spaces, not tabs (replace the tab with spaces)"
         raise LoadError(f"malformed YAML: {problem}", e.problem_mark) from None
     except yaml.YAMLError as e:
         raise LoadError(f"malformed YAML: {str(e).splitlines()[0]}") from None

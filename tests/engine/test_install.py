@@ -38,6 +38,8 @@ def test_install_serve_uninstall(tmp_path: Path) -> None:
     assert f"ExecStart={venv}/bin/activator run -c {tmp_path}/etc/config.yaml" in unit
     assert "StateDirectory=activator" in unit and "ExecReload=" in unit
     assert "ConfigurationDirectory=" not in unit  # systemd's would be /etc/activator, not this SYSCONFDIR
+    reference = tmp_path / "opt" / "share" / "docs" / "configuration.md"  # the installed copy of the reference
+    assert reference.read_text() == (ROOT / "docs" / "configuration.md").read_text()
     config = tmp_path / "etc" / "config.yaml"
     assert config.stat().st_mode & 0o077 == 0  # it may hold secrets
     on_path = tmp_path / "bin" / "activator"  # the command, on the PATH
