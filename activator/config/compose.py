@@ -15,25 +15,49 @@ against the specification's own key list):
   `activator validate` names each one it ignored, and why;
 - refused when set, in one line: the app would silently get something else (privileged, sysctls, dns, ...).
 
-`${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?error}`, `${VAR?error}`, `$VAR` and `$$` are
-interpolated as Compose does, from the environment and the `.env` file next to the Compose file; a bare
-`- VAR` (or `VAR:` with no value) in environment takes VAR from there too, and is left out when it is unset.
+The file is read as docker compose reads it:
+
+- interpolation (interpolation.py: `$$`, `$VAR`, `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?error}`,
+  `${VAR?error}`, `${VAR:+alt}`, `${VAR+alt}`, nested) from the environment, then the `.env` file next to the
+  Compose file, in the served services, the top-level x-activator and volumes (the services left to docker
+  compose are not ours to read); an unset variable is an empty string and a note, as compose warns;
+- `.env` and env_file files are parsed by python-dotenv (quotes, `export`, inline comments: Compose's dotenv
+  rules), and their unquoted and double-quoted values interpolated (single-quoted ones are literal);
+- unquoted yes/no/on/off are the words, not booleans (YAML 1.2, as compose reads it), outside x-activator blocks
+  (activator's own keys are read as in activator's own file);
+- a bare `- VAR` (or `VAR:` with no value) in environment takes VAR from the environment and .env, and is left
+  out when it is unset.
+
+Ports: the published ports of one app port become its listen addresses; `/udp` ones make it a UDP service
+(`protocol: udp`, or `[tcp, udp]` when both are published on the same addresses). A service that publishes no
+port (a database the other services use) is served on the bridge's address only (10.89.0.1 with the default
+subnet), on its x-activator port or the port it exposes: the other services' instances reach it there, and
+nothing off this host does; a note says so.
+
+Every problem of the file is found in one run: translate() raises them together (ConfigErrors, a line each).
 
 Pure, apart from reading the .env and env_file files next to the Compose file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import ipaddress
 import os
 import re
 import shlex
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from activator.errors import ConfigError
+from dotenv.parser import parse_stream
 
+from activator.errors import ConfigError, combined
+
+from . import yamlload
+from .interpolation import InterpolationError, interpolate
 from .units import parse_size
 
 MARK = "x-activator"
@@ -49,7 +73,7 @@ COMPOSE_TOP_LEVEL = frozenset({"version", "name", "include", "networks", "volume
 
 APPLIED = frozenset({
     "image", "command", "entrypoint", "environment", "env_file", "user", "working_dir", "cap_add", "cap_drop",
-    "volumes", "ports", "hostname", "read_only", "tmpfs", "ulimits", "healthcheck", "mem_limit", "cpus",
+    "volumes", "ports", "expose", "hostname", "read_only", "tmpfs", "ulimits", "healthcheck", "mem_limit", "cpus",
     "pids_limit", "deploy", "stop_signal", "stop_grace_period", "extra_hosts", "security_opt", "depends_on",
     "userns_mode",
 })
@@ -62,7 +86,6 @@ IGNORED = {
     "pull_policy": "activator uses the local image (pull or build it first)",
     "pull_refresh_after": "activator uses the local image (pull or build it first)",
     "build": "activator uses the image named by 'image' (build it first)",
-    "expose": "it documents ports only",
     "logging": "activator keeps the app's output itself (`activator logs SERVICE`)",
     "networks": "instances are on activator's own network; services of this file reach each other through "
                 "depends_on, others through their published ports",
@@ -104,7 +127,11 @@ REFUSED = {
 #: deploy's keys (swarm's): resources.limits is applied, reservations refused, the rest ignored
 DEPLOY_IGNORED = {"mode", "replicas", "placement", "restart_policy", "update_config", "rollback_config", "labels",
                   "endpoint_mode"}
-_VAR = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+#: depends_on conditions; a dependency served by activator is reached through its own listener, so a connection to
+#: it waits for its restore, and it is restored from a checkpoint made once its healthcheck passed
+#: settings.network.subnet's default (model imports this module, so not from there; a test keeps them equal)
+DEFAULT_SUBNET = "10.89.0.0/24"
+CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -117,37 +144,80 @@ def is_compose(raw: Mapping[str, Any]) -> bool:
 
 def translate(raw: Mapping[str, Any], path: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The activator services document for a Compose document (and, under ORIGINS, which keys came from each
-    service's x-activator block; under NOTES, what was ignored). Raises ConfigError (one line)."""
+    service's x-activator block; under NOTES, what was ignored or derived). Raises ConfigError, or ConfigErrors
+    with every problem of the file, one line each."""
     where = str(path)
-    env = dict(_dotenv(path.parent / ".env", where))
-    env.update(os.environ if environ is None else environ)
-    raw = _interpolate(raw, env, where, "")
+    shell = os.environ if environ is None else environ
+    problems: list[str] = []
+    notes: list[str] = []
+    env = {k: v for k, v in _dotenv(path.parent / ".env", where, shell.get, problems).items() if v is not None}
+    env.update(shell)
+    raw = _as_compose_reads(raw)
     top = raw.get(MARK) or {}
     if not isinstance(top, Mapping) or set(top) - {"settings"}:
         raise ConfigError(f"{where}: {MARK}: expected a mapping with only 'settings:' (service keys go in each "
                           f"service's own {MARK} block)")
     if not isinstance(raw.get("services"), Mapping):
         raise ConfigError(f"{where}: services: expected a mapping of Compose services")
-    top_volumes = raw.get("volumes") or {}
-    if not isinstance(top_volumes, Mapping):
-        raise ConfigError(f"{where}: volumes: expected a mapping of volume names")
     served = {str(n) for n, b in raw["services"].items() if isinstance(b, Mapping) and MARK in b}
-    services: dict[str, Any] = {}
-    origins: dict[str, list[str]] = {}
-    notes: list[str] = []
-    for name, body in raw["services"].items():
-        if str(name) in served:
-            ctx = _Context(f"{where}: services.{name}", path.parent, env, top_volumes, served, notes)
-            services[name] = _service(body, ctx)
-            if isinstance(body[MARK], Mapping):
-                origins[str(name)] = [str(k) for k in body[MARK]]
-    if not services:
+    if not served:
         raise ConfigError(f"{where}: no Compose service has an '{MARK}' block; add `{MARK}: {{}}` to each service "
                           "activator should serve")
+    # Interpolated: what activator reads. The services left to docker compose are its business (a variable only
+    # their `docker compose up` has must not stop activator).
+    unset: dict[str, str] = {}
+    top = _interpolate(top, env, where, MARK, problems, unset)
+    top_volumes = _interpolate(raw.get("volumes") or {}, env, where, "volumes", problems, unset)
+    found: dict[str, list[str]] = {n: [] for n in served}  # each service's problems, said in the file's order
+    bodies = {str(n): _interpolate(b, env, where, f"services.{n}", found[str(n)], unset)
+              for n, b in raw["services"].items() if str(n) in served}
+    notes += [f"{at}: ${{{name}}} is not set: an empty string, as docker compose reads it (compose warns too)"
+              for name, at in unset.items()]
+    if not isinstance(top_volumes, Mapping):
+        problems.append(f"{where}: volumes: expected a mapping of volume names")
+        top_volumes = {}
+    gateway = _gateway(top)
+    services: dict[str, Any] = {}
+    origins: dict[str, list[str]] = {}
+    for name, body in bodies.items():
+        problems += found[name]
+        ctx = _Context(f"{where}: services.{name}", path.parent, env, top_volumes, served, notes, bodies, gateway,
+                       problems)
+        with ctx.collect():
+            services[name] = _service(body, ctx)
+        if isinstance(body.get(MARK), Mapping):
+            origins[name] = [str(k) for k in body[MARK]]
+    if problems:
+        raise _all(problems)
     doc: dict[str, Any] = {"services": services, ORIGINS: origins, NOTES: notes}
     if top.get("settings") is not None:
         doc["settings"] = top["settings"]
     return doc
+
+
+def _as_compose_reads(value: Any) -> Any:
+    """The document with yes/no/on/off as the words they are to docker compose (YAML 1.2), outside x-activator
+    blocks (activator's own keys, read as in activator's own file)."""
+    if isinstance(value, Mapping):
+        words = yamlload.words_of(value)
+        return {k: v if k == MARK else words[k] if k in words else _as_compose_reads(v) for k, v in value.items()}
+    if isinstance(value, list):
+        words = yamlload.words_of(value)
+        return [words[i] if i in words else _as_compose_reads(v) for i, v in enumerate(value)]
+    return value
+
+
+def _gateway(top: Mapping[str, Any]) -> str:
+    """The bridge's address (the subnet's first): where a service with no published port is served."""
+    settings = top.get("settings")
+    network = settings.get("network") if isinstance(settings, Mapping) else None
+    subnet = network.get("subnet") if isinstance(network, Mapping) else None
+    try:
+        if subnet is not None:
+            return str(next(ipaddress.IPv4Network(str(subnet)).hosts()))
+    except (ValueError, StopIteration):
+        pass  # the settings' own check says what is wrong with it
+    return str(next(ipaddress.IPv4Network(DEFAULT_SUBNET).hosts()))
 
 
 @dataclass(frozen=True)
@@ -158,12 +228,34 @@ class _Context:
     top_volumes: Mapping[str, Any]
     served: set[str]
     notes: list[str]
+    #: the served services' bodies, interpolated (a dependency's healthcheck is looked up there)
+    bodies: Mapping[str, Any] = field(default_factory=dict)
+    gateway: str = "10.89.0.1"
+    problems: list[str] = field(default_factory=list)
 
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.at}.{key}: {problem}")
 
     def note(self, key: str, why: str) -> None:
-        self.notes.append(f"{self.at.split(': ', 1)[1]}.{key}: ignored: {why}")
+        self.tell(key, f"ignored: {why}")
+
+    def tell(self, key: str, text: str) -> None:
+        self.notes.append(f"{self.at.split(': ', 1)[1]}{'.' + key if key else ''}: {text}")
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        """A problem in the block is kept, and the translation goes on to find the others."""
+        try:
+            yield
+        except ConfigError as e:
+            self.problems.extend(e.lines)
+
+
+def _all(problems: list[str]) -> ConfigError:
+    """One error for all of them (ConfigErrors when there are several: each its own line)."""
+    error = combined([ConfigError(p) for p in problems])
+    assert isinstance(error, ConfigError)  # all of them are
+    return error
 
 
 def _is_set(value: Any) -> bool:
@@ -171,7 +263,9 @@ def _is_set(value: Any) -> bool:
     return value is not None and value is not False and value != "" and value != [] and value != {}
 
 
-def _service(body: Mapping[str, Any], ctx: _Context) -> dict[str, Any]:
+def _service(body: Any, ctx: _Context) -> dict[str, Any]:
+    if not isinstance(body, Mapping):
+        raise ConfigError(f"{ctx.at}: expected a mapping of Compose service keys")
     own = body[MARK] if body[MARK] is not None else {}
     if not isinstance(own, Mapping):
         raise ctx.error(MARK, "expected a mapping of activator's service keys")
@@ -179,26 +273,28 @@ def _service(body: Mapping[str, Any], ctx: _Context) -> dict[str, Any]:
         k = str(k)
         if k == MARK or k.startswith("x-") or k in APPLIED:
             continue
-        if k in REFUSED:
-            if _is_set(v):
-                raise ctx.error(k, f"not supported ({REFUSED[k]}); remove it or leave this service to docker "
-                                   "compose")
-        elif k in IGNORED:
-            if _is_set(v):
-                ctx.note(k, IGNORED[k])
-        else:
-            raise ctx.error(k[:60], "not a key of a Compose service (the Compose specification has no such key)")
-    if "image" not in body and "image" not in own:
-        raise ctx.error("image", "missing (activator does not build): build the image and name it with 'image:'")
+        with ctx.collect():
+            if k in REFUSED:
+                if _is_set(v):
+                    raise ctx.error(k, f"not supported ({REFUSED[k]}); remove it or leave this service to docker "
+                                       "compose")
+            elif k in IGNORED:
+                if _is_set(v):
+                    ctx.note(k, IGNORED[k])
+            else:
+                raise ctx.error(k[:60], "not a key of a Compose service (the Compose specification has no such key)")
     out: dict[str, Any] = {}
     if "image" in body:
         out["image"] = body["image"]
+    elif "image" not in own:
+        ctx.problems.append(str(ctx.error("image", "missing (activator does not build): build the image and name "
+                                                   "it with 'image:'")))
     for key in ("command", "entrypoint"):
         if isinstance(body.get(key), str):
             try:
                 out[key] = shlex.split(body[key])  # what Compose does with a string
             except ValueError as e:
-                raise ctx.error(key, str(e)) from None
+                ctx.problems.append(str(ctx.error(key, str(e))))
         elif body.get(key) is not None:
             out[key] = body[key]
     for key in ("user", "working_dir", "hostname", "stop_signal"):
@@ -210,34 +306,43 @@ def _service(body: Mapping[str, Any], ctx: _Context) -> dict[str, Any]:
     if body.get("tmpfs") is not None:
         out["tmpfs"] = [body["tmpfs"]] if isinstance(body["tmpfs"], str) else body["tmpfs"]
     if body.get("volumes"):
-        out["volumes"], tmpfs = _volumes(body["volumes"], ctx)
-        if tmpfs:
-            out["tmpfs"] = [*out.get("tmpfs", []), *tmpfs]
-    environment = _env_files(body.get("env_file"), ctx.base, ctx.at)
-    environment.update(_environment(body.get("environment"), ctx))
+        with ctx.collect():
+            out["volumes"], tmpfs = _volumes(body["volumes"], ctx)
+            if tmpfs:
+                out["tmpfs"] = [*out.get("tmpfs", []), *tmpfs]
+    environment: dict[str, str] = {}
+    with ctx.collect():
+        environment.update(_env_files(body.get("env_file"), ctx))
+    with ctx.collect():
+        environment.update(_environment(body.get("environment"), ctx))
     if environment:
         out["environment"] = environment
-    if body.get("stop_grace_period") is not None:
-        out["stop_grace"] = _go_duration(body["stop_grace_period"], ctx, "stop_grace_period")
-    if body.get("extra_hosts") is not None:
-        out["extra_hosts"] = _extra_hosts(body["extra_hosts"], ctx)
-    if body.get("security_opt") is not None:
-        out.update(_security_opt(body["security_opt"], ctx))
-    if body.get("userns_mode") is not None:
-        if body["userns_mode"] != "host":
-            raise ctx.error("userns_mode", f"'{str(body['userns_mode'])[:40]}' is not supported: every service "
-                                           "has a user namespace of its own unless this says host")
-        out["userns"] = "host"
-    resources = _resources(body, ctx)
-    if resources:
-        out["resources"] = resources
-    readiness = _healthcheck(body.get("healthcheck"), ctx)
-    if readiness:
-        out["readiness"] = readiness
-    if body.get("depends_on") is not None:
-        out["depends_on"] = _depends_on(body["depends_on"], ctx)
-    if "listen" not in own or "port" not in own:
-        out.update(_ports(body.get("ports"), own.get("port"), ctx.at))
+    with ctx.collect():
+        if body.get("stop_grace_period") is not None:
+            out["stop_grace"] = _go_duration(body["stop_grace_period"], ctx, "stop_grace_period")
+    with ctx.collect():
+        if body.get("extra_hosts") is not None:
+            out["extra_hosts"] = _extra_hosts(body["extra_hosts"], ctx)
+    with ctx.collect():
+        if body.get("security_opt") is not None:
+            out.update(_security_opt(body["security_opt"], ctx))
+    with ctx.collect():
+        if body.get("userns_mode") is not None:
+            if body["userns_mode"] != "host":
+                raise ctx.error("userns_mode", f"'{str(body['userns_mode'])[:40]}' is not supported: every service "
+                                               "has a user namespace of its own unless this says host")
+            out["userns"] = "host"
+    with ctx.collect():
+        if resources := _resources(body, ctx):
+            out["resources"] = resources
+    with ctx.collect():
+        if readiness := _healthcheck(body.get("healthcheck"), ctx):
+            out["readiness"] = readiness
+    with ctx.collect():
+        if body.get("depends_on") is not None:
+            out["depends_on"] = _depends_on(body["depends_on"], ctx)
+    with ctx.collect():
+        out.update({k: v for k, v in _ports(body, own, ctx).items() if k not in own})
     for k, v in own.items():  # activator's own keys win; its readiness and resources add to the derived ones
         if k in ("readiness", "resources") and isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
             out[k] = {**out[k], **v}
@@ -246,13 +351,19 @@ def _service(body: Mapping[str, Any], ctx: _Context) -> dict[str, Any]:
     return out
 
 
+def _go_parts(text: str) -> list[tuple[str, str]]:
+    """Go's duration (1h2m3.5s, 500ms, 250us) as (number, unit) pairs; [] when it is not one."""
+    parts: list[tuple[str, str]] = _GO_DURATION.findall(text)
+    return parts if text and "".join(n + u for n, u in parts) == text else []
+
+
 def _go_duration(raw: Any, ctx: _Context, key: str) -> float:
     """Compose's durations (Go's: 1m30s, 500ms, 10s) -> seconds."""
-    text = str(raw).strip()
     if isinstance(raw, int | float) and not isinstance(raw, bool):
         return float(raw)
-    parts = _GO_DURATION.findall(text)
-    if not text or "".join(n + u for n, u in parts) != text:
+    text = str(raw).strip()
+    parts = _go_parts(text)
+    if not parts:
         raise ctx.error(key, f"'{text[:40]}' is not a duration (e.g. 10s, 1m30s, 500ms)")
     return sum(float(n) * _GO_UNITS[u] for n, u in parts)
 
@@ -339,16 +450,60 @@ def _healthcheck(raw: Any, ctx: _Context) -> dict[str, Any]:
 
 
 def _depends_on(raw: Any, ctx: _Context) -> list[str]:
-    """The served services among depends_on (the others run under docker compose: nothing for us to wake)."""
-    if isinstance(raw, (list, Mapping)):
-        names = [str(n) for n in raw]
+    """The served services among depends_on (the others run under docker compose: nothing for us to wake), each
+    condition mapped or refused in one line, and what differs said in a note."""
+    if isinstance(raw, list):
+        entries: dict[str, Any] = {str(n): {} for n in raw}
+    elif isinstance(raw, Mapping):
+        entries = {str(n): {} if v is None else v for n, v in raw.items()}
     else:
         raise ctx.error("depends_on", "expected a list or a mapping of service names")
-    for n in names:
+    out: list[str] = []
+    for n, spec in entries.items():
+        at = f"depends_on.{n}"
+        if not isinstance(spec, Mapping):
+            raise ctx.error(at, "expected a mapping (condition, restart, required)")
+        if bad := sorted(str(k) for k in spec if k not in ("condition", "restart", "required")
+                         and not str(k).startswith("x-")):
+            raise ctx.error(f"{at}.{bad[0][:40]}", "not a key of depends_on (condition, restart, required)")
+        condition = str(spec.get("condition", "service_started"))
+        if condition not in CONDITIONS:
+            raise ctx.error(f"{at}.condition", f"'{condition[:40]}' is not a condition ({', '.join(CONDITIONS)})")
+        if _is_set(spec.get("restart")):
+            ctx.note(f"{at}.restart", "activator restarts no dependant (a dependant's connections to this "
+                                      "dependency wait for its restore instead)")
         if n not in ctx.served:
-            ctx.note(f"depends_on.{n}", "not served by activator (it runs under docker compose); its instances "
-                                        "are not woken with this one")
-    return [n for n in names if n in ctx.served]
+            waited = "" if condition == "service_started" else f", nor waited for ({condition} is docker compose's)"
+            ctx.note(at, f"not served by activator (it runs under docker compose); its instances are not woken "
+                         f"with this one{waited}")
+            continue
+        if condition == "service_completed_successfully":
+            raise ctx.error(f"{at}.condition", f"service_completed_successfully: '{n}' is served on demand and "
+                                               "never completes; leave a one-off job (a migration) to docker compose "
+                                               f"(remove {n}'s {MARK} block)")
+        if condition == "service_healthy":
+            if not _has_health_check(ctx.bodies.get(n)):
+                raise ctx.error(f"{at}.condition", f"service_healthy, but '{n}' has no healthcheck (docker compose "
+                                                   f"refuses this too): give {n} a healthcheck, or use "
+                                                   "condition: service_started")
+            ctx.tell(at, f"service_healthy: {n} is restored from its checkpoint, made once its healthcheck passed "
+                         "(the check is not run again), and this service's connections to it wait for its restore")
+        out.append(n)
+    return out
+
+
+def _has_health_check(body: Any) -> bool:
+    """Whether a served service's template is checked before its dump (a healthcheck, or x-activator readiness)."""
+    if not isinstance(body, Mapping):
+        return False
+    own = body.get(MARK)
+    if isinstance(own, Mapping) and isinstance(own.get("readiness"), Mapping) and own["readiness"]:
+        return True
+    check = body.get("healthcheck")
+    if not isinstance(check, Mapping) or check.get("disable") is True:
+        return False
+    test = check.get("test")
+    return bool(test) and not (isinstance(test, list) and test[0] == "NONE")
 
 
 def _extra_hosts(raw: Any, ctx: _Context) -> dict[str, str]:
@@ -464,130 +619,222 @@ def _environment(raw: Any, ctx: _Context) -> dict[str, str]:
             items.append((key, value if sep else None))
     else:
         raise ctx.error("environment", "expected a mapping or a list of KEY=VALUE")
+    bad: list[str] = []
     for key, value in items:
         if isinstance(value, bool):
-            raise ctx.error(f"environment.{key}", f"{str(value).lower()} is a boolean; Compose wants a string: "
-                                                  f"quote it ('{str(value).lower()}')")
-        if value is None:
+            bad.append(str(ctx.error(f"environment.{key}", f"{str(value).lower()} is a boolean; Compose wants a "
+                                                           f"string: quote it ('{str(value).lower()}')")))
+        elif value is None:
             if key in ctx.env:
                 out[key] = ctx.env[key]
-            continue
-        out[key] = str(value)
+        else:
+            out[key] = str(value)
+    if bad:
+        raise _all(bad)
     return out
 
 
-def _env_files(raw: Any, base: Path, at: str) -> dict[str, str]:
+def _env_files(raw: Any, ctx: _Context) -> dict[str, str]:
     if raw is None:
         return {}
     entries = raw if isinstance(raw, list) else [raw]
     out: dict[str, str] = {}
+    problems: list[str] = []
     for entry in entries:
         file, required = (entry.get("path"), entry.get("required", True)) if isinstance(entry, Mapping) \
             else (entry, True)
-        p = base / str(file)
+        p = ctx.base / str(file)
         if not p.is_file():
             if required:
-                raise ConfigError(f"{at}.env_file: {p} does not exist")
+                problems.append(f"{ctx.at}.env_file: {p} does not exist")
             continue
-        out.update(_dotenv(p, at))
+        values = _dotenv(p, ctx.at, ctx.env.get, problems)
+        out.update({k: v for k, v in values.items() if v is not None})
+    if problems:
+        raise _all(problems)
     return out
 
 
-def _dotenv(p: Path, at: str) -> dict[str, str]:
-    """KEY=VALUE lines (comments, blank lines, `export`, single or double quotes), as Compose reads them."""
+def _dotenv(p: Path, at: str, lookup: Any, problems: list[str]) -> dict[str, str | None]:
+    """A .env or env_file file as docker compose reads it (python-dotenv's parser: quotes, escapes in double
+    quotes, `export`, comments); unquoted and double-quoted values interpolated from `lookup` and the file's
+    earlier keys, single-quoted ones as they are. A bare KEY takes KEY from `lookup` (left out when unset).
+    Malformed lines are added to `problems`, one each."""
     try:
         text = p.read_text()
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{at}: cannot read {p}: {e}") from None
-    out = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        problems.append(f"{at}: cannot read {p}: {e}")
+        return {}
+    out: dict[str, str | None] = {}
+
+    def known(name: str) -> str | None:
+        value = lookup(name)
+        return value if value is not None else out.get(name)
+
+    for binding in parse_stream(io.StringIO(text)):
+        line = binding.original.line + len(binding.original.string) - len(binding.original.string.lstrip("\n"))
+        if binding.error:
+            problems.append(f"{at}: {p} line {line}: expected KEY=VALUE")
             continue
-        key, sep, value = line.removeprefix("export ").partition("=")
-        key = key.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
-            raise ConfigError(f"{at}: {p} line {n}: expected KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        elif " #" in value:
-            value = value.split(" #", 1)[0].rstrip()
-        out[key] = value
+        if binding.key is None:
+            continue  # a comment or a blank line
+        if binding.value is None:
+            out[binding.key] = lookup(binding.key)
+            continue
+        written = binding.original.string.strip().removeprefix("export").lstrip()
+        written = written.split("=", 1)[1].lstrip() if "=" in written else ""
+        if written.startswith("'"):
+            out[binding.key] = binding.value
+            continue
+        try:
+            out[binding.key] = interpolate(binding.value, known).text
+        except InterpolationError as e:
+            problems.append(f"{at}: {p} line {line}: {e}")
     return out
 
 
-def _ports(raw: Any, wanted: Any, at: str) -> dict[str, Any]:
-    """ports -> listen and port: every published TCP port of the one target port (x-activator's port, or the only
-    one published); a second target port is refused (one app port per service)."""
+def _ports(body: Mapping[str, Any], own: Mapping[str, Any], ctx: _Context) -> dict[str, Any]:
+    """ports -> listen, port and protocol: the published ports of the one app port (x-activator's port, or the only
+    one published); a second app port is refused (one app port per service). No published port: the app port
+    (x-activator's, or the one exposed) on the bridge's address only, with a note."""
+    raw, wanted = body.get("ports"), own.get("port")
     if raw is not None and not isinstance(raw, list):
-        raise ConfigError(f"{at}.ports: expected a list")
-    mappings = [_port(p, at) for p in (raw or [])]
+        raise ctx.error("ports", "expected a list")
+    mappings: list[tuple[str, int, int, str]] = []
+    bad: list[str] = []
+    for p in raw or []:
+        try:
+            mappings.append(_port(p, ctx))
+        except ConfigError as e:
+            bad.append(str(e))
+    if bad:
+        raise _all(bad)
+    if not mappings:
+        return _internal(body, own, ctx)
     targets = sorted({m[2] for m in mappings})
     if wanted is None and len(targets) > 1:
-        raise ConfigError(f"{at}.ports: these publish ports {', '.join(map(str, targets))} of the app, and activator "
-                          f"serves one app port per service; keep one, or pick it with {MARK}: {{port: N}} and "
-                          "split the others into their own service")
-    target = wanted if wanted is not None else (targets[0] if targets else None)
+        raise ctx.error("ports", f"these publish ports {', '.join(map(str, targets))} of the app, and activator "
+                                 f"serves one app port per service; keep one, or pick it with {MARK}: {{port: N}} and "
+                                 "split the others into their own service")
+    target = wanted if wanted is not None else targets[0]
     chosen = [m for m in mappings if m[2] == target]
     if not chosen:
-        have = "no published port" if not mappings else f"no published port for port {target}"
-        raise ConfigError(f"{at}.ports: {have}; publish one (\"8080:80\"), or set listen and port in {MARK}")
+        raise ctx.error("ports", f"no published port for port {target} ({MARK}'s port): these publish port"
+                                 f"{'s' if len(targets) > 1 else ''} {', '.join(map(str, targets))}; publish {target} "
+                                 f"(\"127.0.0.1:{target}:{target}\") or remove it from the ports")
     others = sorted({m[2] for m in mappings} - {target})
     if others:
-        raise ConfigError(f"{at}.ports: port {others[0]} is published too, and activator serves one app port per "
-                          f"service (port: {target}); remove it or serve it as a service of its own")
-    listen = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p, _ in chosen]
-    return {"listen": listen if len(listen) > 1 else listen[0], "port": target}
+        raise ctx.error("ports", f"port {others[0]} is published too, and activator serves one app port per service "
+                                 f"(port: {target}); remove it or serve it as a service of its own")
+    if unserved := sorted({p for p, _ in _exposed(body.get("expose"), ctx)} - {target}):
+        ctx.note("expose", f"port {unserved[0]} is not served: the published ports are ({target}); expose names "
+                           "the app's port only when none is published")
+    by_proto: dict[str, list[str]] = {}
+    for host, published, _, proto in chosen:
+        address = f"[{host}]:{published}" if ":" in host else f"{host}:{published}"
+        if address not in by_proto.setdefault(proto, []):
+            by_proto[proto].append(address)
+    protocols = sorted(by_proto)  # tcp before udp
+    listen = by_proto[protocols[0]]
+    if len(protocols) == 2 and sorted(by_proto["tcp"]) != sorted(by_proto["udp"]):
+        raise ctx.error("ports", f"port {target} is published for TCP on {', '.join(by_proto['tcp'])} and for UDP on "
+                                 f"{', '.join(by_proto['udp'])}; activator serves both protocols on the same "
+                                 "addresses: publish the same ones for both")
+    out: dict[str, Any] = {"listen": listen if len(listen) > 1 else listen[0], "port": target}
+    if protocols != ["tcp"]:
+        out["protocol"] = protocols if len(protocols) > 1 else protocols[0]
+    return out
 
 
-def _port(p: Any, at: str) -> tuple[str, int, int]:
+def _internal(body: Mapping[str, Any], own: Mapping[str, Any], ctx: _Context) -> dict[str, Any]:
+    """A service with no published port (a database, a cache): served on the bridge's address, where the other
+    services' instances reach it, and nothing off this host does."""
+    exposed = _exposed(body.get("expose"), ctx)
+    port = own.get("port")
+    if port is None:
+        ports = sorted({p for p, _ in exposed})
+        if len(ports) != 1:
+            have = "no published port" if not ports else \
+                f"no published port, and it exposes {', '.join(map(str, ports))}"
+            raise ctx.error("ports", f"{have}: say which port the app listens on with expose: [\"PORT\"] (or {MARK}: "
+                                     f"{{port: PORT}}) to serve it to the other services on the bridge's address "
+                                     f"{ctx.gateway} only, or publish it for clients on this host "
+                                     "(\"127.0.0.1:PORT:PORT\")")
+        port = ports[0]
+    protocols = sorted({proto for p, proto in exposed if p == port}) or ["tcp"]
+    listen = own.get("listen", f"{ctx.gateway}:{port}")
+    name = ctx.at.rsplit(".", 1)[1]
+    if "listen" not in own:
+        ctx.tell("ports", f"none published: served on {listen} only (the bridge's address), where the other "
+                          f"services reach it ({name}:{port} with depends_on: [{name}]) and so does this host, "
+                          "nothing else; publish a port to serve other clients")
+    out: dict[str, Any] = {"listen": listen, "port": port}
+    if protocols != ["tcp"]:
+        out["protocol"] = protocols if len(protocols) > 1 else protocols[0]
+    return out
+
+
+def _exposed(raw: Any, ctx: _Context) -> list[tuple[int, str]]:
+    """expose: PORT[/PROTOCOL] (a number or a string; a range is refused) -> (port, protocol)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ctx.error("expose", "expected a list of PORT or PORT/PROTOCOL")
+    out = []
+    for item in raw:
+        text, _, proto = str(item).partition("/")
+        if proto not in ("", "tcp", "udp") or not text.isdigit():
+            raise ctx.error("expose", f"'{str(item)[:40]}': expected PORT, PORT/tcp or PORT/udp (one port, no range)")
+        out.append((_number(text, ctx), proto or "tcp"))
+    return out
+
+
+def _port(p: Any, ctx: _Context) -> tuple[str, int, int, str]:
     if isinstance(p, Mapping):
-        if str(p.get("protocol", "tcp")) != "tcp":
-            raise ConfigError(f"{at}.ports: only TCP ports can be served")
+        proto = str(p.get("protocol", "tcp"))
+        if proto not in ("tcp", "udp"):
+            raise ctx.error("ports", f"protocol {proto[:20]}: only TCP and UDP ports can be served")
         if p.get("published") is None or p.get("target") is None:
-            raise ConfigError(f"{at}.ports: a port needs both published and target")
-        return str(p.get("host_ip") or "0.0.0.0"), _number(p["published"], at), _number(p["target"], at)
+            raise ctx.error("ports", "a port needs both published and target")
+        return (str(p.get("host_ip") or "0.0.0.0"), _number(p["published"], ctx), _number(p["target"], ctx),
+                proto)
     text = str(p)
     text, _, proto = text.partition("/")
-    if proto not in ("", "tcp"):
-        raise ConfigError(f"{at}.ports: '{p}': only TCP ports can be served")
+    if proto not in ("", "tcp", "udp"):
+        raise ctx.error("ports", f"'{str(p)[:60]}': only TCP and UDP ports can be served (/tcp, /udp)")
     m = re.fullmatch(r"(?:(\[[0-9a-fA-F:.]+\]|[0-9.]+):)?(\d+):(\d+)", text)
     if m is None:
-        raise ConfigError(f"{at}.ports: '{p}': expected [HOST_IP:]PUBLISHED:TARGET with one published port")
+        raise ctx.error("ports", f"'{str(p)[:60]}': expected [HOST_IP:]PUBLISHED:TARGET[/udp] with one published "
+                                 "port")
     host = (m.group(1) or "0.0.0.0").strip("[]")
-    return host, _number(m.group(2), at), _number(m.group(3), at)
+    return host, _number(m.group(2), ctx), _number(m.group(3), ctx), proto or "tcp"
 
 
-def _number(v: Any, at: str) -> int:
+def _number(v: Any, ctx: _Context) -> int:
     try:
-        n = int(str(v))
+        return int(str(v))
     except ValueError:
-        raise ConfigError(f"{at}.ports: '{v}' is not a port number") from None
-    return n
+        raise ctx.error("ports", f"'{str(v)[:20]}' is not a port number") from None
 
 
-def _interpolate(value: Any, env: Mapping[str, str], where: str, at: str) -> Any:
+def _interpolate(value: Any, env: Mapping[str, str], where: str, at: str, problems: list[str],
+                 unset: dict[str, str]) -> Any:
+    """Every string of `value` interpolated; a problem is added to `problems` (its string then left as it is),
+    and each unset variable's first place to `unset`."""
     if isinstance(value, str):
-        return _VAR.sub(lambda m: _substitute(m, env, where, at), value)
+        try:
+            result = interpolate(value, env.get)
+        except InterpolationError as e:
+            problems.append(f"{where}: {at}: {e}")
+            return value
+        for name in result.unset:
+            unset.setdefault(name, at)
+        return result.text
     if isinstance(value, Mapping):
-        return {k: _interpolate(v, env, where, f"{at}.{k}" if at else str(k)) for k, v in value.items()}
+        return {k: _interpolate(v, env, where, f"{at}.{k}" if at else str(k), problems, unset)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, env, where, at) for v in value]
+        return [_interpolate(v, env, where, at, problems, unset) for v in value]
     return value
-
-
-def _substitute(m: re.Match[str], env: Mapping[str, str], where: str, at: str) -> str:
-    if m.group(1):
-        return "$"
-    name = m.group(2) or m.group(5)
-    op, arg = m.group(3), m.group(4) or ""
-    value = env.get(name)
-    unset_or_empty = value is None or (op is not None and op.startswith(":") and value == "")
-    if op in (":-", "-") and unset_or_empty:
-        return arg
-    if op in (":?", "?") and unset_or_empty:
-        raise ConfigError(f"{where}: {at}: ${{{name}}} is required: {arg or 'not set'}")
-    return value or ""

@@ -7,6 +7,9 @@
 - No sexagesimal numbers: YAML 1.1 reads an unquoted `18:00` as the integer 1080, which turned
   `listen: 18:00` into port 1080 on every interface. Here it stays the string "18:00".
 - Only the safe tags (SafeLoader): nothing in the file can construct Python objects.
+- YAML 1.1 reads unquoted yes/no/on/off as booleans, YAML 1.2 (and so docker compose) as words. They are
+  booleans here, but a mapping or list that holds one is a WordMap or WordList that remembers each such value's
+  word (words_of), so a reader with YAML 1.2's rules (the Compose translation) can take the word back.
 
 Errors are LoadError with a one-line message and, when known, the line and column.
 """
@@ -17,7 +20,7 @@ import re
 from typing import Any
 
 import yaml
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 #: more nodes than any sensible services file has, far fewer than an alias bomb expands to
 MAX_NODES = 100_000
@@ -29,6 +32,34 @@ class LoadError(ValueError):
     def __init__(self, problem: str, mark: Any = None) -> None:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         super().__init__(f"{problem}{at}")
+
+
+#: the YAML 1.1 booleans that YAML 1.2 reads as plain words
+YAML11_BOOL_WORDS = frozenset({"yes", "no", "on", "off"})
+
+
+class WordMap(dict[Any, Any]):
+    """A mapping some of whose values were written as yes/no/on/off: `words` maps their keys to the words."""
+
+    words: dict[Any, str]
+
+
+class WordList(list[Any]):
+    """A list some of whose items were written as yes/no/on/off: `words` maps their indexes to the words."""
+
+    words: dict[int, str]
+
+
+def words_of(container: Any) -> dict[Any, str]:
+    """Which values of a loaded mapping or list were yes/no/on/off words (key or index -> the word as written)."""
+    return dict(getattr(container, "words", {}))
+
+
+def _word(node: Node) -> str | None:
+    if isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:bool" and node.style is None \
+            and str(node.value).lower() in YAML11_BOOL_WORDS:
+        return str(node.value)
+    return None
 
 
 class _Loader(yaml.SafeLoader):
@@ -51,6 +82,22 @@ class _Loader(yaml.SafeLoader):
             except TypeError:
                 raise LoadError("a mapping key must be a plain value", key_node.start_mark) from None
         return super().construct_mapping(node, deep=deep)
+
+    def construct_word_map(self, node: MappingNode) -> Any:
+        data: dict[Any, Any] = {}
+        if any(_word(v) for _, v in node.value) or any(k.tag == "tag:yaml.org,2002:merge" for k, _ in node.value):
+            data = WordMap()
+        yield data
+        data.update(self.construct_mapping(node))
+        if isinstance(data, WordMap):  # after construct_mapping: node.value then holds the merged (<<) pairs too
+            data.words = {self.construct_object(k, deep=True): w for k, v in node.value if (w := _word(v))}
+
+    def construct_word_list(self, node: SequenceNode) -> Any:
+        data: list[Any] = WordList() if any(_word(v) for v in node.value) else []
+        yield data
+        data.extend(self.construct_sequence(node))
+        if isinstance(data, WordList):
+            data.words = {i: w for i, v in enumerate(node.value) if (w := _word(v))}
 
 
 def _check_expansion(root: Node) -> None:
@@ -92,6 +139,8 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_word_map)
+_Loader.add_constructor("tag:yaml.org,2002:seq", _Loader.construct_word_list)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:int",
     re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),

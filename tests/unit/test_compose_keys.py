@@ -43,6 +43,7 @@ APPLIED: dict[str, tuple[Any, Any]] = {
     "volumes": (["./data:/data:ro"], lambda s: s.volumes[0].target == "/data" and s.volumes[0].read_only),
     "ports": (["127.0.0.1:8081:80", "8082:80"], lambda s: [str(a) for a in s.listen] ==
               ["127.0.0.1:8081", "0.0.0.0:8082"] and s.port == 80),
+    "expose": (["80"], lambda s: s.port == 80),  # the published port's: nothing to say (no port published: below)
     "hostname": ("web1", lambda s: s.hostname == "web1"),
     "read_only": (True, lambda s: s.read_only),
     "tmpfs": (["/run:size=1m", "/tmp"], lambda s: [t.target for t in s.tmpfs] == ["/run", "/tmp"]
