@@ -1,4 +1,5 @@
-"""Command line: `activator run|validate|reload|status|inspect|checkpoint|cleanup|schema`.
+"""Command line: `activator run|validate|reload|status|top|wake|stop|start|scale|logs|inspect|checkpoint|cleanup|
+schema`. The services file is `-c FILE` (default /etc/activator/config.yaml), before or after the command.
 
 Errors a user can cause come out as one line, `activator: error: ...`, and a non-zero exit (2 for a bad config,
 1 otherwise); never a traceback. Anything else is a bug: it is reported in one line too, with exit code 70, and
@@ -24,7 +25,7 @@ from typing import Any
 from . import __version__
 from .config.model import Config, ServiceConfig, load_config
 from .core import liveview
-from .errors import ActivatorError, ConfigError, PreflightError, escape, one_line
+from .errors import ActivatorError, ConfigError, PreflightError, combined, escape, one_line
 from .errors import terminal_safe as terminal_safe  # where tests and callers have found it
 from .runtime import preflight
 
@@ -101,16 +102,19 @@ def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
+    """What `run` would refuse at start, refused here, every problem on its line; what the file would make the
+    daemon do (each service's addresses, what a reload would change) said."""
     from .daemon import control
     from .statedir import StateDir
 
     sock = StateDir.of(cfg).control_socket
-    if not args.file_only:
-        _check_host(cfg, sock)
+    warnings = [] if args.file_only else _check_host(cfg, sock)
     names = ", ".join(s.name for s in cfg.services)
     print(f"{cfg.path}: ok ({len(cfg.services)} service(s): {names})" if cfg.services else
           f"{cfg.path}: ok (no service yet: add one under services: and reload)")
-    for note in cfg.notes:  # Compose keys activator does not act on: said, never silently dropped
+    for svc in cfg.services:
+        print(f"  {svc.name} listens on {_addresses(svc)}")
+    for note in (*cfg.notes, *warnings):  # Compose keys activator does not act on, and warnings: said, never dropped
         print(f"{cfg.path}: {note}")
     if not sock.exists() or os.geteuid() != 0:
         return 0
@@ -125,52 +129,144 @@ def cmd_validate(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_host(cfg: Config, sock: Any) -> None:
-    """What can be checked without starting anything (--file-only skips it): each image is in the Docker engine,
-    each listen address is free or already the running daemon's for that service, a seccomp profile exists."""
+def _addresses(svc: ServiceConfig) -> str:
+    """A service's effective listen addresses as the daemon binds them: a wildcard said to be every interface."""
+    if not svc.listen:
+        return f"the sockets systemd passes with FileDescriptorName={svc.name} (listen: systemd)"
+    protocols = "/".join(svc.protocol)
+    return ", ".join(f"{a} ({protocols}" + ("; every interface of this host)" if a.host in ("0.0.0.0", "::") else ")")
+                     for a in svc.listen)
+
+
+def _check_host(cfg: Config, sock: Any) -> list[str]:
+    """What can be checked without starting anything (--file-only skips it), as `run` checks it at start: the
+    binaries, state_dir, each image (and the user it runs as) in the engine, each listen address free or already
+    the running daemon's for that service, the metrics and agent addresses, profiles, volumes, keys. Every problem
+    is raised together (a line each); what only changes how a service is served is returned as warnings."""
     from .checkpoints.host import load_trust
     from .checkpoints.images import ImageSource
     from .daemon import control
     from .daemon.listeners import bind_listener
-    from .runtime import userns, volumes
+    from .runtime import cgroups, userns, volumes
+
+    problems: list[ActivatorError] = []
+    warnings: list[str] = []
+
+    def check(fn: Callable[[], object], where: str = "", said: Callable[[str], str] = str) -> None:
+        """fn's problem, if it has one, kept (prefixed with the file and key where given)."""
+        try:
+            fn()
+        except ActivatorError as e:
+            cls = ConfigError if isinstance(e, ConfigError) else ActivatorError
+            problems.append(cls(f"{cfg.path}: {where}: {said(str(e))}") if where else e)
 
     held: set[tuple[str, str]] = set()
+    daemon = False
     if sock.exists() and os.geteuid() == 0:
         with contextlib.suppress(ActivatorError):  # no daemon, or one that does not answer: nothing is held
             st = control.request(sock, "status")
             held = {(svc["name"], addr) for svc in st["services"] for addr in svc["listen"]}
-    images = ImageSource(cfg.settings.state_dir, cfg.settings.images)
-    load_trust(cfg)  # a key file missing, unreadable, not a key, or a signing key others can read: one line
+            daemon = True
+    for binary, check_binary in (("runc", preflight.check_runc), ("criu", preflight.check_criu)):
+        name = getattr(cfg.settings, binary)
+        check(lambda c=check_binary, n=name: c(n), f"settings.{binary}")  # type: ignore[misc]
+    check(lambda: _check_state_dir(cfg))
+    check(lambda: load_trust(cfg))  # a key file missing, unreadable, not a key, or a signing key others can read
     if cfg.settings.checkpoint_registry is not None and shutil.which("skopeo") is None:
-        raise ActivatorError(f"{cfg.path}: settings.checkpoint_registry needs skopeo, which is not installed; run "
-                             "'make setup' (or apt-get install skopeo)")
+        problems.append(ActivatorError(f"{cfg.path}: settings.checkpoint_registry needs skopeo, which is not "
+                                       "installed; run 'make setup' (or apt-get install skopeo)"))
+    if not daemon:  # a running daemon on this state dir holds them itself
+        if cfg.settings.metrics is not None:
+            check(lambda: _bindable(cfg.settings.metrics, "settings.metrics", cfg, "set it to null"))
+        if cfg.settings.agent is not None:
+            check(lambda: _bindable(cfg.settings.agent.listen, "settings.agent.listen", cfg,  # type: ignore[union-attr]
+                                    "remove settings.agent"))
+    images: ImageSource | None = ImageSource(cfg.settings.state_dir, cfg.settings.images)
     for svc in cfg.services:
         if svc.seccomp.startswith("/") and not Path(svc.seccomp).is_file():
-            raise ConfigError(f"{cfg.path}: services.{svc.name}.seccomp: {svc.seccomp} does not exist")
-        try:
-            images.resolve(svc.image, svc.name)
-        except PreflightError as e:  # no engine at that address: nothing else about images can be said
-            raise ActivatorError(f"{cfg.path}: settings.images: {e}") from None
-        except ActivatorError as e:
-            raise ActivatorError(f"{cfg.path}: services.{svc.name}.image: {str(e).split(': ', 1)[-1]}") from None
-        except Exception as e:  # the engine stopped answering midway: said, not fatal (the daemon waits for it too)
-            print(f"{cfg.path}: services.{svc.name}.image: not checked, the {cfg.settings.images.name} engine did "
-                  f"not answer ({type(e).__name__})", file=sys.stderr)
+            problems.append(ConfigError(f"{cfg.path}: services.{svc.name}.seccomp: {svc.seccomp} does not exist"))
+        if images is not None:
+            try:
+                _check_image(cfg, svc, images)
+            except PreflightError as e:  # no engine at that address: nothing else about images can be said
+                problems.append(ActivatorError(f"{cfg.path}: settings.images: {e}"))
+                images = None
+            except ActivatorError as e:
+                problems.append(e)
+            except Exception as e:  # the engine stopped answering midway: said, not fatal (the daemon waits too)
+                warnings.append(f"services.{svc.name}.image: not checked, the {cfg.settings.images.name} engine "
+                                f"did not answer ({type(e).__name__})")
         for addr in svc.listen:
             if (svc.name, str(addr)) not in held:
-                bind_listener(addr, svc, cfg).close()  # a one-line ActivatorError if it is taken
-        if svc.userns == "private":
-            try:  # state_dir itself is made passable by the daemon; its parents must be already
-                userns.check_passable(cfg.settings.state_dir)
-            except ActivatorError as e:
-                raise ActivatorError(f"{cfg.path}: services.{svc.name}.userns: {e}") from None
+                check(lambda a=addr, s=svc: bind_listener(a, s, cfg).close())  # type: ignore[misc]
+        if svc.userns == "private":  # state_dir itself is made passable by the daemon; its parents must be already
+            check(lambda: userns.check_passable(cfg.settings.state_dir), f"services.{svc.name}.userns")
         for i, v in enumerate(svc.volumes):
             if v.external:
-                try:
-                    volumes.docker_volume(v.source)
-                except ActivatorError as e:
-                    raise ActivatorError(f"{cfg.path}: services.{svc.name}.volumes[{i}]: "
-                                         f"{str(e).removeprefix('volumes: ')}") from None
+                check(lambda v=v: volumes.docker_volume(v.source), f"services.{svc.name}.volumes[{i}]",  # type: ignore[misc]
+                      lambda text: text.removeprefix("volumes: "))
+        if svc.handoff and not cgroups.v1_devices():
+            warnings.append(f"services.{svc.name}.handoff: warning: this host cannot hand off (restores through CRIU "
+                            "directly need cgroup v1 device files): `run` serves it through the activator's other "
+                            "paths instead")
+    if problems:
+        raise combined(problems)
+    return warnings
+
+
+def _check_state_dir(cfg: Config) -> None:
+    """state_dir, or the first of its parents that exists, is a directory (else `run` fails making its layout)."""
+    for d in (cfg.settings.state_dir, *cfg.settings.state_dir.parents):
+        if d.exists() or d.is_symlink():
+            if not d.is_dir():
+                raise ActivatorError(f"{cfg.path}: settings.state_dir: {d} is not a directory; remove what is in "
+                                     "the way or pick another path")
+            return
+
+
+def _bindable(addr: Any, key: str, cfg: Config, other: str) -> None:
+    """A TCP address the daemon listens on itself (metrics, agent) is free, as `run` needs it at start."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((addr.host, addr.port))
+            s.listen(1)
+        except OSError as e:
+            raise ActivatorError(f"{cfg.path}: {key}: cannot listen on {addr}: {e.strerror}; pick another address "
+                                 f"or {other}") from None
+
+
+def _check_image(cfg: Config, svc: ServiceConfig, images: Any) -> None:
+    """The service's image is in the engine, and the user it runs as is in the image's /etc/passwd (and group)."""
+    import tempfile
+
+    from .checkpoints.images import resolve_user
+
+    try:
+        image = images.resolve(svc.image, svc.name)
+    except PreflightError:
+        raise
+    except ActivatorError as e:
+        raise ActivatorError(f"{cfg.path}: services.{svc.name}.image: {str(e).split(': ', 1)[-1]}") from None
+    user = svc.user if svc.user is not None else image.user
+    name, _, group = user.partition(":")
+    if name.isdigit() and (not group or group.isdigit()):
+        return  # numbers need no lookup
+    with tempfile.TemporaryDirectory(prefix="activator-validate-") as tmp:
+        if not images.account_files(image, Path(tmp)):
+            return
+        try:
+            resolve_user(Path(tmp), user, svc.name)
+        except ActivatorError as e:
+            problem = str(e).split(": ", 1)[-1]
+            raise ActivatorError(
+                f"{cfg.path}: services.{svc.name}.user: {problem}; name a user the image has, or a number"
+                if svc.user is not None else
+                f"{cfg.path}: services.{svc.name}.image: its USER {user!r}: {problem}; set user: to one it has"
+            ) from None
 
 
 def _daemon_said(e: ActivatorError, sock: object) -> str:
@@ -231,18 +327,23 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 TRANSFER_VERBS = ("export", "import", "push", "pull")
 #: checkpoint verbs about keys and signatures: no services file needed when the key is named on the command line
 KEY_VERBS = ("keygen", "sign")
+CHECKPOINT_VERBS = ("build", *TRANSFER_VERBS, *KEY_VERBS)
+#: what each checkpoint verb takes
+CHECKPOINT_WHAT = {"build": "SERVICE", "export": "SERVICE", "import": "FILE", "push": "SERVICE", "pull": "SERVICE",
+                   "keygen": "PATH", "sign": "FILE"}
+DEFAULT_CONFIG = "/etc/activator/config.yaml"
 
 
 def cmd_keys(cfg: Config | None, args: argparse.Namespace) -> int:
     """`checkpoint keygen PATH` and `checkpoint sign FILE [--key KEY]`."""
     from .checkpoints import ociarchive, signing, transfer
 
-    verb, words = args.words[0], args.words[1:]
-    if len(words) != 1:
+    verb, what = args.verb, args.what
+    if what is None:
         raise ActivatorError(f"usage: activator checkpoint {verb} {'PATH' if verb == 'keygen' else 'FILE --key KEY'}")
     if verb == "keygen":
-        pub, kid = signing.generate(Path(words[0]).absolute())
-        print(f"{words[0]}: signing key {kid} (keep it on the builder host only, mode 0600); its public key is {pub}:"
+        pub, kid = signing.generate(Path(what).absolute())
+        print(f"{what}: signing key {kid} (keep it on the builder host only, mode 0600); its public key is {pub}:"
               " list it in settings.checkpoint_trust.keys on every host that imports or pulls")
         return 0
     where = f"{cfg.path}: settings.checkpoint_trust" if cfg is not None else "--key"
@@ -251,27 +352,46 @@ def cmd_keys(cfg: Config | None, args: argparse.Namespace) -> int:
         raise ActivatorError("activator checkpoint sign: name the key (--key KEY, or settings.checkpoint_trust."
                              "sign_key)")
     key = signing.load_private(key_path.absolute(), where)
-    archive = Path(words[0]).absolute()
+    archive = Path(what).absolute()
     image = ociarchive.read(archive)
     sig = signing.sign(key, image.digest)
     transfer.seal(archive, sig)
-    print(f"{words[0]}: signed by {sig.key} (image {image.digest[:19]})")
+    print(f"{what}: signed by {sig.key} (image {image.digest[:19]})")
     return 0
 
 
 def cmd_checkpoint(cfg: Config, args: argparse.Namespace) -> int:
-    words = args.words
-    if words[0] in KEY_VERBS and not any(s.name == words[0] for s in cfg.services):
+    verb, what = args.verb, args.what
+    if what is None:  # `checkpoint export` where export is a service's name: built, as before verbs existed
+        if verb != "build" and any(s.name == verb for s in cfg.services):
+            return _checkpoint_build(cfg, args, verb)
+        raise ActivatorError(f"usage: activator checkpoint {verb} {CHECKPOINT_WHAT[verb]}"
+                             + (" -o FILE" if verb == "export" else ""))
+    if verb in KEY_VERBS:
         return cmd_keys(cfg, args)
-    if words[0] in TRANSFER_VERBS and not any(s.name == words[0] for s in cfg.services):
-        if len(words) != 2:
-            raise ActivatorError(f"usage: activator checkpoint {words[0]} "
-                                 f"{'FILE' if words[0] == 'import' else 'SERVICE'}")
-        return _checkpoint_transfer(cfg, args, words[0], words[1])
-    if len(words) != 1:
-        raise ActivatorError("usage: activator checkpoint SERVICE [--rebuild] | export SERVICE -o FILE | import "
-                             "FILE | push SERVICE | pull SERVICE | keygen PATH | sign FILE")
-    return _checkpoint_build(cfg, args, words[0])
+    if verb in TRANSFER_VERBS:
+        return _checkpoint_transfer(cfg, args, verb, what)
+    return _checkpoint_build(cfg, args, what)
+
+
+def checkpoint_argv(argv: list[str]) -> list[str]:
+    """`checkpoint SERVICE` (the verb left out) is `checkpoint build SERVICE`, and options written between
+    `checkpoint` and its verb (`checkpoint -c FILE export SERVICE`) go after the verb: both as the command line
+    was before the verbs were sub-commands."""
+    valued = {"-c", "--config", "-o", "--output", "--service", "--key", "--log-level", "--log-format"}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in valued else 1
+    if i >= len(argv) or argv[i] != "checkpoint":
+        return argv
+    head, rest = argv[:i + 1], argv[i + 1:]
+    j = 0
+    while j < len(rest) and rest[j].startswith("-") and rest[j] not in ("-h", "--help"):
+        j += 2 if rest[j] in valued else 1
+    if j >= len(rest) or rest[j].startswith("-"):
+        return argv  # nothing after it, or --help: argparse says what it takes
+    verb = rest[j] if rest[j] in CHECKPOINT_VERBS else "build"
+    return [*head, verb, *rest[:j], *rest[j + (verb == rest[j]):]]
 
 
 def _checkpoint_build(cfg: Config, args: argparse.Namespace, name: str) -> int:
@@ -474,7 +594,12 @@ def cmd_status(cfg: Config | None, args: argparse.Namespace) -> int:
     where = _control_socket(cfg, args.config)
     if args.watch:
         return _watch(where, cfg.path if cfg else args.config, args.interval, args.count)
-    st = control.request(where, "status")
+    try:
+        st = control.request(where, "status")
+    except ActivatorError as e:
+        if args.json:  # a script reading stdout gets an answer too, not nothing
+            print(json.dumps({"running": False, "socket": str(where), "error": str(e)}, indent=2))
+        raise
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -654,7 +779,12 @@ def _say(line: str) -> None:
     print(one_line(line))
 
 
-def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
+def _names_an_image(what: str) -> bool:
+    """An archive file or a registry reference, not a service name (those have neither '/' nor ':')."""
+    return Path(what).exists() or "/" in what or ":" in what
+
+
+def _inspect_image(cfg: Config | None, what: str, as_json: bool) -> int:
     """A checkpoint image, from an archive file or a registry reference, made by activator or not."""
     import tempfile
 
@@ -669,7 +799,8 @@ def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
         if Path(what).exists():
             image = ociarchive.read(Path(what))
         else:
-            settings = cfg.settings.checkpoint_registry or RegistrySettings(repository="localhost/unused")
+            settings = (cfg.settings.checkpoint_registry if cfg is not None else None) or \
+                RegistrySettings(repository="localhost/unused")
             if not Registry(settings).pull(what, Path(tmp, "image.tar")):
                 raise ActivatorError(f"{what}: no such file, and the registry has no such image")
             image = ociarchive.read(Path(tmp, "image.tar"))
@@ -689,7 +820,7 @@ def _inspect_image(cfg: Config, what: str, as_json: bool) -> int:
                     held |= contents(layer / "checkpoint")
         trust = None
         with contextlib.suppress(ActivatorError):  # no usable trust here: the signature is shown unchecked
-            trust = load_trust(cfg)[0] if cfg.settings.checkpoint_trust.keys else None
+            trust = load_trust(cfg)[0] if cfg is not None and cfg.settings.checkpoint_trust.keys else None
         try:
             signature = pulled_sig or signing.of_annotations(image.envelope, what)
             signed = signing.describe(signature, image.digest, trust)
@@ -731,8 +862,7 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
     from .checkpoints.store import CheckpointStore, contents
     from .statedir import StateDir
 
-    if not any(s.name == args.service for s in cfg.services) and (
-            Path(args.service).exists() or "/" in args.service or ":" in args.service):
+    if not any(s.name == args.service for s in cfg.services) and _names_an_image(args.service):
         return _inspect_image(cfg, args.service, args.json)
     svc = cfg.service(args.service)
     ck = CheckpointStore(StateDir.of(cfg)).load(svc.name)
@@ -791,29 +921,41 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="activator", description=__doc__)
+    p = argparse.ArgumentParser(prog="activator", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"activator {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"],
                    help="json: one JSON object per line (time, level, logger, message, service, instance)")
-    sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Callable[[Config, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help)
-        sp.add_argument("-c", "--config", default="/etc/activator/config.yaml", help="services YAML file")
+    def config_option(parser: argparse.ArgumentParser) -> None:
+        # SUPPRESS: given before the command or after it, whichever was given counts (main() fills the default)
+        parser.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                            help=f"the services file (default {DEFAULT_CONFIG})")
+
+    config_option(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[Config, argparse.Namespace], int] | None, help: str,
+            under: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = under.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        config_option(sp)
         sp.set_defaults(fn=fn)
         return sp
 
     add("run", cmd_run, "listen on every service's addresses and restore instances on demand")
-    v = add("validate", cmd_validate, "check a services file without starting anything: the file, and that each "
-            "image exists, each listen address is free (or the running daemon's), each profile exists")
+    v = add("validate", cmd_validate, "check a services file as `run` would at start, without starting anything: "
+            "the file (every problem, one line each), the binaries and state_dir, each image and its user, each "
+            "listen, metrics and agent address free (or the running daemon's), each profile, volume and key; then "
+            "each service's addresses, and what a reload of the running daemon would change")
     v.add_argument("file", nargs="?", help="services YAML file (same as -c)")
     v.add_argument("--file-only", action="store_true",
                    help="check the file alone (what the unit's ExecStartPre does: its sockets may be systemd's)")
     add("reload", cmd_reload, "make the running daemon re-read its services file (what SIGHUP does), and say "
         "what changed")
     status = add("status", cmd_status, "show the running daemon's services, instances and checkpoints")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--json", action="store_true", help="machine-readable output ({\"running\": false, ...} "
+                                                            "when no daemon answers)")
     status.add_argument("--watch", "-w", action="store_true",
                         help="a live view like `docker stats`: services, instances, connections, starts per second, "
                              "memory and CPU, refreshed every --interval seconds until Ctrl-C (also `activator top`)")
@@ -837,39 +979,62 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--raw", action="store_true", help="the app's bytes as it wrote them (control characters "
                       "and escape sequences included: not for a terminal)")
     ins = add("inspect", cmd_inspect, "show what a service's checkpoint holds and what it was built from; or a "
-              "checkpoint image's (an archive FILE or a registry REF)")
+              "checkpoint image's (an archive FILE or a registry REF: no services file needed)")
     ins.add_argument("service", metavar="SERVICE | FILE | REF")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
-    ck = add("checkpoint", cmd_checkpoint, "build a service's checkpoint if missing or stale; or move one between "
-             "hosts: export SERVICE -o FILE, import FILE, push SERVICE, pull SERVICE (an OCI image, through "
-             "settings.checkpoint_registry)")
-    ck.add_argument("words", nargs="+", metavar="SERVICE | export SERVICE | import FILE | push SERVICE | pull SERVICE"
-                    " | keygen PATH | sign FILE")
-    ck.add_argument("--rebuild", action="store_true", help="rebuild even if current")
-    ck.add_argument("-o", "--output", help="export: the archive to write (an OCI image archive, skopeo's "
-                    "oci-archive)")
-    ck.add_argument("--service", help="import: the service it is for, if not the one it was exported from")
-    ck.add_argument("--key", help="export, sign: the private key to sign with (default: "
-                                  "settings.checkpoint_trust.sign_key)")
+    ck = add("checkpoint", cmd_checkpoint, "build a service's checkpoint if missing or stale (`checkpoint SERVICE` "
+             "is `checkpoint build SERVICE`); move one between hosts (export, import, push, pull: an OCI image, "
+             "through a file or settings.checkpoint_registry); make and use signing keys (keygen, sign)")
+    verbs = ck.add_subparsers(dest="verb", required=True, metavar="VERB")
+    what_help = {"SERVICE": "a service of the services file", "FILE": "a checkpoint archive",
+                 "PATH": "where the private key goes (the public one beside it, PATH.pub)"}
+    for verb, text in (
+            ("build", "build a service's checkpoint if it is missing or stale (through the running daemon if there "
+                      "is one)"),
+            ("export", "write a service's checkpoint to an OCI image archive, signed with --key or "
+                       "settings.checkpoint_trust.sign_key"),
+            ("import", "install a checkpoint archive made on another host, once its signature and contents are "
+                       "checked"),
+            ("push", "push a service's checkpoint to settings.checkpoint_registry"),
+            ("pull", "pull a service's checkpoint from settings.checkpoint_registry"),
+            ("keygen", "make an Ed25519 signing key for checkpoints (no services file needed)"),
+            ("sign", "sign a checkpoint archive (no services file needed with --key)")):
+        vp = add(verb, cmd_checkpoint, text, verbs)
+        what = CHECKPOINT_WHAT[verb]
+        vp.add_argument("what", nargs="?", metavar=what, help=what_help[what])
+        vp.set_defaults(rebuild=False, output=None, service=None, key=None)
+        if verb == "build":
+            vp.add_argument("--rebuild", action="store_true", help="rebuild even if current")
+        if verb == "export":
+            vp.add_argument("-o", "--output", help="the archive to write (an OCI image archive, skopeo's oci-archive)")
+        if verb == "import":
+            vp.add_argument("--service", help="the service it is for, if not the one it was exported from")
+        if verb in ("export", "sign"):
+            vp.add_argument("--key", help="the private key to sign with (default: settings.checkpoint_trust."
+                                          "sign_key)")
     add("cleanup", cmd_cleanup, "remove instances, mounts and namespaces left by a crashed run")
-    schema = sub.add_parser("schema", help="print the JSON Schema of the services file (for editors)")
+    schema = add("schema", None, "print the JSON Schema of the services file (for editors), or with --markdown "
+                 "the configuration reference")
     schema.add_argument("--markdown", action="store_true",
                         help="print the configuration reference instead (docs/configuration.md): every key's type, "
                              "default, range, an example, and whether a change takes a reload, a checkpoint rebuild "
                              "or a restart")
-    schema.set_defaults(fn=None)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(checkpoint_argv(sys.argv[1:] if argv is None else argv))
+    if not hasattr(args, "config"):
+        args.config = DEFAULT_CONFIG
     _setup_logging(args.log_level, args.log_format)
     try:
         if args.fn is None:
             return cmd_schema(args)
-        if args.fn is cmd_checkpoint and args.words[0] in KEY_VERBS and (args.words[0] == "keygen" or args.key) \
-                and not Path(args.config).exists():
-            return cmd_keys(None, args)
+        if not Path(args.config).exists() and not getattr(args, "file", None):
+            if args.fn is cmd_checkpoint and args.verb in KEY_VERBS and (args.verb == "keygen" or args.key):
+                return cmd_keys(None, args)
+            if args.fn is cmd_inspect and _names_an_image(args.service):
+                return _inspect_image(None, args.service, args.json)
         try:
             cfg = load_config(getattr(args, "file", None) or args.config)
         except ConfigError as e:
@@ -883,10 +1048,12 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.fn(None, args))
         return int(args.fn(cfg, args))
     except ConfigError as e:
-        print(f"activator: error: {e}", file=sys.stderr)
+        for line in e.lines:
+            print(f"activator: error: {line}", file=sys.stderr)
         return 2
     except ActivatorError as e:
-        print(f"activator: error: {e}", file=sys.stderr)
+        for line in e.lines:
+            print(f"activator: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

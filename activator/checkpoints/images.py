@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,32 @@ class ImageSource:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            with contextlib.suppress(Exception):
+                container.remove(force=True, v=True)
+
+    def account_files(self, image: ImageInfo, dest: Path) -> bool:
+        """The image's /etc/passwd and /etc/group copied under dest (as dest/etc/...), for resolve_user, without
+        unpacking the image: what `activator validate` checks a service's user against. False when either is not a
+        regular file the engine hands over (a symlink, say): the build resolves it in the unpacked image then."""
+        container = self.docker.containers.create(image.id, command=["/"], entrypoint=[""],
+                                                  labels={UNPACK_LABEL: str(self.state_dir)})
+        try:
+            (dest / "etc").mkdir(parents=True, exist_ok=True)
+            for name in ("passwd", "group"):
+                try:
+                    chunks, _ = container.get_archive(f"/etc/{name}")
+                except Exception:  # not in the image (docker.errors.NotFound): as resolve_user sees an empty file
+                    continue
+                data = b"".join(chunks)
+                with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                    member = next(iter(tar.getmembers()), None)
+                    if member is None or not member.isreg() or member.size > imagefs.MAX_FILE:
+                        return False
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    (dest / "etc" / name).write_bytes(f.read())
+            return True
         finally:
             with contextlib.suppress(Exception):
                 container.remove(force=True, v=True)

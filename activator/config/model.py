@@ -1468,9 +1468,10 @@ def _check_listeners(services: list[ServiceConfig], settings: Settings | None, w
                 problems.append(ConfigError(f"{where}: {k}: {addr} is already used by {whose}"))
             else:
                 wild = addr if ipaddress.ip_address(addr.host).is_unspecified else addr0
+                every = "every IPv6 and IPv4 address" if ":" in wild.host else "every IPv4 address"
                 problems.append(ConfigError(
-                    f"{where}: {k}: {addr} collides with {addr0} of {whose}: {wild.host} takes port {addr.port} on "
-                    "every address of the host, so the second socket cannot be bound; use one address for both, "
+                    f"{where}: {k}: {addr} collides with {addr0} of {whose}: {wild} takes port {addr.port} on "
+                    f"{every} of the host, so the second socket cannot be bound; use one address for both, "
                     "specific addresses for each, or another port"))
             break
     return problems

@@ -1,5 +1,5 @@
-"""Property: whatever file `activator validate` is given, it answers with exit code 0 or 2 and at most one
-line, never a traceback. Documents are generated from the real keys (so most get deep into validation) with
+"""Property: whatever file `activator validate` is given, it answers with exit code 0 or 2, never a traceback:
+"ok" and each service's addresses, or its problems, each on one line naming the file (issue 31: all of them). Documents are generated from the real keys (so most get deep into validation) with
 hostile values (NaN, huge numbers, wrong types, nesting, aliases), plus arbitrary text and bytes."""
 
 from __future__ import annotations
@@ -71,9 +71,12 @@ def check(data: bytes) -> None:
     assert "Traceback" not in err + out
     lines = err.splitlines()
     if rc == 0:
-        assert lines == [] and out.count("\n") == 1
+        said = out.splitlines()
+        assert lines == [] and ": ok (" in said[0]
+        assert all(line.startswith("  ") and " listens on " in line or ": services." in line for line in said[1:])
     else:
-        assert len(lines) == 1 and lines[0].startswith("activator: error: "), err
+        assert lines and all(line.startswith("activator: error: ") for line in lines), err
+        assert all("services.yaml" in line for line in lines), err
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
