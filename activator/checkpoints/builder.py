@@ -191,7 +191,7 @@ class CheckpointBuilder:
         return await asyncio.to_thread(transfer.export, ck, svc, image, out, self.store.root, key)
 
     async def import_archive(self, archive: Path, svc: ServiceConfig, *, source: str = "",
-                             signature: signing.Signature | None = None) -> Checkpoint:
+                             signature: signing.Signature | None = None, rename: bool = False) -> Checkpoint:
         """Check an OCI checkpoint image against what this host would build for svc and install it (running
         instances carry on with theirs). One line saying what differs if it cannot run here.
 
@@ -206,6 +206,13 @@ class CheckpointBuilder:
         if signature is None:
             signature = signing.of_annotations(image_doc.envelope, where)
         signer = self.trust.verify(signature, image_doc.digest, where)
+        # The signature covers the service the image was made for (its container.name annotation): another
+        # service's checkpoint, genuinely signed, is not this one's unless the operator says so (--service).
+        made_for = transfer.describe(image_doc.annotations)["container.name"]
+        if made_for != svc.name and not rename:
+            raise CheckpointError(f"{where}: this checkpoint was made for service '{made_for[:40]}', not "
+                                  f"'{svc.name}'; refused (to import it as '{svc.name}' on purpose: `activator "
+                                  f"checkpoint import FILE --service {svc.name}`)")
         wanted, image, filt = await self.wanted(svc)
         rootfs = self.store.image_rootfs(image.short_id)
         idmap = await asyncio.to_thread(self.idmap, svc)
@@ -276,23 +283,30 @@ class CheckpointBuilder:
         started = time.monotonic()
         with ociarchive.scratch(self.store.root, f".build-pull-{svc.name}-") as tmp:
             try:
-                # The signature first (a few hundred bytes): an unsigned image is not even downloaded.
+                # The signature first (a few hundred bytes), verified before anything else is downloaded: an
+                # unsigned image, or one whose signature is not a trusted key's, is never fetched. The image is
+                # then pulled by the digest the signature names, not by the tag (which its writer may move).
                 signature = None
-                found = True
+                found, image_ref = True, ref
                 if await asyncio.to_thread(self.registry.pull, ref + transfer.SIG_SUFFIX, tmp / "sig.tar"):
                     signature = await asyncio.to_thread(transfer.signature_of, tmp / "sig.tar", ref)
+                    self.trust.verify(signature, signature.manifest, ref)
+                    image_ref = f"{ref.rpartition(':')[0]}@{signature.manifest}"
                 else:  # no signature: as good as no image, unless unsigned ones are accepted (a lab)
                     found = self.trust.insecure_unsigned
                 if found:
-                    found = await asyncio.to_thread(self.registry.pull, ref, tmp / "image.tar")
+                    found = await asyncio.to_thread(self.registry.pull, image_ref, tmp / "image.tar")
                 pulled = time.monotonic()
                 ck = await self.import_archive(tmp / "image.tar", svc, source=ref, signature=signature) \
                     if found else None
-            except ActivatorError as e:
+            except Exception as e:  # whatever the registry's data made go wrong: counted, and (quiet) built here
                 self._transferred(svc, "pull", "failed")
                 if not quiet:
-                    raise
-                log.warning("service=%s pulling its checkpoint failed (%s); building it here", svc.name, e)
+                    if isinstance(e, ActivatorError):
+                        raise
+                    raise CheckpointError(f"service '{svc.name}': pulling {ref} failed: {type(e).__name__}") from e
+                log.warning("service=%s pulling its checkpoint failed (%s); building it here", svc.name,
+                            e if isinstance(e, ActivatorError) else type(e).__name__)
                 return None
         if ck is None:
             self._transferred(svc, "pull", "absent")
@@ -320,12 +334,13 @@ class CheckpointBuilder:
             try:
                 doc = await self.export(svc, tmp / "image.tar", self.sign_key)
                 exported = time.monotonic()
+                # The image first, then its signature: pullers go by the digest the signature names, so one that
+                # reads the signature before or after this push finds the image that signature is for.
+                await asyncio.to_thread(self.registry.push, tmp / "image.tar", ref)
                 if self.sign_key is not None:
-                    # The signature beside the image, pushed first: a puller that finds the image finds it too.
                     sig = signing.sign(self.sign_key, doc.digest)
                     await asyncio.to_thread(transfer.signature_image, sig, tmp / "sig.tar", tmp)
                     await asyncio.to_thread(self.registry.push, tmp / "sig.tar", ref + transfer.SIG_SUFFIX)
-                await asyncio.to_thread(self.registry.push, tmp / "image.tar", ref)
             except ActivatorError:
                 self._transferred(svc, "push", "failed")
                 raise

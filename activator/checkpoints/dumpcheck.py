@@ -247,7 +247,7 @@ def load_docs(images: Path, expected: Expected) -> dict[str, Any]:
                 raise refuse(name, "size", f"{st.st_size} bytes")
             try:
                 docs[name] = json.loads(path.read_bytes())
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise refuse(name, "file", "not JSON") from None
             continue
         if not magic:
@@ -311,7 +311,7 @@ def check_docs(docs: dict[str, Any], expected: Expected) -> None:
         _check(docs, expected, refuse)
     except DumpError:
         raise
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as e:
         # a field of the wrong shape somewhere a check did not expect one: still a refusal, never a crash
         raise refuse(refuse.current, "structure", f"malformed ({type(e).__name__}: {str(e)[:80]})") from None
 

@@ -327,7 +327,8 @@ def read(path: Path) -> Image:
             return Image(path, desc["digest"], (desc.get("annotations") or {}).get(REF_NAME, ""),
                          {str(k): str(v) for k, v in (manifest.get("annotations") or {}).items()}, config, layers,
                          members, {str(k): str(v) for k, v in (desc.get("annotations") or {}).items()})
-    except (OSError, tarfile.TarError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, tarfile.TarError, ValueError, KeyError, TypeError, AttributeError, RecursionError,
+            OverflowError) as e:  # a crafted document nests deeper than the parser goes, or sizes past floats
         if isinstance(e, ArchiveError):
             raise
         raise ArchiveError(f"{path}: not a readable OCI image archive ({type(e).__name__}: {e})") from None

@@ -85,7 +85,7 @@ class Signature:
             manifest, key, sig = doc["manifest"], doc["key"], base64.b64decode(doc["signature"], validate=True)
             if not (isinstance(manifest, str) and isinstance(key, str) and len(sig) == 64):
                 raise ValueError("wrong field types")
-        except (ValueError, KeyError, TypeError, binascii.Error) as e:
+        except (ValueError, KeyError, TypeError, binascii.Error, RecursionError) as e:
             raise SignatureError(f"{where}: its signature is malformed ({e}); sign it again with `activator "
                                  "checkpoint sign`") from None
         return cls(manifest, key, sig)

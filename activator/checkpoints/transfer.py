@@ -323,7 +323,7 @@ def _record(layer: Path, where: Path) -> tuple[dict[str, Any], HostFacts, Origin
         for k in ("created", "build_seconds"):
             if not isinstance(record.get(k), int | float) or not 0 <= record[k] < 2**40:
                 raise ValueError(k)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
         raise TransferError(f"{where}: its activator.json is missing or unreadable ({type(e).__name__}); "
                             "not a checkpoint image activator made") from None
     return record, facts, theirs

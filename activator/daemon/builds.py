@@ -69,7 +69,7 @@ class Builds:
         assert self.fleet.host is not None
         image = await asyncio.to_thread(ociarchive.read, Path(path))
         svc = transfer.service_of(image, self.fleet.config, name or None)
-        ck = await self.fleet.host.builder.import_archive(Path(path), svc)
+        ck = await self.fleet.host.builder.import_archive(Path(path), svc, rename=bool(name))
         self.fleet.use(svc, ck)
         return {"service": svc.name, "dir": str(ck.dir), "pages_bytes": ck.pages_bytes, "digest": image.digest}
 

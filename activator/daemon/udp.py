@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import socket
@@ -45,6 +46,8 @@ log = logging.getLogger("activator")
 
 Address = tuple[Any, ...]
 
+#: ended flows waiting for their host conntrack entries to be deleted, per listen address; past it they time out
+FORGET_QUEUE = 256
 #: unanswered flows one client address may have per service: a resolver's are a handful (one per query in flight)
 SOURCE_FLOWS = 64
 #: unanswered flows per service: each holds a descriptor once delivered, and its datagrams while held
@@ -258,7 +261,12 @@ class UdpFront(asyncio.DatagramProtocol):
         self.unanswered = unanswered if unanswered is not None else Unanswered()
         self.flows: dict[Address, Flow] = {}
         self.transport: asyncio.DatagramTransport | None = None
-        self._forgetting: set[asyncio.Task[Any]] = set()
+        # Ended flows whose host conntrack entries wait to be deleted, oldest first, bounded; one task deletes them
+        # one at a time on a thread of its own: a flood of flows must neither queue unbounded work nor take the
+        # shared thread pool every restore of every service needs (each delete is a netlink dump, ~10 ms).
+        self._to_forget: dict[Address, None] = {}
+        self._forgetter: asyncio.Task[None] | None = None
+        self._forget_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's do not subclass asyncio's
@@ -286,17 +294,33 @@ class UdpFront(asyncio.DatagramProtocol):
             self.transport.sendto(data, addr)
 
     def ended(self, flow: Flow) -> None:
-        """A relayed flow is over: its conntrack entry goes, so the client's next datagram is a new flow."""
-        task = spawn(self._forget(flow.addr), name="udp-forget")
-        self._forgetting.add(task)
-        task.add_done_callback(self._forgetting.discard)
+        """A relayed flow is over: its conntrack entry goes, so the client's next datagram is a new flow (and can
+        take the kernel path). Only for flows the app answered: an unanswered one's entry (a forged source's,
+        most likely) times out by itself, and its next datagram is relayed again, which is correct too."""
+        if flow.lease is None or len(self._to_forget) >= FORGET_QUEUE:
+            return
+        self._to_forget[flow.addr] = None
+        if self._forgetter is None or self._forgetter.done():
+            self._forgetter = spawn(self._forget(), name=f"udp-forget:{self.port}")
 
-    async def _forget(self, addr: Address) -> None:
-        with contextlib.suppress(Exception):  # best effort: at worst the entry times out on its own
-            await asyncio.to_thread(forget_udp_flow, (str(addr[0]), int(addr[1])), self.port)
+    async def _forget(self) -> None:
+        if self._forget_pool is None:
+            self._forget_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="udp-forget")
+        loop = asyncio.get_running_loop()
+        while self._to_forget:
+            addr = next(iter(self._to_forget))
+            del self._to_forget[addr]
+            with contextlib.suppress(Exception):  # best effort: at worst the entry times out on its own
+                await loop.run_in_executor(self._forget_pool, forget_udp_flow, (str(addr[0]), int(addr[1])),
+                                           self.port)
 
     def close(self) -> None:
         for flow in list(self.flows.values()):
             flow.close()
         if self.transport is not None:
             self.transport.close()
+        self._to_forget.clear()
+        if self._forgetter is not None:
+            self._forgetter.cancel()
+        if self._forget_pool is not None:
+            self._forget_pool.shutdown(wait=False)
