@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -108,14 +109,22 @@ def generate(private_path: Path) -> tuple[Path, str]:
     key beside it as PATH.pub. Returns (public key path, key id)."""
     key = Ed25519PrivateKey.generate()
     public_path = private_path.with_name(private_path.name + ".pub")
+    if not private_path.parent.is_dir():
+        raise SignatureError(f"{private_path.parent} does not exist; make it first (mkdir -m 700 "
+                             f"{private_path.parent}), or choose another PATH")
     for p in (private_path, public_path):
         if p.exists() or p.is_symlink():
             raise SignatureError(f"{p} exists; choose a new name (a key is never overwritten)")
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    _create(private_path, pem, 0o600)
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _create(public_path, pub, 0o644)
+    try:
+        _create(private_path, pem, 0o600)
+        _create(public_path, pub, 0o644)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            private_path.unlink()
+        raise SignatureError(f"{e.filename}: cannot be written ({e.strerror}); choose another PATH") from None
     return public_path, key_id(key.public_key())
 
 
@@ -132,16 +141,29 @@ def _read_key_file(path: Path, what: str, where: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise SignatureError(f"{where}: {what} {path}: {e.strerror}; `activator checkpoint keygen PATH` makes a "
-                             "key pair") from None
+        fix = ("`activator checkpoint keygen PATH` makes a key pair" if what == "signing key" else
+               "copy the builder's PATH.pub here (made by `activator checkpoint keygen PATH` on the builder)")
+        raise SignatureError(f"{where}: {what} {path}: {e.strerror}; {fix}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > 16384:
             raise SignatureError(f"{where}: {what} {path} is not a key file")
-        if what == "signing key" and (st.st_mode & 0o077 or st.st_uid != os.geteuid()):
-            raise SignatureError(f"{where}: signing key {path} is readable by others or not owned by this user; "
-                                 f"chmod 600 {path} (anyone who reads it can sign checkpoints every host trusts)")
-        return os.read(fd, 16384)
+        data = os.read(fd, 16384)
+        # The halves mixed up are the likeliest mistake: said as such, before any advice about modes.
+        if what == "signing key" and b"PUBLIC KEY-----" in data:
+            raise SignatureError(f"{where}: sign_key {path} is a public key; sign_key takes the private half (the "
+                                 "same path without .pub)")
+        if what == "trusted key" and b"PRIVATE KEY-----" in data:
+            raise SignatureError(f"{where}: keys: {path} is a private key; list its .pub here, and keep the private "
+                                 "key on the builder only")
+        if what == "signing key" and st.st_uid != os.geteuid():
+            raise SignatureError(f"{where}: signing key {path} is owned by uid {st.st_uid}, not by this user "
+                                 f"({os.geteuid()}); chown it (whoever owns it can sign checkpoints every host trusts)")
+        if what == "signing key" and st.st_mode & 0o077:
+            raise SignatureError(f"{where}: signing key {path} is readable by others (mode "
+                                 f"{stat.S_IMODE(st.st_mode):o}); chmod 600 {path} (anyone who reads it can sign "
+                                 "checkpoints every host trusts)")
+        return data
     finally:
         os.close(fd)
 
@@ -218,7 +240,7 @@ def describe(sig: Signature | None, manifest_digest: str, trust: Trust | None) -
     if sig is None:
         return "unsigned"
     if trust is None:
-        return f"signed by {sig.key} (not checked: no settings.checkpoint_trust)"
+        return f"claims to be signed by {sig.key} (not checked: no settings.checkpoint_trust.keys here)"
     try:
         return trust.verify(sig, manifest_digest, "") + ", trusted here"
     except SignatureError as e:

@@ -93,8 +93,15 @@ def test_key_files_are_checked(keys: tuple[Path, Path], tmp_path: Path) -> None:
         signing.load_private(link, "cfg")  # O_NOFOLLOW: a key is named by its own path
     with pytest.raises(signing.SignatureError, match="does-not-exist"):
         signing.load_public(tmp_path / "does-not-exist", "cfg")
+    with pytest.raises(signing.SignatureError, match=r"is a private key; list its \.pub here"):
+        signing.load_public(private, "cfg")  # the halves mixed up: said as such
+    with pytest.raises(signing.SignatureError, match="is a public key; sign_key takes the private half"):
+        signing.load_private(public, "cfg")
+    (tmp_path / "junk.pub").write_text("not a key")
     with pytest.raises(signing.SignatureError, match="not a PEM public key"):
-        signing.load_public(private, "cfg")
+        signing.load_public(tmp_path / "junk.pub", "cfg")
+    with pytest.raises(signing.SignatureError, match="does not exist; make it first"):
+        signing.generate(tmp_path / "no-such-dir" / "key")
     ec = generate_private_key(SECP256R1()).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (tmp_path / "ec.pub").write_bytes(ec)
