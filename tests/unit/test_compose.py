@@ -414,3 +414,14 @@ def test_compose_durations(tmp_path: Path) -> None:
     w = cfg.service("w")  # type: ignore[attr-defined]
     assert w.stop_grace == 90 and w.readiness.command_timeout == 1.5
     assert w.readiness.timeout == 3600  # 1h2m3.5s + 1.5s, bounded to an hour
+
+
+def test_the_readme_example_is_served_as_it_says(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## From a docker-compose.yml", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = load(tmp_path, example, wiki_env="A=1\n")
+    assert [s.name for s in cfg.services] == ["cache", "dns", "wiki"]  # type: ignore[attr-defined]
+    cache, dns, wiki = cfg.services  # type: ignore[attr-defined]
+    assert [str(a) for a in cache.listen] == ["10.89.0.1:6379"] and dns.protocol == ("tcp", "udp")
+    assert wiki.depends_on == ("cache",)

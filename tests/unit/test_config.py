@@ -262,16 +262,14 @@ def test_stateful_true_means_one_instance(tmp_path: Path) -> None:
 
 
 def test_the_installed_examples_are_valid(tmp_path: Path) -> None:
-    """config/examples.yaml (installed next to the starter file) is all comments: uncommented, it must parse."""
+    """config/examples.yaml (installed next to the starter file) is all comments: uncommented as it says (the "# "
+    taken off `settings:`, `services:` and the lines of the services, nothing else changed), it must parse (issue
+    31: a live `services: {}` above the examples made that malformed YAML)."""
     examples = Path(__file__).parents[2] / "config" / "examples.yaml"
-    lines = []
-    for line in examples.read_text().splitlines():
-        if line == "services: {}":
-            lines.append("services:")
-        elif line.startswith(("#   ", "# settings:")):
-            lines.append(line[2:].split(" #", 1)[0].rstrip())  # the YAML, not its trailing comment
-    text = "\n".join(ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#"))
-    (tmp_path / "examples.yaml").write_text(text)
+    lines = [line[2:] if line.startswith(("#   ", "# settings:", "# services:")) else line
+             for line in examples.read_text().splitlines()]
+    assert all(not ln.strip() or ln.startswith(("#", " ", "settings:", "services:")) for ln in lines)
+    (tmp_path / "examples.yaml").write_text("\n".join(lines))
     cfg = load_config(tmp_path / "examples.yaml")
     assert {"hello", "shop", "cache", "pinger", "app", "db"} <= {s.name for s in cfg.services}
     assert cfg.service("app").depends_on == ("db",)
