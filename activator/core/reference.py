@@ -152,7 +152,7 @@ def every_key() -> list[str]:
 def change(path: str, f: Field[Any]) -> str:
     """What a change to this key takes."""
     if path.startswith("settings."):
-        return RELOAD if path.removeprefix("settings.") in RELOADABLE_SETTINGS else RESTART
+        return RELOAD if path.removeprefix("settings.").split(".")[0] in RELOADABLE_SETTINGS else RESTART
     if isinstance(f.metadata["kind"], m.Section) and any(g.metadata["shapes"]
                                                          for _, g in declared(f.metadata["kind"].cls)):
         return "as its keys say"

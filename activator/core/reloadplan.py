@@ -25,7 +25,7 @@ from activator.config.model import Config, ServiceConfig
 from activator.errors import ConfigError
 
 #: settings a reload may change
-RELOADABLE_SETTINGS = frozenset({"drain_timeout"})
+RELOADABLE_SETTINGS = frozenset({"drain_timeout", "checkpoint_trust"})
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Plan:
     changed: tuple[Change, ...]
     unchanged: tuple[str, ...]
     resharing: tuple[tuple[str, bool], ...] = ()  # unchanged services whose derived sharing flips: (name, shares)
+    settings: tuple[str, ...] = ()  # reloadable settings that changed
 
     @property
     def empty(self) -> bool:
@@ -60,6 +61,9 @@ class Plan:
         for name, shares in self.resharing:
             lines.append(f"{name}: memory sharing (share_memory: auto) turns {'on' if shares else 'off'} for its "
                          "next instances; running ones keep theirs until reaped")
+        for name in self.settings:
+            lines.append(f"settings.{name}: " + ("the next import, pull, export and push use the new keys"
+                                                 if name == "checkpoint_trust" else "takes effect now"))
         return lines or ["nothing to change"]
 
 
@@ -89,7 +93,9 @@ def plan_reload(old: Config, new: Config) -> Plan:
             unchanged.append(s.name)
             if old.shares_memory(o) != new.shares_memory(s):
                 resharing.append((s.name, new.shares_memory(s)))
-    return Plan(added, removed, tuple(changed), tuple(unchanged), tuple(resharing))
+    settings = tuple(f.name for f in fields(old.settings) if f.name in RELOADABLE_SETTINGS
+                     and getattr(old.settings, f.name) != getattr(new.settings, f.name))
+    return Plan(added, removed, tuple(changed), tuple(unchanged), tuple(resharing), settings)
 
 
 def _differing(a: ServiceConfig, b: ServiceConfig) -> list[str]:

@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from activator.checkpoints.host import load_trust
 from activator.config.model import Config, load_config
 from activator.core.reloadplan import Change, Plan, plan_reload
 from activator.errors import ActivatorError, ConfigError
@@ -59,6 +60,8 @@ class Reloader:
         try:
             new = await self._read_config(fleet.config.path)
             p = plan_reload(fleet.config, new)
+            # New trusted keys or signing key: read and checked before anything changes (one line if unusable).
+            trust = await asyncio.to_thread(load_trust, new) if "checkpoint_trust" in p.settings else None
             fresh = await asyncio.to_thread(self._bind_new, p, new)
         except ActivatorError as e:
             fleet.metrics.reloads.labels("refused").inc()
@@ -72,6 +75,8 @@ class Reloader:
                 pending.cancel()
                 await asyncio.wait([pending])
         fleet.config = new
+        if trust is not None and fleet.host is not None:
+            fleet.host.builder.trust, fleet.host.builder.sign_key = trust
         for svc in p.removed:
             old = fleet.services.pop(svc.name)
             fleet.unlisten(svc.name)

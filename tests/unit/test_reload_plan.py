@@ -60,3 +60,11 @@ def test_settings_that_need_a_restart_refuse_the_reload(tmp_path: Path, setting:
 def test_drain_timeout_may_change(tmp_path: Path) -> None:
     old = cfg(tmp_path, {"a": SVC}, "old.yaml")
     assert plan_reload(old, cfg(tmp_path, {"a": SVC}, "new.yaml", drain_timeout="1m")).empty
+
+
+def test_trusted_keys_change_on_a_reload(tmp_path: Path) -> None:
+    """Adding a builder's key (or rotating one) touches no running instance: a reload, said as such."""
+    old = cfg(tmp_path, {"a": SVC}, "old.yaml")
+    plan = plan_reload(old, cfg(tmp_path, {"a": SVC}, "new.yaml", checkpoint_trust={"keys": ["/etc/b.pub"]}))
+    assert plan.settings == ("checkpoint_trust",) and plan.empty
+    assert any(line.startswith("settings.checkpoint_trust: the next import, pull") for line in plan.describe())
