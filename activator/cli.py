@@ -170,7 +170,9 @@ def _check_host(cfg: Config, sock: Any) -> list[str]:
     for binary, check_binary in (("runc", preflight.check_runc), ("criu", preflight.check_criu)):
         name = getattr(cfg.settings, binary)
         check(lambda c=check_binary, n=name: c(n), f"settings.{binary}")  # type: ignore[misc]
+    before = len(problems)
     check(lambda: _check_state_dir(cfg))
+    passable_checked = len(problems) > before  # state_dir's way is blocked: whether it is passable is moot
     check(lambda: load_trust(cfg))  # a key file missing, unreadable, not a key, or a signing key others can read
     if cfg.settings.checkpoint_registry is not None and shutil.which("skopeo") is None:
         problems.append(ActivatorError(f"{cfg.path}: settings.checkpoint_registry needs skopeo, which is not "
@@ -199,7 +201,8 @@ def _check_host(cfg: Config, sock: Any) -> list[str]:
         for addr in svc.listen:
             if (svc.name, str(addr)) not in held:
                 check(lambda a=addr, s=svc: bind_listener(a, s, cfg).close())  # type: ignore[misc]
-        if svc.userns == "private":  # state_dir itself is made passable by the daemon; its parents must be already
+        if svc.userns == "private" and not passable_checked:  # said once, of the first service that needs it
+            passable_checked = True  # state_dir itself is made passable by the daemon; its parents must be already
             check(lambda: userns.check_passable(cfg.settings.state_dir), f"services.{svc.name}.userns")
         for i, v in enumerate(svc.volumes):
             if v.external:
@@ -472,7 +475,7 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
                              "(e.g. {repository: registry.example:5000/activator}) to push or pull checkpoints")
     sock = StateDir.of(cfg).control_socket
     request = {"export": f"export {svc.name} {target if verb == 'export' else ''}",
-               "import": f"import {target if verb == 'import' else ''} {svc.name}",
+               "import": f"import {target if verb == 'import' else ''} {args.service or ''}".rstrip(),
                "push": f"push {svc.name}", "pull": f"pull {svc.name}"}[verb]
     r: dict[str, Any] | None = None
     if sock.exists() and not args.key:  # the daemon signs with its own key; another key is used here
@@ -495,7 +498,7 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
             if verb == "push":
                 return {"ref": await builder.push(svc)}
             if verb == "import":
-                ck = await builder.import_archive(Path(target), svc)
+                ck = await builder.import_archive(Path(target), svc, rename=bool(args.service))
                 return {"dir": str(ck.dir), "pages_bytes": ck.pages_bytes}
             wanted, image, _ = await builder.wanted(svc)
             pulled = await builder.pull(svc, wanted, image)
@@ -798,6 +801,8 @@ def _inspect_image(cfg: Config | None, what: str, as_json: bool) -> int:
         pulled_sig: signing.Signature | None = None
         if Path(what).exists():
             image = ociarchive.read(Path(what))
+        elif what.startswith(("/", ".")):  # a path, never a registry reference
+            raise ActivatorError(f"{what}: no such file")
         else:
             settings = (cfg.settings.checkpoint_registry if cfg is not None else None) or \
                 RegistrySettings(repository="localhost/unused")

@@ -112,7 +112,7 @@ def request(path: Path, what: str, timeout: float = 10.0) -> Any:
         s.settimeout(ANSWER_TIMEOUT)
         try:
             s.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError):  # (state_dir under a file: none)
             raise NotRunning(
                 f"no activator is running with this state_dir ({path} does not answer); start it with `activator run`"
             ) from None

@@ -310,3 +310,95 @@ def test_validate_names_what_a_compose_file_says_that_activator_ignores(tmp_path
     path.write_text(yaml.safe_dump(doc))
     assert_one_line_error(run_cli("validate", str(path)), "services.web.volumes[0]",
                           "Docker volume 'activator-test-never-created' does not exist", "docker volume create")
+
+
+def _validate_lines(path: Path) -> tuple[int, list[str]]:
+    proc = run_cli("validate", "-c", str(path))
+    assert "Traceback" not in proc.stderr
+    return proc.returncode, [ln.removeprefix("activator: error: ") for ln in proc.stderr.splitlines()]
+
+
+@pytest.mark.engine
+def test_validate_refuses_what_run_refuses_each_problem_on_its_line(tmp_path: Path) -> None:
+    """Issue 31 item 5: the host's side of a file (binaries, state_dir, the image's users, addresses in use), each
+    problem one exact line, all of them in one run; `run` refuses the same files."""
+    from tests.conftest import free_port
+
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("")
+    with socket.socket() as blocker, socket.socket() as blocker2:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = blocker.getsockname()[1]
+        blocker2.bind(("127.0.0.1", 0))
+        blocker2.listen()
+        taken2 = blocker2.getsockname()[1]
+        web = HTTPD | {"listen": f"127.0.0.1:{free_port()}"}
+        cases: list[tuple[str, dict[str, object], dict[str, object], list[str]]] = [
+            ("state_dir a file", {"state_dir": str(a_file)}, {},
+             [f"settings.state_dir: {a_file} is not a directory; remove what is in the way or pick another path"]),
+            ("state_dir under a file", {"state_dir": str(a_file / "state")}, {},
+             [f"settings.state_dir: {a_file} is not a directory; remove what is in the way or pick another path"]),
+            ("runc missing", {"runc": "/nonexistent/runc"}, {},
+             ["settings.runc: runc not found at '/nonexistent/runc' (settings.runc); run 'make setup' (as root) to "
+              "install it"]),
+            ("criu missing", {"criu": "/nonexistent/criu"}, {},
+             ["settings.criu: CRIU not found at '/nonexistent/criu' (settings.criu); run 'make setup' (as root) to "
+              "install it"]),
+            ("a user the image lacks", {}, {"user": "nosuchuser"},
+             ["services.web.user: user 'nosuchuser' is not in the image's /etc/passwd; name a user the image has, "
+              "or a number"]),
+            ("a group the image lacks", {}, {"user": "nobody:nosuchgroup"},
+             ["services.web.user: group 'nosuchgroup' is not in the image's /etc/group; name a user the image has, "
+              "or a number"]),
+            ("an image the engine lacks", {}, {"image": "activator-test/not-there:1"},
+             ["services.web.image: image 'activator-test/not-there:1' is not in the local Docker engine; build or "
+              "pull it (docker pull activator-test/not-there:1, or make images for the demo images)"]),
+            ("a listen address in use", {}, {"listen": f"127.0.0.1:{taken}"},
+             [f"services.web.listen: 127.0.0.1:{taken} is already in use by another process; stop it or pick "
+              "another port"]),
+            ("the metrics address in use", {"metrics": f"127.0.0.1:{taken}"}, {},
+             [f"settings.metrics: cannot listen on 127.0.0.1:{taken}: Address already in use; pick another address "
+              "or set it to null"]),
+            ("the agent address in use", {"agent": {"listen": f"127.0.0.1:{taken}"}}, {},
+             [f"settings.agent.listen: cannot listen on 127.0.0.1:{taken}: Address already in use; pick another "
+              "address or remove settings.agent"]),
+            ("a seccomp profile missing", {}, {"seccomp": "/nonexistent/profile.json"},
+             ["services.web.seccomp: /nonexistent/profile.json does not exist"]),
+            ("all of them at once", {"runc": "/nonexistent/runc", "metrics": f"127.0.0.1:{taken2}"},
+             {"user": "nosuchuser", "listen": f"127.0.0.1:{taken}"},
+             ["settings.runc: runc not found at '/nonexistent/runc' (settings.runc); run 'make setup' (as root) to "
+              "install it",
+              f"settings.metrics: cannot listen on 127.0.0.1:{taken2}: Address already in use; pick another address "
+              "or set it to null",
+              "services.web.user: user 'nosuchuser' is not in the image's /etc/passwd; name a user the image has, "
+              "or a number",
+              f"services.web.listen: 127.0.0.1:{taken} is already in use by another process; stop it or pick "
+              "another port"]),
+        ]
+        for name, settings, service, lines in cases:
+            path = write_config(tmp_path, {"web": web | service}, **settings)
+            rc, said = _validate_lines(path)
+            assert said == [f"{path}: {line}" for line in lines], (name, said)
+            assert rc == (2 if name == "a seccomp profile missing" else 1), name  # 2: the file's own problem
+        # run's verdict on the same files: refused, naming the same key
+        for settings, service, key in (({"state_dir": str(a_file)}, {}, "settings.state_dir"),
+                                       ({"runc": "/nonexistent/runc"}, {}, "runc not found at '/nonexistent/runc'"),
+                                       ({}, {"listen": f"127.0.0.1:{taken}"}, "services.web.listen")):
+            path = write_config(tmp_path, {"web": web | service}, **settings)
+            assert_one_line_error(run_cli("run", "-c", str(path)), key)
+    # controls: users the image has, by name and number, and the addresses said
+    for user in ("nobody", "nobody:nogroup", "1000", "1000:1000"):
+        path = write_config(tmp_path, {"web": web | {"user": user}})
+        proc = run_cli("validate", "-c", str(path))
+        assert proc.returncode == 0 and proc.stderr == "", (user, proc.stderr)
+        assert f"  web listens on {web['listen']} (tcp)\n" in proc.stdout
+    bare = tmp_path / "bare.yaml"
+    port = str(web["listen"]).rsplit(":", 1)[1]
+    bare.write_text(write_config(tmp_path, {"web": web}).read_text().replace(f"listen: {web['listen']}",
+                                                                            f"listen: ':{port}'"))
+    proc = run_cli("validate", str(bare))
+    assert proc.returncode == 0, proc.stderr
+    assert f"  web listens on 0.0.0.0:{port} (tcp; every interface of this host)\n" in proc.stdout
+    assert f"{bare}: services.web.listen: warning: ':{port}' names no host, so it listens on every interface" \
+        in proc.stdout
