@@ -382,9 +382,11 @@ def test_validate_refuses_what_run_refuses_each_problem_on_its_line(tmp_path: Pa
             assert said == [f"{path}: {line}" for line in lines], (name, said)
             assert rc == (2 if name == "a seccomp profile missing" else 1), name  # 2: the file's own problem
         # run's verdict on the same files: refused, naming the same key
-        for settings, service, key in (({"state_dir": str(a_file)}, {}, "settings.state_dir"),
-                                       ({"runc": "/nonexistent/runc"}, {}, "runc not found at '/nonexistent/runc'"),
-                                       ({}, {"listen": f"127.0.0.1:{taken}"}, "services.web.listen")):
+        same: list[tuple[dict[str, object], dict[str, object], str]] = [
+            ({"state_dir": str(a_file)}, {}, "settings.state_dir"),
+            ({"runc": "/nonexistent/runc"}, {}, "runc not found at '/nonexistent/runc'"),
+            ({}, {"listen": f"127.0.0.1:{taken}"}, "services.web.listen")]
+        for settings, service, key in same:
             path = write_config(tmp_path, {"web": web | service}, **settings)
             assert_one_line_error(run_cli("run", "-c", str(path)), key)
     # controls: users the image has, by name and number, and the addresses said

@@ -1,6 +1,6 @@
 """Property: whatever file `activator validate` is given, it answers with exit code 0 or 2, never a traceback:
-"ok" and each service's addresses, or its problems, each on one line naming the file (issue 31: all of them). Documents are generated from the real keys (so most get deep into validation) with
-hostile values (NaN, huge numbers, wrong types, nesting, aliases), plus arbitrary text and bytes."""
+"ok" and each service's addresses, or its problems, each on one line naming the file (issue 31: all of them).
+Documents are generated from the real keys (so most get deep into validation) with hostile values (NaN, huge numbers, wrong types, nesting, aliases), plus arbitrary text and bytes."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def check(data: bytes) -> None:
     if rc == 0:
         said = out.splitlines()
         assert lines == [] and ": ok (" in said[0]
-        assert all(line.startswith("  ") and " listens on " in line or ": services." in line for line in said[1:])
+        assert all((line.startswith("  ") and " listens on " in line) or ": services." in line for line in said[1:])
     else:
         assert lines and all(line.startswith("activator: error: ") for line in lines), err
         assert all("services.yaml" in line for line in lines), err
