@@ -1,6 +1,7 @@
 """Property: whatever file `activator validate` is given, it answers with exit code 0 or 2, never a traceback:
 "ok" and each service's addresses, or its problems, each on one line naming the file (issue 31: all of them).
-Documents are generated from the real keys (so most get deep into validation) with hostile values (NaN, huge numbers, wrong types, nesting, aliases), plus arbitrary text and bytes."""
+Documents are generated from the real keys (so most get deep into validation) with hostile values (NaN, huge
+numbers, wrong types, nesting, aliases), plus arbitrary text and bytes."""
 
 from __future__ import annotations
 
