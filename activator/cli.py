@@ -330,6 +330,10 @@ def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 TRANSFER_VERBS = ("export", "import", "push", "pull")
 #: checkpoint verbs about keys and signatures: no services file needed when the key is named on the command line
 KEY_VERBS = ("keygen", "sign")
+#: `inspect` of an archive not signed by a key trusted here: its layer is unpacked up to this, and its CRIU images
+#: (pages aside) decoded only if each is at most INSPECT_IMAGE (a crafted one could inflate or nest without end)
+INSPECT_UNTRUSTED = 256 * 2**20
+INSPECT_IMAGE = 8 * 2**20
 CHECKPOINT_VERBS = ("build", *TRANSFER_VERBS, *KEY_VERBS)
 #: what each checkpoint verb takes
 CHECKPOINT_WHAT = {"build": "SERVICE", "export": "SERVICE", "import": "FILE", "push": "SERVICE", "pull": "SERVICE",
@@ -456,6 +460,8 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
 
     if args.key and verb != "export":
         raise ActivatorError(f"activator checkpoint {verb}: --key is for export and sign")
+    # Read (and checked) before anything is exported: a daemon that runs exports, and the archive is sealed here.
+    key = signing.load_private(Path(args.key).absolute(), "--key") if args.key else None
     if verb == "export":
         if not args.output:
             raise ActivatorError(f"usage: activator checkpoint export {what} -o FILE")
@@ -478,7 +484,7 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
                "import": f"import {target if verb == 'import' else ''} {args.service or ''}".rstrip(),
                "push": f"push {svc.name}", "pull": f"pull {svc.name}"}[verb]
     r: dict[str, Any] | None = None
-    if sock.exists() and not args.key:  # the daemon signs with its own key; another key is used here
+    if sock.exists():
         try:
             r = control.request(sock, request, timeout=1800)
         except control.NotRunning:
@@ -489,16 +495,16 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
         try:
             builder = open_host(state, cfg).builder
             if verb == "export":
-                key = builder.sign_key
-                if args.key:
-                    key = signing.load_private(Path(args.key).absolute(), "--key")
-                doc = await builder.export(svc, Path(target), key)
+                with_key = key or builder.sign_key
+                doc = await builder.export(svc, Path(target), with_key)
                 return {"path": target, "size": doc.size, "digest": doc.digest,
-                        "signed": f"signed by {signing.key_id(key.public_key())}" if key is not None else ""}
+                        "signed": f"signed by {signing.key_id(with_key.public_key())}" if with_key else ""}
             if verb == "push":
                 return {"ref": await builder.push(svc)}
             if verb == "import":
                 ck = await builder.import_archive(Path(target), svc, rename=bool(args.service))
+                # no daemon runs, so no instance has the one it replaced mounted: gone now, not at the next start
+                await asyncio.to_thread(builder.store.sweep_retired, svc.name)
                 return {"dir": str(ck.dir), "pages_bytes": ck.pages_bytes}
             wanted, image, _ = await builder.wanted(svc)
             pulled = await builder.pull(svc, wanted, image)
@@ -517,6 +523,9 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
 
         _run(run)
         r = out | {"seconds": time.monotonic() - t0}
+    elif verb == "export" and key is not None:  # the daemon exported it: signed here with the key named
+        doc = transfer.seal(Path(target), signing.sign(key, r["digest"]))
+        r |= {"size": doc.size, "signed": f"signed by {signing.key_id(key.public_key())}"}
     took = f" in {r['seconds']:.1f}s" if "seconds" in r else ""
     if verb == "export":
         signed = r.get("signed") or "UNSIGNED: hosts that import it refuse it; `activator checkpoint sign FILE`"
@@ -792,7 +801,6 @@ def _inspect_image(cfg: Config | None, what: str, as_json: bool) -> int:
     import tempfile
 
     from .checkpoints import ociarchive, signing, transfer
-    from .checkpoints.host import load_trust
     from .checkpoints.registry import Registry
     from .checkpoints.store import contents
     from .config.model import RegistrySettings
@@ -814,23 +822,43 @@ def _inspect_image(cfg: Config | None, what: str, as_json: bool) -> int:
                     pulled_sig = transfer.signature_of(Path(tmp, "sig.tar"), what)
         a = image.annotations
         d = transfer.describe(a)
+        # The signature first: an image signed by a key trusted here is unpacked as an import would; any other
+        # (this is the command one runs on an untrusted archive) within a small bound, and its CRIU images are
+        # decoded only if each is small, so that a crafted archive cannot fill the disk or the memory.
+        trust, trust_problem = None, ""
+        if cfg is not None and cfg.settings.checkpoint_trust.keys:
+            t = cfg.settings.checkpoint_trust
+            try:
+                trust = signing.Trust.load(t.keys, t.insecure_unsigned, f"{cfg.path}: settings.checkpoint_trust")
+            except ActivatorError as e:
+                trust_problem = str(e)
+        trusted = False
+        try:
+            signature = pulled_sig or signing.of_annotations(image.envelope, what)
+            signed = signing.describe(signature, image.digest, trust)
+            trusted = trust is not None and signature is not None and signed.endswith(", trusted here")
+        except signing.SignatureError:
+            signed = "a malformed signature (refused on import)"
+        if trust_problem:
+            signed += f" (not checked: settings.checkpoint_trust is unusable: {trust_problem})"
         held: dict[str, Any] = {}
         if d["engine.name"]:  # a checkpoint image: what its layer holds (Podman's and ours keep CRIU's in checkpoint/)
             layer = Path(tmp, "layer")
             layer.mkdir()
-            ociarchive.unpack_layer(image, layer, max_bytes=transfer.MAX_LAYER)
-            held["files"] = sorted(p.name + ("/" if p.is_dir() else "") for p in layer.iterdir())
-            if (layer / "checkpoint" / "pstree.img").exists():
-                with contextlib.suppress(ImportError):  # no pycriu: the annotations are still worth showing
-                    held |= contents(layer / "checkpoint")
-        trust = None
-        with contextlib.suppress(ActivatorError):  # no usable trust here: the signature is shown unchecked
-            trust = load_trust(cfg)[0] if cfg is not None and cfg.settings.checkpoint_trust.keys else None
-        try:
-            signature = pulled_sig or signing.of_annotations(image.envelope, what)
-            signed = signing.describe(signature, image.digest, trust)
-        except signing.SignatureError:
-            signed = "a malformed signature (refused on import)"
+            try:
+                ociarchive.unpack_layer(image, layer, max_bytes=transfer.MAX_LAYER if trusted else INSPECT_UNTRUSTED)
+                held["files"] = sorted(p.name + ("/" if p.is_dir() else "") for p in layer.iterdir())
+                dump = layer / "checkpoint"
+                small = all(f.stat().st_size <= INSPECT_IMAGE for f in dump.glob("*.img")
+                            if not f.name.startswith("pages-"))
+                if (dump / "pstree.img").exists() and (trusted or small):
+                    held |= contents(dump)
+            except ImportError:
+                pass  # no pycriu: the annotations are still worth showing
+            except ActivatorError as e:
+                held["unread"] = str(e).split(": ", 1)[-1]
+            except Exception as e:  # pycriu raises whatever its decoder meets in a crafted file
+                held["unread"] = f"its CRIU images do not decode ({type(e).__name__})"
         info = {"source": what, "digest": image.digest, "ref": image.ref, "layers": [vars(b) for b in image.layers],
                 "size": image.size, "annotations": a, "described": d, "signature": signed,
                 "architecture": image.config.get("architecture", ""), **held}
@@ -851,6 +879,8 @@ def _inspect_image(cfg: Config | None, what: str, as_json: bool) -> int:
               f"({', '.join(b.media_type.rsplit('.', 1)[-1] for b in image.layers)})")
         if held.get("files"):
             _say(f"  holds      {' '.join(held['files'])}")
+        if held.get("unread"):
+            _say(f"  contents   not shown: {held['unread']}")
         if engine and engine != transfer.ENGINE:
             _say(f"  serving    not by activator: made by {engine} (docs/multi-host.md says what it would take)")
         for k in sorted(a):
@@ -887,7 +917,8 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
     current = ck.origin.service_fingerprint == svc.checkpoint_fingerprint()
     info = {
         "service": svc.name, "dir": str(ck.dir), "created": ck.created, "build_seconds": ck.build_seconds,
-        "matches_config": current, "origin": vars(ck.origin), "process": {"args": list(ck.process.args),
+        "matches_config": current, "provenance": ck.provenance or "built here",
+        "origin": vars(ck.origin), "process": {"args": list(ck.process.args),
                                                                           "cwd": ck.process.cwd,
                                                                           "uid": ck.process.uid},
         **held,
@@ -900,6 +931,7 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
     _say(f"  built      {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ck.created))} "
           f"in {ck.build_seconds:.1f}s; {'matches' if current else 'does NOT match'} the service definition")
     _say(f"  from       image {o.image_id}, CRIU {o.criu}, runc {o.runc}, kernel {o.kernel}")
+    _say(f"  source     {ck.provenance or 'built here'}")
     _say(f"  command    {' '.join(ck.process.args)} (cwd {ck.process.cwd}, uid {ck.process.uid})")
     _say(f"  listening  {', '.join(map(str, held['listening_ports'])) or 'nothing'}")
     _say(f"  memory     {_size(held['pages_bytes'])} of pages in {held['image_files']} image files")

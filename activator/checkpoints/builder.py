@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -225,6 +226,8 @@ class CheckpointBuilder:
                 log.info("service=%s image unpacked in %.2fs", svc.name, time.monotonic() - t0)
             try:
                 derived = await asyncio.to_thread(self._derive, svc, image, rootfs, wanted, filt, got)
+                derived = replace(derived, provenance=f"imported {time.strftime('%Y-%m-%d %H:%M:%S')} from "
+                                                      f"{where[:200]}: image {image_doc.digest}, {signer}")
             except BaseException:
                 if unpacked_here:  # a refused image leaves nothing, not even the image it would have used
                     await self.prune_images()

@@ -2,7 +2,8 @@
 
 A checkpoint imported from another host (transfer.py) is CRIU images that CRIU restores as root: the images say
 which credentials, capabilities, seccomp filters, namespaces, mounts and files the restored processes get, and
-CRIU obeys. An archive's digests prove only that nobody changed it on the way, not that its author was honest,
+CRIU obeys. A valid signature proves who made the image (signing.py), not that every byte of it is what that host's
+own CRIU wrote (a builder fooled, or its key misused),
 so every image CRIU reads is decoded (pycriu) and held against Expected: what a template of the service would
 have been dumped with here. Anything else is refused in one line naming the image file and the field.
 

@@ -80,6 +80,9 @@ class Checkpoint:
     stop_signal: str = "SIGTERM"  # the image's STOPSIGNAL (the service's stop_signal overrides it)
     writes_volumes: tuple[str, ...] = ()  # files of writable volumes the app held open for writing (core.pool.stateful)
     probe_answers: tuple[tuple[str, Answer], ...] = ()  # (path, what the template answered it): probes
+    # where an imported checkpoint came from and who signed it ("" for one built here): what an operator needs
+    # after a signing key is rotated or stolen, to find what was installed under it
+    provenance: str = ""
 
     def probe_answer(self, path: str) -> Answer | None:
         return next((a for p, a in self.probe_answers if p == path), None)
@@ -147,6 +150,7 @@ class Checkpoint:
             stop_signal=d.get("stop_signal", "SIGTERM"),  # absent from checkpoints made before it was kept
             writes_volumes=tuple(d.get("writes_volumes", ())),
             probe_answers=tuple((str(path), Answer.from_json(a)) for path, a in d.get("probe_answers", ())),
+            provenance=str(d.get("provenance", "")),
         )
 
 

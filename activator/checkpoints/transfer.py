@@ -303,7 +303,13 @@ def service_of(image: ociarchive.Image, config: Config, name: str | None) -> Ser
         raise TransferError(f"{image.path}: a checkpoint image made by {engine or 'something other than activator'}"
                             "; activator serves only its own (`activator inspect` shows what it holds)")
     wanted = name or image.annotations.get(A + "container.name", "")
-    return config.service(wanted)
+    try:
+        return config.service(wanted)
+    except ActivatorError as e:
+        if name:
+            raise
+        raise TransferError(f"{e}; it was made for service '{wanted[:40]}': import it as one of these on purpose "
+                            "with --service NAME") from None
 
 
 def _record(layer: Path, where: Path) -> tuple[dict[str, Any], HostFacts, Origin]:
@@ -338,6 +344,8 @@ def unpack(image: ociarchive.Image, svc: ServiceConfig, wanted: Origin, idmap: u
     ociarchive.unpack_layer(image, layer, max_bytes=MAX_LAYER)
     record, facts, theirs = _record(layer, image.path)
     differ = [f"{k} {getattr(theirs, k)!s:.40} (here {getattr(wanted, k)!s:.40})"
+              if k != "service_fingerprint" else "the service's definition (a key that shapes the checkpoint: image, "
+              "command, environment, user, capabilities, seccomp, ... differs from the builder's file)"
               for k in theirs.differences(wanted) if k not in LOCAL_FIELDS]
     differ += HostFacts.here().missing(facts)
     if (theirs.userns == "host") != (wanted.userns == "host"):
