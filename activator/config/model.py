@@ -2,33 +2,35 @@
 
 A file looks like this (compose-like, so Docker users read it at a glance)::
 
-    settings:                         # optional
-      state_dir: /var/lib/activator
-      metrics: 127.0.0.1:9464         # or null to disable
-      drain_timeout: 10s
+    settings:                         # optional: every key has a default
+      state_dir: /var/lib/activator   # the default
+      metrics: 127.0.0.1:9464         # the default; null to disable
+      drain_timeout: 10s              # the default
     services:
       tomcat:
-        image: activator-demo/tomcat:latest
-        listen: 127.0.0.1:8080        # or a list of addresses
-        port: 8080                    # where the app listens inside its container
-        environment: {JAVA_OPTS: -Xmx256m}
-        readiness: {http_path: /, timeout: 60s}
-        idle_timeout: 5m
-        max_instances: 4
+        image: activator-demo/tomcat:latest   # required
+        listen: 127.0.0.1:8080        # required; or a list of addresses
+        port: 8080                    # required: where the app listens inside its container
+        environment: {JAVA_OPTS: -Xmx256m}        # an example (default: the image's environment only)
+        readiness: {http_path: /, timeout: 60s}   # an example (default: listening is enough, within 60s)
+        idle_timeout: 5m              # the default
+        max_instances: 4              # an example: the default is 1, so no scale-out unless set
 
 Every key, its default, its bounds and what it means are declared once, on the dataclass fields below
-(`key(...)`); the parser, the unknown-key check, the error messages and the JSON Schema
-(config/activator.schema.json, `activator schema`) are all derived from those declarations.
+(`key(...)`); the parser, the unknown-key check, the error messages, the JSON Schema
+(config/activator.schema.json, `activator schema`) and the reference (docs/configuration.md, `activator schema
+--markdown`, core/reference.py) are all derived from those declarations.
 
-Invalid, each refused with one line naming the file, the service and the key, and what would be valid::
+Invalid, each refused with one line naming the file, the service and the key, and what would be valid (every
+problem of a file is said, each on its line: ConfigErrors)::
 
     services: {web: {image: x, listen: 8080, port: 80, colour: red}}      # unknown key 'colour'
     services: {web: {image: x, listen: "127.0.0.1:99999", port: 80}}     # port out of range
     services: {web: {image: x, listen: 18:00, port: 80}}                 # '18' is not an IP address
     services: {web: {image: x, listen: 8080, port: 80, idle_timeout: .nan}}   # not a finite duration
 
-Durations are seconds (a number) or strings with a unit: 250ms, 5s, 2m, 1h, 1d. Sizes are bytes or strings with
-k/m/g (binary). Nothing here touches the network, Docker or the filesystem beyond reading the file.
+Durations are seconds (a number) or strings with a unit: 250ms, 5s, 2m, 1h, 1d, or several (1m30s). Sizes are
+bytes or strings with k/m/g (binary). Nothing here touches the network, Docker or the filesystem beyond reading the file.
 """
 
 from __future__ import annotations

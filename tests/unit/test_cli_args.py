@@ -4,9 +4,16 @@ sub-commands with every earlier spelling still meaning what it meant, and a desc
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
+import tarfile
+from pathlib import Path
 
 import pytest
 
+from activator import cli
+from activator.checkpoints import ociarchive
 from activator.cli import CHECKPOINT_VERBS, DEFAULT_CONFIG, build_parser, checkpoint_argv
 
 
@@ -77,3 +84,40 @@ def test_every_command_and_verb_has_a_description_and_the_top_level_names_them_a
     for name, sp in verbs.items():
         assert sp.description, name
         assert "-c CONFIG" in sp.format_help()
+
+
+def _main(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_inspect_of_an_archive_needs_no_services_file(tmp_path: Path) -> None:
+    layer = tmp_path / "layer.tar"
+    with tarfile.open(layer, "w") as t:
+        info = tarfile.TarInfo("a")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"1"))
+    archive = tmp_path / "image.tar"
+    ociarchive.write(archive, layer, {"k": "v"}, ref="r", arch="amd64", created="x")
+    absent = str(tmp_path / "no-such-config.yaml")
+    rc, out, err = _main("inspect", str(archive), "-c", absent)
+    assert rc == 0 and out.startswith(f"{archive}: OCI image (no checkpoint annotations) sha256:"), err
+    # a service name still needs the file that names it
+    rc, out, err = _main("inspect", "web", "-c", absent)
+    assert rc == 2 and err == f"activator: error: {absent}: no such file; pass the services file with -c FILE\n"
+    rc, out, err = _main("inspect", str(tmp_path / "gone.tar"), "-c", absent)
+    assert rc == 1 and err == f"activator: error: {tmp_path / 'gone.tar'}: no such file\n"
+
+
+def test_status_json_says_so_when_no_daemon_runs(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"settings: {{state_dir: {tmp_path / 'state'}}}\nservices: {{}}\n")
+    rc, out, err = _main("status", "--json", "-c", str(cfg))
+    sock = tmp_path / "state" / "control.sock"
+    assert rc == 1 and json.loads(out) == {
+        "running": False, "socket": str(sock),
+        "error": f"no activator is running with this state_dir ({sock} does not answer); start it with "
+                 "`activator run`"}
+    assert err.startswith("activator: error: no activator is running")
