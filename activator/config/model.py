@@ -30,7 +30,8 @@ problem of a file is said, each on its line: ConfigErrors)::
     services: {web: {image: x, listen: 8080, port: 80, idle_timeout: .nan}}   # not a finite duration
 
 Durations are seconds (a number) or strings with a unit: 250ms, 5s, 2m, 1h, 1d, or several (1m30s). Sizes are
-bytes or strings with k/m/g (binary). Nothing here touches the network, Docker or the filesystem beyond reading the file.
+bytes or strings with k/m/g (binary). Nothing here touches the network, Docker or the filesystem beyond reading the
+file.
 """
 
 from __future__ import annotations
