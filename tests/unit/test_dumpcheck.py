@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from activator.checkpoints import dumpcheck
-from activator.runtime.seccompref import Filter
+from activator.runtime.seccompref import FLAG_TSYNC, Filter
 from activator.runtime.spec import DEFAULT_CAPS, ProcessSpec
 from activator.runtime.userns import IdMap
 
@@ -227,6 +227,6 @@ def _threaded(leader_flags: int) -> dict[str, Any]:
 def test_threads_dumped_without_a_filter_pass_only_when_the_leaders_chain_is_synced() -> None:
     """Redis and Tomcat are dumped so (every multi-threaded app under runc's filter): the leader's TSYNC chain is
     restored into every thread at once. Without TSYNC on the leader, such a thread would run unfiltered."""
-    dumpcheck.check_docs(_threaded(dumpcheck.FLAG_TSYNC), expected())
+    dumpcheck.check_docs(_threaded(FLAG_TSYNC), expected())
     with pytest.raises(dumpcheck.DumpError, match=r"core-2\.img: thread_core\.seccomp_mode"):
         dumpcheck.check_docs(_threaded(0), expected())
