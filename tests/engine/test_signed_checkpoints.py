@@ -110,6 +110,16 @@ def test_unsigned_or_wrongly_signed_archives_are_refused_before_anything_is_unpa
     unsigned = crafted("unsigned")
     one_line(cli("checkpoint", "import", str(unsigned), "-c", str(here)), "the checkpoint image is not signed")
     nothing_left(state)
+    # The order: an unsigned archive whose layer would not even decompress is refused as unsigned, so nothing of
+    # it was read past its manifest.
+    broken = tmp_path / "broken.tar"
+    data = bytearray(unsigned.read_bytes())
+    image = ociarchive.read(unsigned)
+    member = image.members["blobs/sha256/" + image.layers[0].digest.partition(":")[2]]
+    data[member.offset_data:member.offset_data + 64] = bytes(64)
+    broken.write_bytes(bytes(data))
+    one_line(cli("checkpoint", "import", str(broken), "-c", str(here)), "the checkpoint image is not signed")
+    nothing_left(state)
 
     foreign = crafted("foreign")
     assert cli("checkpoint", "sign", str(foreign), "--key", str(attacker)).returncode == 0
@@ -139,6 +149,13 @@ def test_unsigned_or_wrongly_signed_archives_are_refused_before_anything_is_unpa
         _set_envelope(bad, tmp_path, {signing.ANNOTATION: junk})
         one_line(cli("checkpoint", "import", str(bad), "-c", str(here)), "its signature is malformed")
         nothing_left(state)
+
+    # An archive made for another service, genuinely signed: not this one's, unless the operator says so.
+    (tmp_path / "other").mkdir()
+    other = write_config(tmp_path / "other", {"web": HELLO}, checkpoint_trust={"keys": [str(builder.public)]})
+    one_line(cli("checkpoint", "import", str(builder.archive), "-c", str(other)), "--service NAME")
+    r = cli("checkpoint", "import", str(builder.archive), "--service", "web", "-c", str(other))
+    assert r.returncode == 0, r.stderr
 
     # inspect, the command one runs on an untrusted archive, says so too.
     r = cli("inspect", str(foreign), "-c", str(here))
@@ -269,15 +286,49 @@ def test_a_puller_takes_only_images_its_builder_signed(builder: Builder, tmp_pat
         assert r.returncode == 0, r.stderr  # the control: signed by the builder, pulled
         shutil.rmtree(tmp_path / "b" / "state" / "checkpoints" / "hello")
 
+        def sig_image(out: Path, text: str) -> None:
+            """A TAG.sig image whose annotation is `text` (what only an attacker writes)."""
+            layer = tmp_path / "sig-layer.tar"
+            layer.unlink(missing_ok=True)
+            subprocess.run(["tar", "-cf", str(layer), "--files-from", "/dev/null"], check=True)
+            ociarchive.write(out, layer, {signing.ANNOTATION: text}, ref="signature", arch="amd64",
+                             created="2026-01-01T00:00:00Z")
+
         def skopeo(src: Path, dest: str) -> None:
             subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci-archive:{src}",
                             f"docker://{dest}"], check=True, capture_output=True, timeout=120)
 
-        # The attacker replaces the image under the builder's tag: the builder's signature names another digest.
+        # The attacker moves the builder's tag to an image of their own: the puller fetches the image by the
+        # digest the builder's signature names, so it gets the builder's image, not the tag's.
         evil = tmp_path / "evil.tar"
         rewrite(builder.archive, evil, tmp_path, lambda meta: meta["checkpoint"].update(build_seconds=0.25))
         skopeo(evil, ref)
-        one_line(cli("checkpoint", "pull", "hello", "-c", str(puller)), "signature is for image")
+        r = cli("checkpoint", "pull", "hello", "-c", str(puller))
+        assert r.returncode == 0, r.stderr
+        meta = json.loads((tmp_path / "b" / "state" / "checkpoints" / "hello" / "meta.json").read_text())
+        evil_digest = ociarchive.read(evil).digest
+        assert evil_digest not in meta["provenance"] and "signed by" in meta["provenance"], meta["provenance"]
+        assert meta["build_seconds"] != 0.25  # the builder's record, not the attacker's
+        shutil.rmtree(tmp_path / "b" / "state" / "checkpoints" / "hello")
+        # ... a signature document that nests without end, or is junk: one line, nothing downloaded, no crash.
+        for junk in ("[" * 4000, "{}", "x" * 10):
+            bad = tmp_path / "bad-sig.tar"
+            bad.unlink(missing_ok=True)
+            sig_image(bad, junk)
+            skopeo(bad, ref + transfer.SIG_SUFFIX)
+            one_line(cli("checkpoint", "pull", "hello", "-c", str(puller)), "malformed")
+        # ... another service's genuine image and signature, copied under this one's name (same definition, so
+        # the same tag): refused, the signature covers the service it was made for.
+        (tmp_path / "c").mkdir()
+        web = write_config(tmp_path / "c", {"web": HELLO}, checkpoint_registry={**repo, "push": False},
+                           checkpoint_trust={"keys": [str(builder.public)]})
+        web_ref = ref.replace("/t/hello:", "/t/web:")
+        skopeo(builder.archive, web_ref)
+        genuine = signing.of_annotations(ociarchive.read(builder.archive).envelope, "genuine")
+        assert genuine is not None
+        transfer.signature_image(genuine, tmp_path / "genuine-sig.tar", tmp_path)
+        skopeo(tmp_path / "genuine-sig.tar", web_ref + transfer.SIG_SUFFIX)
+        one_line(cli("checkpoint", "pull", "web", "-c", str(web)), "was made for service 'hello', not 'web'")
         # ... and its signature too, with a key of their own.
         attacker = make_key(tmp_path / "keys", "attacker")
         key = signing.load_private(attacker, "")
