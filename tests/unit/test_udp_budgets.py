@@ -57,3 +57,32 @@ def test_the_kernel_reply_bound_is_between_ratio_over_sqrt2_and_ratio_times_what
         b = bound(sent, ratio)
         assert b is not None and ratio * sent / math.sqrt(2) - ratio - 1 <= b <= ratio * sent, (sent, b)
     assert bound(2**33, ratio) is None  # past the top: a flow whose client sent 8 GiB itself is not bounded
+
+
+class EndedFlow:
+    def __init__(self, port: int, answered: bool) -> None:
+        self.addr = ("198.51.100.7", port)
+        self.lease = object() if answered else None
+
+
+@pytest.mark.asyncio
+async def test_ended_flows_queue_bounded_work_on_a_thread_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flood of ended flows (each once a netlink dump of ~10 ms) must not queue unbounded work, nor any on the
+    shared thread pool every restore uses: unanswered flows queue nothing, answered ones at most FORGET_QUEUE,
+    deleted one at a time on the front's own thread."""
+    import threading
+
+    deleted: list[tuple[tuple[str, int], int, str]] = []
+    monkeypatch.setattr(udp, "forget_udp_flow",
+                        lambda client, port: deleted.append((client, port, threading.current_thread().name)) or 1)
+    front = udp.UdpFront(lambda: None, 5353)  # type: ignore[arg-type,return-value]
+    for port in range(10_000):
+        front.ended(EndedFlow(port, answered=False))  # type: ignore[arg-type]
+    assert not front._to_forget and front._forgetter is None
+    for port in range(10_000):
+        front.ended(EndedFlow(port, answered=True))  # type: ignore[arg-type]
+    assert front._forgetter is not None
+    await front._forgetter
+    assert udp.FORGET_QUEUE <= len(deleted) < 2 * udp.FORGET_QUEUE
+    assert {thread for _, _, thread in deleted} <= {f"udp-forget_{i}" for i in range(1)}
+    front.close()
