@@ -73,8 +73,11 @@ async def test_ended_flows_queue_bounded_work_on_a_thread_of_their_own(monkeypat
     import threading
 
     deleted: list[tuple[tuple[str, int], int, str]] = []
-    monkeypatch.setattr(udp, "forget_udp_flow",
-                        lambda client, port: deleted.append((client, port, threading.current_thread().name)) or 1)
+    def forget(client: tuple[str, int], port: int) -> int:
+        deleted.append((client, port, threading.current_thread().name))
+        return 1
+
+    monkeypatch.setattr(udp, "forget_udp_flow", forget)
     front = udp.UdpFront(lambda: None, 5353)  # type: ignore[arg-type,return-value]
     for port in range(10_000):
         front.ended(EndedFlow(port, answered=False))  # type: ignore[arg-type]
