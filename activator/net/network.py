@@ -24,7 +24,8 @@ nftables table that gives instances outbound access and steers clients to them i
 - The bridge's own address is for instances and the host: services listen there for instances (a dependency, a
   Compose service with no published port). A packet for it that comes in on any other interface (a neighbour
   that routes the subnet through this host, a Docker container) is dropped: in input, and in forward when the
-  kernel path has DNATed it to an instance (its original destination is checked).
+  kernel path has DNATed it to an instance (its original destination is checked). Only the original direction:
+  replies of an instance's connection to a port the host publishes (Docker's) come back on Docker's bridge.
 - Tenants are strangers (docs/security.md). A `bridge` table lets no frame cross from one instance's port to
   another's, whatever its protocol, except a connection DNATed to that instance through a service address
   (br_netfilter bridges those; bridge port isolation would drop them, hence a table and not isolation), and
@@ -446,7 +447,7 @@ table ip {t} {{
         type filter hook forward priority filter; policy accept;
         oifname {br} ct status dnat meta mark set meta mark | {HAIRPIN:#x}
         {docker}
-        iifname != {br} ct original ip daddr {self.gateway} counter name outsiders drop
+        iifname != {br} ct direction original ct original ip daddr {self.gateway} counter name outsiders drop
         iifname {br} ip saddr @noegress ct state new drop
         oifname {br} ct state new ct status dnat accept
         oifname {br} ct state new drop
@@ -455,7 +456,7 @@ table ip {t} {{
     chain input {{
         type filter hook input priority filter; policy accept;
         iifname {br} ip saddr @noegress ct state new drop
-        iifname != "lo" iifname != {br} ip daddr {self.gateway} counter name outsiders drop
+        iifname != "lo" iifname != {br} ct direction original ip daddr {self.gateway} counter name outsiders drop
         jump acct
     }}
     chain acct_out {{ type filter hook output priority filter; policy accept; jump acct; }}
