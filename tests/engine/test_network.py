@@ -142,7 +142,7 @@ def _leftovers(table: str, base: int, slot_mark: str, slot_ip: str) -> dict[str,
     listing = _nft(table)
     marks = {m for m in re.findall(r"(?:in_|out_|ct mark 0x)(a[0-9a-f]{7})", listing)}
     addrs = set(re.findall(r"10\.89\.0\.\d+", listing)) - {slot_ip, "10.89.0.0", "10.89.0.1"}
-    if marks - {slot_mark} or addrs:
+    if marks - {slot_mark, f"{base:x}"} or addrs:  # the daemon's own base mark names its chains (the amplify jump)
         found["nft"] = listing
     if connections(base):
         found["open"] = connections(base)
