@@ -97,6 +97,9 @@ class Expected:
     nice: int = 0
     cgroup_parent: str = "activator"
     extra_files: frozenset[str] = field(default_factory=frozenset)  # image kinds allowed beyond KINDS (tests)
+    # an import's cgroup.img has had its hierarchy roots removed (strip_cgroup_roots) before the check, so any
+    # root left is refused; a local dump may hold this host's own (False)
+    roots_stripped: bool = True
 
 
 def host_limits(process: ProcessSpec) -> dict[str, Any]:
@@ -276,6 +279,39 @@ def kind_of(name: str, expected: Expected | None = None) -> tuple[str, str] | No
     if expected is not None and name in expected.extra_files:
         return ("", "")
     return None
+
+
+def strip_cgroup_roots(images: Path) -> int:
+    """Blocking. Remove from cgroup.img the directories it records at the roots of hierarchies (dir_name ""):
+    the dumping host's own cgroup tree outside the container (Docker's, for a v1 controller runc did not manage
+    there), which CRIU in runc's restore mode would create on this host. A restore needs none of it: the task's
+    set still names the root, where an instance here stays. Returns how many were removed."""
+    from activator.runtime.preflight import require_pycriu
+
+    path = images / "cgroup.img"
+    if not path.is_file() or path.stat().st_size > MAX_IMAGE:
+        return 0  # missing: nothing to strip; too large: check() refuses it
+    pycriu = require_pycriu()
+    try:
+        with open(path, "rb") as f:
+            doc = pycriu.images.load(f)
+        removed = 0
+        for entry in doc["entries"]:
+            for c in entry.get("controllers", []):
+                kept = [d for d in c.get("dirs", []) if d.get("dir_name") != ""]
+                removed += len(c.get("dirs", [])) - len(kept)
+                if kept:
+                    c["dirs"] = kept
+                else:
+                    c.pop("dirs", None)  # pycriu cannot encode an empty repeated field
+    except Exception:  # pycriu raises whatever its decoder meets in a crafted file: check() names it
+        return 0
+    if removed:
+        tmp = path.with_name(path.name + ".new")
+        with open(tmp, "wb") as f:
+            pycriu.images.dump(doc, f)
+        os.replace(tmp, path)
+    return removed
 
 
 def check(images: Path, expected: Expected) -> None:
@@ -783,11 +819,16 @@ def _cgroups(docs: dict[str, Any], expected: Expected, refuse: _Refuse) -> None:
     pattern = re.compile(rf"/?{re.escape(expected.cgroup_parent)}/[A-Za-z0-9_.-]+")
     for s in e.get("sets", []):
         for ctl in s.get("ctls", []):
-            if not pattern.fullmatch(str(ctl.get("path", ""))):
+            # "/": a hierarchy runc does not manage on the dumping host (a v1 controller only a container engine
+            # mounted, e.g. hugetlb, net_cls or perf_event after Docker ran a container): the template stayed
+            # at its root, as an instance here does; nothing is created or set there (strip_cgroup_roots)
+            if ctl.get("path") != "/" and not pattern.fullmatch(str(ctl.get("path", ""))):
                 raise refuse("cgroup.img", "sets.ctls.path", f"{str(ctl.get('path'))[:80]!r}")
     for c in e.get("controllers", []):
         for d in c.get("dirs", []):
             where = f"controllers {c.get('cnames')}"
+            if d.get("dir_name") == "" and expected.roots_stripped is False:
+                continue  # the dumping host's own tree of an unmanaged hierarchy: a local dump, this host's
             if not pattern.fullmatch(str(d.get("dir_name", ""))):
                 raise refuse("cgroup.img", f"{where} dir_name", f"{str(d.get('dir_name'))[:80]!r}")
             if d.get("children"):

@@ -80,9 +80,10 @@ def test_validate_shows_the_plan_and_reload_applies_it_from_the_command_line(tmp
                       "more": ECHO | {"listen": f"127.0.0.1:{port2}"}})
         out = subprocess.run([*ACTIVATOR, "validate", "-c", str(cfg)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.splitlines()[1] == (f"a reload of the running activator would: add more (on "
-                                              f"127.0.0.1:{port2}); remove other (its connections drain first); "
-                                              "keep echo untouched")
+        # after the ok line and each service's addresses (validate prints them since issue 31), the plan
+        plan = [line for line in out.stdout.splitlines() if line.startswith("a reload of the running activator")]
+        assert plan == [f"a reload of the running activator would: add more (on 127.0.0.1:{port2}); remove other "
+                        "(its connections drain first); keep echo untouched"], out.stdout
         out = subprocess.run([*ACTIVATOR, "reload", "-c", str(cfg)], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith(f"reloaded {cfg}: add more")

@@ -230,3 +230,22 @@ def test_threads_dumped_without_a_filter_pass_only_when_the_leaders_chain_is_syn
     dumpcheck.check_docs(_threaded(FLAG_TSYNC), expected())
     with pytest.raises(dumpcheck.DumpError, match=r"core-2\.img: thread_core\.seccomp_mode"):
         dumpcheck.check_docs(_threaded(0), expected())
+
+
+def test_hierarchy_roots_are_refused_unless_stripped_and_a_root_path_passes() -> None:
+    """A v1 hierarchy runc did not manage (hugetlb after Docker mounted it in a container) is dumped at "/" with
+    the host's own tree below it: the path passes, the tree is removed before the check (strip_cgroup_roots), and
+    one left in an imported image is refused."""
+    d = dump()
+    d["cgroup.img"] = {"magic": "CGROUP", "entries": [{
+        "sets": [{"id": 1, "ctls": [{"path": "/"}, {"path": "/activator/web-tpl-1"}]}],
+        "controllers": [{"cnames": ["hugetlb"], "dirs": [{"dir_name": "", "children": [{"dir_name": "docker"}]}]},
+                        {"cnames": ["pids"], "dirs": [{"dir_name": "activator/web-tpl-1"}]}]}]}
+    with pytest.raises(dumpcheck.DumpError, match=r"cgroup\.img: controllers \['hugetlb'\]"):
+        dumpcheck.check_docs(d, expected())
+    dumpcheck.check_docs(d, expected(roots_stripped=False))  # a local dump: this host's own tree
+    d["cgroup.img"]["entries"][0]["controllers"][0]["dirs"] = []
+    dumpcheck.check_docs(d, expected())  # stripped, as an import is
+    d["cgroup.img"]["entries"][0]["sets"][0]["ctls"][0]["path"] = "/../x"
+    with pytest.raises(dumpcheck.DumpError, match=r"sets\.ctls\.path"):
+        dumpcheck.check_docs(d, expected())
