@@ -5,8 +5,11 @@ Pure: no I/O. The lifecycle owner (server.py) carries a Plan out; `activator val
 A service is
   added      its name is new: it gets listeners, a checkpoint and an instance slot, as at start;
   removed    its name is gone: its listeners close at once, its connections drain (drain_timeout), then it goes;
-  changed    anything in its definition differs: it gets a new checkpoint if what shapes the process changed,
-             and a new set of instances; the running ones finish their connections on the old definition;
+  changed    anything in its definition differs. If only keys in IN_PLACE differ (what the service's decisions
+             read, not what shaped its checkpoint, sandbox, process, listeners or steering rule), the running
+             service takes the new definition and keeps its instances: no restore is paid for a new idle_timeout.
+             Otherwise it gets a new checkpoint if what shapes the process changed, and a new set of instances;
+             the running ones finish their connections on the old definition;
   unchanged  left alone: no connection or instance of it is touched. If only whether it shares memory changed
              (`share_memory: auto` decides from the whole file: adding a second service turns the first one's
              sharing off), that applies to its next instances; the running ones keep theirs until they are
@@ -27,6 +30,20 @@ from activator.errors import ConfigError
 #: settings a reload may change
 RELOADABLE_SETTINGS = frozenset({"drain_timeout", "checkpoint_trust"})
 
+#: service keys a running service takes on a reload without new instances. Each is read when a decision is made
+#: (daemon/service.py, its launcher, proxy.py per connection, watchers.py), or re-applied by the reload
+#: (daemon/reloading.py: idle timers re-armed, standbys and min_instances refilled, the kernel limit re-installed
+#: for max_connections and client_idle_timeout). A connection already open keeps the timeouts it started with.
+#: Not here, on purpose: anything that shapes the checkpoint or the sandbox, the listeners, the steering rule
+#: (probes, protocol), handoff, http, proxy_protocol, wake_on, fallback, prepared_slots (slots already made are
+#: not taken back), refuse_with, stateful, share_memory, resources.
+IN_PLACE = frozenset({
+    "idle_timeout", "idle_cpu_below", "min_instances", "max_instances", "target_connections", "max_connections",
+    "max_waiting", "standby", "backoff", "restore_timeout", "connect_timeout", "client_idle_timeout",
+    "client_silent_timeout", "wake_grace", "waiting_page", "keep_alive_schedule", "pre_stop", "stop_signal",
+    "stop_grace",
+})
+
 
 @dataclass(frozen=True)
 class Change:
@@ -34,6 +51,11 @@ class Change:
     new: ServiceConfig
     keys: tuple[str, ...]  # the keys that differ
     new_checkpoint: bool  # something that shapes the process changed
+
+    @property
+    def in_place(self) -> bool:
+        """The running service takes the new definition; its instances stay."""
+        return in_place(self.keys)
 
 
 @dataclass(frozen=True)
@@ -53,6 +75,9 @@ class Plan:
         lines = [f"add {s.name} (on {' '.join(str(a) for a in s.listen)})" for s in self.added]
         lines += [f"remove {s.name} (its connections drain first)" for s in self.removed]
         for c in self.changed:
+            if c.in_place:
+                lines.append(f"change {c.new.name}: {', '.join(c.keys)} (in place: running instances keep serving)")
+                continue
             what = "a new checkpoint" if c.new_checkpoint else "the same checkpoint"
             lines.append(f"change {c.new.name}: {', '.join(c.keys)} ({what}; running instances finish on the old "
                          "definition)")
@@ -96,6 +121,10 @@ def plan_reload(old: Config, new: Config) -> Plan:
     settings = tuple(f.name for f in fields(old.settings) if f.name in RELOADABLE_SETTINGS
                      and getattr(old.settings, f.name) != getattr(new.settings, f.name))
     return Plan(added, removed, tuple(changed), tuple(unchanged), tuple(resharing), settings)
+
+
+def in_place(keys: tuple[str, ...] | list[str]) -> bool:
+    return bool(keys) and all(k in IN_PLACE for k in keys)
 
 
 def _differing(a: ServiceConfig, b: ServiceConfig) -> list[str]:

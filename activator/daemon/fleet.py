@@ -173,6 +173,20 @@ class Fleet:
             self.network.limit(svc.name, svc.listen, svc.max_connections, svc.client_idle_timeout,
                                svc.udp_flow_timeout if "udp" in svc.protocol else None, svc.udp_reply_ratio)
 
+    def reconfigure(self, svc: ServiceConfig) -> None:
+        """A reload that changes only what the running service reads at decision time (core.reloadplan.IN_PLACE):
+        the service, its launcher and its kernel limit take the new definition; its instances stay."""
+        service = self.services[svc.name]
+        old = service.config
+        service.reconfigure(svc)
+        if isinstance(service.launcher, InstanceLauncher):  # restore_timeout is read from it at each restore
+            service.launcher.config = svc
+        if self.on_used_up is not None:
+            hook = self.on_used_up
+            service.used_up = lambda: hook(svc)
+        if (old.max_connections, old.client_idle_timeout) != (svc.max_connections, svc.client_idle_timeout):
+            self.limit(svc)
+
     def use(self, svc: ServiceConfig, checkpoint: Checkpoint) -> None:
         """Hand a service its checkpoint, and its kernel path: its socket handed to its apps (handoff), or a
         steering rule if the app can be reached on its own address."""

@@ -1,8 +1,10 @@
 """Carrying out a reload (SIGHUP, `systemctl reload`, `activator reload`): what core/reloadplan.py decided, done to
 the running fleet. New listeners are bound first (a port in use refuses the whole reload, nothing changed),
-removed services stop accepting and drain, added ones start as at startup, changed ones get their new checkpoint
-while the old definition keeps serving, then take over the listeners; the old instances finish their connections
-and go. Unchanged services are not touched. A refused reload leaves the running configuration as it was.
+removed services stop accepting and drain, added ones start as at startup, changed ones take the new definition
+in place when only what their decisions read changed (core/reloadplan.py IN_PLACE: no instance is replaced), or
+else get their new checkpoint while the old definition keeps serving, then take over the listeners; the old
+instances finish their connections and go. Unchanged services are not touched. A refused reload leaves the running
+configuration as it was.
 """
 
 from __future__ import annotations
@@ -89,7 +91,16 @@ class Reloader:
             await fleet.serve(svc.name, fleet.listeners[svc.name])
             self._track(svc.name, self.builds.first(svc), "checkpoint")
         for change in p.changed:
-            self._track(change.new.name, self._replace(change, fresh.get(change.new.name, [])), "replace")
+            name = change.new.name
+            # In place only over the definition the service really runs: a superseded replace (cancelled above)
+            # left it on an older one, which may differ in more than these keys.
+            if change.in_place and fleet.services[name].config == change.old:
+                fleet.reconfigure(change.new)
+                continue
+            if change.in_place:
+                log.info("service=%s replaced rather than changed in place: an earlier reload's change to it was "
+                         "still being prepared", name)
+            self._track(name, self._replace(change, fresh.get(name, [])), "replace")
         for name, shares in p.resharing:
             await fleet.services[name].launcher.reshare(await fleet.ksm_for(shares))
         fleet.link_dependencies()

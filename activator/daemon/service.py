@@ -1056,6 +1056,24 @@ class Service:
         while self._stopping:
             await asyncio.gather(*list(self._stopping), return_exceptions=True)
 
+    def reconfigure(self, config: ServiceConfig) -> None:
+        """A reload changed only keys its decisions read (core.reloadplan.IN_PLACE): take the new definition and
+        keep the instances. What was derived from the old one is derived again: idle timers (measured from when
+        each instance went idle, so one idle longer than the new idle_timeout goes now), standbys, the floor."""
+        old, self.config = self.config, config
+        self.restore_backoff.policy = self.start_backoff.policy = config.backoff
+        if not self._closed:
+            for inst in list(self.instances):
+                if not (inst.spliced or inst.stopping or inst.withdrawn):
+                    self._arm_idle(inst, 0)
+            if not self.stopped:
+                if config.standby != old.standby:
+                    self._own(spawn(self.launcher.set_standby(config.standby, self.checkpoint),
+                                    name=f"standby:{self.name}"))
+                self._replenish()
+        self._publish()
+        self._notify()
+
     def start_serving(self) -> None:
         """Serve again: connections are admitted, min_instances kept warm."""
         self.stopped = False

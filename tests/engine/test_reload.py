@@ -155,3 +155,48 @@ async def test_a_reload_that_supersedes_one_still_building(start, caplog) -> Non
     await eventually(lambda: sorted(Path(d).name for d in host_resources(state)["dirs"]) == names,
                      what="nothing but the live instance")
     assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_new_idle_timeout_applies_in_place_and_a_new_command_still_replaces(start, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Issue 31 item 4: a setting that shapes neither the checkpoint nor the instance is taken by the running
+    service; its instance keeps serving (no restore paid), and the new value is the one that reaps it."""
+    run = await start({"echo": ECHO | {"idle_timeout": "5m"}})
+    act, listen = run.act, listen_of(run, "echo")
+    conn = await open_echo(run.port("echo"))
+    assert await roundtrip(conn, b"before") == b"before"
+    service = act.services["echo"]
+    (instance,) = service.instances
+    pid = instance.sandbox.pid_now()
+    restores = act.metrics.registry.get_sample_value("activator_restores_total", {"service": "echo"})
+    assert pid is not None and restores
+
+    rewrite(run.config.path, {"echo": ECHO | {"listen": listen, "idle_timeout": "4m"}})
+    assert (await act.plan())["changes"] == ["change echo: idle_timeout (in place: running instances keep serving)"]
+    await act.reload()
+    assert act.services["echo"] is service and service.config.idle_timeout == 240
+    assert service.instances == [instance] and instance.sandbox.pid_now() == pid
+    assert await roundtrip(conn, b"after") == b"after"
+    assert await echo(run.port("echo"), b"new one") == b"new one"
+    assert service.instances == [instance]
+    assert act.metrics.registry.get_sample_value("activator_restores_total", {"service": "echo"}) == restores
+    assert not act.status()["retiring"]
+    conn[1].close()
+    await eventually(lambda: service.open_connections == 0, what="the connections closed")
+
+    # Idle now under a 4-minute timer: the reload re-arms it with the new value, which reaps it (the old one
+    # would keep it for minutes past this wait).
+    rewrite(run.config.path, {"echo": ECHO | {"listen": listen, "idle_timeout": "1s"}})
+    await act.reload()
+    await eventually(lambda: not service.instances, timeout=60, what="the instance reaped after the new idle_timeout")
+    assert act.services["echo"] is service
+    assert act.metrics.registry.get_sample_value("activator_idle_reaps_total", {"service": "echo"}) == 1
+
+    # The control: a new command shapes the process, so the service is replaced as before.
+    rewrite(run.config.path, {"echo": ECHO | {"listen": listen, "idle_timeout": "1s",
+                                              "command": ["echo-server", "9000", "0"]}})
+    assert (await act.plan())["changes"] == [
+        "change echo: command (a new checkpoint; running instances finish on the old definition)"]
+    await act.reload()
+    await eventually(lambda: act.services["echo"] is not service, timeout=60, what="the new definition")
+    assert await echo(run.port("echo"), b"v2") == b"v2"
+    assert not [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]

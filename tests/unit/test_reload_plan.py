@@ -68,3 +68,27 @@ def test_trusted_keys_change_on_a_reload(tmp_path: Path) -> None:
     plan = plan_reload(old, cfg(tmp_path, {"a": SVC}, "new.yaml", checkpoint_trust={"keys": ["/etc/b.pub"]}))
     assert plan.settings == ("checkpoint_trust",) and plan.empty
     assert any(line.startswith("settings.checkpoint_trust: the next import, pull") for line in plan.describe())
+
+
+@pytest.mark.parametrize("changes", [{"idle_timeout": "1m"}, {"standby": 1}, {"max_instances": 3},
+                                     {"min_instances": 1, "max_waiting": 5}, {"max_connections": 50},
+                                     {"restore_timeout": "3s", "stop_grace": "2s"}])
+def test_what_only_the_services_decisions_read_changes_in_place(tmp_path: Path, changes: dict[str, Any]) -> None:
+    old = cfg(tmp_path, {"a": SVC}, "old.yaml")
+    new = cfg(tmp_path, {"a": SVC | changes}, "new.yaml")
+    (c,) = plan_reload(old, new).changed
+    assert c.in_place and not c.new_checkpoint and set(c.keys) == set(changes)
+    assert plan_reload(old, new).describe() == [
+        f"change a: {', '.join(c.keys)} (in place: running instances keep serving)"]
+
+
+@pytest.mark.parametrize("changes", [{"command": ["x"]}, {"listen": "127.0.0.1:8009"}, {"handoff": True},
+                                     {"idle_timeout": "1m", "command": ["x"]}, {"prepared_slots": 2},
+                                     {"resources": {"memory": "64M"}}, {"egress": False}])
+def test_what_shapes_the_instance_or_its_listeners_still_replaces_it(tmp_path: Path,
+                                                                      changes: dict[str, Any]) -> None:
+    old = cfg(tmp_path, {"a": SVC}, "old.yaml")
+    new = cfg(tmp_path, {"a": SVC | changes}, "new.yaml")
+    (c,) = plan_reload(old, new).changed
+    assert not c.in_place
+    assert "running instances finish on the old definition" in plan_reload(old, new).describe()[0]
