@@ -280,6 +280,7 @@ def cmd_reload(cfg: Config | None, args: argparse.Namespace) -> int:
     """What `systemctl reload` runs: the daemon re-reads its own file and says what it changed, or why not."""
     from .daemon import control
     sock = _control_socket(cfg, args.config)
+    _same_file_as_the_daemon(sock, args.config)
     try:
         r = control.request(sock, "reload", timeout=120)
     except control.NotRunning:
@@ -288,6 +289,24 @@ def cmd_reload(cfg: Config | None, args: argparse.Namespace) -> int:
         raise ActivatorError(f"reload refused, the running configuration stays: {_daemon_said(e, sock)}") from None
     print(f"reloaded {r['config']}: {'; '.join(r['changes'])}")
     return 0
+
+
+def _same_file_as_the_daemon(sock: Any, path: str) -> None:
+    """A daemon re-reads only the file it was started with: asked with another one (same state dir), it would
+    apply its own and the operator would believe theirs was. Refused, naming both. A daemon that was given a
+    relative path is not second-guessed (its working directory is not ours); its answer names its file."""
+    from .daemon import control
+
+    theirs = Path(str(control.request(sock, "status").get("config", "")))
+    if not theirs.is_absolute():
+        return
+    try:
+        same = os.path.samefile(theirs, path)
+    except OSError:
+        same = theirs.resolve() == Path(path).resolve()
+    if not same:
+        raise ActivatorError(f"reload refused: the running activator reloads only its own file {theirs}, not "
+                             f"{path}; edit {theirs}, or restart activator with -c {path}")
 
 
 def _reload_refused(args: argparse.Namespace, local: ConfigError) -> int:

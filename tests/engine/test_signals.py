@@ -88,6 +88,12 @@ def test_validate_shows_the_plan_and_reload_applies_it_from_the_command_line(tmp
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith(f"reloaded {cfg}: add more")
         assert echo_once(port2, b"two") == b"two"
+        # Issue 31 item 4: another file (same state dir, so the same daemon) is not what the daemon re-reads
+        other = tmp_path / "copy.yaml"
+        other.write_text(cfg.read_text())
+        out = subprocess.run([*ACTIVATOR, "reload", "-c", str(other)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and out.stdout == "" and out.stderr.count("\n") == 1, out.stderr
+        assert f"reloads only its own file {cfg}, not {other}" in out.stderr
         cfg.write_text(cfg.read_text() + "bogus: 1\n")  # the daemon is asked all the same: it refuses and logs it
         out = subprocess.run([*ACTIVATOR, "reload", "-c", str(cfg)], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1
