@@ -1,15 +1,26 @@
 # Two commands on a fresh Debian 12 host (as root): `make demo` and `make test`. Each runs setup first.
+# setup: the engine, CRIU and this checkout's venv; setup-test: that and the tests' and benchmarks' tools (only
+# `make test`, `make lint` and the benchmarks install them); `make install` takes the daemon's own needs alone.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SETUP_DEPS := scripts/setup.sh pyproject.toml $(wildcard scripts/criu-patches/*.patch)
 SETUP_STAMP := $(VENV)/.setup-done
+SETUP_TEST_STAMP := $(VENV)/.setup-test-done
 
-.PHONY: setup demo test unit lint images bench bench-smoke clean install uninstall
+.PHONY: setup setup-test demo test unit lint images bench bench-smoke clean install uninstall
 
-$(SETUP_STAMP): scripts/setup.sh pyproject.toml $(wildcard scripts/criu-patches/*.patch)
+$(SETUP_STAMP): $(SETUP_DEPS)
 	bash scripts/setup.sh
 	touch $@
 
+$(SETUP_TEST_STAMP): $(SETUP_DEPS)
+	bash scripts/setup.sh --tests
+	touch $@ $(SETUP_STAMP)
+
 setup: $(SETUP_STAMP)
+	@bash scripts/setup.sh --services-only
+
+setup-test: $(SETUP_TEST_STAMP)
 	@bash scripts/setup.sh --services-only
 
 images: setup
@@ -19,7 +30,7 @@ demo: setup
 	bash scripts/build-images.sh busybox tomcat
 	$(VENV)/bin/activator run -c config/demo.yaml
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check activator tests bench
 	$(VENV)/bin/mypy
 	bash scripts/verify-units.sh
@@ -31,17 +42,17 @@ lint: setup
 unit:
 	$(VENV)/bin/pytest tests/unit
 
-test: setup lint
+test: setup-test lint
 	bash scripts/build-images.sh busybox systemd tomcat redis postgres dns
 	$(VENV)/bin/pytest tests/unit tests/engine
 	$(MAKE) bench-smoke
 
 # Every bench script once with tiny counts, so none can rot (no timing is asserted: benchmarks are not tests).
-bench-smoke: setup
+bench-smoke: setup-test
 	bash scripts/build-images.sh busybox tomcat redis postgres dns
 	$(PY) bench/smoke.py
 
-bench: setup
+bench: setup-test
 	bash scripts/build-images.sh busybox tomcat redis postgres dns
 	$(PY) bench/coldstart.py
 	$(PY) bench/warmpath.py
@@ -51,7 +62,10 @@ bench: setup
 
 # A system install (not a checkout). Defaults: PREFIX=/opt/activator BINDIR=/usr/local/bin SYSCONFDIR=/etc/activator
 # UNITDIR=/etc/systemd/system; PREFIX=X alone keeps everything under X; DESTDIR stages (scripts/install.sh).
-install: setup
+# It installs what the daemon needs (setup.sh --runtime: no test tools, no venv here) and writes nothing into this
+# tree; its venv is made from /usr/bin/python3, or PYTHON=.
+install:
+	@if [ -z "$(DESTDIR)" ]; then bash scripts/setup.sh --runtime; fi
 	bash scripts/install.sh install
 
 uninstall:

@@ -16,15 +16,18 @@
 #   BINDIR      the `activator` link         /usr/local/bin           X/bin
 #   SYSCONFDIR  config.yaml                  /etc/activator           X/etc
 #   UNITDIR     activator.service/.socket    /etc/systemd/system      X/lib/systemd/system
-# So PREFIX alone never writes to /etc. DESTDIR (for packagers) is put in front of every path written, not of
+# So PREFIX alone never writes to /etc; PREFIX=/opt/activator (the default's own value) is the default layout.
+# DESTDIR (for packagers) is put in front of every path written, not of
 # the paths the units and the link name; with DESTDIR, systemctl is never called.
 #
-# The host needs what `make setup` installs first: the Docker engine, runc, and CRIU 4.2 built from the pinned,
-# checksum-verified source (scripts/setup.sh), whose tree also provides pycriu. Nothing here pulls a compiler.
+# The host needs what `scripts/setup.sh --runtime` installs first (`make install` runs it): a Docker engine (the one
+# already there), runc, and CRIU 4.2 built from the pinned, checksum-verified source, whose tree also provides
+# pycriu. The venv is made from the system's Python (/usr/bin/python3), or PYTHON=; the project is built from a
+# copy of this tree, so nothing (build/, *.egg-info) is written into it.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -n "${PREFIX:-}" ]; then
+if [ -n "${PREFIX:-}" ] && [ "$PREFIX" != /opt/activator ]; then
     BINDIR=${BINDIR:-$PREFIX/bin}
     SYSCONFDIR=${SYSCONFDIR:-$PREFIX/etc}
     UNITDIR=${UNITDIR:-$PREFIX/lib/systemd/system}
@@ -36,7 +39,7 @@ else
 fi
 DESTDIR=${DESTDIR:-}
 CRIU_SRC=${CRIU_SRC:-/usr/local/src/activator-criu}
-PY=${PYTHON:-python3}
+PY=${PYTHON:-/usr/bin/python3}
 UNITS=(activator.service activator.socket)
 MANIFEST="$PREFIX/share/install-manifest"
 
@@ -58,7 +61,8 @@ put() {  # put MODE SRC DEST: a file, replaced atomically, recorded
 install_all() {
     [ -n "$DESTDIR" ] || [ "$(id -u)" = 0 ] || die "run as root (it writes to $PREFIX, $BINDIR, $SYSCONFDIR and $UNITDIR)"
     [ -f "$CRIU_SRC/lib/setup.py" ] || [ -f "$CRIU_SRC/lib/pyproject.toml" ] ||
-        die "no CRIU source tree at $CRIU_SRC (pycriu comes from it); run 'make setup' first"
+        die "no CRIU source tree at $CRIU_SRC (pycriu comes from it); run 'bash scripts/setup.sh --runtime' first"
+    command -v "$PY" >/dev/null || die "no Python at $PY; name one with PYTHON="
     [ -z "$DESTDIR" ] || mkdir -p "$DESTDIR"
     log "installing: venv and share in $PREFIX, the command in $BINDIR, units in $UNITDIR, configuration in $SYSCONFDIR"
     [ "$UNITDIR" = /etc/systemd/system ] || [ -n "$DESTDIR" ] ||
@@ -66,15 +70,29 @@ install_all() {
     local old=()
     [ -f "$DESTDIR$MANIFEST" ] && mapfile -t old <"$DESTDIR$MANIFEST"  # an upgrade keeps what the first install made
     make_dir "$PREFIX"
-    if [ ! -x "$DESTDIR$PREFIX/venv/bin/python" ]; then
-        "$PY" -m venv "$DESTDIR$PREFIX/venv"
+    local venv="$DESTDIR$PREFIX/venv" base
+    base=$("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))') || die "$PY does not run"
+    if [ -x "$venv/bin/python" ] &&
+       [ "$("$venv/bin/python" -c 'import os, sys; print(os.path.realpath(sys._base_executable))' 2>/dev/null)" != "$base" ]; then
+        log "the venv in $PREFIX was made from another Python: making it again from $base"
+        rm -rf "$venv"
+    fi
+    if [ ! -x "$venv/bin/python" ]; then
+        log "venv $PREFIX/venv from $base"
+        "$PY" -m venv "$venv" || die "$PY -m venv failed (Debian: apt-get install python3-venv)"
     fi
     made+=("tree $PREFIX/venv")
     "$DESTDIR$PREFIX/venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
     make_dir "$PREFIX/share"
     local logf="$DESTDIR$PREFIX/share/install.log"
-    "$DESTDIR$PREFIX/venv/bin/pip" install -q --upgrade "$ROOT" >"$logf" 2>&1 ||
-        die "installing activator into $PREFIX/venv failed; see $logf"
+    # setuptools builds in the source directory (build/, activator.egg-info): a copy of the tree is built instead.
+    local src; src=$(mktemp -d)
+    tar -C "$ROOT" --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.egg-info' \
+        --exclude=__pycache__ --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.pytest_cache -cf - . |
+        tar -C "$src" -xf -
+    "$DESTDIR$PREFIX/venv/bin/pip" install -q --upgrade "$src" >"$logf" 2>&1 ||
+        { rm -rf "$src"; die "installing activator into $PREFIX/venv failed; see $logf"; }
+    rm -rf "$src"
     "$DESTDIR$PREFIX/venv/bin/pip" install -q "$CRIU_SRC/lib" >>"$logf" 2>&1 ||
         die "installing pycriu from $CRIU_SRC/lib failed; see $logf"
     made+=("file $PREFIX/share/install.log")
@@ -103,7 +121,10 @@ install_all() {
     for u in "${UNITS[@]}"; do
         # Paths as installed; systemd's ConfigurationDirectory= is /etc/activator only, so it goes when the
         # configuration lives elsewhere (the directory is made here instead).
-        sed -e "s|/opt/activator|$PREFIX|g" -e "s|/etc/activator|$SYSCONFDIR|g" "$ROOT/systemd/$u" >"$tmp/$u"
+        # The header's hints too: the link's and the units' own places.
+        sed -e "s|/opt/activator|$PREFIX|g" -e "s|/etc/activator|$SYSCONFDIR|g" \
+            -e "s|/usr/local/bin/activator|$BINDIR/activator|g" -e "s|/etc/systemd/system|$UNITDIR|g" \
+            "$ROOT/systemd/$u" >"$tmp/$u"
         [ "$SYSCONFDIR" = /etc/activator ] || sed -i '/^ConfigurationDirectory=/d' "$tmp/$u"
         put 0644 "$tmp/$u" "$UNITDIR/$u"
     done
@@ -127,11 +148,16 @@ install_all() {
     # The manifest: what this install (and any earlier one) made, each once, in the order made.
     printf '%s\n' "${old[@]}" "${made[@]}" "file $MANIFEST" | awk 'NF && !seen[$0]++' >"$DESTDIR$MANIFEST.tmp"
     mv "$DESTDIR$MANIFEST.tmp" "$DESTDIR$MANIFEST"
-    if systemd_running; then
+    local enable="systemctl enable --now activator.service"
+    [ "$UNITDIR" = /etc/systemd/system ] ||
+        enable="systemctl link $UNITDIR/activator.service $UNITDIR/activator.socket && $enable"
+    if [ -n "$DESTDIR" ]; then
+        log "staged in $DESTDIR (units for $UNITDIR, the command $BINDIR/activator)"
+    elif systemd_running; then
         systemctl daemon-reload
-        log "installed; start it with: systemctl enable --now activator.service"
+        log "installed; start it with: $enable"
     else
-        log "installed (no systemd here: run 'activator run -c $SYSCONFDIR/config.yaml')"
+        log "installed (no systemd here: run '$BINDIR/activator run -c $SYSCONFDIR/config.yaml')"
     fi
 }
 

@@ -17,6 +17,16 @@ pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _built_in_tree() -> dict[str, int]:
+    """What a setuptools build leaves in the source tree (build/, *.egg-info), with each file's mtime: the dev venv's
+    editable install may have made some, so the check is that an install changes none."""
+    found: dict[str, int] = {}
+    for top in [ROOT / "build", *ROOT.glob("*.egg-info")]:
+        for p in [top, *top.rglob("*")] if top.exists() else []:
+            found[str(p)] = p.stat().st_mtime_ns
+    return found
+
+
 def _script(verb: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), verb], env=os.environ | env,
                           capture_output=True, text=True, timeout=600)
@@ -27,9 +37,17 @@ def test_install_serve_uninstall(tmp_path: Path) -> None:
              "BINDIR": str(tmp_path / "bin")}
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "other-tool").write_text("#!/bin/sh\n")  # someone else's, in the same bin directory
-    done = _script("install", where)
+    # A python3 first on PATH that is not the system's (a pyenv's, here one that cannot make a venv)
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "shadow" / "python3").write_text("#!/bin/sh\necho 'not the system python' >&2\nexit 3\n")
+    (tmp_path / "shadow" / "python3").chmod(0o755)
+    before = _built_in_tree()
+    done = _script("install", where | {"PATH": f"{tmp_path / 'shadow'}:{os.environ['PATH']}"})
     assert done.returncode == 0, done.stderr
+    assert _built_in_tree() == before  # the project was built from a copy, not in this tree
     venv = tmp_path / "opt" / "venv"
+    cfg_lines = dict(line.split(" = ", 1) for line in (venv / "pyvenv.cfg").read_text().splitlines() if " = " in line)
+    assert cfg_lines["home"] == "/usr/bin", cfg_lines  # the system's Python, whatever python3 PATH finds first
     installed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=freeze"], capture_output=True, text=True,
                                timeout=120).stdout.lower()
     assert "activator==" in installed and "pycriu==" in installed
@@ -38,6 +56,11 @@ def test_install_serve_uninstall(tmp_path: Path) -> None:
     assert f"ExecStart={venv}/bin/activator run -c {tmp_path}/etc/config.yaml" in unit
     assert "StateDirectory=activator" in unit and "ExecReload=" in unit
     assert "ConfigurationDirectory=" not in unit  # systemd's would be /etc/activator, not this SYSCONFDIR
+    # The header's hints name where this install put things, not the defaults
+    assert f"{tmp_path}/bin/activator" in unit and f"{tmp_path}/units" in unit
+    assert "/usr/local/bin" not in unit and "/etc/systemd/system" not in unit and "/opt/activator" not in unit
+    assert f"{tmp_path}/bin/activator run -c {tmp_path}/etc/config.yaml" in done.stdout or \
+        f"systemctl link {tmp_path}/units/activator.service" in done.stdout, done.stdout  # the closing hint
     reference = tmp_path / "opt" / "share" / "docs" / "configuration.md"  # the installed copy of the reference
     assert reference.read_text() == (ROOT / "docs" / "configuration.md").read_text()
     config = tmp_path / "etc" / "config.yaml"
@@ -93,3 +116,17 @@ def test_prefix_alone_keeps_everything_under_it_and_destdir_stages(tmp_path: Pat
     assert os.readlink(stage / "usr" / "bin" / "activator") == f"{final}/venv/bin/activator"
     manifest = (stage / final.lstrip("/") / "share" / "install-manifest").read_text()
     assert str(stage) not in manifest and f"file {final}/share/README.md" in manifest
+
+
+def test_prefix_naming_the_default_is_the_default_layout(tmp_path: Path) -> None:
+    """`PREFIX=/opt/activator` is what the default already is: the link in /usr/local/bin, units in
+    /etc/systemd/system, and the unit's header and the closing hint say so (staged, so this host is untouched)."""
+    stage = tmp_path / "stage"
+    done = _script("install", {"DESTDIR": str(stage), "PREFIX": "/opt/activator"})
+    assert done.returncode == 0, done.stderr
+    assert os.readlink(stage / "usr" / "local" / "bin" / "activator") == "/opt/activator/venv/bin/activator"
+    unit = (stage / "etc" / "systemd" / "system" / "activator.service").read_text()
+    assert "/usr/local/bin/activator" in unit and "/etc/systemd/system" in unit
+    assert "ExecStart=/opt/activator/venv/bin/activator run -c /etc/activator/config.yaml" in unit
+    assert (stage / "etc" / "activator" / "config.yaml").exists() and not (stage / "opt" / "activator" / "bin").exists()
+    assert "units for /etc/systemd/system, the command /usr/local/bin/activator" in done.stdout, done.stdout
