@@ -26,9 +26,15 @@ setup-test: $(SETUP_TEST_STAMP)
 images: setup
 	bash scripts/build-images.sh
 
+# `make demo DEMO_PORT=18080 DEMO_STATE_DIR=/var/lib/activator/demo2 DEMO_METRICS=null`: the same demo on other
+# ports (tomcat on DEMO_PORT, hello on the next) or another state dir, from a copy in the venv (config/demo.yaml as
+# it is when none is given).
+DEMO_CONFIG := $(if $(DEMO_PORT)$(DEMO_STATE_DIR)$(DEMO_METRICS),$(VENV)/demo.yaml,config/demo.yaml)
+
 demo: setup
 	bash scripts/build-images.sh busybox tomcat
-	$(VENV)/bin/activator run -c config/demo.yaml
+	$(if $(filter config/demo.yaml,$(DEMO_CONFIG)),,$(PY) scripts/demo-config.py --port "$(DEMO_PORT)" --state-dir "$(DEMO_STATE_DIR)" --metrics "$(DEMO_METRICS)" > $(DEMO_CONFIG))
+	$(VENV)/bin/activator run -c $(DEMO_CONFIG)
 
 lint: setup-test
 	$(VENV)/bin/ruff check activator tests bench
