@@ -25,14 +25,11 @@ build derives them, and CRIU's own images are checked against them before any re
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
 import platform
-import secrets
 import shutil
 import tarfile
 import time
@@ -212,47 +209,22 @@ def export(ck: Checkpoint, svc: ServiceConfig, image: ImageInfo, out: Path, scra
             OWN + "pages-bytes": str(ck.pages_bytes),
             "org.opencontainers.image.created": created,
         }
-        written = ociarchive.write(out, layer, annotations, ref=tag(o, facts), arch=facts.oci_arch, created=created)
-        return seal(out, signing.sign(key, written.digest)) if key is not None else written
+
+        def sealed(digest: str) -> dict[str, str]:
+            return signing.annotation(signing.sign(key, digest)) if key is not None else {}
+
+        return ociarchive.write(out, layer, annotations, ref=tag(o, facts), arch=facts.oci_arch, created=created,
+                                seal=sealed)
 
 
 def seal(archive: Path, sig: signing.Signature) -> ociarchive.Image:
     """Blocking. Put a signature into an archive's envelope (its index's annotations of the image), which the
-    manifest digest does not cover. The image is untouched: every other member is copied as it is, and the result
-    is read back with every digest checked. Written as ociarchive.write writes: a new file of a random name
-    (O_EXCL|O_NOFOLLOW) in a directory checked by ociarchive.safe_dir, renamed over the old one."""
+    manifest digest does not cover; written as ociarchive writes (reseal: a new O_EXCL|O_NOFOLLOW file in a
+    directory safe_dir accepts, renamed over the old one)."""
     image = ociarchive.read(archive)
     if image.digest != sig.manifest:
         raise signing.SignatureError(f"{archive}: the signature is for image {sig.manifest[:19]}, not this one")
-    dirfd = ociarchive.safe_dir(archive.parent)
-    partial = f".{archive.name}.{secrets.token_hex(8)}.partial"
-    try:
-        with tarfile.open(archive, "r:") as t:
-            f = t.extractfile(image.members["index.json"])
-            assert f is not None
-            index = json.loads(f.read(ociarchive.SMALL_BLOB))
-            desc = index["manifests"][0]
-            desc["annotations"] = {**(desc.get("annotations") or {}), **signing.annotation(sig)}
-            data = json.dumps(index).encode()
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dirfd)
-            try:
-                with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as out:
-                    for m in t.getmembers():
-                        if m.name.removeprefix("./") == "index.json":
-                            info = tarfile.TarInfo("index.json")
-                            info.size, info.mode, info.mtime = len(data), 0o644, m.mtime
-                            out.addfile(info, io.BytesIO(data))
-                        else:
-                            out.addfile(m, t.extractfile(m) if m.isfile() else None)
-                os.rename(partial, archive.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(partial, dir_fd=dirfd)
-                raise
-    finally:
-        os.close(dirfd)
-    return ociarchive.read(archive)
+    return ociarchive.reseal(archive, signing.annotation(sig))
 
 
 def signature_image(sig: signing.Signature, out: Path, scratch_near: Path) -> ociarchive.Image:
