@@ -52,4 +52,4 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic). Reading 
     cli         `activator run|validate|reload|status|top|inspect|checkpoint|cleanup|schema`
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
