@@ -208,10 +208,10 @@ def _check_host(cfg: Config, sock: Any) -> list[str]:
             if v.external:
                 check(lambda v=v: volumes.docker_volume(v.source), f"services.{svc.name}.volumes[{i}]",  # type: ignore[misc]
                       lambda text: text.removeprefix("volumes: "))
-        if svc.handoff and not cgroups.v1_devices():
+        if svc.handoff and not cgroups.direct():
             warnings.append(f"services.{svc.name}.handoff: warning: this host cannot hand off (restores through CRIU "
-                            "directly need cgroup v1 device files): `run` serves it through the activator's other "
-                            "paths instead")
+                            "directly need cgroup v1 device files or a kernel that loads a v2 device program): "
+                            "`run` serves it through the activator's other paths instead")
     if problems:
         raise combined(problems)
     return warnings

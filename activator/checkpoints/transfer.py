@@ -112,7 +112,7 @@ class HostFacts:
                     break
         except OSError:
             pass
-        return cls(platform.machine(), os.uname().release, flags, "v1" if cgroups.v1_devices() else "v2",
+        return cls(platform.machine(), os.uname().release, flags, cgroups.version(),
                    _distribution())
 
     @property

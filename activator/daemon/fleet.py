@@ -212,9 +212,10 @@ class Fleet:
             log.warning("service=%s handoff needs one listening socket, it has %d: not handed off", svc.name,
                         len(socks))
             return None
-        if not cgroups.v1_devices():
-            log.warning("service=%s handoff needs restores through CRIU directly (cgroup v1 device files), which "
-                        "this host does not have: its connections take the activator's other paths", svc.name)
+        if not cgroups.direct():
+            log.warning("service=%s handoff needs restores through CRIU directly (cgroup v1 device files or a v2 "
+                        "device program), which this host cannot do: its connections take the activator's other "
+                        "paths", svc.name)
             return None
         return socks[0]
 

@@ -1,6 +1,11 @@
 """An instance's cgroups (PARENT/NAME in every hierarchy, v1 or v2): made by runc for containers it runs, or
 here (create()) for instances restored through CRIU directly; removed here even when runc cannot.
 
+Both kinds of host are first class. A v1 (or hybrid) host has one directory per hierarchy and device rules as
+devices.allow lines; a pure v2 host (/sys/fs/cgroup is cgroup2, the default of Debian 12, Ubuntu 22.04+, Fedora,
+RHEL 9) has one directory whose controllers its parent enables in cgroup.subtree_control, and device rules as a BPF
+program (devicefilter.py), both made here as runc would make them.
+
 PARENT is /activator, or, when activator runs as a systemd service (Delegate=yes), `instances` below the unit's
 own cgroup (use_unit_cgroup()): then `systemctl status` counts the instances and stopping the unit can never leave
 one running (systemd kills what is left in its cgroup). Leftovers are looked for in both places.
@@ -14,11 +19,14 @@ removes the directories.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import devicefilter
 
 ROOT = Path("/sys/fs/cgroup")
 LEGACY = "activator"
@@ -27,29 +35,84 @@ PARENT = LEGACY  # changed once at start by use_unit_cgroup()
 #: read back from a runc-made cgroup's devices.list. The spec's own rule denies everything first.
 DEVICE_RULES = ("b *:* m", "c *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
                 "c 5:0 rwm", "c 5:2 rwm", "c 10:200 rwm", "c 136:* rwm")
+#: The same rules as a v2 device program's (devicefilter.py).
+DEVICE_FILTER = tuple(devicefilter.Rule.parse(r) for r in DEVICE_RULES)
 CPU_PERIOD_US = 100_000
+#: The v2 controllers an instance's limits and accounting need, enabled from the root down to PARENT.
+V2_CONTROLLERS = ("cpu", "memory", "pids")
+#: Where the daemon itself moves on a v2 host when it runs as a systemd service: a cgroup whose children have
+#: controllers may hold no process ("no internal processes"), so the unit's own cgroup must be left empty.
+DAEMON_LEAF = "daemon"
 
 
 def v1_devices() -> bool:
-    """Cgroup v1 (or hybrid) with a devices controller: device rules are files to write. On a pure v2 host they
-    are an eBPF program, which runc makes; instances are then restored through runc."""
+    """Cgroup v1 (or hybrid) with a devices controller: device rules are files to write."""
     return (ROOT / "devices" / "devices.allow").exists()
+
+
+def unified() -> bool:
+    """A pure cgroup v2 host: /sys/fs/cgroup is itself the v2 hierarchy (a hybrid mounts it at unified/)."""
+    return (ROOT / "cgroup.controllers").exists()
+
+
+def version() -> str:
+    return "v2" if unified() and not v1_devices() else "v1"
+
+
+@functools.cache
+def _device_programs() -> bool:
+    return devicefilter.supported()
+
+
+def direct() -> bool:
+    """Whether an instance's cgroups can be made here, with runc's device rules, for a restore through CRIU
+    directly (criurestore.py) and a handoff: device files on v1 or a hybrid, a device program on v2 (a kernel
+    without CONFIG_CGROUP_BPF cannot, and then instances are restored through `runc restore`)."""
+    return v1_devices() or (unified() and _device_programs())
 
 
 def use_unit_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup")) -> str | None:
     """Put instance cgroups under the systemd service's own cgroup, if this process is one (INVOCATION_ID is set
-    and its cgroup is a .service). Cgroup v1 or hybrid only: on a pure v2 host the daemon would first have to
-    move into a leaf of its own ("no internal processes"), which is not done; there PARENT stays /activator.
+    and its cgroup is a .service). On a pure v2 host the daemon first moves into a leaf of its own (DAEMON_LEAF;
+    "no internal processes") and enables the controllers below the unit, which Delegate=yes lets it do.
     Returns the parent now used, or None."""
     global PARENT
-    if not os.environ.get("INVOCATION_ID") or not v1_devices():
+    if not os.environ.get("INVOCATION_ID"):
         return None
     lines = dict(line.split(":", 2)[1:] for line in proc_cgroup.read_text().splitlines() if line.count(":") >= 2)
-    own = lines.get("name=systemd") or lines.get("")
-    if not own or not own.rstrip("/").endswith(".service"):
+    if unified():
+        own = lines.get("", "").strip("/").removesuffix(f"/{DAEMON_LEAF}")
+        if not own.endswith(".service"):
+            return None
+        unit = ROOT / own
+        leaf = unit / DAEMON_LEAF
+        leaf.mkdir(exist_ok=True)
+        # Everything systemd started in the unit's cgroup (this process, and what it forked before now) moves.
+        for pid in (unit / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                (leaf / "cgroup.procs").write_text(pid)
+        _enable_controllers(unit)
+    elif v1_devices():
+        own = (lines.get("name=systemd") or lines.get("") or "").strip("/")
+        if not own.endswith(".service"):
+            return None
+    else:
         return None
-    PARENT = f"{own.strip('/')}/instances"
+    PARENT = f"{own}/instances"
     return PARENT
+
+
+def _enable_controllers(parent: Path) -> None:
+    """v2: turn V2_CONTROLLERS on in cgroup.subtree_control from the root down to parent, where they are available
+    and not on yet (on a systemd host they are, down to a delegated unit; /activator is ours)."""
+    chain = [ROOT, *(ROOT / Path(*parent.relative_to(ROOT).parts[:i + 1])
+                     for i in range(len(parent.relative_to(ROOT).parts)))]
+    for cg in chain:
+        have = set((cg / "cgroup.controllers").read_text().split())
+        on = set((cg / "cgroup.subtree_control").read_text().split())
+        missing = [c for c in V2_CONTROLLERS if c in have and c not in on]
+        if missing:
+            (cg / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in missing))
 
 
 def _fill_cpuset(hierarchy: Path, parent: Path) -> None:
@@ -65,13 +128,17 @@ def _fill_cpuset(hierarchy: Path, parent: Path) -> None:
 
 def hierarchies() -> list[Path]:
     """The mounted hierarchies (a directory under /sys/fs/cgroup may be a bare one: systemd in a container makes
-    `cpu,cpuacct` next to separately mounted cpu and cpuacct)."""
+    `cpu,cpuacct` next to separately mounted cpu and cpuacct). A pure v2 host has one, the root itself."""
+    if unified():
+        return [ROOT]
     return sorted(p for p in ROOT.iterdir() if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists())
 
 
 def create(name: str, memory: int | None, cpus: float | None, pids: int | None) -> list[Path]:
-    """Blocking. /activator/NAME in every hierarchy, as runc would make it for a container with these limits;
-    returns the cgroup.procs files to put a process into. v1 (or hybrid) hosts only (see v1_devices)."""
+    """Blocking. PARENT/NAME in every hierarchy, as runc would make it for a container with these limits;
+    returns the cgroup.procs files to put a process into. Only where direct() says it can."""
+    if unified():
+        return [_create_v2(name, memory, cpus, pids)]
     made: list[Path] = []
     try:
         for hierarchy in hierarchies():
@@ -104,6 +171,29 @@ def create(name: str, memory: int | None, cpus: float | None, pids: int | None) 
     return [cg / "cgroup.procs" for cg in made]
 
 
+def _create_v2(name: str, memory: int | None, cpus: float | None, pids: int | None) -> Path:
+    """runc's v2 cgroup for these limits (memory.max with no swap beyond it, as runc's memory == memory+swap
+    gives; cpu.max; pids.max) and its device program."""
+    cg = ROOT / PARENT / name
+    try:
+        cg.parent.mkdir(parents=True, exist_ok=True)
+        _enable_controllers(cg.parent)
+        cg.mkdir(exist_ok=True)
+        if memory is not None:
+            (cg / "memory.max").write_text(str(memory))
+            if (cg / "memory.swap.max").exists():
+                (cg / "memory.swap.max").write_text("0")
+        if cpus is not None:
+            (cg / "cpu.max").write_text(f"{int(cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+        if pids is not None:
+            (cg / "pids.max").write_text(str(pids))
+        devicefilter.attach(cg, DEVICE_FILTER)
+    except OSError:
+        remove(name)
+        raise
+    return cg / "cgroup.procs"
+
+
 def join(procs: list[Path], pid: int) -> None:
     """Blocking. Move pid into these cgroups (everything it forks from then on starts in them)."""
     for p in procs:
@@ -113,10 +203,11 @@ def join(procs: list[Path], pid: int) -> None:
 def paths(name: str) -> list[Path]:
     """Every existing cgroup directory of this instance (v1: one per hierarchy; v2: one)."""
     found: list[Path] = []
+    v2 = unified()
     for parent in dict.fromkeys((PARENT, LEGACY)):  # a run before an upgrade, or outside systemd, used /activator
-        found += [p for p in ROOT.glob(f"*/{parent}/{name}") if p.is_dir()]
-        unified = ROOT / parent / name
-        found += [unified] if unified.is_dir() else []
+        found += [] if v2 else [p for p in ROOT.glob(f"*/{parent}/{name}") if p.is_dir()]
+        single = ROOT / parent / name
+        found += [single] if single.is_dir() else []
     return found
 
 
@@ -198,6 +289,8 @@ def remove(name: str, timeout: float = 2.0) -> list[Path]:
     deadline = time.monotonic() + timeout
     while left:
         for cg in left:
+            with contextlib.suppress(OSError):  # v2 (5.14+): the kernel kills all of it, forks in flight included
+                (cg / "cgroup.kill").write_text("1")
             with contextlib.suppress(OSError):
                 for pid in (cg / "cgroup.procs").read_text().split():
                     with contextlib.suppress(ProcessLookupError, ValueError):

@@ -19,9 +19,9 @@ starts in them). Both cost milliseconds in the daemon: moving a task between cgr
 RCU grace period after a quiet spell. An idle swrk costs one sleeping process (~0.8 MB of its own memory). The
 restore itself is then one request and one answer.
 
-Only where device rules are files (cgroup v1 or hybrid, cgroups.v1_devices()); on a pure cgroup v2 host they are
-an eBPF program that runc makes, so instances are restored through runc there. Templates are still run and
-dumped with runc, and cold starts run through it.
+Wherever cgroups.direct() says the cgroups can be made here: device rules as files on cgroup v1 or a hybrid, as
+a BPF device program on a pure v2 host (devicefilter.py); only a kernel that loads no such program restores
+through runc. Templates are still run and dumped with runc, and cold starts run through it.
 """
 
 from __future__ import annotations

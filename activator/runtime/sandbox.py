@@ -200,7 +200,7 @@ class Sandbox:
         elif restore is not None and restore.external:
             paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external,
                                       self.idmap.host if self.idmap is not None else None)
-            direct = cgroups.v1_devices()
+            direct = cgroups.direct()
             if direct:  # volumes too: runc would map them itself, CRIU alone is told (dumped keyed by target)
                 paths |= {b.target: b.host for b in binds}
                 if sysfs is not None:  # the same: a bind in the spec
