@@ -409,7 +409,7 @@ class CheckpointBuilder:
         sandbox = Sandbox(new_name(svc.name + "-tpl"), self.instances_dir, self.runc, network, svc.egress, idmap)
         try:
             binds = await asyncio.to_thread(volumes.ensure, svc.volumes, self.instances_dir.parent, rootfs, svc.name,
-                                            idmap)
+                                            idmap, (process.uid, process.gid))
             self._warn_unkept_volumes(svc, image)
             await sandbox.prepare([rootfs], process, svc.resources, hostname=svc.hostname or svc.name, seccomp=filt,
                                   template=True, binds=binds)

@@ -150,7 +150,8 @@ class InstanceLauncher:
         if not self.config.volumes:
             return ()
         return await asyncio.to_thread(volumes.ensure, self.config.volumes, self.instances_dir.parent,
-                                       checkpoint.image_rootfs, self.config.name, checkpoint.idmap)
+                                       checkpoint.image_rootfs, self.config.name, checkpoint.idmap,
+                                       (checkpoint.process.uid, checkpoint.process.gid))
 
     def _sandbox(self, checkpoint: Checkpoint) -> Sandbox:
         sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress,

@@ -568,6 +568,7 @@ def _volumes(raw: Any, ctx: _Context) -> tuple[list[Any], list[str]]:
             if kind not in ("volume", "bind"):
                 raise ctx.error("volumes", f"type {kind} is not supported (bind, volume or tmpfs)")
             source, target, ro = v.get("source"), v.get("target"), bool(v.get("read_only", False))
+            owners: dict[str, bool] = {}
             if not isinstance(source, str) or not isinstance(target, str):
                 raise ctx.error("volumes", "a volume needs source and target (anonymous volumes would be lost with "
                                            "their instance)")
@@ -577,13 +578,16 @@ def _volumes(raw: Any, ctx: _Context) -> tuple[list[Any], list[str]]:
                 raise ctx.error("volumes", f"'{v}' has no source: an anonymous volume would be lost with its "
                                            f"instance; name it (NAME:{v})")
             source, target = parts[0], parts[1]
-            ro = len(parts) > 2 and "ro" in parts[2].split(",")
+            opts = parts[2].split(",") if len(parts) > 2 else []
+            ro = "ro" in opts
+            # Podman's owner options (Compose files written for podman-compose carry them): activator's own
+            owners = {k: True for o, k in (("U", "chown"), ("idmap", "idmap")) if o in opts}
         if source.startswith((".", "~", "/")):
             if source.startswith("."):
                 source = str((ctx.base / source).resolve())
             elif source.startswith("~"):
                 source = str(Path(source).expanduser())
-            out.append({"source": source, "target": target, "read_only": ro})
+            out.append({"source": source, "target": target, "read_only": ro} | owners)
             continue
         decl = ctx.top_volumes.get(source, {}) or {}
         if source not in ctx.top_volumes:

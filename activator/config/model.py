@@ -446,13 +446,29 @@ class Volume:
     target: str
     read_only: bool = False
     external: bool = False
+    #: Podman's `U`: the host directory given (chowned, recursively) to the user the app runs as
+    chown: bool = False
+    #: Podman's `idmap`: bound through an idmapped mount, so host owners are kept and the app sees them as its own
+    idmap: bool = False
 
     @property
     def named(self) -> bool:
         return not self.source.startswith("/") and not self.external
 
+    def plain(self) -> dict[str, Any]:
+        """For the checkpoint fingerprint: the options added later only when set, so a volume written before
+        they existed keeps its fingerprint (and its checkpoint)."""
+        out = asdict(self)
+        for name in ("chown", "idmap"):
+            if not out[name]:
+                del out[name]
+        return out
+
 
 _VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: the short form's options, as Docker and Podman write them (`/srv/data:/data:ro,U`)
+VOLUME_OPTIONS = ("ro", "rw", "U", "idmap")
+_VOLUME_KEYS = ("source", "target", "read_only", "external", "chown", "idmap")
 #: where a volume may not go: what the container's own mounts are made of
 _NOT_A_TARGET = ("/proc", "/sys", "/dev")
 
@@ -468,18 +484,27 @@ class Volumes(Kind):
         for item in raw:
             if isinstance(item, str):
                 parts = item.split(":")
-                if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-                    raise ValueError(f"'{item[:80]}' is not SOURCE:TARGET[:ro|rw]")
-                v = Volume(parts[0], parts[1], len(parts) == 3 and parts[2] == "ro")
-            elif isinstance(item, Mapping) and set(item) <= {"source", "target", "read_only", "external"}:
+                opts = parts[2].split(",") if len(parts) == 3 else []
+                if len(parts) not in (2, 3) or any(o not in VOLUME_OPTIONS for o in opts) \
+                        or len(set(opts)) != len(opts) or {"ro", "rw"} <= set(opts):
+                    raise ValueError(f"'{item[:80]}' is not SOURCE:TARGET[:OPTIONS] (OPTIONS: comma-separated, one "
+                                     "of ro or rw, and U or idmap for a host path)")
+                v = Volume(parts[0], parts[1], "ro" in opts, chown="U" in opts, idmap="idmap" in opts)
+            elif isinstance(item, Mapping) and set(item) <= set(_VOLUME_KEYS):
                 if not isinstance(item.get("source"), str) or not isinstance(item.get("target"), str) \
-                        or not isinstance(item.get("read_only", False), bool) \
-                        or not isinstance(item.get("external", False), bool):
-                    raise ValueError("a volume needs source and target strings (and read_only, external: "
-                                     "true/false)")
-                v = Volume(item["source"], item["target"], item.get("read_only", False), item.get("external", False))
+                        or not all(isinstance(item.get(k, False), bool) for k in _VOLUME_KEYS[2:]):
+                    raise ValueError("a volume needs source and target strings (and read_only, external, chown, "
+                                     "idmap: true/false)")
+                v = Volume(item["source"], item["target"], item.get("read_only", False), item.get("external", False),
+                           item.get("chown", False), item.get("idmap", False))
             else:
                 raise ValueError(f"expected SOURCE:TARGET[:ro] or {{source, target, read_only}}, got {_show(item)}")
+            if (v.chown or v.idmap) and not v.source.startswith("/"):
+                raise ValueError(f"'{v.source[:80]}': U (chown) and idmap apply to host paths only (a named volume "
+                                 "is already owned by the service's user namespace range)")
+            if v.chown and v.idmap:
+                raise ValueError(f"'{v.source[:80]}': U (chown) and idmap together: pick one (idmap keeps the "
+                                 "host's owners, U changes them)")
             target = os.path.normpath(v.target)
             if not v.target.startswith("/") or target == "/" or any(
                     target == p or target.startswith(p + "/") for p in _NOT_A_TARGET):
@@ -495,15 +520,16 @@ class Volumes(Kind):
             if any(o.target == target for o in out):
                 raise ValueError(f"two volumes on {target}")
             out.append(Volume(v.source if v.named or v.external else os.path.normpath(v.source), target,
-                              v.read_only, v.external))
+                              v.read_only, v.external, v.chown, v.idmap))
         return tuple(out)
 
     def schema(self) -> dict[str, Any]:
         return {"type": "array", "items": {"oneOf": [
-            {"type": "string", "pattern": r"^[^:]+:/[^:]*(:(ro|rw))?$"},
+            {"type": "string", "pattern": r"^[^:]+:/[^:]*(:(ro|rw|U|idmap)(,(ro|rw|U|idmap))*)?$"},
             {"type": "object", "required": ["source", "target"], "additionalProperties": False,
              "properties": {"source": {"type": "string"}, "target": {"type": "string"},
-                            "read_only": {"type": "boolean"}, "external": {"type": "boolean"}}}]}}
+                            "read_only": {"type": "boolean"}, "external": {"type": "boolean"},
+                            "chown": {"type": "boolean"}, "idmap": {"type": "boolean"}}}]}}
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -996,8 +1022,11 @@ class ServiceConfig:
             "reachable from it by name (their listen port, through the gateway address)")
     volumes: tuple[Volume, ...] = key(
         Volumes(), (), shapes=True,
-        doc="SOURCE:TARGET[:ro]: a host path, or a volume name kept in state_dir/volumes (filled from the image "
-            "on first use, like Docker's), bound into the template and every instance; its data outlives them")
+        doc="SOURCE:TARGET[:OPTIONS]: a host path, or a volume name kept in state_dir/volumes (filled from the "
+            "image on first use, like Docker's), bound into the template and every instance; its data outlives them. "
+            "OPTIONS (comma-separated): ro or rw; for a host path, U (long form chown: true: the directory is "
+            "chowned to the app's user as the instance sees it) or idmap (an idmapped bind: host owners kept, the "
+            "app sees them as its own); docs/volumes.md")
     share_memory: bool | str = key(
         AutoFlag(), "auto",
         doc="let the kernel merge identical pages of this service's instances (KSM): much less memory per extra "
@@ -1196,6 +1225,8 @@ ADDED_LATER = frozenset({"volumes", "cap_add", "cap_drop", "hostname", "read_onl
 
 def _plain(value: Any) -> Any:
     """JSON-able: dataclasses as dicts, tuples of them as lists."""
+    if isinstance(value, Volume):
+        return value.plain()
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     if isinstance(value, tuple):

@@ -207,8 +207,9 @@ def type_and_range(kind: m.Kind) -> tuple[str, str]:
         return "list of capability names", "Linux capabilities (NET_RAW or CAP_NET_RAW, any case)" + (
             ", or [ALL]" if kind.all_ok else "")
     if isinstance(kind, m.Volumes):
-        return "list of SOURCE:TARGET[:ro|rw], or {source, target, read_only, external}", (
-            "SOURCE: an absolute host path or a volume name; TARGET: absolute, not /, /proc, /sys or /dev")
+        return "list of SOURCE:TARGET[:OPTIONS], or {source, target, read_only, external, chown, idmap}", (
+            "SOURCE: an absolute host path or a volume name; TARGET: absolute, not /, /proc, /sys or /dev; OPTIONS: "
+            "ro or rw, and U or idmap (host paths; not /, state_dir or the system's directories)")
     if isinstance(kind, m.Probes):
         return "list of {http: PATH, from: [CIDR]} or {tcp: true, from: [CIDR]}", "up to 32 probes"
     if isinstance(kind, m.Tmpfs):

@@ -245,7 +245,9 @@ class Sandbox:
         for i, b in enumerate(binds):
             here = self.layout.dir / "vol" / str(i)
             if b.idmapped and self.idmap is not None:
-                here.parent.mkdir(mode=0o700, exist_ok=True)
+                # Passable (the instance's 0710 directory keeps others out): the restore opens every volume here
+                # as the instance's root, and a 0700 vol/ made first by this branch hid the plain binds after it.
+                here.parent.mkdir(mode=0o755, exist_ok=True)
                 idmapped_mount(b.host, here, self.idmap)
             else:
                 rootfs.bind(b.host, here)

@@ -24,7 +24,7 @@ from pathlib import Path
 from activator.config.model import Volume
 from activator.errors import ActivatorError
 
-from . import imagefs
+from . import imagefs, volumeowner
 from .userns import IdMap, shift_tree
 
 log = logging.getLogger("activator.volumes")
@@ -53,7 +53,7 @@ def named(state_root: Path, name: str) -> Path:
 def binds(volumes: tuple[Volume, ...], state_root: Path) -> tuple[Bind, ...]:
     return tuple(Bind(docker_volume(v.source) if v.external else
                       named(state_root, v.source) if v.named else Path(v.source), v.target, v.read_only,
-                      v.external)
+                      v.external or v.idmap)
                  for v in volumes)
 
 
@@ -79,10 +79,20 @@ def docker_volume(name: str) -> Path:
 
 
 def ensure(volumes: tuple[Volume, ...], state_root: Path, image_root: Path, service: str,
-           idmap: IdMap | None = None) -> tuple[Bind, ...]:
+           idmap: IdMap | None = None, user: tuple[int, int] = (0, 0)) -> tuple[Bind, ...]:
     """Blocking. Make what does not exist yet; the binds to mount. With a user namespace, activator's own named
     volumes are owned by the service's range (one made without it is shifted to it once); host paths and Docker's
-    volumes are bound as they are."""
+    volumes are bound as they are, but for `U` (given to user, the app's uid and gid inside: volumeowner.py) and
+    `idmap` (checked here, mounted by the sandbox)."""
+    for v in volumes:  # refused before anything is made on the host
+        if v.chown or v.idmap:
+            volumeowner.check(Path(v.source), state_root, "U" if v.chown else "idmap", service)
+        if v.idmap:
+            if idmap is None:
+                raise ActivatorError(f"service '{service}': volumes: idmap on {v.source} needs the service's user "
+                                     "namespace (userns: private, the default); with userns: host use U")
+            if Path(v.source).is_dir() and (why := volumeowner.idmap_unsupported(Path(v.source), idmap)):
+                raise ActivatorError(f"service '{service}': volumes: idmap on {v.source}: {why}; use U instead")
     try:
         out = binds(volumes, state_root)
     except ActivatorError as e:
@@ -103,6 +113,8 @@ def ensure(volumes: tuple[Volume, ...], state_root: Path, image_root: Path, serv
         if not v.named:
             b.host.mkdir(mode=0o755, parents=True)
             log.info("service=%s volume %s made (empty) for %s", service, b.host, v.target)
+            if v.idmap and idmap is not None and (why := volumeowner.idmap_unsupported(b.host, idmap)):
+                raise ActivatorError(f"service '{service}': volumes: idmap on {v.source}: {why}; use U instead")
             continue
         b.host.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = b.host.with_name(f".new-{b.host.name}")
@@ -129,4 +141,7 @@ def ensure(volumes: tuple[Volume, ...], state_root: Path, image_root: Path, serv
         os.rename(tmp, b.host)  # a crash mid-copy leaves a .new- directory, never a half-filled volume
         log.info("service=%s volume '%s' made for %s%s", service, v.source, v.target,
                  " (filled from the image)" if seed is not None else "")
+    for v in volumes:
+        if v.chown:
+            volumeowner.give(Path(v.source), state_root, service, user, idmap)
     return out
