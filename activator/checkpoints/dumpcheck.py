@@ -72,6 +72,10 @@ def cap_names(mask: int) -> list[str]:
 # --- what this host would have dumped --------------------------------------------------------------------------
 
 
+#: one cgroup path segment of a unit's slice: no "." or ".." (it may not start with a dot)
+_SEGMENT = r"[A-Za-z0-9_@:-][A-Za-z0-9_.@:-]*"
+
+
 @dataclass(frozen=True)
 class Expected:
     """What a template of the service, dumped on this host, would hold.
@@ -95,7 +99,9 @@ class Expected:
     loginuid: frozenset[int] = frozenset({0xFFFFFFFF})
     oom_score_adj: int = 0
     nice: int = 0
-    cgroup_parent: str = "activator"
+    #: where a template's cgroup may sit: /activator, or `instances` below a systemd service's own cgroup (the
+    #: dumping daemon ran as a unit: cgroups.use_unit_cgroup), whatever the unit's slice
+    cgroup_parent: str = rf"activator|(?:{_SEGMENT}/)*{_SEGMENT}\.service/instances"
     extra_files: frozenset[str] = field(default_factory=frozenset)  # image kinds allowed beyond KINDS (tests)
     # an import's cgroup.img has had its hierarchy roots removed (strip_cgroup_roots) before the check, so any
     # root left is refused; a local dump may hold this host's own (False)
@@ -816,7 +822,7 @@ def _cgroups(docs: dict[str, Any], expected: Expected, refuse: _Refuse) -> None:
     if "cgroup.img" not in docs:
         return
     e = _one(docs, "cgroup.img", refuse)
-    pattern = re.compile(rf"/?{re.escape(expected.cgroup_parent)}/[A-Za-z0-9_.-]+")
+    pattern = re.compile(rf"/?(?:{expected.cgroup_parent})/[A-Za-z0-9_-][A-Za-z0-9_.-]*")
     for s in e.get("sets", []):
         for ctl in s.get("ctls", []):
             # "/": a hierarchy runc does not manage on the dumping host (a v1 controller only a container engine

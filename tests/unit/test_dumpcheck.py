@@ -249,3 +249,25 @@ def test_hierarchy_roots_are_refused_unless_stripped_and_a_root_path_passes() ->
     d["cgroup.img"]["entries"][0]["sets"][0]["ctls"][0]["path"] = "/../x"
     with pytest.raises(dumpcheck.DumpError, match=r"sets\.ctls\.path"):
         dumpcheck.check_docs(d, expected())
+
+
+@pytest.mark.parametrize("path", ["/system.slice/activator.service/instances/web-tpl-1",
+                                  "/activator.service/instances/web-tpl-1", "activator/web-tpl-1"])
+def test_a_template_dumped_under_a_systemd_unit_passes(path: str) -> None:
+    """A daemon run as a unit puts its templates below the unit's cgroup (v1 and v2): their dumps are genuine."""
+    d = dump()
+    d["cgroup.img"] = {"magic": "CGROUP", "entries": [{
+        "sets": [{"id": 1, "ctls": [{"path": path}]}],
+        "controllers": [{"cnames": ["pids"], "dirs": [{"dir_name": path.lstrip("/")}]}]}]}
+    dumpcheck.check_docs(d, expected())
+
+
+@pytest.mark.parametrize("path", ["/system.slice/activator.service/web-tpl-1", "/../activator/x", "/activator/..",
+                                  "/x/../y.service/instances/z", "/activator/web/child", "/docker/abc",
+                                  "/system.slice/.service/instances/x"])
+def test_a_cgroup_path_outside_ours_is_refused(path: str) -> None:
+    d = dump()
+    d["cgroup.img"] = {"magic": "CGROUP", "entries": [{"sets": [{"id": 1, "ctls": [{"path": path}]}],
+                                                       "controllers": []}]}
+    with pytest.raises(dumpcheck.DumpError, match=r"sets\.ctls\.path"):
+        dumpcheck.check_docs(d, expected())
