@@ -147,7 +147,7 @@ def _check_host(cfg: Config, sock: Any) -> list[str]:
     from .checkpoints.images import ImageSource
     from .daemon import control
     from .daemon.listeners import bind_listener
-    from .runtime import cgroups, userns, volumes
+    from .runtime import cgroups, volumeowner, volumes
 
     problems: list[ActivatorError] = []
     warnings: list[str] = []
@@ -170,9 +170,7 @@ def _check_host(cfg: Config, sock: Any) -> list[str]:
     for binary, check_binary in (("runc", preflight.check_runc), ("criu", preflight.check_criu)):
         name = getattr(cfg.settings, binary)
         check(lambda c=check_binary, n=name: c(n), f"settings.{binary}")  # type: ignore[misc]
-    before = len(problems)
     check(lambda: _check_state_dir(cfg))
-    passable_checked = len(problems) > before  # state_dir's way is blocked: whether it is passable is moot
     check(lambda: load_trust(cfg))  # a key file missing, unreadable, not a key, or a signing key others can read
     if cfg.settings.checkpoint_registry is not None and shutil.which("skopeo") is None:
         problems.append(ActivatorError(f"{cfg.path}: settings.checkpoint_registry needs skopeo, which is not "
@@ -201,13 +199,14 @@ def _check_host(cfg: Config, sock: Any) -> list[str]:
         for addr in svc.listen:
             if (svc.name, str(addr)) not in held:
                 check(lambda a=addr, s=svc: bind_listener(a, s, cfg).close())  # type: ignore[misc]
-        if svc.userns == "private" and not passable_checked:  # said once, of the first service that needs it
-            passable_checked = True  # state_dir itself is made passable by the daemon; its parents must be already
-            check(lambda: userns.check_passable(cfg.settings.state_dir), f"services.{svc.name}.userns")
         for i, v in enumerate(svc.volumes):
             if v.external:
                 check(lambda v=v: volumes.docker_volume(v.source), f"services.{svc.name}.volumes[{i}]",  # type: ignore[misc]
                       lambda text: text.removeprefix("volumes: "))
+            if v.chown or v.idmap:  # what `run` refuses before it makes anything
+                check(lambda v=v, s=svc: volumeowner.check(Path(v.source), cfg.settings.state_dir,  # type: ignore[misc]
+                                                           "U" if v.chown else "idmap", s.name),
+                      f"services.{svc.name}.volumes[{i}]")
         if svc.handoff and not cgroups.direct():
             warnings.append(f"services.{svc.name}.handoff: warning: this host cannot hand off (restores through CRIU "
                             "directly need cgroup v1 device files or a kernel that loads a v2 device program): "

@@ -13,6 +13,12 @@
       logs/                     what failed: app output, CRIU and runc logs (0600)
       runc/                     runc's own root for our containers, and the CRIU config runc hands to CRIU
 
+A state_dir whose parents other users cannot pass (`mktemp -d`, anything under /root) is used through a private
+bind of itself, ALIASES/ID (ID: a hash of its real path), made by lock() and removed by unlock(): an instance's
+root (an unprivileged uid on the host) reaches its root filesystem and volumes by path through /run instead. The
+bind is the same directory (same modes: still 0711 at the top, 0700 below), so nothing becomes readable; the
+lock and control socket stay at the real path, where `activator status` looks.
+
 Every directory is created 0700 and every file that can hold environment, app output or memory 0600, so the
 contents stay private even if an operator loosens state_dir itself. Container root filesystems inside keep their
 image's own modes: the 0700 parents are what keep other users out.
@@ -21,10 +27,13 @@ image's own modes: the 0700 parents are what keep other users out.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from activator.config.model import Config
@@ -36,6 +45,31 @@ FILE_MODE = 0o600
 
 
 LOCK = "lock"
+#: where a state_dir others cannot reach is bound for its instances (see the module docstring)
+ALIASES = Path("/run/activator/state")
+#: alias -> the state_dir it is a bind of, for what must name the real one (userns.Ranges' host-wide registry)
+_aliases: dict[Path, Path] = {}
+_libc = ctypes.CDLL(None, use_errno=True)
+MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 4096, 16384, 1 << 18, 2
+
+
+def real(path: Path) -> Path:
+    """The state_dir path (or a path in it) as configured, for one that may be under its alias."""
+    for alias, root in _aliases.items():
+        if path == alias or alias in path.parents:
+            return root / path.relative_to(alias)
+    return path
+
+
+def impassable(path: Path) -> Path | None:
+    """The first directory above path that lets no other user pass (o+x), or None."""
+    for d in path.resolve().parents:
+        try:
+            if not os.stat(d).st_mode & stat.S_IXOTH:
+                return d
+        except OSError:
+            continue
+    return None
 
 
 def in_use(root: Path) -> bool:
@@ -97,7 +131,15 @@ class StateDir:
         self.instances = self.root / "instances"
         self.logs = self.root / "logs"
         self.runc_root = self.root / "runc"
+        self.alias: Path | None = None  # the bind instances reach state_dir through, while locked (lock())
         self._lock_fd: int | None = None
+
+    def _work_in(self, base: Path) -> None:
+        self.checkpoints = base / "checkpoints"
+        self.images = base / "images"
+        self.instances = base / "instances"
+        self.logs = base / "logs"
+        self.runc_root = base / "runc"
 
     @classmethod
     def of(cls, config: Config) -> StateDir:
@@ -125,6 +167,36 @@ class StateDir:
                 f"another activator is already using state_dir {self.root}; stop it or set settings.state_dir"
             ) from None
         self._lock_fd = fd
+        if impassable(self.root) is not None:
+            try:
+                self._bind_alias()
+            except OSError as e:
+                self.unlock()
+                where = f"{self.config_path}: settings.state_dir" if self.config_path else "state_dir"
+                raise ActivatorError(
+                    f"{where}: {impassable(self.root)} lets no other user pass and binding {self.root} under "
+                    f"{ALIASES} failed ({e.strerror}); `chmod o+x` it (passing lists nothing), move "
+                    "settings.state_dir, or set 'userns: host'") from None
+
+    def _bind_alias(self) -> None:
+        """Bind state_dir (privately: the instances' mounts stay in the bind) at ALIASES/ID and work through it.
+        One a killed run left is reused if it is this state_dir's, replaced if not."""
+        real_root = self.root.resolve()
+        alias = ALIASES / hashlib.sha256(str(real_root).encode()).hexdigest()[:16]
+        for d in (ALIASES.parent, ALIASES):
+            d.mkdir(mode=TRAVERSE_MODE, exist_ok=True)
+            os.chmod(d, TRAVERSE_MODE)
+        alias.mkdir(mode=DIR_MODE, exist_ok=True)
+        same = os.path.ismount(alias) and (os.stat(alias).st_dev, os.stat(alias).st_ino) == \
+            (os.stat(real_root).st_dev, os.stat(real_root).st_ino)
+        if not same:
+            if os.path.ismount(alias):
+                _umount(alias)
+            _mount(real_root, alias, MS_BIND | MS_REC)
+            _mount(None, alias, MS_PRIVATE | MS_REC)
+        self.alias = alias
+        _aliases[alias] = self.root
+        self._work_in(alias)
 
     def _why(self, e: OSError) -> str:
         where = e.filename or self.root
@@ -139,6 +211,13 @@ class StateDir:
         return f"{where}: {e.strerror}"
 
     def unlock(self) -> None:
+        if self.alias is not None:  # before the lock goes: no other activator may be binding it meanwhile
+            alias, self.alias = self.alias, None
+            _aliases.pop(alias, None)
+            self._work_in(self.root)
+            with contextlib.suppress(OSError):
+                _umount(alias)
+                alias.rmdir()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -151,3 +230,17 @@ class StateDir:
         with contextlib.suppress(OSError):
             found += sorted(self.images.glob("*/.unpack-*"))
         return found
+
+
+def _mount(source: Path | None, target: Path, flags: int) -> None:
+    if _libc.mount(os.fsencode(source) if source is not None else None, os.fsencode(target), None, flags,
+                   None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(target))
+
+
+def _umount(target: Path) -> None:
+    if _libc.umount2(os.fsencode(target), MNT_DETACH) != 0:
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(e, os.strerror(e), str(target))

@@ -205,8 +205,10 @@ class Ranges:
 
     def for_service(self, service: str) -> IdMap:
         """Blocking. The service's range, given one the first time it is asked for."""
+        from activator.statedir import real
+
         with self._lock, self._registry() as others:
-            mine = str(self.root.resolve())
+            mine = str(real(self.root).resolve())  # the configured state_dir, not its bind under /run
             recorded = {k: v for k, v in others.get(mine, {}).items() if k != DEVICE}
             table = self._read()
             if table is None:  # never written, or gone: what the registry knows of this state dir

@@ -26,6 +26,7 @@ import os
 import stat
 from pathlib import Path
 
+from activator import statedir
 from activator.errors import ActivatorError
 
 from .userns import (
@@ -71,9 +72,9 @@ def refusal(path: Path, state_dir: Path) -> str | None:
         if _under(real, top):
             return f"{shown} is under {top}, the system's or an engine's own files: bind a directory made for the " \
                    "app's data (e.g. /srv/APP)"
-    state = os.path.realpath(state_dir)
-    if _under(real, state) or _under(state, real):
-        return f"{shown} holds or is inside state_dir ({state_dir}): bind a directory outside it"
+    for state in {os.path.realpath(state_dir), os.path.realpath(statedir.real(state_dir))}:  # and its bind's
+        if _under(real, state) or _under(state, real):
+            return f"{shown} holds or is inside state_dir ({statedir.real(state_dir)}): bind a directory outside it"
     return None
 
 
@@ -129,7 +130,7 @@ def give(path: Path, state_dir: Path, service: str, user: tuple[int, int], idmap
                                  f"'{entry.get('service')}' already owns {other} (U); give each service its own "
                                  "directory")
     st = os.stat(real)
-    holder = _range_holder(st.st_uid, registry, (os.path.realpath(state_dir), service))
+    holder = _range_holder(st.st_uid, registry, (str(statedir.real(state_dir).resolve()), service))
     if holder is not None and st.st_uid != uid:
         raise ActivatorError(f"service '{service}': volumes: U refused on {path}: it is owned by {holder} "
                              f"(uid {st.st_uid}); give each service its own directory")
