@@ -22,8 +22,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config.model import Config, ServiceConfig, load_config
+from . import __version__, statedir
+from .config.model import Config, ServiceConfig, Settings, load_config
 from .core import liveview
 from .errors import ActivatorError, ConfigError, PreflightError, combined, escape, one_line
 from .errors import terminal_safe as terminal_safe  # where tests and callers have found it
@@ -223,6 +223,8 @@ def _check_state_dir(cfg: Config) -> None:
             if not d.is_dir():
                 raise ActivatorError(f"{cfg.path}: settings.state_dir: {d} is not a directory; remove what is in "
                                      "the way or pick another path")
+            if full := statedir.check_space(cfg.settings.state_dir):
+                raise ActivatorError(f"{cfg.path}: settings.state_dir: {full}")
             return
 
 
@@ -1082,6 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "config"):
         args.config = DEFAULT_CONFIG
     _setup_logging(args.log_level, args.log_format)
+    loaded: Config | None = None  # for a full disk's line: whose state_dir
     try:
         if args.fn is None:
             return cmd_schema(args)
@@ -1092,6 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _inspect_image(None, args.service, args.json)
         try:
             cfg = load_config(getattr(args, "file", None) or args.config)
+            loaded = cfg
         except ConfigError as e:
             if args.fn not in (cmd_status, cmd_reload):
                 raise
@@ -1113,6 +1117,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
+        # A full disk can meet any write (a state file, an unpacked layer, a dump): the operator's problem, said
+        # as such wherever it happened; the daemon's startup has already stopped what it started.
+        if (full := statedir.out_of_space(loaded.settings.state_dir if loaded else Settings().state_dir, e)):
+            log.debug("no space", exc_info=e)
+            print(f"activator: error: {full}", file=sys.stderr)
+            return 1
         log.debug("internal error", exc_info=e)
         detail = one_line(" ".join(str(e).split())[:200])
         print(f"activator: internal error (a bug): {type(e).__name__}: {detail}; run with --log-level debug "

@@ -61,6 +61,48 @@ def real(path: Path) -> Path:
     return path
 
 
+#: below this, `run` cannot write its small state files (the CRIU config, userns.json, a lock): `validate` says so
+SPACE_NEEDED = 1 << 20
+
+
+def free_space(path: Path) -> tuple[int, int] | None:
+    """(bytes, inodes) root may still use (statvfs f_bfree, f_ffree) on the device of path or its nearest existing
+    parent; None if none can be asked."""
+    for d in (path, *path.parents):
+        try:
+            st = os.statvfs(d)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        return st.f_bfree * st.f_frsize, st.f_ffree if st.f_files else 1 << 30  # some file systems count no inodes
+    return None
+
+
+def out_of_space(state_dir: Path, e: BaseException) -> str | None:
+    """The one line for a full disk met anywhere (ENOSPC, EDQUOT), naming state_dir when its device is the full
+    one, and the fix; None for any other error."""
+    if not isinstance(e, OSError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    what = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left"
+    free = free_space(state_dir)
+    if free is None or free[0] < SPACE_NEEDED or free[1] == 0 or e.errno == errno.EDQUOT:
+        shown = "" if free is None else f" ({free[0] // 2**20} MiB, {free[1]} inodes free)"
+        return f"{what} on the device of state_dir {state_dir}{shown}; free some space there (or move " \
+               "settings.state_dir) and run again: nothing was replaced or left running"
+    return f"{what} on a device other than state_dir's ({e.filename or 'a file activator wrote'}; state_dir " \
+           f"{state_dir} has {free[0] // 2**20} MiB free); free some space on it and run again"
+
+
+def check_space(state_dir: Path) -> str | None:
+    """What `validate` says of a state_dir too full for `run` to start, or None."""
+    free = free_space(state_dir)
+    if free is not None and (free[0] < SPACE_NEEDED or free[1] == 0):
+        return f"no space left on the device of state_dir {state_dir} ({free[0] // 2**10} KiB, {free[1]} inodes " \
+               "free): `run` cannot start; free some space there or move settings.state_dir"
+    return None
+
+
 def impassable(path: Path) -> Path | None:
     """The first directory above path that lets no other user pass (o+x), or None."""
     for d in path.resolve().parents:
