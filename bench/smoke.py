@@ -23,6 +23,8 @@ def runs(out: Path) -> list[list[str]]:
     return [
         ["coldstart.py", "--runs", "1", "--apps", "hello", "--chart", str(out / "coldstart.png")],
         ["coldstart.py", "--breakdown", "--runs", "1", "--apps", "hello"],
+        # its measurements alone, on this host: booting the VM twice is not a smoke run
+        ["cgroupvm.py", "--inside", "--runs", "1"],
         ["group_wake.py", "--runs", "1"],
         ["multihost.py", "--apps", "hello", "--runs", "1"],
         ["network_cost.py", "--runs", "1"],
