@@ -49,7 +49,7 @@ How the pieces fit (I/O lives at the edges, the middle is plain logic). Reading 
     control     the root-only control socket `activator status` talks to
     tasks       owned, named tasks (spawn)
     errors      one-line operator errors
-    cli         `activator run|validate|reload|status|top|inspect|checkpoint|cleanup|schema`
+    cli         `activator run|validate|reload|status|top|wake|stop|start|scale|logs|inspect|checkpoint|cleanup|schema`
 """
 
 __version__ = "0.4.0"
