@@ -1,4 +1,5 @@
-"""Counting one daemon's conntrack entries, by mark and TCP state, fast enough to do four times a second.
+"""Counting one daemon's conntrack entries, by mark and TCP state, fast enough to do four times a second; and
+removing entries (by mark, or one UDP flow) through pyroute2, where speed does not matter.
 
 pyroute2's Conntrack decodes every attribute of every entry into Python objects: ~400 us an entry here, so a
 5,000-connection flood made each sample take two seconds of the daemon's GIL (and /metrics, the reaper and every
@@ -8,10 +9,11 @@ and reads only the two attributes it needs, CTA_MARK and the TCP state, straight
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
@@ -77,4 +79,31 @@ def dump(mark: int, mask: int) -> list[tuple[int, int | None]]:
                     return out
                 out.append(_entry(buf, pos + _HDR.size + 4, pos + length))  # past nfgenmsg
                 pos += (length + 3) & ~3
+
+
+def forget_udp_flow(client: tuple[str, int], listen_port: int) -> int:
+    """Blocking. Delete the host's conntrack entries of one UDP flow to the activator's own socket (client ->
+    listen port), so that the client's next datagram is a new flow (which the kernel path may DNAT). How many."""
+    from pyroute2 import Conntrack
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    gone = 0
+    if ":" in client[0]:
+        return 0  # IPv6 flows are never steered in the kernel: nothing to make way for
+    with Conntrack() as ct:
+        want = NFCTAttrTuple(saddr=client[0], proto=socket.IPPROTO_UDP, sport=client[1], dport=listen_port)
+        for entry in list(ct.dump_entries(tuple_orig=want)):
+            with contextlib.suppress(Exception):
+                ct.delete(entry)
+                gone += 1
+    return gone
+
+
+def flush_conntrack(marks: Iterable[int], mask: int = 0xFFFFFFFF) -> None:
+    from pyroute2 import Conntrack
+
+    with Conntrack() as ct:
+        for mark in marks:
+            with contextlib.suppress(Exception):
+                ct.flush(mark=mark, mark_mask=mask)
 

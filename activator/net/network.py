@@ -34,9 +34,7 @@ nftables table that gives instances outbound access and steers clients to them i
   off on the bridge and on every instance's eth0 (no link-local path around the IPv4 rules). Packets from the
   bridge to 127.0.0.0/8 are dropped before routing (route_localnet must stay on for DNAT from loopback clients:
   the CVE-2020-8558 class), and instances may not reach Docker's own networks except through published ports.
-- One daemon's marks: the top twelve bits are a tag and this daemon's slot, chosen at open() so that two
-  daemons on two bridges never count, flush or steer each other's connections (the slot is written in the
-  table's comment, where the next daemon reads it).
+- One daemon's marks (marks.py) are a tag and a slot chosen at open(), written in the table's comment.
 - Half-open connections (SYN_SENT, SYN_RECV) of the kernel path time out after SYN_TIMEOUT seconds and do not
   count as open: a spoofed SYN flood can neither pin an instance nor scale a service out. A service's
   client_idle_timeout is its connections' conntrack idle timeout on the kernel path; when it expires the
@@ -46,6 +44,10 @@ Everything here is blocking (netlink, libnftables, iptables): callers run it in 
 sub-millisecond steering updates (libnftables only). pyroute2 in particular must never be called on the event
 loop's thread: its synchronous API then tries to open its netlink socket on the running (uvloop) loop, fails,
 and leaves a handle behind that keeps the loop from closing.
+
+This module owns the bridge, the addresses and what is installed (remembered, to repair it); the rule text is
+rules.py (pure functions), the marks marks.py, an instance's place attachment.py, the reading of counters and
+conntrack sampling.py. Their public names stay importable from here.
 """
 
 from __future__ import annotations
@@ -53,14 +55,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
-import itertools
 import logging
-import math
 import re
-import socket
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -70,131 +68,40 @@ from activator.config.model import ListenAddress, NetworkSettings, ServiceConfig
 from activator.errors import ActivatorError
 from activator.statedir import in_use as statedir_in_use
 
-from . import conntrack, firewall
+from . import firewall, rules
+from .attachment import VETH_PREFIX as VETH_PREFIX
+from .attachment import Attachment as Attachment
+from .attachment import mac_of as mac_of
+from .conntrack import flush_conntrack as flush_conntrack
+from .conntrack import forget_udp_flow as forget_udp_flow
 from .firewall import FirewallHole
+from .marks import COUNTED as COUNTED
+from .marks import EGRESS as EGRESS
+from .marks import HAIRPIN as HAIRPIN
+from .marks import INDEX_MASK as INDEX_MASK
+from .marks import MARK_MASK as MARK_MASK
+from .marks import MARK_TAG as MARK_TAG
+from .marks import NOT_COUNTED as NOT_COUNTED
+from .marks import SLOT_SHIFT as SLOT_SHIFT
 from .netns import HOME_NS, NetNamespace
 from .nft import Nft, NftError, ifname
+from .rules import AMPLIFY_STEPS as AMPLIFY_STEPS
+from .rules import SYN_TIMEOUT as SYN_TIMEOUT
+from .rules import UNANSWERED_TIMEOUT as UNANSWERED_TIMEOUT
+from .rules import Backend as Backend
+from .rules import ServiceLimits as ServiceLimits
+from .rules import ident as ident
+from .sampling import HALF_OPEN_TCP_STATES as HALF_OPEN_TCP_STATES
+from .sampling import OPEN_TCP_STATES as OPEN_TCP_STATES
+from .sampling import Sample as Sample
+from .sampling import Samples as Samples
+from .sampling import connections as connections
+from .sampling import fold
 
 log = logging.getLogger("activator.network")
 
-MARK_TAG = 0xA0000000  # every activator's marks: 0xA, then an 8-bit daemon slot, the egress bit, the host index
-MARK_MASK = 0xFFF00000  # one daemon's marks
-SLOT_SHIFT = 20
-EGRESS = 0x00080000  # within the host-index bits: a /16 has fewer than 2^19 hosts
-#: set on a steered connection once it is counted as one the instance served (the first packet after its
-#: handshake): a SYN that never completes is never counted
-COUNTED = 0x00040000
-INDEX_MASK = COUNTED - 1
-NOT_COUNTED = 0xFFFFFFFF & ~COUNTED
-VETH_PREFIX = "av"
-#: conntrack TCP states of a connection in use (ESTABLISHED .. LAST_ACK); TIME_WAIT/CLOSE are over
-OPEN_TCP_STATES = frozenset({3, 4, 5, 6})
-#: a handshake not finished (SYN_SENT, SYN_RECV, SYN_SENT2): not yet a connection, maybe a spoofed SYN
-HALF_OPEN_TCP_STATES = frozenset({1, 2, 9})
-#: how long a half-open kernel-path connection is kept (Linux: 120 s and 60 s); a real handshake takes a round trip
-SYN_TIMEOUT = 10
-#: how long a kernel-path UDP flow the app has not answered is kept (conntrack's `unreplied`; Linux: 30 s), and
-#: a relayed one (daemon/udp.py): a forged source's flow is never answered, and must not hold anything for long
-UNANSWERED_TIMEOUT = 5
-#: the reply-bytes bound of a UDP flow (udp_reply_ratio times what its client sent) as a ladder of nftables
-#: rules, since nftables compares a conntrack counter with constants only: for the client's bytes in
-#: [low, next low) the replies may reach ratio x low, so the bound is between ratio/sqrt(2) and ratio times what it
-#: sent. Past the top (a client that sent 4 GiB in one flow) it is not bounded.
-AMPLIFY_STEPS = (28, *(int(32 * 2 ** (i / 2)) for i in range(55)))
-#: a packet mark: "DNATed to an instance by a steering rule", set in the ip table's forward chain. With
-#: br_netfilter on (Docker turns it on), a connection from one instance to a service address whose backend is
-#: another instance is bridged port to port after the DNAT; the bridge table lets exactly those frames cross.
-HAIRPIN = 0x00200000
-
-
-@dataclass(frozen=True)
-class Attachment:
-    """One instance's (or template's) place on the network."""
-
-    name: str
-    ip: ipaddress.IPv4Address
-    index: int  # host index in the subnet
-    egress: bool
-    base: int  # the daemon's mark base
-    bridge: str
-
-    @property
-    def mark(self) -> int:
-        return self.base | self.index
-
-    @property
-    def veth(self) -> str:
-        # the bridge in the hash: two daemons may both have an instance named web-1
-        return VETH_PREFIX + hashlib.sha1(f"{self.bridge}/{self.name}".encode()).hexdigest()[:10]
-
-    @property
-    def mac(self) -> str:
-        """Derived from the address, so the bridge table knows it before the link exists."""
-        return mac_of(self.ip)
-
-
-def mac_of(ip: ipaddress.IPv4Address) -> str:
-    """A locally administered MAC for an address of the subnet (the bridge's and each instance's)."""
-    return "02:ac:" + ":".join(f"{b:02x}" for b in ip.packed)
-
-
-@dataclass(frozen=True)
-class Backend:
-    ip: ipaddress.IPv4Address
-    port: int
-    mark: int
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """What the kernel path enforces for one service, before any instance sees a connection."""
-
-    listen: tuple[ListenAddress, ...]
-    max_connections: int | None
-    client_idle_timeout: float | None
-    udp_flow_timeout: float | None = None  # a UDP service's (None: it takes no UDP)
-    udp_reply_ratio: float = 3.0
-
-    @property
-    def udp_policy(self) -> str | None:
-        return None if self.udp_flow_timeout is None else f"udp_{max(1, math.ceil(self.udp_flow_timeout))}"
-
-    @property
-    def idle_seconds(self) -> int | None:
-        return None if self.client_idle_timeout is None else max(1, math.ceil(self.client_idle_timeout))
-
-    @property
-    def timeout_policy(self) -> str:
-        """One ct timeout object per distinct policy (named by it, so re-adding one is a no-op)."""
-        return f"timeouts_{self.idle_seconds or 'default'}"
-
-
-@dataclass
-class Sample:
-    """One instance's kernel path, as of the last look: open connections and traffic counters."""
-
-    open: int = 0
-    packets: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    served: int = 0  # connections it has served on the kernel path (handshake done), since its counters began
-
-
-@dataclass
-class Samples:
-    by_mark: dict[int, Sample]
-    rejected: dict[str, int]  # connections refused for max_connections, by service
-    steered: dict[str, int]  # new connections sent to an instance, by service
-    amplified: dict[str, int] = field(default_factory=dict)  # UDP replies dropped over udp_reply_ratio, by service
-
-
-def _ident(name: str) -> str:
-    """A name as an nftables identifier, one to one: web-a and web_a must never share a chain or a counter."""
-    # a prefix code: every '_' of the result starts a two-character escape
-    return re.sub(r"[^A-Za-z0-9]", lambda m: _ESCAPES.get(m.group(), f"_x{ord(m.group()):02x}"), name)
-
-
-_ESCAPES = {"-": "_d", "_": "_u", ".": "_p"}
+#: the name tests/unit/test_writers.py and older callers know rules.ident by
+_ident = ident
 
 
 class HostNetwork:
@@ -204,7 +111,7 @@ class HostNetwork:
         self.subnet = settings.subnet
         self.gateway = next(self.subnet.hosts())
         self.owner = str(owner)
-        self.table = f"activator_{_ident(self.bridge)}"
+        self.table = rules.table_name(self.bridge)
         self.where = f"{config_path}: settings.network" if config_path else "settings.network"
         self.mark_base = MARK_TAG  # this daemon's slot is chosen by open()
         self._lock = threading.Lock()
@@ -221,6 +128,11 @@ class HostNetwork:
         # What open() made, so close() undoes exactly that: a daemon refused at start must not touch what a
         # running neighbour on the same bridge owns.
         self._made: set[str] = set()
+
+    @property
+    def tables(self) -> rules.Table:
+        """What the rule text needs to know of this daemon's tables, as they are now (open() picks the marks)."""
+        return rules.Table(self.table, self.bridge, self.subnet, self.mark_base)
 
     @property
     def nft(self) -> Nft:
@@ -399,90 +311,10 @@ class HostNetwork:
         return idx
 
     def _install_table(self) -> None:
-        br, net, t = ifname(self.bridge), self.subnet, self.table
         for family in ("ip", "bridge"):
             with contextlib.suppress(NftError):
-                self.nft.run(f"delete table {family} {t}")
-        docker = " ".join(f'iifname {br} oifname {ifname(name)} ct status & dnat == 0 drop\n'
-                          for name in sorted({"docker0", "br-*", *firewall.docker_bridges()}))
-        self.nft.run(f"""
-table ip {t} {{
-    comment "activator marks {self.mark_base:#x}"
-    set noegress {{ type ipv4_addr; }}
-    map egress_marks {{ type ipv4_addr : mark; }}
-    counter guarded {{ }}
-    counter outsiders {{ }}
-    chain guard {{
-        type filter hook prerouting priority raw; policy accept;
-        iifname {br} ip daddr 127.0.0.0/8 counter name guarded drop
-        iifname {br} ip saddr != {net} counter name guarded drop
-    }}
-    # After conntrack, before the entry is confirmed: `ct timeout set` attaches the policy to a new entry only
-    chain timeouts_in {{
-        type filter hook prerouting priority mangle; policy accept;
-        ct state new tcp flags & (fin|syn|rst|ack) == syn jump timeouts
-        ct state new meta l4proto udp jump timeouts
-    }}
-    chain timeouts_out {{
-        type filter hook output priority mangle; policy accept;
-        ct state new tcp flags & (fin|syn|rst|ack) == syn jump timeouts
-        ct state new meta l4proto udp jump timeouts
-    }}
-    chain timeouts {{ }}
-    chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}
-    chain output {{ type nat hook output priority -100; policy accept; }}
-    chain limit_in {{ type filter hook prerouting priority mangle; policy accept; }}
-    chain limit_out {{ type filter hook output priority mangle; policy accept; }}
-    chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
-        ip saddr 127.0.0.0/8 oifname {br} masquerade
-        ip saddr {net} oifname != {br} masquerade
-        ip saddr {net} ip daddr {net} ct status dnat masquerade
-    }}
-    chain mark_egress {{
-        type filter hook prerouting priority mangle; policy accept;
-        iifname {br} ct state new ct mark set ip saddr map @egress_marks
-    }}
-    chain forward {{
-        type filter hook forward priority filter; policy accept;
-        oifname {br} ct status dnat meta mark set meta mark | {HAIRPIN:#x}
-        {docker}
-        iifname != {br} ct direction original ct original ip daddr {self.gateway} counter name outsiders drop
-        iifname {br} ip saddr @noegress ct state new drop
-        oifname {br} ct state new ct status dnat accept
-        oifname {br} ct state new drop
-        jump acct
-    }}
-    chain input {{
-        type filter hook input priority filter; policy accept;
-        iifname {br} ip saddr @noegress ct state new drop
-        iifname != "lo" iifname != {br} ct direction original ip daddr {self.gateway} counter name outsiders drop
-        jump acct
-    }}
-    chain acct_out {{ type filter hook output priority filter; policy accept; jump acct; }}
-    chain acct {{ }}
-}}
-table bridge {t} {{
-    set ports {{ type ifname; }}
-    set sources {{ type ifname . ether_addr . ipv4_addr; }}
-    counter spoofed {{ }}
-    counter crossed {{ }}
-    chain isolate {{
-        type filter hook forward priority 100; policy accept;
-        iifname != @ports accept
-        oifname != @ports accept
-        meta mark & {HAIRPIN:#x} == {HAIRPIN:#x} accept
-        counter name crossed drop
-    }}
-    chain guard {{
-        type filter hook prerouting priority filter; policy accept;
-        iifname != @ports accept
-        ether type ip iifname . ether saddr . ip saddr @sources accept
-        ether type arp iifname . ether saddr . arp saddr ip @sources \
-            iifname . arp saddr ether . arp saddr ip @sources accept
-        counter name spoofed drop
-    }}
-}}""")
+                self.nft.run(f"delete table {family} {self.table}")
+        self.nft.run(rules.table_text(self.tables, firewall.docker_bridges()))
 
     # --- instances (blocking) -------------------------------------------------------------------------------
 
@@ -503,7 +335,7 @@ table bridge {t} {{
         and allowed sources are in the bridge table before the link exists."""
         with self._lock:
             self._plugged[att.name] = att
-            self.nft.run("\n".join(self._plug_rules(att)) + "\n" + self._acct_rules())
+            self.nft.run("\n".join(rules.plug_rules(self.tables, att)) + "\n" + self._acct_rules())
         with IPRoute() as ipr:
             ipr.link("add", ifname=att.veth, kind="veth",
                      peer={"ifname": "eth0", "net_ns_fd": ns.fd, "address": att.mac})
@@ -525,32 +357,17 @@ table bridge {t} {{
         finally:
             pyroute2_netns.setns(HOME_NS)
 
-    def _plug_rules(self, att: Attachment) -> list[str]:
-        t, m = self.table, att.mark
-        cmds = [f"add counter ip {t} in_{m:x}", f"add counter ip {t} out_{m:x}", f"add counter ip {t} conns_{m:x}",
-                f"add element ip {t} egress_marks {{ {att.ip} : {m | EGRESS:#x} }}",
-                f'add element bridge {t} ports {{ "{att.veth}" }}',
-                f'add element bridge {t} sources {{ "{att.veth}" . {att.mac} . {att.ip} }}']
-        if not att.egress:
-            cmds.append(f"add element ip {t} noegress {{ {att.ip} }}")
-        return cmds
-
     def unplug(self, att: Attachment) -> None:
         """Undo plug() and free the address; whatever is already gone is fine."""
         with IPRoute() as ipr, contextlib.suppress(Exception):
             for idx in ipr.link_lookup(ifname=att.veth):
                 ipr.link("del", index=idx)
-        t, m = self.table, att.mark
+        m = att.mark
         with self._lock:
             self._plugged.pop(att.name, None)
             with contextlib.suppress(NftError):
                 self.nft.run(self._acct_rules())
-            for cmd in (f"delete counter ip {t} in_{m:x}", f"delete counter ip {t} out_{m:x}",
-                        f"delete counter ip {t} conns_{m:x}",
-                        f"delete element ip {t} egress_marks {{ {att.ip} }}",
-                        f"delete element ip {t} noegress {{ {att.ip} }}",
-                        f'delete element bridge {t} sources {{ "{att.veth}" . {att.mac} . {att.ip} }}',
-                        f'delete element bridge {t} ports {{ "{att.veth}" }}'):
+            for cmd in rules.unplug_rules(self.tables, att):
                 with contextlib.suppress(NftError):
                     self.nft.run(cmd)
         flush_conntrack([m, m | EGRESS], mask=NOT_COUNTED)
@@ -558,33 +375,9 @@ table bridge {t} {{
             self._used.pop(att.index, None)
 
     def _acct_rules(self) -> str:
-        """The accounting chain, rebuilt whole (one transaction with whatever else is changing). Only connections
-        whose handshake completed (assured) count: a spoofed SYN and the instance's answers to it are not traffic
-        that keeps the instance alive."""
-        t = self.table
-        rules = [f"flush chain ip {t} acct"]
-        # A UDP flow is never assured unless it lasts (a DNS query and its answer are not): it counts once the
-        # app has answered it (seen-reply), which a spoofed datagram's flow never is.
-        for att in self._plugged.values():
-            m, mine = att.mark, f"ct mark & {NOT_COUNTED:#x} == {att.mark:#x}"
-            for proven in ("meta l4proto tcp ct status assured", "meta l4proto udp ct status seen-reply"):
-                rules.append(f"add rule ip {t} acct ct mark {m:#x} {proven} counter name conns_{m:x} "
-                             f"ct mark set ct mark | {COUNTED:#x}")
-                rules.append(f"add rule ip {t} acct {mine} {proven} ct direction original counter name in_{m:x}")
-                rules.append(f"add rule ip {t} acct {mine} {proven} ct direction reply counter name out_{m:x}")
-        return "\n".join(rules)
+        return rules.acct_rules(self.tables, self._plugged.values())
 
     # --- steering -------------------------------------------------------------------------------------------
-
-    def _jumps(self, listen: Iterable[ListenAddress], chain: str, protocols: tuple[str, ...] = ("tcp",)) -> list[str]:
-        jumps = []
-        for addr in listen:
-            ip = ipaddress.ip_address(addr.host)
-            if ip.version != 4:
-                continue  # IPv6 listen addresses stay on the userspace path (see docs/architecture.md)
-            match = "fib daddr type local" if ip.is_unspecified else f"ip daddr {ip}"
-            jumps += [f"{match} {proto} dport {addr.port} jump {chain}" for proto in protocols]
-        return jumps
 
     def limit(self, service: str, listen: Iterable[ListenAddress], max_connections: int | None,
               client_idle_timeout: float | None = None, udp_flow_timeout: float | None = None,
@@ -593,96 +386,22 @@ table bridge {t} {{
         (one count for both paths, the kernel's and the activator's own listener), and its connections'
         conntrack timeouts (half-open: SYN_TIMEOUT; idle: client_idle_timeout). Installed at start, before any
         connection is accepted, so every one is counted."""
-        name = _ident(service)
         self._limits[service] = ServiceLimits(tuple(listen), max_connections, client_idle_timeout, udp_flow_timeout,
                                               udp_reply_ratio)
-        self.nft.run("\n".join([f"add counter ip {self.table} rejected_{name}",
-                                f"add counter ip {self.table} steered_{name}",
-                                f"add counter ip {self.table} amplified_{name}", *self._limit_rules()]))
+        self.nft.run("\n".join([*rules.counter_rules(self.tables, service), *self._limit_rules()]))
 
     def _limit_rules(self) -> list[str]:
-        """Both limit chains and the timeouts chain, rebuilt whole (a reload changes one service's limit without
-        touching others)."""
-        t = self.table
-        cmds = [f"flush chain ip {t} limit_in", f"flush chain ip {t} limit_out", f"flush chain ip {t} timeouts",
-                *self._amplify_rules()]
-        for service, lim in self._limits.items():
-            matches = [rule.rsplit(" jump ", 1)[0] for rule in self._jumps(lim.listen, "-")]
-            policy = lim.timeout_policy
-            cmds.append(f"add ct timeout ip {t} {policy} {{ protocol tcp; l3proto ip; policy = {{ "
-                        f"syn_sent: {SYN_TIMEOUT}, syn_recv: {SYN_TIMEOUT}"
-                        + (f", established: {lim.idle_seconds}" if lim.idle_seconds else "") + " }; }")
-            cmds += [f'add rule ip {t} timeouts {match} ct timeout set "{policy}"' for match in matches]
-            if (udp := lim.udp_policy) is not None:  # a UDP flow's idleness, both before and after a reply
-                secs = udp.removeprefix("udp_")
-                # Unanswered (a forged source's flow is never answered) it goes sooner; it counts only once
-                # answered anyway (_acct_rules, connections()).
-                unanswered = min(int(secs), UNANSWERED_TIMEOUT)
-                cmds.append(f"add ct timeout ip {t} {udp} {{ protocol udp; l3proto ip; policy = {{ "
-                            f"unreplied: {unanswered}, replied: {secs} }}; }}")
-                cmds += [f'add rule ip {t} timeouts {rule.rsplit(" jump ", 1)[0]} ct timeout set "{udp}"'
-                         for rule in self._jumps(lim.listen, "-", ("udp",))]
-            if lim.max_connections is None:
-                continue
-            reject = (f"ct state new ct count over {lim.max_connections} counter name rejected_{_ident(service)} "
-                      "reject with tcp reset")
-            for match in matches:
-                cmds += [f"add rule ip {t} limit_in {match} {reject}", f"add rule ip {t} limit_out {match} {reject}"]
-        return cmds
-
-    def _amplify_rules(self) -> list[str]:
-        """Replies of kernel-path UDP flows bounded by what their clients sent (udp_reply_ratio): base chains of
-        their own just before the filter ones (forward: remote clients; input: the host's own), rebuilt whole.
-        Conntrack has counted the packet in hand already (nftables' ct bytes turn on conntrack accounting), and a
-        dropped reply still counts: the client is owed more only when it sends more."""
-        t = self.table
-        cmds = [f"add chain ip {t} amplify", f"flush chain ip {t} amplify"]
-        for hook, chain in (("forward", "amplify_fwd"), ("input", "amplify_in")):
-            cmds += [f"add chain ip {t} {chain} {{ type filter hook {hook} priority -1; policy accept; }}",
-                     f"flush chain ip {t} {chain}",
-                     f"add rule ip {t} {chain} ct direction reply ct status dnat meta l4proto udp "
-                     f"ct mark & {MARK_MASK:#x} == {self.mark_base:#x} jump amplify"]
-        for service, lim in self._limits.items():
-            if lim.udp_flow_timeout is None:
-                continue
-            name = _ident(service)
-            chain = f"amp_{name}"
-            cmds += [f"add chain ip {t} {chain}", f"flush chain ip {t} {chain}"]
-            for addr in lim.listen:
-                ip = ipaddress.ip_address(addr.host)
-                if ip.version != 4:
-                    continue
-                daddr = "" if ip.is_unspecified else f" ct original ip daddr {ip}"
-                # `meta l4proto udp` first: without it nftables cannot type the port
-                cmds.append(f"add rule ip {t} amplify meta l4proto udp{daddr} ct original proto-dst {addr.port} "
-                            f"jump {chain}")
-            # (`nft list` shows these two comparisons merged into one range: a display bug of nftables 1.0.6,
-            # the rules loaded are as written)
-            for low, high in itertools.pairwise(AMPLIFY_STEPS):
-                cmds += [f"add rule ip {t} {chain} ct original bytes < {high} ct reply bytes > "
-                         f"{math.floor(lim.udp_reply_ratio * low)} counter name amplified_{name} drop",
-                         f"add rule ip {t} {chain} ct original bytes < {high} return"]
-        return cmds
+        return rules.limit_rules(self.tables, self._limits)
 
     def forget(self, service: str, *, counters: bool) -> None:
         """Take a service out of the kernel path entirely (a reload removed or redefined it): its jumps, its
         chain and its limit; its counters too when it is gone for good. Connections already DNATed keep going
         (conntrack holds their translation). Blocking."""
-        t, name = self.table, _ident(service)
         lim = self._limits.pop(service, None)
         had_chain = self._steered.pop(service, None) is not None
-        cmds = [f"flush chain ip {t} prerouting", f"flush chain ip {t} output"]
-        for jumps in self._steered.values():
-            cmds += [f"add rule ip {t} {hook} {j}" for hook in ("prerouting", "output") for j in jumps]
-        cmds += self._limit_rules()
-        if lim is not None and lim.udp_flow_timeout is not None:  # no jump to it left (flushed just above)
-            cmds += [f"flush chain ip {t} amp_{name}", f"delete chain ip {t} amp_{name}"]
-        if had_chain:
-            cmds += [f"flush chain ip {t} svc_{name}", f"delete chain ip {t} svc_{name}"]
-        if counters:
-            cmds += [f"delete counter ip {t} rejected_{name}", f"delete counter ip {t} steered_{name}",
-                     f"delete counter ip {t} amplified_{name}"]
-        self.nft.run("\n".join(cmds))
+        self.nft.run("\n".join(rules.forget_rules(
+            self.tables, service, steered=self._steered, limits=self._limits,
+            udp=lim is not None and lim.udp_flow_timeout is not None, chain=had_chain, counters=counters)))
 
     def steer(self, service: str, listen: Iterable[ListenAddress], backends: list[Backend],
               exempt: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
@@ -695,30 +414,13 @@ table bridge {t} {{
         self._exempt[service] = tuple(str(n) for n in exempt if n.version == 4)
         cmds = []
         if service not in self._steered:
-            chain = f"svc_{_ident(service)}"
-            jumps = self._jumps(listen, chain, protocols)
-            cmds += [f"add chain ip {self.table} {chain}",
-                     *(f"add rule ip {self.table} {hook} {j}" for hook in ("prerouting", "output") for j in jumps)]
+            jumps = rules.jumps(listen, rules.steer_chain(service), protocols)
+            cmds += rules.steer_chain_rules(self.tables, service, jumps)
             self._steered[service] = jumps
         self.nft.run("\n".join(cmds + self._steer_rules(service)))
 
     def _steer_rules(self, service: str) -> list[str]:
-        t, chain, backends = self.table, f"svc_{_ident(service)}", self._backends.get(service, [])
-        cmds = [f"flush chain ip {t} {chain}"]
-        if backends and (exempt := self._exempt.get(service)):
-            cmds.append(f"add rule ip {t} {chain} ip saddr {{ {', '.join(exempt)} }} return")
-        if backends:
-            marks = ", ".join(f"{i} : {b.mark:#x}" for i, b in enumerate(backends))
-            targets = ", ".join(f"{b.mark:#x} : {b.ip} . {b.port}" for b in backends)
-            # A SYN only: a segment of a connection conntrack no longer knows (idle-timed out, flushed) is not
-            # picked up mid-stream by some instance; it reaches the host, which resets it.
-            # A UDP flow's first datagram (conntrack: new); later ones follow its entry, so a flow is never split.
-            for first in ("tcp flags & (fin|syn|rst|ack) == syn", "meta l4proto udp ct state new"):
-                cmds.append(f"add rule ip {t} {chain} {first} ct mark set numgen inc mod {len(backends)} "
-                            f"map {{ {marks} }}")
-                cmds.append(f"add rule ip {t} {chain} {first} counter name steered_{_ident(service)} "
-                            f"dnat ip to ct mark map {{ {targets} }}")
-        return cmds
+        return rules.steer_rules(self.tables, service, self._backends.get(service, []), self._exempt.get(service, ()))
 
     # --- surviving the host's firewall tools (blocking) ----------------------------------------------------
 
@@ -748,17 +450,13 @@ table bridge {t} {{
             self._install_table()
             cmds: list[str] = []
             for att in self._plugged.values():
-                cmds += self._plug_rules(att)
+                cmds += rules.plug_rules(self.tables, att)
             cmds.append(self._acct_rules())
             for service in self._limits:
-                cmds += [f"add counter ip {self.table} rejected_{_ident(service)}",
-                         f"add counter ip {self.table} steered_{_ident(service)}",
-                         f"add counter ip {self.table} amplified_{_ident(service)}"]
+                cmds += rules.counter_rules(self.tables, service)
             cmds += self._limit_rules()
             for service, jumps in self._steered.items():
-                chain = f"svc_{_ident(service)}"
-                cmds += [f"add chain ip {self.table} {chain}",
-                         *(f"add rule ip {self.table} {hook} {j}" for hook in ("prerouting", "output") for j in jumps)]
+                cmds += rules.steer_chain_rules(self.tables, service, jumps)
                 cmds += self._steer_rules(service)
             self.nft.run("\n".join(cmds))
             self.broken = False
@@ -766,92 +464,16 @@ table bridge {t} {{
     def sample(self) -> Samples:
         """Every plugged instance's kernel path, by mark: open connections (conntrack), packets and bytes; and
         each service's kernel-side max_connections rejections."""
-        out: dict[int, Sample] = {}
-        rejected: dict[str, int] = {}
-        steered: dict[str, int] = {}
-        amplified: dict[str, int] = {}
         try:
             counters = self.nft.query(f"list counters table ip {self.table}")
         except NftError:
             counters = []
-        for item in counters:
-            c = item.get("counter")
-            if not c:
-                continue
-            name = str(c["name"])
-            if name.startswith("rejected_"):
-                rejected[name.removeprefix("rejected_")] = int(c["packets"])
-            elif name.startswith("steered_"):
-                steered[name.removeprefix("steered_")] = int(c["packets"])
-            elif name.startswith("amplified_"):
-                amplified[name.removeprefix("amplified_")] = int(c["packets"])
-            elif name.startswith(("in_", "out_", "conns_")):
-                mark = int(name.split("_", 1)[1], 16)
-                s = out.setdefault(mark, Sample())
-                if name.startswith("conns_"):
-                    s.served = int(c["packets"])
-                    continue
-                s.packets += int(c["packets"])
-                if name.startswith("in_"):
-                    s.bytes_in = int(c["bytes"])
-                else:
-                    s.bytes_out = int(c["bytes"])
-        for mark, (n, _half) in connections(self.mark_base).items():
-            out.setdefault(mark, Sample()).open = n
-        return Samples(out, rejected, steered, amplified)
-
-
-def ident(name: str) -> str:
-    """A service or bridge name as an nftables identifier."""
-    return _ident(name)
-
+        return fold(counters, connections(self.mark_base))
 
 def kernel_path_possible(config: ServiceConfig) -> bool:
     """Can this service's connections be steered in the kernel at all (whatever its app listens on)?"""
     return (config.network == "bridge" and config.proxy_protocol is None
             and any(ipaddress.ip_address(a.host).version == 4 for a in config.listen))
-
-
-def connections(base: int) -> dict[int, tuple[int, int]]:
-    """One daemon's kernel-path connections per instance mark: (open, half-open); egress ones are not counted.
-    Read with conntrack.py (kernel-side mark filter, two attributes decoded): ~10 us an entry."""
-    counts: dict[int, tuple[int, int]] = {}
-    for raw_mark, state in conntrack.dump(base, MARK_MASK | EGRESS):
-        mark = raw_mark & NOT_COUNTED
-        n, half = counts.get(mark, (0, 0))
-        # state None: a UDP flow, counted once the app has answered it (_acct_rules sets COUNTED then)
-        if state in OPEN_TCP_STATES or (state is None and raw_mark & COUNTED):
-            counts[mark] = (n + 1, half)
-        elif state in HALF_OPEN_TCP_STATES:
-            counts[mark] = (n, half + 1)
-    return counts
-
-
-def forget_udp_flow(client: tuple[str, int], listen_port: int) -> int:
-    """Blocking. Delete the host's conntrack entries of one UDP flow to the activator's own socket (client ->
-    listen port), so that the client's next datagram is a new flow (which the kernel path may DNAT). How many."""
-    from pyroute2 import Conntrack
-    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
-    gone = 0
-    if ":" in client[0]:
-        return 0  # IPv6 flows are never steered in the kernel: nothing to make way for
-    with Conntrack() as ct:
-        want = NFCTAttrTuple(saddr=client[0], proto=socket.IPPROTO_UDP, sport=client[1], dport=listen_port)
-        for entry in list(ct.dump_entries(tuple_orig=want)):
-            with contextlib.suppress(Exception):
-                ct.delete(entry)
-                gone += 1
-    return gone
-
-
-def flush_conntrack(marks: Iterable[int], mask: int = 0xFFFFFFFF) -> None:
-    from pyroute2 import Conntrack
-
-    with Conntrack() as ct:
-        for mark in marks:
-            with contextlib.suppress(Exception):
-                ct.flush(mark=mark, mark_mask=mask)
 
 
 def _sysctl(path: str, value: str | None, *, missing_ok: bool = False) -> str | None:
