@@ -265,7 +265,7 @@ def markdown() -> str:
         "",
         "A services file has two top-level keys: `settings:` (the daemon's own, optional) and `services:` (a mapping",
         "of service names to definitions; names are 1-40 of a-z, 0-9, `_` and `-`, starting with a letter or digit).",
-        "A Compose file with an `x-activator:` block per service is read too (README.md, \"Compose files\").",
+        "A Compose file with an `x-activator:` block per service is read too (docs/compose.md).",
         "",
         "```yaml",
         "settings:",
