@@ -4,7 +4,7 @@
 #   install    the package (no dev tools) and pycriu in their own venv, PREFIX/venv; `activator` on the PATH
 #              (a link in BINDIR); the systemd units (paths rewritten to PREFIX and SYSCONFDIR) in UNITDIR; a
 #              starter SYSCONFDIR/config.yaml if there is none (commented examples, no service: it needs no image);
-#              the README, docs/ (the configuration reference among them), JSON Schema, Grafana dashboard and
+#              the README, CHANGELOG, docs/ (the configuration reference among them), JSON Schema, Grafana dashboard and
 #              alert rules under PREFIX/share. Every file and
 #              directory it makes is listed in PREFIX/share/install-manifest. Run again to upgrade.
 #   uninstall  stops the units and removes exactly what the manifest lists (directories only when empty, so
@@ -102,6 +102,7 @@ install_all() {
     fi
 
     put 0644 "$ROOT/README.md" "$PREFIX/share/README.md"
+    put 0644 "$ROOT/CHANGELOG.md" "$PREFIX/share/CHANGELOG.md"  # the README links to it, as to docs/ below
     put 0644 "$ROOT/config/activator.schema.json" "$PREFIX/share/activator.schema.json"
     put 0644 "$ROOT/config/grafana/activator-dashboard.json" "$PREFIX/share/grafana-dashboard.json"
     put 0644 "$ROOT/config/prometheus/activator-alerts.yml" "$PREFIX/share/prometheus-alerts.yml"

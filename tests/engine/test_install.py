@@ -4,6 +4,7 @@ daemon really serves; `make uninstall` removes it and keeps the configuration.""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pytest
 
 from tests.conftest import ECHO, write_config
 from tests.daemonproc import daemon, echo_once, free_port, stop
+
+#: docs pages issue 31's other items are writing now; the README already links to them
+PENDING_PAGES = {"cgroup-v2.md", "volumes.md"}
 
 pytestmark = pytest.mark.engine
 
@@ -63,6 +67,11 @@ def test_install_serve_uninstall(tmp_path: Path) -> None:
         f"systemctl link {tmp_path}/units/activator.service" in done.stdout, done.stdout  # the closing hint
     reference = tmp_path / "opt" / "share" / "docs" / "configuration.md"  # the installed copy of the reference
     assert reference.read_text() == (ROOT / "docs" / "configuration.md").read_text()
+    share = tmp_path / "opt" / "share"  # the installed README's links lead to installed files (docs/ beside it)
+    for page in [share / "README.md", *(share / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s:]+)(?:#[^)]*)?\)", page.read_text()):
+            found = (page.parent / target).resolve()
+            assert found.is_file() or found.name in PENDING_PAGES, f"installed {page.name} links to {target}"
     config = tmp_path / "etc" / "config.yaml"
     assert config.stat().st_mode & 0o077 == 0  # it may hold secrets
     on_path = tmp_path / "bin" / "activator"  # the command, on the PATH
