@@ -14,7 +14,7 @@ from tests.conftest import ECHO, write_config
 from tests.daemonproc import daemon, echo_once, free_port, stop
 
 #: docs pages issue 31's other items are writing now; the README already links to them
-PENDING_PAGES = {"cgroup-v2.md", "volumes.md"}
+PENDING_PAGES = {"cgroup-v2.md"}
 
 pytestmark = pytest.mark.engine
 
