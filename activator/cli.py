@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, statedir
-from .config.model import Config, ServiceConfig, Settings, load_config
+from .config.document import Config
+from .config.parse import load_config
+from .config.service import ServiceConfig
+from .config.settings import Settings
 from .core import liveview
 from .errors import ActivatorError, ConfigError, PreflightError, combined, escape, one_line
 from .errors import terminal_safe as terminal_safe  # where tests and callers have found it
@@ -595,7 +598,7 @@ def _control_socket(cfg: Config | None, path: str) -> Any:
     """The running daemon's control socket: from the parsed file, or, when the file no longer parses (an edit
     under way), from its settings.state_dir read leniently (or the default): only the daemon is asked."""
     from .config import compose, yamlload
-    from .config.model import Settings
+    from .config.settings import Settings
     from .statedir import StateDir
 
     if cfg is not None:
@@ -823,7 +826,7 @@ def _inspect_image(cfg: Config | None, what: str, as_json: bool) -> int:
     from .checkpoints import ociarchive, signing, transfer
     from .checkpoints.registry import Registry
     from .checkpoints.store import contents
-    from .config.model import RegistrySettings
+    from .config.settings import RegistrySettings
 
     with tempfile.TemporaryDirectory(prefix="activator-inspect-") as tmp:
         pulled_sig: signing.Signature | None = None
@@ -967,7 +970,7 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .config.model import json_schema
+    from .config.document import json_schema
     from .core import reference
 
     if args.markdown:

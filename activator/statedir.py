@@ -36,7 +36,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from activator.config.model import Config
+from activator.config.document import Config
 from activator.errors import ActivatorError
 
 DIR_MODE = 0o700

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from activator.config.model import ServiceConfig, probe_paths
+from activator.config.probes import probe_paths
+from activator.config.service import ServiceConfig
 from activator.core import pool, probes
 from activator.errors import ActivatorError, CheckpointError, RuncError, StartError
 from activator.net.network import HostNetwork, kernel_path_possible

@@ -111,7 +111,7 @@ class Expected:
 def host_limits(process: ProcessSpec) -> dict[str, Any]:
     """Blocking (reads /proc/self). The rlimits, loginuid, oom_score_adj and nice a template started by this
     process would inherit: Expected's keyword arguments."""
-    from activator.config.model import ULIMITS
+    from activator.config.process import ULIMITS
 
     hard = [resource.getrlimit(i)[1] for i in range(16)]
     hard = [(1 << 64) - 1 if h == resource.RLIM_INFINITY else h for h in hard]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from activator.config.model import Config
+from activator.config.document import Config
 from activator.net.network import HostNetwork
 from activator.runtime import ksm, preflight
 from activator.runtime.runc import Runc

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from activator.config.model import DEFAULT_ENGINE_SOCKETS, ImageSettings
+from activator.config.settings import DEFAULT_ENGINE_SOCKETS, ImageSettings
 from activator.errors import ImageError, PreflightError
 from activator.runtime import imagefs
 

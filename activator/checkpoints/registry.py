@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from activator.config.model import RegistrySettings
+from activator.config.settings import RegistrySettings
 from activator.errors import ActivatorError
 
 log = logging.getLogger("activator")

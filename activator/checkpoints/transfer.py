@@ -40,7 +40,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from activator import __version__
-from activator.config.model import Config, ServiceConfig, probe_paths
+from activator.config.document import Config
+from activator.config.probes import probe_paths
+from activator.config.service import ServiceConfig
 from activator.core.probes import Answer
 from activator.errors import ActivatorError
 from activator.runtime import cgroups, userns

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from activator.config.model import Backoff
+from activator.config.sections import Backoff
 
 
 class Loaded(Protocol):

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from activator.config.model import Probe
+from activator.config.probes import Probe
 
 #: the part of a held request that is looked at
 HEAD_LIMIT = 8192

@@ -1,7 +1,8 @@
-"""The configuration reference (docs/configuration.md), rendered from the declarations in config/model.py and what
-core/reloadplan.py lets a reload change: every key's type, default, range, an example, and what a change to it
-takes (a reload, a reload that rebuilds the checkpoint, or a restart). `activator schema --markdown` prints it;
-tests/unit/test_config_reference.py fails when the checked-in copy is stale.
+"""The configuration reference (docs/configuration.md), rendered from the declarations in config/ (each key's
+kind describes itself) and what core/reloadplan.py lets a reload change: every key's type, default, range, an
+example, and what a change to it takes (a reload, a reload that rebuilds the checkpoint, or a restart).
+`activator schema --markdown` prints it; tests/unit/test_config_reference.py fails when the checked-in copy is
+stale.
 
 Pure: the text is returned, nothing is written.
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
-from activator.config import model as m
-from activator.config.model import ServiceConfig, Settings
+from activator.config.declare import Section
+from activator.config.kinds import Kind
+from activator.config.service import ServiceConfig
+from activator.config.settings import Settings
 
 from .reloadplan import RELOADABLE_SETTINGS
 
@@ -139,7 +142,7 @@ def declared(cls: type, at: str = "") -> list[tuple[str, Field[Any]]]:
         if "kind" not in f.metadata:
             continue
         out.append((at + f.name, f))
-        if isinstance(f.metadata["kind"], m.Section):
+        if isinstance(f.metadata["kind"], Section):
             out += declared(f.metadata["kind"].cls, f"{at}{f.name}.")
     return out
 
@@ -153,83 +156,16 @@ def change(path: str, f: Field[Any]) -> str:
     """What a change to this key takes."""
     if path.startswith("settings."):
         return RELOAD if path.removeprefix("settings.").split(".")[0] in RELOADABLE_SETTINGS else RESTART
-    if isinstance(f.metadata["kind"], m.Section) and any(g.metadata["shapes"]
-                                                         for _, g in declared(f.metadata["kind"].cls)):
+    if isinstance(f.metadata["kind"], Section) and any(g.metadata["shapes"]
+                                                       for _, g in declared(f.metadata["kind"].cls)):
         return "as its keys say"
-    if path == "probes":  # only their http paths shape it (model.probe_paths): who probes does not
+    if path == "probes":  # only their http paths shape it (probes.probe_paths): who probes does not
         return "reload; rebuilds the checkpoint if an http path changes"
     return REBUILD if f.metadata["shapes"] else RELOAD
 
 
-def type_and_range(kind: m.Kind) -> tuple[str, str]:
-    """How a value of this kind is written, and what values it takes."""
-    d = m._human_duration
-    if isinstance(kind, m.Duration):
-        return "duration (seconds, or 250ms, 5s, 2m, 1h, 1d, 1m30s)", f"{d(kind.min)} to {d(kind.max)}"
-    if isinstance(kind, m.Size):
-        return "size (bytes, or with k, m, g)", f"{_size(kind.min)} to {_size(kind.max)}"
-    if isinstance(kind, m.Int):
-        return "whole number", f"{kind.min} to {kind.max}"
-    if isinstance(kind, m.Number):
-        return "number", f"more than {kind.min:g}, up to {kind.max:g}"
-    if isinstance(kind, m.Percent):
-        return "share of one CPU (2%, or 0.02)", f"more than 0%, up to {kind.max * 100:g}%"
-    if isinstance(kind, m.Schedule):
-        return "window or list of windows '[DAYS] HH:MM-HH:MM'", "up to 64 windows; days mon..sun, ranges, lists, *"
-    if isinstance(kind, m.Protocols):
-        return "tcp, udp, or [tcp, udp]", "tcp, udp"
-    if isinstance(kind, m.Text):
-        if kind.choices:
-            return f"one of {', '.join(kind.choices)}", ", ".join(kind.choices)
-        return "string", kind.hint or "not empty"
-    if isinstance(kind, m.AbsPaths):
-        return "absolute path, or a list of them", "paths starting with /"
-    if isinstance(kind, m.AbsPath):
-        return "absolute path", "a path starting with /"
-    if isinstance(kind, m.Args):
-        return "string (one argument), or a list of strings", "up to 4096 items"
-    if isinstance(kind, m.Environment):
-        return "mapping {NAME: value}, or a list of NAME=value", "names like [A-Za-z_][A-Za-z0-9_]*, no NUL in values"
-    if isinstance(kind, m.Listen):
-        return "HOST:PORT, a list of them, or systemd", ("an IP address (not a name) and a port 1-65535; up to 64 "
-                                                         "addresses")
-    if isinstance(kind, m.Address):
-        return "HOST:PORT", "an IP address (not a name) and a port 1-65535"
-    if isinstance(kind, m.AutoFlag):
-        return "true, false, or auto", "true, false, auto"
-    if isinstance(kind, m.Flag):
-        return "true or false", "true, false"
-    if isinstance(kind, m.Subnet):
-        return "IPv4 network", "a private network, /16 to /29"
-    if isinstance(kind, m.Hosts):
-        return "mapping {host name: IP address}", "host names of letters, digits, '-' and '.'"
-    if isinstance(kind, m.Capabilities):
-        return "list of capability names", "Linux capabilities (NET_RAW or CAP_NET_RAW, any case)" + (
-            ", or [ALL]" if kind.all_ok else "")
-    if isinstance(kind, m.Volumes):
-        return "list of SOURCE:TARGET[:OPTIONS], or {source, target, read_only, external, chown, idmap}", (
-            "SOURCE: an absolute host path or a volume name; TARGET: absolute, not /, /proc, /sys or /dev; OPTIONS: "
-            "ro or rw, and U or idmap (host paths; not /, state_dir or the system's directories)")
-    if isinstance(kind, m.Probes):
-        return "list of {http: PATH, from: [CIDR]} or {tcp: true, from: [CIDR]}", "up to 32 probes"
-    if isinstance(kind, m.Tmpfs):
-        return "PATH[:OPTIONS], or a list of them", "absolute paths other than /, /proc, /sys and /dev"
-    if isinstance(kind, m.Ulimits):
-        return "mapping {name: N} or {name: {soft: N, hard: N}}", ", ".join(m.ULIMITS) + "; -1: unlimited"
-    if isinstance(kind, m.Section):
-        return "mapping (the keys below)", "see its keys"
-    raise TypeError(f"{type(kind).__name__}: describe this kind of value in core/reference.py")
-
-
-def _size(n: int) -> str:
-    for unit, size in (("g", 2**30), ("m", 2**20), ("k", 2**10)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
-
-
 def default(f: Field[Any]) -> str:
-    kind = f.metadata["kind"]
+    kind: Kind = f.metadata["kind"]
     if f.default is MISSING:
         return "(its keys' defaults)" if f.default_factory is not MISSING else "required"
     v = f.default
@@ -237,13 +173,7 @@ def default(f: Field[Any]) -> str:
         return "null"
     if isinstance(v, bool):
         return str(v).lower()
-    if isinstance(kind, m.Duration):
-        return m._human_duration(v)
-    if isinstance(kind, m.Size):
-        return _size(v)
-    if isinstance(v, tuple):
-        return f"[{', '.join(map(str, v))}]"
-    return str(v)
+    return kind.show(v)
 
 
 def _shown(text: str) -> str:
@@ -303,13 +233,13 @@ def markdown() -> str:
         out += [f"## {title}", "", "| key | type | default | a change takes |", "|---|---|---|---|"]
         for path, f in keys:
             shown = path if at else prefix + path
-            out.append(f"| [`{shown}`](#{_anchor(shown)}) | {type_and_range(f.metadata['kind'])[0].split(' (')[0]}"
+            out.append(f"| [`{shown}`](#{_anchor(shown)}) | {f.metadata['kind'].describe()[0].split(' (')[0]}"
                        f"{' or null' if f.metadata['nullable'] else ''} | {_shown(default(f))} | {change(path, f)} |")
         out.append("")
         for path, f in keys:
             shown = path if at else prefix + path
             kind = f.metadata["kind"]
-            typ, rng = type_and_range(kind)
+            typ, rng = kind.describe()
             if f.metadata["nullable"]:
                 typ += ", or null"
             doc = f.metadata["doc"]

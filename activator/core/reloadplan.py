@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from activator.config.model import Config, ServiceConfig
+from activator.config.document import Config
+from activator.config.service import ServiceConfig
 from activator.errors import ConfigError
 
 #: settings a reload may change

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 
-from activator.config.model import ListenAddress
+from activator.config.addresses import ListenAddress
 from activator.core import agent
 
 from .fleet import Fleet

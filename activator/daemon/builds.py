@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from activator.checkpoints.builder import CheckpointBuilder
-from activator.config.model import ServiceConfig
+from activator.config.service import ServiceConfig
 from activator.errors import ActivatorError
 from activator.tasks import spawn
 

@@ -23,7 +23,9 @@ from typing import Any
 from activator.checkpoints.host import Host
 from activator.checkpoints.instance import InstanceLauncher
 from activator.checkpoints.store import Checkpoint
-from activator.config.model import Config, ListenAddress, ServiceConfig
+from activator.config.addresses import ListenAddress
+from activator.config.document import Config
+from activator.config.service import ServiceConfig
 from activator.core import capacity
 from activator.errors import ActivatorError, ConfigError
 from activator.net.network import HostNetwork, kernel_path_possible

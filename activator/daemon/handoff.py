@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from activator.checkpoints.instance import Instance
-from activator.config.model import ServiceConfig
+from activator.config.service import ServiceConfig
 from activator.net import sockdiag
 
 from .listeners import BACKLOG

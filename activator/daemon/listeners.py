@@ -7,7 +7,9 @@ import errno
 import logging
 import socket
 
-from activator.config.model import Config, ListenAddress, ServiceConfig
+from activator.config.addresses import ListenAddress
+from activator.config.document import Config
+from activator.config.service import ServiceConfig
 from activator.errors import ActivatorError
 
 from . import systemd

@@ -19,7 +19,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from activator.config.model import ListenAddress
+from activator.config.addresses import ListenAddress
 
 from .scrape import ScrapeServer
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from activator.checkpoints.host import load_trust
-from activator.config.model import Config, load_config
+from activator.config.document import Config
+from activator.config.parse import load_config
 from activator.core.reloadplan import Change, Plan, plan_reload
 from activator.errors import ActivatorError, ConfigError
 from activator.tasks import spawn

@@ -35,7 +35,7 @@ from typing import Any
 
 from activator import __version__
 from activator.checkpoints.host import clean_leftovers, open_host
-from activator.config.model import Config
+from activator.config.document import Config
 from activator.errors import ActivatorError
 from activator.net.network import HostNetwork
 from activator.runtime import cgroups, criucache

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from activator.checkpoints.instance import Instance
-from activator.config.model import ServiceConfig
+from activator.config.service import ServiceConfig
 from activator.net.network import SYN_TIMEOUT, Backend, HostNetwork, connections
 
 log = logging.getLogger("activator.network")

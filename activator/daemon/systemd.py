@@ -12,7 +12,7 @@ import ipaddress
 import os
 import socket
 
-from activator.config.model import ListenAddress
+from activator.config.addresses import ListenAddress
 
 SD_LISTEN_FDS_START = 3
 

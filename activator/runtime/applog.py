@@ -10,7 +10,7 @@ from its name: a template is named SERVICE-tpl-XXXXXXXX and an instance SERVICE-
 template and service `a-tpl`'s instances have names of the same shape. Only a name without a record (a template,
 whose output is kept from the build's directory, or an instance left by an older run) is read as a name. The
 kept file's name is the service's name and a suffix that starts with `.`, which no service name holds
-(config/model.py), so no service's files can be taken for another's.
+(config/service.py), so no service's files can be taken for another's.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import re
 import time
 from pathlib import Path
 
-from activator.config.model import NAME_PATTERN
+from activator.config.service import NAME_PATTERN
 from activator.statedir import open_private, write_private
 
 MAX_BYTES = 8 << 20

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from activator.config.model import Resources
+from activator.config.sections import Resources
 from activator.errors import ActivatorError, RuncError
 from activator.net.netns import PREFIX as NETNS_PREFIX
 from activator.net.netns import NetNamespace

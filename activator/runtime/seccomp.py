@@ -24,7 +24,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from activator.config.model import SECCOMP_DEFAULT, SECCOMP_UNCONFINED
+from activator.config.service import SECCOMP_DEFAULT, SECCOMP_UNCONFINED
 
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "docker-default.json"
 

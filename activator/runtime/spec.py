@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from .userns import IdMap
     from .volumes import Bind
 
-from activator.config.model import ULIMITS, Resources
+from activator.config.process import ULIMITS
+
+# Docker's default capability set less CAP_NET_RAW: apps written for Docker expect these.
+from activator.config.sections import Resources
 
 # Docker's default capability set less CAP_NET_RAW: apps written for Docker expect these.
 DEFAULT_CAPS = (

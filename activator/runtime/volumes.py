@@ -21,7 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from activator.config.model import Volume
+from activator.config.mounts import Volume
 from activator.errors import ActivatorError
 
 from . import imagefs, volumeowner

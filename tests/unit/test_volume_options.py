@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from activator.config import compose
-from activator.config.model import Volume, Volumes, parse_config
+from activator.config.mounts import Volume, Volumes
+from activator.config.parse import parse_config
 from activator.errors import ConfigError
 from activator.runtime import volumeowner
 
@@ -56,7 +57,7 @@ def test_a_volume_without_options_keeps_its_fingerprint_and_options_change_it() 
     import hashlib
     import json
 
-    from activator.config.model import _shaping
+    from activator.config.service import _shaping
 
     cfg = parse_config("services:\n  web:\n    image: demo:latest\n    listen: 127.0.0.1:8080\n    port: 80\n"
                        "    volumes: ['/srv/d:/d']\n", P)
