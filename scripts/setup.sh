@@ -64,9 +64,10 @@ CHECKOUT_PKGS=(debootstrap busybox-static make gcc libc6-dev pkgconf git xz-util
 # haproxy: the multi-host test's registry and L4 balancer; podman: a checkpoint image made by another engine, for
 # `activator inspect` (tests/engine/test_podman_images.py); nginx-light, caddy, curl: the reverse proxies
 # docs/reverse-proxies.md configures, in front of an http: true service; bind9-dnsutils: dig, for the UDP tests;
-# socat: a plain relay in tests.
+# socat: a plain relay in tests; qemu-system-x86 and debootstrap: the cgroup v2 VM of `make test-cgroup2`
+# (scripts/vm/), e2fsprogs for its disks (mkfs.ext4 -d, debugfs).
 TEST_PKGS=(systemd socat conntrack redis-tools iperf3 wrk postgresql-client docker-registry haproxy podman
-           nginx-light caddy curl bind9-dnsutils)
+           nginx-light caddy curl bind9-dnsutils qemu-system-x86 qemu-utils debootstrap e2fsprogs)
 # Packages whose installation would enable and start a server (nginx and caddy on :80): the tests start their own.
 TEST_SERVICES=(nginx-light:nginx caddy:caddy haproxy:haproxy docker-registry:docker-registry)
 CRIU_BUILD_DEPS=(make gcc libc6-dev pkgconf xz-utils patch libbsd-dev libcap-dev libgnutls28-dev libnet1-dev

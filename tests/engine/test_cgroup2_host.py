@@ -66,7 +66,8 @@ def installed(tmp_path: Path) -> Iterator[Path]:
                         "PYTHON": "/usr/bin/python3"}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "install"], env=env, capture_output=True,
                           text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout + done.stderr
+    log = inst / "opt" / "share" / "install.log"
+    assert done.returncode == 0, done.stdout + done.stderr + (log.read_text()[-3000:] if log.exists() else "")
     # The socket unit as shipped carries 127.0.0.1:8080 and :8081: a service each. The default userns (one per
     # service) and network (the project's bridge): a real host, unlike test_real_systemd's container.
     echo_svc = {"image": BUSYBOX, "command": ["echo-server", "9000"], "port": 9000, "listen": "127.0.0.1:8080"}
