@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from activator.config.model import ServiceConfig
 from activator.core import pool
+from activator.core.clock import Timer
 from activator.errors import RestoreError, StartError
 from activator.net.network import HostNetwork
 from activator.runtime import readiness, volumes
@@ -80,7 +81,7 @@ class Instance:
     kernel_served: int = 0  # connections the kernel steered to it that completed their handshake
     established: int = 0  # connections its app accepted (either path)
     idle_since: float = field(default_factory=time.monotonic)
-    idle_timer: asyncio.TimerHandle | None = None
+    idle_timer: Timer | None = None
     # (monotonic time, its CPU seconds) when the idle timer was last armed: idle_cpu_below's window starts there
     cpu_mark: tuple[float, float] | None = None
     stopping: bool = False

@@ -49,12 +49,14 @@ from activator.checkpoints.store import Checkpoint, CheckpointStore
 from activator.config.model import ServiceConfig, signal_number
 from activator.core import capacity, pool
 from activator.core.capacity import Budget, FailureBackoff
+from activator.core.clock import Clock, Timer
 from activator.core.pool import Idle, Pick
 from activator.errors import ActivatorError, Rejected, RestoreError, StartError
 from activator.net.network import Attachment
 from activator.runtime.readiness import Connect, http_ok
 from activator.tasks import spawn
 
+from .clock import LoopClock
 from .handoff import HandoffSample
 from .metrics import ServiceMetrics
 
@@ -202,8 +204,9 @@ class Lease:
 class Service:
     def __init__(
         self, config: ServiceConfig, *, launcher: Launcher, metrics: ServiceMetrics, budget: Budget,
-        store: CheckpointStore | None = None,
+        store: CheckpointStore | None = None, clock: Clock | None = None,
     ) -> None:
+        self.clock: Clock = clock or LoopClock()
         self.config = config
         self.name = config.name
         self.store = store
@@ -226,7 +229,7 @@ class Service:
         self._stopping: set[asyncio.Task[None]] = set()
         self._releasing: set[Instance] = set()
         self._changed = asyncio.Event()
-        self._replenish_timer: asyncio.TimerHandle | None = None
+        self._replenish_timer: Timer | None = None
         self._closed = False
         # A stateful checkpoint (core.pool.stateful) serves one instance: from its start on, new starts wait for
         # the checkpoint made again once that instance is gone (used_up asks the lifecycle owner for it).
@@ -240,7 +243,7 @@ class Service:
         self.dependencies: list[Service] = []
         self.dependants: list[Service] = []
         self._rejections: dict[str, int] = {}
-        self._rejections_timer: asyncio.TimerHandle | None = None
+        self._rejections_timer: Timer | None = None
         self._latest_rejection = ""
         self._kernel_rejected = self._kernel_steered = self._kernel_amplified = 0
         self._rejections_logged = -REJECT_LOG_INTERVAL
@@ -248,7 +251,7 @@ class Service:
         # at scrape time, not when last touched.
         self.m.open_connections.set_function(lambda: self.open_connections + self.kernel_connections)
         self.m.backoff.set_function(self._backoff_seconds)
-        self.m.restore_backoff.set_function(lambda: self.restore_backoff.remaining(time.monotonic()))
+        self.m.restore_backoff.set_function(lambda: self.restore_backoff.remaining(self.clock.now()))
         self.m.standby_instances.set_function(lambda: len(self.launcher.standbys))
         self.m.standby_memory.set_function(lambda: sum(i.sandbox.memory_bytes() or 0
                                                        for i in list(self.launcher.standbys)))
@@ -312,7 +315,7 @@ class Service:
         if self.checkpoint is not None:
             return  # a failed rebuild: the current checkpoint keeps serving
         self.checkpoint_problem = why
-        self.checkpoint_retry_at = time.monotonic() + retry_in
+        self.checkpoint_retry_at = self.clock.now() + retry_in
         self._notify()
 
     def _own(self, task: asyncio.Task[Any]) -> None:
@@ -470,12 +473,12 @@ class Service:
         if self.checkpoint is None:
             return self._why_no_instance() if self.checkpoint_problem is not None else \
                 Rejected("no-checkpoint", f"service '{self.name}' has no checkpoint yet", 1.0)
-        if self.start_backoff.active(time.monotonic()):
+        if self.start_backoff.active(self.clock.now()):
             return self._why_no_instance()
         return None
 
     def _why_no_instance(self) -> Rejected:
-        now = time.monotonic()
+        now = self.clock.now()
         if self.checkpoint is None and self.checkpoint_problem is not None:
             wait = max(0.0, self.checkpoint_retry_at - now)
             return Rejected("no-checkpoint", f"service '{self.name}' is not serving: no checkpoint "
@@ -493,14 +496,14 @@ class Service:
         if inst.stopping:
             return
         if inst.spliced == 0:
-            inst.idle_since = time.monotonic()
+            inst.idle_since = self.clock.now()
             self._arm_idle(inst, self.config.idle_timeout)
         if inst.connections == self.config.target_connections - 1:
             self._notify()  # room below target again: a waiter may take it instead of waiting for a start
 
     def _backoff_seconds(self) -> float:
         """Until an instance may be attempted: after failed starts, or (no checkpoint) until the next build."""
-        now = time.monotonic()
+        now = self.clock.now()
         wait = self.start_backoff.remaining(now)
         if self.checkpoint is None and self.checkpoint_problem is not None:
             wait = max(wait, self.checkpoint_retry_at - now)
@@ -516,11 +519,11 @@ class Service:
         logged when the interval ends, not lost if nothing else comes."""
         self._rejections[reason] = self._rejections.get(reason, 0) + n
         self._latest_rejection = latest
-        now = time.monotonic()
+        now = self.clock.now()
         if now - self._rejections_logged >= REJECT_LOG_INTERVAL:
             self._log_rejections()
         elif self._rejections_timer is None:
-            self._rejections_timer = asyncio.get_running_loop().call_later(
+            self._rejections_timer = self.clock.call_later(
                 self._rejections_logged + REJECT_LOG_INTERVAL - now, self._log_rejections)
 
     def _log_rejections(self) -> None:
@@ -533,7 +536,7 @@ class Service:
         log.warning("service=%s connections closed by admission control: %s (latest: %s)", self.name, tally,
                     self._latest_rejection)
         self._rejections.clear()
-        self._rejections_logged = time.monotonic()
+        self._rejections_logged = self.clock.now()
 
     # --- the kernel path ------------------------------------------------------------------------------------
 
@@ -639,7 +642,7 @@ class Service:
             self._stop(inst)
             self._replenish()
             return
-        delay = self.start_backoff.failed(time.monotonic())
+        delay = self.start_backoff.failed(self.clock.now())
         self.m.start_failures.inc()
         log.error("service=%s instance=%s removed: %s; new instances back off %.1fs", self.name, inst.name, why, delay)
         self._stop(inst)
@@ -651,7 +654,7 @@ class Service:
         self._changed = asyncio.Event()
 
     def _scale(self, extra: int) -> None:
-        now = time.monotonic()
+        now = self.clock.now()
         if self._closed or self.stopped or self.start_backoff.active(now) or self.checkpoint_problem is not None:
             return
         demand = sum(i.connections for i in self.instances) + self.waiting + extra
@@ -665,15 +668,15 @@ class Service:
         self._replenish_timer = None
         if self._closed or self.stopped or self.checkpoint is None:
             return
-        if self.start_backoff.active(time.monotonic()):
-            self._schedule_replenish(self.start_backoff.remaining(time.monotonic()))
+        if self.start_backoff.active(self.clock.now()):
+            self._schedule_replenish(self.start_backoff.remaining(self.clock.now()))
             return
         for _ in range(self.floor - len(self.instances) - len(self._starts)):
             self._spawn_start()
 
     def _schedule_replenish(self, delay: float) -> None:
         if self.floor and self._replenish_timer is None and not self._closed:
-            self._replenish_timer = asyncio.get_running_loop().call_later(delay, self._replenish)
+            self._replenish_timer = self.clock.call_later(delay, self._replenish)
 
     def _spawn_start(self) -> None:
         task = spawn(self._start(), name=f"start:{self.name}", awaited=True)
@@ -712,7 +715,7 @@ class Service:
                 return
             exc = task.exception()
             if exc is not None:
-                delay = self.start_backoff.failed(time.monotonic())
+                delay = self.start_backoff.failed(self.clock.now())
                 self.m.start_failures.inc()
                 log.error("service=%s start failed: %s; no new attempt for %.1fs (failure %d in a row)",
                           self.name, exc, delay, self.start_backoff.failures)
@@ -732,7 +735,9 @@ class Service:
             self.started_total += 1
             self._watch(inst)
             self._resteer()
-            # Nobody may claim it (every waiter gave up): it must still go away when idle.
+            # Nobody may claim it (every waiter gave up): it must still go away when idle. Idle from now, on the
+            # service's clock (the launcher stamped it on its own).
+            inst.idle_since = self.clock.now()
             self._arm_idle(inst, self.config.idle_timeout)
         finally:
             self._publish()
@@ -747,10 +752,10 @@ class Service:
     def _arm_idle(self, inst: Instance, delay: float) -> None:
         if inst.idle_timer is not None:
             inst.idle_timer.cancel()
-        inst.idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check, inst)
+        inst.idle_timer = self.clock.call_later(delay, lambda: self._idle_check(inst))
         if self.config.idle_cpu_below is not None:
             cpu = inst.sandbox.cpu_seconds()
-            inst.cpu_mark = None if cpu is None else (time.monotonic(), cpu)
+            inst.cpu_mark = None if cpu is None else (self.clock.now(), cpu)
 
     def _cpu_share(self, inst: Instance, now: float) -> float | None:
         """CPU per second its processes used since its idle timer was armed (idle_cpu_below), or None."""
@@ -783,7 +788,7 @@ class Service:
 
     def _idle_check(self, inst: Instance) -> None:
         inst.idle_timer = None
-        now = time.monotonic()
+        now = self.clock.now()
         verdict = pool.idle_check(
             pool.InstanceView(stopping=inst.stopping, spliced=inst.spliced, withdrawn=inst.withdrawn,
                               kernel=inst.kernel, idle_since=inst.idle_since,
@@ -825,17 +830,17 @@ class Service:
         # A SYN DNATed just before the rule changed may not have its conntrack entry confirmed yet (a dump shows
         # confirmed ones only): let it settle, or that client's SYN would meet a dead instance and be retried a
         # second later.
-        await asyncio.sleep(WITHDRAW_SETTLE)
-        deadline = time.monotonic() + steering.half_open_timeout + 1
+        await self.clock.sleep(WITHDRAW_SETTLE)
+        deadline = self.clock.now() + steering.half_open_timeout + 1
         while True:
             still_open, half_open = await asyncio.to_thread(steering.open_count, inst)
             if inst.stopping:
                 return
             reap = pool.retired(still_open=still_open, half_open=half_open, spliced=inst.spliced,
-                                past_deadline=time.monotonic() > deadline)
+                                past_deadline=self.clock.now() > deadline)
             if reap is not None:
                 break
-            await asyncio.sleep(0.05)
+            await self.clock.sleep(0.05)
         if not reap:
             self._put_back(inst, still_open)
             return
@@ -862,7 +867,7 @@ class Service:
     def _put_back(self, inst: Instance, still_open: int) -> None:
         inst.withdrawn = False
         inst.kernel = max(inst.kernel, still_open)
-        inst.idle_since = time.monotonic()
+        inst.idle_since = self.clock.now()
         self._resteer()
         self._arm_idle(inst, self.config.idle_timeout)
 
@@ -950,9 +955,9 @@ class Service:
             self._consuming = False  # its instance is in self.instances now, or there is none
 
     async def _start_from(self, checkpoint: Checkpoint) -> Instance:
-        if self.restore_backoff.active(time.monotonic()):
+        if self.restore_backoff.active(self.clock.now()):
             if self.config.fallback == "none":
-                wait = self.restore_backoff.remaining(time.monotonic())
+                wait = self.restore_backoff.remaining(self.clock.now())
                 raise StartError(f"restores are backing off for {wait:.1f}s")
         else:
             try:
@@ -961,7 +966,7 @@ class Service:
                 return inst
             except RestoreError as e:
                 self.m.restore_failures.inc()
-                delay = self.restore_backoff.failed(time.monotonic())
+                delay = self.restore_backoff.failed(self.clock.now())
                 then = "falling back to a cold start" if self.config.fallback == "cold-start" else "no fallback"
                 log.error("service=%s instance=%s restore failed: %s (CRIU log: %s); restores back off %.1fs; %s",
                           self.name, e.instance, e, e.log or "not kept", delay, then)
@@ -974,7 +979,7 @@ class Service:
     # --- status --------------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        now, wall = time.monotonic(), time.time()
+        now, wall = self.clock.now(), time.time()
         ck = self.checkpoint
         return {
             "name": self.name,
@@ -1046,9 +1051,9 @@ class Service:
             self._replenish_timer = None
         self.withdraw_all()
         await self.launcher.set_standby(0, None)
-        deadline = time.monotonic() + drain_timeout
-        while self.open_connections + self.kernel_connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        deadline = self.clock.now() + drain_timeout
+        while self.open_connections + self.kernel_connections and self.clock.now() < deadline:
+            await self.clock.sleep(0.1)
         for task in list(self._starts):
             task.cancel()
         for inst in list(self.instances):
@@ -1090,7 +1095,7 @@ class Service:
             log.warning("service=%s instance=%s killed: %s", self.name, inst.name, why)
             self._stop(inst)
         while any(inst in self._releasing for inst in killed):
-            await asyncio.sleep(0.02)
+            await self.clock.sleep(0.02)
 
     async def _cancel_starts(self) -> None:
         starts = list(self._starts)

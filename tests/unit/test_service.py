@@ -1,6 +1,7 @@
 """The Service state machine (admission, scale-out, queueing, backoff, idle reaping) driven with a fake launcher:
 no engine, milliseconds per test. The same behaviour is tested against real runc and CRIU in test_scale_out.py
-and test_admission.py; this is where its rules are pinned down quickly and exhaustively."""
+and test_admission.py; this is where its rules are pinned down quickly and exhaustively. Time is a FakeClock
+(fakeclock.py) that each test moves on itself: no test waits for a timer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import asyncio
 import itertools
 import signal
 import socket
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ from activator.daemon.service import Launcher, Service, ServiceSandbox, Steering
 from activator.errors import Rejected, RestoreError
 from activator.net.network import Attachment
 from activator.runtime.readiness import Connect
+
+from .fakeclock import FakeClock, settle
 
 pytestmark = pytest.mark.asyncio
 
@@ -87,8 +89,9 @@ class FakeCheckpoint:
 
 @dataclass
 class FakeLauncher:
-    """Restores take `delay` seconds (or until `gate` is set); the first `failures` restores fail."""
+    """Restores take `delay` seconds of `clock` (or until `gate` is set); the first `failures` restores fail."""
 
+    clock: FakeClock = field(default_factory=FakeClock)
     delay: float = 0.0
     failures: int = 0
     gate: asyncio.Event | None = None
@@ -104,7 +107,7 @@ class FakeLauncher:
     async def _make(self, how: str, checkpoint: Any) -> Instance:
         if self.gate is not None:
             await self.gate.wait()
-        await asyncio.sleep(self.delay)
+        await self.clock.sleep(self.delay)
         sb = FakeSandbox(f"svc-{next(_ids)}", hold=self.hold_release)
         self.made.append(sb)
         return Instance(sb, how, self.delay, checkpoint)  # type: ignore[arg-type]
@@ -113,7 +116,7 @@ class FakeLauncher:
         self.restores += 1
         if self.failures:
             self.failures -= 1
-            await asyncio.sleep(self.delay)
+            await self.clock.sleep(self.delay)
             raise RestoreError("injected", None, "svc-x")
         return await self._make("restore", checkpoint)
 
@@ -145,7 +148,8 @@ _checked_launcher: type[Launcher] = FakeLauncher  # mypy: the fake has what a se
 
 def service(launcher: FakeLauncher, budget: int = 10_000, **keys: Any) -> Service:
     cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80, **keys)
-    svc = Service(cfg, launcher=launcher, metrics=Metrics().for_service("svc"), budget=Budget(budget))
+    svc = Service(cfg, launcher=launcher, metrics=Metrics().for_service("svc"), budget=Budget(budget),
+                  clock=launcher.clock)
     svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
     return svc
 
@@ -154,7 +158,9 @@ async def test_a_burst_on_a_single_instance_service_shares_one_restore() -> None
     fake = FakeLauncher(delay=0.05)
     svc = service(fake)
     leases = [svc.admit() for _ in range(200)]
-    got = await asyncio.gather(*(lease.acquire() for lease in leases))
+    acquiring = asyncio.gather(*(lease.acquire() for lease in leases))
+    await fake.clock.advance(0.05)
+    got = await acquiring
     assert fake.restores == 1 and len({id(inst) for inst, _ in got}) == 1
     assert all(waited for _, waited in got) and svc.instances[0].connections == 200
     for lease in leases:
@@ -166,7 +172,9 @@ async def test_scale_out_starts_in_parallel_then_goes_above_target_at_max() -> N
     fake = FakeLauncher(delay=0.05)
     svc = service(fake, max_instances=3, target_connections=2)
     leases = [svc.admit() for _ in range(6)]
-    await asyncio.gather(*(lease.acquire() for lease in leases))
+    acquiring = asyncio.gather(*(lease.acquire() for lease in leases))
+    await fake.clock.advance(0.05)
+    await acquiring
     assert fake.restores == 3 and sorted(i.connections for i in svc.instances) == [2, 2, 2]
     extra = svc.admit()
     inst, waited = await extra.acquire()
@@ -177,7 +185,7 @@ async def test_the_queue_is_bounded() -> None:
     gate = asyncio.Event()
     svc = service(FakeLauncher(gate=gate), max_waiting=5)
     waiting = [asyncio.ensure_future(svc.admit().acquire()) for _ in range(5)]
-    await asyncio.sleep(0)
+    await settle()
     assert svc.waiting == 5
     with pytest.raises(Rejected) as e:
         await svc.admit().acquire()
@@ -215,7 +223,10 @@ async def test_a_failed_restore_with_no_fallback_backs_the_service_off() -> None
     with pytest.raises(Rejected):  # still backing off: no new attempt
         await svc.admit().acquire()
     assert fake.restores == 1
-    await asyncio.sleep(0.25)
+    await fake.clock.advance(0.19)
+    with pytest.raises(Rejected):  # a hair before the backoff ends
+        await svc.admit().acquire()
+    await fake.clock.advance(0.01)
     lease = svc.admit()
     inst, _ = await lease.acquire()
     assert inst.how == "restore" and fake.restores == 2
@@ -228,7 +239,8 @@ async def test_a_failed_restore_falls_back_to_a_cold_start_and_restores_back_off
     fake = FakeLauncher(failures=1)
     svc = service(fake, backoff=Backoff(initial=10, max=10))
     inst, _ = await svc.admit().acquire()
-    assert inst.how == "cold-start" and svc.restore_backoff.active(time.monotonic())
+    assert inst.how == "cold-start" and svc.restore_backoff.active(fake.clock.now() + 9.9)
+    assert not svc.restore_backoff.active(fake.clock.now() + 10)
 
 
 async def test_idle_instances_are_reaped_but_a_connection_at_the_deadline_keeps_one() -> None:
@@ -237,34 +249,40 @@ async def test_idle_instances_are_reaped_but_a_connection_at_the_deadline_keeps_
     lease = svc.admit()
     inst, _ = await lease.acquire()
     lease.release()
-    await asyncio.sleep(0.09)
+    await fake.clock.advance(0.099)
     again = svc.admit()
     assert (await again.acquire())[0] is inst  # just before the deadline: the same instance, kept
-    await asyncio.sleep(0.15)
+    await fake.clock.advance(10)
     assert svc.instances == [inst]  # held by an open connection: never reaped
     again.release()
-    await asyncio.sleep(0.15)
+    await fake.clock.advance(0.099)
+    assert svc.instances == [inst]  # idle since this release, not since the first one
+    await fake.clock.advance(0.001)
     assert svc.instances == [] and fake.made[0].released
 
 
 async def test_min_instances_are_kept_warm() -> None:
     fake = FakeLauncher()
     svc = service(fake, min_instances=2, max_instances=3, idle_timeout=0.05)
-    await asyncio.sleep(0.05)
+    await settle()
     assert len(svc.instances) == 2
-    await asyncio.sleep(0.1)
-    assert len(svc.instances) == 2  # idle, but min_instances
+    await fake.clock.advance(10)
+    assert len(svc.instances) == 2 and fake.restores == 2  # idle, but min_instances
 
 
 async def test_no_checkpoint_refuses_at_once_and_says_why_then_recovers() -> None:
     fake = FakeLauncher()
     cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80)
-    svc = Service(cfg, launcher=fake, metrics=Metrics().for_service("svc"), budget=Budget(10))
+    svc = Service(cfg, launcher=fake, metrics=Metrics().for_service("svc"), budget=Budget(10), clock=fake.clock)
     svc.checkpoint_failed("image 'x' is missing", retry_in=5)
     with pytest.raises(Rejected) as e:
         await svc.admit().acquire()
     assert e.value.reason == "no-checkpoint" and "image 'x' is missing" in str(e.value) and fake.restores == 0
-    assert 4 < e.value.retry_after <= 5  # a 503's Retry-After: when the next build is due
+    assert e.value.retry_after == 5  # a 503's Retry-After: when the next build is due
+    await fake.clock.advance(2)
+    with pytest.raises(Rejected) as e:
+        await svc.admit().acquire()
+    assert e.value.retry_after == 3
     svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
     inst, _ = await svc.admit().acquire()
     assert inst.how == "restore" and svc.checkpoint_problem is None
@@ -287,32 +305,35 @@ async def test_the_backoff_gauge_counts_the_wait_for_the_next_checkpoint_build()
     """Issue 17 item 4: status said "next build in 53 s" while activator_backoff_seconds read 0."""
     m = Metrics()
     cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80)
-    svc = Service(cfg, launcher=FakeLauncher(), metrics=m.for_service("svc"), budget=Budget(10))
+    fake = FakeLauncher()
+    svc = Service(cfg, launcher=fake, metrics=m.for_service("svc"), budget=Budget(10), clock=fake.clock)
     svc.checkpoint_failed("image 'x' is not in the local Docker engine", retry_in=53)
-    gauge = m.registry.get_sample_value("activator_backoff_seconds", {"service": "svc"})
-    assert gauge is not None and 50 < gauge <= 53
+    assert m.registry.get_sample_value("activator_backoff_seconds", {"service": "svc"}) == 53
+    await fake.clock.advance(3)
+    assert m.registry.get_sample_value("activator_backoff_seconds", {"service": "svc"}) == 50
     svc.set_checkpoint(FakeCheckpoint())  # type: ignore[arg-type]
     assert m.registry.get_sample_value("activator_backoff_seconds", {"service": "svc"}) == 0
 
 
 async def test_group_activation_wakes_keeps_and_reaps_together() -> None:
     """depends_on as plain service logic (issue 17 item 8; the engine version is tests/engine/test_groups.py)."""
-    fake_web, fake_db = FakeLauncher(), FakeLauncher()
+    clock = FakeClock()
+    fake_web, fake_db = FakeLauncher(clock), FakeLauncher(clock)
     web = service(fake_web, idle_timeout=0.2)
     db = service(fake_db, idle_timeout=0.05)
     web.dependencies, db.dependants = [db], [web]
     lease = web.admit()
     await lease.acquire()
-    await asyncio.sleep(0.02)
+    await settle()
     assert fake_db.restores == 1 and len(db.instances) == 1  # woken with web, without a client of its own
     lease.release()
-    await asyncio.sleep(0.12)  # db idle past its 50 ms, web within its 200 ms
+    await clock.advance(0.12)  # db idle past its 50 ms, web within its 200 ms
     assert len(db.instances) == 1 and db.held() == ["svc"]
-    await asyncio.sleep(0.25)  # web reaped: db goes with it
+    await clock.advance(0.08)  # web reaped: db goes with it, at once
     assert web.instances == [] and db.instances == [] and db.held() == []
     again = web.admit()
     await again.acquire()
-    await asyncio.sleep(0.02)
+    await settle()
     assert fake_db.restores == 2  # and woken together again
     again.release()
 
@@ -333,26 +354,23 @@ async def test_a_stateful_checkpoint_serves_one_instance_then_is_made_again() ->
     assert svc.checkpoint is first and used == []  # type: ignore[comparison-overlap]
     for lease in leases:
         lease.release()
-    t0 = time.monotonic()
-    while svc.instances and time.monotonic() - t0 < 5:  # reaped: being released (held)
-        await asyncio.sleep(0.01)
+    await launcher.clock.advance(0.05)
+    assert svc.instances == []  # reaped: being released (held)
     # A client that comes while the instance is going (before the refresh is asked for) waits, and does not keep
     # the refresh from being asked for.
     early = svc.admit()
     early_wait = asyncio.ensure_future(early.acquire())
-    await asyncio.sleep(0.05)
+    await launcher.clock.advance(10)
     assert used == [] and not early_wait.done()
     assert launcher.hold_release is not None
     launcher.hold_release.set()
-    t0 = time.monotonic()
-    while not used and time.monotonic() - t0 < 5:
-        await asyncio.sleep(0.01)
+    await settle()
     assert used == ["refresh"] and svc.instances == [] and svc.checkpoint is None
     assert not early_wait.done()
     # A connection now waits for the new checkpoint (as for a first build), then restores from it.
     lease = svc.admit()
     waiter = asyncio.ensure_future(lease.acquire())
-    await asyncio.sleep(0.1)
+    await launcher.clock.advance(10)
     assert not waiter.done() and launcher.restores == 1
     second = FakeCheckpoint(writes_volumes=("/data/db",), created=1.0)
     svc.set_checkpoint(second)  # type: ignore[arg-type]
@@ -388,9 +406,18 @@ class FakeHandoff:
     accepting: list[bool] = field(default_factory=list)  # what set() asked of the activator, in order
     half_open_timeout: float = 0.0
     address: tuple[str, int] | None = ("127.0.0.1", 1)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set() was called
 
     def set(self, instances: list[Instance], starting: int = 0) -> None:
         self.accepting.append(not starting and not any(i.handoff for i in instances))
+        self.changed.set()
+
+    async def until(self, check: Any) -> None:
+        """Until check() holds after a set(): the count runs in a thread (asyncio.to_thread), off the fake clock."""
+        while not check():
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 10)
+        await settle()
 
     def open_count(self, inst: Instance) -> tuple[int, int]:
         assert inst.sandbox.frozen, "counted while it could still take connections"
@@ -411,21 +438,18 @@ async def test_a_handed_instance_is_frozen_counted_and_killed_or_thawed_and_kept
     svc._resteer()
     lease.release()
     assert steering.accepting[-1] is False  # the app accepts: the activator does not
+    await fake.clock.advance(0.199)
+    assert steering.accepting[-1] is False and not inst.sandbox.frozen  # not idle long enough: not looked at
     # Idle by its own clock, but an app-accepted connection is open: frozen, counted, thawed and kept.
-    await until(lambda: steering.accepting[-2:] == [True, False])  # withdrawn for the count, then back
+    await fake.clock.advance(0.001)
+    await steering.until(lambda: steering.accepting[-2:] == [True, False])  # withdrawn for the count, then back
     assert inst in svc.instances and not inst.sandbox.frozen and not inst.withdrawn
     # None open: killed frozen (a frozen app cannot act on a signal), never asked to stop.
     steering.open = 0
     sandbox = fake.made[0]
-    await until(lambda: not svc.instances and sandbox.released)
-    assert sandbox.asked_to_stop == 0 and steering.accepting[-1] is True
-
-
-async def until(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
+    await fake.clock.advance(0.2)
+    await steering.until(lambda: not svc.instances)
+    assert sandbox.released and sandbox.asked_to_stop == 0 and steering.accepting[-1] is True
 
 
 async def test_an_app_busy_by_cpu_is_kept_until_a_quiet_window() -> None:
@@ -439,11 +463,13 @@ async def test_an_app_busy_by_cpu_is_kept_until_a_quiet_window() -> None:
     for _ in range(3):  # 0.05 s of CPU per 0.1 s window: 50% of a CPU, busy
         assert sb.cpu is not None
         sb.cpu += 0.05
-        await asyncio.sleep(0.1)
+        await fake.clock.advance(0.1)
         assert svc.instances == [inst]
-    await asyncio.sleep(0.25)  # a quiet window: reaped
+    await fake.clock.advance(0.099)
+    assert svc.instances == [inst]
+    await fake.clock.advance(0.001)  # a whole quiet window: reaped
     assert svc.instances == [] and sb.released
-    assert svc.m.idle_cpu_busy._value.get() >= 2
+    assert svc.m.idle_cpu_busy._value.get() == 3
 
 
 async def test_without_a_cgroup_to_ask_cpu_does_not_keep_an_instance() -> None:
@@ -453,20 +479,20 @@ async def test_without_a_cgroup_to_ask_cpu_does_not_keep_an_instance() -> None:
     await lease.acquire()
     fake.made[0].cpu = None
     lease.release()
-    await asyncio.sleep(0.15)
-    assert svc.instances == []
+    await fake.clock.advance(0.05)
+    assert svc.instances == [] and svc.m.idle_cpu_busy._value.get() == 0
 
 
 async def test_a_schedule_window_keeps_one_warm_and_its_end_lets_it_go() -> None:
     fake = FakeLauncher()
     svc = service(fake, idle_timeout=0.05)
     svc.keep_warm(True)
-    await asyncio.sleep(0.05)
+    await settle()
     assert len(svc.instances) == 1 and svc.kept_warm  # started ahead of any client
-    await asyncio.sleep(0.1)
+    await fake.clock.advance(10)
     assert len(svc.instances) == 1  # idle, but kept
     svc.keep_warm(False)
-    await asyncio.sleep(0.1)
+    await fake.clock.advance(0)  # idle for longer than idle_timeout already: it goes at once
     assert svc.instances == [] and fake.made[0].released
 
 
@@ -476,6 +502,6 @@ async def test_pre_stop_that_cannot_connect_is_counted_and_the_stop_goes_on() ->
     lease = svc.admit()
     await lease.acquire()
     lease.release()
-    await asyncio.sleep(0.2)
+    await fake.clock.advance(0.05)
     assert svc.instances == [] and fake.made[0].released and fake.made[0].asked_to_stop
     assert svc.m.pre_stop["failed"]._value.get() == 1
