@@ -459,8 +459,8 @@ def _checkpoint_build(cfg: Config, args: argparse.Namespace, name: str) -> int:
                     await asyncio.to_thread(builder.network.open)
                 ck, source = await builder.ensure(svc, rebuild=args.rebuild)
             builder.store.sweep_retired(svc.name)  # no daemon holds the lock, so no instance uses the old one
-            if source == "built" and builder.shares(svc):
-                pushed = await builder.push(svc)
+            if source == "built" and builder.exchange.shares(svc):
+                pushed = await builder.exchange.push(svc)
         finally:
             if builder is not None and builder.network is not None:
                 await asyncio.to_thread(builder.network.close)  # undoes only what open() made, if it ran
@@ -517,22 +517,23 @@ def _checkpoint_transfer(cfg: Config, args: argparse.Namespace, verb: str, what:
         state = StateDir.of(cfg)
         try:
             builder = open_host(state, cfg).builder
+            exchange = builder.exchange
             if verb == "export":
-                with_key = key or builder.sign_key
-                doc = await builder.export(svc, Path(target), with_key)
+                with_key = key or exchange.sign_key
+                doc = await exchange.export(svc, Path(target), with_key)
                 return {"path": target, "size": doc.size, "digest": doc.digest,
                         "signed": f"signed by {signing.key_id(with_key.public_key())}" if with_key else ""}
             if verb == "push":
-                return {"ref": await builder.push(svc)}
+                return {"ref": await exchange.push(svc)}
             if verb == "import":
-                ck = await builder.import_archive(Path(target), svc, rename=bool(args.service))
+                ck = await exchange.import_archive(Path(target), svc, rename=bool(args.service))
                 # no daemon runs, so no instance has the one it replaced mounted: gone now, not at the next start
                 await asyncio.to_thread(builder.store.sweep_retired, svc.name)
                 return {"dir": str(ck.dir), "pages_bytes": ck.pages_bytes}
             wanted, image, _ = await builder.wanted(svc)
-            pulled = await builder.pull(svc, wanted, image)
+            pulled = await exchange.pull(svc, wanted, image)
             assert pulled is not None  # not quiet: an absent one is an error
-            return {"dir": str(pulled.dir), "ref": builder.registry_ref(svc, wanted)}
+            return {"dir": str(pulled.dir), "ref": exchange.registry_ref(svc, wanted)}
         finally:
             state.unlock()
 

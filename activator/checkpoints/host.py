@@ -63,8 +63,8 @@ def open_host(state: StateDir, config: Config) -> Host:
     builder = CheckpointBuilder(CheckpointStore(state), images, runc, state.instances, criu_version, runc_version,
                                 host_network(config))
     if config.settings.checkpoint_registry is not None:
-        builder.registry = Registry(config.settings.checkpoint_registry)
-    builder.trust, builder.sign_key = load_trust(config)
+        builder.exchange.registry = Registry(config.settings.checkpoint_registry)
+    builder.exchange.trust, builder.exchange.sign_key = load_trust(config)
     return Host(runc, builder)
 
 

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from activator.checkpoints.builder import CheckpointBuilder
+from activator.checkpoints.exchange import CheckpointExchange
 from activator.config.service import ServiceConfig
 from activator.errors import ActivatorError
 from activator.tasks import spawn
@@ -48,13 +48,13 @@ class Builds:
     def share(self, svc: ServiceConfig) -> None:
         """A checkpoint built here goes to the checkpoint registry, in the background (serving does not wait)."""
         assert self.fleet.host is not None
-        builder = self.fleet.host.builder
-        if not builder.shares(svc):
+        exchange = self.fleet.host.builder.exchange
+        if not exchange.shares(svc):
             return
 
         async def push() -> None:
             try:
-                await builder.push(svc)
+                await exchange.push(svc)
             except ActivatorError as e:
                 log.warning("service=%s pushing its checkpoint failed: %s (other hosts build their own)", svc.name, e)
 
@@ -69,19 +69,19 @@ class Builds:
         assert self.fleet.host is not None
         image = await asyncio.to_thread(ociarchive.read, Path(path))
         svc = transfer.service_of(image, self.fleet.config, name or None)
-        ck = await self.fleet.host.builder.import_archive(Path(path), svc, rename=bool(name))
+        ck = await self.fleet.host.builder.exchange.import_archive(Path(path), svc, rename=bool(name))
         self.fleet.use(svc, ck)
         return {"service": svc.name, "dir": str(ck.dir), "pages_bytes": ck.pages_bytes, "digest": image.digest}
 
     async def pull(self, name: str = "") -> dict[str, Any]:
         """Pull the checkpoint this host would build from the registry, install it and use it."""
         svc = self.fleet.config.service(name)
-        builder = self._with_registry()
-        wanted, image, _ = await builder.wanted(svc)
-        ck = await builder.pull(svc, wanted, image)
+        exchange = self._with_registry()
+        wanted, image, _ = await exchange.builds.wanted(svc)
+        ck = await exchange.pull(svc, wanted, image)
         assert ck is not None  # not quiet: an absent one is an error
         self.fleet.use(svc, ck)
-        return {"service": svc.name, "dir": str(ck.dir), "ref": builder.registry_ref(svc, wanted)}
+        return {"service": svc.name, "dir": str(ck.dir), "ref": exchange.registry_ref(svc, wanted)}
 
     async def push(self, name: str = "") -> dict[str, Any]:
         svc = self.fleet.config.service(name)
@@ -94,16 +94,16 @@ class Builds:
         assert self.fleet.host is not None
         from activator.checkpoints import signing
 
-        key = self.fleet.host.builder.sign_key
-        doc = await self.fleet.host.builder.export(svc, Path(path), key)
+        key = self.fleet.host.builder.exchange.sign_key
+        doc = await self.fleet.host.builder.exchange.export(svc, Path(path), key)
         return {"service": svc.name, "path": path, "size": doc.size, "digest": doc.digest,
                 "signed": f"signed by {signing.key_id(key.public_key())}" if key is not None else ""}
 
-    def _with_registry(self) -> CheckpointBuilder:
+    def _with_registry(self) -> CheckpointExchange:
         assert self.fleet.host is not None
-        if self.fleet.host.builder.registry is None:
+        if self.fleet.host.builder.exchange.registry is None:
             raise ActivatorError(f"{self.fleet.config.path}: settings.checkpoint_registry is not set")
-        return self.fleet.host.builder
+        return self.fleet.host.builder.exchange
 
     async def rebuild(self, name: str = "") -> dict[str, Any]:
         """Build a fresh checkpoint for one service and switch new instances to it; running ones carry on."""

@@ -79,7 +79,7 @@ class Reloader:
                 await asyncio.wait([pending])
         fleet.config = new
         if trust is not None and fleet.host is not None:
-            fleet.host.builder.trust, fleet.host.builder.sign_key = trust
+            fleet.host.builder.exchange.trust, fleet.host.builder.exchange.sign_key = trust
         for svc in p.removed:
             old = fleet.services.pop(svc.name)
             fleet.unlisten(svc.name)

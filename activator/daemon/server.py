@@ -202,7 +202,7 @@ class Activator:
         for note in fleet.config.notes:
             log.info("%s: %s", fleet.config.path, note)
         host = fleet.host = open_host(fleet.state, fleet.config)
-        host.builder.on_transfer = lambda *labels: fleet.metrics.checkpoint_transfers.labels(*labels).inc()
+        host.builder.exchange.on_transfer = lambda *labels: fleet.metrics.checkpoint_transfers.labels(*labels).inc()
         if (parent := cgroups.use_unit_cgroup()) is not None:
             log.info("instance cgroups under this unit's own: /%s", parent)
         self._locked = True

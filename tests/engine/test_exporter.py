@@ -67,9 +67,9 @@ async def test_a_moved_image_reference_marks_the_checkpoint_outdated(start, movi
 
 
 async def test_a_slow_template_says_it_is_still_waiting(start, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
-    from activator.checkpoints import builder
+    from activator.checkpoints import template
 
-    monkeypatch.setattr(builder, "PROGRESS_EVERY", 0.3)
+    monkeypatch.setattr(template, "PROGRESS_EVERY", 0.3)
     caplog.set_level(logging.INFO, logger="activator")
     slow = ECHO | {"command": ["sh", "-c", "sleep 1.2; exec echo-server 9000"]}
     run = await start({"slow": slow})

@@ -112,7 +112,8 @@ def test_the_runtime_path_never_reaches_the_builder_or_the_lifecycle() -> None:
     for module in ("daemon.proxy", "daemon.service", "checkpoints.instance", "runtime.sandbox", "checkpoints.store",
                    "core.capacity"):
         deps = reachable(module, g)
-        assert not deps & {"checkpoints.builder", "daemon.server", "checkpoints.images"}, (module, deps)
+        assert not deps & {"checkpoints.builder", "checkpoints.exchange", "checkpoints.template", "daemon.server",
+                           "checkpoints.images"}, (module, deps)
 
 
 def test_one_shot_commands_do_not_import_the_lifecycle() -> None:
