@@ -47,10 +47,12 @@ from typing import Any, Protocol
 from activator.checkpoints.instance import Instance
 from activator.checkpoints.store import Checkpoint, CheckpointStore
 from activator.config.model import ServiceConfig, signal_number
-from activator.core import capacity, pool
+from activator.core import admission, capacity, pool, reaping, scaling
+from activator.core.admission import RejectionTally
 from activator.core.capacity import Budget, FailureBackoff
 from activator.core.clock import Clock, Timer
-from activator.core.pool import Idle, Pick
+from activator.core.pool import Pick, SingleUse
+from activator.core.reaping import Idle
 from activator.errors import ActivatorError, Rejected, RestoreError, StartError
 from activator.net.network import Attachment
 from activator.runtime.readiness import Connect, http_ok
@@ -62,10 +64,6 @@ from .metrics import ServiceMetrics
 
 log = logging.getLogger("activator.service")
 
-#: rejected connections are logged as a count at most this often per service (each is counted in metrics)
-REJECT_LOG_INTERVAL = 10.0
-#: after an instance leaves the rule, how long before its connections are counted (see _retire)
-WITHDRAW_SETTLE = 0.05
 
 
 class Steering(Protocol):
@@ -233,20 +231,16 @@ class Service:
         self._closed = False
         # A stateful checkpoint (core.pool.stateful) serves one instance: from its start on, new starts wait for
         # the checkpoint made again once that instance is gone (used_up asks the lifecycle owner for it).
-        self._stateful = False
-        self._consumed: Checkpoint | None = None
-        self._consuming = False  # the start that used it up is under way
+        self._single: SingleUse[Checkpoint] = SingleUse()
         self.used_up: Callable[[], None] | None = None
         self.stopped = False  # `activator stop`: refuses connections and keeps no instance until `activator start`
         # depends_on, as services (the lifecycle owner links them): dependencies are woken when this one starts an
         # instance, and keep their last instance while a dependant has one.
         self.dependencies: list[Service] = []
         self.dependants: list[Service] = []
-        self._rejections: dict[str, int] = {}
+        self._rejections = RejectionTally()
         self._rejections_timer: Timer | None = None
-        self._latest_rejection = ""
         self._kernel_rejected = self._kernel_steered = self._kernel_amplified = 0
-        self._rejections_logged = -REJECT_LOG_INTERVAL
         # Remaining backoff shrinks with time, and kernel-path connections change without us: both are computed
         # at scrape time, not when last touched.
         self.m.open_connections.set_function(lambda: self.open_connections + self.kernel_connections)
@@ -264,7 +258,7 @@ class Service:
         if self._checkpoint.done():
             self._checkpoint = asyncio.get_running_loop().create_future()
         self._checkpoint.set_result(checkpoint)
-        self._stateful = pool.stateful(self.config.stateful, bool(checkpoint.writes_volumes))
+        self._single.stateful = pool.stateful(self.config.stateful, bool(checkpoint.writes_volumes))
         self.m.checkpoint_pages_bytes.set(checkpoint.pages_bytes)
         self.m.checkpoint_created.set(checkpoint.created)
         self.m.checkpoint_outdated.set(0)
@@ -289,14 +283,12 @@ class Service:
 
     @property
     def max_instances(self) -> int:
-        return 1 if self._stateful else self.config.max_instances
+        return scaling.max_instances(configured=self.config.max_instances, stateful=self._single.stateful)
 
     def _consume(self, checkpoint: Checkpoint) -> bool:
         """A stateful checkpoint is used up by the instance about to start from it (True: this start's)."""
-        if not self._stateful or self._consumed is not None:
+        if not self._single.consume(checkpoint):
             return False
-        self._consumed = checkpoint
-        self._consuming = True
         if self._checkpoint.done() and not self._checkpoint.cancelled() and self._checkpoint.result() is checkpoint:
             self._checkpoint = asyncio.get_running_loop().create_future()
         return True
@@ -304,9 +296,8 @@ class Service:
     def _refresh_if_used_up(self) -> None:
         """Once nothing runs from a used-up checkpoint any more, have it made again (from the volumes as they are
         now); connections meanwhile wait for it, as for a first build (starts for them wait in _start)."""
-        if self._consumed is None or self._consuming or self.instances or self._releasing or self._closed:
+        if not self._single.refresh_due(running=bool(self.instances or self._releasing), closed=self._closed):
             return
-        self._consumed = None
         if self.used_up is not None:
             self.used_up()
 
@@ -342,21 +333,15 @@ class Service:
         """The one new instances start from (a stateful one while its single instance runs from it)."""
         if self._checkpoint.done() and not self._checkpoint.cancelled() and not self._checkpoint.exception():
             return self._checkpoint.result()
-        return self._consumed
+        return self._single.consumed
 
     # --- connections ---------------------------------------------------------------------------------------
 
     def refusal(self) -> Rejected | None:
         """Why a new connection would be refused now, before any budget is asked (None: it would not be)."""
-        if self._closed:
-            return Rejected("shutting-down", f"service '{self.name}' is shutting down")
-        if self.stopped:
-            return Rejected("stopped", f"service '{self.name}' is stopped (`activator start {self.name}` serves "
-                                       "it again)")
-        limit = self.config.max_connections
-        if limit is not None and self.open_connections + self.kernel_connections >= limit:
-            return Rejected("max-connections", f"service '{self.name}' has {limit} open connections")
-        return None
+        return admission.refusal(self.name, closed=self._closed, stopped=self.stopped,
+                                 max_connections=self.config.max_connections,
+                                 open_connections=self.open_connections + self.kernel_connections)
 
     def admit(self) -> Lease:
         """Count a new client connection in, or raise Rejected (counted by the caller through reject())."""
@@ -395,11 +380,9 @@ class Service:
     def needs_wake(self) -> bool:
         """Would a connection arriving now make the service start an instance (or wait for one)?"""
         best = capacity.least_loaded(self.instances)
-        if best is None:
-            return True
-        if best.connections < self.config.target_connections:
-            return False
-        return len(self.instances) + len(self._starts) < self.max_instances
+        return scaling.needs_wake(None if best is None else best.connections, target=self.config.target_connections,
+                                  ready=len(self.instances), starting=len(self._starts),
+                                  max_instances=self.max_instances)
 
     async def _acquire(self) -> tuple[Instance, bool]:
         target = self.config.target_connections
@@ -418,9 +401,9 @@ class Service:
                 if pick is Pick.REFUSE:
                     raise self._why_no_instance()
                 if not queued:
-                    if self.waiting >= self.config.max_waiting:
-                        raise Rejected("queue-full", f"service '{self.name}' already has {self.waiting} "
-                                                     "connections waiting (max_waiting)")
+                    if (full := admission.queue_full(self.name, waiting=self.waiting,
+                                                     max_waiting=self.config.max_waiting)) is not None:
+                        raise full
                     queued = True
                     self.waiting += 1
                     self.m.waiting.set(self.waiting)
@@ -478,14 +461,9 @@ class Service:
         return None
 
     def _why_no_instance(self) -> Rejected:
-        now = self.clock.now()
-        if self.checkpoint is None and self.checkpoint_problem is not None:
-            wait = max(0.0, self.checkpoint_retry_at - now)
-            return Rejected("no-checkpoint", f"service '{self.name}' is not serving: no checkpoint "
-                                             f"({self.checkpoint_problem}); next build attempt in {wait:.1f}s", wait)
-        wait = self.start_backoff.remaining(now)
-        return Rejected("backoff", f"service '{self.name}' has no instance and is backing off for {wait:.1f}s "
-                                   "after failed starts", wait)
+        return admission.no_instance(self.name, checkpoint_problem=self.checkpoint_problem,
+                                     has_checkpoint=self.checkpoint is not None, retry_at=self.checkpoint_retry_at,
+                                     backoff_until=self.start_backoff.until, now=self.clock.now())
 
     def _proved(self, inst: Instance) -> None:
         """The instance's app accepted its first connection: the start really worked."""
@@ -495,19 +473,19 @@ class Service:
         inst.spliced -= 1
         if inst.stopping:
             return
-        if inst.spliced == 0:
+        then = reaping.released(spliced=inst.spliced, connections=inst.connections,
+                                target=self.config.target_connections)
+        if then.arm_idle:
             inst.idle_since = self.clock.now()
             self._arm_idle(inst, self.config.idle_timeout)
-        if inst.connections == self.config.target_connections - 1:
-            self._notify()  # room below target again: a waiter may take it instead of waiting for a start
+        if then.room:
+            self._notify()
 
     def _backoff_seconds(self) -> float:
         """Until an instance may be attempted: after failed starts, or (no checkpoint) until the next build."""
-        now = self.clock.now()
-        wait = self.start_backoff.remaining(now)
-        if self.checkpoint is None and self.checkpoint_problem is not None:
-            wait = max(wait, self.checkpoint_retry_at - now)
-        return max(0.0, wait)
+        return admission.backoff_seconds(
+            checkpoint_problem=self.checkpoint is None and self.checkpoint_problem is not None,
+            retry_at=self.checkpoint_retry_at, backoff_until=self.start_backoff.until, now=self.clock.now())
 
     def reject(self, why: Rejected) -> None:
         """Count a connection closed by admission control; log the tally, but not once per connection."""
@@ -515,28 +493,20 @@ class Service:
         self._tally(why.reason, 1, str(why))
 
     def _tally(self, reason: str, n: int, latest: str) -> None:
-        """At most one log line per REJECT_LOG_INTERVAL, and every rejection in one: what comes after a line is
-        logged when the interval ends, not lost if nothing else comes."""
-        self._rejections[reason] = self._rejections.get(reason, 0) + n
-        self._latest_rejection = latest
-        now = self.clock.now()
-        if now - self._rejections_logged >= REJECT_LOG_INTERVAL:
+        """At most one log line per interval (core.admission.RejectionTally)."""
+        due = self._rejections.add(reason, n, latest, self.clock.now())
+        if not due:
             self._log_rejections()
         elif self._rejections_timer is None:
-            self._rejections_timer = self.clock.call_later(
-                self._rejections_logged + REJECT_LOG_INTERVAL - now, self._log_rejections)
+            self._rejections_timer = self.clock.call_later(due, self._log_rejections)
 
     def _log_rejections(self) -> None:
         if self._rejections_timer is not None:
             self._rejections_timer.cancel()
             self._rejections_timer = None
-        if not self._rejections:
-            return
-        tally = ", ".join(f"{n} {reason}" for reason, n in sorted(self._rejections.items()))
-        log.warning("service=%s connections closed by admission control: %s (latest: %s)", self.name, tally,
-                    self._latest_rejection)
-        self._rejections.clear()
-        self._rejections_logged = self.clock.now()
+        line = self._rejections.line(self.clock.now())
+        if line is not None:
+            log.warning("service=%s connections closed by admission control: %s", self.name, line)
 
     # --- the kernel path ------------------------------------------------------------------------------------
 
@@ -654,28 +624,28 @@ class Service:
         self._changed = asyncio.Event()
 
     def _scale(self, extra: int) -> None:
-        now = self.clock.now()
-        if self._closed or self.stopped or self.start_backoff.active(now) or self.checkpoint_problem is not None:
-            return
-        demand = sum(i.connections for i in self.instances) + self.waiting + extra
-        n = capacity.starts_needed(demand=demand, ready=len(self.instances), starting=len(self._starts),
-                                   target=self.config.target_connections, max_instances=self.max_instances)
+        allowed = scaling.may_start(closed=self._closed, stopped=self.stopped,
+                                    backing_off=self.start_backoff.active(self.clock.now()),
+                                    checkpoint_problem=self.checkpoint_problem is not None)
+        n = scaling.scale_out(allowed=allowed, demand=sum(i.connections for i in self.instances) + self.waiting + extra,
+                              ready=len(self.instances), starting=len(self._starts),
+                              target=self.config.target_connections, max_instances=self.max_instances)
         for _ in range(n):
             self._spawn_start()
 
     def _replenish(self) -> None:
         """Keep min_instances warm (after the checkpoint is set, after failures once backoff allows)."""
         self._replenish_timer = None
-        if self._closed or self.stopped or self.checkpoint is None:
-            return
-        if self.start_backoff.active(self.clock.now()):
-            self._schedule_replenish(self.start_backoff.remaining(self.clock.now()))
-            return
-        for _ in range(self.floor - len(self.instances) - len(self._starts)):
+        plan = scaling.replenish(serving=not (self._closed or self.stopped or self.checkpoint is None),
+                                 backoff_remaining=self.start_backoff.remaining(self.clock.now()), floor=self.floor,
+                                 ready=len(self.instances), starting=len(self._starts))
+        if plan.retry_in is not None:
+            self._schedule_replenish(plan.retry_in)
+        for _ in range(plan.starts):
             self._spawn_start()
 
     def _schedule_replenish(self, delay: float) -> None:
-        if self.floor and self._replenish_timer is None and not self._closed:
+        if scaling.retry_armed(floor=self.floor, armed=self._replenish_timer is not None, closed=self._closed):
             self._replenish_timer = self.clock.call_later(delay, self._replenish)
 
     def _spawn_start(self) -> None:
@@ -761,14 +731,12 @@ class Service:
         """CPU per second its processes used since its idle timer was armed (idle_cpu_below), or None."""
         if self.config.idle_cpu_below is None or inst.cpu_mark is None:
             return None
-        cpu = inst.sandbox.cpu_seconds()
-        since, before = inst.cpu_mark
-        return None if cpu is None or now <= since else max(0.0, cpu - before) / (now - since)
+        return reaping.cpu_share(inst.cpu_mark, inst.sandbox.cpu_seconds(), now)
 
     @property
     def floor(self) -> int:
         """Instances kept even when idle: min_instances, and one during a keep_alive_schedule window."""
-        return max(self.config.min_instances, 1 if self.kept_warm else 0)
+        return scaling.floor(min_instances=self.config.min_instances, kept_warm=self.kept_warm)
 
     def keep_warm(self, on: bool) -> None:
         """A keep_alive_schedule window began (an instance is started ahead of any client) or ended (idle ones
@@ -783,14 +751,15 @@ class Service:
             self._replenish()
             return
         for inst in list(self.instances):
-            if inst.idle_timer is None and not (inst.spliced or inst.stopping or inst.withdrawn):
+            if inst.idle_timer is None and reaping.looked_at_again(spliced=inst.spliced, stopping=inst.stopping,
+                                                                   withdrawn=inst.withdrawn):
                 self._arm_idle(inst, 0)
 
     def _idle_check(self, inst: Instance) -> None:
         inst.idle_timer = None
         now = self.clock.now()
-        verdict = pool.idle_check(
-            pool.InstanceView(stopping=inst.stopping, spliced=inst.spliced, withdrawn=inst.withdrawn,
+        verdict = reaping.idle_check(
+            reaping.InstanceView(stopping=inst.stopping, spliced=inst.spliced, withdrawn=inst.withdrawn,
                               kernel=inst.kernel, idle_since=inst.idle_since,
                               steerable=inst.handoff or inst.sandbox.attachment is not None,
                               cpu_share=self._cpu_share(inst, now)),
@@ -830,17 +799,17 @@ class Service:
         # A SYN DNATed just before the rule changed may not have its conntrack entry confirmed yet (a dump shows
         # confirmed ones only): let it settle, or that client's SYN would meet a dead instance and be retried a
         # second later.
-        await self.clock.sleep(WITHDRAW_SETTLE)
-        deadline = self.clock.now() + steering.half_open_timeout + 1
+        await self.clock.sleep(reaping.WITHDRAW_SETTLE)
+        deadline = reaping.retire_deadline(self.clock.now(), steering.half_open_timeout)
         while True:
             still_open, half_open = await asyncio.to_thread(steering.open_count, inst)
             if inst.stopping:
                 return
-            reap = pool.retired(still_open=still_open, half_open=half_open, spliced=inst.spliced,
+            reap = reaping.retired(still_open=still_open, half_open=half_open, spliced=inst.spliced,
                                 past_deadline=self.clock.now() > deadline)
             if reap is not None:
                 break
-            await self.clock.sleep(0.05)
+            await self.clock.sleep(reaping.RECOUNT_EVERY)
         if not reap:
             self._put_back(inst, still_open)
             return
@@ -952,7 +921,7 @@ class Service:
         try:
             return await self._start_from(checkpoint)
         finally:
-            self._consuming = False  # its instance is in self.instances now, or there is none
+            self._single.consuming = False  # its instance is in self.instances now, or there is none
 
     async def _start_from(self, checkpoint: Checkpoint) -> Instance:
         if self.restore_backoff.active(self.clock.now()):
@@ -1069,7 +1038,7 @@ class Service:
         self.restore_backoff.policy = self.start_backoff.policy = config.backoff
         if not self._closed:
             for inst in list(self.instances):
-                if not (inst.spliced or inst.stopping or inst.withdrawn):
+                if reaping.looked_at_again(spliced=inst.spliced, stopping=inst.stopping, withdrawn=inst.withdrawn):
                     self._arm_idle(inst, 0)
             if not self.stopped:
                 if config.standby != old.standby:

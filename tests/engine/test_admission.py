@@ -16,9 +16,9 @@ pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
 
 
 async def test_bounded_queue_rejects_the_rest_at_once(start, tmp_path, caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from activator.daemon import service as service_module
+    from activator.core import admission
 
-    monkeypatch.setattr(service_module, "REJECT_LOG_INTERVAL", 1.0)
+    monkeypatch.setattr(admission, "REJECT_LOG_INTERVAL", 1.0)
     tools, _ = faulty_restore(tmp_path, restore_delay=2)
     run = await start({"echo": ECHO | {"max_waiting": 5}}, **tools)
     port = run.port("echo")
