@@ -50,7 +50,8 @@ from activator.errors import Rejected
 from activator.runtime import readiness
 from activator.tasks import spawn
 
-from .service import Lease, Service
+from .lease import Lease
+from .service import Service
 
 log = logging.getLogger("activator.proxy")
 

@@ -40,7 +40,8 @@ from activator.errors import Rejected
 from activator.net.network import UNANSWERED_TIMEOUT, forget_udp_flow
 from activator.tasks import spawn
 
-from .service import Lease, Service
+from .lease import Lease
+from .service import Service
 
 log = logging.getLogger("activator")
 

@@ -17,8 +17,9 @@ import pytest
 from activator.checkpoints.instance import Instance
 from activator.config.model import Backoff, ListenAddress, PreStop, ServiceConfig
 from activator.core.capacity import Budget
+from activator.daemon.contracts import Launcher, ServiceSandbox, Steering
 from activator.daemon.metrics import Metrics
-from activator.daemon.service import Launcher, Service, ServiceSandbox, Steering
+from activator.daemon.service import Service
 from activator.errors import Rejected, RestoreError
 from activator.net.network import Attachment
 from activator.runtime.readiness import Connect
