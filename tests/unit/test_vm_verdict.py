@@ -68,3 +68,13 @@ def test_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "junit.xml").write_bytes(report(case("tests.engine.test_standby", "test_a")))
     assert verdict.main_args([str(tmp_path / "junit.xml"), str(sel)]) == 0
     assert verdict.main_args([str(tmp_path / "missing.xml"), str(sel)]) == 1
+
+
+def test_a_report_that_is_a_link_is_not_followed(tmp_path: Path) -> None:
+    sel = tmp_path / "sel.txt"
+    sel.write_text(SELECTION)
+    good = tmp_path / "elsewhere.xml"  # a host file that would pass, reached through a link the guest made
+    good.write_bytes(report(case("tests.engine.test_standby", "test_a")))
+    (tmp_path / "junit.xml").symlink_to(good)
+    assert verdict.main_args([str(tmp_path / "junit.xml"), str(sel)]) == 1
+    assert verdict.main_args([str(good), str(sel)]) == 0
