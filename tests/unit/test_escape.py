@@ -9,7 +9,8 @@ import logging
 
 import pytest
 
-from activator.cli import _Escaped, _TerminalSafe
+from activator.cli.logformat import Escaped
+from activator.cli.render import TerminalSafe
 from activator.errors import ActivatorError, escape, one_line, terminal_safe
 
 ORDINARY = "web-1: 200 OK, café naïve 東京 — ünïcödé; tab\there"
@@ -44,7 +45,7 @@ def test_an_apps_bytes_raw_c1_and_utf8_c1_are_escaped() -> None:
 
 def test_a_character_split_between_writes_is_kept_whole() -> None:
     raw = io.BytesIO()
-    out = _TerminalSafe(raw)
+    out = TerminalSafe(raw)
     data = "é\x1b[2J\n".encode()
     out.write(data[:1])
     out.write(data[1:])
@@ -55,7 +56,7 @@ def test_a_character_split_between_writes_is_kept_whole() -> None:
 def test_log_lines_are_escaped() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.addFilter(_Escaped())
+    handler.addFilter(Escaped())
     handler.setFormatter(logging.Formatter("%(message)s"))
     log = logging.getLogger("test-escape")
     log.addHandler(handler)
