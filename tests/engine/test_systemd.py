@@ -160,13 +160,23 @@ def test_instances_live_in_the_units_cgroup(tmp_path: Path) -> None:
             assert echo_once(port, b"in the unit") == b"in the unit"
             log = (tmp_path / "activator.log").read_text()
             assert f"instance cgroups under this unit's own: /{unit}/instances" in log
-            mine = [p for p in (root / "systemd" / unit / "instances").iterdir() if p.is_dir()]
+            # v1: systemd's own hierarchy names the unit; v2: the one hierarchy, where the daemon itself must
+            # have left the unit's cgroup for a leaf ("no internal processes") before instances went below it
+            top = root if cgroups.unified() else root / "systemd"
+            mine = [p for p in (top / unit / "instances").iterdir() if p.is_dir()]
             assert mine and any((p / "cgroup.procs").read_text().split() for p in mine)  # the app runs in there
-            assert not [p for p in root.glob("*/activator/*") if p.name in {m.name for m in mine}]
+            legacy = [root / "activator"] if cgroups.unified() else list(root.glob("*/activator"))
+            assert not [p for d in legacy if d.is_dir() for p in d.iterdir() if p.name in {m.name for m in mine}]
+            if cgroups.unified():
+                assert (root / unit / "cgroup.procs").read_text().split() == []
+                assert str(proc.pid) in (root / unit / cgroups.DAEMON_LEAF / "cgroup.procs").read_text().split()
+                on = (root / unit / "cgroup.subtree_control").read_text().split()
+                assert {"memory", "pids"} <= set(on), on
+                assert any((p / "memory.current").exists() for p in mine)
             assert stop(proc) == 0
         assert not [p for h in hierarchies for p in (h / unit / "instances").glob("*") if p.is_dir()]
     finally:
         for h in hierarchies:
-            for d in (h / unit / "instances", h / unit, h / "test.slice"):
+            for d in (h / unit / "instances", h / unit / cgroups.DAEMON_LEAF, h / unit, h / "test.slice"):
                 with contextlib.suppress(OSError):
                     d.rmdir()
