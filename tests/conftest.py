@@ -29,6 +29,10 @@ import yaml
 from activator.config.model import Config, load_config
 from activator.daemon.server import Activator
 
+#: How much slower than this host the machine is: the v2 VM under QEMU's emulation (scripts/vm) sets ~10. Tests whose
+#: behaviour depends on a timeout being long enough for the test's own steps (an idle_timeout the test must beat)
+#: scale it by this; nothing else does.
+SLOW = float(os.environ.get("ACTIVATOR_TEST_SLOW", "1"))
 BUSYBOX = "activator-demo/busybox:latest"
 ECHO = {"image": BUSYBOX, "command": ["echo-server", "9000"], "port": 9000}
 HTTPD = {"image": BUSYBOX, "command": ["httpd", "-f", "-p", "8080", "-h", "/www"], "port": 8080}

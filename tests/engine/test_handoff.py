@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from tests.conftest import ECHO, HTTPD, echo, eventually, host_resources, http_get, loadgen, open_echo
+from tests.conftest import ECHO, HTTPD, SLOW, echo, eventually, host_resources, http_get, loadgen, open_echo
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
 
@@ -22,7 +22,8 @@ def fails(result: dict[str, object]) -> dict[str, object]:
 
 
 async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost(start) -> None:  # type: ignore[no-untyped-def]
-    run = await start({"echo": ECHO | {"handoff": True, "idle_timeout": "1s", "max_instances": 3,
+    # idle_timeout must outlast the steps between the wake and the warm load (on an emulated machine, SLOW)
+    run = await start({"echo": ECHO | {"handoff": True, "idle_timeout": f"{SLOW:g}s", "max_instances": 3,
                                        "target_connections": 4}})
     svc = run.act.services["echo"]
     port = run.port("echo")
@@ -50,7 +51,7 @@ async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost
     await eventually(lambda: sum(i.kernel for i in svc.instances) == 12, timeout=5,
                      what="the 12 connections counted on the instances that took them")
     holding = {i.name for i in svc.instances if i.kernel}
-    await asyncio.sleep(1.5)  # past idle_timeout
+    await asyncio.sleep(1.5 * SLOW)  # past idle_timeout
     assert holding <= {i.name for i in svc.instances}, "an instance with open connections was reaped"
     result = await loadgen(port, "--connections", "1000", "--concurrency", "100", "--fin-every", "2")
     assert result["ok"] == 1000, fails(result)
