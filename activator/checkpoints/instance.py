@@ -19,7 +19,6 @@ from typing import Any, Protocol
 
 from activator.config.model import ServiceConfig
 from activator.core import pool
-from activator.core.clock import Timer
 from activator.errors import RestoreError, StartError
 from activator.net.network import HostNetwork
 from activator.runtime import readiness, volumes
@@ -80,17 +79,8 @@ class Instance:
     served: int = 0  # connections handed to it through the activator
     kernel_served: int = 0  # connections the kernel steered to it that completed their handshake
     established: int = 0  # connections its app accepted (either path)
-    idle_since: float = field(default_factory=time.monotonic)
-    idle_timer: Timer | None = None
-    # (monotonic time, its CPU seconds) when the idle timer was last armed: idle_cpu_below's window starts there
-    cpu_mark: tuple[float, float] | None = None
     stopping: bool = False
     withdrawn: bool = False  # out of the kernel's steering rule (being checked before a reap)
-    kernel_packets: int = 0  # the last sample's counters, to tell activity and count bytes
-    kernel_bytes_in: int = 0
-    kernel_bytes_out: int = 0
-    kernel_served_seen: int = 0  # the last sample's per-instance connection counter
-    pidfd: int | None = None  # the app's pidfd while it is watched (service.py)
     phases: StartPhases = field(default_factory=StartPhases)
     # A standby's connection to its own app, made while it was frozen (the kernel completes the handshake for a
     # listening socket): the first connection after the thaw takes it instead of connecting (claim_connection).
@@ -308,7 +298,7 @@ class InstanceLauncher:
                 spawn(inst.sandbox.release(), name=f"release:{inst.name}")
                 continue
             now = time.monotonic()
-            inst.how, inst.start_seconds, inst.ready_at, inst.idle_since = "standby", now - t0, now, now
+            inst.how, inst.start_seconds, inst.ready_at = "standby", now - t0, now
             inst.phases = StartPhases(restore=now - t0)
             self.m.standby_thaws.inc()
             # Not at once: a restore (CRIU, and the next slot's mounts and namespace) would take the CPUs the

@@ -29,18 +29,20 @@ log = logging.getLogger("activator.service")
 
 class Reaping(ServiceState):
     def _arm_idle(self, inst: Instance, delay: float) -> None:
-        if inst.idle_timer is not None:
-            inst.idle_timer.cancel()
-        inst.idle_timer = self.clock.call_later(delay, lambda: self._idle_check(inst))
+        track = self._track(inst)
+        if track.idle_timer is not None:
+            track.idle_timer.cancel()
+        track.idle_timer = self.clock.call_later(delay, lambda: self._idle_check(inst))
         if self.config.idle_cpu_below is not None:
             cpu = inst.sandbox.cpu_seconds()
-            inst.cpu_mark = None if cpu is None else (self.clock.now(), cpu)
+            track.cpu_mark = None if cpu is None else (self.clock.now(), cpu)
 
     def _cpu_share(self, inst: Instance, now: float) -> float | None:
         """CPU per second its processes used since its idle timer was armed (idle_cpu_below), or None."""
-        if self.config.idle_cpu_below is None or inst.cpu_mark is None:
+        mark = self._track(inst).cpu_mark
+        if self.config.idle_cpu_below is None or mark is None:
             return None
-        return reaping.cpu_share(inst.cpu_mark, inst.sandbox.cpu_seconds(), now)
+        return reaping.cpu_share(mark, inst.sandbox.cpu_seconds(), now)
 
     def keep_warm(self, on: bool) -> None:
         """A keep_alive_schedule window began (an instance is started ahead of any client) or ended (idle ones
@@ -55,30 +57,31 @@ class Reaping(ServiceState):
             self._replenish()
             return
         for inst in list(self.instances):
-            if inst.idle_timer is None and reaping.looked_at_again(spliced=inst.spliced, stopping=inst.stopping,
-                                                                   withdrawn=inst.withdrawn):
+            if self._track(inst).idle_timer is None and reaping.looked_at_again(
+                    spliced=inst.spliced, stopping=inst.stopping, withdrawn=inst.withdrawn):
                 self._arm_idle(inst, 0)
 
     def _dependant_idle(self) -> None:
         """A dependant has no instance left: ours that were kept for it are looked at again now (idle long
         enough: reaped with it)."""
         for inst in list(self.instances):
-            if inst.idle_timer is not None:
+            if self._track(inst).idle_timer is not None:
                 self._arm_idle(inst, 0)
 
     def _idle_check(self, inst: Instance) -> None:
-        inst.idle_timer = None
+        track = self._track(inst)
+        track.idle_timer = None
         now = self.clock.now()
         verdict = reaping.idle_check(
             reaping.InstanceView(stopping=inst.stopping, spliced=inst.spliced, withdrawn=inst.withdrawn,
-                                 kernel=inst.kernel, idle_since=inst.idle_since,
+                                 kernel=inst.kernel, idle_since=track.idle_since,
                                  steerable=inst.handoff or inst.sandbox.attachment is not None,
                                  cpu_share=self._cpu_share(inst, now)),
             now=now, idle_timeout=self.config.idle_timeout, instances=len(self.instances),
             min_instances=self.floor, held_by=self.held(), steered=self.steering is not None,
             cpu_below=self.config.idle_cpu_below)
         if verdict.idle_since is not None:
-            inst.idle_since = verdict.idle_since
+            track.idle_since = verdict.idle_since
         if verdict.action is Idle.BUSY_CPU:
             self.m.idle_cpu_busy.inc()
             log.info("service=%s instance=%s no connection for %gs, but its app used more than %g%% of a CPU: "
@@ -147,7 +150,7 @@ class Reaping(ServiceState):
     def _put_back(self, inst: Instance, still_open: int) -> None:
         inst.withdrawn = False
         inst.kernel = max(inst.kernel, still_open)
-        inst.idle_since = self.clock.now()
+        self._track(inst).idle_since = self.clock.now()
         self._resteer()
         self._arm_idle(inst, self.config.idle_timeout)
 
@@ -162,9 +165,7 @@ class Reaping(ServiceState):
         """Take the instance out and release it; graceful (a reap, a drain): its app is asked to exit first."""
         inst.stopping = True
         self._unwatch(inst)
-        if inst.idle_timer is not None:
-            inst.idle_timer.cancel()
-            inst.idle_timer = None
+        self._cancel_idle(inst)
         if inst in self.instances:
             self.instances.remove(inst)
         self._resteer()  # before anything is released: no connection is ever steered to a dead instance
@@ -182,6 +183,7 @@ class Reaping(ServiceState):
                 await self._ask_to_exit(inst)
             await inst.sandbox.release()
         finally:
+            self._tracked.pop(inst, None)
             self._releasing.discard(inst)
             self.sweep_if_unused()
             self._refresh_if_used_up()

@@ -194,9 +194,7 @@ class Service(Reaping, Starting):
     def take(self, inst: Instance) -> None:
         inst.spliced += 1
         inst.served += 1
-        if inst.idle_timer is not None:
-            inst.idle_timer.cancel()
-            inst.idle_timer = None
+        self._cancel_idle(inst)
 
     async def unclaimed(self) -> tuple[Instance, bool]:
         """An instance for a UDP flow's first datagrams, claimed by nothing: a flow is not a connection until the
@@ -246,7 +244,7 @@ class Service(Reaping, Starting):
         then = reaping.released(spliced=inst.spliced, connections=inst.connections,
                                 target=self.config.target_connections)
         if then.arm_idle:
-            inst.idle_since = self.clock.now()
+            self._track(inst).idle_since = self.clock.now()
             self._arm_idle(inst, self.config.idle_timeout)
         if then.room:
             self._notify()
@@ -294,19 +292,20 @@ class Service(Reaping, Starting):
             s = samples.get(att.mark) if att is not None else None
             if s is None:
                 continue
-            if s.packets != inst.kernel_packets:  # traffic since the last look: the instance is in use
-                inst.idle_since = now
-                if s.packets > inst.kernel_packets and not inst.established:
+            track = self._track(inst)
+            if s.packets != track.kernel_packets:  # traffic since the last look: the instance is in use
+                track.idle_since = now
+                if s.packets > track.kernel_packets and not inst.established:
                     inst.established = 1
                     self.proved(inst)
-            self.m.bytes_in.inc(max(0, s.bytes_in - inst.kernel_bytes_in))
-            self.m.bytes_out.inc(max(0, s.bytes_out - inst.kernel_bytes_out))
-            inst.kernel, inst.kernel_packets = s.open, s.packets
-            inst.kernel_bytes_in, inst.kernel_bytes_out = s.bytes_in, s.bytes_out
+            self.m.bytes_in.inc(max(0, s.bytes_in - track.kernel_bytes_in))
+            self.m.bytes_out.inc(max(0, s.bytes_out - track.kernel_bytes_out))
+            inst.kernel, track.kernel_packets = s.open, s.packets
+            track.kernel_bytes_in, track.kernel_bytes_out = s.bytes_in, s.bytes_out
             # a counter below the last one was put back from zero (a repaired table): all of it is new
-            inst.kernel_served += s.served - inst.kernel_served_seen if s.served >= inst.kernel_served_seen \
+            inst.kernel_served += s.served - track.kernel_served_seen if s.served >= track.kernel_served_seen \
                 else s.served
-            inst.kernel_served_seen = s.served
+            track.kernel_served_seen = s.served
         self._scale(extra=0)
 
     def handoff_sample(self, sample: HandoffSample, now: float) -> None:
@@ -319,7 +318,7 @@ class Service(Reaping, Starting):
             if n is None:
                 continue
             if n or n != inst.kernel:
-                inst.idle_since = now
+                self._track(inst).idle_since = now
             if n and not inst.established:
                 inst.established = 1
                 self.proved(inst)

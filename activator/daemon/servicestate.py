@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from activator.checkpoints.instance import Instance
@@ -21,6 +22,22 @@ from activator.core.pool import SingleUse
 from .clock import LoopClock
 from .contracts import Launcher, Steering
 from .metrics import ServiceMetrics
+
+
+@dataclass
+class Tracked:
+    """What a service keeps about one of its instances, beside what the launcher made of it (Instance): when it
+    went idle and the timer that looks at it then, idle_cpu_below's CPU mark, the last kernel sample's counters (to
+    tell activity and count bytes), the pidfd its app's death is seen by."""
+
+    idle_since: float
+    idle_timer: Timer | None = None
+    cpu_mark: tuple[float, float] | None = None  # (time, its CPU seconds) when the idle timer was last armed
+    kernel_packets: int = 0
+    kernel_bytes_in: int = 0
+    kernel_bytes_out: int = 0
+    kernel_served_seen: int = 0  # the last sample's per-instance connection counter
+    pidfd: int | None = None
 
 
 class ServiceState:
@@ -62,6 +79,7 @@ class ServiceState:
         # instance, and keep their last instance while a dependant has one.
         self.dependencies: list[ServiceState] = []
         self.dependants: list[ServiceState] = []
+        self._tracked: dict[Instance, Tracked] = {}  # from an instance's adoption until its teardown ends
 
     @property
     def starting(self) -> int:
@@ -90,6 +108,18 @@ class ServiceState:
     def held(self) -> list[str]:
         """The dependants that have (or are starting) an instance: while any does, our last one stays."""
         return [d.name for d in self.dependants if d.instances or d._starts]
+
+    def _track(self, inst: Instance) -> Tracked:
+        track = self._tracked.get(inst)
+        if track is None:
+            track = self._tracked[inst] = Tracked(idle_since=self.clock.now())
+        return track
+
+    def _cancel_idle(self, inst: Instance) -> None:
+        track = self._tracked.get(inst)
+        if track is not None and track.idle_timer is not None:
+            track.idle_timer.cancel()
+            track.idle_timer = None
 
     def _own(self, task: asyncio.Task[Any]) -> None:
         """A task close() waits for (teardowns, sweeps, slot changes)."""

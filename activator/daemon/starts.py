@@ -116,8 +116,8 @@ class Starting(ServiceState):
             self._watch(inst)
             self._resteer()
             # Nobody may claim it (every waiter gave up): it must still go away when idle. Idle from now, on the
-            # service's clock (the launcher stamped it on its own).
-            inst.idle_since = self.clock.now()
+            # service's clock.
+            self._track(inst).idle_since = self.clock.now()
             self._arm_idle(inst, self.config.idle_timeout)
         finally:
             self._publish()
@@ -190,14 +190,15 @@ class Starting(ServiceState):
             fd = os.pidfd_open(pid)
         except OSError:
             return
-        inst.pidfd = fd
+        self._track(inst).pidfd = fd
         asyncio.get_running_loop().add_reader(fd, self._died, inst)
 
     def _unwatch(self, inst: Instance) -> None:
-        if inst.pidfd is not None:
-            asyncio.get_running_loop().remove_reader(inst.pidfd)
-            os.close(inst.pidfd)
-            inst.pidfd = None
+        track = self._track(inst)
+        if track.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(track.pidfd)
+            os.close(track.pidfd)
+            track.pidfd = None
 
     def _died(self, inst: Instance) -> None:
         self._unwatch(inst)

@@ -260,6 +260,7 @@ async def test_idle_instances_are_reaped_but_a_connection_at_the_deadline_keeps_
     assert svc.instances == [inst]  # idle since this release, not since the first one
     await fake.clock.advance(0.001)
     assert svc.instances == [] and fake.made[0].released
+    assert not svc._tracked  # what the service kept about it went with it
 
 
 async def test_min_instances_are_kept_warm() -> None:
