@@ -1,11 +1,13 @@
 """How many instances to start, and when: for the demand a service sees (scale-out) and for the floor it keeps
-warm (min_instances, a keep_alive_schedule window). Plain functions of the pool's counts and the backoff's state;
+warm (min_instances, a keep_alive_schedule window), and how a start begins (a restore, or its fallback while
+restores back off). Plain functions of the pool's counts and the backoff's state;
 daemon/service.py spawns the starts and arms the retry timer. The arithmetic of demand against target is
 core/capacity.py's.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .capacity import starts_needed
@@ -64,3 +66,21 @@ def needs_wake(least_connections: int | None, *, target: int, ready: int, starti
     if least_connections < target:
         return False
     return ready + starting < max_instances
+
+
+class Attempt(enum.Enum):
+    RESTORE = "restore"
+    COLD_START = "cold-start"  # from the image, without the checkpoint
+    REFUSE = "refuse"  # no start at all: restores back off and there is no fallback
+
+
+def first_attempt(*, restores_backing_off: bool, fallback: str) -> Attempt:
+    """How a start begins: a restore, unless restores are backing off after failures (then the fallback, if any)."""
+    if not restores_backing_off:
+        return Attempt.RESTORE
+    return Attempt.REFUSE if fallback == "none" else Attempt.COLD_START
+
+
+def after_failed_restore(*, fallback: str) -> Attempt:
+    """A restore failed: a cold start, unless `fallback: none` (the failure is the start's)."""
+    return Attempt.REFUSE if fallback == "none" else Attempt.COLD_START

@@ -22,6 +22,7 @@ import os
 from activator.checkpoints.instance import Instance
 from activator.checkpoints.store import Checkpoint
 from activator.core import scaling
+from activator.core.scaling import Attempt
 from activator.errors import ActivatorError, RestoreError, StartError
 from activator.tasks import spawn
 
@@ -57,11 +58,12 @@ class Starting(ServiceState):
             self._single.consuming = False  # its instance is in self.instances now, or there is none
 
     async def _start_from(self, checkpoint: Checkpoint) -> Instance:
-        if self.restore_backoff.active(self.clock.now()):
-            if self.config.fallback == "none":
-                wait = self.restore_backoff.remaining(self.clock.now())
-                raise StartError(f"restores are backing off for {wait:.1f}s")
-        else:
+        attempt = scaling.first_attempt(restores_backing_off=self.restore_backoff.active(self.clock.now()),
+                                        fallback=self.config.fallback)
+        if attempt is Attempt.REFUSE:
+            wait = self.restore_backoff.remaining(self.clock.now())
+            raise StartError(f"restores are backing off for {wait:.1f}s")
+        if attempt is Attempt.RESTORE:
             try:
                 inst = await self.launcher.restore(checkpoint)
                 self.restore_backoff.succeeded()
@@ -69,10 +71,11 @@ class Starting(ServiceState):
             except RestoreError as e:
                 self.m.restore_failures.inc()
                 delay = self.restore_backoff.failed(self.clock.now())
-                then = "falling back to a cold start" if self.config.fallback == "cold-start" else "no fallback"
+                then = scaling.after_failed_restore(fallback=self.config.fallback)
                 log.error("service=%s instance=%s restore failed: %s (CRIU log: %s); restores back off %.1fs; %s",
-                          self.name, e.instance, e, e.log or "not kept", delay, then)
-                if self.config.fallback == "none":
+                          self.name, e.instance, e, e.log or "not kept", delay,
+                          "no fallback" if then is Attempt.REFUSE else "falling back to a cold start")
+                if then is Attempt.REFUSE:
                     raise
         inst = await self.launcher.cold_start(checkpoint)
         self.m.cold_starts.inc()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 
 from activator.core.scaling import (
+    Attempt,
     Replenish,
+    after_failed_restore,
+    first_attempt,
     floor,
     max_instances,
     may_start,
@@ -60,3 +63,11 @@ def test_whether_a_connection_now_would_wake_the_service() -> None:
     assert not needs_wake(4, target=5, ready=1, starting=0, max_instances=3)  # room on one
     assert needs_wake(5, target=5, ready=1, starting=0, max_instances=3)  # all at target: scale out
     assert not needs_wake(5, target=5, ready=2, starting=1, max_instances=3)  # at max: overflow, no wake
+
+
+def test_a_start_restores_unless_restores_back_off_then_its_fallback_decides() -> None:
+    assert first_attempt(restores_backing_off=False, fallback="none") is Attempt.RESTORE
+    assert first_attempt(restores_backing_off=True, fallback="cold-start") is Attempt.COLD_START
+    assert first_attempt(restores_backing_off=True, fallback="none") is Attempt.REFUSE
+    assert after_failed_restore(fallback="cold-start") is Attempt.COLD_START
+    assert after_failed_restore(fallback="none") is Attempt.REFUSE

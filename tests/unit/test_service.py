@@ -238,10 +238,17 @@ async def test_a_failed_restore_with_no_fallback_backs_the_service_off() -> None
 
 async def test_a_failed_restore_falls_back_to_a_cold_start_and_restores_back_off() -> None:
     fake = FakeLauncher(failures=1)
-    svc = service(fake, backoff=Backoff(initial=10, max=10))
-    inst, _ = await svc.admit().acquire()
-    assert inst.how == "cold-start" and svc.restore_backoff.active(fake.clock.now() + 9.9)
-    assert not svc.restore_backoff.active(fake.clock.now() + 10)
+    svc = service(fake, backoff=Backoff(initial=10, max=10), max_instances=3, target_connections=1)
+    first = svc.admit()
+    inst, _ = await first.acquire()
+    assert inst.how == "cold-start" and fake.restores == 1
+    await fake.clock.advance(9.9)
+    second = svc.admit()
+    inst, _ = await second.acquire()  # restores still back off: cold-started without trying one
+    assert inst.how == "cold-start" and fake.restores == 1
+    await fake.clock.advance(0.1)
+    inst, _ = await svc.admit().acquire()  # the backoff is over: restored again
+    assert inst.how == "restore" and fake.restores == 2
 
 
 async def test_idle_instances_are_reaped_but_a_connection_at_the_deadline_keeps_one() -> None:
