@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from activator.checkpoints import dumpcheck
+from activator.checkpoints import dumpcheck, seccompstub
 from activator.checkpoints.store import Checkpoint
 from activator.config.model import load_config
 from activator.daemon.server import Activator
@@ -229,7 +229,7 @@ async def test_the_seccomp_reference_is_the_dumped_filter(tmp_path: Path,
     assert ref.flags == 0 and dumped[0].get("flags", 0) & ~seccompref.FLAG_TSYNC == 0
     # the same program up to runc's stub, whose blocks come in random order; the libseccomp body is identical
     assert len(program) == len(ref.program) and dumpcheck.seccomp_matches(program, ref.program)
-    n = dumpcheck._stub_length(ref.program)
+    n = seccompstub._stub_length(ref.program)
     assert 0 < n < 64 and program[n * 8:] == ref.program[n * 8:]
     # controls: a stub that allows, or a body that differs by one instruction, does not match
     allow = bytes.fromhex("060000000000ff7f")

@@ -1,0 +1,148 @@
+"""Which image files CRIU writes for a container of ours, and reading them: each decoded (pycriu) within bounds, or
+refused; and the dumping host's own cgroup roots stripped from an import's cgroup.img. Blocking."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .dumpexpected import MAX_FILES, MAX_IMAGE, Expected, Refuse
+from .dumpfiles import DESCRIPTORS, S_IFMT
+
+#: name pattern -> (pycriu magic, what its number must be: "pid", "tid", "files", "ns:KIND", "pages", "any")
+KINDS: dict[str, tuple[str, str]] = {
+    r"inventory\.img": ("INVENTORY", ""),
+    r"pstree\.img": ("PSTREE", ""),
+    r"files\.img": ("FILES", ""),
+    r"seccomp\.img": ("SECCOMP", ""),
+    r"cgroup\.img": ("CGROUP", ""),
+    r"core-(\d+)\.img": ("CORE", "tid"),
+    r"ids-(\d+)\.img": ("IDS", "pid"),
+    r"mm-(\d+)\.img": ("MM", "pid"),
+    r"fs-(\d+)\.img": ("FS", "pid"),
+    r"pagemap-(\d+)\.img": ("PAGEMAP", "pid"),
+    r"pages-(\d+)\.img": ("", "pages"),  # raw memory, not decoded
+    r"fdinfo-(\d+)\.img": ("FDINFO", "files"),
+    r"mountpoints-(\d+)\.img": ("MNTS", "ns:mnt_ns_id"),
+    r"netns-(\d+)\.img": ("NETNS", "ns:net_ns_id"),
+    r"userns-(\d+)\.img": ("USERNS", "ns:user_ns_id"),
+    r"utsns-(\d+)\.img": ("UTSNS", "ns:uts_ns_id"),
+    r"ipcns-var-(\d+)\.img": ("IPC_VAR", "ns:ipc_ns_id"),
+    r"ipcns-shm-(\d+)\.img": ("IPCNS_SHM", "ns:ipc_ns_id"),
+    r"ipcns-msg-(\d+)\.img": ("IPCNS_MSG", "ns:ipc_ns_id"),
+    r"ipcns-sem-(\d+)\.img": ("IPCNS_SEM", "ns:ipc_ns_id"),
+    r"timens-0\.img": ("TIMENS", ""),
+    # what apps' descriptors add (JVMs, databases): contents, no paths or privileges of their own
+    r"pipes-data\.img": ("PIPES_DATA", ""),
+    r"fifo-data\.img": ("FIFO_DATA", ""),
+    r"sk-queues\.img": ("SK_QUEUES", ""),
+    r"tcp-stream-([0-9a-f]+)\.img": ("TCP_STREAM", "any"),
+    r"eventpoll-tfd\.img": ("EVENTPOLL_TFD", ""),
+    r"inotify-wd\.img": ("INOTIFY_WD", ""),
+    r"remap-fpath\.img": ("REMAP_FPATH", ""),
+    r"ghost-file-([0-9a-f]+)\.img": ("GHOST_FILE", "any"),
+    r"memfd\.img": ("MEMFD_INODE", ""),
+    r"filelocks\.img": ("FILE_LOCKS", ""),
+}
+#: CRIU's own logs and statistics in the image directory, never read on restore
+IGNORED = re.compile(r"(dump|restore)\.log|stats-(dump|restore)")
+#: payload images pycriu reads with their data (decoded with no_payload: the data is not looked at)
+PAYLOAD = {"PIPES_DATA", "FIFO_DATA", "SK_QUEUES", "TCP_STREAM", "GHOST_FILE", "IPCNS_SHM", "IPCNS_MSG",
+           "IPCNS_SEM"}
+
+
+def load_docs(images: Path, expected: Expected) -> dict[str, Any]:
+    """Blocking. Every image file in the directory, decoded (name -> pycriu's dict; raw files -> None;
+    descriptors.json -> its list). Refuses unknown names, oversized or undecodable files, and a wrong magic."""
+    import json
+
+    from activator.runtime.preflight import require_pycriu
+
+    refuse = Refuse(expected)
+    pycriu = require_pycriu()
+    docs: dict[str, Any] = {}
+    try:
+        names = sorted(os.listdir(images))
+    except OSError as e:
+        raise refuse(str(images), "directory", e.strerror or str(e)) from None
+    if len(names) > MAX_FILES:
+        raise refuse(str(images), "files", f"{len(names)} files (at most {MAX_FILES})")
+    for name in names:
+        if IGNORED.fullmatch(name):
+            continue
+        path = images / name
+        st = os.lstat(path)
+        if not (st.st_mode & S_IFMT == 0o100000):
+            raise refuse(name, "file", "not a regular file")
+        kind = kind_of(name, expected)
+        if kind is None:
+            raise refuse(name, "file", "not an image CRIU writes for a container of this host")
+        magic, _ = kind
+        if name == DESCRIPTORS:
+            if st.st_size > 2**20:
+                raise refuse(name, "size", f"{st.st_size} bytes")
+            try:
+                docs[name] = json.loads(path.read_bytes())
+            except (ValueError, RecursionError):
+                raise refuse(name, "file", "not JSON") from None
+            continue
+        if not magic:
+            docs[name] = None
+            continue
+        if magic not in PAYLOAD and st.st_size > MAX_IMAGE:
+            raise refuse(name, "size", f"{st.st_size} bytes (at most {MAX_IMAGE} for this kind)")
+        try:
+            with open(path, "rb") as f:
+                doc = pycriu.images.load(f, no_payload=magic in PAYLOAD)
+        except Exception as e:  # pycriu raises whatever its decoder meets in a crafted file
+            raise refuse(name, "decode", f"not a CRIU image ({type(e).__name__})") from None
+        if not isinstance(doc, dict) or doc.get("magic") != magic:
+            raise refuse(name, "magic", f"{doc.get('magic') if isinstance(doc, dict) else '?'} (expected {magic})")
+        docs[name] = doc
+    return docs
+
+
+def kind_of(name: str, expected: Expected | None = None) -> tuple[str, str] | None:
+    if name == DESCRIPTORS:
+        return ("json", "")
+    for pattern, kind in KINDS.items():
+        if re.fullmatch(pattern, name):
+            return kind
+    if expected is not None and name in expected.extra_files:
+        return ("", "")
+    return None
+
+
+def strip_cgroup_roots(images: Path) -> int:
+    """Blocking. Remove from cgroup.img the directories it records at the roots of hierarchies (dir_name ""):
+    the dumping host's own cgroup tree outside the container (Docker's, for a v1 controller runc did not manage
+    there), which CRIU in runc's restore mode would create on this host. A restore needs none of it: the task's
+    set still names the root, where an instance here stays. Returns how many were removed."""
+    from activator.runtime.preflight import require_pycriu
+
+    path = images / "cgroup.img"
+    if not path.is_file() or path.stat().st_size > MAX_IMAGE:
+        return 0  # missing: nothing to strip; too large: check() refuses it
+    pycriu = require_pycriu()
+    try:
+        with open(path, "rb") as f:
+            doc = pycriu.images.load(f)
+        removed = 0
+        for entry in doc["entries"]:
+            for c in entry.get("controllers", []):
+                kept = [d for d in c.get("dirs", []) if d.get("dir_name") != ""]
+                removed += len(c.get("dirs", [])) - len(kept)
+                if kept:
+                    c["dirs"] = kept
+                else:
+                    c.pop("dirs", None)  # pycriu cannot encode an empty repeated field
+    except Exception:  # pycriu raises whatever its decoder meets in a crafted file: check() names it
+        return 0
+    if removed:
+        tmp = path.with_name(path.name + ".new")
+        with open(tmp, "wb") as f:
+            pycriu.images.dump(doc, f)
+        os.replace(tmp, path)
+    return removed
