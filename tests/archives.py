@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from activator.checkpoints import ociarchive
+from activator.checkpoints import ociarchive, ocilayer
 from tests.daemonproc import ACTIVATOR
 
 
@@ -30,7 +30,7 @@ def rewrite(src: Path, dst: Path, tmp: Path, edit: Callable[[dict[str, Any]], No
     image = ociarchive.read(src)
     work = tmp / f"rewrite-{time.monotonic_ns()}"
     (work / "layer").mkdir(parents=True)
-    ociarchive.unpack_layer(image, work / "layer", max_bytes=2**30)
+    ocilayer.unpack_layer(image, work / "layer", max_bytes=2**30)
     meta = json.loads((work / "layer" / "activator.json").read_text())
     edit(meta)
     (work / "layer" / "activator.json").write_text(json.dumps(meta))

@@ -14,13 +14,13 @@ point releases (CVE-2024-12718, CVE-2025-4138, -4330, -4517), so nothing here de
 Nor does writing trust the place written to: an archive is written only below directories root owns and no
 other user can write (a sticky one such as /tmp may be passed or written in), reached without following a link
 another user could have planted, into a new file of a random name (O_EXCL|O_NOFOLLOW) renamed into place.
-Blocking: callers run these in a thread.
+Blocking: callers run these in a thread. The layer is unpacked by ocilayer.py, the filesystem diff inside it by
+rootfsdiff.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import io
 import json
@@ -31,8 +31,6 @@ import stat
 import subprocess
 import tarfile
 import tempfile
-import threading
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +87,7 @@ class Image:
         return sum(b.size for b in self.layers)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -121,10 +119,10 @@ def _stage(tmp: Path, layer_tar: Path, annotations: dict[str, str], *, ref: str,
     """The image layout (oci-layout, index.json, blobs/) in tmp."""
     blobs = tmp / "blobs" / "sha256"
     blobs.mkdir(parents=True)
-    diff_id = _sha256_file(layer_tar)
+    diff_id = sha256_file(layer_tar)
     packed = tmp / "layer.zst"
-    _run(["zstd", "-q", "-T0", "-3", "-o", str(packed), str(layer_tar)], "compressing the layer")
-    layer = Blob(LAYER_ZSTD, _sha256_file(packed), packed.stat().st_size)
+    run_tool(["zstd", "-q", "-T0", "-3", "-o", str(packed), str(layer_tar)], "compressing the layer")
+    layer = Blob(LAYER_ZSTD, sha256_file(packed), packed.stat().st_size)
     os.rename(packed, blobs / layer.digest.split(":")[1])
 
     def put(doc: dict[str, Any], media_type: str) -> Blob:
@@ -334,178 +332,7 @@ def read(path: Path) -> Image:
         raise ArchiveError(f"{path}: not a readable OCI image archive ({type(e).__name__}: {e})") from None
 
 
-def unpack_layer(image: Image, dest: Path, *, max_bytes: int) -> None:
-    """Unpack the image's one layer into dest (an empty directory), its digest and diff_id checked on the way,
-    at most max_bytes of it (counted as it is decompressed), every member checked before any is written."""
-    if len(image.layers) != 1:
-        raise ArchiveError(f"{image.path}: a checkpoint image has one layer, this one has {len(image.layers)}")
-    layer = image.layers[0]
-    diff_ids = image.config.get("rootfs", {}).get("diff_ids", [])
-    with tempfile.TemporaryDirectory(prefix=".layer-", dir=dest.parent) as tmp:
-        plain = Path(tmp, "layer.tar")
-        with tarfile.open(image.path, "r:") as t:
-            m = image.members.get("blobs/sha256/" + layer.digest.partition(":")[2])
-            src = t.extractfile(m) if m is not None else None
-            if src is None:
-                raise ArchiveError(f"{image.path}: layer {layer.digest[:24]} is missing")
-            _decompress(src, layer.media_type, plain, max_bytes, image.path, layer.digest)
-        if diff_ids and _sha256_file(plain) != diff_ids[0]:
-            raise ArchiveError(f"{image.path}: the unpacked layer does not match the config's diff_id")
-        try:
-            with tarfile.open(plain, "r:") as t:
-                members = checked_members(t, f"{image.path}: layer")
-                _extract(t, members, dest)
-        except tarfile.TarError as e:
-            raise ArchiveError(f"{image.path}: the layer is not a readable tar ({e})") from None
-
-
-def checked_members(t: tarfile.TarFile, where: str) -> list[tuple[str, tarfile.TarInfo]]:
-    """Every member of a checkpoint layer, with its normalised name, or one line naming the first that is not a
-    plain file or directory with a plain name inside the tree, appears twice, or is one too many."""
-    out: list[tuple[str, tarfile.TarInfo]] = []
-    seen: set[str] = set()
-    for m in t:
-        if len(out) >= MAX_MEMBERS:
-            raise ArchiveError(f"{where}: more than {MAX_MEMBERS} members")
-        raw = m.name
-        shown = repr(raw[:100])
-        if any(ord(c) < 0x20 or c == "\x7f" for c in raw):
-            raise ArchiveError(f"{where}: member {shown}: a control character in its name")
-        parts = [p for p in raw.removeprefix("./").rstrip("/").split("/")]
-        if raw.startswith("/") or not raw or any(p in ("", ".", "..") for p in parts):
-            raise ArchiveError(f"{where}: member {shown}: not a plain name inside the tree (absolute, empty, "
-                               "`.` or `..`)")
-        if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE) or m.sparse is not None:
-            kind = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
-                    tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a fifo"}.get(m.type, f"of type {m.type!r}")
-            raise ArchiveError(f"{where}: member {shown} is {'sparse' if m.sparse is not None else kind}; a "
-                               "checkpoint layer holds regular files and directories only")
-        name = "/".join(parts)
-        if name in seen:
-            raise ArchiveError(f"{where}: member {shown} appears twice")
-        seen.add(name)
-        out.append((name, m))
-    return out
-
-
-def _extract(t: tarfile.TarFile, members: list[tuple[str, tarfile.TarInfo]], dest: Path) -> None:
-    """Write checked members below dest (empty: nothing in it is a link), owned by us, no set-id or shared-write
-    bits. A file is created with O_EXCL|O_NOFOLLOW, so nothing is written over or through another entry."""
-    for name, m in members:
-        path = dest / name
-        try:
-            if m.isdir():
-                path.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if path.is_symlink() or not path.is_dir():
-                    raise ArchiveError(f"{dest}: {name!r} is not a directory")
-                os.chmod(path, (m.mode & 0o755) | 0o700)
-                continue
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            src = t.extractfile(m)
-            assert src is not None
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         (m.mode & 0o755) | 0o600)
-            with os.fdopen(fd, "wb") as f:
-                shutil.copyfileobj(src, f, CHUNK)
-        except OSError as e:
-            raise ArchiveError(f"{dest}: member {name[:100]!r} cannot be unpacked ({e.strerror})") from None
-
-
-def _decompress(src: IO[bytes], media_type: str, out: Path, max_bytes: int, where: Path, digest: str) -> None:
-    """Copy the compressed blob through its decompressor into out, at most max_bytes of output (counted as it
-    streams: a small blob that inflates without end is stopped there), checking the compressed bytes' digest
-    first (an altered blob is refused as altered, whatever its decompressor said)."""
-    h = hashlib.sha256()
-    too_big = f"{where}: the layer unpacks to more than {max_bytes} bytes"
-    if media_type.endswith("zstd"):
-        proc = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        stdin, errors = proc.stdin, proc.stderr
-        err: list[bytes] = []
-
-        def feed() -> None:  # the whole blob is hashed, even once zstd has stopped taking it
-            broken = False
-            while chunk := src.read(CHUNK):
-                h.update(chunk)
-                if not broken:
-                    try:
-                        stdin.write(chunk)
-                    except (BrokenPipeError, ValueError):
-                        broken = True
-            with contextlib.suppress(BrokenPipeError, ValueError):
-                stdin.close()
-
-        feeder = threading.Thread(target=feed, name="layer-feed", daemon=True)
-        drainer = threading.Thread(target=lambda: err.append(errors.read(65536)), name="layer-err", daemon=True)
-        feeder.start()
-        drainer.start()
-        copied, over = 0, False
-        try:
-            with open(out, "wb") as dst:
-                while chunk := proc.stdout.read(CHUNK):
-                    copied += len(chunk)
-                    if copied > max_bytes:
-                        over = True
-                        proc.kill()
-                        break
-                    dst.write(chunk)
-        finally:
-            proc.stdout.close()
-            feeder.join()
-            proc.wait(timeout=600)
-            drainer.join()
-            errors.close()
-        _check_digest(h, digest, where)
-        if over:
-            raise ArchiveError(too_big)
-        if proc.returncode:
-            said = b"".join(err).decode(errors="replace").strip()
-            raise ArchiveError(f"{where}: the layer does not decompress: {said}")
-    elif media_type.endswith(("gzip", "tar")):
-        with open(out, "wb") as dst:  # hashed as read, then inflated
-            hashed = _Hashing(src, h)
-            stream: Any = gzip.GzipFile(fileobj=hashed) if media_type.endswith("gzip") else hashed
-            copied, broken, over = 0, "", False
-            try:
-                while chunk := stream.read(CHUNK):
-                    copied += len(chunk)
-                    if copied > max_bytes:
-                        over = True
-                        break
-                    dst.write(chunk)
-            except (OSError, EOFError, zlib.error) as e:
-                broken = str(e)
-            while hashed.read(CHUNK):  # a gzip trailer or padding is part of the digest too
-                pass
-        _check_digest(h, digest, where)
-        if over:
-            raise ArchiveError(too_big)
-        if broken:
-            raise ArchiveError(f"{where}: the layer does not decompress: {broken}")
-    else:
-        raise ArchiveError(f"{where}: layer media type '{media_type}' is not one activator reads")
-
-
-def _check_digest(h: Any, digest: str, where: Path) -> None:
-    if "sha256:" + h.hexdigest() != digest:
-        raise ArchiveError(f"{where}: layer {digest[:24]} does not match its digest (corrupt or altered)")
-
-
-class _Hashing(io.RawIOBase):
-    def __init__(self, src: IO[bytes], h: Any) -> None:
-        self.src, self.h = src, h
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.src.read(n)
-        self.h.update(data)
-        return data
-
-
-def _run(argv: list[str], what: str) -> None:
+def run_tool(argv: list[str], what: str) -> None:
     try:
         p = subprocess.run(argv, capture_output=True, timeout=900)
     except FileNotFoundError:
@@ -513,51 +340,6 @@ def _run(argv: list[str], what: str) -> None:
                            f"install {argv[0]})") from None
     if p.returncode:
         raise ArchiveError(f"{what} failed: {p.stderr.decode(errors='replace').strip()[:300]}")
-
-
-# --- the root filesystem diff, a tar inside the layer (as Podman's rootfs-diff.tar) ---------------------------
-
-
-def pack_tree(src: Path, out: Path) -> None:
-    """Tar a directory with numeric owners and the overlay's xattrs (an opaque directory, a whiteout device)."""
-    _run(["tar", "--create", "--file", str(out), "--numeric-owner", "--xattrs", "--xattrs-include=trusted.overlay.*",
-          "--acls", "-C", str(src), "."], "packing the filesystem diff")
-
-
-def unpack_tree(archive: Path, dest: Path, owners: range | None) -> None:
-    """Unpack a diff packed by pack_tree into dest, after checking every member: names stay inside dest (no
-    absolute names, no `..`, nothing below a symlink of the archive), hard links point inside, devices are only
-    overlay whiteouts (char 0:0), and with `owners` every uid and gid is in that range (the exporter's user
-    namespace): an archive from elsewhere cannot plant a host-root-owned or set-user-ID file."""
-    links: set[str] = set()
-    with tarfile.open(archive, "r:") as t:
-        for m in t:
-            name = os.path.normpath(m.name)
-            if name == ".":
-                continue
-            where = f"{archive.name}: {m.name[:100]}"
-            if os.path.isabs(m.name) or name.startswith(".."):
-                raise ArchiveError(f"{where}: a name outside the tree")
-            if any(name == s or name.startswith(s + "/") for s in links):
-                raise ArchiveError(f"{where}: below a symbolic link of the archive")
-            if m.issym():
-                links.add(name)
-            elif m.islnk():
-                target = os.path.normpath(m.linkname)
-                if os.path.isabs(m.linkname) or target.startswith(".."):
-                    raise ArchiveError(f"{where}: a hard link out of the tree")
-            elif m.ischr():
-                if (m.devmajor, m.devminor) != (0, 0):
-                    raise ArchiveError(f"{where}: a device node (only overlay whiteouts are allowed)")
-            elif not (m.isreg() or m.isdir() or m.isfifo()):
-                raise ArchiveError(f"{where}: an entry of a kind a filesystem diff does not hold")
-            if owners is not None and (m.uid not in owners or m.gid not in owners):
-                raise ArchiveError(f"{where}: owned by {m.uid}:{m.gid}, outside the exporter's user namespace "
-                                   f"({owners.start}-{owners.stop - 1})")
-    dest.mkdir(mode=0o755, exist_ok=True)
-    _run(["tar", "--extract", "--file", str(archive), "--numeric-owner", "--same-permissions", "--xattrs",
-          "--xattrs-include=trusted.overlay.*", "--acls", "-C", str(dest)],
-         "unpacking the filesystem diff")
 
 
 @contextlib.contextmanager

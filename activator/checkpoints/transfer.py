@@ -48,7 +48,7 @@ from activator.errors import ActivatorError
 from activator.runtime import cgroups, userns
 from activator.runtime.extmounts import DevEntry
 
-from . import ociarchive, signing
+from . import ociarchive, ocilayer, rootfsdiff, signing
 from .images import ImageInfo
 from .store import Checkpoint, Origin, make_private
 
@@ -185,7 +185,7 @@ def export(ck: Checkpoint, svc: ServiceConfig, image: ImageInfo, out: Path, scra
         (tmp / "activator.json").write_text(json.dumps({
             "checkpoint": record, "host": asdict(facts), "activator": __version__, "exported": time.time()},
             indent=1))
-        ociarchive.pack_tree(ck.diff, tmp / "rootfs-diff.tar")
+        rootfsdiff.pack_tree(ck.diff, tmp / "rootfs-diff.tar")
         layer = tmp / "layer.tar"
         with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as t:
             t.add(tmp / "activator.json", "activator.json", filter=ociarchive.root_owned)
@@ -315,7 +315,7 @@ def unpack(image: ociarchive.Image, svc: ServiceConfig, wanted: Origin, idmap: u
     into the scratch directory `into` (inside the store's root). The image's signature was verified before."""
     layer = into / "layer"
     layer.mkdir(mode=0o700)
-    ociarchive.unpack_layer(image, layer, max_bytes=MAX_LAYER)
+    ocilayer.unpack_layer(image, layer, max_bytes=MAX_LAYER)
     record, facts, theirs = _record(layer, image.path)
     differ = [f"{k} {getattr(theirs, k)!s:.40} (here {getattr(wanted, k)!s:.40})"
               if k != "service_fingerprint" else "the service's definition (a key that shapes the checkpoint: image, "
@@ -345,7 +345,7 @@ def unpack(image: ociarchive.Image, svc: ServiceConfig, wanted: Origin, idmap: u
     final.mkdir(mode=0o700)
     os.rename(layer / "checkpoint", final / "criu")
     owners = range(old.host, old.host + old.size) if old is not None else None
-    ociarchive.unpack_tree(layer / "rootfs-diff.tar", final / "diff", owners)
+    rootfsdiff.unpack_tree(layer / "rootfs-diff.tar", final / "diff", owners)
     shutil.rmtree(layer)
     moved = ""
     if old is not None and idmap is not None:

@@ -31,7 +31,7 @@ def inspect_image(cfg: Config | None, what: str, as_json: bool) -> int:
     """A checkpoint image, from an archive file or a registry reference, made by activator or not."""
     import tempfile
 
-    from activator.checkpoints import ociarchive, signing, transfer
+    from activator.checkpoints import ociarchive, ocilayer, signing, transfer
     from activator.checkpoints.registry import Registry
     from activator.checkpoints.store import contents
     from activator.config.settings import RegistrySettings
@@ -77,7 +77,7 @@ def inspect_image(cfg: Config | None, what: str, as_json: bool) -> int:
             layer = Path(tmp, "layer")
             layer.mkdir()
             try:
-                ociarchive.unpack_layer(image, layer, max_bytes=transfer.MAX_LAYER if trusted else INSPECT_UNTRUSTED)
+                ocilayer.unpack_layer(image, layer, max_bytes=transfer.MAX_LAYER if trusted else INSPECT_UNTRUSTED)
                 held["files"] = sorted(p.name + ("/" if p.is_dir() else "") for p in layer.iterdir())
                 dump = layer / "checkpoint"
                 small = all(f.stat().st_size <= INSPECT_IMAGE for f in dump.glob("*.img")

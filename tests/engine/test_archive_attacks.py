@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from activator.checkpoints import ociarchive
+from activator.checkpoints import ociarchive, ocilayer
 from tests.conftest import passable, write_config
 from tests.daemonproc import ACTIVATOR
 
@@ -106,7 +106,7 @@ def _hostile_copy(src: Path, dst: Path, work: Path, annotations: dict[str, str],
     """The archive again, its layer with extra files of these names and these annotations added."""
     image = ociarchive.read(src)
     (work / "layer").mkdir(parents=True)
-    ociarchive.unpack_layer(image, work / "layer", max_bytes=2**30)
+    ocilayer.unpack_layer(image, work / "layer", max_bytes=2**30)
     with tarfile.open(work / "layer.tar", "w", format=tarfile.PAX_FORMAT) as t:
         for p in sorted((work / "layer").iterdir()):
             t.add(p, p.name)

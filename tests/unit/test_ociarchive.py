@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from activator.checkpoints import ociarchive
+from activator.checkpoints import ociarchive, ocilayer, rootfsdiff
 from activator.checkpoints.ociarchive import ArchiveError
 
 pytestmark = pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd")
@@ -40,12 +40,12 @@ def test_written_and_read_back(tmp_path: Path) -> None:
     assert (tmp_path / "out.tar").stat().st_mode & 0o077 == 0  # the app's memory: private
     dest = tmp_path / "dest"
     dest.mkdir()
-    ociarchive.unpack_layer(ociarchive.read(tmp_path / "out.tar"), dest, max_bytes=2**20)
+    ocilayer.unpack_layer(ociarchive.read(tmp_path / "out.tar"), dest, max_bytes=2**20)
     assert (dest / "checkpoint" / "pages-1.img").read_bytes() == b"x" * 10000
     with pytest.raises(ArchiveError, match="more than 100 bytes"):
         other = tmp_path / "d2"
         other.mkdir()
-        ociarchive.unpack_layer(img, other, max_bytes=100)
+        ocilayer.unpack_layer(img, other, max_bytes=100)
 
 
 def test_an_altered_manifest_is_refused(tmp_path: Path) -> None:
@@ -97,21 +97,21 @@ def test_a_hostile_diff_is_refused_before_anything_is_unpacked(tmp_path: Path, e
                                                                says: str) -> None:
     archive = _diff(tmp_path, _entry("ok"), entry)
     with pytest.raises(ArchiveError, match=says):
-        ociarchive.unpack_tree(archive, tmp_path / "out", range(1000, 2000))
+        rootfsdiff.unpack_tree(archive, tmp_path / "out", range(1000, 2000))
     assert not (tmp_path / "out").exists()
 
 
 def test_nothing_is_written_through_a_symlink_of_the_archive(tmp_path: Path) -> None:
     archive = _diff(tmp_path, _entry("etc", tarfile.SYMTYPE, linkname="/etc"), _entry("etc/cron.d/x"))
     with pytest.raises(ArchiveError, match="below a symbolic link"):
-        ociarchive.unpack_tree(archive, tmp_path / "out", None)
+        rootfsdiff.unpack_tree(archive, tmp_path / "out", None)
 
 
 def test_a_whiteout_and_ordinary_files_pass(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("a whiteout is a device node: only root makes one")
     archive = _diff(tmp_path, _entry("gone", tarfile.CHRTYPE, devmajor=0, devminor=0), _entry("etc/hosts"))
-    ociarchive.unpack_tree(archive, tmp_path / "out", range(1000, 2000))
+    rootfsdiff.unpack_tree(archive, tmp_path / "out", range(1000, 2000))
     assert (tmp_path / "out" / "etc" / "hosts").stat().st_uid == 1000
     assert stat.S_ISCHR((tmp_path / "out" / "gone").lstat().st_mode)
 
@@ -150,7 +150,7 @@ def test_a_normal_checkpoint_layer_unpacks(tmp_path: Path) -> None:
     """The control: what transfer.export puts in a layer comes out as it went in."""
     dest = tmp_path / "dest"
     dest.mkdir()
-    ociarchive.unpack_layer(_image_of(tmp_path, NORMAL), dest, max_bytes=2**20)
+    ocilayer.unpack_layer(_image_of(tmp_path, NORMAL), dest, max_bytes=2**20)
     assert (dest / "checkpoint" / "pages-1.img").read_bytes() == b"p" * 5000
     assert (dest / "activator.json").read_bytes() == b"{}" and (dest / "rootfs-diff.tar").stat().st_size == 1024
     assert sorted(p.name for p in dest.iterdir()) == ["activator.json", "checkpoint", "rootfs-diff.tar"]
@@ -178,7 +178,7 @@ def test_a_hostile_layer_member_is_refused_before_anything_is_unpacked(
     dest.mkdir()
     image = _image_of(tmp_path, [*NORMAL, hostile])
     with pytest.raises(ArchiveError, match=says) as e:
-        ociarchive.unpack_layer(image, dest, max_bytes=2**20)
+        ocilayer.unpack_layer(image, dest, max_bytes=2**20)
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
     assert list(dest.iterdir()) == []  # checked before anything was written
     assert not (tmp_path / "escape").exists()
@@ -192,7 +192,7 @@ def test_a_nul_in_a_name_is_refused(tmp_path: Path) -> None:
     dest.mkdir()
     image = _image_of(tmp_path, [*NORMAL, (info, b"x")])
     with pytest.raises(ArchiveError):
-        ociarchive.unpack_layer(image, dest, max_bytes=2**20)
+        ocilayer.unpack_layer(image, dest, max_bytes=2**20)
     assert list(dest.iterdir()) == [] and not (tmp_path / "escape").exists()
 
 
@@ -203,10 +203,10 @@ def test_too_many_members_are_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     six = _image_of(tmp_path / "two", [*NORMAL, _file("one-more")])
     monkeypatch.setattr(ociarchive, "MAX_MEMBERS", 5)
     (tmp_path / "d1").mkdir()
-    ociarchive.unpack_layer(five, tmp_path / "d1", max_bytes=2**20)  # 5: the limit itself passes
+    ocilayer.unpack_layer(five, tmp_path / "d1", max_bytes=2**20)  # 5: the limit itself passes
     (tmp_path / "d2").mkdir()
     with pytest.raises(ArchiveError, match="more than 5 members"):
-        ociarchive.unpack_layer(six, tmp_path / "d2", max_bytes=2**20)
+        ocilayer.unpack_layer(six, tmp_path / "d2", max_bytes=2**20)
     with pytest.raises(ArchiveError, match="more than 5 members"):  # the archive itself: 8 members
         ociarchive.read(tmp_path / "one" / "hostile.tar")
 
@@ -223,7 +223,7 @@ def test_a_zstd_bomb_is_stopped_at_the_bound(tmp_path: Path, monkeypatch: pytest
     image = ociarchive.write(tmp_path / "bomb.tar", layer, {"k": "v"}, ref="r", arch="amd64", created="x")
     assert image.layers[0].size < 64 * 2**10  # small on the wire
     written: list[int] = []  # the decompressed layer's size on disk when the blob's digest is checked
-    check = ociarchive._check_digest
+    check = ocilayer._check_digest
 
     def spy(*args: Any) -> None:
         written.extend(p.stat().st_size for p in tmp_path.glob(".layer-*/layer.tar"))
@@ -231,12 +231,12 @@ def test_a_zstd_bomb_is_stopped_at_the_bound(tmp_path: Path, monkeypatch: pytest
 
     dest = tmp_path / "dest"
     dest.mkdir()
-    monkeypatch.setattr(ociarchive, "_check_digest", spy)
+    monkeypatch.setattr(ocilayer, "_check_digest", spy)
     with pytest.raises(ArchiveError, match="unpacks to more than 1048576 bytes"):
-        ociarchive.unpack_layer(image, dest, max_bytes=2**20)
+        ocilayer.unpack_layer(image, dest, max_bytes=2**20)
     assert written and max(written) <= 2**20, written  # stopped at the bound, not filled and then refused
     assert list(dest.iterdir()) == [] and not list(tmp_path.glob(".layer-*"))
-    ociarchive.unpack_layer(image, dest, max_bytes=65 * 2**20)
+    ocilayer.unpack_layer(image, dest, max_bytes=65 * 2**20)
     assert (dest / "checkpoint" / "pages-1.img").stat().st_size == 64 * 2**20
 
 
@@ -256,7 +256,7 @@ def test_an_altered_bomb_is_refused_as_altered(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(ArchiveError, match="does not match its digest"):
-        ociarchive.unpack_layer(ociarchive.read(tmp_path / "bomb.tar"), dest, max_bytes=2**20)
+        ocilayer.unpack_layer(ociarchive.read(tmp_path / "bomb.tar"), dest, max_bytes=2**20)
 
 
 # --- writing: only in a directory nobody else can change, never through a planted link -------------------------
