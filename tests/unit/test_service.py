@@ -514,3 +514,25 @@ async def test_pre_stop_that_cannot_connect_is_counted_and_the_stop_goes_on() ->
     await fake.clock.advance(0.05)
     assert svc.instances == [] and fake.made[0].released and fake.made[0].asked_to_stop
     assert svc.m.pre_stop["failed"]._value.get() == 1
+
+
+async def test_rejections_are_logged_as_one_tally_per_interval_and_none_is_lost(
+        caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeLauncher()
+    svc = service(fake, max_connections=1)
+    held = svc.admit()
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "admission control" in r.getMessage()]
+    for _ in range(4):
+        with pytest.raises(Rejected) as e:
+            svc.admit()
+        svc.reject(e.value)
+    assert len(lines()) == 1 and "1 max-connections" in lines()[0]  # the first at once, the rest wait
+    await fake.clock.advance(9.9)
+    assert len(lines()) == 1
+    await fake.clock.advance(0.1)  # the interval is over: the other three, though nothing came since
+    assert len(lines()) == 2 and "3 max-connections" in lines()[1]
+    await fake.clock.advance(60)
+    assert len(lines()) == 2  # nothing new, nothing logged
+    held.release()
