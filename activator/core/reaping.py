@@ -1,6 +1,6 @@
 """What becomes of an idle instance, decided: reaped, retired from the kernel path first, kept (min_instances, a
 dependant, a busy CPU) or looked at again later, and when. Plain functions of an instance's state and a time
-passed in; daemon/service.py arms the timers and carries the verdicts out.
+passed in; daemon/reaper.py arms the timers and carries the verdicts out.
 """
 
 from __future__ import annotations

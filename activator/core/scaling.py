@@ -1,7 +1,7 @@
 """How many instances to start, and when: for the demand a service sees (scale-out) and for the floor it keeps
 warm (min_instances, a keep_alive_schedule window), and how a start begins (a restore, or its fallback while
 restores back off). Plain functions of the pool's counts and the backoff's state;
-daemon/service.py spawns the starts and arms the retry timer. The arithmetic of demand against target is
+daemon/starts.py spawns the starts and arms the retry timer. The arithmetic of demand against target is
 core/capacity.py's.
 """
 

@@ -54,7 +54,7 @@ class ServiceState:
         self.budget = budget
         self.steering: Steering | None = None  # set by the lifecycle owner when the service has a kernel path
         self.instances: list[Instance] = []  # ready to take connections
-        self.waiting = 0  # connections waiting in acquire() for an instance
+        self.waiting = 0  # connections waiting in acquire_instance() for one
         self.open_connections = 0  # admitted and not yet released
         self.restore_backoff = FailureBackoff(config.backoff)
         self.start_backoff = FailureBackoff(config.backoff)
