@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from activator.config.model import ServiceConfig
+from activator.config.service import ServiceConfig
 from activator.core import pool
 from activator.errors import RestoreError, StartError
 from activator.net.network import HostNetwork

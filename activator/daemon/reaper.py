@@ -15,7 +15,7 @@ import logging
 import signal
 
 from activator.checkpoints.instance import Instance
-from activator.config.model import signal_number
+from activator.config.service import signal_number
 from activator.core import reaping
 from activator.core.reaping import Idle
 from activator.runtime.readiness import http_ok

@@ -27,7 +27,7 @@ from typing import Any
 
 from activator.checkpoints.instance import Instance
 from activator.checkpoints.store import Checkpoint, CheckpointStore
-from activator.config.model import ServiceConfig
+from activator.config.service import ServiceConfig
 from activator.core import admission, capacity, pool, reaping, scaling
 from activator.core.admission import RejectionTally
 from activator.core.capacity import Budget

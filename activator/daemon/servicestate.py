@@ -13,7 +13,7 @@ from typing import Any
 
 from activator.checkpoints.instance import Instance
 from activator.checkpoints.store import Checkpoint, CheckpointStore
-from activator.config.model import ServiceConfig
+from activator.config.service import ServiceConfig
 from activator.core import scaling
 from activator.core.capacity import Budget, FailureBackoff
 from activator.core.clock import Clock, Timer
