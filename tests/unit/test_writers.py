@@ -18,9 +18,10 @@ from activator.net import firewall, network
 from activator.net.network import Backend, HostNetwork, _ident
 from activator.net.nft import NftError, ifname
 from activator.runtime import criurestore, extmounts, imagefs, volumes
+from activator.runtime.etcfiles import hosts_line
 from activator.runtime.extmounts import DevEntry
 from activator.runtime.runc import CRIU_CONFIG, Runc, dump_config, restore_config
-from activator.runtime.sandbox import Sandbox, _hosts_line
+from activator.runtime.sandbox import Sandbox
 
 #: what `runc run` makes in /dev (read from a busybox template's snapshot_dev), modes as runc sets them
 RUNC_DEV = (
@@ -255,11 +256,11 @@ def test_an_etc_hosts_that_is_a_directory_is_refused_in_one_line(tmp_path: Path)
 @pytest.mark.parametrize("name", ["web\n10.0.0.1 bank.example", "web#x", "web x", "a\0b", "", "../x/y"])
 def test_a_hosts_line_from_an_unchecked_name_is_refused(name: str) -> None:
     with pytest.raises(ActivatorError, match="/etc/hosts") as e:
-        _hosts_line("10.0.0.1", name)
+        hosts_line("10.0.0.1", name)
     one_line(e.value)
     with pytest.raises(ActivatorError, match="is not an IP address"):
-        _hosts_line(name or "x", "web")
-    assert _hosts_line("10.0.0.1", "web", "web.local") == "10.0.0.1\tweb web.local"
+        hosts_line(name or "x", "web")
+    assert hosts_line("10.0.0.1", "web", "web.local") == "10.0.0.1\tweb web.local"
 
 
 @pytest.mark.parametrize("name", ["hosts/../../x", "..", "/etc/hosts", "a\0"])
