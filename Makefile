@@ -7,7 +7,7 @@ SETUP_DEPS := scripts/setup.sh pyproject.toml $(wildcard scripts/criu-patches/*.
 SETUP_STAMP := $(VENV)/.setup-done
 SETUP_TEST_STAMP := $(VENV)/.setup-test-done
 
-.PHONY: setup setup-test demo test unit lint images bench bench-smoke test-cgroup2 clean install uninstall
+.PHONY: setup setup-test demo test unit lint docs images bench bench-smoke test-cgroup2 clean install uninstall
 
 $(SETUP_STAMP): $(SETUP_DEPS)
 	bash scripts/setup.sh
@@ -43,6 +43,14 @@ lint: setup-test
 	haproxy -c -q -f config/haproxy/haproxy.cfg
 	$(VENV)/bin/promtool check rules config/prometheus/activator-alerts.yml
 	cd config/prometheus && $(abspath $(VENV))/bin/promtool test rules activator-alerts.test.yml
+
+# What is generated from the tree, regenerated in place (each has a unit test that fails while it is stale):
+# the configuration reference and the JSON Schema from the key declarations, the module map in
+# docs/architecture.md from the modules' line counts and docstrings (scripts/archmap.py).
+docs:
+	$(VENV)/bin/activator schema --markdown > docs/configuration.md.tmp && mv docs/configuration.md.tmp docs/configuration.md
+	$(VENV)/bin/activator schema > config/activator.schema.json.tmp && mv config/activator.schema.json.tmp config/activator.schema.json
+	$(PY) scripts/archmap.py --write
 
 # tests/unit: no root, no engine, seconds; tests/engine: the real dockerd, runc and CRIU. `make test` runs both.
 unit:
