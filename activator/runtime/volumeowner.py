@@ -153,21 +153,18 @@ def chown_tree(root: Path, uid: int, gid: int, own: range) -> tuple[int, int]:
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         dev = os.fstat(fd).st_dev
-        changed = _set(fd, None, uid, gid)
+        changed = _set(fd, uid, gid)
         c, s = _walk(fd, dev, uid, gid, own, str(root), 1)
         return changed + c, s
     finally:
         os.close(fd)
 
 
-def _set(dir_fd: int, name: str | None, uid: int, gid: int) -> int:
-    st = os.fstat(dir_fd) if name is None else os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+def _set(dir_fd: int, uid: int, gid: int) -> int:
+    st = os.fstat(dir_fd)
     if (st.st_uid, st.st_gid) == (uid, gid):
         return 0
-    if name is None:
-        os.fchown(dir_fd, uid, gid)
-    else:
-        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+    os.fchown(dir_fd, uid, gid)
     return 1
 
 
@@ -193,18 +190,39 @@ def _walk(fd: int, dev: int, uid: int, gid: int, own: range, where: str, depth: 
                     continue  # swapped for something else meanwhile: not followed
                 raise
             try:
-                changed += _set(sub, None, uid, gid)
+                changed += _set(sub, uid, gid)
                 c, s = _walk(sub, dev, uid, gid, own, f"{where}/{name}", depth + 1)
                 changed, skipped = changed + c, skipped + s
             finally:
                 os.close(sub)
             continue
-        if st.st_nlink > 1 and not stat.S_ISLNK(st.st_mode) and st.st_uid not in own:
-            skipped += 1  # the same file is elsewhere too, under a name this tree does not hold
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            changed += _set(fd, name, uid, gid)
+        c, s = _set_entry(fd, name, uid, gid, own)
+        changed, skipped = changed + c, skipped + s
     return changed, skipped
+
+
+def _set_entry(dir_fd: int, name: str, uid: int, gid: int, own: range) -> tuple[int, int]:
+    """One entry that is not a directory, judged and changed through one O_PATH descriptor: whoever writes in the
+    tree may swap the name for a hard link to a file elsewhere between a look by name and a chown by name."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return 0, 0
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return 0, 0  # swapped for a directory meanwhile: walked (by fd, from its parent) on the next U
+        if st.st_nlink > 1 and not stat.S_ISLNK(st.st_mode) and st.st_uid not in own:
+            return 0, 1  # the same file is elsewhere too, under a name this tree does not hold
+        if (st.st_uid, st.st_gid) == (uid, gid):
+            return 0, 0
+        # AT_EMPTY_PATH: the inode fd holds (a symbolic link's own, never its target's), not a name looked up again
+        if _libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), name)
+        return 1, 0
+    finally:
+        os.close(fd)
 
 
 def idmap_unsupported(path: Path, idmap: IdMap) -> str | None:

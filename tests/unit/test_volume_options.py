@@ -115,6 +115,40 @@ def test_chown_tree_changes_links_not_what_they_name(tmp_path: Path) -> None:
     assert volumeowner.chown_tree(tree, 4242, 4343, range(4242, 4243)) == (0, 1)  # nothing left to change
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_chown_tree_gives_nothing_through_a_name_swapped_for_a_hard_link(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever writes in the tree (the app, or a user the directory lets in) swaps a file for a hard link to a
+    file outside the tree at the worst moment for the walk: right after the walk looked at the name. The swap is
+    made by the test at that moment (a race won every time), on the real file system, with real chowns."""
+    tree, victim = tmp_path / "tree", tmp_path / "victim"
+    tree.mkdir()
+    victim.write_text("root's, outside the volume")
+    (tree / "swap").write_text("the app's own file, one link")
+    (tree / "plain").write_text("x")
+    (tree / "link").symlink_to(victim)
+    real_stat, swapped = os.stat, list[bool]()
+
+    def stat_then_swap(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        st = real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+        if path == "swap" and not swapped:
+            swapped.append(True)
+            os.unlink(tree / "swap")
+            os.link(victim, tree / "swap")
+        return st
+
+    monkeypatch.setattr(os, "stat", stat_then_swap)
+    changed, skipped = volumeowner.chown_tree(tree, 4242, 4343, range(4242, 4243))
+    monkeypatch.undo()
+    assert swapped, "the walk no longer looks at entries by name: move the swap to where it looks now"
+    assert (os.stat(victim).st_uid, os.stat(victim).st_gid) == (0, 0), "a file outside the tree was given away"
+    assert skipped == 1
+    # the positive control: the rest of the tree is the app's, the symbolic link's own owner included
+    for p in (tree, tree / "plain", tree / "link"):
+        assert (os.lstat(p).st_uid, os.lstat(p).st_gid) == (4242, 4343), p
+    assert changed == 3
+
+
 def test_too_deep_a_tree_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(volumeowner, "MAX_DEPTH", 3)
     (tmp_path / "1" / "2" / "3" / "4").mkdir(parents=True)
