@@ -32,6 +32,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -219,20 +220,35 @@ class StateDir:
                     f"{where}: {impassable(self.root)} lets no other user pass and binding {self.root} under "
                     f"{ALIASES} failed ({e.strerror}); `chmod o+x` it (passing lists nothing), move "
                     "settings.state_dir, or set 'userns: host'") from None
+        else:
+            self._drop_stale_alias()
+
+    def _alias_of(self) -> tuple[Path, Path]:
+        real_root = self.root.resolve()
+        return ALIASES / hashlib.sha256(str(real_root).encode()).hexdigest()[:16], real_root
+
+    def _drop_stale_alias(self) -> None:
+        """A killed run's bind of this state_dir, left because its parents have since been made passable (what the
+        refusal above advises): nothing would unmount it, and the instance mounts inside it would stay. Under the
+        lock, so no running activator is using it."""
+        alias, real_root = self._alias_of()
+        with contextlib.suppress(OSError):
+            if _mounted(alias) and os.path.samefile(alias, real_root):
+                _umount(alias)
+                alias.rmdir()
 
     def _bind_alias(self) -> None:
         """Bind state_dir (privately: the instances' mounts stay in the bind) at ALIASES/ID and work through it.
         One a killed run left is reused if it is this state_dir's, replaced if not."""
-        real_root = self.root.resolve()
-        alias = ALIASES / hashlib.sha256(str(real_root).encode()).hexdigest()[:16]
+        alias, real_root = self._alias_of()
         for d in (ALIASES.parent, ALIASES):
             d.mkdir(mode=TRAVERSE_MODE, exist_ok=True)
             os.chmod(d, TRAVERSE_MODE)
         alias.mkdir(mode=DIR_MODE, exist_ok=True)
-        same = os.path.ismount(alias) and (os.stat(alias).st_dev, os.stat(alias).st_ino) == \
+        same = _mounted(alias) and (os.stat(alias).st_dev, os.stat(alias).st_ino) == \
             (os.stat(real_root).st_dev, os.stat(real_root).st_ino)
         if not same:
-            if os.path.ismount(alias):
+            if _mounted(alias):
                 _umount(alias)
             _mount(real_root, alias, MS_BIND | MS_REC)
             _mount(None, alias, MS_PRIVATE | MS_REC)
@@ -272,6 +288,20 @@ class StateDir:
         with contextlib.suppress(OSError):
             found += sorted(self.images.glob("*/.unpack-*"))
         return found
+
+
+def _mounted(path: Path) -> bool:
+    """Whether something is mounted at path. Not os.path.ismount: a bind of a directory on the file system that
+    also holds /run (a host whose /run is no tmpfs) has its parent's device and looks like a plain directory."""
+    target = os.fsencode(path)
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            point = line.split()[4]
+            if b"\\" in point:  # spaces, tabs, newlines and backslashes are written as octal escapes
+                point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), point)
+            if point == target:
+                return True
+    return False
 
 
 def _mount(source: Path | None, target: Path, flags: int) -> None:

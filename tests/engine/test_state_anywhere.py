@@ -4,12 +4,14 @@ readable by other users through either path."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from activator.statedir import ALIASES
+from activator.statedir import ALIASES, StateDir, _aliases
 from tests.conftest import HTTPD, host_resources, http_get, write_config
 
 from .test_cli import run_cli
@@ -60,3 +62,36 @@ def test_validate_and_checkpoint_take_it(tmp_path: Path, private: Path) -> None:
     built = run_cli("checkpoint", "web", "-c", str(cfg), timeout=300)
     assert built.returncode == 0, built.stderr
     assert mounted_under(ALIASES, private) == []
+
+
+def test_cleanup_unmounts_a_killed_runs_bind_once_state_dir_is_passable(tmp_path: Path, private: Path) -> None:
+    """A run is killed while its state_dir is bound under /run (an instance's mount inside the bind); the operator
+    then does what the refusal advises (`chmod o+x` the parent), so no bind is needed any more, and runs
+    `activator cleanup`. Nothing else would ever unmount the killed run's bind or what is mounted inside it."""
+    state = private / "state"
+    killed = StateDir(state)
+    killed.lock()
+    alias = killed.alias
+    assert alias is not None
+    inside = alias / "instances" / "killed"
+    inside.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "killed", str(inside)], check=True)
+    assert killed._lock_fd is not None
+    os.close(killed._lock_fd)  # killed: the lock goes with the process, the mounts stay
+    _aliases.pop(alias, None)
+    try:
+        cfg = write_config(tmp_path, {"web": HTTPD}, state_dir=str(state))
+        private.chmod(0o711)
+        out = run_cli("cleanup", "-c", str(cfg))
+        assert out.returncode == 0, out.stderr
+        assert mounted_under(alias) == [] and not alias.exists()
+        assert mounted_under(state) == []
+        # the positive control: the state_dir itself is as it was, and run serves from it (validate says so)
+        assert (state / "lock").exists() and (state / "instances").is_dir()
+        ok = run_cli("validate", str(cfg))
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        for p in (inside, alias):
+            subprocess.run(["umount", "-l", str(p)], capture_output=True)
+        with contextlib.suppress(OSError):
+            alias.rmdir()
