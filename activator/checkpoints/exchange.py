@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from activator.config.service import ServiceConfig
+from activator.core import liveview
 from activator.errors import ActivatorError, CheckpointError
 from activator.runtime import extmounts, seccompref, userns
 from activator.runtime.runc import Runc
@@ -122,8 +123,8 @@ class CheckpointExchange:
                     await self.builds.prune_images()
                 raise
             ck = await asyncio.to_thread(self.builds.store.install, got.dir, derived)
-        log.info("service=%s checkpoint imported from %s (%s, %s, %d MiB of pages%s)", svc.name, where,
-                 image_doc.digest[:19], signer, ck.pages_bytes // 2**20,
+        log.info("service=%s checkpoint imported from %s (%s, %s, %s of pages%s)", svc.name, where,
+                 image_doc.digest[:19], signer, liveview.size(ck.pages_bytes),
                  f"; moved from user namespace range {got.moved_from} to {idmap}" if got.moved_from else "")
         return ck
 

@@ -86,13 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                        ("stop", "stop serving a service (connections refused, instances drained and stopped) "
                                 "until `activator start`, without editing the file"),
                        ("start", "serve a stopped service again")):
-        add(verb, cmd_control, text).add_argument("service")
+        add(verb, cmd_control, text).add_argument("service", help="a service's name in the file")
     sc = add("scale", cmd_control, "restore instances of a service now until N are up (at most max_instances)")
-    sc.add_argument("service")
-    sc.add_argument("instances", type=int)
+    sc.add_argument("service", help="a service's name in the file")
+    sc.add_argument("instances", type=int, metavar="N", help="how many instances to have running")
     logs = add("logs", cmd_logs, "show an app's output: its reaped instances' (kept in state_dir/logs) and its "
                "running ones'")
-    logs.add_argument("service")
+    logs.add_argument("service", help="a service's name in the file")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing what the instances write")
     logs.add_argument("--raw", action="store_true", help="the app's bytes as it wrote them (control characters "
                       "and escape sequences included: not for a terminal)")

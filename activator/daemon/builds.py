@@ -12,6 +12,7 @@ from typing import Any
 
 from activator.checkpoints.exchange import CheckpointExchange
 from activator.config.service import ServiceConfig
+from activator.core import liveview
 from activator.errors import ActivatorError
 from activator.tasks import spawn
 
@@ -149,8 +150,8 @@ class Builds:
             if source == "built":
                 service.m.checkpoint_builds.inc()
                 service.m.checkpoint_build_duration.observe(time.monotonic() - t0)
-                log.info("service=%s checkpoint built in %.1fs (%d MiB of pages)", svc.name,
-                         checkpoint.build_seconds, checkpoint.pages_bytes // 2**20)
+                log.info("service=%s checkpoint built in %.1fs (%s of pages)", svc.name,
+                         checkpoint.build_seconds, liveview.size(checkpoint.pages_bytes))
                 self.share(svc)
             had = service.checkpoint is not None or quiet
             fleet.use(svc, checkpoint)
