@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.daemonproc import echo_once
 
 pytestmark = [
     pytest.mark.engine,
@@ -47,16 +48,6 @@ def show(prop: str, unit: str = "activator.service") -> str:
 def journal() -> str:
     return subprocess.run(["journalctl", "-u", "activator", "--no-pager", "-o", "cat"], capture_output=True,
                           text=True, timeout=120).stdout
-
-
-def echo(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as c:
-        c.sendall(payload)
-        c.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := c.recv(65536):
-            got += chunk
-    return got
 
 
 @pytest.fixture
@@ -94,7 +85,7 @@ def test_the_installed_unit_keeps_its_instances_in_its_cgroup_on_v2(installed: P
         assert time.monotonic() < deadline, (text, journal()[-3000:])
         time.sleep(1)
     assert "using the socket passed in for 127.0.0.1:8080" in journal()
-    assert echo(8080, b"through systemd on cgroup v2") == b"through systemd on cgroup v2"
+    assert echo_once(8080, b"through systemd on cgroup v2", timeout=120) == b"through systemd on cgroup v2"
 
     # The instance is a process of the unit's cgroup tree, by the kernel's own word (/proc/PID/cgroup), not only
     # by a directory's name: systemd counts it in TasksCurrent and `stop` kills it if activator could not.
