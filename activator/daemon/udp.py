@@ -40,6 +40,7 @@ from activator.errors import Rejected
 from activator.net.network import UNANSWERED_TIMEOUT, forget_udp_flow
 from activator.tasks import spawn
 
+from . import activation
 from .lease import Lease
 from .service import Service
 
@@ -167,41 +168,32 @@ class Flow:
         return True
 
     async def _connect(self) -> None:
-        svc = self.svc
-        try:
-            inst, waited = await svc.unclaimed()
-            sock = inst.sandbox.netns.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                sock.connect(("127.0.0.1", svc.config.port))  # no handshake: only fixes the peer
-                transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-                    lambda: _Backend(self), sock=sock)
-            except BaseException:
-                sock.close()
-                raise
-        except asyncio.CancelledError:
-            self.close()
-            raise
-        except Rejected as e:
-            svc.reject(e)
-            self.end()
+        transport = await activation.activate(self.svc, self, self._reach, what=f"UDP flow from {self.addr[0]}",
+                                              since=self.started, log=log)
+        if transport is None:
             return
-        except Exception as e:
-            svc.m.connection_errors.inc()
-            log.warning("service=%s UDP flow from %s could not be served: %s", svc.name, self.addr[0], e)
-            self.end()
-            return
-        if self.closed:
-            transport.close()
-            return
-        self.instance = inst
         self.backend = transport
         self.delivered = time.monotonic()
-        if waited:
-            svc.m.first_connection_wait.observe(self.delivered - self.started)
         self.front.unanswered.held -= sum(len(d) for d in self.queue)
         while self.queue:  # in the order they came; nothing new can interleave (no await in between)
             transport.sendto(self.queue.popleft())
-        self._arm(min(UNANSWERED_TIMEOUT, svc.config.udp_flow_timeout))
+        self._arm(min(UNANSWERED_TIMEOUT, self.svc.config.udp_flow_timeout))
+
+    async def _reach(self) -> tuple[asyncio.DatagramTransport, bool]:
+        """A socket to the app in an instance, claimed by nothing (service.unclaimed). Raises Rejected."""
+        inst, waited = await self.svc.unclaimed()
+        sock = inst.sandbox.netns.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.connect(("127.0.0.1", self.svc.config.port))  # no handshake: only fixes the peer
+            transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: _Backend(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.instance = inst
+        return transport, waited
+
+    def turned_away(self, why: Rejected | None) -> None:
+        self.end()  # a datagram has no refusal to send: the flow ends, its held datagrams dropped (counted)
 
     def _arm(self, delay: float) -> None:
         self._timer = asyncio.get_running_loop().call_later(delay, self._check)
