@@ -47,7 +47,6 @@ from activator.checkpoints.instance import Instance
 from activator.core import httpwait, probes, proxy_protocol
 from activator.core.phases import Action, Arm, ArmSilent, Close, ConnectionPhases, KeepReading, Timeouts, Wake, Why
 from activator.errors import Rejected
-from activator.net.marks import HANDED
 from activator.tasks import spawn
 
 from . import activation, probeanswers
@@ -465,9 +464,6 @@ async def connect_handed(address: tuple[str, int]) -> socket.socket:
     accept on it meanwhile, so an app takes it. The handshake is the kernel's (the listener's), at once."""
     sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        # the client's own connection is counted already: the host's count of the service's connections leaves
-        # this one out (net/rules.py, handoff.py)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, HANDED)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, address)
     except BaseException:
