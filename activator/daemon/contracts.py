@@ -1,5 +1,5 @@
-"""What a service drives, as interfaces: its kernel path's steering, its instances' sandboxes, the launcher that
-brings instances up. The real ones live in net/, daemon/handoff.py, runtime/ and checkpoints/; the unit tests'
+"""What a service drives, as interfaces: its instances' sandboxes and the launcher that brings instances up (its
+steering mode's interface is steering.Mode). The real ones live in runtime/ and checkpoints/; the unit tests'
 fakes are checked against these by mypy."""
 
 from __future__ import annotations
@@ -11,20 +11,6 @@ from activator.checkpoints.instance import Instance
 from activator.checkpoints.store import Checkpoint
 from activator.net.network import Attachment
 from activator.runtime.readiness import Connect
-
-
-class Steering(Protocol):
-    """A service's kernel path (network.ServiceSteering: a DNAT rule; handoff.HandoffSteering: the apps accept from
-    the service's socket): which instances the kernel sends new connections to."""
-
-    #: how long a half-open kernel-path connection lives (a spoofed SYN's entry goes after this)
-    half_open_timeout: float
-    #: handoff (handoff.py): the service socket's address, where a held connection reaches an app; else None
-    address: tuple[str, int] | None
-
-    def set(self, instances: list[Instance], starting: int = 0) -> None: ...
-
-    def open_count(self, inst: Instance) -> tuple[int, int]: ...  # blocking: (open, half-open) from conntrack
 
 
 class ServiceSandbox(Protocol):

@@ -34,14 +34,13 @@ from activator.runtime.ksm import Ksm
 from activator.statedir import StateDir
 from activator.tasks import spawn
 
-from . import metrics, systemd
+from . import metrics, modes, systemd
 from .acceptor import Acceptor
-from .handoff import HandoffSteering
+from .handoff import HandoffMode
 from .listeners import BACKLOG, address_of, take_all
 from .metrics import Metrics
 from .proxy import ConnectionSet, client_protocol_factory
 from .service import Service
-from .steering import ServiceSteering
 from .udp import UdpFront, Unanswered
 
 log = logging.getLogger("activator")
@@ -173,7 +172,8 @@ class Fleet:
         connection is accepted."""
         if self.network is not None and kernel_path_possible(svc):
             self.network.limit(svc.name, svc.listen, svc.max_connections, svc.client_idle_timeout,
-                               svc.udp_flow_timeout if "udp" in svc.protocol else None, svc.udp_reply_ratio)
+                               svc.udp_flow_timeout if "udp" in svc.protocol else None, svc.udp_reply_ratio,
+                               handoff=svc.handoff)
 
     def reconfigure(self, svc: ServiceConfig) -> None:
         """A reload that changes only what the running service reads at decision time (core.reloadplan.IN_PLACE):
@@ -190,21 +190,26 @@ class Fleet:
             self.limit(svc)
 
     def use(self, svc: ServiceConfig, checkpoint: Checkpoint) -> None:
-        """Hand a service its checkpoint, and its kernel path: its socket handed to its apps (handoff), or a
-        steering rule if the app can be reached on its own address."""
+        """Hand a service its checkpoint, and its steering mode (modes.py): its socket handed to its apps
+        (handoff), a steering rule if the app can be reached on its own address (kernel), else userspace."""
         service = self.services[svc.name]
         listener = self._handoff_listener(svc)
         if listener is not None:
             service.launcher.listener = listener
-            if not isinstance(service.steering, HandoffSteering):
-                service.steering = HandoffSteering(svc, listener, lambda on: self.accepting(svc.name, on))
-        elif self.network is not None and kernel_path_possible(svc) and checkpoint.kernel_path:
-            if service.steering is None:
-                service.steering = ServiceSteering(self.network, svc)
-        elif service.steering is not None:
-            service.withdraw_all()
-            service.steering = None
+        context = self._mode_context(svc, checkpoint, listener)
+        entry = modes.choose(context)
+        if service.mode.name != entry.name:
+            service.switch_mode(entry.make(context))
         service.set_checkpoint(checkpoint)
+
+    def _mode_context(self, svc: ServiceConfig, checkpoint: Checkpoint,
+                      listener: socket.socket | None) -> modes.ModeContext:
+        name = svc.name
+        return modes.ModeContext(
+            svc, checkpoint, self.network, listener, self.metrics,
+            accepting=lambda on: self.accepting(name, on),
+            replace_socket=lambda why: self._replace_later(name, why),
+            listening_again=lambda: self.listening_again(name))
 
     def _handoff_listener(self, svc: ServiceConfig) -> socket.socket | None:
         if not svc.handoff:
@@ -309,14 +314,17 @@ class Fleet:
         for acceptor in self.acceptors.get(name, []):
             acceptor.kick()
 
+    def _replace_later(self, name: str, what: str) -> None:
+        self.keep(spawn(self.replace_socket(name, what), name=f"replace-socket:{name}"))
+
     async def replace_socket(self, name: str, what: str) -> None:
         """A handoff service's socket has a socket filter an app attached (handoff.py): it may drop every
         connection, for every holder, and a locked one cannot be taken off. Every instance of the service is
         killed (any may have done it, and each holds the socket), and the socket replaced by a fresh one on the
         same address; the service's next connection restores a new instance with that one."""
         service = self.services[name]
-        steering = service.steering
-        if not isinstance(steering, HandoffSteering) or steering.replacing:
+        steering = service.mode
+        if not isinstance(steering, HandoffMode) or steering.replacing:
             return
         steering.replacing = True
         old = steering.listener
@@ -344,10 +352,13 @@ class Fleet:
             return
         self.listeners[name] = [fresh if sock is old else sock for sock in self.listeners.get(name, [])]
         old.close()
-        service.steering = HandoffSteering(service.config, fresh, lambda on: self.accepting(name, on))
+        checkpoint = service.checkpoint
+        assert checkpoint is not None  # a handoff mode is chosen with one
+        context = self._mode_context(service.config, checkpoint, fresh)
+        service.switch_mode(modes.choose(context).make(context))
         self.paused.discard(name)
         self._add_acceptor(name, fresh)
-        service.steering.set(list(service.instances), service.starting)
+        service.mode.set(list(service.instances), service.starting)
         await service.launcher.rehand(fresh)
         log.info("service=%s listening on a fresh socket %s", name, address)
 
@@ -416,7 +427,7 @@ class Fleet:
         old.m = metrics.detached(old.m)
         old.store = None  # it must not sweep the checkpoint a new definition may be using
         old.withdraw_all()
-        old.steering = None
+        old.mode.stop()
         if self.network is not None:
             self.network.forget(old.name, counters=removed)
         self.retiring.add(old)

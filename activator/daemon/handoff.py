@@ -34,6 +34,7 @@ and kept; a connection waiting in the accept queue meanwhile stays there for the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -41,14 +42,18 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 from activator.checkpoints.instance import Instance
 from activator.config.service import ServiceConfig
+from activator.core.clock import Clock
 from activator.net import sockdiag
+from activator.net.rules import ident
+from activator.net.sampling import Samples
 
 from .listeners import BACKLOG
+from .metrics import Metrics
+from .steering import InstanceSample, Sample, Totals
 
 log = logging.getLogger("activator")
 
@@ -87,19 +92,17 @@ def listen_backlog(sock: socket.socket) -> int | None:
     return int(struct.unpack_from("I", info, 28)[0])
 
 
-@dataclass(frozen=True)
-class HandoffSample:
-    counts: dict[str, int]  # open connections of each handed instance, by name
-    backlog: int  # connections in the accept queue that no app has taken yet
-    dropped: tuple[str, ...]  # instances whose app no longer holds the socket (it closed it)
+class HandoffMode:
+    """The handoff mode (steering.py): which of a service's instances take connections from its socket, how many
+    each holds and took, and the socket kept as the activator bound it."""
 
-
-class HandoffSteering:
-    """Which of a service's instances take connections from its socket, and how many each holds."""
-
+    name = "handoff"
+    steers = True
     half_open_timeout = 0.0  # handshakes complete in the listener, never in an instance
+    failures = 0  # nothing of it is a rule the kernel could refuse
 
-    def __init__(self, config: ServiceConfig, listener: socket.socket, accepting: Callable[[bool], None]) -> None:
+    def __init__(self, config: ServiceConfig, listener: socket.socket, accepting: Callable[[bool], None],
+                 metrics: Metrics, replace: Callable[[str], None], relisten: Callable[[], None]) -> None:
         self.config = config
         self.listener = listener
         self.inode = os.fstat(listener.fileno()).st_ino
@@ -110,22 +113,106 @@ class HandoffSteering:
         wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1"}
         self.address: tuple[str, int] | None = (wildcard.get(host, host), self.port)
         self._accepting = accepting
+        self._metrics = metrics
+        self._replace = replace
+        self._relisten = relisten
         self.backlog = listen_backlog(listener) or BACKLOG  # as it was bound (systemd's Backlog=, or ours)
         self.replacing = False  # Fleet.replace_socket is under way
+        self.stopped = False
+        self._held: dict[Instance, frozenset[int]] = {}  # each handed instance's connections at the last look
+        self._taken = 0  # connections the apps took, as last counted (never goes down)
+
+    def reaches(self, inst: Instance) -> bool:
+        return inst.handoff
 
     def set(self, instances: list[Instance], starting: int = 0) -> None:
         """The activator accepts only while no app can: none runs, and none is being restored (a restored app
         accepts from the moment CRIU resumes it, before the restore returns)."""
         self._accepting(not starting and not any(i.handoff for i in instances))
 
-    def open_count(self, inst: Instance) -> tuple[int, int]:
-        """Blocking: (connections its processes hold, 0). On an error, one: never reaped on a count not made."""
+    def open_count(self, inst: Instance) -> int:
+        """Blocking: the connections its processes hold. On an error, one: never reaped on a count not made."""
         try:
             table = sockdiag.read(self.family, self.port)
-            return (len(table.accepted & inst.sandbox.socket_inodes()), 0)
+            return len(table.accepted & inst.sandbox.socket_inodes())
         except Exception as e:
             log.warning("instance=%s: counting its connections failed (%s); kept for now", inst.name, e)
-            return (1, 0)
+            return 1
+
+    async def retire(self, inst: Instance, clock: Clock, resteer: Callable[[], None]) -> int:
+        """Frozen, it takes no new connection from the socket and its descriptor table cannot change, so the
+        count is exact; then killed frozen, or thawed and kept (by the service). Frozen first, then out of set():
+        the activator never competes with a running app for a connection."""
+        try:
+            await inst.sandbox.freeze()
+            resteer()
+            return await asyncio.to_thread(self.open_count, inst)
+        except Exception as e:
+            log.warning("service=%s instance=%s could not be frozen to be counted (%s); kept", self.config.name,
+                        inst.name, e)
+            return 1
+
+    async def sample(self, instances: list[Instance], shared: Samples | None, arrived: int) -> Sample:
+        """Each handed instance's open connections and the ones it took since the last look, the accept queue,
+        who closed the socket, and the service's total.
+
+        The total is exact where the host network counts the service's new connections (an input-hook counter,
+        rules.limit_rules; IPv4): what arrived, less what the activator's own listener took (`arrived`, counted
+        by the service). Read after the counter, `arrived` can only make it low for a moment, never high, and it
+        never goes down. Which instance took each is known only for connections still open at a look (their
+        inodes in its descriptor table): the total is split over the instances in proportion to those, so one
+        instance's figure is exact and several instances' add up to the total. Without the counter (IPv6, no
+        network) the total is what the looks saw."""
+        handed = [i for i in instances if i.handoff]
+        for gone in set(self._held) - set(handed):
+            del self._held[gone]
+        if handed:
+            table, held = await asyncio.to_thread(self._read, handed)
+        else:
+            table, held = None, {}
+        opened = {inst: len(table.accepted & inodes) for inst, inodes in held.items()} if table else {}
+        seen = {inst: len(inodes - self._held.get(inst, frozenset())) for inst, inodes in held.items()}
+        self._held.update({inst: frozenset(table.accepted & inodes) for inst, inodes in held.items()} if table
+                          else {})
+        counted = shared.steered.get(ident(self.config.name)) if shared is not None else None
+        before = self._taken
+        self._taken = max(before, counted - arrived if counted is not None else before + sum(seen.values()))
+        split = _split(self._taken - before, seen, opened)
+        out = {inst: InstanceSample(open=opened[inst], active=bool(opened[inst]) or opened[inst] != inst.kernel
+                                    or bool(split.get(inst)), new=split.get(inst, 0)) for inst in held}
+        left = tuple(inst for inst, inodes in held.items() if self.inode not in inodes)
+        for inst in left:  # it takes nothing from the socket any more: the activator accepts for it again
+            log.warning("service=%s instance=%s closed the listening socket it was handed; the activator accepts "
+                        "for it again", self.config.name, inst.name)
+            inst.handoff = False
+        return Sample(out, None if self.stopped else Totals(connections=self._taken),
+                      waiting=table.backlog if table else 0, left=left)
+
+    def _read(self, handed: list[Instance]) -> tuple[sockdiag.PortSockets, dict[Instance, frozenset[int]]]:
+        table = sockdiag.read(self.family, self.port)
+        return table, {inst: frozenset(inst.sandbox.socket_inodes()) for inst in handed}
+
+    def guard(self) -> None:
+        """What an app may have done to the socket it shares with the activator (see the module's docstring),
+        undone: a socket filter (the socket replaced), a shrunk backlog, a shutdown."""
+        if self.replacing or self.stopped or self.listener.fileno() < 0:
+            return
+        name = self.config.name
+        if (what := socket_filter(self.listener)) is not None:
+            self._replace(what)
+            return
+        if (found := self.keep_backlog()) is not None:
+            self._metrics.handoff_backlog.labels(name).inc()
+            log.warning("service=%s its listening socket's backlog had been set to %d (by an app it was handed to); "
+                        "%d again", name, found, self.backlog)
+        if self.keep_listening():
+            self._relisten()
+            self._metrics.handoff_repairs.labels(name).inc()
+            log.warning("service=%s its listening socket had been shut down (by an app it was handed to); listening "
+                        "again", name)
+
+    def stop(self) -> None:
+        self.stopped = True
 
     def keep_listening(self) -> bool:
         """An app may shutdown() the socket it was handed, which is the activator's socket too: listening again on
@@ -147,16 +234,16 @@ class HandoffSteering:
         self.listener.listen(self.backlog)
         return found
 
-    def sample(self, instances: list[Instance]) -> HandoffSample:
-        """Blocking: each handed instance's open connections, the accept queue, and who closed the socket."""
-        table = sockdiag.read(self.family, self.port)
-        counts: dict[str, int] = {}
-        dropped: list[str] = []
-        for inst in instances:
-            if not inst.handoff:
-                continue
-            held = inst.sandbox.socket_inodes()
-            if self.inode not in held:  # it closed the socket it was handed: it takes nothing from it any more
-                dropped.append(inst.name)
-            counts[inst.name] = len(table.accepted & held)
-        return HandoffSample(counts, table.backlog, tuple(dropped))
+
+def _split(n: int, seen: Mapping[Instance, int], opened: Mapping[Instance, int]) -> dict[Instance, int]:
+    """n connections over the instances, in proportion to what each was seen taking (else to what each holds,
+    else evenly); whole numbers that add up to n (largest remainder, ties to the first)."""
+    if n <= 0 or not seen:
+        return {}
+    weights = dict(seen) if any(seen.values()) else dict(opened) if any(opened.values()) else dict.fromkeys(seen, 1)
+    total = sum(weights.values())
+    share = {inst: n * w // total for inst, w in weights.items()}
+    rest = n - sum(share.values())
+    for inst in sorted(weights, key=lambda i: -(n * weights[i] % total))[:rest]:
+        share[inst] += 1
+    return share

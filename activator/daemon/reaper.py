@@ -21,7 +21,6 @@ from activator.core.reaping import Idle
 from activator.runtime.readiness import http_ok
 from activator.tasks import spawn
 
-from .contracts import Steering
 from .servicestate import ServiceState
 
 log = logging.getLogger("activator.service")
@@ -75,10 +74,10 @@ class Reaping(ServiceState):
         verdict = reaping.idle_check(
             reaping.InstanceView(stopping=inst.stopping, spliced=inst.spliced, withdrawn=inst.withdrawn,
                                  kernel=inst.kernel, idle_since=track.idle_since,
-                                 steerable=inst.handoff or inst.sandbox.attachment is not None,
+                                 steerable=self.mode.reaches(inst),
                                  cpu_share=self._cpu_share(inst, now)),
             now=now, idle_timeout=self.config.idle_timeout, instances=len(self.instances),
-            min_instances=self.floor, held_by=self.held(), steered=self.steering is not None,
+            min_instances=self.floor, held_by=self.held(), steered=self.mode.steers,
             cpu_below=self.config.idle_cpu_below)
         if verdict.idle_since is not None:
             track.idle_since = verdict.idle_since
@@ -93,57 +92,20 @@ class Reaping(ServiceState):
             self._reap(inst)
         elif verdict.action is Idle.RETIRE:
             inst.withdrawn = True
-            if not inst.handoff:  # one accepting from the service's socket leaves the rule once frozen
-                self._resteer()
             self._own(spawn(self._retire(inst), name=f"retire:{inst.name}"))
         elif verdict.delay is not None:  # looked at again later (kept: until the last dependant goes, or warm)
             self._arm_idle(inst, verdict.delay)
 
     async def _retire(self, inst: Instance) -> None:
-        """The instance is out of the rule: reap it unless a connection got in before the rule changed.
-
-        A handshake under way when the rule changed (a SYN steered to it just before) must finish here, or the
-        client loses its connection; a spoofed SYN never finishes, and goes after half_open_timeout. Half-open
-        entries are therefore waited out, not counted: no new one can come, the instance is out of the rule."""
-        assert self.steering is not None
-        steering = self.steering
-        if inst.handoff:
-            await self._retire_handed(inst, steering)
-            return
-        # A SYN DNATed just before the rule changed may not have its conntrack entry confirmed yet (a dump shows
-        # confirmed ones only): let it settle, or that client's SYN would meet a dead instance and be retried a
-        # second later.
-        await self.clock.sleep(reaping.WITHDRAW_SETTLE)
-        deadline = reaping.retire_deadline(self.clock.now(), steering.half_open_timeout)
-        while True:
-            still_open, half_open = await asyncio.to_thread(steering.open_count, inst)
-            if inst.stopping:
-                return
-            reap = reaping.retired(still_open=still_open, half_open=half_open, spliced=inst.spliced,
-                                past_deadline=self.clock.now() > deadline)
-            if reap is not None:
-                break
-            await self.clock.sleep(reaping.RECOUNT_EVERY)
-        if not reap:
-            self._put_back(inst, still_open)
-            return
-        self._reap(inst)
-
-    async def _retire_handed(self, inst: Instance, steering: Steering) -> None:
-        """An instance that accepts from the service's socket (handoff.py): frozen, it takes no new connection and
-        its descriptor table cannot change, so the count is exact; killed frozen, or thawed and kept."""
-        try:
-            await inst.sandbox.freeze()
-            self._resteer()  # frozen first: the activator never competes with it for a connection
-            still_open, _ = await asyncio.to_thread(steering.open_count, inst)
-        except Exception as e:
-            log.warning("service=%s instance=%s could not be frozen to be counted (%s); kept", self.name, inst.name, e)
-            still_open = 1
+        """The instance is withdrawn: its mode takes it out and counts what it still has open (steering.Mode.retire);
+        reaped with none open, else put back (thawed, if the count froze it)."""
+        still_open = await self.mode.retire(inst, self.clock, self._resteer)
         if inst.stopping:
             return
         if still_open or inst.spliced:
-            self._put_back(inst, still_open)  # first: the activator stops accepting and the app's flags come back
-            inst.sandbox.thaw()
+            self._put_back(inst, still_open)  # first: with handoff, the activator stops accepting before the thaw
+            if inst.sandbox.frozen:
+                inst.sandbox.thaw()
             return
         self._reap(inst)
 

@@ -241,9 +241,7 @@ class Activator:
                 raise ActivatorError(f"{fleet.config.path}: settings.agent.listen: cannot listen on "
                                      f"{agent_settings.listen}: {e.strerror}; pick another address or remove "
                                      "settings.agent") from None
-        if host.network is not None:
-            fleet.keep(spawn(watchers.meter(fleet), name="kernel-meter"))
-        fleet.keep(spawn(watchers.handoff_meter(fleet), name="handoff-meter"))
+        fleet.keep(spawn(watchers.meter(fleet), name="meter"))  # every steering mode's samples
         fleet.keep(spawn(watchers.watch_images(fleet), name="image-watch"))
         fleet.keep(spawn(watchers.keep_alive_schedules(fleet), name="keep-alive-schedules"))
         await self._first_checkpoints(wait_for_builds)

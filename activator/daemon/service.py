@@ -12,11 +12,10 @@ What is decided here is decided in core/ (admission.py, pool.py, scaling.py); th
 A service whose checkpoint could not be built refuses connections until a build succeeds (the lifecycle owner
 retries), as a service backing off after failed starts does.
 
-With a kernel path (net/network.py: instances on the bridge, no PROXY header), ready instances are also in the
-service's steering rule, and most connections never reach the activator: the kernel sends them straight to an
-instance. Their count comes from conntrack samples (kernel_sample(), a few times a second); it counts toward
-target_connections (scale-out), toward max_connections, and as activity for the idle timer. A failed instance is
-withdrawn from the rule at once.
+With a mode that steers (steering.py: the kernel path's DNAT rule, or handoff), ready instances also take
+connections that never reach the activator. What the mode samples of them (fold(), a few times a second) counts
+toward target_connections (scale-out), toward max_connections, as served, and as activity for the idle timer. A
+failed instance leaves the mode's set at once.
 """
 
 from __future__ import annotations
@@ -38,11 +37,11 @@ from activator.tasks import spawn
 
 from . import servicestatus
 from .contracts import Launcher
-from .handoff import HandoffSample
 from .lease import Lease
 from .metrics import ServiceMetrics
 from .reaper import Reaping
 from .starts import Starting
+from .steering import Mode, Sample
 
 log = logging.getLogger("activator.service")
 
@@ -55,7 +54,6 @@ class Service(Reaping, Starting):
         super().__init__(config, launcher=launcher, metrics=metrics, budget=budget, store=store, clock=clock)
         self._rejections = RejectionTally()
         self._rejections_timer: Timer | None = None
-        self._kernel_rejected = self._kernel_steered = self._kernel_amplified = 0
         # Remaining backoff shrinks with time, and kernel-path connections change without us: both are computed
         # at scrape time, not when last touched.
         self.m.open_connections.set_function(lambda: self.open_connections + self.kernel_connections)
@@ -68,6 +66,15 @@ class Service(Reaping, Starting):
 
     def status(self) -> dict[str, Any]:
         return servicestatus.status(self)
+
+    def switch_mode(self, mode: Mode) -> None:
+        """From now on new connections reach the instances this way (Fleet.use picks it: steering.choose). The
+        mode left behind steers no more; instances it reached keep what they have and drain."""
+        if self.mode.steers:
+            self.withdraw_all()
+        self.mode.stop()
+        self.mode = mode
+        self._resteer()
 
     def set_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Use this checkpoint for new instances (a rebuild: running ones keep theirs until they go)."""
@@ -123,6 +130,7 @@ class Service(Reaping, Starting):
 
     def admit(self) -> Lease:
         """Count a new client connection in, or raise Rejected (counted by the caller through reject())."""
+        self.arrived += 1
         if (why := self.refusal()) is not None:
             raise why
         if not self.budget.take():
@@ -135,21 +143,9 @@ class Service(Reaping, Starting):
         self.open_connections -= 1
         self.budget.give()
 
-    @property
-    def kernel_counters(self) -> tuple[int, int]:
-        """The kernel's rejected and steered counts last folded into the metrics."""
-        return self._kernel_rejected, self._kernel_steered
-
     def take_counters_from(self, old: Service) -> None:
-        """A new definition of the same service (a reload): the kernel counters carry on, not start over."""
-        self._kernel_rejected, self._kernel_steered = old.kernel_counters
-        self._kernel_amplified = old._kernel_amplified
-
-    def kernel_replies_dropped(self, total: int) -> None:
-        """The kernel path's count of UDP replies dropped over udp_reply_ratio (a repaired table's starts at 0)."""
-        if total > self._kernel_amplified:
-            self.m.udp_replies_dropped.inc(total - self._kernel_amplified)
-        self._kernel_amplified = total
+        """A new definition of the same service (a reload): the kernel's counts carry on, not start over."""
+        self.totals, self.arrived = old.totals, old.arrived
 
     def needs_wake(self) -> bool:
         """Would a connection arriving now make the service start an instance (or wait for one)?"""
@@ -276,60 +272,33 @@ class Service(Reaping, Starting):
         if line is not None:
             log.warning("service=%s connections closed by admission control: %s", self.name, line)
 
-    def kernel_sample(self, samples: dict[int, Any], rejected: int, steered: int, now: float) -> None:
-        """Fold a sample of the kernel path (network.HostNetwork.sample(), by mark) into the instances, and the
-        service's counters (connections steered, refused for max_connections) into its metrics."""
-        if rejected > self._kernel_rejected:
-            self.m.rejected["max-connections"].inc(rejected - self._kernel_rejected)
-            self._tally("max-connections", rejected - self._kernel_rejected,
-                        f"refused in the kernel: service '{self.name}' has {self.config.max_connections} open "
-                        "connections")
-        if steered > self._kernel_steered:
-            self.m.connections.inc(steered - self._kernel_steered)
-        self._kernel_rejected, self._kernel_steered = rejected, steered
-        for inst in list(self.instances):
-            att = inst.sandbox.attachment
-            s = samples.get(att.mark) if att is not None else None
-            if s is None:
+    def fold(self, sample: Sample, now: float) -> None:
+        """Fold what the service's mode saw (steering.Sample, the same for every mode) into its instances and its
+        metrics: an instance with traffic is in use, connections the kernel gave it count as served, what waits
+        for an instance counts toward scale-out."""
+        if (totals := sample.totals) is not None:
+            last, self.totals = self.totals, totals
+            if (n := _since(totals.rejected, last.rejected)) > 0:
+                self.m.rejected["max-connections"].inc(n)
+                self._tally("max-connections", n, f"refused in the kernel: service '{self.name}' has "
+                                                  f"{self.config.max_connections} open connections")
+            self.m.connections.inc(_since(totals.connections, last.connections))
+            self.m.udp_replies_dropped.inc(_since(totals.replies_dropped, last.replies_dropped))
+        for inst, s in sample.instances.items():
+            if inst not in self.instances:
                 continue
-            track = self._track(inst)
-            if s.packets != track.kernel_packets:  # traffic since the last look: the instance is in use
-                track.idle_since = now
-                if s.packets > track.kernel_packets and not inst.established:
+            if s.active:
+                self._track(inst).idle_since = now
+                if (s.new or s.open) and not inst.established:
                     inst.established = 1
                     self.proved(inst)
-            self.m.bytes_in.inc(max(0, s.bytes_in - track.kernel_bytes_in))
-            self.m.bytes_out.inc(max(0, s.bytes_out - track.kernel_bytes_out))
-            inst.kernel, track.kernel_packets = s.open, s.packets
-            track.kernel_bytes_in, track.kernel_bytes_out = s.bytes_in, s.bytes_out
-            # a counter below the last one was put back from zero (a repaired table): all of it is new
-            inst.kernel_served += s.served - track.kernel_served_seen if s.served >= track.kernel_served_seen \
-                else s.served
-            track.kernel_served_seen = s.served
-        self._scale(extra=0)
-
-    def handoff_sample(self, sample: HandoffSample, now: float) -> None:
-        """Fold a sample of the handed-off connections (handoff.HandoffSteering.sample()) into the instances: an
-        instance holding connections is in use; the accept queue is demand no instance has taken yet. An app
-        that closed the socket it was handed takes nothing from it any more: the activator accepts again (and
-        dials that app on its own address, if it listens there)."""
-        for inst in self.instances:
-            n = sample.counts.get(inst.name)
-            if n is None:
-                continue
-            if n or n != inst.kernel:
-                self._track(inst).idle_since = now
-            if n and not inst.established:
-                inst.established = 1
-                self.proved(inst)
-            inst.kernel = n
-            if inst.name in sample.dropped:
-                log.warning("service=%s instance=%s closed the listening socket it was handed; the activator "
-                            "accepts for it again", self.name, inst.name)
-                inst.handoff = False
-        if sample.dropped:
+            self.m.bytes_in.inc(s.bytes_in)
+            self.m.bytes_out.inc(s.bytes_out)
+            inst.kernel = s.open
+            inst.kernel_served += s.new
+        if sample.left:
             self._resteer()
-        self._scale(extra=sample.backlog)
+        self._scale(extra=sample.waiting)
 
     async def stop_serving(self, drain_timeout: float) -> None:
         """Refuse new connections (reason `stopped`), take every instance out of the kernel path, let open
@@ -393,7 +362,7 @@ class Service(Reaping, Starting):
         for inst in self.instances:
             inst.withdrawn = True
         self._resteer()
-        for inst in [i for i in self.instances if i.handoff]:
+        for inst in [i for i in self.instances if self.mode.address is not None and self.mode.reaches(i)]:
             self._stop(inst, graceful=True)
 
     async def close(self) -> None:
@@ -413,3 +382,9 @@ class Service(Reaping, Starting):
         await self.launcher.close()
         while self._stopping:
             await asyncio.gather(*list(self._stopping), return_exceptions=True)
+
+
+def _since(total: int, last: int) -> int:
+    """What a cumulative kernel counter gained; one below its last value was put back from zero (a repaired
+    table): all of it is new."""
+    return total - last if total >= last else total

@@ -20,23 +20,20 @@ from activator.core.clock import Clock, Timer
 from activator.core.pool import SingleUse
 
 from .clock import LoopClock
-from .contracts import Launcher, Steering
+from .contracts import Launcher
 from .metrics import ServiceMetrics
+from .steering import Mode, Totals
+from .userspace import UserspaceMode
 
 
 @dataclass
 class Tracked:
     """What a service keeps about one of its instances, beside what the launcher made of it (Instance): when it
-    went idle and the timer that looks at it then, idle_cpu_below's CPU mark, the last kernel sample's counters (to
-    tell activity and count bytes), the pidfd its app's death is seen by."""
+    went idle and the timer that looks at it then, idle_cpu_below's CPU mark, the pidfd its app's death is seen by."""
 
     idle_since: float
     idle_timer: Timer | None = None
     cpu_mark: tuple[float, float] | None = None  # (time, its CPU seconds) when the idle timer was last armed
-    kernel_packets: int = 0
-    kernel_bytes_in: int = 0
-    kernel_bytes_out: int = 0
-    kernel_served_seen: int = 0  # the last sample's per-instance connection counter
     pidfd: int | None = None
 
 
@@ -52,7 +49,11 @@ class ServiceState:
         self.m = metrics
         self.launcher = launcher
         self.budget = budget
-        self.steering: Steering | None = None  # set by the lifecycle owner when the service has a kernel path
+        #: how new connections reach its instances (steering.py); the lifecycle owner picks it (Fleet.use)
+        self.mode: Mode = UserspaceMode()
+        #: the kernel's cumulative counts last folded (they carry over a reload: take_counters_from)
+        self.totals = Totals()
+        self.arrived = 0  # connections the activator's own listeners took for it (admitted or not)
         self.instances: list[Instance] = []  # ready to take connections
         self.waiting = 0  # connections waiting in acquire_instance() for one
         self.open_connections = 0  # admitted and not yet released
@@ -127,8 +128,7 @@ class ServiceState:
         task.add_done_callback(self._stopping.discard)
 
     def _resteer(self) -> None:
-        if self.steering is not None:
-            self.steering.set([i for i in self.instances if not i.withdrawn and not i.stopping], len(self._starts))
+        self.mode.set([i for i in self.instances if not i.withdrawn and not i.stopping], len(self._starts))
 
     def _notify(self) -> None:
         """Wake every waiter to re-evaluate (one Event per generation, so none misses a wake-up)."""
@@ -142,7 +142,7 @@ class ServiceState:
     @property
     def handoff_address(self) -> tuple[str, int] | None:
         """Where a connection the activator holds reaches an app that accepts from the service's socket."""
-        return self.steering.address if self.steering is not None else None
+        return self.mode.address
 
     # --- what one part asks of another (defined in reaper.Reaping, starts.Starting, service.Service) ------------
 

@@ -15,7 +15,8 @@ def status(self: ServiceState) -> dict[str, Any]:
         "name": self.name,
         "listen": [str(a) for a in self.config.listen],
         "open_connections": self.open_connections + self.kernel_connections,
-        "kernel_path": self.steering is not None,
+        "mode": self.mode.name,  # how new connections reach its instances (steering.py)
+        "kernel_path": self.mode.steers,
         "handoff": self.handoff_address is not None,
         "max_connections": self.config.max_connections or self.budget.limit,
         "waiting": self.waiting,

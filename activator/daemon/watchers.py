@@ -1,7 +1,7 @@
 """What the daemon keeps an eye on while it runs, each a loop the lifecycle owner starts and shutdown cancels:
-the kernel path's connections (sampled, since they send no events), the instance network's rules (put back when
-a firewall reload or a neighbour took them), the services' images (told when one moved on), the services'
-keep_alive_schedule windows, and systemd's watchdog.
+the connections each service's steering mode steers (sampled, since they send no events), the instance
+network's rules (put back when a firewall reload or a neighbour took them), the services' images (told when one
+moved on), the services' keep_alive_schedule windows, and systemd's watchdog.
 """
 
 from __future__ import annotations
@@ -12,13 +12,9 @@ import time
 from typing import Any
 
 from activator.config import schedule
-from activator.net.network import ident
-from activator.tasks import spawn
 
 from . import systemd
 from .fleet import Fleet
-from .handoff import HandoffSteering, socket_filter
-from .steering import ServiceSteering
 
 log = logging.getLogger("activator")
 
@@ -33,63 +29,36 @@ FIREWALL_CHECK_TICKS = 20
 
 
 async def meter(fleet: Fleet) -> None:
-    """Kernel-path connections send no events: sample them (conntrack, counters) a few times a second."""
-    network = fleet.network
-    assert network is not None
+    """Connections a mode steers send no events: each service's mode samples them (steering.Mode.sample; one
+    conntrack dump and counter read for all of them) a few times a second, and the service folds the sample."""
     tick = 0
     while True:
         tick += 1
-        await keep_network(fleet, tick)
         started = time.monotonic()
-        try:
-            samples = await asyncio.to_thread(network.sample)
-        except Exception as e:  # a netlink hiccup must not end the sampling for good
-            log.warning("sampling the kernel path failed: %s", e)
-            await asyncio.sleep(1)
-            continue
-        now = time.monotonic()
-        for svc in fleet.services.values():
-            if not isinstance(svc.steering, ServiceSteering):
+        services = [*fleet.services.values(), *fleet.retiring]
+        shared = None
+        network = fleet.network
+        if network is not None and fleet.network_open:
+            await keep_network(fleet, tick)
+            try:
+                shared = await asyncio.to_thread(network.sample)
+            except Exception as e:  # a netlink hiccup must not end the sampling for good
+                log.warning("sampling the kernel path failed: %s", e)
+                await asyncio.sleep(1)
                 continue
-            key = ident(svc.name)
-            svc.kernel_sample(samples.by_mark, samples.rejected.get(key, 0), samples.steered.get(key, 0), now)
-            svc.kernel_replies_dropped(samples.amplified.get(key, 0))
-        for svc in list(fleet.retiring):  # the service's counters are the current definition's to fold in
-            svc.kernel_sample(samples.by_mark, *svc.kernel_counters, now)
-        # A sample costs ~10 us per connection (a flood of thousands: tens of ms of the GIL): never more than
-        # a tenth of the daemon's time.
-        await asyncio.sleep(max(METER_INTERVAL, 9 * (now - started)))
-
-
-async def handoff_meter(fleet: Fleet) -> None:
-    """Handed-off connections send no events either (handoff.py): count each instance's from the host's socket
-    table a few times a second, for the services that hand their socket to their apps."""
-    while True:
-        await asyncio.sleep(METER_INTERVAL)
-        for svc in list(fleet.services.values()):
-            steering = svc.steering
-            if not isinstance(steering, HandoffSteering) or steering.replacing:
+        for svc in services:
+            if not svc.mode.steers:
                 continue
             try:
-                if (what := socket_filter(steering.listener)) is not None:
-                    fleet.keep(spawn(fleet.replace_socket(svc.name, what), name=f"replace-socket:{svc.name}"))
-                    continue
-                if (found := steering.keep_backlog()) is not None:
-                    fleet.metrics.handoff_backlog.labels(svc.name).inc()
-                    log.warning("service=%s its listening socket's backlog had been set to %d (by an app it was "
-                                "handed to); %d again", svc.name, found, steering.backlog)
-                if steering.keep_listening():
-                    fleet.listening_again(svc.name)
-                    fleet.metrics.handoff_repairs.labels(svc.name).inc()
-                    log.warning("service=%s its listening socket had been shut down (by an app it was handed to); "
-                                "listening again", svc.name)
-                if not any(i.handoff for i in svc.instances):
-                    continue
-                sample = await asyncio.to_thread(steering.sample, list(svc.instances))
+                svc.mode.guard()
+                sample = await svc.mode.sample(list(svc.instances), shared, svc.arrived)
             except Exception as e:  # a netlink hiccup must not end the sampling for good
-                log.warning("service=%s sampling its handed-off connections failed: %s", svc.name, e)
+                log.warning("service=%s sampling its %s mode failed: %s", svc.name, svc.mode.name, e)
                 continue
-            svc.handoff_sample(sample, time.monotonic())
+            svc.fold(sample, time.monotonic())
+        # A sample costs ~10 us per connection (a flood of thousands: tens of ms of the GIL): never more than
+        # a tenth of the daemon's time.
+        await asyncio.sleep(max(METER_INTERVAL, 9 * (time.monotonic() - started)))
 
 
 async def keep_network(fleet: Fleet, tick: int) -> None:
@@ -98,10 +67,9 @@ async def keep_network(fleet: Fleet, tick: int) -> None:
     net = fleet.network
     assert net is not None
     for svc in (*fleet.services.values(), *fleet.retiring):
-        steering = svc.steering
-        if isinstance(steering, ServiceSteering) and steering.failures:
-            fleet.metrics.kernel_path_failures.labels(svc.name).inc(steering.failures)
-            steering.failures = 0
+        if svc.mode.failures:
+            fleet.metrics.kernel_path_failures.labels(svc.name).inc(svc.mode.failures)
+            svc.mode.failures = 0
     try:
         if not await asyncio.to_thread(net.intact):
             await asyncio.to_thread(net.repair)

@@ -381,13 +381,13 @@ class HostNetwork:
 
     def limit(self, service: str, listen: Iterable[ListenAddress], max_connections: int | None,
               client_idle_timeout: float | None = None, udp_flow_timeout: float | None = None,
-              udp_reply_ratio: float = 3.0) -> None:
+              udp_reply_ratio: float = 3.0, handoff: bool = False) -> None:
         """The service's kernel-side counters, its max_connections enforced before DNAT on the listen address
         (one count for both paths, the kernel's and the activator's own listener), and its connections'
         conntrack timeouts (half-open: SYN_TIMEOUT; idle: client_idle_timeout). Installed at start, before any
         connection is accepted, so every one is counted."""
         self._limits[service] = ServiceLimits(tuple(listen), max_connections, client_idle_timeout, udp_flow_timeout,
-                                              udp_reply_ratio)
+                                              udp_reply_ratio, handoff)
         self.nft.run("\n".join([*rules.counter_rules(self.tables, service), *self._limit_rules()]))
 
     def _limit_rules(self) -> list[str]:

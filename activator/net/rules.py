@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from activator.config.model import ListenAddress
 
 from .attachment import Attachment
-from .marks import COUNTED, EGRESS, HAIRPIN, MARK_MASK, NOT_COUNTED
+from .marks import COUNTED, EGRESS, HAIRPIN, HANDED, MARK_MASK, NOT_COUNTED
 from .nft import ifname
 
 #: how long a half-open kernel-path connection is kept (Linux: 120 s and 60 s); a real handshake takes a round trip
@@ -67,6 +67,7 @@ class ServiceLimits:
     client_idle_timeout: float | None
     udp_flow_timeout: float | None = None  # a UDP service's (None: it takes no UDP)
     udp_reply_ratio: float = 3.0
+    handoff: bool = False  # its apps accept from its own socket: new connections to it counted in input
 
     @property
     def udp_policy(self) -> str | None:
@@ -155,9 +156,16 @@ table ip {t} {{
         type filter hook input priority filter; policy accept;
         iifname {br} ip saddr @noegress ct state new drop
         iifname != "lo" iifname != {br} ct direction original ip daddr {table.gateway} counter name outsiders drop
+        jump handoff
         jump acct
     }}
     chain acct_out {{ type filter hook output priority filter; policy accept; jump acct; }}
+    # handoff services' connections (what their apps accept): each new one counted once, in input (see handoff)
+    chain handed {{
+        type filter hook output priority mangle; policy accept;
+        meta mark & {HANDED:#x} == {HANDED:#x} ct state new ct mark set ct mark | {COUNTED:#x}
+    }}
+    chain handoff {{ }}
     chain acct {{ }}
 }}
 table bridge {t} {{
@@ -253,9 +261,16 @@ def limit_rules(table: Table, limits: Mapping[str, ServiceLimits]) -> list[str]:
     limit without touching others)."""
     t = table.name
     cmds = [f"flush chain ip {t} limit_in", f"flush chain ip {t} limit_out", f"flush chain ip {t} timeouts",
-            *amplify_rules(table, limits)]
+            f"flush chain ip {t} handoff", *amplify_rules(table, limits)]
     for service, lim in limits.items():
         matches = [rule.rsplit(" jump ", 1)[0] for rule in jumps(lim.listen, "-")]
+        if lim.handoff:
+            # A handoff service's apps accept from its socket with no rule of ours in the way: its connections
+            # are counted as they arrive, once each (the conntrack entry's COUNTED bit: a SYN sent again is the
+            # same connection; the activator's own, HANDED, have the bit already), by the service's steered
+            # counter. The activator's own accepts are in it too: the service takes those off (handoff.py).
+            cmds += [f"add rule ip {t} handoff {match} ct state new ct mark & {COUNTED:#x} == 0 "
+                     f"counter name steered_{ident(service)} ct mark set ct mark | {COUNTED:#x}" for match in matches]
         policy = lim.timeout_policy
         cmds.append(f"add ct timeout ip {t} {policy} {{ protocol tcp; l3proto ip; policy = {{ "
                     f"syn_sent: {SYN_TIMEOUT}, syn_recv: {SYN_TIMEOUT}"

@@ -37,11 +37,15 @@ async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost
     assert "echo" in run.act.fleet.paused  # the activator does not accept while the app does
 
     # Warm: 2,000 connections, 200 at a time, half closing their write side right after sending. Not one of
-    # them reaches the activator (its counter stays where the wake left it).
-    accepted = run.metric("activator_connections_total", "echo")
+    # them reaches the activator (what its listener took stays where the wake left it), and every one is
+    # counted as served all the same (the host's count of the service's new connections, less the activator's).
+    arrived, accepted = svc.arrived, run.metric("activator_connections_total", "echo")
     result = await loadgen(port, "--connections", "2000", "--concurrency", "200", "--fin-every", "2")
     assert result["ok"] == 2000, fails(result)
-    assert run.metric("activator_connections_total", "echo") == accepted
+    assert svc.arrived == arrived
+    await eventually(lambda: run.metric("activator_connections_total", "echo") == accepted + 2000
+                     == sum(i.served + i.kernel_served for i in svc.instances), timeout=10,
+                     what="every handed-off connection counted once, by the service and over its instances")
 
     # Open connections are counted from the host's socket table and hold the instance past idle_timeout; they
     # are demand: twelve of them at four per instance scale the service out to three.

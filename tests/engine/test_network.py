@@ -197,7 +197,7 @@ async def test_an_app_listening_on_loopback_only_is_served_through_the_activator
         assert b"200 OK" in await asyncio.wait_for(reader.read(), 10)
         writer.close()
     svc = run.act.services["web"]
-    assert svc.checkpoint is not None and not svc.checkpoint.kernel_path and svc.steering is None
+    assert svc.checkpoint is not None and not svc.checkpoint.kernel_path and svc.mode.name == "userspace"
     assert svc.instances[0].served == 3  # every one through the activator: the kernel could not reach 127.0.0.1
 
 

@@ -75,7 +75,7 @@ async def test_probes_never_keep_an_instance_alive(start) -> None:  # type: igno
     port, svc = run.port("web"), run.act.services["web"]
     assert PAGE in await http_get(port)  # woken by a client
     (inst,) = svc.instances
-    assert svc.steering is not None and inst.sandbox.attachment is not None  # warm connections: the kernel path
+    assert svc.mode.name == "kernel" and inst.sandbox.attachment is not None  # warm connections: the kernel path
     t0 = time.monotonic()
     live = 0
     while svc.instances and time.monotonic() - t0 < 10:

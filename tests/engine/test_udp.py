@@ -120,7 +120,7 @@ async def test_a_dns_server_wakes_on_a_datagram_and_serves_warm_flows(start) -> 
     got = await ask_in_turn(port, 200, 5)
     assert all(ids == [f * 10 + i for i in range(5)] for f, ids in enumerate(got)), \
         [ids for ids in got if len(ids) != 5][:3]
-    assert svc.steering is not None and run.metric("activator_restores_total", "dns") == 1
+    assert svc.mode.name == "kernel" and run.metric("activator_restores_total", "dns") == 1
     await eventually(lambda: inst.kernel_served >= 100, timeout=10, what="the kernel path's flows counted")
     # Idle: reaped once its flows' conntrack entries (udp_flow_timeout) and idle_timeout are over.
     await eventually(lambda: not svc.instances, timeout=20, what="the idle service reaped")

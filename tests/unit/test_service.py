@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -17,11 +18,14 @@ import pytest
 from activator.checkpoints.instance import Instance
 from activator.config.model import Backoff, ListenAddress, PreStop, ServiceConfig
 from activator.core.capacity import Budget
-from activator.daemon.contracts import Launcher, ServiceSandbox, Steering
+from activator.daemon.contracts import Launcher, ServiceSandbox
+from activator.daemon.handoff import HandoffMode
 from activator.daemon.metrics import Metrics
 from activator.daemon.service import Service
+from activator.daemon.steering import InstanceSample, Sample, Totals
 from activator.errors import Rejected, RestoreError
 from activator.net.network import Attachment
+from activator.net.sampling import Samples
 from activator.runtime.readiness import Connect
 
 from .fakeclock import FakeClock, settle
@@ -61,8 +65,12 @@ class FakeSandbox:
     def thaw(self) -> None:
         self.frozen = False
 
+    inodes: set[int] = field(default_factory=set)  # the sockets its processes hold (handoff counts these)
+    count_frozen_only: bool = False  # a count made while it could still take connections fails the test
+
     def socket_inodes(self) -> set[int]:
-        return set()
+        assert self.frozen or not self.count_frozen_only, "counted while it could still take connections"
+        return set(self.inodes)
 
     cpu: float | None = 0.0  # CPU seconds its processes have used; a test moves it on
 
@@ -407,58 +415,125 @@ async def test_stateful_false_or_a_checkpoint_that_writes_nothing_scales_as_usua
     await auto.close()
 
 
-@dataclass
-class FakeHandoff:
-    """A handoff steering (daemon/handoff.py) whose apps hold `open` connections each."""
+class Handed:
+    """A handoff service's real loopback socket and its real mode (daemon/handoff.py), recording what the mode
+    told the activator: accept on the socket (True) or leave it to the apps (False)."""
 
-    open: int = 0
-    accepting: list[bool] = field(default_factory=list)  # what set() asked of the activator, in order
-    half_open_timeout: float = 0.0
-    address: tuple[str, int] | None = ("127.0.0.1", 1)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set() was called
+    def __init__(self, svc: Service) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.accepting: list[bool] = []
+        self.changed = asyncio.Event()
+        self.held: list[socket.socket] = []
 
-    def set(self, instances: list[Instance], starting: int = 0) -> None:
-        self.accepting.append(not starting and not any(i.handoff for i in instances))
+        def fail(why: str) -> None:
+            raise AssertionError(f"the socket was not tampered with, yet replaced ({why})")
+
+        self.mode = HandoffMode(svc.config, self.listener, self.accept, Metrics(), fail, lambda: None)
+        svc.switch_mode(self.mode)
+
+    def accept(self, on: bool) -> None:
+        self.accepting.append(on)
         self.changed.set()
 
+    def app_takes_one(self, sandbox: FakeSandbox) -> None:
+        """A client connects and the app accepts it: its descriptor table holds the connection (and the socket)."""
+        self.held.append(socket.create_connection(self.listener.getsockname()[:2]))
+        conn, _ = self.listener.accept()
+        self.held.append(conn)
+        sandbox.inodes |= {inode(self.listener), inode(conn)}
+
     async def until(self, check: Any) -> None:
-        """Until check() holds after a set(): the count runs in a thread (asyncio.to_thread), off the fake clock."""
+        """Until check() holds after a change: the count runs in a thread (asyncio.to_thread), off the fake clock."""
         while not check():
             self.changed.clear()
             await asyncio.wait_for(self.changed.wait(), 10)
         await settle()
 
-    def open_count(self, inst: Instance) -> tuple[int, int]:
-        assert inst.sandbox.frozen, "counted while it could still take connections"
-        return (self.open, 0)
+    def close(self) -> None:
+        for sock in [*self.held, self.listener]:
+            sock.close()
 
 
-_checked_steering: type[Steering] = FakeHandoff
+def inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
 
 
 async def test_a_handed_instance_is_frozen_counted_and_killed_or_thawed_and_kept() -> None:
     fake = FakeLauncher()
     svc = service(fake, idle_timeout=0.2, max_instances=2)
-    steering = FakeHandoff(open=1)
-    svc.steering = steering
+    handed = Handed(svc)
     lease = svc.admit()
     inst, _ = await lease.acquire()
     inst.handoff = True
+    sandbox = fake.made[0]
+    sandbox.count_frozen_only = True
+    handed.app_takes_one(sandbox)
     svc._resteer()
     lease.release()
-    assert steering.accepting[-1] is False  # the app accepts: the activator does not
+    assert handed.accepting[-1] is False  # the app accepts: the activator does not
     await fake.clock.advance(0.199)
-    assert steering.accepting[-1] is False and not inst.sandbox.frozen  # not idle long enough: not looked at
+    assert handed.accepting[-1] is False and not inst.sandbox.frozen  # not idle long enough: not looked at
     # Idle by its own clock, but an app-accepted connection is open: frozen, counted, thawed and kept.
     await fake.clock.advance(0.001)
-    await steering.until(lambda: steering.accepting[-2:] == [True, False])  # withdrawn for the count, then back
+    await handed.until(lambda: handed.accepting[-2:] == [True, False])  # withdrawn for the count, then back
     assert inst in svc.instances and not inst.sandbox.frozen and not inst.withdrawn
-    # None open: killed frozen (a frozen app cannot act on a signal), never asked to stop.
-    steering.open = 0
-    sandbox = fake.made[0]
+    # None open (the app closed it): killed frozen (a frozen app cannot act on a signal), never asked to stop.
+    sandbox.inodes = {inode(handed.listener)}
     await fake.clock.advance(0.2)
-    await steering.until(lambda: not svc.instances)
-    assert sandbox.released and sandbox.asked_to_stop == 0 and steering.accepting[-1] is True
+    await handed.until(lambda: not svc.instances)
+    assert sandbox.released and sandbox.asked_to_stop == 0 and handed.accepting[-1] is True
+    handed.close()
+
+
+async def test_a_handoff_sample_counts_what_the_apps_took_beside_the_activator() -> None:
+    """The host counts every new connection to the socket; the activator's own accepts (`arrived`) are in that
+    count and are taken off, so the service's served total is what its apps took plus what it handed them."""
+    fake = FakeLauncher()
+    svc = service(fake, max_instances=2)
+    handed = Handed(svc)
+    lease = svc.admit()  # the first connection reached the activator (no app ran): arrived 1
+    inst, _ = await lease.acquire()
+    inst.handoff = True
+    lease.release()
+    sandbox = fake.made[0]
+    handed.app_takes_one(sandbox)
+    counted = Samples({}, {}, {"svc": 1 + 5})  # the host: 6 new connections, 1 of them the activator's
+    sample = await handed.mode.sample(list(svc.instances), counted, svc.arrived)
+    assert sample.totals == Totals(connections=5) and sample.instances[inst].new == 5
+    assert sample.instances[inst].open == 1 and sample.instances[inst].active
+    svc.fold(sample, fake.clock.now())
+    assert inst.kernel == 1 and inst.kernel_served == 5 and inst.served == 1
+    assert svc.m.connections._value.get() == 5  # the lease's own is counted where it is accepted (proxy.py)
+    # Read a moment later, the activator's count may be ahead of the host's: never counted down, never twice.
+    again = await handed.mode.sample(list(svc.instances), Samples({}, {}, {"svc": 6}), svc.arrived + 1)
+    assert again.totals == Totals(connections=5) and again.instances[inst].new == 0
+    # A reload's new definition carries the counts on.
+    successor = service(FakeLauncher(), max_instances=2)
+    successor.take_counters_from(svc)
+    assert successor.totals == Totals(connections=5) and successor.arrived == svc.arrived
+    await svc.close()
+    await successor.close()
+    handed.close()
+
+
+async def test_a_fold_is_the_same_whatever_the_mode() -> None:
+    """Service.fold reads one Sample type: activity, connections served, bytes, demand waiting, counters that a
+    repaired table started again from zero."""
+    fake = FakeLauncher()
+    svc = service(fake, max_instances=3, target_connections=2)
+    lease = svc.admit()
+    inst, _ = await lease.acquire()
+    lease.release()
+    now = fake.clock.now()
+    svc.fold(Sample({inst: InstanceSample(open=3, active=True, new=4, bytes_in=10, bytes_out=20)},
+                    Totals(connections=4, rejected=2), waiting=5), now + 1)
+    assert (inst.kernel, inst.kernel_served, inst.established) == (3, 4, 1)
+    assert svc._track(inst).idle_since == now + 1
+    assert svc.m.rejected["max-connections"]._value.get() == 2 and svc.m.bytes_out._value.get() == 20
+    assert svc.starting >= 1  # 3 open and 5 waiting over a target of 2 per instance: more are started
+    svc.fold(Sample(totals=Totals(connections=1)), now + 2)  # put back from zero: its 1 is new
+    assert svc.m.connections._value.get() == 5
+    await svc.close()
 
 
 async def test_an_app_busy_by_cpu_is_kept_until_a_quiet_window() -> None:
