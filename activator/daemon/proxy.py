@@ -1,4 +1,4 @@
-"""The activation path: accept, hold, wake, connect, splice.
+"""A TCP client connection through the activator: accept, hold, wake, connect, splice.
 
 A client connection goes through three phases, and bytes cross to the app only in the last:
 
@@ -8,7 +8,9 @@ A client connection goes through three phases, and bytes cross to the app only i
            (server-speaks-first protocols: MySQL, SMTP). A client that closes or resets before either (a port
            scan) wakes nothing and is counted as ignored. Otherwise the connection wakes at once.
   waking   The lease acquires an instance (waiting for a restore if need be) and the app is dialled inside the
-           instance's network namespace, retrying while it does not accept yet.
+           instance's network namespace, retrying while it does not accept yet. How that ends when it fails
+           (refused, counted, logged; `resources` when the activator itself runs short) is activation.py's,
+           the same for a UDP flow.
   spliced  In one synchronous step, with no await in between: the PROXY header (if configured), then every held
            client byte in order, then a held EOF, are written to the backend; only then does the client side
            pass bytes straight through. So the header is always the first thing the app reads, and nothing a
@@ -26,9 +28,7 @@ closed once both directions have ended (or either side is lost).
 Optional `client_idle_timeout`: no byte either way for that long closes the connection (counted). And
 `client_silent_timeout` (60 s by default): a client that has not sent a single byte that long after it was
 accepted is closed (counted the same way), so connections that never speak (a scan, a flood, a stuck client)
-cannot pin instances forever, while quiet sessions that have exchanged data keep theirs. Resource exhaustion on
-our side (EMFILE and friends on the backend socket) turns the client away with reason `resources`; it never
-counts against the instance.
+cannot pin instances forever, while quiet sessions that have exchanged data keep theirs.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from activator.checkpoints.instance import Instance
-from activator.core import capacity, httpwait, probes, proxy_protocol
+from activator.core import httpwait, probes, proxy_protocol
 from activator.core.phases import Action, Arm, ArmSilent, Close, ConnectionPhases, KeepReading, Timeouts, Wake, Why
 from activator.errors import Rejected
 from activator.net.marks import HANDED
-from activator.runtime import readiness
 from activator.tasks import spawn
 
+from . import activation, probeanswers
 from .lease import Lease
 from .service import Service
 
@@ -58,10 +58,8 @@ log = logging.getLogger("activator.proxy")
 
 CONNECT_RETRY_FIRST = 0.005
 CONNECT_RETRY_MAX = 0.1
-#: errors that mean the activator itself is out of something, not that the app refused
 #: what the waiting page's Retry-After and its reload say, seconds
 WAITING_PAGE_RETRY = 1
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ConnectionSet:
@@ -242,10 +240,7 @@ class Connection:
             self.lease = svc.admit()
         except Rejected as e:
             svc.reject(e)
-            self.closed = True
-            self.phases.closed()
-            assert self.client.transport is not None
-            _refuse(self.client.transport, svc.config.refusal, e)
+            self.turned_away(e)
             return
         self.registry.add(self)
         if svc.config.probes and (source := self._prober()) is not None:
@@ -297,36 +292,19 @@ class Connection:
     # --- probes ---------------------------------------------------------------------------------------------
 
     def _answer_probe(self) -> bool:
-        """The held request is one of the service's HTTP probes, from its prober: answered here, never spliced
-        (probes.py). False: not one (or nothing recorded to answer it with): served as any connection."""
-        svc = self.service
-        asked = probes.request(bytes(self.client.held))
-        if asked is None or self.source is None:
+        """The held request is a probe the activator answers (probeanswers.py), never spliced. False: served as
+        any connection."""
+        asked = None if self.source is None else \
+            probeanswers.answerable(self.service, self.source, bytes(self.client.held))
+        if asked is None:
             return False
-        method, target = asked
-        if probes.http_probe(svc.config.probes, self.source, target) is None:
-            return False
-        ck = svc.checkpoint
-        if not svc.instances and svc.unhealthy() is None and (ck is None or ck.probe_answer(target) is None):
-            return False  # a checkpoint made before this probe: the app itself answers (and wakes)
-        self._activation = spawn(self._probe(target, head_only=method == "HEAD"), name=f"probe:{svc.name}")
+        self._activation = spawn(self._probe(*asked), name=f"probe:{self.service.name}")
         return True
 
-    async def _probe(self, target: str, *, head_only: bool) -> None:
-        svc = self.service
-        answer, how = probes.UNAVAILABLE, "unavailable"
-        if svc.unhealthy() is None:
-            inst = capacity.least_loaded(svc.instances)
-            if inst is not None:  # ask it ourselves: the real app's health, on a connection that is not a client's
-                raw = await readiness.http_fetch(inst.sandbox.connector(svc.config.port), svc.config.port, target,
-                                                 probes.ANSWER_LIMIT)
-                answer, how = (parsed, "live") if raw is not None and (parsed := probes.parse_answer(raw)) else \
-                    (probes.UNAVAILABLE, "unavailable")
-            elif svc.checkpoint is not None and (recorded := svc.checkpoint.probe_answer(target)) is not None:
-                answer, how = recorded, "recorded"
-        svc.m.probes[f"http/{how}"].inc()
+    async def _probe(self, target: str, head_only: bool) -> None:
+        answer = await probeanswers.answer(self.service, target, head_only=head_only)
         if not self.closed and self.client.transport is not None:
-            self.client.transport.write(probes.render(answer, head_only=head_only))
+            self.client.transport.write(answer)
         self.close()
 
     def _waiting_page(self) -> None:
@@ -372,56 +350,44 @@ class Connection:
     # --- waking -------------------------------------------------------------------------------------------
 
     async def _activate(self) -> None:
-        svc = self.service
-        lease = self.lease
+        if await activation.activate(self.service, self, self._reach, what="connection", since=self.accepted,
+                                     log=log) is not None:
+            self._splice()
+
+    async def _reach(self) -> tuple[asyncio.BaseTransport, bool]:
+        """The backend: an instance from the lease, and the app dialled in it. Raises Rejected."""
+        svc, lease = self.service, self.lease
         assert lease is not None
-        try:
-            while True:
-                inst, waited = await lease.acquire()
-                deadline = inst.ready_at + svc.config.connect_timeout
-                try:
-                    sock = inst.claim_connection() or (
-                        await connect_handed(svc.handoff_address) if inst.handoff and svc.handoff_address else
-                        await connect_in_instance(inst, svc.config.port, deadline))
-                except OSError as e:
-                    if e.errno in RESOURCE_ERRNOS:
-                        lease.drop()
-                        raise Rejected("resources", f"service '{svc.name}': no backend socket: {e.strerror}"
-                                       ) from None
-                    if lease.broken(f"app refused connections past connect_timeout: {e.strerror}"):
-                        continue  # an instance that had worked and died: this client goes to another one
-                    raise  # a start that never worked: this client is closed, the service backs off
-                lease.connected()
-                break
-            loop = asyncio.get_running_loop()
+        while True:
+            inst, waited = await lease.acquire()
+            deadline = inst.ready_at + svc.config.connect_timeout
             try:
-                await loop.create_connection(lambda: self.backend, sock=sock)
+                sock = inst.claim_connection() or (
+                    await connect_handed(svc.handoff_address) if inst.handoff and svc.handoff_address else
+                    await connect_in_instance(inst, svc.config.port, deadline))
+                break
             except OSError as e:
-                sock.close()
-                if e.errno in RESOURCE_ERRNOS:
-                    raise Rejected("resources", f"service '{svc.name}': {e.strerror}") from None
-                raise
-        except asyncio.CancelledError:
-            self.close()
+                if (short := activation.short_of(e, f"service '{svc.name}': no backend socket")) is not None:
+                    lease.drop()
+                    raise short from None
+                if lease.broken(f"app refused connections past connect_timeout: {e.strerror}"):
+                    continue  # an instance that had worked and died: this client goes to another one
+                raise  # a start that never worked: this client is closed, the service backs off
+        lease.connected()
+        try:
+            backend, _ = await asyncio.get_running_loop().create_connection(lambda: self.backend, sock=sock)
+        except OSError as e:
+            sock.close()
+            if (short := activation.short_of(e, f"service '{svc.name}'")) is not None:
+                raise short from None
             raise
-        except Rejected as e:
-            svc.reject(e)
-            if self.client.transport is not None and not self.closed:
-                _refuse(self.client.transport, svc.config.refusal, e)
-            self.close()
-            return
-        except Exception as e:
-            svc.m.connection_errors.inc()
-            log.warning("service=%s connection could not be served: %s", svc.name, e)
-            self.close()
-            return
-        if self.closed:  # the client left during the connect: the backend must not outlive it
-            assert self.backend.transport is not None
-            self.backend.transport.close()
-            return
-        if waited:
-            svc.m.first_connection_wait.observe(time.monotonic() - self.accepted)
-        self._splice()
+        return backend, waited
+
+    def turned_away(self, why: Rejected | None) -> None:
+        """Refused (why) or failed (None): a refused client is told so, as the service's `refusal` says."""
+        if why is not None and self.client.transport is not None and not self.closed:
+            _refuse(self.client.transport, self.service.config.refusal, why)
+        self.close()
 
     # --- spliced ------------------------------------------------------------------------------------------
 

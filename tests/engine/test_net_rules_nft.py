@@ -17,8 +17,8 @@ pytestmark = pytest.mark.engine
 
 #: open() and the first services and instances of a /24 daemon, as one transaction
 SETUP_24 = ["table_24", "counters_24", "plug_egress", "plug_noegress", "acct_none", "acct_two", "limits_none",
-            "limits_tcp_one", "limits_several", "steer_chain_tcp", "steer_chain_tcp_udp", "steer_none", "steer_one",
-            "steer_several_exempt"]
+            "limits_tcp_one", "limits_several", "limits_handoff", "steer_chain_tcp", "steer_chain_tcp_udp",
+            "steer_none", "steer_one", "steer_several_exempt"]
 BATCHES = {
     "set up /24": SETUP_24,
     "a reload forgets dns, keeping its counters": [*SETUP_24, "forget_dns_kept_counters"],

@@ -38,6 +38,7 @@ WEB = ServiceLimits((L("127.0.0.1", 8080),), None, None)
 WEB_A = ServiceLimits((L("0.0.0.0", 80), L("::", 80)), 100, 30.0)
 DNS = ServiceLimits((L("10.0.0.5", 53), L("0.0.0.0", 5353)), 50, 2.5, udp_flow_timeout=30.0, udp_reply_ratio=2.5)
 DNS_B = ServiceLimits((L("127.0.0.1", 53),), None, None, udp_flow_timeout=2.0)
+HANDED = ServiceLimits((L("0.0.0.0", 8081), L("::", 8081)), 20, None, handoff=True)
 SEVERAL = {"web-a": WEB_A, "dns": DNS, "dns.b": DNS_B}
 
 JUMPS_WEB = rules.jumps(WEB.listen, rules.steer_chain("web"))
@@ -65,6 +66,7 @@ CASES: dict[str, Callable[[], str | list[str]]] = {
     "limits_none": lambda: rules.limit_rules(T24, {}),
     "limits_tcp_one": lambda: rules.limit_rules(T24, {"web": WEB}),
     "limits_several": lambda: rules.limit_rules(T24, SEVERAL),
+    "limits_handoff": lambda: rules.limit_rules(T24, {"web": WEB, "web-a": HANDED}),
     "amplify_udp": lambda: rules.amplify_rules(T16, {"dns": DNS}),
     "steer_chain_tcp": lambda: rules.steer_chain_rules(T24, "web", JUMPS_WEB),
     "steer_chain_tcp_udp": lambda: rules.steer_chain_rules(T24, "dns", JUMPS_DNS),
