@@ -363,7 +363,7 @@ class Connection:
             deadline = inst.ready_at + svc.config.connect_timeout
             try:
                 sock = inst.claim_connection() or (
-                    await connect_handed(svc.handoff_address) if inst.handoff and svc.handoff_address else
+                    await connect_handed(where) if (where := svc.reached_at(inst)) is not None else
                     await connect_in_instance(inst, svc.config.port, deadline))
                 break
             except OSError as e:

@@ -139,10 +139,10 @@ class ServiceState:
         self.m.instances.set(len(self.instances))
         self.m.starting.set(len(self._starts))
 
-    @property
-    def handoff_address(self) -> tuple[str, int] | None:
-        """Where a connection the activator holds reaches an app that accepts from the service's socket."""
-        return self.mode.address
+    def reached_at(self, inst: Instance) -> tuple[str, int] | None:
+        """Where a connection the activator holds reaches the instance through the service's mode (handoff: the
+        service's own socket, which its app accepts from), or None: the instance is dialled itself."""
+        return self.mode.address if self.mode.address is not None and self.mode.reaches(inst) else None
 
     # --- what one part asks of another (defined in reaper.Reaping, starts.Starting, service.Service) ------------
 

@@ -17,7 +17,7 @@ def status(self: ServiceState) -> dict[str, Any]:
         "open_connections": self.open_connections + self.kernel_connections,
         "mode": self.mode.name,  # how new connections reach its instances (steering.py)
         "kernel_path": self.mode.steers,
-        "handoff": self.handoff_address is not None,
+        "handoff": self.mode.name == "handoff",
         "max_connections": self.config.max_connections or self.budget.limit,
         "waiting": self.waiting,
         "starting": len(self._starts),
