@@ -6,14 +6,18 @@ flows relayed while the service wakes and DNATed once it is warm. Before, a hand
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import socket
 from typing import Any
 
 import pytest
 
+from activator.net.marks import HANDED
 from tests.conftest import ECHO, SLOW, Running, echo, eventually, free_port, loadgen
 from tests.engine.test_udp import DNS, ask_in_turn
+from tests.netfixtures import RemoteHost, remote_host  # noqa: F401
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
 
@@ -69,3 +73,28 @@ async def test_a_udp_services_flows_are_counted_once_relayed_or_steered(
     got = await ask_in_turn(port, 40, 2)
     assert got == [[f * 10, f * 10 + 1] for f in range(40)], got
     await counted_everywhere(run, "dns", 1 + 40, caplog)
+
+
+async def test_a_client_that_marks_its_connections_as_the_activators_own_is_counted_all_the_same(
+        start: Any, remote_host: RemoteHost) -> None:  # noqa: F811
+    """The handoff count leaves out the activator's own connections by their packet mark (HANDED). A client on
+    another host (here a namespace behind its own veth) sets that mark on its sockets, to have its connections
+    served uncounted: a packet's mark does not cross into the host's namespace, so every one is counted."""
+    port = free_port()
+    run = await start({"echo": ECHO | {"handoff": True, "listen": f"0.0.0.0:{port}", "idle_timeout": "30s",
+                                       "max_instances": 1}})
+    assert await echo(port, b"wake") == b"wake"  # positive control: the activator's own marked connection
+    svc = run.act.services["echo"]
+    assert svc.mode.name == "handoff"
+    for _ in range(50):
+        sock = remote_host.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, HANDED)
+        sock.setblocking(False)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (remote_host.host_ip, port)), 10)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"x")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b"x"
+        writer.close()
+    await eventually(lambda: run.metric("activator_connections_total", "echo") == 51 == served(run, "echo"),
+                     timeout=10, what="the marked clients' 50 connections counted with the wake")
