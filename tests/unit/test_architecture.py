@@ -4,9 +4,10 @@ it, plain logic does no I/O, and the one-shot commands and the runtime path neve
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[2] / "activator"
+from .sourcetree import PKG, parsed
 
 #: what each part of activator may import (besides itself); every module belongs to exactly one part
 ALLOWED: dict[str, set[str]] = {
@@ -27,10 +28,13 @@ ALLOWED: dict[str, set[str]] = {
 PURE_FORBIDDEN = {"os", "socket", "subprocess", "time", "asyncio", "pathlib", "shutil", "fcntl", "ctypes", "select"}
 
 
+# modules() and graph() are read once per run, as sourcetree parses the tree once (it does not change under the
+# tests); callers do not change what they return.
+@functools.cache
 def modules() -> dict[str, Path]:
     """Dotted name under activator -> file."""
     out = {}
-    for p in PKG.rglob("*.py"):
+    for p in parsed():
         parts = list(p.relative_to(PKG).with_suffix("").parts)
         if parts[-1] == "__init__" and len(parts) > 1:
             parts = parts[:-1]
@@ -47,7 +51,7 @@ def imports(module: str, path: Path) -> set[str]:
     here = module.split(".")
     package = here if path.name == "__init__.py" else here[:-1]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parsed()[path]):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
@@ -65,6 +69,7 @@ def imports(module: str, path: Path) -> set[str]:
     return found
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
     mods = modules()
     return {m: {d for d in imports(m, p) if d in mods or part(d) in ALLOWED} for m, p in mods.items()}
@@ -98,7 +103,7 @@ def test_plain_logic_does_no_io() -> None:
         if part(module) not in ("core", "config"):
             continue
         stdlib: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parsed()[path]):
             if isinstance(node, ast.Import):
                 stdlib.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

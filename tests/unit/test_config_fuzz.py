@@ -1,23 +1,53 @@
 """Property: whatever file `activator validate` is given, it answers with exit code 0 or 2, never a traceback:
 "ok" and each service's addresses, or its problems, each on one line naming the file (issue 31: all of them).
 Documents are generated from the real keys (so most get deep into validation) with hostile values (NaN, huge
-numbers, wrong types, nesting, aliases), plus arbitrary text and bytes."""
+numbers, wrong types, nesting, aliases), plus arbitrary text and bytes.
+
+Bounded for tests/unit's budget: each property runs a few dozen examples, seeded from the test's name (the same
+cases every run, so a failure here is reproducible and not luck), plus fixed examples that reach what random
+documents rarely do (a valid file, NaN, a huge number, an alias, deep nesting). The long version draws fresh cases
+each run, as many as asked:
+    ACTIVATOR_FUZZ_EXAMPLES=2000 .venv/bin/pytest tests/unit/test_config_fuzz.py
+"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from activator import cli
 from activator.config.model import Backoff, Readiness, Resources, ServiceConfig, Settings
+
+#: ACTIVATOR_FUZZ_EXAMPLES=N: N fresh examples per property instead of the bounded, seeded default
+LONG_RUN = int(os.environ.get("ACTIVATOR_FUZZ_EXAMPLES", "0"))
+
+
+def fuzz(examples: int) -> settings:
+    if LONG_RUN:
+        return settings(max_examples=LONG_RUN, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_parser() -> Iterator[None]:
+    """cli.main as `activator validate` runs it, with its parser built once: building it (21 subcommands through
+    argparse and gettext) costs more than validating a file, and a parser parses any number of command lines."""
+    parser = cli.build_parser()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "build_parser", lambda: parser)
+        yield
 
 
 def _keys(cls: type) -> list[str]:
@@ -80,8 +110,23 @@ def check(data: bytes) -> None:
         assert all("services.yaml" in line for line in lines), err
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+VALID = {"services": {"web": {"image": "app:1", "listen": "127.0.0.1:8080", "port": 80}}}
+
+
+@fuzz(40)
 @given(DOCUMENTS)
+@example(VALID)  # the control: a good file says ok and its addresses
+@example({"services": {"web": VALID["services"]["web"] | {"idle_timeout": float("nan"), "max_instances": 2**70}}})
+@example({"services": {"web": VALID["services"]["web"] | {"readiness": {"timeout": -1e308}, "resources": [[]]}},
+          "settings": {"state_dir": "\x00", "metrics": {"": None}}})
+@example({"services": {"Bad!": VALID["services"]["web"], "1": {"image": ["x"], "listen": {}, "port": "80"}}})
+# what takes two services or a near miss: an address used twice (checked once each service reads), a misspelt
+# key, a missing or empty value
+@example({"services": {"web": VALID["services"]["web"], "api": VALID["services"]["web"],
+                       "db": VALID["services"]["web"] | {"listen": ":8080"}}})
+@example({"services": {"web": VALID["services"]["web"] | {"idle_timout": "5m"},
+                       "db": {"image": None, "listen": [], "port": 80}}})
+@example({"services": {"cache": {"image": "redis", "ports": ["6379:6379"]}}})  # Compose without its mark
 def test_generated_documents(doc: dict[str, Any]) -> None:
     try:
         text = yaml.safe_dump(doc, allow_unicode=True)
@@ -90,13 +135,51 @@ def test_generated_documents(doc: dict[str, Any]) -> None:
     check(text.encode())
 
 
-@settings(max_examples=200, deadline=None)
+#: what every key is given in turn: each kind's parser meets each of these, which a few dozen random documents
+#: (each naming a handful of the ~80 keys) would not
+SWEEP: list[Any] = [
+    None, True, 0, -1, 2**70, -(2**70), 1e308, float("nan"), float("-inf"), "", "x" * 300, "\x00", "üñí", "5s", "-1s",
+    "1ns", "512m", "127.0.0.1:0", "[::1]:80", "18:00", "mon-fri 08:00-18:00", "/", "a=b", "tcp", "auto", [], [None],
+    ["x", 1], [[[]]], {}, {"": None}, {"x": "y"}, {"nofile": {"soft": 2, "hard": 1}},
+]
+
+
+def every_key(value: Any) -> dict[str, Any]:
+    """A services file whose every key (besides the three a service needs to be read further) is value, and every
+    key of each section."""
+    service = {k: value for k in _keys(ServiceConfig)} | VALID["services"]["web"]
+    service |= {name: {k: value for k in _keys(cls)} for name, cls in
+                (("readiness", Readiness), ("resources", Resources), ("backoff", Backoff))}
+    return {"services": {"web": service}, "settings": {k: value for k in _keys(Settings)}}
+
+
+@pytest.mark.parametrize("value", SWEEP, ids=lambda v: repr(v)[:24])
+def test_every_key_given_each_hostile_value(value: Any) -> None:
+    check(yaml.safe_dump(every_key(value), allow_unicode=True).encode())
+
+
+def test_a_valid_file_says_ok() -> None:
+    """Control for check(): its ok branch is reached, and a wrong key is one problem naming the file."""
+    rc, out, err = validate(yaml.safe_dump(VALID).encode())
+    assert (rc, err) == (0, ""), err
+    assert ": ok (" in out and " listens on " in out
+    rc, out, err = validate(yaml.safe_dump(every_key(None)).encode())
+    assert rc == 2 and err.count("services.yaml") >= 10, err
+
+
+@fuzz(40)
 @given(st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode)))
+@example(b"\xff\xfe" + "services:".encode("utf-16-le"))  # not UTF-8
+# nearly as deep as the loader composes (deeper is test_config's "nested too deeply"): what walks values must not
+# overflow the stack
+@example(b"services: {web: {image: x, listen: 1, port: 80, command: %s}}" % (b"[" * 400 + b"]" * 400))
+@example(b"a: &a [x, x, x, x]\nb: &b [*a, *a, *a, *a]\nservices: {web: {image: x, listen: 1, port: 80, "
+         b"command: [*b, *b, *b, *b]}}")  # aliases, each value met many times
 def test_arbitrary_bytes(data: bytes) -> None:
     check(data)
 
 
-@settings(max_examples=100, deadline=None)
+@fuzz(30)
 @given(st.lists(st.sampled_from(["services:", "  web:", "    image: x", "    port: 80", "    listen: 1",
                                  "  web:", "&a", "*a", "<<: *a", "- ", "{", "}", "[", "]", ": ", "!!binary",
                                  "!!python/object:os.system", "? ", "|", "%YAML 1.1", "---", "...", "\t"]),

@@ -9,6 +9,8 @@ tests/engine/test_readme_troubleshooting.py."""
 from __future__ import annotations
 
 import ast
+import functools
+import json
 import re
 import subprocess
 import sys
@@ -19,6 +21,8 @@ import pytest
 
 from activator import __doc__ as package_doc
 from activator.cli import CHECKPOINT_VERBS, build_parser
+
+from .sourcetree import parsed
 
 ROOT = Path(__file__).parents[2]
 README = ROOT / "README.md"
@@ -205,24 +209,59 @@ def test_every_quoted_line_has_a_case() -> None:
         assert case_of(line, FILE_CASES) or case_of(line, HOST_CASES), f"{page}: no test case for {line!r}"
 
 
+#: One interpreter validates every case's file, each as `activator validate --file-only FILE` would (cli.main,
+#: logging set up afresh): one process start instead of one per quoted line.
+VALIDATE_EACH = """
+import contextlib, io, json, logging, sys
+from activator import cli
+printed = {}
+for path in sys.argv[1:]:
+    out = io.StringIO()
+    logging.root.handlers.clear()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        cli.main(["validate", "--file-only", path])
+    printed[path] = out.getvalue()
+print(json.dumps(printed))
+"""
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """FILE_CASES key -> the lines `activator validate --file-only` printed for its file, in SHOWN_DIR."""
+    paths = {}
+    for i, (key, (name, text)) in enumerate(FILE_CASES.items()):
+        case_dir = tmp_path_factory.mktemp(f"case{i}")
+        (case_dir / name).write_text(text)
+        paths[key] = case_dir / name
+    out = subprocess.run([sys.executable, "-c", VALIDATE_EACH, *map(str, paths.values())], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path_factory.getbasetemp())
+    assert out.returncode == 0, out.stderr
+    printed: dict[str, str] = json.loads(out.stdout)
+    return {key: printed[str(path)].replace(str(path.parent), SHOWN_DIR).splitlines() for key, path in paths.items()}
+
+
 @pytest.mark.parametrize(("page", "line"), [pl for pl in quoted_lines() if case_of(pl[1], FILE_CASES)])
-def test_a_file_problem_is_printed_as_quoted(tmp_path: Path, page: str, line: str) -> None:
+def test_a_file_problem_is_printed_as_quoted(validated: dict[str, list[str]], page: str, line: str) -> None:
     key = case_of(line, FILE_CASES)
     assert key is not None
-    name, text = FILE_CASES[key]
-    (tmp_path / name).write_text(text)
-    out = subprocess.run([sys.executable, "-m", "activator", "validate", "--file-only", str(tmp_path / name)],
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    printed = (out.stdout + out.stderr).replace(str(tmp_path), SHOWN_DIR).splitlines()
+    printed = validated[key]
     assert line in printed, f"{page} quotes {line!r}; activator printed {printed}"
 
 
+def test_each_case_is_validated_in_its_own_directory(validated: dict[str, list[str]]) -> None:
+    """Control: the cases' files share names, so each must be shown from its own directory (and every case is
+    printed something: a case whose line nobody quotes still runs)."""
+    assert set(validated) == set(FILE_CASES)
+    assert all(any(SHOWN_DIR in line for line in lines) for lines in validated.values()), validated
+
+
+@functools.cache
 def source_literals() -> list[str]:
     """Every string literal of activator/ (adjacent ones joined, as Python joins them); an f-string's literal
-    pieces each on their own."""
+    pieces each on their own. Read once per run: the tree does not change under the tests."""
     out: list[str] = []
-    for path in (ROOT / "activator").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+    for tree in parsed().values():
+        for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 out.append(node.value)
     return out
