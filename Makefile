@@ -53,8 +53,11 @@ docs:
 	$(PY) scripts/archmap.py --write
 
 # tests/unit: no root, no engine, seconds; tests/engine: the real dockerd, runc and CRIU. `make test` runs both.
+# It says how long it took, wall clock (issue 32 asks for under 10 s on a busy 2-core host): nothing asserts it.
 unit:
-	$(VENV)/bin/pytest tests/unit
+	@start=$$(date +%s%N); $(VENV)/bin/pytest tests/unit; rc=$$?; \
+	ms=$$(( ($$(date +%s%N) - start) / 1000000 )); \
+	echo "make unit: tests/unit took $$((ms / 1000)).$$((ms % 1000 / 100)) s wall"; exit $$rc
 
 test: setup-test lint
 	bash scripts/build-images.sh busybox systemd tomcat redis postgres dns

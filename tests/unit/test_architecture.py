@@ -7,7 +7,7 @@ import ast
 import functools
 from pathlib import Path
 
-from .sourcetree import PKG, parsed
+from .sourcetree import PKG, sources
 
 #: what each part of activator may import (besides itself); every module belongs to exactly one part
 ALLOWED: dict[str, set[str]] = {
@@ -28,13 +28,13 @@ ALLOWED: dict[str, set[str]] = {
 PURE_FORBIDDEN = {"os", "socket", "subprocess", "time", "asyncio", "pathlib", "shutil", "fcntl", "ctypes", "select"}
 
 
-# modules() and graph() are read once per run, as sourcetree parses the tree once (it does not change under the
+# modules() and graph() are made once per run, as sourcetree reads the tree once (it does not change under the
 # tests); callers do not change what they return.
 @functools.cache
 def modules() -> dict[str, Path]:
     """Dotted name under activator -> file."""
     out = {}
-    for p in parsed():
+    for p in sources():
         parts = list(p.relative_to(PKG).with_suffix("").parts)
         if parts[-1] == "__init__" and len(parts) > 1:
             parts = parts[:-1]
@@ -51,7 +51,7 @@ def imports(module: str, path: Path) -> set[str]:
     here = module.split(".")
     package = here if path.name == "__init__.py" else here[:-1]
     found: set[str] = set()
-    for node in ast.walk(parsed()[path]):
+    for node in sources()[path].imports:
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - node.level + 1]
@@ -103,7 +103,7 @@ def test_plain_logic_does_no_io() -> None:
         if part(module) not in ("core", "config"):
             continue
         stdlib: set[str] = set()
-        for node in ast.walk(parsed()[path]):
+        for node in sources()[path].imports:
             if isinstance(node, ast.Import):
                 stdlib.update(a.name.split(".")[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

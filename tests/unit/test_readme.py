@@ -8,7 +8,6 @@ tests/engine/test_readme_troubleshooting.py."""
 
 from __future__ import annotations
 
-import ast
 import functools
 import json
 import re
@@ -22,7 +21,7 @@ import pytest
 from activator import __doc__ as package_doc
 from activator.cli import CHECKPOINT_VERBS, build_parser
 
-from .sourcetree import parsed
+from .sourcetree import sources
 
 ROOT = Path(__file__).parents[2]
 README = ROOT / "README.md"
@@ -259,12 +258,7 @@ def test_each_case_is_validated_in_its_own_directory(validated: dict[str, list[s
 def source_literals() -> list[str]:
     """Every string literal of activator/ (adjacent ones joined, as Python joins them); an f-string's literal
     pieces each on their own. Read once per run: the tree does not change under the tests."""
-    out: list[str] = []
-    for tree in parsed().values():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                out.append(node.value)
-    return out
+    return [s for source in sources().values() for s in source.strings]
 
 
 @pytest.mark.parametrize(("page", "line"), [pl for pl in quoted_lines() if case_of(pl[1], HOST_CASES)])
