@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -19,7 +20,24 @@ def test_listening_port_is_seen_without_connecting() -> None:
         assert readiness.is_listening(os.getpid(), port)
 
 
+def own_sockets() -> set[int]:
+    """The socket inodes of this process's descriptors."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                found.add(int(target[8:-1]))
+    return found
+
+
+def inode(sock: socket.socket) -> int:
+    return int(os.readlink(f"/proc/self/fd/{sock.fileno()}")[8:-1])
+
+
 def test_stray_connection_is_found_until_its_descriptor_closes() -> None:
+    """Of what stray_connections finds, this process's own: it looks at the whole pid namespace, here the host's,
+    where any other process may open a socket meanwhile."""
     me = os.getpid()
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -27,10 +45,10 @@ def test_stray_connection_is_found_until_its_descriptor_closes() -> None:
         before = readiness.held_sockets(me)
         client = socket.create_connection(server.getsockname())
         accepted, _ = server.accept()
-        assert readiness.stray_connections(me, before)
+        assert readiness.stray_connections(me, before) & own_sockets() == {inode(client), inode(accepted)}
         client.close()
         accepted.close()
-        assert not readiness.stray_connections(me, before)
+        assert not readiness.stray_connections(me, before) & own_sockets()
 
 
 def test_what_a_readiness_command_leaves_is_told_from_the_apps_own_processes(monkeypatch: pytest.MonkeyPatch
