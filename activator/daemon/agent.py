@@ -32,11 +32,22 @@ class Agent:
         self.draining = False  # the daemon is stopping: every service says drain
         self._server: asyncio.Server | None = None
 
-    async def start(self, addr: ListenAddress) -> None:
-        self._server = await asyncio.start_server(self._answer, addr.host, addr.port, reuse_address=True,
-                                                  limit=MAX_LINE)
+    @property
+    def address(self) -> ListenAddress | None:
+        """Where it answers (settings.agent.listen; read at startup, a reload does not move it)."""
+        settings = self.fleet.config.settings.agent
+        return settings.listen if settings is not None else None
 
-    async def close(self) -> None:
+    @property
+    def name(self) -> str:
+        return f"agent endpoint {self.address}"
+
+    async def start(self) -> None:
+        if (addr := self.address) is not None:
+            self._server = await asyncio.start_server(self._answer, addr.host, addr.port, reuse_address=True,
+                                                      limit=MAX_LINE)
+
+    async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):

@@ -14,7 +14,6 @@ from activator.checkpoints.exchange import CheckpointExchange
 from activator.config.service import ServiceConfig
 from activator.core import liveview
 from activator.errors import ActivatorError
-from activator.tasks import spawn
 
 from . import systemd
 from .fleet import Fleet
@@ -32,13 +31,13 @@ class Builds:
         """A stateful service's instance is gone: its checkpoint is made again from the volumes as it left them
         (the stored one is marked used, so ensure() rebuilds it), retried like a first build if it fails."""
         log.info("service=%s its instance is gone; making its checkpoint again (stateful)", svc.name)
-        self.fleet.keep(spawn(self.first(svc, quiet=True), name=f"checkpoint-refresh:{svc.name}"))
+        self.fleet.tasks.spawn(self.first(svc, quiet=True), name=f"checkpoint-refresh:{svc.name}")
 
     async def first(self, svc: ServiceConfig, *, quiet: bool = False) -> None:
         """The service's first checkpoint; on failure, retried in the background until one is made. quiet: not
         announced as serving (it was, before its checkpoint was used up)."""
         if not await self._build(svc, quiet=quiet):
-            self.fleet.keep(spawn(self._retry(svc), name=f"checkpoint-retry:{svc.name}"))
+            self.fleet.tasks.spawn(self._retry(svc), name=f"checkpoint-retry:{svc.name}")
 
     async def prune_after(self, first: list[asyncio.Task[None]]) -> None:
         """Unpacked images no checkpoint uses go, once the first builds are done."""
@@ -59,7 +58,7 @@ class Builds:
             except ActivatorError as e:
                 log.warning("service=%s pushing its checkpoint failed: %s (other hosts build their own)", svc.name, e)
 
-        self.fleet.keep(spawn(push(), name=f"checkpoint-push:{svc.name}"))
+        self.fleet.tasks.spawn(push(), name=f"checkpoint-push:{svc.name}")
 
     async def import_archive(self, path: str = "", name: str = "") -> dict[str, Any]:
         """Install a checkpoint image (activator checkpoint import) and switch new instances to it."""
@@ -146,7 +145,7 @@ class Builds:
             if fleet.services.get(svc.name) is not service:
                 return True  # a reload replaced it meanwhile: this checkpoint is for a definition gone
             if source != "stored":
-                fleet.keep(spawn(builder.prune_images(), name="prune-images"))
+                fleet.tasks.spawn(builder.prune_images(), name="prune-images")
             if source == "built":
                 service.m.checkpoint_builds.inc()
                 service.m.checkpoint_build_duration.observe(time.monotonic() - t0)

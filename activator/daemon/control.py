@@ -44,6 +44,10 @@ class ControlServer:
         self.handlers = handlers
         self._server: asyncio.AbstractServer | None = None
 
+    @property
+    def name(self) -> str:
+        return f"control socket {self.path}"
+
     async def start(self) -> None:
         # We hold the state dir's lock, so a socket file here is a dead run's: safe to replace.
         with contextlib.suppress(FileNotFoundError):
@@ -97,7 +101,7 @@ class ControlServer:
             if not task.done():  # the client went away: the request itself still finishes
                 await asyncio.shield(task)
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

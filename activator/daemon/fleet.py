@@ -1,6 +1,7 @@
-"""The running services and what serves them: each name's Service (its pool of instances), its listening sockets
-and their asyncio servers, the old definitions still draining after a reload, and the host pieces they share
-(runc, the checkpoint builder and store, the instance network, KSM, the restore slots, the descriptor budget).
+"""The running services and what serves them: each name's Service (its pool of instances), its listeners (its
+listening sockets and what accepts on them: servicelisteners.py), the fleet's background tasks, the old
+definitions still draining after a reload, and the host pieces they share (runc, the checkpoint builder and
+store, the instance network, KSM, the restore slots, the descriptor budget).
 
 One Fleet per daemon, owned by the lifecycle (server.py); reload orchestration (reloading.py), checkpoint builds
 (builds.py), the background watchers (watchers.py) and the control commands (commands.py) take it explicitly.
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import logging
 import os
 import socket
@@ -32,16 +32,17 @@ from activator.net.network import HostNetwork, kernel_path_possible
 from activator.runtime import cgroups, ksm, preflight
 from activator.runtime.ksm import Ksm
 from activator.statedir import StateDir
-from activator.tasks import spawn
+from activator.tasks import Tasks
 
 from . import metrics, modes, systemd
-from .acceptor import Acceptor
 from .handoff import HandoffMode
-from .listeners import BACKLOG, address_of, take_all
+from .listeners import address_of, take_all
+from .listening import ServiceListener
 from .metrics import Metrics
 from .proxy import ConnectionSet, client_protocol_factory
 from .service import Service
-from .udp import UdpFront, Unanswered
+from .servicelisteners import HandoffListener, TcpListener, UdpListener
+from .udp import Unanswered
 
 log = logging.getLogger("activator")
 
@@ -59,28 +60,22 @@ class Fleet:
         self.metrics = metrics
         self.services: dict[str, Service] = {}
         self.connections = ConnectionSet()
-        self.listeners: dict[str, list[socket.socket]] = {}  # service -> its listening sockets (TCP, then UDP)
-        self.udp_fronts: dict[socket.socket, UdpFront] = {}  # a UDP listening socket -> what serves it (udp.py)
-        self.servers: dict[str, list[tuple[socket.socket, asyncio.Server]]] = {}
-        # handoff services' sockets: accepted on in a thread each, never on the loop (acceptor.py, accepting())
-        self.acceptors: dict[str, list[Acceptor]] = {}
-        self.factories: dict[str, Callable[[], asyncio.Protocol]] = {}
-        self.paused: set[str] = set()  # services whose sockets the activator does not accept on (handoff.py)
-        self.app_flags: dict[int, int] = {}  # a handoff socket's file flags as its apps had them, while we accept
+        #: service -> its listeners (TCP, then UDP), started or about to be; stopped by unlisten
+        self.listening: dict[str, list[ServiceListener]] = {}
         #: old definitions of changed services, and removed services, while their connections drain
         self.retiring: set[Service] = set()
         self.budget = capacity.Budget(0)
         self.from_systemd: dict[str, tuple[ListenAddress, ...]] = {}  # `listen: systemd` services' addresses
         self.restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
         self.host: Host | None = None  # set at startup, once the host is checked and the state dir locked
-        self.network_open = False  # from the moment open() starts: shutdown undoes whatever it got to
+        self.network_open = False  # from the moment open() starts (before it, the kernel path has nothing to count)
         self.ksm: Ksm | None = None
         self.ready = asyncio.Event()  # READY=1 was sent
         self.on_service = on_service
         #: a stateful service's checkpoint was used up by its instance (Builds makes it again)
         self.on_used_up: Callable[[ServiceConfig], None] | None = None
         self.started = time.time()
-        self._background: set[asyncio.Task[Any]] = set()
+        self.tasks = Tasks()  # the background work: shutdown cancels and awaits it as one
 
     # --- the host pieces -----------------------------------------------------------------------------------
 
@@ -88,14 +83,10 @@ class Fleet:
     def network(self) -> HostNetwork | None:
         return self.host.network if self.host is not None else None
 
-    def keep(self, task: asyncio.Task[Any]) -> None:
-        """Own a background task until it ends (shutdown cancels what is left)."""
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     @property
-    def background(self) -> set[asyncio.Task[Any]]:
-        return self._background
+    def listeners(self) -> dict[str, list[socket.socket]]:
+        """Each service's listening sockets (a view: Fleet.serve and unlisten change them)."""
+        return {name: [lst.sock for lst in group] for name, group in self.listening.items()}
 
     async def ksm_for(self, shares: bool) -> Ksm | None:
         """The Ksm a sharing service's launcher marks its instances for (started on first use), or None."""
@@ -103,7 +94,7 @@ class Fleet:
             if ksm.available():
                 self.ksm = Ksm(self.state.root / ksm.SAVED_NAME)
                 await asyncio.to_thread(self.ksm.start)
-                self.keep(spawn(_pace_ksm(self.ksm), name="ksm-pacer"))
+                self.tasks.spawn(_pace_ksm(self.ksm), name="ksm-pacer")
             else:
                 log.warning("share_memory is on but this kernel has no KSM (/sys/kernel/mm/ksm): nothing is shared")
         return self.ksm if shares else None
@@ -127,10 +118,13 @@ class Fleet:
         their sockets' addresses."""
         fleet = self
         from_systemd: dict[str, list[ListenAddress]] = {}
+        taken: dict[str, list[socket.socket]] = {}
         for svc, sock in take_all(fleet.config, systemd.listen_fds() + [("", s) for s in handed_in]):
-            fleet.listeners.setdefault(svc.name, []).append(sock)
+            taken.setdefault(svc.name, []).append(sock)
             if not svc.listen:
                 from_systemd.setdefault(svc.name, []).append(address_of(sock))
+        for name, socks in taken.items():
+            self.add_listeners(name, socks)  # not started: start_listening, once the services exist
         fleet.from_systemd = {name: tuple(addrs) for name, addrs in from_systemd.items()}
         fleet.config = fleet.with_systemd_addresses(fleet.config)
 
@@ -238,53 +232,48 @@ class Fleet:
 
     # --- listening -------------------------------------------------------------------------------------------
 
-    async def serve(self, name: str, socks: list[socket.socket]) -> None:
-        """Accept on these sockets for whichever Service holds the name at the time (a reload swaps it)."""
-        loop = asyncio.get_running_loop()
+    def add_listeners(self, name: str, socks: list[socket.socket]) -> list[ServiceListener]:
+        """Listeners for these sockets of a service, not yet started (unlisten stops them all the same), that
+        accept for whichever Service holds the name at the time (a reload swaps it)."""
 
         def current() -> Service:
             return self.services[name]
 
         factory = client_protocol_factory(current, self.connections)
-        handoff = self.services[name].config.handoff
+        service = self.services.get(name)
+        handoff = service.config.handoff if service is not None else \
+            next((s.handoff for s in self.config.services if s.name == name), False)
+        group = self.listening.setdefault(name, [])
+        # a handoff service's new socket waits while its apps accept from the one it has (accepting())
+        on = all(lst.on for lst in group if isinstance(lst, HandoffListener))
         unanswered = Unanswered()  # one budget of unanswered UDP flows for the service's addresses
+        made: list[ServiceListener] = []
         for sock in socks:
             if sock.type == socket.SOCK_DGRAM:
-                front = UdpFront(current, sock.getsockname()[1], unanswered)
-                await loop.create_datagram_endpoint(lambda f=front: f, sock=sock)  # type: ignore[misc]
-                self.udp_fronts[sock] = front
-                continue
-            if handoff:
-                self.factories[name] = factory
-                self._add_acceptor(name, sock)
-                continue
-            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
-            self.servers.setdefault(name, []).append((sock, server))
+                made.append(UdpListener(name, sock, current, unanswered))
+            elif handoff:
+                made.append(HandoffListener(name, sock, factory, self.tasks, on=on))
+            else:
+                made.append(TcpListener(name, sock, factory))
+        group.extend(made)
+        return made
 
-    def _add_acceptor(self, name: str, sock: socket.socket) -> Acceptor:
-        loop = asyncio.get_running_loop()
-        factory = self.factories[name]
+    async def start_listening(self, name: str) -> None:
+        """Start the service's listeners taken at startup (take_listeners)."""
+        for lst in self.listening.get(name, []):
+            await lst.start()
 
-        def deliver(conn: socket.socket) -> None:
-            self.keep(spawn(self._connected(loop, conn, factory), name="accepted"))
+    async def serve(self, name: str, socks: list[socket.socket]) -> None:
+        """Accept on these sockets too (a reload's new addresses)."""
+        for lst in self.add_listeners(name, socks):
+            await lst.start()
 
-        def problem(why: str) -> None:
-            log.warning("service=%s its socket %s: %s%s", name, address_of(sock), why,
-                        "; put back within a second" if why == "no longer listens" else "")
+    def handoff_listeners(self, name: str) -> list[HandoffListener]:
+        return [lst for lst in self.listening.get(name, []) if isinstance(lst, HandoffListener)]
 
-        acceptor = Acceptor(name, sock, deliver, problem)
-        self.acceptors.setdefault(name, []).append(acceptor)
-        if name not in self.paused:
-            self._resume(sock, acceptor)
-        return acceptor
-
-    def _resume(self, sock: socket.socket, acceptor: Acceptor) -> None:
-        # The file's flags are the apps' too: CRIU gave a restored app its own (usually blocking). Non-blocking
-        # while the activator accepts only spares its thread a wait (acceptor.py); the apps get theirs back.
-        fd = sock.fileno()
-        self.app_flags[fd] = fcntl.fcntl(fd, fcntl.F_GETFL)
-        sock.setblocking(False)
-        acceptor.set(True)
+    def accepts(self, name: str) -> bool:
+        """Whether the activator accepts on the handoff service's sockets now (not while its apps do)."""
+        return all(lst.on for lst in self.handoff_listeners(name))
 
     def accepting(self, name: str, on: bool) -> None:
         """Accept on a handoff service's sockets or not (handoff.py: not while an app accepts from them).
@@ -293,29 +282,17 @@ class Fleet:
         socket until every descriptor of it is closed (the apps hold it), so a server made again on a duplicate
         was never told of a connection (seen with uvloop). Nor a reader on the loop: an app can make the socket
         blocking at any time (acceptor.py)."""
-        if on != (name in self.paused):
-            return
-        if on:
-            self.paused.discard(name)
-        else:
-            self.paused.add(name)
-        for acceptor in self.acceptors.get(name, []):
-            if on:
-                self._resume(acceptor.sock, acceptor)
-                continue
-            acceptor.set(False)
-            fd = acceptor.sock.fileno()
-            if (flags := self.app_flags.pop(fd, None)) is not None:
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # the apps' own (handoff.py)
+        for lst in self.handoff_listeners(name):
+            lst.accepting(on)
 
     def listening_again(self, name: str) -> None:
         """A handoff service's socket, shut down by an app (accept() EINVAL: its thread waits), listens again
         (handoff.HandoffSteering.keep_listening)."""
-        for acceptor in self.acceptors.get(name, []):
-            acceptor.kick()
+        for lst in self.handoff_listeners(name):
+            lst.kick()
 
     def _replace_later(self, name: str, what: str) -> None:
-        self.keep(spawn(self.replace_socket(name, what), name=f"replace-socket:{name}"))
+        self.tasks.spawn(self.replace_socket(name, what), name=f"replace-socket:{name}")
 
     async def replace_socket(self, name: str, what: str) -> None:
         """A handoff service's socket has a socket filter an app attached (handoff.py): it may drop every
@@ -333,9 +310,8 @@ class Fleet:
         log.warning("service=%s an app attached a socket filter to its listening socket %s (%s; it would drop "
                     "connections for every holder, for good): its instances are killed and the socket replaced",
                     name, address, what)
-        for acceptor in self.acceptors.pop(name, []):
-            self.app_flags.pop(acceptor.sock.fileno(), None)
-            acceptor.close()
+        for lst in self.handoff_listeners(name):
+            lst.stop_accepting()
         await service.launcher.rehand(None)  # no restore gets the old socket from here on
         await service.kill_all("its service's listening socket is replaced")
         # Out of LISTEN (a thread of ours waiting in accept() on it wakes) and reusable: the app may have cleared
@@ -350,14 +326,13 @@ class Fleet:
                       "holds the address? restart it, or activator): the service cannot be reached", name, address,
                       e.strerror)
             return
-        self.listeners[name] = [fresh if sock is old else sock for sock in self.listeners.get(name, [])]
+        self.listening[name] = [lst for lst in self.listening.get(name, []) if lst.sock is not old]
         old.close()
         checkpoint = service.checkpoint
         assert checkpoint is not None  # a handoff mode is chosen with one
         context = self._mode_context(service.config, checkpoint, fresh)
         service.switch_mode(modes.choose(context).make(context))
-        self.paused.discard(name)
-        self._add_acceptor(name, fresh)
+        await self.serve(name, [fresh])
         service.mode.set(list(service.instances), service.starting)
         await service.launcher.rehand(fresh)
         log.info("service=%s listening on a fresh socket %s", name, address)
@@ -383,42 +358,22 @@ class Fleet:
             await asyncio.sleep(0.05)
         raise AssertionError("unreachable")
 
-    async def _connected(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
-                         factory: Callable[[], asyncio.Protocol]) -> None:
-        try:
-            await loop.connect_accepted_socket(factory, conn)
-        except OSError:
-            conn.close()
-
-    def unlisten(self, name: str, keep: tuple[socket.socket, ...] = ()) -> None:
+    async def unlisten(self, name: str, keep: tuple[socket.socket, ...] = ()) -> None:
         """Stop accepting on the service's sockets, except those kept (a changed service's unchanged addresses)."""
-        serving = []
-        for sock, server in self.servers.get(name, []):
-            if sock in keep:
-                serving.append((sock, server))
-            else:
-                server.close()
-        self.servers[name] = serving
-        acceptors = []
-        for acceptor in self.acceptors.get(name, []):
-            if acceptor.sock in keep:
-                acceptors.append(acceptor)
+        kept = []
+        failed: Exception | None = None
+        for lst in self.listening.pop(name, []):
+            if lst.sock in keep:
+                kept.append(lst)
                 continue
-            self.app_flags.pop(acceptor.sock.fileno(), None)
-            acceptor.close()
-        self.acceptors[name] = acceptors
-        for sock in self.listeners.get(name, []):
-            if sock not in keep:
-                if (front := self.udp_fronts.pop(sock, None)) is not None:
-                    front.close()  # its flows end (their leases released) and its transport closes the socket
-                sock.close()  # closing the server detached it already (uvloop): this is for a socket never served
-        self.listeners[name] = [sock for sock in self.listeners.get(name, []) if sock in keep]
-        if not self.listeners[name]:
-            del self.listeners[name]
-            self.servers.pop(name, None)
-            self.acceptors.pop(name, None)
-            self.factories.pop(name, None)
-            self.paused.discard(name)
+            try:
+                await lst.stop()
+            except Exception as e:  # the others are still stopped
+                failed = failed or e
+        if kept:
+            self.listening[name] = kept
+        if failed is not None:
+            raise failed
 
     # --- old definitions -------------------------------------------------------------------------------------
 

@@ -299,6 +299,6 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 family.remove(name)
 
-    def serve(self, addr: ListenAddress) -> ScrapeServer:
-        """Start the scrape endpoint (its own thread, bounded: scrape.py). Returns it so it can be shut down."""
-        return ScrapeServer.listen(self.registry, addr.host, addr.port)
+    def endpoint(self, addr: ListenAddress) -> ScrapeServer:
+        """The scrape endpoint (its own thread, bounded: scrape.py), not yet started."""
+        return ScrapeServer(self.registry, addr.host, addr.port)

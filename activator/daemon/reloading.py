@@ -23,7 +23,6 @@ from activator.config.document import Config
 from activator.config.parse import load_config
 from activator.core.reloadplan import Change, Plan, plan_reload
 from activator.errors import ActivatorError, ConfigError
-from activator.tasks import spawn
 
 from . import systemd
 from .builds import Builds
@@ -82,14 +81,13 @@ class Reloader:
             fleet.host.builder.exchange.trust, fleet.host.builder.exchange.sign_key = trust
         for svc in p.removed:
             old = fleet.services.pop(svc.name)
-            fleet.unlisten(svc.name)
+            await fleet.unlisten(svc.name)
             fleet.withdraw(old, removed=True)
-            fleet.keep(spawn(fleet.drain_and_close(old, removed=True), name=f"retire:{svc.name}"))
+            fleet.tasks.spawn(fleet.drain_and_close(old, removed=True), name=f"retire:{svc.name}")
         for svc in p.added:
             fleet.services[svc.name] = await fleet.make_service(svc, new)
             fleet.limit(svc)
-            fleet.listeners[svc.name] = fresh.get(svc.name, [])
-            await fleet.serve(svc.name, fleet.listeners[svc.name])
+            await fleet.serve(svc.name, fresh.get(svc.name, []))
             self._track(svc.name, self.builds.first(svc), "checkpoint")
         for change in p.changed:
             name = change.new.name
@@ -114,8 +112,7 @@ class Reloader:
 
     def _track(self, name: str, coro: Coroutine[Any, Any, None], what: str) -> None:
         """A reload's work for one service, which a later reload may supersede (_reload cancels it)."""
-        task = spawn(coro, name=f"{what}:{name}")
-        self.fleet.keep(task)
+        task = self.fleet.tasks.spawn(coro, name=f"{what}:{name}")
         self._pending[name] = task
         task.add_done_callback(lambda t: self._pending.pop(name, None) if self._pending.get(name) is t else None)
 
@@ -179,9 +176,10 @@ class Reloader:
             return proto in svc.protocol and any(systemd.same_address(sock, a, sock.type) for a in svc.listen)
 
         keep = tuple(sock for sock in fleet.listeners.get(name, []) if kept(sock))
-        fleet.unlisten(name, keep)
-        fleet.listeners.setdefault(name, []).extend(fresh)
+        await fleet.unlisten(name, keep)
+        made = fleet.add_listeners(name, fresh)
         fleet.use(svc, checkpoint)  # after the listeners: with handoff, its apps get the new definition's socket
-        await fleet.serve(name, fresh)
+        for listener in made:
+            await listener.start()
         # Not part of this task: a later reload may cancel a change being prepared, never a drain.
-        fleet.keep(spawn(fleet.drain_and_close(old, removed=False, then=new), name=f"retire:{name}"))
+        fleet.tasks.spawn(fleet.drain_and_close(old, removed=False, then=new), name=f"retire:{name}")

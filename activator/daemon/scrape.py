@@ -27,9 +27,11 @@ TIMEOUT = 5.0
 class ScrapeServer:
     """Serves GET /metrics (and /) from one registry on a socket bound by the caller."""
 
-    def __init__(self, registry: CollectorRegistry, sock: socket.socket) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self.registry = registry
-        self._sock = sock
+        self.host = host
+        self._port = port
+        self._sock: socket.socket | None = None
         self._loop = asyncio.new_event_loop()
         self._open = 0
         self._ready = threading.Event()
@@ -37,23 +39,40 @@ class ScrapeServer:
 
     @classmethod
     def listen(cls, registry: CollectorRegistry, host: str, port: int) -> ScrapeServer:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(128)
-        except OSError:
-            sock.close()
-            raise
-        server = cls(registry, sock)
-        server._thread.start()
+        """Started from outside any event loop (blocking until it serves)."""
+        server = cls(registry, host, port)
+        server._begin()
         server._ready.wait(10)
         return server
 
     @property
+    def name(self) -> str:
+        return f"metrics endpoint {self.host}:{self._port}"
+
+    @property
     def port(self) -> int:
-        return int(self._sock.getsockname()[1])
+        return int(self._sock.getsockname()[1]) if self._sock is not None else self._port
+
+    async def start(self) -> None:
+        self._begin()
+        await asyncio.to_thread(self._ready.wait, 10)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    def _begin(self) -> None:
+        """Bind (OSError: the address is taken or not ours), then serve from the thread."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self._port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._thread.start()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -97,7 +116,11 @@ class ScrapeServer:
     def shutdown(self) -> None:
         """Stop serving and close the socket; blocking, returns when the thread has ended."""
         if self._thread.is_alive():
+            self._ready.wait(10)  # a stop before its server is up would end run_until_complete with an error
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
-        with contextlib.suppress(OSError):
-            self._sock.close()
+        elif self._thread.ident is None:  # never started
+            self._loop.close()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()

@@ -13,7 +13,12 @@ startup:  check the host, lock the state dir, raise the descriptor limit and siz
           loop itself. (startup() alone, as tests call it, waits for every first build.)
 shutdown: stop accepting, let open connections finish up to drain_timeout (systemd is told to extend its stop
           timeout accordingly; a second SIGTERM/SIGINT cuts the drain short), abort the rest, kill and release
-          every instance, stop the endpoints, unlock.
+          every instance, then undo what startup acquired, in reverse: the endpoints, the services' listeners,
+          KSM's settings, the instance network, the state dir's lock.
+
+Each startup step that acquires something pushes its undo onto one AsyncExitStack before (or as) it acquires it,
+so a failure or a SIGTERM half-way through startup undoes exactly what was acquired; every listener (listening.py)
+is started and stopped the same way.
 
 What it owns lives in fleet.py (the services, their listeners and servers, the shared host pieces); reloads are
 carried out by reloading.py, checkpoint builds and retries by builds.py, the background loops are watchers.py,
@@ -42,7 +47,7 @@ from activator.runtime import cgroups, criucache
 from activator.statedir import StateDir
 from activator.tasks import spawn
 
-from . import systemd, watchers
+from . import listening, systemd, watchers
 from .agent import Agent
 from .builds import Builds
 from .commands import Commands
@@ -71,13 +76,11 @@ class Activator:
         self.commands = Commands(self.fleet, self.builds, self.reloader)
         self.agent = Agent(self.fleet)
         self._handed_in = list(sockets or [])
-        self._metrics_server: Any = None
-        self._control: ControlServer | None = None
         self.teardown_failures: list[str] = []  # what shutdown() could not undo (the exit status says so)
+        self._acquired = contextlib.AsyncExitStack()  # startup's undo steps (each through _step), in order
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._on_ready = on_ready
-        self._locked = False
         self._shut_down = False
 
     # What callers (the CLI, tests, benches) look at: the fleet's, by their old names.
@@ -141,7 +144,7 @@ class Activator:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._hangup)
         if shutdown_trigger is not None:
-            self.fleet.keep(spawn(self._stop_when(shutdown_trigger), name="shutdown-trigger"))
+            self.fleet.tasks.spawn(self._stop_when(shutdown_trigger), name="shutdown-trigger")
         try:
             starting = spawn(self.startup(wait_for_builds=False), name="startup", awaited=True)
             stopping = spawn(self._stop.wait(), name="stop-trigger", awaited=True)
@@ -169,7 +172,7 @@ class Activator:
         if not self.ready.is_set():
             log.warning("SIGHUP during startup ignored: reload once the daemon is ready")
             return
-        self.fleet.keep(spawn(self._reload_logged(), name="reload"))
+        self.fleet.tasks.spawn(self._reload_logged(), name="reload")
 
     async def _reload_logged(self) -> None:
         with contextlib.suppress(ActivatorError):  # already logged, and the old configuration serves on
@@ -190,10 +193,11 @@ class Activator:
         systemd.notify("READY=1", f"STATUS={fleet.status_line()}")
         interval = systemd.watchdog_interval()
         if interval:
-            fleet.keep(spawn(watchers.ping_watchdog(interval), name="watchdog"))
+            fleet.tasks.spawn(watchers.ping_watchdog(interval), name="watchdog")
 
     async def startup(self, *, wait_for_builds: bool = True) -> None:
         fleet = self.fleet
+        undo = self._acquired.push_async_callback
         # A thread that waits for the GIL gets it after at most this long, instead of 5 ms: behind a serving loop
         # that is busy with a flood, the metrics endpoint's thread and the blocking helpers (conntrack samples,
         # nftables, netlink) wait a handoff per I/O call, so a scrape took tens of ms. Only matters under
@@ -202,10 +206,11 @@ class Activator:
         for note in fleet.config.notes:
             log.info("%s: %s", fleet.config.path, note)
         host = fleet.host = open_host(fleet.state, fleet.config)
+        undo(self._step, "unlocking the state dir", fleet.state.unlock)
+        undo(self._ksm_back)  # started by the first service that shares memory, whenever that is
         host.builder.exchange.on_transfer = lambda *labels: fleet.metrics.checkpoint_transfers.labels(*labels).inc()
         if (parent := cgroups.use_unit_cgroup()) is not None:
             log.info("instance cgroups under this unit's own: /%s", parent)
-        self._locked = True
         fleet.metrics.build_info.labels(__version__, platform.python_version(), host.builder.criu,
                                         host.builder.runc_version, platform.release()).set(1)
         await asyncio.to_thread(criucache.refresh, host.runc.criu)  # ~30 ms off every CRIU run that follows
@@ -213,9 +218,12 @@ class Activator:
         cleaned = await clean_leftovers(fleet.state, host.runc, host.builder.images, host.network)
         if cleaned:
             log.warning("cleaned up after a previous run: %s", ", ".join(cleaned))
-        if host.network is not None:
-            fleet.network_open = True  # from here on shutdown undoes whatever open() got to
-            await asyncio.to_thread(host.network.open)
+        if (network := host.network) is not None:
+            fleet.network_open = True
+            # pushed first: whatever open() got to is undone
+            undo(self._step, "removing the instance network", asyncio.to_thread, network.close)
+            await asyncio.to_thread(network.open)
+        undo(self._unlisten_all)  # by then shutdown stopped them already; this is for a startup cut short
         fleet.take_listeners(self._handed_in)
         self._handed_in = []
         for svc in fleet.config.services:
@@ -223,36 +231,32 @@ class Activator:
             fleet.limit(svc)
         fleet.link_dependencies()
         for svc in fleet.config.services:
-            await fleet.serve(svc.name, fleet.listeners.get(svc.name, []))
-        self._control = ControlServer(fleet.state.control_socket, self.commands.handlers())
-        await self._control.start()
-        if fleet.config.settings.metrics is not None:
+            await fleet.start_listening(svc.name)
+        await listening.start(self._acquired, ControlServer(fleet.state.control_socket, self.commands.handlers()),
+                              self._step)
+        if (metrics_at := fleet.config.settings.metrics) is not None:
             try:
-                self._metrics_server = fleet.metrics.serve(fleet.config.settings.metrics)
+                await listening.start(self._acquired, fleet.metrics.endpoint(metrics_at), self._step)
             except OSError as e:
-                raise ActivatorError(
-                    f"{fleet.config.path}: settings.metrics: cannot listen on {fleet.config.settings.metrics}: "
-                    f"{e.strerror}; pick another address or set it to null"
-                ) from None
+                raise ActivatorError(f"{fleet.config.path}: settings.metrics: cannot listen on {metrics_at}: "
+                                     f"{e.strerror}; pick another address or set it to null") from None
         if (agent_settings := fleet.config.settings.agent) is not None:
             try:
-                await self.agent.start(agent_settings.listen)
+                await listening.start(self._acquired, self.agent, self._step)
             except OSError as e:
                 raise ActivatorError(f"{fleet.config.path}: settings.agent.listen: cannot listen on "
                                      f"{agent_settings.listen}: {e.strerror}; pick another address or remove "
                                      "settings.agent") from None
-        fleet.keep(spawn(watchers.meter(fleet), name="meter"))  # every steering mode's samples
-        fleet.keep(spawn(watchers.watch_images(fleet), name="image-watch"))
-        fleet.keep(spawn(watchers.keep_alive_schedules(fleet), name="keep-alive-schedules"))
+        fleet.tasks.spawn(watchers.meter(fleet), name="meter")  # every steering mode's samples
+        fleet.tasks.spawn(watchers.watch_images(fleet), name="image-watch")
+        fleet.tasks.spawn(watchers.keep_alive_schedules(fleet), name="keep-alive-schedules")
         await self._first_checkpoints(wait_for_builds)
 
     async def _first_checkpoints(self, wait_for_builds: bool) -> None:
         fleet = self.fleet
         systemd.notify("STATUS=making sure every service has a current checkpoint")
-        first = [spawn(self.builds.first(s), name=f"first-checkpoint:{s.name}", awaited=True)
+        first = [fleet.tasks.spawn(self.builds.first(s), name=f"first-checkpoint:{s.name}", awaited=True)
                  for s in fleet.config.services]
-        for task in first:
-            fleet.keep(task)
         if wait_for_builds:
             await asyncio.gather(*first)
         elif first:
@@ -262,7 +266,7 @@ class Activator:
             for task in first:
                 if task.done():
                     task.result()  # a bug in a build is the daemon's failure, as it was before
-        fleet.keep(spawn(self.builds.prune_after(first), name="prune-images"))
+        fleet.tasks.spawn(self.builds.prune_after(first), name="prune-images")
 
     # --- stopping --------------------------------------------------------------------------------------------
 
@@ -294,39 +298,34 @@ class Activator:
                        f"STATUS=draining {len(fleet.connections)} connection(s)")
         failures_before = len(runc.failures) if runc is not None else 0
         await self._announce_drain()
-        for name in list(fleet.listeners):
-            await self._step(f"closing the listeners of {name}", fleet.unlisten, name)
+        await self._unlisten_all()
         for svc in (*fleet.services.values(), *fleet.retiring):
             # the kernel sends nobody new to any instance; open connections drain
             await self._step(f"withdrawing {svc.name}'s instances", svc.withdraw_all)
-        for task in list(fleet.background):
-            task.cancel()
+        fleet.tasks.cancel()
         await self._drain(drain)
         everyone = (*fleet.services.values(), *fleet.retiring)
         closed = await asyncio.gather(*(s.close() for s in everyone), return_exceptions=True)
         for svc, result in zip(everyone, closed, strict=True):
             if isinstance(result, BaseException):
                 self._failed(f"closing {svc.name}", result)
-        if fleet.background:
-            await asyncio.gather(*fleet.background, return_exceptions=True)
-        if self._control is not None:
-            await self._step("closing the control socket", self._control.close)
-        await self._step("closing the agent endpoint", self.agent.close)
-        if self._metrics_server is not None:
-            await self._step("stopping the metrics endpoint", asyncio.to_thread, self._metrics_server.shutdown)
-        if fleet.network is not None and fleet.network_open:
-            await self._step("removing the instance network", asyncio.to_thread, fleet.network.close)
-        if fleet.ksm is not None:
-            await self._step("putting KSM's settings back", asyncio.to_thread, fleet.ksm.stop)
+        await fleet.tasks.wait()
         if runc is not None:  # what sandboxes could not release (each logged where it happened)
             self.teardown_failures += runc.failures[failures_before:]
-        if self._locked:
-            await self._step("unlocking the state dir", fleet.state.unlock)
+        await self._acquired.aclose()  # its steps report their failures (_step) rather than raise
         if self.teardown_failures:
             log.error("stopped, but %d cleanup step(s) failed: %s", len(self.teardown_failures),
                       "; ".join(self.teardown_failures)[:2000])
         else:
             log.info("stopped")
+
+    async def _unlisten_all(self) -> None:
+        for name in list(self.fleet.listening):
+            await self._step(f"closing the listeners of {name}", self.fleet.unlisten, name)
+
+    async def _ksm_back(self) -> None:
+        if self.fleet.ksm is not None:
+            await self._step("putting KSM's settings back", asyncio.to_thread, self.fleet.ksm.stop)
 
     async def _drain(self, drain: float) -> None:
         """Open connections on either path finish, up to drain (or a second stop request); the rest are cut."""

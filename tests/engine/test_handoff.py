@@ -34,7 +34,7 @@ async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost
     assert inst.handoff and svc.status()["handoff"]
     inode = os.fstat(listener.fileno()).st_ino
     assert inode in await asyncio.to_thread(inst.sandbox.socket_inodes), "the app does not hold the socket"
-    assert "echo" in run.act.fleet.paused  # the activator does not accept while the app does
+    assert not run.act.fleet.accepts("echo")  # the activator does not accept while the app does
 
     # Warm: 2,000 connections, 200 at a time, half closing their write side right after sending. Not one of
     # them reaches the activator (what its listener took stays where the wake left it), and every one is
@@ -68,7 +68,7 @@ async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost
     # Idle: each is frozen, counted and killed; the activator accepts again, and the next burst wakes the
     # service through it with nothing lost.
     await eventually(lambda: not svc.instances, timeout=30, what="every instance reaped")
-    assert "echo" not in run.act.fleet.paused
+    assert run.act.fleet.accepts("echo")
     assert run.metric("activator_idle_reaps_total", "echo") >= 3
     result = await loadgen(port, "--connections", "500", "--concurrency", "250", "--fin-every", "2")
     assert result["ok"] == 500, fails(result)
@@ -93,7 +93,7 @@ async def test_an_app_that_shuts_the_handed_socket_down_leaves_no_service_deaf(s
     assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
     await eventually(lambda: svc.instances and not svc.instances[0].handoff, timeout=10,
                      what="the instance no longer counted as taking from the socket")
-    assert "echo" not in run.act.fleet.paused
+    assert run.act.fleet.accepts("echo")
     # Positive control: the same instance, dialled on its own address by the activator, answers everyone.
     result = await loadgen(port, "--connections", "300", "--concurrency", "100", "--fin-every", "2")
     assert result["ok"] == 300, fails(result)

@@ -114,7 +114,7 @@ async def woken(start, victim: dict[str, object] = VICTIM) -> Running:  # type: 
     assert await ask(run.port("victim"), "hello") == "hello"
     (inst,) = run.act.services["victim"].instances
     await eventually(lambda: inst.handoff, timeout=5, what="the app holding the service's socket")
-    assert "victim" in run.act.fleet.paused  # the app accepts, the activator does not
+    assert not run.act.fleet.accepts("victim")  # the app accepts, the activator does not
     return run
 
 
@@ -130,7 +130,7 @@ async def test_an_app_that_hides_the_socket_and_makes_it_blocking_stalls_nothing
     (inst,) = svc.instances
     async with probing(run, "other"):
         assert await ask(port, "park") == "parked"
-        await eventually(lambda: not inst.handoff and "victim" not in run.act.fleet.paused, timeout=5,
+        await eventually(lambda: not inst.handoff and run.act.fleet.accepts("victim"), timeout=5,
                          what="the activator accepting for the app that hid the socket")
         # Through the activator now (it dials the app's own listener): the app clears the flag the activator set.
         assert await ask(port, "unpark") == "unparked nonblock=1"
@@ -140,7 +140,9 @@ async def test_an_app_that_hides_the_socket_and_makes_it_blocking_stalls_nothing
         for _ in range(10):
             await both_answer(run, 50)
             await asyncio.sleep(0.1)  # an accept() the app won waits through this, with nothing else stopped
-        (acceptor,) = run.act.fleet.acceptors["victim"]
+        (handoff,) = run.act.fleet.handoff_listeners("victim")
+        acceptor = handoff.acceptor
+        assert acceptor is not None
         took = run.metric("activator_connections_total", "victim") - accepted
         print(f"\n[measured] the activator accepted {took:.0f} of 500; its accept() waited {acceptor.waits} times")
         # Accepted on the blocking socket (the loop's accept() of before then waited for good: this test hung). How
@@ -209,6 +211,6 @@ async def test_an_app_that_shuts_or_closes_the_socket_stalls_nothing(start, comm
             assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
         else:
             await eventually(lambda: not inst.handoff, timeout=5, what="the app seen without the socket")
-            await eventually(lambda: "victim" not in run.act.fleet.paused, timeout=5, what="the activator accepting")
+            await eventually(lambda: run.act.fleet.accepts("victim"), timeout=5, what="the activator accepting")
         await both_answer(run)
     assert svc.instances == [inst]

@@ -19,6 +19,7 @@ import pytest
 from pyroute2 import netns as pyroute2_netns
 
 from activator.daemon import udp
+from activator.daemon.servicelisteners import UdpListener
 from activator.net.netns import HOME_NS
 from tests.conftest import eventually, faulty_restore
 from tests.netfixtures import RemoteHost, remote_host  # noqa: F401
@@ -328,7 +329,8 @@ async def test_replies_toward_a_forged_source_are_bounded_by_what_it_sent(  # ty
 
     def relayed_over() -> bool:
         return all(run.act.services[n].instances for n in ("amp", "dns")) and \
-            not any(f.flows for f in run.act.fleet.udp_fronts.values())
+            not any(lst.front.flows for group in run.act.fleet.listening.values() for lst in group
+                    if isinstance(lst, UdpListener))
 
     listener = asyncio.ensure_future(hear())
     try:

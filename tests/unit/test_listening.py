@@ -1,0 +1,195 @@
+"""The listener contract (daemon/listening.py) and the service listeners (servicelisteners.py) on real loopback
+sockets, and the one registry of background tasks (tasks.py). Start-up order and its undo are checked with fakes
+that satisfy the Listener protocol (mypy checks them against it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from activator.daemon import listening
+from activator.daemon.listening import Listener, ServiceListener
+from activator.daemon.service import Service
+from activator.daemon.servicelisteners import HandoffListener, TcpListener, UdpListener
+from activator.daemon.udp import Unanswered
+from activator.tasks import Tasks
+
+pytestmark = pytest.mark.asyncio
+
+
+class Fake:
+    def __init__(self, name: str, log: list[str], *, fails_start: bool = False, fails_stop: bool = False) -> None:
+        self._name = name
+        self.log = log
+        self.fails_start = fails_start
+        self.fails_stop = fails_stop
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        self.log.append(f"start {self._name}")
+        if self.fails_start:  # half-way: it took something, then failed
+            raise OSError(98, "Address already in use")
+
+    async def stop(self) -> None:
+        self.log.append(f"stop {self._name}")
+        if self.fails_stop:
+            raise RuntimeError(f"{self._name} would not stop")
+
+
+def checked(x: Listener) -> Listener:  # mypy: each kind satisfies the protocol
+    return x
+
+
+def checked_service(x: ServiceListener) -> ServiceListener:
+    return x
+
+
+class Steps:
+    """The lifecycle's _step: one undo step, its failure recorded, never raised."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    async def __call__(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+        except Exception as e:
+            self.failures.append(f"{what}: {e}")
+
+
+async def test_a_failure_half_way_through_startup_undoes_only_what_started_in_reverse() -> None:
+    log: list[str] = []
+    steps = Steps()
+    a, b, c, d = (Fake("a", log), Fake("b", log), Fake("c", log, fails_start=True), Fake("d", log))
+    stack = contextlib.AsyncExitStack()
+    with pytest.raises(OSError):
+        for lst in (a, b, c, d):
+            await listening.start(stack, checked(lst), steps)
+    assert log == ["start a", "start b", "start c"]
+    await stack.aclose()
+    # c is stopped too (it may hold a socket it bound before failing); d never started and is not touched
+    assert log == ["start a", "start b", "start c", "stop c", "stop b", "stop a"]
+    assert steps.failures == []
+
+
+async def test_a_stop_that_fails_is_reported_and_the_rest_still_stop() -> None:
+    log: list[str] = []
+    steps = Steps()
+    stack = contextlib.AsyncExitStack()
+    for lst in (Fake("a", log), Fake("b", log, fails_stop=True), Fake("c", log)):
+        await listening.start(stack, lst, steps)
+    await stack.aclose()
+    assert log[3:] == ["stop c", "stop b", "stop a"]
+    assert steps.failures == ["stopping the b: b would not stop"]
+
+
+def _bound(kind: int = socket.SOCK_STREAM) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.bind(("127.0.0.1", 0))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(8)
+    sock.setblocking(False)
+    return sock
+
+
+class Hello(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(b"hi")  # type: ignore[attr-defined]  # uvloop's do not subclass asyncio's
+        transport.close()
+
+
+async def test_tcp_listener_serves_until_stopped_then_its_port_refuses() -> None:
+    sock = _bound()
+    port = sock.getsockname()[1]
+    lst = checked_service(TcpListener("web", sock, Hello))
+    assert lst.name == f"web TCP listener 127.0.0.1:{port}"
+    await lst.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await reader.read() == b"hi"  # positive control
+    writer.close()
+    await lst.stop()
+    assert sock.fileno() == -1
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
+    await lst.stop()  # twice: nothing happens
+
+
+async def test_a_listener_never_started_still_releases_its_socket_when_stopped() -> None:
+    socks = [_bound(), _bound(), _bound(socket.SOCK_DGRAM)]
+
+    def nobody() -> Service:
+        raise AssertionError("no datagram was sent")
+
+    kinds: list[ServiceListener] = [TcpListener("web", socks[0], Hello),
+                                    HandoffListener("web", socks[1], Hello, Tasks(), on=True),
+                                    UdpListener("dns", socks[2], nobody, Unanswered())]
+    for lst in kinds:
+        await lst.stop()
+    assert [s.fileno() for s in socks] == [-1, -1, -1]
+
+
+async def test_udp_listener_stop_closes_its_endpoint() -> None:
+    sock = _bound(socket.SOCK_DGRAM)
+
+    def nobody() -> Service:
+        raise AssertionError("no datagram was sent")
+
+    lst = UdpListener("dns", sock, nobody, Unanswered())
+    await lst.start()
+    assert lst.front.transport is not None and not lst.front.transport.is_closing()
+    await lst.stop()
+    assert lst.front.transport.is_closing()  # uvloop closes the descriptor with the transport, a moment later
+
+
+async def test_handoff_listener_gives_the_apps_their_flags_back_when_it_stops_accepting() -> None:
+    sock = _bound()
+    sock.setblocking(True)  # as a restored app has it
+    tasks = Tasks()
+    lst = HandoffListener("web", sock, Hello, tasks, on=False)
+    await lst.start()
+    try:
+        assert not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK  # paused: not touched
+        lst.accepting(True)
+        assert fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        lst.accepting(False)
+        assert not fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        lst.accepting(True)
+        port = sock.getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 10) == b"hi"  # accepted by its thread, served on the loop
+        writer.close()
+    finally:
+        await lst.stop()
+    assert sock.fileno() == -1
+    await tasks.wait()
+
+
+async def test_tasks_are_cancelled_and_awaited_as_one_and_unawaited_failures_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    tasks = Tasks()
+    forever = asyncio.Event()
+    waiting = [tasks.spawn(forever.wait(), name=f"w{i}") for i in range(3)]
+
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    with caplog.at_level(logging.ERROR, "activator"):
+        failed = tasks.spawn(fails(), name="fails")
+        awaited = tasks.spawn(fails(), name="awaited", awaited=True)
+        await asyncio.wait([failed, awaited])
+    assert [r.getMessage() for r in caplog.records if "boom" in r.getMessage()] == \
+        ["task fails failed: ValueError('boom')"]
+    assert len(tasks) == 3  # the ended ones are let go
+    tasks.cancel()
+    await tasks.wait()
+    assert all(t.cancelled() for t in waiting) and len(tasks) == 0
