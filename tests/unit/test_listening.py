@@ -11,14 +11,20 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
+import yaml
 
+from activator.config.parse import load_config
 from activator.daemon import listening
+from activator.daemon.fleet import Fleet
 from activator.daemon.listening import Listener, ServiceListener
+from activator.daemon.metrics import Metrics
 from activator.daemon.service import Service
 from activator.daemon.servicelisteners import HandoffListener, TcpListener, UdpListener
 from activator.daemon.udp import Unanswered
+from activator.statedir import StateDir
 from activator.tasks import Tasks
 
 pytestmark = pytest.mark.asyncio
@@ -44,6 +50,16 @@ class Fake:
         self.log.append(f"stop {self._name}")
         if self.fails_stop:
             raise RuntimeError(f"{self._name} would not stop")
+
+
+class FakeSocketListener(Fake):
+    def __init__(self, name: str, log: list[str], *, fails_stop: bool = False) -> None:
+        super().__init__(name, log, fails_stop=fails_stop)
+        self._sock = socket.socket()
+
+    @property
+    def sock(self) -> socket.socket:
+        return self._sock
 
 
 def checked(x: Listener) -> Listener:  # mypy: each kind satisfies the protocol
@@ -193,3 +209,40 @@ async def test_tasks_are_cancelled_and_awaited_as_one_and_unawaited_failures_log
     tasks.cancel()
     await tasks.wait()
     assert all(t.cancelled() for t in waiting) and len(tasks) == 0
+
+
+def _fleet(tmp_path: Path, **svc: object) -> Fleet:
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "settings": {"state_dir": str(tmp_path / "state"), "metrics": None},
+        "services": {"web": {"image": "x:1", "listen": "127.0.0.1:1", "port": 80} | svc}}))
+    config = load_config(tmp_path / "s.yaml")
+    return Fleet(config, StateDir.of(config), Metrics())
+
+
+async def test_unlisten_stops_every_listener_but_the_kept_ones_even_past_a_failing_stop(tmp_path: Path) -> None:
+    fleet = _fleet(tmp_path)
+    log: list[str] = []
+    a, b, c = (FakeSocketListener("a", log, fails_stop=True), FakeSocketListener("b", log),
+               FakeSocketListener("c", log))
+    fleet.listening["web"] = [checked_service(a), b, c]
+    with pytest.raises(RuntimeError, match="a would not stop"):
+        await fleet.unlisten("web", keep=(b.sock,))  # a reload keeping b's address
+    assert log == ["stop a", "stop c"]
+    assert fleet.listening == {"web": [b]} and fleet.listeners == {"web": [b.sock]}
+    await fleet.unlisten("web")
+    assert log[-1] == "stop b" and fleet.listening == {} and fleet.listeners == {}
+    for lst in (a, b, c):
+        lst.sock.close()
+
+
+async def test_a_handoff_services_new_socket_waits_while_its_apps_accept(tmp_path: Path) -> None:
+    fleet = _fleet(tmp_path, handoff=True)
+    (first,) = fleet.add_listeners("web", [_bound()])
+    assert isinstance(first, HandoffListener) and fleet.accepts("web")
+    fleet.accepting("web", False)  # an app accepts from the socket (handoff.py)
+    (second,) = fleet.add_listeners("web", [_bound()])  # a reload's new address
+    assert isinstance(second, HandoffListener) and not second.on and not fleet.accepts("web")
+    fleet.accepting("web", True)
+    assert first.on and second.on
+    await fleet.unlisten("web")
+    assert first.sock.fileno() == second.sock.fileno() == -1
