@@ -31,7 +31,7 @@ archmap = load()
 def real_map() -> Iterator[None]:
     """The map of the real tree rendered once for the tests that render it (it parses every module), as the
     generator's own render(); trees of a test's own are rendered afresh."""
-    gc.disable()  # as in sourcetree.parsed(): the collector would rescan the parse's fresh nodes, doubling its time
+    gc.disable()  # as in sourcetree.sources(): the collector would rescan the parse's fresh nodes, doubling its time
     try:
         render, rendered = archmap.render, archmap.render()
     finally:
