@@ -362,9 +362,7 @@ class Connection:
             inst, waited = await lease.acquire()
             deadline = inst.ready_at + svc.config.connect_timeout
             try:
-                sock = inst.claim_connection() or (
-                    await connect_handed(where) if (where := svc.reached_at(inst)) is not None else
-                    await connect_in_instance(inst, svc.config.port, deadline))
+                sock = inst.claim_connection() or await self._dial(inst, deadline)
                 break
             except OSError as e:
                 if (short := activation.short_of(e, f"service '{svc.name}': no backend socket")) is not None:
@@ -382,6 +380,19 @@ class Connection:
                 raise short from None
             raise
         return backend, waited
+
+    async def _dial(self, inst: Instance, deadline: float) -> socket.socket:
+        """The app, where the service's mode reaches it. A handoff app may shut the service's socket down as it
+        resumes (handoff.py): within a meter tick the socket listens again, or the app is seen to have left it
+        and is dialled on its own address; until the deadline, a refusal is tried again."""
+        while (where := self.service.reached_at(inst)) is not None:
+            try:
+                return await connect_handed(where)
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(CONNECT_RETRY_MAX)
+        return await connect_in_instance(inst, self.service.config.port, deadline)
 
     def turned_away(self, why: Rejected | None) -> None:
         """Refused (why) or failed (None): a refused client is told so, as the service's `refusal` says."""
