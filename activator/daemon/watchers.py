@@ -32,6 +32,7 @@ async def meter(fleet: Fleet) -> None:
     """Connections a mode steers send no events: each service's mode samples them (steering.Mode.sample; one
     conntrack dump and counter read for all of them) a few times a second, and the service folds the sample."""
     tick = 0
+    failing = False
     while True:
         tick += 1
         started = time.monotonic()
@@ -42,10 +43,11 @@ async def meter(fleet: Fleet) -> None:
             await keep_network(fleet, tick)
             try:
                 shared = await asyncio.to_thread(network.sample)
-            except Exception as e:  # a netlink hiccup must not end the sampling for good
-                log.warning("sampling the kernel path failed: %s", e)
-                await asyncio.sleep(1)
-                continue
+                failing = False
+            except Exception as e:  # a netlink hiccup must not end the sampling, nor hold up the other modes'
+                if not failing:  # once until it works again: every tick would flood the log
+                    log.warning("sampling the kernel path failed: %s; its counts stand still until it works", e)
+                failing = True
         for svc in services:
             if not svc.mode.steers:
                 continue
