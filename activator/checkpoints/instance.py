@@ -67,6 +67,21 @@ class RestoreMetrics(Protocol):
     def standby_thaws(self) -> Any: ...
 
 
+@dataclass
+class Tracking:
+    """What the daemon tracks of an instance while it serves, apart from what its launcher made of it (Instance):
+    its connections on each path, and whether it is leaving. Written by daemon/ only; the pool's decisions
+    (core/) read it. The service's own timers for it are daemon/servicestate.Timers."""
+
+    spliced: int = 0  # connections through the activator (held, then spliced in userspace)
+    kernel: int = 0  # open connections its steering mode gave it, as of the last sample
+    served: int = 0  # connections handed to it through the activator
+    kernel_served: int = 0  # connections its steering mode gave it (the kernel's DNAT, or its app's accept)
+    established: int = 0  # connections its app accepted (either path)
+    stopping: bool = False
+    withdrawn: bool = False  # out of its steering mode's set (being counted before a reap)
+
+
 @dataclass(eq=False)
 class Instance:
     sandbox: Sandbox
@@ -74,13 +89,6 @@ class Instance:
     start_seconds: float
     checkpoint: Checkpoint | None  # the one it was restored from: its diff/ is mounted until release
     ready_at: float = field(default_factory=time.monotonic)
-    spliced: int = 0  # connections through the activator (held, then spliced in userspace)
-    kernel: int = 0  # open connections steered to it by the kernel, as of the last sample (conntrack)
-    served: int = 0  # connections handed to it through the activator
-    kernel_served: int = 0  # connections the kernel steered to it that completed their handshake
-    established: int = 0  # connections its app accepted (either path)
-    stopping: bool = False
-    withdrawn: bool = False  # out of the kernel's steering rule (being checked before a reap)
     phases: StartPhases = field(default_factory=StartPhases)
     # A standby's connection to its own app, made while it was frozen (the kernel completes the handshake for a
     # listening socket): the first connection after the thaw takes it instead of connecting (claim_connection).
@@ -88,6 +96,8 @@ class Instance:
     # Its app accepts from the service's own listening socket (handoff): no address of its own to dial, no
     # steering rule; the activator stops accepting while one such instance runs.
     handoff: bool = False
+    #: what the daemon tracks of it from here on (the launcher leaves it empty)
+    track: Tracking = field(default_factory=lambda: Tracking())
 
     def claim_connection(self) -> socket.socket | None:
         sock, self.preconnected = self.preconnected, None
@@ -104,7 +114,7 @@ class Instance:
 
     @property
     def connections(self) -> int:
-        return self.spliced + self.kernel
+        return self.track.spliced + self.track.kernel
 
 
 class InstanceLauncher:

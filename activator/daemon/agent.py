@@ -61,7 +61,7 @@ class Agent:
         serving = svc.checkpoint is not None and not svc.start_backoff.remaining(now)
         problem = ("no checkpoint: " + (svc.checkpoint_problem or "being built")) if svc.checkpoint is None else \
             "backing off after failed starts"
-        ready = [i for i in svc.instances if not i.stopping and not i.withdrawn]
+        ready = [i for i in svc.instances if not i.track.stopping and not i.track.withdrawn]
         return agent.PoolState(
             stopping=self.draining or svc.stopped or svc in self.fleet.retiring,
             serving=serving, problem=problem, ready_instances=len(ready),

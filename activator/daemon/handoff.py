@@ -178,7 +178,7 @@ class HandoffMode:
         before = self._taken
         self._taken = max(before, counted - arrived if counted is not None else before + sum(seen.values()))
         split = _split(self._taken - before, seen, opened)
-        out = {inst: InstanceSample(open=opened[inst], active=bool(opened[inst]) or opened[inst] != inst.kernel
+        out = {inst: InstanceSample(open=opened[inst], active=bool(opened[inst]) or opened[inst] != inst.track.kernel
                                     or bool(split.get(inst)), new=split.get(inst, 0)) for inst in held}
         left = tuple(inst for inst, inodes in held.items() if self.inode not in inodes)
         for inst in left:  # it takes nothing from the socket any more: the activator accepts for it again

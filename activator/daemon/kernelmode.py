@@ -111,8 +111,9 @@ class KernelMode:
         deadline = reaping.retire_deadline(clock.now(), self.half_open_timeout)
         while True:
             still_open, half_open = await asyncio.to_thread(self.open_count, inst)
-            if inst.stopping or reaping.retired(still_open=still_open, half_open=half_open, spliced=inst.spliced,
-                                                past_deadline=clock.now() > deadline) is not None:
+            verdict = reaping.retired(still_open=still_open, half_open=half_open, spliced=inst.track.spliced,
+                                      past_deadline=clock.now() > deadline)
+            if inst.track.stopping or verdict is not None:
                 return still_open
             await clock.sleep(reaping.RECOUNT_EVERY)
 

@@ -50,7 +50,7 @@ class Lease:
         """Count this connection on an instance it already reaches (a UDP flow its app has just answered); False
         if that instance is going away."""
         self.drop()
-        if inst.stopping or self.released:
+        if inst.track.stopping or self.released:
             return False
         self.service.take(inst)
         self.instance = inst
@@ -59,9 +59,9 @@ class Lease:
     def connected(self) -> None:
         """The app accepted this connection."""
         assert self.instance is not None
-        if not self.instance.established:
+        if not self.instance.track.established:
             self.service.proved(self.instance)
-        self.instance.established += 1
+        self.instance.track.established += 1
 
     def broken(self, why: str) -> bool:
         """The instance refused this connection past its deadline: it is removed. True if the connection
@@ -71,7 +71,7 @@ class Lease:
         assert inst is not None
         self.drop()
         self.service.instance_failed(inst, why)
-        return inst.established > 0
+        return inst.track.established > 0
 
     def drop(self) -> None:
         """Give the instance back without blaming it (the connection failed on our side)."""

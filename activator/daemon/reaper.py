@@ -28,17 +28,17 @@ log = logging.getLogger("activator.service")
 
 class Reaping(ServiceState):
     def _arm_idle(self, inst: Instance, delay: float) -> None:
-        track = self._track(inst)
-        if track.idle_timer is not None:
-            track.idle_timer.cancel()
-        track.idle_timer = self.clock.call_later(delay, lambda: self._idle_check(inst))
+        timers = self._timers(inst)
+        if timers.idle_timer is not None:
+            timers.idle_timer.cancel()
+        timers.idle_timer = self.clock.call_later(delay, lambda: self._idle_check(inst))
         if self.config.idle_cpu_below is not None:
             cpu = inst.sandbox.cpu_seconds()
-            track.cpu_mark = None if cpu is None else (self.clock.now(), cpu)
+            timers.cpu_mark = None if cpu is None else (self.clock.now(), cpu)
 
     def _cpu_share(self, inst: Instance, now: float) -> float | None:
         """CPU per second its processes used since its idle timer was armed (idle_cpu_below), or None."""
-        mark = self._track(inst).cpu_mark
+        mark = self._timers(inst).cpu_mark
         if self.config.idle_cpu_below is None or mark is None:
             return None
         return reaping.cpu_share(mark, inst.sandbox.cpu_seconds(), now)
@@ -56,31 +56,31 @@ class Reaping(ServiceState):
             self._replenish()
             return
         for inst in list(self.instances):
-            if self._track(inst).idle_timer is None and reaping.looked_at_again(
-                    spliced=inst.spliced, stopping=inst.stopping, withdrawn=inst.withdrawn):
+            if self._timers(inst).idle_timer is None and reaping.looked_at_again(
+                    spliced=inst.track.spliced, stopping=inst.track.stopping, withdrawn=inst.track.withdrawn):
                 self._arm_idle(inst, 0)
 
     def _dependant_idle(self) -> None:
         """A dependant has no instance left: ours that were kept for it are looked at again now (idle long
         enough: reaped with it)."""
         for inst in list(self.instances):
-            if self._track(inst).idle_timer is not None:
+            if self._timers(inst).idle_timer is not None:
                 self._arm_idle(inst, 0)
 
     def _idle_check(self, inst: Instance) -> None:
-        track = self._track(inst)
-        track.idle_timer = None
+        timers = self._timers(inst)
+        timers.idle_timer = None
         now = self.clock.now()
         verdict = reaping.idle_check(
-            reaping.InstanceView(stopping=inst.stopping, spliced=inst.spliced, withdrawn=inst.withdrawn,
-                                 kernel=inst.kernel, idle_since=track.idle_since,
+            reaping.InstanceView(stopping=inst.track.stopping, spliced=inst.track.spliced,
+                                 withdrawn=inst.track.withdrawn, kernel=inst.track.kernel, idle_since=timers.idle_since,
                                  steerable=self.mode.reaches(inst),
                                  cpu_share=self._cpu_share(inst, now)),
             now=now, idle_timeout=self.config.idle_timeout, instances=len(self.instances),
             min_instances=self.floor, held_by=self.held(), steered=self.mode.steers,
             cpu_below=self.config.idle_cpu_below)
         if verdict.idle_since is not None:
-            track.idle_since = verdict.idle_since
+            timers.idle_since = verdict.idle_since
         if verdict.action is Idle.BUSY_CPU:
             self.m.idle_cpu_busy.inc()
             log.info("service=%s instance=%s no connection for %gs, but its app used more than %g%% of a CPU: "
@@ -91,7 +91,7 @@ class Reaping(ServiceState):
         if verdict.action is Idle.REAP:
             self._reap(inst)
         elif verdict.action is Idle.RETIRE:
-            inst.withdrawn = True
+            inst.track.withdrawn = True
             self._own(spawn(self._retire(inst), name=f"retire:{inst.name}"))
         elif verdict.delay is not None:  # looked at again later (kept: until the last dependant goes, or warm)
             self._arm_idle(inst, verdict.delay)
@@ -100,9 +100,9 @@ class Reaping(ServiceState):
         """The instance is withdrawn: its mode takes it out and counts what it still has open (steering.Mode.retire);
         reaped with none open, else put back (thawed, if the count froze it)."""
         still_open = await self.mode.retire(inst, self.clock, self._resteer)
-        if inst.stopping:
+        if inst.track.stopping:
             return
-        if still_open or inst.spliced:
+        if still_open or inst.track.spliced:
             self._put_back(inst, still_open)  # first: with handoff, the activator stops accepting before the thaw
             if inst.sandbox.frozen:
                 inst.sandbox.thaw()
@@ -110,22 +110,22 @@ class Reaping(ServiceState):
         self._reap(inst)
 
     def _put_back(self, inst: Instance, still_open: int) -> None:
-        inst.withdrawn = False
-        inst.kernel = max(inst.kernel, still_open)
-        self._track(inst).idle_since = self.clock.now()
+        inst.track.withdrawn = False
+        inst.track.kernel = max(inst.track.kernel, still_open)
+        self._timers(inst).idle_since = self.clock.now()
         self._resteer()
         self._arm_idle(inst, self.config.idle_timeout)
 
     def _reap(self, inst: Instance) -> None:
         log.info("service=%s instance=%s idle for %gs, reaping (it served %d connection(s): %d through the "
                  "activator, %d steered by the kernel)", self.name, inst.name, self.config.idle_timeout,
-                 inst.served + inst.kernel_served, inst.served, inst.kernel_served)
+                 inst.track.served + inst.track.kernel_served, inst.track.served, inst.track.kernel_served)
         self.m.idle_reaps.inc()
         self._stop(inst, graceful=not inst.sandbox.frozen)  # a frozen app cannot act on a signal: it is killed
 
     def _stop(self, inst: Instance, *, graceful: bool = False) -> None:
         """Take the instance out and release it; graceful (a reap, a drain): its app is asked to exit first."""
-        inst.stopping = True
+        inst.track.stopping = True
         self._unwatch(inst)
         self._cancel_idle(inst)
         if inst in self.instances:
@@ -145,7 +145,7 @@ class Reaping(ServiceState):
                 await self._ask_to_exit(inst)
             await inst.sandbox.release()
         finally:
-            self._tracked.pop(inst, None)
+            self._timers_of.pop(inst, None)
             self._releasing.discard(inst)
             self.sweep_if_unused()
             self._refresh_if_used_up()

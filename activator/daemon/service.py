@@ -188,8 +188,8 @@ class Service(Reaping, Starting):
         return best, waited
 
     def take(self, inst: Instance) -> None:
-        inst.spliced += 1
-        inst.served += 1
+        inst.track.spliced += 1
+        inst.track.served += 1
         self._cancel_idle(inst)
 
     async def unclaimed(self) -> tuple[Instance, bool]:
@@ -234,13 +234,13 @@ class Service(Reaping, Starting):
                                      backoff_until=self.start_backoff.until, now=self.clock.now())
 
     def release_instance(self, inst: Instance) -> None:
-        inst.spliced -= 1
-        if inst.stopping:
+        inst.track.spliced -= 1
+        if inst.track.stopping:
             return
-        then = reaping.released(spliced=inst.spliced, connections=inst.connections,
+        then = reaping.released(spliced=inst.track.spliced, connections=inst.connections,
                                 target=self.config.target_connections)
         if then.arm_idle:
-            self._track(inst).idle_since = self.clock.now()
+            self._timers(inst).idle_since = self.clock.now()
             self._arm_idle(inst, self.config.idle_timeout)
         if then.room:
             self._notify()
@@ -288,14 +288,14 @@ class Service(Reaping, Starting):
             if inst not in self.instances:
                 continue
             if s.active:
-                self._track(inst).idle_since = now
-                if (s.new or s.open) and not inst.established:
-                    inst.established = 1
+                self._timers(inst).idle_since = now
+                if (s.new or s.open) and not inst.track.established:
+                    inst.track.established = 1
                     self.proved(inst)
             self.m.bytes_in.inc(s.bytes_in)
             self.m.bytes_out.inc(s.bytes_out)
-            inst.kernel = s.open
-            inst.kernel_served += s.new
+            inst.track.kernel = s.open
+            inst.track.kernel_served += s.new
         if sample.left:
             self._resteer()
         self._scale(extra=sample.waiting)
@@ -327,7 +327,8 @@ class Service(Reaping, Starting):
         self.restore_backoff.policy = self.start_backoff.policy = config.backoff
         if not self._closed:
             for inst in list(self.instances):
-                if reaping.looked_at_again(spliced=inst.spliced, stopping=inst.stopping, withdrawn=inst.withdrawn):
+                t = inst.track
+                if reaping.looked_at_again(spliced=t.spliced, stopping=t.stopping, withdrawn=t.withdrawn):
                     self._arm_idle(inst, 0)
             if not self.stopped:
                 if config.standby != old.standby:
@@ -360,7 +361,7 @@ class Service(Reaping, Starting):
         the service's socket can only be asked to stop accepting: it is stopped gracefully (its SIGTERM handler
         closes its listener and lets its requests finish)."""
         for inst in self.instances:
-            inst.withdrawn = True
+            inst.track.withdrawn = True
         self._resteer()
         for inst in [i for i in self.instances if self.mode.address is not None and self.mode.reaches(i)]:
             self._stop(inst, graceful=True)

@@ -27,9 +27,10 @@ from .userspace import UserspaceMode
 
 
 @dataclass
-class Tracked:
-    """What a service keeps about one of its instances, beside what the launcher made of it (Instance): when it
-    went idle and the timer that looks at it then, idle_cpu_below's CPU mark, the pidfd its app's death is seen by."""
+class Timers:
+    """The service's own clocks and watches on one of its instances (its counts are the instance's Tracking): when
+    it went idle and the timer that looks at it then, idle_cpu_below's CPU mark, the pidfd its app's death is seen
+    by."""
 
     idle_since: float
     idle_timer: Timer | None = None
@@ -80,7 +81,7 @@ class ServiceState:
         # instance, and keep their last instance while a dependant has one.
         self.dependencies: list[ServiceState] = []
         self.dependants: list[ServiceState] = []
-        self._tracked: dict[Instance, Tracked] = {}  # from an instance's adoption until its teardown ends
+        self._timers_of: dict[Instance, Timers] = {}  # from an instance's adoption until its teardown ends
 
     @property
     def starting(self) -> int:
@@ -99,7 +100,7 @@ class ServiceState:
 
     @property
     def kernel_connections(self) -> int:
-        return sum(i.kernel for i in self.instances)
+        return sum(i.track.kernel for i in self.instances)
 
     @property
     def floor(self) -> int:
@@ -110,17 +111,17 @@ class ServiceState:
         """The dependants that have (or are starting) an instance: while any does, our last one stays."""
         return [d.name for d in self.dependants if d.instances or d._starts]
 
-    def _track(self, inst: Instance) -> Tracked:
-        track = self._tracked.get(inst)
-        if track is None:
-            track = self._tracked[inst] = Tracked(idle_since=self.clock.now())
-        return track
+    def _timers(self, inst: Instance) -> Timers:
+        timers = self._timers_of.get(inst)
+        if timers is None:
+            timers = self._timers_of[inst] = Timers(idle_since=self.clock.now())
+        return timers
 
     def _cancel_idle(self, inst: Instance) -> None:
-        track = self._tracked.get(inst)
-        if track is not None and track.idle_timer is not None:
-            track.idle_timer.cancel()
-            track.idle_timer = None
+        timers = self._timers_of.get(inst)
+        if timers is not None and timers.idle_timer is not None:
+            timers.idle_timer.cancel()
+            timers.idle_timer = None
 
     def _own(self, task: asyncio.Task[Any]) -> None:
         """A task close() waits for (teardowns, sweeps, slot changes)."""
@@ -128,7 +129,7 @@ class ServiceState:
         task.add_done_callback(self._stopping.discard)
 
     def _resteer(self) -> None:
-        self.mode.set([i for i in self.instances if not i.withdrawn and not i.stopping], len(self._starts))
+        self.mode.set([i for i in self.instances if not i.track.withdrawn and not i.track.stopping], len(self._starts))
 
     def _notify(self) -> None:
         """Wake every waiter to re-evaluate (one Event per generation, so none misses a wake-up)."""

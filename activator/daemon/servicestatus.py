@@ -45,8 +45,8 @@ def status(self: ServiceState) -> dict[str, Any]:
         ],
         "instances": [
             {"name": i.name, "how": i.how, "age_seconds": round(now - i.ready_at, 1),
-             "connections": i.connections, "kernel_connections": i.kernel,
-             "served": i.served + i.kernel_served, "served_by_kernel": i.kernel_served,
+             "connections": i.connections, "kernel_connections": i.track.kernel,
+             "served": i.track.served + i.track.kernel_served, "served_by_kernel": i.track.kernel_served,
              "address": str(i.sandbox.attachment.ip) if i.sandbox.attachment else None,
              "start_ms": round(i.start_seconds * 1000, 1),
              "memory_bytes": i.sandbox.memory_bytes(), "cpu_seconds": i.sandbox.cpu_seconds()}

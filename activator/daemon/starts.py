@@ -120,7 +120,7 @@ class Starting(ServiceState):
             self._resteer()
             # Nobody may claim it (every waiter gave up): it must still go away when idle. Idle from now, on the
             # service's clock.
-            self._track(inst).idle_since = self.clock.now()
+            self._timers(inst).idle_since = self.clock.now()
             self._arm_idle(inst, self.config.idle_timeout)
         finally:
             self._publish()
@@ -157,12 +157,12 @@ class Starting(ServiceState):
         One that never accepted a connection is a failed start, and the service backs off. One that did and
         then stopped (the app crashed or was killed) is just gone: the next connection gets a new one.
         """
-        if inst.stopping:
+        if inst.track.stopping:
             return
         self.m.instance_failures.inc()
-        if inst.established:
+        if inst.track.established:
             log.error("service=%s instance=%s removed: %s (after %d connections)", self.name, inst.name, why,
-                      inst.established)
+                      inst.track.established)
             self._stop(inst)
             self._replenish()
             return
@@ -193,19 +193,19 @@ class Starting(ServiceState):
             fd = os.pidfd_open(pid)
         except OSError:
             return
-        self._track(inst).pidfd = fd
+        self._timers(inst).pidfd = fd
         asyncio.get_running_loop().add_reader(fd, self._died, inst)
 
     def _unwatch(self, inst: Instance) -> None:
-        track = self._track(inst)
-        if track.pidfd is not None:
-            asyncio.get_running_loop().remove_reader(track.pidfd)
-            os.close(track.pidfd)
-            track.pidfd = None
+        timers = self._timers(inst)
+        if timers.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(timers.pidfd)
+            os.close(timers.pidfd)
+            timers.pidfd = None
 
     def _died(self, inst: Instance) -> None:
         self._unwatch(inst)
-        if not inst.stopping:
+        if not inst.track.stopping:
             self.instance_failed(inst, "its app exited")
 
     async def scale_to(self, n: int, timeout: float) -> int:

@@ -31,7 +31,7 @@ class UserspaceMode:
         return EMPTY
 
     async def retire(self, inst: Instance, clock: Clock, resteer: Callable[[], None]) -> int:
-        return 0  # nothing reaches it but through the activator, which knows what it holds (inst.spliced)
+        return 0  # nothing reaches it but through the activator, which knows what it holds (inst.track.spliced)
 
     def guard(self) -> None:
         pass

@@ -44,7 +44,7 @@ async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost
     assert result["ok"] == 2000, fails(result)
     assert svc.arrived == arrived
     await eventually(lambda: run.metric("activator_connections_total", "echo") == accepted + 2000
-                     == sum(i.served + i.kernel_served for i in svc.instances), timeout=10,
+                     == sum(i.track.served + i.track.kernel_served for i in svc.instances), timeout=10,
                      what="every handed-off connection counted once, by the service and over its instances")
 
     # Open connections are counted from the host's socket table and hold the instance past idle_timeout; they
@@ -52,9 +52,9 @@ async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost
     held = [await open_echo(port) for _ in range(12)]
     await eventually(lambda: len(svc.instances) == 3, timeout=30, what="scaled out to 3 by open connections")
     assert all(i.handoff for i in svc.instances)
-    await eventually(lambda: sum(i.kernel for i in svc.instances) == 12, timeout=5,
+    await eventually(lambda: sum(i.track.kernel for i in svc.instances) == 12, timeout=5,
                      what="the 12 connections counted on the instances that took them")
-    holding = {i.name for i in svc.instances if i.kernel}
+    holding = {i.name for i in svc.instances if i.track.kernel}
     await asyncio.sleep(1.5 * SLOW)  # past idle_timeout
     assert holding <= {i.name for i in svc.instances}, "an instance with open connections was reaped"
     result = await loadgen(port, "--connections", "1000", "--concurrency", "100", "--fin-every", "2")

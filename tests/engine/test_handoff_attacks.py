@@ -170,7 +170,7 @@ async def test_a_socket_filter_gets_the_instances_killed_and_the_socket_replaced
         await eventually(lambda: run.metric("activator_handoff_sockets_replaced_total", "victim") == 1,
                          timeout=5, what="the filter seen")
         await eventually(lambda: run.act.listeners["victim"][0] is not old, timeout=20, what="the socket replaced")
-        assert inst.stopping and inst not in svc.instances  # killed, with the socket it held
+        assert inst.track.stopping and inst not in svc.instances  # killed, with the socket it held
         fresh = run.act.listeners["victim"][0]
         assert fresh.getsockname() == old_name and os.fstat(fresh.fileno()).st_ino != old_inode
         assert old.fileno() == -1

@@ -60,7 +60,7 @@ async def test_a_firewall_reload_is_noticed_and_everything_put_back(start) -> No
     # The connection steered before the flush kept going; new ones are steered and counted again.
     assert (await ask(kept_r, kept_w, "peer")).startswith("peer 10.89.0.1 ")
     assert (await ask_once("127.0.0.1", port, "peer")).startswith("peer 10.89.0.1 ")
-    await eventually(lambda: inst.kernel >= 1, what="the kept connection counted again")
+    await eventually(lambda: inst.track.kernel >= 1, what="the kept connection counted again")
     for w in (held_w, kept_w):
         w.close()
     await run.act.shutdown()

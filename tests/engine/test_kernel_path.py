@@ -69,7 +69,7 @@ async def test_an_open_kernel_connection_keeps_its_instance_and_idle_reaps_count
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     assert (await ask(reader, writer, "peer")).startswith(f"peer {GATEWAY} ")
     (inst,) = svc.instances
-    await eventually(lambda: inst.kernel == 1, what="the kernel connection counted")
+    await eventually(lambda: inst.track.kernel == 1, what="the kernel connection counted")
     assert run.act.status()["services"][0]["instances"][0]["kernel_connections"] == 1
     await asyncio.sleep(1.5)  # five idle timeouts of silence on an open connection
     assert svc.instances == [inst] and run.metric("activator_idle_reaps_total", "probe") == 0
@@ -166,7 +166,7 @@ async def test_proxy_protocol_services_stay_on_the_userspace_path(start) -> None
         assert (await reader.readline()).decode().startswith("peer 127.0.0.1 ")
         writer.close()
     assert not run.act.services["probe"].status()["kernel_path"]
-    assert run.act.services["probe"].instances[0].served == 3
+    assert run.act.services["probe"].instances[0].track.served == 3
 
 
 def test_sigterm_drains_kernel_connections_then_exits(tmp_path: Path) -> None:

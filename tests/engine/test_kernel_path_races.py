@@ -62,10 +62,10 @@ async def test_new_connections_spread_over_instances_across_rule_rebuilds(start)
 
     try:
         await connect(4)
-        await eventually(lambda: sum(i.kernel for i in svc.instances) == 4, what="4 counted")
+        await eventually(lambda: sum(i.track.kernel for i in svc.instances) == 4, what="4 counted")
         svc._resteer()  # what any instance event does: the rule is rebuilt, its round robin starts over
         await connect(5)
-        await eventually(lambda: sum(i.kernel for i in svc.instances) == 9, what="9 counted")
+        await eventually(lambda: sum(i.track.kernel for i in svc.instances) == 9, what="9 counted")
         counts = sorted(i.connections for i in svc.instances)
         assert counts[-1] - counts[0] <= 1, counts  # 3/3/3, not 4/3/2 or 5/2/2
     finally:
@@ -88,7 +88,7 @@ async def test_counts_agree_in_status_metrics_and_the_reap_line(start, caplog) -
     for _ in range(3):
         assert (await ask_once("127.0.0.1", port, "peer")).startswith("peer 10.89.0.1 ")  # the kernel path
     (inst,) = svc.instances
-    await eventually(lambda: inst.kernel_served == 3, what="the kernel path's connections counted")
+    await eventually(lambda: inst.track.kernel_served == 3, what="the kernel path's connections counted")
     (st,) = svc.status()["instances"]
     assert (st["served"], st["served_by_kernel"]) == (4, 3)
     assert run.metric("activator_connections_total", "probe") == 4

@@ -103,7 +103,7 @@ async def test_ipv6_listen_addresses_loopback_and_not(start, remote_host: Remote
         assert (await ask(reader, writer, "peer")).startswith("peer ")
         writer.close()
     # IPv6 listen addresses are served through the activator (no IPv4 kernel rule can take them).
-    assert run.act.services["probe"].instances[0].served == 4
+    assert run.act.services["probe"].instances[0].track.served == 4
 
 
 def _links(prefix: str) -> list[str]:
@@ -198,7 +198,7 @@ async def test_an_app_listening_on_loopback_only_is_served_through_the_activator
         writer.close()
     svc = run.act.services["web"]
     assert svc.checkpoint is not None and not svc.checkpoint.kernel_path and svc.mode.name == "userspace"
-    assert svc.instances[0].served == 3  # every one through the activator: the kernel could not reach 127.0.0.1
+    assert svc.instances[0].track.served == 3  # every one through the activator: the kernel could not reach 127.0.0.1
 
 
 def test_an_app_listening_on_the_templates_own_address_is_refused(tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ async def test_probes_never_keep_an_instance_alive(start) -> None:  # type: igno
     assert 1 <= time.monotonic() - t0 < 5
     assert run.metric("activator_probes_total", "web", kind="http", answer="live") >= 3
     assert run.metric("activator_restores_total", "web") == 1
-    assert inst.served == 1  # only the client's connection reached it through a lease
+    assert inst.track.served == 1  # only the client's connection reached it through a lease
 
 
 async def test_a_service_that_cannot_start_is_reported_down(start, tmp_path) -> None:  # type: ignore[no-untyped-def]

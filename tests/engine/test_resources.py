@@ -117,6 +117,6 @@ async def test_emfile_on_the_backend_socket_is_ours_not_the_apps(start) -> None:
     assert run.metric("activator_rejected_connections_total", "echo", reason="resources") == 3
     assert run.metric("activator_instance_failures_total", "echo") == 0
     assert run.metric("activator_start_failures_total", "echo") == 0
-    assert run.act.services["echo"].instances == [inst] and not inst.stopping
+    assert run.act.services["echo"].instances == [inst] and not inst.track.stopping
     assert await echo(port, b"fine again") == b"fine again"
     assert run.act.services["echo"].instances == [inst]

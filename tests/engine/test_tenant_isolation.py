@@ -282,7 +282,7 @@ async def test_a_spoofed_syn_flood_neither_pins_nor_scales_a_service(start, remo
     assert ct.count("SYN_RECV") + ct.count("SYN_SENT") > 50, ct[:2000]  # the flood reached the instance
     assert ct.count(" 10 SYN_") + ct.count(" 9 SYN_") > 0  # with the short half-open timeout, not Linux's 60-120 s
     await asyncio.sleep(0.5)
-    assert len(svc.instances) == 1 and svc.instances[0].kernel == 0  # neither counted nor scaled out
+    assert len(svc.instances) == 1 and svc.instances[0].track.kernel == 0  # neither counted nor scaled out
     # Idle after 1 s; its half-open entries waited out (at most SYN_TIMEOUT); then reaped.
     await eventually(lambda: not svc.instances, timeout=1 + SYN_TIMEOUT + 8, what="the flooded instance reaped")
     # Positive control: a real client still wakes and is served.
@@ -348,9 +348,9 @@ async def test_a_refused_second_daemon_leaves_the_first_intact_and_two_networks_
         reader, writer = await asyncio.open_connection("127.0.0.1", port_c)  # C's kernel path, held open
         assert await ask(reader, writer, "held") == "held"
         svc_c = other.services["c"]
-        await eventually(lambda: svc_c.instances and svc_c.instances[0].kernel == 1, what="C counts its own")
+        await eventually(lambda: svc_c.instances and svc_c.instances[0].track.kernel == 1, what="C counts its own")
         await asyncio.sleep(0.5)
-        assert run.act.services["a"].instances[0].kernel == 0  # A does not count C's connection
+        assert run.act.services["a"].instances[0].track.kernel == 0  # A does not count C's connection
         writer.close()
     finally:
         await other.shutdown()

@@ -122,7 +122,7 @@ async def test_a_dns_server_wakes_on_a_datagram_and_serves_warm_flows(start) -> 
     assert all(ids == [f * 10 + i for i in range(5)] for f, ids in enumerate(got)), \
         [ids for ids in got if len(ids) != 5][:3]
     assert svc.mode.name == "kernel" and run.metric("activator_restores_total", "dns") == 1
-    await eventually(lambda: inst.kernel_served >= 100, timeout=10, what="the kernel path's flows counted")
+    await eventually(lambda: inst.track.kernel_served >= 100, timeout=10, what="the kernel path's flows counted")
     # Idle: reaped once its flows' conntrack entries (udp_flow_timeout) and idle_timeout are over.
     await eventually(lambda: not svc.instances, timeout=20, what="the idle service reaped")
     assert run.metric("activator_idle_reaps_total", "dns") == 1
@@ -352,7 +352,7 @@ async def test_replies_toward_a_forged_source_are_bounded_by_what_it_sent(  # ty
             assert run.metric("activator_udp_replies_dropped_total", "dns") == 0
         assert run.metric("activator_restores_total", "amp") == 1
         # the kernel phase was the kernel's: the control's flow counted there, once answered
-        await eventually(lambda: run.act.services["dns"].instances[0].kernel_served >= 1, timeout=10,
+        await eventually(lambda: run.act.services["dns"].instances[0].track.kernel_served >= 1, timeout=10,
                          what="the control's kernel-path flow counted")
     finally:
         listener.cancel()

@@ -275,7 +275,7 @@ async def test_idle_instances_are_reaped_but_a_connection_at_the_deadline_keeps_
     assert svc.instances == [inst]  # idle since this release, not since the first one
     await fake.clock.advance(0.001)
     assert svc.instances == [] and fake.made[0].released
-    assert not svc._tracked  # what the service kept about it went with it
+    assert not svc._timers_of  # what the service kept about it went with it
 
 
 async def test_min_instances_are_kept_warm() -> None:
@@ -476,7 +476,7 @@ async def test_a_handed_instance_is_frozen_counted_and_killed_or_thawed_and_kept
     # Idle by its own clock, but an app-accepted connection is open: frozen, counted, thawed and kept.
     await fake.clock.advance(0.001)
     await handed.until(lambda: handed.accepting[-2:] == [True, False])  # withdrawn for the count, then back
-    assert inst in svc.instances and not inst.sandbox.frozen and not inst.withdrawn
+    assert inst in svc.instances and not inst.sandbox.frozen and not inst.track.withdrawn
     # None open (the app closed it): killed frozen (a frozen app cannot act on a signal), never asked to stop.
     sandbox.inodes = {inode(handed.listener)}
     await fake.clock.advance(0.2)
@@ -502,7 +502,7 @@ async def test_a_handoff_sample_counts_what_the_apps_took_beside_the_activator()
     assert sample.totals == Totals(connections=5) and sample.instances[inst].new == 5
     assert sample.instances[inst].open == 1 and sample.instances[inst].active
     svc.fold(sample, fake.clock.now())
-    assert inst.kernel == 1 and inst.kernel_served == 5 and inst.served == 1
+    assert inst.track.kernel == 1 and inst.track.kernel_served == 5 and inst.track.served == 1
     assert svc.m.connections._value.get() == 5  # the lease's own is counted where it is accepted (proxy.py)
     # Read a moment later, the activator's count may be ahead of the host's: never counted down, never twice.
     again = await handed.mode.sample(list(svc.instances), Samples({}, {}, {"svc": 6}), svc.arrived + 1)
@@ -527,8 +527,8 @@ async def test_a_fold_is_the_same_whatever_the_mode() -> None:
     now = fake.clock.now()
     svc.fold(Sample({inst: InstanceSample(open=3, active=True, new=4, bytes_in=10, bytes_out=20)},
                     Totals(connections=4, rejected=2), waiting=5), now + 1)
-    assert (inst.kernel, inst.kernel_served, inst.established) == (3, 4, 1)
-    assert svc._track(inst).idle_since == now + 1
+    assert (inst.track.kernel, inst.track.kernel_served, inst.track.established) == (3, 4, 1)
+    assert svc._timers(inst).idle_since == now + 1
     assert svc.m.rejected["max-connections"]._value.get() == 2 and svc.m.bytes_out._value.get() == 20
     assert svc.starting >= 1  # 3 open and 5 waiting over a target of 2 per instance: more are started
     svc.fold(Sample(totals=Totals(connections=1)), now + 2)  # put back from zero: its 1 is new
