@@ -256,7 +256,7 @@ def signature_of(archive: Path, where: str) -> signing.Signature:
 @dataclass(frozen=True)
 class Imported:
     """A checkpoint image unpacked and checked against this host, ready for the importer to derive the rest of its
-    record (builder.import_archive) and install it."""
+    record (exchange.import_archive) and install it."""
 
     service: str
     dir: Path  # below the scratch directory, on the store's filesystem: criu/ and diff/

@@ -287,7 +287,7 @@ class Fleet:
 
     def listening_again(self, name: str) -> None:
         """A handoff service's socket, shut down by an app (accept() EINVAL: its thread waits), listens again
-        (handoff.HandoffSteering.keep_listening)."""
+        (handoff.HandoffMode.keep_listening)."""
         for lst in self.handoff_listeners(name):
             lst.kick()
 
@@ -300,11 +300,11 @@ class Fleet:
         killed (any may have done it, and each holds the socket), and the socket replaced by a fresh one on the
         same address; the service's next connection restores a new instance with that one."""
         service = self.services[name]
-        steering = service.mode
-        if not isinstance(steering, HandoffMode) or steering.replacing:
+        mode = service.mode
+        if not isinstance(mode, HandoffMode) or mode.replacing:
             return
-        steering.replacing = True
-        old = steering.listener
+        mode.replacing = True
+        old = mode.listener
         address = address_of(old)
         self.metrics.handoff_replaced.labels(name).inc()
         log.warning("service=%s an app attached a socket filter to its listening socket %s (%s; it would drop "
@@ -320,7 +320,7 @@ class Fleet:
             old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             old.shutdown(socket.SHUT_RDWR)
         try:
-            fresh = await self._bind_again(old, steering.backlog)
+            fresh = await self._bind_again(old, mode.backlog)
         except OSError as e:
             log.error("service=%s its listening socket %s could not be replaced (%s; a socket unit's copy still "
                       "holds the address? restart it, or activator): the service cannot be reached", name, address,

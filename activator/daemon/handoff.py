@@ -53,7 +53,7 @@ from activator.net.sampling import Samples
 
 from .listeners import BACKLOG
 from .metrics import Metrics
-from .steering import InstanceSample, Sample, Totals
+from .steering import InstanceSample, Mode, Sample, Totals
 
 log = logging.getLogger("activator")
 
@@ -98,7 +98,6 @@ class HandoffMode:
 
     name = "handoff"
     steers = True
-    half_open_timeout = 0.0  # handshakes complete in the listener, never in an instance
     failures = 0  # nothing of it is a rule the kernel could refuse
 
     def __init__(self, config: ServiceConfig, listener: socket.socket, accepting: Callable[[bool], None],
@@ -120,15 +119,22 @@ class HandoffMode:
         self.replacing = False  # Fleet.replace_socket is under way
         self.stopped = False
         self._held: dict[Instance, frozenset[int]] = {}  # each handed instance's connections at the last look
-        self._taken = 0  # connections the apps took, as last counted (never goes down)
+        self._left: set[Instance] = set()  # handed the socket, seen without it since (Instance.handoff stays)
+        self._taken = 0  # connections the apps took, as counted so far (never goes down)
+        self._counted = 0  # the host's counter at the last look
+        self._arrived = 0  # the activator's own connections on the socket at the last look
+        self._debt = 0  # the activator's connections the host's counter had not counted yet at the last look
 
     def reaches(self, inst: Instance) -> bool:
-        return inst.handoff
+        return inst.handoff and inst not in self._left
 
     def set(self, instances: list[Instance], starting: int = 0) -> None:
         """The activator accepts only while no app can: none runs, and none is being restored (a restored app
-        accepts from the moment CRIU resumes it, before the restore returns)."""
-        self._accepting(not starting and not any(i.handoff for i in instances))
+        accepts from the moment CRIU resumes it, before the restore returns). Once stopped, never again: the
+        socket may be a reload's new definition's now."""
+        if self.stopped:
+            return
+        self._accepting(not starting and not any(self.reaches(i) for i in instances))
 
     def open_count(self, inst: Instance) -> int:
         """Blocking: the connections its processes hold. On an error, one: never reaped on a count not made."""
@@ -156,37 +162,49 @@ class HandoffMode:
         """Each handed instance's open connections and the ones it took since the last look, the accept queue,
         who closed the socket, and the service's total.
 
-        The total is exact where the host network counts the service's new connections (an input-hook counter,
-        rules.limit_rules; IPv4): what arrived, less what the activator's own listener took (`arrived`, counted
-        by the service). Read after the counter, `arrived` can only make it low for a moment, never high, and it
-        never goes down. Which instance took each is known only for connections still open at a look (their
-        inodes in its descriptor table): the total is split over the instances in proportion to those, so one
-        instance's figure is exact and several instances' add up to the total. Without the counter (IPv6, no
-        network) the total is what the looks saw."""
-        handed = [i for i in instances if i.handoff]
+        The total is exact where the host network counts the service's connections (an input-hook counter of
+        completed handshakes, rules.limit_rules; IPv4): what it counted since the last look, less the activator's
+        own connections on the socket since then (`arrived`: what its listener took, and what it made to pass a
+        held client on). Counted by differences, so a counter put back from zero (a repaired table) loses nothing;
+        what the activator counted before the host did is carried to the next look, never taken off twice. Which
+        instance took each is known only for connections open at a look (their inodes in its descriptor table):
+        the total is split over the instances in proportion to those, so one instance's figure is exact and
+        several instances' add up to the total. Without the counter (IPv6, no network, a failed read) the total is
+        what the looks saw."""
+        handed = [i for i in instances if self.reaches(i)]
         for gone in set(self._held) - set(handed):
             del self._held[gone]
-        if handed:
-            table, held = await asyncio.to_thread(self._read, handed)
-        else:
-            table, held = None, {}
-        opened = {inst: len(table.accepted & inodes) for inst, inodes in held.items()} if table else {}
-        seen = {inst: len(inodes - self._held.get(inst, frozenset())) for inst, inodes in held.items()}
-        self._held.update({inst: frozenset(table.accepted & inodes) for inst, inodes in held.items()} if table
-                          else {})
+        self._left &= set(instances)
+        table, held = await asyncio.to_thread(self._read, handed) if handed else (None, {})
+        accepted = {inst: table.accepted & inodes for inst, inodes in held.items()} if table else {}
+        seen = {inst: len(now - self._held.get(inst, frozenset())) for inst, now in accepted.items()}
+        self._held.update(accepted)
         counted = shared.steered.get(ident(self.config.name)) if shared is not None else None
-        before = self._taken
-        self._taken = max(before, counted - arrived if counted is not None else before + sum(seen.values()))
-        split = _split(self._taken - before, seen, opened)
-        out = {inst: InstanceSample(open=opened[inst], active=bool(opened[inst]) or opened[inst] != inst.track.kernel
-                                    or bool(split.get(inst)), new=split.get(inst, 0)) for inst in held}
+        mine, self._arrived = arrived - self._arrived, arrived
+        if counted is None:  # what the looks saw; the counter, when it answers again, will have these too
+            new = sum(seen.values())
+            self._debt += mine + new
+        else:
+            new = _since(counted, self._counted) - mine - self._debt
+            self._counted, self._debt = counted, max(0, -new)
+        self._taken += max(0, new)
+        split = _split(max(0, new), seen, {inst: len(now) for inst, now in accepted.items()})
+        out = {inst: InstanceSample(open=len(now), active=bool(now) or len(now) != inst.track.kernel
+                                    or bool(seen[inst]), new=split.get(inst, 0)) for inst, now in accepted.items()}
         left = tuple(inst for inst, inodes in held.items() if self.inode not in inodes)
         for inst in left:  # it takes nothing from the socket any more: the activator accepts for it again
             log.warning("service=%s instance=%s closed the listening socket it was handed; the activator accepts "
                         "for it again", self.config.name, inst.name)
-            inst.handoff = False
+            self._left.add(inst)
         return Sample(out, None if self.stopped else Totals(connections=self._taken),
                       waiting=table.backlog if table else 0, left=left)
+
+    def carry_from(self, previous: Mode) -> None:
+        """A new mode for the same service and socket (a reload's new definition, a replaced socket): the counts
+        go on from where the previous one left them, or the history would be credited to the new instances."""
+        if isinstance(previous, HandoffMode):
+            self._counted, self._arrived, self._debt = previous._counted, previous._arrived, previous._debt
+            self._taken = previous._taken
 
     def _read(self, handed: list[Instance]) -> tuple[sockdiag.PortSockets, dict[Instance, frozenset[int]]]:
         table = sockdiag.read(self.family, self.port)
@@ -233,6 +251,10 @@ class HandoffMode:
             return None
         self.listener.listen(self.backlog)
         return found
+
+
+def _since(total: int, last: int) -> int:
+    return total - last if total >= last else total
 
 
 def _split(n: int, seen: Mapping[Instance, int], opened: Mapping[Instance, int]) -> dict[Instance, int]:

@@ -17,7 +17,7 @@ from activator.net.network import SYN_TIMEOUT, Backend, HostNetwork, connections
 from activator.net.rules import ident
 from activator.net.sampling import Samples
 
-from .steering import InstanceSample, Sample, Totals
+from .steering import InstanceSample, Mode, Sample, Totals
 
 log = logging.getLogger("activator.network")
 
@@ -47,6 +47,7 @@ class KernelMode:
         self.failures = 0
         self.stopped = False
         self._seen: dict[Instance, _Seen] = {}
+        self._steered: list[Backend] | None = None  # what the rule was last set to (None: not yet, or it failed)
 
     def reaches(self, inst: Instance) -> bool:
         return inst.sandbox.attachment is not None
@@ -62,6 +63,9 @@ class KernelMode:
         ordered = sorted(instances, key=lambda i: i.connections)
         backends = [Backend(att.ip, self.config.port, att.mark) for i in ordered
                     if (att := i.sandbox.attachment) is not None]
+        if backends == self._steered:  # a start or a count that changes nothing: no transaction
+            return
+        self._steered = None
         try:
             self.network.steer(self.config.name, self.config.listen, backends,
                                exempt=tuple(n for p in self.config.probes for n in p.sources),
@@ -75,6 +79,7 @@ class KernelMode:
             self.failed = True
         else:
             self.failed = False
+            self._steered = backends
 
     async def sample(self, instances: list[Instance], shared: Samples | None, arrived: int) -> Sample:
         if shared is None:
@@ -127,6 +132,9 @@ class KernelMode:
         except Exception as e:
             log.warning("instance=%s: counting its connections failed (%s); kept for now", inst.name, e)
             return (1, 0)
+
+    def carry_from(self, previous: Mode) -> None:
+        pass  # its counts are the kernel's, cumulative, and the service carries those (Service.totals)
 
     def guard(self) -> None:
         """The rules themselves are the host network's to keep (watchers.keep_network)."""

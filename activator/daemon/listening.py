@@ -22,7 +22,7 @@ Guard = Callable[[str, Callable[[], Awaitable[None]]], Awaitable[None]]
 class Listener(Protocol):
     @property
     def name(self) -> str:
-        """What and where, for logs and status: 'web tcp 127.0.0.1:8080', 'control socket /var/lib/...'."""
+        """What and where, for logs and status: 'web TCP listener 127.0.0.1:8080', 'control socket /var/lib/...'."""
         ...
 
     async def start(self) -> None: ...

@@ -1,7 +1,7 @@
 """The registry of steering modes (steering.py): which one a service gets, and how it is made.
 
 Tried in order, the first that applies wins: handoff when the service asks for it and has its one socket to hand
-(Fleet.handoff_socket says why not otherwise), the kernel path when the host network can reach the instances and
+(Fleet._handoff_listener logs why not otherwise), the kernel path when the host network can reach the instances and
 the checkpoint's app listens where the bridge reaches it, else userspace, which always can.
 """
 

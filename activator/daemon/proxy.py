@@ -47,7 +47,6 @@ from activator.checkpoints.instance import Instance
 from activator.core import httpwait, probes, proxy_protocol
 from activator.core.phases import Action, Arm, ArmSilent, Close, ConnectionPhases, KeepReading, Timeouts, Wake, Why
 from activator.errors import Rejected
-from activator.net.marks import HANDED
 from activator.tasks import spawn
 
 from . import activation, probeanswers
@@ -58,6 +57,7 @@ log = logging.getLogger("activator.proxy")
 
 CONNECT_RETRY_FIRST = 0.005
 CONNECT_RETRY_MAX = 0.1
+HANDED_GRACE = 0.6  # handoff: a refused socket is put back within a meter tick (watchers.METER_INTERVAL)
 #: what the waiting page's Retry-After and its reload say, seconds
 WAITING_PAGE_RETRY = 1
 
@@ -382,17 +382,21 @@ class Connection:
         return backend, waited
 
     async def _dial(self, inst: Instance, deadline: float) -> socket.socket:
-        """The app, where the service's mode reaches it. A handoff app may shut the service's socket down as it
-        resumes (handoff.py): within a meter tick the socket listens again, or the app is seen to have left it
-        and is dialled on its own address; until the deadline, a refusal is tried again."""
-        while (where := self.service.reached_at(inst)) is not None:
-            try:
-                return await connect_handed(where)
+        """The app, where the service's mode reaches it. A handoff app may shut the service's socket down (as it
+        resumes, or at any time): within a meter tick the socket listens again, or the app is seen to have left it
+        and is dialled on its own address; until then (HANDED_GRACE at least), a refusal is tried again."""
+        svc, until = self.service, max(deadline, time.monotonic() + HANDED_GRACE)
+        while (where := svc.reached_at(inst)) is not None:
+            try:  # bounded: a full accept queue would hold this client for the kernel's SYN retries (minutes)
+                sock = await asyncio.wait_for(connect_handed(where), max(0.05, until - time.monotonic()))
             except ConnectionRefusedError:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= until:
                     raise
                 await asyncio.sleep(CONNECT_RETRY_MAX)
-        return await connect_in_instance(inst, self.service.config.port, deadline)
+                continue
+            svc.arrived += 1  # one more connection on the service's socket that is the activator's (handoff.py)
+            return sock
+        return await connect_in_instance(inst, svc.config.port, deadline)
 
     def turned_away(self, why: Rejected | None) -> None:
         """Refused (why) or failed (None): a refused client is told so, as the service's `refusal` says."""
@@ -476,9 +480,6 @@ async def connect_handed(address: tuple[str, int]) -> socket.socket:
     accept on it meanwhile, so an app takes it. The handshake is the kernel's (the listener's), at once."""
     sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        # the client's own connection is counted already: the host's count of the service's connections leaves
-        # this one out (net/rules.py, handoff.py)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, HANDED)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, address)
     except BaseException:

@@ -117,9 +117,10 @@ class Reaping(ServiceState):
         self._arm_idle(inst, self.config.idle_timeout)
 
     def _reap(self, inst: Instance) -> None:
+        t = inst.track
         log.info("service=%s instance=%s idle for %gs, reaping (it served %d connection(s): %d through the "
-                 "activator, %d steered by the kernel)", self.name, inst.name, self.config.idle_timeout,
-                 inst.track.served + inst.track.kernel_served, inst.track.served, inst.track.kernel_served)
+                 "activator, %d given by its %s mode)", self.name, inst.name, self.config.idle_timeout,
+                 t.served + t.kernel_served, t.served, t.kernel_served, self.mode.name)
         self.m.idle_reaps.inc()
         self._stop(inst, graceful=not inst.sandbox.frozen)  # a frozen app cannot act on a signal: it is killed
 

@@ -120,7 +120,8 @@ class Reloader:
         """Sockets for every listen address the new file has and the running one does not. All or none."""
         for c in p.changed:
             if c.old.handoff != c.new.handoff and set(c.old.listen) & set(c.new.listen):
-                # its socket is accepted on by an asyncio server or by a reader (Fleet.accepting), not both
+                # its socket is accepted on by an asyncio server or by an acceptor thread (servicelisteners.py),
+                # and a live socket cannot move from one to the other
                 raise ConfigError(f"{new.path}: services.{c.new.name}.handoff cannot change on a reload while the "
                                   "service keeps its listen address; restart activator to change it")
         bound: dict[str, list[socket.socket]] = {}

@@ -14,13 +14,13 @@ startup:  check the host, lock the state dir, raise the descriptor limit and siz
 shutdown: stop accepting, let open connections finish up to drain_timeout (systemd is told to extend its stop
           timeout accordingly; a second SIGTERM/SIGINT cuts the drain short), abort the rest, kill and release
           every instance, then undo what startup acquired, in reverse: the endpoints, the services' listeners,
-          KSM's settings, the instance network, the state dir's lock.
+          the instance network, KSM's settings, the state dir's lock.
 
 Each startup step that acquires something pushes its undo onto one AsyncExitStack before (or as) it acquires it,
 so a failure or a SIGTERM half-way through startup undoes exactly what was acquired; every listener (listening.py)
 is started and stopped the same way.
 
-What it owns lives in fleet.py (the services, their listeners and servers, the shared host pieces); reloads are
+What it owns lives in fleet.py (the services, their listeners, the shared host pieces); reloads are
 carried out by reloading.py, checkpoint builds and retries by builds.py, the background loops are watchers.py,
 and the control socket's verbs are commands.py. Signal handlers only set events or spawn tasks.
 """
@@ -299,12 +299,14 @@ class Activator:
         failures_before = len(runc.failures) if runc is not None else 0
         await self._announce_drain()
         await self._unlisten_all()
-        for svc in (*fleet.services.values(), *fleet.retiring):
+        # Taken before the tasks are cancelled: a reload's old definition still draining leaves `retiring` when its
+        # drain task is cancelled, and its instances would outlive the daemon.
+        everyone = (*fleet.services.values(), *fleet.retiring)
+        for svc in everyone:
             # the kernel sends nobody new to any instance; open connections drain
             await self._step(f"withdrawing {svc.name}'s instances", svc.withdraw_all)
         fleet.tasks.cancel()
         await self._drain(drain)
-        everyone = (*fleet.services.values(), *fleet.retiring)
         closed = await asyncio.gather(*(s.close() for s in everyone), return_exceptions=True)
         for svc, result in zip(everyone, closed, strict=True):
             if isinstance(result, BaseException):

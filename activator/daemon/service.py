@@ -53,6 +53,7 @@ class Service(Reaping, Starting):
     ) -> None:
         super().__init__(config, launcher=launcher, metrics=metrics, budget=budget, store=store, clock=clock)
         self._rejections = RejectionTally()
+        self._previous_mode: Mode | None = None  # a reload's old definition's (take_counters_from)
         self._rejections_timer: Timer | None = None
         # Remaining backoff shrinks with time, and kernel-path connections change without us: both are computed
         # at scrape time, not when last touched.
@@ -68,8 +69,10 @@ class Service(Reaping, Starting):
         return servicestatus.status(self)
 
     def switch_mode(self, mode: Mode) -> None:
-        """From now on new connections reach the instances this way (Fleet.use picks it: steering.choose). The
+        """From now on new connections reach the instances this way (Fleet.use picks it: modes.choose). The
         mode left behind steers no more; instances it reached keep what they have and drain."""
+        previous, self._previous_mode = self._previous_mode or self.mode, None
+        mode.carry_from(previous)
         if self.mode.steers:
             self.withdraw_all()
         self.mode.stop()
@@ -146,7 +149,7 @@ class Service(Reaping, Starting):
     def take_counters_from(self, old: Service) -> None:
         """A new definition of the same service (a reload): the kernel's counts carry on, not start over."""
         self.totals, self.arrived = old.totals, old.arrived
-
+        self._previous_mode = old.mode  # the mode Fleet.use picks for this one carries on from it
     def needs_wake(self) -> bool:
         """Would a connection arriving now make the service start an instance (or wait for one)?"""
         best = capacity.least_loaded(self.instances)
@@ -363,7 +366,7 @@ class Service(Reaping, Starting):
         for inst in self.instances:
             inst.track.withdrawn = True
         self._resteer()
-        for inst in [i for i in self.instances if self.mode.address is not None and self.mode.reaches(i)]:
+        for inst in [i for i in self.instances if self.reached_at(i) is not None]:  # it accepts from our socket
             self._stop(inst, graceful=True)
 
     async def close(self) -> None:

@@ -85,8 +85,7 @@ class Starting(ServiceState):
         task = spawn(self._start(), name=f"start:{self.name}", awaited=True)
         self._starts.add(task)
         task.add_done_callback(self._started)
-        if self.mode.address is not None:
-            self._resteer()  # handoff: the activator stops accepting before the app can (handoff.py)
+        self._resteer()  # a mode may act on a start under way (handoff: the activator stops accepting first)
         self._publish()
         for dep in self.dependencies:  # together, not one after the other: the app asks for them when it needs them
             dep.wanted_by(self)

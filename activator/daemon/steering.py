@@ -14,7 +14,8 @@ What the service asks of a mode is the Mode protocol: which instances take new c
 joins or leaves), whether an instance is reached by it at all (reaches), what demand it saw since the last look
 (sample, folded by Service.fold without knowing the mode), how an idle instance is taken out and counted before
 its reap (retire), its upkeep each meter tick (guard), and leaving the service (stop). Adding a mode is a module
-with a class that satisfies Mode, a line in choose() and its config key; nothing else branches on the mode.
+with a class that satisfies Mode, an Entry in modes.MODES (with what it is made from: modes.ModeContext, built by
+Fleet._mode_context) and its config key; the service's logic and the meter do not branch on the mode.
 """
 
 from __future__ import annotations
@@ -72,11 +73,10 @@ class Mode(Protocol):
     name: str
     #: the kernel gives new connections to instances (False: every one reaches the activator, which counts it)
     steers: bool
-    #: how long a half-open connection of this mode lives (a spoofed SYN's entry goes after this)
-    half_open_timeout: float
     #: where a connection the activator holds reaches an app (handoff: the service socket's address), else None
     address: tuple[str, int] | None
-    #: steering changes the kernel refused since the meter last took them (Fleet counts them)
+    #: steering changes the kernel refused since the meter last took them (watchers.keep_network counts them in
+    #: activator_kernel_path_failures_total)
     failures: int
 
     def reaches(self, inst: Instance) -> bool:
@@ -96,6 +96,11 @@ class Mode(Protocol):
     async def retire(self, inst: Instance, clock: Clock, resteer: Callable[[], None]) -> int:
         """Take an idle instance (already marked withdrawn) out of the mode and count what it still has open:
         0 to reap it, more to put it back. resteer applies set() to the service's instances."""
+        ...
+
+    def carry_from(self, previous: Mode) -> None:
+        """This mode takes over from `previous` for the same service (a reload's new definition, a replaced
+        socket): counts it keeps go on from there."""
         ...
 
     def guard(self) -> None:

@@ -11,13 +11,12 @@ from activator.checkpoints.instance import Instance
 from activator.core.clock import Clock
 from activator.net.sampling import Samples
 
-from .steering import EMPTY, Sample
+from .steering import EMPTY, Mode, Sample
 
 
 class UserspaceMode:
     name = "userspace"
     steers = False
-    half_open_timeout = 0.0
     address: tuple[str, int] | None = None
     failures = 0
 
@@ -32,6 +31,9 @@ class UserspaceMode:
 
     async def retire(self, inst: Instance, clock: Clock, resteer: Callable[[], None]) -> int:
         return 0  # nothing reaches it but through the activator, which knows what it holds (inst.track.spliced)
+
+    def carry_from(self, previous: Mode) -> None:
+        pass  # its counts are the kernel's, cumulative, and the service carries those (Service.totals)
 
     def guard(self) -> None:
         pass

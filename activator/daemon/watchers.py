@@ -12,9 +12,12 @@ import time
 from typing import Any
 
 from activator.config import schedule
+from activator.tasks import spawn
 
 from . import systemd
 from .fleet import Fleet
+from .service import Service
+from .steering import Sample
 
 log = logging.getLogger("activator")
 
@@ -30,37 +33,55 @@ FIREWALL_CHECK_TICKS = 20
 
 async def meter(fleet: Fleet) -> None:
     """Connections a mode steers send no events: each service's mode samples them (steering.Mode.sample; one
-    conntrack dump and counter read for all of them) a few times a second, and the service folds the sample."""
+    conntrack dump and counter read for all of them) a few times a second, and the service folds the sample.
+
+    The services' samples run side by side, and one still running at the next tick is not started again: a mode
+    whose sample is slow (handoff reads the descriptor tables of an app's processes, which an app can make
+    large) holds up its own service's counts only, never the others'."""
     tick = 0
     failing = False
-    while True:
-        tick += 1
-        started = time.monotonic()
-        services = [*fleet.services.values(), *fleet.retiring]
-        shared = None
-        network = fleet.network
-        if network is not None and fleet.network_open:
-            await keep_network(fleet, tick)
-            try:
-                shared = await asyncio.to_thread(network.sample)
-                failing = False
-            except Exception as e:  # a netlink hiccup must not end the sampling, nor hold up the other modes'
-                if not failing:  # once until it works again: every tick would flood the log
-                    log.warning("sampling the kernel path failed: %s; its counts stand still until it works", e)
-                failing = True
-        for svc in services:
-            if not svc.mode.steers:
-                continue
-            try:
-                svc.mode.guard()
-                sample = await svc.mode.sample(list(svc.instances), shared, svc.arrived)
-            except Exception as e:  # a netlink hiccup must not end the sampling for good
-                log.warning("service=%s sampling its %s mode failed: %s", svc.name, svc.mode.name, e)
-                continue
-            svc.fold(sample, time.monotonic())
-        # A sample costs ~10 us per connection (a flood of thousands: tens of ms of the GIL): never more than
-        # a tenth of the daemon's time.
-        await asyncio.sleep(max(METER_INTERVAL, 9 * (time.monotonic() - started)))
+    pending: dict[Service, asyncio.Task[Sample]] = {}
+    try:
+        while True:
+            tick += 1
+            started = time.monotonic()
+            shared = None
+            network = fleet.network
+            if network is not None and fleet.network_open:
+                await keep_network(fleet, tick)
+                try:
+                    shared = await asyncio.to_thread(network.sample)
+                    failing = False
+                except Exception as e:  # a netlink hiccup must not end the sampling, nor hold up the other modes'
+                    if not failing:  # once until it works again: every tick would flood the log
+                        log.warning("sampling the kernel path failed: %s; its counts stand still until it works", e)
+                    failing = True
+            cost = time.monotonic() - started
+            for svc in (*fleet.services.values(), *fleet.retiring):
+                if svc.mode.steers and svc not in pending:
+                    try:
+                        svc.mode.guard()
+                    except Exception as e:
+                        log.warning("service=%s keeping its %s mode's socket failed: %s", svc.name, svc.mode.name, e)
+                    pending[svc] = spawn(svc.mode.sample(list(svc.instances), shared, svc.arrived),
+                                         name=f"sample:{svc.name}", awaited=True)
+            if pending:
+                await asyncio.wait(pending.values(), timeout=METER_INTERVAL)
+            for svc, task in list(pending.items()):
+                if not task.done():
+                    continue
+                del pending[svc]
+                try:
+                    svc.fold(task.result(), svc.clock.now())
+                except Exception as e:  # a netlink hiccup must not end the sampling for good
+                    log.warning("service=%s sampling its %s mode failed: %s", svc.name, svc.mode.name, e)
+            # A kernel sample costs ~10 us per connection (a flood of thousands: tens of ms of the GIL): never
+            # more than a tenth of the daemon's time.
+            waited = time.monotonic() - started - cost  # on the services' samples, at most METER_INTERVAL
+            await asyncio.sleep(max(METER_INTERVAL, 9 * cost) - min(METER_INTERVAL, waited))
+    finally:
+        for task in pending.values():
+            task.cancel()
 
 
 async def keep_network(fleet: Fleet, tick: int) -> None:

@@ -20,6 +20,3 @@ NOT_COUNTED = 0xFFFFFFFF & ~COUNTED
 #: br_netfilter on (Docker turns it on), a connection from one instance to a service address whose backend is
 #: another instance is bridged port to port after the DNAT; the bridge table lets exactly those frames cross.
 HAIRPIN = 0x00200000
-#: a packet mark (SO_MARK) on the activator's own connections to a handoff service's socket, made to pass on a
-#: connection it held (proxy.connect_handed): the client's connection is counted already, this one is not again
-HANDED = 0x00100000

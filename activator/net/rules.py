@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from activator.config.model import ListenAddress
 
 from .attachment import Attachment
-from .marks import COUNTED, EGRESS, HAIRPIN, HANDED, MARK_MASK, NOT_COUNTED
+from .marks import COUNTED, EGRESS, HAIRPIN, MARK_MASK, NOT_COUNTED
 from .nft import ifname
 
 #: how long a half-open kernel-path connection is kept (Linux: 120 s and 60 s); a real handshake takes a round trip
@@ -160,11 +160,7 @@ table ip {t} {{
         jump acct
     }}
     chain acct_out {{ type filter hook output priority filter; policy accept; jump acct; }}
-    # handoff services' connections (what their apps accept): each new one counted once, in input (see handoff)
-    chain handed {{
-        type filter hook output priority mangle; policy accept;
-        meta mark & {HANDED:#x} == {HANDED:#x} ct state new ct mark set ct mark | {COUNTED:#x}
-    }}
+    # handoff services' connections (what their apps accept): each counted once, in input (see limit_rules)
     chain handoff {{ }}
     chain acct {{ }}
 }}
@@ -266,11 +262,13 @@ def limit_rules(table: Table, limits: Mapping[str, ServiceLimits]) -> list[str]:
         matches = [rule.rsplit(" jump ", 1)[0] for rule in jumps(lim.listen, "-")]
         if lim.handoff:
             # A handoff service's apps accept from its socket with no rule of ours in the way: its connections
-            # are counted as they arrive, once each (the conntrack entry's COUNTED bit: a SYN sent again is the
-            # same connection; the activator's own, HANDED, have the bit already), by the service's steered
-            # counter. The activator's own accepts are in it too: the service takes those off (handoff.py).
-            cmds += [f"add rule ip {t} handoff {match} ct state new ct mark & {COUNTED:#x} == 0 "
-                     f"counter name steered_{ident(service)} ct mark set ct mark | {COUNTED:#x}" for match in matches]
+            # are counted here, once each, when the handshake completes (assured: a SYN that never finishes is
+            # not a connection; the COUNTED bit of the entry's mark: the rest of its packets are not counted
+            # again), by the service's steered counter. The activator's own connections to the socket are in it
+            # too (what it accepted, what it made to pass a held one on): handoff.py takes those off.
+            cmds += [f"add rule ip {t} handoff {match} ct direction original ct status assured "
+                     f"ct mark & {COUNTED:#x} == 0 counter name steered_{ident(service)} "
+                     f"ct mark set ct mark | {COUNTED:#x}" for match in matches]
         policy = lim.timeout_policy
         cmds.append(f"add ct timeout ip {t} {policy} {{ protocol tcp; l3proto ip; policy = {{ "
                     f"syn_sent: {SYN_TIMEOUT}, syn_recv: {SYN_TIMEOUT}"

@@ -91,7 +91,7 @@ async def test_an_app_that_shuts_the_handed_socket_down_leaves_no_service_deaf(s
     await eventually(lambda: run.metric("activator_handoff_repairs_total", "echo") == 1, timeout=10,
                      what="the socket listening again")
     assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
-    await eventually(lambda: svc.instances and not svc.instances[0].handoff, timeout=10,
+    await eventually(lambda: svc.instances and not svc.mode.reaches(svc.instances[0]), timeout=10,
                      what="the instance no longer counted as taking from the socket")
     assert run.act.fleet.accepts("echo")
     # Positive control: the same instance, dialled on its own address by the activator, answers everyone.

@@ -130,7 +130,7 @@ async def test_an_app_that_hides_the_socket_and_makes_it_blocking_stalls_nothing
     (inst,) = svc.instances
     async with probing(run, "other"):
         assert await ask(port, "park") == "parked"
-        await eventually(lambda: not inst.handoff and run.act.fleet.accepts("victim"), timeout=5,
+        await eventually(lambda: not svc.mode.reaches(inst) and run.act.fleet.accepts("victim"), timeout=5,
                          what="the activator accepting for the app that hid the socket")
         # Through the activator now (it dials the app's own listener): the app clears the flag the activator set.
         assert await ask(port, "unpark") == "unparked nonblock=1"
@@ -210,7 +210,7 @@ async def test_an_app_that_shuts_or_closes_the_socket_stalls_nothing(start, comm
                              what="the socket listening again")
             assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
         else:
-            await eventually(lambda: not inst.handoff, timeout=5, what="the app seen without the socket")
+            await eventually(lambda: not svc.mode.reaches(inst), timeout=5, what="the app seen without the socket")
             await eventually(lambda: run.act.fleet.accepts("victim"), timeout=5, what="the activator accepting")
         await both_answer(run)
     assert svc.instances == [inst]

@@ -94,7 +94,7 @@ async def test_counts_agree_in_status_metrics_and_the_reap_line(start, caplog) -
     assert run.metric("activator_connections_total", "probe") == 4
     await eventually(lambda: not svc.instances, what="reaped")
     (line,) = [r.getMessage() for r in caplog.records if "reaping" in r.getMessage()]
-    assert "served 4 connection(s): 1 through the activator, 3 steered by the kernel" in line, line
+    assert "served 4 connection(s): 1 through the activator, 3 given by its kernel mode" in line, line
 
 
 async def test_the_fast_conntrack_reader_agrees_with_pyroute2(start) -> None:  # type: ignore[no-untyped-def]

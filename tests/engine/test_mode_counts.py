@@ -10,11 +10,14 @@ import asyncio
 import logging
 import re
 import socket
+import struct
+import time
 from typing import Any
 
 import pytest
+from pyroute2 import netns as pyroute2_netns
 
-from activator.net.marks import HANDED
+from activator.net.netns import HOME_NS
 from tests.conftest import ECHO, SLOW, Running, echo, eventually, free_port, loadgen
 from tests.engine.test_udp import DNS, ask_in_turn
 from tests.netfixtures import RemoteHost, remote_host  # noqa: F401
@@ -75,26 +78,51 @@ async def test_a_udp_services_flows_are_counted_once_relayed_or_steered(
     await counted_everywhere(run, "dns", 1 + 40, caplog)
 
 
-async def test_a_client_that_marks_its_connections_as_the_activators_own_is_counted_all_the_same(
-        start: Any, remote_host: RemoteHost) -> None:  # noqa: F811
-    """The handoff count leaves out the activator's own connections by their packet mark (HANDED). A client on
-    another host (here a namespace behind its own veth) sets that mark on its sockets, to have its connections
-    served uncounted: a packet's mark does not cross into the host's namespace, so every one is counted."""
+def syn(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """A bare TCP SYN (the kernel adds the IP header), its checksum over the pseudo-header."""
+    head = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, 0x02, 64240, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(head))
+    data = pseudo + head
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return head[:16] + struct.pack("!H", ~total & 0xFFFF) + head[18:]
+
+
+async def test_handshakes_never_finished_are_not_counted_and_pin_no_instance(
+        start: Any, caplog: pytest.LogCaptureFixture, remote_host: RemoteHost) -> None:  # noqa: F811
+    """A client on another host (a namespace behind its own veth) sends a handoff service SYNs and never finishes
+    a handshake (its kernel answers the SYN-ACKs with resets). None is a connection: not counted, and not the
+    activity that would keep an idle instance from its reap. Positive control: real connections are counted."""
+    caplog.set_level(logging.INFO, logger="activator.service")
     port = free_port()
-    run = await start({"echo": ECHO | {"handoff": True, "listen": f"0.0.0.0:{port}", "idle_timeout": "30s",
+    run = await start({"echo": ECHO | {"handoff": True, "listen": f"0.0.0.0:{port}", "idle_timeout": f"{3 * SLOW:g}s",
                                        "max_instances": 1}})
-    assert await echo(port, b"wake") == b"wake"  # positive control: the activator's own marked connection
     svc = run.act.services["echo"]
-    assert svc.mode.name == "handoff"
-    for _ in range(50):
-        sock = remote_host.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, HANDED)
-        sock.setblocking(False)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (remote_host.host_ip, port)), 10)
-        reader, writer = await asyncio.open_connection(sock=sock)
+    assert await echo(port, b"wake") == b"wake" and svc.mode.name == "handoff"
+    pyroute2_netns.setns(remote_host.ns.fd)
+    try:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    finally:
+        pyroute2_netns.setns(HOME_NS)
+    with raw:
+        deadline = time.monotonic() + 4 * SLOW  # past idle_timeout, SYNs all along
+        sent = 0
+        while time.monotonic() < deadline and sent < 2000:
+            for sport in range(40000 + sent % 20000, 40000 + sent % 20000 + 20):
+                raw.sendto(syn(remote_host.ip, remote_host.host_ip, sport, port), (remote_host.host_ip, 0))
+            sent += 20
+            await asyncio.sleep(0.05)
+    await eventually(lambda: not svc.instances, timeout=10 * SLOW, what="the idle instance reaped despite the SYNs")
+    assert run.metric("activator_connections_total", "echo") == 1  # the wake only
+    lines = [m.groups() for r in caplog.records if (m := REAPED.search(r.getMessage()))]
+    assert lines == [("echo", "1")], lines
+    # positive control: the same client's real connections are counted
+    for _ in range(5):
+        reader, writer = await remote_host.connect(remote_host.host_ip, port)
         writer.write(b"x")
         writer.write_eof()
         assert await asyncio.wait_for(reader.read(), 10) == b"x"
         writer.close()
-    await eventually(lambda: run.metric("activator_connections_total", "echo") == 51 == served(run, "echo"),
-                     timeout=10, what="the marked clients' 50 connections counted with the wake")
+    await eventually(lambda: run.metric("activator_connections_total", "echo") == 6, timeout=10,
+                     what="the client's 5 real connections counted")

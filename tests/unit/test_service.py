@@ -516,6 +516,54 @@ async def test_a_handoff_sample_counts_what_the_apps_took_beside_the_activator()
     handed.close()
 
 
+async def test_a_handoff_count_survives_a_counter_put_back_and_credits_no_idle_instance() -> None:
+    """Counted by differences: a host counter put back from zero (a repaired table) loses nothing. Only what an
+    instance was seen to take counts for it: an idle instance, whose app holds the socket and sockets of its own,
+    is credited nothing and is not made active."""
+    fake = FakeLauncher()
+    svc = service(fake, max_instances=2)
+    handed = Handed(svc)
+    leases = [svc.admit() for _ in range(2)]
+    busy, _ = await leases[0].acquire()
+    idle = await fake.restore(FakeCheckpoint())  # a second instance, which sits idle
+    svc.instances.append(idle)
+    for inst in (busy, idle):
+        inst.handoff = True
+    for lease in leases:
+        lease.release()
+    busy_box, idle_box = fake.made[0], fake.made[-1]
+    idle_box.inodes = {inode(handed.listener), 999_999_001}  # the socket and an outbound socket of its own
+    handed.app_takes_one(busy_box)
+    first = await handed.mode.sample(list(svc.instances), Samples({}, {}, {"svc": 2 + 4}), 2)
+    assert first.instances[busy].new == 4 and first.instances[idle].new == 0
+    assert not first.instances[idle].active and first.instances[busy].active
+    put_back = await handed.mode.sample(list(svc.instances), Samples({}, {}, {"svc": 3}), 2)  # a repaired table
+    assert put_back.totals == Totals(connections=4 + 3)
+    failed = await handed.mode.sample(list(svc.instances), None, 2)  # the counter not read: the looks only
+    assert failed.totals == Totals(connections=7)  # nothing new seen, and the idle one's own sockets are not clients
+    await svc.close()
+    handed.close()
+
+
+async def test_a_stopped_handoff_mode_never_turns_accepting_on_again() -> None:
+    """A reload's old definition drains with its mode stopped; the socket is the new definition's by then, and
+    the old one closing must not make the activator accept on it while the new one's apps do."""
+    fake = FakeLauncher()
+    svc = service(fake)
+    handed = Handed(svc)
+    handed.mode.stop()
+    handed.accepting.clear()
+    await svc.close()  # withdraw_all: set([]) on the stopped mode
+    assert handed.accepting == []
+    new_definition = service(FakeLauncher())
+    successor = Handed(new_definition)
+    successor.mode.carry_from(handed.mode)  # and its counts go on from the old one's
+    assert (successor.mode._taken, successor.mode._counted) == (handed.mode._taken, handed.mode._counted)
+    await new_definition.close()
+    handed.close()
+    successor.close()
+
+
 async def test_a_fold_is_the_same_whatever_the_mode() -> None:
     """Service.fold reads one Sample type: activity, connections served, bytes, demand waiting, counters that a
     repaired table started again from zero."""
