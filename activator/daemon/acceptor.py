@@ -65,6 +65,10 @@ class Acceptor:
         self._sock = socket.socket(fileno=os.dup(sock.fileno()))
         self._fd = self._sock.fileno()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The thread closes the pipe as it ends; a wake after that must not write to the number, which may be
+        # another file's by then.
+        self._pipe_lock = threading.Lock()
+        self._pipe_open = True
         self._on = False
         self._closed = False
         self._deaf = False  # accept() said EINVAL (shut down): waits until it listens again
@@ -104,8 +108,9 @@ class Acceptor:
             s.connect_ex((host, self.address.port))  # loopback: the handshake is done before this returns
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        with self._pipe_lock, contextlib.suppress(OSError):
+            if self._pipe_open:
+                os.write(self._wake_w, b"x")
 
     def _tell(self, fn: Callable[..., None], *args: object) -> bool:
         try:
@@ -141,8 +146,10 @@ class Acceptor:
                     self._batch()
         finally:
             self._sock.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._pipe_lock:
+                self._pipe_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def _batch(self) -> None:
         taken: list[socket.socket] = []
