@@ -67,7 +67,7 @@ def _check_host(cfg: Config, sock: Any) -> list[str]:
     from activator.checkpoints.host import load_trust
     from activator.checkpoints.images import ImageSource
     from activator.daemon import control
-    from activator.daemon.listeners import bind_listener
+    from activator.daemon.sockets import bind_listener
     from activator.runtime import cgroups, volumeowner, volumes
 
     problems: list[ActivatorError] = []

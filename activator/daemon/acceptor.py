@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .listeners import address_of
+from .sockets import address_of
 
 log = logging.getLogger("activator")
 

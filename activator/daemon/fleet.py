@@ -36,12 +36,12 @@ from activator.tasks import Tasks
 
 from . import metrics, modes, systemd
 from .handoff import HandoffMode
-from .listeners import address_of, take_all
 from .listening import ServiceListener
 from .metrics import Metrics
 from .proxy import ConnectionSet, client_protocol_factory
 from .service import Service
 from .servicelisteners import HandoffListener, TcpListener, UdpListener
+from .sockets import address_of, take_all
 from .udp import Unanswered
 
 log = logging.getLogger("activator")

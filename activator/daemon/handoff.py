@@ -51,8 +51,8 @@ from activator.net import sockdiag
 from activator.net.rules import ident
 from activator.net.sampling import Samples
 
-from .listeners import BACKLOG
 from .metrics import Metrics
+from .sockets import BACKLOG
 from .steering import InstanceSample, Mode, Sample, Totals
 
 log = logging.getLogger("activator")

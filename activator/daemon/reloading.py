@@ -27,7 +27,7 @@ from activator.errors import ActivatorError, ConfigError
 from . import systemd
 from .builds import Builds
 from .fleet import Fleet
-from .listeners import bind_listener, udp_sockets
+from .sockets import bind_listener, udp_sockets
 
 log = logging.getLogger("activator")
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from activator.tasks import Tasks
 
 from .acceptor import Acceptor
-from .listeners import BACKLOG, address_of
 from .service import Service
+from .sockets import BACKLOG, address_of
 from .udp import UdpFront, Unanswered
 
 log = logging.getLogger("activator")

@@ -6,26 +6,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
+from activator.config.addresses import ListenAddress
 from activator.config.parse import load_config
+from activator.config.settings import AgentSettings
 from activator.daemon import listening
+from activator.daemon.agent import Agent
+from activator.daemon.control import ControlServer
 from activator.daemon.fleet import Fleet
 from activator.daemon.listening import Listener, ServiceListener
 from activator.daemon.metrics import Metrics
+from activator.daemon.scrape import ScrapeServer
 from activator.daemon.service import Service
 from activator.daemon.servicelisteners import HandoffListener, TcpListener, UdpListener
 from activator.daemon.udp import Unanswered
 from activator.statedir import StateDir
 from activator.tasks import Tasks
+
+from .fakeclock import settle
 
 pytestmark = pytest.mark.asyncio
 
@@ -246,3 +256,57 @@ async def test_a_handoff_services_new_socket_waits_while_its_apps_accept(tmp_pat
     assert first.on and second.on
     await fleet.unlisten("web")
     assert first.sock.fileno() == second.sock.fileno() == -1
+
+
+def _every_kind(tmp_path: Path) -> dict[str, Callable[[], Listener]]:
+    """One of each kind of listener the daemon has, on loopback or in tmp_path, not started."""
+
+    def tcp() -> Listener:
+        sock = socket.create_server(("127.0.0.1", 0))
+        return TcpListener("web", sock, asyncio.Protocol)
+
+    def handoff() -> Listener:
+        sock = socket.create_server(("127.0.0.1", 0))
+        return HandoffListener("web", sock, asyncio.Protocol, Tasks(), on=True)
+
+    def udp() -> Listener:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+
+        def no_service() -> Service:
+            raise AssertionError("no datagram is sent in this test")
+        return UdpListener("dns", sock, no_service, Unanswered())
+
+    def agent() -> Listener:
+        port = socket.create_server(("127.0.0.1", 0))
+        free = port.getsockname()[1]
+        port.close()
+        fleet = _fleet(tmp_path / "agent")
+        fleet.config = dataclasses.replace(fleet.config, settings=dataclasses.replace(
+            fleet.config.settings, agent=AgentSettings(listen=ListenAddress("127.0.0.1", free))))
+        return Agent(fleet)
+
+    return {
+        "tcp": tcp, "handoff": handoff, "udp": udp, "agent": agent,
+        "control": lambda: ControlServer(tmp_path / "control.sock", {}),
+        "metrics": lambda: ScrapeServer(CollectorRegistry(), "127.0.0.1", 0),
+    }
+
+
+@pytest.mark.parametrize("kind", ["tcp", "handoff", "udp", "control", "metrics", "agent"])
+@pytest.mark.parametrize("started", [False, True])
+async def test_every_listener_stops_unstarted_started_and_twice(tmp_path: Path, kind: str, started: bool) -> None:
+    """The contract (listening.py) for each kind: a stop is safe on a listener never started (a start-up cut short
+    undoes one it had not reached), on a started one, and a second time (shutdown stops the services' listeners,
+    then the exit stack does, for a start-up cut short)."""
+    (tmp_path / "agent").mkdir()
+    listener = _every_kind(tmp_path)[kind]()
+    assert listener.name
+    if started:
+        await listener.start()
+    await listener.stop()
+    await listener.stop()
+    if kind in ("tcp", "handoff", "udp"):
+        await settle()  # uvloop closes a datagram transport's socket on its next iteration
+        assert cast(ServiceListener, listener).sock.fileno() == -1  # its socket is released

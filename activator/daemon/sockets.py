@@ -1,5 +1,6 @@
-"""Listening sockets: the ones handed in (by systemd's LISTEN_FDS, or by a caller such as a test) matched to
-services by address, and the rest bound here. A port in use fails here, before anything else starts."""
+"""Listening sockets themselves (what accepts on them is servicelisteners.py): the ones handed in (by systemd's
+LISTEN_FDS, or by a caller such as a test) matched to services by address, and the rest bound here. A port in
+use fails here, before anything else starts."""
 
 from __future__ import annotations
 
