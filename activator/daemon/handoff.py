@@ -53,7 +53,7 @@ from activator.net.sampling import Samples
 
 from .metrics import Metrics
 from .sockets import BACKLOG
-from .steering import InstanceSample, Mode, Sample, Totals
+from .steering import InstanceSample, Mode, Sample, Totals, counted_since
 
 log = logging.getLogger("activator")
 
@@ -185,7 +185,7 @@ class HandoffMode:
             new = sum(seen.values())
             self._debt += mine + new
         else:
-            new = _since(counted, self._counted) - mine - self._debt
+            new = counted_since(counted, self._counted) - mine - self._debt
             self._counted, self._debt = counted, max(0, -new)
         self._taken += max(0, new)
         split = _split(max(0, new), seen, {inst: len(now) for inst, now in accepted.items()})
@@ -251,10 +251,6 @@ class HandoffMode:
             return None
         self.listener.listen(self.backlog)
         return found
-
-
-def _since(total: int, last: int) -> int:
-    return total - last if total >= last else total
 
 
 def _split(n: int, seen: Mapping[Instance, int], opened: Mapping[Instance, int]) -> dict[Instance, int]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from activator.checkpoints.instance import Instance
 from activator.config.service import ServiceConfig
@@ -15,21 +14,14 @@ from activator.core import reaping
 from activator.core.clock import Clock
 from activator.net.network import SYN_TIMEOUT, Backend, HostNetwork, connections
 from activator.net.rules import ident
+from activator.net.sampling import Sample as KernelSample
 from activator.net.sampling import Samples
 
-from .steering import InstanceSample, Mode, Sample, Totals
+from .steering import InstanceSample, Mode, Sample, Totals, counted_since
 
 log = logging.getLogger("activator.network")
 
-
-@dataclass
-class _Seen:
-    """An instance's counters as last sampled: what moved since is new."""
-
-    packets: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    served: int = 0
+ZERO = KernelSample()  # an instance not sampled before: everything it has is new
 
 
 class KernelMode:
@@ -46,7 +38,7 @@ class KernelMode:
         self.failed = False  # the last change did not reach the kernel (logged once until one does)
         self.failures = 0
         self.stopped = False
-        self._seen: dict[Instance, _Seen] = {}
+        self._seen: dict[Instance, KernelSample] = {}  # each instance's counters as last sampled
         self._steered: list[Backend] | None = None  # what the rule was last set to (None: not yet, or it failed)
 
     def reaches(self, inst: Instance) -> bool:
@@ -90,12 +82,12 @@ class KernelMode:
             s = shared.by_mark.get(att.mark) if att is not None else None
             if s is None:
                 continue
-            seen = self._seen.setdefault(inst, _Seen())
+            seen = self._seen.get(inst, ZERO)
             # a counter below the last one was put back from zero (a repaired table): all of it is new
             out[inst] = InstanceSample(
-                open=s.open, active=s.packets != seen.packets, new=_since(s.served, seen.served),
+                open=s.open, active=s.packets != seen.packets, new=counted_since(s.served, seen.served),
                 bytes_in=max(0, s.bytes_in - seen.bytes_in), bytes_out=max(0, s.bytes_out - seen.bytes_out))
-            seen.packets, seen.bytes_in, seen.bytes_out, seen.served = s.packets, s.bytes_in, s.bytes_out, s.served
+            self._seen[inst] = s
         for gone in set(self._seen) - set(instances):
             del self._seen[gone]
         if self.stopped:  # the service's counters are the current definition's to fold
@@ -141,7 +133,3 @@ class KernelMode:
 
     def stop(self) -> None:
         self.stopped = True
-
-
-def _since(now: int, last: int) -> int:
-    return now - last if now >= last else now

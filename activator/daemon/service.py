@@ -41,7 +41,7 @@ from .lease import Lease
 from .metrics import ServiceMetrics
 from .reaper import Reaping
 from .starts import Starting
-from .steering import Mode, Sample
+from .steering import Mode, Sample, counted_since
 
 log = logging.getLogger("activator.service")
 
@@ -281,12 +281,12 @@ class Service(Reaping, Starting):
         for an instance counts toward scale-out."""
         if (totals := sample.totals) is not None:
             last, self.totals = self.totals, totals
-            if (n := _since(totals.rejected, last.rejected)) > 0:
+            if (n := counted_since(totals.rejected, last.rejected)) > 0:
                 self.m.rejected["max-connections"].inc(n)
                 self._tally("max-connections", n, f"refused in the kernel: service '{self.name}' has "
                                                   f"{self.config.max_connections} open connections")
-            self.m.connections.inc(_since(totals.connections, last.connections))
-            self.m.udp_replies_dropped.inc(_since(totals.replies_dropped, last.replies_dropped))
+            self.m.connections.inc(counted_since(totals.connections, last.connections))
+            self.m.udp_replies_dropped.inc(counted_since(totals.replies_dropped, last.replies_dropped))
         for inst, s in sample.instances.items():
             if inst not in self.instances:
                 continue
@@ -386,9 +386,3 @@ class Service(Reaping, Starting):
         await self.launcher.close()
         while self._stopping:
             await asyncio.gather(*list(self._stopping), return_exceptions=True)
-
-
-def _since(total: int, last: int) -> int:
-    """What a cumulative kernel counter gained; one below its last value was put back from zero (a repaired
-    table): all of it is new."""
-    return total - last if total >= last else total

@@ -113,3 +113,8 @@ class Mode(Protocol):
         counters."""
         ...
 
+
+def counted_since(total: int, last: int) -> int:
+    """What a cumulative kernel counter gained since it said `last`; one below that was put back from zero (a
+    table repaired after a firewall reload): all of it is new."""
+    return total - last if total >= last else total

@@ -48,7 +48,7 @@ def _v2_hierarchy() -> Path:
 def test_the_device_program_allows_what_runc_allows_and_nothing_else(tmp_path: Path) -> None:
     v2 = _v2_hierarchy()
     if not (v2 / "cgroup.procs").exists():
-        pytest.skip("no cgroup v2 hierarchy mounted")
+        pytest.skip("needs a cgroup v2 hierarchy mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified beside v1)")
     nodes = tmp_path / "dev"
     nodes.mkdir()
     for kind, major, minor, name in DEVICES:
@@ -95,10 +95,10 @@ async def test_a_direct_restore_gets_runcs_cgroup(start, monkeypatch: pytest.Mon
     so no limits are asked for)."""
     if layout == "v2-beside-v1":
         if cgroups.unified():
-            pytest.skip("a pure v2 host: `host` is this case already")
+            pytest.skip("needs a hybrid host (v1 with v2 beside it); on this pure v2 host the `host` case tests v2")
         v2 = cgroups.ROOT / "unified"
         if not (v2 / "cgroup.controllers").exists():
-            pytest.skip("no cgroup v2 hierarchy mounted beside v1")
+            pytest.skip("needs a cgroup v2 hierarchy mounted beside v1 (/sys/fs/cgroup/unified)")
         monkeypatch.setattr(cgroups, "ROOT", v2)
         monkeypatch.setattr(cgroups, "direct", lambda: True)
         svc = dict(HTTPD)
