@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import socket
 import statistics
 import subprocess
@@ -166,9 +167,19 @@ def bench_runc(runs: int) -> dict[str, list[float]]:
     return out
 
 
-def breakdown(runs: int, apps: list[str], userns: list[str]) -> None:
+def mapped_pages(log: Path) -> int:
+    """Pages CRIU mapped from the images instead of reading them (patch 0003's nr_mapped_pages, per task)."""
+    if not log.exists():
+        return 0
+    return sum(int(line.rsplit(None, 1)[-1]) for line in log.read_text(errors="replace").splitlines()
+               if "nr_mapped_pages:" in line)
+
+
+def breakdown(runs: int, apps: list[str], userns: list[str], memory: list[str],
+              keep_logs: Path | None = None) -> None:
     """In-process restores, phase by phase (medians over the runs after the first two), for each `userns`
-    setting asked for (private: the default, the app in a user namespace of its own; host: none)."""
+    setting asked for (private: the default, the app in a user namespace of its own; host: none) and each
+    `restore_memory` (copy, map), the variants alternated run by run so a noisy spell hits them alike."""
     import socket as socketmod
 
     import uvloop
@@ -181,25 +192,26 @@ def breakdown(runs: int, apps: list[str], userns: list[str]) -> None:
     async def run() -> dict[str, list[dict[str, float]]]:
         work = Path(tempfile.mkdtemp(prefix="activator-breakdown-"))
         socks, services = {}, {}
-        names = [f"{app}-{u}" if len(userns) > 1 else app for app in apps for u in userns]
-        for name in names:
-            app, _, u = name.partition("-")
+        variants = [(app, u, m) for app in apps for u in userns for m in memory]
+        names = ["-".join([app] + ([u] if len(userns) > 1 else []) + ([m] if len(memory) > 1 else []))
+                 for app, u, m in variants]
+        for name, (app, u, m) in zip(names, variants, strict=True):
             s = socketmod.socket()
             s.setsockopt(socketmod.SOL_SOCKET, socketmod.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", 0))
             s.listen(64)
             socks[name] = s
             services[name] = APPS[app] | {"listen": f"127.0.0.1:{s.getsockname()[1]}", "idle_timeout": "200ms",
-                                          "userns": u or userns[0]}
+                                          "userns": u, "restore_memory": m}
         (work / "b.yaml").write_text(yaml.safe_dump({"settings": {"state_dir": str(STATE), "metrics": None},
                                                      "services": services}))
         act = Activator(load_config(work / "b.yaml"), sockets=list(socks.values()))
         await act.startup()
         rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         try:
-            for name in names:
-                svc = act.services[name]
-                for _ in range(runs):
+            for _ in range(runs):
+                for name in names:
+                    svc = act.services[name]
                     t0 = time.monotonic()
                     reader, writer = await asyncio.open_connection("127.0.0.1", socks[name].getsockname()[1])
                     writer.write(REQUEST)
@@ -213,6 +225,11 @@ def breakdown(runs: int, apps: list[str], userns: list[str]) -> None:
                         st = _load_img(stats)["entries"][0]["restore"]
                         row |= {"criu restore": st.get("restore_time", 0) / 1000,
                                 "pages": st.get("pages_restored", 0) + st.get("pages_compared", 0)}
+                    log = inst.sandbox.layout.criu_work / "restore.log"
+                    row["mapped"] = mapped_pages(log)
+                    if keep_logs is not None and log.exists():
+                        keep_logs.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(log, keep_logs / f"{name}-{len(rows[name])}.log")
                     rows[name].append(row)
                     while svc.instances or svc._stopping:
                         await asyncio.sleep(0.02)
@@ -222,14 +239,15 @@ def breakdown(runs: int, apps: list[str], userns: list[str]) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
         results = r.run(run())
-    cols = ["prepare", "restore", "criu restore", "ttfb", "pages"]
+    cols = ["prepare", "restore", "criu restore", "ttfb", "pages", "mapped"]
     print(f"\nWhere a restore's time goes, ms (median of {max(1, runs - 2)}; 'restore' is the whole restore call,\n"
           "'criu restore' CRIU's own figure inside it; ttfb is what the client saw)\n")
     print(f"{'app':20} " + " ".join(f"{c:>13}" for c in cols))
     for name, rows in results.items():
         rows = rows[2:] or rows
         med = {c: statistics.median(r.get(c, 0) for r in rows) for c in cols}
-        print(f"{name:20} " + " ".join(f"{med[c]:13.1f}" if c != "pages" else f"{med[c]:13.0f}" for c in cols))
+        print(f"{name:20} " + " ".join(f"{med[c]:13.0f}" if c in ("pages", "mapped") else f"{med[c]:13.1f}"
+                                       for c in cols))
 
 
 def main() -> None:
@@ -240,6 +258,10 @@ def main() -> None:
     ap.add_argument("--apps", default=",".join(APPS))
     ap.add_argument("--userns", default="private",
                     help="with --breakdown: private, host, or both (private,host) side by side")
+    ap.add_argument("--restore-memory", default="copy",
+                    help="with --breakdown: copy, map, or both (copy,map) side by side, alternated run by run")
+    ap.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
+                    help="with --breakdown: keep each restore's CRIU log (timestamped lines) in DIR")
     ap.add_argument("--jvm", action="append", default=[], metavar="NAME=FLAGS",
                     help="with --breakdown: also the demo Tomcat with FLAGS added to its JAVA_OPTS, as app "
                          "tomcat_NAME (repeatable), e.g. --jvm 'xmn=-Xmn2m'")
@@ -251,7 +273,7 @@ def main() -> None:
         APPS[f"tomcat_{name}"] = APPS["tomcat"] | {"environment": env}
         apps.append(f"tomcat_{name}")
     if args.breakdown:
-        breakdown(max(3, args.runs), apps, args.userns.split(","))
+        breakdown(max(3, args.runs), apps, args.userns.split(","), args.restore_memory.split(","), args.keep_logs)
         return
     results = {"activator (restore)": bench_activator(args.runs), "docker run": bench_docker(args.runs),
                "runc run": bench_runc(args.runs)}

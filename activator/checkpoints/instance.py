@@ -158,6 +158,7 @@ class InstanceLauncher:
         sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress,
                      checkpoint.idmap, service=self.config.name)
         sb.mergeable = self.ksm is not None  # before prepare: a direct restore's CRIU is started then
+        sb.map_memory = self.config.restore_memory == "map"
         return sb
 
     async def _prepare_for(self, sb: Sandbox, checkpoint: Checkpoint) -> None:

@@ -47,6 +47,7 @@ NETWORKS = ("bridge", "none")
 PROXY_PROTOCOLS = ("v1", "v2")
 WAKE_ON = ("data", "connect")
 REFUSALS = ("close", "http-503")
+RESTORE_MEMORY = ("copy", "map")
 USERNS = ("private", "host")
 #: capabilities over the network namespace, which a user namespace of the instance does not own
 NETWORK_CAPS = frozenset({"NET_RAW", "NET_ADMIN"})
@@ -139,6 +140,13 @@ class ServiceConfig:
         doc="let the kernel merge identical pages of this service's instances (KSM): much less memory per extra "
             "instance, at some CPU; a side channel between everything merged, so auto means: only when this is "
             "the file's only service")
+    restore_memory: str = key(
+        Text(choices=RESTORE_MEMORY), "copy",
+        doc="copy: a restore reads the checkpoint's memory into each instance; map: long runs of the app's private "
+            "memory are mapped copy-on-write from the checkpoint's page files, so a restore copies nothing and pages "
+            "no instance writes are one copy shared by all of them, but memory the app discards with "
+            "MADV_DONTNEED reads back the checkpoint's bytes instead of zeros (docs/restore-memory.md says which apps "
+            "that breaks)")
     stateful: bool | str = key(
         AutoFlag(), "auto",
         doc="the app keeps what is in its volumes in memory (a database): one instance at a time, and its "

@@ -73,6 +73,7 @@ EXAMPLES: dict[str, str] = {
     "depends_on": "[db]",
     "volumes": '["data:/var/lib/app", "/srv/site:/usr/share/html:ro"]',
     "share_memory": "true",
+    "restore_memory": "map",
     "stateful": "true",
     "readiness": "{http_path: /health, timeout: 2m}",
     "readiness.timeout": "2m",

@@ -78,9 +78,15 @@ def dump_config(external: dict[str, str]) -> str:
                                  for key, point in sorted(external.items()))
 
 
-def restore_config(paths: dict[str, Path]) -> str:
-    """For one instance: where its external mounts are on the host."""
-    return CRIU_CONFIG + "".join(f"external mnt[{_key(key)}]:{_path(path)}\n" for key, path in sorted(paths.items()))
+#: restore_memory: map (scripts/criu-patches/0003): long runs of private anonymous memory are mapped copy-on-write
+#: from the checkpoint's pages images instead of read into fresh memory
+MAP_MEMORY = "mmap-page-image\n"
+
+
+def restore_config(paths: dict[str, Path], map_memory: bool = False) -> str:
+    """For one instance: where its external mounts are on the host, and whether its memory is mapped."""
+    return CRIU_CONFIG + (MAP_MEMORY if map_memory else "") + \
+        "".join(f"external mnt[{_key(key)}]:{_path(path)}\n" for key, path in sorted(paths.items()))
 
 
 class Runc:

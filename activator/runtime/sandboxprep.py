@@ -97,16 +97,16 @@ def prepare(
     criu_config = sb.runc.criu_config
     if template:
         criu_config = sb.runc.criu_dump_config
-    elif restore is not None and restore.external:
+    elif restore is not None and (restore.external or sb.map_memory):
         paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external,
-                                  sb.idmap.host if sb.idmap is not None else None)
+                                  sb.idmap.host if sb.idmap is not None else None) if restore.external else {}
         direct = cgroups.direct()
         if direct:  # volumes too: runc would map them itself, CRIU alone is told (dumped keyed by target)
             paths |= {b.target: b.host for b in binds}
             if sysfs is not None:  # the same: a bind in the spec
                 paths["/sys"] = sysfs
         criu_config = lay.dir / "criu.conf"
-        write_private(criu_config, restore_config(paths))
+        write_private(criu_config, restore_config(paths, sb.map_memory))
         if direct:  # restored through CRIU directly: its cgroups are ours to make
             try:
                 procs = cgroups.create(sb.name, resources.memory, resources.cpus, resources.pids)

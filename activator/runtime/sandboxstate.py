@@ -74,6 +74,7 @@ class SandboxState:
         self.egress = egress
         self.attachment: Attachment | None = None
         self.mergeable = False  # KSM may merge the app's memory with its siblings' (ksm.py)
+        self.map_memory = False  # restored by mapping its checkpoint's pages (restore_memory: map)
         # Prepared ahead, waiting for a restore: marked by a `slot` file from the moment its directory exists,
         # so the tests' leak checks (and an operator) tell slots from leftovers.
         self.slot = False
