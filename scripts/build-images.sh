@@ -26,9 +26,10 @@ ECHO_SRC="$(dirname "${BASH_SOURCE[0]}")/images/echo-server.c"
 PROBE_SRC="$(dirname "${BASH_SOURCE[0]}")/images/sandbox-probe.sh"
 NETPROBE_SRC="$(dirname "${BASH_SOURCE[0]}")/images/netprobe.c"
 ATTACKER_SRC="$(dirname "${BASH_SOURCE[0]}")/images/attacker.c"
+MEMCHECK_SRC="$(dirname "${BASH_SOURCE[0]}")/images/memcheck.c"
 
 build_busybox() {
-    local source; source="test-apps-$(cat "$ECHO_SRC" "$PROBE_SRC" "$NETPROBE_SRC" "$ATTACKER_SRC" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
+    local source; source="test-apps-$(cat "$ECHO_SRC" "$PROBE_SRC" "$NETPROBE_SRC" "$ATTACKER_SRC" "$MEMCHECK_SRC" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
     have "$BUSYBOX_IMAGE" "$source" && return 0
     local r; r=$(mktemp -d)
     mkdir -p "$r"/{bin,etc,www/cgi-bin,tmp,proc,sys,dev,root}
@@ -41,6 +42,12 @@ build_busybox() {
         die "compiling netprobe failed (needs gcc and libc6-dev)"
     gcc -O2 -static -pthread -o "$r/bin/attacker" "$ATTACKER_SRC" 2>/dev/null ||
         die "compiling attacker failed (needs gcc and libc6-dev)"
+    # memcheck (restore_memory's correctness app) and its jemalloc twin, linked with Debian's static jemalloc so
+    # that the purge logic under test is jemalloc's own, not an imitation of it.
+    gcc -O2 -static -pthread -o "$r/bin/memcheck" "$MEMCHECK_SRC" ||
+        die "compiling memcheck failed (needs gcc and libc6-dev)"
+    gcc -O2 -static -pthread -DJEMALLOC -o "$r/bin/memcheck-je" "$MEMCHECK_SRC" -l:libjemalloc.a -lm ||
+        die "compiling memcheck-je failed (needs libjemalloc-dev: apt-get install libjemalloc-dev, or make setup)"
     chroot "$r" /bin/busybox --install -s /bin
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$r/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$r/etc/group"

@@ -55,8 +55,8 @@ export DEBIAN_FRONTEND=noninteractive
 # GNU tar --zstd), skopeo (checkpoints to and from a registry), python3-venv (its venv).
 RUNTIME_PKGS=(iproute2 nftables libnftables1 iptables util-linux procps zstd skopeo ca-certificates python3-venv)
 # A checkout: the test and demo images are built here (debootstrap, busybox-static, gcc/libc6-dev for the static
-# helpers), and the dev venv may compile a wheel.
-CHECKOUT_PKGS=(debootstrap busybox-static make gcc libc6-dev pkgconf git xz-utils python3-dev)
+# helpers, libjemalloc-dev for memcheck-je), and the dev venv may compile a wheel.
+CHECKOUT_PKGS=(debootstrap busybox-static make gcc libc6-dev libjemalloc-dev pkgconf git xz-utils python3-dev)
 # The tests' and benchmarks' real clients, servers and proxies, never installed by `make install`.
 # systemd: systemd-socket-activate and systemd-analyze for the tests, systemd-socket-proxyd for the benchmarks;
 # conntrack: the tests' leak checks; redis-tools, iperf3, wrk: real clients for the warm-path benchmark;
