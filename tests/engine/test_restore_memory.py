@@ -1,0 +1,134 @@
+"""restore_memory: copy against map (scripts/criu-patches/0003), proved on a real restore of scripts/images/memcheck.c:
+every check runs on memory that was dumped, and each gives what docs/restore-memory.md says it gives. Under copy
+everything behaves as anonymous memory; under map, memory the app discards and reuses shows the kernel's
+file-mapping semantics where the patch mapped it, and nothing else changes. Instances of one checkpoint never see
+each other's writes, and no write reaches the pages images."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BUSYBOX
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
+
+MEMCHECK = {"image": BUSYBOX, "command": ["memcheck", "9000"], "port": 9000}
+
+#: check -> (verdict under copy, verdict under map): the table docs/restore-memory.md documents. PASS is anonymous
+#: memory's behaviour, DIFF the kernel's private-file-mapping behaviour on dumped memory (memcheck.c says, per check,
+#: exactly what each means).
+EXPECTED = {
+    "dontneed_zero": ("PASS", "DIFF"),        # MADV_DONTNEED refills the dump's bytes from pages-N.img
+    "madv_free": ("PASS", "DIFF"),            # EINVAL: MADV_FREE is for anonymous VMAs only
+    "calloc_after_trim": ("PASS", "PASS"),    # glibc clears every chunk that is not fresh from the kernel
+    "jemalloc_purge_calloc": ("PASS", "DIFF"),  # jemalloc marks a DONTNEED'd extent zeroed: Redis's hazard
+    "mremap_grow": ("PASS", "DIFF"),          # growth maps the image's next bytes; a holey range spans VMAs
+    "realloc_mmapped": ("PASS", "PASS"),      # glibc's mremap of a chunk keeps the bytes; the tail is not judged
+    "fork_cow": ("PASS", "PASS"),
+    "mprotect": ("PASS", "PASS"),
+    "checksum": ("PASS", "PASS"),
+    "locked": ("PASS", "PASS"),               # locked VMAs are left to copying
+}
+#: the checks whose region the map path must have mapped (vma=file in their line): without that, a PASS under map
+#: would prove nothing
+MAPPED = ("dontneed_zero", "madv_free", "calloc_after_trim", "jemalloc_purge_calloc", "mremap_grow", "realloc_mmapped",
+          "fork_cow", "mprotect", "checksum")
+
+
+async def session(port: int, *commands: str) -> list[str]:
+    """Send the commands on one connection, half-close, read every answer line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write("".join(f"{c}\n" for c in commands).encode())
+    writer.write_eof()
+    data = await asyncio.wait_for(reader.read(), 60)
+    writer.close()
+    return data.decode().splitlines()
+
+
+def verdicts(lines: list[str]) -> dict[str, tuple[str, str]]:
+    """name -> (verdict, the rest of its line)."""
+    got = {}
+    for line in lines:
+        name, verdict, *rest = [*line.split(" ", 2), ""]
+        if verdict in ("PASS", "FAIL", "DIFF", "INFO"):
+            got[name] = (verdict, rest[0])
+    return got
+
+
+def mapped_pages(inst: Any) -> int:
+    """Patch 0003's own count, summed over the restored tasks: the positive control that mapping happened."""
+    log = (inst.sandbox.layout.criu_work / "restore.log").read_text()
+    return sum(int(m) for m in re.findall(r"nr_mapped_pages:\s+(\d+)", log))
+
+
+def image_digests(images: Path) -> dict[str, str]:
+    pages = sorted(images.glob("pages-*.img"))
+    assert pages, f"no pages images in {images}"
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in pages}
+
+
+async def test_each_check_gives_the_documented_result_under_copy_and_under_map(start) -> None:  # type: ignore[no-untyped-def]
+    run = await start({"copy": MEMCHECK | {"restore_memory": "copy"}, "map": MEMCHECK | {"restore_memory": "map"}})
+    results = {}
+    for mode in ("copy", "map"):
+        lines = await session(run.port(mode), "check")
+        assert lines[-1] == "END", lines
+        results[mode] = verdicts(lines)
+        (inst,) = run.act.services[mode].instances
+        results[mode]["nr_mapped_pages"] = (str(mapped_pages(inst)), "")
+    table = "\n".join(f"{n:24} {results['copy'].get(n, ('-',))[0]:5} {results['map'].get(n, ('-',))[0]:5}"
+                      for n in EXPECTED)
+    said = "\n".join(f"{mode}: {n} {v} {d}" for mode in results for n, (v, d) in results[mode].items())
+    print(f"\ncheck                    copy  map\n{table}\n{said}")
+
+    assert results["copy"]["nr_mapped_pages"][0] == "0", "copy must map nothing"
+    assert int(results["map"]["nr_mapped_pages"][0]) > 0, "map mapped nothing: its results would prove nothing"
+    for name, (copy, mapped) in EXPECTED.items():
+        assert results["copy"][name][0] == copy, f"copy: {name}: {results['copy'][name]}"
+        assert results["map"][name][0] == mapped, f"map: {name}: {results['map'][name]}"
+        assert "vma=file" not in results["copy"][name][1] and "vma=mixed" not in results["copy"][name][1]
+    for name in MAPPED:
+        line = results["map"][name]
+        assert re.search(r"vma=(file|mixed)", line[1]), f"map did not map {name}: {line}"
+    # What stays copied under map: locked memory, and the MADV_WIPEONFORK / MADV_DONTFORK regions
+    assert "vma=anon" in results["map"]["locked"][1]
+    assert "wipe_vma=anon dontfork_vma=anon" in results["map"]["fork_cow"][1]
+    # The visible change (issue 33, criu#1711): the maps name the images
+    assert "pages_lines=0" in results["copy"]["visible"][1]
+    assert not re.search(r"pages_lines=0\b", results["map"]["visible"][1])
+
+
+async def test_instances_of_one_mapped_checkpoint_never_see_each_others_writes(start) -> None:  # type: ignore[no-untyped-def]
+    # network: none puts each connection on the userspace path, placed by the activator (least loaded), so the
+    # second connection is sure to get the second instance; the kernel path would leave it to DNAT
+    run = await start({"map": MEMCHECK | {"restore_memory": "map", "max_instances": 2, "target_connections": 1,
+                                          "network": "none"}})
+    svc = run.act.services["map"]
+    port = run.port("map")
+    # A holds its connection, so the next one gets an instance of its own (target_connections: 1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"peek\npoke\npeek\n")
+    await writer.drain()
+    a_said = [(await asyncio.wait_for(reader.readline(), 60)).decode().strip() for _ in range(3)]
+    assert a_said == ["dump", "poked", "poked"]  # positive control: A's write is there for A
+    (a,) = svc.instances
+    images = a.checkpoint.images
+    before = image_digests(images)
+    try:
+        b_said = await session(port, "peek", "check")
+        assert len(svc.instances) == 2
+        b = next(i for i in svc.instances if i.name != a.name)
+        assert b.checkpoint.images == images, "both instances must come from the one checkpoint"
+        assert mapped_pages(a) > 0 and mapped_pages(b) > 0
+    finally:
+        writer.close()
+    assert b_said[0] == "dump", f"B saw A's write: {b_said[0]}"
+    b_checks = verdicts(b_said)
+    assert b_checks["checksum"][0] == "PASS" and "vma=" in b_checks["checksum"][1], b_checks["checksum"]
+    assert image_digests(images) == before, "a write reached the pages images"
