@@ -175,8 +175,18 @@ def mapped_pages(log: Path) -> int:
                if "nr_mapped_pages:" in line)
 
 
+async def one_request(port: int) -> float:
+    """One whole request on a new connection to the service (the instance is running): seconds."""
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(REQUEST)
+    await reader.read()
+    writer.close()
+    return time.monotonic() - t0
+
+
 def breakdown(runs: int, apps: list[str], userns: list[str], memory: list[str],
-              keep_logs: Path | None = None) -> None:
+              keep_logs: Path | None = None, first: int = 0) -> None:
     """In-process restores, phase by phase (medians over the runs after the first two), for each `userns`
     setting asked for (private: the default, the app in a user namespace of its own; host: none) and each
     `restore_memory` (copy, map), the variants alternated run by run so a noisy spell hits them alike."""
@@ -217,9 +227,14 @@ def breakdown(runs: int, apps: list[str], userns: list[str], memory: list[str],
                     writer.write(REQUEST)
                     await reader.read(1)
                     ttfb = time.monotonic() - t0
+                    await reader.read()
                     writer.close()
                     inst = svc.instances[0]
+                    after = [await one_request(socks[name].getsockname()[1]) for _ in range(first)]
                     row = {k: v * 1000 for k, v in inst.phases.as_dict().items()} | {"ttfb": ttfb * 1000}
+                    if after:
+                        row |= {f"next{first} p50": statistics.median(after) * 1000,
+                                f"next{first} p99": sorted(after)[max(0, int(len(after) * 0.99) - 1)] * 1000}
                     stats = inst.sandbox.layout.criu_work / "stats-restore"
                     if stats.exists():
                         st = _load_img(stats)["entries"][0]["restore"]
@@ -240,6 +255,8 @@ def breakdown(runs: int, apps: list[str], userns: list[str], memory: list[str],
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
         results = r.run(run())
     cols = ["prepare", "restore", "criu restore", "ttfb", "pages", "mapped"]
+    if first:
+        cols += [f"next{first} p50", f"next{first} p99"]
     print(f"\nWhere a restore's time goes, ms (median of {max(1, runs - 2)}; 'restore' is the whole restore call,\n"
           "'criu restore' CRIU's own figure inside it; ttfb is what the client saw)\n")
     print(f"{'app':20} " + " ".join(f"{c:>13}" for c in cols))
@@ -260,6 +277,10 @@ def main() -> None:
                     help="with --breakdown: private, host, or both (private,host) side by side")
     ap.add_argument("--restore-memory", default="copy",
                     help="with --breakdown: copy, map, or both (copy,map) side by side, alternated run by run")
+    ap.add_argument("--first", type=int, default=0, metavar="N",
+                    help="with --breakdown: after the first byte, N more requests one by one (new connections) "
+                         "to the restored instance: their p50 and p99 (where a restore's deferred costs, such as "
+                         "copy-on-write faults of mapped memory, show)")
     ap.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
                     help="with --breakdown: keep each restore's CRIU log (timestamped lines) in DIR")
     ap.add_argument("--jvm", action="append", default=[], metavar="NAME=FLAGS",
@@ -273,7 +294,8 @@ def main() -> None:
         APPS[f"tomcat_{name}"] = APPS["tomcat"] | {"environment": env}
         apps.append(f"tomcat_{name}")
     if args.breakdown:
-        breakdown(max(3, args.runs), apps, args.userns.split(","), args.restore_memory.split(","), args.keep_logs)
+        breakdown(max(3, args.runs), apps, args.userns.split(","), args.restore_memory.split(","), args.keep_logs,
+                  min(args.first, 10_000))
         return
     results = {"activator (restore)": bench_activator(args.runs), "docker run": bench_docker(args.runs),
                "runc run": bench_runc(args.runs)}
