@@ -110,6 +110,19 @@ static const char *vma_kind(const void *p, size_t len) {
     return file && anon ? "mixed" : file ? "file" : anon ? "anon" : "none";
 }
 
+/* Two kinds seen over parts of one set of memory, as one. */
+__attribute__((unused)) static const char *vma_join(const char *a, const char *b) {
+    if (!a || !strcmp(a, b)) return b;
+    return "mixed";
+}
+
+/* The kind over the whole span of a set of blocks (a heap's, from the lowest to the highest). */
+__attribute__((unused)) static const char *vma_span(unsigned char **blocks, int n, size_t len) {
+    unsigned char *lo = blocks[0], *hi = blocks[0];
+    for (int i = 1; i < n; i++) { if (blocks[i] < lo) lo = blocks[i]; if (blocks[i] > hi) hi = blocks[i]; }
+    return vma_kind(lo, (size_t)(hi - lo) + len);
+}
+
 static int conn = -1;
 
 static void say(const char *fmt, ...) {
@@ -139,7 +152,8 @@ static void je_setup(void) {
 }
 
 static void je_check(void) {
-    const char *vma = vma_kind(je[0], JE_SIZE);
+    const char *vma = NULL;  /* over every extent: a restore may have mapped some and read others */
+    for (int i = 0; i < JE_N; i++) vma = vma_join(vma, vma_kind(je[i], JE_SIZE));
     unsigned char *old[JE_N];
     for (int i = 0; i < JE_N; i++) { old[i] = je[i]; dallocx(je[i], 0); }
     char name[64];
@@ -257,11 +271,10 @@ static void *arena_thread(void *arg) {
     for (int i = 0; i < MAIN_N; i++) { blocks[i] = malloc(1024); memset(blocks[i], 0x77, 1024); }
     void *pin = malloc(1024);
     char vma[16];
-    snprintf(vma, sizeof vma, "%s", vma_kind(blocks[0], 1024));  /* read after the restore, below */
     char c;
     if (write(pipe_from_thread[1], "r", 1) != 1) return pin;
     while (read(pipe_to_thread[0], &c, 1) == 1) {
-        snprintf(vma, sizeof vma, "%s", vma_kind(blocks[MAIN_N / 2], 1024));
+        snprintf(vma, sizeof vma, "%s", vma_span(blocks, MAIN_N, 1024));
         struct zeros z = calloc_after_trim(blocks);
         char out[128];
         int n = snprintf(out, sizeof out, "thread: zero=%d dump=%d other=%d vma=%s", z.zero, z.dump, z.other, vma);
@@ -271,7 +284,7 @@ static void *arena_thread(void *arg) {
 }
 
 static void check_calloc(void) {
-    const char *vma = vma_kind(main_blocks[MAIN_N / 2], 1024);
+    const char *vma = vma_span(main_blocks, MAIN_N, 1024);
     struct zeros m = calloc_after_trim(main_blocks);
     char thread[128] = "thread: no answer";
     if (write(pipe_to_thread[1], "c", 1) == 1) {

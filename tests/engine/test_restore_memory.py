@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,37 @@ async def test_instances_of_one_mapped_checkpoint_never_see_each_others_writes(s
     b_checks = verdicts(b_said)
     assert b_checks["checksum"][0] == "PASS" and "vma=" in b_checks["checksum"][1], b_checks["checksum"]
     assert image_digests(images) == before, "a write reached the pages images"
+
+
+def refault(tmp_path: Path) -> dict[str, str]:
+    """runc and CRIU as they are, but with CRIU_FAULT=139 (patch 0003's FI_MMAP_PAGE_IMAGE: every second map fails
+    and that run is read instead). The wrapper's variable wins over the 130 activator sets (one fault at a time:
+    the restore then uses breakpoints, which is slower and changes no memory)."""
+    tools = {}
+    for tool in ("runc", "criu"):
+        wrapper = tmp_path / f"{tool}-fault139"
+        wrapper.write_text(f"#!/bin/sh\nCRIU_FAULT=139 exec {shutil.which(tool)} \"$@\"\n")
+        wrapper.chmod(0o755)
+        tools[tool] = str(wrapper)
+    return tools
+
+
+async def test_a_run_whose_map_failed_is_read_and_behaves_as_copied(start, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run = await start({"map": MEMCHECK | {"restore_memory": "map"}}, **refault(tmp_path))
+    lines = await session(run.port("map"), "check")
+    assert lines[-1] == "END", lines
+    got = verdicts(lines)
+    (inst,) = run.act.services["map"].instances
+    log = (inst.sandbox.layout.criu_work / "restore.log").read_text()
+    fell_back = [int(n) for n in re.findall(r"mmap-page-image: \d+ pages mapped, (\d+) pages read after a failed", log)]
+    assert mapped_pages(inst) > 0 and sum(fell_back) > 0, "the fault must leave some runs mapped and some read"
+    kinds = set()
+    for name, (copy, mapped) in EXPECTED.items():
+        verdict, detail = got[name]
+        kind = re.search(r"\bvma=(\w+)", detail)
+        assert kind, got[name]
+        kinds.add(kind[1])
+        # a region wholly read behaves as copied, one wholly mapped as mapped; a mixed one may show either
+        allowed = {"anon": {copy}, "file": {mapped}}.get(kind[1], {copy, mapped})
+        assert verdict in allowed, f"{name}: {verdict} with vma={kind[1]}: {detail}"
+    assert {"anon", "file"} <= kinds or "mixed" in kinds, f"the fault changed nothing the checks can see: {kinds}"
