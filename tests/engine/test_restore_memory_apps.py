@@ -172,20 +172,25 @@ async def read_back(r: Redis, db: int, keys: list[bytes]) -> dict[bytes, Any]:
     return got
 
 
-async def churn_and_check(port: int) -> dict[str, Any]:
+async def churn_and_check(port: int, steps: list[str] | None = None) -> dict[str, Any]:
     """The same bounded sequence for every mode: throw away what the template had in db 1 (its dict's bucket
     arrays and 200 large values), purge jemalloc's freed extents, fill db 1 again (new callocs of bucket arrays,
     new large values), then everything read back. What Redis said, for the caller to hold against
-    expected_dataset()."""
+    expected_dataset(). Each step is named in `steps` before it runs (what was under way when Redis failed)."""
+    steps = [] if steps is None else steps
     r = await Redis.connect(port)
     try:
         await r.call("SELECT", 1)
         assert await r.call("DBSIZE") == CHURN + BIG  # the template's data is there to start with
         assert await r.call("GET", "big:7") == populated("big", 7, BIG_SIZE)
+        steps.append("FLUSHDB")
         await r.call("FLUSHDB")  # synchronous in Redis 7 unless ASYNC: frees the table and every value now
+        steps.append("MEMORY PURGE")
         await r.call("MEMORY", "PURGE")  # jemalloc's arena.<all>.purge: decay would do it ~10 s later
+        steps.append("DEBUG POPULATE (after the purge)")
         await r.call("DEBUG", "POPULATE", CHURN, "fresh", CHURN_SIZE)  # the dict grows: calloc'd bucket arrays
         for round_ in (1, 2):
+            steps.append(f"round {round_} of large values set, deleted, purged")
             await r.pipeline([("SET", f"big{round_}:{i}", big_value(i, round_)) for i in range(BIG)])
             await r.pipeline([("DEL", f"big{round_}:{i}") for i in range(1, BIG, 2)])
             if round_ == 1:
@@ -194,6 +199,7 @@ async def churn_and_check(port: int) -> dict[str, Any]:
         r.close()
         # A real client too, into db 0 next to the kept keys; each run bounded by -n (its own values: with -t it
         # sends random bytes, which no oracle can know).
+        steps.append("redis-benchmark")
         for cmd in (["SET", "bench:k", BENCH_VALUE], ["GET", "bench:k"], ["SET", "bench:gone", BENCH_VALUE],
                     ["DEL", "bench:gone"]):
             bench = await asyncio.to_thread(
@@ -201,6 +207,7 @@ async def churn_and_check(port: int) -> dict[str, Any]:
                 capture_output=True, text=True, timeout=120)
             assert bench.returncode == 0, bench.stderr
         r = await Redis.connect(port)
+        steps.append("reading everything back")
         want = expected_dataset()
         reads = {db: await read_back(r, db, list(keys)) for db, keys in want.items()}
         sizes = {}
@@ -255,14 +262,16 @@ async def outcome_under_map(run: Running, service: str) -> tuple[int, list[str]]
     mapped = mapped_pages(run, service)
     (inst,) = run.act.services[service].instances
     output = inst.sandbox.layout.output
+    steps: list[str] = []
     try:
-        said = await churn_and_check(run.port(service))
+        said = await churn_and_check(run.port(service), steps)
     except (ConnectionError, asyncio.IncompleteReadError, RespError) as e:
         try:  # Redis's own crash report, if its instance's directory is still there
             said_last = [ln for ln in output.read_text(errors="replace").splitlines() if "crashed" in ln][:1]
         except OSError:
             said_last = []
-        return mapped, [f"Redis failed mid-sequence: {type(e).__name__}: {e}", *said_last]
+        return mapped, [f"Redis failed during {steps[-1] if steps else 'its first commands'}: "
+                        f"{type(e).__name__}: {e}", *said_last]
     return mapped, differences(said)
 
 
