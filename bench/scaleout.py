@@ -8,8 +8,12 @@
                each at the same moment; the instances are reaped and it is repeated. Reports time to first
                byte p50/p95/p99/max over all of them.
 
+Each is run for every `--restore-memory` (copy: each instance reads the checkpoint's pages into memory of its own;
+map: they map them copy-on-write, so pages no instance writes are one page-cache copy) and, for Tomcat, every
+`--share` (KSM on or off), one variant after the other in the same run.
+
 Loopback only; every loop is bounded. Run as root after `make setup images`:
-    .venv/bin/python bench/scaleout.py [--rounds 5] [--skip-tomcat]
+    .venv/bin/python bench/scaleout.py [--rounds 5] [--skip-tomcat] [--restore-memory copy,map] [--share on,off]
 Prints tables and writes docs/scaleout.json and docs/scaleout.png.
 """
 
@@ -55,15 +59,17 @@ def mem_available() -> int:
     raise RuntimeError("no MemAvailable")
 
 
-def own_memory(name: str) -> tuple[int, int]:
-    """(USS, PSS) in bytes of an instance's processes, from smaps_rollup: USS (private pages) is what one more
-    instance costs once sharing has done its work (KSM-merged and page-cache pages are shared, so not in it)."""
+def own_memory(name: str) -> tuple[int, int, int]:
+    """(USS, PSS, anonymous) in bytes of an instance's processes, from smaps_rollup: USS (private pages) is what
+    one more instance costs once sharing has done its work (KSM-merged pages and page-cache pages that other
+    instances map too are shared, so not in it); anonymous is the memory it wrote (a mapped restore's
+    copy-on-write copies), which no other instance can ever share without KSM."""
     procs = ""
     for f in ("/sys/fs/cgroup/memory/activator/{}/cgroup.procs", "/sys/fs/cgroup/activator/{}/cgroup.procs"):
         with contextlib.suppress(OSError):
             procs = Path(f.format(name)).read_text()
             break
-    uss = pss = 0
+    uss = pss = anon = 0
     for pid in procs.split():
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -72,7 +78,9 @@ def own_memory(name: str) -> tuple[int, int]:
                     uss += int(rest.split()[0]) * 1024
                 elif key == "Pss":
                     pss += int(rest.split()[0]) * 1024
-    return uss, pss
+                elif key == "Anonymous":
+                    anon += int(rest.split()[0]) * 1024
+    return uss, pss, anon
 
 
 async def started(services: dict[str, Any], **settings: Any) -> Activator:
@@ -166,9 +174,9 @@ async def settle_ksm(limit: float = 90.0) -> float:
     return time.monotonic() - t0
 
 
-async def bench_tomcat(n: int, share: bool) -> dict[str, Any]:
+async def bench_tomcat(n: int, share: bool, memory: str) -> dict[str, Any]:
     act = await started({"tomcat": TOMCAT | {"max_instances": n, "target_connections": 1, "idle_timeout": "10m",
-                                             "share_memory": share}})
+                                             "share_memory": share, "restore_memory": memory}})
     try:
         svc = act.services["tomcat"]
         ck = svc.checkpoint
@@ -190,10 +198,12 @@ async def bench_tomcat(n: int, share: bool) -> dict[str, Any]:
 
         out = {
             "instances": len(svc.instances), "all_served_s": all_served, "share_memory": share,
+            "restore_memory": memory,
             "per_client_s": sorted(r[0] for r in results),
             "restore_s": sorted(i.start_seconds for i in svc.instances),
             "host_memory_bytes": used_host, "cgroup_memory_bytes": sum(charged),
-            "uss_bytes": sorted(u for u, _ in own), "pss_bytes": sorted(p for _, p in own),
+            "uss_bytes": sorted(u for u, _, _ in own), "pss_bytes": sorted(p for _, p, _ in own),
+            "anon_bytes": sorted(a for _, _, a in own),
             "checkpoint_pages_bytes": ck.pages_bytes, "settle_s": waited,
             "ksmd_cpu_s": ksmd_cpu() - cpu0, "ksm": ksm.stats(),
         }
@@ -209,9 +219,9 @@ async def bench_tomcat(n: int, share: bool) -> dict[str, Any]:
         await act.shutdown()
 
 
-async def bench_many(n: int, rounds: int) -> dict[str, Any]:
-    names = [f"hello{i:02d}" for i in range(n)]
-    act = await started({name: HELLO | {"idle_timeout": "300ms"} for name in names})
+async def bench_many(n: int, rounds: int, memory: str) -> dict[str, Any]:
+    names = [f"hello{i:02d}{memory}" for i in range(n)]
+    act = await started({name: HELLO | {"idle_timeout": "300ms", "restore_memory": memory} for name in names})
     try:
         samples: list[float] = []
         cpu = 0.0
@@ -220,7 +230,8 @@ async def bench_many(n: int, rounds: int) -> dict[str, Any]:
             before = _cpu_seconds()
             samples += await asyncio.gather(*(first_byte(port_of(act, name)) for name in names))
             cpu += _cpu_seconds() - before
-        return {"services": n, "rounds": rounds, "ttfb_s": sorted(samples), "cpu_per_restore_s": cpu / n / rounds}
+        return {"services": n, "rounds": rounds, "ttfb_s": sorted(samples), "cpu_per_restore_s": cpu / n / rounds,
+                "restore_memory": memory}
     finally:
         await act.shutdown()
 
@@ -236,45 +247,56 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-tomcat", action="store_true")
     ap.add_argument("--skip-many", action="store_true")
+    ap.add_argument("--restore-memory", default="copy,map", help="copy, map, or both (copy,map)")
+    ap.add_argument("--share", default="on,off", help="Tomcat with KSM on, off, or both (on,off)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "scaleout.json"))
     args = ap.parse_args()
     import uvloop
 
+    memories = args.restore_memory.split(",")
+    shares = [{"on": True, "off": False}[x] for x in args.share.split(",")]
     results: dict[str, Any] = {}
     if not args.skip_tomcat:
-        for share in (True, False):
-            t = results["tomcat-shared" if share else "tomcat"] = uvloop.run(bench_tomcat(args.instances, share))
-            ms = [x * 1000 for x in t["restore_s"]]
-            print(f"\nTomcat: {t['instances']} instances from one checkpoint, restored in parallel on {_cpus()} CPUs, "
-                  f"share_memory {'on' if share else 'off'}")
-            print(f"  all {args.instances} served (HTTP 200) after   {t['all_served_s'] * 1000:8.0f} ms")
-            print(f"  per-instance restore, median / max     {statistics.median(ms):8.0f} / {max(ms):.0f} ms")
-            pages = t["checkpoint_pages_bytes"]
-            per = t["host_memory_bytes"] / t["instances"]
-            print(f"  host memory used (MemAvailable drop)   {t['host_memory_bytes'] / 2**20:8.0f} MiB "
-                  f"({per / 2**20:.0f} MiB per instance, {per / pages:.0%} of the checkpoint's pages)")
-            print(f"  instances' memory cgroups, sum         {t['cgroup_memory_bytes'] / 2**20:8.0f} MiB")
-            print(f"  checkpoint pages (read by each)        {pages / 2**20:8.0f} MiB")
-            if t.get("uss_bytes"):
-                print(f"  per instance, its own pages (USS)      {statistics.median(t['uss_bytes']) / 2**20:8.1f} MiB "
-                      f"median (PSS {statistics.median(t['pss_bytes']) / 2**20:.1f} MiB; smaps_rollup)")
-            if share:
-                print(f"  ksmd: merged within {t['settle_s']:.0f} s using {t['ksmd_cpu_s']:.1f} s of CPU; "
-                      f"then {t.get('ksmd_idle_cpu_share', 0):.1%} of a CPU at the slow pace")
-    if args.skip_many:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        return
-    m = results["many"] = uvloop.run(bench_many(args.services, args.rounds))
-    ms = [x * 1000 for x in m["ttfb_s"]]
-    print(f"\n{m['services']} different small services restored at once, {m['rounds']} rounds "
-          f"({len(ms)} first connections), time to first byte in ms")
-    print(f"  {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
-    print(f"  {pct(ms, 50):8.0f} {pct(ms, 95):8.0f} {pct(ms, 99):8.0f} {max(ms):8.0f}")
-    print(f"  CPU per restore (activator + runc + CRIU): {m['cpu_per_restore_s'] * 1000:.0f} ms "
-          f"on {_cpus()} CPUs: {m['services']} at once cannot finish before "
-          f"~{m['cpu_per_restore_s'] * m['services'] / _cpus() * 1000:.0f} ms")
+        for memory in memories:
+            for share in shares:
+                key = f"tomcat-{memory}" + ("-shared" if share else "")
+                t = results[key] = uvloop.run(bench_tomcat(args.instances, share, memory))
+                _print_tomcat(t, args.instances)
+    if not args.skip_many:
+        for memory in memories:
+            m = results[f"many-{memory}"] = uvloop.run(bench_many(args.services, args.rounds, memory))
+            ms = [x * 1000 for x in m["ttfb_s"]]
+            print(f"\n{m['services']} different small services restored at once, {m['rounds']} rounds "
+                  f"({len(ms)} first connections), restore_memory {memory}, time to first byte in ms")
+            print(f"  {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}")
+            print(f"  {pct(ms, 50):8.0f} {pct(ms, 95):8.0f} {pct(ms, 99):8.0f} {max(ms):8.0f}")
+            print(f"  CPU per restore (activator + runc + CRIU): {m['cpu_per_restore_s'] * 1000:.0f} ms "
+                  f"on {_cpus()} CPUs: {m['services']} at once cannot finish before "
+                  f"~{m['cpu_per_restore_s'] * m['services'] / _cpus() * 1000:.0f} ms")
     Path(args.out).write_text(json.dumps(results, indent=1))
     _chart(results, Path(args.out).with_suffix(".png"))
+
+
+def _print_tomcat(t: dict[str, Any], n: int) -> None:
+    ms = [x * 1000 for x in t["restore_s"]]
+    share = t["share_memory"]
+    print(f"\nTomcat: {t['instances']} instances from one checkpoint, restored in parallel on {_cpus()} CPUs, "
+          f"restore_memory {t['restore_memory']}, share_memory {'on' if share else 'off'}")
+    print(f"  all {n} served (HTTP 200) after   {t['all_served_s'] * 1000:8.0f} ms")
+    print(f"  per-instance restore, median / max     {statistics.median(ms):8.0f} / {max(ms):.0f} ms")
+    pages = t["checkpoint_pages_bytes"]
+    per = t["host_memory_bytes"] / t["instances"]
+    print(f"  host memory used (MemAvailable drop)   {t['host_memory_bytes'] / 2**20:8.0f} MiB "
+          f"({per / 2**20:.0f} MiB per instance, {per / pages:.0%} of the checkpoint's pages)")
+    print(f"  instances' memory cgroups, sum         {t['cgroup_memory_bytes'] / 2**20:8.0f} MiB")
+    print(f"  checkpoint pages (read by each)        {pages / 2**20:8.0f} MiB")
+    if t.get("uss_bytes"):
+        print(f"  per instance, its own pages (USS)      {statistics.median(t['uss_bytes']) / 2**20:8.1f} MiB "
+              f"median (PSS {statistics.median(t['pss_bytes']) / 2**20:.1f} MiB, written (anonymous) "
+              f"{statistics.median(t['anon_bytes']) / 2**20:.1f} MiB; smaps_rollup)")
+    if share:
+        print(f"  ksmd: merged within {t['settle_s']:.0f} s using {t['ksmd_cpu_s']:.1f} s of CPU; "
+              f"then {t.get('ksmd_idle_cpu_share', 0):.1%} of a CPU at the slow pace")
 
 
 def _cpu_seconds() -> float:
@@ -297,20 +319,26 @@ def _chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [k for k in ("tomcat", "many") if k in results]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, key in zip(axes[0], panels, strict=True):
-        if key == "tomcat":
-            xs = [x * 1000 for x in results["tomcat"]["per_client_s"]]
-            ax.bar(range(1, len(xs) + 1), xs, color="#2a7")
-            ax.set_title(f"Tomcat x{len(xs)} from one checkpoint:\ntime until each client had its 200")
+    tomcats = [k for k in results if k.startswith("tomcat")]
+    manys = [k for k in results if k.startswith("many")]
+    panels = [p for p in ("tomcat", "many") if (tomcats if p == "tomcat" else manys)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "tomcat":
+            for i, key in enumerate(tomcats):
+                xs = [x * 1000 for x in results[key]["per_client_s"]]
+                width = 0.8 / len(tomcats)
+                ax.bar([j + 1 + i * width for j in range(len(xs))], xs, width=width, label=key)
+            ax.set_title("Tomcat from one checkpoint:\ntime until each client had its 200")
             ax.set_xlabel("client (sorted)")
+            ax.set_ylabel("ms")
         else:
-            xs = [x * 1000 for x in results["many"]["ttfb_s"]]
-            ax.hist(xs, bins=20, color="#48c")
-            ax.set_title(f"{results['many']['services']} services at once: time to first byte")
+            for key in manys:
+                ax.hist([x * 1000 for x in results[key]["ttfb_s"]], bins=20, alpha=0.6, label=key)
+            ax.set_title(f"{results[manys[0]]['services']} services at once: time to first byte")
             ax.set_xlabel("ms")
-        ax.set_ylabel("ms" if key == "tomcat" else "connections")
+            ax.set_ylabel("connections")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     print(f"\nchart: {path}")

@@ -22,14 +22,16 @@ BENCH = Path(__file__).resolve().parent
 def runs(out: Path) -> list[list[str]]:
     return [
         ["coldstart.py", "--runs", "1", "--apps", "hello", "--chart", str(out / "coldstart.png")],
-        ["coldstart.py", "--breakdown", "--runs", "1", "--apps", "hello"],
+        ["coldstart.py", "--breakdown", "--runs", "1", "--apps", "hello", "--restore-memory", "copy,map", "--first",
+         "3"],
         # its measurements alone, on this host: booting the VM twice is not a smoke run
         ["cgroupvm.py", "--inside", "--runs", "1"],
         ["group_wake.py", "--runs", "1"],
         ["multihost.py", "--apps", "hello", "--runs", "1"],
         ["network_cost.py", "--runs", "1"],
         ["pgbench.py", "--seconds", "1", "--clients", "2", "--runs", "1"],
-        ["scaleout.py", "--instances", "2", "--services", "2", "--rounds", "1", "--out", str(out / "scaleout.json")],
+        ["scaleout.py", "--instances", "2", "--services", "2", "--rounds", "1", "--restore-memory", "map",
+         "--out", str(out / "scaleout.json")],
         ["scrape_flood.py", "--flood", "200", "--scrapes", "5"],
         ["standby.py", "--runs", "1", "--apps", "hello"],
         ["udp.py", "--flows", "4", "--queries", "200", "--runs", "1"],

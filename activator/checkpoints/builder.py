@@ -34,7 +34,7 @@ from activator.runtime.sandbox import Sandbox, new_name
 from activator.runtime.spec import capability_set
 from activator.statedir import copy_private
 
-from . import recipe, template
+from . import maphazard, recipe, template
 from .exchange import CheckpointExchange
 from .images import ImageInfo, ImageSource
 from .store import (
@@ -238,6 +238,7 @@ class CheckpointBuilder:
                 pages_bytes=pages_bytes(tmp / "criu"), seccomp=filt, kernel_path=kernel_path,
                 external=extmounts.mounts(), dev=tuple(dev), stop_signal=image.stop_signal or "SIGTERM",
                 writes_volumes=written, probe_answers=tuple(sorted(answers.items())),
+                map_hazard=await asyncio.to_thread(maphazard.find, tmp / "criu", [tmp / "diff", rootfs]),
             )
             return self.store.install(tmp, checkpoint)
         except BaseException as e:

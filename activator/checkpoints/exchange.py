@@ -25,7 +25,7 @@ from activator.runtime import extmounts, seccompref, userns
 from activator.runtime.runc import Runc
 from activator.runtime.spec import capability_set
 
-from . import dumpcheck, ociarchive, recipe, signing, transfer
+from . import dumpcheck, maphazard, ociarchive, recipe, signing, transfer
 from .images import ImageInfo, ImageSource
 from .registry import Registry
 from .store import Checkpoint, CheckpointStore, Origin, listening_addresses, listening_ports, pages_bytes
@@ -152,7 +152,11 @@ class CheckpointExchange:
             writes_volumes=(), probe_answers=got.probe_answers,
         )
         self._check_dump(ck, svc)
-        return ck
+        try:  # after the check: pycriu has read every image of it once without failing
+            hazard = maphazard.find(ck.images, ck.layers)
+        except Exception as e:  # whatever pycriu's decoder raises on a crafted file: never mapped
+            hazard = f"its images could not be read for it ({type(e).__name__})"
+        return replace(ck, map_hazard=hazard)
 
     def _check_dump(self, ck: Checkpoint, svc: ServiceConfig) -> None:
         """Blocking. CRIU's images of an imported checkpoint held against what a template of svc, dumped on this

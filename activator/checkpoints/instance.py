@@ -148,6 +148,7 @@ class InstanceLauncher:
         self._filling_for: Checkpoint | None = None
         self._refill_after: Checkpoint | None = None  # a refill asked for while one ran
         self._closed = False
+        self._hazard_told: set[Path] = set()  # checkpoints whose map_hazard was logged
 
     async def _binds(self, checkpoint: Checkpoint) -> tuple[Bind, ...]:
         if not self.config.volumes:
@@ -160,8 +161,21 @@ class InstanceLauncher:
         sb = Sandbox(new_name(self.config.name), self.instances_dir, self.runc, self.network, self.config.egress,
                      checkpoint.idmap, service=self.config.name)
         sb.mergeable = self.ksm is not None  # before prepare: a direct restore's CRIU is started then
-        sb.map_memory = self.config.restore_memory == "map"
+        sb.map_memory = self._maps(checkpoint)
         return sb
+
+    def _maps(self, checkpoint: Checkpoint) -> bool:
+        """restore_memory: map, unless the checkpoint's app is known to break under it (maphazard.py)."""
+        mode = self.config.restore_memory
+        if mode == "map" and checkpoint.map_hazard:
+            if checkpoint.dir not in self._hazard_told:
+                self._hazard_told.add(checkpoint.dir)
+                log.warning("service=%s restore_memory: map is not used: its app has %s, which takes memory it "
+                            "discards to read zeros, and mapped memory would read the checkpoint's bytes "
+                            "(docs/restore-memory.md); its instances are restored by copy (map-always maps them "
+                            "anyway)", self.config.name, checkpoint.map_hazard)
+            return False
+        return mode in ("map", "map-always")
 
     async def _prepare_for(self, sb: Sandbox, checkpoint: Checkpoint) -> None:
         await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources,

@@ -83,6 +83,8 @@ class Checkpoint:
     # where an imported checkpoint came from and who signed it ("" for one built here): what an operator needs
     # after a signing key is rotated or stolen, to find what was installed under it
     provenance: str = ""
+    # what in the dumped app makes restore_memory: map unsafe for it ("jemalloc (PATH)"; maphazard.py), or ""
+    map_hazard: str = ""
 
     def probe_answer(self, path: str) -> Answer | None:
         return next((a for p, a in self.probe_answers if p == path), None)
@@ -151,6 +153,7 @@ class Checkpoint:
             writes_volumes=tuple(d.get("writes_volumes", ())),
             probe_answers=tuple((str(path), Answer.from_json(a)) for path, a in d.get("probe_answers", ())),
             provenance=str(d.get("provenance", "")),
+            map_hazard=str(d.get("map_hazard", "")),  # absent from checkpoints of a CRIU that could not map
         )
 
 

@@ -47,7 +47,7 @@ NETWORKS = ("bridge", "none")
 PROXY_PROTOCOLS = ("v1", "v2")
 WAKE_ON = ("data", "connect")
 REFUSALS = ("close", "http-503")
-RESTORE_MEMORY = ("copy", "map")
+RESTORE_MEMORY = ("copy", "map", "map-always")
 USERNS = ("private", "host")
 #: capabilities over the network namespace, which a user namespace of the instance does not own
 NETWORK_CAPS = frozenset({"NET_RAW", "NET_ADMIN"})
@@ -143,10 +143,11 @@ class ServiceConfig:
     restore_memory: str = key(
         Text(choices=RESTORE_MEMORY), "copy",
         doc="copy: a restore reads the checkpoint's memory into each instance; map: long runs of the app's private "
-            "memory are mapped copy-on-write from the checkpoint's page files, so a restore copies nothing and pages "
-            "no instance writes are one copy shared by all of them, but memory the app discards with "
-            "MADV_DONTNEED reads back the checkpoint's bytes instead of zeros (docs/restore-memory.md says which apps "
-            "that breaks)")
+            "memory are mapped copy-on-write from the checkpoint's page files instead, so a restore copies almost "
+            "nothing and pages no instance writes are one copy shared by all of them, but memory the app discards "
+            "with MADV_DONTNEED reads the checkpoint's bytes again instead of zeros: an app whose allocator trusts "
+            "that (jemalloc: Redis) is found in the checkpoint and restored by copy, with a warning; map-always: "
+            "map even then (an app tested under it, e.g. jemalloc with purging off). docs/restore-memory.md")
     stateful: bool | str = key(
         AutoFlag(), "auto",
         doc="the app keeps what is in its volumes in memory (a database): one instance at a time, and its "

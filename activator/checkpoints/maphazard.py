@@ -1,0 +1,116 @@
+"""What in a dumped app makes `restore_memory: map` unsafe for it (docs/restore-memory.md).
+
+A mapped restore gives memory the app had at the checkpoint file semantics: memory it discards with
+MADV_DONTNEED reads the checkpoint's bytes again, not zeros. An allocator that takes discarded memory for zeroed
+hands those bytes out as calloc'd memory. jemalloc does (it marks an extent zeroed after a forced purge): Redis,
+restored by map, crashed in dictFind on a "zeroed" bucket array after FLUSHDB and MEMORY PURGE
+(tests/engine/test_restore_memory_apps.py), and memcheck's jemalloc check read 99.86% of its old bytes back.
+glibc malloc and HotSpot do not (test_restore_memory.py; HotSpot uncommits with mmap(MAP_FIXED)).
+
+Found from the checkpoint itself, once when it is made: a shared jemalloc by its file name among the files the
+dumped processes map; a static one (Redis built from source, as the official image is) by jemalloc's own
+message prefix inside an executable file they map, read from the checkpoint's layers. Not found: an allocator
+that behaves so under another name; the README says to test an app under map before relying on it.
+
+The layers are an image author's files: only regular files are read, never through a symbolic link (a link out
+of the layer would name a host file), at most MAX_SCAN bytes of each, and nothing is learned from them but
+whether the prefix is there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+#: allocator -> (its shared library's file name, a byte string every static copy carries: its error messages'
+#: prefix, compiled into malloc_printf's callers)
+ALLOCATORS = {"jemalloc": (re.compile(r"libjemalloc\.so(\.[0-9]+)*"), b"<jemalloc>: ")}
+#: the most of one executable read while looking (a JVM's libjvm.so is ~20 MiB)
+MAX_SCAN = 256 * 2**20
+CHUNK = 4 * 2**20
+#: CRIU's vma status bit for a file mapping (criu/include/image.h), and PROT_EXEC
+VMA_FILE_PRIVATE, VMA_FILE_SHARED, PROT_EXEC = 1 << 6, 1 << 7, 4
+
+
+def mapped_files(images: Path) -> dict[str, bool]:
+    """Container path of every file the dumped processes map -> whether any mapping of it is executable."""
+    from .store import _int, _load_img
+
+    names = {}
+    if (images / "files.img").exists():
+        for e in _load_img(images / "files.img")["entries"]:
+            if "reg" in e:
+                names[int(e["id"])] = str(e["reg"].get("name", ""))
+    out: dict[str, bool] = {}
+    for p in _load_img(images / "pstree.img")["entries"]:
+        mm = images / f"mm-{int(p['pid'])}.img"
+        if not mm.exists():
+            continue
+        for v in _load_img(mm)["entries"][0].get("vmas", []):
+            if _int(v.get("status", 0)) & (VMA_FILE_PRIVATE | VMA_FILE_SHARED):
+                name = names.get(_int(v.get("shmid", 0)))
+                if name:
+                    out[name] = out.get(name, False) or bool(_int(v.get("prot", 0)) & PROT_EXEC)
+    return out
+
+
+def find(images: Path, layers: list[Path]) -> str:
+    """Blocking. Why mapping this checkpoint's memory would break its app ("jemalloc (PATH)"), or "" if nothing
+    known to is there. Raises what pycriu raises on an unreadable image (the caller treats that as a hazard)."""
+    files = mapped_files(images)
+    for allocator, (library, _) in ALLOCATORS.items():
+        for name in sorted(files):
+            if library.fullmatch(os.path.basename(name)):
+                return f"{allocator} ({name})"
+    for name in sorted(n for n, executable in files.items() if executable):
+        for allocator, (_, marker) in ALLOCATORS.items():
+            if _contains(_in_layers(name, layers), marker):
+                return f"{allocator}, linked into {name}"
+    return ""
+
+
+def _in_layers(name: str, layers: list[Path]) -> Path | None:
+    """The topmost layer's copy of a container path, if it is a regular file reached without a symbolic link."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    for layer in layers:
+        here = layer
+        for i, part in enumerate(parts):
+            here = here / part
+            try:
+                st = os.lstat(here)
+            except OSError:
+                break
+            if stat.S_ISLNK(st.st_mode):
+                break
+            if i == len(parts) - 1:
+                return here if stat.S_ISREG(st.st_mode) else None
+            if not stat.S_ISDIR(st.st_mode):
+                break
+    return None
+
+
+def _contains(path: Path | None, marker: bytes) -> bool:
+    if path is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        tail, seen = b"", 0
+        while seen < MAX_SCAN:
+            block = os.read(fd, CHUNK)
+            if not block:
+                return False
+            if marker in tail + block:
+                return True
+            tail, seen = block[-len(marker):], seen + len(block)
+        return False
+    finally:
+        os.close(fd)

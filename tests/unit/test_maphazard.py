@@ -1,0 +1,104 @@
+"""maphazard.find on hand-made decoded dumps (the shape pycriu gives) and layers in a temporary directory: a shared
+jemalloc by its name, a static one by its marker in an executable mapping, and an image author's layer never
+read through a link, a FIFO or past MAX_SCAN."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from activator.checkpoints import maphazard, store
+
+MARKER = b"<jemalloc>: "
+
+
+def dump(tmp: Path, mapped: list[tuple[str, int]]) -> Path:
+    """An images directory whose one process maps these files (path, prot), as pycriu would decode it."""
+    images = tmp / "criu"
+    images.mkdir()
+    docs = {
+        "pstree.img": {"entries": [{"pid": 1, "ppid": 0}]},
+        "files.img": {"entries": [{"id": i + 1, "type": "REG", "reg": {"name": name}}
+                                  for i, (name, _) in enumerate(mapped)]},
+        "mm-1.img": {"entries": [{"vmas": [
+            {"start": hex(0x1000 * (i + 1)), "end": hex(0x1000 * (i + 2)), "prot": prot,
+             "status": maphazard.VMA_FILE_PRIVATE | 1, "shmid": i + 1} for i, (_, prot) in enumerate(mapped)
+        ] + [{"start": "0x90000", "end": "0x91000", "prot": 3, "status": 1 | (1 << 2), "shmid": 0}]}]},
+    }
+    for name in docs:
+        (images / name).write_bytes(b"")
+    images_docs[images] = docs
+    return images
+
+
+images_docs: dict[Path, dict[str, Any]] = {}
+
+
+@pytest.fixture(autouse=True)
+def fake_pycriu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "_load_img", lambda path: images_docs[path.parent][path.name])
+
+
+def layer(tmp: Path, name: str, files: dict[str, bytes]) -> Path:
+    root = tmp / name
+    for path, content in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(content)
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def test_a_shared_jemalloc_is_found_by_its_name(tmp_path: Path) -> None:
+    images = dump(tmp_path, [("/usr/bin/redis-check-rdb", 5), ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", 5)])
+    assert maphazard.find(images, []) == "jemalloc (/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)"
+
+
+def test_a_static_jemalloc_is_found_in_an_executable_mapping_from_the_topmost_layer(tmp_path: Path) -> None:
+    images = dump(tmp_path, [("/usr/local/bin/redis-server", 5), ("/usr/lib/libc.so.6", 5)])
+    image = layer(tmp_path, "image", {"usr/local/bin/redis-server": b"\x7fELF" + b"x" * 100 + MARKER + b"y" * 10,
+                                      "usr/lib/libc.so.6": b"\x7fELF"})
+    assert maphazard.find(images, [layer(tmp_path, "diff", {}), image]) == \
+        "jemalloc, linked into /usr/local/bin/redis-server"
+    # the diff layer's copy is what the app ran: a rebuilt binary without it hides the image's
+    diff = layer(tmp_path, "diff2", {"usr/local/bin/redis-server": b"\x7fELF plain"})
+    assert maphazard.find(images, [diff, image]) == ""
+
+
+def test_glibc_and_a_jvm_are_not_hazards(tmp_path: Path) -> None:
+    images = dump(tmp_path, [("/usr/lib/jvm/lib/server/libjvm.so", 5), ("/usr/lib/libc.so.6", 5),
+                             ("/usr/lib/jvm/lib/server/classes.jsa", 3)])
+    root = layer(tmp_path, "image", {"usr/lib/jvm/lib/server/libjvm.so": b"\x7fELF" + b"j" * 5000,
+                                     "usr/lib/libc.so.6": b"\x7fELF", "usr/lib/jvm/lib/server/classes.jsa": MARKER})
+    assert maphazard.find(images, [root]) == ""  # the marker in a data mapping is not code
+
+
+def test_the_marker_is_found_across_a_read_boundary_and_not_past_max_scan(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maphazard, "CHUNK", 16)
+    f = tmp_path / "bin"
+    f.write_bytes(b"a" * 10 + MARKER + b"b" * 40)  # the marker straddles bytes 16 and 32
+    assert maphazard._contains(f, MARKER)
+    monkeypatch.setattr(maphazard, "MAX_SCAN", 16)
+    assert not maphazard._contains(f, MARKER)  # bounded: an author's 10 GB file is not read to its end
+
+
+def test_an_image_authors_layer_is_never_read_through_a_link_or_a_fifo(tmp_path: Path) -> None:
+    """A layer is untrusted: a link out of it would read a host file, a FIFO would block the build."""
+    outside = tmp_path / "host-secret"
+    outside.write_bytes(MARKER)
+    root = layer(tmp_path, "image", {})
+    (root / "usr" / "bin").mkdir(parents=True)
+    os.symlink(outside, root / "usr" / "bin" / "app")  # the file itself a link
+    os.symlink(tmp_path, root / "opt")  # a directory on the way a link
+    os.mkfifo(root / "usr" / "bin" / "fifo")
+    for name in ("/usr/bin/app", "/opt/host-secret", "/usr/bin/fifo", "/usr/../host-secret"):
+        assert maphazard._in_layers(name, [root]) is None, name
+    images = dump(tmp_path, [("/usr/bin/app", 5), ("/opt/host-secret", 5), ("/usr/bin/fifo", 5)])
+    assert maphazard.find(images, [root]) == ""
+    # the positive control: the same bytes as a regular file in the layer are found
+    (root / "usr" / "bin" / "app").unlink()
+    (root / "usr" / "bin" / "app").write_bytes(MARKER)
+    assert maphazard.find(images, [root]) == "jemalloc, linked into /usr/bin/app"
