@@ -175,6 +175,18 @@ def mapped_pages(log: Path) -> int:
                if "nr_mapped_pages:" in line)
 
 
+def minor_faults(pid: int | None) -> int:
+    """Page faults the app's threads took so far (each thread's minflt: a process's own counts only threads
+    that have exited); the restore's own writes (CRIU copying pages in) are counted too."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat") if pid else ():
+        try:
+            total += int(stat.read_text().rsplit(")", 1)[1].split()[7])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 async def one_request(port: int) -> float:
     """One whole request on a new connection to the service (the instance is running): seconds."""
     t0 = time.monotonic()
@@ -230,8 +242,10 @@ def breakdown(runs: int, apps: list[str], userns: list[str], memory: list[str],
                     await reader.read()
                     writer.close()
                     inst = svc.instances[0]
+                    faults = minor_faults(inst.sandbox.pid_now())
                     after = [await one_request(socks[name].getsockname()[1]) for _ in range(first)]
-                    row = {k: v * 1000 for k, v in inst.phases.as_dict().items()} | {"ttfb": ttfb * 1000}
+                    row = {k: v * 1000 for k, v in inst.phases.as_dict().items()} | {"ttfb": ttfb * 1000,
+                                                                                         "faults": faults}
                     if after:
                         row |= {f"next{first} p50": statistics.median(after) * 1000,
                                 f"next{first} p99": sorted(after)[max(0, int(len(after) * 0.99) - 1)] * 1000}
@@ -254,7 +268,7 @@ def breakdown(runs: int, apps: list[str], userns: list[str], memory: list[str],
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
         results = r.run(run())
-    cols = ["prepare", "restore", "criu restore", "ttfb", "pages", "mapped"]
+    cols = ["prepare", "restore", "criu restore", "ttfb", "pages", "mapped", "faults"]
     if first:
         cols += [f"next{first} p50", f"next{first} p99"]
     print(f"\nWhere a restore's time goes, ms (median of {max(1, runs - 2)}; 'restore' is the whole restore call,\n"
@@ -263,7 +277,7 @@ def breakdown(runs: int, apps: list[str], userns: list[str], memory: list[str],
     for name, rows in results.items():
         rows = rows[2:] or rows
         med = {c: statistics.median(r.get(c, 0) for r in rows) for c in cols}
-        print(f"{name:20} " + " ".join(f"{med[c]:13.0f}" if c in ("pages", "mapped") else f"{med[c]:13.1f}"
+        print(f"{name:20} " + " ".join(f"{med[c]:13.0f}" if c in ("pages", "mapped", "faults") else f"{med[c]:13.1f}"
                                        for c in cols))
 
 
