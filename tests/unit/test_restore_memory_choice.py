@@ -1,0 +1,57 @@
+"""Which restores map (activator/checkpoints/instance.py InstanceLauncher._maps), with no engine: restore_memory
+against a checkpoint's map_hazard, and the operator's one warning per checkpoint. The engine tests
+(tests/engine/test_restore_memory*.py) show the same choice on real restores; this is the whole table at once."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from activator.checkpoints.instance import InstanceLauncher
+from activator.config.model import ListenAddress, ServiceConfig
+from activator.daemon.metrics import Metrics
+from activator.runtime.runc import Runc
+
+HAZARD = "jemalloc (/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)"
+WARNING = "restore_memory: map is not used: its app has "
+
+
+@dataclass
+class FakeCheckpoint:
+    dir: Path
+    map_hazard: str = ""
+
+
+def launcher(tmp_path: Path, mode: str) -> InstanceLauncher:
+    cfg = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80, restore_memory=mode)
+    return InstanceLauncher(cfg, Runc(tmp_path / "runc"), tmp_path / "instances", tmp_path / "logs",
+                            Metrics().for_service("svc"), network=None)
+
+
+@pytest.mark.parametrize(("mode", "hazard", "maps"), [
+    ("copy", "", False), ("copy", HAZARD, False),
+    ("map", "", True), ("map", HAZARD, False),  # the hazard turns map off
+    ("map-always", "", True), ("map-always", HAZARD, True),  # and only map
+])
+def test_restore_memory_against_a_checkpoints_hazard(tmp_path: Path, mode: str, hazard: str, maps: bool) -> None:
+    got = launcher(tmp_path, mode)._maps(FakeCheckpoint(tmp_path / "ck", hazard))  # type: ignore[arg-type]
+    assert got is maps
+
+
+def test_the_operator_is_told_once_per_checkpoint_and_only_when_map_is_turned_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    lnch = launcher(tmp_path, "map")
+    first, second = FakeCheckpoint(tmp_path / "ck1", HAZARD), FakeCheckpoint(tmp_path / "ck2", HAZARD)
+    for ck in (first, first, second, first, FakeCheckpoint(tmp_path / "ck3")):
+        lnch._maps(ck)  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records if WARNING in r.getMessage()]
+    assert len(said) == 2, said  # one for each hazardous checkpoint, however many restores it serves
+    assert all(s.startswith("service=svc ") and HAZARD in s and "map-always" in s for s in said), said
+    caplog.clear()
+    always = launcher(tmp_path, "map-always")
+    always._maps(first)  # type: ignore[arg-type]
+    assert not [r for r in caplog.records if WARNING in r.getMessage()]  # map-always maps: nothing to warn of
