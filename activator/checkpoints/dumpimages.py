@@ -88,8 +88,8 @@ def load_docs(images: Path, expected: Expected) -> dict[str, Any]:
             except (ValueError, RecursionError):
                 raise refuse(name, "file", "not JSON") from None
             continue
-        if not magic:
-            docs[name] = None
+        if not magic:  # raw: its size is all check_pages needs of it
+            docs[name] = {"size": st.st_size} if kind[1] == "pages" else None
             continue
         if magic not in PAYLOAD and st.st_size > MAX_IMAGE:
             raise refuse(name, "size", f"{st.st_size} bytes (at most {MAX_IMAGE} for this kind)")
@@ -113,6 +113,46 @@ def kind_of(name: str, expected: Expected | None = None) -> tuple[str, str] | No
     if expected is not None and name in expected.extra_files:
         return ("", "")
     return None
+
+
+#: pagemap entry flags (criu/include/pagemap.h): in the parent images, lazy, in this image's pages file
+PE_PARENT, PE_PRESENT = 1 << 0, 1 << 2
+PAGE = 4096
+
+
+def check_pages(docs: dict[str, Any], refuse: Refuse) -> None:
+    """Pure. Every pagemap names a pages file of this dump and, with the others naming it, accounts for it to the
+    byte. A pages file shorter than its pagemaps says made CRIU's copying restore loop forever on a read of 0 (up
+    to restore_timeout), and a mapped restore (restore_memory: map) refuses it only at restore; a longer one is
+    memory no pagemap places. Parent images (a pre-dump's) are not something a checkpoint of ours has."""
+    present: dict[int, int] = {}
+    for name in sorted(n for n in docs if n.startswith("pagemap-")):
+        entries = docs[name].get("entries", [])
+        if not entries or not isinstance(entries[0], dict) or "pages_id" not in entries[0]:
+            raise refuse(name, "pages_id", "missing")
+        pages_id = int(entries[0]["pages_id"])
+        if f"pages-{pages_id}.img" not in docs:
+            raise refuse(name, "pages_id", f"names pages-{pages_id}.img, which the dump does not have")
+        total = present.get(pages_id, 0)
+        for e in entries[1:]:
+            flags, nr = int(e.get("flags", 0)), int(e.get("nr_pages", 0))
+            if flags & PE_PARENT:
+                raise refuse(name, "flags", "pages in parent images (a pre-dump's)")
+            if nr < 0:
+                raise refuse(name, "nr_pages", str(nr))
+            if flags & PE_PRESENT:
+                total += nr
+        present[pages_id] = total
+    for name, doc in docs.items():
+        m = re.fullmatch(r"pages-(\d+)\.img", name)
+        if m is None:
+            continue
+        want = present.get(int(m.group(1)))
+        if want is None:
+            raise refuse(name, "file", "no pagemap names it")
+        if doc["size"] != want * PAGE:
+            raise refuse(name, "size", f"{doc['size']} bytes where its pagemaps place {want} pages "
+                                       f"({want * PAGE} bytes)")
 
 
 def strip_cgroup_roots(images: Path) -> int:

@@ -77,7 +77,11 @@ def dump() -> dict[str, Any]:
             "gid_map": [{"first": 0, "lower_first": IDMAP.host, "count": IDMAP.size}]}]},
         "utsns-12.img": {"magic": "UTSNS", "entries": [{"nodename": "web", "domainname": "(none)"}]},
         "descriptors.json": ["/dev/null", "pipe:[1]", "pipe:[1]"],
-        "pages-1.img": None,
+        "pagemap-1.img": {"magic": "PAGEMAP", "entries": [
+            {"pages_id": 1}, {"vaddr": 0x400000, "nr_pages": 2, "flags": 4},
+            {"vaddr": 0x500000, "nr_pages": 4, "flags": 0},  # a hole CRIU restores as zeros: not in the file
+            {"vaddr": 0x600000, "nr_pages": 1, "flags": 6}]},
+        "pages-1.img": {"size": 3 * 4096},
     }
 
 
@@ -270,4 +274,31 @@ def test_a_cgroup_path_outside_ours_is_refused(path: str) -> None:
     d["cgroup.img"] = {"magic": "CGROUP", "entries": [{"sets": [{"id": 1, "ctls": [{"path": path}]}],
                                                        "controllers": []}]}
     with pytest.raises(dumpcheck.DumpError, match=r"sets\.ctls\.path"):
+        dumpcheck.check_docs(d, expected())
+
+
+@pytest.mark.parametrize("size, why", [
+    (3 * 4096 - 1, "12287 bytes where its pagemaps place 3 pages"),  # short: CRIU's copy loop would spin on 0
+    (2 * 4096, "8192 bytes where its pagemaps place 3 pages"),
+    (4 * 4096, "16384 bytes where its pagemaps place 3 pages"),  # memory no pagemap places
+])
+def test_a_pages_file_that_its_pagemap_does_not_account_for_to_the_byte_is_refused(size: int, why: str) -> None:
+    d = dump()
+    d["pages-1.img"] = {"size": size}
+    with pytest.raises(dumpcheck.DumpError, match=f"pages-1.img: size: {why}"):
+        dumpcheck.check_docs(d, expected())
+
+
+def test_a_pagemap_naming_parent_images_or_a_missing_pages_file_is_refused() -> None:
+    d = dump()
+    d["pagemap-1.img"]["entries"][1]["flags"] = 1 | 4
+    with pytest.raises(dumpcheck.DumpError, match="pagemap-1.img: flags: pages in parent images"):
+        dumpcheck.check_docs(d, expected())
+    d = dump()
+    d["pagemap-1.img"]["entries"][0]["pages_id"] = 7
+    with pytest.raises(dumpcheck.DumpError, match="pagemap-1.img: pages_id: names pages-7.img"):
+        dumpcheck.check_docs(d, expected())
+    d = dump()
+    d["pages-2.img"] = {"size": 0}
+    with pytest.raises(dumpcheck.DumpError, match="pages-2.img: file: no pagemap names it"):
         dumpcheck.check_docs(d, expected())
