@@ -82,12 +82,13 @@ def scrape(metrics_port: int) -> str:
         return str(r.read().decode())
 
 
-def bench_activator(runs: int) -> dict[str, list[float]]:
+def bench_activator(runs: int, memory: str = "copy") -> dict[str, list[float]]:
     ports = {name: free_port() for name in APPS}
     metrics_port = free_port()
     cfg = {
         "settings": {"state_dir": str(STATE), "metrics": f"127.0.0.1:{metrics_port}"},
-        "services": {name: app | {"listen": f"127.0.0.1:{ports[name]}", "idle_timeout": "300ms"}
+        "services": {name: app | {"listen": f"127.0.0.1:{ports[name]}", "idle_timeout": "300ms",
+                                  "restore_memory": memory}
                      for name, app in APPS.items()},
     }
     path = Path(tempfile.mkdtemp()) / "bench.yaml"
@@ -290,7 +291,7 @@ def main() -> None:
     ap.add_argument("--userns", default="private",
                     help="with --breakdown: private, host, or both (private,host) side by side")
     ap.add_argument("--restore-memory", default="copy",
-                    help="with --breakdown: copy, map, or both (copy,map) side by side, alternated run by run")
+                    help="copy, map, or both (copy,map) side by side (with --breakdown: alternated run by run)")
     ap.add_argument("--first", type=int, default=0, metavar="N",
                     help="with --breakdown: after the first byte, N more requests one by one (new connections) "
                          "to the restored instance: their p50 and p99 (where a restore's deferred costs, such as "
@@ -311,14 +312,24 @@ def main() -> None:
         breakdown(max(3, args.runs), apps, args.userns.split(","), args.restore_memory.split(","), args.keep_logs,
                   min(args.first, 10_000))
         return
-    results = {"activator (restore)": bench_activator(args.runs), "docker run": bench_docker(args.runs),
-               "runc run": bench_runc(args.runs)}
+    memories = args.restore_memory.split(",")
+    results = {f"activator (restore, {m})" if len(memories) > 1 else "activator (restore)":
+               bench_activator(args.runs, m) for m in memories}
+    results |= {"docker run": bench_docker(args.runs), "runc run": bench_runc(args.runs)}
     print(f"\nTime to first byte, ms ({args.runs} runs each)\n")
-    print(f"{'app':8} {'path':22} {'median':>8} {'min':>8} {'max':>8}")
+    print(f"{'app':8} {'path':28} {'median':>8} {'min':>8} {'max':>8}")
     for way, per_app in results.items():
         for app, xs in per_app.items():
             ms = [x * 1000 for x in xs]
-            print(f"{app:8} {way:22} {statistics.median(ms):8.0f} {min(ms):8.0f} {max(ms):8.0f}")
+            print(f"{app:8} {way:28} {statistics.median(ms):8.1f} {min(ms):8.1f} {max(ms):8.1f}")
+    print("\nIn this run: how many times faster than a cold start (medians)\n")
+    print(f"{'app':8} {'path':28} {'x docker run':>13} {'x runc run':>11}")
+    for way, per_app in results.items():
+        if way.startswith("activator"):
+            for app, xs in per_app.items():
+                mine = statistics.median(xs)
+                print(f"{app:8} {way:28} {statistics.median(results['docker run'][app]) / mine:13.1f} "
+                      f"{statistics.median(results['runc run'][app]) / mine:11.2f}")
     (Path(args.chart).with_suffix(".json")).write_text(json.dumps(results, indent=1))
     import matplotlib
 
@@ -329,7 +340,7 @@ def main() -> None:
     for ax, app in zip(axes, APPS, strict=True):
         ways = list(results)
         med = [statistics.median(results[w][app]) * 1000 for w in ways]
-        ax.bar(ways, med, color=["#2a7", "#48c", "#888"])
+        ax.bar(ways, med, color=[*["#2a7", "#7c4"][:len(ways) - 2], "#48c", "#888"])  # activator's, docker, runc
         ax.set_title(f"{app}: time to first byte (median)")
         ax.set_ylabel("ms")
         for i, v in enumerate(med):
