@@ -155,7 +155,8 @@ class CheckpointExchange:
         try:  # after the check: pycriu has read every image of it once without failing
             hazard = maphazard.find(ck.images, ck.layers)
         except Exception as e:  # whatever pycriu's decoder raises on a crafted file: never mapped
-            hazard = f"its images could not be read for it ({type(e).__name__})"
+            hazard = ("its dump could not be read to look for an allocator that breaks under map "
+                      f"({type(e).__name__})")
         return replace(ck, map_hazard=hazard)
 
     def _check_dump(self, ck: Checkpoint, svc: ServiceConfig) -> None:

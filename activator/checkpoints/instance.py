@@ -29,6 +29,7 @@ from activator.runtime.volumes import Bind
 from activator.statedir import open_private
 from activator.tasks import spawn
 
+from . import maphazard
 from .store import Checkpoint
 
 log = logging.getLogger("activator.instance")
@@ -170,10 +171,9 @@ class InstanceLauncher:
         if mode == "map" and checkpoint.map_hazard:
             if checkpoint.dir not in self._hazard_told:
                 self._hazard_told.add(checkpoint.dir)
-                log.warning("service=%s restore_memory: map is not used: its app has %s, which takes memory it "
-                            "discards to read zeros, and mapped memory would read the checkpoint's bytes "
-                            "(docs/restore-memory.md); its instances are restored by copy (map-always maps them "
-                            "anyway)", self.config.name, checkpoint.map_hazard)
+                log.warning("service=%s restore_memory: map is not used: %s (docs/restore-memory.md); its "
+                            "instances are restored by copy (restore_memory: map-always maps them anyway)",
+                            self.config.name, maphazard.said(checkpoint.map_hazard))
             return False
         return mode in ("map", "map-always")
 

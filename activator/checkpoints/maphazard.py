@@ -10,7 +10,8 @@ glibc malloc and HotSpot do not (test_restore_memory.py; HotSpot uncommits with 
 Found from the checkpoint itself, once when it is made: a shared jemalloc by its file name among the files the
 dumped processes map; a static one (Redis built from source, as the official image is) by jemalloc's own
 message prefix inside an executable file they map, read from the checkpoint's layers. Not found: an allocator
-that behaves so under another name; the README says to test an app under map before relying on it.
+that behaves so under another name; docs/restore-memory.md says to test an app under map before relying
+on it.
 
 The layers are an image author's files: only regular files are read, never through a symbolic link (a link out
 of the layer would name a host file), at most MAX_SCAN bytes of each, and nothing is learned from them but
@@ -69,6 +70,15 @@ def find(images: Path, layers: list[Path]) -> str:
             if _contains(_in_layers(name, layers), marker):
                 return f"{allocator}, linked into {name}"
     return ""
+
+
+def said(hazard: str) -> str:
+    """A find() result as the operator reads it: an allocator's name alone does not say what it does wrong under
+    map. Anything else (an imported dump that could not be read to look) is not an allocator the app has."""
+    if hazard.split(" ", 1)[0].rstrip(",") in ALLOCATORS:
+        return (f"its app has {hazard}, which counts on memory it discarded reading back as zeros; mapped memory "
+                "reads back the checkpoint's bytes instead")
+    return hazard
 
 
 def _in_layers(name: str, layers: list[Path]) -> Path | None:

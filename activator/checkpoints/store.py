@@ -153,7 +153,8 @@ class Checkpoint:
             writes_volumes=tuple(d.get("writes_volumes", ())),
             probe_answers=tuple((str(path), Answer.from_json(a)) for path, a in d.get("probe_answers", ())),
             provenance=str(d.get("provenance", "")),
-            map_hazard=str(d.get("map_hazard", "")),  # absent from checkpoints of a CRIU that could not map
+            # absent from checkpoints made before the check (b06e2ef), including some made by a CRIU that maps
+            map_hazard=str(d.get("map_hazard", "")),
         )
 
 

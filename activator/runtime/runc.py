@@ -78,8 +78,8 @@ def dump_config(external: dict[str, str]) -> str:
                                  for key, point in sorted(external.items()))
 
 
-#: restore_memory: map (scripts/criu-patches/0003): long runs of private anonymous memory are mapped copy-on-write
-#: from the checkpoint's pages images instead of read into fresh memory
+#: restore_memory: map (scripts/criu-patches/0003): long runs of private memory (anonymous, and the written pages of
+#: private file mappings) are mapped copy-on-write from the checkpoint's pages images instead of read into fresh memory
 MAP_MEMORY = "mmap-page-image\n"
 
 

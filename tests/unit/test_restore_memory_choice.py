@@ -16,7 +16,10 @@ from activator.daemon.metrics import Metrics
 from activator.runtime.runc import Runc
 
 HAZARD = "jemalloc (/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)"
+#: an imported dump maphazard.find could not read (activator/checkpoints/exchange.py): a hazard, but no allocator
+UNREAD = "its dump could not be read to look for an allocator that breaks under map (KeyError)"
 WARNING = "restore_memory: map is not used: its app has "
+NOT_USED = "restore_memory: map is not used: "
 
 
 @dataclass
@@ -34,6 +37,7 @@ def launcher(tmp_path: Path, mode: str) -> InstanceLauncher:
 @pytest.mark.parametrize(("mode", "hazard", "maps"), [
     ("copy", "", False), ("copy", HAZARD, False),
     ("map", "", True), ("map", HAZARD, False),  # the hazard turns map off
+    ("map", UNREAD, False),  # so does a dump that could not be looked at
     ("map-always", "", True), ("map-always", HAZARD, True),  # and only map
 ])
 def test_restore_memory_against_a_checkpoints_hazard(tmp_path: Path, mode: str, hazard: str, maps: bool) -> None:
@@ -55,3 +59,16 @@ def test_the_operator_is_told_once_per_checkpoint_and_only_when_map_is_turned_of
     always = launcher(tmp_path, "map-always")
     always._maps(first)  # type: ignore[arg-type]
     assert not [r for r in caplog.records if WARNING in r.getMessage()]  # map-always maps: nothing to warn of
+
+
+def test_the_warning_says_what_the_allocator_does_and_never_calls_an_unread_dump_an_allocator(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    lnch = launcher(tmp_path, "map")
+    lnch._maps(FakeCheckpoint(tmp_path / "ck1", HAZARD))  # type: ignore[arg-type]
+    lnch._maps(FakeCheckpoint(tmp_path / "ck2", UNREAD))  # type: ignore[arg-type]
+    allocator, unread = [r.getMessage() for r in caplog.records if NOT_USED in r.getMessage()]
+    assert f"its app has {HAZARD}, which counts on memory it discarded reading back as zeros" in allocator, allocator
+    assert "docs/restore-memory.md" in allocator and "restored by copy" in allocator, allocator
+    assert f"{NOT_USED}{UNREAD} (docs/restore-memory.md)" in unread, unread  # positive control: the reason is said
+    assert "its app has" not in unread and "zeros" not in unread, unread
