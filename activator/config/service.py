@@ -145,9 +145,10 @@ class ServiceConfig:
         doc="copy: a restore reads the checkpoint's memory into each instance; map: long runs of the app's private "
             "memory are mapped copy-on-write from the checkpoint's page files instead, so a restore copies almost "
             "nothing and pages no instance writes are one copy shared by all of them, but memory the app discards "
-            "with MADV_DONTNEED reads the checkpoint's bytes again instead of zeros: an app whose allocator trusts "
-            "that (jemalloc: Redis) is found in the checkpoint and restored by copy, with a warning; map-always: "
-            "map even then (an app tested under it, e.g. jemalloc with purging off). docs/restore-memory.md")
+            "with MADV_DONTNEED reads the checkpoint's bytes again instead of zeros: an app whose allocator counts "
+            "on zeros there (jemalloc: Redis) is found in the checkpoint and restored by copy, with a warning; "
+            "map-always: map even then (only an app tested under it, e.g. jemalloc with purging off). "
+            "docs/restore-memory.md")
     stateful: bool | str = key(
         AutoFlag(), "auto",
         doc="the app keeps what is in its volumes in memory (a database): one instance at a time, and its "
