@@ -116,7 +116,7 @@ def kind_of(name: str, expected: Expected | None = None) -> tuple[str, str] | No
 
 
 #: pagemap entry flags (criu/include/pagemap.h): in the parent images, lazy, in this image's pages file
-PE_PARENT, PE_PRESENT = 1 << 0, 1 << 2
+PE_PARENT, PE_LAZY, PE_PRESENT = 1 << 0, 1 << 1, 1 << 2
 PAGE = 4096
 
 
@@ -135,13 +135,23 @@ def check_pages(docs: dict[str, Any], refuse: Refuse) -> None:
             raise refuse(name, "pages_id", f"names pages-{pages_id}.img, which the dump does not have")
         total = present.get(pages_id, 0)
         for e in entries[1:]:
-            flags, nr = int(e.get("flags", 0)), int(e.get("nr_pages", 0))
+            # CRIU's restore reads every entry's pages from the pages file at the running offset, whatever its
+            # flags say (restore_priv_vma_content), and takes a missing flags field for PE_PRESENT and a
+            # missing nr_pages for compat_nr_pages (init_compat_pagemap_entry): an entry counted here as not in
+            # the file would be read past its end. So every entry is one CRIU writes for a full dump: both
+            # fields there, PE_PRESENT (PE_LAZY beside it marks anonymous memory), page-aligned.
+            if "flags" not in e or "nr_pages" not in e or e.get("in_parent"):
+                raise refuse(name, "flags", "an entry without flags or nr_pages, or in parent images")
+            flags, nr, vaddr = int(e["flags"]), int(e["nr_pages"]), int(e.get("vaddr", 0))
             if flags & PE_PARENT:
                 raise refuse(name, "flags", "pages in parent images (a pre-dump's)")
+            if flags & ~(PE_PRESENT | PE_LAZY) or not flags & PE_PRESENT:
+                raise refuse(name, "flags", f"{flags:#x} (pages CRIU would read from the file yet not in it)")
             if nr < 0:
                 raise refuse(name, "nr_pages", str(nr))
-            if flags & PE_PRESENT:
-                total += nr
+            if vaddr % PAGE:
+                raise refuse(name, "vaddr", f"{vaddr:#x} (not page-aligned)")
+            total += nr
         present[pages_id] = total
     for name, doc in docs.items():
         m = re.fullmatch(r"pages-(\d+)\.img", name)
