@@ -30,6 +30,10 @@ from pathlib import Path
 ALLOCATORS = {"jemalloc": (re.compile(r"libjemalloc\.so(\.[0-9]+)*"), b"<jemalloc>: ")}
 #: the most of one executable read while looking (a JVM's libjvm.so is ~20 MiB)
 MAX_SCAN = 256 * 2**20
+#: the most read over all of a checkpoint's executables: the names come from the dump (an app can map one file
+#: through thousands of hard links, an imported files.img can spell one path thousands of ways), and without a
+#: bound a build or import read MAX_SCAN for each; past it the checkpoint is restored by copy
+MAX_TOTAL_SCAN = 1024 * 2**20
 CHUNK = 4 * 2**20
 #: CRIU's vma status bit for a file mapping (criu/include/image.h), and PROT_EXEC
 VMA_FILE_PRIVATE, VMA_FILE_SHARED, PROT_EXEC = 1 << 6, 1 << 7, 4
@@ -65,10 +69,14 @@ def find(images: Path, layers: list[Path]) -> str:
         for name in sorted(files):
             if library.fullmatch(os.path.basename(name)):
                 return f"{allocator} ({name})"
+    seen: dict[str, set[tuple[int, int]]] = {allocator: set() for allocator in ALLOCATORS}
+    budget = [MAX_TOTAL_SCAN]
     for name in sorted(n for n, executable in files.items() if executable):
         for allocator, (_, marker) in ALLOCATORS.items():
-            if _contains(_in_layers(name, layers), marker):
+            if _contains(_in_layers(name, layers), marker, seen[allocator], budget):
                 return f"{allocator}, linked into {name}"
+            if budget[0] <= 0:
+                return f"more than {MAX_TOTAL_SCAN >> 20} MiB of executables to look through for an allocator"
     return ""
 
 
@@ -103,7 +111,9 @@ def _in_layers(name: str, layers: list[Path]) -> Path | None:
     return None
 
 
-def _contains(path: Path | None, marker: bytes) -> bool:
+def _contains(path: Path | None, marker: bytes, files: set[tuple[int, int]], budget: list[int]) -> bool:
+    """Whether the file holds marker within MAX_SCAN; a file (device, inode) already in `files` is not read again,
+    and every byte read is taken from budget[0]."""
     if path is None:
         return False
     try:
@@ -111,16 +121,19 @@ def _contains(path: Path | None, marker: bytes) -> bool:
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in files:
             return False
+        files.add((st.st_dev, st.st_ino))
         tail, seen = b"", 0
-        while seen < MAX_SCAN:
-            block = os.read(fd, CHUNK)
+        while seen < MAX_SCAN and budget[0] > 0:
+            block = os.read(fd, min(CHUNK, budget[0]))
             if not block:
                 return False
             if marker in tail + block:
                 return True
             tail, seen = block[-len(marker):], seen + len(block)
+            budget[0] -= len(block)
         return False
     finally:
         os.close(fd)

@@ -80,9 +80,10 @@ def test_the_marker_is_found_across_a_read_boundary_and_not_past_max_scan(tmp_pa
     monkeypatch.setattr(maphazard, "CHUNK", 16)
     f = tmp_path / "bin"
     f.write_bytes(b"a" * 10 + MARKER + b"b" * 40)  # the marker straddles bytes 16 and 32
-    assert maphazard._contains(f, MARKER)
+    assert maphazard._contains(f, MARKER, set(), [maphazard.MAX_TOTAL_SCAN])
     monkeypatch.setattr(maphazard, "MAX_SCAN", 16)
-    assert not maphazard._contains(f, MARKER)  # bounded: an author's 10 GB file is not read to its end
+    # bounded: an author's 10 GB file is not read to its end
+    assert not maphazard._contains(f, MARKER, set(), [maphazard.MAX_TOTAL_SCAN])
 
 
 def test_an_image_authors_layer_is_never_read_through_a_link_or_a_fifo(tmp_path: Path) -> None:
@@ -102,3 +103,51 @@ def test_an_image_authors_layer_is_never_read_through_a_link_or_a_fifo(tmp_path:
     (root / "usr" / "bin" / "app").unlink()
     (root / "usr" / "bin" / "app").write_bytes(MARKER)
     assert maphazard.find(images, [root]) == "jemalloc, linked into /usr/bin/app"
+
+
+def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    read, got = os.read, [0]
+
+    def counted(fd: int, n: int) -> bytes:
+        block = read(fd, n)
+        got[0] += len(block)
+        return block
+    monkeypatch.setattr(maphazard.os, "read", counted)
+    return got
+
+
+def test_one_file_under_many_names_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """33.2: the names are the dump's: an app maps one big file through hard links it made in its writable layer,
+    or an imported files.img spells one path many ways; each name read MAX_SCAN of the same file."""
+    size = 64 * 1024
+    root = layer(tmp_path, "diff", {"app/big": b"\x7fELF" + b"z" * size})
+    for i in range(200):
+        os.link(root / "app" / "big", root / "app" / f"l{i}")
+    names = [f"/app/l{i}" for i in range(200)] + ["/app/big", "//app/big", "/./app/big", "/app//./big"]
+    images = dump(tmp_path, [(n, 5) for n in names])
+    got = counting_reads(monkeypatch)
+    assert maphazard.find(images, [root]) == ""
+    assert 0 < got[0] <= size + 4, got  # one file's bytes, once
+    # control: a marker in a file of its own after all those names is still found
+    (root / "zz").write_bytes(b"\x7fELF" + MARKER)
+    (tmp_path / "2").mkdir()
+    images = dump(tmp_path / "2", [(n, 5) for n in names] + [("/zz", 5)])
+    assert maphazard.find(images, [root]) == "jemalloc, linked into /zz"
+
+
+def test_more_executables_than_the_total_bound_are_restored_by_copy(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """33.2: distinct files are read up to MAX_TOTAL_SCAN in all; past it the checkpoint is taken as a hazard (by
+    copy: only the tenant that shipped them pays)."""
+    monkeypatch.setattr(maphazard, "MAX_TOTAL_SCAN", 3 * 4096)
+    monkeypatch.setattr(maphazard, "CHUNK", 1024)
+    root = layer(tmp_path, "image", {f"bin/f{i}": b"\x7fELF" + b"q" * 4096 for i in range(20)})
+    images = dump(tmp_path, [(f"/bin/f{i}", 5) for i in range(20)])
+    got = counting_reads(monkeypatch)
+    assert maphazard.find(images, [root]).startswith("more than ")
+    assert got[0] <= 3 * 4096, got
+    # control: within the bound, the same files are looked through and found clean
+    monkeypatch.setattr(maphazard, "MAX_TOTAL_SCAN", 100 * 4096)
+    (tmp_path / "2").mkdir()
+    images = dump(tmp_path / "2", [(f"/bin/f{i}", 5) for i in range(20)])
+    assert maphazard.find(images, [root]) == ""
