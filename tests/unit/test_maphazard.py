@@ -112,7 +112,7 @@ def counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         block = read(fd, n)
         got[0] += len(block)
         return block
-    monkeypatch.setattr(maphazard.os, "read", counted)
+    monkeypatch.setattr(os, "read", counted)
     return got
 
 
