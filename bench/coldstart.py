@@ -6,17 +6,23 @@
               the first answer
 
 Every measurement starts from nothing running. Traffic goes to loopback or to namespaces this script made.
-Run as root after `make setup images`:  .venv/bin/python bench/coldstart.py [--runs N]
-Prints a table (median, min, max in ms) and writes docs/coldstart.png.
+Run as root after `make setup images`:  .venv/bin/python bench/coldstart.py [--runs N] [--restore-memory copy,map]
+Prints a table (median, min, max in ms), each activator row's ratio to a cold `docker run` and `runc run` in the
+same run, and writes docs/coldstart.png (and its numbers beside it, docs/coldstart.json). `--restore-memory`
+(default copy) gives activator a row per choice (restore_memory: copy reads the checkpoint's pages into the
+instance, map maps them copy-on-write: docs/restore-memory.md), measured one after the other.
 
     .venv/bin/python bench/coldstart.py --breakdown [--runs N] [--apps hello,tomcat] [--userns private,host]
+                                        [--restore-memory copy,map] [--first N] [--keep-logs DIR]
                                         [--jvm NAME=FLAGS ...]
 
 instead restores each app N times in-process and prints where a restore's time goes: what activator still does
 on the critical path (prepared slots do the namespace, network, overlay and bundle ahead), the restore call (one
 CRIU RPC to a waiting `criu swrk` on cgroup-v1 hosts, `runc restore` otherwise) and within it CRIU's own
-restore time from its stats-restore image, the pages it restored; and the connect-to-first-byte time seen by a
-client.
+restore time from its stats-restore image, the pages it restored and those it mapped (`mapped`, CRIU's
+nr_mapped_pages: 0 under copy), the app's page faults by the end of its first answer (CRIU's own copying in
+counted too), and the connect-to-first-byte time seen by a client. Variants (userns, restore_memory) are
+alternated run by run.
 """
 
 from __future__ import annotations
@@ -291,7 +297,8 @@ def main() -> None:
     ap.add_argument("--userns", default="private",
                     help="with --breakdown: private, host, or both (private,host) side by side")
     ap.add_argument("--restore-memory", default="copy",
-                    help="copy, map, or both (copy,map) side by side (with --breakdown: alternated run by run)")
+                    help="restore_memory: copy (the default), map, or both (copy,map) side by side (with --breakdown: "
+                         "alternated run by run); map-always too")
     ap.add_argument("--first", type=int, default=0, metavar="N",
                     help="with --breakdown: after the first byte, N more requests one by one (new connections) "
                          "to the restored instance: their p50 and p99 (where a restore's deferred costs, such as "

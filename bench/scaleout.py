@@ -2,15 +2,17 @@
 
   tomcat x10   one Tomcat checkpoint, 10 instances restored in parallel: max_instances 10, target 1 connection,
                and 10 clients at once, each keeping its keep-alive connection open so each needs its own
-               instance. Reports the time until all 10 have their HTTP 200, and the host memory the 10 use
-               (MemAvailable before/after, and the sum of the instances' memory cgroups).
+               instance. Reports the time until all 10 have their HTTP 200, the host memory the 10 use
+               (MemAvailable before/after, and the sum of the instances' memory cgroups), and each instance's
+               own memory from smaps_rollup: USS, PSS and anonymous (under map, the pages it wrote).
   20 services  20 different small services (busybox httpd, one checkpoint each), nothing running, one client
                each at the same moment; the instances are reaped and it is repeated. Reports time to first
                byte p50/p95/p99/max over all of them.
 
-Each is run for every `--restore-memory` (copy: each instance reads the checkpoint's pages into memory of its own;
-map: they map them copy-on-write, so pages no instance writes are one page-cache copy) and, for Tomcat, every
-`--share` (KSM on or off), one variant after the other in the same run.
+Each is run for every `--restore-memory` (default copy,map; copy: each instance reads the checkpoint's pages into
+memory of its own; map: they map them copy-on-write, so pages no instance writes are one page-cache copy:
+docs/restore-memory.md) and, for Tomcat, every `--share` (default on,off: KSM on or off), one variant after the
+other in the same run.
 
 Loopback only; every loop is bounded. Run as root after `make setup images`:
     .venv/bin/python bench/scaleout.py [--rounds 5] [--skip-tomcat] [--restore-memory copy,map] [--share on,off]
@@ -247,8 +249,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-tomcat", action="store_true")
     ap.add_argument("--skip-many", action="store_true")
-    ap.add_argument("--restore-memory", default="copy,map", help="copy, map, or both (copy,map)")
-    ap.add_argument("--share", default="on,off", help="Tomcat with KSM on, off, or both (on,off)")
+    ap.add_argument("--restore-memory", default="copy,map",
+                    help="restore_memory: copy, map, or both (the default: copy,map)")
+    ap.add_argument("--share", default="on,off", help="Tomcat with KSM on, off, or both (the default: on,off)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "scaleout.json"))
     args = ap.parse_args()
     import uvloop
@@ -289,10 +292,10 @@ def _print_tomcat(t: dict[str, Any], n: int) -> None:
     print(f"  host memory used (MemAvailable drop)   {t['host_memory_bytes'] / 2**20:8.0f} MiB "
           f"({per / 2**20:.0f} MiB per instance, {per / pages:.0%} of the checkpoint's pages)")
     print(f"  instances' memory cgroups, sum         {t['cgroup_memory_bytes'] / 2**20:8.0f} MiB")
-    print(f"  checkpoint pages (read by each)        {pages / 2**20:8.0f} MiB")
+    print(f"  checkpoint pages (copy: read by each)  {pages / 2**20:8.0f} MiB")
     if t.get("uss_bytes"):
         print(f"  per instance, its own pages (USS)      {statistics.median(t['uss_bytes']) / 2**20:8.1f} MiB "
-              f"median (PSS {statistics.median(t['pss_bytes']) / 2**20:.1f} MiB, written (anonymous) "
+              f"median (PSS {statistics.median(t['pss_bytes']) / 2**20:.1f} MiB, anonymous (map: written) "
               f"{statistics.median(t['anon_bytes']) / 2**20:.1f} MiB; smaps_rollup)")
     if share:
         print(f"  ksmd: merged within {t['settle_s']:.0f} s using {t['ksmd_cpu_s']:.1f} s of CPU; "
