@@ -34,6 +34,8 @@ MAX_SCAN = 256 * 2**20
 #: through thousands of hard links, an imported files.img can spell one path thousands of ways), and without a
 #: bound a build or import read MAX_SCAN for each; past it the checkpoint is restored by copy
 MAX_TOTAL_SCAN = 1024 * 2**20
+#: the most of a dumped path a hazard names
+MAX_SHOWN = 240
 CHUNK = 4 * 2**20
 #: CRIU's vma status bit for a file mapping (criu/include/image.h), and PROT_EXEC
 VMA_FILE_PRIVATE, VMA_FILE_SHARED, PROT_EXEC = 1 << 6, 1 << 7, 4
@@ -68,21 +70,35 @@ def find(images: Path, layers: list[Path]) -> str:
     for allocator, (library, _) in ALLOCATORS.items():
         for name in sorted(files):
             if library.fullmatch(os.path.basename(name)):
-                return f"{allocator} ({name})"
+                return f"{allocator} ({_shown(name)})"
     seen: dict[str, set[tuple[int, int]]] = {allocator: set() for allocator in ALLOCATORS}
     budget = [MAX_TOTAL_SCAN]
     for name in sorted(n for n, executable in files.items() if executable):
         for allocator, (_, marker) in ALLOCATORS.items():
             if _contains(_in_layers(name, layers), marker, seen[allocator], budget):
-                return f"{allocator}, linked into {name}"
+                return f"{allocator}, linked into {_shown(name)}"
             if budget[0] <= 0:
-                return f"more than {MAX_TOTAL_SCAN >> 20} MiB of executables to look through for an allocator"
+                return (f"its app maps more than {MAX_TOTAL_SCAN >> 20} MiB of executables, more than is looked "
+                        "through for an allocator that breaks under map")
     return ""
+
+
+def _shown(name: str) -> str:
+    """A dumped path as a log line and `status` may carry it: the app chose it (a directory named with a newline
+    and a line of the operator's log after it), so what is not printable is escaped and the length bounded."""
+    if len(name) > MAX_SHOWN:
+        name = name[:MAX_SHOWN // 2] + "..." + name[-MAX_SHOWN // 2:]
+    return _printable(name)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def said(hazard: str) -> str:
     """A find() result as the operator reads it: an allocator's name alone does not say what it does wrong under
     map. Anything else (an imported dump that could not be read to look) is not an allocator the app has."""
+    hazard = _printable(hazard)  # a record written before find() escaped the path
     if hazard.split(" ", 1)[0].rstrip(",") in ALLOCATORS:
         return (f"its app has {hazard}, which counts on memory it discarded reading back as zeros; mapped memory "
                 "reads back the checkpoint's bytes instead")

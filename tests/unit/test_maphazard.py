@@ -144,10 +144,29 @@ def test_more_executables_than_the_total_bound_are_restored_by_copy(tmp_path: Pa
     root = layer(tmp_path, "image", {f"bin/f{i}": b"\x7fELF" + b"q" * 4096 for i in range(20)})
     images = dump(tmp_path, [(f"/bin/f{i}", 5) for i in range(20)])
     got = counting_reads(monkeypatch)
-    assert maphazard.find(images, [root]).startswith("more than ")
+    assert maphazard.find(images, [root]).startswith("its app maps more than ")
     assert got[0] <= 3 * 4096, got
     # control: within the bound, the same files are looked through and found clean
     monkeypatch.setattr(maphazard, "MAX_TOTAL_SCAN", 100 * 4096)
     (tmp_path / "2").mkdir()
     images = dump(tmp_path / "2", [(f"/bin/f{i}", 5) for i in range(20)])
     assert maphazard.find(images, [root]) == ""
+
+
+def test_a_path_the_app_chose_is_one_printable_line_in_the_hazard(tmp_path: Path) -> None:
+    """33.3: the hazard names a path from the dump (any bytes but NUL and '/', for a build: the app's own files);
+    it goes into the operator's log and `status`, where a newline would forge a line of its own."""
+    forged = "\nservice=db level=ERROR CRIU restore failed\r\x1b[2K"
+    images = dump(tmp_path, [(f"/tmp/x{forged}/libjemalloc.so.2", 5)])
+    got = maphazard.find(images, [])
+    assert got.startswith("jemalloc (/tmp/x") and got.endswith("/libjemalloc.so.2)"), got
+    assert got.isprintable() and "\\nservice=db" in got, got
+    said = maphazard.said(f"jemalloc (/tmp/x{forged}/libjemalloc.so.2)")  # a record from before the escaping
+    assert said.isprintable() and said.startswith("its app has jemalloc (/tmp/x\\n"), said
+    # control: an ordinary path is named as it is, and a long one within bounds
+    (tmp_path / "2").mkdir()
+    images = dump(tmp_path / "2", [("/usr/lib/libjemalloc.so.2", 5)])
+    assert maphazard.find(images, []) == "jemalloc (/usr/lib/libjemalloc.so.2)"
+    (tmp_path / "3").mkdir()
+    images = dump(tmp_path / "3", [("/" + "d" * 3000 + "/libjemalloc.so.2", 5)])
+    assert len(maphazard.find(images, [])) < maphazard.MAX_SHOWN + 20
