@@ -28,7 +28,7 @@ from typing import Any
 from .dumpcores import check_cores
 from .dumpexpected import DumpError, Expected, Refuse, cap_mask, cap_names, host_limits, one_of
 from .dumpfiles import check_descriptors, check_fdinfo, check_files, check_mounts
-from .dumpimages import check_pages, kind_of, load_docs, strip_cgroup_roots
+from .dumpimages import check_pages, check_vmas, kind_of, load_docs, strip_cgroup_roots
 from .dumptasks import (
     check_cgroups,
     check_inventory,
@@ -80,6 +80,7 @@ def _check(docs: dict[str, Any], expected: Expected, refuse: Refuse) -> None:
     check_cgroups(docs, expected, refuse)
     check_descriptors(docs, refuse)
     check_pages(docs, refuse)
+    check_vmas(docs, refuse)
     for name in docs:
         if name.startswith("utsns-"):
             uts = one_of(docs, name, refuse)

@@ -165,6 +165,27 @@ def check_pages(docs: dict[str, Any], refuse: Refuse) -> None:
                                        f"({want * PAGE} bytes)")
 
 
+def check_vmas(docs: dict[str, Any], refuse: Refuse) -> None:
+    """Pure. Each mm image's VMAs page-aligned, non-empty, in address order and apart, as the kernel reports
+    them. CRIU's restore takes the list as it comes: it places its restorer and bootstrap in the first gap
+    between consecutive entries (restorer_get_vma_hint), so an entry out of order or overlapping another hides
+    memory a later one maps, and the restorer would then map that memory (MAP_FIXED, with the image's bytes under
+    restore_memory: map) over its own code and arguments while it runs, before seccomp and the capability
+    bounding set are restored; a run is kept within one VMA (patch 0003), which is no bound if VMAs overlap."""
+    for name in sorted(n for n in docs if re.fullmatch(r"mm-\d+\.img", n)):
+        entries = docs[name].get("entries", []) if isinstance(docs[name], dict) else []
+        vmas = entries[0].get("vmas", []) if entries and isinstance(entries[0], dict) else []
+        end = 0
+        for i, v in enumerate(vmas):
+            start, stop = int(v.get("start", 0)), int(v.get("end", 0))
+            if start % PAGE or stop % PAGE or stop <= start:
+                raise refuse(name, f"vma {i}", f"{start:#x}-{stop:#x} (not page-aligned or empty)")
+            if start < end:
+                raise refuse(name, f"vma {i}", f"{start:#x}-{stop:#x} out of order or overlapping the one before "
+                                               f"(which ends at {end:#x})")
+            end = stop
+
+
 def strip_cgroup_roots(images: Path) -> int:
     """Blocking. Remove from cgroup.img the directories it records at the roots of hierarchies (dir_name ""):
     the dumping host's own cgroup tree outside the container (Docker's, for a v1 controller runc did not manage

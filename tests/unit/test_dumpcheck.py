@@ -328,3 +328,25 @@ def test_a_pagemap_entry_crius_restore_reads_differently_from_the_size_check_is_
     d["pagemap-1.img"]["entries"][2] = {"vaddr": 0x600000, "nr_pages": 1, "flags": 6}
     d["pages-1.img"] = {"size": 3 * 4096}
     dumpcheck.check_docs(d, expected())
+
+
+VMAS = [{"start": 0x400000, "end": 0x401000}, {"start": 0x401000, "end": 0x600000},
+        {"start": 0x7FFF0000, "end": 0x80000000}, {"start": 0xFFFFFFFFFF600000, "end": 0xFFFFFFFFFF601000}]
+
+
+@pytest.mark.parametrize("vmas, why", [
+    # an enclosing VMA after the ones it covers: CRIU's bootstrap goes in a "gap" that it maps over
+    ([*VMAS[:2], {"start": 0x1000, "end": 0x7FFF0000}, *VMAS[2:]], "vma 2: 0x1000-0x7fff0000 out of order"),
+    ([VMAS[0], {"start": 0x400000, "end": 0x600000}, *VMAS[2:]], "vma 1: 0x400000-0x600000 out of order"),
+    ([VMAS[1], VMAS[0], *VMAS[2:]], "vma 1: 0x400000-0x401000 out of order"),
+    ([{"start": 0x400000, "end": 0x400800}, *VMAS[1:]], "vma 0: 0x400000-0x400800 (not page-aligned or empty)"),
+    ([{"start": 0x400000, "end": 0x400000}, *VMAS[1:]], "vma 0: 0x400000-0x400000 (not page-aligned or empty)"),
+])
+def test_mm_vmas_out_of_order_overlapping_or_unaligned_are_refused(vmas: list[dict[str, int]], why: str) -> None:
+    d = dump()
+    d["mm-1.img"] = {"magic": "MM", "entries": [{"vmas": vmas}]}
+    with pytest.raises(dumpcheck.DumpError, match=re.escape(f"mm-1.img: {why}")):
+        dumpcheck.check_docs(d, expected())
+    # control: the kernel's order, vsyscall's page last, passes
+    d["mm-1.img"] = {"magic": "MM", "entries": [{"vmas": VMAS}]}
+    dumpcheck.check_docs(d, expected())
