@@ -16,6 +16,7 @@ other in the same run.
 
 Loopback only; every loop is bounded. Run as root after `make setup images`:
     .venv/bin/python bench/scaleout.py [--rounds 5] [--skip-tomcat] [--restore-memory copy,map] [--share on,off]
+                                       [--slots N]
 Prints tables and writes docs/scaleout.json and docs/scaleout.png.
 """
 
@@ -176,9 +177,13 @@ async def settle_ksm(limit: float = 90.0) -> float:
     return time.monotonic() - t0
 
 
-async def bench_tomcat(n: int, share: bool, memory: str) -> dict[str, Any]:
+async def bench_tomcat(n: int, share: bool, memory: str, slots: int = 1) -> dict[str, Any]:
     act = await started({"tomcat": TOMCAT | {"max_instances": n, "target_connections": 1, "idle_timeout": "10m",
-                                             "share_memory": share, "restore_memory": memory}})
+                                             "share_memory": share, "restore_memory": memory,
+                                             "prepared_slots": slots}})
+    if slots > 1:  # the slots are made behind the checkpoint: all of them, before the clients come
+        launcher = act.services["tomcat"].launcher
+        await wait_for(lambda: len(getattr(launcher, "slots", ())) >= slots, "prepared slots")
     try:
         svc = act.services["tomcat"]
         ck = svc.checkpoint
@@ -200,7 +205,7 @@ async def bench_tomcat(n: int, share: bool, memory: str) -> dict[str, Any]:
 
         out = {
             "instances": len(svc.instances), "all_served_s": all_served, "share_memory": share,
-            "restore_memory": memory,
+            "restore_memory": memory, "prepared_slots": slots,
             "per_client_s": sorted(r[0] for r in results),
             "restore_s": sorted(i.start_seconds for i in svc.instances),
             "host_memory_bytes": used_host, "cgroup_memory_bytes": sum(charged),
@@ -252,6 +257,8 @@ def main() -> None:
     ap.add_argument("--restore-memory", default="copy,map",
                     help="restore_memory: copy, map, or both (the default: copy,map)")
     ap.add_argument("--share", default="on,off", help="Tomcat with KSM on, off, or both (the default: on,off)")
+    ap.add_argument("--slots", type=int, default=1,
+                    help="Tomcat's prepared_slots (up to 16): instances made ready but for their process ahead")
     ap.add_argument("--out", default=str(ROOT / "docs" / "scaleout.json"))
     args = ap.parse_args()
     import uvloop
@@ -263,7 +270,7 @@ def main() -> None:
         for memory in memories:
             for share in shares:
                 key = f"tomcat-{memory}" + ("-shared" if share else "")
-                t = results[key] = uvloop.run(bench_tomcat(args.instances, share, memory))
+                t = results[key] = uvloop.run(bench_tomcat(args.instances, share, memory, args.slots))
                 _print_tomcat(t, args.instances)
     if not args.skip_many:
         for memory in memories:
@@ -284,7 +291,8 @@ def _print_tomcat(t: dict[str, Any], n: int) -> None:
     ms = [x * 1000 for x in t["restore_s"]]
     share = t["share_memory"]
     print(f"\nTomcat: {t['instances']} instances from one checkpoint, restored in parallel on {_cpus()} CPUs, "
-          f"restore_memory {t['restore_memory']}, share_memory {'on' if share else 'off'}")
+          f"restore_memory {t['restore_memory']}, share_memory {'on' if share else 'off'}, "
+          f"prepared_slots {t['prepared_slots']}")
     print(f"  all {n} served (HTTP 200) after   {t['all_served_s'] * 1000:8.0f} ms")
     print(f"  per-instance restore, median / max     {statistics.median(ms):8.0f} / {max(ms):.0f} ms")
     pages = t["checkpoint_pages_bytes"]

@@ -30,12 +30,15 @@ from activator.statedir import open_private
 from activator.tasks import spawn
 
 from . import maphazard
+from .restoregate import RestoreGate
 from .store import Checkpoint
 
 log = logging.getLogger("activator.instance")
 
 #: after a restore, how long before the slot it used is prepared again (off the first client's path)
 REFILL_DELAY = 0.05
+#: the longest a slot to prepare waits for restores under way to finish
+SLOT_WAIT = 1.0
 #: after a standby is thawed, how long before its replacement is restored
 STANDBY_REFILL_DELAY = 0.5
 #: a standby's own connection is made within this, or not at all; and used within PRECONNECTED_TTL of the thaw
@@ -125,7 +128,7 @@ class InstanceLauncher:
 
     def __init__(self, config: ServiceConfig, runc: Runc, instances_dir: Path, logs_dir: Path,
                  metrics: RestoreMetrics, network: HostNetwork | None = None, ksm: Ksm | None = None,
-                 restores: asyncio.Semaphore | None = None) -> None:
+                 restores: RestoreGate | None = None) -> None:
         self.config = config
         self.runc = runc
         self.instances_dir = instances_dir
@@ -133,9 +136,8 @@ class InstanceLauncher:
         self.m = metrics
         self.network = network if config.network == "bridge" else None
         self.ksm = ksm  # set when this service's instances share memory
-        # Shared by every service: restores are CPU-bound (runc + CRIU), and on a few cores twenty at once all
-        # finish late; a few at a time, most finish early and the last no later.
-        self.restores = restores or asyncio.Semaphore(1000)
+        # Shared by every service (restoregate.py): how many restore at once, and when slots may be prepared.
+        self.restores = restores or RestoreGate(1000)
         # Prepared slots: everything but the process (namespace, network, overlay, bundle, cgroups, an idle CRIU),
         # made ahead for the current checkpoint so a restore is one request to CRIU. Refilled after each use.
         self.slots: list[tuple[Checkpoint, Sandbox]] = []
@@ -150,6 +152,7 @@ class InstanceLauncher:
         self._refill_after: Checkpoint | None = None  # a refill asked for while one ran
         self._closed = False
         self._hazard_told: set[Path] = set()  # checkpoints whose map_hazard was logged
+        self._refill_due: tuple[asyncio.TimerHandle, Checkpoint] | None = None  # a refill REFILL_DELAY after a restore
 
     async def _binds(self, checkpoint: Checkpoint) -> tuple[Bind, ...]:
         if not self.config.volumes:
@@ -207,6 +210,16 @@ class InstanceLauncher:
         self._filling = spawn(self._fill(checkpoint), name=f"prepare-slots:{self.config.name}")
         self._filling.add_done_callback(self._filled)
 
+    def _refill_later(self, checkpoint: Checkpoint) -> None:
+        if self._refill_due is not None:
+            self._refill_due[0].cancel()
+        self._refill_due = (asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill_now, checkpoint),
+                            checkpoint)
+
+    def _refill_now(self, checkpoint: Checkpoint) -> None:
+        self._refill_due = None
+        self.refill(checkpoint)
+
     def _filled(self, task: asyncio.Task[None]) -> None:
         again, self._refill_after = self._refill_after, None
         if again is not None and not task.cancelled():
@@ -246,6 +259,10 @@ class InstanceLauncher:
         if self._filling is not None and not self._filling.done() and self._filling_for is not checkpoint:
             self._filling.cancel()
             await asyncio.wait([self._filling])
+        if self._refill_due is not None and self._refill_due[1] is not checkpoint:
+            # due after a restore of the replaced checkpoint: it would make slots and standbys of that one again
+            self._refill_due[0].cancel()
+            self._refill_due = None
         stale = [sb for ck, sb in self.slots if ck is not checkpoint]
         self.slots = [(ck, sb) for ck, sb in self.slots if ck is checkpoint]
         for sb in stale:
@@ -283,6 +300,9 @@ class InstanceLauncher:
                 break
             self.standbys.append(inst)
         while not self._closed and len(self.slots) < self.config.prepared_slots:
+            await self.restores.quiet(SLOT_WAIT)  # a restore under way anywhere goes first
+            if self._closed:
+                return
             sb = self._sandbox(checkpoint)
             sb.slot = True
             try:
@@ -298,6 +318,9 @@ class InstanceLauncher:
     async def close(self) -> None:
         """Release every prepared slot (shutdown)."""
         self._closed = True
+        if self._refill_due is not None:
+            self._refill_due[0].cancel()
+            self._refill_due = None
         if self._filling is not None and not self._filling.done():
             self._filling.cancel()
             with contextlib.suppress(BaseException):
@@ -394,7 +417,7 @@ class InstanceLauncher:
             if not standby:  # a standby's app touches nothing before it is thawed
                 self._mark_used(checkpoint)
             t1 = time.monotonic()
-            async with self.restores:
+            async with self.restores.turn():
                 tq = time.monotonic()  # the queue is not the restore's (restore_timeout starts here too)
                 await asyncio.wait_for(sb.restore(checkpoint.images), self.config.restore_timeout)
             # No listening check here: CRIU restores the app's listening socket itself (the dump was checked for
@@ -421,7 +444,7 @@ class InstanceLauncher:
         # under the GIL it held up the first client's dial and splice by 2-4 ms (a small app's first byte came
         # 6-8 ms after its restore instead of 3-4). The first byte is well within REFILL_DELAY.
         if not standby:
-            asyncio.get_running_loop().call_later(REFILL_DELAY, self.refill, checkpoint)
+            self._refill_later(checkpoint)
         self.m.restores.inc()
         self.m.restore_duration.observe(dt)
         log.info("service=%s instance=%s restored%s in %.0f ms (prepare %.0f, queue %.0f, restore %.0f)",

@@ -22,6 +22,7 @@ from typing import Any
 
 from activator.checkpoints.host import Host
 from activator.checkpoints.instance import InstanceLauncher
+from activator.checkpoints.restoregate import RestoreGate
 from activator.checkpoints.store import Checkpoint
 from activator.config.addresses import ListenAddress
 from activator.config.document import Config
@@ -66,7 +67,7 @@ class Fleet:
         self.retiring: set[Service] = set()
         self.budget = capacity.Budget(0)
         self.from_systemd: dict[str, tuple[ListenAddress, ...]] = {}  # `listen: systemd` services' addresses
-        self.restores = asyncio.Semaphore(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
+        self.restores = RestoreGate(max(2, RESTORES_PER_CPU * (os.cpu_count() or 1)))
         self.host: Host | None = None  # set at startup, once the host is checked and the state dir locked
         self.network_open = False  # from the moment open() starts (before it, the kernel path has nothing to count)
         self.ksm: Ksm | None = None
