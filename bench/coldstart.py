@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -205,7 +206,7 @@ async def one_request(port: int) -> float:
 
 
 def breakdown(runs: int, apps: list[str], userns: list[str], memory: list[str],
-              keep_logs: Path | None = None, first: int = 0) -> None:
+              keep_logs: Path | None = None, first: int = 0, drop_caches: bool = False) -> None:
     """In-process restores, phase by phase (medians over the runs after the first two), for each `userns`
     setting asked for (private: the default, the app in a user namespace of its own; host: none) and each
     `restore_memory` (copy, map), the variants alternated run by run so a noisy spell hits them alike."""
@@ -241,6 +242,9 @@ def breakdown(runs: int, apps: list[str], userns: list[str], memory: list[str],
             for _ in range(runs):
                 for name in names:
                     svc = act.services[name]
+                    if drop_caches:  # the checkpoint's pages come from disk: a mapped restore's faults read them
+                        os.sync()
+                        Path("/proc/sys/vm/drop_caches").write_text("3\n")
                     t0 = time.monotonic()
                     reader, writer = await asyncio.open_connection("127.0.0.1", socks[name].getsockname()[1])
                     writer.write(REQUEST)
@@ -303,6 +307,8 @@ def main() -> None:
                     help="with --breakdown: after the first byte, N more requests one by one (new connections) "
                          "to the restored instance: their p50 and p99 (where a restore's deferred costs, such as "
                          "copy-on-write faults of mapped memory, show)")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="with --breakdown: drop the host's page cache before each restore (host-wide; slow)")
     ap.add_argument("--keep-logs", type=Path, default=None, metavar="DIR",
                     help="with --breakdown: keep each restore's CRIU log (timestamped lines) in DIR")
     ap.add_argument("--jvm", action="append", default=[], metavar="NAME=FLAGS",
@@ -317,7 +323,7 @@ def main() -> None:
         apps.append(f"tomcat_{name}")
     if args.breakdown:
         breakdown(max(3, args.runs), apps, args.userns.split(","), args.restore_memory.split(","), args.keep_logs,
-                  min(args.first, 10_000))
+                  min(args.first, 10_000), args.drop_caches)
         return
     memories = args.restore_memory.split(",")
     results = {f"activator (restore, {m})" if len(memories) > 1 else "activator (restore)":
