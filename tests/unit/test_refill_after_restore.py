@@ -65,6 +65,11 @@ async def test_a_refill_due_runs_with_its_checkpoint(tmp_path: Path, monkeypatch
     ck = fake(tmp_path / "ck")
     lnch._refill_later(ck)
     lnch._refill_later(ck)  # a second restore before it is due: one refill, not two
-    for _ in range(3):
-        await asyncio.sleep(0)  # yields to the loop: call_later(0) runs on its next pass
+    loop = asyncio.get_running_loop()
+    for _ in range(100):  # passes of the loop, no waiting: call_later(0) is due on one of the next
+        if refilled:
+            break
+        turn = loop.create_future()
+        loop.call_soon(turn.set_result, None)
+        await turn
     assert refilled == [ck] and lnch._refill_due is None
