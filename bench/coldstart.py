@@ -13,8 +13,8 @@ same run, and writes docs/coldstart.png (and its numbers beside it, docs/coldsta
 instance, map maps them copy-on-write: docs/restore-memory.md), measured one after the other.
 
     .venv/bin/python bench/coldstart.py --breakdown [--runs N] [--apps hello,tomcat] [--userns private,host]
-                                        [--restore-memory copy,map] [--first N] [--keep-logs DIR]
-                                        [--jvm NAME=FLAGS ...]
+                                        [--restore-memory copy,map] [--first N] [--drop-caches]
+                                        [--keep-logs DIR] [--jvm NAME=FLAGS ...]
 
 instead restores each app N times in-process and prints where a restore's time goes: what activator still does
 on the critical path (prepared slots do the namespace, network, overlay and bundle ahead), the restore call (one
