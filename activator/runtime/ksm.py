@@ -1,10 +1,10 @@
 """Sharing memory between instances of one checkpoint: kernel samepage merging (KSM).
 
-CRIU restores every instance's pages as private anonymous memory, so ten instances of one checkpoint cost ten
-times its pages. With prctl(PR_SET_MEMORY_MERGE) (Linux >= 6.4) a process's anonymous memory becomes mergeable,
-and the flag is inherited across fork and execve: set in the runc that restores an instance, it reaches CRIU and
-the restored app. ksmd then merges identical pages (copy-on-write), so the instances share what they have not
-written since the dump.
+Restored by copy (restore_memory: copy), every instance's pages are private anonymous memory, so ten instances
+of one checkpoint cost ten times its pages (restore_memory: map shares the unwritten ones as page cache instead).
+With prctl(PR_SET_MEMORY_MERGE) (Linux >= 6.4) a process's anonymous memory becomes mergeable, and the flag is
+inherited across fork and execve: set in the runc that restores an instance, it reaches CRIU and the restored app.
+ksmd then merges identical pages (copy-on-write), so the instances share what they have not written since the dump.
 
 ksmd costs CPU while it scans. It is run fast for a while after each start of a sharing service (when there is
 something new to merge) and slowly otherwise; the settings activator found are put back when it stops.
