@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from activator.checkpoints import dumpcheck, seccompstub
+from activator.checkpoints import dumpcheck, maphazard, seccompstub
 from activator.checkpoints.store import Checkpoint
 from activator.config.model import load_config
 from activator.daemon.server import Activator
@@ -182,6 +182,10 @@ def _mutations(images: Path) -> dict[str, Callable[[Path], str]]:
         "oom_score_adj -1000": _edit("core-1.img", lambda d: _first(d)["tc"].update(oom_score_adj=-1000)),
         "a CRIU plugin": _edit("inventory.img", lambda d: _first(d).update(plugins_entry={"plugins": ["x"]})),
         "a netns CRIU would build": _edit(_named(images, "netns-"), lambda d: d["entries"].__setitem__(0, {})),
+        # 33.4: CRIU places its bootstrap in the first gap of the list as it comes: a VMA listed last that covers
+        # the low addresses makes that gap memory the restorer maps over itself
+        "a VMA out of order, over the ones before it": _edit(_named(images, "mm-"), lambda d: _first(d)[
+            "vmas"].append(_first(d)["vmas"][0] | {"start": 0x10000, "end": _first(d)["vmas"][-2]["end"]})),
     }
 
 
@@ -189,6 +193,11 @@ def _load(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         doc: dict[str, Any] = require_pycriu().images.load(f)
     return doc
+
+
+def _store(path: Path, doc: dict[str, Any]) -> None:
+    with open(path, "wb") as f:
+        require_pycriu().images.dump(doc, f)
 
 
 def _copy(src: Path, dest: Path) -> Path:
@@ -319,3 +328,101 @@ async def test_truncated_lengthened_and_flipped_images(tmp_path: Path,
         for f in base.iterdir():  # the next variant starts from the real dump again
             shutil.copyfile(f, live / f.name)
     assert restores == min(MAX_RESTORES, len(accepted))
+
+
+def _split_last_page(images: Path, change: Callable[[dict[str, Any]], None], *, in_file: bool = False) -> str:
+    """The dump's last pagemap run loses its last page to an entry of its own, altered by `change`, and (unless
+    in_file) the pages file loses that page's bytes: the crafted entry is what CRIU would read past its end."""
+    name = _named(images, "pagemap-")
+    doc = _load(images / name)
+    last = doc["entries"][-1]
+    page = dict(last) | {"vaddr": last["vaddr"] + (last["nr_pages"] - 1) * 4096, "nr_pages": 1}
+    change(page)
+    if last["nr_pages"] > 1:
+        last["nr_pages"] -= 1
+        doc["entries"].append(page)
+    else:
+        doc["entries"][-1] = page
+    with open(images / name, "wb") as f:
+        require_pycriu().images.dump(doc, f)
+    if not in_file:
+        pages = images / f"pages-{doc['entries'][0]['pages_id']}.img"
+        os.truncate(pages, pages.stat().st_size - 4096)
+    return name
+
+
+async def test_pagemap_entries_read_past_the_pages_file_are_refused(
+        tmp_path: Path, built: tuple[Checkpoint, dumpcheck.Expected]) -> None:
+    """33.1: CRIU reads every pagemap entry's pages from the pages file, whatever its flags, and takes a missing
+    flags field for PE_PRESENT and a missing nr_pages for compat_nr_pages: an entry the size check counted as not
+    in the file made the copying restore spin on reads of 0 until restore_timeout."""
+    ck, expected = built
+    base = _copy(ck.images, tmp_path / "base")
+    # control: the same split, the page left present and in the file, passes
+    control = _copy(base, tmp_path / "control")
+    _split_last_page(control, lambda e: None, in_file=True)
+    dumpcheck.check(control, expected)
+
+    def without(key: str) -> Callable[[dict[str, Any]], None]:
+        return lambda e: e.pop(key) and None
+
+    def compat(e: dict[str, Any]) -> None:
+        e["compat_nr_pages"] = e.pop("nr_pages")
+
+    crafted: dict[str, Callable[[dict[str, Any]], None]] = {
+        "flags 0": lambda e: e.update(flags=0),
+        "lazy, not present": lambda e: e.update(flags=2),
+        "no flags field": without("flags"),
+        "compat_nr_pages in place of nr_pages": compat,
+    }
+    for i, (what, change) in enumerate(crafted.items()):
+        images = _copy(base, tmp_path / f"p{i}")
+        line = _refused(images, expected, _split_last_page(images, change))
+        assert "flags" in line, (what, line)
+
+
+async def test_one_file_mapped_under_many_names_is_scanned_once(
+        tmp_path: Path, built: tuple[Checkpoint, dumpcheck.Expected], monkeypatch: pytest.MonkeyPatch) -> None:
+    """33.2: an archive's diff layer (or a template app, in its writable layer) holds hard links of one big file,
+    and its files.img and mm image map each of them executable: maphazard.find read the whole file once per name
+    (MAX_SCAN, 256 MiB, each: 0.75 s for a sparse one), on the import's or build's thread. Now once, and at most
+    MAX_TOTAL_SCAN in all."""
+    ck, expected = built
+    base = _copy(ck.images, tmp_path / "base")
+    read, got = os.read, [0]
+
+    def counted(fd: int, n: int) -> bytes:
+        block = read(fd, n)
+        got[0] += len(block)
+        return block
+    monkeypatch.setattr(os, "read", counted)
+    # control: the real dump is looked through (busybox, mapped executable, is read) and has no hazard
+    assert maphazard.find(base, ck.layers) == ""
+    busybox = (ck.image_rootfs / "bin" / "busybox").stat().st_size
+    assert 0 < got[0] <= busybox + 4096, (got, busybox)
+
+    size, links = 8 * 2**20, 64
+    diff = tmp_path / "diff"
+    (diff / "lib").mkdir(parents=True)
+    (diff / "lib" / "big.so").touch()
+    os.truncate(diff / "lib" / "big.so", size)
+    for i in range(links):
+        os.link(diff / "lib" / "big.so", diff / "lib" / f"l{i}.so")
+    files, mm = _load(base / "files.img"), _load(base / _named(base, "mm-"))
+    reg = next(e for e in files["entries"] if e.get("type") == "REG")
+    vma = next(v for v in mm["entries"][0]["vmas"] if v["prot"] & 4 and v.get("shmid") == reg["id"])
+    vmas = mm["entries"][0]["vmas"]
+    at = max(i for i, v in enumerate(vmas) if v["end"] < 1 << 46)  # the new ones go in address order after it
+    top = vmas[at]["end"]
+    for i in range(links):
+        fid = 9000 + i
+        files["entries"].append({"type": "REG", "id": fid, "reg": reg["reg"] | {"id": fid,
+                                                                                "name": f"/lib/l{i}.so"}})
+        start = top + (i + 1) * 2 * 4096
+        vmas.insert(at + 1 + i, vma | {"start": start, "end": start + 4096, "shmid": fid})
+    _store(base / "files.img", files)
+    _store(base / _named(base, "mm-"), mm)
+    dumpcheck.check(base, expected)  # what an import checks lets it through: the names are clean, the VMAs free
+    got[0] = 0
+    assert maphazard.find(base, [diff, *ck.layers]) == ""
+    assert got[0] <= busybox + size + 2 * 4096, got  # each file once: was links * size (512 MiB here)
