@@ -59,6 +59,7 @@ def open_host(state: StateDir, config: Config) -> Host:
     criu_version = preflight.check_criu(state.criu_binary)
     state.lock()
     runc = runc_for(state)
+    runc.criu_maps = preflight.criu_maps(state.criu_binary)
     images = ImageSource(state.root, config.settings.images)
     builder = CheckpointBuilder(CheckpointStore(state), images, runc, state.instances, criu_version, runc_version,
                                 host_network(config))

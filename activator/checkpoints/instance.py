@@ -169,16 +169,13 @@ class InstanceLauncher:
         return sb
 
     def _maps(self, checkpoint: Checkpoint) -> bool:
-        """restore_memory: map, unless the checkpoint's app is known to break under it (maphazard.py)."""
-        mode = self.config.restore_memory
-        if mode == "map" and checkpoint.map_hazard:
-            if checkpoint.dir not in self._hazard_told:
-                self._hazard_told.add(checkpoint.dir)
-                log.warning("service=%s restore_memory: map is not used: %s (docs/restore-memory.md); its "
-                            "instances are restored by copy (restore_memory: map-always maps them anyway)",
-                            self.config.name, maphazard.said(checkpoint.map_hazard))
-            return False
-        return mode in ("map", "map-always")
+        """restore_memory: map, unless the app is known to break under it or CRIU cannot (maphazard.py); the
+        operator is told once per checkpoint."""
+        maps, why = maphazard.restore_maps(self.config.restore_memory, checkpoint.map_hazard, self.runc.criu_maps)
+        if why and checkpoint.dir not in self._hazard_told:
+            self._hazard_told.add(checkpoint.dir)
+            log.warning("service=%s %s", self.config.name, why)
+        return maps
 
     async def _prepare_for(self, sb: Sandbox, checkpoint: Checkpoint) -> None:
         await sb.prepare(checkpoint.layers, checkpoint.process, self.config.resources,

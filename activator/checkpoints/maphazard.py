@@ -105,6 +105,21 @@ def said(hazard: str) -> str:
     return hazard
 
 
+def restore_maps(mode: str, hazard: str, criu_maps: bool) -> tuple[bool, str]:
+    """Is an instance of a checkpoint with this hazard restored by mapping under `restore_memory: mode`, and if
+    mapping was asked for but is not done, why (the operator's line); "" when nothing is to be said."""
+    if mode not in ("map", "map-always"):
+        return False, ""
+    if not criu_maps:  # it would refuse the restore config's line and fail every restore
+        return False, (f"restore_memory: {mode} is not used: CRIU cannot restore by mapping (it lacks activator's "
+                       "scripts/criu-patches/0003; `make setup` builds one that can); its instances are restored by "
+                       "copy")
+    if mode == "map" and hazard:
+        return False, (f"restore_memory: map is not used: {said(hazard)} (docs/restore-memory.md); its instances "
+                       "are restored by copy (restore_memory: map-always maps them anyway)")
+    return True, ""
+
+
 def _in_layers(name: str, layers: list[Path]) -> Path | None:
     """The topmost layer's copy of a container path, if it is a regular file reached without a symbolic link."""
     parts = [p for p in name.split("/") if p not in ("", ".")]

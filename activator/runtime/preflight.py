@@ -61,6 +61,16 @@ def check_criu(binary: str = "criu") -> str:
     return f"{found} ({gitid.group(1)})" if gitid else found
 
 
+def criu_maps(binary: str = "criu") -> bool:
+    """Can this CRIU restore by mapping (activator's scripts/criu-patches/0003: `--mmap-page-image`)? One that
+    cannot would refuse the restore config's line and fail every restore of a `restore_memory: map` service."""
+    try:
+        out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--mmap-page-image" in out
+
+
 def require_pycriu() -> Any:
     """The pycriu module, or a one-line error saying how to get it (it is not on PyPI)."""
     try:

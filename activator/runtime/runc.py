@@ -95,6 +95,8 @@ class Runc:
         self.binary = binary
         self.criu = criu
         self.criu_config = root / "criu.conf"
+        #: the CRIU restores by mapping (preflight.criu_maps; open_host asks the binary)
+        self.criu_maps = True
         self.criu_dump_config = root / "criu-dump.conf"
         #: cleanup steps the sandboxes of this runc root could not do (logged where they failed); the lifecycle
         #: owner reads them at shutdown for its exit status

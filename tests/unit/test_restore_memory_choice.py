@@ -72,3 +72,19 @@ def test_the_warning_says_what_the_allocator_does_and_never_calls_an_unread_dump
     assert "docs/restore-memory.md" in allocator and "restored by copy" in allocator, allocator
     assert f"{NOT_USED}{UNREAD} (docs/restore-memory.md)" in unread, unread  # positive control: the reason is said
     assert "its app has" not in unread and "zeros" not in unread, unread
+
+
+@pytest.mark.parametrize("mode", ["map", "map-always"])
+def test_a_criu_that_cannot_map_restores_by_copy_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                  mode: str) -> None:
+    """A CRIU without patch 0003 (settings.criu naming another build) would refuse the restore config's
+    mmap-page-image line and fail every restore: the service is restored by copy instead, and told once."""
+    caplog.set_level(logging.WARNING)
+    lnch = launcher(tmp_path, mode)
+    lnch.runc.criu_maps = False
+    for ck in (FakeCheckpoint(tmp_path / "ck1"), FakeCheckpoint(tmp_path / "ck2")):
+        assert lnch._maps(ck) is False  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records if "cannot restore by mapping" in r.getMessage()]
+    assert len(said) == 2 and all("scripts/criu-patches/0003" in s for s in said), said  # once per checkpoint
+    lnch.runc.criu_maps = True  # the positive control: the same launcher maps with a CRIU that can
+    assert lnch._maps(FakeCheckpoint(tmp_path / "ck3")) is True  # type: ignore[arg-type]
