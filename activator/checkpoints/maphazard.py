@@ -25,6 +25,8 @@ import re
 import stat
 from pathlib import Path
 
+from .store import VMA_FILE_PRIVATE, VMA_FILE_SHARED
+
 #: allocator -> (its shared library's file name, a byte string every static copy carries: its error messages'
 #: prefix, compiled into malloc_printf's callers)
 ALLOCATORS = {"jemalloc": (re.compile(r"libjemalloc\.so(\.[0-9]+)*"), b"<jemalloc>: ")}
@@ -37,19 +39,14 @@ MAX_TOTAL_SCAN = 1024 * 2**20
 #: the most of a dumped path a hazard names
 MAX_SHOWN = 240
 CHUNK = 4 * 2**20
-#: CRIU's vma status bit for a file mapping (criu/include/image.h), and PROT_EXEC
-VMA_FILE_PRIVATE, VMA_FILE_SHARED, PROT_EXEC = 1 << 6, 1 << 7, 4
+PROT_EXEC = 4
 
 
 def mapped_files(images: Path) -> dict[str, bool]:
     """Container path of every file the dumped processes map -> whether any mapping of it is executable."""
-    from .store import _int, _load_img
+    from .store import _int, _load_img, regular_files
 
-    names = {}
-    if (images / "files.img").exists():
-        for e in _load_img(images / "files.img")["entries"]:
-            if "reg" in e:
-                names[int(e["id"])] = str(e["reg"].get("name", ""))
+    names = regular_files(images)
     out: dict[str, bool] = {}
     for p in _load_img(images / "pstree.img")["entries"]:
         mm = images / f"mm-{int(p['pid'])}.img"

@@ -252,16 +252,20 @@ def _prot(p: int) -> str:
     return ("r" if p & 1 else "-") + ("w" if p & 2 else "-") + ("x" if p & 4 else "-")
 
 
+def regular_files(images: Path) -> dict[int, str]:
+    """files.img's regular files: id (what a file mapping's shmid names) -> container path ("" if unnamed)."""
+    if not (images / "files.img").exists():
+        return {}
+    return {int(e["id"]): str(e["reg"].get("name", "")) for e in _load_img(images / "files.img")["entries"]
+            if "reg" in e}
+
+
 def pages_by_mapping(images: Path) -> list[tuple[str, int]]:
     """Dumped pages per mapping, most first. A restore copies every one of them, so this is where a restore's
     time goes, and what a leaner app configuration would save. File mappings are named by their file (a private
     mapping's pages here are the ones the app wrote to: a JVM's relocated CDS archive), anonymous ones by their
     protection, size and address (a JVM's young and old generation, metaspace and code cache are each one)."""
-    files = {}
-    if (images / "files.img").exists():
-        for e in _load_img(images / "files.img")["entries"]:
-            if "reg" in e:
-                files[int(e["id"])] = str(e["reg"].get("name", "?"))
+    files = regular_files(images)
     counts: dict[str, int] = {}
     for e in _load_img(images / "pstree.img")["entries"]:
         pid = e["pid"]
@@ -275,7 +279,7 @@ def pages_by_mapping(images: Path) -> list[tuple[str, int]]:
             elif status & VMA_AREA_STACK:
                 label = "[stack]"
             elif status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED):
-                label = files.get(_int(v.get("shmid", 0)), "[file]")
+                label = files.get(_int(v.get("shmid", 0)), "[file]") or "?"
             else:
                 label = f"[anon {_prot(_int(v.get('prot', 0)))} {(end - start) / 2**20:.1f} MiB at {start:#x}]"
             vmas.append((start, end, label))

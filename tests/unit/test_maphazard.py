@@ -25,7 +25,7 @@ def dump(tmp: Path, mapped: list[tuple[str, int]]) -> Path:
                                   for i, (name, _) in enumerate(mapped)]},
         "mm-1.img": {"entries": [{"vmas": [
             {"start": hex(0x1000 * (i + 1)), "end": hex(0x1000 * (i + 2)), "prot": prot,
-             "status": maphazard.VMA_FILE_PRIVATE | 1, "shmid": i + 1} for i, (_, prot) in enumerate(mapped)
+             "status": store.VMA_FILE_PRIVATE | 1, "shmid": i + 1} for i, (_, prot) in enumerate(mapped)
         ] + [{"start": "0x90000", "end": "0x91000", "prot": 3, "status": 1 | (1 << 2), "shmid": 0}]}]},
     }
     for name in docs:
