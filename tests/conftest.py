@@ -204,6 +204,28 @@ async def http_get(port: int, path: str = "/") -> bytes:
     return data
 
 
+def _host_global() -> tuple[frozenset[str], frozenset[str]]:
+    """activator's names that are global to the host, not to a state dir: network namespaces and cgroups."""
+    run = Path("/run/netns")
+    netns = frozenset(p.name for p in run.glob("activator-*")) if run.is_dir() else frozenset()
+    root = Path("/sys/fs/cgroup")  # v1 hierarchies, and v2's unified one
+    groups = frozenset(str(p) for p in [*root.glob("*/activator/*"), *root.glob("activator/*")] if p.is_dir())
+    return netns, groups
+
+
+#: Host-global names that existed before this session: a killed earlier run's leftovers (/run may live on disk and
+#: outlast a reboot) or a daemon running beside the tests. They are not this session's leaks, and counting them
+#: would fail every leak check after the first; pytest's header lists them.
+PREEXISTING_NETNS, PREEXISTING_CGROUPS = _host_global()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    old = sorted(PREEXISTING_NETNS | PREEXISTING_CGROUPS)
+    if not old:
+        return None
+    return f"leak checks ignore {len(old)} activator names older than this session: {', '.join(old[:6])}"
+
+
 def host_resources(state_dir: Path) -> dict[str, list[str]]:
     """What activator owns on the host right now, for one state dir: the leak checker. Prepared slots (made
     ahead on purpose, marked with a `slot` file) are listed apart, with their mounts and namespaces."""
@@ -217,10 +239,12 @@ def host_resources(state_dir: Path) -> dict[str, list[str]]:
         mounts = [line.split()[4] for line in f
                   if line.split()[4].startswith(prefix) and not line.split()[4].startswith(slot_prefixes)]
     netns = sorted(p.name for p in Path("/run/netns").glob("activator-*")
-                   if p.name.removeprefix("activator-") not in slots) if Path("/run/netns").is_dir() else []
+                   if p.name.removeprefix("activator-") not in slots and p.name not in PREEXISTING_NETNS) \
+        if Path("/run/netns").is_dir() else []
     dirs = sorted(p.name for p in inst.iterdir() if p.name not in slots) if inst.is_dir() else []
     root = Path("/sys/fs/cgroup")  # v1 hierarchies, and v2's unified one
-    groups = [p for p in [*root.glob("*/activator/*"), *root.glob("activator/*")] if p.is_dir() and p.name not in slots]
+    groups = [p for p in [*root.glob("*/activator/*"), *root.glob("activator/*")]
+              if p.is_dir() and p.name not in slots and str(p) not in PREEXISTING_CGROUPS]
     cgroups = sorted(str(p) for p in groups)
     procs: set[str] = set()  # what runs in them: the apps (and CRIU while it restores)
     for cg in groups:
