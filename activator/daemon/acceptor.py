@@ -12,8 +12,11 @@ fit sockets systemd passes in.
 
 So the only accept() is in this thread, which may block: it then waits for the next connection to that one
 service, and the event loop never notices. The thread polls before each accept (a socket left blocking by the
-last app does not make the second accept of a burst wait), hands what it took to the loop in batches and waits
-until the loop has taken them (the kernel's accept queue, not memory, holds the rest). A connection taken while
+last app seldom makes the second accept of a burst wait) and hands each connection to the loop as it takes it:
+an app can take the connection the poll saw before this thread's accept() does, which then waits for the next
+one, and a connection kept back for a batch would wait with it, unanswered (in CI's full runs, one client in
+500). After a burst it waits until the loop has taken them all (the kernel's accept queue, not memory, holds the
+rest). A connection taken while
 the activator was not to accept (it was blocked in accept() when an app started) is served like any connection
 the activator holds: passed on to the app (proxy.connect_handed). The thread has its own duplicate of the
 descriptor, so the loop closing its own can never make it accept on a reused number; it ends on close(), at its
@@ -31,6 +34,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from .sockets import address_of
@@ -72,7 +76,11 @@ class Acceptor:
         self._on = False
         self._closed = False
         self._deaf = False  # accept() said EINVAL (shut down): waits until it listens again
-        self._taken = threading.Event()
+        # Accepted on the thread, not yet delivered on the loop; one _hand is scheduled at a time for all of them
+        self._ready: deque[socket.socket] = deque()
+        self._ready_lock = threading.Lock()
+        self._scheduled = False
+        self._drained = threading.Event()
         self.in_accept = False  # inside accept(), where only a connection or a shutdown wakes it
         self.waits = 0  # accept() calls that waited (an app took the connection first, the socket was blocking)
         self._thread = threading.Thread(target=self._run, name=f"accept:{name}", daemon=True)
@@ -96,7 +104,7 @@ class Acceptor:
             return
         self._closed = True
         self._wake()
-        self._taken.set()
+        self._drained.set()
         if self.in_accept:
             self._poke()
 
@@ -152,7 +160,7 @@ class Acceptor:
                 os.close(self._wake_w)
 
     def _batch(self) -> None:
-        taken: list[socket.socket] = []
+        taken = 0
         probe = select.poll()
         probe.register(self._fd, select.POLLIN)
         for _ in range(ACCEPT_BATCH):
@@ -179,27 +187,42 @@ class Acceptor:
                 if time.monotonic() - t0 > WAITED:
                     self.waits += 1
             conn.setblocking(False)
-            taken.append(conn)
-        if not taken:
-            return
-        if self._closed:
-            for conn in taken:
-                conn.close()
-            return
-        self._taken.clear()
-        if self._tell(self._hand, taken):
-            self._taken.wait()
-        else:
-            for conn in taken:
-                conn.close()
+            taken += 1
+            if not self._push(conn):
+                return
+        if taken and not self._closed:
+            self._drained.wait()
 
-    def _hand(self, taken: list[socket.socket]) -> None:
-        """On the loop."""
+    def _push(self, conn: socket.socket) -> bool:
+        """Queue one connection for the loop, scheduling a _hand unless one is pending; False once the loop is
+        gone (what is queued is closed)."""
+        with self._ready_lock:
+            self._ready.append(conn)
+            self._drained.clear()
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        if self._tell(self._hand):
+            return True
+        with self._ready_lock:
+            while self._ready:
+                self._ready.popleft().close()
+        self._drained.set()
+        return False
+
+    def _hand(self) -> None:
+        """On the loop: deliver everything queued so far."""
+        with self._ready_lock:
+            conns = list(self._ready)
+            self._ready.clear()
+            self._scheduled = False
         try:
-            for conn in taken:
+            for conn in conns:
                 if self._closed:
                     conn.close()
                 else:
                     self._deliver(conn)
         finally:
-            self._taken.set()
+            with self._ready_lock:
+                if not self._ready:
+                    self._drained.set()

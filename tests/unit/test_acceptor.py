@@ -1,0 +1,80 @@
+"""The handoff acceptor's thread (daemon/acceptor.py) on a real, blocking loopback socket, with the race an app
+sharing the socket can win played deterministically: between the thread's poll, which saw a connection queued,
+and its accept(), the "app" takes that connection. The thread's accept() then waits for the next one; what it had
+already taken must reach the loop anyway. CI's full runs lost one client in 500 this way (issue 33's stop): the
+thread kept its batch until the burst ended, and the burst ended only when another connection came."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import pytest
+
+from activator.daemon.acceptor import Acceptor
+
+
+class AppWinsTheSecondAccept:
+    """Stands in for the acceptor's own descriptor: its second accept() lets a competitor (the app) take the
+    queued connection first, then accepts for real, on a socket that is blocking."""
+
+    def __init__(self, real: socket.socket, competitor: socket.socket) -> None:
+        self._real = real
+        self._competitor = competitor
+        self.calls = 0
+        self.stolen: list[socket.socket] = []
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        self.calls += 1
+        if self.calls == 2:
+            self.stolen.append(self._competitor.accept()[0])
+        return self._real.accept()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.mark.asyncio
+async def test_a_connection_taken_is_delivered_while_the_next_accept_waits() -> None:
+    loop = asyncio.get_running_loop()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    assert listener.getblocking()  # as an app that cleared O_NONBLOCK left it
+    app = socket.socket(fileno=os.dup(listener.fileno()))  # the app's own holder of the one file
+    delivered: asyncio.Queue[socket.socket] = asyncio.Queue()
+    problems: list[str] = []
+    acceptor = Acceptor("victim", listener, delivered.put_nowait, problems.append)
+    thief = AppWinsTheSecondAccept(acceptor._sock, app)
+    acceptor._sock = thief  # type: ignore[assignment]
+    clients = []
+    try:
+        for _ in range(2):  # both queued before the thread looks, so its poll after the first sees the second
+            c = socket.socket()
+            c.connect(listener.getsockname())
+            clients.append(c)
+        acceptor.set(True)
+        first = await asyncio.wait_for(delivered.get(), 10)
+        # The thread is inside its second accept(), which waits: the app took what the poll saw
+        assert len(thief.stolen) == 1 and thief.calls == 2 and acceptor.in_accept
+        assert first.getpeername() == clients[0].getsockname()
+        assert thief.stolen[0].getpeername() == clients[1].getsockname()
+        # Positive control: the waiting accept() takes the next connection, which is delivered too
+        third = socket.socket()
+        third.connect(listener.getsockname())
+        clients.append(third)
+        nxt = await asyncio.wait_for(delivered.get(), 10)
+        assert nxt.getpeername() == third.getsockname()
+        for conn in (first, nxt, *thief.stolen):
+            conn.close()
+    finally:
+        acceptor.close()
+        await loop.run_in_executor(None, acceptor._thread.join, 10)
+        assert not acceptor._thread.is_alive()
+        for c in clients:
+            c.close()
+        app.close()
+        listener.close()
+    assert problems == []
