@@ -237,9 +237,13 @@ async def _copy_pipe(fd: int, dest: Path) -> None:
     try:
         await copy.ended
     finally:
-        with contextlib.suppress(OSError):  # BlockingIOError: nothing left
-            os.set_blocking(fd, False)
-            while chunk := os.read(fd, 65536):
-                copy.data_received(chunk)
+        # Only while the transport still holds the pipe: once it has ended, the transport has closed fd, and its
+        # number may already be another thread's file (a build's, or a Popen's pipe that reading, or making
+        # non-blocking, would break).
+        if not copy.ended.done():
+            with contextlib.suppress(OSError):  # BlockingIOError: nothing left
+                os.set_blocking(fd, False)
+                while chunk := os.read(fd, 65536):
+                    copy.data_received(chunk)
         transport.close()
         os.close(out)
