@@ -125,7 +125,9 @@ def inspect_image(cfg: Config | None, what: str, as_json: bool) -> int:
 
 
 def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
+    from activator.checkpoints import maphazard
     from activator.checkpoints.store import CheckpointStore, contents
+    from activator.runtime import preflight
     from activator.statedir import StateDir
 
     if not any(s.name == args.service for s in cfg.services) and names_an_image(args.service):
@@ -146,10 +148,14 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
         raise ActivatorError(f"service '{svc.name}': cannot read checkpoint {ck.images}: {e}; "
                              f"rebuild it with `activator checkpoint {svc.name} --rebuild`") from None
     current = ck.origin.service_fingerprint == svc.checkpoint_fingerprint()
+    state = StateDir.of(cfg)
+    maps, why = maphazard.restore_maps(svc.restore_memory, ck.map_hazard,
+                                       svc.restore_memory == "copy" or preflight.criu_maps(state.criu_binary))
+    memory = {"restore_memory": svc.restore_memory, "maps": maps, "map_hazard": ck.map_hazard, "why_not": why}
     info = {
         "service": svc.name, "dir": str(ck.dir), "created": ck.created, "build_seconds": ck.build_seconds,
         "matches_config": current, "provenance": ck.provenance or "built here",
-        "origin": vars(ck.origin), "process": {"args": list(ck.process.args),
+        "origin": vars(ck.origin), "restores_by": memory, "process": {"args": list(ck.process.args),
                                                                           "cwd": ck.process.cwd,
                                                                           "uid": ck.process.uid},
         **held,
@@ -166,6 +172,10 @@ def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
     say(f"  command    {' '.join(ck.process.args)} (cwd {ck.process.cwd}, uid {ck.process.uid})")
     say(f"  listening  {', '.join(map(str, held['listening_ports'])) or 'nothing'}")
     say(f"  memory     {size(held['pages_bytes'])} of pages in {held['image_files']} image files")
+    # Whether its instances map those pages, and if `map` was asked for but is not done, the warning's why
+    say(f"  restores   by {'map' if maps else 'copy'} (restore_memory: {svc.restore_memory})")
+    if why:
+        say(f"             {why}")
     mapped = held["pages_by_mapping"]
     for label, n in mapped[:8]:
         say(f"             {n:>7} pages {label}")

@@ -10,8 +10,10 @@ mapping is shown with map-always, and what `map` does with such an app has a tes
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -20,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from activator.cli.inspection import cmd_inspect
 from tests.conftest import BUSYBOX
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
@@ -73,13 +76,21 @@ def mapped_pages(inst: Any) -> int:
     return sum(int(m) for m in re.findall(r"nr_mapped_pages:\s+(\d+)", log))
 
 
+def restores_by(run: Any, service: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """What `activator inspect --json` says of how the service's instances get their memory."""
+    capsys.readouterr()
+    assert cmd_inspect(run.config, argparse.Namespace(service=service, json=True)) == 0
+    shown: dict[str, Any] = json.loads(capsys.readouterr().out)["restores_by"]
+    return shown
+
+
 def image_digests(images: Path) -> dict[str, str]:
     pages = sorted(images.glob("pages-*.img"))
     assert pages, f"no pages images in {images}"
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in pages}
 
 
-async def test_each_check_gives_the_documented_result_under_copy_and_under_map_always(start) -> None:  # type: ignore[no-untyped-def]
+async def test_each_check_gives_the_documented_result_under_copy_and_under_map_always(start, capsys) -> None:  # type: ignore[no-untyped-def]
     run = await start({"copy": MEMCHECK | {"restore_memory": "copy"},
                        "always": MEMCHECK | {"restore_memory": "map-always"}})
     results = {}
@@ -109,6 +120,10 @@ async def test_each_check_gives_the_documented_result_under_copy_and_under_map_a
     # The visible change (issue 33, criu#1711): the maps name the images
     assert "pages_lines=0" in results["copy"]["visible"][1]
     assert not re.search(r"pages_lines=0\b", results["always"]["visible"][1])
+    # and `activator inspect` says which way each is restored
+    assert restores_by(run, "copy", capsys) == {"restore_memory": "copy", "maps": False, "map_hazard": "jemalloc, "
+                                                "linked into /bin/memcheck-je", "why_not": ""}
+    assert restores_by(run, "always", capsys)["maps"] is True
 
 
 #: the one line the launcher logs when map is not used for a checkpoint (activator/checkpoints/instance.py _maps)
@@ -116,7 +131,7 @@ NOT_MAPPED = "restore_memory: map is not used: its app has "
 
 
 async def test_under_map_a_checkpoint_whose_app_links_jemalloc_is_restored_by_copy_with_one_warning(  # type: ignore[no-untyped-def]
-        start, caplog) -> None:
+        start, caplog, capsys) -> None:
     """memcheck-je (memcheck's child) carries a static jemalloc: found in the executable the dumped child maps, so
     `map` restores by copy, every check passes as under copy, and the operator reads why, once. The same image
     under map-always maps (the table's test): the hazard, not the image, is what turned mapping off."""
@@ -137,6 +152,8 @@ async def test_under_map_a_checkpoint_whose_app_links_jemalloc_is_restored_by_co
     warned = [r.getMessage() for r in caplog.records if NOT_MAPPED in r.getMessage()]
     assert len(warned) == 1, warned
     assert warned[0].startswith("service=map ") and "jemalloc, linked into /bin/memcheck-je" in warned[0], warned
+    shown = restores_by(run, "map", capsys)  # `activator inspect` gives the operator the same reason
+    assert shown["maps"] is False and shown["why_not"] == warned[0].removeprefix("service=map "), (shown, warned)
 
 
 async def test_instances_of_one_mapped_checkpoint_never_see_each_others_writes(start) -> None:  # type: ignore[no-untyped-def]

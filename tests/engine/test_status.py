@@ -63,6 +63,7 @@ def test_status_and_inspect(tmp_path: Path) -> None:
         assert ins.returncode == 0, ins.stderr
         assert "listening  9000" in ins.stdout and "echo-server" in ins.stdout
         assert "matches the service definition" in ins.stdout and "CRIU 4." in ins.stdout
+        assert "restores   by copy (restore_memory: copy)\n" in ins.stdout, ins.stdout
         # Where the pages are: every dumped page is put in exactly one mapping, and the app's binary is one.
         held = json.loads(subprocess.run([*ACTIVATOR, "inspect", "echo", "--json", "-c", str(cfg)],
                                          capture_output=True, text=True, timeout=30, check=True).stdout)
