@@ -35,10 +35,9 @@ from .store import Checkpoint
 
 log = logging.getLogger("activator.instance")
 
-#: after a restore, how long before the slot it used is prepared again. 0.05 took the slot's Python work (under
-#: the GIL) off a small app's first byte (6-8 ms after the restore call, 3-4 with it), but with it a handoff test
-#: that races the app and the activator for the shared socket lost a client in the full suite (2 CI rehearsals and
-#: a partial run of 3; 0 passed the same partial run): back to at once until that is understood (issue 33's note)
+#: after a restore, how long before the slot it used is prepared again. 0.05 looked like it took the slot's Python
+#: work off a small app's first byte, but a client's ttfb did not show it (docs/benchmarks.md); the handoff client
+#: it seemed to lose was the acceptor's doing (acceptor.py)
 REFILL_DELAY = 0.0
 #: the longest a slot to prepare waits for restores under way to finish
 SLOT_WAIT = 1.0
