@@ -35,10 +35,6 @@ from .store import Checkpoint
 
 log = logging.getLogger("activator.instance")
 
-#: after a restore, how long before the slot it used is prepared again. 0.05 looked like it took the slot's Python
-#: work off a small app's first byte, but a client's ttfb did not show it (docs/benchmarks.md); the handoff client
-#: it seemed to lose was the acceptor's doing (acceptor.py)
-REFILL_DELAY = 0.0
 #: the longest a slot to prepare waits for restores under way to finish
 SLOT_WAIT = 1.0
 #: after a standby is thawed, how long before its replacement is restored
@@ -154,7 +150,7 @@ class InstanceLauncher:
         self._refill_after: Checkpoint | None = None  # a refill asked for while one ran
         self._closed = False
         self._hazard_told: set[Path] = set()  # checkpoints whose map_hazard was logged
-        self._refill_due: tuple[asyncio.TimerHandle, Checkpoint] | None = None  # a refill REFILL_DELAY after a restore
+        self._refill_due: tuple[asyncio.TimerHandle, Checkpoint] | None = None  # a refill due later (_refill_later)
 
     async def _binds(self, checkpoint: Checkpoint) -> tuple[Bind, ...]:
         if not self.config.volumes:
@@ -209,11 +205,12 @@ class InstanceLauncher:
         self._filling = spawn(self._fill(checkpoint), name=f"prepare-slots:{self.config.name}")
         self._filling.add_done_callback(self._filled)
 
-    def _refill_later(self, checkpoint: Checkpoint) -> None:
+    def _refill_later(self, checkpoint: Checkpoint, delay: float) -> None:
+        """refill(checkpoint) in `delay` seconds, unless a reload replaces the checkpoint first (drop_slots_except)
+        or the launcher closes: fired after either, it would make slots and standbys of a checkpoint that is gone."""
         if self._refill_due is not None:
             self._refill_due[0].cancel()
-        self._refill_due = (asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill_now, checkpoint),
-                            checkpoint)
+        self._refill_due = (asyncio.get_running_loop().call_later(delay, self._refill_now, checkpoint), checkpoint)
 
     def _refill_now(self, checkpoint: Checkpoint) -> None:
         self._refill_due = None
@@ -352,7 +349,7 @@ class InstanceLauncher:
             self.m.standby_thaws.inc()
             # Not at once: a restore (CRIU, and the next slot's mounts and namespace) would take the CPUs the
             # thawed app needs to answer the connections waiting for it.
-            asyncio.get_running_loop().call_later(STANDBY_REFILL_DELAY, self.refill, checkpoint)
+            self._refill_later(checkpoint, STANDBY_REFILL_DELAY)
             log.info("service=%s instance=%s thawed from standby in %.2f ms", self.config.name, inst.name,
                      (now - t0) * 1000)
             # Unclaimed (a start without a client: `activator scale`), it would pin an idle connection in the app.
@@ -439,9 +436,10 @@ class InstanceLauncher:
                 await sb.release()
             raise
         dt = time.monotonic() - t0
-        # Not during the restore: preparing the next slot is Python work in a thread, under the GIL (REFILL_DELAY).
+        # Not during the restore: preparing the next slot is Python work in a thread, under the GIL. Preparing it
+        # 50 ms later instead gained nothing a client's first byte shows (docs/benchmarks.md).
         if not standby:
-            self._refill_later(checkpoint)
+            self.refill(checkpoint)
         self.m.restores.inc()
         self.m.restore_duration.observe(dt)
         log.info("service=%s instance=%s restored%s in %.0f ms (prepare %.0f, queue %.0f, restore %.0f)",
