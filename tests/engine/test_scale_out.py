@@ -63,7 +63,9 @@ async def test_connections_at_the_idle_deadline_are_never_reset(start) -> None: 
     rng = random.Random(7)
     for i in range(15):
         assert await echo(port, b"round %d" % i) == b"round %d" % i
-        await asyncio.sleep(idle + rng.uniform(-0.05, 0.05))
+        # Around the deadline, more often past it: the daemon's idle clock starts when it sees the close, a few
+        # ms after echo() returns, so ±50 ms left only 0.301-0.333 s past it and a loaded host reaped none
+        await asyncio.sleep(idle + rng.uniform(-0.05, 0.1))
     assert await echo(port, b"last") == b"last"
     assert run.metric("activator_connection_errors_total", "echo") == 0
     assert run.metric("activator_idle_reaps_total", "echo") >= 1  # the race was really run
