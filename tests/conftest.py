@@ -17,9 +17,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import pytest_asyncio
@@ -204,31 +204,47 @@ async def http_get(port: int, path: str = "/") -> bytes:
     return data
 
 
-def _host_global() -> tuple[frozenset[str], frozenset[str]]:
-    """activator's names that are global to the host, not to a state dir: network namespaces and cgroups."""
+class HostNames(NamedTuple):
+    """activator's names that are global to the host, not to a state dir."""
+    netns: frozenset[str]  # activator-NAME under /run/netns
+    cgroups: frozenset[Path]  # NAME under an `activator` group of any hierarchy (v1's, v2's unified one)
+
+
+def host_names() -> HostNames:
     run = Path("/run/netns")
     netns = frozenset(p.name for p in run.glob("activator-*")) if run.is_dir() else frozenset()
-    root = Path("/sys/fs/cgroup")  # v1 hierarchies, and v2's unified one
-    groups = frozenset(str(p) for p in [*root.glob("*/activator/*"), *root.glob("activator/*")] if p.is_dir())
-    return netns, groups
+    root = Path("/sys/fs/cgroup")
+    groups = frozenset(p for p in [*root.glob("*/activator/*"), *root.glob("activator/*")] if p.is_dir())
+    return HostNames(netns, groups)
+
+
+def _procs(groups: Iterable[Path]) -> set[str]:
+    procs: set[str] = set()
+    for cg in groups:
+        with contextlib.suppress(OSError):
+            procs.update((cg / "cgroup.procs").read_text().split())
+    return procs
 
 
 #: Host-global names that existed before this session: a killed earlier run's leftovers (/run may live on disk and
 #: outlast a reboot) or a daemon running beside the tests. They are not this session's leaks, and counting them
 #: would fail every leak check after the first; pytest's header lists them.
-PREEXISTING_NETNS, PREEXISTING_CGROUPS = _host_global()
+PREEXISTING = host_names()
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
-    old = sorted(PREEXISTING_NETNS | PREEXISTING_CGROUPS)
+    old = sorted([*PREEXISTING.netns, *map(str, PREEXISTING.cgroups)])
     if not old:
         return None
-    return f"leak checks ignore {len(old)} activator names older than this session: {', '.join(old[:6])}"
+    running = len(_procs(PREEXISTING.cgroups))
+    return (f"leak checks ignore {len(old)} activator names older than this session ({running} processes in their "
+            f"cgroups): {', '.join(old[:6])}")
 
 
 def host_resources(state_dir: Path) -> dict[str, list[str]]:
     """What activator owns on the host right now, for one state dir: the leak checker. Prepared slots (made
-    ahead on purpose, marked with a `slot` file) are listed apart, with their mounts and namespaces."""
+    ahead on purpose, marked with a `slot` file) are listed apart, with their mounts and namespaces; what
+    existed before the session (PREEXISTING) is not counted."""
     runc = subprocess.run(["runc", "--root", str(state_dir / "runc"), "list", "-q"],
                           capture_output=True, text=True).stdout.split()
     inst = state_dir / "instances"
@@ -238,18 +254,12 @@ def host_resources(state_dir: Path) -> dict[str, list[str]]:
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split()[4] for line in f
                   if line.split()[4].startswith(prefix) and not line.split()[4].startswith(slot_prefixes)]
-    netns = sorted(p.name for p in Path("/run/netns").glob("activator-*")
-                   if p.name.removeprefix("activator-") not in slots and p.name not in PREEXISTING_NETNS) \
-        if Path("/run/netns").is_dir() else []
+    now = host_names()
+    netns = sorted(n for n in now.netns - PREEXISTING.netns if n.removeprefix("activator-") not in slots)
     dirs = sorted(p.name for p in inst.iterdir() if p.name not in slots) if inst.is_dir() else []
-    root = Path("/sys/fs/cgroup")  # v1 hierarchies, and v2's unified one
-    groups = [p for p in [*root.glob("*/activator/*"), *root.glob("activator/*")]
-              if p.is_dir() and p.name not in slots and str(p) not in PREEXISTING_CGROUPS]
+    groups = [p for p in now.cgroups - PREEXISTING.cgroups if p.name not in slots]
     cgroups = sorted(str(p) for p in groups)
-    procs: set[str] = set()  # what runs in them: the apps (and CRIU while it restores)
-    for cg in groups:
-        with contextlib.suppress(OSError):
-            procs.update((cg / "cgroup.procs").read_text().split())
+    procs = _procs(groups)  # what runs in them: the apps (and CRIU while it restores)
     return {"runc": runc, "mounts": mounts, "netns": netns, "dirs": dirs, "cgroups": cgroups, "procs": sorted(procs),
             "slots": slots}
 
