@@ -25,6 +25,11 @@ from activator.statedir import open_private
 from activator.tasks import spawn
 
 # Builds log under one name wherever their code lives (operators grep for it).
+#: one read of the template's output pipe, bytes
+CHUNK = 65536
+#: at most this much of what is still in the pipe is taken when the copier is closed, bytes
+DRAIN_LIMIT = 1 << 20
+
 log = logging.getLogger("activator.builder")
 #: how often a long wait during a build says it is still waiting (a JVM can take a minute to listen)
 PROGRESS_EVERY = 10.0
@@ -55,12 +60,16 @@ async def start_and_wait(svc: ServiceConfig, sandbox: Sandbox, output: Path, log
     # container, and runc hands pipes over to the restored instance's own stdio on restore.
     answers: dict[str, probes.Answer] = {}
     r, w = os.pipe()
-    copier = spawn(_copy_pipe(r, output), name=f"template-output:{svc.name}", awaited=True)
     try:
-        await sandbox.start(stdout=w, stderr=w)
-    finally:
+        copier = OutputCopier(r, output)
+    except BaseException:
         os.close(w)
+        raise
     try:
+        try:
+            await sandbox.start(stdout=w, stderr=w)
+        finally:
+            os.close(w)
         budget = svc.readiness.timeout
         deadline = time.monotonic() + budget
         log.info("service=%s template started; waiting up to %gs for it to listen on port %d", svc.name,
@@ -113,12 +122,10 @@ async def start_and_wait(svc: ServiceConfig, sandbox: Sandbox, output: Path, log
         # An app that exited has its output (flushed at exit) in the pipe still: read it to the end before the
         # log an error points to is kept; a live one is not waited for long.
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(copier), 0.5)
+            await asyncio.wait_for(asyncio.shield(copier.ended), 0.5)
         raise
     finally:
-        copier.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await copier
+        copier.close()
     return answers
 
 async def _record_probe(svc: ServiceConfig, sandbox: Sandbox, path: str) -> probes.Answer:
@@ -195,14 +202,45 @@ async def _wait_command(svc: ServiceConfig, sandbox: Sandbox, deadline: float, p
         f"its output is in {log_hint}); fix it or raise 'readiness.timeout'")
 
 
-class _Copy(asyncio.Protocol):
-    """The template's output, written to its log as it arrives (no buffer in between that a cancel could drop)."""
+class OutputCopier:
+    """The template's stdout and stderr, copied from the pipe's read end to its log as they arrive, until the app
+    and everything that holds the pipe have exited (`ended`), or until close().
 
-    def __init__(self, out: int, dest: Path) -> None:
-        self.out = out
+    The copier is the descriptor's only owner: the loop watches it (add_reader) and it is closed once, by close().
+    A read-pipe transport would own it too, and uvloop closes a pipe transport's descriptor twice (libuv's close,
+    then the file object's: MagicStack/uvloop#763), the second time when the number may already be another
+    thread's file (a build's, or a Popen's exec-status pipe). Made and closed on the loop, with no task between
+    the two that a cancel could skip."""
+
+    def __init__(self, fd: int, dest: Path) -> None:
         self.dest = dest
         self.writable = True
-        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._fd: int | None = fd
+        self._loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[None] = self._loop.create_future()
+        try:
+            self._out = open_private(dest)
+            os.set_blocking(fd, False)  # the read end only: the app's end is a file description of its own
+            self._loop.add_reader(fd, self._readable)
+        except BaseException:
+            self._fd = None
+            os.close(fd)
+            raise
+
+    def _readable(self) -> None:
+        assert self._fd is not None
+        try:
+            chunk = os.read(self._fd, CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self.data_received(chunk)
+            return
+        self._loop.remove_reader(self._fd)
+        if not self.ended.done():
+            self.ended.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         # Keep draining the pipe even when the log cannot be written (a full disk): an app blocked on a full
@@ -210,40 +248,25 @@ class _Copy(asyncio.Protocol):
         if not self.writable:
             return
         try:
-            os.write(self.out, data)
+            os.write(self._out, data)
         except OSError as e:
             self.writable = False
             log.warning("template output to %s stopped: %s", self.dest, e.strerror)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def close(self) -> None:
+        """Stop copying. What the app wrote that the loop has not read yet is taken too (up to DRAIN_LIMIT: this
+        runs on the loop, and an app may write as fast as it is read), so the log an error points to has what
+        the app said."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        self._loop.remove_reader(fd)
+        taken = 0
+        with contextlib.suppress(OSError):  # BlockingIOError: nothing left
+            while taken < DRAIN_LIMIT and (chunk := os.read(fd, CHUNK)):
+                self.data_received(chunk)
+                taken += len(chunk)
+        os.close(fd)
+        os.close(self._out)
         if not self.ended.done():
             self.ended.set_result(None)
-
-
-async def _copy_pipe(fd: int, dest: Path) -> None:
-    """Copy the template's stdout and stderr to dest until the app (and all that holds the pipe) exits, or until
-    cancelled (it is ready, or it failed): then what it wrote that the loop has not read yet is taken too, so the
-    log an error points to has everything the app said."""
-    loop = asyncio.get_running_loop()
-    pipe = os.fdopen(fd, "rb", buffering=0)
-    out = open_private(dest)
-    copy = _Copy(out, dest)
-    try:
-        transport, _ = await loop.connect_read_pipe(lambda: copy, pipe)
-    except BaseException:
-        pipe.close()
-        os.close(out)
-        raise
-    try:
-        await copy.ended
-    finally:
-        # Only while the transport still holds the pipe: once it has ended, the transport has closed fd, and its
-        # number may already be another thread's file (a build's, or a Popen's pipe that reading, or making
-        # non-blocking, would break).
-        if not copy.ended.done():
-            with contextlib.suppress(OSError):  # BlockingIOError: nothing left
-                os.set_blocking(fd, False)
-                while chunk := os.read(fd, 65536):
-                    copy.data_received(chunk)
-        transport.close()
-        os.close(out)

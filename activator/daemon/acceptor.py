@@ -14,13 +14,14 @@ So the only accept() is in this thread, which may block: it then waits for the n
 service, and the event loop never notices. The thread polls before each accept (a socket left blocking by the
 last app seldom makes the second accept of a burst wait) and hands each connection to the loop as it takes it:
 an app can take the connection the poll saw before this thread's accept() does, which then waits for the next
-one, and a connection kept back for a batch would wait with it, unanswered (in CI's full runs, one client in
-500). After a burst it waits until the loop has taken them all (the kernel's accept queue, not memory, holds the
-rest). A connection taken while
-the activator was not to accept (it was blocked in accept() when an app started) is served like any connection
-the activator holds: passed on to the app (proxy.connect_handed). The thread has its own duplicate of the
-descriptor, so the loop closing its own can never make it accept on a reused number; it ends on close(), at its
-next wake-up: a wake pipe while it polls, a connection (close() makes one) or a shutdown while it accepts.
+one, and a connection kept back until the burst ended would wait with it, unanswered. After a burst it waits
+until the loop has taken them all (the kernel's accept queue, not memory, holds the rest). A connection taken
+while the activator was not to accept (it was blocked in accept() when an app started) is served like any
+connection the activator holds: passed on to the app (proxy.connect_handed). The thread has its own duplicate of
+the descriptor, so the loop closing its own can never make it accept on a reused number; it ends on close(), at
+its next wake-up: a wake pipe while it polls; while it accepts, a connection close() makes (close() sees
+`in_accept`, or the thread sees `_closed` before it calls accept(): each writes its own flag before it reads the
+other's) or a shutdown.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from .sockets import address_of
 
 log = logging.getLogger("activator")
 
-#: connections taken per batch before the loop is given them (then the thread waits until it has)
-ACCEPT_BATCH = 64
+#: at most this many accepts in a burst, each handed to the loop at once; then the thread waits until the loop has
+#: taken them (back-pressure: the kernel's accept queue holds the rest)
+ACCEPT_BURST = 64
 #: after an error such as EMFILE, how long the thread waits before it tries again, seconds
 ERROR_PAUSE = 0.1
 #: an accept() that took longer than this waited for a connection, seconds (metrics and tests only)
@@ -76,7 +78,10 @@ class Acceptor:
         self._on = False
         self._closed = False
         self._deaf = False  # accept() said EINVAL (shut down): waits until it listens again
-        # Accepted on the thread, not yet delivered on the loop; one _hand is scheduled at a time for all of them
+        # Accepted on the thread, not yet delivered on the loop. One _hand takes all that is queued, so a burst
+        # costs the loop one wake-up, not one per connection. Under _ready_lock: `_scheduled` means a _hand is
+        # queued that has not taken `_ready` yet (so it clears it before delivering, and a _push after that
+        # schedules another); `_drained` is set when `_ready` is empty and no _hand is pending, or on close().
         self._ready: deque[socket.socket] = deque()
         self._ready_lock = threading.Lock()
         self._scheduled = False
@@ -151,7 +156,7 @@ class Acceptor:
                         os.read(self._wake_r, 4096)
                     continue
                 if listening and events.get(self._fd):
-                    self._batch()
+                    self._burst()
         finally:
             self._sock.close()
             with self._pipe_lock:
@@ -159,14 +164,18 @@ class Acceptor:
                 os.close(self._wake_r)
                 os.close(self._wake_w)
 
-    def _batch(self) -> None:
+    def _burst(self) -> None:
+        """Accept what is queued, handing each connection to the loop as it is taken."""
         taken = 0
         probe = select.poll()
         probe.register(self._fd, select.POLLIN)
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(ACCEPT_BURST):
             if taken and not probe.poll(0):  # nothing more queued: an accept() now could wait
                 break
             self.in_accept = True
+            if self._closed:  # close() may have looked at in_accept before it was set, and not woken us
+                self.in_accept = False
+                break
             t0 = time.monotonic()
             try:
                 conn, _addr = self._sock.accept()
@@ -217,11 +226,16 @@ class Acceptor:
             self._ready.clear()
             self._scheduled = False
         try:
-            for conn in conns:
+            for i, conn in enumerate(conns):
                 if self._closed:
                     conn.close()
-                else:
+                    continue
+                try:
                     self._deliver(conn)
+                except BaseException:  # a bug: it reaches the loop's handler, and nothing taken is left open
+                    for rest in conns[i:]:
+                        rest.close()
+                    raise
         finally:
             with self._ready_lock:
                 if not self._ready:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -25,11 +26,13 @@ class AppWinsTheSecondAccept:
         self._competitor = competitor
         self.calls = 0
         self.stolen: list[socket.socket] = []
+        self.stole = threading.Event()  # set once the app has its connection and the thread goes into accept()
 
     def accept(self) -> tuple[socket.socket, Any]:
         self.calls += 1
         if self.calls == 2:
             self.stolen.append(self._competitor.accept()[0])
+            self.stole.set()
         return self._real.accept()
 
     def __getattr__(self, name: str) -> Any:
@@ -57,7 +60,9 @@ async def test_a_connection_taken_is_delivered_while_the_next_accept_waits() -> 
             clients.append(c)
         acceptor.set(True)
         first = await asyncio.wait_for(delivered.get(), 10)
-        # The thread is inside its second accept(), which waits: the app took what the poll saw
+        # The first came while the thread was (or was about to be) inside its second accept(), which waits: the
+        # app took what the poll saw
+        assert await loop.run_in_executor(None, thief.stole.wait, 10)
         assert len(thief.stolen) == 1 and thief.calls == 2 and acceptor.in_accept
         assert first.getpeername() == clients[0].getsockname()
         assert thief.stolen[0].getpeername() == clients[1].getsockname()
