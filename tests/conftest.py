@@ -231,6 +231,11 @@ def _procs(groups: Iterable[Path]) -> set[str]:
 #: would fail every leak check after the first; pytest's header lists them.
 PREEXISTING = host_names()
 
+# The daemons these tests run in-process must put their cgroups where host_resources looks: run as a systemd
+# service (a CI runner's unit), they would go under that unit (cgroups.use_unit_cgroup) and no cgroup leak could
+# be seen. The tests of that mode set INVOCATION_ID themselves, for the daemon they start.
+os.environ.pop("INVOCATION_ID", None)
+
 
 def pytest_report_header(config: pytest.Config) -> str | None:
     old = sorted([*PREEXISTING.netns, *map(str, PREEXISTING.cgroups)])

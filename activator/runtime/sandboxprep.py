@@ -97,16 +97,20 @@ def prepare(
     criu_config = sb.runc.criu_config
     if template:
         criu_config = sb.runc.criu_dump_config
-    elif restore is not None and (restore.external or sb.map_memory):
+    elif restore is not None and (restore.external or sb.map_memory or not cgroups.direct()):
         paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external,
                                   sb.idmap.host if sb.idmap is not None else None) if restore.external else {}
         direct = cgroups.direct()
+        # Through runc on a pure cgroup v2 host, CRIU is told no cgroup root (runc 1.1 names the container's only
+        # for v1 hierarchies): it would restore the app into the cgroup it was dumped in, its template's, made
+        # anew, shared by every instance, without the limits runc set on the instance's own.
+        cgroup_root = f"/{cgroups.PARENT}/{sb.name}" if not direct and cgroups.unified() else None
         if direct:  # volumes too: runc would map them itself, CRIU alone is told (dumped keyed by target)
             paths |= {b.target: b.host for b in binds}
             if sysfs is not None:  # the same: a bind in the spec
                 paths["/sys"] = sysfs
         criu_config = lay.dir / "criu.conf"
-        write_private(criu_config, restore_config(paths, sb.map_memory))
+        write_private(criu_config, restore_config(paths, sb.map_memory, cgroup_root))
         if direct:  # restored through CRIU directly: its cgroups are ours to make
             try:
                 procs = cgroups.create(sb.name, resources.memory, resources.cpus, resources.pids)

@@ -145,5 +145,11 @@ async def test_both_restore_paths_restore_into_the_user_namespace(start, monkeyp
     assert pid is not None
     uids = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:"))
     assert uids.split()[1] == str(checkpoint.idmap.host)
+    # In the instance's own cgroups (where its limits are), in every hierarchy, not the ones its template was
+    # dumped in: through runc on a pure v2 host CRIU was told no cgroup root and made the template's anew
+    cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+    ours = [ln for ln in cgroup.splitlines() if "/activator/" in ln or "/instances/" in ln]
+    assert ours and all(ln.endswith(f"/{inst.sandbox.name}") for ln in ours), cgroup
+    assert "-tpl-" not in cgroup, cgroup
     assert os.readlink(f"/proc/{pid}/ns/net") == f"net:[{os.stat(inst.sandbox.netns.path).st_ino}]"
     assert sorted(os.listdir(f"/proc/{pid}/root/sys/class/net")) == ["eth0", "lo"]  # its own namespace's sysfs

@@ -146,6 +146,11 @@ def test_the_criu_configs_are_the_expected_text() -> None:
         "external mnt[/dev]:dev\nexternal mnt[/proc/acpi]:mask0\nexternal mnt[/dev/shm]:shm\n")
     assert restore_config({"dev": Path("/s/i/ext/dev"), "/data": Path("/s/vol/0"), "/sys": Path("/s/i/sys")}) == \
         CRIU_CONFIG + ("external mnt[/data]:/s/vol/0\nexternal mnt[/sys]:/s/i/sys\nexternal mnt[dev]:/s/i/ext/dev\n")
+    # through runc on a pure v2 host: the instance's own cgroup, in place of the template's it was dumped in
+    assert restore_config({}, cgroup_root="/activator/web-1a2b3c4d") == \
+        CRIU_CONFIG + "cgroup-root /activator/web-1a2b3c4d\n"
+    with pytest.raises(RuncError, match="CRIU config: path"):
+        restore_config({}, cgroup_root="/activator/x\nexternal mnt[/]:/etc")
 
 
 @pytest.mark.parametrize("key", ["dev\nexternal mnt[/]:/etc", "dev]", "dev:x", "de v", "dev\0", "/data/../etc",
