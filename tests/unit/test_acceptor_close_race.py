@@ -13,28 +13,11 @@ import asyncio
 import os
 import socket
 import threading
-from typing import Any
 
 import pytest
 
 from activator.daemon.acceptor import Acceptor
-
-
-class AppWinsTheSecondAccept:
-    def __init__(self, real: socket.socket, competitor: socket.socket) -> None:
-        self._real = real
-        self._competitor = competitor
-        self.calls = 0
-        self.stolen: list[socket.socket] = []
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        self.calls += 1
-        if self.calls == 2:
-            self.stolen.append(self._competitor.accept()[0])
-        return self._real.accept()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
+from tests.unit.test_acceptor import AppWinsTheSecondAccept
 
 
 @pytest.mark.asyncio
