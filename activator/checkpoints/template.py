@@ -25,12 +25,11 @@ from activator.statedir import open_private
 from activator.tasks import spawn
 
 # Builds log under one name wherever their code lives (operators grep for it).
+log = logging.getLogger("activator.builder")
 #: one read of the template's output pipe, bytes
 CHUNK = 65536
 #: at most this much of what is still in the pipe is taken when the copier is closed, bytes
 DRAIN_LIMIT = 1 << 20
-
-log = logging.getLogger("activator.builder")
 #: how often a long wait during a build says it is still waiting (a JVM can take a minute to listen)
 PROGRESS_EVERY = 10.0
 PROBE_CLOSE_TIMEOUT = 10.0

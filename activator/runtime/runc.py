@@ -87,7 +87,7 @@ def restore_config(paths: dict[str, Path], map_memory: bool = False, cgroup_root
     """For one instance: where its external mounts are on the host, whether its memory is mapped, and the cgroup
     its processes go to in place of the one they were dumped in."""
     return CRIU_CONFIG + (MAP_MEMORY if map_memory else "") + \
-        (f"cgroup-root {_path(Path(cgroup_root))}\n" if cgroup_root else "") + \
+        (f"cgroup-root {_path(cgroup_root)}\n" if cgroup_root else "") + \
         "".join(f"external mnt[{_key(key)}]:{_path(path)}\n" for key, path in sorted(paths.items()))
 
 

@@ -95,12 +95,12 @@ def prepare(
     rootfs.mount_overlay(lower, lay.upper, lay.overlay_work, lay.rootfs)
     sb.mounted = True
     criu_config = sb.runc.criu_config
+    direct = cgroups.direct()
     if template:
         criu_config = sb.runc.criu_dump_config
-    elif restore is not None and (restore.external or sb.map_memory or not cgroups.direct()):
+    elif restore is not None and (restore.external or sb.map_memory or not direct):
         paths = extmounts.prepare(lay.dir / "ext", restore.dev, restore.external,
                                   sb.idmap.host if sb.idmap is not None else None) if restore.external else {}
-        direct = cgroups.direct()
         # Through runc on a pure cgroup v2 host, CRIU is told no cgroup root (runc 1.1 names the container's only
         # for v1 hierarchies): it would restore the app into the cgroup it was dumped in, its template's, made
         # anew, shared by every instance, without the limits runc set on the instance's own.
