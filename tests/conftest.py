@@ -31,7 +31,7 @@ from activator.daemon.server import Activator
 
 #: How much slower than this host the machine is: the v2 VM under QEMU's emulation (scripts/vm) sets ~10. Tests whose
 #: behaviour depends on a timeout being long enough for the test's own steps (an idle_timeout the test must beat)
-#: scale it by this; nothing else does.
+#: scale it by this, and so do the deadlines of the waits in the tests that the VM runs (a bound, never a sleep).
 SLOW = float(os.environ.get("ACTIVATOR_TEST_SLOW", "1"))
 BUSYBOX = "activator-demo/busybox:latest"
 ECHO = {"image": BUSYBOX, "command": ["echo-server", "9000"], "port": 9000}
@@ -163,6 +163,10 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Running
         return Running(act)
 
     yield _start
+    # A test that failed half-way leaves its long-lived clients open; cut them here, on a loop still running,
+    # or the loop's close reports them as unclosed against the next test (seen in the VM).
+    while _held_clients:
+        _held_clients.pop().transport.abort()
     for act in started:
         await act.shutdown()
 
@@ -313,9 +317,14 @@ async def loadgen(port: int, *args: str) -> dict[str, Any]:
     return result
 
 
+_held_clients: list[asyncio.StreamWriter] = []
+
+
 async def open_echo(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A long-lived connection, proven to go through to the app with one round trip."""
+    """A long-lived connection, proven to go through to the app with one round trip (`start` cuts it at the
+    latest)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _held_clients.append(writer)
     writer.write(b"hi")
     await writer.drain()
     assert await asyncio.wait_for(reader.readexactly(2), 30) == b"hi"

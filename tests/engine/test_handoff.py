@@ -48,15 +48,15 @@ async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost
     assert result["ok"] == 2000, fails(result)
     assert svc.arrived == arrived
     await eventually(lambda: run.metric("activator_connections_total", "echo") == accepted + 2000
-                     == sum(i.track.served + i.track.kernel_served for i in svc.instances), timeout=10,
+                     == sum(i.track.served + i.track.kernel_served for i in svc.instances), timeout=10 * SLOW,
                      what="every handed-off connection counted once, by the service and over its instances")
 
     # Open connections are counted from the host's socket table and hold the instance past idle_timeout; they
     # are demand: twelve of them at four per instance scale the service out to three.
     held = [await open_echo(port) for _ in range(12)]
-    await eventually(lambda: len(svc.instances) == 3, timeout=30, what="scaled out to 3 by open connections")
+    await eventually(lambda: len(svc.instances) == 3, timeout=30 * SLOW, what="scaled out to 3 by open connections")
     assert all(i.handoff for i in svc.instances)
-    await eventually(lambda: sum(i.track.kernel for i in svc.instances) == 12, timeout=5,
+    await eventually(lambda: sum(i.track.kernel for i in svc.instances) == 12, timeout=5 * SLOW,
                      what="the 12 connections counted on the instances that took them")
     holding = {i.name for i in svc.instances if i.track.kernel}
     await asyncio.sleep(1.5 * idle)  # past idle_timeout
@@ -66,12 +66,12 @@ async def test_handed_off_connections_go_straight_to_the_app_and_nothing_is_lost
     for reader, writer in held:  # each still answers: none was cut by a reap or a freeze
         writer.write(b"ok")
         await writer.drain()
-        assert await asyncio.wait_for(reader.readexactly(2), 10) == b"ok"
+        assert await asyncio.wait_for(reader.readexactly(2), 10 * SLOW) == b"ok"
         writer.close()
 
     # Idle: each is frozen, counted and killed; the activator accepts again, and the next burst wakes the
     # service through it with nothing lost.
-    await eventually(lambda: not svc.instances, timeout=30 + 2 * idle, what="every instance reaped")
+    await eventually(lambda: not svc.instances, timeout=30 * SLOW + 2 * idle, what="every instance reaped")
     assert run.act.fleet.accepts("echo")
     assert run.metric("activator_idle_reaps_total", "echo") >= 3
     result = await loadgen(port, "--connections", "500", "--concurrency", "250", "--fin-every", "2")
