@@ -296,10 +296,10 @@ class Fleet:
         self.tasks.spawn(self.replace_socket(name, what), name=f"replace-socket:{name}")
 
     async def replace_socket(self, name: str, what: str) -> None:
-        """A handoff service's socket has a socket filter an app attached (handoff.py): it may drop every
-        connection, for every holder, and a locked one cannot be taken off. Every instance of the service is
-        killed (any may have done it, and each holds the socket), and the socket replaced by a fresh one on the
-        same address; the service's next connection restores a new instance with that one."""
+        """An app made a handoff service's socket deaf for every holder, for good (handoff.py: a socket filter, a
+        locked one cannot be taken off; a device binding; TCP-MD5 keys). Every instance of the service is killed
+        (any may have done it, and each holds the socket), and the socket replaced by a fresh one on the same
+        address, bound as the old one was; the service's next connection restores a new instance with that one."""
         service = self.services[name]
         mode = service.mode
         if not isinstance(mode, HandoffMode) or mode.replacing:
@@ -308,7 +308,7 @@ class Fleet:
         old = mode.listener
         address = address_of(old)
         self.metrics.handoff_replaced.labels(name).inc()
-        log.warning("service=%s an app attached a socket filter to its listening socket %s (%s; it would drop "
+        log.warning("service=%s an app it was handed its listening socket %s to left %s (it would refuse or drop "
                     "connections for every holder, for good): its instances are killed and the socket replaced",
                     name, address, what)
         for lst in self.handoff_listeners(name):
@@ -321,7 +321,7 @@ class Fleet:
             old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             old.shutdown(socket.SHUT_RDWR)
         try:
-            fresh = await self._bind_again(old, mode.backlog)
+            fresh = await self._bind_again(old, mode.backlog, mode.device)
         except OSError as e:
             log.error("service=%s its listening socket %s could not be replaced (%s; a socket unit's copy still "
                       "holds the address? restart it, or activator): the service cannot be reached", name, address,
@@ -339,15 +339,21 @@ class Fleet:
         log.info("service=%s listening on a fresh socket %s", name, address)
 
     @staticmethod
-    async def _bind_again(old: socket.socket, backlog: int) -> socket.socket:
-        """A new listening socket on old's address. The instances' processes are gone, but the kernel may take a
-        moment to let the last reference go: tried for a second."""
+    async def _bind_again(old: socket.socket, backlog: int, device: str | None) -> socket.socket:
+        """A new listening socket on old's address, bound as it was bound (its device, as the mode recorded it
+        before any app had it; IPV6_V6ONLY, which nobody can change on a bound socket). The instances' processes
+        are gone, but the kernel may take a moment to let the last reference go: tried for a second."""
         host, port = old.getsockname()[:2]
         family = old.family
+        v6only = old.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) if family == socket.AF_INET6 else None
         for attempt in range(20):
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if v6only is not None:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+                if device is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
                 sock.bind((host, port))
                 sock.listen(backlog)
                 sock.setblocking(False)

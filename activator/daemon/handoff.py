@@ -21,10 +21,12 @@ Everything else an app can do to the socket, it does for every holder (the socke
   where a wait holds up that one service, never the event loop;
 - shutdown(2): listening again, each meter tick (keep_listening);
 - listen() with a tiny backlog: its own backlog given back, each tick (keep_backlog);
-- a socket filter (SO_ATTACH_FILTER or SO_ATTACH_BPF; one that drops everything makes the socket deaf for every
-  holder and stays after the app is gone, and SO_LOCK_FILTER keeps anyone from detaching it): seen each tick
-  (socket_filter), every instance of the service is killed and the socket replaced by a fresh one on the same
-  address (Fleet.replace_socket).
+- what makes the socket deaf for every holder and stays after the app is gone: a socket filter (SO_ATTACH_FILTER or
+  SO_ATTACH_BPF; one that drops everything, and SO_LOCK_FILTER keeps anyone from detaching it), a device it is
+  bound to (SO_BINDTODEVICE, allowed to anyone on a socket not bound yet: a connection that comes in on another
+  device is refused), TCP-MD5 keys (a SYN from a keyed peer without the signature is dropped): seen each tick
+  (tampered; the keys, from the host's socket table, while an app holds the socket and once after), every instance
+  of the service is killed and the socket replaced by a fresh one on the same address (Fleet.replace_socket).
 
 Counting: the apps' connections live in the host's socket table (sockdiag.py); an instance's are those whose
 inode is in its processes' descriptor tables. An instance to be reaped is frozen first (it can take no new
@@ -60,6 +62,7 @@ log = logging.getLogger("activator")
 SO_GET_FILTER = 26  # asm-generic/socket.h (= SO_ATTACH_FILTER); Python's socket module names neither
 SO_LOCK_FILTER = 44
 TCP_LISTEN = 10
+IFNAMSIZ = 16
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                              ctypes.POINTER(ctypes.c_uint32)]
@@ -82,6 +85,12 @@ def socket_filter(sock: socket.socket) -> str | None:
     if not attached:
         return None
     return "attached and locked" if sock.getsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER) else "attached"
+
+
+def bound_device(sock: socket.socket) -> str | None:
+    """The device the socket is bound to (SO_BINDTODEVICE, or SO_BINDTOIFINDEX: the same setting), or None."""
+    name = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, IFNAMSIZ).split(b"\0", 1)[0]
+    return name.decode(errors="replace") or None
 
 
 def listen_backlog(sock: socket.socket) -> int | None:
@@ -116,10 +125,12 @@ class HandoffMode:
         self._replace = replace
         self._relisten = relisten
         self.backlog = listen_backlog(listener) or BACKLOG  # as it was bound (systemd's Backlog=, or ours)
+        self.device = bound_device(listener)  # as it was bound (systemd's BindToDevice=), or None
         self.replacing = False  # Fleet.replace_socket is under way
         self.stopped = False
         self._held: dict[Instance, frozenset[int]] = {}  # each handed instance's connections at the last look
         self._left: set[Instance] = set()  # handed the socket, seen without it since (Instance.handoff stays)
+        self._touched = False  # an app held the socket since its TCP-MD5 keys were last looked at
         self._taken = 0  # connections the apps took, as counted so far (never goes down)
         self._counted = 0  # the host's counter at the last look
         self._arrived = 0  # the activator's own connections on the socket at the last look
@@ -134,7 +145,9 @@ class HandoffMode:
         socket may be a reload's new definition's now."""
         if self.stopped:
             return
-        self._accepting(not starting and not any(self.reaches(i) for i in instances))
+        held = bool(starting) or any(self.reaches(i) for i in instances)
+        self._touched |= held
+        self._accepting(not held)
 
     def open_count(self, inst: Instance) -> int:
         """Blocking: the connections its processes hold. On an error, one: never reaped on a count not made."""
@@ -175,7 +188,13 @@ class HandoffMode:
         for gone in set(self._held) - set(handed):
             del self._held[gone]
         self._left &= set(instances)
-        table, held = await asyncio.to_thread(self._read, handed) if handed else (None, {})
+        # The keys are looked at while an app holds the socket, and once after (one that keyed it and left at once)
+        keys, self._touched = self._touched or bool(handed), bool(handed)
+        table, held, keyed = await asyncio.to_thread(self._read, handed, keys) if keys else (None, {}, False)
+        if keyed is None:  # not looked at (not listening: keep_listening's; or closed): next tick
+            self._touched = True
+        elif keyed and not (self.replacing or self.stopped):
+            self._replace("TCP-MD5 keys on it")
         accepted = {inst: table.accepted & inodes for inst, inodes in held.items()} if table else {}
         seen = {inst: len(now - self._held.get(inst, frozenset())) for inst, now in accepted.items()}
         self._held.update(accepted)
@@ -206,17 +225,33 @@ class HandoffMode:
             self._counted, self._arrived, self._debt = previous._counted, previous._arrived, previous._debt
             self._taken = previous._taken
 
-    def _read(self, handed: list[Instance]) -> tuple[sockdiag.PortSockets, dict[Instance, frozenset[int]]]:
-        table = sockdiag.read(self.family, self.port)
-        return table, {inst: frozenset(inst.sandbox.socket_inodes()) for inst in handed}
+    def _read(self, handed: list[Instance], keys: bool) -> tuple[sockdiag.PortSockets | None,
+                                                                   dict[Instance, frozenset[int]], bool | None]:
+        table = sockdiag.read(self.family, self.port) if handed else None
+        keyed: bool | None = False
+        try:
+            keyed = keys and sockdiag.keyed(self.listener)
+        except Exception as e:
+            log.debug("service=%s looking for TCP-MD5 keys on its socket failed: %s", self.config.name, e)
+            keyed = None
+        return table, {inst: frozenset(inst.sandbox.socket_inodes()) for inst in handed}, keyed
+
+    def tampered(self) -> str | None:
+        """What an app did to the socket that makes it deaf for every holder and outlives the app (the module's
+        docstring), read with getsockopt (the keys are not: sample reads them from the host's socket table)."""
+        if (what := socket_filter(self.listener)) is not None:
+            return f"a socket filter {what}"
+        if (device := bound_device(self.listener)) != self.device:
+            return f"bound to device {device}" if device else "its device binding taken off"
+        return None
 
     def guard(self) -> None:
         """What an app may have done to the socket it shares with the activator (see the module's docstring),
-        undone: a socket filter (the socket replaced), a shrunk backlog, a shutdown."""
+        undone: a filter or a device binding (the socket replaced), a shrunk backlog, a shutdown."""
         if self.replacing or self.stopped or self.listener.fileno() < 0:
             return
         name = self.config.name
-        if (what := socket_filter(self.listener)) is not None:
+        if (what := self.tampered()) is not None:
             self._replace(what)
             return
         if (found := self.keep_backlog()) is not None:

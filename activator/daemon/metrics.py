@@ -240,8 +240,9 @@ class Metrics:
                                        "A handoff service's listening socket found shut down (by an app it was "
                                        "handed to) and made to listen again", ["service"], registry=r)
         self.handoff_replaced = Counter("activator_handoff_sockets_replaced",
-                                        "A handoff service's listening socket found with a socket filter attached "
-                                        "(by an app it was handed to): its instances killed, the socket replaced",
+                                        "A handoff service's listening socket found deaf for good by an app it was "
+                                        "handed to (a socket filter, a device binding, TCP-MD5 keys): its "
+                                        "instances killed, the socket replaced",
                                         ["service"], registry=r)
         self.handoff_backlog = Counter("activator_handoff_backlog_repairs",
                                        "A handoff service's listening socket found with a smaller listen backlog "

@@ -6,19 +6,27 @@ themselves, in the host's network namespace: nothing else tells the activator ho
 inode names a socket the moment an app accepts it (a connection still in the accept queue has inode 0, and is
 counted in the listener's receive queue instead); which instance holds it is read from the apps' descriptor
 tables (runtime.procs.socket_inodes).
+
+The listener itself is looked up exactly (`keyed`): whether an app gave it TCP-MD5 keys.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 from dataclasses import dataclass
 
 from pyroute2 import DiagSocket
+from pyroute2.netlink import NLM_F_REQUEST
+from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_req
 
 TCP_LISTEN = 10
 #: every TCP state but LISTEN (1 << state): a connection an app has accepted stays in the table until it is closed
 #: on both sides, whatever it is doing meanwhile
 ALIVE = ((1 << 12) - 1) & ~(1 << TCP_LISTEN)
+INET_DIAG_INFO = 2
+NOCOOKIE = (1 << 64) - 1  # INET_DIAG_NOCOOKIE in both halves: any socket that matches the address
 
 
 @dataclass(frozen=True)
@@ -43,3 +51,24 @@ def read(family: int, port: int) -> PortSockets:
         elif row["idiag_inode"]:
             accepted.add(int(row["idiag_inode"]))
     return PortSockets(frozenset(accepted), backlog)
+
+
+def keyed(sock: socket.socket) -> bool:
+    """Blocking (~1 ms): whether the listening socket has TCP-MD5 keys (RFC 2385; a SYN from a keyed peer that
+    lacks the signature is dropped, for every holder of the socket).
+
+    One exact lookup by its address and port (not a dump of the host's table), checked to be this very socket by
+    its inode. The kernel reports the keys only with INET_DIAG_INFO asked for, to a reader with CAP_NET_ADMIN (the
+    daemon has it: it makes network namespaces)."""
+    host, port = sock.getsockname()[:2]
+    req = inet_diag_req()
+    req["sdiag_family"], req["sdiag_protocol"] = sock.family, socket.IPPROTO_TCP
+    req["idiag_ext"], req["idiag_states"] = 1 << (INET_DIAG_INFO - 1), 1 << TCP_LISTEN
+    req["idiag_sport"], req["idiag_dport"] = port, 0
+    req["idiag_src"] = struct.unpack(">4I", socket.inet_pton(sock.family, host).ljust(16, b"\0"))
+    req["idiag_dst"], req["idiag_if"], req["idiag_cookie"] = (0, 0, 0, 0), 0, NOCOOKIE
+    inode = os.fstat(sock.fileno()).st_ino
+    with DiagSocket() as diag:
+        diag.bind()
+        rows = tuple(diag.nlm_request(req, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST))
+    return any(row["idiag_inode"] == inode and row.get_attr("INET_DIAG_MD5SIG") is not None for row in rows)

@@ -14,6 +14,11 @@
  *   filter                                 -> attaches a drop-all socket filter to it: "filtered" or "filter-error WHY"
  *   lockfilter                             -> the same, then SO_LOCK_FILTER: "locked detach=WHY" (detaching refused)
  *   backlog N                              -> listen(N) on it: "backlog N"
+ *   bind-device NAME                       -> SO_BINDTODEVICE on it (a device of the host's network namespace, where
+ *                                             the socket lives): "bound NAME" or "bind-device-error WHY"
+ *   md5 ADDR                               -> a TCP-MD5 key (RFC 2385) for peer ADDR on it: a SYN from ADDR without
+ *                                             the signature is dropped, for every holder: "keyed ADDR" or
+ *                                             "md5-error WHY"
  *   shutdown                               -> shutdown(2) (stopped for every holder), still accepted from: "shut"
  *   close                                  -> close(2): "closed"
  *   park                                   -> sends it to itself in an SCM_RIGHTS message and closes it, so no
@@ -30,6 +35,7 @@
 #include <net/if.h>
 #include <netdb.h>
 #include <netinet/ip.h>
+#include <netinet/tcp.h>
 #include <netinet/udp.h>
 #include <netpacket/packet.h>
 #include <pthread.h>
@@ -99,6 +105,30 @@ static void handed(char **a, int n, char *out, size_t len) {
             int r = setsockopt(s, SOL_SOCKET, SO_DETACH_FILTER, &one, sizeof one);
             snprintf(out, len, "locked detach=%s\n", r ? strerror(errno) : "done");
         }
+    } else if (!strcmp(a[0], "bind-device") && n == 2) {
+        int r = setsockopt(s, SOL_SOCKET, SO_BINDTODEVICE, a[1], strlen(a[1]));
+        snprintf(out, len, r ? "bind-device-error %s\n" : "bound %s\n", r ? strerror(errno) : a[1]);
+    } else if (!strcmp(a[0], "md5") && n == 2) {
+        struct tcp_md5sig key = {.tcpm_keylen = 8};
+        struct sockaddr_in *v4 = (struct sockaddr_in *)&key.tcpm_addr;
+        struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&key.tcpm_addr;
+        memcpy(key.tcpm_key, "hostile!", 8);
+        struct sockaddr_storage own;
+        socklen_t ownlen = sizeof own;
+        getsockname(s, (struct sockaddr *)&own, &ownlen);
+        if (own.ss_family == AF_INET && inet_pton(AF_INET, a[1], &v4->sin_addr) == 1) {
+            v4->sin_family = AF_INET;
+        } else if (own.ss_family == AF_INET6 && inet_pton(AF_INET, a[1], &v6->sin6_addr.s6_addr[12]) == 1) {
+            v6->sin6_family = AF_INET6;  /* a dual-stack socket keys an IPv4 peer by its mapped address */
+            v6->sin6_addr.s6_addr[10] = v6->sin6_addr.s6_addr[11] = 0xff;
+        } else if (inet_pton(AF_INET6, a[1], &v6->sin6_addr) == 1) {
+            v6->sin6_family = AF_INET6;
+        } else {
+            snprintf(out, len, "md5-error bad address\n");
+            return;
+        }
+        int r = setsockopt(s, IPPROTO_TCP, TCP_MD5SIG, &key, sizeof key);
+        snprintf(out, len, r ? "md5-error %s\n" : "keyed %s\n", r ? strerror(errno) : a[1]);
     } else if (!strcmp(a[0], "backlog") && n == 2) {
         int r = listen(s, atoi(a[1]));
         snprintf(out, len, r ? "backlog-error %s\n" : "backlog %s\n", r ? strerror(errno) : a[1]);
@@ -266,6 +296,7 @@ static void command(int c, char *line) {
         else
             snprintf(out, sizeof out, "listen-error %s\n", strerror(errno));
     } else if (!strcmp(a[0], "filter") || !strcmp(a[0], "lockfilter") || !strcmp(a[0], "backlog") ||
+               !strcmp(a[0], "bind-device") || !strcmp(a[0], "md5") ||
                !strcmp(a[0], "shutdown") || !strcmp(a[0], "close") || !strcmp(a[0], "park") ||
                !strcmp(a[0], "unpark")) {
         out[0] = 0;

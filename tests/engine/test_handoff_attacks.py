@@ -21,7 +21,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from activator.daemon.handoff import listen_backlog, socket_filter
+from activator.daemon.handoff import bound_device, listen_backlog, socket_filter
+from activator.net.sockdiag import keyed
 from tests.conftest import BUSYBOX, ECHO, Running, echo, eventually
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
@@ -151,15 +152,28 @@ async def test_an_app_that_hides_the_socket_and_makes_it_blocking_stalls_nothing
     assert svc.instances == [inst]
 
 
-@pytest.mark.parametrize(("command", "reply", "what"), [
-    ("filter", "filtered", "attached"),
-    ("lockfilter", "locked detach=Operation not permitted", "attached and locked"),
-])
-async def test_a_socket_filter_gets_the_instances_killed_and_the_socket_replaced(  # type: ignore[no-untyped-def]
-        start, command: str, reply: str, what: str) -> None:
-    # A drop-all filter on the shared socket makes it deaf for every holder, and stays when the app is gone; a
-    # locked one cannot be taken off by anyone (the attacker checks: its own detach is refused).
-    run = await woken(start, FILTERING)
+def other_device() -> str:
+    """A device of the host's network namespace that loopback clients do not come in on (docker0, eth0, our
+    bridge, ...): a socket bound to it refuses them."""
+    return sorted(name for _, name in socket.if_nameindex() if name != "lo")[0]
+
+
+@pytest.mark.parametrize(("command", "reply", "victim"), [
+    ("filter", "filtered", FILTERING),
+    ("lockfilter", "locked detach=Operation not permitted", FILTERING),
+    ("bind-device", "bound", VICTIM),
+    ("md5 127.0.0.1", "keyed 127.0.0.1", VICTIM),
+], ids=["filter", "lockfilter", "bind-device", "md5"])
+async def test_a_deafened_socket_gets_the_instances_killed_and_the_socket_replaced(  # type: ignore[no-untyped-def]
+        start, command: str, reply: str, victim: dict[str, object]) -> None:
+    # What makes the shared socket deaf for every holder and stays when the app is gone: a drop-all filter (a locked
+    # one cannot be taken off by anyone: the attacker checks, its own detach is refused); a device binding (refused
+    # on any other device; anyone may bind a socket not bound yet, and only CAP_NET_RAW over the host's network
+    # may unbind it); a TCP-MD5 key for the clients' address (their SYNs dropped). The last two need no privilege:
+    # the app runs in its user namespace, as by default.
+    if command == "bind-device":
+        command, reply = f"bind-device {other_device()}", f"bound {other_device()}"
+    run = await woken(start, victim)
     svc = run.act.services["victim"]
     port = run.port("victim")
     old = run.act.listeners["victim"][0]
@@ -168,13 +182,13 @@ async def test_a_socket_filter_gets_the_instances_killed_and_the_socket_replaced
     async with probing(run, "other"):
         assert await ask(port, command) == reply
         await eventually(lambda: run.metric("activator_handoff_sockets_replaced_total", "victim") == 1,
-                         timeout=5, what="the filter seen")
+                         timeout=5, what="the deafened socket seen")
         await eventually(lambda: run.act.listeners["victim"][0] is not old, timeout=20, what="the socket replaced")
         assert inst.track.stopping and inst not in svc.instances  # killed, with the socket it held
         fresh = run.act.listeners["victim"][0]
         assert fresh.getsockname() == old_name and os.fstat(fresh.fileno()).st_ino != old_inode
         assert old.fileno() == -1
-        assert socket_filter(fresh) is None
+        assert socket_filter(fresh) is None and bound_device(fresh) is None and not keyed(fresh)
         # Positive control: a new instance restored with the fresh socket, and everyone answered.
         await both_answer(run)
         assert svc.instances and svc.instances[0].handoff

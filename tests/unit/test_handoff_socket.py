@@ -1,19 +1,24 @@
 """The handoff socket's guards on real (loopback) sockets, in this process: what an app could do to its service's
-listening socket (a socket filter, locked or not; a tiny listen backlog) is seen, and an untouched socket is not
-(the positive control). The engine tests play the same against the daemon from inside an instance
-(tests/engine/test_handoff_attacks.py)."""
+listening socket (a socket filter, locked or not; a device binding; TCP-MD5 keys; a tiny listen backlog) is seen,
+and an untouched socket, or one bound as systemd bound it, is not (the positive controls). The engine tests play
+the same against the daemon from inside an instance (tests/engine/test_handoff_attacks.py)."""
 
 from __future__ import annotations
 
 import ctypes
 import socket
+import struct
 from collections.abc import Iterator
 
 import pytest
 
-from activator.daemon.handoff import SO_LOCK_FILTER, listen_backlog, socket_filter
+from activator.config.model import ListenAddress, ServiceConfig
+from activator.daemon.handoff import SO_LOCK_FILTER, HandoffMode, bound_device, listen_backlog, socket_filter
+from activator.daemon.metrics import Metrics
+from activator.net.sockdiag import keyed
 
 SO_ATTACH_FILTER = 26
+TCP_MD5SIG = 14  # linux/tcp.h; Python's socket module does not name it
 
 
 class SockFilter(ctypes.Structure):
@@ -75,3 +80,78 @@ def test_a_tiny_backlog_and_a_shut_socket_are_told_apart(listener: socket.socket
     assert listen_backlog(listener) == 1
     listener.shutdown(socket.SHUT_RDWR)
     assert listen_backlog(listener) is None
+
+
+def md5_key(sock: socket.socket, peer: str) -> None:
+    """A TCP-MD5 key for `peer` on the socket (struct tcp_md5sig; what tests/images/attacker.c sets): IPv4 peers of
+    an IPv6 socket by their mapped address, as the kernel wants them."""
+    if sock.family == socket.AF_INET:
+        addr = struct.pack("=H2x4s", socket.AF_INET, socket.inet_aton(peer))
+    else:
+        addr = struct.pack("=H2x4x16s", socket.AF_INET6, socket.inet_pton(socket.AF_INET6, f"::ffff:{peer}"))
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_MD5SIG,
+                    addr.ljust(128, b"\0") + struct.pack("=BBHI", 0, 0, 8, 0) + b"hostile!".ljust(80, b"\0"))
+
+
+def mode(sock: socket.socket, replaced: list[str] | None = None) -> HandoffMode:
+    def replace(why: str) -> None:
+        if replaced is None:
+            raise AssertionError(f"replaced ({why})")
+        replaced.append(why)
+
+    config = ServiceConfig(name="svc", image="x", listen=(ListenAddress("127.0.0.1", 1),), port=80, handoff=True)
+    return HandoffMode(config, sock, lambda on: None, Metrics(), replace, lambda: None)
+
+
+def test_a_device_binding_is_seen_unless_the_socket_was_bound_so(listener: socket.socket) -> None:
+    assert bound_device(listener) is None
+    handed = mode(listener)
+    assert handed.tampered() is None
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+    assert bound_device(listener) == "lo"
+    assert handed.tampered() == "bound to device lo"
+    # Positive control: systemd's BindToDevice= (bound before the mode was made) is how the socket is meant to be
+    assert mode(listener).tampered() is None
+
+
+def test_a_filter_is_told_by_tampered_too(listener: socket.socket) -> None:
+    handed = mode(listener)
+    attach_drop_all(listener)
+    assert handed.tampered() == "a socket filter attached"
+
+
+def test_tcp_md5_keys_are_seen_on_this_socket_only(listener: socket.socket) -> None:
+    neighbour = socket.create_server(("127.0.0.1", 0))
+    try:
+        assert not keyed(listener) and not keyed(neighbour)
+        md5_key(neighbour, "127.0.0.1")
+        assert keyed(neighbour) and not keyed(listener)  # an exact lookup: the neighbour's keys are not ours
+        md5_key(listener, "192.0.2.1")  # any peer's key counts: that peer is refused, by every holder
+        assert keyed(listener)
+    finally:
+        neighbour.close()
+
+
+def test_tcp_md5_keys_on_a_dual_stack_wildcard_socket_are_seen() -> None:
+    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as sock:
+        assert not keyed(sock)
+        md5_key(sock, "127.0.0.1")
+        assert keyed(sock)
+
+
+@pytest.mark.asyncio
+async def test_keys_left_by_an_app_already_gone_are_seen_once_and_an_untouched_socket_is_not_looked_at(
+        listener: socket.socket) -> None:
+    replaced: list[str] = []
+    handed = mode(listener, replaced)
+    md5_key(listener, "127.0.0.1")  # as if before any app: nobody could have, so nobody looks (no cost when idle)
+    await handed.sample([], None, 0)
+    assert replaced == []
+    # A restore under way hands the socket to an app, which keys it and is gone before the next look: that look
+    # still reads the keys, once.
+    handed.set([], starting=1)
+    await handed.sample([], None, 0)
+    assert replaced == ["TCP-MD5 keys on it"]
+    replaced.clear()
+    await handed.sample([], None, 0)
+    assert replaced == []
