@@ -22,6 +22,10 @@ the descriptor, so the loop closing its own can never make it accept on a reused
 its next wake-up: a wake pipe while it polls; while it accepts, a connection close() makes (close() sees
 `in_accept`, or the thread sees `_closed` before it calls accept(): each writes its own flag before it reads the
 other's) or a shutdown.
+
+A connection inherits the listener's socket options, which an app sets for every holder. SO_LINGER is the one that
+could stop the loop: with it, close() waits until the unsent data is gone or the linger time is over (up to hours),
+O_NONBLOCK or not. Each connection taken here has it turned off before the loop sees it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -51,6 +56,9 @@ ERROR_PAUSE = 0.1
 WAITED = 0.005
 #: while the socket does not listen (shut down), how often the thread looks whether someone made it listen again, ms
 DEAF_CHECK_MS = 250
+
+#: struct linger {l_onoff = 0}: close() returns at once, whatever the listener said
+NO_LINGER = struct.pack("ii", 0, 0)
 
 #: told on the loop why the socket cannot be accepted on
 Problem = Callable[[str], None]
@@ -195,7 +203,12 @@ class Acceptor:
                 self.in_accept = False
                 if time.monotonic() - t0 > WAITED:
                     self.waits += 1
-            conn.setblocking(False)
+            try:
+                conn.setblocking(False)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, NO_LINGER)
+            except OSError:  # not seen; a connection the loop could not close at once is not handed to it
+                conn.close()
+                continue
             taken += 1
             if not self._push(conn):
                 return

@@ -14,6 +14,8 @@
  *   filter                                 -> attaches a drop-all socket filter to it: "filtered" or "filter-error WHY"
  *   lockfilter                             -> the same, then SO_LOCK_FILTER: "locked detach=WHY" (detaching refused)
  *   backlog N                              -> listen(N) on it: "backlog N"
+ *   linger N                               -> SO_LINGER {on, N s} on it, which every connection accepted from it
+ *                                             inherits (close() then waits for unsent data): "linger N"
  *   bind-device NAME                       -> SO_BINDTODEVICE on it (a device of the host's network namespace, where
  *                                             the socket lives): "bound NAME" or "bind-device-error WHY"
  *   md5 ADDR                               -> a TCP-MD5 key (RFC 2385) for peer ADDR on it: a SYN from ADDR without
@@ -105,6 +107,10 @@ static void handed(char **a, int n, char *out, size_t len) {
             int r = setsockopt(s, SOL_SOCKET, SO_DETACH_FILTER, &one, sizeof one);
             snprintf(out, len, "locked detach=%s\n", r ? strerror(errno) : "done");
         }
+    } else if (!strcmp(a[0], "linger") && n == 2) {
+        struct linger l = {.l_onoff = 1, .l_linger = atoi(a[1])};
+        int r = setsockopt(s, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+        snprintf(out, len, r ? "linger-error %s\n" : "linger %s\n", r ? strerror(errno) : a[1]);
     } else if (!strcmp(a[0], "bind-device") && n == 2) {
         int r = setsockopt(s, SOL_SOCKET, SO_BINDTODEVICE, a[1], strlen(a[1]));
         snprintf(out, len, r ? "bind-device-error %s\n" : "bound %s\n", r ? strerror(errno) : a[1]);
@@ -296,7 +302,7 @@ static void command(int c, char *line) {
         else
             snprintf(out, sizeof out, "listen-error %s\n", strerror(errno));
     } else if (!strcmp(a[0], "filter") || !strcmp(a[0], "lockfilter") || !strcmp(a[0], "backlog") ||
-               !strcmp(a[0], "bind-device") || !strcmp(a[0], "md5") ||
+               !strcmp(a[0], "bind-device") || !strcmp(a[0], "md5") || !strcmp(a[0], "linger") ||
                !strcmp(a[0], "shutdown") || !strcmp(a[0], "close") || !strcmp(a[0], "park") ||
                !strcmp(a[0], "unpark")) {
         out[0] = 0;

@@ -14,6 +14,7 @@ import asyncio
 import fcntl
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ import pytest
 
 from activator.daemon.handoff import bound_device, listen_backlog, socket_filter
 from activator.net.sockdiag import keyed
-from tests.conftest import BUSYBOX, ECHO, Running, echo, eventually
+from tests.conftest import BUSYBOX, ECHO, SLOW, Running, echo, eventually
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
 
@@ -188,11 +189,41 @@ async def test_a_deafened_socket_gets_the_instances_killed_and_the_socket_replac
         fresh = run.act.listeners["victim"][0]
         assert fresh.getsockname() == old_name and os.fstat(fresh.fileno()).st_ino != old_inode
         assert old.fileno() == -1
-        assert socket_filter(fresh) is None and bound_device(fresh) is None and not keyed(fresh)
+        assert socket_filter(fresh) is None and bound_device(fresh) is None
+        assert not await asyncio.to_thread(keyed, fresh)  # pyroute2 runs a loop of its own: not on this one
         # Positive control: a new instance restored with the fresh socket, and everyone answered.
         await both_answer(run)
         assert svc.instances and svc.instances[0].handoff
     assert run.metric("activator_handoff_sockets_replaced_total", "victim") == 1
+
+
+async def test_a_linger_set_on_the_socket_never_reaches_the_activators_connections(start) -> None:  # type: ignore[no-untyped-def]
+    # SO_LINGER on the shared socket is inherited by every connection accepted from it, the activator's too, and
+    # close() on one with data unsent then waits up to the linger time, O_NONBLOCK or not: the event loop, every
+    # service, for an hour. The app sets it and goes idle; the activator accepts the next client itself.
+    run = await woken(start, VICTIM | {"idle_timeout": f"{SLOW:g}s"})
+    svc = run.act.services["victim"]
+    port = run.port("victim")
+    listener = run.act.listeners["victim"][0]
+    assert await ask(port, "linger 3600") == "linger 3600"
+    assert struct.unpack("ii", listener.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (1, 3600)  # it took
+    await eventually(lambda: not svc.instances and run.act.fleet.accepts("victim"), timeout=30 * SLOW,
+                     what="the app reaped, the activator accepting")
+    async with probing(run, "other"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"held\n")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readline(), 20) == b"held\n"  # woken, passed on through the socket
+            ours = [c for c in run.act.fleet.connections if c.service is svc]
+            assert ours, "the client was not the activator's to hold"
+            for conn in ours:
+                assert conn.client.transport is not None
+                held = conn.client.transport.get_extra_info("socket")
+                assert struct.unpack("ii", held.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))[0] == 0
+        finally:
+            writer.close()
+        await both_answer(run)
 
 
 async def test_a_tiny_listen_backlog_is_given_back(start) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import threading
 from typing import Any
 
@@ -81,5 +82,48 @@ async def test_a_connection_taken_is_delivered_while_the_next_accept_waits() -> 
         for c in clients:
             c.close()
         app.close()
+        listener.close()
+    assert problems == []
+
+
+def lingering_listener() -> socket.socket:
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+    return sock
+
+
+def linger(sock: socket.socket) -> tuple[int, int]:
+    onoff, seconds = struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+    return onoff, seconds
+
+
+def test_the_kernel_gives_a_connection_the_listeners_linger() -> None:
+    # The positive control for the next test: what anyone who accepts from such a socket gets
+    with lingering_listener() as listener, socket.create_connection(listener.getsockname()):
+        conn, _ = listener.accept()
+        assert linger(conn) == (1, 3600)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
+        conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_connection_never_inherits_the_linger_an_app_set_on_the_socket() -> None:
+    # An app sets SO_LINGER on the socket it shares with the activator: a connection the activator accepts would
+    # inherit it, and closing one with data unsent would hold the event loop (every service) for the linger time.
+    loop = asyncio.get_running_loop()
+    listener = lingering_listener()
+    delivered: asyncio.Queue[socket.socket] = asyncio.Queue()
+    problems: list[str] = []
+    acceptor = Acceptor("victim", listener, delivered.put_nowait, problems.append)
+    client = socket.create_connection(listener.getsockname())
+    try:
+        acceptor.set(True)
+        conn = await asyncio.wait_for(delivered.get(), 10)
+        assert linger(conn)[0] == 0
+        conn.close()
+    finally:
+        acceptor.close()
+        await loop.run_in_executor(None, acceptor._thread.join, 10)
+        client.close()
         listener.close()
     assert problems == []
