@@ -206,7 +206,7 @@ class Acceptor:
             try:
                 conn.setblocking(False)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, NO_LINGER)
-            except OSError:  # not seen; a connection the loop could not close at once is not handed to it
+            except OSError:  # never seen; a connection whose close() might wait is never handed to the loop
                 conn.close()
                 continue
             taken += 1

@@ -308,9 +308,8 @@ class Fleet:
         old = mode.listener
         address = address_of(old)
         self.metrics.handoff_replaced.labels(name).inc()
-        log.warning("service=%s an app it was handed its listening socket %s to left %s (it would refuse or drop "
-                    "connections for every holder, for good): its instances are killed and the socket replaced",
-                    name, address, what)
+        log.warning("service=%s its listening socket %s was made deaf for every holder, for good, by an app it "
+                    "was handed to (%s): its instances are killed and the socket replaced", name, address, what)
         for lst in self.handoff_listeners(name):
             lst.stop_accepting()
         await service.launcher.rehand(None)  # no restore gets the old socket from here on

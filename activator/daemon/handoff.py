@@ -131,6 +131,7 @@ class HandoffMode:
         self._held: dict[Instance, frozenset[int]] = {}  # each handed instance's connections at the last look
         self._left: set[Instance] = set()  # handed the socket, seen without it since (Instance.handoff stays)
         self._touched = False  # an app held the socket since its TCP-MD5 keys were last looked at
+        self._keys_unread = False  # the last look for them failed (said once until one works again)
         self._taken = 0  # connections the apps took, as counted so far (never goes down)
         self._counted = 0  # the host's counter at the last look
         self._arrived = 0  # the activator's own connections on the socket at the last look
@@ -145,9 +146,8 @@ class HandoffMode:
         socket may be a reload's new definition's now."""
         if self.stopped:
             return
-        held = bool(starting) or any(self.reaches(i) for i in instances)
-        self._touched |= held
-        self._accepting(not held)
+        self._touched |= bool(starting) or any(i.handoff for i in instances)
+        self._accepting(not starting and not any(self.reaches(i) for i in instances))
 
     def open_count(self, inst: Instance) -> int:
         """Blocking: the connections its processes hold. On an error, one: never reaped on a count not made."""
@@ -188,13 +188,13 @@ class HandoffMode:
         for gone in set(self._held) - set(handed):
             del self._held[gone]
         self._left &= set(instances)
-        # The keys are looked at while an app holds the socket, and once after (one that keyed it and left at once)
-        keys, self._touched = self._touched or bool(handed), bool(handed)
-        table, held, keyed = await asyncio.to_thread(self._read, handed, keys) if keys else (None, {}, False)
-        if keyed is None:  # not looked at (not listening: keep_listening's; or closed): next tick
-            self._touched = True
-        elif keyed and not (self.replacing or self.stopped):
-            self._replace("TCP-MD5 keys on it")
+        # TCP-MD5 keys are looked at while any app has the socket (one that parked it too: it may take it back),
+        # and once after: an app may key it and be gone before the next look.
+        holders = any(i.handoff for i in instances)
+        look = self._touched or holders
+        self._touched = holders
+        table, held, keyed = await asyncio.to_thread(self._read, handed) if look else (None, {}, False)
+        self._keys(keyed)
         accepted = {inst: table.accepted & inodes for inst, inodes in held.items()} if table else {}
         seen = {inst: len(now - self._held.get(inst, frozenset())) for inst, now in accepted.items()}
         self._held.update(accepted)
@@ -225,16 +225,30 @@ class HandoffMode:
             self._counted, self._arrived, self._debt = previous._counted, previous._arrived, previous._debt
             self._taken = previous._taken
 
-    def _read(self, handed: list[Instance], keys: bool) -> tuple[sockdiag.PortSockets | None,
-                                                                   dict[Instance, frozenset[int]], bool | None]:
+    def _read(self, handed: list[Instance]) -> tuple[sockdiag.PortSockets | None, dict[Instance, frozenset[int]],
+                                                     bool | Exception]:
+        """Blocking: the port's connections (if an app takes from the socket), and whether the socket has keys."""
         table = sockdiag.read(self.family, self.port) if handed else None
-        keyed: bool | None = False
+        keyed: bool | Exception
         try:
-            keyed = keys and sockdiag.keyed(self.listener)
-        except Exception as e:
-            log.debug("service=%s looking for TCP-MD5 keys on its socket failed: %s", self.config.name, e)
-            keyed = None
+            keyed = sockdiag.keyed(self.listener)
+        except Exception as e:  # e.g. not listening (an app shut it down; keep_listening's) or closed
+            keyed = e
         return table, {inst: frozenset(inst.sandbox.socket_inodes()) for inst in handed}, keyed
+
+    def _keys(self, keyed: bool | Exception) -> None:
+        if self.replacing or self.stopped:  # the socket is going (or gone): nothing to say of it
+            return
+        if isinstance(keyed, Exception):  # not looked at: looked at next tick, whether an app still has it or not
+            self._touched = True
+            if not self._keys_unread:
+                log.warning("service=%s looking for TCP-MD5 keys on its listening socket failed (%s); looking "
+                            "again each tick", self.config.name, keyed)
+            self._keys_unread = True
+            return
+        self._keys_unread = False
+        if keyed:
+            self._replace("TCP-MD5 keys on it")
 
     def tampered(self) -> str | None:
         """What an app did to the socket that makes it deaf for every holder and outlives the app (the module's

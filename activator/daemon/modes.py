@@ -33,7 +33,7 @@ class ModeContext:
     handoff_socket: socket.socket | None
     metrics: Metrics
     accepting: Callable[[bool], None]  # handoff: the activator accepts on the socket, or not
-    replace_socket: Callable[[str], None]  # handoff: an app attached a filter (why): replace the socket
+    replace_socket: Callable[[str], None]  # handoff: an app left the socket deaf for good (why): replace it
     listening_again: Callable[[], None]  # handoff: the socket was made to listen again
 
 

@@ -57,18 +57,24 @@ def keyed(sock: socket.socket) -> bool:
     """Blocking (~1 ms): whether the listening socket has TCP-MD5 keys (RFC 2385; a SYN from a keyed peer that
     lacks the signature is dropped, for every holder of the socket).
 
-    One exact lookup by its address and port (not a dump of the host's table), checked to be this very socket by
-    its inode. The kernel reports the keys only with INET_DIAG_INFO asked for, to a reader with CAP_NET_ADMIN (the
-    daemon has it: it makes network namespaces)."""
+    One exact lookup by its address, port and device (a socket bound to one is found only with it), not a dump of
+    the host's table, checked to be this very socket by its inode: LookupError if it is not there (not listening).
+    The kernel reports the keys only with INET_DIAG_INFO asked for, to a reader with CAP_NET_ADMIN (the daemon has
+    it: it makes network namespaces)."""
     host, port = sock.getsockname()[:2]
+    device = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).split(b"\0", 1)[0]
     req = inet_diag_req()
     req["sdiag_family"], req["sdiag_protocol"] = sock.family, socket.IPPROTO_TCP
     req["idiag_ext"], req["idiag_states"] = 1 << (INET_DIAG_INFO - 1), 1 << TCP_LISTEN
     req["idiag_sport"], req["idiag_dport"] = port, 0
     req["idiag_src"] = struct.unpack(">4I", socket.inet_pton(sock.family, host).ljust(16, b"\0"))
-    req["idiag_dst"], req["idiag_if"], req["idiag_cookie"] = (0, 0, 0, 0), 0, NOCOOKIE
+    req["idiag_dst"], req["idiag_cookie"] = (0, 0, 0, 0), NOCOOKIE
+    req["idiag_if"] = socket.if_nametoindex(device.decode()) if device else 0
     inode = os.fstat(sock.fileno()).st_ino
     with DiagSocket() as diag:
         diag.bind()
         rows = tuple(diag.nlm_request(req, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST))
-    return any(row["idiag_inode"] == inode and row.get_attr("INET_DIAG_MD5SIG") is not None for row in rows)
+    ours = [row for row in rows if row.get("idiag_inode") == inode]  # an error comes back as a row without one
+    if not ours:
+        raise LookupError("the listening socket is not in the host's socket table")
+    return any(row.get_attr("INET_DIAG_MD5SIG") is not None for row in ours)

@@ -14,7 +14,6 @@ import asyncio
 import fcntl
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +24,8 @@ import pytest
 from activator.daemon.handoff import bound_device, listen_backlog, socket_filter
 from activator.net.sockdiag import keyed
 from tests.conftest import BUSYBOX, ECHO, SLOW, Running, echo, eventually
+from tests.unit.test_acceptor import linger
+from tests.unit.test_handoff_socket import other_device
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
 
@@ -153,16 +154,10 @@ async def test_an_app_that_hides_the_socket_and_makes_it_blocking_stalls_nothing
     assert svc.instances == [inst]
 
 
-def other_device() -> str:
-    """A device of the host's network namespace that loopback clients do not come in on (docker0, eth0, our
-    bridge, ...): a socket bound to it refuses them."""
-    return sorted(name for _, name in socket.if_nameindex() if name != "lo")[0]
-
-
 @pytest.mark.parametrize(("command", "reply", "victim"), [
     ("filter", "filtered", FILTERING),
     ("lockfilter", "locked detach=Operation not permitted", FILTERING),
-    ("bind-device", "bound", VICTIM),
+    ("bind-device {device}", "bound {device}", VICTIM),
     ("md5 127.0.0.1", "keyed 127.0.0.1", VICTIM),
 ], ids=["filter", "lockfilter", "bind-device", "md5"])
 async def test_a_deafened_socket_gets_the_instances_killed_and_the_socket_replaced(  # type: ignore[no-untyped-def]
@@ -172,8 +167,8 @@ async def test_a_deafened_socket_gets_the_instances_killed_and_the_socket_replac
     # on any other device; anyone may bind a socket not bound yet, and only CAP_NET_RAW over the host's network
     # may unbind it); a TCP-MD5 key for the clients' address (their SYNs dropped). The last two need no privilege:
     # the app runs in its user namespace, as by default.
-    if command == "bind-device":
-        command, reply = f"bind-device {other_device()}", f"bound {other_device()}"
+    device = other_device()  # one loopback clients do not come in on: a socket bound to it refuses them
+    command, reply = command.format(device=device), reply.format(device=device)
     run = await woken(start, victim)
     svc = run.act.services["victim"]
     port = run.port("victim")
@@ -206,7 +201,7 @@ async def test_a_linger_set_on_the_socket_never_reaches_the_activators_connectio
     port = run.port("victim")
     listener = run.act.listeners["victim"][0]
     assert await ask(port, "linger 3600") == "linger 3600"
-    assert struct.unpack("ii", listener.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (1, 3600)  # it took
+    assert linger(listener) == (1, 3600)  # it took
     await eventually(lambda: not svc.instances and run.act.fleet.accepts("victim"), timeout=30 * SLOW,
                      what="the app reaped, the activator accepting")
     async with probing(run, "other"):
@@ -214,13 +209,12 @@ async def test_a_linger_set_on_the_socket_never_reaches_the_activators_connectio
         try:
             writer.write(b"held\n")
             await writer.drain()
-            assert await asyncio.wait_for(reader.readline(), 20) == b"held\n"  # woken, passed on through the socket
+            assert await asyncio.wait_for(reader.readline(), 20 * SLOW) == b"held\n"  # woken, passed on through it
             ours = [c for c in run.act.fleet.connections if c.service is svc]
             assert ours, "the client was not the activator's to hold"
             for conn in ours:
                 assert conn.client.transport is not None
-                held = conn.client.transport.get_extra_info("socket")
-                assert struct.unpack("ii", held.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))[0] == 0
+                assert linger(conn.client.transport.get_extra_info("socket"))[0] == 0
         finally:
             writer.close()
         await both_answer(run)

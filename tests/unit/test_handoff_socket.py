@@ -12,10 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from activator.checkpoints.instance import Instance
 from activator.config.model import ListenAddress, ServiceConfig
+from activator.daemon.fleet import Fleet
 from activator.daemon.handoff import SO_LOCK_FILTER, HandoffMode, bound_device, listen_backlog, socket_filter
 from activator.daemon.metrics import Metrics
 from activator.net.sockdiag import keyed
+
+from .test_service import FakeSandbox
 
 SO_ATTACH_FILTER = 26
 TCP_MD5SIG = 14  # linux/tcp.h; Python's socket module does not name it
@@ -30,7 +34,7 @@ class SockFprog(ctypes.Structure):
 
 
 def attach_drop_all(sock: socket.socket, instructions: int = 1) -> None:
-    """A classic BPF program of `instructions` that drops every packet (what tests/images/attacker.c attaches)."""
+    """A classic BPF program of `instructions` that drops every packet (what scripts/images/attacker.c attaches)."""
     prog = (SockFilter * instructions)()
     for i in range(instructions):
         prog[i] = SockFilter(0x06, 0, 0, 0)  # BPF_RET | BPF_K, 0: drop
@@ -83,7 +87,7 @@ def test_a_tiny_backlog_and_a_shut_socket_are_told_apart(listener: socket.socket
 
 
 def md5_key(sock: socket.socket, peer: str) -> None:
-    """A TCP-MD5 key for `peer` on the socket (struct tcp_md5sig; what tests/images/attacker.c sets): IPv4 peers of
+    """A TCP-MD5 key for `peer` on the socket (struct tcp_md5sig; what scripts/images/attacker.c sets): IPv4 peers of
     an IPv6 socket by their mapped address, as the kernel wants them."""
     if sock.family == socket.AF_INET:
         addr = struct.pack("=H2x4s", socket.AF_INET, socket.inet_aton(peer))
@@ -155,3 +159,68 @@ async def test_keys_left_by_an_app_already_gone_are_seen_once_and_an_untouched_s
     replaced.clear()
     await handed.sample([], None, 0)
     assert replaced == []
+
+
+def other_device() -> str:
+    """A device of this host that loopback clients do not come in on."""
+    names = sorted(name for _, name in socket.if_nameindex() if name != "lo")
+    if not names:
+        pytest.skip("this host has no network device but lo")
+    return names[0]
+
+
+def test_keys_and_a_device_binding_make_the_socket_deaf(listener: socket.socket) -> None:
+    # The threat itself, on a plain socket: what the guards are for
+    md5_key(listener, "127.0.0.1")
+    with pytest.raises(TimeoutError):  # the SYN is dropped: no answer at all
+        socket.create_connection(listener.getsockname(), timeout=1).close()
+    with socket.create_server(("127.0.0.1", 0)) as bound:
+        bound.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, other_device().encode())
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(bound.getsockname(), timeout=5).close()
+
+
+def test_keys_are_seen_on_a_socket_bound_to_a_device(listener: socket.socket) -> None:
+    # systemd's BindToDevice=: the exact lookup must name the device, or it finds nothing
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+    assert not keyed(listener)
+    md5_key(listener, "127.0.0.1")
+    assert keyed(listener)
+
+
+def test_a_socket_that_does_not_listen_is_not_looked_up_as_unkeyed(listener: socket.socket) -> None:
+    listener.shutdown(socket.SHUT_RDWR)
+    with pytest.raises(LookupError):
+        keyed(listener)
+
+
+@pytest.mark.asyncio
+async def test_an_app_that_parked_the_socket_still_has_its_keys_looked_at(listener: socket.socket) -> None:
+    # It sent its descriptor to itself (SCM_RIGHTS): no descriptor table shows it, the activator accepts for it
+    # again, and it may take the socket back at any time and key it.
+    replaced: list[str] = []
+    handed = mode(listener, replaced)
+    inst = Instance(FakeSandbox("parked"), "restore", 0.0, None)  # type: ignore[arg-type]  # as test_service does
+    inst.handoff = True
+    for _ in range(2):  # seen without the socket, then looked at as such (past "once after" it went)
+        await handed.sample([inst], None, 0)
+    assert not handed.reaches(inst) and replaced == []
+    md5_key(listener, "127.0.0.1")
+    await handed.sample([inst], None, 0)
+    assert replaced == ["TCP-MD5 keys on it"]
+
+
+@pytest.mark.asyncio
+async def test_a_replaced_socket_is_bound_as_the_old_one_was() -> None:
+    with socket.socket(socket.AF_INET6) as old:
+        old.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        old.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        old.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+        old.bind(("::1", 0))
+        old.listen()
+        old.shutdown(socket.SHUT_RDWR)  # as replace_socket leaves it
+        fresh = await Fleet._bind_again(old, 16, "lo")
+        with fresh:
+            assert fresh.getsockname()[:2] == old.getsockname()[:2]
+            assert fresh.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+            assert bound_device(fresh) == "lo" and listen_backlog(fresh) == 16
