@@ -23,9 +23,11 @@ its next wake-up: a wake pipe while it polls; while it accepts, a connection clo
 `in_accept`, or the thread sees `_closed` before it calls accept(): each writes its own flag before it reads the
 other's) or a shutdown.
 
-A connection inherits the listener's socket options, which an app sets for every holder. SO_LINGER is the one that
-could stop the loop: with it, close() waits until the unsent data is gone or the linger time is over (up to hours),
-O_NONBLOCK or not. Each connection taken here has it turned off before the loop sees it.
+A connection inherits the listener's socket options, which an app sets for every holder. Those that reach the
+event loop (every service) are put back on each connection taken here, before the loop sees it (RESET): SO_LINGER
+(close() waits until the unsent data is gone or the linger time is over, up to hours, O_NONBLOCK or not), TX
+timestamps (each write queues a message on the error queue, which libuv never reads: EPOLLERR for good, the loop
+spins), and the rest of what fills the error queue or holds back readiness. What is queued already is drained.
 """
 
 from __future__ import annotations
@@ -59,6 +61,21 @@ DEAF_CHECK_MS = 250
 
 #: struct linger {l_onoff = 0}: close() returns at once, whatever the listener said
 NO_LINGER = struct.pack("ii", 0, 0)
+SO_TIMESTAMP, SO_TIMESTAMPNS, SO_TIMESTAMPING, SO_ZEROCOPY = 29, 35, 37, 60  # asm-generic/socket.h (the _NEW
+IP_RECVERR, IPV6_RECVERR = 11, 25  # variants set the same flags); Python's socket module names none of these
+#: (level, option, value, families) each connection taken gets, whatever it inherited from the listener
+RESET: tuple[tuple[int, int, int | bytes, tuple[int, ...]], ...] = (
+    (socket.SOL_SOCKET, socket.SO_LINGER, NO_LINGER, (socket.AF_INET, socket.AF_INET6)),
+    (socket.SOL_SOCKET, SO_TIMESTAMPING, 0, (socket.AF_INET, socket.AF_INET6)),
+    (socket.SOL_SOCKET, SO_TIMESTAMP, 0, (socket.AF_INET, socket.AF_INET6)),  # clears SO_TIMESTAMPNS's too
+    (socket.SOL_SOCKET, SO_ZEROCOPY, 0, (socket.AF_INET, socket.AF_INET6)),
+    (socket.IPPROTO_IP, IP_RECVERR, 0, (socket.AF_INET, socket.AF_INET6)),
+    (socket.IPPROTO_IPV6, IPV6_RECVERR, 0, (socket.AF_INET6,)),
+    (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1, (socket.AF_INET, socket.AF_INET6)),  # readable at the first byte
+    (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 0, (socket.AF_INET, socket.AF_INET6)),  # 0: the host's own
+)
+#: error-queue messages drained from a connection taken, at most (an app's TX timestamps from before the reset)
+ERRQUEUE_DRAIN = 64
 
 #: told on the loop why the socket cannot be accepted on
 Problem = Callable[[str], None]
@@ -205,8 +222,8 @@ class Acceptor:
                     self.waits += 1
             try:
                 conn.setblocking(False)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, NO_LINGER)
-            except OSError:  # never seen; a connection whose close() might wait is never handed to the loop
+                reset(conn)
+            except OSError:  # never seen; a connection still set as an app said is never handed to the loop
                 conn.close()
                 continue
             taken += 1
@@ -253,3 +270,20 @@ class Acceptor:
             with self._ready_lock:
                 if not self._ready:
                     self._drained.set()
+
+
+def reset(conn: socket.socket) -> None:
+    """Put back what a connection inherited from a listener an app had its hands on (RESET), and drain its error
+    queue. Non-blocking already."""
+    for level, option, value, families in RESET:
+        if conn.family in families:
+            try:
+                conn.setsockopt(level, option, value)
+            except OSError as e:
+                if e.errno != errno.ENOPROTOOPT:  # an option this kernel lacks, no app could have set either
+                    raise
+    for _ in range(ERRQUEUE_DRAIN):
+        try:
+            conn.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+        except BlockingIOError:
+            return

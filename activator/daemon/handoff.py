@@ -25,8 +25,10 @@ Everything else an app can do to the socket, it does for every holder (the socke
   SO_ATTACH_BPF; one that drops everything, and SO_LOCK_FILTER keeps anyone from detaching it), a device it is
   bound to (SO_BINDTODEVICE, allowed to anyone on a socket not bound yet: a connection that comes in on another
   device is refused), TCP-MD5 keys (a SYN from a keyed peer without the signature is dropped): seen each tick
-  (tampered; the keys, from the host's socket table, while an app holds the socket and once after), every instance
-  of the service is killed and the socket replaced by a fresh one on the same address (Fleet.replace_socket).
+  (tampered; the keys, from the host's socket table, at first, while any instance has the socket and once after),
+  every instance of the service is killed and the socket replaced by a fresh one on the same address
+  (Fleet.replace_socket);
+- options every connection accepted from it inherits, the activator's too: put back on each (acceptor.RESET).
 
 Counting: the apps' connections live in the host's socket table (sockdiag.py); an instance's are those whose
 inode is in its processes' descriptor tables. An instance to be reaped is frozen first (it can take no new
@@ -63,6 +65,7 @@ SO_GET_FILTER = 26  # asm-generic/socket.h (= SO_ATTACH_FILTER); Python's socket
 SO_LOCK_FILTER = 44
 TCP_LISTEN = 10
 IFNAMSIZ = 16
+SO_BINDTOIFINDEX = 62  # asm-generic/socket.h: the index of the device SO_BINDTODEVICE named (0: none)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                              ctypes.POINTER(ctypes.c_uint32)]
@@ -88,9 +91,16 @@ def socket_filter(sock: socket.socket) -> str | None:
 
 
 def bound_device(sock: socket.socket) -> str | None:
-    """The device the socket is bound to (SO_BINDTODEVICE, or SO_BINDTOIFINDEX: the same setting), or None."""
+    """The name of the device the socket is bound to, or None. OSError (ENODEV) once that device is gone: the
+    socket stays bound to its index (bound_index)."""
     name = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, IFNAMSIZ).split(b"\0", 1)[0]
     return name.decode(errors="replace") or None
+
+
+def bound_index(sock: socket.socket) -> int:
+    """The index of the device the socket is bound to (SO_BINDTODEVICE and SO_BINDTOIFINDEX are one setting), 0
+    for none; read whether that device still exists or not."""
+    return int(sock.getsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX))
 
 
 def listen_backlog(sock: socket.socket) -> int | None:
@@ -125,12 +135,19 @@ class HandoffMode:
         self._replace = replace
         self._relisten = relisten
         self.backlog = listen_backlog(listener) or BACKLOG  # as it was bound (systemd's Backlog=, or ours)
-        self.device = bound_device(listener)  # as it was bound (systemd's BindToDevice=), or None
+        # as it was bound (systemd's BindToDevice=): its index is compared, its name bound again on a replacement
+        self.device_index = bound_index(listener)
+        try:
+            self.device = bound_device(listener) if self.device_index else None
+        except OSError:  # that device is gone already: a replacement is bound to none
+            self.device = None
         self.replacing = False  # Fleet.replace_socket is under way
         self.stopped = False
         self._held: dict[Instance, frozenset[int]] = {}  # each handed instance's connections at the last look
         self._left: set[Instance] = set()  # handed the socket, seen without it since (Instance.handoff stays)
-        self._touched = False  # an app held the socket since its TCP-MD5 keys were last looked at
+        # an app held the socket since its TCP-MD5 keys were last looked at; at first, unknown (a socket from
+        # systemd outlives a daemon that stopped while an app had it)
+        self._touched = True
         self._keys_unread = False  # the last look for them failed (said once until one works again)
         self._taken = 0  # connections the apps took, as counted so far (never goes down)
         self._counted = 0  # the host's counter at the last look
@@ -255,8 +272,14 @@ class HandoffMode:
         docstring), read with getsockopt (the keys are not: sample reads them from the host's socket table)."""
         if (what := socket_filter(self.listener)) is not None:
             return f"a socket filter {what}"
-        if (device := bound_device(self.listener)) != self.device:
-            return f"bound to device {device}" if device else "its device binding taken off"
+        if (index := bound_index(self.listener)) != self.device_index:
+            if not index:
+                return "its device binding taken off"
+            try:
+                name = socket.if_indextoname(index)
+            except OSError:  # gone since (an instance's veth): the socket refuses everyone all the same
+                name = f"#{index}, gone since"
+            return f"bound to device {name}"
         return None
 
     def guard(self) -> None:
@@ -265,7 +288,11 @@ class HandoffMode:
         if self.replacing or self.stopped or self.listener.fileno() < 0:
             return
         name = self.config.name
-        if (what := self.tampered()) is not None:
+        try:
+            what = self.tampered()
+        except OSError as e:  # what an app did cannot even be read: not a socket to keep
+            what = f"its options unreadable ({e.strerror})"
+        if what is not None:
             self._replace(what)
             return
         if (found := self.keep_backlog()) is not None:

@@ -58,11 +58,15 @@ async def meter(fleet: Fleet) -> None:
                     failing = True
             cost = time.monotonic() - started
             for svc in (*fleet.services.values(), *fleet.retiring):
-                if svc.mode.steers and svc not in pending:
-                    try:
-                        svc.mode.guard()
-                    except Exception as e:
-                        log.warning("service=%s keeping its %s mode's socket failed: %s", svc.name, svc.mode.name, e)
+                if not svc.mode.steers:
+                    continue
+                # Each tick, a sample still running or not: an app can make its sample slow (large descriptor
+                # tables), and must not win time to undo its socket meanwhile
+                try:
+                    svc.mode.guard()
+                except Exception as e:
+                    log.warning("service=%s keeping its %s mode's socket failed: %s", svc.name, svc.mode.name, e)
+                if svc not in pending:
                     pending[svc] = spawn(svc.mode.sample(list(svc.instances), shared, svc.arrived),
                                          name=f"sample:{svc.name}", awaited=True)
             if pending:

@@ -26,6 +26,7 @@ TCP_LISTEN = 10
 #: on both sides, whatever it is doing meanwhile
 ALIVE = ((1 << 12) - 1) & ~(1 << TCP_LISTEN)
 INET_DIAG_INFO = 2
+SO_BINDTOIFINDEX = 62
 NOCOOKIE = (1 << 64) - 1  # INET_DIAG_NOCOOKIE in both halves: any socket that matches the address
 
 
@@ -62,14 +63,14 @@ def keyed(sock: socket.socket) -> bool:
     The kernel reports the keys only with INET_DIAG_INFO asked for, to a reader with CAP_NET_ADMIN (the daemon has
     it: it makes network namespaces)."""
     host, port = sock.getsockname()[:2]
-    device = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).split(b"\0", 1)[0]
+    device = sock.getsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX)  # by index: it may be gone
     req = inet_diag_req()
     req["sdiag_family"], req["sdiag_protocol"] = sock.family, socket.IPPROTO_TCP
     req["idiag_ext"], req["idiag_states"] = 1 << (INET_DIAG_INFO - 1), 1 << TCP_LISTEN
     req["idiag_sport"], req["idiag_dport"] = port, 0
     req["idiag_src"] = struct.unpack(">4I", socket.inet_pton(sock.family, host).ljust(16, b"\0"))
     req["idiag_dst"], req["idiag_cookie"] = (0, 0, 0, 0), NOCOOKIE
-    req["idiag_if"] = socket.if_nametoindex(device.decode()) if device else 0
+    req["idiag_if"] = device
     inode = os.fstat(sock.fileno()).st_ino
     with DiagSocket() as diag:
         diag.bind()

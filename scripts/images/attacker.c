@@ -16,6 +16,8 @@
  *   backlog N                              -> listen(N) on it: "backlog N"
  *   linger N                               -> SO_LINGER {on, N s} on it, which every connection accepted from it
  *                                             inherits (close() then waits for unsent data): "linger N"
+ *   timestamping                           -> SO_TIMESTAMPING with TX timestamps on it, inherited the same way (each
+ *                                             write queues on the error queue): "timestamping FLAGS"
  *   bind-device NAME                       -> SO_BINDTODEVICE on it (a device of the host's network namespace, where
  *                                             the socket lives): "bound NAME" or "bind-device-error WHY"
  *   md5 ADDR                               -> a TCP-MD5 key (RFC 2385) for peer ADDR on it: a SYN from ADDR without
@@ -33,6 +35,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/filter.h>
+#include <linux/net_tstamp.h>
 #include <net/ethernet.h>
 #include <net/if.h>
 #include <netdb.h>
@@ -111,6 +114,12 @@ static void handed(char **a, int n, char *out, size_t len) {
         struct linger l = {.l_onoff = 1, .l_linger = atoi(a[1])};
         int r = setsockopt(s, SOL_SOCKET, SO_LINGER, &l, sizeof l);
         snprintf(out, len, r ? "linger-error %s\n" : "linger %s\n", r ? strerror(errno) : a[1]);
+    } else if (!strcmp(a[0], "timestamping")) {
+        int flags = SOF_TIMESTAMPING_SOFTWARE | SOF_TIMESTAMPING_TX_SCHED | SOF_TIMESTAMPING_TX_ACK |
+                    SOF_TIMESTAMPING_OPT_TSONLY;
+        int r = setsockopt(s, SOL_SOCKET, SO_TIMESTAMPING, &flags, sizeof flags);
+        if (r) snprintf(out, len, "timestamping-error %s\n", strerror(errno));
+        else snprintf(out, len, "timestamping %d\n", flags);
     } else if (!strcmp(a[0], "bind-device") && n == 2) {
         int r = setsockopt(s, SOL_SOCKET, SO_BINDTODEVICE, a[1], strlen(a[1]));
         snprintf(out, len, r ? "bind-device-error %s\n" : "bound %s\n", r ? strerror(errno) : a[1]);
@@ -303,6 +312,7 @@ static void command(int c, char *line) {
             snprintf(out, sizeof out, "listen-error %s\n", strerror(errno));
     } else if (!strcmp(a[0], "filter") || !strcmp(a[0], "lockfilter") || !strcmp(a[0], "backlog") ||
                !strcmp(a[0], "bind-device") || !strcmp(a[0], "md5") || !strcmp(a[0], "linger") ||
+               !strcmp(a[0], "timestamping") ||
                !strcmp(a[0], "shutdown") || !strcmp(a[0], "close") || !strcmp(a[0], "park") ||
                !strcmp(a[0], "unpark")) {
         out[0] = 0;

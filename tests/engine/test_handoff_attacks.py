@@ -24,7 +24,7 @@ import pytest
 from activator.daemon.handoff import bound_device, listen_backlog, socket_filter
 from activator.net.sockdiag import keyed
 from tests.conftest import BUSYBOX, ECHO, SLOW, Running, echo, eventually
-from tests.unit.test_acceptor import linger
+from tests.unit.test_acceptor import TX_TIMESTAMPS, inherited
 from tests.unit.test_handoff_socket import other_device
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio]
@@ -192,16 +192,22 @@ async def test_a_deafened_socket_gets_the_instances_killed_and_the_socket_replac
     assert run.metric("activator_handoff_sockets_replaced_total", "victim") == 1
 
 
-async def test_a_linger_set_on_the_socket_never_reaches_the_activators_connections(start) -> None:  # type: ignore[no-untyped-def]
-    # SO_LINGER on the shared socket is inherited by every connection accepted from it, the activator's too, and
-    # close() on one with data unsent then waits up to the linger time, O_NONBLOCK or not: the event loop, every
-    # service, for an hour. The app sets it and goes idle; the activator accepts the next client itself.
+@pytest.mark.parametrize(("command", "reply", "option"), [
+    ("linger 3600", "linger 3600", "linger"),
+    ("timestamping", f"timestamping {TX_TIMESTAMPS}", "timestamping"),
+])
+async def test_options_set_on_the_socket_never_reach_the_activators_connections(  # type: ignore[no-untyped-def]
+        start, command: str, reply: str, option: str) -> None:
+    # Every connection accepted from the shared socket inherits its options, the activator's too. SO_LINGER: close()
+    # on one with data unsent waits up to the linger time, O_NONBLOCK or not (the event loop, every service, for an
+    # hour). TX timestamps: each write queues a message on the error queue, which the loop never reads (it spins).
+    # The app sets one and goes idle; the activator accepts the next client itself.
     run = await woken(start, VICTIM | {"idle_timeout": f"{SLOW:g}s"})
     svc = run.act.services["victim"]
     port = run.port("victim")
     listener = run.act.listeners["victim"][0]
-    assert await ask(port, "linger 3600") == "linger 3600"
-    assert linger(listener) == (1, 3600)  # it took
+    assert await ask(port, command) == reply
+    assert inherited(listener)[option] != 0  # it took
     await eventually(lambda: not svc.instances and run.act.fleet.accepts("victim"), timeout=30 * SLOW,
                      what="the app reaped, the activator accepting")
     async with probing(run, "other"):
@@ -214,7 +220,7 @@ async def test_a_linger_set_on_the_socket_never_reaches_the_activators_connectio
             assert ours, "the client was not the activator's to hold"
             for conn in ours:
                 assert conn.client.transport is not None
-                assert linger(conn.client.transport.get_extra_info("socket"))[0] == 0
+                assert inherited(conn.client.transport.get_extra_info("socket"))[option] == 0
         finally:
             writer.close()
         await both_answer(run)

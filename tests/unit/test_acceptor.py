@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import struct
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from activator.daemon.acceptor import Acceptor
+from activator.daemon.acceptor import SO_TIMESTAMPING, Acceptor
 
 
 class AppWinsTheSecondAccept:
@@ -86,9 +87,17 @@ async def test_a_connection_taken_is_delivered_while_the_next_accept_waits() -> 
     assert problems == []
 
 
-def lingering_listener() -> socket.socket:
+#: TX timestamps, software, when a write is scheduled and when it is acknowledged, without the data
+TX_TIMESTAMPS = (1 << 4) | (1 << 8) | (1 << 9) | (1 << 11)
+
+
+def tampered_listener() -> socket.socket:
+    """A listener as an app that had it could leave it: options every connection accepted from it inherits."""
     sock = socket.create_server(("127.0.0.1", 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 3600))
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, TX_TIMESTAMPS)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1 << 20)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 1)
     return sock
 
 
@@ -97,21 +106,40 @@ def linger(sock: socket.socket) -> tuple[int, int]:
     return onoff, seconds
 
 
-def test_the_kernel_gives_a_connection_the_listeners_linger() -> None:
+def inherited(conn: socket.socket) -> dict[str, object]:
+    return {"linger": linger(conn)[0], "timestamping": conn.getsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING),
+            "rcvlowat": conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT),
+            "notsent_lowat": conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)}
+
+
+def error_after_a_write(conn: socket.socket, client: socket.socket, wait_ms: int) -> bool:
+    """Write, let the client take it (acknowledged), then: is the connection in error for poll (its error queue
+    not empty: what makes an event loop that never reads it spin)?"""
+    conn.sendall(b"x" * 1000)
+    client.recv(1000)
+    probe = select.poll()
+    probe.register(conn.fileno(), select.POLLIN)
+    return any(ev & select.POLLERR for _, ev in probe.poll(wait_ms))
+
+
+def test_the_kernel_gives_a_connection_what_the_listener_was_set_to() -> None:
     # The positive control for the next test: what anyone who accepts from such a socket gets
-    with lingering_listener() as listener, socket.create_connection(listener.getsockname()):
+    with tampered_listener() as listener, socket.create_connection(listener.getsockname()) as client:
         conn, _ = listener.accept()
-        assert linger(conn) == (1, 3600)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
-        conn.close()
+        with conn:
+            assert inherited(conn) == {"linger": 1, "timestamping": TX_TIMESTAMPS, "rcvlowat": 1 << 20,
+                                       "notsent_lowat": 1}
+            assert error_after_a_write(conn, client, 2000)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 0, 0))
 
 
 @pytest.mark.asyncio
-async def test_a_connection_never_inherits_the_linger_an_app_set_on_the_socket() -> None:
-    # An app sets SO_LINGER on the socket it shares with the activator: a connection the activator accepts would
-    # inherit it, and closing one with data unsent would hold the event loop (every service) for the linger time.
+async def test_a_connection_gets_none_of_what_an_app_set_on_the_socket() -> None:
+    # An app sets options on the socket it shares with the activator, and the activator's connections would inherit
+    # them: SO_LINGER holds the event loop (every service) in close() for the linger time; TX timestamps keep
+    # it spinning on an error queue it never reads.
     loop = asyncio.get_running_loop()
-    listener = lingering_listener()
+    listener = tampered_listener()
     delivered: asyncio.Queue[socket.socket] = asyncio.Queue()
     problems: list[str] = []
     acceptor = Acceptor("victim", listener, delivered.put_nowait, problems.append)
@@ -119,8 +147,10 @@ async def test_a_connection_never_inherits_the_linger_an_app_set_on_the_socket()
     try:
         acceptor.set(True)
         conn = await asyncio.wait_for(delivered.get(), 10)
-        assert linger(conn)[0] == 0
-        conn.close()
+        with conn:
+            assert inherited(conn) == {"linger": 0, "timestamping": 0, "rcvlowat": 1, "notsent_lowat": 0}
+            conn.setblocking(True)
+            assert not await loop.run_in_executor(None, error_after_a_write, conn, client, 200)
     finally:
         acceptor.close()
         await loop.run_in_executor(None, acceptor._thread.join, 10)

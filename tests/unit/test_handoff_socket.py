@@ -8,7 +8,10 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -148,7 +151,9 @@ async def test_keys_left_by_an_app_already_gone_are_seen_once_and_an_untouched_s
         listener: socket.socket) -> None:
     replaced: list[str] = []
     handed = mode(listener, replaced)
-    md5_key(listener, "127.0.0.1")  # as if before any app: nobody could have, so nobody looks (no cost when idle)
+    await handed.sample([], None, 0)  # looked at once at first: a socket from systemd may come with an app's keys
+    assert replaced == []
+    md5_key(listener, "127.0.0.1")  # as if no app had it: nobody could have, so nobody looks (no cost when idle)
     await handed.sample([], None, 0)
     assert replaced == []
     # A restore under way hands the socket to an app, which keys it and is gone before the next look: that look
@@ -159,6 +164,15 @@ async def test_keys_left_by_an_app_already_gone_are_seen_once_and_an_untouched_s
     replaced.clear()
     await handed.sample([], None, 0)
     assert replaced == []
+
+
+@pytest.mark.asyncio
+async def test_keys_on_a_socket_the_daemon_starts_with_are_seen(listener: socket.socket) -> None:
+    # A socket systemd keeps across a daemon that stopped while an app had it
+    md5_key(listener, "127.0.0.1")
+    replaced: list[str] = []
+    await mode(listener, replaced).sample([], None, 0)
+    assert replaced == ["TCP-MD5 keys on it"]
 
 
 def other_device() -> str:
@@ -224,3 +238,30 @@ async def test_a_replaced_socket_is_bound_as_the_old_one_was() -> None:
             assert fresh.getsockname()[:2] == old.getsockname()[:2]
             assert fresh.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
             assert bound_device(fresh) == "lo" and listen_backlog(fresh) == 16
+
+
+GONE_DEVICE = """
+import socket, subprocess
+from tests.unit.test_handoff_socket import mode
+subprocess.run(["ip", "link", "add", "gone0", "type", "veth", "peer", "name", "gone1"], check=True)
+replaced = []
+with socket.create_server(("127.0.0.1", 0)) as sock:
+    handed = mode(sock, replaced)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"gone0")
+    subprocess.run(["ip", "link", "del", "gone0"], check=True)
+    print(handed.tampered())
+    handed.guard()
+    print(replaced)
+"""
+
+
+def test_a_binding_to_a_device_gone_since_is_seen_all_the_same() -> None:
+    # An app binds the socket to its own veth's host end (its index is in its /sys/class/net/eth0/iflink), which
+    # goes with the instance: the binding stays, by index, and reading its name fails for good from then on. In a
+    # network namespace of the test's own, where a device can come and go.
+    done = subprocess.run(["unshare", "--net", sys.executable, "-c", GONE_DEVICE], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    tampered, replaced = done.stdout.splitlines()
+    assert tampered.startswith("bound to device #") and tampered.endswith(", gone since")
+    assert replaced == f"[{tampered!r}]"
