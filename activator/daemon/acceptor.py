@@ -61,8 +61,9 @@ DEAF_CHECK_MS = 250
 
 #: struct linger {l_onoff = 0}: close() returns at once, whatever the listener said
 NO_LINGER = struct.pack("ii", 0, 0)
-SO_TIMESTAMP, SO_TIMESTAMPNS, SO_TIMESTAMPING, SO_ZEROCOPY = 29, 35, 37, 60  # asm-generic/socket.h (the _NEW
-IP_RECVERR, IPV6_RECVERR = 11, 25  # variants set the same flags); Python's socket module names none of these
+# Python's socket module names none of these (asm-generic/socket.h; the _NEW variants set the same flags)
+SO_TIMESTAMP, SO_TIMESTAMPNS, SO_TIMESTAMPING, SO_ZEROCOPY = 29, 35, 37, 60
+IP_RECVERR, IPV6_RECVERR = 11, 25
 #: (level, option, value, families) each connection taken gets, whatever it inherited from the listener
 RESET: tuple[tuple[int, int, int | bytes, tuple[int, ...]], ...] = (
     (socket.SOL_SOCKET, socket.SO_LINGER, NO_LINGER, (socket.AF_INET, socket.AF_INET6)),

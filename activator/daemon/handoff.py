@@ -65,7 +65,6 @@ SO_GET_FILTER = 26  # asm-generic/socket.h (= SO_ATTACH_FILTER); Python's socket
 SO_LOCK_FILTER = 44
 TCP_LISTEN = 10
 IFNAMSIZ = 16
-SO_BINDTOIFINDEX = 62  # asm-generic/socket.h: the index of the device SO_BINDTODEVICE named (0: none)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                              ctypes.POINTER(ctypes.c_uint32)]
@@ -100,7 +99,7 @@ def bound_device(sock: socket.socket) -> str | None:
 def bound_index(sock: socket.socket) -> int:
     """The index of the device the socket is bound to (SO_BINDTODEVICE and SO_BINDTOIFINDEX are one setting), 0
     for none; read whether that device still exists or not."""
-    return int(sock.getsockopt(socket.SOL_SOCKET, SO_BINDTOIFINDEX))
+    return int(sock.getsockopt(socket.SOL_SOCKET, sockdiag.SO_BINDTOIFINDEX))
 
 
 def listen_backlog(sock: socket.socket) -> int | None:

@@ -26,7 +26,7 @@ TCP_LISTEN = 10
 #: on both sides, whatever it is doing meanwhile
 ALIVE = ((1 << 12) - 1) & ~(1 << TCP_LISTEN)
 INET_DIAG_INFO = 2
-SO_BINDTOIFINDEX = 62
+SO_BINDTOIFINDEX = 62  # asm-generic/socket.h: the index of the device SO_BINDTODEVICE named (0: none)
 NOCOOKIE = (1 << 64) - 1  # INET_DIAG_NOCOOKIE in both halves: any socket that matches the address
 
 
