@@ -226,7 +226,8 @@ class HandoffMode:
         split = _split(max(0, new), seen, {inst: len(now) for inst, now in accepted.items()})
         out = {inst: InstanceSample(open=len(now), active=bool(now) or len(now) != inst.track.kernel
                                     or bool(seen[inst]), new=split.get(inst, 0)) for inst, now in accepted.items()}
-        left = tuple(inst for inst, inodes in held.items() if self.inode not in inodes)
+        # One stopped while its table was read (a reap's kill) has no socket left either: gone, not a closer
+        left = tuple(inst for inst, inodes in held.items() if self.inode not in inodes and not inst.track.stopping)
         for inst in left:  # it takes nothing from the socket any more: the activator accepts for it again
             log.warning("service=%s instance=%s closed the listening socket it was handed; the activator accepts "
                         "for it again", self.config.name, inst.name)
